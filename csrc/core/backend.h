@@ -1,0 +1,38 @@
+// The interface each backend implements, one function per op, called by core/ops.cpp after
+// every argument has been validated: backends may assume shapes, dtypes and devices agree.
+#pragma once
+#include "core/layout.h"
+#include <cstddef>
+
+#include "core/ops.h"
+
+namespace batchnorm {
+
+#define BN_DECLARE_BACKEND(ns)                                                  \
+  namespace ns {                                                                \
+  void statistics(const StatisticsParams& p, const Layout& layout);             \
+  void forward_training(const ForwardTrainingParams& p, const Layout& layout);  \
+  void forward_inference(const ForwardInferenceParams& p, const Layout& layout); \
+  void backward(const BackwardParams& p, const Layout& layout);                 \
+  void merge_statistics(const MergeStatisticsParams& p);                        \
+  void fold(const FoldParams& p, const Layout& layout);                         \
+  }
+
+BN_DECLARE_BACKEND(cpu)
+BN_DECLARE_BACKEND(cuda)
+#undef BN_DECLARE_BACKEND
+
+namespace cuda {
+// Only defined when the build has the CUDA backend (BN_WITH_CUDA); callers guard with it.
+CudaInfo info();
+// Stream-ordered device memory for outputs (a cached pool, never cudaMalloc per call):
+// usable by work enqueued on `stream` after this call; freed back to the pool in the order
+// of `stream`.
+void* allocate(int device, size_t bytes, void* stream);
+void deallocate(int device, void* ptr, void* stream);
+// Makes `consumer` wait for all work enqueued so far on `producer` (an event, no host sync);
+// nothing when they are the same stream.
+void stream_wait(int device, void* producer, void* consumer);
+}  // namespace cuda
+
+}  // namespace batchnorm

@@ -1,0 +1,15 @@
+// Output memory for callers of the op layer (the Python binding, a C API): 64-byte aligned
+// host memory on the CPU, the CUDA backend's stream-ordered pool on a GPU.
+#pragma once
+#include <cstddef>
+
+#include "core/tensor.h"
+
+namespace batchnorm {
+
+void* allocate(const Device& device, std::size_t bytes, void* stream = nullptr);
+void deallocate(const Device& device, void* ptr, void* stream = nullptr);
+// Makes `consumer` wait for the work enqueued so far on `producer` (CUDA; no-op on the CPU).
+void stream_wait(const Device& device, void* producer, void* consumer);
+
+}  // namespace batchnorm

@@ -1,0 +1,238 @@
+// The op layer: validates every argument of every op once, builds the layout, and routes to
+// the backend of the arrays' device. Nothing is written before all checks have passed, so a
+// failed call leaves running statistics and outputs untouched.
+#include "core/ops.h"
+
+#include "core/backend.h"
+#include "core/errors.h"
+#include "core/validate.h"
+
+namespace batchnorm {
+
+using namespace detail;
+
+DType statistics_dtype(DType x_dtype) { return accumulation_dtype(x_dtype); }
+
+namespace {
+
+// x: a float array of rank >= 2 with at least one value per channel is not required here
+// (callers decide what an empty batch means); returns the normalized axis.
+int check_input(const TensorView& x, const char* arg, int axis) {
+  BN_EXPECTS(x.defined(), type_error, arg, " must be an array, got None");
+  check_float_array(x, arg);
+  BN_EXPECTS(x.ndim >= 2, value_error, arg, " must have at least 2 dimensions (N, C, ...), got ", x.ndim,
+             " dimension", x.ndim == 1 ? "" : "s", " with shape ", shape_string(x));
+  return normalize_axis(axis, x.ndim);
+}
+
+void check_optional_vector(const TensorView& t, const char* arg, int64_t channels, const TensorView& x,
+                           const char* x_arg) {
+  if (t.defined()) check_channel_vector(t, arg, channels, x.device, x_arg);
+}
+
+bool on_cuda(const TensorView& x) { return x.device.kind == DeviceKind::cuda; }
+
+void check_cuda_usable(const TensorView& x, const char* arg) {
+  if (!on_cuda(x)) return;
+#if defined(BN_WITH_CUDA)
+  const CudaInfo ci = cuda::info();
+  BN_EXPECTS(ci.available, runtime_error, arg, " is on ", device_name(x.device),
+             " but CUDA is unavailable: ", ci.reason);
+#else
+  throw type_error(concat(arg, " is on ", device_name(x.device),
+                          " but this build of batchnorm has no CUDA backend (built without a CUDA compiler); "
+                          "pass a CPU array or rebuild with BATCHNORM_CUDA=ON"));
+#endif
+}
+
+#if defined(BN_WITH_CUDA)
+#define BN_CUDA_FN(f) cuda::f
+#else
+#define BN_CUDA_FN(f) nullptr
+#endif
+
+template <class P>
+void route_op(const TensorView& x, void (*cpu_fn)(const P&, const Layout&), void (*cuda_fn)(const P&, const Layout&),
+              const P& p, const Layout& layout) {
+  if (on_cuda(x)) {
+    if (cuda_fn) cuda_fn(p, layout);
+  } else {
+    cpu_fn(p, layout);
+  }
+}
+
+void check_channels(int64_t channels, const TensorView& x, const char* arg) {
+  BN_EXPECTS(channels >= 1, value_error, arg, " must have at least one channel, got shape ", shape_string(x));
+}
+
+void check_count(int64_t count, int64_t channels, const TensorView& x, const char* arg, int64_t minimum,
+                 const char* why) {
+  BN_EXPECTS(count >= minimum, value_error, arg, " must have at least ", minimum, " value", minimum == 1 ? "" : "s",
+             " per channel ", why, ", got ", count, " (shape ", shape_string(x), ", ", channels, " channels)");
+}
+
+}  // namespace
+
+int64_t statistics(const StatisticsParams& p) {
+  const int axis = check_input(p.x, "x", p.axis);
+  const int64_t C = p.x.shape[axis];
+  const TensorView* arrays[] = {&p.x};
+  const Layout layout = make_layout(axis, arrays, 1);
+  check_channels(C, p.x, "x");
+  check_count(layout.count, C, p.x, "x", 1, "to compute statistics");
+  check_cuda_usable(p.x, "x");
+  const DType acc = accumulation_dtype(p.x.dtype);
+  check_internal_vector(p.mean, "mean", C, acc, p.x.device);
+  check_internal_vector(p.var, "var", C, acc, p.x.device);
+  route_op<StatisticsParams>(p.x, cpu::statistics, BN_CUDA_FN(statistics), p, layout);
+  return layout.count;
+}
+
+void forward_training(const ForwardTrainingParams& p) {
+  const int axis = check_input(p.x, "x", p.axis);
+  const int64_t C = p.x.shape[axis];
+  check_optional_vector(p.weight, "weight", C, p.x, "x");
+  check_optional_vector(p.bias, "bias", C, p.x, "x");
+  BN_EXPECTS(p.running_mean.defined() == p.running_var.defined(), value_error,
+             "running_mean and running_var must be given together, got ",
+             p.running_mean.defined() ? "running_mean without running_var" : "running_var without running_mean");
+  check_optional_vector(p.running_mean, "running_mean", C, p.x, "x");
+  check_optional_vector(p.running_var, "running_var", C, p.x, "x");
+  if (p.running_mean.defined()) {
+    check_writable(p.running_mean, "running_mean");
+    check_writable(p.running_var, "running_var");
+  }
+  check_eps(p.eps);
+  check_momentum(p.momentum);
+  const TensorView* inputs[] = {&p.x, &p.weight, &p.bias, &p.running_mean, &p.running_var};
+  check_output(p.y, "out", p.x, "x", inputs + 1, 4);  // y may alias x exactly, never the parameters
+  check_output(p.y, "out", p.x, "x", inputs, 1);
+  const TensorView* arrays[] = {&p.x, &p.y};
+  const Layout layout = make_layout(axis, arrays, 2);
+  check_channels(C, p.x, "x");
+  check_count(layout.count, C, p.x, "x", 2, "in training (the batch variance needs two)");
+  check_cuda_usable(p.x, "x");
+  const DType acc = accumulation_dtype(p.x.dtype);
+  check_internal_vector(p.saved_mean, "saved_mean", C, acc, p.x.device);
+  check_internal_vector(p.saved_invstd, "saved_invstd", C, acc, p.x.device);
+  route_op<ForwardTrainingParams>(p.x, cpu::forward_training, BN_CUDA_FN(forward_training), p, layout);
+}
+
+void forward_inference(const ForwardInferenceParams& p) {
+  const int axis = check_input(p.x, "x", p.axis);
+  const int64_t C = p.x.shape[axis];
+  BN_EXPECTS(p.mean.defined(), type_error, "mean must be an array, got None");
+  BN_EXPECTS(p.var.defined(), type_error, "var must be an array, got None");
+  check_channel_vector(p.mean, "mean", C, p.x.device, "x");
+  check_channel_vector(p.var, "var", C, p.x.device, "x");
+  check_optional_vector(p.weight, "weight", C, p.x, "x");
+  check_optional_vector(p.bias, "bias", C, p.x, "x");
+  check_eps(p.eps);
+  const TensorView* inputs[] = {&p.x, &p.mean, &p.var, &p.weight, &p.bias};
+  check_output(p.y, "out", p.x, "x", inputs + 1, 4);
+  check_output(p.y, "out", p.x, "x", inputs, 1);
+  if (p.x.numel() == 0) return;  // an empty batch gives an empty y
+  check_cuda_usable(p.x, "x");
+  const TensorView* arrays[] = {&p.x, &p.y};
+  const Layout layout = make_layout(axis, arrays, 2);
+  route_op<ForwardInferenceParams>(p.x, cpu::forward_inference, BN_CUDA_FN(forward_inference), p, layout);
+}
+
+void backward(const BackwardParams& p) {
+  const int axis = check_input(p.x, "x", p.axis);
+  const int64_t C = p.x.shape[axis];
+  BN_EXPECTS(p.dy.defined(), type_error, "dy must be an array, got None");
+  check_float_array(p.dy, "dy");
+  check_same_device(p.x, "x", p.dy, "dy");
+  check_same_shape(p.x, "x", p.dy, "dy");
+  BN_EXPECTS(p.dy.dtype == p.x.dtype, type_error, "dy must have the dtype of x, ", dtype_name(p.x.dtype), ", got ",
+             dtype_name(p.dy.dtype));
+  BN_EXPECTS(p.saved_mean.defined(), type_error, "saved_mean must be an array, got None");
+  BN_EXPECTS(p.saved_invstd.defined(), type_error, "saved_invstd must be an array, got None");
+  check_channel_vector(p.saved_mean, "saved_mean", C, p.x.device, "x");
+  check_channel_vector(p.saved_invstd, "saved_invstd", C, p.x.device, "x");
+  check_optional_vector(p.weight, "weight", C, p.x, "x");
+  const TensorView* inputs[] = {&p.dy, &p.x, &p.saved_mean, &p.saved_invstd, &p.weight};
+  check_output(p.dx, "out", p.x, "x", inputs + 2, 3);
+  check_output(p.dx, "out", p.x, "x", inputs, 2);
+  const TensorView* arrays[] = {&p.dy, &p.x, &p.dx};
+  const Layout layout = make_layout(axis, arrays, 3);
+  check_channels(C, p.x, "x");
+  check_count(layout.count, C, p.x, "x", 1, "for the backward pass");
+  check_cuda_usable(p.x, "x");
+  const DType acc = accumulation_dtype(p.x.dtype);
+  check_internal_vector(p.dweight, "dweight", C, acc, p.x.device);
+  check_internal_vector(p.dbias, "dbias", C, acc, p.x.device);
+  route_op<BackwardParams>(p.x, cpu::backward, BN_CUDA_FN(backward), p, layout);
+}
+
+int64_t merge_statistics(const MergeStatisticsParams& p) {
+  const size_t k = p.means.size();
+  BN_EXPECTS(k > 0, value_error, "means must hold at least one shard, got none");
+  BN_EXPECTS(p.vars.size() == k && p.counts.size() == k, value_error,
+             "means, vars and counts must have the same length, got ", k, ", ", p.vars.size(), " and ",
+             p.counts.size());
+  const TensorView& first = p.means[0];
+  BN_EXPECTS(first.defined() && first.ndim == 1, value_error, "means[0] must have shape (C,), got ",
+             first.defined() ? shape_string(first) : std::string("None"));
+  const int64_t C = first.shape[0];
+  int64_t total = 0;
+  for (size_t i = 0; i < k; ++i) {
+    const std::string mi = concat("means[", i, "]"), vi = concat("vars[", i, "]");
+    check_channel_vector(p.means[i], mi.c_str(), C, first.device, "means[0]");
+    check_channel_vector(p.vars[i], vi.c_str(), C, first.device, "means[0]");
+    BN_EXPECTS(p.counts[i] >= 0, value_error, "counts[", i, "] must be >= 0, got ", p.counts[i]);
+    total += p.counts[i];
+  }
+  BN_EXPECTS(total > 0, value_error, "counts must not all be zero, got ", k, " shard", k == 1 ? "" : "s",
+             " with no values");
+  check_cuda_usable(first, "means[0]");
+  const DType acc = accumulation_dtype(first.dtype);
+  check_internal_vector(p.mean, "mean", C, acc, first.device);
+  check_internal_vector(p.var, "var", C, acc, first.device);
+  if (on_cuda(first)) {
+#if defined(BN_WITH_CUDA)
+    cuda::merge_statistics(p);
+#endif
+  } else {
+    cpu::merge_statistics(p);
+  }
+  return total;
+}
+
+void fold(const FoldParams& p) {
+  BN_EXPECTS(p.kernel.defined(), type_error, "kernel must be an array, got None");
+  check_float_array(p.kernel, "kernel");
+  BN_EXPECTS(p.kernel.ndim >= 1, value_error, "kernel must have at least 1 dimension, got a 0-d array");
+  const int axis = normalize_axis(p.axis, p.kernel.ndim);
+  const int64_t C = p.kernel.shape[axis];
+  BN_EXPECTS(p.mean.defined(), type_error, "mean must be an array, got None");
+  BN_EXPECTS(p.var.defined(), type_error, "var must be an array, got None");
+  check_optional_vector(p.conv_bias, "conv_bias", C, p.kernel, "kernel");
+  check_channel_vector(p.mean, "mean", C, p.kernel.device, "kernel");
+  check_channel_vector(p.var, "var", C, p.kernel.device, "kernel");
+  check_optional_vector(p.weight, "weight", C, p.kernel, "kernel");
+  check_optional_vector(p.bias, "bias", C, p.kernel, "kernel");
+  check_eps(p.eps);
+  const TensorView* inputs[] = {&p.kernel, &p.conv_bias, &p.mean, &p.var, &p.weight, &p.bias};
+  check_output(p.kernel_out, "kernel_out", p.kernel, "kernel", inputs, 6);
+  check_internal_vector(p.bias_out, "bias_out", C, p.kernel.dtype, p.kernel.device);
+  check_cuda_usable(p.kernel, "kernel");
+  const TensorView* arrays[] = {&p.kernel, &p.kernel_out};
+  const Layout layout = make_layout(axis, arrays, 2);
+  route_op<FoldParams>(p.kernel, cpu::fold, BN_CUDA_FN(fold), p, layout);
+}
+
+CudaInfo cuda_info() {
+#if defined(BN_WITH_CUDA)
+  return cuda::info();
+#else
+  CudaInfo ci;
+  ci.compiled = false;
+  ci.available = false;
+  ci.reason = "built without the CUDA backend (no CUDA compiler at build time, or BATCHNORM_CUDA=OFF)";
+  return ci;
+#endif
+}
+
+}  // namespace batchnorm

@@ -1,0 +1,95 @@
+// The core's public C++ API: one params struct per op of the contract (../shared/API.md),
+// validated here and routed to the CPU or CUDA backend by the arrays' device. Callers
+// allocate every output; an undefined TensorView (TensorView{}) means "not given".
+// This header is what the Python binding, a future C API or a framework plug-in consume.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/layout.h"
+#include "core/tensor.h"
+
+namespace batchnorm {
+
+// Where the work runs: the CUDA stream (cudaStream_t, as void* to keep CUDA headers out);
+// null means the legacy default stream. Ignored on the CPU.
+struct Exec {
+  void* stream = nullptr;
+};
+
+struct StatisticsParams {
+  TensorView x;
+  int axis = 1;
+  TensorView mean, var;  // outputs: (C,), accumulation dtype, contiguous
+  Exec exec;
+};
+
+struct ForwardTrainingParams {
+  TensorView x, weight, bias, running_mean, running_var;
+  double momentum = 0.1;
+  double eps = 1e-5;
+  int axis = 1;
+  TensorView y;                          // output, x's shape and dtype, any strides, may be x
+  TensorView saved_mean, saved_invstd;   // outputs: (C,), accumulation dtype, contiguous
+  Exec exec;
+};
+
+struct ForwardInferenceParams {
+  TensorView x, mean, var, weight, bias;
+  double eps = 1e-5;
+  int axis = 1;
+  TensorView y;
+  Exec exec;
+};
+
+struct BackwardParams {
+  TensorView dy, x, saved_mean, saved_invstd, weight;
+  int axis = 1;
+  TensorView dx;                  // output, x's shape and dtype, may be dy or x
+  TensorView dweight, dbias;      // outputs: (C,), accumulation dtype, contiguous
+  Exec exec;
+};
+
+struct MergeStatisticsParams {
+  std::vector<TensorView> means, vars;
+  std::vector<int64_t> counts;
+  TensorView mean, var;  // outputs: (C,), accumulation dtype of the inputs, contiguous
+  Exec exec;
+};
+
+struct FoldParams {
+  TensorView kernel, conv_bias, mean, var, weight, bias;
+  double eps = 1e-5;
+  int axis = 0;
+  TensorView kernel_out;  // kernel's shape and dtype
+  TensorView bias_out;    // (C,), kernel's dtype, contiguous
+  Exec exec;
+};
+
+// Each returns after the work is done on the CPU, or enqueued on exec.stream on a GPU.
+// statistics returns the count per channel.
+int64_t statistics(const StatisticsParams& p);
+void forward_training(const ForwardTrainingParams& p);
+void forward_inference(const ForwardInferenceParams& p);
+void backward(const BackwardParams& p);
+int64_t merge_statistics(const MergeStatisticsParams& p);
+void fold(const FoldParams& p);
+
+// The output dtypes the caller must allocate.
+DType statistics_dtype(DType x_dtype);  // == accumulation_dtype
+
+// Process-wide CPU thread count (>= 1; ValueError otherwise).
+void set_num_threads(int n);
+int get_num_threads();
+
+struct CudaInfo {
+  bool compiled = false;
+  bool available = false;
+  std::vector<std::string> devices;
+  std::string reason;
+};
+std::string simd_level();  // the CPU ISA level in use: "avx512", "avx2" or "baseline"
+CudaInfo cuda_info();
+
+}  // namespace batchnorm

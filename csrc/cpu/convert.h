@@ -1,0 +1,78 @@
+// CPU storage types of the four dtypes and their exact conversions to and from the
+// accumulation type: float16 is the compiler's _Float16 (F16C instructions where the ISA
+// level has them), bfloat16 a bit pattern converted with round-to-nearest-even.
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "core/dtype.h"
+
+// The per-ISA kernel units predefine BN_CPU_INLINE as `static inline` (see core/math.h).
+#ifndef BN_CPU_INLINE
+#define BN_CPU_INLINE inline
+#endif
+
+namespace batchnorm::cpu {
+
+struct bfloat16 {
+  uint16_t bits;
+};
+
+template <DType D> struct storage;
+template <> struct storage<DType::float16> { using type = _Float16; };
+template <> struct storage<DType::bfloat16> { using type = bfloat16; };
+template <> struct storage<DType::float32> { using type = float; };
+template <> struct storage<DType::float64> { using type = double; };
+template <DType D> using storage_t = typename storage<D>::type;
+
+template <class T> struct accumulate { using type = float; };
+template <> struct accumulate<double> { using type = double; };
+template <class T> using acc_t = typename accumulate<T>::type;
+
+BN_CPU_INLINE float load(float v) { return v; }
+BN_CPU_INLINE double load(double v) { return v; }
+BN_CPU_INLINE float load(_Float16 v) { return static_cast<float>(v); }
+BN_CPU_INLINE float load(bfloat16 v) {
+  uint32_t u = static_cast<uint32_t>(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Rounds an accumulator value to storage type T (round to nearest even).
+template <class T, class V>
+BN_CPU_INLINE T store(V v) {
+  if constexpr (std::is_same_v<T, bfloat16>) {
+    const float f = static_cast<float>(v);
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    // NaNs stay NaN (quiet bit forced, so rounding cannot turn one into an Inf).
+    const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return bfloat16{static_cast<uint16_t>(nan ? ((u >> 16) | 0x40u) : rounded)};
+  } else {
+    return static_cast<T>(v);
+  }
+}
+
+// Values of any dtype read into double / written from double (parameters, running stats).
+BN_CPU_INLINE double load_any(const void* p, DType t, int64_t i) {
+  switch (t) {
+    case DType::float16: return load(static_cast<const _Float16*>(p)[i]);
+    case DType::bfloat16: return load(static_cast<const bfloat16*>(p)[i]);
+    case DType::float32: return static_cast<const float*>(p)[i];
+    case DType::float64: return static_cast<const double*>(p)[i];
+  }
+  return 0.0;
+}
+BN_CPU_INLINE void store_any(void* p, DType t, int64_t i, double v) {
+  switch (t) {
+    case DType::float16: static_cast<_Float16*>(p)[i] = store<_Float16>(static_cast<float>(v)); break;
+    case DType::bfloat16: static_cast<bfloat16*>(p)[i] = store<bfloat16>(static_cast<float>(v)); break;
+    case DType::float32: static_cast<float*>(p)[i] = static_cast<float>(v); break;
+    case DType::float64: static_cast<double*>(p)[i] = v; break;
+  }
+}
+
+}  // namespace batchnorm::cpu

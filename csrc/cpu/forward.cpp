@@ -1,0 +1,92 @@
+// CPU forward passes: training (batch statistics, normalize, running-statistics update) and
+// inference (given statistics). Channels-first channel-parallel training normalizes each
+// channel right after its reduction, while the channel is still in cache.
+#include <cmath>
+
+#include "core/backend.h"
+#include "cpu/params.h"
+#include "cpu/plan.h"
+
+namespace batchnorm::cpu {
+
+namespace {
+
+// y = (x - mean) * scale + shift over the whole array, with per-channel A vectors.
+template <class T>
+void normalize_all(const Kernels<T>& k, const T* x, T* y, const Layout& L, const Plan& plan, const acc_t<T>* mean,
+                   const acc_t<T>* scale, const acc_t<T>* shift) {
+  const int64_t C = L.channels;
+  const int64_t work = L.count * C;
+  if (plan.channels_last) {
+    parallel_for(plan.groups, work, [&](int64_t g) {
+      const auto [b, e] = plan.range(g);
+      k.cl_normalize(x, y, L, b, e, mean, scale, shift);
+    });
+  } else {
+    parallel_for(C * plan.groups, work, [&](int64_t i) {
+      const int64_t c = i / plan.groups, g = i % plan.groups;
+      const auto [b, e] = plan.range(g);
+      k.normalize(x + c * L.channel_stride[0], y + c * L.channel_stride[1], L, b, e, mean[c], scale[c], shift[c]);
+    });
+  }
+}
+
+}  // namespace
+
+void forward_training(const ForwardTrainingParams& p, const Layout& L) {
+  dispatch_dtype(p.x.dtype, "x", [&](auto d) {
+    using T = storage_t<decltype(d)::value>;
+    using A = acc_t<T>;
+    const Kernels<T>& k = kernels_for<T>();
+    const int64_t C = L.channels;
+    const Plan plan = make_plan(L);
+    const std::vector<A> weight = load_vector<A>(p.weight, C, A(1));
+    const std::vector<A> bias = load_vector<A>(p.bias, C, A(0));
+    std::vector<double> batch_var(static_cast<size_t>(C));
+    std::vector<A> scale(static_cast<size_t>(C));
+    A* mean = p.saved_mean.ptr<A>();
+    A* invstd = p.saved_invstd.ptr<A>();
+    const T* x = p.x.ptr<const T>();
+    T* y = p.y.ptr<T>();
+    const bool fused = !plan.channels_last && plan.channel_parallel;
+    all_moments(k, x, L, plan, [&](int64_t c, const Moments<double>& m) {
+      batch_var[c] = m.m2 / m.n;
+      mean[c] = static_cast<A>(m.mean);
+      invstd[c] = static_cast<A>(1.0 / std::sqrt(batch_var[c] + p.eps));
+      scale[c] = invstd[c] * weight[c];
+      if (fused)
+        k.normalize(x + c * L.channel_stride[0], y + c * L.channel_stride[1], L, 0, L.count, mean[c], scale[c],
+                    bias[c]);
+    });
+    if (!fused) normalize_all(k, x, y, L, plan, mean, scale.data(), bias.data());
+    if (p.running_mean.defined()) {
+      const double n = static_cast<double>(L.count);
+      std::vector<double> rm = load_vector<double>(p.running_mean, C, 0.0);
+      std::vector<double> rv = load_vector<double>(p.running_var, C, 0.0);
+      for (int64_t c = 0; c < C; ++c) {
+        rm[c] = running_update<double>(rm[c], static_cast<double>(mean[c]), p.momentum);
+        rv[c] = running_update<double>(rv[c], batch_var[c] * n / (n - 1.0), p.momentum);
+      }
+      store_vector(p.running_mean, rm.data());
+      store_vector(p.running_var, rv.data());
+    }
+  });
+}
+
+void forward_inference(const ForwardInferenceParams& p, const Layout& L) {
+  dispatch_dtype(p.x.dtype, "x", [&](auto d) {
+    using T = storage_t<decltype(d)::value>;
+    using A = acc_t<T>;
+    const int64_t C = L.channels;
+    const std::vector<double> var = load_vector<double>(p.var, C, 1.0);
+    const std::vector<A> mean = load_vector<A>(p.mean, C, A(0));
+    const std::vector<A> weight = load_vector<A>(p.weight, C, A(1));
+    const std::vector<A> bias = load_vector<A>(p.bias, C, A(0));
+    std::vector<A> scale(static_cast<size_t>(C));
+    for (int64_t c = 0; c < C; ++c) scale[c] = static_cast<A>(1.0 / std::sqrt(var[c] + p.eps)) * weight[c];
+    normalize_all(kernels_for<T>(), p.x.ptr<const T>(), p.y.ptr<T>(), L, make_plan(L), mean.data(), scale.data(),
+                  bias.data());
+  });
+}
+
+}  // namespace batchnorm::cpu

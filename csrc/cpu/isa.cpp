@@ -1,0 +1,45 @@
+// Runtime ISA dispatch: picks the best kernel table the CPU (and OS) supports, once.
+// BATCHNORM_ISA=baseline|avx2|avx512 caps the choice, to compare levels or reproduce a
+// lower machine; results are bitwise identical across levels by construction.
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "core/ops.h"
+#include "cpu/kernels.h"
+
+namespace batchnorm::cpu {
+
+extern const KernelTable kernel_table_baseline;
+#if defined(BN_HAVE_X86_LEVELS)
+extern const KernelTable kernel_table_avx2;
+extern const KernelTable kernel_table_avx512;
+#endif
+
+namespace {
+const KernelTable* choose() {
+  const char* cap = std::getenv("BATCHNORM_ISA");
+  const std::string want = cap ? cap : "";
+#if defined(BN_HAVE_X86_LEVELS)
+  __builtin_cpu_init();
+  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                        __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2");
+  const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (has_avx512 && (want.empty() || want == "avx512")) return &kernel_table_avx512;
+  if (has_avx2 && want != "baseline") return &kernel_table_avx2;
+#endif
+  return &kernel_table_baseline;
+}
+}  // namespace
+
+const KernelTable& active_kernels() {
+  static const KernelTable* table = choose();
+  return *table;
+}
+
+}  // namespace batchnorm::cpu
+
+namespace batchnorm {
+std::string simd_level() { return cpu::active_kernels().name; }
+}  // namespace batchnorm

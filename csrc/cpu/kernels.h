@@ -1,0 +1,65 @@
+// The CPU kernel table: the SIMD primitives every CPU op is built from, compiled once per ISA
+// level (cpu/kernels.cpp) and chosen at run time (cpu/isa.cpp). Primitives work on one fixed
+// block of a reduction so that the blocking, and hence every rounding, is independent of
+// the thread count and of the ISA level: results are bitwise identical everywhere.
+#pragma once
+#include <cstdint>
+
+#include "core/layout.h"
+#include "core/math.h"
+#include "cpu/convert.h"
+
+namespace batchnorm::cpu {
+
+// Values per block of a channels-first reduction: small enough that the block's second pass
+// reads it from L1.
+constexpr int64_t kPiece = 8192;
+// Positions per float Welford run in channels-last reductions, merged into double after.
+constexpr int64_t kChannelsLastRun = 256;
+// Positions per group at least, channels-last.
+constexpr int64_t kChannelsLastMinGroup = 64;
+// Every reduction is cut into at most this many groups (its unit of parallelism), by a
+// rule that depends on the shape alone.
+constexpr int64_t kMaxGroups = 64;
+
+// Array roles in the layout's walk: forward (x, y); backward (dy, x, dx).
+template <class T>
+struct Kernels {
+  using A = acc_t<T>;
+  // Channels-first primitives: one channel (pointers at its first value), values
+  // [begin, end) of its row-major walk over the reduced dims.
+  Moments<double> (*moments)(const T* x, const Layout& L, int64_t begin, int64_t end);
+  void (*normalize)(const T* x, T* y, const Layout& L, int64_t begin, int64_t end, A mean, A scale, A shift);
+  void (*grad_sums)(const T* dy, const T* x, const Layout& L, int64_t begin, int64_t end, A mean,
+                    double* sum_dy, double* sum_dy_xmu);
+  void (*grad_apply)(const T* dy, const T* x, T* dx, const Layout& L, int64_t begin, int64_t end,
+                     const BackwardCoefficients<A>& k);
+  // Channels-last primitives: every channel of positions [p0, p1). `scratch` holds 2*C A's.
+  void (*cl_moments)(const T* x, const Layout& L, int64_t p0, int64_t p1, Moments<double>* out, A* scratch);
+  void (*cl_normalize)(const T* x, T* y, const Layout& L, int64_t p0, int64_t p1, const A* mean, const A* scale,
+                       const A* shift);
+  void (*cl_grad_sums)(const T* dy, const T* x, const Layout& L, int64_t p0, int64_t p1, const A* mean,
+                       double* sum_dy, double* sum_dy_xmu, A* scratch);
+  void (*cl_grad_apply)(const T* dy, const T* x, T* dx, const Layout& L, int64_t p0, int64_t p1, const A* mean,
+                        const A* scale, const A* mean_dy, const A* proj);
+};
+
+struct KernelTable {
+  const char* name;
+  Kernels<_Float16> f16;
+  Kernels<bfloat16> bf16;
+  Kernels<float> f32;
+  Kernels<double> f64;
+};
+
+// The table of the best ISA level this CPU supports (BATCHNORM_ISA=baseline|avx2|avx512
+// lowers it, for testing and for comparing levels).
+const KernelTable& active_kernels();
+
+template <class T> const Kernels<T>& kernels_for();
+template <> inline const Kernels<_Float16>& kernels_for<_Float16>() { return active_kernels().f16; }
+template <> inline const Kernels<bfloat16>& kernels_for<bfloat16>() { return active_kernels().bf16; }
+template <> inline const Kernels<float>& kernels_for<float>() { return active_kernels().f32; }
+template <> inline const Kernels<double>& kernels_for<double>() { return active_kernels().f64; }
+
+}  // namespace batchnorm::cpu

@@ -1,0 +1,80 @@
+// Walking helpers of the kernels: an odometer over the layout's reduced dims, the row
+// segments of a channels-first range, and the fixed lane split of every SIMD reduction.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+
+#include "core/layout.h"
+
+namespace batchnorm::cpu::BN_ISA {
+
+// Accumulator lanes: two cache lines' worth, so a reduction has independent chains to hide
+// add latency; the compiler maps them to whatever vectors the ISA level has. Value k of a
+// row always goes to lane k % lanes, whatever the ISA: the rounding is the same everywhere.
+template <class A>
+constexpr int lanes = 128 / sizeof(A);
+
+// Increments a multi-index over dims [0, nd) of the layout, tracking each array's offset.
+template <int NT>
+struct Odometer {
+  const Layout& L;
+  int nd;
+  int64_t idx[kMaxDims];
+  int64_t off[NT];
+  Odometer(const Layout& layout, int ndims, int64_t linear) : L(layout), nd(ndims) {
+    for (int t = 0; t < NT; ++t) off[t] = 0;
+    for (int d = nd - 1; d >= 0; --d) {
+      idx[d] = linear % L.sizes[d];
+      linear /= L.sizes[d];
+      for (int t = 0; t < NT; ++t) off[t] += idx[d] * L.strides[t][d];
+    }
+  }
+  void next() {
+    for (int d = nd - 1; d >= 0; --d) {
+      for (int t = 0; t < NT; ++t) off[t] += L.strides[t][d];
+      if (++idx[d] < L.sizes[d]) return;
+      for (int t = 0; t < NT; ++t) off[t] -= L.sizes[d] * L.strides[t][d];
+      idx[d] = 0;
+    }
+  }
+};
+
+// Calls f(off, len) for each row segment of values [begin, end) of one channel's walk:
+// off[t] is the segment's first element offset in array t, rows run along the inner dim.
+template <int NT, class F>
+inline void for_each_segment(const Layout& L, int64_t begin, int64_t end, F&& f) {
+  const int64_t inner = L.inner();
+  int64_t i = begin % inner;
+  Odometer<NT> rows(L, L.nred - 1, begin / inner);
+  for (int64_t pos = begin; pos < end;) {
+    const int64_t len = std::min(inner - i, end - pos);
+    int64_t off[NT];
+    for (int t = 0; t < NT; ++t) off[t] = rows.off[t] + i * L.strides[t][L.nred - 1];
+    f(off, len);
+    pos += len;
+    i = 0;
+    rows.next();
+  }
+}
+
+// Runs body(lane, k) for k in [0, len): full blocks of W lanes first, then the tail, each
+// value in lane k % W.
+template <int W, class Body>
+inline __attribute__((always_inline)) void for_lanes(int64_t len, Body&& body) {
+  int64_t i = 0;
+  for (; i + W <= len; i += W)
+    for (int j = 0; j < W; ++j) body(j, i + j);
+  for (int j = 0; i + j < len; ++j) body(j, i + j);
+}
+
+template <class A, int W>
+inline A sum_lanes(const A* acc) {
+  // Pairwise, in a fixed order.
+  A tmp[W];
+  for (int j = 0; j < W; ++j) tmp[j] = acc[j];
+  for (int w = W / 2; w >= 1; w /= 2)
+    for (int j = 0; j < w; ++j) tmp[j] = tmp[j] + tmp[j + w];
+  return tmp[0];
+}
+
+}  // namespace batchnorm::cpu::BN_ISA

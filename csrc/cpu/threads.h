@@ -1,0 +1,35 @@
+// CPU threading: the process-wide thread count and parallel_for, a static OpenMP split of
+// independent tasks. Work is cut into tasks by the shape alone, never by the thread count,
+// so any number of threads computes the same bits.
+#pragma once
+#include <cstdint>
+
+#if defined(BN_WITH_OPENMP)
+#include <omp.h>
+#endif
+
+namespace batchnorm::cpu {
+
+int thread_count();
+
+// Below this many elements of work a call stays on the calling thread: a parallel region
+// costs more than it saves.
+constexpr int64_t kMinParallelWork = 1 << 15;
+
+// Runs f(i) for i in [0, n), split statically over up to thread_count() threads when `work`
+// (elements touched) makes it worth it.
+template <class F>
+void parallel_for(int64_t n, int64_t work, F&& f) {
+#if defined(BN_WITH_OPENMP)
+  const int threads = thread_count();
+  if (threads > 1 && n > 1 && work >= kMinParallelWork) {
+    const int use = static_cast<int>(n < threads ? n : threads);
+#pragma omp parallel for schedule(static) num_threads(use)
+    for (int64_t i = 0; i < n; ++i) f(i);
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) f(i);
+}
+
+}  // namespace batchnorm::cpu
