@@ -14,14 +14,23 @@ using namespace detail;
 DType statistics_dtype(DType x_dtype) { return accumulation_dtype(x_dtype); }
 
 namespace {
+int check_input(const TensorView& x, const char* arg, int axis, int min_rank);
+}  // namespace
+
+int64_t channel_count(const TensorView& x, const char* arg, int axis, int min_rank) {
+  return x.shape[check_input(x, arg, axis, min_rank)];
+}
+
+namespace {
 
 // x: a float array of rank >= 2 with at least one value per channel is not required here
 // (callers decide what an empty batch means); returns the normalized axis.
-int check_input(const TensorView& x, const char* arg, int axis) {
+int check_input(const TensorView& x, const char* arg, int axis, int min_rank = 2) {
   BN_EXPECTS(x.defined(), type_error, arg, " must be an array, got None");
   check_float_array(x, arg);
-  BN_EXPECTS(x.ndim >= 2, value_error, arg, " must have at least 2 dimensions (N, C, ...), got ", x.ndim,
-             " dimension", x.ndim == 1 ? "" : "s", " with shape ", shape_string(x));
+  BN_EXPECTS(x.ndim >= min_rank, value_error, arg, " must have at least ", min_rank, " dimension",
+             min_rank == 1 ? "" : "s", min_rank == 2 ? " (N, C, ...)" : "", ", got ", x.ndim, " dimension",
+             x.ndim == 1 ? "" : "s", " with shape ", shape_string(x));
   return normalize_axis(axis, x.ndim);
 }
 
@@ -201,10 +210,7 @@ int64_t merge_statistics(const MergeStatisticsParams& p) {
 }
 
 void fold(const FoldParams& p) {
-  BN_EXPECTS(p.kernel.defined(), type_error, "kernel must be an array, got None");
-  check_float_array(p.kernel, "kernel");
-  BN_EXPECTS(p.kernel.ndim >= 1, value_error, "kernel must have at least 1 dimension, got a 0-d array");
-  const int axis = normalize_axis(p.axis, p.kernel.ndim);
+  const int axis = check_input(p.kernel, "kernel", p.axis, 1);
   const int64_t C = p.kernel.shape[axis];
   BN_EXPECTS(p.mean.defined(), type_error, "mean must be an array, got None");
   BN_EXPECTS(p.var.defined(), type_error, "var must be an array, got None");

@@ -76,6 +76,10 @@ void backward(const BackwardParams& p);
 int64_t merge_statistics(const MergeStatisticsParams& p);
 void fold(const FoldParams& p);
 
+// Checks `x` as an op's main input (a float array of rank >= min_rank, `axis` in range) and
+// returns its channel count, so callers can size outputs before calling the op.
+int64_t channel_count(const TensorView& x, const char* arg, int axis, int min_rank);
+
 // The output dtypes the caller must allocate.
 DType statistics_dtype(DType x_dtype);  // == accumulation_dtype
 

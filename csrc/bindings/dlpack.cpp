@@ -1,0 +1,371 @@
+// DLPack and NumPy import of arguments, and output allocation with DLPack export (see
+// dlpack.h). The consumer side follows the DLPack spec: __dlpack_device__ first, then
+// __dlpack__(stream=..., max_version=(1, 1)) with an unversioned retry on TypeError, both
+// capsule names accepted and renamed to used_*, the deleter owned and called once, NULL
+// strides read as C order, byte_offset added, READ_ONLY honoured, lanes == 1 required.
+#include "bindings/dlpack.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <numeric>
+#include <string>
+
+#include "core/errors.h"
+#include "core/memory.h"
+
+namespace batchnorm::binding {
+
+namespace {
+
+const char* dl_code_name(uint8_t code) {
+  switch (code) {
+    case 0: return "int";
+    case 1: return "uint";
+    case 2: return "float";
+    case 3: return "opaque handle";
+    case 4: return "bfloat";
+    case 5: return "complex";
+    case 6: return "bool";
+    default: return "unknown";
+  }
+}
+
+[[noreturn]] void bad_dtype(const char* arg, const std::string& got) {
+  throw type_error(detail::concat(arg, " must have dtype float16, bfloat16, float32 or float64, got ", got));
+}
+
+std::string type_name(py::handle obj) { return py::str(py::type::handle_of(obj).attr("__name__")).cast<std::string>(); }
+
+void fill_c_strides(TensorView& v) {
+  int64_t s = 1;
+  for (int i = v.ndim - 1; i >= 0; --i) {
+    v.strides[i] = s;
+    s *= v.shape[i];
+  }
+}
+
+void import_numpy(Imported& imp, const py::array& a, const char* arg) {
+  const py::dtype dt = a.dtype();
+  const char kind = dt.kind();
+  const ssize_t item = dt.itemsize();
+  TensorView& v = imp.view;
+  if (kind == 'f' && item == 2) v.dtype = DType::float16;
+  else if (kind == 'f' && item == 4) v.dtype = DType::float32;
+  else if (kind == 'f' && item == 8) v.dtype = DType::float64;
+  else if (item == 2 && py::str(dt.attr("name")).cast<std::string>() == "bfloat16") v.dtype = DType::bfloat16;
+  else bad_dtype(arg, py::str(dt.attr("name")).cast<std::string>());
+  BN_EXPECTS(a.ndim() <= kMaxDims, value_error, arg, " must have at most ", kMaxDims, " dimensions, got ", a.ndim());
+  v.ndim = static_cast<int>(a.ndim());
+  for (int i = 0; i < v.ndim; ++i) {
+    v.shape[i] = a.shape(i);
+    const ssize_t s = a.strides(i);
+    BN_EXPECTS(s % item == 0, value_error, arg, " must have strides that are multiples of its item size (", item,
+               " bytes), got a stride of ", s, " bytes");
+    v.strides[i] = s / item;
+  }
+  v.data = const_cast<void*>(a.data());
+  v.read_only = !a.writeable();
+  v.device = Device{DeviceKind::cpu, 0};
+  imp.keep = py::reinterpret_borrow<py::object>(a);
+}
+
+Device device_from_dl(int32_t type, int32_t id, const char* arg) {
+  switch (type) {
+    case kDLCPU:
+    case kDLCUDAHost: return Device{DeviceKind::cpu, 0};
+    case kDLCUDA:
+    case kDLCUDAManaged: return Device{DeviceKind::cuda, id};
+    default:
+      throw type_error(detail::concat(arg, " must be on the CPU or a CUDA device, got DLPack device type ", type));
+  }
+}
+
+void import_dlpack(Imported& imp, py::handle obj, const char* arg, int64_t stream) {
+  const py::tuple dev = obj.attr("__dlpack_device__")();
+  const int32_t dev_type = dev[0].cast<int32_t>();
+  const int32_t dev_id = dev[1].cast<int32_t>();
+  device_from_dl(dev_type, dev_id, arg);  // reject unsupported devices before any export
+  const bool cuda = dev_type == kDLCUDA || dev_type == kDLCUDAManaged;
+  py::object s = cuda ? py::object(py::int_(stream)) : py::object(py::none());
+  py::object cap;
+  try {
+    cap = obj.attr("__dlpack__")(py::arg("stream") = s, py::arg("max_version") = py::make_tuple(1, 1));
+  } catch (py::error_already_set& e) {
+    if (!e.matches(PyExc_TypeError)) throw type_error(detail::concat(arg, " could not be exported through DLPack: ", e.what()));
+    try {
+      cap = obj.attr("__dlpack__")(py::arg("stream") = s);
+    } catch (py::error_already_set& e2) {
+      throw type_error(detail::concat(arg, " could not be exported through DLPack: ", e2.what()));
+    }
+  }
+  PyObject* c = cap.ptr();
+  DLTensor* t = nullptr;
+  uint64_t flags = 0;
+  if (PyCapsule_IsValid(c, "dltensor_versioned")) {
+    auto* m = static_cast<DLManagedTensorVersioned*>(PyCapsule_GetPointer(c, "dltensor_versioned"));
+    BN_EXPECTS(m->version.major == 1, type_error, arg, " exported DLPack version ", m->version.major, ".",
+               m->version.minor, "; batchnorm reads version 1.x");
+    PyCapsule_SetName(c, "used_dltensor_versioned");
+    imp.versioned = m;
+    t = &m->dl_tensor;
+    flags = m->flags;
+  } else if (PyCapsule_IsValid(c, "dltensor")) {
+    auto* m = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(c, "dltensor"));
+    PyCapsule_SetName(c, "used_dltensor");
+    imp.legacy = m;
+    t = &m->dl_tensor;
+  } else {
+    throw type_error(detail::concat(arg, ".__dlpack__() must return a DLPack capsule, got a ", type_name(cap)));
+  }
+  imp.keep = cap;
+  TensorView& v = imp.view;
+  const DLDataType dt = t->dtype;
+  const std::string dt_name = detail::concat(dl_code_name(dt.code), int(dt.bits), dt.lanes != 1 ? "x" : "",
+                                             dt.lanes != 1 ? std::to_string(dt.lanes) : std::string());
+  if (dt.lanes != 1) bad_dtype(arg, dt_name);
+  if (dt.code == kDLFloat && dt.bits == 16) v.dtype = DType::float16;
+  else if (dt.code == kDLFloat && dt.bits == 32) v.dtype = DType::float32;
+  else if (dt.code == kDLFloat && dt.bits == 64) v.dtype = DType::float64;
+  else if (dt.code == kDLBfloat && dt.bits == 16) v.dtype = DType::bfloat16;
+  else bad_dtype(arg, dt_name);
+  BN_EXPECTS(t->ndim >= 0 && t->ndim <= kMaxDims, value_error, arg, " must have at most ", kMaxDims,
+             " dimensions, got ", t->ndim);
+  v.ndim = t->ndim;
+  for (int i = 0; i < v.ndim; ++i) v.shape[i] = t->shape[i];
+  if (t->strides) {
+    for (int i = 0; i < v.ndim; ++i) v.strides[i] = t->strides[i];
+  } else {
+    fill_c_strides(v);
+  }
+  v.data = static_cast<char*>(t->data) + t->byte_offset;
+  v.device = device_from_dl(t->device.device_type, t->device.device_id, arg);
+  v.read_only = (flags & kDLFlagReadOnly) != 0;
+}
+
+// ---- output memory ----------------------------------------------------------------------
+
+struct Memory {
+  void* ptr = nullptr;
+  Device device;
+  int64_t stream = 0;
+  ~Memory() { deallocate(device, ptr, reinterpret_cast<void*>(stream)); }
+};
+
+struct Buffer {
+  std::shared_ptr<Memory> memory;
+  DType dtype = DType::float32;
+  std::vector<int64_t> shape, strides;
+};
+
+struct ExportContext {
+  std::shared_ptr<Memory> memory;
+  std::vector<int64_t> shape, strides;
+};
+
+DLDataType dl_dtype(DType d) {
+  switch (d) {
+    case DType::float16: return {kDLFloat, 16, 1};
+    case DType::bfloat16: return {kDLBfloat, 16, 1};
+    case DType::float32: return {kDLFloat, 32, 1};
+    case DType::float64: return {kDLFloat, 64, 1};
+  }
+  return {kDLFloat, 32, 1};
+}
+
+template <class M>
+void fill_managed(M* m, ExportContext* ctx, const Buffer& b) {
+  m->manager_ctx = ctx;
+  DLTensor& t = m->dl_tensor;
+  t.data = ctx->memory->ptr;
+  t.device = b.memory->device.kind == DeviceKind::cuda ? DLDevice{kDLCUDA, b.memory->device.index} : DLDevice{kDLCPU, 0};
+  t.ndim = static_cast<int32_t>(ctx->shape.size());
+  t.dtype = dl_dtype(b.dtype);
+  t.shape = ctx->shape.data();
+  t.strides = ctx->strides.data();
+  t.byte_offset = 0;
+}
+
+void delete_versioned(DLManagedTensorVersioned* m) {
+  delete static_cast<ExportContext*>(m->manager_ctx);
+  delete m;
+}
+void delete_legacy(DLManagedTensor* m) {
+  delete static_cast<ExportContext*>(m->manager_ctx);
+  delete m;
+}
+void capsule_versioned(PyObject* cap) {
+  if (PyCapsule_IsValid(cap, "dltensor_versioned")) {
+    auto* m = static_cast<DLManagedTensorVersioned*>(PyCapsule_GetPointer(cap, "dltensor_versioned"));
+    if (m && m->deleter) m->deleter(m);
+  }
+}
+void capsule_legacy(PyObject* cap) {
+  if (PyCapsule_IsValid(cap, "dltensor")) {
+    auto* m = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(cap, "dltensor"));
+    if (m && m->deleter) m->deleter(m);
+  }
+}
+
+py::object export_buffer(const Buffer& b, py::object stream, py::object max_version, py::object dl_device,
+                         py::object copy) {
+  if (!copy.is_none() && copy.cast<bool>())
+    throw py::buffer_error("batchnorm.Buffer exports without copying; copy=True is not supported");
+  if (!dl_device.is_none()) {
+    const py::tuple d = dl_device;
+    const Device& mine = b.memory->device;
+    const int32_t want = d[0].cast<int32_t>();
+    const bool same = (mine.kind == DeviceKind::cpu && want == kDLCPU) ||
+                      (mine.kind == DeviceKind::cuda && want == kDLCUDA && d[1].cast<int>() == mine.index);
+    if (!same) throw py::buffer_error("batchnorm.Buffer cannot be exported to another device");
+  }
+  if (b.memory->device.kind == DeviceKind::cuda && !stream.is_none()) {
+    const int64_t consumer = stream.cast<int64_t>();
+    if (consumer != -1 && consumer != b.memory->stream)
+      stream_wait(b.memory->device, reinterpret_cast<void*>(b.memory->stream), reinterpret_cast<void*>(consumer));
+  }
+  auto* ctx = new ExportContext{b.memory, b.shape, b.strides};
+  bool versioned = false;
+  if (!max_version.is_none()) {
+    const py::tuple mv = max_version;
+    versioned = mv.size() >= 1 && mv[0].cast<int>() >= 1;
+  }
+  if (versioned) {
+    auto* m = new DLManagedTensorVersioned{};
+    m->version = {1, 1};
+    m->deleter = delete_versioned;
+    m->flags = 0;
+    fill_managed(m, ctx, b);
+    return py::reinterpret_steal<py::object>(PyCapsule_New(m, "dltensor_versioned", capsule_versioned));
+  }
+  auto* m = new DLManagedTensor{};
+  m->deleter = delete_legacy;
+  fill_managed(m, ctx, b);
+  return py::reinterpret_steal<py::object>(PyCapsule_New(m, "dltensor", capsule_legacy));
+}
+
+// Dense strides of `shape` laid out in the order of `like`'s strides (outermost = largest).
+std::vector<int64_t> dense_strides_like(const TensorView& like) {
+  std::vector<int> order(like.ndim);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int a, int b) { return std::llabs(like.strides[a]) > std::llabs(like.strides[b]); });
+  std::vector<int64_t> strides(like.ndim);
+  int64_t s = 1;
+  for (int i = like.ndim - 1; i >= 0; --i) {
+    strides[order[i]] = s;
+    s *= std::max<int64_t>(like.shape[order[i]], 1);
+  }
+  return strides;
+}
+
+py::dtype numpy_dtype(DType d) {
+  switch (d) {
+    case DType::float16: return py::dtype("float16");
+    case DType::float32: return py::dtype("float32");
+    case DType::float64: return py::dtype("float64");
+    case DType::bfloat16: {
+      try {
+        return py::dtype::from_args(py::module_::import("ml_dtypes").attr("bfloat16"));
+      } catch (py::error_already_set&) {
+        throw type_error("a bfloat16 NumPy result needs the ml_dtypes package (pip install ml_dtypes)");
+      }
+    }
+  }
+  return py::dtype("float32");
+}
+
+Output make_output(std::vector<int64_t> shape, std::vector<int64_t> strides, DType dtype, const Device& device,
+                   bool as_numpy, int64_t stream) {
+  int64_t n = 1;
+  for (int64_t s : shape) n *= s;
+  auto mem = std::make_shared<Memory>();
+  mem->device = device;
+  mem->stream = stream;
+  mem->ptr = allocate(device, static_cast<size_t>(n) * dtype_size(dtype), reinterpret_cast<void*>(stream));
+  Output out;
+  TensorView& v = out.view;
+  v.data = mem->ptr;
+  v.dtype = dtype;
+  v.ndim = static_cast<int>(shape.size());
+  for (int i = 0; i < v.ndim; ++i) {
+    v.shape[i] = shape[i];
+    v.strides[i] = strides[i];
+  }
+  v.device = device;
+  if (as_numpy && device.kind == DeviceKind::cpu) {
+    const py::dtype dt = numpy_dtype(dtype);
+    std::vector<ssize_t> byte_strides(strides.size());
+    for (size_t i = 0; i < strides.size(); ++i) byte_strides[i] = strides[i] * static_cast<ssize_t>(dtype_size(dtype));
+    auto* holder = new std::shared_ptr<Memory>(mem);
+    py::capsule owner(holder, [](void* p) { delete static_cast<std::shared_ptr<Memory>*>(p); });
+    out.object = py::array(dt, std::vector<ssize_t>(shape.begin(), shape.end()), byte_strides, mem->ptr, owner);
+  } else {
+    Buffer b{mem, dtype, std::move(shape), std::move(strides)};
+    out.object = py::cast(std::move(b));
+  }
+  return out;
+}
+
+}  // namespace
+
+Imported::~Imported() {
+  if (versioned && versioned->deleter) versioned->deleter(versioned);
+  else if (legacy && legacy->deleter) legacy->deleter(legacy);
+}
+
+bool array_device(py::handle obj, Device& device) {
+  if (obj.is_none()) return false;
+  if (!py::isinstance<py::array>(obj) && py::hasattr(obj, "__dlpack_device__")) {
+    const py::tuple dev = obj.attr("__dlpack_device__")();
+    device = device_from_dl(dev[0].cast<int32_t>(), dev[1].cast<int32_t>(), "array");
+  } else {
+    device = Device{DeviceKind::cpu, 0};
+  }
+  return true;
+}
+
+ImportedPtr import_array(py::handle obj, const char* arg, int64_t stream, bool allow_asarray) {
+  auto imp = std::make_unique<Imported>();
+  if (obj.is_none()) return imp;
+  if (py::isinstance<py::array>(obj)) {
+    import_numpy(*imp, py::reinterpret_borrow<py::array>(obj), arg);
+  } else if (py::hasattr(obj, "__dlpack__") && py::hasattr(obj, "__dlpack_device__")) {
+    import_dlpack(*imp, obj, arg, stream);
+  } else if (allow_asarray && (py::isinstance<py::list>(obj) || py::isinstance<py::tuple>(obj) ||
+                               py::hasattr(obj, "__array__") || py::hasattr(obj, "__array_interface__"))) {
+    py::object a = py::module_::import("numpy").attr("asarray")(obj);
+    import_numpy(*imp, py::reinterpret_borrow<py::array>(a), arg);
+  } else {
+    throw type_error(detail::concat(arg, " must be a NumPy array or an array supporting DLPack (__dlpack__), got ",
+                                    type_name(obj)));
+  }
+  return imp;
+}
+
+Output allocate_like(const TensorView& like, DType dtype, bool as_numpy, int64_t stream) {
+  return make_output(std::vector<int64_t>(like.shape, like.shape + like.ndim), dense_strides_like(like), dtype,
+                     like.device, as_numpy, stream);
+}
+
+Output allocate_vector(int64_t n, DType dtype, const Device& device, bool as_numpy, int64_t stream) {
+  return make_output({n}, {1}, dtype, device, as_numpy, stream);
+}
+
+void register_buffer(py::module_& m) {
+  py::class_<Buffer>(m, "Buffer",
+                     "Memory allocated by batchnorm for a result, handed to the caller's array library "
+                     "through DLPack (zero-copy).")
+      .def("__dlpack__", &export_buffer, py::kw_only(), py::arg("stream") = py::none(),
+           py::arg("max_version") = py::none(), py::arg("dl_device") = py::none(), py::arg("copy") = py::none())
+      .def("__dlpack_device__",
+           [](const Buffer& b) {
+             const Device& d = b.memory->device;
+             const int type = d.kind == DeviceKind::cuda ? kDLCUDA : kDLCPU;
+             const int index = d.kind == DeviceKind::cuda ? d.index : 0;
+             return py::make_tuple(type, index);
+           })
+      .def_property_readonly("shape", [](const Buffer& b) { return py::tuple(py::cast(b.shape)); })
+      .def_property_readonly("dtype", [](const Buffer& b) { return dtype_name(b.dtype); });
+}
+
+}  // namespace batchnorm::binding

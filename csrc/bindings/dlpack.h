@@ -1,0 +1,95 @@
+// The binding's one door for arrays: imports any argument (a NumPy array directly, anything
+// else through DLPack by the spec) into a TensorView that keeps its producer alive, and
+// allocates outputs either as NumPy arrays or as `Buffer`s that export themselves through
+// DLPack to the caller's array library. Nothing here is Python-free: it is binding code.
+#pragma once
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace batchnorm::binding {
+
+namespace py = pybind11;
+
+// DLPack ABI (the structs of dlpack.h v1.x, which the spec fixes).
+extern "C" {
+struct DLDevice {
+  int32_t device_type;
+  int32_t device_id;
+};
+struct DLDataType {
+  uint8_t code;
+  uint8_t bits;
+  uint16_t lanes;
+};
+struct DLTensor {
+  void* data;
+  DLDevice device;
+  int32_t ndim;
+  DLDataType dtype;
+  int64_t* shape;
+  int64_t* strides;
+  uint64_t byte_offset;
+};
+struct DLManagedTensor {
+  DLTensor dl_tensor;
+  void* manager_ctx;
+  void (*deleter)(DLManagedTensor*);
+};
+struct DLPackVersion {
+  uint32_t major;
+  uint32_t minor;
+};
+struct DLManagedTensorVersioned {
+  DLPackVersion version;
+  void* manager_ctx;
+  void (*deleter)(DLManagedTensorVersioned*);
+  uint64_t flags;
+  DLTensor dl_tensor;
+};
+}
+constexpr int32_t kDLCPU = 1, kDLCUDA = 2, kDLCUDAHost = 3, kDLCUDAManaged = 13;
+constexpr uint8_t kDLFloat = 2, kDLBfloat = 4;
+constexpr uint64_t kDLFlagReadOnly = 1;
+
+// An imported argument: its view plus whatever keeps the memory alive. Destroy with the GIL
+// held (producers' deleters may touch Python objects).
+struct Imported {
+  TensorView view;
+  py::object keep;  // the NumPy array, or the DLPack capsule
+  DLManagedTensor* legacy = nullptr;
+  DLManagedTensorVersioned* versioned = nullptr;
+  Imported() = default;
+  Imported(const Imported&) = delete;
+  Imported& operator=(const Imported&) = delete;
+  ~Imported();
+};
+using ImportedPtr = std::unique_ptr<Imported>;
+
+// The device an argument lives on, without importing it (for stream choice and checks).
+// None -> nullopt-like: returns false.
+bool array_device(py::handle obj, Device& device);
+
+// Imports `obj` (None gives an undefined view). `stream` is the consumer stream passed to
+// __dlpack__ for CUDA producers (DLPack convention: 1 = legacy default stream).
+// Objects that are neither NumPy arrays nor DLPack producers are converted with
+// numpy.asarray when `allow_asarray` (read-only inputs), else rejected with a TypeError.
+ImportedPtr import_array(py::handle obj, const char* arg, int64_t stream, bool allow_asarray);
+
+// Output allocation like `like` (same shape, dense in like's stride order) or 1-D (n,).
+// as_numpy: a NumPy array owning its memory; otherwise a Buffer (DLPack producer).
+struct Output {
+  py::object object;
+  TensorView view;
+};
+Output allocate_like(const TensorView& like, DType dtype, bool as_numpy, int64_t stream);
+Output allocate_vector(int64_t n, DType dtype, const Device& device, bool as_numpy, int64_t stream);
+
+void register_buffer(py::module_& m);
+
+}  // namespace batchnorm::binding

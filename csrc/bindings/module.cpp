@@ -1,0 +1,285 @@
+// batchnorm._C: the pybind11 binding of the core's ops. Each function imports its arrays
+// (dlpack.h), allocates the outputs it is not given, releases the GIL for the work, and
+// returns the outputs as NumPy arrays or DLPack Buffers; python/batchnorm turns Buffers into
+// the caller's kind of array. Core errors become ValueError / TypeError / RuntimeError.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+#include "bindings/dlpack.h"
+#include "core/errors.h"
+#include "core/ops.h"
+
+#ifndef BATCHNORM_VERSION
+#define BATCHNORM_VERSION "0.0.0"
+#endif
+
+namespace py = pybind11;
+using namespace batchnorm;
+using namespace batchnorm::binding;
+
+namespace {
+
+struct Call {
+  int64_t stream;  // DLPack consumer stream for CUDA arrays (1 = legacy default)
+  bool as_numpy;   // results as NumPy arrays (the caller's x is NumPy)
+  void* exec_stream() const { return reinterpret_cast<void*>(stream); }
+};
+
+// Takes `out` when given (returning the object itself), else allocates like `like`.
+py::object output_like(py::handle out, const char* arg, const TensorView& like, const Call& call, TensorView& view,
+                       ImportedPtr& keep) {
+  if (!out.is_none()) {
+    keep = import_array(out, arg, call.stream, false);
+    view = keep->view;
+    return py::reinterpret_borrow<py::object>(out);
+  }
+  Output o = allocate_like(like, like.dtype, call.as_numpy, call.stream);
+  view = o.view;
+  return o.object;
+}
+
+py::object output_vector(int64_t n, DType dtype, const Device& device, const Call& call, TensorView& view) {
+  Output o = allocate_vector(n, dtype, device, call.as_numpy, call.stream);
+  view = o.view;
+  return o.object;
+}
+
+py::tuple py_statistics(py::handle x, int axis, Call call) {
+  auto xi = import_array(x, "x", call.stream, true);
+  StatisticsParams p;
+  p.x = xi->view;
+  p.axis = axis;
+  p.exec.stream = call.exec_stream();
+  const int64_t C = channel_count(p.x, "x", axis, 2);
+  const DType acc = statistics_dtype(p.x.dtype);
+  py::object mean = output_vector(C, acc, p.x.device, call, p.mean);
+  py::object var = output_vector(C, acc, p.x.device, call, p.var);
+  int64_t count;
+  {
+    py::gil_scoped_release nogil;
+    count = batchnorm::statistics(p);
+  }
+  return py::make_tuple(mean, var, count);
+}
+
+py::tuple py_forward_training(py::handle x, py::handle weight, py::handle bias, py::handle running_mean,
+                           py::handle running_var, double momentum, double eps, int axis, py::handle out, Call call) {
+  auto xi = import_array(x, "x", call.stream, true);
+  auto wi = import_array(weight, "weight", call.stream, true);
+  auto bi = import_array(bias, "bias", call.stream, true);
+  auto rmi = import_array(running_mean, "running_mean", call.stream, false);
+  auto rvi = import_array(running_var, "running_var", call.stream, false);
+  ForwardTrainingParams p;
+  p.x = xi->view;
+  p.weight = wi->view;
+  p.bias = bi->view;
+  p.running_mean = rmi->view;
+  p.running_var = rvi->view;
+  p.momentum = momentum;
+  p.eps = eps;
+  p.axis = axis;
+  p.exec.stream = call.exec_stream();
+  const int64_t C = channel_count(p.x, "x", axis, 2);
+  const DType acc = statistics_dtype(p.x.dtype);
+  ImportedPtr yi;
+  py::object y = output_like(out, "out", p.x, call, p.y, yi);
+  py::object mean = output_vector(C, acc, p.x.device, call, p.saved_mean);
+  py::object invstd = output_vector(C, acc, p.x.device, call, p.saved_invstd);
+  {
+    py::gil_scoped_release nogil;
+    batchnorm::forward_training(p);
+  }
+  return py::make_tuple(y, mean, invstd);
+}
+
+py::object py_forward_inference(py::handle x, py::handle mean, py::handle var, py::handle weight, py::handle bias,
+                             double eps, int axis, py::handle out, Call call) {
+  auto xi = import_array(x, "x", call.stream, true);
+  auto mi = import_array(mean, "mean", call.stream, true);
+  auto vi = import_array(var, "var", call.stream, true);
+  auto wi = import_array(weight, "weight", call.stream, true);
+  auto bi = import_array(bias, "bias", call.stream, true);
+  ForwardInferenceParams p;
+  p.x = xi->view;
+  p.mean = mi->view;
+  p.var = vi->view;
+  p.weight = wi->view;
+  p.bias = bi->view;
+  p.eps = eps;
+  p.axis = axis;
+  p.exec.stream = call.exec_stream();
+  channel_count(p.x, "x", axis, 2);
+  ImportedPtr yi;
+  py::object y = output_like(out, "out", p.x, call, p.y, yi);
+  {
+    py::gil_scoped_release nogil;
+    batchnorm::forward_inference(p);
+  }
+  return y;
+}
+
+py::tuple py_backward(py::handle dy, py::handle x, py::handle saved_mean, py::handle saved_invstd, py::handle weight,
+                   int axis, py::handle out, Call call) {
+  auto dyi = import_array(dy, "dy", call.stream, true);
+  auto xi = import_array(x, "x", call.stream, true);
+  auto mi = import_array(saved_mean, "saved_mean", call.stream, true);
+  auto si = import_array(saved_invstd, "saved_invstd", call.stream, true);
+  auto wi = import_array(weight, "weight", call.stream, true);
+  BackwardParams p;
+  p.dy = dyi->view;
+  p.x = xi->view;
+  p.saved_mean = mi->view;
+  p.saved_invstd = si->view;
+  p.weight = wi->view;
+  p.axis = axis;
+  p.exec.stream = call.exec_stream();
+  const int64_t C = channel_count(p.x, "x", axis, 2);
+  const DType acc = statistics_dtype(p.x.dtype);
+  ImportedPtr dxi;
+  // dx takes dy's memory order when allocated: dy is what the caller's graph produced.
+  py::object dx = output_like(out, "out", p.dy.defined() && p.dy.ndim == p.x.ndim ? p.dy : p.x, call, p.dx, dxi);
+  py::object dweight = output_vector(C, acc, p.x.device, call, p.dweight);
+  py::object dbias = output_vector(C, acc, p.x.device, call, p.dbias);
+  {
+    py::gil_scoped_release nogil;
+    batchnorm::backward(p);
+  }
+  return py::make_tuple(dx, dweight, dbias);
+}
+
+std::vector<ImportedPtr> import_sequence(py::handle seq, const char* name, int64_t stream,
+                                         std::vector<TensorView>& views) {
+  BN_EXPECTS(py::isinstance<py::sequence>(seq) && !py::isinstance<py::str>(seq), type_error, name,
+             " must be a sequence of arrays, got ", py::str(py::type::handle_of(seq).attr("__name__")).cast<std::string>());
+  std::vector<ImportedPtr> kept;
+  const py::sequence s = py::reinterpret_borrow<py::sequence>(seq);
+  for (size_t i = 0; i < s.size(); ++i) {
+    const std::string arg = detail::concat(name, "[", i, "]");
+    kept.push_back(import_array(s[i], arg.c_str(), stream, true));
+    BN_EXPECTS(kept.back()->view.defined(), type_error, arg, " must be an array, got None");
+    views.push_back(kept.back()->view);
+  }
+  return kept;
+}
+
+py::tuple py_merge_statistics(py::handle means, py::handle vars, py::handle counts, Call call) {
+  MergeStatisticsParams p;
+  auto mk = import_sequence(means, "means", call.stream, p.means);
+  auto vk = import_sequence(vars, "vars", call.stream, p.vars);
+  BN_EXPECTS(py::isinstance<py::sequence>(counts) && !py::isinstance<py::str>(counts), type_error,
+             "counts must be a sequence of ints, got ",
+             py::str(py::type::handle_of(counts).attr("__name__")).cast<std::string>());
+  const py::sequence cs = py::reinterpret_borrow<py::sequence>(counts);
+  for (size_t i = 0; i < cs.size(); ++i) {
+    py::object c = cs[i];
+    const bool integral = PyIndex_Check(c.ptr()) && !PyBool_Check(c.ptr());
+    BN_EXPECTS(integral, type_error, "counts[", i, "] must be an int, got ",
+               py::str(py::type::handle_of(c).attr("__name__")).cast<std::string>());
+    p.counts.push_back(py::int_(c).cast<int64_t>());
+  }
+  p.exec.stream = call.exec_stream();
+  BN_EXPECTS(!p.means.empty(), value_error, "means must hold at least one shard, got none");
+  const TensorView& first = p.means[0];
+  const int64_t C = channel_count(first, "means[0]", 0, 1);
+  BN_EXPECTS(first.ndim == 1, value_error, "means[0] must have shape (C,), got ", shape_string(first));
+  const DType acc = statistics_dtype(first.dtype);
+  py::object mean = output_vector(C, acc, first.device, call, p.mean);
+  py::object var = output_vector(C, acc, first.device, call, p.var);
+  int64_t total;
+  {
+    py::gil_scoped_release nogil;
+    total = batchnorm::merge_statistics(p);
+  }
+  return py::make_tuple(mean, var, total);
+}
+
+py::tuple py_fold(py::handle kernel, py::handle conv_bias, py::handle mean, py::handle var, py::handle weight,
+               py::handle bias, double eps, int axis, Call call) {
+  auto ki = import_array(kernel, "kernel", call.stream, true);
+  auto cbi = import_array(conv_bias, "conv_bias", call.stream, true);
+  auto mi = import_array(mean, "mean", call.stream, true);
+  auto vi = import_array(var, "var", call.stream, true);
+  auto wi = import_array(weight, "weight", call.stream, true);
+  auto bi = import_array(bias, "bias", call.stream, true);
+  FoldParams p;
+  p.kernel = ki->view;
+  p.conv_bias = cbi->view;
+  p.mean = mi->view;
+  p.var = vi->view;
+  p.weight = wi->view;
+  p.bias = bi->view;
+  p.eps = eps;
+  p.axis = axis;
+  p.exec.stream = call.exec_stream();
+  const int64_t C = channel_count(p.kernel, "kernel", axis, 1);
+  ImportedPtr none;
+  py::object k = output_like(py::none(), "kernel_out", p.kernel, call, p.kernel_out, none);
+  py::object b = output_vector(C, p.kernel.dtype, p.kernel.device, call, p.bias_out);
+  {
+    py::gil_scoped_release nogil;
+    batchnorm::fold(p);
+  }
+  return py::make_tuple(k, b);
+}
+
+py::dict py_info() {
+  py::dict d;
+  d["version"] = BATCHNORM_VERSION;
+  d["simd"] = simd_level();
+  d["threads"] = get_num_threads();
+  const CudaInfo ci = cuda_info();
+  py::dict cuda;
+  cuda["compiled"] = ci.compiled;
+  cuda["available"] = ci.available;
+  cuda["devices"] = ci.devices;
+  cuda["reason"] = ci.reason;
+  d["cuda"] = cuda;
+  return d;
+}
+
+// The device (type, index) of an array argument, for the Python layer's stream choice.
+py::object py_device_of(py::handle obj) {
+  Device d;
+  if (!array_device(obj, d)) return py::none();
+  return py::make_tuple(d.kind == DeviceKind::cuda ? "cuda" : "cpu", d.index);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "batchnorm's native core (use the batchnorm package, not this module)";
+  py::register_exception_translator([](std::exception_ptr e) {
+    try {
+      if (e) std::rethrow_exception(e);
+    } catch (const batchnorm::type_error& err) {
+      PyErr_SetString(PyExc_TypeError, err.what());
+    } catch (const batchnorm::value_error& err) {
+      PyErr_SetString(PyExc_ValueError, err.what());
+    } catch (const batchnorm::runtime_error& err) {
+      PyErr_SetString(PyExc_RuntimeError, err.what());
+    }
+  });
+  register_buffer(m);
+  py::class_<Call>(m, "Call")
+      .def(py::init([](int64_t stream, bool as_numpy) { return Call{stream, as_numpy}; }), py::arg("stream"),
+           py::arg("as_numpy"));
+  m.def("statistics", &py_statistics);
+  m.def("forward_training", &py_forward_training);
+  m.def("forward_inference", &py_forward_inference);
+  m.def("backward", &py_backward);
+  m.def("merge_statistics", &py_merge_statistics);
+  m.def("fold", &py_fold);
+  m.def("info", &py_info);
+  m.def("device_of", &py_device_of);
+  m.def("set_num_threads", [](py::handle n) {
+    BN_EXPECTS(PyIndex_Check(n.ptr()) && !PyBool_Check(n.ptr()), type_error, "n must be an int >= 1, got ",
+               py::str(py::type::handle_of(n).attr("__name__")).cast<std::string>());
+    const long long v = n.cast<long long>();
+    BN_EXPECTS(v >= 1 && v <= 1 << 16, value_error, "n must be an int >= 1, got ", v);
+    set_num_threads(static_cast<int>(v));
+  });
+  m.def("get_num_threads", &get_num_threads);
+}

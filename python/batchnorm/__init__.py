@@ -1,0 +1,32 @@
+"""batchnorm: fast, exact batch normalization for NumPy and any DLPack array library.
+
+The functions follow the contract in API.md: statistics, merge_statistics,
+forward_training, forward_inference, backward, fold, and the stateful BatchNorm layer."""
+from .functional import (
+    backward,
+    fold,
+    forward_inference,
+    forward_training,
+    get_num_threads,
+    info,
+    merge_statistics,
+    set_num_threads,
+    statistics,
+)
+from .layer import BatchNorm
+
+__version__ = info()["version"]
+
+__all__ = [
+    "BatchNorm",
+    "backward",
+    "fold",
+    "forward_inference",
+    "forward_training",
+    "get_num_threads",
+    "info",
+    "merge_statistics",
+    "set_num_threads",
+    "statistics",
+    "__version__",
+]

@@ -1,0 +1,113 @@
+"""The caller's kind of array: which library `x` came from, which CUDA stream to run on,
+and how to hand results back (NumPy arrays as they are, anything else through DLPack)."""
+from __future__ import annotations
+
+import operator
+import sys
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from . import _C
+
+_LEGACY_DEFAULT_STREAM = 1  # DLPack's number for CUDA's legacy default stream
+
+
+def _library(obj: Any) -> str:
+    return type(obj).__module__.partition(".")[0]
+
+
+def _from_dlpack_of(library: str) -> Callable[[Any], Any]:
+    if library == "torch":
+        import torch
+
+        return torch.from_dlpack
+    if library == "cupy":
+        import cupy
+
+        return cupy.from_dlpack
+    if library in ("jax", "jaxlib"):
+        import jax.numpy as jnp
+
+        return jnp.from_dlpack
+    module = sys.modules.get(library)
+    convert = getattr(module, "from_dlpack", None) if module is not None else None
+    return convert if callable(convert) else np.from_dlpack
+
+
+def _stream_number(stream: Any) -> int:
+    """A CUDA stream given as an int, or as a torch / CuPy stream object."""
+    for attr in ("cuda_stream", "ptr"):
+        if hasattr(stream, attr):
+            stream = getattr(stream, attr)
+            break
+    try:
+        number = operator.index(stream)
+    except TypeError:
+        raise TypeError(
+            "stream must be an int (a cudaStream_t) or a torch/CuPy stream object, "
+            f"got {type(stream).__name__}"
+        ) from None
+    return number if number != 0 else _LEGACY_DEFAULT_STREAM
+
+
+def _current_stream(x: Any, library: str) -> int:
+    if library == "torch":
+        import torch
+
+        return torch.cuda.current_stream(x.device).cuda_stream
+    if library == "cupy":
+        import cupy
+
+        return cupy.cuda.get_current_stream().ptr
+    return _LEGACY_DEFAULT_STREAM
+
+
+class Kind:
+    """How one call treats its arrays: built from the array whose kind results follow."""
+
+    __slots__ = ("library", "device", "stream", "call", "_convert")
+
+    def __init__(self, lead: Any, stream: Optional[Any] = None) -> None:
+        self.library = _library(lead)
+        as_numpy = isinstance(lead, np.ndarray) or not hasattr(lead, "__dlpack__")
+        device = _C.device_of(lead) if lead is not None else None
+        self.device = device
+        number = 0
+        if device is not None and device[0] == "cuda":
+            number = _stream_number(stream) if stream is not None else _stream_number(_current_stream(lead, self.library))
+        elif stream is not None:
+            _stream_number(stream)  # still a type check: a bad stream= is an error everywhere
+        self.stream = number
+        self.call = _C.Call(number, as_numpy)
+        self._convert: Optional[Callable[[Any], Any]] = None if as_numpy else _from_dlpack_of(self.library)
+
+    def wrap(self, result: Any) -> Any:
+        """A result as the caller's kind of array (`out=` objects come back untouched)."""
+        if isinstance(result, _C.Buffer) and self._convert is not None:
+            return self._convert(result)
+        return result
+
+
+def check_out(out: Any) -> None:
+    """JAX arrays are immutable: writing into one would break JAX's guarantees."""
+    if out is not None and _library(out) in ("jax", "jaxlib"):
+        raise ValueError("out must be a writable array, got an immutable JAX array")
+
+
+def check_int(value: Any, name: str) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+
+
+def check_real(value: Any, name: str) -> float:
+    if isinstance(value, (bool, str, bytes)) or value is None:
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None

@@ -1,0 +1,138 @@
+"""The functions of the batchnorm contract (../shared/API.md), over NumPy arrays or any
+DLPack array. Each call returns the caller's kind of array, on the caller's device; the
+native core (batchnorm._C) validates every argument and does the work without the GIL."""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Tuple
+
+from . import _C
+from ._arrays import Kind, check_int, check_out, check_real
+
+Array = Any
+
+
+def statistics(x: Array, *, axis: int = 1, stream: Any = None) -> Tuple[Array, Array, int]:
+    """Per-channel batch mean and biased variance of `x` (channel axis `axis`), in the
+    accumulation type (float32 for float16/bfloat16/float32, float64 for float64), and the
+    number of values per channel. Numerically stable at any magnitude."""
+    axis = check_int(axis, "axis")
+    kind = Kind(x, stream)
+    mean, var, count = _C.statistics(x, axis, kind.call)
+    return kind.wrap(mean), kind.wrap(var), count
+
+
+def merge_statistics(
+    means: Sequence[Array], vars: Sequence[Array], counts: Sequence[int], *, stream: Any = None
+) -> Tuple[Array, Array, int]:
+    """Combines per-shard (mean, biased var, count) exactly as if the statistics had been
+    computed over the concatenated shards (Chan's formula). Shards with count 0 are ignored."""
+    lead = means[0] if isinstance(means, (list, tuple)) and len(means) > 0 else None
+    kind = Kind(lead, stream)
+    mean, var, count = _C.merge_statistics(means, vars, counts, kind.call)
+    return kind.wrap(mean), kind.wrap(var), count
+
+
+def forward_training(
+    x: Array,
+    weight: Optional[Array] = None,
+    bias: Optional[Array] = None,
+    *,
+    running_mean: Optional[Array] = None,
+    running_var: Optional[Array] = None,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    axis: int = 1,
+    out: Optional[Array] = None,
+    stream: Any = None,
+) -> Tuple[Array, Array, Array]:
+    """Training-mode batch norm: y = (x - mean) * invstd * weight + bias with the batch
+    statistics. Returns (y, saved_mean, saved_invstd). When given, running_mean and
+    running_var are updated in place with PyTorch's momentum convention:
+    running = (1 - momentum) * running + momentum * batch (unbiased variance)."""
+    momentum = check_real(momentum, "momentum")
+    eps = check_real(eps, "eps")
+    axis = check_int(axis, "axis")
+    check_out(out)
+    kind = Kind(x, stream)
+    y, mean, invstd = _C.forward_training(
+        x, weight, bias, running_mean, running_var, momentum, eps, axis, out, kind.call
+    )
+    return kind.wrap(y), kind.wrap(mean), kind.wrap(invstd)
+
+
+def forward_inference(
+    x: Array,
+    mean: Array,
+    var: Array,
+    weight: Optional[Array] = None,
+    bias: Optional[Array] = None,
+    *,
+    eps: float = 1e-5,
+    axis: int = 1,
+    out: Optional[Array] = None,
+    stream: Any = None,
+) -> Array:
+    """Inference-mode batch norm with given statistics:
+    y = (x - mean) / sqrt(var + eps) * weight + bias."""
+    eps = check_real(eps, "eps")
+    axis = check_int(axis, "axis")
+    check_out(out)
+    kind = Kind(x, stream)
+    return kind.wrap(_C.forward_inference(x, mean, var, weight, bias, eps, axis, out, kind.call))
+
+
+def backward(
+    dy: Array,
+    x: Array,
+    saved_mean: Array,
+    saved_invstd: Array,
+    weight: Optional[Array] = None,
+    *,
+    axis: int = 1,
+    out: Optional[Array] = None,
+    stream: Any = None,
+) -> Tuple[Array, Array, Array]:
+    """Gradients of forward_training: (dx, dweight, dbias), where dweight = sum(dy * x_hat)
+    and dbias = sum(dy) per channel (always returned). `out` receives dx (it may be dy)."""
+    axis = check_int(axis, "axis")
+    check_out(out)
+    kind = Kind(x, stream)
+    dx, dweight, dbias = _C.backward(dy, x, saved_mean, saved_invstd, weight, axis, out, kind.call)
+    return kind.wrap(dx), kind.wrap(dweight), kind.wrap(dbias)
+
+
+def fold(
+    kernel: Array,
+    conv_bias: Optional[Array],
+    mean: Array,
+    var: Array,
+    weight: Optional[Array] = None,
+    bias: Optional[Array] = None,
+    *,
+    eps: float = 1e-5,
+    axis: int = 0,
+    stream: Any = None,
+) -> Tuple[Array, Array]:
+    """Folds an inference batch norm into the preceding conv / linear layer. `axis` is the
+    kernel's output-channel axis (0 for Conv/Linear in PyTorch layout, 1 for ConvTranspose).
+    Returns (kernel', bias') in the kernel's dtype, computed in float64."""
+    eps = check_real(eps, "eps")
+    axis = check_int(axis, "axis")
+    kind = Kind(kernel, stream)
+    k, b = _C.fold(kernel, conv_bias, mean, var, weight, bias, eps, axis, kind.call)
+    return kind.wrap(k), kind.wrap(b)
+
+
+def info() -> dict:
+    """Version, the CPU ISA level in use, the CPU thread count and the CUDA status."""
+    return _C.info()
+
+
+def set_num_threads(n: int) -> None:
+    """Sets the process-wide thread count of the CPU kernels (an int >= 1)."""
+    _C.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    """The process-wide thread count of the CPU kernels."""
+    return _C.get_num_threads()

@@ -1,0 +1,218 @@
+"""BatchNorm: a stateful batch-norm layer with PyTorch's semantics over any array library.
+
+Parameters and running statistics live as arrays of the kind of the inputs (NumPy for CPU
+inputs, the caller's library on a GPU); `state_dict()` always gives NumPy arrays."""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+from . import functional as F
+from ._arrays import _library, check_int, check_real
+
+_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def _to_numpy(a: Any, name: str) -> np.ndarray:
+    """A host copy of any array (NumPy, torch, CuPy, JAX, DLPack, lists)."""
+    if hasattr(a, "detach"):  # torch
+        a = a.detach().cpu().numpy()
+    elif _library(a) == "cupy":
+        a = a.get()
+    try:
+        return np.array(a, copy=True)
+    except Exception as err:
+        raise TypeError(f"{name} must be an array, got {type(a).__name__}") from err
+
+
+def _device_of(x: Any) -> Optional[tuple]:
+    return F._C.device_of(x)
+
+
+def _to_device_like(a: np.ndarray, x: Any) -> Any:
+    """`a` moved next to `x` when x lives on a GPU (in x's library); NumPy otherwise."""
+    device = _device_of(x)
+    if device is None or device[0] != "cuda":
+        return a
+    library = _library(x)
+    if library == "torch":
+        import torch
+
+        return torch.as_tensor(a, device=x.device)
+    if library == "cupy":
+        import cupy
+
+        with cupy.cuda.Device(device[1]):
+            return cupy.asarray(a)
+    raise TypeError(
+        f"BatchNorm keeps mutable state; on a GPU it supports torch and CuPy inputs, got {library} "
+        "(use the functions of batchnorm with your own state arrays instead)"
+    )
+
+
+class BatchNorm:
+    """Batch normalization over channel axis `axis` with learned weight and bias.
+
+    Training (`.train()`, the default) normalizes with batch statistics and updates the
+    running ones (`momentum=None`: cumulative average); evaluation (`.eval()`) uses the
+    running statistics unless `track_running_stats=False`. `backward(dy)` returns dx and
+    accumulates `.grad_weight` / `.grad_bias`."""
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        axis: int = 1,
+        dtype: str = "float32",
+    ) -> None:
+        num_features = check_int(num_features, "num_features")
+        if num_features < 1:
+            raise ValueError(f"num_features must be >= 1, got {num_features}")
+        eps = check_real(eps, "eps")
+        if not (np.isfinite(eps) and eps >= 0):
+            raise ValueError(f"eps must be finite and >= 0, got {eps}")
+        if momentum is not None:
+            momentum = check_real(momentum, "momentum")
+            if not (np.isfinite(momentum) and 0.0 <= momentum <= 1.0):
+                raise ValueError(f"momentum must be a finite number in [0, 1] or None, got {momentum}")
+        if str(dtype) not in ("float32", "float64"):
+            raise TypeError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.axis = check_int(axis, "axis")
+        self.dtype = np.dtype(str(dtype))
+        self.training = True
+        self.weight = np.ones(num_features, self.dtype) if self.affine else None
+        self.bias = np.zeros(num_features, self.dtype) if self.affine else None
+        self.running_mean = np.zeros(num_features, self.dtype) if self.track_running_stats else None
+        self.running_var = np.ones(num_features, self.dtype) if self.track_running_stats else None
+        self.num_batches_tracked = 0
+        self.grad_weight: Any = None
+        self.grad_bias: Any = None
+        self._saved: Optional[tuple] = None
+
+    # ---- mode ------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "BatchNorm":
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> "BatchNorm":
+        return self.train(False)
+
+    # ---- state placement ---------------------------------------------------------------------
+    def _follow(self, x: Any) -> None:
+        """Moves the state next to x the first time x lives elsewhere (GPU inputs)."""
+        device = _device_of(x)
+        for name in ("weight", "bias", "running_mean", "running_var", "grad_weight", "grad_bias"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if _device_of(value) != device:
+                setattr(self, name, _to_device_like(_to_numpy(value, name), x))
+
+    # ---- compute -----------------------------------------------------------------------------
+    def __call__(self, x: Any) -> Any:
+        self._follow(x)
+        use_batch_stats = self.training or not self.track_running_stats
+        if use_batch_stats:
+            update = self.training and self.track_running_stats
+            momentum = 0.0
+            if update:
+                momentum = 1.0 / (self.num_batches_tracked + 1) if self.momentum is None else self.momentum
+            y, mean, invstd = F.forward_training(
+                x,
+                self.weight,
+                self.bias,
+                running_mean=self.running_mean if update else None,
+                running_var=self.running_var if update else None,
+                momentum=momentum,
+                eps=self.eps,
+                axis=self.axis,
+            )
+            if update:
+                self.num_batches_tracked += 1
+            self._saved = ("batch", x, mean, invstd)
+        else:
+            y = F.forward_inference(
+                x, self.running_mean, self.running_var, self.weight, self.bias, eps=self.eps, axis=self.axis
+            )
+            self._saved = ("running", x, None, None)
+        return y
+
+    def backward(self, dy: Any) -> Any:
+        if self._saved is None:
+            raise RuntimeError("BatchNorm.backward needs a forward call first")
+        mode, x, mean, invstd = self._saved
+        if mode == "batch":
+            dx, dweight, dbias = F.backward(dy, x, mean, invstd, self.weight, axis=self.axis)
+        else:
+            # The affine map y = (x - rm) * s * w + b: dx = dy * s * w, and the parameter
+            # gradients are backward's reductions taken with the running statistics.
+            invstd = 1.0 / np.sqrt(_to_numpy(self.running_var, "running_var").astype(np.float64) + self.eps)
+            invstd = _to_device_like(invstd, x)
+            _, dweight, dbias = F.backward(dy, x, self.running_mean, invstd, self.weight, axis=self.axis)
+            zeros = _to_device_like(np.zeros(self.num_features), x)
+            dx = F.forward_inference(dy, zeros, self.running_var, self.weight, None, eps=self.eps, axis=self.axis)
+        if self.affine:
+            dweight = _to_device_like(_to_numpy(dweight, "dweight").astype(self.dtype), x)
+            dbias = _to_device_like(_to_numpy(dbias, "dbias").astype(self.dtype), x)
+            self.grad_weight = dweight if self.grad_weight is None else self.grad_weight + dweight
+            self.grad_bias = dbias if self.grad_bias is None else self.grad_bias + dbias
+        return dx
+
+    def zero_grad(self) -> None:
+        self.grad_weight = None
+        self.grad_bias = None
+
+    # ---- state -------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, np.ndarray]:
+        state: Dict[str, np.ndarray] = {}
+        if self.affine:
+            state["weight"] = _to_numpy(self.weight, "weight")
+            state["bias"] = _to_numpy(self.bias, "bias")
+        if self.track_running_stats:
+            state["running_mean"] = _to_numpy(self.running_mean, "running_mean")
+            state["running_var"] = _to_numpy(self.running_var, "running_var")
+            state["num_batches_tracked"] = np.array(self.num_batches_tracked, dtype=np.int64)
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Loads weights and statistics from any arrays (a torch module's state_dict works).
+        Checks everything first: on error the layer is left unchanged."""
+        expected = [k for k in _KEYS if k in self.state_dict()]
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        if missing or unexpected:
+            raise ValueError(
+                f"state must have exactly the keys {expected}, got missing {missing} and unexpected {unexpected}"
+            )
+        staged: Dict[str, Any] = {}
+        for key in expected:
+            value = _to_numpy(state[key], key)
+            if key == "num_batches_tracked":
+                if value.size != 1:
+                    raise ValueError(f"num_batches_tracked must be a scalar, got shape {value.shape}")
+                staged[key] = int(value.reshape(()))
+                continue
+            if value.shape != (self.num_features,):
+                raise ValueError(f"{key} must have shape ({self.num_features},), got {value.shape}")
+            staged[key] = value.astype(self.dtype)
+        for key, value in staged.items():
+            if key != "num_batches_tracked":
+                current = getattr(self, key)
+                value = _to_device_like(value, current) if current is not None else value
+            setattr(self, key, value)
+
+    def __repr__(self) -> str:
+        return (
+            f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}, axis={self.axis}, dtype='{self.dtype}')"
+        )
