@@ -24,6 +24,7 @@ void backward(const BackwardParams& p, const Layout& L) {
     A* dbias = p.dbias.ptr<A>();
     const A n = static_cast<A>(L.count);
     const int64_t work = 2 * L.count * C;
+    const bool nt = stream_output(3 * L.count * C * static_cast<int64_t>(sizeof(T)));
     std::vector<BackwardCoefficients<A>> coef(static_cast<size_t>(C));
     auto finish = [&](int64_t c, double sum_dy, double sum_dy_xmu) {
       dbias[c] = static_cast<A>(sum_dy);
@@ -58,7 +59,7 @@ void backward(const BackwardParams& p, const Layout& L) {
       }
       parallel_for(plan.groups, work, [&](int64_t g) {
         const auto [b, e] = plan.range(g);
-        k.cl_grad_apply(dy, x, dx, L, b, e, cmean.data(), cscale.data(), cmdy.data(), cproj.data());
+        k.cl_grad_apply(dy, x, dx, L, b, e, cmean.data(), cscale.data(), cmdy.data(), cproj.data(), nt);
       });
       return;
     }
@@ -84,7 +85,7 @@ void backward(const BackwardParams& p, const Layout& L) {
           s2 += g2;
         }
         finish(c, s1, s2);
-        k.grad_apply(dy + c * cs_dy, x + c * cs_x, dx + c * cs_dx, L, 0, L.count, coef[c]);
+        k.grad_apply(dy + c * cs_dy, x + c * cs_x, dx + c * cs_dx, L, 0, L.count, coef[c], nt);
       });
       return;
     }
@@ -103,7 +104,7 @@ void backward(const BackwardParams& p, const Layout& L) {
     parallel_for(C * plan.groups, work, [&](int64_t i) {
       const int64_t c = i / plan.groups, g = i % plan.groups;
       const auto [b, e] = plan.range(g);
-      k.grad_apply(dy + c * cs_dy, x + c * cs_x, dx + c * cs_dx, L, b, e, coef[c]);
+      k.grad_apply(dy + c * cs_dy, x + c * cs_x, dx + c * cs_dx, L, b, e, coef[c], nt);
     });
   });
 }

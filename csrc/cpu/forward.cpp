@@ -14,19 +14,20 @@ namespace {
 // y = (x - mean) * scale + shift over the whole array, with per-channel A vectors.
 template <class T>
 void normalize_all(const Kernels<T>& k, const T* x, T* y, const Layout& L, const Plan& plan, const acc_t<T>* mean,
-                   const acc_t<T>* scale, const acc_t<T>* shift) {
+                   const acc_t<T>* scale, const acc_t<T>* shift, bool nt) {
   const int64_t C = L.channels;
   const int64_t work = L.count * C;
   if (plan.channels_last) {
     parallel_for(plan.groups, work, [&](int64_t g) {
       const auto [b, e] = plan.range(g);
-      k.cl_normalize(x, y, L, b, e, mean, scale, shift);
+      k.cl_normalize(x, y, L, b, e, mean, scale, shift, nt);
     });
   } else {
     parallel_for(C * plan.groups, work, [&](int64_t i) {
       const int64_t c = i / plan.groups, g = i % plan.groups;
       const auto [b, e] = plan.range(g);
-      k.normalize(x + c * L.channel_stride[0], y + c * L.channel_stride[1], L, b, e, mean[c], scale[c], shift[c]);
+      k.normalize(x + c * L.channel_stride[0], y + c * L.channel_stride[1], L, b, e, mean[c], scale[c], shift[c],
+                  nt);
     });
   }
 }
@@ -49,6 +50,7 @@ void forward_training(const ForwardTrainingParams& p, const Layout& L) {
     const T* x = p.x.ptr<const T>();
     T* y = p.y.ptr<T>();
     const bool fused = !plan.channels_last && plan.channel_parallel;
+    const bool nt = stream_output(2 * L.count * C * static_cast<int64_t>(sizeof(T)));
     all_moments(k, x, L, plan, [&](int64_t c, const Moments<double>& m) {
       batch_var[c] = m.m2 / m.n;
       mean[c] = static_cast<A>(m.mean);
@@ -56,9 +58,9 @@ void forward_training(const ForwardTrainingParams& p, const Layout& L) {
       scale[c] = invstd[c] * weight[c];
       if (fused)
         k.normalize(x + c * L.channel_stride[0], y + c * L.channel_stride[1], L, 0, L.count, mean[c], scale[c],
-                    bias[c]);
+                    bias[c], nt);
     });
-    if (!fused) normalize_all(k, x, y, L, plan, mean, scale.data(), bias.data());
+    if (!fused) normalize_all(k, x, y, L, plan, mean, scale.data(), bias.data(), nt);
     if (p.running_mean.defined()) {
       const double n = static_cast<double>(L.count);
       std::vector<double> rm = load_vector<double>(p.running_mean, C, 0.0);
@@ -85,7 +87,7 @@ void forward_inference(const ForwardInferenceParams& p, const Layout& L) {
     std::vector<A> scale(static_cast<size_t>(C));
     for (int64_t c = 0; c < C; ++c) scale[c] = static_cast<A>(1.0 / std::sqrt(var[c] + p.eps)) * weight[c];
     normalize_all(kernels_for<T>(), p.x.ptr<const T>(), p.y.ptr<T>(), L, make_plan(L), mean.data(), scale.data(),
-                  bias.data());
+                  bias.data(), stream_output(2 * L.count * C * static_cast<int64_t>(sizeof(T))));
   });
 }
 

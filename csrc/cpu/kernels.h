@@ -22,6 +22,7 @@ constexpr int64_t kChannelsLastMinGroup = 64;
 // rule that depends on the shape alone.
 constexpr int64_t kMaxGroups = 64;
 
+// `nt` (non-temporal stores) is set by the drivers for outputs that cannot stay in cache.
 // Array roles in the layout's walk: forward (x, y); backward (dy, x, dx).
 template <class T>
 struct Kernels {
@@ -29,19 +30,20 @@ struct Kernels {
   // Channels-first primitives: one channel (pointers at its first value), values
   // [begin, end) of its row-major walk over the reduced dims.
   Moments<double> (*moments)(const T* x, const Layout& L, int64_t begin, int64_t end);
-  void (*normalize)(const T* x, T* y, const Layout& L, int64_t begin, int64_t end, A mean, A scale, A shift);
+  void (*normalize)(const T* x, T* y, const Layout& L, int64_t begin, int64_t end, A mean, A scale, A shift,
+                    bool nt);
   void (*grad_sums)(const T* dy, const T* x, const Layout& L, int64_t begin, int64_t end, A mean,
                     double* sum_dy, double* sum_dy_xmu);
   void (*grad_apply)(const T* dy, const T* x, T* dx, const Layout& L, int64_t begin, int64_t end,
-                     const BackwardCoefficients<A>& k);
+                     const BackwardCoefficients<A>& k, bool nt);
   // Channels-last primitives: every channel of positions [p0, p1). `scratch` holds 2*C A's.
   void (*cl_moments)(const T* x, const Layout& L, int64_t p0, int64_t p1, Moments<double>* out, A* scratch);
   void (*cl_normalize)(const T* x, T* y, const Layout& L, int64_t p0, int64_t p1, const A* mean, const A* scale,
-                       const A* shift);
+                       const A* shift, bool nt);
   void (*cl_grad_sums)(const T* dy, const T* x, const Layout& L, int64_t p0, int64_t p1, const A* mean,
                        double* sum_dy, double* sum_dy_xmu, A* scratch);
   void (*cl_grad_apply)(const T* dy, const T* x, T* dx, const Layout& L, int64_t p0, int64_t p1, const A* mean,
-                        const A* scale, const A* mean_dy, const A* proj);
+                        const A* scale, const A* mean_dy, const A* proj, bool nt);
 };
 
 struct KernelTable {

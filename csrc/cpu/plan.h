@@ -14,6 +14,13 @@
 
 namespace batchnorm::cpu {
 
+// Bytes of the last-level cache, from the OS (32 MiB when it does not say).
+int64_t last_level_cache_bytes();
+
+// Whether an op touching `bytes` of memory should write its output with non-temporal
+// stores: when its data cannot stay in the last-level cache anyway.
+inline bool stream_output(int64_t bytes) { return bytes > last_level_cache_bytes(); }
+
 struct Plan {
   bool channels_last = false;
   int64_t groups = 1;   // channels-first: groups per channel; channels-last: groups of positions

@@ -1,7 +1,7 @@
 // Backward primitives: the one fused reduction (sum dy, sum dy * (x - mean)) and the
 // elementwise dx that recomputes x - mean rather than storing x_hat.
 #pragma once
-#include "cpu/kernels/walk.h"
+#include "cpu/kernels/moments.h"
 
 namespace batchnorm::cpu::BN_ISA {
 
@@ -9,49 +9,81 @@ template <class T>
 void grad_sums(const T* dy, const T* x, const Layout& L, int64_t begin, int64_t end, acc_t<T> mean,
                double* sum_dy, double* sum_dy_xmu) {
   using A = acc_t<T>;
-  constexpr int W = lanes<A>;
+  using V = vec_t<A>;
+  constexpr int VL = vlen<A>;
   const int64_t sd = L.inner_stride(0), sx = L.inner_stride(1);
-  A a1[W] = {}, a2[W] = {};
+  const V vm = splat(mean);
+  Lanes2<A> a1, a2;
   for_each_segment<2>(L, begin, end, [&](const int64_t* off, int64_t len) {
     const T* dp = dy + off[0];
     const T* xp = x + off[1];
-    auto body = [&](int j, A g, A v) {
-      a1[j] += g;
-      a2[j] += g * (v - mean);
-    };
-    if (sd == 1 && sx == 1)
-      for_lanes<W>(len, [&](int j, int64_t k) { body(j, load(dp[k]), load(xp[k])); });
-    else
-      for_lanes<W>(len, [&](int j, int64_t k) { body(j, load(dp[k * sd]), load(xp[k * sx])); });
+    int64_t i = 0;
+    if (sd == 1 && sx == 1) {
+      for (; i + 2 * VL <= len; i += 2 * VL) {
+        const V g0 = loadv(dp + i), g1 = loadv(dp + i + VL);
+        a1.a += g0;
+        a1.b += g1;
+        a2.a += g0 * (loadv(xp + i) - vm);
+        a2.b += g1 * (loadv(xp + i + VL) - vm);
+      }
+      for (int j = 0; i + j < len; ++j) {
+        const A g = load(dp[i + j]);
+        a1.add(j, g);
+        a2.add(j, g * (load(xp[i + j]) - mean));
+      }
+    } else {
+      for_lanes<2 * VL>(len, [&](int j, int64_t k) {
+        const A g = load(dp[k * sd]);
+        a1.add(j, g);
+        a2.add(j, g * (load(xp[k * sx]) - mean));
+      });
+    }
   });
-  *sum_dy = static_cast<double>(sum_lanes<A, W>(a1));
-  *sum_dy_xmu = static_cast<double>(sum_lanes<A, W>(a2));
+  *sum_dy = static_cast<double>(a1.total());
+  *sum_dy_xmu = static_cast<double>(a2.total());
 }
 
 template <class T>
 void grad_apply(const T* dy, const T* x, T* dx, const Layout& L, int64_t begin, int64_t end,
-                const BackwardCoefficients<acc_t<T>>& k) {
+                const BackwardCoefficients<acc_t<T>>& k, bool nt) {
   using A = acc_t<T>;
+  using V = vec_t<A>;
+  constexpr int VL = vlen<A>;
   const BackwardCoefficients<A> kk = k;
+  const V vm = splat(kk.mean), vs = splat(kk.scale), vmd = splat(kk.mean_dy), vp = splat(kk.proj);
   const int64_t sd = L.inner_stride(0), sx = L.inner_stride(1), so = L.inner_stride(2);
+  const uintptr_t align = VL * sizeof(T);
   for_each_segment<3>(L, begin, end, [&](const int64_t* off, int64_t len) {
     const T* dp = dy + off[0];
     const T* xp = x + off[1];
     T* op = dx + off[2];
     if (sd == 1 && sx == 1 && so == 1) {
-      for (int64_t i = 0; i < len; ++i) op[i] = store<T>(backward_dx<A>(load(dp[i]), load(xp[i]), kk));
+      int64_t i = 0;
+      if (nt)
+        for (; i < len && (reinterpret_cast<uintptr_t>(op + i) & (align - 1)) != 0; ++i)
+          op[i] = store<T>(backward_dx<A>(load(dp[i]), load(xp[i]), kk));
+      for (; i + VL <= len; i += VL) {
+        const V r = (loadv(dp + i) - vmd - (loadv(xp + i) - vm) * vp) * vs;
+        if (nt) storev<T, true>(op + i, r);
+        else storev<T>(op + i, r);
+      }
+      for (; i < len; ++i) op[i] = store<T>(backward_dx<A>(load(dp[i]), load(xp[i]), kk));
     } else {
       for (int64_t i = 0; i < len; ++i)
         op[i * so] = store<T>(backward_dx<A>(load(dp[i * sd]), load(xp[i * sx]), kk));
     }
   });
+  if (nt) store_fence();
 }
 
 template <class T>
 void cl_grad_sums(const T* dy, const T* x, const Layout& L, int64_t p0, int64_t p1, const acc_t<T>* mean,
                   double* sum_dy, double* sum_dy_xmu, acc_t<T>* scratch) {
   using A = acc_t<T>;
+  using V = vec_t<A>;
+  constexpr int VL = vlen<A>;
   const int64_t C = L.channels;
+  const int64_t Cv = C / VL * VL;
   A* s1 = scratch;
   A* s2 = scratch + C;
   for (int64_t c = 0; c < C; ++c) sum_dy[c] = sum_dy_xmu[c] = 0.0;
@@ -60,9 +92,20 @@ void cl_grad_sums(const T* dy, const T* x, const Layout& L, int64_t p0, int64_t 
     const int64_t r1 = std::min(p1, r0 + kChannelsLastRun);
     for (int64_t c = 0; c < C; ++c) s1[c] = s2[c] = A(0);
     for (int64_t p = r0; p < r1; ++p, pos.next()) {
-      const T* __restrict dp = dy + pos.off[0];
-      const T* __restrict xp = x + pos.off[1];
-      for (int64_t c = 0; c < C; ++c) {
+      const T* dp = dy + pos.off[0];
+      const T* xp = x + pos.off[1];
+      for (int64_t c = 0; c < Cv; c += VL) {
+        V a, b, m;
+        std::memcpy(&a, s1 + c, sizeof(V));
+        std::memcpy(&b, s2 + c, sizeof(V));
+        std::memcpy(&m, mean + c, sizeof(V));
+        const V g = loadv(dp + c);
+        a += g;
+        b += g * (loadv(xp + c) - m);
+        std::memcpy(s1 + c, &a, sizeof(V));
+        std::memcpy(s2 + c, &b, sizeof(V));
+      }
+      for (int64_t c = Cv; c < C; ++c) {
         const A g = load(dp[c]);
         s1[c] += g;
         s2[c] += g * (load(xp[c]) - mean[c]);
@@ -77,19 +120,35 @@ void cl_grad_sums(const T* dy, const T* x, const Layout& L, int64_t p0, int64_t 
 
 template <class T>
 void cl_grad_apply(const T* dy, const T* x, T* dx, const Layout& L, int64_t p0, int64_t p1, const acc_t<T>* mean,
-                   const acc_t<T>* scale, const acc_t<T>* mean_dy, const acc_t<T>* proj) {
+                   const acc_t<T>* scale, const acc_t<T>* mean_dy, const acc_t<T>* proj, bool nt) {
   using A = acc_t<T>;
+  using V = vec_t<A>;
+  constexpr int VL = vlen<A>;
   const int64_t C = L.channels;
+  const int64_t Cv = C / VL * VL;
+  const bool stream = nt && (C * static_cast<int64_t>(sizeof(T))) % (VL * sizeof(T)) == 0 &&
+                      (reinterpret_cast<uintptr_t>(dx) & (VL * sizeof(T) - 1)) == 0;
   Odometer<3> pos(L, L.nred, p0);
   for (int64_t p = p0; p < p1; ++p, pos.next()) {
     const T* dp = dy + pos.off[0];
     const T* xp = x + pos.off[1];
     T* op = dx + pos.off[2];
-    for (int64_t c = 0; c < C; ++c) {
+    for (int64_t c = 0; c < Cv; c += VL) {
+      V m, s, md, pr;
+      std::memcpy(&m, mean + c, sizeof(V));
+      std::memcpy(&s, scale + c, sizeof(V));
+      std::memcpy(&md, mean_dy + c, sizeof(V));
+      std::memcpy(&pr, proj + c, sizeof(V));
+      const V r = (loadv(dp + c) - md - (loadv(xp + c) - m) * pr) * s;
+      if (stream) storev<T, true>(op + c, r);
+      else storev<T>(op + c, r);
+    }
+    for (int64_t c = Cv; c < C; ++c) {
       const BackwardCoefficients<A> k{mean[c], scale[c], mean_dy[c], proj[c]};
       op[c] = store<T>(backward_dx<A>(load(dp[c]), load(xp[c]), k));
     }
   }
+  if (stream) store_fence();
 }
 
 }  // namespace batchnorm::cpu::BN_ISA

@@ -3,46 +3,93 @@
 // Channels-last: Welford over positions, vectorized across channels, in runs merged in
 // double with Chan's formula. Neither ever forms E[x^2] - E[x]^2.
 #pragma once
+#include "cpu/kernels/simd.h"
 #include "cpu/kernels/walk.h"
 
 namespace batchnorm::cpu::BN_ISA {
 
+// Two vector accumulators = lanes<A> lanes; value k of a segment goes to lane k % lanes<A>.
+template <class A>
+struct Lanes2 {
+  vec_t<A> a{}, b{};
+  void add(int j, A v) {
+    if (j < vlen<A>) a[j] += v;
+    else b[j - vlen<A>] += v;
+  }
+  A total() const {
+    A tmp[2 * vlen<A>];
+    std::memcpy(tmp, &a, sizeof(a));
+    std::memcpy(tmp + vlen<A>, &b, sizeof(b));
+    return sum_lanes<A, 2 * vlen<A>>(tmp);
+  }
+};
+
+// Adds f(v) for each value v of a segment into `acc` (f: vector -> vector, and scalar).
+template <class T, class F>
+static inline __attribute__((always_inline)) void accumulate_segment(const T* p, int64_t len, int64_t s,
+                                                                     Lanes2<acc_t<T>>& acc, F&& f) {
+  using A = acc_t<T>;
+  constexpr int V = vlen<A>;
+  int64_t i = 0;
+  if (s == 1) {
+    for (; i + 2 * V <= len; i += 2 * V) {
+      acc.a += f(loadv(p + i));
+      acc.b += f(loadv(p + i + V));
+    }
+    for (int j = 0; i + j < len; ++j) acc.add(j, f(load(p[i + j])));
+  } else {
+    for_lanes<2 * V>(len, [&](int j, int64_t k) { acc.add(j, f(load(p[k * s]))); });
+  }
+}
+
 template <class T>
 Moments<double> moments(const T* x, const Layout& L, int64_t begin, int64_t end) {
   using A = acc_t<T>;
-  constexpr int W = lanes<A>;
+  using V = vec_t<A>;
   const int64_t s = L.inner_stride(0);
-  A acc[W] = {};
+  Lanes2<A> sum;
   for_each_segment<1>(L, begin, end, [&](const int64_t* off, int64_t len) {
-    const T* p = x + off[0];
-    if (s == 1)
-      for_lanes<W>(len, [&](int j, int64_t k) { acc[j] += load(p[k]); });
-    else
-      for_lanes<W>(len, [&](int j, int64_t k) { acc[j] += load(p[k * s]); });
+    accumulate_segment(x + off[0], len, s, sum, [](auto v) { return v; });
   });
   const A n = static_cast<A>(end - begin);
-  const A center = sum_lanes<A, W>(acc) / n;
-  A dev[W] = {}, sq[W] = {};
+  const A center = sum.total() / n;
+  const V vc = splat(center);
+  Lanes2<A> dev, sq;
   for_each_segment<1>(L, begin, end, [&](const int64_t* off, int64_t len) {
     const T* p = x + off[0];
-    auto body = [&](int j, A v) {
-      const A d = v - center;
-      dev[j] += d;
-      sq[j] += d * d;
-    };
-    if (s == 1)
-      for_lanes<W>(len, [&](int j, int64_t k) { body(j, load(p[k])); });
-    else
-      for_lanes<W>(len, [&](int j, int64_t k) { body(j, load(p[k * s])); });
+    constexpr int VL = vlen<A>;
+    int64_t i = 0;
+    if (s == 1) {
+      for (; i + 2 * VL <= len; i += 2 * VL) {
+        const V d0 = loadv(p + i) - vc, d1 = loadv(p + i + VL) - vc;
+        dev.a += d0;
+        dev.b += d1;
+        sq.a += d0 * d0;
+        sq.b += d1 * d1;
+      }
+      for (int j = 0; i + j < len; ++j) {
+        const A d = load(p[i + j]) - center;
+        dev.add(j, d);
+        sq.add(j, d * d);
+      }
+    } else {
+      for_lanes<2 * VL>(len, [&](int j, int64_t k) {
+        const A d = load(p[k * s]) - center;
+        dev.add(j, d);
+        sq.add(j, d * d);
+      });
+    }
   });
-  return block_moments<double>(static_cast<double>(end - begin), center, sum_lanes<A, W>(dev),
-                               sum_lanes<A, W>(sq));
+  return block_moments<double>(static_cast<double>(end - begin), center, dev.total(), sq.total());
 }
 
 template <class T>
 void cl_moments(const T* x, const Layout& L, int64_t p0, int64_t p1, Moments<double>* out, acc_t<T>* scratch) {
   using A = acc_t<T>;
+  using V = vec_t<A>;
+  constexpr int VL = vlen<A>;
   const int64_t C = L.channels;
+  const int64_t Cv = C / VL * VL;
   A* mean = scratch;
   A* m2 = scratch + C;
   for (int64_t c = 0; c < C; ++c) out[c] = Moments<double>{};
@@ -53,7 +100,19 @@ void cl_moments(const T* x, const Layout& L, int64_t p0, int64_t p1, Moments<dou
     for (int64_t p = r0; p < r1; ++p, pos.next()) {
       const T* xp = x + pos.off[0];
       const A inv = A(1) / static_cast<A>(p - r0 + 1);
-      for (int64_t c = 0; c < C; ++c) {
+      const V vinv = splat(inv);
+      for (int64_t c = 0; c < Cv; c += VL) {
+        V m, q;
+        std::memcpy(&m, mean + c, sizeof(V));
+        std::memcpy(&q, m2 + c, sizeof(V));
+        const V v = loadv(xp + c);
+        const V d = v - m;
+        m += d * vinv;
+        q += d * (v - m);
+        std::memcpy(mean + c, &m, sizeof(V));
+        std::memcpy(m2 + c, &q, sizeof(V));
+      }
+      for (int64_t c = Cv; c < C; ++c) {
         const A v = load(xp[c]);
         const A d = v - mean[c];
         mean[c] += d * inv;

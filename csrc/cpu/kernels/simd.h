@@ -1,0 +1,117 @@
+// Portable SIMD for the kernels: 64-byte GCC/Clang vector types (one zmm under AVX-512, two
+// ymm under AVX2, four xmm at baseline), loads that convert any storage type to the
+// accumulation type, rounding stores, and non-temporal stores for outputs that will not fit
+// in cache. Each lane is plain IEEE arithmetic, so every ISA level computes the same bits.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#include "cpu/convert.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+namespace batchnorm::cpu::BN_ISA {
+
+template <class A> struct vec_of;
+template <> struct vec_of<float> { typedef float type __attribute__((vector_size(64))); };
+template <> struct vec_of<double> { typedef double type __attribute__((vector_size(64))); };
+template <class A> using vec_t = typename vec_of<A>::type;
+template <class A> constexpr int vlen = 64 / sizeof(A);
+
+template <class A>
+static inline __attribute__((always_inline)) vec_t<A> splat(A v) {
+  return vec_t<A>{} + v;
+}
+
+// vlen<acc_t<T>> values of storage type T from p, in the accumulation type.
+template <class T>
+static inline __attribute__((always_inline)) vec_t<acc_t<T>> loadv(const T* p) {
+  using A = acc_t<T>;
+  vec_t<A> v;
+  if constexpr (std::is_same_v<T, A>) {
+    std::memcpy(&v, p, sizeof(v));
+  } else if constexpr (std::is_same_v<T, bfloat16>) {
+    typedef uint16_t h16 __attribute__((vector_size(32)));
+    typedef uint32_t u32 __attribute__((vector_size(64)));
+    h16 h;
+    std::memcpy(&h, p, sizeof(h));
+    const u32 w = __builtin_convertvector(h, u32) << 16;
+    std::memcpy(&v, &w, sizeof(v));
+  } else {
+    typedef _Float16 f16 __attribute__((vector_size(32)));
+    f16 h;
+    std::memcpy(&h, p, sizeof(h));
+    v = __builtin_convertvector(h, vec_t<A>);
+  }
+  return v;
+}
+
+// Non-temporal stores of 64 / 32 bytes to an aligned address, with the widest instruction the
+// level has (stores only: no effect on any rounding).
+static inline __attribute__((always_inline)) void stream64(void* p, const void* src) {
+#if defined(__AVX512F__)
+  _mm512_stream_si512(static_cast<__m512i*>(p), _mm512_loadu_si512(src));
+#elif defined(__AVX__)
+  _mm256_stream_si256(static_cast<__m256i*>(p), _mm256_loadu_si256(static_cast<const __m256i*>(src)));
+  _mm256_stream_si256(static_cast<__m256i*>(p) + 1, _mm256_loadu_si256(static_cast<const __m256i*>(src) + 1));
+#elif defined(__SSE2__)
+  for (int i = 0; i < 4; ++i)
+    _mm_stream_si128(static_cast<__m128i*>(p) + i, _mm_loadu_si128(static_cast<const __m128i*>(src) + i));
+#else
+  std::memcpy(p, src, 64);
+#endif
+}
+static inline __attribute__((always_inline)) void stream32(void* p, const void* src) {
+#if defined(__AVX__)
+  _mm256_stream_si256(static_cast<__m256i*>(p), _mm256_loadu_si256(static_cast<const __m256i*>(src)));
+#elif defined(__SSE2__)
+  for (int i = 0; i < 2; ++i)
+    _mm_stream_si128(static_cast<__m128i*>(p) + i, _mm_loadu_si128(static_cast<const __m128i*>(src) + i));
+#else
+  std::memcpy(p, src, 32);
+#endif
+}
+
+// Stores v to p in storage type T (round to nearest even); non-temporal when `stream` (p
+// must then be 64-byte aligned for 4- and 8-byte types, 32-byte for 2-byte types).
+template <class T, bool stream = false>
+static inline __attribute__((always_inline)) void storev(T* p, vec_t<acc_t<T>> v) {
+  using A = acc_t<T>;
+  if constexpr (std::is_same_v<T, A>) {
+    if constexpr (stream) stream64(p, &v);
+    else std::memcpy(p, &v, sizeof(v));
+  } else {
+    typedef uint16_t h16 __attribute__((vector_size(32)));
+    h16 h;
+    if constexpr (std::is_same_v<T, bfloat16>) {
+      typedef uint32_t u32 __attribute__((vector_size(64)));
+      u32 u;
+      std::memcpy(&u, &v, sizeof(u));
+      const u32 nan = (u32)((u & 0x7fffffffu) > 0x7f800000u);  // all ones where NaN
+      const u32 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+      const u32 quiet = (u >> 16) | 0x40u;
+      h = __builtin_convertvector((rounded & ~nan) | (quiet & nan), h16);
+    } else {
+      typedef _Float16 f16 __attribute__((vector_size(32)));
+      const f16 f = __builtin_convertvector(v, f16);
+      std::memcpy(&h, &f, sizeof(h));
+    }
+    if constexpr (stream) stream32(p, &h);
+    else std::memcpy(p, &h, sizeof(h));
+  }
+}
+
+template <class A>
+static inline A lane(const vec_t<A>& v, int j) {
+  return v[j];
+}
+
+static inline void store_fence() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_sfence();
+#endif
+}
+
+}  // namespace batchnorm::cpu::BN_ISA
