@@ -13,7 +13,7 @@ void backward(const BackwardParams& p, const Layout& L) {
     using A = acc_t<T>;
     const Kernels<T>& k = kernels_for<T>();
     const int64_t C = L.channels;
-    const Plan plan = make_plan(L);
+    const Plan plan = make_plan(L, 3 * sizeof(T));
     const std::vector<A> mean = load_vector<A>(p.saved_mean, C, A(0));
     const std::vector<A> invstd = load_vector<A>(p.saved_invstd, C, A(1));
     const std::vector<A> weight = load_vector<A>(p.weight, C, A(1));
@@ -76,16 +76,33 @@ void backward(const BackwardParams& p, const Layout& L) {
       }
     };
     if (plan.channel_parallel) {
-      parallel_for(C, work, [&](int64_t c) {
-        double s1 = 0, s2 = 0;
+      // Blocks of channels, walked piece by piece with the block's channels back to back;
+      // the sums keep group_sums' order (pieces in order within a group, groups in order).
+      parallel_for(plan.channel_blocks(C), work, [&](int64_t blk) {
+        const int64_t c0 = blk * plan.channel_block, c1 = std::min(C, c0 + plan.channel_block);
+        const int64_t n = c1 - c0;
+        std::vector<double> t1(n, 0.0), t2(n, 0.0), g1(n), g2(n);
         for (int64_t g = 0; g < plan.groups; ++g) {
-          double g1, g2;
-          group_sums(c, g, g1, g2);
-          s1 += g1;
-          s2 += g2;
+          const auto [b, e] = plan.range(g);
+          std::fill(g1.begin(), g1.end(), 0.0);
+          std::fill(g2.begin(), g2.end(), 0.0);
+          for (int64_t s = b; s < e; s += kPiece)
+            for (int64_t i = 0; i < n; ++i) {
+              const int64_t c = c0 + i;
+              double a1, a2;
+              k.grad_sums(dy + c * cs_dy, x + c * cs_x, L, s, std::min(e, s + kPiece), mean[c], &a1, &a2);
+              g1[i] += a1;
+              g2[i] += a2;
+            }
+          for (int64_t i = 0; i < n; ++i) {
+            t1[i] += g1[i];
+            t2[i] += g2[i];
+          }
         }
-        finish(c, s1, s2);
-        k.grad_apply(dy + c * cs_dy, x + c * cs_x, dx + c * cs_dx, L, 0, L.count, coef[c], nt);
+        for (int64_t i = 0; i < n; ++i) finish(c0 + i, t1[i], t2[i]);
+        for_block_pieces(plan, c0, c1, [&](int64_t c, int64_t b, int64_t e) {
+          k.grad_apply(dy + c * cs_dy, x + c * cs_x, dx + c * cs_dx, L, b, e, coef[c], nt);
+        });
       });
       return;
     }

@@ -22,6 +22,13 @@ void normalize_all(const Kernels<T>& k, const T* x, T* y, const Layout& L, const
       const auto [b, e] = plan.range(g);
       k.cl_normalize(x, y, L, b, e, mean, scale, shift, nt);
     });
+  } else if (plan.channel_parallel) {
+    parallel_for(plan.channel_blocks(C), work, [&](int64_t blk) {
+      const int64_t c0 = blk * plan.channel_block, c1 = std::min(C, c0 + plan.channel_block);
+      for_block_pieces(plan, c0, c1, [&](int64_t c, int64_t b, int64_t e) {
+        k.normalize(x + c * L.channel_stride[0], y + c * L.channel_stride[1], L, b, e, mean[c], scale[c], shift[c], nt);
+      });
+    });
   } else {
     parallel_for(C * plan.groups, work, [&](int64_t i) {
       const int64_t c = i / plan.groups, g = i % plan.groups;
@@ -40,7 +47,7 @@ void forward_training(const ForwardTrainingParams& p, const Layout& L) {
     using A = acc_t<T>;
     const Kernels<T>& k = kernels_for<T>();
     const int64_t C = L.channels;
-    const Plan plan = make_plan(L);
+    const Plan plan = make_plan(L, 2 * sizeof(T));
     const std::vector<A> weight = load_vector<A>(p.weight, C, A(1));
     const std::vector<A> bias = load_vector<A>(p.bias, C, A(0));
     std::vector<double> batch_var(static_cast<size_t>(C));
@@ -49,17 +56,21 @@ void forward_training(const ForwardTrainingParams& p, const Layout& L) {
     A* invstd = p.saved_invstd.ptr<A>();
     const T* x = p.x.ptr<const T>();
     T* y = p.y.ptr<T>();
-    const bool fused = !plan.channels_last && plan.channel_parallel;
     const bool nt = stream_output(2 * L.count * C * static_cast<int64_t>(sizeof(T)));
-    all_moments(k, x, L, plan, [&](int64_t c, const Moments<double>& m) {
-      batch_var[c] = m.m2 / m.n;
-      mean[c] = static_cast<A>(m.mean);
-      invstd[c] = static_cast<A>(1.0 / std::sqrt(batch_var[c] + p.eps));
-      scale[c] = invstd[c] * weight[c];
-      if (fused)
-        k.normalize(x + c * L.channel_stride[0], y + c * L.channel_stride[1], L, 0, L.count, mean[c], scale[c],
-                    bias[c], nt);
-    });
+    const bool fused = all_moments(
+        k, x, L, plan,
+        [&](int64_t c, const Moments<double>& m) {
+          batch_var[c] = m.m2 / m.n;
+          mean[c] = static_cast<A>(m.mean);
+          invstd[c] = static_cast<A>(1.0 / std::sqrt(batch_var[c] + p.eps));
+          scale[c] = invstd[c] * weight[c];
+        },
+        [&](int64_t c0, int64_t c1) {
+          for_block_pieces(plan, c0, c1, [&](int64_t c, int64_t b, int64_t e) {
+            k.normalize(x + c * L.channel_stride[0], y + c * L.channel_stride[1], L, b, e, mean[c], scale[c],
+                        bias[c], nt);
+          });
+        });
     if (!fused) normalize_all(k, x, y, L, plan, mean, scale.data(), bias.data(), nt);
     if (p.running_mean.defined()) {
       const double n = static_cast<double>(L.count);
@@ -86,7 +97,7 @@ void forward_inference(const ForwardInferenceParams& p, const Layout& L) {
     const std::vector<A> bias = load_vector<A>(p.bias, C, A(0));
     std::vector<A> scale(static_cast<size_t>(C));
     for (int64_t c = 0; c < C; ++c) scale[c] = static_cast<A>(1.0 / std::sqrt(var[c] + p.eps)) * weight[c];
-    normalize_all(kernels_for<T>(), p.x.ptr<const T>(), p.y.ptr<T>(), L, make_plan(L), mean.data(), scale.data(),
+    normalize_all(kernels_for<T>(), p.x.ptr<const T>(), p.y.ptr<T>(), L, make_plan(L, 2 * sizeof(T)), mean.data(), scale.data(),
                   bias.data(), stream_output(2 * L.count * C * static_cast<int64_t>(sizeof(T))));
   });
 }

@@ -14,8 +14,10 @@
 
 namespace batchnorm::cpu {
 
-// Bytes of the last-level cache, from the OS (32 MiB when it does not say).
+// Bytes of the last-level cache and of one core's L2, from the OS (32 MiB and 1 MiB when it
+// does not say).
 int64_t last_level_cache_bytes();
+int64_t l2_cache_bytes();
 
 // Whether an op touching `bytes` of memory should write its output with non-temporal
 // stores: when its data cannot stay in the last-level cache anyway.
@@ -26,7 +28,10 @@ struct Plan {
   int64_t groups = 1;   // channels-first: groups per channel; channels-last: groups of positions
   int64_t pieces = 1;   // channels-first: kPiece blocks per channel
   int64_t count = 0;
-  bool channel_parallel = true;  // channels-first: one task per channel
+  bool channel_parallel = true;  // channels-first: one task per block of channels
+  int64_t channel_block = 1;     // channels-first, channel-parallel: channels per task
+
+  int64_t channel_blocks(int64_t C) const { return (C + channel_block - 1) / channel_block; }
 
   // Channels-first: values [begin, end) of group g of a channel (piece aligned).
   // Channels-last: positions [begin, end) of group g.
@@ -37,7 +42,10 @@ struct Plan {
   }
 };
 
-inline Plan make_plan(const Layout& L) {
+// bytes_per_value: bytes of every array the op reads or writes, per value (2 * sizeof(T) for a
+// forward pass, 3 * sizeof(T) for backward); sizes the channel blocks so that one block's data
+// stays in L2 between its reduction and its elementwise pass.
+inline Plan make_plan(const Layout& L, int64_t bytes_per_value = 8) {
   Plan p;
   p.count = L.count;
   p.channels_last = L.channels_last();
@@ -49,6 +57,14 @@ inline Plan make_plan(const Layout& L) {
     const int64_t T = thread_count();
     const int64_t C = L.channels;
     p.channel_parallel = T == 1 || C >= 4 * T || (C >= T && C % T == 0) || p.groups == 1;
+    if (p.channel_parallel) {
+      // Channels next to each other in memory (NCHW with small planes) are walked piece by
+      // piece together, so each task streams through contiguous memory; the block stays small
+      // enough to be re-read from L2, and there are enough blocks for every thread.
+      const int64_t channel_bytes = std::max<int64_t>(1, L.count * bytes_per_value);
+      const int64_t fit = std::max<int64_t>(1, l2_cache_bytes() / 2 / channel_bytes);
+      p.channel_block = std::max<int64_t>(1, std::min(fit, (C + T - 1) / T));
+    }
   }
   return p;
 }
@@ -62,19 +78,41 @@ Moments<double> group_moments(const Kernels<T>& k, const T* xc, const Layout& L,
   return m;
 }
 
-// Moments of one whole channel (channels-first): its groups merged in order.
+// Moments of channels [c0, c1) (channels-first), in the same merge order as group_moments
+// (pieces in order within a group, groups in order), with the channels of each piece
+// visited back to back so the walk moves through neighbouring memory.
 template <class T>
-Moments<double> channel_moments(const Kernels<T>& k, const T* xc, const Layout& L, const Plan& plan) {
-  Moments<double> m;
-  for (int64_t g = 0; g < plan.groups; ++g) m = merge_moments(m, group_moments(k, xc, L, plan, g));
-  return m;
+void block_moments(const Kernels<T>& k, const T* x, const Layout& L, const Plan& plan, int64_t c0, int64_t c1,
+                   Moments<double>* out) {
+  const int64_t n = c1 - c0;
+  std::vector<Moments<double>> group(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) out[i] = Moments<double>{};
+  for (int64_t g = 0; g < plan.groups; ++g) {
+    const auto [b, e] = plan.range(g);
+    for (int64_t i = 0; i < n; ++i) group[i] = Moments<double>{};
+    for (int64_t s = b; s < e; s += kPiece)
+      for (int64_t i = 0; i < n; ++i)
+        group[i] = merge_moments(group[i], k.moments(x + (c0 + i) * L.channel_stride[0], L, s, std::min(e, s + kPiece)));
+    for (int64_t i = 0; i < n; ++i) out[i] = merge_moments(out[i], group[i]);
+  }
+}
+
+// Calls f(c, begin, end) over channels [c0, c1) piece by piece, the channels of a piece back
+// to back (the elementwise passes' walk order for blocks of channels).
+template <class F>
+void for_block_pieces(const Plan& plan, int64_t c0, int64_t c1, F&& f) {
+  for (int64_t s = 0; s < plan.count; s += kPiece)
+    for (int64_t c = c0; c < c1; ++c) f(c, s, std::min(plan.count, s + kPiece));
 }
 
 // Per-channel moments of x, whichever the layout; `per_channel(c, m)` is called for each
-// channel once its moments are final, on the thread that finished them (channels-first,
-// channel-parallel: right after that channel's reduction, while it is in cache).
-template <class T, class F>
-void all_moments(const Kernels<T>& k, const T* x, const Layout& L, const Plan& plan, F&& per_channel) {
+// channel once its moments are final. In the channels-first channel-parallel plan,
+// `per_block(c0, c1)` then runs on the same thread right after the block's channels are
+// final, while their data is in cache (it returns false elsewhere: the caller then does its
+// elementwise pass over everything afterwards).
+template <class T, class F, class B>
+bool all_moments(const Kernels<T>& k, const T* x, const Layout& L, const Plan& plan, F&& per_channel,
+                 B&& per_block) {
   const int64_t C = L.channels;
   const int64_t work = L.count * C;
   if (plan.channels_last) {
@@ -89,9 +127,19 @@ void all_moments(const Kernels<T>& k, const T* x, const Layout& L, const Plan& p
       for (int64_t g = 0; g < plan.groups; ++g) m = merge_moments(m, partial[g * C + c]);
       per_channel(c, m);
     });
-  } else if (plan.channel_parallel) {
-    parallel_for(C, work, [&](int64_t c) { per_channel(c, channel_moments(k, x + c * L.channel_stride[0], L, plan)); });
-  } else {
+    return false;
+  }
+  if (plan.channel_parallel) {
+    parallel_for(plan.channel_blocks(C), work, [&](int64_t blk) {
+      const int64_t c0 = blk * plan.channel_block, c1 = std::min(C, c0 + plan.channel_block);
+      std::vector<Moments<double>> m(static_cast<size_t>(c1 - c0));
+      block_moments(k, x, L, plan, c0, c1, m.data());
+      for (int64_t c = c0; c < c1; ++c) per_channel(c, m[c - c0]);
+      per_block(c0, c1);
+    });
+    return true;
+  }
+  {
     std::vector<Moments<double>> partial(static_cast<size_t>(plan.groups * C));
     parallel_for(C * plan.groups, work, [&](int64_t i) {
       const int64_t c = i / plan.groups, g = i % plan.groups;
@@ -103,6 +151,7 @@ void all_moments(const Kernels<T>& k, const T* x, const Layout& L, const Plan& p
       per_channel(c, m);
     }
   }
+  return false;
 }
 
 }  // namespace batchnorm::cpu

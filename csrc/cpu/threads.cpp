@@ -34,6 +34,17 @@ int get_num_threads() { return threads_setting().load(); }
 namespace cpu {
 int thread_count() { return get_num_threads(); }
 
+int64_t l2_cache_bytes() {
+  static const int64_t bytes = [] {
+    long v = -1;
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    return v > 0 ? static_cast<int64_t>(v) : int64_t(1) << 20;
+  }();
+  return bytes;
+}
+
 int64_t last_level_cache_bytes() {
   static const int64_t bytes = [] {
     long v = -1;

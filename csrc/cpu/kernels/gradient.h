@@ -17,20 +17,14 @@ void grad_sums(const T* dy, const T* x, const Layout& L, int64_t begin, int64_t 
   for_each_segment<2>(L, begin, end, [&](const int64_t* off, int64_t len) {
     const T* dp = dy + off[0];
     const T* xp = x + off[1];
-    int64_t i = 0;
     if (sd == 1 && sx == 1) {
-      for (; i + 2 * VL <= len; i += 2 * VL) {
-        const V g0 = loadv(dp + i), g1 = loadv(dp + i + VL);
-        a1.a += g0;
-        a1.b += g1;
-        a2.a += g0 * (loadv(xp + i) - vm);
-        a2.b += g1 * (loadv(xp + i + VL) - vm);
-      }
-      for (int j = 0; i + j < len; ++j) {
-        const A g = load(dp[i + j]);
-        a1.add(j, g);
-        a2.add(j, g * (load(xp[i + j]) - mean));
-      }
+      walk_vectors<A>(len, [&](int64_t i, bool first, int64_t n) {
+        const bool full = n == VL;
+        const V g = full ? loadv(dp + i) : load_partial(dp + i, n);  // zero in unused lanes
+        const V v = full ? loadv(xp + i) : load_partial(xp + i, n);
+        (first ? a1.a : a1.b) += g;
+        (first ? a2.a : a2.b) += g * (v - vm);
+      });
     } else {
       for_lanes<2 * VL>(len, [&](int j, int64_t k) {
         const A g = load(dp[k * sd]);
@@ -67,7 +61,9 @@ void grad_apply(const T* dy, const T* x, T* dx, const Layout& L, int64_t begin, 
         if (nt) storev<T, true>(op + i, r);
         else storev<T>(op + i, r);
       }
-      for (; i < len; ++i) op[i] = store<T>(backward_dx<A>(load(dp[i]), load(xp[i]), kk));
+      if (i < len)
+        store_partial(op + i, (load_partial(dp + i, len - i) - vmd - (load_partial(xp + i, len - i) - vm) * vp) * vs,
+                      len - i);
     } else {
       for (int64_t i = 0; i < len; ++i)
         op[i * so] = store<T>(backward_dx<A>(load(dp[i * sd]), load(xp[i * sx]), kk));

@@ -24,22 +24,24 @@ struct Lanes2 {
   }
 };
 
-// Adds f(v) for each value v of a segment into `acc` (f: vector -> vector, and scalar).
-template <class T, class F>
-static inline __attribute__((always_inline)) void accumulate_segment(const T* p, int64_t len, int64_t s,
-                                                                     Lanes2<acc_t<T>>& acc, F&& f) {
-  using A = acc_t<T>;
+// Walks a contiguous run of len values in vectors: body(i, lanes_a, n) is called with
+// offsets of full (n == vlen) or final partial (n < vlen) vectors, and `lanes_a` telling
+// whether they belong to the first or second accumulator of Lanes2 (value k -> lane k % 2V).
+template <class A, class Body>
+static inline __attribute__((always_inline)) void walk_vectors(int64_t len, Body&& body) {
   constexpr int V = vlen<A>;
   int64_t i = 0;
-  if (s == 1) {
-    for (; i + 2 * V <= len; i += 2 * V) {
-      acc.a += f(loadv(p + i));
-      acc.b += f(loadv(p + i + V));
-    }
-    for (int j = 0; i + j < len; ++j) acc.add(j, f(load(p[i + j])));
-  } else {
-    for_lanes<2 * V>(len, [&](int j, int64_t k) { acc.add(j, f(load(p[k * s]))); });
+  for (; i + 2 * V <= len; i += 2 * V) {
+    body(i, true, V);
+    body(i + V, false, V);
   }
+  bool first = true;
+  if (i + V <= len) {
+    body(i, true, V);
+    i += V;
+    first = false;
+  }
+  if (i < len) body(i, first, len - i);
 }
 
 template <class T>
@@ -49,7 +51,15 @@ Moments<double> moments(const T* x, const Layout& L, int64_t begin, int64_t end)
   const int64_t s = L.inner_stride(0);
   Lanes2<A> sum;
   for_each_segment<1>(L, begin, end, [&](const int64_t* off, int64_t len) {
-    accumulate_segment(x + off[0], len, s, sum, [](auto v) { return v; });
+    const T* p = x + off[0];
+    if (s == 1) {
+      walk_vectors<A>(len, [&](int64_t i, bool first, int64_t n) {
+        const V v = n == vlen<A> ? loadv(p + i) : load_partial(p + i, n);
+        (first ? sum.a : sum.b) += v;
+      });
+    } else {
+      for_lanes<2 * vlen<A>>(len, [&](int j, int64_t k) { sum.add(j, load(p[k * s])); });
+    }
   });
   const A n = static_cast<A>(end - begin);
   const A center = sum.total() / n;
@@ -58,20 +68,13 @@ Moments<double> moments(const T* x, const Layout& L, int64_t begin, int64_t end)
   for_each_segment<1>(L, begin, end, [&](const int64_t* off, int64_t len) {
     const T* p = x + off[0];
     constexpr int VL = vlen<A>;
-    int64_t i = 0;
     if (s == 1) {
-      for (; i + 2 * VL <= len; i += 2 * VL) {
-        const V d0 = loadv(p + i) - vc, d1 = loadv(p + i + VL) - vc;
-        dev.a += d0;
-        dev.b += d1;
-        sq.a += d0 * d0;
-        sq.b += d1 * d1;
-      }
-      for (int j = 0; i + j < len; ++j) {
-        const A d = load(p[i + j]) - center;
-        dev.add(j, d);
-        sq.add(j, d * d);
-      }
+      walk_vectors<A>(len, [&](int64_t i, bool first, int64_t n) {
+        V d = (n == VL ? loadv(p + i) : load_partial(p + i, n)) - vc;
+        if (n != VL) d = mask_lanes<A>(d, lanes_below<A>(n));
+        (first ? dev.a : dev.b) += d;
+        (first ? sq.a : sq.b) += d * d;
+      });
     } else {
       for_lanes<2 * VL>(len, [&](int j, int64_t k) {
         const A d = load(p[k * s]) - center;

@@ -25,7 +25,7 @@ static inline __attribute__((always_inline)) void map_contiguous(const T* xp, T*
   } else {
     for (; i + VL <= n; i += VL) storev<T>(yp + i, op(loadv(xp + i)));
   }
-  for (; i < n; ++i) yp[i] = store<T>(op(load(xp[i])));
+  if (i < n) store_partial(yp + i, op(load_partial(xp + i, n - i)), n - i);
 }
 
 template <class T>

@@ -103,9 +103,49 @@ static inline __attribute__((always_inline)) void storev(T* p, vec_t<acc_t<T>> v
   }
 }
 
+// The first n (< vlen) values of p in the low lanes, zeros above.
+template <class T>
+static inline __attribute__((always_inline)) vec_t<acc_t<T>> load_partial(const T* p, int64_t n) {
+  using A = acc_t<T>;
+  A tmp[vlen<A>] = {};
+  for (int64_t j = 0; j < n; ++j) tmp[j] = load(p[j]);
+  vec_t<A> v;
+  std::memcpy(&v, tmp, sizeof(v));
+  return v;
+}
+
+// Lanes [0, n) all ones, the rest zero: masks the unused lanes of a partial vector.
 template <class A>
-static inline A lane(const vec_t<A>& v, int j) {
-  return v[j];
+static inline __attribute__((always_inline)) vec_t<A> lanes_below(int64_t n) {
+  using A_bits = std::conditional_t<sizeof(A) == 4, int32_t, int64_t>;
+  typedef A_bits ivec __attribute__((vector_size(64)));
+  ivec idx;
+  for (int j = 0; j < vlen<A>; ++j) idx[j] = j;
+  const ivec m = idx < static_cast<A_bits>(n);
+  vec_t<A> r;
+  std::memcpy(&r, &m, sizeof(r));
+  return r;
+}
+
+template <class A>
+static inline __attribute__((always_inline)) vec_t<A> mask_lanes(vec_t<A> v, vec_t<A> mask) {
+  using A_bits = std::conditional_t<sizeof(A) == 4, int32_t, int64_t>;
+  typedef A_bits ivec __attribute__((vector_size(64)));
+  ivec a, m;
+  std::memcpy(&a, &v, sizeof(a));
+  std::memcpy(&m, &mask, sizeof(m));
+  a &= m;
+  std::memcpy(&v, &a, sizeof(v));
+  return v;
+}
+
+// Stores the low n (< vlen) lanes of v to p.
+template <class T>
+static inline __attribute__((always_inline)) void store_partial(T* p, vec_t<acc_t<T>> v, int64_t n) {
+  using A = acc_t<T>;
+  A tmp[vlen<A>];
+  std::memcpy(tmp, &v, sizeof(v));
+  for (int64_t j = 0; j < n; ++j) p[j] = store<T>(tmp[j]);
 }
 
 static inline void store_fence() {
