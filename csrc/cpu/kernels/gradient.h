@@ -61,9 +61,11 @@ void grad_apply(const T* dy, const T* x, T* dx, const Layout& L, int64_t begin, 
         if (nt) storev<T, true>(op + i, r);
         else storev<T>(op + i, r);
       }
-      if (i < len)
+      if (len - i >= VL / 2)
         store_partial(op + i, (load_partial(dp + i, len - i) - vmd - (load_partial(xp + i, len - i) - vm) * vp) * vs,
                       len - i);
+      else
+        for (; i < len; ++i) op[i] = store<T>(backward_dx<A>(load(dp[i]), load(xp[i]), kk));
     } else {
       for (int64_t i = 0; i < len; ++i)
         op[i * so] = store<T>(backward_dx<A>(load(dp[i * sd]), load(xp[i * sx]), kk));

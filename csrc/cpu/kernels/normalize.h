@@ -25,7 +25,10 @@ static inline __attribute__((always_inline)) void map_contiguous(const T* xp, T*
   } else {
     for (; i + VL <= n; i += VL) storev<T>(yp + i, op(loadv(xp + i)));
   }
-  if (i < n) store_partial(yp + i, op(load_partial(xp + i, n - i)), n - i);
+  // A long tail goes through one partial vector; a short one is cheaper element by element.
+  if (n - i >= VL / 2) store_partial(yp + i, op(load_partial(xp + i, n - i)), n - i);
+  else
+    for (; i < n; ++i) yp[i] = store<T>(op(load(xp[i])));
 }
 
 template <class T>
