@@ -37,7 +37,7 @@ void backward(const BackwardParams& p, const Layout& L) {
     if (plan.channels_last) {
       std::vector<double> partial(static_cast<size_t>(2 * plan.groups * C));
       parallel_for(plan.groups, work, [&](int64_t g) {
-        std::vector<A> scratch(static_cast<size_t>(2 * C));
+        std::vector<A> scratch(static_cast<size_t>(3 * C));
         const auto [b, e] = plan.range(g);
         double* s = partial.data() + 2 * g * C;
         k.cl_grad_sums(dy, x, L, b, e, mean.data(), s, s + C, scratch.data());

@@ -36,7 +36,7 @@ struct Kernels {
                     double* sum_dy, double* sum_dy_xmu);
   void (*grad_apply)(const T* dy, const T* x, T* dx, const Layout& L, int64_t begin, int64_t end,
                      const BackwardCoefficients<A>& k, bool nt);
-  // Channels-last primitives: every channel of positions [p0, p1). `scratch` holds 2*C A's.
+  // Channels-last primitives: every channel of positions [p0, p1). `scratch` holds 3*C A's.
   void (*cl_moments)(const T* x, const Layout& L, int64_t p0, int64_t p1, Moments<double>* out, A* scratch);
   void (*cl_normalize)(const T* x, T* y, const Layout& L, int64_t p0, int64_t p1, const A* mean, const A* scale,
                        const A* shift, bool nt);

@@ -118,7 +118,7 @@ bool all_moments(const Kernels<T>& k, const T* x, const Layout& L, const Plan& p
   if (plan.channels_last) {
     std::vector<Moments<double>> partial(static_cast<size_t>(plan.groups * C));
     parallel_for(plan.groups, work, [&](int64_t g) {
-      std::vector<acc_t<T>> scratch(static_cast<size_t>(2 * C));
+      std::vector<acc_t<T>> scratch(static_cast<size_t>(3 * C));
       const auto [b, e] = plan.range(g);
       k.cl_moments(x, L, b, e, partial.data() + g * C, scratch.data());
     });
