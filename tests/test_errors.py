@@ -61,6 +61,13 @@ def test_one_dimensional_x(arrays):
           lambda: bn.statistics(np.float32(1.0)))
 
 
+def test_too_many_dimensions():
+    x = np.zeros((2,) * 17, np.float32)
+    fails(ValueError, "x must have at most 16 dimensions, got 17", lambda: bn.statistics(x))
+    fails(ValueError, "out must have at most 16 dimensions, got 17",
+          lambda: bn.forward_training(np.zeros((2, 2), np.float32), out=x))
+
+
 @pytest.mark.parametrize("name", ["weight", "bias", "running_mean", "running_var"])
 @pytest.mark.parametrize("bad_shape", [(4,), (2,), (C, 1)])
 def test_training_channel_count_mismatch(arrays, name, bad_shape):

@@ -20,6 +20,7 @@ from conftest import (
     bcast,
     bits,
     cast,
+    channel_values,
     dtype_name,
     dtype_params,
     empty_like_dtype,
@@ -608,3 +609,43 @@ def test_statistics_of_one_value(rng, shape, axis):
     assert count == 1
     np.testing.assert_array_equal(var, 0.0)
     np.testing.assert_array_equal(mean, x.reshape(-1))
+
+
+# ---- unusual but valid memory -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_broadcast_inputs_with_zero_strides(rng, axis):
+    """Read-only broadcast views (stride 0) are valid inputs, read without a copy."""
+    x = np.broadcast_to(rng.standard_normal((6, 1, 5)).astype(np.float32), (6, 4, 5))
+    x = x if axis == 1 else np.moveaxis(x, 1, -1)
+    dy = np.broadcast_to(rng.standard_normal((1, 1, 1)).astype(np.float32), x.shape)
+    mean, var, _ = bn.statistics(x, axis=axis)
+    ref_mean, ref_var, _ = ref_statistics(x, axis)
+    assert_statistics(mean, var, ref_mean, ref_var, "float32")
+    y, m, s = bn.forward_training(x, axis=axis)
+    assert_output(y, ref_normalize(x, m, s, axis=axis), "float32", what="y")
+    dx, dweight, dbias = bn.backward(dy, x, m, s, axis=axis)
+    assert_backward(dx, dweight, dbias, dy, x, m, s, None, axis, "float32")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("axis", [1, -1])
+def test_misaligned_arrays(rng, dtype, axis):
+    """Data one byte off its natural alignment (NumPy allows it): no aligned-load assumptions."""
+    shape = (4, 3, 50) if axis == 1 else (4, 50, 3)
+
+    def misaligned(values):
+        a = np.ndarray(shape, dtype, buffer=bytearray(np.dtype(dtype).itemsize * values.size + 1), offset=1)
+        a[...] = values
+        assert not a.flags.aligned
+        return a
+
+    x = misaligned(channel_values(rng, shape, axis))
+    dy = misaligned(rng.standard_normal(shape))
+    out = misaligned(np.zeros(shape))
+    y, mean, invstd = bn.forward_training(x, axis=axis, out=out)
+    assert y is out
+    assert_output(out, ref_normalize(x, mean, invstd, axis=axis), dtype, what="y")
+    dx, dweight, dbias = bn.backward(dy, x, mean, invstd, axis=axis, out=out)
+    assert_backward(dx, dweight, dbias, dy, x, mean, invstd, None, axis, dtype)
