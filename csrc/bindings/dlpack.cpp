@@ -313,11 +313,11 @@ Imported::~Imported() {
   else if (legacy && legacy->deleter) legacy->deleter(legacy);
 }
 
-bool array_device(py::handle obj, Device& device) {
+bool array_device(py::handle obj, Device& device, const char* arg) {
   if (obj.is_none()) return false;
   if (!py::isinstance<py::array>(obj) && py::hasattr(obj, "__dlpack_device__")) {
     const py::tuple dev = obj.attr("__dlpack_device__")();
-    device = device_from_dl(dev[0].cast<int32_t>(), dev[1].cast<int32_t>(), "array");
+    device = device_from_dl(dev[0].cast<int32_t>(), dev[1].cast<int32_t>(), arg);
   } else {
     device = Device{DeviceKind::cpu, 0};
   }

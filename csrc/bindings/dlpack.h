@@ -72,8 +72,8 @@ struct Imported {
 using ImportedPtr = std::unique_ptr<Imported>;
 
 // The device an argument lives on, without importing it (for stream choice and checks).
-// None -> nullopt-like: returns false.
-bool array_device(py::handle obj, Device& device);
+// None -> nullopt-like: returns false. `arg` names the argument in errors.
+bool array_device(py::handle obj, Device& device, const char* arg = "array");
 
 // Imports `obj` (None gives an undefined view). `stream` is the consumer stream passed to
 // __dlpack__ for CUDA producers (DLPack convention: 1 = legacy default stream).

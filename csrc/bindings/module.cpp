@@ -241,9 +241,9 @@ py::dict py_info() {
 }
 
 // The device (type, index) of an array argument, for the Python layer's stream choice.
-py::object py_device_of(py::handle obj) {
+py::object py_device_of(py::handle obj, const std::string& name) {
   Device d;
-  if (!array_device(obj, d)) return py::none();
+  if (!array_device(obj, d, name.c_str())) return py::none();
   return py::make_tuple(d.kind == DeviceKind::cuda ? "cuda" : "cpu", d.index);
 }
 
@@ -273,12 +273,17 @@ PYBIND11_MODULE(_C, m) {
   m.def("merge_statistics", &py_merge_statistics);
   m.def("fold", &py_fold);
   m.def("info", &py_info);
-  m.def("device_of", &py_device_of);
+  m.def("device_of", &py_device_of, py::arg("obj"), py::arg("name") = "array");
   m.def("set_num_threads", [](py::handle n) {
     BN_EXPECTS(PyIndex_Check(n.ptr()) && !PyBool_Check(n.ptr()), type_error, "n must be an int >= 1, got ",
                py::str(py::type::handle_of(n).attr("__name__")).cast<std::string>());
-    const long long v = n.cast<long long>();
-    BN_EXPECTS(v >= 1 && v <= 1 << 16, value_error, "n must be an int >= 1, got ", v);
+    // Any int, however large, is a value to judge, not a failed conversion.
+    int overflow = 0;
+    const long long v = PyLong_AsLongLongAndOverflow(n.ptr(), &overflow);
+    if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
+    const std::string shown = py::str(n).cast<std::string>();
+    BN_EXPECTS(overflow >= 0 && (overflow > 0 || v >= 1), value_error, "n must be an int >= 1, got ", shown);
+    BN_EXPECTS(overflow == 0 && v <= 1 << 16, value_error, "n must be at most 65536, got ", shown);
     set_num_threads(static_cast<int>(v));
   });
   m.def("get_num_threads", &get_num_threads);

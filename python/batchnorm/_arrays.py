@@ -68,10 +68,10 @@ class Kind:
 
     __slots__ = ("library", "device", "stream", "call", "_convert")
 
-    def __init__(self, lead: Any, stream: Optional[Any] = None) -> None:
+    def __init__(self, lead: Any, stream: Optional[Any] = None, name: str = "x") -> None:
         self.library = _library(lead)
         as_numpy = isinstance(lead, np.ndarray) or not hasattr(lead, "__dlpack__")
-        device = _C.device_of(lead) if lead is not None else None
+        device = _C.device_of(lead, name) if lead is not None else None
         self.device = device
         number = 0
         if device is not None and device[0] == "cuda":
@@ -102,6 +102,18 @@ def check_int(value: Any, name: str) -> int:
         return operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+
+
+def check_axis(value: Any, x: Any) -> int:
+    """An int axis; values the native layer cannot even represent (beyond a C int) are
+    reported like any other out-of-range axis instead of failing the argument conversion."""
+    axis = check_int(value, "axis")
+    if not -(2**31) <= axis < 2**31:
+        ndim = getattr(x, "ndim", None)
+        if isinstance(ndim, int) and not isinstance(ndim, bool):
+            raise ValueError(f"axis must be in [{-ndim}, {ndim - 1}] for an array of rank {ndim}, got {axis}")
+        raise ValueError(f"axis must be within the rank of the array, got {axis}")
+    return axis
 
 
 def check_real(value: Any, name: str) -> float:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence, Tuple
 
 from . import _C
-from ._arrays import Kind, check_int, check_out, check_real
+from ._arrays import Kind, check_axis, check_out, check_real
 
 Array = Any
 
@@ -15,7 +15,7 @@ def statistics(x: Array, *, axis: int = 1, stream: Any = None) -> Tuple[Array, A
     """Per-channel batch mean and biased variance of `x` (channel axis `axis`), in the
     accumulation type (float32 for float16/bfloat16/float32, float64 for float64), and the
     number of values per channel. Numerically stable at any magnitude."""
-    axis = check_int(axis, "axis")
+    axis = check_axis(axis, x)
     kind = Kind(x, stream)
     mean, var, count = _C.statistics(x, axis, kind.call)
     return kind.wrap(mean), kind.wrap(var), count
@@ -27,7 +27,7 @@ def merge_statistics(
     """Combines per-shard (mean, biased var, count) exactly as if the statistics had been
     computed over the concatenated shards (Chan's formula). Shards with count 0 are ignored."""
     lead = means[0] if isinstance(means, (list, tuple)) and len(means) > 0 else None
-    kind = Kind(lead, stream)
+    kind = Kind(lead, stream, "means[0]")
     mean, var, count = _C.merge_statistics(means, vars, counts, kind.call)
     return kind.wrap(mean), kind.wrap(var), count
 
@@ -51,7 +51,7 @@ def forward_training(
     running = (1 - momentum) * running + momentum * batch (unbiased variance)."""
     momentum = check_real(momentum, "momentum")
     eps = check_real(eps, "eps")
-    axis = check_int(axis, "axis")
+    axis = check_axis(axis, x)
     check_out(out)
     kind = Kind(x, stream)
     y, mean, invstd = _C.forward_training(
@@ -75,7 +75,7 @@ def forward_inference(
     """Inference-mode batch norm with given statistics:
     y = (x - mean) / sqrt(var + eps) * weight + bias."""
     eps = check_real(eps, "eps")
-    axis = check_int(axis, "axis")
+    axis = check_axis(axis, x)
     check_out(out)
     kind = Kind(x, stream)
     return kind.wrap(_C.forward_inference(x, mean, var, weight, bias, eps, axis, out, kind.call))
@@ -94,7 +94,7 @@ def backward(
 ) -> Tuple[Array, Array, Array]:
     """Gradients of forward_training: (dx, dweight, dbias), where dweight = sum(dy * x_hat)
     and dbias = sum(dy) per channel (always returned). `out` receives dx (it may be dy)."""
-    axis = check_int(axis, "axis")
+    axis = check_axis(axis, x)
     check_out(out)
     kind = Kind(x, stream)
     dx, dweight, dbias = _C.backward(dy, x, saved_mean, saved_invstd, weight, axis, out, kind.call)
@@ -117,8 +117,8 @@ def fold(
     kernel's output-channel axis (0 for Conv/Linear in PyTorch layout, 1 for ConvTranspose).
     Returns (kernel', bias') in the kernel's dtype, computed in float64."""
     eps = check_real(eps, "eps")
-    axis = check_int(axis, "axis")
-    kind = Kind(kernel, stream)
+    axis = check_axis(axis, kernel)
+    kind = Kind(kernel, stream, "kernel")
     k, b = _C.fold(kernel, conv_bias, mean, var, weight, bias, eps, axis, kind.call)
     return kind.wrap(k), kind.wrap(b)
 

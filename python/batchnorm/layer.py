@@ -26,8 +26,8 @@ def _to_numpy(a: Any, name: str) -> np.ndarray:
         raise TypeError(f"{name} must be an array, got {type(a).__name__}") from err
 
 
-def _device_of(x: Any) -> Optional[tuple]:
-    return F._C.device_of(x)
+def _device_of(x: Any, name: str = "x") -> Optional[tuple]:
+    return F._C.device_of(x, name)
 
 
 def _to_device_like(a: np.ndarray, x: Any) -> Any:
@@ -115,7 +115,7 @@ class BatchNorm:
             value = getattr(self, name)
             if value is None:
                 continue
-            if _device_of(value) != device:
+            if _device_of(value, name) != device:
                 setattr(self, name, _to_device_like(_to_numpy(value, name), x))
 
     # ---- compute -----------------------------------------------------------------------------

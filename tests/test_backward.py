@@ -1,0 +1,82 @@
+"""backward is the gradient of forward_training: checked by central finite differences in
+float64 (loss = sum(y * g)), and against PyTorch autograd of F.batch_norm(training=True) in
+float32 / float64, channels-first and channels-last."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import batchnorm as bn
+from conftest import OUT_RTOL, assert_close, bcast, make_input, to_f64
+
+
+def loss(x, w, b, g, axis):
+    y, _, _ = bn.forward_training(x, w, b, axis=axis, eps=1e-3)
+    return float(np.sum(y * g))
+
+
+def numerical_gradient(f, a, h=1e-6):
+    """Central differences of scalar f over every element of float64 array `a` (in place)."""
+    grad = np.zeros_like(a)
+    flat, gflat = a.reshape(-1), grad.reshape(-1)
+    for i in range(flat.size):
+        v = flat[i]
+        flat[i] = v + h
+        up = f()
+        flat[i] = v - h
+        down = f()
+        flat[i] = v
+        gflat[i] = (up - down) / (2 * h)
+    return grad
+
+
+@pytest.mark.parametrize("shape,axis", [((4, 3), 1), ((3, 2, 4), 1), ((2, 3, 2, 2), -1), ((2, 2, 3, 2), 2)])
+@pytest.mark.parametrize("with_weight", [True, False], ids=["weight", "no-weight"])
+def test_finite_differences(rng, shape, axis, with_weight):
+    C = shape[axis]
+    x = rng.standard_normal(shape) * 2 + 1
+    g = rng.standard_normal(shape)
+    w = rng.uniform(0.5, 2, C) * rng.choice([-1, 1], C) if with_weight else None
+    b = rng.standard_normal(C)
+    _, mean, invstd = bn.forward_training(x, w, b, axis=axis, eps=1e-3)
+    dx, dweight, dbias = bn.backward(g, x, mean, invstd, w, axis=axis)
+    num_dx = numerical_gradient(lambda: loss(x, w, b, g, axis), x)
+    assert_close(dx, num_dx, 1e-6, what="dx vs finite differences")
+    w_for_fd = np.ones(C) if w is None else w  # dweight is returned whether or not weight was given
+    assert_close(dweight, numerical_gradient(lambda: loss(x, w_for_fd, b, g, axis), w_for_fd), 1e-6,
+                 what="dweight vs finite differences")
+    assert_close(dbias, numerical_gradient(lambda: loss(x, w, b, g, axis), b), 1e-6,
+                 what="dbias vs finite differences")
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("memory", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(4, 3, 5, 6), (2, 16, 7, 7), (3, 5, 1, 1)])
+def test_against_torch_autograd(rng, dtype, memory, shape):
+    torch = pytest.importorskip("torch", reason="PyTorch autograd is the reference here")
+    F = torch.nn.functional
+    tdtype = getattr(torch, dtype)
+    C = shape[1]
+    x = torch.from_numpy(make_input(rng, shape, "float64")).to(tdtype)
+    g = torch.from_numpy(rng.standard_normal(shape)).to(tdtype)
+    if memory == "channels_last":
+        x, g = x.to(memory_format=torch.channels_last), g.to(memory_format=torch.channels_last)
+    w = torch.from_numpy(rng.uniform(0.5, 2, C)).to(tdtype)
+    b = torch.from_numpy(rng.standard_normal(C)).to(tdtype)
+    xt, wt, bt = (t.clone().requires_grad_(True) for t in (x, w, b))
+    yt = F.batch_norm(xt, None, None, wt, bt, training=True, eps=1e-5)
+    yt.backward(g)
+
+    y, mean, invstd = bn.forward_training(x, w, b, axis=1)
+    dx, dweight, dbias = bn.backward(g, x, mean, invstd, w, axis=1)
+    assert isinstance(dx, torch.Tensor) and dx.dtype == tdtype and tuple(dx.shape) == shape
+    tol = OUT_RTOL[dtype] * (10 if dtype == "float32" else 1)  # torch has its own rounding too
+    assert_close(y, to_f64(yt), tol, what="y vs torch")
+    assert_close(dx, to_f64(xt.grad), tol, what="dx vs torch autograd")
+    # The parameter gradients are sums over each channel: errors scale with the summed terms.
+    g64, red = to_f64(g), (0, 2, 3)
+    xhat = (to_f64(x) - bcast(to_f64(mean), 4, 1)) * bcast(to_f64(invstd), 4, 1)
+    assert_close(dweight, to_f64(wt.grad), tol, scale=np.abs(g64 * xhat).sum(axis=red), what="dweight vs torch")
+    assert_close(dbias, to_f64(bt.grad), tol, scale=np.abs(g64).sum(axis=red), what="dbias vs torch")
+

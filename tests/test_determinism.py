@@ -1,0 +1,142 @@
+"""Bitwise reproducibility: the same inputs give the same bits whatever the CPU thread count
+(1, 2, 3), whatever the ISA level (BATCHNORM_ISA, compared across subprocesses), and when four
+Python threads call at once (the GIL is released around the native work)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import batchnorm as bn
+
+
+def bits(a) -> bytes:  # NumPy only: the ISA subprocesses import this module without torch
+    return np.ascontiguousarray(a).tobytes()
+
+
+# Shapes that reach every CPU path: few channels with many values (several pieces per channel,
+# grouped or channel-parallel depending on the thread count), many channels, channels-last,
+# small 7x7 planes, odd sizes, and strides that do not merge.
+CASES = {
+    "few-channels-many-values": ((2, 3, 160, 160), 1, None),
+    "many-channels": ((8, 256, 6, 6), 1, None),
+    "channels-last": ((16, 12, 12, 24), -1, None),
+    "7x7-planes": ((32, 64, 7, 7), 1, None),
+    "odd-sizes": ((5, 7, 1001), 1, None),
+    "odd-channels-last": ((4099, 11), -1, None),
+    "middle-axis-odd": ((3, 5, 17, 131), 2, None),
+    "sliced": ((4, 6, 64, 130), 1, (slice(None), slice(None), slice(None), slice(None, None, 2))),
+}
+
+
+def case_input(name: str, dtype: str = "float32"):
+    shape, axis, index = CASES[name]
+    rng = np.random.default_rng(sum(map(ord, name)))
+    x = (rng.standard_normal(shape) * 3 + 10).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    if index is not None:
+        x, dy = x[index], dy[index]
+    return x, dy, axis
+
+
+def run_all(x, dy, axis) -> list:
+    """Every op's outputs as bytes."""
+    C = x.shape[axis]
+    w = np.linspace(0.5, 2, C)
+    b = np.linspace(-1, 1, C).astype(np.float32)
+    rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+    mean, var, _ = bn.statistics(x, axis=axis)
+    y, smean, sinvstd = bn.forward_training(x, w, b, running_mean=rm, running_var=rv, axis=axis)
+    yi = bn.forward_inference(x, mean, var, w, b, axis=axis)
+    dx, dw, db = bn.backward(dy, x, smean, sinvstd, w, axis=axis)
+    return [bits(a) for a in (mean, var, y, smean, sinvstd, rm, rv, yi, dx, dw, db)]
+
+
+# float32 on every shape; half and double on a representative subset.
+THREAD_CASES = [(name, "float32") for name in CASES] + [
+    (name, dtype) for dtype in ("float16", "float64") for name in ("few-channels-many-values", "channels-last", "odd-sizes")
+]
+
+
+@pytest.mark.parametrize("name,dtype", THREAD_CASES)
+def test_thread_count_does_not_change_bits(name, dtype, restore_threads):
+    x, dy, axis = case_input(name, dtype)
+    results = {}
+    for n in (1, 2, 3):
+        bn.set_num_threads(n)
+        assert bn.get_num_threads() == n
+        results[n] = run_all(x, dy, axis)
+    names = ["mean", "var", "y", "saved_mean", "saved_invstd", "running_mean", "running_var", "y_inference", "dx",
+             "dweight", "dbias"]
+    for n in (2, 3):
+        differ = [k for k, a, b in zip(names, results[1], results[n]) if a != b]
+        assert not differ, f"{n} threads differ from 1 thread in {differ}"
+
+
+ISA_SCRIPT = r"""
+import hashlib, json, sys
+sys.path.insert(0, sys.argv[1])
+import batchnorm as bn
+import test_determinism as td
+digest = hashlib.sha256()
+for name in td.CASES:
+    for dtype in ("float32", "float16", "float64"):
+        for chunk in td.run_all(*td.case_input(name, dtype)):
+            digest.update(chunk)
+print(json.dumps({"simd": bn.info()["simd"], "digest": digest.hexdigest()}))
+"""
+
+
+def run_with_isa(level: str) -> dict:
+    env = dict(os.environ, BATCHNORM_ISA=level)
+    here = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run([sys.executable, "-c", ISA_SCRIPT, here], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=here)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_isa_levels_give_identical_bits():
+    results = {level: run_with_isa(level) for level in ("baseline", "avx2", "avx512")}
+    assert results["baseline"]["simd"] == "baseline", "BATCHNORM_ISA=baseline must select the baseline kernels"
+    reached = {level: r for level, r in results.items() if r["simd"] == level}
+    if len(reached) < 2:
+        pytest.skip(f"this CPU offers only {sorted(reached)}: nothing to compare")
+    digests = {level: r["digest"] for level, r in reached.items()}
+    assert len(set(digests.values())) == 1, f"ISA levels disagree: {digests}"
+
+
+def test_concurrent_python_threads_match_serial(restore_threads):
+    bn.set_num_threads(2)
+    inputs = [case_input(name) for name in ("few-channels-many-values", "channels-last", "7x7-planes", "odd-sizes")]
+    serial = [run_all(*args) for args in inputs]
+
+    def worker(i):
+        return [run_all(*inputs[(i + k) % len(inputs)]) for k in range(6)]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        outcomes = list(pool.map(worker, range(4)))
+    for i, outcome in enumerate(outcomes):
+        for k, result in enumerate(outcome):
+            assert result == serial[(i + k) % len(inputs)], f"thread {i}, call {k} differs from the serial result"
+
+
+def test_repeated_calls_are_identical():
+    x, dy, axis = case_input("channels-last")
+    assert run_all(x, dy, axis) == run_all(x, dy, axis)
+
+
+def test_digest_helper_sees_differences():
+    """The comparisons above would notice a one-ulp change."""
+    x, dy, axis = case_input("odd-sizes")
+    a = run_all(x, dy, axis)
+    x2 = x.copy()
+    x2.flat[17] = np.nextafter(x2.flat[17], np.float32(np.inf))
+    b = run_all(x2, dy, axis)
+    assert hashlib.sha256(b"".join(a)).digest() != hashlib.sha256(b"".join(b)).digest()

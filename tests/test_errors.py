@@ -1,0 +1,477 @@
+"""Every bad input of the contract raises ValueError (values, shapes) or TypeError (types,
+dtypes, devices) with a message naming the argument, what was expected and what was given;
+and a failed call writes nothing: running statistics, out= and layer state stay bit-identical."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+import batchnorm as bn
+from conftest import snapshot
+
+C = 3
+SHAPE = (4, C, 5)
+
+
+@pytest.fixture
+def arrays(rng):
+    """x (4, 3, 5) float32 with its parameters, running statistics and a sentinel-filled out."""
+    return {
+        "x": rng.standard_normal(SHAPE).astype(np.float32),
+        "dy": rng.standard_normal(SHAPE).astype(np.float32),
+        "w": rng.uniform(0.5, 2, C).astype(np.float32),
+        "b": rng.standard_normal(C).astype(np.float32),
+        "rm": rng.standard_normal(C).astype(np.float32),
+        "rv": rng.uniform(0.5, 2, C).astype(np.float32),
+        "out": np.full(SHAPE, 7.0, np.float32),
+    }
+
+
+def fails(exc, message: str, call, *watched, regex: bool = False) -> None:
+    """`call()` raises `exc` whose message contains `message` (literal unless regex), and
+    leaves every watched array bit-identical."""
+    before = snapshot(*watched)
+    with pytest.raises(exc, match=message if regex else re.escape(message)):
+        call()
+    assert snapshot(*watched) == before, "a failed call modified its running statistics or out="
+
+
+def training(a, **kw):
+    """forward_training with running statistics and out= unless overridden."""
+    args = dict(weight=a["w"], bias=a["b"], running_mean=a["rm"], running_var=a["rv"], out=a["out"])
+    args.update(kw)
+    x = args.pop("x", a["x"])
+    return lambda: bn.forward_training(x, args.pop("weight"), args.pop("bias"), **args)
+
+
+# ---- rank, channels, counts -----------------------------------------------------------------------
+
+
+def test_one_dimensional_x(arrays):
+    a = arrays
+    msg = "x must have at least 2 dimensions (N, C, ...), got 1 dimension with shape (5,)"
+    x1 = np.zeros(5, np.float32)
+    fails(ValueError, msg, lambda: bn.statistics(x1))
+    fails(ValueError, msg, training(a, x=x1, out=None), a["rm"], a["rv"])
+    fails(ValueError, msg, lambda: bn.forward_inference(x1, a["rm"], a["rv"]))
+    fails(ValueError, msg, lambda: bn.backward(x1, x1, a["rm"], a["rv"]))
+    fails(ValueError, "x must have at least 2 dimensions (N, C, ...), got 0 dimensions with shape ()",
+          lambda: bn.statistics(np.float32(1.0)))
+
+
+def test_too_many_dimensions():
+    x = np.zeros((2,) * 17, np.float32)
+    fails(ValueError, "x must have at most 16 dimensions, got 17", lambda: bn.statistics(x))
+    fails(ValueError, "out must have at most 16 dimensions, got 17",
+          lambda: bn.forward_training(np.zeros((2, 2), np.float32), out=x))
+
+
+@pytest.mark.parametrize("name", ["weight", "bias", "running_mean", "running_var"])
+@pytest.mark.parametrize("bad_shape", [(4,), (2,), (C, 1)])
+def test_training_channel_count_mismatch(arrays, name, bad_shape):
+    a = arrays
+    bad = np.ones(bad_shape, np.float32)
+    got = "(" + ", ".join(map(str, bad_shape)) + ("," if len(bad_shape) == 1 else "") + ")"
+    fails(ValueError, f"{name} must have shape ({C},), got {got}", training(a, **{name: bad}),
+          a["rm"], a["rv"], a["out"])
+
+
+@pytest.mark.parametrize("name", ["mean", "var", "weight", "bias"])
+def test_inference_channel_count_mismatch(arrays, name):
+    a = arrays
+    args = dict(mean=a["rm"], var=a["rv"], weight=a["w"], bias=a["b"])
+    args[name] = np.ones(C + 1, np.float32)
+    fails(ValueError, f"{name} must have shape ({C},), got ({C + 1},)",
+          lambda: bn.forward_inference(a["x"], out=a["out"], **args), a["out"])
+
+
+@pytest.mark.parametrize("name", ["saved_mean", "saved_invstd", "weight"])
+def test_backward_channel_count_mismatch(arrays, name):
+    a = arrays
+    args = dict(saved_mean=a["rm"], saved_invstd=a["rv"], weight=a["w"])
+    args[name] = np.ones(C - 1, np.float32)
+    fails(ValueError, f"{name} must have shape ({C},), got ({C - 1},)",
+          lambda: bn.backward(a["dy"], a["x"], args["saved_mean"], args["saved_invstd"], args["weight"],
+                              out=a["out"]), a["out"])
+
+
+def test_fold_channel_count_mismatch(arrays):
+    k = np.ones((C, 2, 1, 1), np.float32)
+    fails(ValueError, "mean must have shape (3,), got (4,)", lambda: bn.fold(k, None, np.zeros(4), np.ones(C)))
+    fails(ValueError, "conv_bias must have shape (3,), got (2,)", lambda: bn.fold(k, np.zeros(2), np.zeros(C), np.ones(C)))
+    fails(ValueError, "var must have shape (2,), got (3,)",
+          lambda: bn.fold(k, None, np.zeros(2), np.ones(C), axis=1))  # ConvTranspose: channels on axis 1
+
+
+def test_dy_shape_mismatch(arrays):
+    a = arrays
+    fails(ValueError, "dy must have the shape of x, (4, 3, 5), got (4, 3, 4)",
+          lambda: bn.backward(a["dy"][..., :4], a["x"], a["rm"], a["rv"]))
+
+
+def test_fewer_than_two_values_per_channel_in_training(arrays):
+    a = arrays
+    msg = "x must have at least 2 values per channel in training (the batch variance needs two), got 1"
+    for shape in [(1, C), (1, C, 1, 1)]:
+        out = np.full(shape, 7.0, np.float32)
+        fails(ValueError, msg, training(a, x=np.ones(shape, np.float32), out=out), a["rm"], a["rv"], out)
+    # ... while statistics and backward accept a single value
+    assert bn.statistics(np.ones((1, C), np.float32))[2] == 1
+    bn.backward(np.ones((1, C), np.float32), np.ones((1, C), np.float32), a["rm"], a["rv"])
+
+
+def test_zero_size_inputs(arrays):
+    a = arrays
+    empty = np.zeros((0, C, 4), np.float32)
+    fails(ValueError, "x must have at least 1 value per channel to compute statistics, got 0",
+          lambda: bn.statistics(empty))
+    fails(ValueError, "x must have at least 2 values per channel in training (the batch variance needs two), got 0",
+          training(a, x=empty, out=None), a["rm"], a["rv"])
+    fails(ValueError, "x must have at least 1 value per channel for the backward pass, got 0",
+          lambda: bn.backward(empty, empty, a["rm"], a["rv"]))
+    fails(ValueError, "x must have at least one channel, got shape (4, 0)",
+          lambda: bn.statistics(np.zeros((4, 0), np.float32)))
+    # forward_inference of an empty batch is not an error: it gives an empty y
+    y = bn.forward_inference(empty, a["rm"], a["rv"])
+    assert y.shape == empty.shape and y.dtype == np.float32
+
+
+# ---- dtypes -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["int64", "int8", "uint16", "complex64", "complex128", "bool"])
+def test_unsupported_dtype_of_x(arrays, dtype):
+    a = arrays
+    x = np.ones(SHAPE, dtype)
+    msg = f"x must have dtype float16, bfloat16, float32 or float64, got {dtype}"
+    fails(TypeError, msg, lambda: bn.statistics(x))
+    fails(TypeError, msg, training(a, x=x, out=None), a["rm"], a["rv"])
+    fails(TypeError, msg, lambda: bn.forward_inference(x, a["rm"], a["rv"]))
+    fails(TypeError, msg, lambda: bn.backward(a["dy"], x, a["rm"], a["rv"]))
+    fails(TypeError, msg.replace("x must", "kernel must"), lambda: bn.fold(x, None, a["rm"], a["rv"]))
+
+
+@pytest.mark.parametrize("name", ["weight", "bias", "running_mean", "running_var"])
+def test_unsupported_dtype_of_parameters(arrays, name):
+    a = arrays
+    fails(TypeError, f"{name} must have dtype float16, bfloat16, float32 or float64, got int32",
+          training(a, **{name: np.ones(C, np.int32)}), a["rm"], a["rv"], a["out"])
+
+
+def test_mixed_dtypes_dy_and_x(arrays):
+    a = arrays
+    fails(TypeError, "dy must have the dtype of x, float32, got float64",
+          lambda: bn.backward(a["dy"].astype(np.float64), a["x"], a["rm"], a["rv"], out=a["out"]), a["out"])
+    fails(TypeError, "dy must have the dtype of x, float64, got float16",
+          lambda: bn.backward(a["dy"].astype(np.float16), a["x"].astype(np.float64), a["rm"], a["rv"]))
+
+
+# ---- eps and momentum ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("eps,shown", [(-1.0, "-1"), (-1e-9, "-1e-09"), (float("nan"), "nan"), (float("inf"), "inf")])
+def test_bad_eps(arrays, eps, shown):
+    a = arrays
+    msg = f"eps must be finite and >= 0, got {shown}"
+    fails(ValueError, msg, training(a, eps=eps), a["rm"], a["rv"], a["out"])
+    fails(ValueError, msg, lambda: bn.forward_inference(a["x"], a["rm"], a["rv"], eps=eps, out=a["out"]), a["out"])
+    fails(ValueError, msg, lambda: bn.fold(np.ones((C, 2)), None, a["rm"], a["rv"], eps=eps))
+
+
+@pytest.mark.parametrize("momentum,shown", [(-0.1, "-0.1"), (1.5, "1.5"), (float("nan"), "nan"), (float("-inf"), "-inf")])
+def test_bad_momentum(arrays, momentum, shown):
+    a = arrays
+    fails(ValueError, f"momentum must be a finite number in [0, 1], got {shown}", training(a, momentum=momentum),
+          a["rm"], a["rv"], a["out"])
+
+
+@pytest.mark.parametrize("name", ["eps", "momentum"])
+@pytest.mark.parametrize("value,type_name", [("0.1", "str"), (None, "NoneType"), ([0.1], "list"), (True, "bool")])
+def test_non_numeric_eps_and_momentum(arrays, name, value, type_name):
+    a = arrays
+    fails(TypeError, f"{name} must be a real number, got {type_name}", training(a, **{name: value}),
+          a["rm"], a["rv"], a["out"])
+
+
+# ---- running statistics ----------------------------------------------------------------------------------
+
+
+def test_running_mean_without_running_var(arrays):
+    a = arrays
+    fails(ValueError, "running_mean and running_var must be given together, got running_mean without running_var",
+          training(a, running_var=None), a["rm"], a["out"])
+    fails(ValueError, "running_mean and running_var must be given together, got running_var without running_mean",
+          training(a, running_mean=None), a["rv"], a["out"])
+
+
+@pytest.mark.parametrize("name", ["running_mean", "running_var"])
+def test_read_only_running_statistics(arrays, name):
+    a = arrays
+    a["rm" if name == "running_mean" else "rv"].flags.writeable = False
+    fails(ValueError, f"{name} must be writable, got a read-only array", training(a), a["rm"], a["rv"], a["out"])
+
+
+@pytest.mark.parametrize("value,type_name", [([0.0, 0.0, 0.0], "list"), ("abc", "str"), ({"a": 1}, "dict")])
+def test_running_statistics_must_be_arrays(arrays, value, type_name):
+    a = arrays
+    fails(TypeError, f"running_var must be a NumPy array or an array supporting DLPack (__dlpack__), got {type_name}",
+          training(a, running_var=value), a["rm"], a["out"])
+
+
+# ---- out= ------------------------------------------------------------------------------------------------
+
+
+def test_read_only_out(arrays):
+    a = arrays
+    out = a["out"]
+    out.flags.writeable = False
+    msg = "out must be writable, got a read-only array"
+    fails(ValueError, msg, training(a), a["rm"], a["rv"], out)
+    fails(ValueError, msg, lambda: bn.forward_inference(a["x"], a["rm"], a["rv"], out=out), out)
+    fails(ValueError, msg, lambda: bn.backward(a["dy"], a["x"], a["rm"], a["rv"], out=out), out)
+    x = a["x"]
+    x.flags.writeable = False
+    fails(ValueError, msg, training(a, out=x), a["rm"], a["rv"], x)
+
+
+def test_wrongly_shaped_or_typed_out(arrays):
+    a = arrays
+    for bad in (np.zeros((4, C, 6), np.float32), np.zeros((4, C), np.float32), np.zeros((5, C, 4), np.float32)):
+        got = "(" + ", ".join(map(str, bad.shape)) + ")"
+        msg = f"out must have the shape of x, (4, 3, 5), got {got}"
+        fails(ValueError, msg, training(a, out=bad), a["rm"], a["rv"], bad)
+        fails(ValueError, msg, lambda: bn.forward_inference(a["x"], a["rm"], a["rv"], out=bad), bad)
+        fails(ValueError, msg, lambda: bn.backward(a["dy"], a["x"], a["rm"], a["rv"], out=bad), bad)
+    for dtype in ("float64", "float16"):
+        bad = np.zeros(SHAPE, dtype)
+        msg = f"out must have the dtype of x, float32, got {dtype}"
+        fails(TypeError, msg, training(a, out=bad), a["rm"], a["rv"], bad)
+        fails(TypeError, msg, lambda: bn.backward(a["dy"], a["x"], a["rm"], a["rv"], out=bad), bad)
+    bad = np.zeros(SHAPE, np.int32)
+    fails(TypeError, "out must have dtype float16, bfloat16, float32 or float64, got int32", training(a, out=bad),
+          a["rm"], a["rv"])
+    fails(TypeError, "out must be a NumPy array or an array supporting DLPack (__dlpack__), got list",
+          training(a, out=a["x"].tolist()), a["rm"], a["rv"])
+
+
+def test_out_partially_overlapping_an_input(arrays):
+    a = arrays
+    msg = "out must be either the same array as an input or not overlap it, got memory that partially overlaps an input"
+    buf = np.arange(61, dtype=np.float32)
+    x, out = buf[:60].reshape(SHAPE), buf[1:].reshape(SHAPE)
+    fails(ValueError, msg, training(a, x=x, out=out), a["rm"], a["rv"], buf)
+    fails(ValueError, msg, lambda: bn.forward_inference(x, a["rm"], a["rv"], out=out), buf)
+    fails(ValueError, msg, lambda: bn.backward(a["dy"], x, a["rm"], a["rv"], out=out), buf)
+    fails(ValueError, msg, lambda: bn.backward(x, a["x"], a["rm"], a["rv"], out=out), buf)  # overlapping dy
+    x = a["x"]
+    fails(ValueError, msg, training(a, x=x, out=x[::-1]), a["rm"], a["rv"], x)  # same memory, other strides
+    out = a["out"]
+    w = out.reshape(-1)[:C]  # weight lives inside out
+    fails(ValueError, msg, training(a, weight=w), a["rm"], a["rv"], out)
+    rm = out.reshape(-1)[5:5 + C]  # so does a running statistic
+    fails(ValueError, msg, training(a, running_mean=rm), a["rv"], out)
+
+
+def test_out_with_repeated_memory(arrays):
+    a = arrays
+    out = np.lib.stride_tricks.as_strided(a["out"], SHAPE, (0, 4, 12), writeable=True)
+    fails(ValueError, "out must not have overlapping elements (a zero or broadcast stride)", training(a, out=out),
+          a["rm"], a["rv"], a["out"])
+
+
+# ---- axis ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("axis", [3, -4, 100, 2**31, -(2**40), 2**70])
+def test_axis_out_of_range(arrays, axis):
+    a = arrays
+    msg = f"axis must be in [-3, 2] for an array of rank 3, got {axis}"
+    fails(ValueError, msg, lambda: bn.statistics(a["x"], axis=axis))
+    fails(ValueError, msg, training(a, axis=axis), a["rm"], a["rv"], a["out"])
+    fails(ValueError, msg, lambda: bn.forward_inference(a["x"], a["rm"], a["rv"], axis=axis, out=a["out"]), a["out"])
+    fails(ValueError, msg, lambda: bn.backward(a["dy"], a["x"], a["rm"], a["rv"], axis=axis, out=a["out"]), a["out"])
+    fails(ValueError, msg.replace("rank 3", "rank 2").replace("[-3, 2]", "[-2, 1]"),
+          lambda: bn.fold(np.ones((C, 2)), None, a["rm"], a["rv"], axis=axis))
+
+
+@pytest.mark.parametrize("axis,type_name", [(1.0, "float"), ("1", "str"), (None, "NoneType"), (True, "bool")])
+def test_axis_of_wrong_type(arrays, axis, type_name):
+    a = arrays
+    fails(TypeError, f"axis must be an int, got {type_name}", lambda: bn.statistics(a["x"], axis=axis))
+    fails(TypeError, f"axis must be an int, got {type_name}", training(a, axis=axis), a["rm"], a["rv"], a["out"])
+
+
+def test_numpy_integer_axis_is_accepted(arrays):
+    np.testing.assert_array_equal(bn.statistics(arrays["x"], axis=np.int64(-1))[0],
+                                  bn.statistics(arrays["x"], axis=2)[0])
+
+
+# ---- arguments that are not arrays --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value,type_name", [("abc", "str"), ({"a": 1}, "dict"), (3.0, "float"), (object(), "object")])
+def test_non_array_arguments(arrays, value, type_name):
+    a = arrays
+    msg = f"must be a NumPy array or an array supporting DLPack (__dlpack__), got {type_name}"
+    fails(TypeError, "x " + msg, lambda: bn.statistics(value))
+    fails(TypeError, "x " + msg, training(a, x=value), a["rm"], a["rv"], a["out"])
+    fails(TypeError, "weight " + msg, training(a, weight=value), a["rm"], a["rv"], a["out"])
+    fails(TypeError, "mean " + msg, lambda: bn.forward_inference(a["x"], value, a["rv"], out=a["out"]), a["out"])
+    fails(TypeError, "dy " + msg, lambda: bn.backward(value, a["x"], a["rm"], a["rv"], out=a["out"]), a["out"])
+    fails(TypeError, "kernel " + msg, lambda: bn.fold(value, None, a["rm"], a["rv"]))
+
+
+def test_missing_required_arrays(arrays):
+    a = arrays
+    fails(TypeError, "x must be an array, got None", lambda: bn.statistics(None))
+    fails(TypeError, "mean must be an array, got None", lambda: bn.forward_inference(a["x"], None, a["rv"]))
+    fails(TypeError, "var must be an array, got None", lambda: bn.forward_inference(a["x"], a["rm"], None))
+    fails(TypeError, "saved_invstd must be an array, got None", lambda: bn.backward(a["dy"], a["x"], a["rm"], None))
+    fails(TypeError, "dy must be an array, got None", lambda: bn.backward(None, a["x"], a["rm"], a["rv"]))
+
+
+class _Producer:
+    """A DLPack producer that misbehaves in the way given."""
+
+    def __init__(self, device=(1, 0), export=None):
+        self.device, self.export = device, export
+
+    def __dlpack_device__(self):
+        return self.device
+
+    def __dlpack__(self, stream=None, max_version=None):
+        return self.export()
+
+
+def _raise():
+    raise RuntimeError("the producer failed")
+
+
+def test_misbehaving_dlpack_producers(arrays):
+    fails(TypeError, "x must be on the CPU or a CUDA device, got DLPack device type 4",
+          lambda: bn.statistics(_Producer(device=(4, 0), export=lambda: 1)))
+    fails(TypeError, "x.__dlpack__() must return a DLPack capsule, got a int",
+          lambda: bn.statistics(_Producer(export=lambda: 1)))
+    fails(TypeError, "x could not be exported through DLPack", lambda: bn.statistics(_Producer(export=_raise)))
+    ints = np.ones(SHAPE, np.int16)
+    fails(TypeError, "x must have dtype float16, bfloat16, float32 or float64, got int16",
+          lambda: bn.statistics(_Producer(export=ints.__dlpack__)))
+    # A well-behaved foreign producer works (and the result is a NumPy array here).
+    mean, _, _ = bn.statistics(_Producer(export=arrays["x"].__dlpack__))
+    np.testing.assert_array_equal(mean, bn.statistics(arrays["x"])[0])
+
+
+# ---- merge_statistics ----------------------------------------------------------------------------------
+
+
+def test_merge_statistics_errors():
+    m, v = np.zeros(C, np.float32), np.ones(C, np.float32)
+    fails(ValueError, "means, vars and counts must have the same length, got 2, 2 and 3",
+          lambda: bn.merge_statistics([m, m], [v, v], [1, 2, 3]))
+    fails(ValueError, "means, vars and counts must have the same length, got 2, 1 and 2",
+          lambda: bn.merge_statistics([m, m], [v], [1, 2]))
+    fails(ValueError, "counts must not all be zero, got 2 shards with no values",
+          lambda: bn.merge_statistics([m, m], [v, v], [0, 0]))
+    fails(ValueError, "counts[1] must be >= 0, got -2", lambda: bn.merge_statistics([m, m], [v, v], [3, -2]))
+    fails(TypeError, "counts[1] must be an int, got float", lambda: bn.merge_statistics([m, m], [v, v], [3, 2.0]))
+    fails(TypeError, "counts[0] must be an int, got str", lambda: bn.merge_statistics([m], [v], ["3"]))
+    fails(TypeError, "counts[0] must be an int, got bool", lambda: bn.merge_statistics([m], [v], [True]))
+    fails(TypeError, "counts must be a sequence of ints, got int", lambda: bn.merge_statistics([m], [v], 3))
+    fails(TypeError, "means must be a sequence of arrays, got int", lambda: bn.merge_statistics(3, [v], [3]))
+    fails(ValueError, "means must hold at least one shard, got none", lambda: bn.merge_statistics([], [], []))
+    fails(ValueError, "vars[1] must have shape (3,), got (4,)",
+          lambda: bn.merge_statistics([m, m], [v, np.ones(4)], [1, 1]))
+    fails(ValueError, "means[0] must have shape (C,), got (3, 1)",
+          lambda: bn.merge_statistics([m[:, None]], [v], [1]))
+    fails(TypeError, "means[1] must have dtype float16, bfloat16, float32 or float64, got int64",
+          lambda: bn.merge_statistics([m, np.zeros(C, np.int64)], [v, v], [1, 1]))
+
+
+# ---- threads ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,exc,message", [
+    (0, ValueError, "n must be an int >= 1, got 0"),
+    (-3, ValueError, "n must be an int >= 1, got -3"),
+    ("2", TypeError, "n must be an int >= 1, got str"),
+    (1.5, TypeError, "n must be an int >= 1, got float"),
+    (True, TypeError, "n must be an int >= 1, got bool"),
+    (None, TypeError, "n must be an int >= 1, got NoneType"),
+    (2**70, ValueError, f"got {2**70}"),
+])
+def test_set_num_threads_errors(n, exc, message, restore_threads):
+    with pytest.raises(exc, match=re.escape(message)):
+        bn.set_num_threads(n)
+    assert bn.get_num_threads() == restore_threads
+
+
+# ---- the BatchNorm layer -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs,exc,message", [
+    (dict(num_features=0), ValueError, "num_features must be >= 1, got 0"),
+    (dict(num_features=-2), ValueError, "num_features must be >= 1, got -2"),
+    (dict(num_features=2.5), TypeError, "num_features must be an int, got float"),
+    (dict(num_features=3, dtype="float16"), TypeError, "dtype must be 'float32' or 'float64', got 'float16'"),
+    (dict(num_features=3, dtype="int32"), TypeError, "dtype must be 'float32' or 'float64', got 'int32'"),
+    (dict(num_features=3, eps=-1.0), ValueError, "eps must be finite and >= 0, got -1.0"),
+    (dict(num_features=3, momentum=1.5), ValueError, "momentum must be a finite number in [0, 1] or None, got 1.5"),
+    (dict(num_features=3, momentum="0.1"), TypeError, "momentum must be a real number, got str"),
+])
+def test_layer_construction_errors(kwargs, exc, message):
+    n = kwargs.pop("num_features")
+    with pytest.raises(exc, match=re.escape(message)):
+        bn.BatchNorm(n, **kwargs)
+
+
+def layer_state(layer):
+    return (snapshot(layer.weight, layer.bias, layer.running_mean, layer.running_var, layer.grad_weight,
+                     layer.grad_bias), layer.num_batches_tracked, layer.training)
+
+
+def test_layer_backward_before_forward():
+    with pytest.raises(RuntimeError, match=re.escape("BatchNorm.backward needs a forward call first")):
+        bn.BatchNorm(3).backward(np.ones(SHAPE, np.float32))
+
+
+def test_failed_layer_calls_leave_the_state_untouched(arrays):
+    a = arrays
+    layer = bn.BatchNorm(C)
+    layer(a["x"])
+    layer.backward(a["dy"])
+    before = layer_state(layer)
+    with pytest.raises(ValueError, match=re.escape("weight must have shape (4,), got (3,)")):
+        layer(np.ones((4, 4, 5), np.float32))
+    with pytest.raises(ValueError, match=re.escape("dy must have the shape of x, (4, 3, 5), got (4, 3, 4)")):
+        layer.backward(a["dy"][..., :4])
+    with pytest.raises(TypeError, match=re.escape("x must have dtype float16, bfloat16, float32 or float64, got int64")):
+        layer(np.ones(SHAPE, np.int64))
+    assert layer_state(layer) == before
+
+
+def good_state(n=C):
+    return {"weight": np.full(n, 2.0), "bias": np.full(n, 0.5), "running_mean": np.full(n, 1.0),
+            "running_var": np.full(n, 3.0), "num_batches_tracked": np.array(5)}
+
+
+@pytest.mark.parametrize("change,exc,message", [
+    (dict(running_var=np.ones(4)), ValueError, "running_var must have shape (3,), got (4,)"),
+    (dict(bias=np.ones((3, 1))), ValueError, "bias must have shape (3,), got (3, 1)"),
+    (dict(num_batches_tracked=np.arange(2)), ValueError, "num_batches_tracked must be a scalar, got shape (2,)"),
+    (dict(extra=np.ones(3)), ValueError, "unexpected ['extra']"),
+    (dict(weight=None), ValueError, "missing ['weight']"),
+])
+def test_load_state_dict_errors_leave_the_layer_unchanged(arrays, change, exc, message):
+    layer = bn.BatchNorm(C)
+    layer(arrays["x"])
+    before = layer_state(layer)
+    state = good_state()
+    state.update(change)
+    state = {k: v for k, v in state.items() if v is not None}
+    with pytest.raises(exc, match=re.escape(message)):
+        layer.load_state_dict(state)
+    assert layer_state(layer) == before
+    layer.load_state_dict(good_state())  # and a good one still loads
+    assert layer.num_batches_tracked == 5 and (layer.running_var == 3).all()
