@@ -14,8 +14,14 @@ namespace batchnorm::cpu {
 // Values per block of a channels-first reduction: small enough that the block's second pass
 // reads it from L1.
 constexpr int64_t kPiece = 8192;
-// Positions per float Welford run in channels-last reductions, merged into double after.
+// Positions per run of a channels-last reduction (reduced in float, merged in double): at
+// most 256, and few enough that a run's values stay in L1/L2 for its second pass.
 constexpr int64_t kChannelsLastRun = 256;
+constexpr int64_t kChannelsLastRunBytes = 64 << 10;
+BN_CPU_INLINE int64_t channels_last_run(int64_t channels, int64_t value_bytes) {
+  const int64_t fit = kChannelsLastRunBytes / (channels * value_bytes);
+  return fit < 8 ? 8 : fit > kChannelsLastRun ? kChannelsLastRun : fit;
+}
 // Positions per group at least, channels-last.
 constexpr int64_t kChannelsLastMinGroup = 64;
 // Every reduction is cut into at most this many groups (its unit of parallelism), by a

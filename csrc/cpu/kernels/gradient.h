@@ -17,21 +17,15 @@ void grad_sums(const T* dy, const T* x, const Layout& L, int64_t begin, int64_t 
   for_each_segment<2>(L, begin, end, [&](const int64_t* off, int64_t len) {
     const T* dp = dy + off[0];
     const T* xp = x + off[1];
-    if (sd == 1 && sx == 1) {
-      walk_vectors<A>(len, [&](int64_t i, bool first, int64_t n) {
-        const bool full = n == VL;
-        const V g = full ? loadv(dp + i) : load_partial(dp + i, n);  // zero in unused lanes
-        const V v = full ? loadv(xp + i) : load_partial(xp + i, n);
-        (first ? a1.a : a1.b) += g;
-        (first ? a2.a : a2.b) += g * (v - vm);
-      });
-    } else {
-      for_lanes<2 * VL>(len, [&](int j, int64_t k) {
-        const A g = load(dp[k * sd]);
-        a1.add(j, g);
-        a2.add(j, g * (load(xp[k * sx]) - mean));
-      });
-    }
+    const bool contiguous = sd == 1 && sx == 1;
+    walk_vectors<A>(len, [&](int64_t i, bool first, int64_t n) {
+      const bool full = n == VL;
+      // Zero in unused lanes; strided rows gathered into the same lanes.
+      const V g = contiguous ? (full ? loadv(dp + i) : load_partial(dp + i, n)) : load_strided(dp + i * sd, sd, n);
+      const V v = contiguous ? (full ? loadv(xp + i) : load_partial(xp + i, n)) : load_strided(xp + i * sx, sx, n);
+      (first ? a1.a : a1.b) += g;
+      (first ? a2.a : a2.b) += g * (v - vm);
+    });
   });
   *sum_dy = static_cast<double>(a1.total());
   *sum_dy_xmu = static_cast<double>(a2.total());

@@ -12,10 +12,6 @@ namespace batchnorm::cpu::BN_ISA {
 template <class A>
 struct Lanes2 {
   vec_t<A> a{}, b{};
-  void add(int j, A v) {
-    if (j < vlen<A>) a[j] += v;
-    else b[j - vlen<A>] += v;
-  }
   A total() const {
     A tmp[2 * vlen<A>];
     std::memcpy(tmp, &a, sizeof(a));
@@ -49,17 +45,15 @@ Moments<double> moments(const T* x, const Layout& L, int64_t begin, int64_t end)
   using A = acc_t<T>;
   using V = vec_t<A>;
   const int64_t s = L.inner_stride(0);
+  // Strided rows are gathered into the same lanes the contiguous walk uses.
+  auto get = [s](const T* p, int64_t i, int64_t n) -> V {
+    if (s != 1) return load_strided(p + i * s, s, n);
+    return n == vlen<A> ? loadv(p + i) : load_partial(p + i, n);
+  };
   Lanes2<A> sum;
   for_each_segment<1>(L, begin, end, [&](const int64_t* off, int64_t len) {
     const T* p = x + off[0];
-    if (s == 1) {
-      walk_vectors<A>(len, [&](int64_t i, bool first, int64_t n) {
-        const V v = n == vlen<A> ? loadv(p + i) : load_partial(p + i, n);
-        (first ? sum.a : sum.b) += v;
-      });
-    } else {
-      for_lanes<2 * vlen<A>>(len, [&](int j, int64_t k) { sum.add(j, load(p[k * s])); });
-    }
+    walk_vectors<A>(len, [&](int64_t i, bool first, int64_t n) { (first ? sum.a : sum.b) += get(p, i, n); });
   });
   const A n = static_cast<A>(end - begin);
   const A center = sum.total() / n;
@@ -67,28 +61,20 @@ Moments<double> moments(const T* x, const Layout& L, int64_t begin, int64_t end)
   Lanes2<A> dev, sq;
   for_each_segment<1>(L, begin, end, [&](const int64_t* off, int64_t len) {
     const T* p = x + off[0];
-    constexpr int VL = vlen<A>;
-    if (s == 1) {
-      walk_vectors<A>(len, [&](int64_t i, bool first, int64_t n) {
-        V d = (n == VL ? loadv(p + i) : load_partial(p + i, n)) - vc;
-        if (n != VL) d = mask_lanes<A>(d, lanes_below<A>(n));
-        (first ? dev.a : dev.b) += d;
-        (first ? sq.a : sq.b) += d * d;
-      });
-    } else {
-      for_lanes<2 * VL>(len, [&](int j, int64_t k) {
-        const A d = load(p[k * s]) - center;
-        dev.add(j, d);
-        sq.add(j, d * d);
-      });
-    }
+    walk_vectors<A>(len, [&](int64_t i, bool first, int64_t n) {
+      V d = get(p, i, n) - vc;
+      if (n != vlen<A>) d = mask_lanes<A>(d, lanes_below<A>(n));
+      (first ? dev.a : dev.b) += d;
+      (first ? sq.a : sq.b) += d * d;
+    });
   });
   return block_moments<double>(static_cast<double>(end - begin), center, dev.total(), sq.total());
 }
 
-// Each run of positions is centred on its first position's values before the float Welford
-// updates: the deviations are then small and exact, so a channel whose mean dwarfs its
-// spread (mean 1e5, std 1e-2) keeps every digit of its variance.
+// Channels-last runs of positions are reduced like channels-first blocks: their per-channel
+// sums, then the deviations from the run's own mean while the run is still in cache (a run
+// holds at most kChannelsLastRunBytes), so neither a mean that dwarfs the spread nor an
+// outlier costs digits.
 template <class T>
 void cl_moments(const T* x, const Layout& L, int64_t p0, int64_t p1, Moments<double>* out, acc_t<T>* scratch) {
   using A = acc_t<T>;
@@ -96,45 +82,49 @@ void cl_moments(const T* x, const Layout& L, int64_t p0, int64_t p1, Moments<dou
   constexpr int VL = vlen<A>;
   const int64_t C = L.channels;
   const int64_t Cv = C / VL * VL;
-  A* mean = scratch;  // of the deviations from `center`
-  A* m2 = scratch + C;
-  A* center = scratch + 2 * C;
+  const int64_t run = channels_last_run(C, sizeof(T));
+  A* center = scratch;
+  A* dev = scratch + C;
+  A* sq = scratch + 2 * C;
   for (int64_t c = 0; c < C; ++c) out[c] = Moments<double>{};
   Odometer<1> pos(L, L.nred, p0);
-  for (int64_t r0 = p0; r0 < p1; r0 += kChannelsLastRun) {
-    const int64_t r1 = std::min(p1, r0 + kChannelsLastRun);
-    const T* first = x + pos.off[0];
-    for (int64_t c = 0; c < C; ++c) {
-      mean[c] = m2[c] = A(0);
-      center[c] = load(first[c]);
-    }
+  for (int64_t r0 = p0; r0 < p1; r0 += run) {
+    const int64_t r1 = std::min(p1, r0 + run);
+    const A n = static_cast<A>(r1 - r0);
+    Odometer<1> again = pos;
+    for (int64_t c = 0; c < C; ++c) center[c] = dev[c] = sq[c] = A(0);
     for (int64_t p = r0; p < r1; ++p, pos.next()) {
       const T* xp = x + pos.off[0];
-      const A inv = A(1) / static_cast<A>(p - r0 + 1);
-      const V vinv = splat(inv);
       for (int64_t c = 0; c < Cv; c += VL) {
-        V m, q, k;
-        std::memcpy(&m, mean + c, sizeof(V));
-        std::memcpy(&q, m2 + c, sizeof(V));
+        V t;
+        std::memcpy(&t, center + c, sizeof(V));
+        t += loadv(xp + c);
+        std::memcpy(center + c, &t, sizeof(V));
+      }
+      for (int64_t c = Cv; c < C; ++c) center[c] += load(xp[c]);
+    }
+    for (int64_t c = 0; c < C; ++c) center[c] /= n;
+    for (int64_t p = r0; p < r1; ++p, again.next()) {
+      const T* xp = x + again.off[0];
+      for (int64_t c = 0; c < Cv; c += VL) {
+        V k, e, q;
         std::memcpy(&k, center + c, sizeof(V));
-        const V v = loadv(xp + c) - k;
-        const V d = v - m;
-        m += d * vinv;
-        q += d * (v - m);
-        std::memcpy(mean + c, &m, sizeof(V));
-        std::memcpy(m2 + c, &q, sizeof(V));
+        std::memcpy(&e, dev + c, sizeof(V));
+        std::memcpy(&q, sq + c, sizeof(V));
+        const V d = loadv(xp + c) - k;
+        e += d;
+        q += d * d;
+        std::memcpy(dev + c, &e, sizeof(V));
+        std::memcpy(sq + c, &q, sizeof(V));
       }
       for (int64_t c = Cv; c < C; ++c) {
-        const A v = load(xp[c]) - center[c];
-        const A d = v - mean[c];
-        mean[c] += d * inv;
-        m2[c] += d * (v - mean[c]);
+        const A d = load(xp[c]) - center[c];
+        dev[c] += d;
+        sq[c] += d * d;
       }
     }
-    const double n = static_cast<double>(r1 - r0);
     for (int64_t c = 0; c < C; ++c)
-      out[c] = merge_moments(out[c], Moments<double>{n, static_cast<double>(center[c]) + static_cast<double>(mean[c]),
-                                                     static_cast<double>(m2[c])});
+      out[c] = merge_moments(out[c], block_moments<double>(static_cast<double>(r1 - r0), center[c], dev[c], sq[c]));
   }
 }
 

@@ -114,6 +114,17 @@ static inline __attribute__((always_inline)) vec_t<acc_t<T>> load_partial(const 
   return v;
 }
 
+// n (<= vlen) values p[0], p[s], p[2s] ... in the low lanes, zeros above.
+template <class T>
+static inline __attribute__((always_inline)) vec_t<acc_t<T>> load_strided(const T* p, int64_t s, int64_t n) {
+  using A = acc_t<T>;
+  A tmp[vlen<A>] = {};
+  for (int64_t j = 0; j < n; ++j) tmp[j] = load(p[j * s]);
+  vec_t<A> v;
+  std::memcpy(&v, tmp, sizeof(v));
+  return v;
+}
+
 // Lanes [0, n) all ones, the rest zero: masks the unused lanes of a partial vector.
 template <class A>
 static inline __attribute__((always_inline)) vec_t<A> lanes_below(int64_t n) {

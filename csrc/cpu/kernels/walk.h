@@ -1,5 +1,5 @@
 // Walking helpers of the kernels: an odometer over the layout's reduced dims, the row
-// segments of a channels-first range, and the fixed lane split of every SIMD reduction.
+// segments of a channels-first range, and the fixed-order sum of reduction lanes.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -7,12 +7,6 @@
 #include "core/layout.h"
 
 namespace batchnorm::cpu::BN_ISA {
-
-// Accumulator lanes: two cache lines' worth, so a reduction has independent chains to hide
-// add latency; the compiler maps them to whatever vectors the ISA level has. Value k of a
-// row always goes to lane k % lanes, whatever the ISA: the rounding is the same everywhere.
-template <class A>
-constexpr int lanes = 128 / sizeof(A);
 
 // Increments a multi-index over dims [0, nd) of the layout, tracking each array's offset.
 template <int NT>
@@ -55,16 +49,6 @@ inline void for_each_segment(const Layout& L, int64_t begin, int64_t end, F&& f)
     i = 0;
     rows.next();
   }
-}
-
-// Runs body(lane, k) for k in [0, len): full blocks of W lanes first, then the tail, each
-// value in lane k % W.
-template <int W, class Body>
-inline __attribute__((always_inline)) void for_lanes(int64_t len, Body&& body) {
-  int64_t i = 0;
-  for (; i + W <= len; i += W)
-    for (int j = 0; j < W; ++j) body(j, i + j);
-  for (int j = 0; i + j < len; ++j) body(j, i + j);
 }
 
 template <class A, int W>
