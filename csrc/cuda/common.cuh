@@ -69,7 +69,11 @@ inline cudaStream_t to_stream(void* s) {
   return static_cast<cudaStream_t>(s);
 }
 
+// Device memory usable by work enqueued on `stream` from now on: the backend's stream-ordered
+// pool, or cudaMalloc where the device has no memory pools. pool_free returns the error
+// instead of throwing, for destructors.
 void* pool_allocate(int device, size_t bytes, cudaStream_t stream);
+cudaError_t pool_free(int device, void* ptr, cudaStream_t stream);
 
 // Scratch memory of one op from the stream-ordered pool, handed back on the same stream once
 // the op's launches are enqueued (or when a launch throws): never a cudaMalloc per call.
@@ -78,7 +82,7 @@ class Workspace {
   Workspace(int device, cudaStream_t stream) : device_(device), stream_(stream) {}
   ~Workspace() {
     // A failure here resurfaces at the next checked call; a destructor must not throw.
-    for (int i = 0; i < used_; ++i) cudaFreeAsync(blocks_[i], stream_);
+    for (int i = 0; i < used_; ++i) pool_free(device_, blocks_[i], stream_);
   }
   Workspace(const Workspace&) = delete;
   Workspace& operator=(const Workspace&) = delete;

@@ -56,14 +56,24 @@ CudaInfo query_info() {
 }
 
 // The backend's own pool per device (the default pool is left to other libraries), with a
-// release threshold of "never": freed blocks stay cached for the next call.
+// release threshold of "never": freed blocks stay cached for the next call. Devices without
+// memory pools (some virtualized setups) fall back to cudaMalloc / cudaFree.
+struct DevicePool {
+  bool ready = false;
+  cudaMemPool_t pool = nullptr;  // null: no pools on this device
+};
+
 cudaMemPool_t device_pool(int device) {
   static std::mutex mutex;
-  static std::vector<cudaMemPool_t> pools;
+  static std::vector<DevicePool> pools;
   std::lock_guard<std::mutex> lock(mutex);
   if (device < 0) throw runtime_error(detail::concat("invalid CUDA device index ", device));
-  if (static_cast<size_t>(device) >= pools.size()) pools.resize(static_cast<size_t>(device) + 1, nullptr);
-  if (pools[device] == nullptr) {
+  if (static_cast<size_t>(device) >= pools.size()) pools.resize(static_cast<size_t>(device) + 1);
+  DevicePool& entry = pools[static_cast<size_t>(device)];
+  if (entry.ready) return entry.pool;
+  int supported = 0;
+  BN_CUDA_CHECK(cudaDeviceGetAttribute(&supported, cudaDevAttrMemoryPoolsSupported, device));
+  if (supported) {
     cudaMemPoolProps props = {};
     props.allocType = cudaMemAllocationTypePinned;
     props.handleTypes = cudaMemHandleTypeNone;
@@ -77,9 +87,10 @@ cudaMemPool_t device_pool(int device) {
       cudaMemPoolDestroy(pool);
       throw_cuda_error(err, "cudaMemPoolSetAttribute(cudaMemPoolAttrReleaseThreshold)", __FILE__, __LINE__);
     }
-    pools[device] = pool;
+    entry.pool = pool;
   }
-  return pools[device];
+  entry.ready = true;
+  return entry.pool;
 }
 
 }  // namespace
@@ -98,8 +109,20 @@ CudaInfo info() {
 
 void* pool_allocate(int device, size_t bytes, cudaStream_t stream) {
   void* ptr = nullptr;
-  BN_CUDA_CHECK(cudaMallocFromPoolAsync(&ptr, bytes > 0 ? bytes : 1, device_pool(device), stream));
+  const size_t size = bytes > 0 ? bytes : 1;
+  if (cudaMemPool_t pool = device_pool(device))
+    BN_CUDA_CHECK(cudaMallocFromPoolAsync(&ptr, size, pool, stream));
+  else
+    BN_CUDA_CHECK(cudaMalloc(&ptr, size));
   return ptr;
+}
+
+cudaError_t pool_free(int device, void* ptr, cudaStream_t stream) {
+  try {
+    return device_pool(device) ? cudaFreeAsync(ptr, stream) : cudaFree(ptr);  // cudaFree waits for the device
+  } catch (const runtime_error&) {
+    return cudaErrorInvalidValue;
+  }
 }
 
 void* allocate(int device, size_t bytes, void* stream) {
@@ -110,7 +133,7 @@ void* allocate(int device, size_t bytes, void* stream) {
 void deallocate(int device, void* ptr, void* stream) {
   if (ptr == nullptr) return;
   DeviceGuard guard(device);
-  BN_CUDA_CHECK(cudaFreeAsync(ptr, to_stream(stream)));
+  BN_CUDA_CHECK(pool_free(device, ptr, to_stream(stream)));
 }
 
 void stream_wait(int device, void* producer, void* consumer) {
