@@ -1,0 +1,114 @@
+// What every CUDA op needs around its kernels: errors as batchnorm::runtime_error naming the
+// CUDA error and the call, the device guard, the caller's stream, the workspace from the
+// stream-ordered pool, and the launch geometry that depends on the shape alone.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstddef>
+#include <cstdint>
+
+#include "core/errors.h"
+
+namespace batchnorm::cuda {
+
+// Threads per block of every kernel: 8 warps; 8 such blocks fill an SM's 2048 threads.
+constexpr int kBlock = 256;
+// Blocks per reduction and per elementwise pass, about: two waves of 8 blocks on a 132-SM
+// H100. A fixed number (not read off the device) keeps the reduction tree, hence the bits,
+// the same on every GPU.
+constexpr int64_t kTargetBlocks = 2048;
+
+[[noreturn]] void throw_cuda_error(cudaError_t err, const char* call, const char* file, int line);
+
+}  // namespace batchnorm::cuda
+
+// Any CUDA error becomes a batchnorm::runtime_error (RuntimeError in Python) with the error's
+// name, its description and the failing call.
+#define BN_CUDA_CHECK(call)                                                           \
+  do {                                                                                \
+    const cudaError_t bn_err_ = (call);                                               \
+    if (bn_err_ != cudaSuccess) ::batchnorm::cuda::throw_cuda_error(bn_err_, #call, __FILE__, __LINE__); \
+  } while (0)
+
+// After every kernel launch: launch-configuration errors surface here, not at a later call.
+#define BN_CUDA_CHECK_LAUNCH(kernel)                                                    \
+  do {                                                                                  \
+    const cudaError_t bn_err_ = cudaGetLastError();                                     \
+    if (bn_err_ != cudaSuccess)                                                         \
+      ::batchnorm::cuda::throw_cuda_error(bn_err_, "launch of " kernel, __FILE__, __LINE__); \
+  } while (0)
+
+namespace batchnorm::cuda {
+
+// Makes `device` current for the scope and restores the caller's device after.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    BN_CUDA_CHECK(cudaGetDevice(&previous_));
+    if (previous_ != device) BN_CUDA_CHECK(cudaSetDevice(device));
+  }
+  ~DeviceGuard() {
+    int now = previous_;
+    if (cudaGetDevice(&now) == cudaSuccess && now != previous_) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
+// DLPack's stream numbers: 0 and 1 are the legacy default stream, 2 the per-thread default
+// stream, anything else a cudaStream_t.
+inline cudaStream_t to_stream(void* s) {
+  const auto v = reinterpret_cast<uintptr_t>(s);
+  if (v == 0 || v == 1) return cudaStreamLegacy;
+  if (v == 2) return cudaStreamPerThread;
+  return static_cast<cudaStream_t>(s);
+}
+
+// Device memory usable by work enqueued on `stream` from now on: the backend's stream-ordered
+// pool, or cudaMalloc where the device has no memory pools. pool_free returns the error
+// instead of throwing, for destructors.
+void* pool_allocate(int device, size_t bytes, cudaStream_t stream);
+cudaError_t pool_free(int device, void* ptr, cudaStream_t stream);
+
+// Scratch memory of one op from the stream-ordered pool, handed back on the same stream once
+// the op's launches are enqueued (or when a launch throws): never a cudaMalloc per call.
+class Workspace {
+ public:
+  Workspace(int device, cudaStream_t stream) : device_(device), stream_(stream) {}
+  ~Workspace() {
+    // A failure here resurfaces at the next checked call; a destructor must not throw.
+    for (int i = 0; i < used_; ++i) pool_free(device_, blocks_[i], stream_);
+  }
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+
+  // `count` objects of type U, usable by work enqueued on the stream from now on.
+  template <class U>
+  U* alloc(int64_t count) {
+    BN_EXPECTS(used_ < kMaxBlocks, runtime_error, "internal error: too many workspace blocks");
+    const size_t bytes = static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(U);
+    blocks_[used_] = pool_allocate(device_, bytes, stream_);
+    return static_cast<U*>(blocks_[used_++]);
+  }
+
+ private:
+  static constexpr int kMaxBlocks = 4;
+  int device_;
+  cudaStream_t stream_;
+  int used_ = 0;
+  void* blocks_[kMaxBlocks] = {};
+};
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Blocks to launch for `items` work items, each block looping over items with a grid stride.
+inline unsigned grid_for(int64_t items) {
+  return static_cast<unsigned>(std::clamp<int64_t>(items, 1, INT_MAX));
+}
+
+}  // namespace batchnorm::cuda
