@@ -148,7 +148,14 @@ struct Memory {
   void* ptr = nullptr;
   Device device;
   int64_t stream = 0;
-  ~Memory() { deallocate(device, ptr, reinterpret_cast<void*>(stream)); }
+  // A destructor must not throw: a CUDA error while freeing (e.g. after an earlier kernel
+  // fault) is dropped here rather than terminating the process; the next CUDA call reports it.
+  ~Memory() {
+    try {
+      deallocate(device, ptr, reinterpret_cast<void*>(stream));
+    } catch (...) {
+    }
+  }
 };
 
 struct Buffer {
