@@ -22,8 +22,9 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _accuracy(ax, result: RunResult, **style) -> None:
-    ax.plot(result.steps, result.test_accuracy, **style)
+def _accuracy(ax, result: RunResult, *, log: bool = False, **style) -> None:
+    first = 1 if log and result.steps[0] == 0 else 0  # step 0 has no place on a log axis
+    ax.plot(result.steps[first:], result.test_accuracy[first:], **style)
     if result.diverged_at is not None:
         ax.axvline(result.diverged_at, color=style.get("color"), linestyle=":", linewidth=1)
 
@@ -66,20 +67,21 @@ def figure1(results: Dict[str, RunResult], path: Path, data_name: str) -> Path:
 
 def figure2(results: Dict[str, RunResult], path: Path, data_name: str) -> Path:
     """(a) 5x and 30x the learning rate, (b) 10x the initial weight scale, each without and
-    with batch norm; (c) train and test accuracy of the baseline pair: the overfitting gap."""
+    with batch norm; (c) train and test accuracy of the baseline pair: the overfitting gap.
+    Test accuracy throughout; a dotted vertical line marks where a run diverged."""
     fig = Figure(figsize=(12, 3.6))
     a, b, c = fig.subplots(1, 3)
     for name, dashed in (("Baseline", True), ("x5", False), ("x30", False)):
         for prefix, color in (("", PLAIN_COLOR), ("BN-", BN_COLOR)):
             r = results[prefix + name]
             shade = {"Baseline": 0.35, "x5": 0.65, "x30": 1.0}[name]
-            _accuracy(a, r, color=color, alpha=shade, linestyle="--" if dashed else "-",
+            _accuracy(a, r, log=True, color=color, alpha=shade, linestyle="--" if dashed else "-",
                       label=f"{prefix + name} (lr {r.config.lr:g})")
     a.set_title("(a) learning rate x1, x5, x30")
     for name, dashed in (("Baseline", True), ("init-x10", False)):
         for prefix, color in (("", PLAIN_COLOR), ("BN-", BN_COLOR)):
             r = results[prefix + name]
-            _accuracy(b, r, color=color, linestyle="--" if dashed else "-",
+            _accuracy(b, r, log=True, color=color, linestyle="--" if dashed else "-",
                       label=f"{prefix + name} (std {r.config.init_std:g})")
     b.set_title("(b) initial weights x10")
     for prefix, color in (("", PLAIN_COLOR), ("BN-", BN_COLOR)):
@@ -88,11 +90,16 @@ def figure2(results: Dict[str, RunResult], path: Path, data_name: str) -> Path:
         c.plot(r.steps, r.train_accuracy, color=color, linestyle="--", label=f"{label}, train")
         c.plot(r.steps, r.test_accuracy, color=color, label=f"{label}, test")
     c.set_title("(c) train vs test accuracy (lr x1)")
-    for ax in (a, b, c):
-        ax.set_xlabel("training steps")
+    # Log steps in (a) and (b): the runs part in their first few hundred steps, and the
+    # plateau they reach matters as much; (c) is about the end, on the paper's linear axis.
+    for ax in (a, b):
+        ax.set_xscale("log")
+        ax.set_xlabel("training steps (log scale)")
+    c.set_xlabel("training steps")
+    for ax, where in ((a, "center right"), (b, "center right"), (c, "lower right")):
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=7)
+        ax.legend(loc=where, fontsize=7)
     a.set_ylabel("accuracy")
     fig.suptitle(f"Learning rate, initialization and overfitting ({data_name}); dotted line: diverged", fontsize=9)
     fig.tight_layout()

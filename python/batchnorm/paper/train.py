@@ -22,7 +22,7 @@ HIDDEN = (100, 100, 100)  # the paper: 3 fully connected hidden layers of 100 si
 BATCH = 60  # the paper's mini-batch size
 PROBE_UNIT = 0  # the sigmoid of the last hidden layer whose input Figure 1 (b, c) follows
 PERCENTILES = (15, 50, 85)
-EVAL_POINTS = 200  # evaluations per run: the resolution of the curves and of steps-to-target
+EVAL_POINTS = 200  # evenly spaced evaluations per run: the resolution of the curves
 TRAIN_EVAL_SIZE = 1000  # training images scored at each evaluation, for the overfitting curve
 
 
@@ -53,10 +53,13 @@ class RunResult:
 
 
 def eval_steps(steps: int) -> List[int]:
-    """Step 0 and up to EVAL_POINTS evenly spaced steps up to `steps`; short runs evaluate
-    at most every 5th step, so that evaluation does not dominate their time."""
+    """Step 0, up to EVAL_POINTS evenly spaced steps up to `steps`, and a geometric series
+    that resolves the first few hundred steps, where the runs part (figure 2 has log axes).
+    Short runs evaluate at most every 5th step, so that evaluation does not dominate them."""
     points = max(1, min(EVAL_POINTS, steps // 5))
-    return sorted({round(steps * k / points) for k in range(points + 1)})
+    even = {round(steps * k / points) for k in range(points + 1)}
+    early = {int(s) for s in np.unique(np.round(np.geomspace(1, steps, points // 5 + 2)))}
+    return sorted(even | early)
 
 
 def train(config: RunConfig, data: Dataset, report: Optional[Callable[[int], None]] = None) -> RunResult:
