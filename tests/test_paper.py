@@ -137,6 +137,19 @@ def test_cli_bad_data_exits_2_with_one_line(tmp_path, damage):
     assert lines[0].startswith("python -m batchnorm: error: ") and "train-images-idx3-ubyte" in lines[0]
 
 
+def test_without_matplotlib_the_table_still_comes(tmp_path, monkeypatch, capsys):
+    from batchnorm.__main__ import main
+
+    write_mnist(tmp_path / "mnist", compress=False, n_train=40, n_test=10)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib...` fail
+    monkeypatch.delitem(sys.modules, "batchnorm.paper.figures", raising=False)
+    status = main(["--data", str(tmp_path / "mnist"), "--steps", "10", "--workers", "0", "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "BN-init-x10" in out and "figures skipped: matplotlib is not installed" in out
+    assert (tmp_path / "out" / "results.json").is_file() and not (tmp_path / "out" / "figure1_mnist.png").exists()
+
+
 def test_cli_bench_without_module_is_a_clear_error(tmp_path):
     import importlib.util
 

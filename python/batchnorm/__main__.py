@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         return _info()
     if args.command == "selfcheck":
         return _selfcheck()
+    if args.command == "bench":  # reached only with options before `bench`, which are the paper's
+        return _bench([])
     from batchnorm.paper.experiments import main as paper
 
     return paper(args)

@@ -77,6 +77,8 @@ def table(results: Sequence[RunResult]) -> str:
             reached = steps_to(r, goal)
             if reached is None:
                 reach.append(f"diverged@{r.diverged_at}" if r.diverged_at is not None else "never")
+            elif base is None:  # only when Baseline itself diverged before its best
+                reach.append(str(reached))
             else:
                 reach.append(f"{reached} ({base / max(reached, 1):.1f}x)")
         rows.append(
@@ -99,6 +101,10 @@ def table(results: Sequence[RunResult]) -> str:
     )
 
 
+def _json_number(value: float) -> Optional[float]:
+    return value if math.isfinite(value) else None  # NaN is not JSON; a diverged run has some
+
+
 def save_results(results: Sequence[RunResult], path: Path, header: Dict[str, object]) -> None:
     runs = []
     for r in results:
@@ -107,12 +113,13 @@ def save_results(results: Sequence[RunResult], path: Path, header: Dict[str, obj
             "steps": r.steps,
             "test_accuracy": r.test_accuracy,
             "train_accuracy_sample": r.train_accuracy,
-            "probe_percentiles": {str(p): [row[i] for row in r.probe_percentiles] for i, p in enumerate(PERCENTILES)},
+            "probe_percentiles": {str(p): [_json_number(row[i]) for row in r.probe_percentiles]
+                                  for i, p in enumerate(PERCENTILES)},
             "final_train_accuracy": r.final_train_accuracy,
             "diverged_at": r.diverged_at,
             "seconds": r.seconds,
         })
-    path.write_text(json.dumps({**header, "runs": runs}, indent=1, allow_nan=True))
+    path.write_text(json.dumps({**header, "runs": runs}, indent=1, allow_nan=False))
 
 
 # ---- the command ---------------------------------------------------------------------------------
@@ -153,9 +160,14 @@ def main(args: argparse.Namespace) -> int:
         from . import figures
     except ImportError as err:  # matplotlib missing: the table still comes
         figures = None
-        missing = f"figures skipped: {err.name or err} is not installed (pip install 'batchnorm[demo]')"
+        package = (err.name or "matplotlib").split(".")[0]
+        missing = f"figures skipped: {package} is not installed (pip install 'batchnorm[demo]')"
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        print(f"{prog}: error: --out {out}: {err.strerror or err}", file=sys.stderr)
+        return 2
 
     runs = configs(steps, args.seed)
     print(f"Batch normalization, Ioffe & Szegedy (2015), section 4.1 / Figure 1 at laptop scale")
