@@ -28,7 +28,7 @@ DEFAULT_OUT = "batchnorm-paper"
 
 
 def configs(steps: int, seed: int) -> List[RunConfig]:
-    """Paired runs, without and with batch norm, named as in the paper's Table 2."""
+    """Paired runs, without and with batch norm, named as in the paper's Figure 3 (a table)."""
     runs = []
     for plain, bn, lr_scale, init_scale in [
         ("Baseline", "BN-Baseline", 1, 1),  # Figure 1 and the overfitting gap
@@ -170,7 +170,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
 
     runs = configs(steps, args.seed)
-    print(f"Batch normalization, Ioffe & Szegedy (2015), section 4.1 / Figure 1 at laptop scale")
+    print("Batch normalization, Ioffe & Szegedy (2015), section 4.1 / Figure 1 at laptop scale")
     print(f"data: {data.describe()}")
     print(f"network: {data.train_x.shape[1]}-{'-'.join(map(str, HIDDEN))}-{data.num_classes}, sigmoid hidden units, softmax; "
           f"plain SGD, mini-batches of {BATCH}, weights ~ N(0, {INIT_STD}^2), lr {BASE_LR}")
@@ -182,8 +182,11 @@ def main(args: argparse.Namespace) -> int:
     progress = ProgressBar([c.steps for c in runs], [c.name for c in runs])
     try:
         results = run_all(runs, data, workers=workers, progress=progress)
-    finally:
+    except KeyboardInterrupt:  # the workers are gone with the pool; no traceback for a Ctrl-C
         progress.close()
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    progress.close()
     elapsed = time.perf_counter() - start
     print()
     print(table(results))

@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import queue
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -193,6 +194,8 @@ _worker_queue = None
 
 def _worker_init(data: Dataset, progress_queue) -> None:
     global _worker_data, _worker_queue
+    # A Ctrl-C reaches the whole process group; the parent alone handles it (it ends the pool).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     batchnorm.set_num_threads(1)
     _worker_data, _worker_queue = data, progress_queue
 
