@@ -3,8 +3,9 @@ out= preallocated and without; PyTorch's CPU kernels (F.batch_norm, and the aten
 that autograd runs); a straightforward NumPy implementation; np.copyto, the roofline."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -94,9 +95,28 @@ def copy(data: CaseData) -> Callable[[], Any]:
     return lambda: np.copyto(data.copy_dst, data.copy_src)
 
 
+_POOLS: Dict[int, ThreadPoolExecutor] = {}
+
+
+def copy_threads(data: CaseData, threads: int) -> Callable[[], Any]:
+    """A copy of x's bytes over `threads` threads, the bandwidth all cores can draw (context
+    only: the roofline stays the one-thread np.copyto). torch's copy_ when torch is there: it
+    runs on the same OpenMP pool as the kernels, where Python threads would compete with that
+    pool's spinning workers; else np.copyto in parts on a thread pool (NumPy releases the GIL)."""
+    src, dst = data.copy_src.reshape(-1), data.copy_dst.reshape(-1)
+    if data.torch is not None:
+        tsrc, tdst = data.torch.from_numpy(src), data.torch.from_numpy(dst)
+        return lambda: tdst.copy_(tsrc)
+    pool = _POOLS.setdefault(threads, ThreadPoolExecutor(threads, thread_name_prefix="bench-copy"))
+    bounds = [src.size * i // threads for i in range(threads + 1)]
+    parts = [(dst[a:b], src[a:b]) for a, b in zip(bounds, bounds[1:])]
+    return lambda: list(pool.map(lambda p: np.copyto(*p), parts))
+
+
 def make_columns(data: CaseData, ops: Sequence[str], threads: Sequence[int], reps: int, numpy_reps: int,
                  use_torch: bool, use_numpy: bool) -> List[Column]:
     cols = [Column("copy", "copy", "out", None, copy(data), reps)]
+    cols += [Column("copy", "copy", "out", t, copy_threads(data, t), reps) for t in threads if t > 1]
     for op in ops:
         for t in threads:
             cols.append(Column("ours", op, "out", t, ours(data, op, True), reps))
