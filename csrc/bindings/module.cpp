@@ -10,6 +10,7 @@
 
 #include "bindings/dlpack.h"
 #include "core/errors.h"
+#include "core/memory.h"
 #include "core/ops.h"
 
 #ifndef BATCHNORM_VERSION
@@ -287,4 +288,5 @@ PYBIND11_MODULE(_C, m) {
     set_num_threads(static_cast<int>(v));
   });
   m.def("get_num_threads", &get_num_threads);
+  m.def("empty_cache", [] { return release_cached_memory(); });
 }

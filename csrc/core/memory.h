@@ -9,6 +9,9 @@ namespace batchnorm {
 
 void* allocate(const Device& device, std::size_t bytes, void* stream = nullptr);
 void deallocate(const Device& device, void* ptr, void* stream = nullptr);
+// Frees the host blocks kept for reuse (see memory.cpp); returns the bytes released.
+std::size_t release_cached_memory();
+
 // Makes `consumer` wait for the work enqueued so far on `producer` (CUDA; no-op on the CPU).
 void stream_wait(const Device& device, void* producer, void* consumer);
 

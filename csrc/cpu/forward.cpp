@@ -11,6 +11,9 @@ namespace batchnorm::cpu {
 
 namespace {
 
+// Rows at least this long are walked in memory order by the elementwise pass.
+constexpr int64_t kMemoryOrderRow = 1024;
+
 // y = (x - mean) * scale + shift over the whole array, with per-channel A vectors.
 template <class T>
 void normalize_all(const Kernels<T>& k, const T* x, T* y, const Layout& L, const Plan& plan, const acc_t<T>* mean,
@@ -21,6 +24,15 @@ void normalize_all(const Kernels<T>& k, const T* x, T* y, const Layout& L, const
     parallel_for(plan.groups, work, [&](int64_t g) {
       const auto [b, e] = plan.range(g);
       k.cl_normalize(x, y, L, b, e, mean, scale, shift, nt);
+    });
+  } else if (L.inner() >= kMemoryOrderRow && L.nred == 2) {
+    // Long rows: walk memory in order (all channels of one outer index, then the next), as a
+    // copy would; the row loop restarts per (outer, channel) at no measurable cost.
+    const int64_t outer = L.sizes[0];
+    parallel_for(outer, work, [&](int64_t o) {
+      for (int64_t c = 0; c < C; ++c)
+        k.normalize(x + c * L.channel_stride[0], y + c * L.channel_stride[1], L, o * L.inner(), (o + 1) * L.inner(),
+                    mean[c], scale[c], shift[c], nt);
     });
   } else if (plan.channel_parallel) {
     parallel_for(plan.channel_blocks(C), work, [&](int64_t blk) {

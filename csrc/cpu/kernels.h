@@ -15,9 +15,10 @@ namespace batchnorm::cpu {
 // reads it from L1.
 constexpr int64_t kPiece = 8192;
 // Positions per run of a channels-last reduction (reduced in float, merged in double): at
-// most 256, and few enough that a run's values stay in L1/L2 for its second pass.
+// most 256, and few enough that a run's values stay in L2 for its second pass, yet long
+// enough that the per-run double merges of every channel cost little.
 constexpr int64_t kChannelsLastRun = 256;
-constexpr int64_t kChannelsLastRunBytes = 64 << 10;
+constexpr int64_t kChannelsLastRunBytes = 256 << 10;
 BN_CPU_INLINE int64_t channels_last_run(int64_t channels, int64_t value_bytes) {
   const int64_t fit = kChannelsLastRunBytes / (channels * value_bytes);
   return fit < 8 ? 8 : fit > kChannelsLastRun ? kChannelsLastRun : fit;

@@ -4,6 +4,7 @@ The functions follow the contract in API.md: statistics, merge_statistics,
 forward_training, forward_inference, backward, fold, and the stateful BatchNorm layer."""
 from .functional import (
     backward,
+    empty_cache,
     fold,
     forward_inference,
     forward_training,
@@ -20,6 +21,7 @@ __version__ = info()["version"]
 __all__ = [
     "BatchNorm",
     "backward",
+    "empty_cache",
     "fold",
     "forward_inference",
     "forward_training",

@@ -133,6 +133,12 @@ def set_num_threads(n: int) -> None:
     _C.set_num_threads(n)
 
 
+def empty_cache() -> int:
+    """Returns the host memory batchnorm keeps for reuse (freed result buffers of 1 MiB and
+    more, up to BATCHNORM_HOST_CACHE_MB, default 512) to the system; the bytes released."""
+    return _C.empty_cache()
+
+
 def get_num_threads() -> int:
     """The process-wide thread count of the CPU kernels."""
     return _C.get_num_threads()

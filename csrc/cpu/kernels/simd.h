@@ -40,10 +40,22 @@ static inline __attribute__((always_inline)) vec_t<acc_t<T>> loadv(const T* p) {
     const u32 w = __builtin_convertvector(h, u32) << 16;
     std::memcpy(&v, &w, sizeof(v));
   } else {
+    // float16 -> float32 is exact; the conversion instruction where the level has it
+    // (GCC 12 does not vectorize the generic _Float16 conversion).
+#if defined(__AVX512F__)
+    const __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    std::memcpy(&v, &f, sizeof(v));
+#elif defined(__F16C__) && defined(__AVX__)
+    const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p) + 1));
+    std::memcpy(&v, &lo, sizeof(lo));
+    std::memcpy(reinterpret_cast<char*>(&v) + sizeof(lo), &hi, sizeof(hi));
+#else
     typedef _Float16 f16 __attribute__((vector_size(32)));
     f16 h;
     std::memcpy(&h, p, sizeof(h));
     v = __builtin_convertvector(h, vec_t<A>);
+#endif
   }
   return v;
 }
@@ -94,9 +106,25 @@ static inline __attribute__((always_inline)) void storev(T* p, vec_t<acc_t<T>> v
       const u32 quiet = (u >> 16) | 0x40u;
       h = __builtin_convertvector((rounded & ~nan) | (quiet & nan), h16);
     } else {
+      // Round to nearest even, as the scalar conversion does.
+#if defined(__AVX512F__)
+      __m512 f;
+      std::memcpy(&f, &v, sizeof(f));
+      const __m256i r = _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      std::memcpy(&h, &r, sizeof(h));
+#elif defined(__F16C__) && defined(__AVX__)
+      __m256 lo, hi;
+      std::memcpy(&lo, &v, sizeof(lo));
+      std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+      const __m128i rl = _mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m128i rh = _mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      std::memcpy(&h, &rl, sizeof(rl));
+      std::memcpy(reinterpret_cast<char*>(&h) + sizeof(rl), &rh, sizeof(rh));
+#else
       typedef _Float16 f16 __attribute__((vector_size(32)));
       const f16 f = __builtin_convertvector(v, f16);
       std::memcpy(&h, &f, sizeof(h));
+#endif
     }
     if constexpr (stream) stream32(p, &h);
     else std::memcpy(p, &h, sizeof(h));
