@@ -78,30 +78,40 @@ void cl_grad_sums(const T* dy, const T* x, const Layout& L, int64_t p0, int64_t 
   const int64_t Cv = C / VL * VL;
   A* s1 = scratch;
   A* s2 = scratch + C;
+  int64_t od[kChannelsLastRun], ox[kChannelsLastRun];
   for (int64_t c = 0; c < C; ++c) sum_dy[c] = sum_dy_xmu[c] = 0.0;
   Odometer<2> pos(L, L.nred, p0);
   for (int64_t r0 = p0; r0 < p1; r0 += kChannelsLastRun) {
-    const int64_t r1 = std::min(p1, r0 + kChannelsLastRun);
-    for (int64_t c = 0; c < C; ++c) s1[c] = s2[c] = A(0);
-    for (int64_t p = r0; p < r1; ++p, pos.next()) {
-      const T* dp = dy + pos.off[0];
-      const T* xp = x + pos.off[1];
-      for (int64_t c = 0; c < Cv; c += VL) {
-        V a, b, m;
-        std::memcpy(&a, s1 + c, sizeof(V));
-        std::memcpy(&b, s2 + c, sizeof(V));
-        std::memcpy(&m, mean + c, sizeof(V));
-        const V g = loadv(dp + c);
+    const int64_t n = std::min(p1, r0 + kChannelsLastRun) - r0;
+    for (int64_t i = 0; i < n; ++i, pos.next()) {
+      od[i] = pos.off[0];
+      ox[i] = pos.off[1];
+    }
+    // Register tiles of channels across the run's positions, each channel's sums in order.
+    for_channel_tiles<VL>(Cv, [&](int64_t c0, auto nv) {
+      constexpr int NV = decltype(nv)::value;
+      V a[NV] = {}, b[NV] = {}, m[NV];
+      for (int k = 0; k < NV; ++k) std::memcpy(&m[k], mean + c0 + k * VL, sizeof(V));
+      for (int64_t i = 0; i < n; ++i)
+        for (int k = 0; k < NV; ++k) {
+          const V g = loadv(dy + od[i] + c0 + k * VL);
+          a[k] += g;
+          b[k] += g * (loadv(x + ox[i] + c0 + k * VL) - m[k]);
+        }
+      for (int k = 0; k < NV; ++k) {
+        std::memcpy(s1 + c0 + k * VL, &a[k], sizeof(V));
+        std::memcpy(s2 + c0 + k * VL, &b[k], sizeof(V));
+      }
+    });
+    for (int64_t c = Cv; c < C; ++c) {
+      A a = A(0), b = A(0);
+      for (int64_t i = 0; i < n; ++i) {
+        const A g = load(dy[od[i] + c]);
         a += g;
-        b += g * (loadv(xp + c) - m);
-        std::memcpy(s1 + c, &a, sizeof(V));
-        std::memcpy(s2 + c, &b, sizeof(V));
+        b += g * (load(x[ox[i] + c]) - mean[c]);
       }
-      for (int64_t c = Cv; c < C; ++c) {
-        const A g = load(dp[c]);
-        s1[c] += g;
-        s2[c] += g * (load(xp[c]) - mean[c]);
-      }
+      s1[c] = a;
+      s2[c] = b;
     }
     for (int64_t c = 0; c < C; ++c) {
       sum_dy[c] += static_cast<double>(s1[c]);

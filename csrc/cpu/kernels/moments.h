@@ -71,10 +71,24 @@ Moments<double> moments(const T* x, const Layout& L, int64_t begin, int64_t end)
   return block_moments<double>(static_cast<double>(end - begin), center, dev.total(), sq.total());
 }
 
+// Calls tile(c0, NV) over [0, Cv) in tiles of NV (4, then 1..3) vectors of channels, NV a
+// compile-time constant so each tile's accumulators live in registers.
+template <int VL, class Tile>
+static inline __attribute__((always_inline)) void for_channel_tiles(int64_t Cv, Tile&& tile) {
+  int64_t c0 = 0;
+  for (; c0 + 4 * VL <= Cv; c0 += 4 * VL) tile(c0, std::integral_constant<int, 4>{});
+  switch ((Cv - c0) / VL) {
+    case 3: tile(c0, std::integral_constant<int, 3>{}); break;
+    case 2: tile(c0, std::integral_constant<int, 2>{}); break;
+    case 1: tile(c0, std::integral_constant<int, 1>{}); break;
+    default: break;
+  }
+}
+
 // Channels-last runs of positions are reduced like channels-first blocks: their per-channel
 // sums, then the deviations from the run's own mean while the run is still in cache (a run
 // holds at most kChannelsLastRunBytes), so neither a mean that dwarfs the spread nor an
-// outlier costs digits.
+// outlier costs digits. Channels go in register tiles across the run's positions.
 template <class T>
 void cl_moments(const T* x, const Layout& L, int64_t p0, int64_t p1, Moments<double>* out, acc_t<T>* scratch) {
   using A = acc_t<T>;
@@ -86,45 +100,47 @@ void cl_moments(const T* x, const Layout& L, int64_t p0, int64_t p1, Moments<dou
   A* center = scratch;
   A* dev = scratch + C;
   A* sq = scratch + 2 * C;
+  int64_t offs[kChannelsLastRun];
   for (int64_t c = 0; c < C; ++c) out[c] = Moments<double>{};
   Odometer<1> pos(L, L.nred, p0);
   for (int64_t r0 = p0; r0 < p1; r0 += run) {
-    const int64_t r1 = std::min(p1, r0 + run);
-    const A n = static_cast<A>(r1 - r0);
-    Odometer<1> again = pos;
-    for (int64_t c = 0; c < C; ++c) center[c] = dev[c] = sq[c] = A(0);
-    for (int64_t p = r0; p < r1; ++p, pos.next()) {
-      const T* xp = x + pos.off[0];
-      for (int64_t c = 0; c < Cv; c += VL) {
-        V t;
-        std::memcpy(&t, center + c, sizeof(V));
-        t += loadv(xp + c);
-        std::memcpy(center + c, &t, sizeof(V));
+    const int64_t n = std::min(p1, r0 + run) - r0;
+    for (int64_t i = 0; i < n; ++i, pos.next()) offs[i] = pos.off[0];
+    const A an = static_cast<A>(n);
+    for_channel_tiles<VL>(Cv, [&](int64_t c0, auto nv) {
+      constexpr int NV = decltype(nv)::value;
+      V s[NV] = {};
+      for (int64_t i = 0; i < n; ++i)
+        for (int k = 0; k < NV; ++k) s[k] += loadv(x + offs[i] + c0 + k * VL);
+      V m[NV], e[NV] = {}, q[NV] = {};
+      for (int k = 0; k < NV; ++k) m[k] = s[k] / an;
+      for (int64_t i = 0; i < n; ++i)
+        for (int k = 0; k < NV; ++k) {
+          const V d = loadv(x + offs[i] + c0 + k * VL) - m[k];
+          e[k] += d;
+          q[k] += d * d;
+        }
+      for (int k = 0; k < NV; ++k) {
+        std::memcpy(center + c0 + k * VL, &m[k], sizeof(V));
+        std::memcpy(dev + c0 + k * VL, &e[k], sizeof(V));
+        std::memcpy(sq + c0 + k * VL, &q[k], sizeof(V));
       }
-      for (int64_t c = Cv; c < C; ++c) center[c] += load(xp[c]);
-    }
-    for (int64_t c = 0; c < C; ++c) center[c] /= n;
-    for (int64_t p = r0; p < r1; ++p, again.next()) {
-      const T* xp = x + again.off[0];
-      for (int64_t c = 0; c < Cv; c += VL) {
-        V k, e, q;
-        std::memcpy(&k, center + c, sizeof(V));
-        std::memcpy(&e, dev + c, sizeof(V));
-        std::memcpy(&q, sq + c, sizeof(V));
-        const V d = loadv(xp + c) - k;
+    });
+    for (int64_t c = Cv; c < C; ++c) {
+      A t = A(0);
+      for (int64_t i = 0; i < n; ++i) t += load(x[offs[i] + c]);
+      center[c] = t / an;
+      A e = A(0), q = A(0);
+      for (int64_t i = 0; i < n; ++i) {
+        const A d = load(x[offs[i] + c]) - center[c];
         e += d;
         q += d * d;
-        std::memcpy(dev + c, &e, sizeof(V));
-        std::memcpy(sq + c, &q, sizeof(V));
       }
-      for (int64_t c = Cv; c < C; ++c) {
-        const A d = load(xp[c]) - center[c];
-        dev[c] += d;
-        sq[c] += d * d;
-      }
+      dev[c] = e;
+      sq[c] = q;
     }
     for (int64_t c = 0; c < C; ++c)
-      out[c] = merge_moments(out[c], block_moments<double>(static_cast<double>(r1 - r0), center[c], dev[c], sq[c]));
+      out[c] = merge_moments(out[c], block_moments<double>(static_cast<double>(n), center[c], dev[c], sq[c]));
   }
 }
 
