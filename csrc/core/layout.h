@@ -36,7 +36,6 @@ struct Layout {
     return channels > 1;
   }
   BN_HD_MEMBER int64_t inner() const { return sizes[nred - 1]; }
-  BN_HD_MEMBER int64_t outer() const { return count / (sizes[nred - 1] > 0 ? sizes[nred - 1] : 1); }
   BN_HD_MEMBER int64_t inner_stride(int t) const { return strides[t][nred - 1]; }
   // Offset (in elements) of outer index o (over dims [0, nred-1)) of array t.
   BN_HD_MEMBER int64_t outer_offset(int t, int64_t o) const {
