@@ -395,6 +395,49 @@ def test_backward_layouts_and_out(lib, dtype, layout):
         assert_out_close(lib.host(dy), rdx, dtype, f"out=dy axis={axis}")
 
 
+# Shapes large enough to take every path sized for the whole GPU: channels split over many
+# blocks, channels-last tiles over many position ranges, many channels with few values.
+LARGE_SHAPES = [
+    ((32, 64, 56, 56), 1),
+    ((4, 3, 224, 224), 1),
+    ((16, 28, 28, 256), -1),
+    ((65536, 64), 1),
+    ((64, 2048, 7, 7), 1),
+    ((8, 7, 7, 2048), -1),
+]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("shape,axis", LARGE_SHAPES)
+def test_large_shapes_every_op(torch_lib, dtype, shape, axis):
+    lib = torch_lib
+    rng = rng_for("large", shape, axis, dtype)
+    C = shape[axis]
+    x = make(lib, rng.standard_normal(shape, dtype=np.float32) * 2 + 3, dtype)
+    dy = make(lib, rng.standard_normal(shape, dtype=np.float32), dtype)
+    w_np, b_np = rng.standard_normal(C), rng.standard_normal(C)
+    w, b = lib.asarray(w_np, "float32"), lib.asarray(b_np, "float32")
+    rm, rv = lib.asarray(np.zeros(C), "float32"), lib.asarray(np.ones(C), "float32")
+    y, saved_mean, saved_invstd = bn.forward_training(x, w, b, running_mean=rm, running_var=rv, axis=axis)
+    xr, dyr = lib.host(x), lib.host(dy)
+    ry, mean, var, invstd = ref_forward(xr, lib.host(w), lib.host(b), 1e-5, axis)
+    assert_out_close(lib.host(y), ry, dtype, "y")
+    assert_acc_close(lib.host(saved_mean), mean, np.abs(mean) + np.sqrt(var), dtype, "saved_mean")
+    assert_acc_close(lib.host(saved_invstd), invstd, invstd, dtype, "saved_invstd")
+    n = xr.size // C
+    assert_acc_close(lib.host(rv), 0.9 + 0.1 * var * n / (n - 1), 1 + var, "float32", "running_var")
+    yi = bn.forward_inference(x, saved_mean, lib.asarray(var, "float32"), w, b, axis=axis)
+    assert_out_close(lib.host(yi), ry, dtype, "inference y")
+    dx, dweight, dbias = bn.backward(dy, x, saved_mean, saved_invstd, w, axis=axis)
+    mean_g, invstd_g = lib.host(saved_mean), lib.host(saved_invstd)
+    rdx, rdw, rdb = ref_backward(dyr, xr, mean_g, invstd_g, lib.host(w), axis)
+    red = reduced_axes(xr.ndim, axis)
+    xhat = (xr - per_channel(mean_g, xr.ndim, axis)) * per_channel(invstd_g, xr.ndim, axis)
+    assert_acc_close(lib.host(dbias), rdb, np.abs(dyr).sum(axis=red), dtype, "dbias")
+    assert_acc_close(lib.host(dweight), rdw, np.abs(dyr * xhat).sum(axis=red), dtype, "dweight")
+    assert_out_close(lib.host(dx), rdx, dtype, "dx")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_matches_torch_training(torch_lib, dtype, channels_last):
