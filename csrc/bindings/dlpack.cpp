@@ -80,6 +80,8 @@ Device device_from_dl(int32_t type, int32_t id, const char* arg) {
   }
 }
 
+void import_capsule(Imported& imp, py::object cap, const char* arg);
+
 void import_dlpack(Imported& imp, py::handle obj, const char* arg, int64_t stream) {
   const py::tuple dev = obj.attr("__dlpack_device__")();
   const int32_t dev_type = dev[0].cast<int32_t>();
@@ -98,6 +100,12 @@ void import_dlpack(Imported& imp, py::handle obj, const char* arg, int64_t strea
       throw type_error(detail::concat(arg, " could not be exported through DLPack: ", e2.what()));
     }
   }
+  import_capsule(imp, cap, arg);
+}
+
+// A capsule from __dlpack__ or handed over as it is (torch.utils.dlpack.to_dlpack's, which
+// the Python layer uses for torch tensors on the stream the call runs on).
+void import_capsule(Imported& imp, py::object cap, const char* arg) {
   PyObject* c = cap.ptr();
   DLTensor* t = nullptr;
   uint64_t flags = 0;
@@ -338,6 +346,8 @@ ImportedPtr import_array(py::handle obj, const char* arg, int64_t stream, bool a
     import_numpy(*imp, py::reinterpret_borrow<py::array>(obj), arg);
   } else if (py::hasattr(obj, "__dlpack__") && py::hasattr(obj, "__dlpack_device__")) {
     import_dlpack(*imp, obj, arg, stream);
+  } else if (PyCapsule_CheckExact(obj.ptr())) {
+    import_capsule(*imp, py::reinterpret_borrow<py::object>(obj), arg);
   } else if (allow_asarray && (py::isinstance<py::list>(obj) || py::isinstance<py::tuple>(obj) ||
                                py::hasattr(obj, "__array__") || py::hasattr(obj, "__array_interface__"))) {
     py::object a = py::module_::import("numpy").attr("asarray")(obj);

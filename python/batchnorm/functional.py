@@ -17,7 +17,7 @@ def statistics(x: Array, *, axis: int = 1, stream: Any = None) -> Tuple[Array, A
     number of values per channel. Numerically stable at any magnitude."""
     axis = check_axis(axis, x)
     kind = Kind(x, stream)
-    mean, var, count = _C.statistics(x, axis, kind.call)
+    mean, var, count = _C.statistics(kind.arg(x), axis, kind.call)
     return kind.wrap(mean), kind.wrap(var), count
 
 
@@ -54,10 +54,11 @@ def forward_training(
     axis = check_axis(axis, x)
     check_out(out)
     kind = Kind(x, stream)
+    a = kind.arg
     y, mean, invstd = _C.forward_training(
-        x, weight, bias, running_mean, running_var, momentum, eps, axis, out, kind.call
+        a(x), a(weight), a(bias), a(running_mean), a(running_var), momentum, eps, axis, a(out), kind.call
     )
-    return kind.wrap(y), kind.wrap(mean), kind.wrap(invstd)
+    return (out if out is not None else kind.wrap(y)), kind.wrap(mean), kind.wrap(invstd)
 
 
 def forward_inference(
@@ -78,7 +79,9 @@ def forward_inference(
     axis = check_axis(axis, x)
     check_out(out)
     kind = Kind(x, stream)
-    return kind.wrap(_C.forward_inference(x, mean, var, weight, bias, eps, axis, out, kind.call))
+    a = kind.arg
+    y = _C.forward_inference(a(x), a(mean), a(var), a(weight), a(bias), eps, axis, a(out), kind.call)
+    return out if out is not None else kind.wrap(y)
 
 
 def backward(
@@ -97,8 +100,9 @@ def backward(
     axis = check_axis(axis, x)
     check_out(out)
     kind = Kind(x, stream)
-    dx, dweight, dbias = _C.backward(dy, x, saved_mean, saved_invstd, weight, axis, out, kind.call)
-    return kind.wrap(dx), kind.wrap(dweight), kind.wrap(dbias)
+    a = kind.arg
+    dx, dweight, dbias = _C.backward(a(dy), a(x), a(saved_mean), a(saved_invstd), a(weight), axis, a(out), kind.call)
+    return (out if out is not None else kind.wrap(dx)), kind.wrap(dweight), kind.wrap(dbias)
 
 
 def fold(
