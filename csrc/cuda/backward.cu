@@ -5,6 +5,7 @@
 #include "core/backend.h"
 #include "cuda/common.cuh"
 #include "cuda/convert.cuh"
+#include "cuda/dense.cuh"
 #include "cuda/reduce.cuh"
 #include "cuda/walk.cuh"
 
@@ -190,6 +191,14 @@ __global__ void __launch_bounds__(kBlock, 2)
   }
 }
 
+// backward_dx() with channel c's coefficients, for dense_kernel (inputs dy, x).
+template <class A>
+struct GradInputOp {
+  static constexpr int kInputs = 2;
+  const BackwardCoefficients<A>* coef;
+  __device__ __forceinline__ A operator()(uint32_t c, A dy, A x) const { return backward_dx<A>(dy, x, coef[c]); }
+};
+
 template <class T>
 void backward_typed(const BackwardParams& p, const Layout& L, cudaStream_t stream) {
   using A = acc_t<T>;
@@ -224,6 +233,10 @@ void backward_typed(const BackwardParams& p, const Layout& L, cudaStream_t strea
       part, L.channels, L.count, saved_mean, param_ref(p.saved_invstd), param_ref(p.weight), p.dweight.ptr<A>(),
       p.dbias.ptr<A>(), coef);
   BN_CUDA_CHECK_LAUNCH("grad_finalize_kernel");
+  if (const DensePlan dense = dense_plan(L, arrays, 3, kVecWidth<T>); dense.ok) {
+    launch_dense<T>(dense, dy, x, dx, GradInputOp<A>{coef}, stream);
+    return;
+  }
   if (cl) {
     with_width<T>(cl_packable(L, arrays, 3, kVecWidth<T>), [&](auto width) {
       constexpr int W = decltype(width)::value;

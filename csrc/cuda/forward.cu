@@ -5,6 +5,7 @@
 #include "core/backend.h"
 #include "cuda/common.cuh"
 #include "cuda/convert.cuh"
+#include "cuda/dense.cuh"
 #include "cuda/moments.cuh"
 #include "cuda/walk.cuh"
 
@@ -78,6 +79,16 @@ __global__ void __launch_bounds__(kBlock, 2)
   }
 }
 
+// normalize() with channel c's coefficients, for dense_kernel.
+template <class A>
+struct NormalizeOp {
+  static constexpr int kInputs = 1;
+  const A* mean;
+  const A* scale;
+  const A* shift;
+  __device__ __forceinline__ A operator()(uint32_t c, A v, A) const { return normalize<A>(v, mean[c], scale[c], shift[c]); }
+};
+
 // Inference coefficients, as the CPU computes them: scale = (A)(1 / sqrt(var + eps)) * weight.
 template <class A>
 __global__ void __launch_bounds__(kBlock)
@@ -98,6 +109,10 @@ void normalize_all(const TensorView& x, const TensorView& y, const Layout& L, co
   const T* xd = x.ptr<const T>();
   T* yd = y.ptr<T>();
   const void* arrays[] = {x.data, y.data};
+  if (const DensePlan dense = dense_plan(L, arrays, 2, kVecWidth<T>); dense.ok) {
+    launch_dense<T>(dense, xd, nullptr, yd, NormalizeOp<acc_t<T>>{mean, scale, shift}, stream);
+    return;
+  }
   if (L.channels_last()) {
     with_width<T>(cl_packable(L, arrays, 2, kVecWidth<T>), [&](auto width) {
       constexpr int W = decltype(width)::value;
