@@ -26,10 +26,10 @@ struct CfPlan {
 };
 
 inline CfPlan cf_plan(const Layout& L, int width) {
-  const int64_t min_per_item = int64_t(kBlock) * width * kUnroll * 2;
+  const int64_t min_per_item = int64_t(kBlock) * width * min_work();
   CfPlan p;
   const int64_t most = std::max<int64_t>(1, ceil_div(L.count, min_per_item));
-  p.splits = std::clamp<int64_t>(ceil_div(kTargetBlocks, L.channels), 1, most);
+  p.splits = std::clamp<int64_t>(ceil_div(target_items(), L.channels), 1, most);
   p.chunk = ceil_div(ceil_div(L.count, p.splits), width) * width;
   p.splits = ceil_div(L.count, p.chunk);  // no empty ranges
   p.items = L.channels * p.splits;
@@ -133,8 +133,8 @@ inline ClPlan cl_plan(const Layout& L, int width) {
   p.lanes = static_cast<int>(std::min<int64_t>(32, ceil_div(L.channels, width)));
   p.rows = kBlock / p.lanes;
   p.tiles = ceil_div(L.channels, int64_t(p.lanes) * width);
-  const int64_t most = std::max<int64_t>(1, ceil_div(L.count, int64_t(p.rows) * kUnroll * 2));
-  p.splits = std::clamp<int64_t>(ceil_div(kTargetBlocks, p.tiles), 1, most);
+  const int64_t most = std::max<int64_t>(1, ceil_div(L.count, int64_t(p.rows) * min_work_channels_last()));
+  p.splits = std::clamp<int64_t>(ceil_div(target_items(), p.tiles), 1, most);
   p.items = p.tiles * p.splits;
   return p;
 }
