@@ -73,6 +73,8 @@ def build_parser(default_out: str) -> argparse.ArgumentParser:
         prog="python -m batchnorm bench",
         description="CPU benchmark of batchnorm against np.copyto bandwidth, PyTorch and NumPy "
                     "(see bench/README.md for what each column means).")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu (this benchmark) or cuda (the GPU benchmark, its own options: --device cuda --help)")
     p.add_argument("--quick", action="store_true", help="two shapes, few reps, a short sweep: seconds")
     p.add_argument("--threads", type=_parse_threads, default=None,
                    help="comma list of thread counts, 'all' = every CPU (default: 1,all)")
@@ -178,6 +180,11 @@ class Output:
 
 
 def main(argv: Optional[Sequence[str]] = None, default_out: str = os.path.join("bench", "results")) -> int:
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+    if "--device=cuda" in argv_list or any(a == "--device" and b == "cuda" for a, b in zip(argv_list, argv_list[1:])):
+        from . import cuda
+
+        return cuda.main(argv_list, default_out)
     args = build_parser(default_out).parse_args(argv)
     wall0 = time.perf_counter()
     torch = None
