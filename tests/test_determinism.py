@@ -28,6 +28,7 @@ CASES = {
     "many-channels": ((8, 256, 6, 6), 1, None),
     "channels-last": ((16, 12, 12, 24), -1, None),
     "7x7-planes": ((32, 64, 7, 7), 1, None),
+    "7x7-rows-cut-by-blocks": ((200, 4, 7, 7), 1, None),
     "odd-sizes": ((5, 7, 1001), 1, None),
     "odd-channels-last": ((4099, 11), -1, None),
     "middle-axis-odd": ((3, 5, 17, 131), 2, None),
@@ -60,7 +61,7 @@ def run_all(x, dy, axis) -> list:
 
 # float32 on every shape; half and double on a representative subset.
 THREAD_CASES = [(name, "float32") for name in CASES] + [
-    (name, dtype) for dtype in ("float16", "float64") for name in ("few-channels-many-values", "channels-last", "odd-sizes")
+    (name, dtype) for dtype in ("float16", "float64") for name in ("few-channels-many-values", "channels-last", "odd-sizes", "7x7-rows-cut-by-blocks")
 ]
 
 

@@ -51,6 +51,7 @@ SHAPE_AXES = [
     ((2, 3, 3, 4, 5), 1),
     ((2, 3, 3, 4, 5), -1),
     ((2, 3, 3, 4, 5), -3),
+    ((180, 3, 7, 7), 1),  # short rows (49 values) that the 8192-value blocks cut mid-row
 ]
 SHAPE_AXIS_IDS = [f"{'x'.join(map(str, s))}-axis{a}" for s, a in SHAPE_AXES]
 shape_axis = pytest.mark.parametrize("shape,axis", SHAPE_AXES, ids=SHAPE_AXIS_IDS)

@@ -5,12 +5,56 @@
 
 namespace batchnorm::cpu::BN_ISA {
 
+// grad_sums over short contiguous rows of dy and x (see ShortRow): vector k of every row
+// into accumulator k; the tail vector's repeated lanes are masked out of both sums.
+template <class T, int NV>
+void grad_sums_short_rows(const T* dy, const T* x, const Layout& L, int64_t begin, int64_t end, acc_t<T> mean,
+                          double* sum_dy, double* sum_dy_xmu) {
+  using A = acc_t<T>;
+  using V = vec_t<A>;
+  constexpr int VL = vlen<A>;
+  using R = ShortRow<T, NV>;
+  const V vm = splat(mean);
+  V a1[NV] = {}, a2[NV] = {};
+  for_each_segment<2>(L, begin, end, [&](const int64_t* off, int64_t len) {
+    const T* dp = dy + off[0];
+    const T* xp = x + off[1];
+    if (len < VL) {
+      const V m = lanes_below<A>(len);
+      const V g = load_partial(dp, len);
+      a1[0] += g;
+      a2[0] += mask_lanes<A>(g * (load_partial(xp, len) - vm), m);
+      return;
+    }
+    const int64_t full = len / VL, tail = len - full * VL;
+#pragma GCC unroll 8
+    for (int k = 0; k < NV; ++k) {
+      if (k < full) {
+        const V g = loadv(dp + k * VL);
+        a1[k] += g;
+        a2[k] += g * (loadv(xp + k * VL) - vm);
+      } else if (k == full && tail != 0) {
+        const V m = lanes_from<A>(VL - tail);
+        const V g = mask_lanes<A>(loadv(dp + len - VL), m);
+        a1[k] += g;
+        a2[k] += mask_lanes<A>(g * (loadv(xp + len - VL) - vm), m);
+      }
+    }
+  });
+  *sum_dy = static_cast<double>(R::total(a1));
+  *sum_dy_xmu = static_cast<double>(R::total(a2));
+}
+
 template <class T>
 void grad_sums(const T* dy, const T* x, const Layout& L, int64_t begin, int64_t end, acc_t<T> mean,
                double* sum_dy, double* sum_dy_xmu) {
   using A = acc_t<T>;
   using V = vec_t<A>;
   constexpr int VL = vlen<A>;
+  if (L.inner_stride(1) == 1 && with_short_rows<A>(L, 0, [&](auto nv) {
+        grad_sums_short_rows<T, decltype(nv)::value>(dy, x, L, begin, end, mean, sum_dy, sum_dy_xmu);
+      }))
+    return;
   const int64_t sd = L.inner_stride(0), sx = L.inner_stride(1);
   const V vm = splat(mean);
   Lanes2<A> a1, a2;
@@ -31,6 +75,36 @@ void grad_sums(const T* dy, const T* x, const Layout& L, int64_t begin, int64_t 
   *sum_dy_xmu = static_cast<double>(a2.total());
 }
 
+// grad_apply over short contiguous rows, as normalize_short_rows: every vector of a row
+// loaded before any store (dx may be dy or x), the tail vector ending at the row's end.
+template <class T, int NV>
+void grad_apply_short_rows(const T* dy, const T* x, T* dx, const Layout& L, int64_t begin, int64_t end,
+                           const BackwardCoefficients<acc_t<T>>& kk) {
+  using A = acc_t<T>;
+  using V = vec_t<A>;
+  constexpr int VL = vlen<A>;
+  const V vm = splat(kk.mean), vs = splat(kk.scale), vmd = splat(kk.mean_dy), vp = splat(kk.proj);
+  for_each_segment<3>(L, begin, end, [&](const int64_t* off, int64_t len) {
+    const T* dp = dy + off[0];
+    const T* xp = x + off[1];
+    T* op = dx + off[2];
+    if (len < VL) {
+      for (int64_t i = 0; i < len; ++i) op[i] = store<T>(backward_dx<A>(load(dp[i]), load(xp[i]), kk));
+      return;
+    }
+    const int64_t full = len / VL, tail = len - full * VL;
+    V g[NV + 1], v[NV + 1];
+#pragma GCC unroll 8
+    for (int k = 0; k < NV; ++k)
+      if (k < full) g[k] = loadv(dp + k * VL), v[k] = loadv(xp + k * VL);
+    if (tail != 0) g[NV] = loadv(dp + len - VL), v[NV] = loadv(xp + len - VL);
+#pragma GCC unroll 8
+    for (int k = 0; k < NV; ++k)
+      if (k < full) storev<T>(op + k * VL, (g[k] - vmd - (v[k] - vm) * vp) * vs);
+    if (tail != 0) storev<T>(op + len - VL, (g[NV] - vmd - (v[NV] - vm) * vp) * vs);
+  });
+}
+
 template <class T>
 void grad_apply(const T* dy, const T* x, T* dx, const Layout& L, int64_t begin, int64_t end,
                 const BackwardCoefficients<acc_t<T>>& k, bool nt) {
@@ -38,6 +112,10 @@ void grad_apply(const T* dy, const T* x, T* dx, const Layout& L, int64_t begin, 
   using V = vec_t<A>;
   constexpr int VL = vlen<A>;
   const BackwardCoefficients<A> kk = k;
+  if (L.inner_stride(1) == 1 && L.inner_stride(2) == 1 && with_short_rows<A>(L, 0, [&](auto nv) {
+        grad_apply_short_rows<T, decltype(nv)::value>(dy, x, dx, L, begin, end, kk);
+      }))
+    return;
   const V vm = splat(kk.mean), vs = splat(kk.scale), vmd = splat(kk.mean_dy), vp = splat(kk.proj);
   const int64_t sd = L.inner_stride(0), sx = L.inner_stride(1), so = L.inner_stride(2);
   const uintptr_t align = VL * sizeof(T);

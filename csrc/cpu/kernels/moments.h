@@ -40,10 +40,99 @@ static inline __attribute__((always_inline)) void walk_vectors(int64_t len, Body
   if (i < len) body(i, first, len - i);
 }
 
+// Short contiguous rows (a 7x7 plane is 49 values, spaced C * 49 apart) spend most of a
+// generic walk's time per row, in the partial vector at the row's end. Rows of at most
+// kShortRowVectors vectors go through ShortRow instead: the row's full vectors, then for a
+// tail the full vector that ends at the row's end with the lanes the previous vector already
+// covered masked off; vector k of every row goes to accumulator k. Which path a reduction
+// takes depends on the shape alone, so results stay the same for any thread count or ISA.
+constexpr int kShortRowVectors = 4;
+
+template <class T, int NV>
+struct ShortRow {
+  using A = acc_t<T>;
+  using V = vec_t<A>;
+  static constexpr int VL = vlen<A>;
+  // f(k, v, mask, masked) for vector k of the row of len (<= NV * VL) values at p; when
+  // `masked`, v's lanes outside `mask` are zero and results built from v need the mask again.
+  template <class F>
+  static inline __attribute__((always_inline)) void each(const T* p, int64_t len, F&& f) {
+    const int64_t full = len / VL, tail = len - full * VL;
+#pragma GCC unroll 8
+    for (int k = 0; k < NV; ++k) {
+      if (k < full) {
+        f(k, loadv(p + k * VL), V{}, false);
+      } else if (k == full && tail != 0) {
+        if (len >= VL) {
+          const V m = lanes_from<A>(VL - tail);
+          f(k, mask_lanes<A>(loadv(p + len - VL), m), m, true);
+        } else {
+          f(k, load_partial(p, len), lanes_below<A>(len), true);
+        }
+      }
+    }
+  }
+  template <int N>
+  static inline __attribute__((always_inline)) A total(const V (&acc)[N]) {
+    A t = A(0);
+    for (int k = 0; k < N; ++k) {
+      A lanes[VL];
+      std::memcpy(lanes, &acc[k], sizeof(V));
+      t += sum_lanes<A, VL>(lanes);
+    }
+    return t;
+  }
+};
+
+template <class T, int NV>
+Moments<double> moments_short_rows(const T* x, const Layout& L, int64_t begin, int64_t end) {
+  using A = acc_t<T>;
+  using V = vec_t<A>;
+  using R = ShortRow<T, NV>;
+  V sum[NV] = {};
+  for_each_row(L, 0, begin, end, [&](int64_t off, int64_t len) {
+    R::each(x + off, len, [&](int k, V v, V, bool) { sum[k] += v; });
+  });
+  const A n = static_cast<A>(end - begin);
+  const A center = R::total(sum) / n;
+  const V vc = splat(center);
+  V dev[NV] = {}, sq[NV] = {};
+  for_each_row(L, 0, begin, end, [&](int64_t off, int64_t len) {
+    R::each(x + off, len, [&](int k, V v, V mask, bool masked) {
+      V d = v - vc;
+      if (masked) d = mask_lanes<A>(d, mask);
+      dev[k] += d;
+      sq[k] += d * d;
+    });
+  });
+  return block_moments<double>(static_cast<double>(end - begin), center, R::total(dev), R::total(sq));
+}
+
+// Calls f(std::integral_constant<int, NV>{}) when rows of array t are short and contiguous
+// (NV = their length in vectors), and returns whether it did.
+template <class A, class F>
+static inline __attribute__((always_inline)) bool with_short_rows(const Layout& L, int t, F&& f) {
+  constexpr int VL = vlen<A>;
+  const int64_t inner = L.inner();
+  if (L.inner_stride(t) != 1 || inner < VL || inner > kShortRowVectors * VL) return false;
+  switch ((inner + VL - 1) / VL) {
+    case 1: f(std::integral_constant<int, 1>{}); return true;
+    case 2: f(std::integral_constant<int, 2>{}); return true;
+    case 3: f(std::integral_constant<int, 3>{}); return true;
+    case 4: f(std::integral_constant<int, 4>{}); return true;
+    default: return false;
+  }
+}
+
 template <class T>
 Moments<double> moments(const T* x, const Layout& L, int64_t begin, int64_t end) {
   using A = acc_t<T>;
   using V = vec_t<A>;
+  Moments<double> short_result;
+  if (with_short_rows<A>(L, 0, [&](auto nv) {
+        short_result = moments_short_rows<T, decltype(nv)::value>(x, L, begin, end);
+      }))
+    return short_result;
   const int64_t s = L.inner_stride(0);
   // Strided rows are gathered into the same lanes the contiguous walk uses.
   auto get = [s](const T* p, int64_t i, int64_t n) -> V {

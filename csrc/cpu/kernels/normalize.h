@@ -3,6 +3,7 @@
 // forward, inference forward and fold alike. `nt` selects non-temporal stores, for outputs
 // too large to stay in cache (they then skip the read-for-ownership of y).
 #pragma once
+#include "cpu/kernels/moments.h"
 #include "cpu/kernels/simd.h"
 #include "cpu/kernels/walk.h"
 
@@ -31,10 +32,45 @@ static inline __attribute__((always_inline)) void map_contiguous(const T* xp, T*
     for (; i < n; ++i) yp[i] = store<T>(op(load(xp[i])));
 }
 
+// normalize_block over short contiguous rows (see ShortRow): per row, every vector is loaded
+// before any is stored (y may be x), the tail vector ends at the row's end and rewrites the
+// values the previous vector already wrote with the same bits. Regular stores: a 7x7 row is
+// too short to reach the alignment of streaming stores.
+template <class T, int NV>
+void normalize_short_rows(const T* x, T* y, const Layout& L, int64_t begin, int64_t end, acc_t<T> mean,
+                          acc_t<T> scale, acc_t<T> shift) {
+  using A = acc_t<T>;
+  using V = vec_t<A>;
+  constexpr int VL = vlen<A>;
+  const V vm = splat(mean), vs = splat(scale), vb = splat(shift);
+  for_each_segment<2>(L, begin, end, [&](const int64_t* off, int64_t len) {
+    const T* xp = x + off[0];
+    T* yp = y + off[1];
+    if (len < VL) {
+      for (int64_t k = 0; k < len; ++k) yp[k] = store<T>(normalize<A>(load(xp[k]), mean, scale, shift));
+      return;
+    }
+    const int64_t full = len / VL, tail = len - full * VL;
+    V v[NV + 1];
+#pragma GCC unroll 8
+    for (int k = 0; k < NV; ++k)
+      if (k < full) v[k] = loadv(xp + k * VL);
+    if (tail != 0) v[NV] = loadv(xp + len - VL);
+#pragma GCC unroll 8
+    for (int k = 0; k < NV; ++k)
+      if (k < full) storev<T>(yp + k * VL, (v[k] - vm) * vs + vb);
+    if (tail != 0) storev<T>(yp + len - VL, (v[NV] - vm) * vs + vb);
+  });
+}
+
 template <class T>
 void normalize_block(const T* x, T* y, const Layout& L, int64_t begin, int64_t end, acc_t<T> mean,
                      acc_t<T> scale, acc_t<T> shift, bool nt) {
   using A = acc_t<T>;
+  if (L.inner_stride(1) == 1 && with_short_rows<A>(L, 0, [&](auto nv) {
+        normalize_short_rows<T, decltype(nv)::value>(x, y, L, begin, end, mean, scale, shift);
+      }))
+    return;
   const int64_t sx = L.inner_stride(0), sy = L.inner_stride(1);
   const vec_t<A> vm = splat(mean), vs = splat(scale), vb = splat(shift);
   for_each_segment<2>(L, begin, end, [&](const int64_t* off, int64_t len) {

@@ -153,18 +153,24 @@ static inline __attribute__((always_inline)) vec_t<acc_t<T>> load_strided(const 
   return v;
 }
 
-// Lanes [0, n) all ones, the rest zero: masks the unused lanes of a partial vector.
-template <class A>
-static inline __attribute__((always_inline)) vec_t<A> lanes_below(int64_t n) {
+// Lanes [0, n) (Below) or [n, vlen) all ones, the rest zero.
+template <class A, bool Below>
+static inline __attribute__((always_inline)) vec_t<A> lanes_mask(int64_t n) {
   using A_bits = std::conditional_t<sizeof(A) == 4, int32_t, int64_t>;
   typedef A_bits ivec __attribute__((vector_size(64)));
   ivec idx;
   for (int j = 0; j < vlen<A>; ++j) idx[j] = j;
-  const ivec m = idx < static_cast<A_bits>(n);
+  const ivec m = Below ? idx < static_cast<A_bits>(n) : idx >= static_cast<A_bits>(n);
   vec_t<A> r;
   std::memcpy(&r, &m, sizeof(r));
   return r;
 }
+// Masks the unused lanes of a partial vector.
+template <class A>
+static inline __attribute__((always_inline)) vec_t<A> lanes_below(int64_t n) { return lanes_mask<A, true>(n); }
+// Masks the lanes a row's tail vector shares with the vector before it.
+template <class A>
+static inline __attribute__((always_inline)) vec_t<A> lanes_from(int64_t n) { return lanes_mask<A, false>(n); }
 
 template <class A>
 static inline __attribute__((always_inline)) vec_t<A> mask_lanes(vec_t<A> v, vec_t<A> mask) {

@@ -51,6 +51,28 @@ inline void for_each_segment(const Layout& L, int64_t begin, int64_t end, F&& f)
   }
 }
 
+// for_each_segment for one array, with a plain pointer step between rows when the reduced
+// dims are (outer, inner): the odometer's per-row bookkeeping shows on short rows.
+template <class F>
+static inline __attribute__((always_inline)) void for_each_row(const Layout& L, int t, int64_t begin, int64_t end,
+                                                               F&& f) {
+  if (L.nred != 2) {
+    for_each_segment<1>(L, begin, end, [&](const int64_t* off, int64_t len) { f(off[0], len); });
+    return;
+  }
+  // (Only array t's strides are used: callers with several arrays call it per array.)
+  const int64_t inner = L.sizes[1], os = L.strides[t][0], is = L.strides[t][1];
+  int64_t o = begin / inner, i = begin - o * inner;
+  int64_t off = o * os + i * is;
+  for (int64_t pos = begin; pos < end;) {
+    const int64_t len = std::min(inner - i, end - pos);
+    f(off, len);
+    pos += len;
+    off += os - i * is;
+    i = 0;
+  }
+}
+
 template <class A, int W>
 inline A sum_lanes(const A* acc) {
   // Pairwise, in a fixed order.
