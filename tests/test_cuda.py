@@ -640,3 +640,17 @@ def test_runs_on_the_stream_argument(cupy_lib):
         y2 = bn.forward_inference(x, mean, var)
     stream.synchronize()
     assert cupy_lib.raw(y2) == cupy_lib.raw(y)
+
+
+def test_empty_cache_returns_device_pool_memory(cupy_lib):
+    cp = cupy_lib.cp
+    x = cp.ones((64, 64, 64, 64), dtype=cp.float32)  # 64 MiB
+    y = bn.forward_inference(x, cp.zeros(64, cp.float32), cp.ones(64, cp.float32))
+    y_bytes = y.nbytes
+    del y  # its block goes back to batchnorm's pool, on the stream
+    released = bn.empty_cache()
+    assert released >= y_bytes
+    assert bn.empty_cache() < y_bytes  # nothing left to give back
+    z = bn.forward_inference(x, cp.zeros(64, cp.float32), cp.ones(64, cp.float32))  # the pool grows again
+    assert float(z.mean()) == pytest.approx(1.0, rel=1e-5)
+

@@ -33,6 +33,9 @@ void deallocate(int device, void* ptr, void* stream);
 // Makes `consumer` wait for all work enqueued so far on `producer` (an event, no host sync);
 // nothing when they are the same stream.
 void stream_wait(int device, void* producer, void* consumer);
+// Returns the device memory the pools hold but no live array uses to the driver (after the
+// device has finished the work queued so far); the bytes released.
+size_t release_cached();
 }  // namespace cuda
 
 }  // namespace batchnorm

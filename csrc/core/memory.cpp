@@ -105,7 +105,13 @@ struct HostCache {
 
 }  // namespace
 
-std::size_t release_cached_memory() { return HostCache::get().release(); }
+std::size_t release_cached_memory() {
+  std::size_t released = HostCache::get().release();
+#if defined(BN_WITH_CUDA)
+  if (cuda::info().available) released += cuda::release_cached();
+#endif
+  return released;
+}
 
 void* allocate(const Device& device, std::size_t bytes, void* stream) {
   if (device.kind == DeviceKind::cuda) {

@@ -9,7 +9,8 @@ namespace batchnorm {
 
 void* allocate(const Device& device, std::size_t bytes, void* stream = nullptr);
 void deallocate(const Device& device, void* ptr, void* stream = nullptr);
-// Frees the host blocks kept for reuse (see memory.cpp); returns the bytes released.
+// Frees the host blocks kept for reuse (see memory.cpp) and the unused memory of the CUDA
+// pools; returns the bytes released.
 std::size_t release_cached_memory();
 
 // Makes `consumer` wait for the work enqueued so far on `producer` (CUDA; no-op on the CPU).

@@ -63,10 +63,18 @@ struct DevicePool {
   cudaMemPool_t pool = nullptr;  // null: no pools on this device
 };
 
-cudaMemPool_t device_pool(int device) {
+std::mutex& pools_mutex() {
   static std::mutex mutex;
+  return mutex;
+}
+std::vector<DevicePool>& pools_list() {
   static std::vector<DevicePool> pools;
-  std::lock_guard<std::mutex> lock(mutex);
+  return pools;
+}
+
+cudaMemPool_t device_pool(int device) {
+  std::lock_guard<std::mutex> lock(pools_mutex());
+  std::vector<DevicePool>& pools = pools_list();
   if (device < 0) throw runtime_error(detail::concat("invalid CUDA device index ", device));
   if (static_cast<size_t>(device) >= pools.size()) pools.resize(static_cast<size_t>(device) + 1);
   DevicePool& entry = pools[static_cast<size_t>(device)];
@@ -134,6 +142,23 @@ void deallocate(int device, void* ptr, void* stream) {
   if (ptr == nullptr) return;
   DeviceGuard guard(device);
   BN_CUDA_CHECK(pool_free(device, ptr, to_stream(stream)));
+}
+
+size_t release_cached() {
+  std::lock_guard<std::mutex> lock(pools_mutex());
+  size_t released = 0;
+  std::vector<DevicePool>& pools = pools_list();
+  for (size_t d = 0; d < pools.size(); ++d) {
+    if (!pools[d].ready || pools[d].pool == nullptr) continue;
+    DeviceGuard guard(static_cast<int>(d));
+    BN_CUDA_CHECK(cudaDeviceSynchronize());  // frees queued on streams take effect first
+    uint64_t before = 0, after = 0;
+    BN_CUDA_CHECK(cudaMemPoolGetAttribute(pools[d].pool, cudaMemPoolAttrReservedMemCurrent, &before));
+    BN_CUDA_CHECK(cudaMemPoolTrimTo(pools[d].pool, 0));
+    BN_CUDA_CHECK(cudaMemPoolGetAttribute(pools[d].pool, cudaMemPoolAttrReservedMemCurrent, &after));
+    if (before > after) released += static_cast<size_t>(before - after);
+  }
+  return released;
 }
 
 void stream_wait(int device, void* producer, void* consumer) {

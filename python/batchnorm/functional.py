@@ -138,8 +138,10 @@ def set_num_threads(n: int) -> None:
 
 
 def empty_cache() -> int:
-    """Returns the host memory batchnorm keeps for reuse (freed result buffers of 1 MiB and
-    more, up to BATCHNORM_HOST_CACHE_MB, default 512) to the system; the bytes released."""
+    """Returns the memory batchnorm keeps for reuse to the system: freed host result buffers
+    of 1 MiB and more (up to BATCHNORM_HOST_CACHE_MB, default 512) and, with CUDA, the unused
+    part of batchnorm's device memory pools (after the GPU finishes the queued work). Returns
+    the bytes released."""
     return _C.empty_cache()
 
 
