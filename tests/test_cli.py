@@ -49,6 +49,16 @@ def test_cli_info_prints_json():
     assert info["version"] == bn.__version__ and info["simd"] == bn.info()["simd"]
 
 
+def test_cli_info_into_a_closed_pipe_has_no_traceback():
+    # `python -m batchnorm info | head -0`: the reader is gone before the JSON is written.
+    proc = subprocess.Popen([sys.executable, "-m", "batchnorm", "info"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err.decode(), err.decode()
+    assert proc.returncode == 1
+
+
 def test_cli_selfcheck_passes():
     done = subprocess.run([sys.executable, "-m", "batchnorm", "selfcheck"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr

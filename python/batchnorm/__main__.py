@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 import time
 
@@ -94,5 +95,17 @@ def main(argv: list[str] | None = None) -> int:
     return paper(args)
 
 
+def _run() -> int:
+    try:
+        code = main()
+        sys.stdout.flush()  # a closed pipe surfaces here rather than at interpreter exit
+        return code
+    except BrokenPipeError:
+        # `python -m batchnorm info | head`: the reader left; no traceback for that. stdout goes
+        # to devnull so the interpreter's own final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_run())
