@@ -256,22 +256,62 @@ def test_wrongly_shaped_or_typed_out(arrays):
           training(a, out=a["x"].tolist()), a["rm"], a["rv"])
 
 
+def overlap_message(name: str) -> str:
+    return (f"out must be either {name} itself (same memory and strides) or share no memory with it, "
+            f"got memory that partially overlaps {name}")
+
+
 def test_out_partially_overlapping_an_input(arrays):
     a = arrays
-    msg = "out must be either the same array as an input or not overlap it, got memory that partially overlaps an input"
     buf = np.arange(61, dtype=np.float32)
     x, out = buf[:60].reshape(SHAPE), buf[1:].reshape(SHAPE)
-    fails(ValueError, msg, training(a, x=x, out=out), a["rm"], a["rv"], buf)
-    fails(ValueError, msg, lambda: bn.forward_inference(x, a["rm"], a["rv"], out=out), buf)
-    fails(ValueError, msg, lambda: bn.backward(a["dy"], x, a["rm"], a["rv"], out=out), buf)
-    fails(ValueError, msg, lambda: bn.backward(x, a["x"], a["rm"], a["rv"], out=out), buf)  # overlapping dy
+    fails(ValueError, overlap_message("x"), training(a, x=x, out=out), a["rm"], a["rv"], buf)
+    fails(ValueError, overlap_message("x"), lambda: bn.forward_inference(x, a["rm"], a["rv"], out=out), buf)
+    fails(ValueError, overlap_message("x"), lambda: bn.backward(a["dy"], x, a["rm"], a["rv"], out=out), buf)
+    fails(ValueError, overlap_message("dy"), lambda: bn.backward(x, a["x"], a["rm"], a["rv"], out=out), buf)
     x = a["x"]
-    fails(ValueError, msg, training(a, x=x, out=x[::-1]), a["rm"], a["rv"], x)  # same memory, other strides
+    fails(ValueError, overlap_message("x"), training(a, x=x, out=x[::-1]), a["rm"], a["rv"], x)  # other strides
     out = a["out"]
     w = out.reshape(-1)[:C]  # weight lives inside out
-    fails(ValueError, msg, training(a, weight=w), a["rm"], a["rv"], out)
+    fails(ValueError, overlap_message("weight"), training(a, weight=w), a["rm"], a["rv"], out)
     rm = out.reshape(-1)[5:5 + C]  # so does a running statistic
-    fails(ValueError, msg, training(a, running_mean=rm), a["rv"], out)
+    fails(ValueError, overlap_message("running_mean"), training(a, running_mean=rm), a["rv"], out)
+
+
+def test_interleaved_views_share_no_element():
+    """The overlap test is exact for views of one dtype, shape and strides: x = buf[0::2] and
+    out = buf[1::2] never touch the same element, so in-place-style writes are accepted."""
+    buf = np.random.default_rng(0).standard_normal(2 * 6 * 4).astype(np.float32)
+    x, out = buf[0::2].reshape(6, 4), buf[1::2].reshape(6, 4)
+    expected = bn.forward_inference(x.copy(), np.zeros(4), np.ones(4))
+    assert bn.forward_inference(x, np.zeros(4), np.ones(4), out=out) is out
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(buf[0::2].reshape(6, 4), x)  # x itself untouched
+    # Shifted by a whole row, the views share elements: refused, naming x.
+    fails(ValueError, overlap_message("x"),
+          lambda: bn.forward_inference(buf[:40].reshape(10, 4), np.zeros(4), np.ones(4), out=buf[4:44].reshape(10, 4)),
+          buf)
+
+
+@pytest.mark.parametrize("written,other", [("running_mean", "x"), ("running_mean", "running_var"),
+                                           ("running_mean", "weight"), ("running_var", "x"),
+                                           ("running_var", "bias"), ("running_var", "weight")])
+def test_running_statistics_aliasing_other_arguments(arrays, written, other):
+    """Running statistics are written in place while the other arguments are read: one that
+    shares memory with x, a parameter or the other statistic is refused, naming both."""
+    a = arrays
+    x = a["x"].copy()
+    args = dict(weight=a["w"].copy(), bias=a["b"].copy(), running_mean=a["rm"].copy(), running_var=a["rv"].copy())
+    source = {"x": x.reshape(-1), "weight": args["weight"], "bias": args["bias"],
+              "running_var": args["running_var"], "running_mean": args["running_mean"]}[other]
+    args[written] = source[:C]
+    # running_mean is checked against every other argument, running_var against the inputs.
+    names = (written, other) if not (written == "running_var" and other == "running_mean") else (other, written)
+    msg = f"{names[0]} must not share memory with {names[1]}"
+    fails(ValueError, msg, lambda: bn.forward_training(x, args["weight"], args["bias"],
+                                                       running_mean=args["running_mean"],
+                                                       running_var=args["running_var"]),
+          x, *[v for v in args.values()])
 
 
 def test_out_with_repeated_memory(arrays):
