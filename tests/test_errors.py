@@ -482,7 +482,7 @@ def test_failed_layer_calls_leave_the_state_untouched(arrays):
     layer(a["x"])
     layer.backward(a["dy"])
     before = layer_state(layer)
-    with pytest.raises(ValueError, match=re.escape("weight must have shape (4,), got (3,)")):
+    with pytest.raises(ValueError, match=re.escape("x must have num_features=3 channels on axis 1, got 4 (x has shape (4, 4, 5))")):
         layer(np.ones((4, 4, 5), np.float32))
     with pytest.raises(ValueError, match=re.escape("dy must have the shape of x, (4, 3, 5), got (4, 3, 4)")):
         layer.backward(a["dy"][..., :4])
@@ -515,3 +515,111 @@ def test_load_state_dict_errors_leave_the_layer_unchanged(arrays, change, exc, m
     assert layer_state(layer) == before
     layer.load_state_dict(good_state())  # and a good one still loads
     assert layer.num_batches_tracked == 5 and (layer.running_var == 3).all()
+
+
+# ---- byte order, counts, immutable arrays, user-facing messages (issues #9, #10) ------------
+
+
+def swapped(a: np.ndarray) -> np.ndarray:
+    """The same values in the non-native byte order."""
+    return a.astype(a.dtype.newbyteorder("S"))
+
+
+# Each call gets the fixture's arrays `a` and byte-swapped copies `s` of them.
+BYTE_ORDER_CALLS = {
+    "x": lambda a, s: bn.statistics(s["x"]),
+    "weight": lambda a, s: bn.forward_training(a["x"], s["w"], a["b"]),
+    "bias": lambda a, s: bn.forward_training(a["x"], a["w"], s["b"]),
+    "running_mean": lambda a, s: bn.forward_training(a["x"], running_mean=s["rm"], running_var=a["rv"]),
+    "running_var": lambda a, s: bn.forward_training(a["x"], running_mean=a["rm"], running_var=s["rv"]),
+    "out": lambda a, s: bn.forward_inference(a["x"], a["rm"], a["rv"], out=s["out"]),
+    "mean": lambda a, s: bn.forward_inference(a["x"], s["rm"], a["rv"]),
+    "var": lambda a, s: bn.forward_inference(a["x"], a["rm"], s["rv"]),
+    "dy": lambda a, s: bn.backward(s["dy"], a["x"], a["rm"], a["rv"]),
+    "saved_mean": lambda a, s: bn.backward(a["dy"], a["x"], s["rm"], a["rv"]),
+    "saved_invstd": lambda a, s: bn.backward(a["dy"], a["x"], a["rm"], s["rv"]),
+    "means[1]": lambda a, s: bn.merge_statistics([a["rm"], s["rm"]], [a["rv"], a["rv"]], [3, 4]),
+    "vars[0]": lambda a, s: bn.merge_statistics([a["rm"], a["rm"]], [s["rv"], a["rv"]], [3, 4]),
+    "kernel": lambda a, s: bn.fold(s["k"], None, a["rm"], a["rv"]),
+    "conv_bias": lambda a, s: bn.fold(a["k"], s["b"], a["rm"], a["rv"]),
+}
+
+
+@pytest.mark.parametrize("name", list(BYTE_ORDER_CALLS))
+def test_non_native_byte_order_is_refused(arrays, name):
+    """Big-endian arrays were read as garbage (and a big-endian out= got native bytes)."""
+    a = dict(arrays, k=np.ones((C, 2), np.float32))
+    s = {k: swapped(v) for k, v in a.items()}
+    msg = f"{name} must have native byte order (float32), got the byte-swapped dtype"
+    fails(TypeError, msg, lambda: BYTE_ORDER_CALLS[name](a, s), *a.values(), *s.values())
+
+
+def test_merge_statistics_count_overflow():
+    m, v = np.zeros(2), np.ones(2)
+    fails(ValueError, "counts must add up to at most 2**63 - 1 values, got a total beyond it at counts[1]",
+          lambda: bn.merge_statistics([m, m], [v, v], [2**62, 2**62]))
+    assert bn.merge_statistics([m, m], [v, v], [2**62, 2**62 - 1])[2] == 2**63 - 1
+
+
+def test_channel_count_mismatch_names_axis_and_shape(arrays):
+    """A wrong axis on NHWC data first shows up as a parameter of the wrong length."""
+    x = np.ones((8, 5, 5, 3), np.float32)
+    fails(ValueError, "weight must have shape (5,), got (3,) (x has shape (8, 5, 5, 3): 5 channels on axis 1)",
+          lambda: bn.forward_training(x, np.ones(3, np.float32)))
+    fails(ValueError, "mean must have shape (5,), got (3,) (x has shape (8, 5, 5, 3): 5 channels on axis 1)",
+          lambda: bn.forward_inference(x, np.ones(3), np.ones(3)))
+
+
+def test_layer_channel_mismatch_in_user_terms():
+    layer = bn.BatchNorm(4)
+    before = layer.state_dict()
+    fails(ValueError, "x must have num_features=4 channels on axis 1, got 3 (x has shape (8, 3, 5, 5))",
+          lambda: layer(np.ones((8, 3, 5, 5), np.float32)))
+    nhwc = bn.BatchNorm(3)
+    fails(ValueError, "x must have num_features=3 channels on axis 1, got 5 (x has shape (8, 5, 5, 3)); is axis right",
+          lambda: nhwc(np.ones((8, 5, 5, 3), np.float32)))
+    after = layer.state_dict()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.torch
+def test_tensor_requiring_grad_gets_one_clear_sentence():
+    torch = pytest.importorskip("torch")
+    x = torch.ones(4, 3, requires_grad=True)
+    with pytest.raises(TypeError) as err:
+        bn.statistics(x)
+    message = str(err.value)
+    assert message.startswith("x must not require grad: batchnorm's array functions record no autograd graph")
+    assert "batchnorm.torch" in message and "x.detach()" in message
+    assert "At:" not in message and "\n" not in message
+    w = torch.ones(3, requires_grad=True)
+    with pytest.raises(TypeError, match="^weight must not require grad"):
+        bn.forward_training(x.detach(), w)
+
+
+@pytest.mark.parametrize("value", ["foo", "AVX2", "sse4"])
+def test_unknown_isa_is_refused_at_import(value):
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import batchnorm"], env=dict(os.environ, BATCHNORM_ISA=value),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert f"BATCHNORM_ISA must be one of baseline, avx2, avx512 (or unset), got '{value}'" in done.stderr
+
+
+def test_jax_arrays_are_never_written():
+    """JAX arrays are immutable (and may be shared by XLA): as running statistics or out=
+    they are refused, and stay unchanged."""
+    jnp = pytest.importorskip("jax.numpy", reason="jax is not installed")
+    x = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+    rm, rv = jnp.zeros(4), jnp.ones(4)
+    with pytest.raises(ValueError, match="^running_mean must be a writable array, got an immutable JAX array; "
+                                         ".*batchnorm.jax.batch_norm"):
+        bn.forward_training(x, running_mean=rm, running_var=np.ones(4, np.float32))
+    with pytest.raises(ValueError, match="^running_var must be a writable array, got an immutable JAX array"):
+        bn.forward_training(x, running_mean=np.zeros(4, np.float32), running_var=rv)
+    with pytest.raises(ValueError, match="^out must be a writable array, got an immutable JAX array"):
+        bn.forward_inference(jnp.asarray(x), np.zeros(4), np.ones(4), out=jnp.zeros((8, 4)))
+    assert (np.asarray(rm) == 0).all() and (np.asarray(rv) == 1).all()
