@@ -94,7 +94,7 @@ int64_t stream_threshold_from_env() {
     char* end = nullptr;
     errno = 0;
     const long long v = std::strtoll(s, &end, 10);
-    BN_EXPECTS(errno == 0 && end != s && *end == '\0' && v >= 0, value_error,
+    BN_EXPECTS(errno == 0 && *s >= '0' && *s <= '9' && *end == '\0' && v >= 0, value_error,
                "BATCHNORM_STREAM_BYTES must be a byte count (an integer >= 0), got '", s, "'");
     return static_cast<int64_t>(v);
   }();
