@@ -4,6 +4,8 @@ The functions follow the contract in API.md: statistics, merge_statistics,
 forward_training, forward_inference, backward, fold, and the stateful BatchNorm layer."""
 from .functional import (
     backward,
+    backward_elemt,
+    backward_reduce,
     empty_cache,
     fold,
     forward_inference,
@@ -21,6 +23,8 @@ __version__ = info()["version"]
 __all__ = [
     "BatchNorm",
     "backward",
+    "backward_elemt",
+    "backward_reduce",
     "empty_cache",
     "fold",
     "forward_inference",
