@@ -79,9 +79,11 @@ class TorchEngine(Engine):
         import torch
 
         send = self._tensor(buf, device)
-        out = torch.empty((self.size, send.numel()), dtype=send.dtype, device=send.device)
-        self.dist.all_gather_into_tensor(out, send, group=self.group)
-        return out.cpu().numpy()
+        out = torch.empty(self.size * send.numel(), dtype=send.dtype, device=send.device)  # gloo wants it flat
+        # all_gather_single is torch >= 2.10's name of all_gather_into_tensor.
+        gather = getattr(self.dist, "all_gather_single", None) or self.dist.all_gather_into_tensor
+        gather(out, send, group=self.group)
+        return out.cpu().numpy().reshape(self.size, -1)
 
     def allreduce(self, buf: np.ndarray, device: Any = None) -> np.ndarray:
         t = self._tensor(buf, device).clone()  # summed in place; never the caller's memory

@@ -19,7 +19,7 @@ from ._arrays import _from_dlpack_of, _library, check_int
 from ._collectives import Engine, check_group, engine_for
 from .layer import BatchNorm, _device_of, _to_device_like, _to_numpy
 
-__all__ = ["SyncBatchNorm", "sync_statistics"]
+__all__ = ["SyncBatchNorm", "sync_backward", "sync_statistics"]
 
 _DTYPES = ("float16", "bfloat16", "float32", "float64")
 # Header of each rank's row: status (0, or the error below), ndim, dtype code, count.
@@ -150,20 +150,67 @@ def _agreed_channels(engine: Engine, x: Any, axis: int) -> int:
     return int(channels[0])
 
 
-def sync_statistics(x: Any, group: Any, *, axis: int = 1) -> Tuple[Any, Any, int]:
+def sync_statistics(x: Any, group: Any, *, axis: int = 1, channels: Optional[int] = None) -> Tuple[Any, Any, int]:
     """Per-channel (mean, biased var, count) of the concatenation of every rank's `x` over
     the reduced axes, as statistics() would give on the whole batch; ranks may hold
     different batch sizes, including none. `group`: an mpi4py communicator or a
     torch.distributed process group (None: torch's default group). mean and var are float64
     (the exchanged moments unrounded), as x's kind of array; every rank gets bitwise the
-    same. Two allgathers: the channel count, then the moments (the SyncBatchNorm layer,
-    which knows its channel count, needs only the second). Fewer than 2 values per channel
-    over all ranks, or bad input on any rank, raises on every rank."""
+    same. One allgather of P x (2C + 4) float64 values when every rank passes the same
+    `channels` (a layer's num_features); without it a first 2-value allgather agrees on the
+    channel count. Fewer than 2 values per channel over all ranks, or bad input on any rank,
+    raises on every rank."""
     axis = check_int(axis, "axis")
     engine = engine_for(group)
-    channels = _agreed_channels(engine, x, axis)
+    if channels is None:
+        channels = _agreed_channels(engine, x, axis)
+    else:
+        channels = check_int(channels, "channels")
     mean, var, count = _exchange(engine, x, axis, channels, _torch_device(x))
     return _like(mean, x), _like(var, x), count
+
+
+def sync_backward(
+    dy: Any, x: Any, mean: Any, invstd: Any, count: int, group: Any, weight: Any = None, *, axis: int = 1
+) -> Tuple[Any, Any, Any]:
+    """The backward pass of batch norm over a batch split across `group`: backward_reduce on
+    this rank, one allreduce of (sum dy, sum dy * (x - mean)) with two status flags
+    (2C + 2 float64 values), backward_elemt with the sums and `count` of every rank.
+    `mean` / `invstd` are this rank's saved_mean / saved_invstd of forward_training with the
+    synchronized statistics, `count` their total count. Returns (dx, dweight, dbias), the
+    parameter gradients this rank's share (sum them, or average them with the other
+    parameters' gradients, across ranks). A bad dy on any rank raises on every rank."""
+    return _sync_backward(engine_for(group), dy, x, mean, invstd, count, weight, check_int(axis, "axis"))
+
+
+def _sync_backward(engine: Engine, dy: Any, x: Any, mean: Any, invstd: Any, count: int, weight: Any,
+                   axis: int) -> Tuple[Any, Any, Any]:
+    c = int(x.shape[axis])
+    row = np.zeros(2 * c + 2, np.float64)
+    own: Optional[Exception] = None
+    dweight = dbias = None
+    try:
+        sum_dy, sum_dy_xmu, dweight, dbias = F.backward_reduce(dy, x, mean, invstd, axis=axis)
+        row[:c] = _to_numpy(sum_dy, "sum_dy")
+        row[c : 2 * c] = _to_numpy(sum_dy_xmu, "sum_dy_xmu")
+    except (ValueError, TypeError) as err:
+        own = err
+        row[2 * c + _status(err) - 1] = 1.0
+    total = engine.allreduce(row, _torch_device(x))
+    failed = total[2 * c :]
+    if failed.any():
+        if own is not None:
+            raise own
+        kind = TypeError if failed[1] and not failed[0] else ValueError
+        raise kind(
+            f"dy on {int(failed.sum())} other rank(s) of {engine.size} was rejected (their errors say why); "
+            "every rank raises so that none is left waiting in a collective"
+        )
+    dx = F.backward_elemt(
+        dy, x, mean, invstd, _to_device_like(total[:c], x), _to_device_like(total[c : 2 * c], x), count, weight,
+        axis=axis,
+    )
+    return dx, dweight, dbias
 
 
 class SyncBatchNorm(BatchNorm):
@@ -239,38 +286,7 @@ class SyncBatchNorm(BatchNorm):
         if self._saved is None or self._saved[0] != "sync":
             return super().backward(dy)
         _, x, mean, invstd, count, engine = self._saved
-        c = self.num_features
-        row = np.zeros(2 * c + 2, np.float64)
-        own: Optional[Exception] = None
-        dweight = dbias = None
-        try:
-            sum_dy, sum_dy_xmu, dweight, dbias = F.backward_reduce(dy, x, mean, invstd, axis=self.axis)
-            row[:c] = _to_numpy(sum_dy, "sum_dy")
-            row[c : 2 * c] = _to_numpy(sum_dy_xmu, "sum_dy_xmu")
-        except (ValueError, TypeError) as err:
-            own = err
-            row[2 * c + _status(err) - 1] = 1.0
-        total = engine.allreduce(row, _torch_device(x))
-        failed = total[2 * c :]
-        if failed.any():
-            if own is not None:
-                raise own
-            kind = TypeError if failed[1] and not failed[0] else ValueError
-            raise kind(
-                f"dy on {int(failed.sum())} other rank(s) of {engine.size} was rejected (their errors say why); "
-                "every rank raises so that none is left waiting in a collective"
-            )
-        dx = F.backward_elemt(
-            dy,
-            x,
-            mean,
-            invstd,
-            _to_device_like(total[:c], x),
-            _to_device_like(total[c : 2 * c], x),
-            count,
-            self.weight,
-            axis=self.axis,
-        )
+        dx, dweight, dbias = _sync_backward(engine, dy, x, mean, invstd, count, self.weight, self.axis)
         if self.affine:
             # As BatchNorm.backward accumulates its gradients (this rank's share).
             dweight = _to_device_like(_to_numpy(dweight, "dweight").astype(self.dtype), x)
