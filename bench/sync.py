@@ -2,11 +2,12 @@
 """Per-step cost of synchronized batch norm over MPI: `python bench/sync.py` launches
 `mpirun -n P` for each P of --ranks and prints one table (and bench/results/sync.{json,txt}).
 Each rank times one training step of SyncBatchNorm (forward + backward) on its shard, split
-into the local kernels (statistics, forward with the merged statistics, backward_reduce,
-backward_elemt) and the two collectives (the forward allgather with its rank-order merge,
-the backward allreduce), next to a plain BatchNorm step on the same shard; and the bare
-collectives at this P: allgather of P x (2C+4) float64 values vs allreduce of 2C+2.
-Medians over --reps steps, each started by a barrier; the slowest rank's time per step."""
+into the time inside its two collectives (the forward allgather, the backward allreduce,
+waiting for the other ranks included) and the rest (the local kernels: statistics, forward
+with the merged statistics, backward_reduce, backward_elemt, and the Python around them),
+next to a plain BatchNorm step on the same shard; and the bare collectives at this P:
+allgather of P x (2C+4) float64 values vs allreduce of 2C+2. Medians over --reps steps, each
+started by a barrier; a step counts as long as its slowest rank."""
 from __future__ import annotations
 
 import argparse
@@ -25,14 +26,33 @@ def worker(args: argparse.Namespace) -> None:
     from mpi4py import MPI
 
     import batchnorm as bn
-    from batchnorm import functional as F
     from batchnorm._collectives import MpiEngine
-    from batchnorm.distributed import SyncBatchNorm, _exchange
+    from batchnorm.distributed import SyncBatchNorm
+
+    class TimedEngine(MpiEngine):
+        """The layer's engine, adding up the time spent inside its collectives (waiting for
+        the other ranks included: that wait is part of what synchronization costs)."""
+
+        spent = 0.0
+
+        def allgather(self, buf, device=None):
+            t = time.perf_counter()
+            try:
+                return super().allgather(buf, device)
+            finally:
+                self.spent += time.perf_counter() - t
+
+        def allreduce(self, buf, device=None):
+            t = time.perf_counter()
+            try:
+                return super().allreduce(buf, device)
+            finally:
+                self.spent += time.perf_counter() - t
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     bn.set_num_threads(1)  # oversubscribed already: one thread per rank
-    engine = MpiEngine(comm)
+    bare = MpiEngine(comm)
     rows = []
     for spec in args.shapes.split(","):
         shape = tuple(int(s) for s in spec.split("x"))
@@ -40,53 +60,41 @@ def worker(args: argparse.Namespace) -> None:
         rng = np.random.default_rng(rank)
         x = rng.standard_normal(shape).astype(np.float32)
         dy = rng.standard_normal(shape).astype(np.float32)
-        sync, plain = SyncBatchNorm(C, group=comm), bn.BatchNorm(C)
+        plain, sync = bn.BatchNorm(C), SyncBatchNorm(C, group=comm)
+        engine = sync._engine = TimedEngine(comm)
+        row_g, row_r = np.zeros(2 * C + 4), np.zeros(2 * C + 2)
 
         def timed(fn):
+            """This rank's seconds for fn, started together by a barrier."""
             comm.Barrier()
             t = time.perf_counter()
             fn()
-            mine = time.perf_counter() - t
-            return comm.allreduce(mine, op=MPI.MAX)  # the step is as slow as its slowest rank
+            return time.perf_counter() - t
 
         def step(layer):
             layer(x)
             layer.backward(dy)
 
-        parts = {"plain": [], "sync": [], "local": [], "gather": [], "reduce": [], "bare_gather": [], "bare_reduce": []}
-        row_g = np.zeros(2 * C + 4)
-        row_r = np.zeros(2 * C + 2)
-        state = {}
-
-        def local_kernels():
-            mean, var, count = bn.statistics(x, dtype="float64")
-            n = count * size
-            y, m, s = F.forward_training(x, plain.weight, plain.bias, batch_statistics=(mean, var, n))
-            s1, s2, dw, db = F.backward_reduce(dy, x, m, s)
-            F.backward_elemt(dy, x, m, s, s1, s2, n, plain.weight)
-
-        def forward_exchange():
-            state["stats"] = _exchange(engine, x, 1, C, None)  # statistics + allgather + merge
-
-        def forward_exchange_local_stats_only():
-            bn.statistics(x, dtype="float64")
-
+        samples = {k: [] for k in ("plain", "sync", "collective", "bare_gather", "bare_reduce")}
         for r in range(args.warmup + args.reps):
-            record = r >= args.warmup
-            values = {
+            engine.spent = 0.0
+            mine = {
                 "plain": timed(lambda: step(plain)),
                 "sync": timed(lambda: step(sync)),
-                "local": timed(local_kernels),
-                "gather": timed(forward_exchange) - timed(forward_exchange_local_stats_only),
-                "reduce": timed(lambda: engine.allreduce(row_r)),
-                "bare_gather": timed(lambda: engine.allgather(row_g)),
-                "bare_reduce": timed(lambda: engine.allreduce(row_r)),
+                "collective": engine.spent,
+                "bare_gather": timed(lambda: bare.allgather(row_g)),
+                "bare_reduce": timed(lambda: bare.allreduce(row_r)),
             }
-            if record:
-                for k, v in values.items():
-                    parts[k].append(v)
+            every = comm.allgather(mine)
+            if r >= args.warmup:
+                # A step lasts as long as its slowest rank; the collective share is that rank's.
+                slow = max(range(size), key=lambda i: every[i]["sync"])
+                for k in ("plain", "sync", "bare_gather", "bare_reduce"):
+                    samples[k].append(max(e[k] for e in every))
+                samples["collective"].append(every[slow]["collective"])
         if rank == 0:
-            med = {k: float(np.median(v)) * 1e6 for k, v in parts.items()}
+            med = {k: float(np.median(v)) * 1e6 for k, v in samples.items()}
+            med["local"] = med["sync"] - med["collective"]
             rows.append({"ranks": size, "shape": list(shape), "channels": C, **{k + "_us": v for k, v in med.items()}})
     if rank == 0:
         print(json.dumps(rows), flush=True)
@@ -100,6 +108,7 @@ def driver(args: argparse.Namespace) -> int:
         mpirun = shutil.which("mpirun") or sys.exit("mpirun not found: pip install 'batchnorm[mpi]'")
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1",
                OMPI_MCA_mpi_yield_when_idle="1")
+    load = " ".join(open("/proc/loadavg").read().split()[:3]) if os.path.exists("/proc/loadavg") else "unknown"
     rows = []
     for p in (int(s) for s in args.ranks.split(",")):
         cmd = [mpirun, "-n", str(p), "--oversubscribe", sys.executable, os.path.abspath(__file__), "--worker",
@@ -111,21 +120,22 @@ def driver(args: argparse.Namespace) -> int:
     lines = [
         f"# SyncBatchNorm step over MPI (Open MPI, shared memory), float32, 1 thread per rank, on {cpu} "
         f"({os.cpu_count()} CPUs): ranks > CPUs are oversubscribed. Medians of {args.reps} steps (us), slowest rank.",
-        "| ranks | shard (N,C,H,W) | plain step | sync step | local kernels | allgather+merge | allreduce "
+        f"Load average before the run: {load}.",
+        "| ranks | shard (N,C,H,W) | plain step | sync step | local (kernels + Python) | in collectives "
         "| bare allgather P(2C+4) | bare allreduce 2C+2 | sync / plain |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['ranks']} | {'x'.join(map(str, r['shape']))} | {r['plain_us']:.0f} | {r['sync_us']:.0f} | "
-            f"{r['local_us']:.0f} | {r['gather_us']:.0f} | {r['reduce_us']:.0f} | {r['bare_gather_us']:.0f} | "
+            f"{r['local_us']:.0f} | {r['collective_us']:.0f} | {r['bare_gather_us']:.0f} | "
             f"{r['bare_reduce_us']:.0f} | {r['sync_us'] / r['plain_us']:.2f} |"
         )
     text = "\n".join(lines)
     print(text)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "sync.json"), "w") as f:
-        json.dump({"cpu": cpu, "rows": rows}, f, indent=1)
+        json.dump({"cpu": cpu, "load_average": load, "reps": args.reps, "rows": rows}, f, indent=1)
     with open(os.path.join(args.out, "sync.txt"), "w") as f:
         f.write(text + "\n")
     return 0
