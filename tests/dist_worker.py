@@ -21,12 +21,13 @@ from batchnorm.distributed import SyncBatchNorm, sync_statistics
 RTOL = {"float32": 2e-5, "float64": 1e-12}
 C = 3
 
-# (library, dtype, axis, memory format): NCHW NumPy; NHWC torch with axis=-1; torch NCHW
-# tensors in channels_last memory format with axis=1.
+# (library, dtype, axis, memory format, exchange): NCHW NumPy; NHWC torch with axis=-1; torch
+# NCHW tensors in channels_last memory format with axis=1; both exchanges of the statistics.
 VARIANTS = [
-    ("numpy", "float32", 1, "contiguous"),
-    ("torch", "float64", -1, "contiguous"),
-    ("torch", "float32", 1, "channels_last"),
+    ("numpy", "float32", 1, "contiguous", "allgather"),
+    ("numpy", "float64", -1, "contiguous", "allreduce"),
+    ("torch", "float64", -1, "contiguous", "allgather"),
+    ("torch", "float32", 1, "channels_last", "allreduce"),
 ]
 
 
@@ -52,7 +53,7 @@ def close(actual, expected, dtype: str, what: str) -> None:
 
 
 def check_layer(group, sizes, variant, momentum) -> None:
-    library, dtype, axis, memory_format = variant
+    library, dtype, axis, memory_format, exchange = variant
     engine = engine_for(group)
     rank = engine.rank
     assert engine.size == len(sizes)
@@ -60,7 +61,7 @@ def check_layer(group, sizes, variant, momentum) -> None:
     n = sum(sizes)
     lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
     shape = (n, C, 4, 5) if axis == 1 else (n, 4, 5, C)
-    layer = SyncBatchNorm(C, group=group, momentum=momentum, axis=axis, dtype=dtype)
+    layer = SyncBatchNorm(C, group=group, momentum=momentum, axis=axis, dtype=dtype, exchange=exchange)
     ref = bn.BatchNorm(C, momentum=momentum, axis=axis, dtype=dtype)
     w, b = rng.uniform(0.5, 2, C).astype(dtype), rng.standard_normal(C).astype(dtype)
     for m in (layer, ref):
@@ -70,7 +71,7 @@ def check_layer(group, sizes, variant, momentum) -> None:
     for step in range(2):
         x = (rng.standard_normal(shape) * rng.uniform(0.5, 3, C).reshape(cshape) + 5.0).astype(dtype)
         dy = rng.standard_normal(shape).astype(dtype)
-        what = f"rank {rank}, sizes {sizes}, {library} {dtype} axis {axis} {memory_format}, step {step}"
+        what = f"rank {rank}, sizes {sizes}, {library} {dtype} axis {axis} {memory_format} {exchange}, step {step}"
         y = layer(as_library(x[lo:hi], library, memory_format))
         dx = layer.backward(as_library(dy[lo:hi], library, memory_format))
         close(y, host(ref(x))[lo:hi], dtype, f"y ({what})")
@@ -92,13 +93,13 @@ def check_layer(group, sizes, variant, momentum) -> None:
         close(layer(as_library(x, library, memory_format)), host(ref.eval()(x)), dtype, f"eval ({what})")
 
 
-def check_sync_statistics(group, sizes) -> None:
+def check_sync_statistics(group, sizes, exchange="allgather") -> None:
     engine = engine_for(group)
     rank = engine.rank
     rng = np.random.default_rng(11)
     x = rng.standard_normal((sum(sizes), 4, 6)) * 1e-2 + 1e4  # |mean| = 1e6 std
     lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
-    mean, var, count = sync_statistics(x[lo:hi], group, axis=1)
+    mean, var, count = sync_statistics(x[lo:hi], group, axis=1, exchange=exchange)
     assert count == sum(sizes) * 6 and mean.dtype == np.float64
     ref_mean, ref_var = x.mean(axis=(0, 2)), x.var(axis=(0, 2))
     np.testing.assert_allclose(mean, ref_mean, rtol=1e-15)
@@ -106,7 +107,7 @@ def check_sync_statistics(group, sizes) -> None:
     every = engine.allgather(np.concatenate([mean, var]))
     assert (every == every[0]).all()
     # One collective instead of two when the channel count is agreed beforehand: same bits.
-    mean2, var2, count2 = sync_statistics(x[lo:hi], group, axis=1, channels=4)
+    mean2, var2, count2 = sync_statistics(x[lo:hi], group, axis=1, channels=4, exchange=exchange)
     assert count2 == count and (mean2 == mean).all() and (var2 == var).all()
 
 
@@ -141,6 +142,16 @@ def check_failures(group) -> None:
     # Fewer than 2 values per channel over all ranks (one value on rank 0, none elsewhere).
     x = good[:1, :, :1] if rank == 0 else good[:0]
     expect_error(ValueError, r"at least 2 values per channel over every rank .* got 1", lambda: layer(x))
+    # The same through the allreduce exchange, whose header is sums.
+    by_sums = SyncBatchNorm(C, group=group, exchange="allreduce")
+    expect_error(ValueError, r"at least 2 values per channel over every rank .* got 1", lambda: by_sums(x))
+    x = good[:, :2] if rank == bad_rank else good
+    own = r"x must have 3 channels along axis 1"
+    expect_error(ValueError, own if rank == bad_rank else rf"x on 1 other rank\(s\) of {size} was rejected",
+                 lambda: by_sums(x))
+    x = good.astype(np.float64) if rank == bad_rank else good
+    expect_error(ValueError, r"x must have the same rank and dtype on every rank", lambda: by_sums(x))
+    assert by_sums.num_batches_tracked == 0
     # sync_statistics with different channel counts.
     x = good[:, :2] if rank == bad_rank else good
     expect_error(ValueError, r"the same number of channels on every rank", lambda: sync_statistics(x, group))
@@ -159,6 +170,7 @@ def run_all(group, sizes, libraries=("numpy", "torch")) -> None:
     for i, variant in enumerate(VARIANTS):
         if variant[0] in libraries:
             check_layer(group, sizes, variant, momentum=0.3 if i % 2 == 0 else None)
+    check_sync_statistics(group, sizes, "allreduce")
     check_sync_statistics(group, sizes)
     check_failures(group)
 

@@ -4,7 +4,7 @@ the statistics and input gradients of a batch split over every rank of a group.
 Forward: each rank reduces its shard to per-channel (count, mean, biased var) in float64 with
 the library's kernels, one allgather exchanges them with a small header, and every rank
 merges the rows in rank order with merge_statistics (Chan), so all ranks hold bitwise the
-same statistics. Backward: backward_reduce per rank, one allreduce of (sum dy,
+same statistics (exchange="allreduce": two allreduces of O(C) values instead, for many ranks). Backward: backward_reduce per rank, one allreduce of (sum dy,
 sum dy * (x - mean)), backward_elemt. Every local check runs before a collective and its
 outcome travels in the collective's buffer, so bad input on one rank raises on every rank
 instead of leaving the others waiting."""
@@ -72,26 +72,48 @@ def _validate(x: Any, axis: int, channels: Optional[int]) -> Tuple[int, int, int
     return ndim, _DTYPES.index(dtype), axis, int(np.prod(shape, dtype=np.int64)) // c
 
 
-def _exchange(
-    engine: Engine, x: Any, axis: int, channels: int, device: Any, own: Optional[Exception] = None
-) -> Tuple[np.ndarray, np.ndarray, int]:
-    """The global (mean, biased var) in float64 on the host and the total count: one
-    allgather of size x (4 + 2C) float64 values, merged in rank order on every rank. `own`:
-    an error this rank already met, reported through the allgather like a bad x."""
-    c = channels
-    row = np.zeros(_HEADER + 2 * c, np.float64)
+def _local_moments(x: Any, axis: int, c: int, own: Optional[Exception]):
+    """This rank's part of an exchange: (its error or None, (ndim, dtype code, count), float64
+    mean, float64 biased var), zeros for an empty or rejected shard. `own`: an error this rank
+    already met, reported through the exchange like a bad x."""
+    header, mean, var = (0, 0, 0), np.zeros(c), np.zeros(c)
     try:
         if own is not None:
             raise own
         ndim, code, axis, count = _validate(x, axis, c)
-        row[1:_HEADER] = (ndim, code, count)
+        header = (ndim, code, count)
         if count > 0:
-            mean, var, _ = F.statistics(x, axis=axis, dtype="float64")
-            row[_HEADER : _HEADER + c] = _to_numpy(mean, "mean")
-            row[_HEADER + c :] = _to_numpy(var, "var")
+            m, v, _ = F.statistics(x, axis=axis, dtype="float64")
+            mean, var = _to_numpy(m, "mean").astype(np.float64), _to_numpy(v, "var").astype(np.float64)
     except (ValueError, TypeError) as err:
-        own = err
-        row[0] = _status(err)
+        return err, header, mean, var
+    return None, header, mean, var
+
+
+def _check_total(total: int, per_rank: str) -> None:
+    if total < 2:
+        raise ValueError(
+            "x must have at least 2 values per channel over every rank of the group in training (the batch "
+            f"variance needs two), got {total} ({per_rank})"
+        )
+
+
+def _exchange(
+    engine: Engine, x: Any, axis: int, channels: int, device: Any, own: Optional[Exception] = None,
+    how: str = "allgather",
+) -> Tuple[np.ndarray, np.ndarray, int]:
+    """The global (mean, biased var) in float64 on the host and the total count."""
+    own, (ndim, code, count), mean, var = _local_moments(x, axis, channels, own)
+    if how == "allreduce":
+        return _by_allreduce(engine, own, ndim, code, count, mean, var, device)
+    return _by_allgather(engine, own, ndim, code, count, mean, var, device)
+
+
+def _by_allgather(engine, own, ndim, code, count, mean, var, device):
+    """One allgather of size x (4 + 2C) values, merged in rank order on every rank
+    (merge_statistics): bitwise the same result everywhere, by construction."""
+    c = mean.size
+    row = np.concatenate([[_status(own) if own else 0, ndim, code, count], mean, var])
     rows = engine.allgather(row, device)
     _raise_everywhere(rows[:, 0], own, "x", engine.size)
     ndims, codes = rows[:, 1].astype(np.int64), rows[:, 2].astype(np.int64)
@@ -100,15 +122,52 @@ def _exchange(
         raise ValueError(f"x must have the same rank and dtype on every rank of the group, got {got}")
     counts = [int(n) for n in rows[:, 3]]
     total = sum(counts)
-    if total < 2:
-        raise ValueError(
-            "x must have at least 2 values per channel over every rank of the group in training (the batch "
-            f"variance needs two), got {total} (per rank: {counts})"
-        )
+    _check_total(total, f"per rank: {counts}")
     means = [rows[r, _HEADER : _HEADER + c] for r in range(engine.size)]
     vars_ = [rows[r, _HEADER + c :] for r in range(engine.size)]
     mean, var, _ = F.merge_statistics(means, vars_, counts)
     return mean, var, total
+
+
+def _by_allreduce(engine, own, ndim, code, count, mean, var, device):
+    """Two allreduces of C + 7 and C values, whatever the number of ranks: sum(n mean) gives
+    the global mean, then sum(M2 + n (mean - global mean)^2) the global M2 (Chan's formula
+    summed over every shard at once: each term >= 0, so as stable as the pairwise merge).
+    Every rank gets the same bits as far as the engine's allreduce gives every rank the same
+    sum (NCCL, gloo and Open MPI do). The header travels as sums: two failure counts, the
+    count, and sum(v), sum(v^2) of ndim and dtype, which agree everywhere iff P sum(v^2) ==
+    sum(v)^2."""
+    size = engine.size
+    flags = [0.0, 0.0]
+    if own is not None:
+        flags[_status(own) - 1] = 1.0
+    head = [*flags, count, ndim, ndim * ndim, code, code * code]
+    first = engine.allreduce(np.concatenate([head, count * mean]), device)
+    failed = first[:2]
+    if failed.any():
+        if own is not None:
+            raise own
+        kind = TypeError if failed[1] and not failed[0] else ValueError
+        raise kind(
+            f"x on {int(failed.sum())} other rank(s) of {size} was rejected (their errors say why); every rank "
+            "raises so that none is left waiting in a collective"
+        )
+    if size * first[4] != first[3] ** 2 or size * first[6] != first[5] ** 2:
+        raise ValueError("x must have the same rank and dtype on every rank of the group, got different ones")
+    total = int(first[2])
+    _check_total(total, "over all ranks")
+    global_mean = first[len(head) :] / total
+    m2 = count * var + count * (mean - global_mean) ** 2
+    return global_mean, engine.allreduce(m2, device) / total, total
+
+
+_EXCHANGES = ("allgather", "allreduce")
+
+
+def _check_exchange(exchange: Any) -> str:
+    if exchange not in _EXCHANGES:
+        raise ValueError(f"exchange must be 'allgather' or 'allreduce', got {exchange!r}")
+    return exchange
 
 
 def _torch_device(x: Any) -> Any:
@@ -150,7 +209,9 @@ def _agreed_channels(engine: Engine, x: Any, axis: int) -> int:
     return int(channels[0])
 
 
-def sync_statistics(x: Any, group: Any, *, axis: int = 1, channels: Optional[int] = None) -> Tuple[Any, Any, int]:
+def sync_statistics(
+    x: Any, group: Any, *, axis: int = 1, channels: Optional[int] = None, exchange: str = "allgather"
+) -> Tuple[Any, Any, int]:
     """Per-channel (mean, biased var, count) of the concatenation of every rank's `x` over
     the reduced axes, as statistics() would give on the whole batch; ranks may hold
     different batch sizes, including none. `group`: an mpi4py communicator or a
@@ -158,15 +219,18 @@ def sync_statistics(x: Any, group: Any, *, axis: int = 1, channels: Optional[int
     (the exchanged moments unrounded), as x's kind of array; every rank gets bitwise the
     same. One allgather of P x (2C + 4) float64 values when every rank passes the same
     `channels` (a layer's num_features); without it a first 2-value allgather agrees on the
-    channel count. Fewer than 2 values per channel over all ranks, or bad input on any rank,
-    raises on every rank."""
+    channel count. exchange="allreduce": two allreduces of C + 7 and C values instead of the
+    allgather, cheaper beyond a few dozen ranks (see the README's cost model), identical on
+    every rank as far as the engine's allreduce is. Fewer than 2 values per channel over all
+    ranks, or bad input on any rank, raises on every rank."""
     axis = check_int(axis, "axis")
+    exchange = _check_exchange(exchange)
     engine = engine_for(group)
     if channels is None:
         channels = _agreed_channels(engine, x, axis)
     else:
         channels = check_int(channels, "channels")
-    mean, var, count = _exchange(engine, x, axis, channels, _torch_device(x))
+    mean, var, count = _exchange(engine, x, axis, channels, _torch_device(x), how=exchange)
     return _like(mean, x), _like(var, x), count
 
 
@@ -216,8 +280,9 @@ def _sync_backward(engine: Engine, dy: Any, x: Any, mean: Any, invstd: Any, coun
 class SyncBatchNorm(BatchNorm):
     """BatchNorm whose training statistics and input gradients span every rank of `group`
     (an mpi4py communicator, or a torch.distributed process group; None: torch's default
-    group). Per training step: one allgather of size x (2C + 4) float64 values forward, one
-    allreduce of 2C + 2 backward. Running statistics come from the global unbiased variance
+    group). Per training step: one allgather of size x (2C + 4) float64 values forward (or,
+    with exchange="allreduce", two allreduces of C + 7 and C), one allreduce of 2C + 2
+    backward. Running statistics come from the global unbiased variance
     and are bitwise identical on every rank; parameter gradients stay per rank (average
     them like any parameter's). Evaluation never communicates."""
 
@@ -232,6 +297,7 @@ class SyncBatchNorm(BatchNorm):
         track_running_stats: bool = True,
         axis: int = 1,
         dtype: str = "float32",
+        exchange: str = "allgather",
     ) -> None:
         super().__init__(
             num_features,
@@ -243,6 +309,7 @@ class SyncBatchNorm(BatchNorm):
             dtype=dtype,
         )
         check_group(group)
+        self.exchange = _check_exchange(exchange)
         self.group = group
         self._engine: Optional[Engine] = None
 
@@ -261,7 +328,7 @@ class SyncBatchNorm(BatchNorm):
             self._follow(x)  # state next to x (GPU inputs); fails for libraries it cannot hold state in
         except (ValueError, TypeError) as err:
             own = err
-        mean, var, count = _exchange(engine, x, self.axis, self.num_features, _torch_device(x), own)
+        mean, var, count = _exchange(engine, x, self.axis, self.num_features, _torch_device(x), own, self.exchange)
         update = self.track_running_stats
         momentum = 0.0
         if update:
@@ -296,4 +363,7 @@ class SyncBatchNorm(BatchNorm):
         return dx
 
     def __repr__(self) -> str:
-        return super().__repr__().replace("BatchNorm(", "SyncBatchNorm(", 1)[:-1] + f", group={self.group!r})"
+        return (
+            super().__repr__().replace("BatchNorm(", "SyncBatchNorm(", 1)[:-1]
+            + f", exchange={self.exchange!r}, group={self.group!r})"
+        )
