@@ -16,7 +16,13 @@ import pytest
 import batchnorm as bn
 
 
-def bits(a) -> bytes:  # NumPy only: the ISA subprocesses import this module without torch
+def bits(a) -> bytes:
+    """The bytes of a NumPy array or a torch tensor (bfloat16 ones as raw 16-bit words)."""
+    if type(a).__module__.startswith("torch"):
+        import torch
+
+        a = a.detach().cpu().contiguous()
+        return (a.view(torch.int16) if a.dtype == torch.bfloat16 else a).numpy().tobytes()
     return np.ascontiguousarray(a).tobytes()
 
 
@@ -80,17 +86,42 @@ def test_thread_count_does_not_change_bits(name, dtype, restore_threads):
         assert not differ, f"{n} threads differ from 1 thread in {differ}"
 
 
+# Every case in every dtype (bfloat16 where torch can make it), clean and with a NaN and an
+# Inf in two channels (test_nonfinite checks what those must give; here, the same bits).
 ISA_SCRIPT = r"""
 import hashlib, json, sys
+import numpy as np
 sys.path.insert(0, sys.argv[1])
 import batchnorm as bn
 import test_determinism as td
+try:
+    import torch
+except ImportError:
+    torch = None
+
+def as_dtype(a, dtype):
+    if dtype != "bfloat16":
+        return a.astype(dtype)
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(torch.bfloat16)
+
+def poisoned(x, axis):
+    x = np.array(x, dtype=np.float64)  # a C-ordered copy, poisoned through a view of it
+    lead = np.moveaxis(x, axis, 0)
+    lead[(1,) + tuple(n - 1 for n in lead.shape[1:])] = np.nan
+    lead[(2,) + (0,) * (lead.ndim - 1)] = np.inf
+    return x
+
 digest = hashlib.sha256()
+dtypes = ["float32", "float16", "float64"] + (["bfloat16"] if torch is not None else [])
 for name in td.CASES:
-    for dtype in ("float32", "float16", "float64"):
-        for chunk in td.run_all(*td.case_input(name, dtype)):
-            digest.update(chunk)
-print(json.dumps({"simd": bn.info()["simd"], "digest": digest.hexdigest()}))
+    for dtype in dtypes:
+        x64, dy64, axis = td.case_input(name, "float64")
+        # NumPy dtypes keep the case's strided view; torch makes bfloat16 from a copy.
+        clean = td.case_input(name, dtype) if dtype != "bfloat16" else (as_dtype(x64, dtype), as_dtype(dy64, dtype), axis)
+        for x, dy, axis in (clean, (as_dtype(poisoned(x64, axis), dtype), as_dtype(dy64, dtype), axis)):
+            for chunk in td.run_all(x, dy, axis):
+                digest.update(chunk)
+print(json.dumps({"simd": bn.info()["simd"], "digest": digest.hexdigest(), "dtypes": dtypes}))
 """
 
 

@@ -256,22 +256,62 @@ def test_wrongly_shaped_or_typed_out(arrays):
           training(a, out=a["x"].tolist()), a["rm"], a["rv"])
 
 
+def overlap_message(name: str) -> str:
+    return (f"out must be either {name} itself (same memory and strides) or share no memory with it, "
+            f"got memory that partially overlaps {name}")
+
+
 def test_out_partially_overlapping_an_input(arrays):
     a = arrays
-    msg = "out must be either the same array as an input or not overlap it, got memory that partially overlaps an input"
     buf = np.arange(61, dtype=np.float32)
     x, out = buf[:60].reshape(SHAPE), buf[1:].reshape(SHAPE)
-    fails(ValueError, msg, training(a, x=x, out=out), a["rm"], a["rv"], buf)
-    fails(ValueError, msg, lambda: bn.forward_inference(x, a["rm"], a["rv"], out=out), buf)
-    fails(ValueError, msg, lambda: bn.backward(a["dy"], x, a["rm"], a["rv"], out=out), buf)
-    fails(ValueError, msg, lambda: bn.backward(x, a["x"], a["rm"], a["rv"], out=out), buf)  # overlapping dy
+    fails(ValueError, overlap_message("x"), training(a, x=x, out=out), a["rm"], a["rv"], buf)
+    fails(ValueError, overlap_message("x"), lambda: bn.forward_inference(x, a["rm"], a["rv"], out=out), buf)
+    fails(ValueError, overlap_message("x"), lambda: bn.backward(a["dy"], x, a["rm"], a["rv"], out=out), buf)
+    fails(ValueError, overlap_message("dy"), lambda: bn.backward(x, a["x"], a["rm"], a["rv"], out=out), buf)
     x = a["x"]
-    fails(ValueError, msg, training(a, x=x, out=x[::-1]), a["rm"], a["rv"], x)  # same memory, other strides
+    fails(ValueError, overlap_message("x"), training(a, x=x, out=x[::-1]), a["rm"], a["rv"], x)  # other strides
     out = a["out"]
     w = out.reshape(-1)[:C]  # weight lives inside out
-    fails(ValueError, msg, training(a, weight=w), a["rm"], a["rv"], out)
+    fails(ValueError, overlap_message("weight"), training(a, weight=w), a["rm"], a["rv"], out)
     rm = out.reshape(-1)[5:5 + C]  # so does a running statistic
-    fails(ValueError, msg, training(a, running_mean=rm), a["rv"], out)
+    fails(ValueError, overlap_message("running_mean"), training(a, running_mean=rm), a["rv"], out)
+
+
+def test_interleaved_views_share_no_element():
+    """The overlap test is exact for views of one dtype, shape and strides: x = buf[0::2] and
+    out = buf[1::2] never touch the same element, so in-place-style writes are accepted."""
+    buf = np.random.default_rng(0).standard_normal(2 * 6 * 4).astype(np.float32)
+    x, out = buf[0::2].reshape(6, 4), buf[1::2].reshape(6, 4)
+    expected = bn.forward_inference(x.copy(), np.zeros(4), np.ones(4))
+    assert bn.forward_inference(x, np.zeros(4), np.ones(4), out=out) is out
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(buf[0::2].reshape(6, 4), x)  # x itself untouched
+    # Shifted by a whole row, the views share elements: refused, naming x.
+    fails(ValueError, overlap_message("x"),
+          lambda: bn.forward_inference(buf[:40].reshape(10, 4), np.zeros(4), np.ones(4), out=buf[4:44].reshape(10, 4)),
+          buf)
+
+
+@pytest.mark.parametrize("written,other", [("running_mean", "x"), ("running_mean", "running_var"),
+                                           ("running_mean", "weight"), ("running_var", "x"),
+                                           ("running_var", "bias"), ("running_var", "weight")])
+def test_running_statistics_aliasing_other_arguments(arrays, written, other):
+    """Running statistics are written in place while the other arguments are read: one that
+    shares memory with x, a parameter or the other statistic is refused, naming both."""
+    a = arrays
+    x = a["x"].copy()
+    args = dict(weight=a["w"].copy(), bias=a["b"].copy(), running_mean=a["rm"].copy(), running_var=a["rv"].copy())
+    source = {"x": x.reshape(-1), "weight": args["weight"], "bias": args["bias"],
+              "running_var": args["running_var"], "running_mean": args["running_mean"]}[other]
+    args[written] = source[:C]
+    # running_mean is checked against every other argument, running_var against the inputs.
+    names = (written, other) if not (written == "running_var" and other == "running_mean") else (other, written)
+    msg = f"{names[0]} must not share memory with {names[1]}"
+    fails(ValueError, msg, lambda: bn.forward_training(x, args["weight"], args["bias"],
+                                                       running_mean=args["running_mean"],
+                                                       running_var=args["running_var"]),
+          x, *[v for v in args.values()])
 
 
 def test_out_with_repeated_memory(arrays):
@@ -442,7 +482,7 @@ def test_failed_layer_calls_leave_the_state_untouched(arrays):
     layer(a["x"])
     layer.backward(a["dy"])
     before = layer_state(layer)
-    with pytest.raises(ValueError, match=re.escape("weight must have shape (4,), got (3,)")):
+    with pytest.raises(ValueError, match=re.escape("x must have num_features=3 channels on axis 1, got 4 (x has shape (4, 4, 5))")):
         layer(np.ones((4, 4, 5), np.float32))
     with pytest.raises(ValueError, match=re.escape("dy must have the shape of x, (4, 3, 5), got (4, 3, 4)")):
         layer.backward(a["dy"][..., :4])
@@ -475,3 +515,111 @@ def test_load_state_dict_errors_leave_the_layer_unchanged(arrays, change, exc, m
     assert layer_state(layer) == before
     layer.load_state_dict(good_state())  # and a good one still loads
     assert layer.num_batches_tracked == 5 and (layer.running_var == 3).all()
+
+
+# ---- byte order, counts, immutable arrays, user-facing messages (issues #9, #10) ------------
+
+
+def swapped(a: np.ndarray) -> np.ndarray:
+    """The same values in the non-native byte order."""
+    return a.astype(a.dtype.newbyteorder("S"))
+
+
+# Each call gets the fixture's arrays `a` and byte-swapped copies `s` of them.
+BYTE_ORDER_CALLS = {
+    "x": lambda a, s: bn.statistics(s["x"]),
+    "weight": lambda a, s: bn.forward_training(a["x"], s["w"], a["b"]),
+    "bias": lambda a, s: bn.forward_training(a["x"], a["w"], s["b"]),
+    "running_mean": lambda a, s: bn.forward_training(a["x"], running_mean=s["rm"], running_var=a["rv"]),
+    "running_var": lambda a, s: bn.forward_training(a["x"], running_mean=a["rm"], running_var=s["rv"]),
+    "out": lambda a, s: bn.forward_inference(a["x"], a["rm"], a["rv"], out=s["out"]),
+    "mean": lambda a, s: bn.forward_inference(a["x"], s["rm"], a["rv"]),
+    "var": lambda a, s: bn.forward_inference(a["x"], a["rm"], s["rv"]),
+    "dy": lambda a, s: bn.backward(s["dy"], a["x"], a["rm"], a["rv"]),
+    "saved_mean": lambda a, s: bn.backward(a["dy"], a["x"], s["rm"], a["rv"]),
+    "saved_invstd": lambda a, s: bn.backward(a["dy"], a["x"], a["rm"], s["rv"]),
+    "means[1]": lambda a, s: bn.merge_statistics([a["rm"], s["rm"]], [a["rv"], a["rv"]], [3, 4]),
+    "vars[0]": lambda a, s: bn.merge_statistics([a["rm"], a["rm"]], [s["rv"], a["rv"]], [3, 4]),
+    "kernel": lambda a, s: bn.fold(s["k"], None, a["rm"], a["rv"]),
+    "conv_bias": lambda a, s: bn.fold(a["k"], s["b"], a["rm"], a["rv"]),
+}
+
+
+@pytest.mark.parametrize("name", list(BYTE_ORDER_CALLS))
+def test_non_native_byte_order_is_refused(arrays, name):
+    """Big-endian arrays were read as garbage (and a big-endian out= got native bytes)."""
+    a = dict(arrays, k=np.ones((C, 2), np.float32))
+    s = {k: swapped(v) for k, v in a.items()}
+    msg = f"{name} must have native byte order (float32), got the byte-swapped dtype"
+    fails(TypeError, msg, lambda: BYTE_ORDER_CALLS[name](a, s), *a.values(), *s.values())
+
+
+def test_merge_statistics_count_overflow():
+    m, v = np.zeros(2), np.ones(2)
+    fails(ValueError, "counts must add up to at most 2**63 - 1 values, got a total beyond it at counts[1]",
+          lambda: bn.merge_statistics([m, m], [v, v], [2**62, 2**62]))
+    assert bn.merge_statistics([m, m], [v, v], [2**62, 2**62 - 1])[2] == 2**63 - 1
+
+
+def test_channel_count_mismatch_names_axis_and_shape(arrays):
+    """A wrong axis on NHWC data first shows up as a parameter of the wrong length."""
+    x = np.ones((8, 5, 5, 3), np.float32)
+    fails(ValueError, "weight must have shape (5,), got (3,) (x has shape (8, 5, 5, 3): 5 channels on axis 1)",
+          lambda: bn.forward_training(x, np.ones(3, np.float32)))
+    fails(ValueError, "mean must have shape (5,), got (3,) (x has shape (8, 5, 5, 3): 5 channels on axis 1)",
+          lambda: bn.forward_inference(x, np.ones(3), np.ones(3)))
+
+
+def test_layer_channel_mismatch_in_user_terms():
+    layer = bn.BatchNorm(4)
+    before = layer.state_dict()
+    fails(ValueError, "x must have num_features=4 channels on axis 1, got 3 (x has shape (8, 3, 5, 5))",
+          lambda: layer(np.ones((8, 3, 5, 5), np.float32)))
+    nhwc = bn.BatchNorm(3)
+    fails(ValueError, "x must have num_features=3 channels on axis 1, got 5 (x has shape (8, 5, 5, 3)); is axis right",
+          lambda: nhwc(np.ones((8, 5, 5, 3), np.float32)))
+    after = layer.state_dict()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.torch
+def test_tensor_requiring_grad_gets_one_clear_sentence():
+    torch = pytest.importorskip("torch")
+    x = torch.ones(4, 3, requires_grad=True)
+    with pytest.raises(TypeError) as err:
+        bn.statistics(x)
+    message = str(err.value)
+    assert message.startswith("x must not require grad: batchnorm's array functions record no autograd graph")
+    assert "batchnorm.torch" in message and "x.detach()" in message
+    assert "At:" not in message and "\n" not in message
+    w = torch.ones(3, requires_grad=True)
+    with pytest.raises(TypeError, match="^weight must not require grad"):
+        bn.forward_training(x.detach(), w)
+
+
+@pytest.mark.parametrize("value", ["foo", "AVX2", "sse4"])
+def test_unknown_isa_is_refused_at_import(value):
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import batchnorm"], env=dict(os.environ, BATCHNORM_ISA=value),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert f"BATCHNORM_ISA must be one of baseline, avx2, avx512 (or unset), got '{value}'" in done.stderr
+
+
+def test_jax_arrays_are_never_written():
+    """JAX arrays are immutable (and may be shared by XLA): as running statistics or out=
+    they are refused, and stay unchanged."""
+    jnp = pytest.importorskip("jax.numpy", reason="jax is not installed")
+    x = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+    rm, rv = jnp.zeros(4), jnp.ones(4)
+    with pytest.raises(ValueError, match="^running_mean must be a writable array, got an immutable JAX array; "
+                                         ".*batchnorm.jax.batch_norm"):
+        bn.forward_training(x, running_mean=rm, running_var=np.ones(4, np.float32))
+    with pytest.raises(ValueError, match="^running_var must be a writable array, got an immutable JAX array"):
+        bn.forward_training(x, running_mean=np.zeros(4, np.float32), running_var=rv)
+    with pytest.raises(ValueError, match="^out must be a writable array, got an immutable JAX array"):
+        bn.forward_inference(jnp.asarray(x), np.zeros(4), np.ones(4), out=jnp.zeros((8, 4)))
+    assert (np.asarray(rm) == 0).all() and (np.asarray(rv) == 1).all()

@@ -52,6 +52,10 @@ SHAPE_AXES = [
     ((2, 3, 3, 4, 5), -1),
     ((2, 3, 3, 4, 5), -3),
     ((180, 3, 7, 7), 1),  # short rows (49 values) that the 8192-value blocks cut mid-row
+    # Channels-last with whole SIMD channel blocks and a tail (16 float / 8 double lanes).
+    ((6, 5, 37), -1),
+    ((3, 4, 5, 20), -1),
+    ((40, 17), 1),
 ]
 SHAPE_AXIS_IDS = [f"{'x'.join(map(str, s))}-axis{a}" for s, a in SHAPE_AXES]
 shape_axis = pytest.mark.parametrize("shape,axis", SHAPE_AXES, ids=SHAPE_AXIS_IDS)

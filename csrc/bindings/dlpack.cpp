@@ -54,6 +54,14 @@ void import_numpy(Imported& imp, const py::array& a, const char* arg) {
   else if (kind == 'f' && item == 8) v.dtype = DType::float64;
   else if (item == 2 && py::str(dt.attr("name")).cast<std::string>() == "bfloat16") v.dtype = DType::bfloat16;
   else bad_dtype(arg, py::str(dt.attr("name")).cast<std::string>());
+  // The kernels read and write native-endian values; a byte-swapped array would be read as
+  // garbage (and an out= filled with bytes in the wrong order), so it is refused, not copied.
+  if (!dt.attr("isnative").cast<bool>()) {
+    const std::string name = py::str(dt.attr("name")).cast<std::string>();
+    throw type_error(detail::concat(arg, " must have native byte order (", name, "), got the byte-swapped dtype '",
+                                    py::str(dt.attr("str")).cast<std::string>(), "'; convert it with ", arg,
+                                    ".astype('", name, "')"));
+  }
   BN_EXPECTS(a.ndim() <= kMaxDims, value_error, arg, " must have at most ", kMaxDims, " dimensions, got ", a.ndim());
   v.ndim = static_cast<int>(a.ndim());
   for (int i = 0; i < v.ndim; ++i) {
@@ -82,7 +90,18 @@ Device device_from_dl(int32_t type, int32_t id, const char* arg) {
 
 void import_capsule(Imported& imp, py::object cap, const char* arg);
 
+// The message of a Python exception alone: pybind11's what() appends an "At:" traceback.
+std::string exception_message(const py::error_already_set& e) {
+  return py::str(e.value()).cast<std::string>();
+}
+
 void import_dlpack(Imported& imp, py::handle obj, const char* arg, int64_t stream) {
+  // torch refuses to export a tensor that requires grad; say why and what to use instead.
+  if (py::hasattr(obj, "requires_grad") && py::bool_(obj.attr("requires_grad"))) {
+    throw type_error(detail::concat(arg, " must not require grad: batchnorm's array functions record no autograd ",
+                                    "graph; train with batchnorm.torch (BatchNorm2d, convert), or pass ", arg,
+                                    ".detach()"));
+  }
   const py::tuple dev = obj.attr("__dlpack_device__")();
   const int32_t dev_type = dev[0].cast<int32_t>();
   const int32_t dev_id = dev[1].cast<int32_t>();
@@ -93,11 +112,11 @@ void import_dlpack(Imported& imp, py::handle obj, const char* arg, int64_t strea
   try {
     cap = obj.attr("__dlpack__")(py::arg("stream") = s, py::arg("max_version") = py::make_tuple(1, 1));
   } catch (py::error_already_set& e) {
-    if (!e.matches(PyExc_TypeError)) throw type_error(detail::concat(arg, " could not be exported through DLPack: ", e.what()));
+    if (!e.matches(PyExc_TypeError)) throw type_error(detail::concat(arg, " could not be exported through DLPack: ", exception_message(e)));
     try {
       cap = obj.attr("__dlpack__")(py::arg("stream") = s);
     } catch (py::error_already_set& e2) {
-      throw type_error(detail::concat(arg, " could not be exported through DLPack: ", e2.what()));
+      throw type_error(detail::concat(arg, " could not be exported through DLPack: ", exception_message(e2)));
     }
   }
   import_capsule(imp, cap, arg);

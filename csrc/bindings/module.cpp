@@ -314,6 +314,9 @@ py::object py_device_of(py::handle obj, const std::string& name) {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "batchnorm's native core (use the batchnorm package, not this module)";
+  // A misspelt BATCHNORM_ISA or BATCHNORM_STREAM_BYTES fails the import with its message,
+  // rather than silently running another configuration than the one asked for.
+  check_environment();
   py::register_exception_translator([](std::exception_ptr e) {
     try {
       if (e) std::rethrow_exception(e);
@@ -353,4 +356,7 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("get_num_threads", &get_num_threads);
   m.def("empty_cache", [] { return release_cached_memory(); });
+  // Testing hook (not part of the API): the output size above which stores are non-temporal,
+  // so tests reach the streaming paths on small arrays; a negative value restores the default.
+  m.def("_set_stream_threshold", &set_stream_threshold_bytes, py::arg("bytes"));
 }

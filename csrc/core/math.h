@@ -49,8 +49,11 @@ BN_HD Moments<M> block_moments(M n, M center, M sum_dev, M sum_sq_dev) {
   r.n = n;
   if (n == M(0)) return r;
   r.mean = center + sum_dev / n;
-  M m2 = sum_sq_dev - sum_dev * sum_dev / n;
-  r.m2 = m2 > M(0) ? m2 : M(0);
+  const M m2 = sum_sq_dev - sum_dev * sum_dev / n;
+  // Rounding can leave a constant block's M2 a hair below zero: clamp that, but written so
+  // that a NaN (from a NaN or Inf value) falls through and poisons the channel's variance,
+  // as `m2 > 0 ? m2 : 0` did not (it turned NaN into a healthy-looking 0).
+  r.m2 = m2 < M(0) ? M(0) : m2;
   return r;
 }
 

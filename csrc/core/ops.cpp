@@ -3,6 +3,8 @@
 // failed call leaves running statistics and outputs untouched.
 #include "core/ops.h"
 
+#include <cstdint>
+
 #include "core/backend.h"
 #include "core/errors.h"
 #include "core/validate.h"
@@ -34,9 +36,8 @@ int check_input(const TensorView& x, const char* arg, int axis, int min_rank = 2
   return normalize_axis(axis, x.ndim);
 }
 
-void check_optional_vector(const TensorView& t, const char* arg, int64_t channels, const TensorView& x,
-                           const char* x_arg) {
-  if (t.defined()) check_channel_vector(t, arg, channels, x.device, x_arg);
+void check_optional_vector(const TensorView& t, const char* arg, const ChannelSource& source) {
+  if (t.defined()) check_channel_vector(t, arg, source);
 }
 
 bool on_cuda(const TensorView& x) { return x.device.kind == DeviceKind::cuda; }
@@ -101,13 +102,14 @@ int64_t statistics(const StatisticsParams& p) {
 void forward_training(const ForwardTrainingParams& p) {
   const int axis = check_input(p.x, "x", p.axis);
   const int64_t C = p.x.shape[axis];
-  check_optional_vector(p.weight, "weight", C, p.x, "x");
-  check_optional_vector(p.bias, "bias", C, p.x, "x");
+  const ChannelSource src{p.x, "x", axis};
+  check_optional_vector(p.weight, "weight", src);
+  check_optional_vector(p.bias, "bias", src);
   BN_EXPECTS(p.running_mean.defined() == p.running_var.defined(), value_error,
              "running_mean and running_var must be given together, got ",
              p.running_mean.defined() ? "running_mean without running_var" : "running_var without running_mean");
-  check_optional_vector(p.running_mean, "running_mean", C, p.x, "x");
-  check_optional_vector(p.running_var, "running_var", C, p.x, "x");
+  check_optional_vector(p.running_mean, "running_mean", src);
+  check_optional_vector(p.running_var, "running_var", src);
   if (p.running_mean.defined()) {
     check_writable(p.running_mean, "running_mean");
     check_writable(p.running_var, "running_var");
@@ -118,11 +120,19 @@ void forward_training(const ForwardTrainingParams& p) {
   BN_EXPECTS(given == p.batch_var.defined(), value_error,
              "batch_mean and batch_var must be given together, got ",
              given ? "batch_mean without batch_var" : "batch_var without batch_mean");
-  check_optional_vector(p.batch_mean, "batch_mean", C, p.x, "x");
-  check_optional_vector(p.batch_var, "batch_var", C, p.x, "x");
-  const TensorView* inputs[] = {&p.x, &p.weight, &p.bias, &p.running_mean, &p.running_var, &p.batch_mean, &p.batch_var};
+  check_optional_vector(p.batch_mean, "batch_mean", src);
+  check_optional_vector(p.batch_var, "batch_var", src);
+  const Named inputs[] = {{p.x, "x"},           {p.weight, "weight"},         {p.bias, "bias"},
+                          {p.running_mean, "running_mean"}, {p.running_var, "running_var"},
+                          {p.batch_mean, "batch_mean"},     {p.batch_var, "batch_var"}};
   // Exact aliasing needs the same shape and strides, so y may be x itself, never a parameter.
   check_output(p.y, "out", p.x, "x", inputs, 7);
+  const Named beside_mean[] = {{p.x, "x"},         {p.weight, "weight"},         {p.bias, "bias"},
+                               {p.running_var, "running_var"}, {p.batch_mean, "batch_mean"}, {p.batch_var, "batch_var"}};
+  const Named beside_var[] = {{p.x, "x"}, {p.weight, "weight"}, {p.bias, "bias"}, {p.batch_mean, "batch_mean"},
+                              {p.batch_var, "batch_var"}};
+  check_disjoint(p.running_mean, "running_mean", beside_mean, 6);
+  check_disjoint(p.running_var, "running_var", beside_var, 5);
   const TensorView* arrays[] = {&p.x, &p.y};
   const Layout layout = make_layout(axis, arrays, 2);
   check_channels(C, p.x, "x");
@@ -145,15 +155,15 @@ void forward_training(const ForwardTrainingParams& p) {
 
 void forward_inference(const ForwardInferenceParams& p) {
   const int axis = check_input(p.x, "x", p.axis);
-  const int64_t C = p.x.shape[axis];
   BN_EXPECTS(p.mean.defined(), type_error, "mean must be an array, got None");
   BN_EXPECTS(p.var.defined(), type_error, "var must be an array, got None");
-  check_channel_vector(p.mean, "mean", C, p.x.device, "x");
-  check_channel_vector(p.var, "var", C, p.x.device, "x");
-  check_optional_vector(p.weight, "weight", C, p.x, "x");
-  check_optional_vector(p.bias, "bias", C, p.x, "x");
+  const ChannelSource src{p.x, "x", axis};
+  check_channel_vector(p.mean, "mean", src);
+  check_channel_vector(p.var, "var", src);
+  check_optional_vector(p.weight, "weight", src);
+  check_optional_vector(p.bias, "bias", src);
   check_eps(p.eps);
-  const TensorView* inputs[] = {&p.x, &p.mean, &p.var, &p.weight, &p.bias};
+  const Named inputs[] = {{p.x, "x"}, {p.mean, "mean"}, {p.var, "var"}, {p.weight, "weight"}, {p.bias, "bias"}};
   check_output(p.y, "out", p.x, "x", inputs, 5);
   if (p.x.numel() == 0) return;  // an empty batch gives an empty y
   check_cuda_usable(p.x, "x");
@@ -169,7 +179,6 @@ namespace {
 int check_backward_inputs(const TensorView& dy, const TensorView& x, int axis_arg, const TensorView& mean,
                           const char* mean_arg, const TensorView& invstd, const char* invstd_arg) {
   const int axis = check_input(x, "x", axis_arg);
-  const int64_t C = x.shape[axis];
   BN_EXPECTS(dy.defined(), type_error, "dy must be an array, got None");
   check_float_array(dy, "dy");
   check_same_device(x, "x", dy, "dy");
@@ -178,8 +187,9 @@ int check_backward_inputs(const TensorView& dy, const TensorView& x, int axis_ar
              dtype_name(dy.dtype));
   BN_EXPECTS(mean.defined(), type_error, mean_arg, " must be an array, got None");
   BN_EXPECTS(invstd.defined(), type_error, invstd_arg, " must be an array, got None");
-  check_channel_vector(mean, mean_arg, C, x.device, "x");
-  check_channel_vector(invstd, invstd_arg, C, x.device, "x");
+  const ChannelSource src{x, "x", axis};
+  check_channel_vector(mean, mean_arg, src);
+  check_channel_vector(invstd, invstd_arg, src);
   return axis;
 }
 
@@ -188,8 +198,9 @@ int check_backward_inputs(const TensorView& dy, const TensorView& x, int axis_ar
 void backward(const BackwardParams& p) {
   const int axis = check_backward_inputs(p.dy, p.x, p.axis, p.saved_mean, "saved_mean", p.saved_invstd, "saved_invstd");
   const int64_t C = p.x.shape[axis];
-  check_optional_vector(p.weight, "weight", C, p.x, "x");
-  const TensorView* inputs[] = {&p.dy, &p.x, &p.saved_mean, &p.saved_invstd, &p.weight};
+  check_optional_vector(p.weight, "weight", ChannelSource{p.x, "x", axis});
+  const Named inputs[] = {{p.dy, "dy"}, {p.x, "x"}, {p.saved_mean, "saved_mean"}, {p.saved_invstd, "saved_invstd"},
+                          {p.weight, "weight"}};
   check_output(p.dx, "out", p.x, "x", inputs, 5);
   const TensorView* arrays[] = {&p.dy, &p.x, &p.dx};
   const Layout layout = make_layout(axis, arrays, 3);
@@ -221,12 +232,15 @@ void backward_reduce(const BackwardReduceParams& p) {
 void backward_elemt(const BackwardElemtParams& p) {
   const int axis = check_backward_inputs(p.dy, p.x, p.axis, p.mean, "mean", p.invstd, "invstd");
   const int64_t C = p.x.shape[axis];
-  check_optional_vector(p.weight, "weight", C, p.x, "x");
+  const ChannelSource src{p.x, "x", axis};
+  check_optional_vector(p.weight, "weight", src);
   BN_EXPECTS(p.sum_dy.defined(), type_error, "sum_dy must be an array, got None");
   BN_EXPECTS(p.sum_dy_xmu.defined(), type_error, "sum_dy_xmu must be an array, got None");
-  check_channel_vector(p.sum_dy, "sum_dy", C, p.x.device, "x");
-  check_channel_vector(p.sum_dy_xmu, "sum_dy_xmu", C, p.x.device, "x");
-  const TensorView* inputs[] = {&p.dy, &p.x, &p.mean, &p.invstd, &p.weight, &p.sum_dy, &p.sum_dy_xmu};
+  check_channel_vector(p.sum_dy, "sum_dy", src);
+  check_channel_vector(p.sum_dy_xmu, "sum_dy_xmu", src);
+  const Named inputs[] = {{p.dy, "dy"},         {p.x, "x"},         {p.mean, "mean"},
+                          {p.invstd, "invstd"}, {p.weight, "weight"}, {p.sum_dy, "sum_dy"},
+                          {p.sum_dy_xmu, "sum_dy_xmu"}};
   check_output(p.dx, "out", p.x, "x", inputs, 7);
   const TensorView* arrays[] = {&p.dy, &p.x, &p.dx};
   const Layout layout = make_layout(axis, arrays, 3);
@@ -248,12 +262,16 @@ int64_t merge_statistics(const MergeStatisticsParams& p) {
   BN_EXPECTS(first.defined() && first.ndim == 1, value_error, "means[0] must have shape (C,), got ",
              first.defined() ? shape_string(first) : std::string("None"));
   const int64_t C = first.shape[0];
+  const ChannelSource src{first, "means[0]", 0};
   int64_t total = 0;
   for (size_t i = 0; i < k; ++i) {
     const std::string mi = concat("means[", i, "]"), vi = concat("vars[", i, "]");
-    check_channel_vector(p.means[i], mi.c_str(), C, first.device, "means[0]");
-    check_channel_vector(p.vars[i], vi.c_str(), C, first.device, "means[0]");
+    check_channel_vector(p.means[i], mi.c_str(), src);
+    check_channel_vector(p.vars[i], vi.c_str(), src);
     BN_EXPECTS(p.counts[i] >= 0, value_error, "counts[", i, "] must be >= 0, got ", p.counts[i]);
+    // The total is a count of values: it must fit the int64 it is returned in.
+    BN_EXPECTS(p.counts[i] <= INT64_MAX - total, value_error,
+               "counts must add up to at most 2**63 - 1 values, got a total beyond it at counts[", i, "]");
     total += p.counts[i];
   }
   BN_EXPECTS(total > 0, value_error, "counts must not all be zero, got ", k, " shard", k == 1 ? "" : "s",
@@ -277,13 +295,15 @@ void fold(const FoldParams& p) {
   const int64_t C = p.kernel.shape[axis];
   BN_EXPECTS(p.mean.defined(), type_error, "mean must be an array, got None");
   BN_EXPECTS(p.var.defined(), type_error, "var must be an array, got None");
-  check_optional_vector(p.conv_bias, "conv_bias", C, p.kernel, "kernel");
-  check_channel_vector(p.mean, "mean", C, p.kernel.device, "kernel");
-  check_channel_vector(p.var, "var", C, p.kernel.device, "kernel");
-  check_optional_vector(p.weight, "weight", C, p.kernel, "kernel");
-  check_optional_vector(p.bias, "bias", C, p.kernel, "kernel");
+  const ChannelSource src{p.kernel, "kernel", axis};
+  check_optional_vector(p.conv_bias, "conv_bias", src);
+  check_channel_vector(p.mean, "mean", src);
+  check_channel_vector(p.var, "var", src);
+  check_optional_vector(p.weight, "weight", src);
+  check_optional_vector(p.bias, "bias", src);
   check_eps(p.eps);
-  const TensorView* inputs[] = {&p.kernel, &p.conv_bias, &p.mean, &p.var, &p.weight, &p.bias};
+  const Named inputs[] = {{p.kernel, "kernel"}, {p.conv_bias, "conv_bias"}, {p.mean, "mean"},
+                          {p.var, "var"},       {p.weight, "weight"},       {p.bias, "bias"}};
   check_output(p.kernel_out, "kernel_out", p.kernel, "kernel", inputs, 6);
   check_internal_vector(p.bias_out, "bias_out", C, p.kernel.dtype, p.kernel.device);
   check_cuda_usable(p.kernel, "kernel");

@@ -117,6 +117,14 @@ DType statistics_dtype(DType x_dtype);  // == accumulation_dtype
 void set_num_threads(int n);
 int get_num_threads();
 
+// Checks the environment variables the library reads (BATCHNORM_ISA, BATCHNORM_STREAM_BYTES)
+// and throws value_error naming the variable and its valid values; called at import.
+void check_environment();
+
+// Testing hook: outputs larger than `bytes` are written with non-temporal stores (default:
+// the last-level cache size, or BATCHNORM_STREAM_BYTES); a negative value restores the default.
+void set_stream_threshold_bytes(int64_t bytes);
+
 struct CudaInfo {
   bool compiled = false;
   bool available = false;

@@ -4,6 +4,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <algorithm>
+#include <string>
 #include <utility>
 
 #include "core/errors.h"
@@ -16,6 +18,11 @@ void check_float_array(const TensorView& t, const char* arg) {
              " must have dtype float16, bfloat16, float32 or float64, got dtype code ", code);
   BN_EXPECTS(t.ndim >= 0 && t.ndim <= kMaxDims, value_error, arg, " must have at most ", kMaxDims,
              " dimensions, got ", t.ndim);
+  // The CPU kernels read any address (unaligned loads); a GPU faults on a misaligned element.
+  BN_EXPECTS(t.device.kind != DeviceKind::cuda || reinterpret_cast<uintptr_t>(t.data) % dtype_size(t.dtype) == 0,
+             value_error, arg, " must be aligned to its item size (", dtype_size(t.dtype),
+             " bytes) on a CUDA device, got an address off by ",
+             reinterpret_cast<uintptr_t>(t.data) % dtype_size(t.dtype), " bytes");
 }
 
 void check_same_device(const TensorView& a, const char* a_arg, const TensorView& b, const char* b_arg) {
@@ -23,13 +30,18 @@ void check_same_device(const TensorView& a, const char* a_arg, const TensorView&
              device_name(a.device), "), got ", device_name(b.device));
 }
 
-void check_channel_vector(const TensorView& t, const char* arg, int64_t channels, const Device& device,
-                          const char* device_arg) {
+void check_channel_vector(const TensorView& t, const char* arg, const ChannelSource& source) {
   check_float_array(t, arg);
-  BN_EXPECTS(t.device == device, type_error, arg, " must be on the same device as ", device_arg, " (",
+  const Device& device = source.x.device;
+  BN_EXPECTS(t.device == device, type_error, arg, " must be on the same device as ", source.name, " (",
              device_name(device), "), got ", device_name(t.device));
-  BN_EXPECTS(t.ndim == 1 && t.shape[0] == channels, value_error, arg, " must have shape (", channels,
-             ",), got ", shape_string(t));
+  const int64_t channels = source.channels();
+  if (t.ndim == 1 && t.shape[0] == channels) return;
+  const std::string context =
+      source.x.ndim >= 2 ? concat(" (", source.name, " has shape ", shape_string(source.x), ": ", channels,
+                                  " channels on axis ", source.axis, ")")
+                         : std::string();
+  throw value_error(concat(arg, " must have shape (", channels, ",), got ", shape_string(t), context));
 }
 
 void check_writable(const TensorView& t, const char* arg) {
@@ -64,33 +76,70 @@ void byte_span(const TensorView& t, intptr_t& lo, intptr_t& hi) {
 bool same_strides(const TensorView& a, const TensorView& b) {
   if (a.ndim != b.ndim || a.dtype != b.dtype) return false;
   for (int i = 0; i < a.ndim; ++i)
-    if (a.shape[i] > 1 && a.strides[i] != b.strides[i]) return false;
+    if (a.shape[i] != b.shape[i] || (a.shape[i] > 1 && a.strides[i] != b.strides[i])) return false;
   return true;
 }
 
-// Some element of `out` is written at two logical positions (a zero or overlapping stride).
-bool self_overlapping(const TensorView& t) {
-  // Sort-free check good for the layouts arrays have: every non-trivial stride must be
-  // non-zero and the dims, ordered by |stride|, must each step past the previous extent.
-  int64_t order[kMaxDims];
+// The dims of t with extent > 1, ordered by decreasing |stride|; returns how many.
+int dims_by_stride(const TensorView& t, int* order) {
   int n = 0;
   for (int i = 0; i < t.ndim; ++i)
     if (t.shape[i] > 1) order[n++] = i;
-  for (int i = 1; i < n; ++i)  // insertion sort by |stride|
-    for (int j = i; j > 0 && std::llabs(t.strides[order[j]]) < std::llabs(t.strides[order[j - 1]]); --j)
+  for (int i = 1; i < n; ++i)  // insertion sort by |stride|, largest first
+    for (int j = i; j > 0 && std::llabs(t.strides[order[j]]) > std::llabs(t.strides[order[j - 1]]); --j)
       std::swap(order[j], order[j - 1]);
+  return n;
+}
+
+// Some element of `t` is reached from two logical positions (a zero or overlapping stride):
+// the dims, ordered by |stride|, must each step past the extent of the ones below.
+bool self_overlapping(const TensorView& t) {
+  int order[kMaxDims];
+  const int n = dims_by_stride(t, order);
   int64_t extent = 1;
-  for (int i = 0; i < n; ++i) {
+  for (int i = n - 1; i >= 0; --i) {
     const int64_t s = std::llabs(t.strides[order[i]]);
     if (s < extent) return true;
     extent = s * t.shape[order[i]];
   }
   return false;
 }
+
+// Whether an offset of d elements is k . strides for some |k_i| < shape_i (dims `order`,
+// |stride| decreasing from `i`). The strides are nested (not self-overlapping), so what the
+// smaller dims reach stays below the current stride and each digit has at most two choices.
+bool reaches(const TensorView& t, const int* order, int n, int i, int64_t d) {
+  if (i == n) return d == 0;
+  int64_t rest = 0;
+  for (int j = i + 1; j < n; ++j) rest += (t.shape[order[j]] - 1) * std::llabs(t.strides[order[j]]);
+  const int64_t s = std::llabs(t.strides[order[i]]), top = t.shape[order[i]] - 1;
+  auto floor_div = [](int64_t a, int64_t b) { return a / b - ((a % b != 0) && ((a < 0) != (b < 0))); };
+  const int64_t lo = std::max(-top, -floor_div(rest - d, s)), hi = std::min(top, floor_div(d + rest, s));
+  for (int64_t k = lo; k <= hi; ++k)
+    if (reaches(t, order, n, i + 1, d - k * s)) return true;
+  return false;
+}
+
+// Whether a and b share an element. Exact for two views of one dtype, shape and strides
+// (interleaved views such as buf[0::2] and buf[1::2] share none); otherwise conservative:
+// any overlap of the byte ranges they span counts.
+bool share_memory(const TensorView& a, const TensorView& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  intptr_t alo, ahi, blo, bhi;
+  byte_span(a, alo, ahi);
+  byte_span(b, blo, bhi);
+  if (ahi <= blo || bhi <= alo) return false;
+  const intptr_t es = static_cast<intptr_t>(dtype_size(a.dtype));
+  const intptr_t bytes = static_cast<char*>(b.data) - static_cast<char*>(a.data);
+  if (!same_strides(a, b) || self_overlapping(a) || bytes % es != 0) return true;
+  int order[kMaxDims];
+  const int n = dims_by_stride(a, order);
+  return reaches(a, order, n, 0, bytes / es);
+}
 }  // namespace
 
 void check_output(const TensorView& out, const char* arg, const TensorView& like, const char* like_arg,
-                  const TensorView* const* inputs, int ninputs) {
+                  const Named* inputs, int ninputs) {
   check_float_array(out, arg);
   BN_EXPECTS(out.device == like.device, type_error, arg, " must be on the same device as ", like_arg, " (",
              device_name(like.device), "), got ", device_name(out.device));
@@ -101,17 +150,23 @@ void check_output(const TensorView& out, const char* arg, const TensorView& like
   if (out.numel() == 0) return;
   BN_EXPECTS(!self_overlapping(out), value_error, arg,
              " must not have overlapping elements (a zero or broadcast stride), got strides that repeat memory");
-  intptr_t olo, ohi;
-  byte_span(out, olo, ohi);
   for (int i = 0; i < ninputs; ++i) {
-    const TensorView& in = *inputs[i];
-    if (!in.defined() || in.numel() == 0) continue;
-    intptr_t lo, hi;
-    byte_span(in, lo, hi);
-    const bool disjoint = ohi <= lo || hi <= olo;
-    BN_EXPECTS(disjoint || (in.data == out.data && same_strides(in, out)), value_error, arg,
-               " must be either the same array as an input or not overlap it, got memory that partially overlaps ",
-               "an input");
+    const TensorView& in = inputs[i].view;
+    if (!in.defined()) continue;
+    const bool in_place = in.data == out.data && same_strides(in, out);
+    BN_EXPECTS(in_place || !share_memory(out, in), value_error, arg, " must be either ", inputs[i].name,
+               " itself (same memory and strides) or share no memory with it, got memory that partially overlaps ",
+               inputs[i].name);
+  }
+}
+
+void check_disjoint(const TensorView& written, const char* arg, const Named* others, int nothers) {
+  if (!written.defined()) return;
+  for (int i = 0; i < nothers; ++i) {
+    const TensorView& o = others[i].view;
+    if (!o.defined()) continue;
+    BN_EXPECTS(!share_memory(written, o), value_error, arg, " must not share memory with ", others[i].name,
+               ": it is written in place while ", others[i].name, " is still in use; pass separate arrays");
   }
 }
 

@@ -9,17 +9,32 @@ namespace batchnorm::detail {
 void check_float_array(const TensorView& t, const char* arg);
 // b lives on the same device as a (named a_arg).
 void check_same_device(const TensorView& a, const char* a_arg, const TensorView& b, const char* b_arg);
-// A per-channel parameter: 1-D of length `channels`, any float dtype, on `device`.
-void check_channel_vector(const TensorView& t, const char* arg, int64_t channels, const Device& device,
-                          const char* device_arg);
+// The array whose channel axis sizes the per-channel arguments, for their messages: a
+// mismatch names x's shape and axis, since a wrong axis on NHWC data shows up there first.
+struct ChannelSource {
+  const TensorView& x;
+  const char* name;
+  int axis;  // normalized
+  int64_t channels() const { return x.shape[axis]; }
+};
+// A per-channel parameter: 1-D of length source.channels(), any float dtype, on x's device.
+void check_channel_vector(const TensorView& t, const char* arg, const ChannelSource& source);
 // A writable, non-read-only per-channel vector (running statistics).
 void check_writable(const TensorView& t, const char* arg);
 // b has exactly a's shape.
 void check_same_shape(const TensorView& a, const char* a_arg, const TensorView& b, const char* b_arg);
-// An output like `like`: same shape, dtype and device, writable, and not partially
-// overlapping any of `inputs` (exact aliasing with identical strides is allowed).
+// An argument with its name, for the overlap checks' messages.
+struct Named {
+  const TensorView& view;
+  const char* name;
+};
+// An output like `like`: same shape, dtype and device, writable, and sharing no element with
+// any of `inputs` unless it is exactly that input (same data and strides: in place).
 void check_output(const TensorView& out, const char* arg, const TensorView& like, const char* like_arg,
-                  const TensorView* const* inputs, int ninputs);
+                  const Named* inputs, int ninputs);
+// A written argument (running statistics) that shares no element with any of `others`: it is
+// written while they are read (or written), so even an exact alias would corrupt a result.
+void check_disjoint(const TensorView& written, const char* arg, const Named* others, int nothers);
 void check_eps(double eps);
 void check_momentum(double momentum);
 // An internal output buffer: (n,), dtype, contiguous, on device.

@@ -56,22 +56,37 @@ BN_CPU_INLINE T store(V v) {
   }
 }
 
+// One element at p, which may sit off its type's alignment (NumPy arrays can be one byte
+// off): read and written through memcpy, which compiles to a plain move, so no access is
+// ever made through a misaligned T* (undefined behaviour, even where x86 tolerates it).
+template <class T>
+BN_CPU_INLINE auto load_at(const T* p) {
+  T v;
+  std::memcpy(&v, p, sizeof(T));
+  return load(v);
+}
+template <class T, class V>
+BN_CPU_INLINE void store_at(T* p, V v) {
+  const T s = store<T>(v);
+  std::memcpy(p, &s, sizeof(T));
+}
+
 // Values of any dtype read into double / written from double (parameters, running stats).
 BN_CPU_INLINE double load_any(const void* p, DType t, int64_t i) {
   switch (t) {
-    case DType::float16: return load(static_cast<const _Float16*>(p)[i]);
-    case DType::bfloat16: return load(static_cast<const bfloat16*>(p)[i]);
-    case DType::float32: return static_cast<const float*>(p)[i];
-    case DType::float64: return static_cast<const double*>(p)[i];
+    case DType::float16: return load_at(static_cast<const _Float16*>(p) + i);
+    case DType::bfloat16: return load_at(static_cast<const bfloat16*>(p) + i);
+    case DType::float32: return load_at(static_cast<const float*>(p) + i);
+    case DType::float64: return load_at(static_cast<const double*>(p) + i);
   }
   return 0.0;
 }
 BN_CPU_INLINE void store_any(void* p, DType t, int64_t i, double v) {
   switch (t) {
-    case DType::float16: static_cast<_Float16*>(p)[i] = store<_Float16>(static_cast<float>(v)); break;
-    case DType::bfloat16: static_cast<bfloat16*>(p)[i] = store<bfloat16>(static_cast<float>(v)); break;
-    case DType::float32: static_cast<float*>(p)[i] = static_cast<float>(v); break;
-    case DType::float64: static_cast<double*>(p)[i] = v; break;
+    case DType::float16: store_at(static_cast<_Float16*>(p) + i, static_cast<float>(v)); break;
+    case DType::bfloat16: store_at(static_cast<bfloat16*>(p) + i, static_cast<float>(v)); break;
+    case DType::float32: store_at(static_cast<float*>(p) + i, static_cast<float>(v)); break;
+    case DType::float64: store_at(static_cast<double*>(p) + i, v); break;
   }
 }
 

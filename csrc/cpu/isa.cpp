@@ -6,7 +6,9 @@
 #include <string>
 
 #include "core/ops.h"
+#include "core/errors.h"
 #include "cpu/kernels.h"
+#include "cpu/plan.h"
 
 namespace batchnorm::cpu {
 
@@ -17,6 +19,11 @@ extern const KernelTable kernel_table_avx512;
 #endif
 
 namespace {
+// The values BATCHNORM_ISA may take; anything else is refused at import, not guessed at.
+bool known_isa(const std::string& want) {
+  return want.empty() || want == "baseline" || want == "avx2" || want == "avx512";
+}
+
 const KernelTable* choose() {
   const char* cap = std::getenv("BATCHNORM_ISA");
   const std::string want = cap ? cap : "";
@@ -42,4 +49,11 @@ const KernelTable& active_kernels() {
 
 namespace batchnorm {
 std::string simd_level() { return cpu::active_kernels().name; }
+
+void check_environment() {
+  const char* cap = std::getenv("BATCHNORM_ISA");
+  BN_EXPECTS(cap == nullptr || cpu::known_isa(cap), value_error,
+             "BATCHNORM_ISA must be one of baseline, avx2, avx512 (or unset), got '", cap ? cap : "", "'");
+  cpu::stream_threshold_from_env();
+}
 }  // namespace batchnorm

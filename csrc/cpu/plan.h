@@ -19,9 +19,15 @@ namespace batchnorm::cpu {
 int64_t last_level_cache_bytes();
 int64_t l2_cache_bytes();
 
+// Bytes above which outputs are written with non-temporal stores: the last-level cache size,
+// unless BATCHNORM_STREAM_BYTES or set_stream_threshold_bytes (tests) says otherwise.
+int64_t stream_threshold_bytes();
+int64_t stream_threshold_from_env();  // -1 when unset; ValueError when malformed
+void set_stream_threshold(int64_t bytes);  // < 0: back to the default
+
 // Whether an op touching `bytes` of memory should write its output with non-temporal
 // stores: when its data cannot stay in the last-level cache anyway.
-inline bool stream_output(int64_t bytes) { return bytes > last_level_cache_bytes(); }
+inline bool stream_output(int64_t bytes) { return bytes > stream_threshold_bytes(); }
 
 struct Plan {
   bool channels_last = false;

@@ -3,6 +3,8 @@
 #include "cpu/threads.h"
 
 #include <atomic>
+#include <cerrno>
+#include <cstdlib>
 #include <fstream>
 #include <string>
 #include <thread>
@@ -32,6 +34,8 @@ void set_num_threads(int n) {
   threads_setting().store(n);
 }
 int get_num_threads() { return threads_setting().load(); }
+
+void set_stream_threshold_bytes(int64_t bytes) { cpu::set_stream_threshold(bytes); }
 
 namespace cpu {
 int thread_count() { return get_num_threads(); }
@@ -74,6 +78,37 @@ int64_t l2_cache_bytes() {
   }();
   return bytes;
 }
+
+namespace {
+// -1: not set by the testing hook; the environment or the cache size decides.
+std::atomic<int64_t>& stream_threshold_override() {
+  static std::atomic<int64_t> v{-1};
+  return v;
+}
+}  // namespace
+
+int64_t stream_threshold_from_env() {
+  static const int64_t bytes = [] {
+    const char* s = std::getenv("BATCHNORM_STREAM_BYTES");
+    if (s == nullptr || *s == '\0') return int64_t(-1);
+    char* end = nullptr;
+    errno = 0;
+    const long long v = std::strtoll(s, &end, 10);
+    BN_EXPECTS(errno == 0 && end != s && *end == '\0' && v >= 0, value_error,
+               "BATCHNORM_STREAM_BYTES must be a byte count (an integer >= 0), got '", s, "'");
+    return static_cast<int64_t>(v);
+  }();
+  return bytes;
+}
+
+int64_t stream_threshold_bytes() {
+  const int64_t forced = stream_threshold_override().load(std::memory_order_relaxed);
+  if (forced >= 0) return forced;
+  const int64_t env = stream_threshold_from_env();
+  return env >= 0 ? env : last_level_cache_bytes();
+}
+
+void set_stream_threshold(int64_t bytes) { stream_threshold_override().store(bytes < 0 ? -1 : bytes); }
 
 int64_t last_level_cache_bytes() {
   static const int64_t bytes = [] {

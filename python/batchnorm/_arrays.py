@@ -118,10 +118,22 @@ class Kind:
         return result
 
 
+def check_written(array: Any, name: str) -> None:
+    """An argument the call writes in place (out=, running statistics). JAX arrays are
+    immutable and may be shared or cached by XLA: DLPack would hand over their memory all the
+    same, so they are refused here rather than silently changed."""
+    if array is not None and _library(array) in ("jax", "jaxlib"):
+        advice = (
+            "pass a NumPy array (or another mutable array) for the running statistics, or use "
+            "batchnorm.jax.batch_norm, which returns the updated statistics"
+            if name.startswith("running_")
+            else "omit out= to get a new array"
+        )
+        raise ValueError(f"{name} must be a writable array, got an immutable JAX array; {advice}")
+
+
 def check_out(out: Any) -> None:
-    """JAX arrays are immutable: writing into one would break JAX's guarantees."""
-    if out is not None and _library(out) in ("jax", "jaxlib"):
-        raise ValueError("out must be a writable array, got an immutable JAX array")
+    check_written(out, "out")
 
 
 def check_int(value: Any, name: str) -> int:

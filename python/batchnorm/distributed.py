@@ -17,7 +17,7 @@ import numpy as np
 from . import functional as F
 from ._arrays import _from_dlpack_of, _library, check_int
 from ._collectives import Engine, check_group, engine_for
-from .layer import BatchNorm, _device_of, _to_device_like, _to_numpy
+from .layer import BatchNorm, _as_state, _device_of, _to_device_like, _to_numpy
 
 __all__ = ["SyncBatchNorm", "sync_backward", "sync_statistics"]
 
@@ -356,8 +356,8 @@ class SyncBatchNorm(BatchNorm):
         dx, dweight, dbias = _sync_backward(engine, dy, x, mean, invstd, count, self.weight, self.axis)
         if self.affine:
             # As BatchNorm.backward accumulates its gradients (this rank's share).
-            dweight = _to_device_like(_to_numpy(dweight, "dweight").astype(self.dtype), x)
-            dbias = _to_device_like(_to_numpy(dbias, "dbias").astype(self.dtype), x)
+            dweight = _as_state(dweight, self.dtype, x)
+            dbias = _as_state(dbias, self.dtype, x)
             self.grad_weight = dweight if self.grad_weight is None else self.grad_weight + dweight
             self.grad_bias = dbias if self.grad_bias is None else self.grad_bias + dbias
         return dx

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence, Tuple
 
 from . import _C
-from ._arrays import Kind, check_axis, check_int, check_out, check_real
+from ._arrays import Kind, check_axis, check_int, check_out, check_real, check_written
 
 Array = Any
 
@@ -78,6 +78,8 @@ def forward_training(
     eps = check_real(eps, "eps")
     axis = check_axis(axis, x)
     check_out(out)
+    check_written(running_mean, "running_mean")
+    check_written(running_var, "running_var")
     batch_mean = batch_var = None
     batch_count = 0
     if batch_statistics is not None:

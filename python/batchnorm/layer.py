@@ -51,6 +51,33 @@ def _to_device_like(a: np.ndarray, x: Any) -> Any:
     )
 
 
+def _in_library(a: Any, what: str) -> Any:
+    """`a` as float64 (what="float64") or zeros of its shape (what="zeros"), made by a's own
+    library on a's device (NumPy, torch or CuPy: the libraries the layer keeps state in)."""
+    library = _library(a)
+    if library == "torch":
+        import torch
+
+        return a.double() if what == "float64" else torch.zeros_like(a)
+    xp = np
+    if library == "cupy":
+        import cupy as xp
+    return a.astype(np.float64) if what == "float64" else xp.zeros_like(a)
+
+
+def _as_state(a: Any, dtype: np.dtype, x: Any) -> Any:
+    """A result (a gradient) as layer state of `dtype`: on a GPU it stays in x's library on
+    x's device (cast there, never through the host); on the CPU the state is NumPy."""
+    device = _device_of(x)
+    if device is not None and device[0] == "cuda":
+        if _library(a) == "torch":
+            import torch
+
+            return a.to(getattr(torch, dtype.name))
+        return a.astype(dtype)  # CuPy
+    return _to_numpy(a, "gradient").astype(dtype, copy=False)
+
+
 class BatchNorm:
     """Batch normalization over channel axis `axis` with learned weight and bias.
 
@@ -119,7 +146,21 @@ class BatchNorm:
                 setattr(self, name, _to_device_like(_to_numpy(value, name), x))
 
     # ---- compute -----------------------------------------------------------------------------
+    def _check_channels(self, x: Any) -> None:
+        """The input's channel count against num_features, in the user's terms: the layer's
+        own parameters would otherwise be reported as the wrongly shaped arrays."""
+        shape = getattr(x, "shape", None)
+        if not isinstance(shape, tuple) or len(shape) < 2:
+            return  # rank and type errors come from the core, with the same words as the functions
+        axis = self.axis + len(shape) if self.axis < 0 else self.axis
+        if 0 <= axis < len(shape) and shape[axis] != self.num_features:
+            raise ValueError(
+                f"x must have num_features={self.num_features} channels on axis {self.axis}, got {shape[axis]} "
+                f"(x has shape {tuple(shape)}); is axis right for this layout?"
+            )
+
     def __call__(self, x: Any) -> Any:
+        self._check_channels(x)
         self._follow(x)
         use_batch_stats = self.training or not self.track_running_stats
         if use_batch_stats:
@@ -155,15 +196,15 @@ class BatchNorm:
             dx, dweight, dbias = F.backward(dy, x, mean, invstd, self.weight, axis=self.axis)
         else:
             # The affine map y = (x - rm) * s * w + b: dx = dy * s * w, and the parameter
-            # gradients are backward's reductions taken with the running statistics.
-            invstd = 1.0 / np.sqrt(_to_numpy(self.running_var, "running_var").astype(np.float64) + self.eps)
-            invstd = _to_device_like(invstd, x)
+            # gradients are backward's reductions taken with the running statistics. The
+            # arithmetic runs in the state's own library, on its device.
+            invstd = (_in_library(self.running_var, "float64") + self.eps) ** -0.5
             _, dweight, dbias = F.backward(dy, x, self.running_mean, invstd, self.weight, axis=self.axis)
-            zeros = _to_device_like(np.zeros(self.num_features), x)
+            zeros = _in_library(self.running_mean, "zeros")
             dx = F.forward_inference(dy, zeros, self.running_var, self.weight, None, eps=self.eps, axis=self.axis)
         if self.affine:
-            dweight = _to_device_like(_to_numpy(dweight, "dweight").astype(self.dtype), x)
-            dbias = _to_device_like(_to_numpy(dbias, "dbias").astype(self.dtype), x)
+            dweight = _as_state(dweight, self.dtype, x)
+            dbias = _as_state(dbias, self.dtype, x)
             self.grad_weight = dweight if self.grad_weight is None else self.grad_weight + dweight
             self.grad_bias = dbias if self.grad_bias is None else self.grad_bias + dbias
         return dx

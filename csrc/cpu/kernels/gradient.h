@@ -89,7 +89,7 @@ void grad_apply_short_rows(const T* dy, const T* x, T* dx, const Layout& L, int6
     const T* xp = x + off[1];
     T* op = dx + off[2];
     if (len < VL) {
-      for (int64_t i = 0; i < len; ++i) op[i] = store<T>(backward_dx<A>(load(dp[i]), load(xp[i]), kk));
+      for (int64_t i = 0; i < len; ++i) store_at(op + i, backward_dx<A>(load_at(dp + i), load_at(xp + i), kk));
       return;
     }
     const int64_t full = len / VL, tail = len - full * VL;
@@ -127,7 +127,7 @@ void grad_apply(const T* dy, const T* x, T* dx, const Layout& L, int64_t begin, 
       int64_t i = 0;
       if (nt)
         for (; i < len && (reinterpret_cast<uintptr_t>(op + i) & (align - 1)) != 0; ++i)
-          op[i] = store<T>(backward_dx<A>(load(dp[i]), load(xp[i]), kk));
+          store_at(op + i, backward_dx<A>(load_at(dp + i), load_at(xp + i), kk));
       for (; i + VL <= len; i += VL) {
         const V r = (loadv(dp + i) - vmd - (loadv(xp + i) - vm) * vp) * vs;
         if (nt) storev<T, true>(op + i, r);
@@ -137,10 +137,10 @@ void grad_apply(const T* dy, const T* x, T* dx, const Layout& L, int64_t begin, 
         store_partial(op + i, (load_partial(dp + i, len - i) - vmd - (load_partial(xp + i, len - i) - vm) * vp) * vs,
                       len - i);
       else
-        for (; i < len; ++i) op[i] = store<T>(backward_dx<A>(load(dp[i]), load(xp[i]), kk));
+        for (; i < len; ++i) store_at(op + i, backward_dx<A>(load_at(dp + i), load_at(xp + i), kk));
     } else {
       for (int64_t i = 0; i < len; ++i)
-        op[i * so] = store<T>(backward_dx<A>(load(dp[i * sd]), load(xp[i * sx]), kk));
+        store_at(op + i * so, backward_dx<A>(load_at(dp + i * sd), load_at(xp + i * sx), kk));
     }
   });
   if (nt) store_fence();
@@ -184,9 +184,9 @@ void cl_grad_sums(const T* dy, const T* x, const Layout& L, int64_t p0, int64_t 
     for (int64_t c = Cv; c < C; ++c) {
       A a = A(0), b = A(0);
       for (int64_t i = 0; i < n; ++i) {
-        const A g = load(dy[od[i] + c]);
+        const A g = load_at(dy + od[i] + c);
         a += g;
-        b += g * (load(x[ox[i] + c]) - mean[c]);
+        b += g * (load_at(x + ox[i] + c) - mean[c]);
       }
       s1[c] = a;
       s2[c] = b;
@@ -206,8 +206,8 @@ void cl_grad_apply(const T* dy, const T* x, T* dx, const Layout& L, int64_t p0, 
   constexpr int VL = vlen<A>;
   const int64_t C = L.channels;
   const int64_t Cv = C / VL * VL;
-  const bool stream = nt && (C * static_cast<int64_t>(sizeof(T))) % (VL * sizeof(T)) == 0 &&
-                      (reinterpret_cast<uintptr_t>(dx) & (VL * sizeof(T) - 1)) == 0;
+  // Streaming stores need each position's channel run to start aligned.
+  const bool stream = nt && positions_aligned(L, 2, dx, VL * sizeof(T));
   Odometer<3> pos(L, L.nred, p0);
   for (int64_t p = p0; p < p1; ++p, pos.next()) {
     const T* dp = dy + pos.off[0];
@@ -225,7 +225,7 @@ void cl_grad_apply(const T* dy, const T* x, T* dx, const Layout& L, int64_t p0, 
     }
     for (int64_t c = Cv; c < C; ++c) {
       const BackwardCoefficients<A> k{mean[c], scale[c], mean_dy[c], proj[c]};
-      op[c] = store<T>(backward_dx<A>(load(dp[c]), load(xp[c]), k));
+      store_at(op + c, backward_dx<A>(load_at(dp + c), load_at(xp + c), k));
     }
   }
   if (stream) store_fence();

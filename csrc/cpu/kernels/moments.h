@@ -217,11 +217,11 @@ void cl_moments(const T* x, const Layout& L, int64_t p0, int64_t p1, Moments<dou
     });
     for (int64_t c = Cv; c < C; ++c) {
       A t = A(0);
-      for (int64_t i = 0; i < n; ++i) t += load(x[offs[i] + c]);
+      for (int64_t i = 0; i < n; ++i) t += load_at(x + offs[i] + c);
       center[c] = t / an;
       A e = A(0), q = A(0);
       for (int64_t i = 0; i < n; ++i) {
-        const A d = load(x[offs[i] + c]) - center[c];
+        const A d = load_at(x + offs[i] + c) - center[c];
         e += d;
         q += d * d;
       }

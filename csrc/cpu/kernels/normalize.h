@@ -19,7 +19,7 @@ static inline __attribute__((always_inline)) void map_contiguous(const T* xp, T*
     // Scalar head up to the vector store alignment, then streaming vector stores.
     const uintptr_t align = VL * sizeof(T);
     while (i < n && (reinterpret_cast<uintptr_t>(yp + i) & (align - 1)) != 0) {
-      yp[i] = store<T>(op(load(xp[i])));
+      store_at(yp + i, op(load_at(xp + i)));
       ++i;
     }
     for (; i + VL <= n; i += VL) storev<T, true>(yp + i, op(loadv(xp + i)));
@@ -29,7 +29,7 @@ static inline __attribute__((always_inline)) void map_contiguous(const T* xp, T*
   // A long tail goes through one partial vector; a short one is cheaper element by element.
   if (n - i >= VL / 2) store_partial(yp + i, op(load_partial(xp + i, n - i)), n - i);
   else
-    for (; i < n; ++i) yp[i] = store<T>(op(load(xp[i])));
+    for (; i < n; ++i) store_at(yp + i, op(load_at(xp + i)));
 }
 
 // normalize_block over short contiguous rows (see ShortRow): per row, every vector is loaded
@@ -47,7 +47,7 @@ void normalize_short_rows(const T* x, T* y, const Layout& L, int64_t begin, int6
     const T* xp = x + off[0];
     T* yp = y + off[1];
     if (len < VL) {
-      for (int64_t k = 0; k < len; ++k) yp[k] = store<T>(normalize<A>(load(xp[k]), mean, scale, shift));
+      for (int64_t k = 0; k < len; ++k) store_at(yp + k, normalize<A>(load_at(xp + k), mean, scale, shift));
       return;
     }
     const int64_t full = len / VL, tail = len - full * VL;
@@ -82,7 +82,7 @@ void normalize_block(const T* x, T* y, const Layout& L, int64_t begin, int64_t e
         else return (v - vm) * vs + vb;
       });
     } else {
-      for (int64_t k = 0; k < len; ++k) yp[k * sy] = store<T>(normalize<A>(load(xp[k * sx]), mean, scale, shift));
+      for (int64_t k = 0; k < len; ++k) store_at(yp + k * sy, normalize<A>(load_at(xp + k * sx), mean, scale, shift));
     }
   });
   if (nt) store_fence();
@@ -97,8 +97,7 @@ void cl_normalize(const T* x, T* y, const Layout& L, int64_t p0, int64_t p1, con
   const int64_t C = L.channels;
   const int64_t Cv = C / VL * VL;
   // Streaming stores need each position's channel run to start aligned.
-  const bool stream = nt && (C * static_cast<int64_t>(sizeof(T))) % (VL * sizeof(T)) == 0 &&
-                      (reinterpret_cast<uintptr_t>(y) & (VL * sizeof(T) - 1)) == 0;
+  const bool stream = nt && positions_aligned(L, 1, y, VL * sizeof(T));
   Odometer<2> pos(L, L.nred, p0);
   for (int64_t p = p0; p < p1; ++p, pos.next()) {
     const T* xp = x + pos.off[0];
@@ -112,7 +111,7 @@ void cl_normalize(const T* x, T* y, const Layout& L, int64_t p0, int64_t p1, con
       if (stream) storev<T, true>(yp + c, r);
       else storev<T>(yp + c, r);
     }
-    for (int64_t c = Cv; c < C; ++c) yp[c] = store<T>(normalize<A>(load(xp[c]), mean[c], scale[c], shift[c]));
+    for (int64_t c = Cv; c < C; ++c) store_at(yp + c, normalize<A>(load_at(xp + c), mean[c], scale[c], shift[c]));
   }
   if (stream) store_fence();
 }

@@ -136,7 +136,7 @@ template <class T>
 static inline __attribute__((always_inline)) vec_t<acc_t<T>> load_partial(const T* p, int64_t n) {
   using A = acc_t<T>;
   A tmp[vlen<A>] = {};
-  for (int64_t j = 0; j < n; ++j) tmp[j] = load(p[j]);
+  for (int64_t j = 0; j < n; ++j) tmp[j] = load_at(p + j);
   vec_t<A> v;
   std::memcpy(&v, tmp, sizeof(v));
   return v;
@@ -147,7 +147,7 @@ template <class T>
 static inline __attribute__((always_inline)) vec_t<acc_t<T>> load_strided(const T* p, int64_t s, int64_t n) {
   using A = acc_t<T>;
   A tmp[vlen<A>] = {};
-  for (int64_t j = 0; j < n; ++j) tmp[j] = load(p[j * s]);
+  for (int64_t j = 0; j < n; ++j) tmp[j] = load_at(p + j * s);
   vec_t<A> v;
   std::memcpy(&v, tmp, sizeof(v));
   return v;
@@ -190,7 +190,7 @@ static inline __attribute__((always_inline)) void store_partial(T* p, vec_t<acc_
   using A = acc_t<T>;
   A tmp[vlen<A>];
   std::memcpy(tmp, &v, sizeof(v));
-  for (int64_t j = 0; j < n; ++j) p[j] = store<T>(tmp[j]);
+  for (int64_t j = 0; j < n; ++j) store_at(p + j, tmp[j]);
 }
 
 static inline void store_fence() {

@@ -73,6 +73,17 @@ static inline __attribute__((always_inline)) void for_each_row(const Layout& L, 
   }
 }
 
+// Whether every position of array t starts on an `align`-byte boundary, as the streaming
+// stores of whole channel vectors need: the base address alone is not enough when rows of
+// positions are padded (an out= view of a wider buffer), nor with any other stride.
+template <class T>
+inline bool positions_aligned(const Layout& L, int t, const T* base, int64_t align) {
+  if (reinterpret_cast<uintptr_t>(base) % static_cast<uintptr_t>(align) != 0) return false;
+  for (int d = 0; d < L.nred; ++d)
+    if (L.sizes[d] > 1 && (L.strides[t][d] * static_cast<int64_t>(sizeof(T))) % align != 0) return false;
+  return true;
+}
+
 template <class A, int W>
 inline A sum_lanes(const A* acc) {
   // Pairwise, in a fixed order.

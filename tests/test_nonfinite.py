@@ -1,0 +1,157 @@
+"""Non-finite values (API.md, "Non-finite values"): a NaN or Inf in a channel makes that
+channel's variance, saved_invstd, running variance and outputs NaN and its mean non-finite,
+and leaves every other channel bit-identical to the same call without the bad value. Checked
+over the determinism tests' shapes (every CPU path: channels-first pieces and groups, many
+channels, channels-last, short 7x7 rows, odd sizes, strided), every dtype, 1 and 2 threads,
+and on CUDA where a device is present; the ISA levels are compared in test_determinism."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import batchnorm as bn
+import test_determinism as td
+from conftest import HAVE_TORCH, torch
+
+DTYPES = ["float16", "float32", "float64"] + (["bfloat16"] if HAVE_TORCH else [])
+CUDA = bn.info()["cuda"]["available"] and HAVE_TORCH and torch.cuda.is_available()
+
+
+def host(a) -> np.ndarray:
+    """float64 host copy of a NumPy array or torch tensor (NaN payloads do not matter here)."""
+    if HAVE_TORCH and isinstance(a, torch.Tensor):
+        return a.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(a, dtype=np.float64)
+
+
+def on(values: np.ndarray, dtype: str, device: str):
+    """values as `dtype` on `device`: NumPy on the CPU, torch for bfloat16 and CUDA."""
+    if device == "cpu" and dtype != "bfloat16":
+        return values.astype(dtype)
+    t = torch.from_numpy(np.ascontiguousarray(values).astype(np.float32 if dtype == "bfloat16" else dtype))
+    return t.to(device=device, dtype=getattr(torch, dtype))
+
+
+def channel_index(ndim: int, axis: int, c: int, position: int, shape) -> tuple:
+    """The index of value `position` (in C order over the reduced axes) of channel c."""
+    ax = axis % ndim
+    reduced = [shape[d] for d in range(ndim) if d != ax]
+    idx = list(np.unravel_index(position, reduced))
+    idx.insert(ax, c)
+    return tuple(int(i) for i in idx)
+
+
+def poison(x: np.ndarray, axis: int) -> dict:
+    """Copies of x with a NaN at the last value of channel 1 (a row's tail, a partial vector)
+    and +Inf at the first value of channel 2 (a row's head); returns {channel: bad copy}."""
+    ndim = x.ndim
+    count = x.size // x.shape[axis]
+    bad = x.copy()
+    bad[channel_index(ndim, axis, 1, count - 1, x.shape)] = np.nan
+    marked = [1]
+    if x.shape[axis] > 2:
+        bad[channel_index(ndim, axis, 2, 0, x.shape)] = np.inf
+        marked.append(2)
+    return {"x": bad, "channels": marked}
+
+
+def run(x, dy, axis):
+    C = x.shape[axis]
+    w = np.linspace(0.5, 2, C)
+    b = np.linspace(-1, 1, C).astype(np.float32)
+    if not isinstance(x, np.ndarray):
+        w, b = (torch.as_tensor(v, device=x.device) for v in (w, b))
+    rm = np.zeros(C, np.float32) if isinstance(x, np.ndarray) else torch.zeros(C, device=x.device)
+    rv = np.ones(C, np.float32) if isinstance(x, np.ndarray) else torch.ones(C, device=x.device)
+    mean, var, _ = bn.statistics(x, axis=axis)
+    y, smean, sinvstd = bn.forward_training(x, w, b, running_mean=rm, running_var=rv, axis=axis)
+    yi = bn.forward_inference(x, mean, var, w, b, axis=axis)
+    dx, dw, db = bn.backward(dy, x, smean, sinvstd, w, axis=axis)
+    return dict(mean=mean, var=var, y=y, saved_mean=smean, saved_invstd=sinvstd, running_mean=rm, running_var=rv,
+                y_inference=yi, dx=dx, dweight=dw, dbias=db)
+
+
+def select(a: np.ndarray, axis: int, channels) -> np.ndarray:
+    return np.take(a, channels, axis=axis % a.ndim)
+
+
+def check_nonfinite(name: str, dtype: str, device: str = "cpu") -> dict:
+    x64, dy64, axis = td.case_input(name, "float64")
+    x64, dy64 = np.ascontiguousarray(x64), np.ascontiguousarray(dy64)
+    index = td.CASES[name][2]
+    bad = poison(x64, axis)
+
+    def prepared(values):
+        if index is None:
+            return on(values, dtype, device)
+        # Keep the case's strided view: poison the logical values, then store them strided.
+        big_shape = td.CASES[name][0]
+        big = np.zeros(big_shape)
+        big[index] = values
+        return on(big, dtype, device)[index]
+
+    clean = {k: host(v) for k, v in run(prepared(x64), prepared(dy64), axis).items()}
+    dirty = {k: host(v) for k, v in run(prepared(bad["x"]), prepared(dy64), axis).items()}
+    C = x64.shape[axis]
+    marked = bad["channels"]
+    others = [c for c in range(C) if c not in marked]
+    for key in ("var", "saved_invstd", "running_var"):
+        assert np.isnan(dirty[key][marked]).all(), f"{key} of a poisoned channel is {dirty[key][marked]}, not NaN"
+    for key in ("mean", "saved_mean", "running_mean"):
+        assert not np.isfinite(dirty[key][marked]).any(), f"{key} of a poisoned channel is finite: {dirty[key][marked]}"
+    for key in ("y", "dx"):
+        assert np.isnan(select(dirty[key], axis, marked)).all(), f"{key} of a poisoned channel is not all NaN"
+    assert np.isnan(dirty["dweight"][marked]).all()
+    for key in clean:
+        a, b = clean[key], dirty[key]
+        if a.ndim == 1:
+            a, b = a[others], b[others]
+        else:
+            a, b = select(a, axis, others), select(b, axis, others)
+        np.testing.assert_array_equal(b, a, err_msg=f"{key} of a clean channel changed")
+    return dirty
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(td.CASES))
+def test_nonfinite_channel_poisons_only_itself(name, dtype, restore_threads):
+    results = {}
+    for threads in (1, 2):
+        bn.set_num_threads(threads)
+        results[threads] = check_nonfinite(name, dtype)
+    for key in results[1]:
+        np.testing.assert_array_equal(results[1][key], results[2][key], err_msg=f"{key}: 1 vs 2 threads")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device and torch")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("name", list(td.CASES))
+def test_nonfinite_channel_poisons_only_itself_cuda(name, dtype):
+    check_nonfinite(name, dtype, "cuda")
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("shape,axis", [((8, 4, 5, 5), 1), ((8, 4), 1), ((8, 5, 5, 4), -1)])
+def test_issue_example_statistics(shape, axis, value):
+    """The reported case: one bad value in channel 1 of float32 data gave var 0.0."""
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    x[channel_index(x.ndim, axis, 1, 3, shape)] = value
+    mean, var, _ = bn.statistics(x, axis=axis)
+    assert np.isnan(var[1]) and not np.isfinite(mean[1])
+    assert np.isfinite(var[[0, 2, 3]]).all() and (var[[0, 2, 3]] > 0).all()
+    running_mean, running_var = np.zeros(4, np.float32), np.ones(4, np.float32)
+    y, _, invstd = bn.forward_training(x, running_mean=running_mean, running_var=running_var, axis=axis)
+    assert np.isnan(invstd[1]) and np.isnan(running_var[1]) and np.isnan(select(y, axis, [1])).all()
+
+
+def test_long_constant_channel_has_variance_exactly_zero():
+    """Rounding leaves M2 of a long constant float32 channel slightly negative; the clamp must
+    stay (mutation testing removed it unnoticed): 15437 copies of this value did it."""
+    v = np.float32(3.736297607421875)
+    for shape, axis in [((1, 1, 15437), 1), ((15437, 1), 1), ((15437, 3), -1)]:
+        x = np.full(shape, v, np.float32)
+        mean, var, _ = bn.statistics(x, axis=axis)
+        assert (var == 0).all() and (mean == v).all(), (shape, mean, var)
+        _, _, invstd = bn.forward_training(x, axis=axis, eps=0.0)
+        assert np.isinf(invstd).all()  # 1 / sqrt(0): no NaN from a negative variance

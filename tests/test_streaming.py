@@ -1,0 +1,184 @@
+"""Non-temporal (streaming) stores: taken for outputs larger than the last-level cache, here
+forced on small arrays with the testing hook (_C._set_stream_threshold) or the
+BATCHNORM_STREAM_BYTES variable. Outputs must be bit-identical to regular stores whatever the
+output's strides and alignment: channels-last rows padded by a few elements once crashed
+every op (a streaming store to a misaligned position), and no test reached these paths."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import batchnorm as bn
+from batchnorm import _C
+from conftest import HAVE_TORCH, torch
+
+SENTINEL = -96.0  # exact in every dtype, far from any normalized output
+DTYPES = ["float16", "float32", "float64"] + (["bfloat16"] if HAVE_TORCH else [])
+
+
+@pytest.fixture
+def streaming():
+    _C._set_stream_threshold(0)
+    yield
+    _C._set_stream_threshold(-1)
+
+
+def numpy_of(a) -> np.ndarray:
+    if HAVE_TORCH and isinstance(a, torch.Tensor):
+        a = a.detach().contiguous()
+        return (a.view(torch.int16) if a.dtype == torch.bfloat16 else a).numpy().copy()
+    return np.array(a)
+
+
+def padded(shape, pad: int, dtype: str, align_elems_off: int = 0):
+    """A channels-last (N, C) view whose rows are C + pad apart, starting `align_elems_off`
+    elements past a 64-byte boundary, inside a buffer filled with SENTINEL. Returns
+    (view, buffer)."""
+    N, C = shape
+    item = 2 if dtype in ("float16", "bfloat16") else np.dtype(dtype).itemsize
+    n = N * (C + pad)
+    extra = 64 // item + align_elems_off
+    if dtype == "bfloat16":
+        buf = torch.full((n + extra,), SENTINEL, dtype=torch.bfloat16)
+        base = buf.data_ptr()
+    else:
+        buf = np.full(n + extra, SENTINEL, dtype=dtype)
+        base = buf.ctypes.data
+    off = ((-base) % 64) // item + align_elems_off
+    view = buf[off:off + n].reshape(N, C + pad)[:, :C]
+    return view, buf
+
+
+def make(values: np.ndarray, dtype: str):
+    if dtype == "bfloat16":
+        return torch.from_numpy(values.astype(np.float32)).to(torch.bfloat16)
+    return values.astype(dtype)
+
+
+def layout_of(a) -> tuple:
+    """(data address, element strides) of a NumPy array or torch tensor."""
+    if HAVE_TORCH and isinstance(a, torch.Tensor):
+        return a.data_ptr(), a.stride(), a.element_size()
+    return a.ctypes.data, tuple(s // a.itemsize for s in a.strides), a.itemsize
+
+
+def sentinels_intact(buf, view) -> None:
+    """Every element of the 1-D buffer outside the 2-D `view` still holds SENTINEL."""
+    whole = buf.to(torch.float64).numpy() if HAVE_TORCH and isinstance(buf, torch.Tensor) else buf.astype(np.float64)
+    base, _, item = layout_of(buf)
+    start, (row, col), _ = layout_of(view)
+    inside = np.zeros(whole.shape, bool)
+    first = (start - base) // item
+    for r in range(view.shape[0]):
+        inside[first + r * row:first + r * row + view.shape[1] * col:col] = True
+    assert (whole[~inside] == SENTINEL).all(), "a write landed outside the output"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("C,pad,off", [(16, 1, 0), (16, 16, 0), (32, 3, 0), (13, 3, 0), (16, 0, 1), (64, 1, 0)])
+def test_padded_channels_last_outputs(dtype, C, pad, off, streaming):
+    """Every op writing into a padded channels-last view, streaming forced: same bits as the
+    regular stores into a dense array, nothing written outside the view."""
+    rng = np.random.default_rng(C * 100 + pad)
+    N = 300
+    xv = rng.standard_normal((N, C)) * 2 + 1
+    dyv = rng.standard_normal((N, C))
+    x, dy = make(xv, dtype), make(dyv, dtype)
+    rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+
+    _C._set_stream_threshold(-1)  # the reference: regular stores into dense arrays
+    ref_y, mean, invstd = bn.forward_training(x, running_mean=rm.copy(), running_var=rv.copy())
+    var = 1 / np.asarray(numpy_of(invstd), np.float64) ** 2
+    ref_inf = bn.forward_inference(x, mean, var)
+    ref_dx = bn.backward(dy, x, mean, invstd)[0]
+    _C._set_stream_threshold(0)
+
+    out, buf = padded((N, C), pad, dtype, off)
+    assert bn.forward_inference(x, mean, var, out=out) is out
+    np.testing.assert_array_equal(numpy_of(out), numpy_of(ref_inf))
+    sentinels_intact(buf, out)
+
+    out, buf = padded((N, C), pad, dtype, off)
+    bn.backward(dy, x, mean, invstd, out=out)
+    np.testing.assert_array_equal(numpy_of(out), numpy_of(ref_dx))
+    sentinels_intact(buf, out)
+
+    xv_view, buf = padded((N, C), pad, dtype, off)
+    xv_view[...] = x
+    y, _, _ = bn.forward_training(xv_view, running_mean=rm, running_var=rv, out=xv_view)  # in place
+    assert y is xv_view
+    np.testing.assert_array_equal(numpy_of(xv_view), numpy_of(ref_y))
+    sentinels_intact(buf, xv_view)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("shape,offset", [((4, 3, 37, 41), 0), ((4, 3, 37, 41), 1), ((2, 2, 2000), 3), ((64, 8, 7, 7), 1)])
+def test_channels_first_streaming_matches_regular_stores(dtype, shape, offset, streaming):
+    """Channels-first rows: a scalar head up to the store alignment, then streaming vectors.
+    Outputs start `offset` elements past an aligned address so the head is exercised."""
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal(shape) * 3 + 5).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    w, b = np.linspace(0.5, 1.5, shape[1]), np.linspace(-1, 1, shape[1])
+    _C._set_stream_threshold(-1)
+    ref = bn.forward_training(x, w, b)
+    ref_dx = bn.backward(dy, x, ref[1], ref[2], w)[0]
+    _C._set_stream_threshold(0)
+    n = x.size
+    buf = np.full(n + 64 + offset, SENTINEL, dtype=dtype)
+    start = ((-buf.ctypes.data) % 64) // buf.itemsize + offset
+    out = buf[start:start + n].reshape(shape)
+    bn.forward_training(x, w, b, out=out)
+    np.testing.assert_array_equal(out, ref[0])
+    bn.backward(dy, x, ref[1], ref[2], w, out=out)
+    np.testing.assert_array_equal(out, ref_dx)
+    assert (buf[:start] == SENTINEL).all() and (buf[start + n:] == SENTINEL).all()
+
+
+STREAM_SCRIPT = r"""
+import hashlib, json, sys
+import numpy as np
+import batchnorm as bn
+digest = hashlib.sha256()
+for dtype in ("float16", "float32", "float64"):
+    for C, pad in ((16, 1), (16, 0), (13, 3)):
+        N = 500
+        x = np.ones((N, C), dtype); x[::2] = 3; x[1::3] = -2
+        buf = np.zeros(N * (C + pad) + 64, dtype)
+        off = ((-buf.ctypes.data) % 64) // buf.itemsize
+        out = buf[off:off + N * (C + pad)].reshape(N, C + pad)[:, :C]
+        bn.forward_inference(x, np.zeros(C), np.ones(C), out=out)
+        y, m, s = bn.forward_training(x, out=out)
+        digest.update(np.ascontiguousarray(out).tobytes())
+        bn.backward(x, x, m, s, out=out)
+        digest.update(np.ascontiguousarray(out).tobytes())
+print(json.dumps({"simd": bn.info()["simd"], "digest": digest.hexdigest()}))
+"""
+
+
+def test_streaming_from_the_environment_at_every_isa_level():
+    """BATCHNORM_STREAM_BYTES=0 forces streaming stores at import; each ISA level runs the
+    issue's padded-output case without crashing, and all levels give the same bits."""
+    results = {}
+    for level in ("baseline", "avx2", "avx512"):
+        env = dict(os.environ, BATCHNORM_ISA=level, BATCHNORM_STREAM_BYTES="0")
+        done = subprocess.run([sys.executable, "-c", STREAM_SCRIPT], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, f"{level}: exit {done.returncode}\n{done.stderr[-2000:]}"
+        results[level] = json.loads(done.stdout.strip().splitlines()[-1])
+    reached = {r["simd"]: r["digest"] for r in results.values()}
+    assert len(set(reached.values())) == 1, reached
+
+
+@pytest.mark.parametrize("value", ["-1", "lots", "1e9", " 5"])
+def test_bad_stream_threshold_is_refused_at_import(value):
+    env = dict(os.environ, BATCHNORM_STREAM_BYTES=value)
+    done = subprocess.run([sys.executable, "-c", "import batchnorm"], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode != 0
+    assert f"BATCHNORM_STREAM_BYTES must be a byte count (an integer >= 0), got '{value}'" in done.stderr
