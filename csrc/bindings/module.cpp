@@ -48,14 +48,14 @@ py::object output_vector(int64_t n, DType dtype, const Device& device, const Cal
   return o.object;
 }
 
-py::tuple py_statistics(py::handle x, int axis, Call call) {
+py::tuple py_statistics(py::handle x, int axis, bool wide, Call call) {
   auto xi = import_array(x, "x", call.stream, true);
   StatisticsParams p;
   p.x = xi->view;
   p.axis = axis;
   p.exec.stream = call.exec_stream();
   const int64_t C = channel_count(p.x, "x", axis, 2);
-  const DType acc = statistics_dtype(p.x.dtype);
+  const DType acc = wide ? DType::float64 : statistics_dtype(p.x.dtype);
   py::object mean = output_vector(C, acc, p.x.device, call, p.mean);
   py::object var = output_vector(C, acc, p.x.device, call, p.var);
   int64_t count;
@@ -67,8 +67,11 @@ py::tuple py_statistics(py::handle x, int axis, Call call) {
 }
 
 py::tuple py_forward_training(py::handle x, py::handle weight, py::handle bias, py::handle running_mean,
-                           py::handle running_var, double momentum, double eps, int axis, py::handle out, Call call) {
+                           py::handle running_var, double momentum, double eps, int axis, py::handle out,
+                           py::handle batch_mean, py::handle batch_var, int64_t batch_count, Call call) {
   auto xi = import_array(x, "x", call.stream, true);
+  auto bmi = import_array(batch_mean, "batch_mean", call.stream, true);
+  auto bvi = import_array(batch_var, "batch_var", call.stream, true);
   auto wi = import_array(weight, "weight", call.stream, true);
   auto bi = import_array(bias, "bias", call.stream, true);
   auto rmi = import_array(running_mean, "running_mean", call.stream, false);
@@ -79,6 +82,9 @@ py::tuple py_forward_training(py::handle x, py::handle weight, py::handle bias, 
   p.bias = bi->view;
   p.running_mean = rmi->view;
   p.running_var = rvi->view;
+  p.batch_mean = bmi->view;
+  p.batch_var = bvi->view;
+  p.batch_count = batch_count;
   p.momentum = momentum;
   p.eps = eps;
   p.axis = axis;
@@ -149,6 +155,62 @@ py::tuple py_backward(py::handle dy, py::handle x, py::handle saved_mean, py::ha
     batchnorm::backward(p);
   }
   return py::make_tuple(dx, dweight, dbias);
+}
+
+py::tuple py_backward_reduce(py::handle dy, py::handle x, py::handle mean, py::handle invstd, int axis, Call call) {
+  auto dyi = import_array(dy, "dy", call.stream, true);
+  auto xi = import_array(x, "x", call.stream, true);
+  auto mi = import_array(mean, "mean", call.stream, true);
+  auto si = import_array(invstd, "invstd", call.stream, true);
+  BackwardReduceParams p;
+  p.dy = dyi->view;
+  p.x = xi->view;
+  p.mean = mi->view;
+  p.invstd = si->view;
+  p.axis = axis;
+  p.exec.stream = call.exec_stream();
+  const int64_t C = channel_count(p.x, "x", axis, 2);
+  const DType acc = statistics_dtype(p.x.dtype);
+  py::object sum_dy = output_vector(C, DType::float64, p.x.device, call, p.sum_dy);
+  py::object sum_dy_xmu = output_vector(C, DType::float64, p.x.device, call, p.sum_dy_xmu);
+  py::object dweight = output_vector(C, acc, p.x.device, call, p.dweight);
+  py::object dbias = output_vector(C, acc, p.x.device, call, p.dbias);
+  {
+    py::gil_scoped_release nogil;
+    batchnorm::backward_reduce(p);
+  }
+  return py::make_tuple(sum_dy, sum_dy_xmu, dweight, dbias);
+}
+
+py::object py_backward_elemt(py::handle dy, py::handle x, py::handle mean, py::handle invstd, py::handle sum_dy,
+                             py::handle sum_dy_xmu, int64_t count, py::handle weight, int axis, py::handle out,
+                             Call call) {
+  auto dyi = import_array(dy, "dy", call.stream, true);
+  auto xi = import_array(x, "x", call.stream, true);
+  auto mi = import_array(mean, "mean", call.stream, true);
+  auto si = import_array(invstd, "invstd", call.stream, true);
+  auto s1i = import_array(sum_dy, "sum_dy", call.stream, true);
+  auto s2i = import_array(sum_dy_xmu, "sum_dy_xmu", call.stream, true);
+  auto wi = import_array(weight, "weight", call.stream, true);
+  BackwardElemtParams p;
+  p.dy = dyi->view;
+  p.x = xi->view;
+  p.mean = mi->view;
+  p.invstd = si->view;
+  p.sum_dy = s1i->view;
+  p.sum_dy_xmu = s2i->view;
+  p.weight = wi->view;
+  p.count = count;
+  p.axis = axis;
+  p.exec.stream = call.exec_stream();
+  channel_count(p.x, "x", axis, 2);
+  ImportedPtr dxi;
+  py::object dx = output_like(out, "out", p.dy.defined() && p.dy.ndim == p.x.ndim ? p.dy : p.x, call, p.dx, dxi);
+  {
+    py::gil_scoped_release nogil;
+    batchnorm::backward_elemt(p);
+  }
+  return dx;
 }
 
 std::vector<ImportedPtr> import_sequence(py::handle seq, const char* name, int64_t stream,
@@ -274,6 +336,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("forward_training", &py_forward_training);
   m.def("forward_inference", &py_forward_inference);
   m.def("backward", &py_backward);
+  m.def("backward_reduce", &py_backward_reduce);
+  m.def("backward_elemt", &py_backward_elemt);
   m.def("merge_statistics", &py_merge_statistics);
   m.def("fold", &py_fold);
   m.def("info", &py_info);

@@ -14,6 +14,8 @@ namespace batchnorm {
   void forward_training(const ForwardTrainingParams& p, const Layout& layout);  \
   void forward_inference(const ForwardInferenceParams& p, const Layout& layout); \
   void backward(const BackwardParams& p, const Layout& layout);                 \
+  void backward_reduce(const BackwardReduceParams& p, const Layout& layout);    \
+  void backward_elemt(const BackwardElemtParams& p, const Layout& layout);      \
   void merge_statistics(const MergeStatisticsParams& p);                        \
   void fold(const FoldParams& p, const Layout& layout);                         \
   }

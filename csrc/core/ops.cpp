@@ -91,9 +91,10 @@ int64_t statistics(const StatisticsParams& p) {
   check_channels(C, p.x, "x");
   check_count(layout.count, C, p.x, "x", 1, "to compute statistics");
   check_cuda_usable(p.x, "x");
-  const DType acc = accumulation_dtype(p.x.dtype);
-  check_internal_vector(p.mean, "mean", C, acc, p.x.device);
-  check_internal_vector(p.var, "var", C, acc, p.x.device);
+  // The accumulation dtype, or float64 for both (the moments unrounded).
+  const DType out = p.mean.defined() && p.mean.dtype == DType::float64 ? DType::float64 : accumulation_dtype(p.x.dtype);
+  check_internal_vector(p.mean, "mean", C, out, p.x.device);
+  check_internal_vector(p.var, "var", C, out, p.x.device);
   route_op<StatisticsParams>(p.x, cpu::statistics, BN_CUDA_FN(statistics), p, layout);
   return layout.count;
 }
@@ -115,18 +116,36 @@ void forward_training(const ForwardTrainingParams& p) {
   }
   check_eps(p.eps);
   check_momentum(p.momentum);
-  const Named inputs[] = {{p.x, "x"}, {p.weight, "weight"}, {p.bias, "bias"}, {p.running_mean, "running_mean"},
-                          {p.running_var, "running_var"}};
+  const bool given = p.batch_mean.defined();
+  BN_EXPECTS(given == p.batch_var.defined(), value_error,
+             "batch_mean and batch_var must be given together, got ",
+             given ? "batch_mean without batch_var" : "batch_var without batch_mean");
+  check_optional_vector(p.batch_mean, "batch_mean", src);
+  check_optional_vector(p.batch_var, "batch_var", src);
+  const Named inputs[] = {{p.x, "x"},           {p.weight, "weight"},         {p.bias, "bias"},
+                          {p.running_mean, "running_mean"}, {p.running_var, "running_var"},
+                          {p.batch_mean, "batch_mean"},     {p.batch_var, "batch_var"}};
   // Exact aliasing needs the same shape and strides, so y may be x itself, never a parameter.
-  check_output(p.y, "out", p.x, "x", inputs, 5);
-  const Named beside_mean[] = {{p.x, "x"}, {p.weight, "weight"}, {p.bias, "bias"}, {p.running_var, "running_var"}};
-  const Named beside_var[] = {{p.x, "x"}, {p.weight, "weight"}, {p.bias, "bias"}};
-  check_disjoint(p.running_mean, "running_mean", beside_mean, 4);
-  check_disjoint(p.running_var, "running_var", beside_var, 3);
+  check_output(p.y, "out", p.x, "x", inputs, 7);
+  const Named beside_mean[] = {{p.x, "x"},         {p.weight, "weight"},         {p.bias, "bias"},
+                               {p.running_var, "running_var"}, {p.batch_mean, "batch_mean"}, {p.batch_var, "batch_var"}};
+  const Named beside_var[] = {{p.x, "x"}, {p.weight, "weight"}, {p.bias, "bias"}, {p.batch_mean, "batch_mean"},
+                              {p.batch_var, "batch_var"}};
+  check_disjoint(p.running_mean, "running_mean", beside_mean, 6);
+  check_disjoint(p.running_var, "running_var", beside_var, 5);
   const TensorView* arrays[] = {&p.x, &p.y};
   const Layout layout = make_layout(axis, arrays, 2);
   check_channels(C, p.x, "x");
-  check_count(layout.count, C, p.x, "x", 2, "in training (the batch variance needs two)");
+  if (given) {
+    // x is one shard of the batch the statistics describe: it may be empty, never larger.
+    BN_EXPECTS(p.batch_count >= layout.count, value_error, "batch_count must be at least x's ", layout.count,
+               " values per channel (x is part of the batch), got ", p.batch_count);
+    BN_EXPECTS(p.batch_count >= 2, value_error,
+               "batch_count must be at least 2 values per channel in training (the batch variance needs two), got ",
+               p.batch_count);
+  } else {
+    check_count(layout.count, C, p.x, "x", 2, "in training (the batch variance needs two)");
+  }
   check_cuda_usable(p.x, "x");
   const DType acc = accumulation_dtype(p.x.dtype);
   check_internal_vector(p.saved_mean, "saved_mean", C, acc, p.x.device);
@@ -153,21 +172,33 @@ void forward_inference(const ForwardInferenceParams& p) {
   route_op<ForwardInferenceParams>(p.x, cpu::forward_inference, BN_CUDA_FN(forward_inference), p, layout);
 }
 
+namespace {
+
+// The inputs every backward op shares: dy like x, and the forward's per-channel statistics
+// (named as the op's caller knows them). Returns the normalized axis.
+int check_backward_inputs(const TensorView& dy, const TensorView& x, int axis_arg, const TensorView& mean,
+                          const char* mean_arg, const TensorView& invstd, const char* invstd_arg) {
+  const int axis = check_input(x, "x", axis_arg);
+  BN_EXPECTS(dy.defined(), type_error, "dy must be an array, got None");
+  check_float_array(dy, "dy");
+  check_same_device(x, "x", dy, "dy");
+  check_same_shape(x, "x", dy, "dy");
+  BN_EXPECTS(dy.dtype == x.dtype, type_error, "dy must have the dtype of x, ", dtype_name(x.dtype), ", got ",
+             dtype_name(dy.dtype));
+  BN_EXPECTS(mean.defined(), type_error, mean_arg, " must be an array, got None");
+  BN_EXPECTS(invstd.defined(), type_error, invstd_arg, " must be an array, got None");
+  const ChannelSource src{x, "x", axis};
+  check_channel_vector(mean, mean_arg, src);
+  check_channel_vector(invstd, invstd_arg, src);
+  return axis;
+}
+
+}  // namespace
+
 void backward(const BackwardParams& p) {
-  const int axis = check_input(p.x, "x", p.axis);
+  const int axis = check_backward_inputs(p.dy, p.x, p.axis, p.saved_mean, "saved_mean", p.saved_invstd, "saved_invstd");
   const int64_t C = p.x.shape[axis];
-  BN_EXPECTS(p.dy.defined(), type_error, "dy must be an array, got None");
-  check_float_array(p.dy, "dy");
-  check_same_device(p.x, "x", p.dy, "dy");
-  check_same_shape(p.x, "x", p.dy, "dy");
-  BN_EXPECTS(p.dy.dtype == p.x.dtype, type_error, "dy must have the dtype of x, ", dtype_name(p.x.dtype), ", got ",
-             dtype_name(p.dy.dtype));
-  BN_EXPECTS(p.saved_mean.defined(), type_error, "saved_mean must be an array, got None");
-  BN_EXPECTS(p.saved_invstd.defined(), type_error, "saved_invstd must be an array, got None");
-  const ChannelSource src{p.x, "x", axis};
-  check_channel_vector(p.saved_mean, "saved_mean", src);
-  check_channel_vector(p.saved_invstd, "saved_invstd", src);
-  check_optional_vector(p.weight, "weight", src);
+  check_optional_vector(p.weight, "weight", ChannelSource{p.x, "x", axis});
   const Named inputs[] = {{p.dy, "dy"}, {p.x, "x"}, {p.saved_mean, "saved_mean"}, {p.saved_invstd, "saved_invstd"},
                           {p.weight, "weight"}};
   check_output(p.dx, "out", p.x, "x", inputs, 5);
@@ -180,6 +211,45 @@ void backward(const BackwardParams& p) {
   check_internal_vector(p.dweight, "dweight", C, acc, p.x.device);
   check_internal_vector(p.dbias, "dbias", C, acc, p.x.device);
   route_op<BackwardParams>(p.x, cpu::backward, BN_CUDA_FN(backward), p, layout);
+}
+
+void backward_reduce(const BackwardReduceParams& p) {
+  const int axis = check_backward_inputs(p.dy, p.x, p.axis, p.mean, "mean", p.invstd, "invstd");
+  const int64_t C = p.x.shape[axis];
+  const TensorView* arrays[] = {&p.dy, &p.x};
+  const Layout layout = make_layout(axis, arrays, 2);
+  check_channels(C, p.x, "x");
+  check_cuda_usable(p.x, "x");
+  const DType acc = accumulation_dtype(p.x.dtype);
+  check_internal_vector(p.sum_dy, "sum_dy", C, DType::float64, p.x.device);
+  check_internal_vector(p.sum_dy_xmu, "sum_dy_xmu", C, DType::float64, p.x.device);
+  check_internal_vector(p.dweight, "dweight", C, acc, p.x.device);
+  check_internal_vector(p.dbias, "dbias", C, acc, p.x.device);
+  // An empty shard contributes zeros (the backends write them).
+  route_op<BackwardReduceParams>(p.x, cpu::backward_reduce, BN_CUDA_FN(backward_reduce), p, layout);
+}
+
+void backward_elemt(const BackwardElemtParams& p) {
+  const int axis = check_backward_inputs(p.dy, p.x, p.axis, p.mean, "mean", p.invstd, "invstd");
+  const int64_t C = p.x.shape[axis];
+  const ChannelSource src{p.x, "x", axis};
+  check_optional_vector(p.weight, "weight", src);
+  BN_EXPECTS(p.sum_dy.defined(), type_error, "sum_dy must be an array, got None");
+  BN_EXPECTS(p.sum_dy_xmu.defined(), type_error, "sum_dy_xmu must be an array, got None");
+  check_channel_vector(p.sum_dy, "sum_dy", src);
+  check_channel_vector(p.sum_dy_xmu, "sum_dy_xmu", src);
+  const Named inputs[] = {{p.dy, "dy"},         {p.x, "x"},         {p.mean, "mean"},
+                          {p.invstd, "invstd"}, {p.weight, "weight"}, {p.sum_dy, "sum_dy"},
+                          {p.sum_dy_xmu, "sum_dy_xmu"}};
+  check_output(p.dx, "out", p.x, "x", inputs, 7);
+  const TensorView* arrays[] = {&p.dy, &p.x, &p.dx};
+  const Layout layout = make_layout(axis, arrays, 3);
+  check_channels(C, p.x, "x");
+  BN_EXPECTS(p.count >= 1 && p.count >= layout.count, value_error, "count must be at least 1 and at least x's ",
+             layout.count, " values per channel (the total over every shard), got ", p.count);
+  if (layout.count == 0) return;  // an empty shard has an empty dx
+  check_cuda_usable(p.x, "x");
+  route_op<BackwardElemtParams>(p.x, cpu::backward_elemt, BN_CUDA_FN(backward_elemt), p, layout);
 }
 
 int64_t merge_statistics(const MergeStatisticsParams& p) {

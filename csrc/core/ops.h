@@ -21,7 +21,9 @@ struct Exec {
 struct StatisticsParams {
   TensorView x;
   int axis = 1;
-  TensorView mean, var;  // outputs: (C,), accumulation dtype, contiguous
+  // outputs: (C,), contiguous, in the accumulation dtype, or both float64: the kernels'
+  // float64 moments unrounded, for shards that are merged later (across processes).
+  TensorView mean, var;
   Exec exec;
 };
 
@@ -32,6 +34,11 @@ struct ForwardTrainingParams {
   int axis = 1;
   TensorView y;                          // output, x's shape and dtype, any strides, may be x
   TensorView saved_mean, saved_invstd;   // outputs: (C,), accumulation dtype, contiguous
+  // Given batch statistics (both or neither): the (C,) mean and biased variance of a batch of
+  // batch_count values per channel of which x is a part (x may be empty), e.g. merged across
+  // processes. x is then not reduced; everything else is as with its own statistics.
+  TensorView batch_mean, batch_var;
+  int64_t batch_count = 0;
   Exec exec;
 };
 
@@ -48,6 +55,27 @@ struct BackwardParams {
   int axis = 1;
   TensorView dx;                  // output, x's shape and dtype, may be dy or x
   TensorView dweight, dbias;      // outputs: (C,), accumulation dtype, contiguous
+  Exec exec;
+};
+
+// The backward pass in two steps, for statistics that span several processes (torch's
+// batch_norm_backward_reduce / batch_norm_backward_elemt): the reduce step gives this
+// shard's per-channel sums, which the caller adds up across shards; the elementwise step
+// takes the totals and the total count. On one shard, the two give backward's bits.
+struct BackwardReduceParams {
+  TensorView dy, x, mean, invstd;  // mean / invstd: the forward's saved_mean / saved_invstd
+  int axis = 1;
+  TensorView sum_dy, sum_dy_xmu;  // outputs: (C,), float64, contiguous (zero for an empty x)
+  TensorView dweight, dbias;      // outputs: (C,), accumulation dtype: this shard's gradients
+  Exec exec;
+};
+
+struct BackwardElemtParams {
+  TensorView dy, x, mean, invstd, weight;
+  TensorView sum_dy, sum_dy_xmu;  // (C,), any float dtype: the sums over every shard
+  int64_t count = 0;              // values per channel over every shard
+  int axis = 1;
+  TensorView dx;                  // output, x's shape and dtype, may be dy or x
   Exec exec;
 };
 
@@ -73,6 +101,8 @@ int64_t statistics(const StatisticsParams& p);
 void forward_training(const ForwardTrainingParams& p);
 void forward_inference(const ForwardInferenceParams& p);
 void backward(const BackwardParams& p);
+void backward_reduce(const BackwardReduceParams& p);
+void backward_elemt(const BackwardElemtParams& p);
 int64_t merge_statistics(const MergeStatisticsParams& p);
 void fold(const FoldParams& p);
 

@@ -80,23 +80,31 @@ void forward_training(const ForwardTrainingParams& p, const Layout& L) {
     const T* x = p.x.ptr<const T>();
     T* y = p.y.ptr<T>();
     const bool nt = stream_output(2 * L.count * C * static_cast<int64_t>(sizeof(T)));
-    const bool fused = all_moments(
-        k, x, L, plan,
-        [&](int64_t c, const Moments<double>& m) {
-          batch_var[c] = m.m2 / m.n;
-          mean[c] = static_cast<A>(m.mean);
-          invstd[c] = static_cast<A>(1.0 / std::sqrt(batch_var[c] + p.eps));
-          scale[c] = invstd[c] * weight[c];
-        },
-        [&](int64_t c0, int64_t c1) {
-          for_block_pieces(plan, c0, c1, [&](int64_t c, int64_t b, int64_t e) {
-            k.normalize(x + c * L.channel_stride[0], y + c * L.channel_stride[1], L, b, e, mean[c], scale[c],
-                        bias[c], nt);
+    // Channel c's batch mean and biased variance, in double, from x or as given.
+    auto per_channel = [&](int64_t c, double m, double v) {
+      batch_var[c] = v;
+      mean[c] = static_cast<A>(m);
+      invstd[c] = static_cast<A>(1.0 / std::sqrt(batch_var[c] + p.eps));
+      scale[c] = invstd[c] * weight[c];
+    };
+    bool fused = false;
+    if (p.batch_mean.defined()) {
+      const std::vector<double> gm = load_vector<double>(p.batch_mean, C, 0.0);
+      const std::vector<double> gv = load_vector<double>(p.batch_var, C, 0.0);
+      for (int64_t c = 0; c < C; ++c) per_channel(c, gm[c], gv[c]);
+    } else {
+      fused = all_moments(
+          k, x, L, plan, [&](int64_t c, const Moments<double>& m) { per_channel(c, m.mean, m.m2 / m.n); },
+          [&](int64_t c0, int64_t c1) {
+            for_block_pieces(plan, c0, c1, [&](int64_t c, int64_t b, int64_t e) {
+              k.normalize(x + c * L.channel_stride[0], y + c * L.channel_stride[1], L, b, e, mean[c], scale[c],
+                          bias[c], nt);
+            });
           });
-        });
-    if (!fused) normalize_all(k, x, y, L, plan, mean, scale.data(), bias.data(), nt);
+    }
+    if (!fused && L.count > 0) normalize_all(k, x, y, L, plan, mean, scale.data(), bias.data(), nt);
     if (p.running_mean.defined()) {
-      const double n = static_cast<double>(L.count);
+      const double n = static_cast<double>(p.batch_mean.defined() ? p.batch_count : L.count);
       std::vector<double> rm = load_vector<double>(p.running_mean, C, 0.0);
       std::vector<double> rv = load_vector<double>(p.running_var, C, 0.0);
       for (int64_t c = 0; c < C; ++c) {

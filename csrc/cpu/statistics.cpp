@@ -10,11 +10,16 @@ void statistics(const StatisticsParams& p, const Layout& L) {
     using T = storage_t<decltype(d)::value>;
     using A = acc_t<T>;
     const Plan plan = make_plan(L, sizeof(T));
-    A* mean = p.mean.ptr<A>();
-    A* var = p.var.ptr<A>();
+    // Outputs in A, or in double: the moments unrounded (see StatisticsParams).
+    const bool wide = p.mean.dtype == DType::float64;
     all_moments(kernels_for<T>(), p.x.ptr<const T>(), L, plan, [&](int64_t c, const Moments<double>& m) {
-      mean[c] = static_cast<A>(m.mean);
-      var[c] = static_cast<A>(m.m2 / m.n);
+      if (wide) {
+        p.mean.ptr<double>()[c] = m.mean;
+        p.var.ptr<double>()[c] = m.m2 / m.n;
+      } else {
+        p.mean.ptr<A>()[c] = static_cast<A>(m.mean);
+        p.var.ptr<A>()[c] = static_cast<A>(m.m2 / m.n);
+      }
     }, [](int64_t, int64_t) {});
   });
 }

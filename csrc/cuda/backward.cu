@@ -2,6 +2,7 @@
 // same work items and fixed merge order as the statistics, a warp-per-channel finalize that
 // writes dweight, dbias and the coefficients of math.h's backward_dx, then the elementwise dx.
 // dx may be dy or x itself (each thread reads its values before writing them).
+// backward_reduce / backward_elemt are the reduction and the elementwise pass taken apart.
 #include "core/backend.h"
 #include "cuda/common.cuh"
 #include "cuda/convert.cuh"
@@ -100,8 +101,27 @@ __global__ void __launch_bounds__(kBlock, 2)
   }
 }
 
-// One warp per channel: the sums, dweight = sum(dy * (x - mean)) * invstd, dbias = sum(dy),
-// and the coefficients of backward_dx, exactly as the CPU computes them.
+// Channel c's dweight = sum(dy * (x - mean)) * invstd and dbias = sum(dy), exactly as the CPU
+// computes them.
+template <class A>
+__device__ __forceinline__ void store_param_grads(int64_t c, const GradPartial& sums, ParamRef saved_invstd,
+                                                  A* __restrict__ dweight, A* __restrict__ dbias) {
+  dbias[c] = static_cast<A>(sums.dy);
+  dweight[c] = static_cast<A>(sums.dy_xmu * static_cast<double>(static_cast<A>(load_param(saved_invstd, c, 1.0))));
+}
+
+// The coefficients of backward_dx from channel c's sums over `count` values, as the CPU forms them.
+template <class A>
+__device__ __forceinline__ BackwardCoefficients<A> grad_coefficients(int64_t c, const GradPartial& sums,
+                                                                     int64_t count, ParamRef saved_mean,
+                                                                     ParamRef saved_invstd, ParamRef weight) {
+  return backward_coefficients<A>(static_cast<A>(sums.dy), static_cast<A>(sums.dy_xmu), static_cast<A>(count),
+                                  static_cast<A>(load_param(saved_mean, c, 0.0)),
+                                  static_cast<A>(load_param(saved_invstd, c, 1.0)),
+                                  static_cast<A>(load_param(weight, c, 1.0)));
+}
+
+// One warp per channel: the sums, dweight, dbias and the coefficients of backward_dx.
 template <class A>
 __global__ void __launch_bounds__(kBlock)
     grad_finalize_kernel(Partials<GradPartial> part, int64_t channels, int64_t count, ParamRef saved_mean,
@@ -110,13 +130,35 @@ __global__ void __launch_bounds__(kBlock)
   for (int64_t c = first_warp_channel(); c < channels; c += warp_channel_stride()) {
     const GradPartial sums = warp_merge(part, c, AddGradOp{});
     if ((threadIdx.x & 31u) != 0) continue;
-    const A mean = static_cast<A>(load_param(saved_mean, c, 0.0));
-    const A invstd = static_cast<A>(load_param(saved_invstd, c, 1.0));
-    const A w = static_cast<A>(load_param(weight, c, 1.0));
-    dbias[c] = static_cast<A>(sums.dy);
-    dweight[c] = static_cast<A>(sums.dy_xmu * static_cast<double>(invstd));
-    coef[c] = backward_coefficients<A>(static_cast<A>(sums.dy), static_cast<A>(sums.dy_xmu), static_cast<A>(count),
-                                       mean, invstd, w);
+    store_param_grads<A>(c, sums, saved_invstd, dweight, dbias);
+    coef[c] = grad_coefficients<A>(c, sums, count, saved_mean, saved_invstd, weight);
+  }
+}
+
+// backward_reduce's finalize: the sums in float64 for the caller to add up, and this
+// shard's dweight and dbias.
+template <class A>
+__global__ void __launch_bounds__(kBlock)
+    grad_reduce_kernel(Partials<GradPartial> part, int64_t channels, ParamRef saved_invstd, double* __restrict__ sum_dy,
+                       double* __restrict__ sum_dy_xmu, A* __restrict__ dweight, A* __restrict__ dbias) {
+  for (int64_t c = first_warp_channel(); c < channels; c += warp_channel_stride()) {
+    const GradPartial sums = warp_merge(part, c, AddGradOp{});
+    if ((threadIdx.x & 31u) != 0) continue;
+    sum_dy[c] = sums.dy;
+    sum_dy_xmu[c] = sums.dy_xmu;
+    store_param_grads<A>(c, sums, saved_invstd, dweight, dbias);
+  }
+}
+
+// backward_elemt's coefficients from sums given by the caller (added up over every shard).
+template <class A>
+__global__ void __launch_bounds__(kBlock)
+    given_grad_coefficients_kernel(int64_t channels, int64_t count, ParamRef sum_dy, ParamRef sum_dy_xmu,
+                                   ParamRef saved_mean, ParamRef saved_invstd, ParamRef weight,
+                                   BackwardCoefficients<A>* __restrict__ coef) {
+  for (int64_t c = int64_t(blockIdx.x) * kBlock + threadIdx.x; c < channels; c += int64_t(gridDim.x) * kBlock) {
+    const GradPartial sums{load_param(sum_dy, c, 0.0), load_param(sum_dy_xmu, c, 0.0)};
+    coef[c] = grad_coefficients<A>(c, sums, count, saved_mean, saved_invstd, weight);
   }
 }
 
@@ -199,20 +241,15 @@ struct GradInputOp {
   __device__ __forceinline__ A operator()(uint32_t c, A dy, A x) const { return backward_dx<A>(dy, x, coef[c]); }
 };
 
+// Enqueues the split reduction of (sum dy, sum dy * (x - mean)); returns where the partials are.
 template <class T>
-void backward_typed(const BackwardParams& p, const Layout& L, cudaStream_t stream) {
-  using A = acc_t<T>;
-  const T* dy = p.dy.ptr<const T>();
-  const T* x = p.x.ptr<const T>();
-  T* dx = p.dx.ptr<T>();
-  const void* inputs[] = {p.dy.data, p.x.data};
-  const void* arrays[] = {p.dy.data, p.x.data, p.dx.data};
-  const ParamRef saved_mean = param_ref(p.saved_mean);
-  Workspace ws(p.x.device.index, stream);
-  auto* coef = ws.alloc<BackwardCoefficients<A>>(L.channels);
+Partials<GradPartial> launch_grad_sums(const TensorView& dy_t, const TensorView& x_t, ParamRef saved_mean,
+                                       const Layout& L, Workspace& ws, cudaStream_t stream) {
+  const T* dy = dy_t.ptr<const T>();
+  const T* x = x_t.ptr<const T>();
+  const void* inputs[] = {dy_t.data, x_t.data};
   Partials<GradPartial> part;
-  const bool cl = L.channels_last();
-  if (cl) {
+  if (L.channels_last()) {
     with_width<T>(cl_packable(L, inputs, 2, kVecWidth<T>), [&](auto width) {
       constexpr int W = decltype(width)::value;
       const ClPlan plan = cl_plan(L, W);
@@ -229,15 +266,23 @@ void backward_typed(const BackwardParams& p, const Layout& L, cudaStream_t strea
       BN_CUDA_CHECK_LAUNCH("cf_grad_sums_kernel");
     });
   }
-  grad_finalize_kernel<A><<<warp_grid(L.channels), kBlock, 0, stream>>>(
-      part, L.channels, L.count, saved_mean, param_ref(p.saved_invstd), param_ref(p.weight), p.dweight.ptr<A>(),
-      p.dbias.ptr<A>(), coef);
-  BN_CUDA_CHECK_LAUNCH("grad_finalize_kernel");
+  return part;
+}
+
+// Enqueues dx = backward_dx(dy, x) with per-channel coefficients already on the device.
+template <class T>
+void launch_grad_input(const TensorView& dy_t, const TensorView& x_t, const TensorView& dx_t, const Layout& L,
+                       const BackwardCoefficients<acc_t<T>>* coef, cudaStream_t stream) {
+  using A = acc_t<T>;
+  const T* dy = dy_t.ptr<const T>();
+  const T* x = x_t.ptr<const T>();
+  T* dx = dx_t.ptr<T>();
+  const void* arrays[] = {dy_t.data, x_t.data, dx_t.data};
   if (const DensePlan dense = dense_plan(L, arrays, 3, kVecWidth<T>); dense.ok) {
     launch_dense<T>(dense, dy, x, dx, GradInputOp<A>{coef}, stream);
     return;
   }
-  if (cl) {
+  if (L.channels_last()) {
     with_width<T>(cl_packable(L, arrays, 3, kVecWidth<T>), [&](auto width) {
       constexpr int W = decltype(width)::value;
       const ClPlan plan = cl_plan(L, W);
@@ -254,12 +299,72 @@ void backward_typed(const BackwardParams& p, const Layout& L, cudaStream_t strea
   }
 }
 
+template <class T>
+void backward_typed(const BackwardParams& p, const Layout& L, cudaStream_t stream) {
+  using A = acc_t<T>;
+  const ParamRef saved_mean = param_ref(p.saved_mean);
+  Workspace ws(p.x.device.index, stream);
+  auto* coef = ws.alloc<BackwardCoefficients<A>>(L.channels);
+  const Partials<GradPartial> part = launch_grad_sums<T>(p.dy, p.x, saved_mean, L, ws, stream);
+  grad_finalize_kernel<A><<<warp_grid(L.channels), kBlock, 0, stream>>>(
+      part, L.channels, L.count, saved_mean, param_ref(p.saved_invstd), param_ref(p.weight), p.dweight.ptr<A>(),
+      p.dbias.ptr<A>(), coef);
+  BN_CUDA_CHECK_LAUNCH("grad_finalize_kernel");
+  launch_grad_input<T>(p.dy, p.x, p.dx, L, coef, stream);
+}
+
+template <class T>
+void backward_reduce_typed(const BackwardReduceParams& p, const Layout& L, cudaStream_t stream) {
+  using A = acc_t<T>;
+  const int64_t C = L.channels;
+  if (L.count == 0) {  // an empty shard contributes nothing: zero bits are 0.0 in every dtype
+    BN_CUDA_CHECK(cudaMemsetAsync(p.sum_dy.data, 0, C * sizeof(double), stream));
+    BN_CUDA_CHECK(cudaMemsetAsync(p.sum_dy_xmu.data, 0, C * sizeof(double), stream));
+    BN_CUDA_CHECK(cudaMemsetAsync(p.dweight.data, 0, C * sizeof(A), stream));
+    BN_CUDA_CHECK(cudaMemsetAsync(p.dbias.data, 0, C * sizeof(A), stream));
+    return;
+  }
+  Workspace ws(p.x.device.index, stream);
+  const Partials<GradPartial> part = launch_grad_sums<T>(p.dy, p.x, param_ref(p.mean), L, ws, stream);
+  grad_reduce_kernel<A><<<warp_grid(C), kBlock, 0, stream>>>(part, C, param_ref(p.invstd), p.sum_dy.ptr<double>(),
+                                                             p.sum_dy_xmu.ptr<double>(), p.dweight.ptr<A>(),
+                                                             p.dbias.ptr<A>());
+  BN_CUDA_CHECK_LAUNCH("grad_reduce_kernel");
+}
+
+template <class T>
+void backward_elemt_typed(const BackwardElemtParams& p, const Layout& L, cudaStream_t stream) {
+  using A = acc_t<T>;
+  const int64_t C = L.channels;
+  Workspace ws(p.x.device.index, stream);
+  auto* coef = ws.alloc<BackwardCoefficients<A>>(C);
+  given_grad_coefficients_kernel<A><<<grid_for(ceil_div(C, kBlock)), kBlock, 0, stream>>>(
+      C, p.count, param_ref(p.sum_dy), param_ref(p.sum_dy_xmu), param_ref(p.mean), param_ref(p.invstd),
+      param_ref(p.weight), coef);
+  BN_CUDA_CHECK_LAUNCH("given_grad_coefficients_kernel");
+  launch_grad_input<T>(p.dy, p.x, p.dx, L, coef, stream);
+}
+
 }  // namespace
 
 void backward(const BackwardParams& p, const Layout& layout) {
   DeviceGuard guard(p.x.device.index);
   dispatch_dtype(p.x.dtype, "x", [&](auto d) {
     backward_typed<storage_t<decltype(d)::value>>(p, layout, to_stream(p.exec.stream));
+  });
+}
+
+void backward_reduce(const BackwardReduceParams& p, const Layout& layout) {
+  DeviceGuard guard(p.x.device.index);
+  dispatch_dtype(p.x.dtype, "x", [&](auto d) {
+    backward_reduce_typed<storage_t<decltype(d)::value>>(p, layout, to_stream(p.exec.stream));
+  });
+}
+
+void backward_elemt(const BackwardElemtParams& p, const Layout& layout) {
+  DeviceGuard guard(p.x.device.index);
+  dispatch_dtype(p.x.dtype, "x", [&](auto d) {
+    backward_elemt_typed<storage_t<decltype(d)::value>>(p, layout, to_stream(p.exec.stream));
   });
 }
 

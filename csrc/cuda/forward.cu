@@ -153,8 +153,12 @@ void forward_training(const ForwardTrainingParams& p, const Layout& layout) {
     out.running_var = param_ref(p.running_var);
     out.eps = p.eps;
     out.momentum = p.momentum;
-    reduce_moments(p.x, layout, out, stream);
-    normalize_all<T>(p.x, p.y, layout, p.saved_mean.ptr<const A>(), scale, shift, stream);
+    if (p.batch_mean.defined())
+      given_moments(p.x.dtype, param_ref(p.batch_mean), param_ref(p.batch_var), C, p.batch_count, out, stream);
+    else
+      reduce_moments(p.x, layout, out, stream);
+    // A shard may be empty when the statistics are given: outputs and running update only.
+    if (layout.count > 0) normalize_all<T>(p.x, p.y, layout, p.saved_mean.ptr<const A>(), scale, shift, stream);
   });
 }
 

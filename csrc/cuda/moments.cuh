@@ -21,10 +21,17 @@ struct MomentsOutputs {
   ParamRef weight, bias, running_mean, running_var;  // running_* updated when given
   double eps = 0.0;
   double momentum = 0.0;
+  bool wide = false;  // mean and var written as float64 (the moments unrounded)
 };
 
 // Enqueues the reduction of x (array 0 of `layout`) and the finalize on `stream`; the
 // caller has made x's device current.
 void reduce_moments(const TensorView& x, const Layout& layout, const MomentsOutputs& out, cudaStream_t stream);
+
+// The same outputs from given batch statistics (mean and biased var of `count` values per
+// channel) instead of a reduction of x: the finalize alone, for statistics merged across
+// processes. `x_dtype` fixes the accumulation type.
+void given_moments(DType x_dtype, const ParamRef& mean, const ParamRef& var, int64_t channels, int64_t count,
+                   const MomentsOutputs& out, cudaStream_t stream);
 
 }  // namespace batchnorm::cuda

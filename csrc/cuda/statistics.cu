@@ -94,6 +94,35 @@ __global__ void __launch_bounds__(kBlock, 2)
   }
 }
 
+// Channel c's outputs of `out` from its batch mean and biased variance over `count` values
+// (the finalize of a reduction, or statistics given by the caller).
+template <class A>
+__device__ __forceinline__ void finish_channel(int64_t c, double batch_mean, double var, int64_t count,
+                                               const MomentsOutputs& out) {
+  const A mean = static_cast<A>(batch_mean);
+  if (out.wide) {
+    if (out.mean) static_cast<double*>(out.mean)[c] = batch_mean;
+    if (out.var) static_cast<double*>(out.var)[c] = var;
+  } else {
+    if (out.mean) static_cast<A*>(out.mean)[c] = mean;
+    if (out.var) static_cast<A*>(out.var)[c] = static_cast<A>(var);
+  }
+  if (out.invstd) {
+    const A invstd = static_cast<A>(inverse_std<double>(var, out.eps));
+    static_cast<A*>(out.invstd)[c] = invstd;
+    static_cast<A*>(out.scale)[c] = invstd * static_cast<A>(load_param(out.weight, c, 1.0));
+    static_cast<A*>(out.shift)[c] = static_cast<A>(load_param(out.bias, c, 0.0));
+  }
+  if (out.running_mean.data) {
+    // PyTorch's convention: the unbiased batch variance feeds running_var.
+    const double n = static_cast<double>(count);
+    const double rm = load_param(out.running_mean, c, 0.0);
+    const double rv = load_param(out.running_var, c, 0.0);
+    store_param(out.running_mean, c, running_update<double>(rm, static_cast<double>(mean), out.momentum));
+    store_param(out.running_var, c, running_update<double>(rv, var * n / (n - 1.0), out.momentum));
+  }
+}
+
 // One warp per channel: merges the partials, then writes the outputs of `out`.
 template <class A>
 __global__ void __launch_bounds__(kBlock)
@@ -101,25 +130,15 @@ __global__ void __launch_bounds__(kBlock)
   for (int64_t c = first_warp_channel(); c < channels; c += warp_channel_stride()) {
     const Moments<double> m = warp_merge(part, c, MergeMomentsOp{});
     if ((threadIdx.x & 31u) != 0) continue;
-    const double var = m.m2 / m.n;
-    const A mean = static_cast<A>(m.mean);
-    if (out.mean) static_cast<A*>(out.mean)[c] = mean;
-    if (out.var) static_cast<A*>(out.var)[c] = static_cast<A>(var);
-    if (out.invstd) {
-      const A invstd = static_cast<A>(inverse_std<double>(var, out.eps));
-      static_cast<A*>(out.invstd)[c] = invstd;
-      static_cast<A*>(out.scale)[c] = invstd * static_cast<A>(load_param(out.weight, c, 1.0));
-      static_cast<A*>(out.shift)[c] = static_cast<A>(load_param(out.bias, c, 0.0));
-    }
-    if (out.running_mean.data) {
-      // PyTorch's convention: the unbiased batch variance feeds running_var.
-      const double n = static_cast<double>(count);
-      const double rm = load_param(out.running_mean, c, 0.0);
-      const double rv = load_param(out.running_var, c, 0.0);
-      store_param(out.running_mean, c, running_update<double>(rm, static_cast<double>(mean), out.momentum));
-      store_param(out.running_var, c, running_update<double>(rv, var * n / (n - 1.0), out.momentum));
-    }
+    finish_channel<A>(c, m.mean, m.m2 / m.n, count, out);
   }
+}
+
+template <class A>
+__global__ void __launch_bounds__(kBlock)
+    given_moments_kernel(ParamRef mean, ParamRef var, int64_t channels, int64_t count, MomentsOutputs out) {
+  for (int64_t c = int64_t(blockIdx.x) * kBlock + threadIdx.x; c < channels; c += int64_t(gridDim.x) * kBlock)
+    finish_channel<A>(c, load_param(mean, c, 0.0), load_param(var, c, 0.0), count, out);
 }
 
 template <class T>
@@ -158,11 +177,22 @@ void reduce_moments(const TensorView& x, const Layout& layout, const MomentsOutp
   });
 }
 
+void given_moments(DType x_dtype, const ParamRef& mean, const ParamRef& var, int64_t channels, int64_t count,
+                   const MomentsOutputs& out, cudaStream_t stream) {
+  dispatch_dtype(x_dtype, "x", [&](auto d) {
+    using A = acc_t<storage_t<decltype(d)::value>>;
+    given_moments_kernel<A><<<grid_for(ceil_div(channels, kBlock)), kBlock, 0, stream>>>(mean, var, channels, count,
+                                                                                       out);
+    BN_CUDA_CHECK_LAUNCH("given_moments_kernel");
+  });
+}
+
 void statistics(const StatisticsParams& p, const Layout& layout) {
   DeviceGuard guard(p.x.device.index);
   MomentsOutputs out;
   out.mean = p.mean.data;
   out.var = p.var.data;
+  out.wide = p.mean.dtype == DType::float64;
   reduce_moments(p.x, layout, out, to_stream(p.exec.stream));
 }
 

@@ -1,9 +1,14 @@
 """batchnorm: fast, exact batch normalization for NumPy and any DLPack array library.
 
 The functions follow the contract in API.md: statistics, merge_statistics,
-forward_training, forward_inference, backward, fold, and the stateful BatchNorm layer."""
+forward_training, forward_inference, backward (and its two halves backward_reduce /
+backward_elemt), fold, and the stateful BatchNorm layer. batchnorm.distributed (imported on
+request: it is the only part that talks to mpi4py or torch.distributed) synchronizes them
+across processes."""
 from .functional import (
     backward,
+    backward_elemt,
+    backward_reduce,
     empty_cache,
     fold,
     forward_inference,
@@ -21,6 +26,8 @@ __version__ = info()["version"]
 __all__ = [
     "BatchNorm",
     "backward",
+    "backward_elemt",
+    "backward_reduce",
     "empty_cache",
     "fold",
     "forward_inference",

@@ -6,19 +6,38 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence, Tuple
 
 from . import _C
-from ._arrays import Kind, check_axis, check_out, check_real, check_written
+from ._arrays import Kind, check_axis, check_int, check_out, check_real, check_written
 
 Array = Any
 
 
-def statistics(x: Array, *, axis: int = 1, stream: Any = None) -> Tuple[Array, Array, int]:
+def statistics(x: Array, *, axis: int = 1, dtype: Any = None, stream: Any = None) -> Tuple[Array, Array, int]:
     """Per-channel batch mean and biased variance of `x` (channel axis `axis`), in the
     accumulation type (float32 for float16/bfloat16/float32, float64 for float64), and the
-    number of values per channel. Numerically stable at any magnitude."""
+    number of values per channel. Numerically stable at any magnitude. dtype="float64" (or
+    NumPy's / torch's float64) returns the kernels' float64 moments unrounded, for shards
+    that are merged later (merge_statistics, batchnorm.distributed)."""
     axis = check_axis(axis, x)
+    wide = _wide_dtype(dtype)
     kind = Kind(x, stream)
-    mean, var, count = _C.statistics(kind.arg(x), axis, kind.call)
+    mean, var, count = _C.statistics(kind.arg(x), axis, wide, kind.call)
     return kind.wrap(mean), kind.wrap(var), count
+
+
+def _wide_dtype(dtype: Any) -> bool:
+    """statistics' dtype: None (the accumulation type) or float64 under any library's name."""
+    if dtype is None:
+        return False
+    if str(dtype).replace("torch.", "") in ("float64", "double"):
+        return True
+    try:
+        import numpy as np
+
+        if np.dtype(dtype) == np.float64:
+            return True
+    except TypeError:
+        pass
+    raise TypeError(f"dtype must be None (the accumulation type) or float64, got {dtype!r}")
 
 
 def merge_statistics(
@@ -43,22 +62,40 @@ def forward_training(
     eps: float = 1e-5,
     axis: int = 1,
     out: Optional[Array] = None,
+    batch_statistics: Optional[Tuple[Array, Array, int]] = None,
     stream: Any = None,
 ) -> Tuple[Array, Array, Array]:
     """Training-mode batch norm: y = (x - mean) * invstd * weight + bias with the batch
     statistics. Returns (y, saved_mean, saved_invstd). When given, running_mean and
     running_var are updated in place with PyTorch's momentum convention:
-    running = (1 - momentum) * running + momentum * batch (unbiased variance)."""
+    running = (1 - momentum) * running + momentum * batch (unbiased variance).
+
+    batch_statistics=(mean, var, count): the statistics of a batch that x is a part of
+    (x may be empty), e.g. from batchnorm.distributed.sync_statistics; x is then not
+    reduced, and count (values per channel of the whole batch) makes the unbiased variance
+    of the running update. Everything else is as with x's own statistics."""
     momentum = check_real(momentum, "momentum")
     eps = check_real(eps, "eps")
     axis = check_axis(axis, x)
     check_out(out)
     check_written(running_mean, "running_mean")
     check_written(running_var, "running_var")
+    batch_mean = batch_var = None
+    batch_count = 0
+    if batch_statistics is not None:
+        if not isinstance(batch_statistics, (tuple, list)) or len(batch_statistics) != 3:
+            raise TypeError(
+                "batch_statistics must be a (mean, var, count) tuple, got "
+                f"{type(batch_statistics).__name__}"
+                + (f" of length {len(batch_statistics)}" if isinstance(batch_statistics, (tuple, list)) else "")
+            )
+        batch_mean, batch_var, batch_count = batch_statistics
+        batch_count = check_int(batch_count, "batch_statistics count")
     kind = Kind(x, stream)
     a = kind.arg
     y, mean, invstd = _C.forward_training(
-        a(x), a(weight), a(bias), a(running_mean), a(running_var), momentum, eps, axis, a(out), kind.call
+        a(x), a(weight), a(bias), a(running_mean), a(running_var), momentum, eps, axis, a(out),
+        a(batch_mean), a(batch_var), batch_count, kind.call
     )
     return (out if out is not None else kind.wrap(y)), kind.wrap(mean), kind.wrap(invstd)
 
@@ -105,6 +142,51 @@ def backward(
     a = kind.arg
     dx, dweight, dbias = _C.backward(a(dy), a(x), a(saved_mean), a(saved_invstd), a(weight), axis, a(out), kind.call)
     return (out if out is not None else kind.wrap(dx)), kind.wrap(dweight), kind.wrap(dbias)
+
+
+def backward_reduce(
+    dy: Array, x: Array, mean: Array, invstd: Array, *, axis: int = 1, stream: Any = None
+) -> Tuple[Array, Array, Array, Array]:
+    """The reduce step of backward, for batches split across processes (torch's
+    batch_norm_backward_reduce): this shard's per-channel sum(dy) and sum(dy * (x - mean))
+    in float64, which the caller adds up over every shard, and this shard's dweight =
+    sum(dy * x_hat) and dbias = sum(dy) in the accumulation type. `mean` / `invstd` are the
+    forward's saved_mean / saved_invstd. An empty shard gives zeros.
+    Returns (sum_dy, sum_dy_xmu, dweight, dbias)."""
+    axis = check_axis(axis, x)
+    kind = Kind(x, stream)
+    a = kind.arg
+    results = _C.backward_reduce(a(dy), a(x), a(mean), a(invstd), axis, kind.call)
+    return tuple(kind.wrap(r) for r in results)  # type: ignore[return-value]
+
+
+def backward_elemt(
+    dy: Array,
+    x: Array,
+    mean: Array,
+    invstd: Array,
+    sum_dy: Array,
+    sum_dy_xmu: Array,
+    count: int,
+    weight: Optional[Array] = None,
+    *,
+    axis: int = 1,
+    out: Optional[Array] = None,
+    stream: Any = None,
+) -> Array:
+    """The elementwise step of backward (torch's batch_norm_backward_elemt): dx of this
+    shard from the sums of backward_reduce added up over every shard and `count`, the values
+    per channel over every shard. On a single shard, backward_reduce then backward_elemt give
+    backward's dx bit for bit."""
+    axis = check_axis(axis, x)
+    count = check_int(count, "count")
+    check_out(out)
+    kind = Kind(x, stream)
+    a = kind.arg
+    dx = _C.backward_elemt(
+        a(dy), a(x), a(mean), a(invstd), a(sum_dy), a(sum_dy_xmu), count, a(weight), axis, a(out), kind.call
+    )
+    return out if out is not None else kind.wrap(dx)
 
 
 def fold(

@@ -1,0 +1,369 @@
+"""Synchronized batch norm across processes, on existing engines (mpi4py, torch.distributed):
+the statistics and input gradients of a batch split over every rank of a group.
+
+Forward: each rank reduces its shard to per-channel (count, mean, biased var) in float64 with
+the library's kernels, one allgather exchanges them with a small header, and every rank
+merges the rows in rank order with merge_statistics (Chan), so all ranks hold bitwise the
+same statistics (exchange="allreduce": two allreduces of O(C) values instead, for many ranks). Backward: backward_reduce per rank, one allreduce of (sum dy,
+sum dy * (x - mean)), backward_elemt. Every local check runs before a collective and its
+outcome travels in the collective's buffer, so bad input on one rank raises on every rank
+instead of leaving the others waiting."""
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import numpy as np
+
+from . import functional as F
+from ._arrays import _from_dlpack_of, _library, check_int
+from ._collectives import Engine, check_group, engine_for
+from .layer import BatchNorm, _as_state, _device_of, _to_device_like, _to_numpy
+
+__all__ = ["SyncBatchNorm", "sync_backward", "sync_statistics"]
+
+_DTYPES = ("float16", "bfloat16", "float32", "float64")
+# Header of each rank's row: status (0, or the error below), ndim, dtype code, count.
+_HEADER = 4
+_ERRORS = {1: ValueError, 2: TypeError}
+_STATUS = {ValueError: 1, TypeError: 2}
+
+
+def _status(err: Exception) -> int:
+    return _STATUS[TypeError] if isinstance(err, TypeError) else _STATUS[ValueError]
+
+
+def _raise_everywhere(status: np.ndarray, own: Optional[Exception], what: str, size: int) -> None:
+    """After a collective whose rows carry each rank's status: the failing ranks re-raise their
+    own error, the others one of the same type naming the first failing rank."""
+    failed = np.flatnonzero(status)
+    if failed.size == 0:
+        return
+    if own is not None:
+        raise own
+    rank = int(failed[0])
+    kind = _ERRORS.get(int(status[rank]), ValueError)
+    raise kind(
+        f"{what} on rank {rank} of {size} was rejected (its error says why); every rank raises so that "
+        "none is left waiting in a collective"
+    )
+
+
+def _validate(x: Any, axis: int, channels: Optional[int]) -> Tuple[int, int, int, int]:
+    """(ndim, dtype code, normalized axis, count per channel) of a shard, or the error a
+    batchnorm function would raise for it (empty shards included, which the kernels skip)."""
+    shape = getattr(x, "shape", None)
+    if shape is None:
+        raise TypeError(f"x must be an array, got {type(x).__name__}")
+    shape = tuple(int(s) for s in shape)
+    dtype = str(getattr(x, "dtype", "")).replace("torch.", "")
+    if dtype not in _DTYPES:
+        raise TypeError(f"x must have dtype float16, bfloat16, float32 or float64, got {dtype or type(x).__name__}")
+    ndim = len(shape)
+    if ndim < 2:
+        raise ValueError(f"x must have at least 2 dimensions (N, C, ...), got {ndim} with shape {shape}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis must be in [{-ndim}, {ndim - 1}] for an array of rank {ndim}, got {axis}")
+    axis = axis % ndim
+    c = shape[axis]
+    if channels is not None and c != channels:
+        raise ValueError(f"x must have {channels} channels along axis {axis}, got shape {shape}")
+    if c < 1:
+        raise ValueError(f"x must have at least one channel, got shape {shape}")
+    return ndim, _DTYPES.index(dtype), axis, int(np.prod(shape, dtype=np.int64)) // c
+
+
+def _local_moments(x: Any, axis: int, c: int, own: Optional[Exception]):
+    """This rank's part of an exchange: (its error or None, (ndim, dtype code, count), float64
+    mean, float64 biased var), zeros for an empty or rejected shard. `own`: an error this rank
+    already met, reported through the exchange like a bad x."""
+    header, mean, var = (0, 0, 0), np.zeros(c), np.zeros(c)
+    try:
+        if own is not None:
+            raise own
+        ndim, code, axis, count = _validate(x, axis, c)
+        header = (ndim, code, count)
+        if count > 0:
+            m, v, _ = F.statistics(x, axis=axis, dtype="float64")
+            mean, var = _to_numpy(m, "mean").astype(np.float64), _to_numpy(v, "var").astype(np.float64)
+    except (ValueError, TypeError) as err:
+        return err, header, mean, var
+    return None, header, mean, var
+
+
+def _check_total(total: int, per_rank: str) -> None:
+    if total < 2:
+        raise ValueError(
+            "x must have at least 2 values per channel over every rank of the group in training (the batch "
+            f"variance needs two), got {total} ({per_rank})"
+        )
+
+
+def _exchange(
+    engine: Engine, x: Any, axis: int, channels: int, device: Any, own: Optional[Exception] = None,
+    how: str = "allgather",
+) -> Tuple[np.ndarray, np.ndarray, int]:
+    """The global (mean, biased var) in float64 on the host and the total count."""
+    own, (ndim, code, count), mean, var = _local_moments(x, axis, channels, own)
+    if how == "allreduce":
+        return _by_allreduce(engine, own, ndim, code, count, mean, var, device)
+    return _by_allgather(engine, own, ndim, code, count, mean, var, device)
+
+
+def _by_allgather(engine, own, ndim, code, count, mean, var, device):
+    """One allgather of size x (4 + 2C) values, merged in rank order on every rank
+    (merge_statistics): bitwise the same result everywhere, by construction."""
+    c = mean.size
+    row = np.concatenate([[_status(own) if own else 0, ndim, code, count], mean, var])
+    rows = engine.allgather(row, device)
+    _raise_everywhere(rows[:, 0], own, "x", engine.size)
+    ndims, codes = rows[:, 1].astype(np.int64), rows[:, 2].astype(np.int64)
+    if (ndims != ndims[0]).any() or (codes != codes[0]).any():
+        got = ", ".join(f"rank {r}: {int(n)}-d {_DTYPES[int(k)]}" for r, (n, k) in enumerate(zip(ndims, codes)))
+        raise ValueError(f"x must have the same rank and dtype on every rank of the group, got {got}")
+    counts = [int(n) for n in rows[:, 3]]
+    total = sum(counts)
+    _check_total(total, f"per rank: {counts}")
+    means = [rows[r, _HEADER : _HEADER + c] for r in range(engine.size)]
+    vars_ = [rows[r, _HEADER + c :] for r in range(engine.size)]
+    mean, var, _ = F.merge_statistics(means, vars_, counts)
+    return mean, var, total
+
+
+def _by_allreduce(engine, own, ndim, code, count, mean, var, device):
+    """Two allreduces of C + 7 and C values, whatever the number of ranks: sum(n mean) gives
+    the global mean, then sum(M2 + n (mean - global mean)^2) the global M2 (Chan's formula
+    summed over every shard at once: each term >= 0, so as stable as the pairwise merge).
+    Every rank gets the same bits as far as the engine's allreduce gives every rank the same
+    sum (NCCL, gloo and Open MPI do). The header travels as sums: two failure counts, the
+    count, and sum(v), sum(v^2) of ndim and dtype, which agree everywhere iff P sum(v^2) ==
+    sum(v)^2."""
+    size = engine.size
+    flags = [0.0, 0.0]
+    if own is not None:
+        flags[_status(own) - 1] = 1.0
+    head = [*flags, count, ndim, ndim * ndim, code, code * code]
+    first = engine.allreduce(np.concatenate([head, count * mean]), device)
+    failed = first[:2]
+    if failed.any():
+        if own is not None:
+            raise own
+        kind = TypeError if failed[1] and not failed[0] else ValueError
+        raise kind(
+            f"x on {int(failed.sum())} other rank(s) of {size} was rejected (their errors say why); every rank "
+            "raises so that none is left waiting in a collective"
+        )
+    if size * first[4] != first[3] ** 2 or size * first[6] != first[5] ** 2:
+        raise ValueError("x must have the same rank and dtype on every rank of the group, got different ones")
+    total = int(first[2])
+    _check_total(total, "over all ranks")
+    global_mean = first[len(head) :] / total
+    m2 = count * var + count * (mean - global_mean) ** 2
+    return global_mean, engine.allreduce(m2, device) / total, total
+
+
+_EXCHANGES = ("allgather", "allreduce")
+
+
+def _check_exchange(exchange: Any) -> str:
+    if exchange not in _EXCHANGES:
+        raise ValueError(f"exchange must be 'allgather' or 'allreduce', got {exchange!r}")
+    return exchange
+
+
+def _torch_device(x: Any) -> Any:
+    return x.device if _library(x) == "torch" else None
+
+
+def _like(a: np.ndarray, x: Any) -> Any:
+    """A host result as x's kind of array, on x's device."""
+    library = _library(x)
+    if isinstance(x, np.ndarray) or not hasattr(x, "__dlpack__"):
+        return a
+    device = _device_of(x)
+    if device is not None and device[0] == "cuda":
+        return _to_device_like(a, x)
+    if library == "torch":
+        import torch
+
+        return torch.from_numpy(a)
+    return _from_dlpack_of(library)(a)
+
+
+def _agreed_channels(engine: Engine, x: Any, axis: int) -> int:
+    """sync_statistics' first, 1-value allgather: the channel count, which sizes the second."""
+    own: Optional[Exception] = None
+    row = np.zeros(2, np.float64)
+    try:
+        ndim, _, axis, _ = _validate(x, axis, None)
+        row[1] = x.shape[axis]
+    except (ValueError, TypeError) as err:
+        own = err
+        row[0] = _status(err)
+    rows = engine.allgather(row, _torch_device(x))
+    _raise_everywhere(rows[:, 0], own, "x", engine.size)
+    channels = rows[:, 1].astype(np.int64)
+    if (channels != channels[0]).any():
+        raise ValueError(
+            f"x must have the same number of channels on every rank of the group, got {[int(c) for c in channels]}"
+        )
+    return int(channels[0])
+
+
+def sync_statistics(
+    x: Any, group: Any, *, axis: int = 1, channels: Optional[int] = None, exchange: str = "allgather"
+) -> Tuple[Any, Any, int]:
+    """Per-channel (mean, biased var, count) of the concatenation of every rank's `x` over
+    the reduced axes, as statistics() would give on the whole batch; ranks may hold
+    different batch sizes, including none. `group`: an mpi4py communicator or a
+    torch.distributed process group (None: torch's default group). mean and var are float64
+    (the exchanged moments unrounded), as x's kind of array; every rank gets bitwise the
+    same. One allgather of P x (2C + 4) float64 values when every rank passes the same
+    `channels` (a layer's num_features); without it a first 2-value allgather agrees on the
+    channel count. exchange="allreduce": two allreduces of C + 7 and C values instead of the
+    allgather, cheaper beyond a few dozen ranks (see the README's cost model), identical on
+    every rank as far as the engine's allreduce is. Fewer than 2 values per channel over all
+    ranks, or bad input on any rank, raises on every rank."""
+    axis = check_int(axis, "axis")
+    exchange = _check_exchange(exchange)
+    engine = engine_for(group)
+    if channels is None:
+        channels = _agreed_channels(engine, x, axis)
+    else:
+        channels = check_int(channels, "channels")
+    mean, var, count = _exchange(engine, x, axis, channels, _torch_device(x), how=exchange)
+    return _like(mean, x), _like(var, x), count
+
+
+def sync_backward(
+    dy: Any, x: Any, mean: Any, invstd: Any, count: int, group: Any, weight: Any = None, *, axis: int = 1
+) -> Tuple[Any, Any, Any]:
+    """The backward pass of batch norm over a batch split across `group`: backward_reduce on
+    this rank, one allreduce of (sum dy, sum dy * (x - mean)) with two status flags
+    (2C + 2 float64 values), backward_elemt with the sums and `count` of every rank.
+    `mean` / `invstd` are this rank's saved_mean / saved_invstd of forward_training with the
+    synchronized statistics, `count` their total count. Returns (dx, dweight, dbias), the
+    parameter gradients this rank's share (sum them, or average them with the other
+    parameters' gradients, across ranks). A bad dy on any rank raises on every rank."""
+    return _sync_backward(engine_for(group), dy, x, mean, invstd, count, weight, check_int(axis, "axis"))
+
+
+def _sync_backward(engine: Engine, dy: Any, x: Any, mean: Any, invstd: Any, count: int, weight: Any,
+                   axis: int) -> Tuple[Any, Any, Any]:
+    c = int(x.shape[axis])
+    row = np.zeros(2 * c + 2, np.float64)
+    own: Optional[Exception] = None
+    dweight = dbias = None
+    try:
+        sum_dy, sum_dy_xmu, dweight, dbias = F.backward_reduce(dy, x, mean, invstd, axis=axis)
+        row[:c] = _to_numpy(sum_dy, "sum_dy")
+        row[c : 2 * c] = _to_numpy(sum_dy_xmu, "sum_dy_xmu")
+    except (ValueError, TypeError) as err:
+        own = err
+        row[2 * c + _status(err) - 1] = 1.0
+    total = engine.allreduce(row, _torch_device(x))
+    failed = total[2 * c :]
+    if failed.any():
+        if own is not None:
+            raise own
+        kind = TypeError if failed[1] and not failed[0] else ValueError
+        raise kind(
+            f"dy on {int(failed.sum())} other rank(s) of {engine.size} was rejected (their errors say why); "
+            "every rank raises so that none is left waiting in a collective"
+        )
+    dx = F.backward_elemt(
+        dy, x, mean, invstd, _to_device_like(total[:c], x), _to_device_like(total[c : 2 * c], x), count, weight,
+        axis=axis,
+    )
+    return dx, dweight, dbias
+
+
+class SyncBatchNorm(BatchNorm):
+    """BatchNorm whose training statistics and input gradients span every rank of `group`
+    (an mpi4py communicator, or a torch.distributed process group; None: torch's default
+    group). Per training step: one allgather of size x (2C + 4) float64 values forward (or,
+    with exchange="allreduce", two allreduces of C + 7 and C), one allreduce of 2C + 2
+    backward. Running statistics come from the global unbiased variance
+    and are bitwise identical on every rank; parameter gradients stay per rank (average
+    them like any parameter's). Evaluation never communicates."""
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        group: Any,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        axis: int = 1,
+        dtype: str = "float32",
+        exchange: str = "allgather",
+    ) -> None:
+        super().__init__(
+            num_features,
+            eps=eps,
+            momentum=momentum,
+            affine=affine,
+            track_running_stats=track_running_stats,
+            axis=axis,
+            dtype=dtype,
+        )
+        check_group(group)
+        self.exchange = _check_exchange(exchange)
+        self.group = group
+        self._engine: Optional[Engine] = None
+
+    def _group_engine(self) -> Engine:
+        # Resolved at the first training step: torch's default group may be created after the layer.
+        if self._engine is None:
+            self._engine = engine_for(self.group)
+        return self._engine
+
+    def __call__(self, x: Any) -> Any:
+        if not self.training:
+            return super().__call__(x)  # running (or local batch) statistics, no communication
+        engine = self._group_engine()
+        own: Optional[Exception] = None
+        try:
+            self._follow(x)  # state next to x (GPU inputs); fails for libraries it cannot hold state in
+        except (ValueError, TypeError) as err:
+            own = err
+        mean, var, count = _exchange(engine, x, self.axis, self.num_features, _torch_device(x), own, self.exchange)
+        update = self.track_running_stats
+        momentum = 0.0
+        if update:
+            momentum = 1.0 / (self.num_batches_tracked + 1) if self.momentum is None else self.momentum
+        y, saved_mean, saved_invstd = F.forward_training(
+            x,
+            self.weight,
+            self.bias,
+            running_mean=self.running_mean if update else None,
+            running_var=self.running_var if update else None,
+            momentum=momentum,
+            eps=self.eps,
+            axis=self.axis,
+            batch_statistics=(_to_device_like(mean, x), _to_device_like(var, x), count),
+        )
+        if update:
+            self.num_batches_tracked += 1
+        self._saved = ("sync", x, saved_mean, saved_invstd, count, engine)
+        return y
+
+    def backward(self, dy: Any) -> Any:
+        if self._saved is None or self._saved[0] != "sync":
+            return super().backward(dy)
+        _, x, mean, invstd, count, engine = self._saved
+        dx, dweight, dbias = _sync_backward(engine, dy, x, mean, invstd, count, self.weight, self.axis)
+        if self.affine:
+            # As BatchNorm.backward accumulates its gradients (this rank's share).
+            dweight = _as_state(dweight, self.dtype, x)
+            dbias = _as_state(dbias, self.dtype, x)
+            self.grad_weight = dweight if self.grad_weight is None else self.grad_weight + dweight
+            self.grad_bias = dbias if self.grad_bias is None else self.grad_bias + dbias
+        return dx
+
+    def __repr__(self) -> str:
+        return (
+            super().__repr__().replace("BatchNorm(", "SyncBatchNorm(", 1)[:-1]
+            + f", exchange={self.exchange!r}, group={self.group!r})"
+        )

@@ -1,0 +1,209 @@
+"""One rank of the multi-process tests (test_distributed.py): the same checks under
+torch.distributed (gloo, started by torch.multiprocessing.spawn) and MPI (started by
+`mpirun python tests/dist_worker.py`). Each rank runs the SyncBatchNorm layer on its shard
+and the plain BatchNorm on the whole batch (every rank builds the same batch from one
+seed), asserts they agree, and that running statistics are bitwise equal across ranks;
+then bad input on one rank must raise on every rank. Any failed assertion fails the run."""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+import batchnorm as bn
+from batchnorm._collectives import engine_for
+from batchnorm.distributed import SyncBatchNorm, sync_statistics
+
+# Tolerances against the single-process layer on the whole batch, relative to the largest
+# |value| of the output: the statistics are merged in another order (rank by rank), which
+# moves them by rounding only, so a few ulps of the dtype.
+RTOL = {"float32": 2e-5, "float64": 1e-12}
+C = 3
+
+# (library, dtype, axis, memory format, exchange): NCHW NumPy; NHWC torch with axis=-1; torch
+# NCHW tensors in channels_last memory format with axis=1; both exchanges of the statistics.
+VARIANTS = [
+    ("numpy", "float32", 1, "contiguous", "allgather"),
+    ("numpy", "float64", -1, "contiguous", "allreduce"),
+    ("torch", "float64", -1, "contiguous", "allgather"),
+    ("torch", "float32", 1, "channels_last", "allreduce"),
+]
+
+
+def as_library(a: np.ndarray, library: str, memory_format: str):
+    if library == "numpy":
+        return a
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.contiguous(memory_format=torch.channels_last) if memory_format == "channels_last" else t
+
+
+def host(a) -> np.ndarray:
+    return a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
+
+
+def close(actual, expected, dtype: str, what: str) -> None:
+    a, e = host(actual).astype(np.float64), np.asarray(expected, np.float64)
+    assert a.shape == e.shape, f"{what}: shape {a.shape} != {e.shape}"
+    scale = np.max(np.abs(e)) if e.size else 0.0
+    err = np.max(np.abs(a - e)) if e.size else 0.0
+    assert err <= RTOL[dtype] * (scale + 1e-300), f"{what}: max error {err} > {RTOL[dtype]} * {scale}"
+
+
+def check_layer(group, sizes, variant, momentum) -> None:
+    library, dtype, axis, memory_format, exchange = variant
+    engine = engine_for(group)
+    rank = engine.rank
+    assert engine.size == len(sizes)
+    rng = np.random.default_rng(7)  # the same batch on every rank
+    n = sum(sizes)
+    lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    shape = (n, C, 4, 5) if axis == 1 else (n, 4, 5, C)
+    layer = SyncBatchNorm(C, group=group, momentum=momentum, axis=axis, dtype=dtype, exchange=exchange)
+    ref = bn.BatchNorm(C, momentum=momentum, axis=axis, dtype=dtype)
+    w, b = rng.uniform(0.5, 2, C).astype(dtype), rng.standard_normal(C).astype(dtype)
+    for m in (layer, ref):
+        m.weight, m.bias = w.copy(), b.copy()
+    cshape = [1] * 4
+    cshape[axis] = C
+    for step in range(2):
+        x = (rng.standard_normal(shape) * rng.uniform(0.5, 3, C).reshape(cshape) + 5.0).astype(dtype)
+        dy = rng.standard_normal(shape).astype(dtype)
+        what = f"rank {rank}, sizes {sizes}, {library} {dtype} axis {axis} {memory_format} {exchange}, step {step}"
+        y = layer(as_library(x[lo:hi], library, memory_format))
+        dx = layer.backward(as_library(dy[lo:hi], library, memory_format))
+        close(y, host(ref(x))[lo:hi], dtype, f"y ({what})")
+        close(dx, host(ref.backward(dy))[lo:hi], dtype, f"dx ({what})")
+        close(layer.running_mean, ref.running_mean, dtype, f"running_mean ({what})")
+        close(layer.running_var, ref.running_var, dtype, f"running_var ({what})")
+        assert layer.num_batches_tracked == ref.num_batches_tracked == step + 1
+        # Parameter gradients stay per rank: their sum over ranks is the whole batch's.
+        total = engine.allreduce(np.concatenate([host(layer.grad_weight), host(layer.grad_bias)]).astype(np.float64))
+        close(total[:C], ref.grad_weight, dtype, f"dweight summed over ranks ({what})")
+        close(total[C:], ref.grad_bias, dtype, f"dbias summed over ranks ({what})")
+        # Bitwise the same running statistics on every rank.
+        mine = np.concatenate([host(layer.running_mean), host(layer.running_var)]).astype(np.float64)
+        every = engine.allgather(mine)
+        assert (every.view(np.int64) == mine.view(np.int64)).all(), f"running statistics differ across ranks ({what})"
+    # Eval never communicates: only rank 0 calls it here, and nothing waits for the others.
+    if rank == 0:
+        layer.eval()
+        close(layer(as_library(x, library, memory_format)), host(ref.eval()(x)), dtype, f"eval ({what})")
+
+
+def check_sync_statistics(group, sizes, exchange="allgather") -> None:
+    engine = engine_for(group)
+    rank = engine.rank
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((sum(sizes), 4, 6)) * 1e-2 + 1e4  # |mean| = 1e6 std
+    lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    mean, var, count = sync_statistics(x[lo:hi], group, axis=1, exchange=exchange)
+    assert count == sum(sizes) * 6 and mean.dtype == np.float64
+    ref_mean, ref_var = x.mean(axis=(0, 2)), x.var(axis=(0, 2))
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-15)
+    np.testing.assert_allclose(var, ref_var, rtol=1e-9)
+    every = engine.allgather(np.concatenate([mean, var]))
+    assert (every == every[0]).all()
+    # One collective instead of two when the channel count is agreed beforehand: same bits.
+    mean2, var2, count2 = sync_statistics(x[lo:hi], group, axis=1, channels=4, exchange=exchange)
+    assert count2 == count and (mean2 == mean).all() and (var2 == var).all()
+
+
+def expect_error(kind, pattern, fn) -> None:
+    import re
+
+    try:
+        fn()
+    except kind as err:
+        assert re.search(pattern, str(err)), f"{kind.__name__} {str(err)!r} does not match {pattern!r}"
+        return
+    raise AssertionError(f"expected {kind.__name__} matching {pattern!r}, nothing raised")
+
+
+def check_failures(group) -> None:
+    """Bad input on one rank only raises on every rank, and the group stays usable."""
+    engine = engine_for(group)
+    rank, size = engine.rank, engine.size
+    layer = SyncBatchNorm(C, group=group)
+    good = np.random.default_rng(rank).standard_normal((4, C, 5)).astype(np.float32)
+    bad_rank = size - 1
+    elsewhere = rf"x on rank {bad_rank} of {size} was rejected"
+    # Wrong channel count on one rank.
+    x = good[:, :2] if rank == bad_rank else good
+    expect_error(ValueError, r"x must have 3 channels along axis 1" if rank == bad_rank else elsewhere, lambda: layer(x))
+    # A wrong dtype on one rank.
+    x = good.astype(np.int32) if rank == bad_rank else good
+    expect_error(TypeError, r"x must have dtype" if rank == bad_rank else elsewhere, lambda: layer(x))
+    # Different dtypes on different ranks (each fine alone).
+    x = good.astype(np.float64) if rank == bad_rank else good
+    expect_error(ValueError, r"x must have the same rank and dtype on every rank", lambda: layer(x))
+    # Fewer than 2 values per channel over all ranks (one value on rank 0, none elsewhere).
+    x = good[:1, :, :1] if rank == 0 else good[:0]
+    expect_error(ValueError, r"at least 2 values per channel over every rank .* got 1", lambda: layer(x))
+    # The same through the allreduce exchange, whose header is sums.
+    by_sums = SyncBatchNorm(C, group=group, exchange="allreduce")
+    expect_error(ValueError, r"at least 2 values per channel over every rank .* got 1", lambda: by_sums(x))
+    x = good[:, :2] if rank == bad_rank else good
+    own = r"x must have 3 channels along axis 1"
+    expect_error(ValueError, own if rank == bad_rank else rf"x on 1 other rank\(s\) of {size} was rejected",
+                 lambda: by_sums(x))
+    x = good.astype(np.float64) if rank == bad_rank else good
+    expect_error(ValueError, r"x must have the same rank and dtype on every rank", lambda: by_sums(x))
+    assert by_sums.num_batches_tracked == 0
+    # sync_statistics with different channel counts.
+    x = good[:, :2] if rank == bad_rank else good
+    expect_error(ValueError, r"the same number of channels on every rank", lambda: sync_statistics(x, group))
+    # A bad dy on one rank in backward.
+    layer(good)
+    dy = good[:2] if rank == bad_rank else good
+    own = r"dy must have the shape of x"
+    expect_error(ValueError, own if rank == bad_rank else r"dy on 1 other rank\(s\) .* was rejected", lambda: layer.backward(dy))
+    assert layer.num_batches_tracked == 1  # the rejected forward calls changed nothing
+    # Still in step: a good forward and backward on every rank.
+    layer(good)
+    layer.backward(good)
+
+
+def run_all(group, sizes, libraries=("numpy", "torch")) -> None:
+    for i, variant in enumerate(VARIANTS):
+        if variant[0] in libraries:
+            check_layer(group, sizes, variant, momentum=0.3 if i % 2 == 0 else None)
+    check_sync_statistics(group, sizes, "allreduce")
+    check_sync_statistics(group, sizes)
+    check_failures(group)
+
+
+def torch_main(rank: int, world: int, init_file: str, sizes, default_group: bool) -> None:
+    """torch.multiprocessing.spawn's entry: one gloo rank, on torch's default group (group
+    None) or on an explicit ProcessGroup."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    bn.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        run_all(None if default_group else dist.new_group(list(range(world))), sizes)
+    finally:
+        dist.destroy_process_group()
+
+
+def mpi_main() -> None:
+    from mpi4py import MPI
+
+    bn.set_num_threads(1)
+    comm = MPI.COMM_WORLD
+    for spec in sys.argv[1:]:  # NumPy arrays only: torch is the other engine's test
+        run_all(comm, tuple(int(s) for s in spec.split(",")), libraries=("numpy",))
+    comm.Barrier()
+    print(f"rank {comm.Get_rank()} of {comm.Get_size()}: ok", flush=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mpi_main()
