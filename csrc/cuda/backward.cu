@@ -208,7 +208,7 @@ void backward_typed(const BackwardParams& p, const Layout& L, cudaStream_t strea
   const void* inputs[] = {p.dy.data, p.x.data};
   const void* arrays[] = {p.dy.data, p.x.data, p.dx.data};
   const ParamRef saved_mean = param_ref(p.saved_mean);
-  Workspace ws(p.x.device.index, stream);
+  Workspace ws(p.x.device.index, stream, p.exec.scratch);
   auto* coef = ws.alloc<BackwardCoefficients<A>>(L.channels);
   Partials<GradPartial> part;
   const bool cl = L.channels_last();

@@ -139,7 +139,7 @@ void forward_training(const ForwardTrainingParams& p, const Layout& layout) {
     using T = storage_t<decltype(d)::value>;
     using A = acc_t<T>;
     const int64_t C = layout.channels;
-    Workspace ws(p.x.device.index, stream);
+    Workspace ws(p.x.device.index, stream, p.exec.scratch);
     A* scale = ws.alloc<A>(C);
     A* shift = ws.alloc<A>(C);
     MomentsOutputs out;
@@ -153,7 +153,7 @@ void forward_training(const ForwardTrainingParams& p, const Layout& layout) {
     out.running_var = param_ref(p.running_var);
     out.eps = p.eps;
     out.momentum = p.momentum;
-    reduce_moments(p.x, layout, out, stream);
+    reduce_moments(p.x, layout, out, stream, p.exec.scratch);
     normalize_all<T>(p.x, p.y, layout, p.saved_mean.ptr<const A>(), scale, shift, stream);
   });
 }
@@ -165,7 +165,7 @@ void forward_inference(const ForwardInferenceParams& p, const Layout& layout) {
     using T = storage_t<decltype(d)::value>;
     using A = acc_t<T>;
     const int64_t C = layout.channels;
-    Workspace ws(p.x.device.index, stream);
+    Workspace ws(p.x.device.index, stream, p.exec.scratch);
     A* mean = ws.alloc<A>(C);
     A* scale = ws.alloc<A>(C);
     A* shift = ws.alloc<A>(C);

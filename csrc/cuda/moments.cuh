@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include "core/layout.h"
+#include "core/ops.h"
 #include "core/tensor.h"
 #include "cuda/convert.cuh"
 
@@ -25,6 +26,8 @@ struct MomentsOutputs {
 
 // Enqueues the reduction of x (array 0 of `layout`) and the finalize on `stream`; the
 // caller has made x's device current.
-void reduce_moments(const TensorView& x, const Layout& layout, const MomentsOutputs& out, cudaStream_t stream);
+// `scratch` (may be null) is the op's Exec::scratch.
+void reduce_moments(const TensorView& x, const Layout& layout, const MomentsOutputs& out, cudaStream_t stream,
+                    const ScratchAllocator* scratch);
 
 }  // namespace batchnorm::cuda
