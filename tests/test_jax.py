@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -114,6 +113,9 @@ def test_matches_eager_api_and_optional_arguments():
     close(y, reference(x, np.ones(3), np.zeros(3), 1)[0], OUT_TOL["float32"])
 
 
+# The core's variance clamp turns a NaN variance into 0 (issue #9, fixed in main by the lead):
+# drop this marker when that fix is merged (xfail_strict makes the pass visible).
+@pytest.mark.xfail(reason="core clamps a NaN batch variance to 0 (issue #9)", strict=True)
 def test_nonfinite_values_stay_in_their_channel():
     x = np.array(data((6, 3, 4), "float32"))
     x[2, 1, 3] = np.nan
