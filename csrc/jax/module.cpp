@@ -68,19 +68,6 @@ py::tuple summary(const TensorView& x, int axis) {
   return py::make_tuple(normalize_axis(axis, x.ndim), C, dtype_name(statistics_dtype(x.dtype)));
 }
 
-py::tuple check_statistics(const Spec& x_spec, int axis) {
-  Phantoms mem;
-  StatisticsParams p;
-  p.x = mem.array(x_spec, "x");
-  p.axis = axis;
-  const int64_t C = channel_count(p.x, "x", axis, 2);
-  p.mean = mem.vector(C, statistics_dtype(p.x.dtype));
-  p.var = mem.vector(C, statistics_dtype(p.x.dtype));
-  p.exec.validate_only = true;
-  statistics(p);
-  return summary(p.x, axis);
-}
-
 py::tuple check_forward_training(const Spec& x_spec, const Spec& weight, const Spec& bias, const Spec& running_mean,
                                  const Spec& running_var, double momentum, double eps, int axis) {
   Phantoms mem;
@@ -122,25 +109,6 @@ py::tuple check_forward_inference(const Spec& x_spec, const Spec& mean, const Sp
   p.y = mem.like(p.x);
   p.exec.validate_only = true;
   forward_inference(p);
-  return summary(p.x, axis);
-}
-
-py::tuple check_backward(const Spec& dy, const Spec& x_spec, const Spec& saved_mean, const Spec& saved_invstd,
-                         const Spec& weight, int axis) {
-  Phantoms mem;
-  BackwardParams p;
-  p.dy = mem.array(dy, "dy");
-  p.x = mem.array(x_spec, "x");
-  p.saved_mean = mem.array(saved_mean, "saved_mean");
-  p.saved_invstd = mem.array(saved_invstd, "saved_invstd");
-  p.weight = mem.array(weight, "weight");
-  p.axis = axis;
-  const int64_t C = channel_count(p.x, "x", axis, 2);
-  p.dx = mem.like(p.x);
-  p.dweight = mem.vector(C, statistics_dtype(p.x.dtype));
-  p.dbias = mem.vector(C, statistics_dtype(p.x.dtype));
-  p.exec.validate_only = true;
-  backward(p);
   return summary(p.x, axis);
 }
 
@@ -190,12 +158,9 @@ PYBIND11_MODULE(_jax, m) {
   });
   m.def("registrations", &registrations);
   m.def("ffi_api_version", [] { return py::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR); });
-  m.def("check_statistics", &check_statistics, py::arg("x"), py::arg("axis"));
   m.def("check_forward_training", &check_forward_training, py::arg("x"), py::arg("weight"), py::arg("bias"),
         py::arg("running_mean"), py::arg("running_var"), py::arg("momentum"), py::arg("eps"), py::arg("axis"));
   m.def("check_forward_inference", &check_forward_inference, py::arg("x"), py::arg("mean"), py::arg("var"),
         py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("axis"), py::arg("mean_arg") = "mean",
         py::arg("var_arg") = "var");
-  m.def("check_backward", &check_backward, py::arg("dy"), py::arg("x"), py::arg("saved_mean"),
-        py::arg("saved_invstd"), py::arg("weight"), py::arg("axis"));
 }

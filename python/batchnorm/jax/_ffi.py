@@ -26,10 +26,8 @@ def spec(a):
     return None if a is None else (tuple(a.shape), jnp.dtype(a.dtype).name)
 
 
-check_statistics = _jax.check_statistics
 check_forward_training = _jax.check_forward_training
 check_forward_inference = _jax.check_forward_inference
-check_backward = _jax.check_backward
 
 
 def varying_axes(a):
