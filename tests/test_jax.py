@@ -406,6 +406,17 @@ def _sharded_checks():
         for got, ref in zip(grads, want):
             close(got, ref, GRAD_TOL[dtype])
 
+    # pmap names its axis the same way: one shard per device, (N, C) features.
+    x = jnp.stack([data((3, 5), "float32", seed=s, shift=4.0 * s) * (s + 1) for s in range(4)])
+    w, b, rm, rv = params(5)
+    y, new_rm, new_rv = jax.pmap(lambda x: bj.batch_norm(x, w, b, rm, rv, training=True, axis=-1, axis_name="i"),
+                                 axis_name="i")(x)
+    y0, rm0, rv0 = bj.batch_norm(x.reshape(12, 5), w, b, rm, rv, training=True, axis=-1)
+    close(y.reshape(12, 5), y0, 1e-5)
+    for s in range(4):
+        close(new_rm[s], rm0, 1e-6)
+        close(new_rv[s], rv0, 1e-6)
+
     if flax_linen is None:
         print("sharded checks passed (without flax)")
         return
