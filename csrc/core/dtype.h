@@ -3,6 +3,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <string_view>
 #include <type_traits>
 #include <utility>
 
@@ -26,6 +27,19 @@ inline std::size_t dtype_size(DType t) { return t == DType::float64 ? 8 : t == D
 
 // float32 accumulation for half and single precision, float64 for double: never half.
 inline DType accumulation_dtype(DType t) { return t == DType::float64 ? DType::float64 : DType::float32; }
+
+// The words of every binding for an array of a dtype outside the four (`got` as the array
+// library names it, e.g. "int32").
+[[noreturn]] inline void unsupported_dtype(const char* arg, const char* got) {
+  throw type_error(detail::concat(arg, " must have dtype float16, bfloat16, float32 or float64, got ", got));
+}
+
+// The dtype named as NumPy and JAX name it ("float32", "bfloat16"...), else unsupported_dtype.
+inline DType dtype_from_name(const char* name, const char* arg) {
+  for (DType t : {DType::float16, DType::bfloat16, DType::float32, DType::float64})
+    if (std::string_view(name) == dtype_name(t)) return t;
+  unsupported_dtype(arg, name);
+}
 
 template <DType D>
 using dtype_constant = std::integral_constant<DType, D>;

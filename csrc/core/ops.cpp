@@ -64,6 +64,7 @@ void check_cuda_usable(const TensorView& x, const char* arg) {
 template <class P>
 void route_op(const TensorView& x, void (*cpu_fn)(const P&, const Layout&), void (*cuda_fn)(const P&, const Layout&),
               const P& p, const Layout& layout) {
+  if (p.exec.validate_only) return;
   if (on_cuda(x)) {
     if (cuda_fn) cuda_fn(p, layout);
   } else {
@@ -280,6 +281,7 @@ int64_t merge_statistics(const MergeStatisticsParams& p) {
   const DType acc = accumulation_dtype(first.dtype);
   check_internal_vector(p.mean, "mean", C, acc, first.device);
   check_internal_vector(p.var, "var", C, acc, first.device);
+  if (p.exec.validate_only) return total;
   if (on_cuda(first)) {
 #if defined(BN_WITH_CUDA)
     cuda::merge_statistics(p);

@@ -3,6 +3,7 @@
 // allocate every output; an undefined TensorView (TensorView{}) means "not given".
 // This header is what the Python binding, a future C API or a framework plug-in consume.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -12,10 +13,22 @@
 
 namespace batchnorm {
 
+// Temporary device memory lent by the host framework (XLA's allocator inside an FFI call).
+// The framework owns the blocks and keeps them valid for the work enqueued on the op's stream.
+struct ScratchAllocator {
+  void* (*allocate)(void* context, std::size_t bytes) = nullptr;  // returns null when out of memory
+  void* context = nullptr;
+};
+
 // Where the work runs: the CUDA stream (cudaStream_t, as void* to keep CUDA headers out);
 // null means the legacy default stream. Ignored on the CPU.
 struct Exec {
   void* stream = nullptr;
+  // When set, the CUDA backend takes its per-op workspace from here instead of its own pool.
+  const ScratchAllocator* scratch = nullptr;
+  // Check every argument, then return without touching memory: framework glue raises an op's
+  // errors while tracing, from shapes and dtypes alone (data pointers are never read).
+  bool validate_only = false;
 };
 
 struct StatisticsParams {

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "core/dtype.h"
+#include "core/errors.h"
 
 namespace batchnorm {
 
@@ -39,6 +40,11 @@ struct TensorView {
   template <class T>
   T* ptr() const { return static_cast<T*>(data); }
 };
+
+// An array of `ndim` dimensions fits a TensorView.
+inline void check_rank_limit(int64_t ndim, const char* arg) {
+  BN_EXPECTS(ndim <= kMaxDims, value_error, arg, " must have at most ", kMaxDims, " dimensions, got ", ndim);
+}
 
 // "(32, 64, 7, 7)"
 std::string shape_string(const TensorView& t);

@@ -303,7 +303,7 @@ template <class T>
 void backward_typed(const BackwardParams& p, const Layout& L, cudaStream_t stream) {
   using A = acc_t<T>;
   const ParamRef saved_mean = param_ref(p.saved_mean);
-  Workspace ws(p.x.device.index, stream);
+  Workspace ws(p.x.device.index, stream, p.exec.scratch);
   auto* coef = ws.alloc<BackwardCoefficients<A>>(L.channels);
   const Partials<GradPartial> part = launch_grad_sums<T>(p.dy, p.x, saved_mean, L, ws, stream);
   grad_finalize_kernel<A><<<warp_grid(L.channels), kBlock, 0, stream>>>(
@@ -324,7 +324,7 @@ void backward_reduce_typed(const BackwardReduceParams& p, const Layout& L, cudaS
     BN_CUDA_CHECK(cudaMemsetAsync(p.dbias.data, 0, C * sizeof(A), stream));
     return;
   }
-  Workspace ws(p.x.device.index, stream);
+  Workspace ws(p.x.device.index, stream, p.exec.scratch);
   const Partials<GradPartial> part = launch_grad_sums<T>(p.dy, p.x, param_ref(p.mean), L, ws, stream);
   grad_reduce_kernel<A><<<warp_grid(C), kBlock, 0, stream>>>(part, C, param_ref(p.invstd), p.sum_dy.ptr<double>(),
                                                              p.sum_dy_xmu.ptr<double>(), p.dweight.ptr<A>(),
@@ -336,7 +336,7 @@ template <class T>
 void backward_elemt_typed(const BackwardElemtParams& p, const Layout& L, cudaStream_t stream) {
   using A = acc_t<T>;
   const int64_t C = L.channels;
-  Workspace ws(p.x.device.index, stream);
+  Workspace ws(p.x.device.index, stream, p.exec.scratch);
   auto* coef = ws.alloc<BackwardCoefficients<A>>(C);
   given_grad_coefficients_kernel<A><<<grid_for(ceil_div(C, kBlock)), kBlock, 0, stream>>>(
       C, p.count, param_ref(p.sum_dy), param_ref(p.sum_dy_xmu), param_ref(p.mean), param_ref(p.invstd),

@@ -11,6 +11,7 @@
 #include <cstdlib>
 
 #include "core/errors.h"
+#include "core/ops.h"
 
 namespace batchnorm::cuda {
 
@@ -106,9 +107,12 @@ cudaError_t pool_free(int device, void* ptr, cudaStream_t stream);
 
 // Scratch memory of one op from the stream-ordered pool, handed back on the same stream once
 // the op's launches are enqueued (or when a launch throws): never a cudaMalloc per call.
+// With a framework's allocator (Exec::scratch, XLA's in an FFI call) the blocks come from it
+// instead and the framework frees them.
 class Workspace {
  public:
-  Workspace(int device, cudaStream_t stream) : device_(device), stream_(stream) {}
+  Workspace(int device, cudaStream_t stream, const ScratchAllocator* scratch)
+      : device_(device), stream_(stream), scratch_(scratch) {}
   ~Workspace() {
     // A failure here resurfaces at the next checked call; a destructor must not throw.
     for (int i = 0; i < used_; ++i) pool_free(device_, blocks_[i], stream_);
@@ -121,6 +125,12 @@ class Workspace {
   U* alloc(int64_t count) {
     BN_EXPECTS(used_ < kMaxBlocks, runtime_error, "internal error: too many workspace blocks");
     const size_t bytes = static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(U);
+    if (scratch_) {
+      void* block = scratch_->allocate(scratch_->context, bytes);
+      BN_EXPECTS(block != nullptr, runtime_error, "out of scratch memory: the framework's allocator refused ", bytes,
+                 " bytes");
+      return static_cast<U*>(block);
+    }
     blocks_[used_] = pool_allocate(device_, bytes, stream_);
     return static_cast<U*>(blocks_[used_++]);
   }
@@ -129,6 +139,7 @@ class Workspace {
   static constexpr int kMaxBlocks = 4;
   int device_;
   cudaStream_t stream_;
+  const ScratchAllocator* scratch_;
   int used_ = 0;
   void* blocks_[kMaxBlocks] = {};
 };

@@ -139,7 +139,7 @@ void forward_training(const ForwardTrainingParams& p, const Layout& layout) {
     using T = storage_t<decltype(d)::value>;
     using A = acc_t<T>;
     const int64_t C = layout.channels;
-    Workspace ws(p.x.device.index, stream);
+    Workspace ws(p.x.device.index, stream, p.exec.scratch);
     A* scale = ws.alloc<A>(C);
     A* shift = ws.alloc<A>(C);
     MomentsOutputs out;
@@ -156,7 +156,7 @@ void forward_training(const ForwardTrainingParams& p, const Layout& layout) {
     if (p.batch_mean.defined())
       given_moments(p.x.dtype, param_ref(p.batch_mean), param_ref(p.batch_var), C, p.batch_count, out, stream);
     else
-      reduce_moments(p.x, layout, out, stream);
+      reduce_moments(p.x, layout, out, stream, p.exec.scratch);
     // A shard may be empty when the statistics are given: outputs and running update only.
     if (layout.count > 0) normalize_all<T>(p.x, p.y, layout, p.saved_mean.ptr<const A>(), scale, shift, stream);
   });
@@ -169,7 +169,7 @@ void forward_inference(const ForwardInferenceParams& p, const Layout& layout) {
     using T = storage_t<decltype(d)::value>;
     using A = acc_t<T>;
     const int64_t C = layout.channels;
-    Workspace ws(p.x.device.index, stream);
+    Workspace ws(p.x.device.index, stream, p.exec.scratch);
     A* mean = ws.alloc<A>(C);
     A* scale = ws.alloc<A>(C);
     A* shift = ws.alloc<A>(C);

@@ -49,7 +49,7 @@ void merge_statistics(const MergeStatisticsParams& p) {
   std::vector<size_t> shards;  // those with values, in order
   for (size_t s = 0; s < p.means.size(); ++s)
     if (p.counts[s] > 0) shards.push_back(s);
-  Workspace ws(device.index, stream);
+  Workspace ws(device.index, stream, p.exec.scratch);
   Moments<double>* acc = shards.size() > kShards ? ws.alloc<Moments<double>>(C) : nullptr;
   for (size_t first = 0; first < shards.size(); first += kShards) {
     ShardBatch batch;

@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include "core/layout.h"
+#include "core/ops.h"
 #include "core/tensor.h"
 #include "cuda/convert.cuh"
 
@@ -26,7 +27,9 @@ struct MomentsOutputs {
 
 // Enqueues the reduction of x (array 0 of `layout`) and the finalize on `stream`; the
 // caller has made x's device current.
-void reduce_moments(const TensorView& x, const Layout& layout, const MomentsOutputs& out, cudaStream_t stream);
+// `scratch` (may be null) is the op's Exec::scratch.
+void reduce_moments(const TensorView& x, const Layout& layout, const MomentsOutputs& out, cudaStream_t stream,
+                    const ScratchAllocator* scratch);
 
 // The same outputs from given batch statistics (mean and biased var of `count` values per
 // channel) instead of a reduction of x: the finalize alone, for statistics merged across

@@ -142,11 +142,12 @@ __global__ void __launch_bounds__(kBlock)
 }
 
 template <class T>
-void reduce_moments_typed(const TensorView& x, const Layout& L, const MomentsOutputs& out, cudaStream_t stream) {
+void reduce_moments_typed(const TensorView& x, const Layout& L, const MomentsOutputs& out, cudaStream_t stream,
+                          const ScratchAllocator* scratch) {
   using A = acc_t<T>;
   const T* data = x.ptr<const T>();
   const void* arrays[] = {x.data};
-  Workspace ws(x.device.index, stream);
+  Workspace ws(x.device.index, stream, scratch);
   Partials<Moments<double>> part;
   if (L.channels_last()) {
     with_width<T>(cl_packable(L, arrays, 1, kVecWidth<T>), [&](auto width) {
@@ -171,9 +172,10 @@ void reduce_moments_typed(const TensorView& x, const Layout& L, const MomentsOut
 
 }  // namespace
 
-void reduce_moments(const TensorView& x, const Layout& layout, const MomentsOutputs& out, cudaStream_t stream) {
+void reduce_moments(const TensorView& x, const Layout& layout, const MomentsOutputs& out, cudaStream_t stream,
+                    const ScratchAllocator* scratch) {
   dispatch_dtype(x.dtype, "x", [&](auto d) {
-    reduce_moments_typed<storage_t<decltype(d)::value>>(x, layout, out, stream);
+    reduce_moments_typed<storage_t<decltype(d)::value>>(x, layout, out, stream, scratch);
   });
 }
 
@@ -193,7 +195,7 @@ void statistics(const StatisticsParams& p, const Layout& layout) {
   out.mean = p.mean.data;
   out.var = p.var.data;
   out.wide = p.mean.dtype == DType::float64;
-  reduce_moments(p.x, layout, out, to_stream(p.exec.stream));
+  reduce_moments(p.x, layout, out, to_stream(p.exec.stream), p.exec.scratch);
 }
 
 }  // namespace batchnorm::cuda

@@ -1,0 +1,302 @@
+// XLA FFI handlers of batchnorm._jax: statistics, merge, forward training, forward inference
+// and backward, for the CPU and (with the CUDA backend) CUDA. Each only turns XLA's buffers
+// into TensorViews and calls core/ops.h; the core validates and runs the kernels.
+//
+// Batching (vmap): jax calls every target with vmap_method="broadcast_all", so an input holds
+// the unbatched array behind extra leading dimensions (the `rank` attribute is the unbatched
+// rank of x); each leading index is its own batch norm, run by its own core call, never folded
+// into the statistics.
+#include "jax/handlers.h"
+
+#include <cstring>
+#include <exception>
+#include <utility>
+
+#include "core/errors.h"
+#include "core/ops.h"
+#include "xla/ffi/api/ffi.h"
+
+#if defined(BN_WITH_CUDA)
+#include <cuda_runtime_api.h>
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace batchnorm::jax {
+namespace {
+
+using Out = ffi::Result<ffi::AnyBuffer>;
+
+// Where a call runs: the device of its buffers and the core's execution settings.
+struct Target {
+  Device device;
+  Exec exec;
+};
+
+DType dtype_of(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::F16: return DType::float16;
+    case ffi::DataType::BF16: return DType::bfloat16;
+    case ffi::DataType::F32: return DType::float32;
+    case ffi::DataType::F64: return DType::float64;
+    default: break;
+  }
+  // The Python side checks dtypes while tracing; reaching this is a caller bypassing it.
+  throw type_error(detail::concat("batchnorm FFI: unsupported XLA dtype code ", static_cast<int>(t)));
+}
+
+// One batch element of an XLA buffer (dense, row major): the dimensions after the `lead`
+// vmap dimensions, starting at element index * (their product).
+TensorView slice(void* data, ffi::DataType type, ffi::AnyBuffer::Dimensions dims, size_t lead, int64_t index,
+                 const Device& device) {
+  TensorView v;
+  v.dtype = dtype_of(type);
+  v.device = device;
+  v.ndim = static_cast<int>(dims.size() - lead);
+  BN_EXPECTS(v.ndim >= 1 && v.ndim <= kMaxDims, value_error, "batchnorm FFI: a buffer of rank ", dims.size(),
+             " cannot hold ", lead, " batch dimensions");
+  int64_t step = 1;
+  for (int d = v.ndim - 1; d >= 0; --d) {
+    v.shape[d] = dims[lead + d];
+    v.strides[d] = step;
+    step *= v.shape[d];
+  }
+  v.data = static_cast<char*>(data) + index * step * static_cast<int64_t>(dtype_size(v.dtype));
+  return v;
+}
+TensorView slice(const ffi::AnyBuffer& b, size_t lead, int64_t i, const Device& dev) {
+  return slice(b.untyped_data(), b.element_type(), b.dimensions(), lead, i, dev);
+}
+TensorView slice(Out& b, size_t lead, int64_t i, const Device& dev) {
+  return slice(b->untyped_data(), b->element_type(), b->dimensions(), lead, i, dev);
+}
+
+// The number of vmap dimensions in front of an array whose unbatched rank is `rank`, and the
+// number of batch elements they hold.
+struct Batch {
+  size_t lead = 0;
+  int64_t size = 1;
+};
+Batch batch_of(const ffi::AnyBuffer& x, int64_t rank) {
+  const auto dims = x.dimensions();
+  BN_EXPECTS(rank >= 1 && static_cast<int64_t>(dims.size()) >= rank, value_error, "batchnorm FFI: x has rank ",
+             dims.size(), ", expected at least ", rank);
+  Batch b;
+  b.lead = dims.size() - static_cast<size_t>(rank);
+  for (size_t d = 0; d < b.lead; ++d) b.size *= dims[d];
+  return b;
+}
+
+// Zero-fills a (C,) buffer in the order of the call's work.
+void zero(const TensorView& v, const Target& t) {
+  const size_t bytes = static_cast<size_t>(v.numel()) * dtype_size(v.dtype);
+#if defined(BN_WITH_CUDA)
+  if (t.device.kind == DeviceKind::cuda) {
+    const cudaError_t err = cudaMemsetAsync(v.data, 0, bytes, static_cast<cudaStream_t>(t.exec.stream));
+    BN_EXPECTS(err == cudaSuccess, runtime_error, "cudaMemsetAsync failed: ", cudaGetErrorString(err));
+    return;
+  }
+#endif
+  std::memset(v.data, 0, bytes);
+}
+
+// Core exceptions become FFI errors (XLA raises them in Python as a runtime error).
+template <class F>
+ffi::Error guarded(F&& body) {
+  try {
+    body();
+    return ffi::Error::Success();
+  } catch (const value_error& e) {
+    return ffi::Error::InvalidArgument(e.what());
+  } catch (const type_error& e) {
+    return ffi::Error::InvalidArgument(e.what());
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(e.what());
+  }
+}
+
+// ---- the ops -------------------------------------------------------------------------------
+
+ffi::Error statistics_impl(const Target& t, ffi::AnyBuffer x, int64_t rank, int64_t axis, Out mean, Out var) {
+  return guarded([&] {
+    const Batch b = batch_of(x, rank);
+    for (int64_t i = 0; i < b.size; ++i) {
+      StatisticsParams p;
+      p.x = slice(x, b.lead, i, t.device);
+      p.axis = static_cast<int>(axis);
+      p.mean = slice(mean, b.lead, i, t.device);
+      p.var = slice(var, b.lead, i, t.device);
+      p.exec = t.exec;
+      statistics(p);
+    }
+  });
+}
+
+// means / vars: (..., k, C), one row per shard; counts: the k shards' value counts.
+ffi::Error merge_impl(const Target& t, ffi::AnyBuffer means, ffi::AnyBuffer vars, ffi::Span<const int64_t> counts,
+                      Out mean, Out var) {
+  return guarded([&] {
+    const Batch b = batch_of(means, 2);
+    const int64_t k = means.dimensions()[b.lead];
+    BN_EXPECTS(static_cast<int64_t>(counts.size()) == k, value_error, "batchnorm FFI: ", counts.size(),
+               " counts for ", k, " shards");
+    for (int64_t i = 0; i < b.size; ++i) {
+      const TensorView all_means = slice(means, b.lead, i, t.device), all_vars = slice(vars, b.lead, i, t.device);
+      MergeStatisticsParams p;
+      for (int64_t s = 0; s < k; ++s) {
+        p.means.push_back(slice(all_means.data, means.element_type(), means.dimensions(), b.lead + 1, s, t.device));
+        p.vars.push_back(slice(all_vars.data, vars.element_type(), vars.dimensions(), b.lead + 1, s, t.device));
+        p.counts.push_back(counts[s]);
+      }
+      p.mean = slice(mean, b.lead, i, t.device);
+      p.var = slice(var, b.lead, i, t.device);
+      p.exec = t.exec;
+      merge_statistics(p);
+    }
+  });
+}
+
+// The core's fused training pass, which reports the batch variance only through the running
+// variance it updates: with momentum 1 and zeroed running statistics, that update
+// (1 - 1) * 0 + 1 * v is exactly the unbiased batch variance v. `running_mean` is scratch for
+// the update the core makes alongside.
+ffi::Error forward_training_impl(const Target& t, ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer bias,
+                                 int64_t rank, int64_t axis, double eps, Out y, Out saved_mean, Out saved_invstd,
+                                 Out var_unbiased, Out running_mean) {
+  return guarded([&] {
+    const Batch b = batch_of(x, rank);
+    for (int64_t i = 0; i < b.size; ++i) {
+      ForwardTrainingParams p;
+      p.x = slice(x, b.lead, i, t.device);
+      p.weight = slice(weight, b.lead, i, t.device);
+      p.bias = slice(bias, b.lead, i, t.device);
+      p.running_mean = slice(running_mean, b.lead, i, t.device);
+      p.running_var = slice(var_unbiased, b.lead, i, t.device);
+      zero(p.running_mean, t);
+      zero(p.running_var, t);
+      p.momentum = 1.0;
+      p.eps = eps;
+      p.axis = static_cast<int>(axis);
+      p.y = slice(y, b.lead, i, t.device);
+      p.saved_mean = slice(saved_mean, b.lead, i, t.device);
+      p.saved_invstd = slice(saved_invstd, b.lead, i, t.device);
+      p.exec = t.exec;
+      forward_training(p);
+    }
+  });
+}
+
+ffi::Error forward_inference_impl(const Target& t, ffi::AnyBuffer x, ffi::AnyBuffer mean, ffi::AnyBuffer var,
+                                  ffi::AnyBuffer weight, ffi::AnyBuffer bias, int64_t rank, int64_t axis, double eps,
+                                  Out y) {
+  return guarded([&] {
+    const Batch b = batch_of(x, rank);
+    for (int64_t i = 0; i < b.size; ++i) {
+      ForwardInferenceParams p;
+      p.x = slice(x, b.lead, i, t.device);
+      p.mean = slice(mean, b.lead, i, t.device);
+      p.var = slice(var, b.lead, i, t.device);
+      p.weight = slice(weight, b.lead, i, t.device);
+      p.bias = slice(bias, b.lead, i, t.device);
+      p.eps = eps;
+      p.axis = static_cast<int>(axis);
+      p.y = slice(y, b.lead, i, t.device);
+      p.exec = t.exec;
+      forward_inference(p);
+    }
+  });
+}
+
+ffi::Error backward_impl(const Target& t, ffi::AnyBuffer dy, ffi::AnyBuffer x, ffi::AnyBuffer saved_mean,
+                         ffi::AnyBuffer saved_invstd, ffi::AnyBuffer weight, int64_t rank, int64_t axis, Out dx,
+                         Out dweight, Out dbias) {
+  return guarded([&] {
+    const Batch b = batch_of(x, rank);
+    for (int64_t i = 0; i < b.size; ++i) {
+      BackwardParams p;
+      p.dy = slice(dy, b.lead, i, t.device);
+      p.x = slice(x, b.lead, i, t.device);
+      p.saved_mean = slice(saved_mean, b.lead, i, t.device);
+      p.saved_invstd = slice(saved_invstd, b.lead, i, t.device);
+      p.weight = slice(weight, b.lead, i, t.device);
+      p.axis = static_cast<int>(axis);
+      p.dx = slice(dx, b.lead, i, t.device);
+      p.dweight = slice(dweight, b.lead, i, t.device);
+      p.dbias = slice(dbias, b.lead, i, t.device);
+      p.exec = t.exec;
+      backward(p);
+    }
+  });
+}
+
+// ---- one entry point per op and platform ----------------------------------------------------
+
+template <auto Impl>
+struct Platforms;
+
+template <class... A, ffi::Error (*Impl)(const Target&, A...)>
+struct Platforms<Impl> {
+  static ffi::Error cpu(A... args) { return Impl(Target{}, std::move(args)...); }
+#if defined(BN_WITH_CUDA)
+  // Scratch comes from XLA's allocator (freed by XLA after the call, in stream order).
+  static ffi::Error cuda(cudaStream_t stream, ffi::ScratchAllocator scratch, int32_t device, A... args) {
+    ScratchAllocator from_xla;
+    from_xla.context = &scratch;
+    from_xla.allocate = [](void* context, std::size_t bytes) -> void* {
+      auto block = static_cast<ffi::ScratchAllocator*>(context)->Allocate(bytes, 256);
+      return block ? *block : nullptr;
+    };
+    Target t;
+    t.device = Device{DeviceKind::cuda, device};
+    t.exec.stream = stream;
+    t.exec.scratch = &from_xla;
+    return Impl(t, std::move(args)...);
+  }
+#endif
+};
+
+}  // namespace
+}  // namespace batchnorm::jax
+
+using batchnorm::jax::Out;
+using batchnorm::jax::Platforms;
+
+// The argument lists, written once for both platforms.
+#define BN_STATISTICS_ARGS(b) \
+  b.Arg<ffi::AnyBuffer>().Attr<int64_t>("rank").Attr<int64_t>("axis").Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
+#define BN_MERGE_ARGS(b)                                                                                \
+  b.Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Attr<ffi::Span<const int64_t>>("counts").Ret<ffi::AnyBuffer>() \
+      .Ret<ffi::AnyBuffer>()
+#define BN_FORWARD_TRAINING_ARGS(b)                                                                        \
+  b.Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Attr<int64_t>("rank").Attr<int64_t>( \
+       "axis").Attr<double>("eps").Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()       \
+      .Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
+#define BN_FORWARD_INFERENCE_ARGS(b)                                                                      \
+  b.Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<           \
+       ffi::AnyBuffer>().Attr<int64_t>("rank").Attr<int64_t>("axis").Attr<double>("eps").Ret<ffi::AnyBuffer>()
+#define BN_BACKWARD_ARGS(b)                                                                                \
+  b.Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<           \
+       ffi::AnyBuffer>().Attr<int64_t>("rank").Attr<int64_t>("axis").Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>() \
+      .Ret<ffi::AnyBuffer>()
+
+#define BN_DEFINE_HANDLERS_CPU(name, impl, ARGS) \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(bn_jax_##name##_cpu, Platforms<batchnorm::jax::impl>::cpu, ARGS(ffi::Ffi::Bind()));
+
+BN_DEFINE_HANDLERS_CPU(statistics, statistics_impl, BN_STATISTICS_ARGS)
+BN_DEFINE_HANDLERS_CPU(merge, merge_impl, BN_MERGE_ARGS)
+BN_DEFINE_HANDLERS_CPU(forward_training, forward_training_impl, BN_FORWARD_TRAINING_ARGS)
+BN_DEFINE_HANDLERS_CPU(forward_inference, forward_inference_impl, BN_FORWARD_INFERENCE_ARGS)
+BN_DEFINE_HANDLERS_CPU(backward, backward_impl, BN_BACKWARD_ARGS)
+
+#if defined(BN_WITH_CUDA)
+#define BN_CUDA_CONTEXT \
+  ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>().Ctx<ffi::ScratchAllocator>().Ctx<ffi::DeviceOrdinal>()
+#define BN_DEFINE_HANDLERS_CUDA(name, impl, ARGS) \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(bn_jax_##name##_cuda, Platforms<batchnorm::jax::impl>::cuda, ARGS(BN_CUDA_CONTEXT));
+
+BN_DEFINE_HANDLERS_CUDA(statistics, statistics_impl, BN_STATISTICS_ARGS)
+BN_DEFINE_HANDLERS_CUDA(merge, merge_impl, BN_MERGE_ARGS)
+BN_DEFINE_HANDLERS_CUDA(forward_training, forward_training_impl, BN_FORWARD_TRAINING_ARGS)
+BN_DEFINE_HANDLERS_CUDA(forward_inference, forward_inference_impl, BN_FORWARD_INFERENCE_ARGS)
+BN_DEFINE_HANDLERS_CUDA(backward, backward_impl, BN_BACKWARD_ARGS)
+#endif

@@ -1,0 +1,29 @@
+"""batchnorm.jax: this library's kernels inside XLA programs (jit, grad, vmap, shard_map).
+
+`batch_norm` is a pure function (API.md, "JAX: batchnorm.jax"); `BatchNorm` is a drop-in for
+flax.linen.BatchNorm (needs flax). The kernels run as XLA FFI targets, zero-copy, on the CPU
+and, in a CUDA build, on the GPU."""
+try:
+    import jax as _jax_module  # noqa: F401
+except ImportError as e:  # pragma: no cover - exercised without jax installed
+    raise ImportError(
+        "batchnorm.jax needs JAX: pip install 'batchnorm[jax]' (jax and jaxlib >= 0.10.2; "
+        "'batchnorm[flax]' adds flax for batchnorm.jax.BatchNorm)"
+    ) from e
+
+from .functional import batch_norm
+
+__all__ = ["BatchNorm", "batch_norm"]
+
+
+def __getattr__(name):
+    # BatchNorm needs flax; importing it lazily keeps batch_norm usable with jax alone.
+    if name == "BatchNorm":
+        try:
+            from .linen import BatchNorm
+        except ImportError as e:
+            if getattr(e, "name", None) and e.name.split(".")[0] == "flax":
+                raise ImportError("batchnorm.jax.BatchNorm needs flax: pip install 'batchnorm[flax]'") from e
+            raise
+        return BatchNorm
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,91 @@
+"""The XLA FFI targets of batchnorm._jax as jax functions, one per core op, and the trace-time
+checks (the core's own, on shapes and dtypes). Targets are registered once, at import. Every
+call uses vmap_method="broadcast_all": under vmap the handler sees leading batch dimensions and
+normalizes each batch element on its own (see csrc/jax/handlers.cpp)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+try:
+    from .. import _jax
+except ImportError as e:  # pragma: no cover - a build with BATCHNORM_JAX=OFF
+    raise ImportError(
+        "this build of batchnorm has no JAX extension (batchnorm._jax); reinstall it without "
+        "BATCHNORM_JAX=OFF"
+    ) from e
+
+for _name, _platforms in _jax.registrations().items():
+    for _platform, _capsule in _platforms.items():
+        jax.ffi.register_ffi_target(_name, _capsule, platform=_platform, api_version=1)
+
+
+def spec(a):
+    """(shape, dtype name) of an array or tracer, None for None: what the checks take."""
+    return None if a is None else (tuple(a.shape), jnp.dtype(a.dtype).name)
+
+
+check_forward_training = _jax.check_forward_training
+check_forward_inference = _jax.check_forward_inference
+
+
+def varying_axes(a):
+    """The mapped axes (inside shard_map) along which `a` differs between devices."""
+    # jax 0.10 keeps them in aval.mat.varying; the releases around it named the set aval.vma.
+    aval = jax.typeof(a)
+    mat = getattr(aval, "mat", None)
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def vary(a, axes):
+    """`a` typed as varying along `axes` too (a no-op at run time)."""
+    missing = tuple(sorted(axes - varying_axes(a), key=str))
+    return jax.lax.pcast(a, missing, to="varying") if missing else a
+
+
+def _call(target, results, *args, **attrs):
+    outs = jax.ffi.ffi_call(target, results, vmap_method="broadcast_all")(*args, **attrs)
+    # XLA types FFI results as replicated; inside shard_map they vary as their inputs do.
+    axes = frozenset().union(*(varying_axes(a) for a in args))
+    if not axes:
+        return outs
+    return tuple(vary(o, axes) for o in outs) if isinstance(outs, (tuple, list)) else vary(outs, axes)
+
+
+def _vector(c, acc):
+    return jax.ShapeDtypeStruct((c,), acc)
+
+
+def statistics(x, axis, channels, acc):
+    """(mean, biased var) per channel, in the accumulation dtype."""
+    out = (_vector(channels, acc),) * 2
+    return _call("batchnorm_statistics", out, x, rank=np.int64(x.ndim), axis=np.int64(axis))
+
+
+def merge(means, variances, counts):
+    """Chan's merge of per-shard (k, C) means and biased variances with the k counts."""
+    out = (_vector(means.shape[-1], means.dtype),) * 2
+    return _call("batchnorm_merge", out, means, variances, counts=np.asarray(counts, np.int64))
+
+
+def forward_training(x, weight, bias, axis, eps, channels, acc):
+    """(y, saved_mean, saved_invstd, unbiased batch var): the core's fused training pass."""
+    out = (jax.ShapeDtypeStruct(x.shape, x.dtype),) + (_vector(channels, acc),) * 4
+    y, mean, invstd, var_unbiased, _ = _call(
+        "batchnorm_forward_training", out, x, weight, bias, rank=np.int64(x.ndim), axis=np.int64(axis),
+        eps=np.float64(eps))
+    return y, mean, invstd, var_unbiased
+
+
+def forward_inference(x, mean, var, weight, bias, axis, eps):
+    out = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    return _call("batchnorm_forward_inference", out, x, mean, var, weight, bias, rank=np.int64(x.ndim),
+                 axis=np.int64(axis), eps=np.float64(eps))
+
+
+def backward(dy, x, saved_mean, saved_invstd, weight, axis, channels, acc):
+    """(dx, dweight = sum(dy * x_hat), dbias = sum(dy)) over this array's values."""
+    out = (jax.ShapeDtypeStruct(x.shape, x.dtype),) + (_vector(channels, acc),) * 2
+    return _call("batchnorm_backward", out, dy, x, saved_mean, saved_invstd, weight, rank=np.int64(x.ndim),
+                 axis=np.int64(axis))

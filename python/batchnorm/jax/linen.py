@@ -1,0 +1,84 @@
+"""BatchNorm: a drop-in for flax.linen.BatchNorm (same fields, defaults, collections and
+update rule) whose normalization runs on this library's kernels (functional.py). Swapping
+`nn.BatchNorm` for `batchnorm.jax.BatchNorm` in a model keeps its variables and checkpoints."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+from flax.linen import initializers
+from flax.linen.dtypes import canonicalize_dtype
+
+from .functional import inference, training
+
+__all__ = ["BatchNorm"]
+
+
+class BatchNorm(nn.Module):
+    """flax.linen.BatchNorm on batchnorm's kernels.
+
+    Flax's conventions: `momentum` is the running average's decay (0.99 keeps 99% of the old
+    value), the running variance is the biased batch variance, 'params' holds {scale, bias}
+    and 'batch_stats' {mean, var} (float32), nothing is updated while initializing, and the
+    output dtype is `dtype` or else that of x promoted with the parameters. `axis` is one
+    feature axis. use_fast_variance is accepted for compatibility: the variance is always the
+    exact one (Welford and Chan, never E[x^2] - E[x]^2). With `axis_name` the statistics span
+    that mapped axis, merged exactly (never a mean of variances)."""
+
+    use_running_average: Optional[bool] = None
+    axis: int = -1
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: Optional[Any] = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Any = initializers.zeros
+    scale_init: Any = initializers.ones
+    axis_name: Optional[str] = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+
+    @nn.compact
+    def __call__(self, x, use_running_average: Optional[bool] = None, *, mask=None):
+        use_running_average = nn.merge_param("use_running_average", self.use_running_average,
+                                             use_running_average)
+        if mask is not None:
+            raise ValueError("mask is not supported by batchnorm.jax.BatchNorm, got a mask; use "
+                             "flax.linen.BatchNorm for masked statistics")
+        if self.axis_index_groups is not None:
+            raise ValueError("axis_index_groups is not supported by batchnorm.jax.BatchNorm, got "
+                             f"{self.axis_index_groups!r}")
+        if not isinstance(self.axis, int):
+            raise TypeError(f"axis must be an int (one feature axis), got {self.axis!r}")
+        x = jnp.asarray(x)
+        ndim = x.ndim
+        channels = x.shape[self.axis] if -ndim <= self.axis < ndim and ndim >= 1 else 0
+        feature_shape = (channels,)
+        ra_mean = self.variable("batch_stats", "mean",
+                                lambda s: jnp.zeros(s, jnp.float32 if self.force_float32_reductions
+                                                    else self.param_dtype), feature_shape)
+        ra_var = self.variable("batch_stats", "var",
+                               lambda s: jnp.ones(s, jnp.float32 if self.force_float32_reductions
+                                                  else self.param_dtype), feature_shape)
+        scale = self.param("scale", self.scale_init, feature_shape, self.param_dtype) if self.use_scale else None
+        bias = self.param("bias", self.bias_init, feature_shape, self.param_dtype) if self.use_bias else None
+
+        # Flax computes in x promoted with the statistics and parameters and returns `dtype`
+        # (default: x promoted with the parameters): run the kernels in the wider of the two.
+        out_dtype = canonicalize_dtype(*[a for a in (x, scale, bias) if a is not None], dtype=self.dtype)
+        xc = x.astype(jnp.promote_types(x.dtype, out_dtype))
+        if use_running_average:
+            y = inference(xc, scale, bias, ra_mean.value, ra_var.value, eps=self.epsilon, axis=self.axis)
+        else:
+            # Flax leaves the mapped axis out while initializing (there may be none).
+            axis_name = None if self.is_initializing() else self.axis_name
+            y, mean, var_unbiased, count = training(xc, scale, bias, eps=self.epsilon, axis=self.axis,
+                                                    axis_name=axis_name)
+            if not self.is_initializing():
+                var = var_unbiased * jnp.asarray((count - 1) / count, var_unbiased.dtype)
+                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        return y.astype(out_dtype)
