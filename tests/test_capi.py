@@ -304,3 +304,17 @@ def test_version(program):
 def test_last_error_is_per_thread(programs):
     out = _run([programs["capi_cxx"], "--threads"]).stdout.splitlines()
     assert out == ["first 1 n must be an int >= 1, got 0", "second 0 "]
+
+
+def test_python_module_runs_on_the_same_library(restore_threads):
+    """One copy of the kernels: the module's thread setting is libbatchnorm's (the library the
+    CMake package points at, loaded once by the module)."""
+    import ctypes
+
+    cmake_dir = Path(_run([sys.executable, "-m", "batchnorm", "--cmake-dir"]).stdout.strip())
+    lib = ctypes.CDLL(str(cmake_dir.parent.parent / "libbatchnorm.so.1"))  # <pkg>/lib/cmake/batchnorm
+    for n in (1, 3):
+        bn.set_num_threads(n)
+        assert lib.bn_get_num_threads() == n
+    assert lib.bn_set_num_threads(2) == 0 and bn.get_num_threads() == 2
+
