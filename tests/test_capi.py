@@ -284,12 +284,35 @@ def test_bad_input_as_python(program, tmp_path, rng, make):
         assert after[name].tobytes() == base.tobytes(), f"a failed call wrote into {name}"
 
 
+def missing_out(rng):
+    t = training_tensors(rng)
+    del t["y"]
+    return "forward_training", t
+
+
 @pytest.mark.parametrize("make, message", [(missing_mean, "mean must be an array, got NULL"),
-                                           (missing_x, "x must be an array, got NULL")], ids=["mean", "x"])
+                                           (missing_x, "x must be an array, got NULL"),
+                                           (missing_out, "out must be an array, got NULL")], ids=["mean", "x", "out"])
 def test_null_required_array(program, tmp_path, rng, make, message):
     op, tensors = make(rng)
     status, _, got, after = run_c(program, tmp_path, op, tensors)
     assert (status, got) == (STATUS[TypeError], message)
+    for name, (base, _) in tensors.items():
+        assert after[name].tobytes() == base.tobytes(), f"a failed call wrote into {name}"
+
+
+def test_cuda_tensor_without_a_gpu(program, tmp_path, rng):
+    """A kDLCUDA tensor reaches the core's device routing: without a GPU (or without the CUDA
+    backend) the call fails as the Python API would, naming x's device, before any access."""
+    cuda = bn.info()["cuda"]
+    if cuda["available"]:
+        pytest.skip("a usable GPU would be handed host memory as device memory")
+    tensors = training_tensors(rng)
+    status, _, message, after = run_c(program, tmp_path, "forward_training", tensors, device="cuda")
+    if cuda["compiled"]:
+        assert (status, message) == (3, f"x is on cuda:0 but CUDA is unavailable: {cuda['reason']}")
+    else:
+        assert status == 2 and message.startswith("x is on cuda:0 but this build of batchnorm has no CUDA backend")
     for name, (base, _) in tensors.items():
         assert after[name].tobytes() == base.tobytes(), f"a failed call wrote into {name}"
 

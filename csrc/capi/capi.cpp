@@ -82,7 +82,7 @@ BN_API bn_status bn_merge_statistics(int64_t num_shards, const DLTensor* const* 
 
 BN_API bn_status bn_forward_training(const DLTensor* x, const DLTensor* weight, const DLTensor* bias,
                                      DLTensor* running_mean, DLTensor* running_var, double momentum, double eps,
-                                     int axis, DLTensor* y, DLTensor* saved_mean, DLTensor* saved_invstd,
+                                     int axis, DLTensor* out, DLTensor* saved_mean, DLTensor* saved_invstd,
                                      void* stream) {
   return guarded([&] {
     ForwardTrainingParams p;
@@ -94,7 +94,7 @@ BN_API bn_status bn_forward_training(const DLTensor* x, const DLTensor* weight, 
     p.momentum = momentum;
     p.eps = eps;
     p.axis = axis;
-    p.y = required(y, "out");
+    p.y = required(out, "out");
     p.saved_mean = required(saved_mean, "saved_mean");
     p.saved_invstd = required(saved_invstd, "saved_invstd");
     p.exec.stream = stream;
@@ -104,7 +104,7 @@ BN_API bn_status bn_forward_training(const DLTensor* x, const DLTensor* weight, 
 
 BN_API bn_status bn_forward_inference(const DLTensor* x, const DLTensor* mean, const DLTensor* var,
                                       const DLTensor* weight, const DLTensor* bias, double eps, int axis,
-                                      DLTensor* y, void* stream) {
+                                      DLTensor* out, void* stream) {
   return guarded([&] {
     ForwardInferenceParams p;
     p.x = required(x, "x");
@@ -114,14 +114,14 @@ BN_API bn_status bn_forward_inference(const DLTensor* x, const DLTensor* mean, c
     p.bias = optional(bias, "bias");
     p.eps = eps;
     p.axis = axis;
-    p.y = required(y, "out");
+    p.y = required(out, "out");
     p.exec.stream = stream;
     forward_inference(p);
   });
 }
 
 BN_API bn_status bn_backward(const DLTensor* dy, const DLTensor* x, const DLTensor* saved_mean,
-                             const DLTensor* saved_invstd, const DLTensor* weight, int axis, DLTensor* dx,
+                             const DLTensor* saved_invstd, const DLTensor* weight, int axis, DLTensor* out,
                              DLTensor* dweight, DLTensor* dbias, void* stream) {
   return guarded([&] {
     BackwardParams p;
@@ -131,7 +131,7 @@ BN_API bn_status bn_backward(const DLTensor* dy, const DLTensor* x, const DLTens
     p.saved_invstd = required(saved_invstd, "saved_invstd");
     p.weight = optional(weight, "weight");
     p.axis = axis;
-    p.dx = required(dx, "out");
+    p.dx = required(out, "out");
     p.dweight = required(dweight, "dweight");
     p.dbias = required(dbias, "dbias");
     p.exec.stream = stream;

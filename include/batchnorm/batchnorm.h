@@ -127,22 +127,23 @@ BN_API bn_status bn_merge_statistics(int64_t num_shards, const DLTensor* const* 
 
 /* Training-mode batch norm: y = (x - mean) * invstd * weight + bias with the batch statistics.
  * weight, bias: optional (C,). running_mean, running_var: optional (both or neither), updated in
- * place with running = (1 - momentum) * running + momentum * batch (unbiased variance). y: x's
- * shape and dtype, any strides, may be x itself. */
+ * place with running = (1 - momentum) * running + momentum * batch (unbiased variance). out
+ * receives y: x's shape and dtype, any strides, may be x itself (the Python API's out=).
+ * saved_mean and saved_invstd are what bn_backward takes. */
 BN_API bn_status bn_forward_training(const DLTensor* x, const DLTensor* weight, const DLTensor* bias,
                                      DLTensor* running_mean, DLTensor* running_var, double momentum, double eps,
-                                     int axis, DLTensor* y, DLTensor* saved_mean, DLTensor* saved_invstd,
+                                     int axis, DLTensor* out, DLTensor* saved_mean, DLTensor* saved_invstd,
                                      void* stream);
 
-/* Inference-mode batch norm: y = (x - mean) / sqrt(var + eps) * weight + bias. */
+/* Inference-mode batch norm into out: y = (x - mean) / sqrt(var + eps) * weight + bias. */
 BN_API bn_status bn_forward_inference(const DLTensor* x, const DLTensor* mean, const DLTensor* var,
                                       const DLTensor* weight, const DLTensor* bias, double eps, int axis,
-                                      DLTensor* y, void* stream);
+                                      DLTensor* out, void* stream);
 
-/* Gradients of bn_forward_training: dx (x's shape and dtype, may be dy or x), dweight =
- * sum(dy * x_hat) and dbias = sum(dy) per channel. */
+/* Gradients of bn_forward_training: out receives dx (x's shape and dtype, may be dy or x),
+ * dweight = sum(dy * x_hat) and dbias = sum(dy) per channel. */
 BN_API bn_status bn_backward(const DLTensor* dy, const DLTensor* x, const DLTensor* saved_mean,
-                             const DLTensor* saved_invstd, const DLTensor* weight, int axis, DLTensor* dx,
+                             const DLTensor* saved_invstd, const DLTensor* weight, int axis, DLTensor* out,
                              DLTensor* dweight, DLTensor* dbias, void* stream);
 
 /* Folds an inference batch norm into the preceding conv / linear layer: kernel_out (kernel's

@@ -4,7 +4,7 @@
  * and check that a failed call changed nothing.
  *
  * Case file, one item a line:
- *   op NAME | axis INT | eps REAL | momentum REAL | counts K C0 C1 ...
+ *   op NAME | axis INT | eps REAL | momentum REAL | counts K C0 C1 ... | device cpu|cuda
  *   tensor NAME DTYPE FILE BYTE_OFFSET NDIM SHAPE... (STRIDES... | C)
  * A tensor not listed is passed as NULL; "C" strides are passed as NULL (C order).
  * Prints "status S", "count N" and "error MESSAGE" lines; exits 0 when the case ran. */
@@ -30,6 +30,7 @@ typedef struct {
   char op[32];
   int axis;
   double eps, momentum;
+  int32_t device_type; /* of every tensor: kDLCPU unless the case says `device cuda` */
   int64_t num_counts;
   int64_t counts[HARNESS_MAX_TENSORS];
   int num_tensors;
@@ -87,6 +88,7 @@ static int harness_read(const char* path, harness_case* c) {
   c->axis = 1;
   c->eps = 1e-5;
   c->momentum = 0.1;
+  c->device_type = kDLCPU;
   if (!f) return harness_fail("cannot open", path);
   while (fscanf(f, "%31s", key) == 1) {
     if (!strcmp(key, "op")) {
@@ -97,6 +99,10 @@ static int harness_read(const char* path, harness_case* c) {
       if (fscanf(f, "%lf", &c->eps) != 1) return harness_fail("bad eps in", path);
     } else if (!strcmp(key, "momentum")) {
       if (fscanf(f, "%lf", &c->momentum) != 1) return harness_fail("bad momentum in", path);
+    } else if (!strcmp(key, "device")) {
+      char device[32];
+      if (fscanf(f, "%31s", device) != 1) return harness_fail("bad device in", path);
+      c->device_type = strcmp(device, "cuda") ? kDLCPU : kDLCUDA;
     } else if (!strcmp(key, "counts")) {
       int64_t i;
       long long v;
@@ -117,7 +123,7 @@ static int harness_read(const char* path, harness_case* c) {
       if (fscanf(f, "%31s %31s %1023s %llu %d", h->name, dtype, h->path, &offset, &ndim) != 5 || ndim < 0 ||
           ndim > 16 || !harness_dtype(dtype, &h->t.dtype))
         return harness_fail("bad tensor in", path);
-      h->t.device.device_type = kDLCPU;
+      h->t.device.device_type = (DLDeviceType)c->device_type;
       h->t.device.device_id = 0;
       h->t.ndim = ndim;
       h->t.byte_offset = offset;
