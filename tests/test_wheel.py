@@ -26,7 +26,7 @@ def _run(cmd, **kw) -> str:
 
 def resolved(elf: Path, name: str) -> list:
     """The real paths ldd resolves the dependencies of `elf` whose name contains `name` to."""
-    lines = [line for line in _run(["ldd", elf]).splitlines() if name in line and "=>" in line]
+    lines = [line for line in _run(["ldd", elf]).splitlines() if "=>" in line and name in line.split("=>")[0]]
     return [Path(os.path.realpath(line.split("=>")[1].split(" (")[0].strip())) for line in lines]
 
 
