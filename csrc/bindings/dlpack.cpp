@@ -17,32 +17,7 @@ namespace batchnorm::binding {
 
 namespace {
 
-const char* dl_code_name(uint8_t code) {
-  switch (code) {
-    case 0: return "int";
-    case 1: return "uint";
-    case 2: return "float";
-    case 3: return "opaque handle";
-    case 4: return "bfloat";
-    case 5: return "complex";
-    case 6: return "bool";
-    default: return "unknown";
-  }
-}
-
-[[noreturn]] void bad_dtype(const char* arg, const std::string& got) {
-  throw type_error(detail::concat(arg, " must have dtype float16, bfloat16, float32 or float64, got ", got));
-}
-
 std::string type_name(py::handle obj) { return py::str(py::type::handle_of(obj).attr("__name__")).cast<std::string>(); }
-
-void fill_c_strides(TensorView& v) {
-  int64_t s = 1;
-  for (int i = v.ndim - 1; i >= 0; --i) {
-    v.strides[i] = s;
-    s *= v.shape[i];
-  }
-}
 
 void import_numpy(Imported& imp, const py::array& a, const char* arg) {
   const py::dtype dt = a.dtype();
@@ -53,7 +28,7 @@ void import_numpy(Imported& imp, const py::array& a, const char* arg) {
   else if (kind == 'f' && item == 4) v.dtype = DType::float32;
   else if (kind == 'f' && item == 8) v.dtype = DType::float64;
   else if (item == 2 && py::str(dt.attr("name")).cast<std::string>() == "bfloat16") v.dtype = DType::bfloat16;
-  else bad_dtype(arg, py::str(dt.attr("name")).cast<std::string>());
+  else throw_bad_dtype(arg, py::str(dt.attr("name")).cast<std::string>());
   // The kernels read and write native-endian values; a byte-swapped array would be read as
   // garbage (and an out= filled with bytes in the wrong order), so it is refused, not copied.
   if (!dt.attr("isnative").cast<bool>()) {
@@ -77,17 +52,6 @@ void import_numpy(Imported& imp, const py::array& a, const char* arg) {
   imp.keep = py::reinterpret_borrow<py::object>(a);
 }
 
-Device device_from_dl(int32_t type, int32_t id, const char* arg) {
-  switch (type) {
-    case kDLCPU:
-    case kDLCUDAHost: return Device{DeviceKind::cpu, 0};
-    case kDLCUDA:
-    case kDLCUDAManaged: return Device{DeviceKind::cuda, id};
-    default:
-      throw type_error(detail::concat(arg, " must be on the CPU or a CUDA device, got DLPack device type ", type));
-  }
-}
-
 void import_capsule(Imported& imp, py::object cap, const char* arg);
 
 // The message of a Python exception alone: pybind11's what() appends an "At:" traceback.
@@ -105,7 +69,7 @@ void import_dlpack(Imported& imp, py::handle obj, const char* arg, int64_t strea
   const py::tuple dev = obj.attr("__dlpack_device__")();
   const int32_t dev_type = dev[0].cast<int32_t>();
   const int32_t dev_id = dev[1].cast<int32_t>();
-  device_from_dl(dev_type, dev_id, arg);  // reject unsupported devices before any export
+  device_of_dlpack(dev_type, dev_id, arg);  // reject unsupported devices before any export
   const bool cuda = dev_type == kDLCUDA || dev_type == kDLCUDAManaged;
   py::object s = cuda ? py::object(py::int_(stream)) : py::object(py::none());
   py::object cap;
@@ -145,28 +109,8 @@ void import_capsule(Imported& imp, py::object cap, const char* arg) {
     throw type_error(detail::concat(arg, ".__dlpack__() must return a DLPack capsule, got a ", type_name(cap)));
   }
   imp.keep = cap;
-  TensorView& v = imp.view;
-  const DLDataType dt = t->dtype;
-  const std::string dt_name = detail::concat(dl_code_name(dt.code), int(dt.bits), dt.lanes != 1 ? "x" : "",
-                                             dt.lanes != 1 ? std::to_string(dt.lanes) : std::string());
-  if (dt.lanes != 1) bad_dtype(arg, dt_name);
-  if (dt.code == kDLFloat && dt.bits == 16) v.dtype = DType::float16;
-  else if (dt.code == kDLFloat && dt.bits == 32) v.dtype = DType::float32;
-  else if (dt.code == kDLFloat && dt.bits == 64) v.dtype = DType::float64;
-  else if (dt.code == kDLBfloat && dt.bits == 16) v.dtype = DType::bfloat16;
-  else bad_dtype(arg, dt_name);
-  BN_EXPECTS(t->ndim >= 0 && t->ndim <= kMaxDims, value_error, arg, " must have at most ", kMaxDims,
-             " dimensions, got ", t->ndim);
-  v.ndim = t->ndim;
-  for (int i = 0; i < v.ndim; ++i) v.shape[i] = t->shape[i];
-  if (t->strides) {
-    for (int i = 0; i < v.ndim; ++i) v.strides[i] = t->strides[i];
-  } else {
-    fill_c_strides(v);
-  }
-  v.data = static_cast<char*>(t->data) + t->byte_offset;
-  v.device = device_from_dl(t->device.device_type, t->device.device_id, arg);
-  v.read_only = (flags & kDLFlagReadOnly) != 0;
+  imp.view = view_of_dltensor(*t, arg);
+  imp.view.read_only = (flags & kDLFlagReadOnly) != 0;
 }
 
 // ---- output memory ----------------------------------------------------------------------
@@ -351,7 +295,7 @@ bool array_device(py::handle obj, Device& device, const char* arg) {
   if (obj.is_none()) return false;
   if (!py::isinstance<py::array>(obj) && py::hasattr(obj, "__dlpack_device__")) {
     const py::tuple dev = obj.attr("__dlpack_device__")();
-    device = device_from_dl(dev[0].cast<int32_t>(), dev[1].cast<int32_t>(), arg);
+    device = device_of_dlpack(dev[0].cast<int32_t>(), dev[1].cast<int32_t>(), arg);
   } else {
     device = Device{DeviceKind::cpu, 0};
   }

@@ -10,32 +10,16 @@
 #include <memory>
 #include <vector>
 
+#include "core/dlpack.h"
 #include "core/tensor.h"
 
 namespace batchnorm::binding {
 
 namespace py = pybind11;
 
-// DLPack ABI (the structs of dlpack.h v1.x, which the spec fixes).
+// DLPack ABI: DLDevice, DLDataType and DLTensor come from the public C header (via
+// core/dlpack.h); the managed tensors and capsule flags of dlpack.h v1.x are written here.
 extern "C" {
-struct DLDevice {
-  int32_t device_type;
-  int32_t device_id;
-};
-struct DLDataType {
-  uint8_t code;
-  uint8_t bits;
-  uint16_t lanes;
-};
-struct DLTensor {
-  void* data;
-  DLDevice device;
-  int32_t ndim;
-  DLDataType dtype;
-  int64_t* shape;
-  int64_t* strides;
-  uint64_t byte_offset;
-};
 struct DLManagedTensor {
   DLTensor dl_tensor;
   void* manager_ctx;
@@ -53,8 +37,6 @@ struct DLManagedTensorVersioned {
   DLTensor dl_tensor;
 };
 }
-constexpr int32_t kDLCPU = 1, kDLCUDA = 2, kDLCUDAHost = 3, kDLCUDAManaged = 13;
-constexpr uint8_t kDLFloat = 2, kDLBfloat = 4;
 constexpr uint64_t kDLFlagReadOnly = 1;
 
 // An imported argument: its view plus whatever keeps the memory alive. Destroy with the GIL

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "bindings/core_client.h"
 #include "bindings/dlpack.h"
 #include "core/errors.h"
 #include "core/memory.h"
@@ -15,6 +16,9 @@
 
 #ifndef BATCHNORM_VERSION
 #define BATCHNORM_VERSION "0.0.0"
+#endif
+#ifndef BN_BUILD_TAG
+#error "BN_BUILD_TAG must be defined by the build (CMakeLists.txt)"
 #endif
 
 namespace py = pybind11;
@@ -314,6 +318,7 @@ py::object py_device_of(py::handle obj, const std::string& name) {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "batchnorm's native core (use the batchnorm package, not this module)";
+  check_library_build(BN_BUILD_TAG);
   // A misspelt BATCHNORM_ISA or BATCHNORM_STREAM_BYTES fails the import with its message,
   // rather than silently running another configuration than the one asked for.
   check_environment();

@@ -31,6 +31,7 @@ std::atomic<int>& threads_setting() {
 
 void set_num_threads(int n) {
   BN_EXPECTS(n >= 1, value_error, "n must be an int >= 1, got ", n);
+  BN_EXPECTS(n <= 1 << 16, value_error, "n must be at most 65536, got ", n);
   threads_setting().store(n);
 }
 int get_num_threads() { return threads_setting().load(); }

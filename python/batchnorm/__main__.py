@@ -1,6 +1,7 @@
 """`python -m batchnorm`: the package's command line. With no subcommand (or `paper`) it
 reproduces the paper's MNIST experiment; `info` prints the build and machine facts;
-`selfcheck` checks the kernels against a float64 NumPy reference; `bench` runs the benchmarks."""
+`selfcheck` checks the kernels against a float64 NumPy reference; `bench` runs the benchmarks;
+`--cmake-dir` prints the directory of the CMake package (batchnormConfig.cmake) for C/C++ hosts."""
 from __future__ import annotations
 
 import argparse
@@ -48,6 +49,18 @@ def _info() -> int:
     return 0
 
 
+def _cmake_dir() -> int:
+    # The wheel installs libbatchnorm, its header and its CMake package inside the package
+    # (CMakeLists.txt: batchnorm/lib/cmake/batchnorm); the path goes to CMAKE_PREFIX_PATH.
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib", "cmake", "batchnorm")
+    if not os.path.isfile(os.path.join(path, "batchnormConfig.cmake")):
+        print(f"{PROG} --cmake-dir: this installation has no CMake package ({path} is missing); "
+              "install batchnorm with pip (a wheel or `pip install .`)", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
 def _bench(argv: list[str]) -> int:
     # batchnorm._bench is written separately and may be absent from this build; ask for the
     # module before importing it, so that an ImportError inside it is not mistaken for absence.
@@ -69,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
                     "of Ioffe & Szegedy (2015) at laptop scale: the options below are those of `paper`.",
     )
     add_arguments(parser)
+    parser.add_argument("--cmake-dir", action="store_true",
+                        help="print the directory of batchnorm's CMake package (for CMAKE_PREFIX_PATH) and exit")
     sub = parser.add_subparsers(dest="command", metavar="{paper,info,selfcheck,bench}")
     # The subcommand repeats the options without defaults, so `--seed 3 paper` keeps the 3.
     add_arguments(sub.add_parser("paper", help="reproduce the paper's MNIST experiment (the default)"), defaults=False)
@@ -84,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:  # everything after `bench` belongs to the benchmark's own parser
         return _bench(argv[1:])
     args = _parser().parse_args(argv)
+    if args.cmake_dir:
+        return _cmake_dir()
     if args.command == "info":
         return _info()
     if args.command == "selfcheck":

@@ -1,0 +1,86 @@
+// The core's C++ API (core/ops.h, core/memory.h) as the Python module sees it: each function
+// forwards to libbatchnorm through the private bridge (capi/bridge.h), so the module and C/C++
+// hosts in the same process share one copy of the kernels, the thread setting and the memory
+// caches. A failure comes back as a status and the library's message and is rethrown here as
+// the core's exception, which module.cpp turns into ValueError / TypeError / RuntimeError.
+#include <stdexcept>
+#include <string>
+
+#include "bindings/core_client.h"
+#include "capi/bridge.h"
+#include "core/errors.h"
+
+namespace batchnorm {
+
+namespace {
+void check(bn_status status) {
+  switch (status) {
+    case BN_OK: return;
+    case BN_ERROR_VALUE: throw value_error(bn_last_error());
+    case BN_ERROR_TYPE: throw type_error(bn_last_error());
+    case BN_ERROR_RUNTIME: throw runtime_error(bn_last_error());
+    default: throw std::runtime_error(std::string("batchnorm internal error: ") + bn_last_error());
+  }
+}
+}  // namespace
+
+// The module passes the core's structs by pointer: a libbatchnorm from another build (one
+// already loaded in the process under the same SONAME) could lay them out differently.
+void check_library_build(const char* module_tag) {
+  const std::string library_tag = bn_detail_build_tag();
+  BN_EXPECTS(library_tag == module_tag, runtime_error, "batchnorm._C was built for libbatchnorm ", module_tag,
+             " but the process loaded libbatchnorm ", library_tag,
+             " (another installation of libbatchnorm.so.", BN_VERSION_MAJOR, " was loaded first)");
+}
+
+int64_t statistics(const StatisticsParams& p) {
+  int64_t count = 0;
+  check(bn_detail_statistics(&p, &count));
+  return count;
+}
+void forward_training(const ForwardTrainingParams& p) { check(bn_detail_forward_training(&p)); }
+void forward_inference(const ForwardInferenceParams& p) { check(bn_detail_forward_inference(&p)); }
+void backward(const BackwardParams& p) { check(bn_detail_backward(&p)); }
+void backward_reduce(const BackwardReduceParams& p) { check(bn_detail_backward_reduce(&p)); }
+void backward_elemt(const BackwardElemtParams& p) { check(bn_detail_backward_elemt(&p)); }
+int64_t merge_statistics(const MergeStatisticsParams& p) {
+  int64_t total = 0;
+  check(bn_detail_merge_statistics(&p, &total));
+  return total;
+}
+void fold(const FoldParams& p) { check(bn_detail_fold(&p)); }
+
+int64_t channel_count(const TensorView& x, const char* arg, int axis, int min_rank) {
+  int64_t channels = 0;
+  check(bn_detail_channel_count(&x, arg, axis, min_rank, &channels));
+  return channels;
+}
+DType statistics_dtype(DType x_dtype) { return accumulation_dtype(x_dtype); }
+
+void set_num_threads(int n) { check(bn_set_num_threads(n)); }
+void check_environment() { check(bn_detail_check_environment()); }
+void set_stream_threshold_bytes(int64_t bytes) { check(bn_detail_set_stream_threshold_bytes(bytes)); }
+int get_num_threads() { return bn_get_num_threads(); }
+std::string simd_level() { return bn_detail_simd_level(); }
+CudaInfo cuda_info() {
+  CudaInfo info;
+  check(bn_detail_cuda_info(&info));
+  return info;
+}
+
+void* allocate(const Device& device, std::size_t bytes, void* stream) {
+  void* ptr = nullptr;
+  check(bn_detail_allocate(&device, bytes, stream, &ptr));
+  return ptr;
+}
+void deallocate(const Device& device, void* ptr, void* stream) { check(bn_detail_deallocate(&device, ptr, stream)); }
+std::size_t release_cached_memory() {
+  std::size_t bytes = 0;
+  check(bn_detail_release_cached_memory(&bytes));
+  return bytes;
+}
+void stream_wait(const Device& device, void* producer, void* consumer) {
+  check(bn_detail_stream_wait(&device, producer, consumer));
+}
+
+}  // namespace batchnorm

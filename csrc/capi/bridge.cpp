@@ -1,0 +1,72 @@
+// The library side of the private bridge (bridge.h): each function calls the core and keeps
+// its exceptions inside (guarded), exactly as the public C functions do.
+#include "capi/bridge.h"
+
+#include "capi/guard.h"
+
+#ifndef BN_BUILD_TAG
+#error "BN_BUILD_TAG must be defined by the build (CMakeLists.txt)"
+#endif
+
+using namespace batchnorm;
+using batchnorm::capi::guarded;
+
+extern "C" {
+
+BN_API const char* bn_detail_build_tag(void) { return BN_BUILD_TAG; }
+
+BN_API bn_status bn_detail_statistics(const StatisticsParams* p, int64_t* count) {
+  return guarded([&] { *count = statistics(*p); });
+}
+BN_API bn_status bn_detail_forward_training(const ForwardTrainingParams* p) {
+  return guarded([&] { forward_training(*p); });
+}
+BN_API bn_status bn_detail_forward_inference(const ForwardInferenceParams* p) {
+  return guarded([&] { forward_inference(*p); });
+}
+BN_API bn_status bn_detail_backward(const BackwardParams* p) {
+  return guarded([&] { backward(*p); });
+}
+BN_API bn_status bn_detail_backward_reduce(const BackwardReduceParams* p) {
+  return guarded([&] { backward_reduce(*p); });
+}
+BN_API bn_status bn_detail_backward_elemt(const BackwardElemtParams* p) {
+  return guarded([&] { backward_elemt(*p); });
+}
+BN_API bn_status bn_detail_check_environment(void) {
+  return guarded([&] { check_environment(); });
+}
+BN_API bn_status bn_detail_set_stream_threshold_bytes(int64_t bytes) {
+  return guarded([&] { set_stream_threshold_bytes(bytes); });
+}
+BN_API bn_status bn_detail_merge_statistics(const MergeStatisticsParams* p, int64_t* total) {
+  return guarded([&] { *total = merge_statistics(*p); });
+}
+BN_API bn_status bn_detail_fold(const FoldParams* p) {
+  return guarded([&] { fold(*p); });
+}
+BN_API bn_status bn_detail_channel_count(const TensorView* x, const char* arg, int axis, int min_rank,
+                                         int64_t* channels) {
+  return guarded([&] { *channels = channel_count(*x, arg, axis, min_rank); });
+}
+BN_API const char* bn_detail_simd_level(void) {
+  static const std::string level = simd_level();  // fixed for the process (cpuid, BATCHNORM_ISA)
+  return level.c_str();
+}
+BN_API bn_status bn_detail_cuda_info(CudaInfo* info) {
+  return guarded([&] { *info = cuda_info(); });
+}
+BN_API bn_status bn_detail_allocate(const Device* device, size_t bytes, void* stream, void** ptr) {
+  return guarded([&] { *ptr = allocate(*device, bytes, stream); });
+}
+BN_API bn_status bn_detail_deallocate(const Device* device, void* ptr, void* stream) {
+  return guarded([&] { deallocate(*device, ptr, stream); });
+}
+BN_API bn_status bn_detail_release_cached_memory(size_t* bytes) {
+  return guarded([&] { *bytes = release_cached_memory(); });
+}
+BN_API bn_status bn_detail_stream_wait(const Device* device, void* producer, void* consumer) {
+  return guarded([&] { stream_wait(*device, producer, consumer); });
+}
+
+}  // extern "C"

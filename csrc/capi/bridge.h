@@ -1,0 +1,34 @@
+// The private door between the Python module (batchnorm._C) and libbatchnorm, so that the
+// module runs the library's one copy of the kernels, thread setting and memory caches. Not a
+// public ABI: these functions take the core's C++ structs, which only a module built from the
+// same tree may pass, and bn_detail_build_tag() lets the module check that it was.
+// Exported (prefix bn_) with C linkage; every one returns a bn_status, never throws.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "batchnorm/batchnorm.h"
+#include "core/memory.h"
+#include "core/ops.h"
+
+extern "C" {
+BN_API const char* bn_detail_build_tag(void);
+BN_API bn_status bn_detail_statistics(const batchnorm::StatisticsParams* p, int64_t* count);
+BN_API bn_status bn_detail_forward_training(const batchnorm::ForwardTrainingParams* p);
+BN_API bn_status bn_detail_forward_inference(const batchnorm::ForwardInferenceParams* p);
+BN_API bn_status bn_detail_backward(const batchnorm::BackwardParams* p);
+BN_API bn_status bn_detail_backward_reduce(const batchnorm::BackwardReduceParams* p);
+BN_API bn_status bn_detail_backward_elemt(const batchnorm::BackwardElemtParams* p);
+BN_API bn_status bn_detail_check_environment(void);
+BN_API bn_status bn_detail_set_stream_threshold_bytes(int64_t bytes);
+BN_API bn_status bn_detail_merge_statistics(const batchnorm::MergeStatisticsParams* p, int64_t* total);
+BN_API bn_status bn_detail_fold(const batchnorm::FoldParams* p);
+BN_API bn_status bn_detail_channel_count(const batchnorm::TensorView* x, const char* arg, int axis, int min_rank,
+                                         int64_t* channels);
+BN_API const char* bn_detail_simd_level(void);
+BN_API bn_status bn_detail_cuda_info(batchnorm::CudaInfo* info);
+BN_API bn_status bn_detail_allocate(const batchnorm::Device* device, size_t bytes, void* stream, void** ptr);
+BN_API bn_status bn_detail_deallocate(const batchnorm::Device* device, void* ptr, void* stream);
+BN_API bn_status bn_detail_release_cached_memory(size_t* bytes);
+BN_API bn_status bn_detail_stream_wait(const batchnorm::Device* device, void* producer, void* consumer);
+}

@@ -1,0 +1,72 @@
+// DLTensor -> TensorView (see dlpack.h).
+#include "core/dlpack.h"
+
+#include "core/errors.h"
+
+namespace batchnorm {
+
+namespace {
+const char* dl_code_name(uint8_t code) {
+  switch (code) {
+    case kDLInt: return "int";
+    case kDLUInt: return "uint";
+    case kDLFloat: return "float";
+    case kDLOpaqueHandle: return "opaque handle";
+    case kDLBfloat: return "bfloat";
+    case kDLComplex: return "complex";
+    case kDLBool: return "bool";
+    default: return "unknown";
+  }
+}
+}  // namespace
+
+void throw_bad_dtype(const char* arg, const std::string& got) {
+  throw type_error(detail::concat(arg, " must have dtype float16, bfloat16, float32 or float64, got ", got));
+}
+
+Device device_of_dlpack(int32_t device_type, int32_t device_id, const char* arg) {
+  switch (device_type) {
+    case kDLCPU:
+    case kDLCUDAHost: return Device{DeviceKind::cpu, 0};
+    case kDLCUDA:
+    case kDLCUDAManaged: return Device{DeviceKind::cuda, device_id};
+    default:
+      throw type_error(detail::concat(arg, " must be on the CPU or a CUDA device, got DLPack device type ",
+                                      device_type));
+  }
+}
+
+TensorView view_of_dltensor(const DLTensor& t, const char* arg) {
+  TensorView v;
+  const DLDataType dt = t.dtype;
+  const std::string dt_name = detail::concat(dl_code_name(dt.code), int(dt.bits), dt.lanes != 1 ? "x" : "",
+                                             dt.lanes != 1 ? std::to_string(dt.lanes) : std::string());
+  if (dt.lanes != 1) throw_bad_dtype(arg, dt_name);
+  if (dt.code == kDLFloat && dt.bits == 16) v.dtype = DType::float16;
+  else if (dt.code == kDLFloat && dt.bits == 32) v.dtype = DType::float32;
+  else if (dt.code == kDLFloat && dt.bits == 64) v.dtype = DType::float64;
+  else if (dt.code == kDLBfloat && dt.bits == 16) v.dtype = DType::bfloat16;
+  else throw_bad_dtype(arg, dt_name);
+  BN_EXPECTS(t.ndim >= 0 && t.ndim <= kMaxDims, value_error, arg, " must have at most ", kMaxDims,
+             " dimensions, got ", t.ndim);
+  BN_EXPECTS(t.ndim == 0 || t.shape != nullptr, value_error, arg, " must have a shape, got a NULL shape with ",
+             t.ndim, " dimensions");
+  v.ndim = t.ndim;
+  for (int i = 0; i < v.ndim; ++i) v.shape[i] = t.shape[i];
+  for (int i = 0; i < v.ndim; ++i)
+    BN_EXPECTS(v.shape[i] >= 0, value_error, arg, " must have non-negative dimensions, got shape ", shape_string(v));
+  if (t.strides) {
+    for (int i = 0; i < v.ndim; ++i) v.strides[i] = t.strides[i];
+  } else {
+    int64_t s = 1;
+    for (int i = v.ndim - 1; i >= 0; --i) {
+      v.strides[i] = s;
+      s *= v.shape[i];
+    }
+  }
+  v.data = static_cast<char*>(t.data) + t.byte_offset;
+  v.device = device_of_dlpack(t.device.device_type, t.device.device_id, arg);
+  return v;
+}
+
+}  // namespace batchnorm

@@ -1,0 +1,166 @@
+/* batchnorm's C ABI (C99 and C++): the ops of the contract over DLPack's DLTensor, for hosts
+ * that are not Python. Callers allocate every output; NULL means "not given"; each call
+ * returns BN_OK or a bn_status, with bn_last_error() the thread's message. No C++ exception
+ * ever leaves the library, and a failed call writes nothing (outputs and running statistics
+ * are untouched). Link with the CMake target batchnorm::batchnorm (libbatchnorm.so.1). */
+#ifndef BATCHNORM_BATCHNORM_H_
+#define BATCHNORM_BATCHNORM_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* The ABI version, the one place it is written (CMake reads it for the SONAME and the package
+ * version). A new major version may break callers; minor versions only add. */
+#define BN_VERSION_MAJOR 1
+#define BN_VERSION_MINOR 0
+#define BN_VERSION_PATCH 0
+#define BN_VERSION (BN_VERSION_MAJOR * 10000 + BN_VERSION_MINOR * 100 + BN_VERSION_PATCH)
+
+#if defined(_WIN32) && defined(BN_BUILDING_LIBRARY)
+#define BN_API __declspec(dllexport)
+#elif defined(_WIN32)
+#define BN_API __declspec(dllimport)
+#elif defined(__GNUC__)
+#define BN_API __attribute__((visibility("default")))
+#else
+#define BN_API
+#endif
+
+/* DLPack 1.x: the structs this ABI reads, as the spec fixes them (dlpack/dlpack.h). A program
+ * that also uses dlpack.h includes it first; the definitions are then taken from it. */
+#ifndef DLPACK_DLPACK_H_
+#ifdef __cplusplus
+typedef enum : int32_t {
+#else
+typedef enum {
+#endif
+  kDLCPU = 1,
+  kDLCUDA = 2,
+  kDLCUDAHost = 3,
+  kDLOpenCL = 4,
+  kDLVulkan = 7,
+  kDLMetal = 8,
+  kDLVPI = 9,
+  kDLROCM = 10,
+  kDLROCMHost = 11,
+  kDLExtDev = 12,
+  kDLCUDAManaged = 13,
+  kDLOneAPI = 14,
+  kDLWebGPU = 15,
+  kDLHexagon = 16,
+  kDLMAIA = 17
+} DLDeviceType;
+
+typedef struct {
+  DLDeviceType device_type;
+  int32_t device_id;
+} DLDevice;
+
+typedef enum {
+  kDLInt = 0U,
+  kDLUInt = 1U,
+  kDLFloat = 2U,
+  kDLOpaqueHandle = 3U,
+  kDLBfloat = 4U,
+  kDLComplex = 5U,
+  kDLBool = 6U
+} DLDataTypeCode;
+
+typedef struct {
+  uint8_t code;
+  uint8_t bits;
+  uint16_t lanes;
+} DLDataType;
+
+typedef struct {
+  void* data;
+  DLDevice device;
+  int32_t ndim;
+  DLDataType dtype;
+  int64_t* shape;
+  int64_t* strides; /* in elements; NULL means C order (row-major, compact) */
+  uint64_t byte_offset;
+} DLTensor;
+#endif /* DLPACK_DLPACK_H_ */
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The kind of failure, as the Python API raises it. */
+typedef enum {
+  BN_OK = 0,
+  BN_ERROR_VALUE = 1,   /* ValueError: bad values or shapes */
+  BN_ERROR_TYPE = 2,    /* TypeError: bad types, dtypes, devices, or NULL for a required array */
+  BN_ERROR_RUNTIME = 3, /* RuntimeError: CUDA failures, out of memory */
+  BN_ERROR_INTERNAL = 4 /* a bug in batchnorm: please report it with the message */
+} bn_status;
+
+/* The ABI version of the loaded library: major * 10000 + minor * 100 + patch (BN_VERSION of the
+ * header it was built from). */
+BN_API int bn_version(void);
+
+/* The message of this thread's last bn_ call: "" after a success, else the error, in the same
+ * words as the Python API's ("weight must have shape (64,), got (32,)"). Valid until this
+ * thread's next bn_ call. Never NULL. */
+BN_API const char* bn_last_error(void);
+
+/* Arrays: float16, bfloat16, float32 or float64, lanes 1, on the CPU (kDLCPU, kDLCUDAHost) or a
+ * CUDA device (kDLCUDA, kDLCUDAManaged), any strides. `axis` is the channel axis (negative counts
+ * from the end). Per-channel outputs (mean, var, saved_mean, saved_invstd, dweight, dbias) are
+ * contiguous (C,) arrays of the accumulation dtype: float64 for float64 input, else float32.
+ * `stream` is the cudaStream_t the work is enqueued on for CUDA arrays (NULL: the default
+ * stream); NULL on the CPU, where every call returns when the work is done. */
+
+/* Per-channel mean and biased variance of x; *count (when count is not NULL) receives the
+ * number of values per channel. */
+BN_API bn_status bn_statistics(const DLTensor* x, int axis, DLTensor* mean, DLTensor* var, int64_t* count,
+                               void* stream);
+
+/* The statistics of the concatenation of `num_shards` shards from their per-shard (mean,
+ * biased var, count) (Chan's formula; shards with count 0 are ignored). *count receives the
+ * total. means[i] and vars[i] are (C,) arrays; mean and var are the accumulation dtype of
+ * means[0]. */
+BN_API bn_status bn_merge_statistics(int64_t num_shards, const DLTensor* const* means, const DLTensor* const* vars,
+                                     const int64_t* counts, DLTensor* mean, DLTensor* var, int64_t* count,
+                                     void* stream);
+
+/* Training-mode batch norm: y = (x - mean) * invstd * weight + bias with the batch statistics.
+ * weight, bias: optional (C,). running_mean, running_var: optional (both or neither), updated in
+ * place with running = (1 - momentum) * running + momentum * batch (unbiased variance). out
+ * receives y: x's shape and dtype, any strides, may be x itself (the Python API's out=).
+ * saved_mean and saved_invstd are what bn_backward takes. */
+BN_API bn_status bn_forward_training(const DLTensor* x, const DLTensor* weight, const DLTensor* bias,
+                                     DLTensor* running_mean, DLTensor* running_var, double momentum, double eps,
+                                     int axis, DLTensor* out, DLTensor* saved_mean, DLTensor* saved_invstd,
+                                     void* stream);
+
+/* Inference-mode batch norm into out: y = (x - mean) / sqrt(var + eps) * weight + bias. */
+BN_API bn_status bn_forward_inference(const DLTensor* x, const DLTensor* mean, const DLTensor* var,
+                                      const DLTensor* weight, const DLTensor* bias, double eps, int axis,
+                                      DLTensor* out, void* stream);
+
+/* Gradients of bn_forward_training: out receives dx (x's shape and dtype, may be dy or x),
+ * dweight = sum(dy * x_hat) and dbias = sum(dy) per channel. */
+BN_API bn_status bn_backward(const DLTensor* dy, const DLTensor* x, const DLTensor* saved_mean,
+                             const DLTensor* saved_invstd, const DLTensor* weight, int axis, DLTensor* out,
+                             DLTensor* dweight, DLTensor* dbias, void* stream);
+
+/* Folds an inference batch norm into the preceding conv / linear layer: kernel_out (kernel's
+ * shape and dtype) and bias_out ((C,), kernel's dtype, contiguous), computed in float64. `axis`
+ * is the kernel's output-channel axis (0 for Conv / Linear in PyTorch layout). conv_bias,
+ * weight and bias are optional. */
+BN_API bn_status bn_fold(const DLTensor* kernel, const DLTensor* conv_bias, const DLTensor* mean,
+                         const DLTensor* var, const DLTensor* weight, const DLTensor* bias, double eps, int axis,
+                         DLTensor* kernel_out, DLTensor* bias_out, void* stream);
+
+/* The process-wide thread count of the CPU kernels (shared with the Python module when both
+ * are loaded from the same installation). n must be >= 1. */
+BN_API bn_status bn_set_num_threads(int n);
+BN_API int bn_get_num_threads(void);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* BATCHNORM_BATCHNORM_H_ */

