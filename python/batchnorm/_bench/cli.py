@@ -25,6 +25,9 @@ from .timing import run_interleaved
 
 DEFAULT_REPS = 15
 QUICK_REPS = 5
+# `python -m batchnorm bench` writes into this folder of the current directory, named like the
+# paper's ./batchnorm-paper; bench/run.py in a checkout passes the checkout's bench/results.
+DEFAULT_OUT = "batchnorm-bench"
 
 
 def _all_threads() -> int:
@@ -75,7 +78,8 @@ def build_parser(default_out: str) -> argparse.ArgumentParser:
                     "(see bench/README.md for what each column means).")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu (this benchmark) or cuda (the GPU benchmark, its own options: --device cuda --help)")
-    p.add_argument("--quick", action="store_true", help="two shapes, few reps, a short sweep: seconds")
+    p.add_argument("--quick", action="store_true",
+                   help="two shapes, 5 rounds, a short sweep (about a minute on 2 cores, torch included)")
     p.add_argument("--threads", type=_parse_threads, default=None,
                    help="comma list of thread counts, 'all' = every CPU (default: 1,all)")
     p.add_argument("--ops", type=_parse_ops, default=list(C.OPS), help="comma list of ops (default: all three)")
@@ -88,7 +92,9 @@ def build_parser(default_out: str) -> argparse.ArgumentParser:
                    help="cf (channels-first) and/or cl (channels-last) for 4-d shapes")
     p.add_argument("--reps", type=int, default=None, help=f"timed rounds per case (default {DEFAULT_REPS}, "
                                                            f"--quick {QUICK_REPS})")
-    p.add_argument("--out", default=default_out, help=f"directory for the results (default {default_out})")
+    p.add_argument("--out", default=default_out,
+                   help=f"directory for the .json, .txt and .png results, created if missing (default {default_out}, "
+                        "relative to the current directory)")
     p.add_argument("--name", default=None, help="file stem of the results (default: full, quick or custom)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch columns (and bfloat16)")
     p.add_argument("--no-numpy", action="store_true", help="skip the NumPy implementation")
@@ -179,7 +185,7 @@ class Output:
             print(line, flush=True)
 
 
-def main(argv: Optional[Sequence[str]] = None, default_out: str = os.path.join("bench", "results")) -> int:
+def main(argv: Optional[Sequence[str]] = None, default_out: str = DEFAULT_OUT) -> int:
     argv_list = list(sys.argv[1:] if argv is None else argv)
     if "--device=cuda" in argv_list or any(a == "--device" and b == "cuda" for a, b in zip(argv_list, argv_list[1:])):
         from . import cuda
@@ -302,7 +308,7 @@ def main(argv: Optional[Sequence[str]] = None, default_out: str = os.path.join("
         f"{machine['loadavg_end'][0]:.2f} at end")
 
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, name)
+    stem = os.path.join(os.path.abspath(args.out), name)
     doc = {
         "schema": "batchnorm-cpu-bench/1",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -324,11 +330,14 @@ def main(argv: Optional[Sequence[str]] = None, default_out: str = os.path.join("
         json.dump(doc, f, indent=1)
     with open(stem + ".txt", "w") as f:
         f.write("\n".join(out.lines) + "\n")
-    why = report.plot(results, max(threads), stem + ".png",
-                      f"batchnorm {machine['simd']} vs PyTorch {machine['torch']}: float32, {max(threads)} threads, "
-                      f"{machine['cpu_model']}")
+    why = report.plot(results, max(threads), stem + ".png", chart_title(machine, max(threads)))
     print(f"\nwrote {stem}.json, {stem}.txt" + (f", {stem}.png" if not why else f" ({why})"), file=sys.stderr)
     return 0
+
+
+def chart_title(machine: dict, threads: int) -> str:
+    versus = f" vs PyTorch {machine['torch']}" if machine["torch"] else ""  # no "vs PyTorch None"
+    return f"batchnorm {machine['simd']}{versus}: float32, {threads} threads, {machine['cpu_model']}"
 
 
 def argv_is_default(args: argparse.Namespace) -> bool:

@@ -22,6 +22,7 @@ import numpy as np
 import batchnorm as bn
 
 from . import cases as C
+from .cli import DEFAULT_OUT
 
 SHAPES = C.SHAPES + ((256, 64, 112, 112),)
 QUICK_SHAPES = ((32, 64, 56, 56), (256, 64, 112, 112))
@@ -37,7 +38,9 @@ def build_parser(default_out: str) -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cuda",), default="cuda")
     p.add_argument("--quick", action="store_true", help="two shapes, float32, few reps")
     p.add_argument("--reps", type=int, default=None, help=f"timed rounds per case (default {DEFAULT_REPS})")
-    p.add_argument("--out", default=default_out, help=f"directory for the results (default {default_out})")
+    p.add_argument("--out", default=default_out,
+                   help=f"directory for the results, created if missing (default {default_out}, relative to the "
+                        "current directory)")
     p.add_argument("--name", default=None, help="file stem (default cuda-<device name>)")
     return p
 
@@ -139,7 +142,7 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def main(argv: Optional[Sequence[str]] = None, default_out: str = os.path.join("bench", "results")) -> int:
+def main(argv: Optional[Sequence[str]] = None, default_out: str = DEFAULT_OUT) -> int:
     args = build_parser(default_out).parse_args(argv)
     try:
         import torch
@@ -221,7 +224,8 @@ def main(argv: Optional[Sequence[str]] = None, default_out: str = os.path.join("
     targets = _targets(results)
     out("", *targets["lines"], "", f"wall time {time.perf_counter() - wall0:.0f} s")
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, args.name or ("cuda-quick-" if args.quick else "cuda-") + _slug(machine["device"]))
+    stem = os.path.join(os.path.abspath(args.out),
+                        args.name or ("cuda-quick-" if args.quick else "cuda-") + _slug(machine["device"]))
     doc = {"schema": "batchnorm-cuda-bench/1",
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "argv": list(argv) if argv is not None else sys.argv[1:], "machine": machine,

