@@ -12,9 +12,14 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="batchnorm.torch needs PyTorch")
 
+import batchnorm  # noqa: E402
 import batchnorm.torch as bt  # noqa: E402
 
 pytestmark = pytest.mark.torch
+
+# CUDA runs need a GPU, a CUDA build of torch and a CUDA build of batchnorm.
+HAVE_CUDA = torch.cuda.is_available() and batchnorm.info()["cuda"]["available"]
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAVE_CUDA, reason="no CUDA")])]
 
 nn, ops = torch.nn, torch.ops.batchnorm
 TORCH_CLASSES = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -32,7 +37,7 @@ def rel_err(a, b) -> float:
 
 def pair(dim, *args, **kwargs):
     torch.manual_seed(0)
-    theirs = TORCH_CLASSES[dim](*args, **kwargs)
+    theirs = TORCH_CLASSES[dim](*args, **kwargs)  # device= in kwargs places both
     if theirs.weight is not None:  # parameters away from 1 and 0
         with torch.no_grad():
             theirs.weight.uniform_(0.5, 1.5)
@@ -85,15 +90,45 @@ def test_layers_match_torch(dim, kwargs):
         compare(ours, theirs, torch.randn(shape, dtype=torch.float64) * 2 + 3)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_dtypes_and_memory_formats(dtype, channels_last):
+def test_dtypes_and_memory_formats(device, dtype, channels_last):
     for dim in (2, 3):
         fmt = {2: torch.channels_last, 3: torch.channels_last_3d}[dim] if channels_last else torch.contiguous_format
-        ours, theirs = pair(dim, 5, dtype=dtype)
-        x = torch.randn(SHAPES[dim][0], dtype=torch.float64).to(dtype).contiguous(memory_format=fmt)
+        ours, theirs = pair(dim, 5, dtype=dtype, device=device)
+        x = torch.randn(SHAPES[dim][0], dtype=torch.float64).to(device, dtype).contiguous(memory_format=fmt)
         compare(ours, theirs, x)
         assert ours(x).is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAVE_CUDA, reason="no CUDA")
+def test_cuda_side_stream_and_graph_capture():
+    ours, theirs = pair(2, 8, device="cuda")
+    x = torch.randn(16, 8, 12, 12, device="cuda").contiguous(memory_format=torch.channels_last)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # the kernels run on torch's current stream: this one
+        compare(ours, theirs, x)
+    torch.cuda.current_stream().wait_stream(side)
+    # Outputs come from torch's caching allocator and work is enqueued on the capturing
+    # stream, so a CUDA graph can capture a training forward and backward.
+    ours.train(), theirs.train()
+    static_x = x.clone().requires_grad_()
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm-up on the side stream, as torch's docs ask
+            ours(static_x).sum().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = ours(static_x)
+        static_y.sum().backward()
+    static_x.data.copy_(x * 2)
+    graph.replay()
+    torch.cuda.synchronize()
+    theirs.load_state_dict(ours.state_dict())
+    assert rel_err(static_y, theirs(x * 2)) < RTOL[torch.float32]
 
 
 def test_float32_parameters_with_half_input():
