@@ -242,6 +242,10 @@ def test_convert_keeps_parameters_buffers_and_modes():
 def test_convert_errors():
     with pytest.raises(NotImplementedError, match="sync=True"):
         bt.convert(nn.BatchNorm2d(3), sync=True)
+    with pytest.raises(ValueError, match="process_group applies only with sync=True"):
+        bt.convert(nn.BatchNorm2d(3), process_group=object())
+    with pytest.raises(TypeError, match="positional"):
+        bt.convert(nn.BatchNorm2d(3), False)  # keyword-only, as in API.md
     with pytest.raises(TypeError, match="module must be a torch.nn.Module, got int"):
         bt.convert(3)
 

@@ -129,25 +129,31 @@ def _backward_fake(dy, x, saved_mean, saved_invstd, weight):
 # ---- autograd ----------------------------------------------------------------------------------
 
 
-def _parameter_grads(ctx, weight, bias, dweight, dbias):
-    """Parameter gradients in the parameters' dtypes (the core's are in the accumulation type)."""
-    gw = dweight.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-    gb = dbias.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-    return gw, gb
+def _dtypes(ctx, weight, bias):
+    # Parameter gradients come back in the parameters' dtypes (the core's are in the
+    # accumulation type).
+    ctx.weight_dtype = None if weight is None else weight.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _training_setup(ctx, inputs, output):
     x, weight, bias = inputs[:3]
     y, mean, invstd, new_mean, new_var = output
-    ctx.save_for_backward(x, weight, bias, mean, invstd)
+    ctx.save_for_backward(x, weight, mean, invstd)
+    _dtypes(ctx, weight, bias)
     ctx.mark_non_differentiable(mean, invstd, new_mean, new_var)
 
 
 def _training_backward(ctx, dy, _dmean, _dinvstd, _dnew_mean, _dnew_var):
-    x, weight, bias, mean, invstd = ctx.saved_tensors
+    x, weight, mean, invstd = ctx.saved_tensors
+    needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
     dx, dweight, dbias = torch.ops.batchnorm.backward(dy, x, mean, invstd, weight)
-    gw, gb = _parameter_grads(ctx, weight, bias, dweight, dbias)
-    return (dx if ctx.needs_input_grad[0] else None), gw, gb, None, None, None, None
+    return (
+        dx if needs_x else None,
+        dweight.to(ctx.weight_dtype) if needs_w else None,
+        dbias.to(ctx.bias_dtype) if needs_b else None,
+        None, None, None, None,
+    )  # fmt: skip
 
 
 torch.library.register_autograd(
@@ -158,14 +164,15 @@ torch.library.register_autograd(
 def _inference_setup(ctx, inputs, output):
     x, mean, var, weight, bias, eps = inputs
     ctx.eps = eps
-    ctx.save_for_backward(x, mean, var, weight, bias)
+    ctx.save_for_backward(x, mean, var, weight)
+    _dtypes(ctx, weight, bias)
 
 
 def _inference_backward(ctx, dy):
     # y = (x - mean) * s * weight + bias with s = 1 / sqrt(var + eps), an affine map of x:
     # dx = dy * s * weight is the inference op itself on dy with a zero mean, and the
     # parameter gradients are the training backward's reductions taken with (mean, s).
-    x, mean, var, weight, bias = ctx.saved_tensors
+    x, mean, var, weight = ctx.saved_tensors
     needs_x, needs_mean, needs_var, needs_w, needs_b = ctx.needs_input_grad[:5]
     if needs_mean or needs_var:
         raise NotImplementedError("batchnorm.torch: no gradient with respect to the running statistics")
@@ -175,8 +182,8 @@ def _inference_backward(ctx, dy):
     if needs_w or needs_b:
         invstd = torch.rsqrt(var.to(_acc(x.dtype)) + ctx.eps)
         _, dweight, dbias = torch.ops.batchnorm.backward(dy, x, mean, invstd, weight)
-        gw = dweight.to(weight.dtype) if needs_w else None
-        gb = dbias.to(bias.dtype) if needs_b else None
+        gw = dweight.to(ctx.weight_dtype) if needs_w else None
+        gb = dbias.to(ctx.bias_dtype) if needs_b else None
     return dx, None, None, gw, gb, None
 
 

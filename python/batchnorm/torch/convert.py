@@ -30,17 +30,19 @@ def _replacement(module: torch.nn.Module) -> torch.nn.Module:
     return new
 
 
-def convert(module: torch.nn.Module, sync: bool = False, process_group: Any = None) -> torch.nn.Module:
+def convert(module: torch.nn.Module, *, sync: bool = False, process_group: Any = None) -> torch.nn.Module:
     """Returns `module` with every torch.nn.BatchNorm1d/2d/3d inside it replaced by
     batchnorm.torch's (in place; `module` itself is replaced when it is one). sync=True
     (SyncBatchNorm) is not available yet; torch.nn.SyncBatchNorm layers are left as they are."""
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
-    if sync or process_group is not None:
+    if sync:
         raise NotImplementedError(
             "batchnorm.torch.convert(sync=True) needs batchnorm.torch.SyncBatchNorm, which this version "
-            "does not have yet; use sync=False (no process_group), or torch.nn.SyncBatchNorm for now"
+            "does not have yet; use sync=False, or torch.nn.SyncBatchNorm for now"
         )
+    if process_group is not None:
+        raise ValueError("process_group applies only with sync=True, got a process_group with sync=False")
     if type(module) in _OURS:
         return _replacement(module)
     for name, child in module.named_children():
