@@ -289,11 +289,13 @@ def test_ctrl_c_ends_the_workers_and_exits_130(tmp_path):
 
     write_mnist(tmp_path / "mnist", compress=False, n_train=200, n_test=50)
     # A terminal's Ctrl-C: SIGINT to the whole foreground process group, here a new session.
-    # SIGINT is reset to its default, as it may be ignored in a background CI shell.
-    proc = subprocess.Popen([sys.executable, "-m", "batchnorm", "--data", str(tmp_path / "mnist"), "--steps", "1000000",
+    # SIGINT may be ignored in a background CI shell: the child sets Python's own handler before
+    # running the module (not a preexec_fn, whose fork a multithreaded parent, JAX's, warns about).
+    run_main = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                "sys.argv[0] = 'batchnorm'; runpy.run_module('batchnorm', run_name='__main__', alter_sys=True)")
+    proc = subprocess.Popen([sys.executable, "-c", run_main, "--data", str(tmp_path / "mnist"), "--steps", "1000000",
                              "--workers", "2", "--out", str(tmp_path / "out")], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert proc.stdout.readline().startswith("Batch normalization")  # the header: the pool is next
         time.sleep(3)  # the workers start and train

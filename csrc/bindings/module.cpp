@@ -52,6 +52,16 @@ py::object output_vector(int64_t n, DType dtype, const Device& device, const Cal
   return o.object;
 }
 
+// A (C,) output: the caller's array when given (a framework that keeps all memory in its own
+// allocator, as batchnorm.torch does; the core checks it), else allocated here.
+py::object output_vector(py::handle out, const char* arg, int64_t n, DType dtype, const Device& device,
+                         const Call& call, TensorView& view, ImportedPtr& keep) {
+  if (out.is_none()) return output_vector(n, dtype, device, call, view);
+  keep = import_array(out, arg, call.stream, false);
+  view = keep->view;
+  return py::reinterpret_borrow<py::object>(out);
+}
+
 py::tuple py_statistics(py::handle x, int axis, bool wide, Call call) {
   auto xi = import_array(x, "x", call.stream, true);
   StatisticsParams p;
@@ -72,7 +82,8 @@ py::tuple py_statistics(py::handle x, int axis, bool wide, Call call) {
 
 py::tuple py_forward_training(py::handle x, py::handle weight, py::handle bias, py::handle running_mean,
                            py::handle running_var, double momentum, double eps, int axis, py::handle out,
-                           py::handle batch_mean, py::handle batch_var, int64_t batch_count, Call call) {
+                           py::handle batch_mean, py::handle batch_var, int64_t batch_count, Call call,
+                           py::handle saved_mean_out, py::handle saved_invstd_out) {
   auto xi = import_array(x, "x", call.stream, true);
   auto bmi = import_array(batch_mean, "batch_mean", call.stream, true);
   auto bvi = import_array(batch_var, "batch_var", call.stream, true);
@@ -97,8 +108,9 @@ py::tuple py_forward_training(py::handle x, py::handle weight, py::handle bias, 
   const DType acc = statistics_dtype(p.x.dtype);
   ImportedPtr yi;
   py::object y = output_like(out, "out", p.x, call, p.y, yi);
-  py::object mean = output_vector(C, acc, p.x.device, call, p.saved_mean);
-  py::object invstd = output_vector(C, acc, p.x.device, call, p.saved_invstd);
+  ImportedPtr mk, sk;
+  py::object mean = output_vector(saved_mean_out, "saved_mean_out", C, acc, p.x.device, call, p.saved_mean, mk);
+  py::object invstd = output_vector(saved_invstd_out, "saved_invstd_out", C, acc, p.x.device, call, p.saved_invstd, sk);
   {
     py::gil_scoped_release nogil;
     batchnorm::forward_training(p);
@@ -133,7 +145,7 @@ py::object py_forward_inference(py::handle x, py::handle mean, py::handle var, p
 }
 
 py::tuple py_backward(py::handle dy, py::handle x, py::handle saved_mean, py::handle saved_invstd, py::handle weight,
-                   int axis, py::handle out, Call call) {
+                   int axis, py::handle out, Call call, py::handle dweight_out, py::handle dbias_out) {
   auto dyi = import_array(dy, "dy", call.stream, true);
   auto xi = import_array(x, "x", call.stream, true);
   auto mi = import_array(saved_mean, "saved_mean", call.stream, true);
@@ -152,8 +164,9 @@ py::tuple py_backward(py::handle dy, py::handle x, py::handle saved_mean, py::ha
   ImportedPtr dxi;
   // dx takes dy's memory order when allocated: dy is what the caller's graph produced.
   py::object dx = output_like(out, "out", p.dy.defined() && p.dy.ndim == p.x.ndim ? p.dy : p.x, call, p.dx, dxi);
-  py::object dweight = output_vector(C, acc, p.x.device, call, p.dweight);
-  py::object dbias = output_vector(C, acc, p.x.device, call, p.dbias);
+  ImportedPtr wk, bk;
+  py::object dweight = output_vector(dweight_out, "dweight_out", C, acc, p.x.device, call, p.dweight, wk);
+  py::object dbias = output_vector(dbias_out, "dbias_out", C, acc, p.x.device, call, p.dbias, bk);
   {
     py::gil_scoped_release nogil;
     batchnorm::backward(p);
@@ -338,9 +351,15 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init([](int64_t stream, bool as_numpy) { return Call{stream, as_numpy}; }), py::arg("stream"),
            py::arg("as_numpy"));
   m.def("statistics", &py_statistics);
-  m.def("forward_training", &py_forward_training);
+  // The trailing *_out arguments are optional (C,) outputs for callers that allocate them.
+  m.def("forward_training", &py_forward_training, py::arg("x"), py::arg("weight"), py::arg("bias"),
+        py::arg("running_mean"), py::arg("running_var"), py::arg("momentum"), py::arg("eps"), py::arg("axis"),
+        py::arg("out"), py::arg("batch_mean"), py::arg("batch_var"), py::arg("batch_count"), py::arg("call"),
+        py::arg("saved_mean_out") = py::none(), py::arg("saved_invstd_out") = py::none());
   m.def("forward_inference", &py_forward_inference);
-  m.def("backward", &py_backward);
+  m.def("backward", &py_backward, py::arg("dy"), py::arg("x"), py::arg("saved_mean"), py::arg("saved_invstd"),
+        py::arg("weight"), py::arg("axis"), py::arg("out"), py::arg("call"), py::arg("dweight_out") = py::none(),
+        py::arg("dbias_out") = py::none());
   m.def("backward_reduce", &py_backward_reduce);
   m.def("backward_elemt", &py_backward_elemt);
   m.def("merge_statistics", &py_merge_statistics);

@@ -1,0 +1,19 @@
+"""batchnorm.torch: PyTorch drop-ins on batchnorm's kernels. BatchNorm1d/2d/3d (subclasses of
+torch's _BatchNorm), batch_norm (as torch.nn.functional.batch_norm), convert(model), and the
+ops torch.ops.batchnorm.{forward_training, forward_inference, backward} (torch.library)."""
+try:
+    import torch as _torch
+except ImportError as error:  # torch is an optional dependency of batchnorm
+    raise ImportError(
+        "batchnorm.torch needs PyTorch (torch >= 2.4), which is not installed: "
+        "pip install 'batchnorm[torch]', or install a torch build of your choice (CPU or CUDA) "
+        "from https://pytorch.org"
+    ) from error
+
+if tuple(int(p) for p in _torch.__version__.split("+")[0].split(".")[:2]) < (2, 4):
+    raise ImportError(f"batchnorm.torch needs torch >= 2.4 (torch.library.register_autograd), got {_torch.__version__}")
+
+from .convert import convert
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert"]

@@ -1,0 +1,192 @@
+"""The torch.library registration of batchnorm's ops (namespace `batchnorm`): each CPU/CUDA
+kernel only allocates its outputs with torch and hands every tensor to the native core
+(batchnorm._C) as a DLPack capsule on torch's current stream; the fake kernels give the same
+shapes and strides; autograd is registered for input, weight and bias."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+from torch.utils.dlpack import to_dlpack
+
+from .. import _C
+from .._arrays import _current_stream, _stream_number
+
+# define/impl rather than torch.library.custom_op: both reach these Python kernels through
+# the dispatcher, but custom_op's wrapper costs more per call (bench/torch_op_overhead.py),
+# paid twice per layer per training step.
+_lib = torch.library.Library("batchnorm", "DEF")
+_lib.define(
+    "forward_training(Tensor x, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
+    "float momentum, float eps) -> (Tensor y, Tensor saved_mean, Tensor saved_invstd, "
+    "Tensor new_running_mean, Tensor new_running_var)"
+)
+_lib.define("forward_inference(Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps) -> Tensor")
+_lib.define(
+    "backward(Tensor dy, Tensor x, Tensor saved_mean, Tensor saved_invstd, Tensor? weight) "
+    "-> (Tensor dx, Tensor dweight, Tensor dbias)"
+)
+
+_AXIS = 1  # torch's layers take (N, C, ...); channels_last is only a stride order
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype: that of the saved statistics and the parameter gradients."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _vector(x: Tensor, n: int) -> Tensor:
+    return torch.empty(n, dtype=_acc(x.dtype), device=x.device)
+
+
+def _call(x: Tensor) -> Any:
+    """Native call settings: torch's current stream for CUDA tensors, results as given."""
+    return _C.Call(_stream_number(_current_stream(x, "torch")) if x.is_cuda else 0, False)
+
+
+def _cap(t: Optional[Tensor]) -> Any:
+    """torch's own DLPack capsule: no __dlpack__ stream handshake (the core runs on the
+    current stream, where torch produced the tensor)."""
+    return None if t is None else to_dlpack(t)
+
+
+# ---- forward_training ---------------------------------------------------------------------
+# torch.library refuses autograd on an op that mutates its inputs, so this op leaves the
+# running statistics alone and returns updated copies (as torch's own
+# _native_batch_norm_legit_functional does); the core updates the copies in the same pass and
+# the caller copies them back. Without running statistics the copies are empty (0,) tensors.
+
+
+def _new_running(x: Tensor, running: Optional[Tensor], fake: bool) -> Tensor:
+    if running is None:
+        return _vector(x, 0)
+    return torch.empty_like(running) if fake else running.clone()
+
+
+@torch.library.impl(_lib, "forward_training", "CPU")
+@torch.library.impl(_lib, "forward_training", "CUDA")
+def _forward_training(x, weight, bias, running_mean, running_var, momentum, eps):
+    C = x.shape[_AXIS]
+    y, mean, invstd = torch.empty_like(x), _vector(x, C), _vector(x, C)
+    new_mean, new_var = _new_running(x, running_mean, False), _new_running(x, running_var, False)
+    if x.numel() == 0:  # an empty batch (torch's rule): empty y, running statistics unchanged
+        return y, mean.fill_(float("nan")), invstd.fill_(float("nan")), new_mean, new_var
+    _C.forward_training(
+        _cap(x), _cap(weight), _cap(bias),
+        _cap(None if running_mean is None else new_mean), _cap(None if running_var is None else new_var),
+        momentum, eps, _AXIS, _cap(y), None, None, 0, _call(x), _cap(mean), _cap(invstd),
+    )  # fmt: skip
+    return y, mean, invstd, new_mean, new_var
+
+
+@torch.library.register_fake("batchnorm::forward_training", lib=_lib)
+def _forward_training_fake(x, weight, bias, running_mean, running_var, momentum, eps):
+    C = x.shape[_AXIS]
+    new_mean, new_var = _new_running(x, running_mean, True), _new_running(x, running_var, True)
+    return torch.empty_like(x), _vector(x, C), _vector(x, C), new_mean, new_var
+
+
+# ---- forward_inference ----------------------------------------------------------------------
+
+
+@torch.library.impl(_lib, "forward_inference", "CPU")
+@torch.library.impl(_lib, "forward_inference", "CUDA")
+def _forward_inference(x, mean, var, weight, bias, eps):
+    y = torch.empty_like(x)
+    _C.forward_inference(_cap(x), _cap(mean), _cap(var), _cap(weight), _cap(bias), eps, _AXIS, _cap(y), _call(x))
+    return y
+
+
+@torch.library.register_fake("batchnorm::forward_inference", lib=_lib)
+def _forward_inference_fake(x, mean, var, weight, bias, eps):
+    return torch.empty_like(x)
+
+
+# ---- backward (of forward_training) -----------------------------------------------------------
+
+
+@torch.library.impl(_lib, "backward", "CPU")
+@torch.library.impl(_lib, "backward", "CUDA")
+def _backward(dy, x, saved_mean, saved_invstd, weight):
+    C = x.shape[_AXIS]
+    dx, dweight, dbias = torch.empty_like(x), _vector(x, C), _vector(x, C)
+    if x.numel() == 0:  # the gradient of an empty batch's outputs
+        return dx, dweight.zero_(), dbias.zero_()
+    _C.backward(
+        _cap(dy), _cap(x), _cap(saved_mean), _cap(saved_invstd), _cap(weight), _AXIS, _cap(dx), _call(x),
+        _cap(dweight), _cap(dbias),
+    )  # fmt: skip
+    return dx, dweight, dbias
+
+
+@torch.library.register_fake("batchnorm::backward", lib=_lib)
+def _backward_fake(dy, x, saved_mean, saved_invstd, weight):
+    C = x.shape[_AXIS]
+    return torch.empty_like(x), _vector(x, C), _vector(x, C)
+
+
+# ---- autograd ----------------------------------------------------------------------------------
+
+
+def _dtypes(ctx, weight, bias):
+    # Parameter gradients come back in the parameters' dtypes (the core's are in the
+    # accumulation type).
+    ctx.weight_dtype = None if weight is None else weight.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _training_setup(ctx, inputs, output):
+    x, weight, bias = inputs[:3]
+    y, mean, invstd, new_mean, new_var = output
+    ctx.save_for_backward(x, weight, mean, invstd)
+    _dtypes(ctx, weight, bias)
+    ctx.mark_non_differentiable(mean, invstd, new_mean, new_var)
+
+
+def _training_backward(ctx, dy, _dmean, _dinvstd, _dnew_mean, _dnew_var):
+    x, weight, mean, invstd = ctx.saved_tensors
+    needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+    dx, dweight, dbias = torch.ops.batchnorm.backward(dy, x, mean, invstd, weight)
+    return (
+        dx if needs_x else None,
+        dweight.to(ctx.weight_dtype) if needs_w else None,
+        dbias.to(ctx.bias_dtype) if needs_b else None,
+        None, None, None, None,
+    )  # fmt: skip
+
+
+torch.library.register_autograd(
+    "batchnorm::forward_training", _training_backward, setup_context=_training_setup, lib=_lib
+)
+
+
+def _inference_setup(ctx, inputs, output):
+    x, mean, var, weight, bias, eps = inputs
+    ctx.eps = eps
+    ctx.save_for_backward(x, mean, var, weight)
+    _dtypes(ctx, weight, bias)
+
+
+def _inference_backward(ctx, dy):
+    # y = (x - mean) * s * weight + bias with s = 1 / sqrt(var + eps), an affine map of x:
+    # dx = dy * s * weight is the inference op itself on dy with a zero mean, and the
+    # parameter gradients are the training backward's reductions taken with (mean, s).
+    x, mean, var, weight = ctx.saved_tensors
+    needs_x, needs_mean, needs_var, needs_w, needs_b = ctx.needs_input_grad[:5]
+    if needs_mean or needs_var:
+        raise NotImplementedError("batchnorm.torch: no gradient with respect to the running statistics")
+    dx = gw = gb = None
+    if needs_x:
+        dx = torch.ops.batchnorm.forward_inference(dy, torch.zeros_like(mean), var, weight, None, ctx.eps)
+    if needs_w or needs_b:
+        invstd = torch.rsqrt(var.to(_acc(x.dtype)) + ctx.eps)
+        _, dweight, dbias = torch.ops.batchnorm.backward(dy, x, mean, invstd, weight)
+        gw = dweight.to(ctx.weight_dtype) if needs_w else None
+        gb = dbias.to(ctx.bias_dtype) if needs_b else None
+    return dx, None, None, gw, gb, None
+
+
+torch.library.register_autograd(
+    "batchnorm::forward_inference", _inference_backward, setup_context=_inference_setup, lib=_lib
+)

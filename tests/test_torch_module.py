@@ -1,0 +1,335 @@
+"""batchnorm.torch against torch.nn: the layers' semantics (train/eval, momentum=None,
+track_running_stats=False, affine=False, bias=False, empty batches, input errors,
+num_batches_tracked, device=/dtype=), convert(), the ops' opcheck / gradcheck in float64,
+torch.compile(fullgraph=True), and the ImportError without torch."""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="batchnorm.torch needs PyTorch")
+
+import batchnorm  # noqa: E402
+import batchnorm.torch as bt  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+# CUDA runs need a GPU, a CUDA build of torch and a CUDA build of batchnorm.
+HAVE_CUDA = torch.cuda.is_available() and batchnorm.info()["cuda"]["available"]
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAVE_CUDA, reason="no CUDA")])]
+
+nn, ops = torch.nn, torch.ops.batchnorm
+TORCH_CLASSES = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+OUR_CLASSES = {1: bt.BatchNorm1d, 2: bt.BatchNorm2d, 3: bt.BatchNorm3d}
+SHAPES = {1: [(6, 5), (6, 5, 7)], 2: [(4, 5, 6, 7)], 3: [(3, 5, 4, 3, 5)]}
+# max |ours - torch's| / max |torch's|, by dtype: a few ulps of each, as one layer's sums are
+# ordered differently; half types round y to 8 or 11 bits.
+RTOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def rel_err(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) if b.numel() else 0.0
+
+
+def pair(dim, *args, **kwargs):
+    torch.manual_seed(0)
+    theirs = TORCH_CLASSES[dim](*args, **kwargs)  # device= in kwargs places both
+    if theirs.weight is not None:  # parameters away from 1 and 0
+        with torch.no_grad():
+            theirs.weight.uniform_(0.5, 1.5)
+            if theirs.bias is not None:
+                theirs.bias.uniform_(-0.5, 0.5)
+    ours = OUR_CLASSES[dim](*args, **kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+def run(module, x, dy):
+    x = x.clone().requires_grad_()
+    y = module(x)
+    y.backward(dy)
+    grads = [p.grad for p in (module.weight, module.bias) if p is not None]
+    return [y, x.grad, *grads]
+
+
+def compare(ours, theirs, x, steps=3, rtol=None):
+    """Forward + backward `steps` times, then eval: outputs, gradients, buffers all match."""
+    rtol = rtol or RTOL[x.dtype]
+    for i in range(steps + 1):
+        if i == steps:
+            ours.eval(), theirs.eval()
+        dy = torch.randn_like(x)
+        got, want = run(ours, x, dy), run(theirs, x, dy)
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert rel_err(a, b) < rtol
+        assert got[0].stride() == want[0].stride()
+        for (name, a), b in zip(ours.named_buffers(), theirs.buffers()):
+            assert rel_err(a, b) < rtol if a.is_floating_point() else torch.equal(a, b), name
+        for p in (*ours.parameters(), *theirs.parameters()):
+            p.grad = None
+        x = x * 1.5 + 0.25  # new batch statistics each step
+
+
+# ---- the layers against torch.nn's ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"momentum": None}, {"track_running_stats": False}, {"affine": False}, {"bias": False}, {"eps": 1e-3, "momentum": 0.3}],
+    ids=["default", "momentum_none", "untracked", "no_affine", "no_bias", "eps_momentum"],
+)
+def test_layers_match_torch(dim, kwargs):
+    for shape in SHAPES[dim]:
+        ours, theirs = pair(dim, shape[1], dtype=torch.float64, **kwargs)
+        compare(ours, theirs, torch.randn(shape, dtype=torch.float64) * 2 + 3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_dtypes_and_memory_formats(device, dtype, channels_last):
+    for dim in (2, 3):
+        fmt = {2: torch.channels_last, 3: torch.channels_last_3d}[dim] if channels_last else torch.contiguous_format
+        ours, theirs = pair(dim, 5, dtype=dtype, device=device)
+        x = torch.randn(SHAPES[dim][0], dtype=torch.float64).to(device, dtype).contiguous(memory_format=fmt)
+        compare(ours, theirs, x)
+        assert ours(x).is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAVE_CUDA, reason="no CUDA")
+def test_cuda_side_stream_and_graph_capture():
+    ours, theirs = pair(2, 8, device="cuda")
+    x = torch.randn(16, 8, 12, 12, device="cuda").contiguous(memory_format=torch.channels_last)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # the kernels run on torch's current stream: this one
+        compare(ours, theirs, x)
+    torch.cuda.current_stream().wait_stream(side)
+    # Outputs come from torch's caching allocator and work is enqueued on the capturing
+    # stream, so a CUDA graph can capture a training forward and backward.
+    ours.train(), theirs.train()
+    static_x = x.clone().requires_grad_()
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm-up on the side stream, as torch's docs ask
+            ours(static_x).sum().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = ours(static_x)
+        static_y.sum().backward()
+    static_x.data.copy_(x * 2)
+    graph.replay()
+    torch.cuda.synchronize()
+    theirs.load_state_dict(ours.state_dict())
+    assert rel_err(static_y, theirs(x * 2)) < RTOL[torch.float32]
+
+
+def test_float32_parameters_with_half_input():
+    ours, theirs = pair(2, 5)  # float32 parameters and buffers, float16 x (as under autocast)
+    compare(ours, theirs, torch.randn(4, 5, 3, 3).half(), rtol=RTOL[torch.float16])
+
+
+def test_strided_input():
+    ours, theirs = pair(2, 5, dtype=torch.float64)
+    x = torch.randn(4, 10, 6, 9, dtype=torch.float64)[:, ::2, :, ::3]  # neither layout
+    compare(ours, theirs, x)
+
+
+def test_is_a_torch_batch_norm_with_torch_state():
+    ours, theirs = pair(2, 7)
+    assert isinstance(ours, nn.modules.batchnorm._BatchNorm)
+    assert repr(ours).endswith(repr(theirs)[len("BatchNorm2d"):])
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    theirs.load_state_dict(ours.state_dict())  # both ways
+    assert ours.train() is ours and ours.eval() is ours
+
+
+def test_num_batches_tracked_and_eval_without_running_statistics():
+    ours, theirs = pair(2, 3, momentum=None)
+    x = torch.randn(4, 3, 2, 2)
+    for _ in range(4):
+        ours(x), theirs(x)
+    assert int(ours.num_batches_tracked) == 4 == int(theirs.num_batches_tracked)
+    ours, theirs = pair(2, 3, track_running_stats=False)
+    ours.eval(), theirs.eval()  # batch statistics in eval too
+    assert rel_err(ours(x), theirs(x)) < RTOL[torch.float32]
+    assert ours.running_mean is None and ours.num_batches_tracked is None
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_empty_batch(training):
+    ours, theirs = pair(2, 3)
+    ours.train(training), theirs.train(training)
+    x = torch.randn(0, 3, 4, 4)
+    got, want = run(ours, x, torch.randn_like(x)), run(theirs, x, torch.randn_like(x))
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and torch.equal(a, b)  # empty y and dx, zero gradients
+    for (name, a), b in zip(ours.named_buffers(), theirs.buffers()):
+        assert torch.equal(a, b), name  # running statistics untouched, num_batches_tracked + 1
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_input_errors_are_torch_errors(dim):
+    bad = [torch.randn(*([2] * rank)) for rank in range(1, 7) if not (rank - 2 in (0, 1) if dim == 1 else rank == dim + 2)]
+    bad.append(torch.randn(1, 4) if dim == 1 else torch.randn(1, 4, *([1] * dim)))  # one value per channel
+    for x in bad:
+        errors = []
+        for cls in (OUR_CLASSES[dim], TORCH_CLASSES[dim]):
+            with pytest.raises(Exception) as info:
+                cls(x.shape[1] if x.dim() > 1 else 2)(x)
+            errors.append((type(info.value), str(info.value)))
+        assert errors[0] == errors[1]
+
+
+def test_device_and_dtype_arguments():
+    m = bt.BatchNorm2d(4, device="cpu", dtype=torch.float64)
+    assert all(t.dtype == torch.float64 for t in (m.weight, m.bias, m.running_mean, m.running_var))
+    assert m.num_batches_tracked.dtype == torch.long
+    meta = bt.BatchNorm3d(4, device="meta")
+    assert meta.weight.device.type == "meta"
+    y = meta(torch.empty(2, 4, 3, 3, 3, device="meta"))  # the fake kernels serve the meta device
+    assert y.shape == (2, 4, 3, 3, 3) and y.device.type == "meta"
+    m.to(torch.float32)
+    assert m.weight.dtype == torch.float32
+
+
+def test_functional_batch_norm_is_torch_s():
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    w, b = torch.rand(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64)
+    stats = [torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)]
+    their_stats = [s.clone() for s in stats]
+    y = bt.batch_norm(x, *stats, w, b, training=True, momentum=0.2)
+    want = torch.nn.functional.batch_norm(x, *their_stats, w, b, training=True, momentum=0.2)
+    assert rel_err(y, want) < 1e-12
+    assert all(rel_err(a, b) < 1e-12 for a, b in zip(stats, their_stats))
+    y = bt.batch_norm(x, *stats, w, b)
+    assert rel_err(y, torch.nn.functional.batch_norm(x, *their_stats, w, b)) < 1e-12
+
+
+# ---- convert --------------------------------------------------------------------------------
+
+
+def test_convert_keeps_parameters_buffers_and_modes():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(nn.Flatten(1), nn.BatchNorm1d(4 * 36, affine=False)),
+        nn.SyncBatchNorm(5),
+    )
+    model[1].weight.requires_grad_(False)
+    model[2][1].eval()
+    model.double()
+    originals = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    converted = bt.convert(model)
+    assert converted is model
+    assert type(model[1]) is bt.BatchNorm2d and type(model[2][1]) is bt.BatchNorm1d
+    assert type(model[3]) is nn.SyncBatchNorm  # sync=False leaves SyncBatchNorm alone
+    for n, t in [*model.named_parameters(), *model.named_buffers()]:
+        assert t is originals[n], n  # the same objects: optimizers keep working
+    assert not model[1].weight.requires_grad and model[1].training and not model[2][1].training
+    assert model[2][1].weight is None and model[1].eps == 1e-5
+    top = nn.BatchNorm3d(2, momentum=None, bias=False)
+    new = bt.convert(top)
+    assert type(new) is bt.BatchNorm3d and new.momentum is None and new.bias is None and new.weight is top.weight
+
+
+def test_convert_errors():
+    with pytest.raises(NotImplementedError, match="sync=True"):
+        bt.convert(nn.BatchNorm2d(3), sync=True)
+    with pytest.raises(ValueError, match="process_group applies only with sync=True"):
+        bt.convert(nn.BatchNorm2d(3), process_group=object())
+    with pytest.raises(TypeError, match="positional"):
+        bt.convert(nn.BatchNorm2d(3), False)  # keyword-only, as in API.md
+    with pytest.raises(TypeError, match="module must be a torch.nn.Module, got int"):
+        bt.convert(3)
+
+
+# ---- the ops: opcheck, gradcheck, compile -----------------------------------------------------
+
+
+def op_cases(dtype):
+    g = torch.Generator().manual_seed(0)
+    for shape, fmt in [((4, 3, 5, 5), torch.channels_last), ((4, 3, 5, 5), torch.contiguous_format), ((6, 3), None)]:
+        x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 1).to(dtype)
+        if fmt is not None:
+            x = x.contiguous(memory_format=fmt)
+        w = torch.rand(3, generator=g, dtype=torch.float64).to(dtype) + 0.5
+        b = torch.randn(3, generator=g, dtype=torch.float64).to(dtype)
+        yield x, w, b
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_opcheck_every_op(dtype):
+    for x, w, b in op_cases(dtype):
+        xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
+        rm, rv = torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype)
+        cases = [
+            (ops.forward_training.default, (xg, wg, bg, rm, rv, 0.1, 1e-5)),
+            (ops.forward_training.default, (xg, None, None, None, None, 0.1, 1e-5)),
+            (ops.forward_inference.default, (xg, rm + 0.5, rv * 2, wg, bg, 1e-5)),
+            (ops.forward_inference.default, (x, rm, rv, None, None, 1e-3)),
+        ]
+        _, mean, invstd, _, _ = ops.forward_training(x, w, b, None, None, 0.1, 1e-5)
+        cases.append((ops.backward.default, (torch.randn_like(x), x, mean, invstd, w)))
+        for op, args in cases:
+            result = torch.library.opcheck(op, args)
+            assert set(result.values()) == {"SUCCESS"}, (op, result)
+
+
+def test_gradcheck_float64():
+    for x, w, b in op_cases(torch.float64):
+        args = tuple(t.clone().requires_grad_() for t in (x, w, b))
+        rm, rv = torch.rand(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+        assert torch.autograd.gradcheck(lambda x, w, b: ops.forward_training(x, w, b, None, None, 0.1, 1e-5)[0], args)
+        assert torch.autograd.gradcheck(lambda x, w, b: ops.forward_inference(x, rm, rv, w, b, 1e-5), args)
+        m = bt.BatchNorm2d(3, dtype=torch.float64) if x.dim() == 4 else bt.BatchNorm1d(3, dtype=torch.float64)
+        assert torch.autograd.gradcheck(m, args[:1])  # through the layer, running statistics updated
+
+
+# Inductor's own use of torch.jit warns in torch 2.13 (not ours; warnings are errors here).
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_torch_compile_fullgraph_matches_eager():
+    torch.manual_seed(0)
+    model = bt.convert(
+        nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    ).to(memory_format=torch.channels_last)
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True)  # fullgraph: a graph break is an error
+    x = torch.randn(4, 3, 10, 10).contiguous(memory_format=torch.channels_last)
+    for _ in range(2):
+        y, want = compiled(x), eager(x)
+        y.square().sum().backward()
+        want.square().sum().backward()
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert rel_err(y, want) < 1e-5
+        for (name, a), b in zip(model.named_parameters(), eager.parameters()):
+            assert rel_err(a.grad, b.grad) < 1e-4, name
+        for (name, a), b in zip(model.named_buffers(), eager.buffers()):
+            assert rel_err(a, b) < 1e-5 if a.is_floating_point() else torch.equal(a, b), name
+    model.eval(), eager.eval()
+    with torch.no_grad():
+        assert rel_err(compiled(x), eager(x)) < 1e-5
+
+
+# ---- packaging ------------------------------------------------------------------------------
+
+
+def test_import_without_torch_is_a_clear_import_error():
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # makes `import torch` fail
+        "import batchnorm\n"
+        "try:\n    import batchnorm.torch\nexcept ImportError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "batchnorm.torch needs PyTorch" in out and "pip install 'batchnorm[torch]'" in out
+
+
+def test_import_batchnorm_does_not_import_torch():
+    code = "import sys, batchnorm; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
