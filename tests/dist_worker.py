@@ -19,6 +19,9 @@ from batchnorm.distributed import SyncBatchNorm, sync_statistics
 # |value| of the output: the statistics are merged in another order (rank by rank), which
 # moves them by rounding only, so a few ulps of the dtype.
 RTOL = {"float32": 2e-5, "float64": 1e-12}
+# A whole model trained on shards: the convolutions' sums also run in another order, and two
+# SGD steps carry the differences on.
+DDP_RTOL = 1e-9
 C = 3
 
 # (library, dtype, axis, memory format, exchange): NCHW NumPy; NHWC torch with axis=-1; torch
@@ -44,12 +47,13 @@ def host(a) -> np.ndarray:
     return a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
 
 
-def close(actual, expected, dtype: str, what: str) -> None:
+def close(actual, expected, dtype: str, what: str, rtol: float = 0.0) -> None:
+    rtol = rtol or RTOL[dtype]
     a, e = host(actual).astype(np.float64), np.asarray(expected, np.float64)
     assert a.shape == e.shape, f"{what}: shape {a.shape} != {e.shape}"
     scale = np.max(np.abs(e)) if e.size else 0.0
     err = np.max(np.abs(a - e)) if e.size else 0.0
-    assert err <= RTOL[dtype] * (scale + 1e-300), f"{what}: max error {err} > {RTOL[dtype]} * {scale}"
+    assert err <= rtol * (scale + 1e-300), f"{what}: max error {err} > {rtol} * {scale}"
 
 
 def check_layer(group, sizes, variant, momentum) -> None:
@@ -175,6 +179,144 @@ def run_all(group, sizes, libraries=("numpy", "torch")) -> None:
     check_failures(group)
 
 
+# ---- batchnorm.torch.SyncBatchNorm against torch's own BatchNorm on the whole batch ----------
+
+
+def _torch_close(actual, expected, dtype: str, what: str) -> None:
+    close(actual, host(expected), dtype, what)
+
+
+def check_torch_module(group, sizes, dtype: str, channels_last: bool, momentum) -> None:
+    """Every rank's output slice, dx, running statistics and (summed over ranks) parameter
+    gradients against torch.nn.BatchNorm2d on the concatenated batch; running statistics
+    bitwise equal across ranks."""
+    import copy
+
+    import torch
+    import torch.distributed as dist
+
+    import batchnorm.torch as bt
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tdtype = getattr(torch, dtype)
+    lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    gen = torch.Generator().manual_seed(3)  # the same batch and parameters on every rank
+    layer = bt.SyncBatchNorm(C, momentum=momentum, process_group=group, dtype=tdtype)
+    ref = torch.nn.BatchNorm2d(C, momentum=momentum, dtype=tdtype)
+    with torch.no_grad():
+        for m in (layer, ref):
+            m.weight.copy_(torch.rand(C, generator=gen, dtype=tdtype) + 0.5)
+            m.bias.copy_(torch.randn(C, generator=gen, dtype=tdtype))
+            gen.manual_seed(3)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for step in range(2):
+        what = f"rank {rank}, sizes {sizes}, torch module {dtype} channels_last={channels_last}, step {step}"
+        x = torch.randn(sum(sizes), C, 4, 5, generator=gen, dtype=tdtype) * 2 + 3
+        dy = torch.randn(x.shape, generator=gen, dtype=tdtype)
+        xs = x[lo:hi].contiguous(memory_format=fmt).requires_grad_()
+        xr = x.clone().contiguous(memory_format=fmt).requires_grad_()
+        y = layer(xs)
+        assert y.is_contiguous(memory_format=fmt), what
+        y.backward(dy[lo:hi].contiguous(memory_format=fmt))
+        want = ref(xr)
+        want.backward(dy.contiguous(memory_format=fmt))
+        _torch_close(y, want[lo:hi], dtype, f"y ({what})")
+        _torch_close(xs.grad, xr.grad[lo:hi], dtype, f"dx ({what})")
+        _torch_close(layer.running_mean, ref.running_mean, dtype, f"running_mean ({what})")
+        _torch_close(layer.running_var, ref.running_var, dtype, f"running_var ({what})")
+        assert int(layer.num_batches_tracked) == int(ref.num_batches_tracked) == step + 1, what
+        grads = torch.cat([layer.weight.grad, layer.bias.grad]).double()
+        dist.all_reduce(grads, group=group)  # per-rank shares: their sum is the whole batch's
+        _torch_close(grads[:C], ref.weight.grad, dtype, f"dweight summed over ranks ({what})")
+        _torch_close(grads[C:], ref.bias.grad, dtype, f"dbias summed over ranks ({what})")
+        mine = torch.cat([layer.running_mean, layer.running_var]).double()
+        every = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(every, mine, group=group)
+        assert all(torch.equal(e.view(torch.int64), mine.view(torch.int64)) for e in every), (
+            f"running statistics differ across ranks ({what})"
+        )
+        for m in (layer, ref):
+            m.weight.grad = m.bias.grad = None
+    twin = copy.deepcopy(layer)  # after synchronized steps: the engine is rebuilt, not copied
+    assert twin._engine is None and twin.process_group is layer.process_group
+    assert torch.equal(twin.running_var, layer.running_var) and twin.running_var is not layer.running_var
+    if rank == 0:  # eval never communicates: only rank 0 calls it
+        layer.eval(), ref.eval()
+        _torch_close(layer(x), ref(x), dtype, f"eval ({what})")
+
+
+def check_torch_failures(group) -> None:
+    """Bad input on one rank raises on every rank (the check runs before the exchange), and
+    the group stays usable."""
+    import torch
+    import torch.distributed as dist
+
+    import batchnorm.torch as bt
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    bad = world - 1
+    layer = bt.SyncBatchNorm(C, process_group=group)
+    good = torch.randn(4, C, 5)
+    elsewhere = rf"x on rank {bad} of {world} was rejected"
+    cases = [
+        (good[:, :2], ValueError, r"weight must have shape \(2,\)|x must have 3 channels"),  # channels
+        (good[0, 0], ValueError, r"expected at least 2D input"),  # torch's own check
+        (good.to(torch.int32), TypeError, r"x must have dtype"),
+    ]
+    for x, kind, own in cases:
+        expect_error(kind, own if rank == bad else elsewhere, lambda: layer(x if rank == bad else good))
+    assert int(layer.num_batches_tracked) == 0 and torch.equal(layer.running_mean, torch.zeros(C))
+    layer(good).sum().backward()  # still in step
+    assert int(layer.num_batches_tracked) == 1
+
+
+def check_ddp_resnet(group, sizes) -> None:
+    """ResNet-18 converted with sync=True under DistributedDataParallel, 2 SGD steps on uneven
+    shards, against torch's unconverted model on the whole batch in one process: outputs,
+    losses, every parameter and buffer after the steps (float64; tolerance 1e-9 of scale)."""
+    import copy
+
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import batchnorm.torch as bt
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from resnet import resnet18
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    lo, hi, n = sum(sizes[:rank]), sum(sizes[: rank + 1]), sum(sizes)
+    torch.manual_seed(0)
+    ref = resnet18(num_classes=5).double()
+    model = DDP(bt.convert(copy.deepcopy(ref), sync=True, process_group=group), process_group=group)
+    assert sum(type(m) is bt.SyncBatchNorm for m in model.modules()) == 20
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (model, ref)]
+    gen = torch.Generator().manual_seed(1)
+    for step in range(2):
+        x = torch.randn(n, 3, 32, 32, generator=gen, dtype=torch.float64)
+        target = torch.randint(0, 5, (n,), generator=gen)
+        for o in opts:
+            o.zero_grad()
+        out = model(x[lo:hi])
+        # The whole batch's mean loss: DDP averages gradients over ranks, so each rank's share
+        # of the sum is scaled by the number of ranks.
+        loss = torch.nn.functional.cross_entropy(out, target[lo:hi], reduction="sum") * world / n
+        loss.backward()
+        want = ref(x)
+        torch.nn.functional.cross_entropy(want, target).backward()
+        close(out.detach(), want.detach()[lo:hi].numpy(), "float64", f"ResNet-18 logits, rank {rank}, step {step}", DDP_RTOL)
+        for o in opts:
+            o.step()
+    mine = dict(model.module.named_parameters()) | dict(model.module.named_buffers())
+    for name, t in [*ref.named_parameters(), *ref.named_buffers()]:
+        if t.is_floating_point():
+            close(mine[name].detach(), t.detach().numpy(), "float64", f"ResNet-18 {name} after 2 steps, rank {rank}",
+                  DDP_RTOL)
+        else:
+            assert torch.equal(mine[name], t), name
+
+
 def torch_main(rank: int, world: int, init_file: str, sizes, default_group: bool) -> None:
     """torch.multiprocessing.spawn's entry: one gloo rank, on torch's default group (group
     None) or on an explicit ProcessGroup."""
@@ -188,7 +330,12 @@ def torch_main(rank: int, world: int, init_file: str, sizes, default_group: bool
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     try:
-        run_all(None if default_group else dist.new_group(list(range(world))), sizes)
+        group = None if default_group else dist.new_group(list(range(world)))
+        run_all(group, sizes)
+        for i, (dtype, channels_last) in enumerate([("float32", True), ("float64", False)]):
+            check_torch_module(group, sizes, dtype, channels_last, momentum=None if i else 0.3)
+        check_torch_failures(group)
+        check_ddp_resnet(group, sizes)
     finally:
         dist.destroy_process_group()
 

@@ -229,7 +229,7 @@ def test_convert_keeps_parameters_buffers_and_modes():
     converted = bt.convert(model)
     assert converted is model
     assert type(model[1]) is bt.BatchNorm2d and type(model[2][1]) is bt.BatchNorm1d
-    assert type(model[3]) is nn.SyncBatchNorm  # sync=False leaves SyncBatchNorm alone
+    assert type(model[3]) is bt.SyncBatchNorm  # torch's SyncBatchNorm becomes ours, still synchronized
     for n, t in [*model.named_parameters(), *model.named_buffers()]:
         assert t is originals[n], n  # the same objects: optimizers keep working
     assert not model[1].weight.requires_grad and model[1].training and not model[2][1].training
@@ -240,8 +240,10 @@ def test_convert_keeps_parameters_buffers_and_modes():
 
 
 def test_convert_errors():
-    with pytest.raises(NotImplementedError, match="sync=True"):
-        bt.convert(nn.BatchNorm2d(3), sync=True)
+    with pytest.raises(TypeError, match="process_group must be a torch.distributed ProcessGroup or None, got int"):
+        bt.convert(nn.BatchNorm2d(3), sync=True, process_group=3)
+    with pytest.raises(TypeError, match="sync must be a bool, got str"):
+        bt.convert(nn.BatchNorm2d(3), sync="yes")
     with pytest.raises(ValueError, match="process_group applies only with sync=True"):
         bt.convert(nn.BatchNorm2d(3), process_group=object())
     with pytest.raises(TypeError, match="positional"):
