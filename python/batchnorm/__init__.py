@@ -2,7 +2,7 @@
 
 The functions follow the contract in API.md: statistics, merge_statistics,
 forward_training, forward_inference, backward (and its two halves backward_reduce /
-backward_elemt), fold, and the stateful BatchNorm layer. batchnorm.distributed (imported on
+backward_elemt), fold, precise_statistics, and the stateful BatchNorm layer. batchnorm.distributed (imported on
 request: it is the only part that talks to mpi4py or torch.distributed) synchronizes them
 across processes."""
 from .functional import (
@@ -20,6 +20,7 @@ from .functional import (
     statistics,
 )
 from .layer import BatchNorm
+from .precise import precise_statistics
 
 __version__ = info()["version"]
 
@@ -35,6 +36,7 @@ __all__ = [
     "get_num_threads",
     "info",
     "merge_statistics",
+    "precise_statistics",
     "set_num_threads",
     "statistics",
     "__version__",

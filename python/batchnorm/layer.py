@@ -4,12 +4,13 @@ Parameters and running statistics live as arrays of the kind of the inputs (NumP
 inputs, the caller's library on a GPU); `state_dict()` always gives NumPy arrays."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterable, Optional
 
 import numpy as np
 
 from . import functional as F
 from ._arrays import _library, check_int, check_real
+from .precise import precise_statistics
 
 _KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -214,6 +215,24 @@ class BatchNorm:
         self.grad_bias = None
 
     # ---- state -------------------------------------------------------------------------------
+    def recompute_statistics(self, batches: Iterable[Any]) -> "BatchNorm":
+        """PreciseBN: sets the running statistics to the exact statistics of `batches` (this
+        layer's inputs over, e.g., a pass of the training set with the final weights;
+        precise_statistics) instead of the momentum averages of past steps: the mean, and the
+        unbiased variance. num_batches_tracked is left as it is."""
+        if not self.track_running_stats:
+            raise ValueError("recompute_statistics needs running statistics, got a layer with track_running_stats=False")
+        mean, var, count = precise_statistics(batches, axis=self.axis)
+        if mean.shape[0] != self.num_features:
+            raise ValueError(f"batches must have {self.num_features} channels along axis {self.axis}, got {mean.shape[0]}")
+        if count < 2:
+            raise ValueError(f"batches must hold at least 2 values per channel (the unbiased variance needs two), got {count}")
+        mean, var = _to_numpy(mean, "mean"), _to_numpy(var, "var")
+        running = var * (count / (count - 1))  # the running statistics' unbiased variance
+        self.running_mean = _to_device_like(mean.astype(self.dtype), self.running_mean)
+        self.running_var = _to_device_like(running.astype(self.dtype), self.running_var)
+        return self
+
     def state_dict(self) -> Dict[str, np.ndarray]:
         state: Dict[str, np.ndarray] = {}
         if self.affine:
