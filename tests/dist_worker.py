@@ -317,6 +317,32 @@ def check_ddp_resnet(group, sizes) -> None:
             assert torch.equal(mine[name], t), name
 
 
+def check_torch_recompute(group, sizes) -> None:
+    """recompute_statistics(sync=True): every rank passes its own number of batches; the
+    running statistics become those of every rank's batches together, bitwise equal across
+    ranks."""
+    import torch
+    import torch.distributed as dist
+
+    import batchnorm.torch as bt
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    gen = torch.Generator().manual_seed(5)
+    # Rank r holds sizes[r] batches (none for an empty rank), of 1-3 samples each.
+    everyone = [[torch.randn(1 + (i + r) % 3, C, 4, 4, generator=gen) * 3 + 7 for i in range(s)]
+                for r, s in enumerate(sizes)]
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(C))
+    counts = bt.recompute_statistics(model, everyone[rank], sync=True, process_group=group)
+    whole = torch.cat([b for batches in everyone for b in batches]).double().numpy()
+    assert counts["0"] == whole.size // C
+    close(model[0].running_mean, whole.mean(axis=(0, 2, 3)), "float32", f"recomputed mean, rank {rank}")
+    close(model[0].running_var, whole.var(axis=(0, 2, 3), ddof=1), "float32", f"recomputed var, rank {rank}")
+    mine = torch.cat([model[0].running_mean, model[0].running_var]).double()
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine, group=group)
+    assert all(torch.equal(e, mine) for e in every), "recomputed statistics differ across ranks"
+
+
 def torch_main(rank: int, world: int, init_file: str, sizes, default_group: bool) -> None:
     """torch.multiprocessing.spawn's entry: one gloo rank, on torch's default group (group
     None) or on an explicit ProcessGroup."""
@@ -335,6 +361,7 @@ def torch_main(rank: int, world: int, init_file: str, sizes, default_group: bool
         for i, (dtype, channels_last) in enumerate([("float32", True), ("float64", False)]):
             check_torch_module(group, sizes, dtype, channels_last, momentum=None if i else 0.3)
         check_torch_failures(group)
+        check_torch_recompute(group, sizes)
         check_ddp_resnet(group, sizes)
     finally:
         dist.destroy_process_group()

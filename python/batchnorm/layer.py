@@ -10,7 +10,7 @@ import numpy as np
 
 from . import functional as F
 from ._arrays import _library, check_int, check_real
-from .precise import precise_statistics
+from .precise import precise_statistics, unbiased_variance
 
 _KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -228,7 +228,7 @@ class BatchNorm:
         if count < 2:
             raise ValueError(f"batches must hold at least 2 values per channel (the unbiased variance needs two), got {count}")
         mean, var = _to_numpy(mean, "mean"), _to_numpy(var, "var")
-        running = var * (count / (count - 1))  # the running statistics' unbiased variance
+        running = unbiased_variance(var, count)
         self.running_mean = _to_device_like(mean.astype(self.dtype), self.running_mean)
         self.running_var = _to_device_like(running.astype(self.dtype), self.running_var)
         return self

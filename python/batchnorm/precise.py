@@ -10,6 +10,12 @@ from . import functional as F
 from ._arrays import check_int
 
 
+def unbiased_variance(var: Any, count: int) -> Any:
+    """The unbiased variance that running statistics hold (torch's convention), from a biased
+    `var` over `count` values: the one place Python code makes this correction."""
+    return var * (count / (count - 1))
+
+
 def _count_of(x: Any, axis: int, where: str) -> Tuple[int, int]:
     """(channels, values per channel) of a batch from its shape alone."""
     shape = getattr(x, "shape", None)

@@ -1,7 +1,7 @@
 """batchnorm.torch: PyTorch drop-ins on batchnorm's kernels. BatchNorm1d/2d/3d (subclasses of
 torch's _BatchNorm), SyncBatchNorm (torch.nn.SyncBatchNorm's, across processes), batch_norm
-(as torch.nn.functional.batch_norm), convert(model), and the ops
-torch.ops.batchnorm.{forward_training, forward_inference, backward} (torch.library)."""
+(as torch.nn.functional.batch_norm), convert(model), recompute_statistics(model, batches)
+(PreciseBN), and the ops torch.ops.batchnorm.{forward_training, forward_inference, backward} (torch.library)."""
 try:
     import torch as _torch
 except ImportError as error:  # torch is an optional dependency of batchnorm
@@ -16,6 +16,9 @@ if tuple(int(p) for p in _torch.__version__.split("+")[0].split(".")[:2]) < (2, 
 
 from .convert import convert
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm
+from .precise import recompute_statistics
 from .sync import SyncBatchNorm
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert"]
+__all__ = [
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert", "recompute_statistics",
+]

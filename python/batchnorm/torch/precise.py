@@ -1,0 +1,127 @@
+"""recompute_statistics (PreciseBN for torch models): replaces every batch norm layer's running
+averages with the exact statistics of its inputs over a pass of data, optionally merged
+across the ranks of a process group."""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterable, Optional
+
+import numpy as np
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .. import functional as F
+from .._collectives import engine_for
+from ..precise import unbiased_variance
+
+
+class _Accumulator:
+    """One layer's population statistics so far: float64 (mean, biased var, count), merged
+    batch by batch with Chan's formula."""
+
+    def __init__(self) -> None:
+        self.mean: Any = None
+        self.var: Any = None
+        self.count = 0
+
+    def __call__(self, module: torch.nn.Module, args: tuple) -> None:
+        x = args[0].detach()
+        if x.numel() == 0:
+            return
+        m, v, n = F.statistics(x, axis=1, dtype="float64")
+        if self.mean is None:
+            self.mean, self.var, self.count = m, v, n
+        else:
+            self.mean, self.var, self.count = F.merge_statistics([self.mean, m], [self.var, v], [self.count, n])
+
+
+def _merge_across(acc: Dict[str, _Accumulator], layers: Dict[str, _BatchNorm], process_group: Any) -> None:
+    """Every rank's accumulators merged in rank order (one allgather of every layer's rows):
+    bitwise the same statistics on every rank."""
+    engine = engine_for(process_group)
+    rows = []
+    for name, layer in layers.items():
+        a, c = acc[name], layer.num_features
+        mean = np.zeros(c) if a.mean is None else a.mean.cpu().numpy()
+        var = np.zeros(c) if a.var is None else a.var.cpu().numpy()
+        rows.append(np.concatenate([[a.count], mean, var]))
+    device = next((layer.running_mean.device for layer in layers.values()), None)
+    every = engine.allgather(np.concatenate(rows) if rows else np.zeros(0), device)
+    offset = 0
+    for name, layer in layers.items():
+        c = layer.num_features
+        block = every[:, offset : offset + 1 + 2 * c]
+        offset += 1 + 2 * c
+        counts = [int(n) for n in block[:, 0]]
+        a = acc[name]
+        if sum(counts) == 0:
+            a.mean, a.var, a.count = None, None, 0
+            continue
+        mean, var, count = F.merge_statistics(
+            [np.ascontiguousarray(b[1 : 1 + c]) for b in block], [np.ascontiguousarray(b[1 + c :]) for b in block], counts
+        )
+        a.mean, a.var, a.count = torch.from_numpy(mean), torch.from_numpy(var), count
+
+
+def recompute_statistics(
+    model: torch.nn.Module,
+    batches: Iterable[Any],
+    *,
+    forward: Optional[Callable[[torch.nn.Module, Any], Any]] = None,
+    sync: bool = False,
+    process_group: Any = None,
+) -> Dict[str, int]:
+    """PreciseBN: runs `model` over `batches` (in training mode, without gradients, as the
+    layers see data in training) and sets the running statistics of every batch norm layer
+    (torch's or batchnorm.torch's, any `_BatchNorm` tracking them) to the exact mean and
+    unbiased variance of all its inputs, instead of the momentum averages of past steps.
+    `forward(model, batch)` feeds a batch (default: `model(batch)`). sync=True merges every
+    rank's statistics across `process_group` (None: the default group), so every rank gets
+    the same bits; every rank must then call it (ranks may pass different numbers of
+    batches, unless the model has SyncBatchNorm layers, which synchronize every forward). The model's modes, momenta and
+    num_batches_tracked are restored. Returns the values per channel each layer saw; a layer
+    that saw none keeps its running statistics (count 0)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if forward is not None and not callable(forward):
+        raise TypeError(f"forward must be callable or None, got {type(forward).__name__}")
+    if process_group is not None and not sync:
+        raise ValueError("process_group applies only with sync=True, got a process_group with sync=False")
+    layers = {
+        name: m for name, m in model.named_modules() if isinstance(m, _BatchNorm) and m.track_running_stats
+    }
+    acc = {name: _Accumulator() for name in layers}
+    modes = {m: m.training for m in model.modules()}
+    saved = {name: (m.momentum, m.num_batches_tracked.clone()) for name, m in layers.items()}
+    hooks = [m.register_forward_pre_hook(acc[name]) for name, m in layers.items()]
+    try:
+        model.train()
+        for m in layers.values():
+            m.momentum = 0.0  # running = 1 * running + 0 * batch: left exactly as it was
+        with torch.no_grad():
+            for batch in batches:
+                model(batch) if forward is None else forward(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+        for name, m in layers.items():
+            m.momentum = saved[name][0]
+            m.num_batches_tracked.copy_(saved[name][1])
+    if sync:
+        _merge_across(acc, layers, process_group)
+    one = [name for name in layers if acc[name].count == 1]
+    if one:
+        raise ValueError(
+            f"every batch norm layer must see at least 2 values per channel (the unbiased variance needs two), "
+            f"got 1 in {one}; nothing was changed"
+        )
+    with torch.no_grad():
+        for name, m in layers.items():
+            a = acc[name]
+            if a.count == 0:
+                continue
+            var = unbiased_variance(a.var, a.count)
+            m.running_mean.copy_(a.mean.to(m.running_mean.device))
+            m.running_var.copy_(var.to(m.running_var.device))
+    return {name: acc[name].count for name in layers}
