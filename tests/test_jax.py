@@ -436,3 +436,49 @@ def _sharded_checks():
 
 if __name__ == "__main__":
     _sharded_checks()
+
+
+# ---- PreciseBN for Flax: recompute_batch_stats ----------------------------------------------
+
+
+@needs_flax
+def test_recompute_batch_stats_is_the_population_s():
+    nn = flax_linen
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, use_running_average):
+            x = bj.BatchNorm(use_running_average=use_running_average, name="ours")(x)
+            x = nn.Dense(4, name="dense")(x)
+            return nn.BatchNorm(use_running_average=use_running_average, name="flax")(x)
+
+    model = Net()
+    rng = np.random.default_rng(3)
+    batches = [jnp.asarray(rng.standard_normal((n, 6)) * 3 + 2, jnp.float32) for n in (4, 7, 2, 9)]
+    variables = model.init(jax.random.PRNGKey(0), batches[0], use_running_average=False)
+    variables = dict(variables, params=variables["params"])
+    new, counts = bj.recompute_batch_stats(model, variables, batches)
+    # By hand: the first module normalizes each batch with its own statistics (training mode),
+    # the dense layer maps that, the second module sees the result.
+    p = variables["params"]
+    seen_first, seen_second = [], []
+    for b in batches:
+        x = np.asarray(b, np.float64)
+        if not x.size:
+            continue
+        seen_first.append(x)
+        y = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5) * np.asarray(p["ours"]["scale"]) + np.asarray(p["ours"]["bias"])
+        seen_second.append(y @ np.asarray(p["dense"]["kernel"], np.float64) + np.asarray(p["dense"]["bias"]))
+    for name, seen in (("ours", seen_first), ("flax", seen_second)):
+        whole = np.concatenate(seen)
+        assert counts[name] == len(whole)
+        stats = new["batch_stats"][name]
+        np.testing.assert_allclose(stats["mean"], whole.mean(0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(stats["var"], whole.var(0), rtol=1e-4)  # Flax's biased variance
+        assert stats["mean"].dtype == jnp.float32
+    assert new["params"] is variables["params"]
+    assert not np.allclose(variables["batch_stats"]["ours"]["mean"], new["batch_stats"]["ours"]["mean"])  # untouched input
+    with pytest.raises(ValueError, match="variables must be a dict with a 'batch_stats' collection"):
+        bj.recompute_batch_stats(model, {"params": p}, batches)
+    with pytest.raises(TypeError, match="model must be a flax.linen.Module, got int"):
+        bj.recompute_batch_stats(3, variables, batches)

@@ -1,7 +1,7 @@
 """batchnorm.jax: this library's kernels inside XLA programs (jit, grad, vmap, shard_map).
 
 `batch_norm` is a pure function (API.md, "JAX: batchnorm.jax"); `BatchNorm` is a drop-in for
-flax.linen.BatchNorm (needs flax). The kernels run as XLA FFI targets, zero-copy, on the CPU
+flax.linen.BatchNorm and `recompute_batch_stats` is PreciseBN for Flax models (both need flax). The kernels run as XLA FFI targets, zero-copy, on the CPU
 and, in a CUDA build, on the GPU."""
 try:
     import jax as _jax_module  # noqa: F401
@@ -13,17 +13,18 @@ except ImportError as e:  # pragma: no cover - exercised without jax installed
 
 from .functional import batch_norm
 
-__all__ = ["BatchNorm", "batch_norm"]
+__all__ = ["BatchNorm", "batch_norm", "recompute_batch_stats"]
 
 
 def __getattr__(name):
     # BatchNorm needs flax; importing it lazily keeps batch_norm usable with jax alone.
-    if name == "BatchNorm":
+    if name in ("BatchNorm", "recompute_batch_stats"):
         try:
             from .linen import BatchNorm
+            from .precise import recompute_batch_stats
         except ImportError as e:
             if getattr(e, "name", None) and e.name.split(".")[0] == "flax":
-                raise ImportError("batchnorm.jax.BatchNorm needs flax: pip install 'batchnorm[flax]'") from e
+                raise ImportError(f"batchnorm.jax.{name} needs flax: pip install 'batchnorm[flax]'") from e
             raise
-        return BatchNorm
+        return BatchNorm if name == "BatchNorm" else recompute_batch_stats
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
