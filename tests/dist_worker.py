@@ -170,12 +170,35 @@ def check_failures(group) -> None:
     layer.backward(good)
 
 
+def check_recompute(group, sizes) -> None:
+    """SyncBatchNorm.recompute_statistics: every rank passes its own batches (rank r holds
+    sizes[r] of them, none for an empty rank); the running statistics are those of all of
+    them together, as the plain layer's over the concatenation, bitwise equal across ranks;
+    bad batches on one rank raise on every rank."""
+    engine = engine_for(group)
+    rank, size = engine.rank, engine.size
+    rng = np.random.default_rng(9)
+    everyone = [[rng.standard_normal((1 + (i + r) % 3, C, 4)) * 2 + 1e3 for i in range(s)] for r, s in enumerate(sizes)]
+    layer = SyncBatchNorm(C, group=group, dtype="float64")
+    ref = bn.BatchNorm(C, dtype="float64").recompute_statistics(b for batches in everyone for b in batches)
+    layer.recompute_statistics(everyone[rank])
+    close(layer.running_mean, ref.running_mean, "float64", f"recomputed mean, rank {rank}")
+    close(layer.running_var, ref.running_var, "float64", f"recomputed var, rank {rank}")
+    mine = np.concatenate([layer.running_mean, layer.running_var])
+    assert (engine.allgather(mine) == mine).all(), "recomputed statistics differ across ranks"
+    bad = size - 1
+    batches = [np.ones((2, C + 1, 4))] if rank == bad else everyone[rank]
+    expect_error(ValueError, r"must have 3 channels" if rank == bad else rf"batches on rank {bad} of {size} was rejected",
+                 lambda: layer.recompute_statistics(batches))
+
+
 def run_all(group, sizes, libraries=("numpy", "torch")) -> None:
     for i, variant in enumerate(VARIANTS):
         if variant[0] in libraries:
             check_layer(group, sizes, variant, momentum=0.3 if i % 2 == 0 else None)
     check_sync_statistics(group, sizes, "allreduce")
     check_sync_statistics(group, sizes)
+    check_recompute(group, sizes)
     check_failures(group)
 
 

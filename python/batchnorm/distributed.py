@@ -161,6 +161,27 @@ def _by_allreduce(engine, own, ndim, code, count, mean, var, device):
     return global_mean, engine.allreduce(m2, device) / total, total
 
 
+def _merge_everywhere(engine: Engine, mean: Any, var: Any, count: int, channels: int, own: Optional[Exception],
+                      what: str) -> Tuple[Any, Any, int]:
+    """Moments held by every rank (float64 host vectors; count 0 for none) merged in rank order
+    after one allgather of P x (2C + 1) values: bitwise the same (mean, biased var, count) on
+    every rank, (None, None, 0) when no rank has a value. A rank's error (`own`) travels as a
+    count of -1 and raises on every rank."""
+    row = np.zeros(2 * channels + 1)
+    row[0] = -1 if own is not None else count
+    if own is None and count > 0:
+        row[1 : 1 + channels], row[1 + channels :] = mean, var
+    rows = engine.allgather(row, None)
+    _raise_everywhere((rows[:, 0] < 0).astype(np.int64), own, what, engine.size)
+    counts = [int(n) for n in rows[:, 0]]
+    if sum(counts) == 0:
+        return None, None, 0
+    return F.merge_statistics(
+        [np.ascontiguousarray(r[1 : 1 + channels]) for r in rows], [np.ascontiguousarray(r[1 + channels :]) for r in rows],
+        counts,
+    )
+
+
 _EXCHANGES = ("allgather", "allreduce")
 
 
@@ -361,6 +382,23 @@ class SyncBatchNorm(BatchNorm):
             self.grad_weight = dweight if self.grad_weight is None else self.grad_weight + dweight
             self.grad_bias = dbias if self.grad_bias is None else self.grad_bias + dbias
         return dx
+
+    def recompute_statistics(self, batches: Any) -> "SyncBatchNorm":
+        """PreciseBN over every rank's batches together (each rank passes its own, any number,
+        none included): the running statistics become the exact statistics of all of them,
+        bitwise the same on every rank. Every rank must call it; bad batches on one rank raise
+        on every rank."""
+        self._check_recompute()
+        own: Optional[Exception] = None
+        mean = var = None
+        count = 0
+        try:
+            mean, var, count = self._local_population(batches)
+        except (ValueError, TypeError) as err:
+            own = err
+        mean, var, count = _merge_everywhere(self._group_engine(), mean, var, count, self.num_features, own, "batches")
+        self._set_running(mean, var, count)
+        return self
 
     def __repr__(self) -> str:
         return (

@@ -220,18 +220,32 @@ class BatchNorm:
         layer's inputs over, e.g., a pass of the training set with the final weights;
         precise_statistics) instead of the momentum averages of past steps: the mean, and the
         unbiased variance. num_batches_tracked is left as it is."""
+        self._check_recompute()
+        self._set_running(*self._local_population(batches))
+        return self
+
+    def _check_recompute(self) -> None:
         if not self.track_running_stats:
             raise ValueError("recompute_statistics needs running statistics, got a layer with track_running_stats=False")
-        mean, var, count = precise_statistics(batches, axis=self.axis)
+
+    def _local_population(self, batches: Iterable[Any]) -> tuple:
+        """(mean, biased var) as float64 NumPy vectors and the count, of this process's batches;
+        (None, None, 0) when they hold no value."""
+        try:
+            mean, var, count = precise_statistics(batches, axis=self.axis)
+        except ValueError as err:
+            if str(err).startswith("batches must hold at least one value"):
+                return None, None, 0
+            raise
         if mean.shape[0] != self.num_features:
             raise ValueError(f"batches must have {self.num_features} channels along axis {self.axis}, got {mean.shape[0]}")
+        return _to_numpy(mean, "mean"), _to_numpy(var, "var"), count
+
+    def _set_running(self, mean: Optional[np.ndarray], var: Optional[np.ndarray], count: int) -> None:
         if count < 2:
             raise ValueError(f"batches must hold at least 2 values per channel (the unbiased variance needs two), got {count}")
-        mean, var = _to_numpy(mean, "mean"), _to_numpy(var, "var")
-        running = unbiased_variance(var, count)
         self.running_mean = _to_device_like(mean.astype(self.dtype), self.running_mean)
-        self.running_var = _to_device_like(running.astype(self.dtype), self.running_var)
-        return self
+        self.running_var = _to_device_like(unbiased_variance(var, count).astype(self.dtype), self.running_var)
 
     def state_dict(self) -> Dict[str, np.ndarray]:
         state: Dict[str, np.ndarray] = {}

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Iterable, Optional
 
-import numpy as np
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import functional as F
 from .._collectives import engine_for
+from ..distributed import _merge_everywhere
 from ..precise import unbiased_variance
 
 
@@ -35,31 +35,14 @@ class _Accumulator:
 
 
 def _merge_across(acc: Dict[str, _Accumulator], layers: Dict[str, _BatchNorm], process_group: Any) -> None:
-    """Every rank's accumulators merged in rank order (one allgather of every layer's rows):
-    bitwise the same statistics on every rank."""
+    """Every rank's accumulators merged in rank order, a layer at a time: bitwise the same
+    statistics on every rank."""
     engine = engine_for(process_group)
-    rows = []
     for name, layer in layers.items():
-        a, c = acc[name], layer.num_features
-        mean = np.zeros(c) if a.mean is None else a.mean.cpu().numpy()
-        var = np.zeros(c) if a.var is None else a.var.cpu().numpy()
-        rows.append(np.concatenate([[a.count], mean, var]))
-    device = next((layer.running_mean.device for layer in layers.values()), None)
-    every = engine.allgather(np.concatenate(rows) if rows else np.zeros(0), device)
-    offset = 0
-    for name, layer in layers.items():
-        c = layer.num_features
-        block = every[:, offset : offset + 1 + 2 * c]
-        offset += 1 + 2 * c
-        counts = [int(n) for n in block[:, 0]]
         a = acc[name]
-        if sum(counts) == 0:
-            a.mean, a.var, a.count = None, None, 0
-            continue
-        mean, var, count = F.merge_statistics(
-            [np.ascontiguousarray(b[1 : 1 + c]) for b in block], [np.ascontiguousarray(b[1 + c :]) for b in block], counts
-        )
-        a.mean, a.var, a.count = torch.from_numpy(mean), torch.from_numpy(var), count
+        host = (None, None) if a.mean is None else (a.mean.cpu().numpy(), a.var.cpu().numpy())
+        mean, var, count = _merge_everywhere(engine, *host, a.count, layer.num_features, None, "batches")
+        a.mean, a.var, a.count = (None, None, 0) if mean is None else (torch.from_numpy(mean), torch.from_numpy(var), count)
 
 
 def recompute_statistics(
