@@ -11,7 +11,7 @@ from hypothesis import assume, given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import batchnorm as bn  # noqa: E402
-from conftest import (  # noqa: E402
+from helpers import (  # noqa: E402
     STAT_RTOL,
     acc_dtype,
     assert_close,
