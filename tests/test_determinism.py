@@ -136,6 +136,7 @@ def run_with_isa(level: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_isa_levels_give_identical_bits():
     results = {level: run_with_isa(level) for level in ("baseline", "avx2", "avx512")}
     assert results["baseline"]["simd"] == "baseline", "BATCHNORM_ISA=baseline must select the baseline kernels"
