@@ -240,8 +240,8 @@ def base_of(a: Any) -> Any:
 
 def to_f64(a: Any) -> np.ndarray:
     """A float64 NumPy copy, on the host, of an array of any library (bfloat16 included)."""
-    if is_torch(a):
-        return a.detach().to(torch.float64).cpu().numpy()
+    if is_torch(a):  # a copy even where .to() and .cpu() return the tensor itself (float64 on the CPU)
+        return a.detach().cpu().to(torch.float64, copy=True).numpy()
     if _is_cupy(a):
         return a.get().astype(np.float64)
     return np.asarray(a, dtype=np.float64).copy()

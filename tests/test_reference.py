@@ -63,17 +63,22 @@ SHAPE_AXES = [
     ((6, 5, 37), -1),
     ((3, 4, 5, 20), -1),
     ((40, 17), 1),
-    # Sized for the CUDA kernels' paths: few channels with many values (reductions split over
-    # blocks), channels-last tiles, many channels with few values, one channel, two values.
-    ((2, 3, 40, 56), 1),
-    ((16, 9, 9, 24), -1),
-    ((2, 2048, 3, 1), 1),
-    ((1, 1, 2, 3), 1),
-    ((2, 3, 1), 1),
 ]
-SHAPE_AXIS_IDS = [f"{'x'.join(map(str, s))}-axis{a}" for s, a in SHAPE_AXES]
-shape_axis = pytest.mark.parametrize("shape,axis", SHAPE_AXES, ids=SHAPE_AXIS_IDS)
-layouts = pytest.mark.parametrize("layout", LAYOUTS)
+# Sized for the CUDA kernels' paths, in contiguous memory only: few channels with many values
+# (reductions split over blocks), channels-last tiles, many channels with few values, one
+# channel, two values per channel.
+CONTIGUOUS_SHAPE_AXES = [((2, 3, 40, 56), 1), ((16, 9, 9, 24), -1), ((2, 2048, 3, 1), 1), ((1, 1, 2, 3), 1), ((2, 3, 1), 1)]
+
+
+def shape_id(shape, axis) -> str:
+    return f"{'x'.join(map(str, shape))}-axis{axis}"
+
+
+shape_axis_layout = pytest.mark.parametrize(
+    "shape,axis,layout",
+    [pytest.param(s, a, lay, id=f"{lay}-{shape_id(s, a)}") for (s, a) in SHAPE_AXES for lay in LAYOUTS]
+    + [pytest.param(s, a, "contiguous", id=f"contiguous-{shape_id(s, a)}") for (s, a) in CONTIGUOUS_SHAPE_AXES],
+)
 all_dtypes = pytest.mark.parametrize("dtype", dtype_params())
 # weight/bias: absent; of x's dtype; of another dtype (float64, or float32 for float64 x) as
 # stride-2 views.
@@ -104,8 +109,7 @@ def assert_vector(v, x, dtype: str, C: int) -> None:
 # ---- statistics ---------------------------------------------------------------------------------
 
 
-@shape_axis
-@layouts
+@shape_axis_layout
 @all_dtypes
 @arrays
 def test_statistics(rng, shape, axis, layout, dtype, xp):
@@ -134,8 +138,7 @@ def test_statistics_default_axis_is_1(rng):
 # ---- forward_training ---------------------------------------------------------------------------
 
 
-@shape_axis
-@layouts
+@shape_axis_layout
 @all_dtypes
 @affine
 @arrays
@@ -288,8 +291,7 @@ def inference_stats(rng, C: int, dtype: str, variant: str, xp=NUMPY):
     return vector(mean, other_dtype(dtype), True, xp), vector(var, other_dtype(dtype), True, xp)
 
 
-@shape_axis
-@layouts
+@shape_axis_layout
 @all_dtypes
 @affine
 @arrays
@@ -362,8 +364,7 @@ def assert_backward(dx, dweight, dbias, dy, x, mean, invstd, weight, axis, dtype
     assert_close(dbias, e_db, acc, scale=np.abs(dy64).sum(axis=red), what=f"{what} dbias")
 
 
-@shape_axis
-@layouts
+@shape_axis_layout
 @all_dtypes
 @pytest.mark.parametrize("with_weight", [False, True], ids=["no-weight", "weight"])
 @arrays
