@@ -147,18 +147,29 @@ def test_forward_training(rng, shape, axis, layout, dtype, params, xp):
     C = shape[axis]
     weight, bias = parameters(rng, C, dtype, params, xp)
     before = [bits(a) for a in (x, weight, bias) if a is not None]
+    # With affine parameters of x's dtype, float32 running statistics are updated too: the
+    # update's reductions on every shape and layout (their dtypes and strides vary below).
+    rm0, rv0 = rng.standard_normal(C).astype(np.float32), rng.uniform(0.5, 2.0, C).astype(np.float32)
+    running = params == "same"
+    rm, rv = (vector(rm0, "float32", xp=xp), vector(rv0, "float32", xp=xp)) if running else (None, None)
     eps = 1e-3
-    y, saved_mean, saved_invstd = bn.forward_training(x, weight, bias, eps=eps, axis=axis)
+    y, saved_mean, saved_invstd = bn.forward_training(x, weight, bias, running_mean=rm, running_var=rv,
+                                                      momentum=0.25, eps=eps, axis=axis)
     assert_same_kind(y, x, dtype, shape)
     assert_vector(saved_mean, x, acc_dtype(dtype), C)
     assert_vector(saved_invstd, x, acc_dtype(dtype), C)
-    ref_mean, ref_var, _ = ref_statistics(x, axis)
+    ref_mean, ref_var, count = ref_statistics(x, axis)
     mt, vt = STAT_RTOL[dtype]
     assert_close(saved_mean, ref_mean, mt, scale=np.sqrt(ref_var), what="saved_mean")
     assert_close(saved_invstd, 1 / np.sqrt(ref_var + eps), vt, scale=0.0, what="saved_invstd")
     # y against float64 arithmetic on the *returned* statistics: a few ulps of y's dtype.
     assert_output(y, ref_normalize(x, saved_mean, saved_invstd, weight, bias, axis), dtype, what="y")
     assert [bits(a) for a in (x, weight, bias) if a is not None] == before
+    if running:
+        e_rm, e_rv = ref_running_update(rm0, rv0, ref_mean, ref_var, count, 0.25)
+        rtol = max(OUT_RTOL["float32"], STAT_RTOL[dtype][1])
+        assert_close(rm, e_rm, rtol, what="running_mean")
+        assert_close(rv, e_rv, rtol, what="running_var")
 
 
 @pytest.mark.parametrize("x_dtype", dtype_params())
