@@ -130,7 +130,7 @@ class TorchLib(ArrayLib):
         return None
 
     def asarray(self, values, dtype):
-        if HAVE_TORCH is False:
+        if not HAVE_TORCH:
             pytest.skip("torch is not installed")
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64)).to(
             device=self.device, dtype=getattr(torch, dtype))
@@ -184,8 +184,10 @@ CUDA_LIBS = ("cupy", "torch-cuda")
 def lib_params(names: Sequence[str] = ("numpy",) + CUDA_LIBS) -> list:
     """pytest params of array libraries. CUDA ones carry the `cuda` marker and are collected
     and skipped, with the reason, where no device (or library) is present; torch-based ones
-    carry the `torch` marker. The default is NumPy on the CPU plus both CUDA libraries: the
-    CPU's torch path is the same code after DLPack and runs in the tests named for it."""
+    carry the `torch` marker. The default is NumPy on the CPU plus both CUDA libraries. On the
+    CPU, NumPy arrays enter through the array interface and torch tensors through DLPack, the
+    CUDA arrays' route: the matrix's bfloat16 cases are torch tensors, so both routes run on
+    every shape and layout without doubling the matrix; test_torch.py covers torch itself."""
     params = []
     for name in names:
         lib = ARRAY_LIBS[name]

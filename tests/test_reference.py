@@ -67,7 +67,9 @@ SHAPE_AXES = [
 # Sized for the CUDA kernels' paths, in contiguous memory only: few channels with many values
 # (reductions split over blocks), channels-last tiles, many channels with few values, one
 # channel, two values per channel.
-CONTIGUOUS_SHAPE_AXES = [((2, 3, 40, 56), 1), ((16, 9, 9, 24), -1), ((2, 2048, 3, 1), 1), ((1, 1, 2, 3), 1), ((2, 3, 1), 1)]
+CONTIGUOUS_SHAPE_AXES = [
+    ((2, 3, 40, 56), 1), ((16, 9, 9, 24), -1), ((2, 2048, 3, 1), 1), ((1, 1, 2, 3), 1), ((2, 3, 1), 1),
+]
 
 
 def shape_id(shape, axis) -> str:

@@ -107,7 +107,8 @@ def compare(where: str, stub: List[Param], binding: List[Param]) -> List[str]:
         elif b.kind != "positional-only" and s.name != b.name:
             problems.append(f"{where}: parameter {s.name!r} in the stub is {b.name!r} in the module")
         if not same_default(s.default, b.default):
-            problems.append(f"{where}: parameter {b.name!r} defaults to {s.default} in the stub, {b.default} in the module")
+            problems.append(f"{where}: parameter {b.name!r} defaults to {s.default} in the stub, "
+                            f"{b.default} in the module")
     return problems
 
 
