@@ -127,7 +127,7 @@ def check_class(name: str, cls, node: ast.ClassDef) -> List[str]:
     # Members pybind11 adds to every class (__init__ of a class without constructor, __module__,
     # __doc__ ...) are compared only where the stub names them; everything else must match.
     built -= {"__doc__", "__module__", "__dict__", "__weakref__"}
-    if "__init__" not in members and getattr(cls.__init__, "__doc__", "").startswith(f"__init__(self: "):
+    if "__init__" not in members and (cls.__init__.__doc__ or "").startswith("__init__(self: "):
         problems.append(f"{name}.__init__ is bound but missing from the stub")
     for member in sorted(built | set(members)):
         where = f"{name}.{member}"
