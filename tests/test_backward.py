@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import batchnorm as bn
-from conftest import OUT_RTOL, assert_close, bcast, make_input, to_f64
+from helpers import OUT_RTOL, assert_close, bcast, make_input, to_f64
 
 
 def loss(x, w, b, g, axis):

@@ -15,8 +15,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 import batchnorm as bn  # noqa: E402
 from batchnorm import _C  # noqa: E402
-from conftest import STAT_RTOL, assert_close, assert_output, channel_values, ref_backward, ref_normalize  # noqa: E402
-from conftest import ref_running_update, ref_statistics, to_f64  # noqa: E402
+from helpers import STAT_RTOL, assert_close, assert_output, channel_values, ref_backward, ref_normalize  # noqa: E402
+from helpers import ref_running_update, ref_statistics, to_f64  # noqa: E402
 
 SENTINEL_BYTE = 0xA5  # as float16/32/64 bytes: a large negative value no result can produce
 

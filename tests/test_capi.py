@@ -17,6 +17,7 @@ import pytest
 import batchnorm as bn
 
 SOURCES = Path(__file__).parent / "capi"
+pytestmark = pytest.mark.slow  # a CMake build of the C and C++ programs first (seconds)
 PROGRAMS = ("capi_c", "capi_cxx")
 STATUS = {ValueError: 1, TypeError: 2}
 N, C, H, W = 4, 3, 5, 6

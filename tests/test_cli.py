@@ -84,6 +84,7 @@ def test_cli_bench_help_names_its_output_folder(tmp_path):
     assert "about a minute" in text  # --quick: what it takes, measured, not "seconds"
 
 
+@pytest.mark.slow
 def test_cli_bench_writes_into_batchnorm_bench_and_says_where(tmp_path):
     pytest.importorskip("matplotlib", reason="the chart needs matplotlib")
     done = subprocess.run([sys.executable, "-m", "batchnorm", "bench", "--shapes", "64x8", "--ops", "inf",

@@ -1,6 +1,7 @@
 """Bitwise reproducibility: the same inputs give the same bits whatever the CPU thread count
-(1, 2, 3), whatever the ISA level (BATCHNORM_ISA, compared across subprocesses), and when four
-Python threads call at once (the GIL is released around the native work)."""
+(1, 2, 3), whatever the ISA level (BATCHNORM_ISA, compared across subprocesses), when four
+Python threads call at once (the GIL is released around the native work), and from call to
+call on every device."""
 from __future__ import annotations
 
 import hashlib
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 import batchnorm as bn
+import helpers
 
 
 def bits(a) -> bytes:
@@ -134,6 +136,7 @@ def run_with_isa(level: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_isa_levels_give_identical_bits():
     results = {level: run_with_isa(level) for level in ("baseline", "avx2", "avx512")}
     assert results["baseline"]["simd"] == "baseline", "BATCHNORM_ISA=baseline must select the baseline kernels"
@@ -162,6 +165,24 @@ def test_concurrent_python_threads_match_serial(restore_threads):
 def test_repeated_calls_are_identical():
     x, dy, axis = case_input("channels-last")
     assert run_all(x, dy, axis) == run_all(x, dy, axis)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", helpers.dtype_params())
+@pytest.mark.parametrize("xp", helpers.lib_params())
+def test_repeated_calls_are_identical_on_every_device(rng, xp, dtype, channels_last):
+    """Shapes with many split work items (blocks of a channel on CUDA, groups on the CPU): the
+    partial results are combined in a fixed order, never by atomics."""
+    shape, axis = ((16, 64, 48, 8), -1) if channels_last else ((16, 3, 96, 128), 1)
+    x = helpers.cast(rng.standard_normal(shape) + 5, dtype, xp)
+    dy = helpers.cast(rng.standard_normal(shape), dtype, xp)
+    runs = []
+    for _ in range(2):
+        y, m, s = bn.forward_training(x, axis=axis)
+        mean, var, _ = bn.statistics(x, axis=axis)
+        dx, dw, db = bn.backward(dy, x, m, s, axis=axis)
+        runs.append([helpers.bits(a) for a in (y, m, s, mean, var, dx, dw, db)])
+    assert runs[0] == runs[1]
 
 
 def test_digest_helper_sees_differences():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import batchnorm as bn
-from conftest import snapshot
+from helpers import snapshot
 
 C = 3
 SHAPE = (4, C, 5)

@@ -1,6 +1,7 @@
 """Property tests: random rank (2..5), small shapes, any channel axis, and arbitrary strided
 views (memory order permuted, every axis sliced with steps of +-1 or +-2) for statistics,
-forward_training (with out= and running statistics) and backward against the reference."""
+forward_training (with out= and running statistics) and backward against the reference, on
+every device (NumPy on the CPU, CuPy and torch on CUDA; torch draws positive steps only)."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,7 +12,10 @@ from hypothesis import assume, given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import batchnorm as bn  # noqa: E402
-from conftest import (  # noqa: E402
+from helpers import (  # noqa: E402
+    NUMPY,
+    cast,
+    lib_params,
     STAT_RTOL,
     acc_dtype,
     assert_close,
@@ -39,11 +43,11 @@ def shapes_and_axes(draw, min_count: int = 1):
 
 
 @st.composite
-def layouts(draw, rank: int, axis: int):
+def layouts(draw, rank: int, axis: int, negative: bool = True):
     """(memory order of the logical axes, slicing step of each axis). Half of the draws put
     the channels innermost with unit step, the channels-last kernels' layout."""
     order = list(draw(st.permutations(range(rank))))
-    steps = draw(st.lists(st.sampled_from([1, 1, 2, -1, -2]), min_size=rank, max_size=rank))
+    steps = draw(st.lists(st.sampled_from([1, 1, 2, -1, -2] if negative else [1, 1, 2]), min_size=rank, max_size=rank))
     if draw(st.booleans()):
         ax = axis % rank
         order = [d for d in order if d != ax] + [ax]
@@ -51,25 +55,33 @@ def layouts(draw, rank: int, axis: int):
     return order, steps
 
 
-def strided(values: np.ndarray, dtype: str, layout, fill: float = np.nan) -> np.ndarray:
-    """`values` (logical shape) stored as `dtype` in a buffer of the drawn memory order and
-    viewed through the drawn steps; the gaps hold `fill`."""
+def strided(values: np.ndarray, dtype: str, layout, fill: float = np.nan, xp=NUMPY):
+    """`values` (logical shape) stored as `dtype` by `xp` in a buffer of the drawn memory order
+    and viewed through the drawn steps; the gaps hold `fill`. The buffer is laid out on the
+    host, moved once, and viewed with the library's own transpose and slicing."""
     order, steps = layout
     big_logical = [n * abs(s) for n, s in zip(values.shape, steps)]
-    buf = np.full([big_logical[d] for d in order], fill).astype(dtype)
-    view = buf.transpose(np.argsort(order))
+    buf = np.full([big_logical[d] for d in order], fill)
     index = tuple(slice(None, None, s) for s in steps)
-    view[index] = values
-    out = view[index]
-    assert out.shape == values.shape
+    buf.transpose(np.argsort(order))[index] = values
+    out = xp.view(xp.permute(cast(buf, dtype, xp), np.argsort(order)), index)
+    assert tuple(out.shape) == values.shape
     return out
 
 
+def draw_layout(data, shape, axis, xp):
+    return data.draw(layouts(len(shape), axis, negative=not xp.name.startswith("torch")))
+
+
+arrays = pytest.mark.parametrize("xp", lib_params())
+
+
+@arrays
 @given(sa=shapes_and_axes(), dtype=DTYPES, data=st.data(), seed=st.integers(0, 2**32 - 1))
-def test_statistics_any_strides(sa, dtype, data, seed):
+def test_statistics_any_strides(xp, sa, dtype, data, seed):
     shape, axis = sa
     rng = np.random.default_rng(seed)
-    x = strided(channel_values(rng, shape, axis, loc=5.0), dtype, data.draw(layouts(len(shape), axis)))
+    x = strided(channel_values(rng, shape, axis, loc=5.0), dtype, draw_layout(data, shape, axis, xp), xp=xp)
     mean, var, count = bn.statistics(x, axis=axis)
     ref_mean, ref_var, ref_count = ref_statistics(x, axis)
     assert count == ref_count
@@ -80,22 +92,23 @@ def test_statistics_any_strides(sa, dtype, data, seed):
     assert_close(var, ref_var, vt, scale=1e-6 * ref_mean**2 * (dtype != "float64"), what="var")
 
 
+@arrays
 @given(sa=shapes_and_axes(min_count=2), dtype=DTYPES, data=st.data(), seed=st.integers(0, 2**32 - 1),
        affine=st.booleans(), running=st.booleans(), use_out=st.sampled_from(["none", "fresh", "x"]))
-def test_forward_training_any_strides(sa, dtype, data, seed, affine, running, use_out):
+def test_forward_training_any_strides(xp, sa, dtype, data, seed, affine, running, use_out):
     shape, axis = sa
     rng = np.random.default_rng(seed)
     C = shape[axis]
-    x = strided(channel_values(rng, shape, axis), dtype, data.draw(layouts(len(shape), axis)))
+    x = strided(channel_values(rng, shape, axis), dtype, draw_layout(data, shape, axis, xp), xp=xp)
     x_ref = to_f64(x)
-    weight = rng.uniform(0.5, 2, C) if affine else None
-    bias = rng.standard_normal(C) if affine else None
-    rm = rng.standard_normal(C).astype(np.float32) if running else None
-    rv = rng.uniform(0.5, 2, C).astype(np.float32) if running else None
-    rm0, rv0 = (rm.copy(), rv.copy()) if running else (None, None)
+    weight = cast(rng.uniform(0.5, 2, C), "float64", xp) if affine else None
+    bias = cast(rng.standard_normal(C), "float64", xp) if affine else None
+    rm = cast(rng.standard_normal(C), "float32", xp) if running else None
+    rv = cast(rng.uniform(0.5, 2, C), "float32", xp) if running else None
+    rm0, rv0 = (to_f64(rm), to_f64(rv)) if running else (None, None)
     out = None
     if use_out == "fresh":
-        out = strided(np.full(shape, np.nan), dtype, data.draw(layouts(len(shape), axis)))
+        out = strided(np.full(shape, np.nan), dtype, draw_layout(data, shape, axis, xp), xp=xp)
     elif use_out == "x":
         out = x
     y, mean, invstd = bn.forward_training(x, weight, bias, running_mean=rm, running_var=rv, axis=axis, out=out,
@@ -113,20 +126,21 @@ def test_forward_training_any_strides(sa, dtype, data, seed, affine, running, us
         assert_close(rv, e_rv, 1e-5, what="running_var")
 
 
+@arrays
 @given(sa=shapes_and_axes(min_count=2), dtype=DTYPES, data=st.data(), seed=st.integers(0, 2**32 - 1),
        affine=st.booleans(), use_out=st.sampled_from(["none", "fresh", "dy"]))
-def test_backward_any_strides(sa, dtype, data, seed, affine, use_out):
+def test_backward_any_strides(xp, sa, dtype, data, seed, affine, use_out):
     shape, axis = sa
     rng = np.random.default_rng(seed)
     C = shape[axis]
-    x = strided(channel_values(rng, shape, axis), dtype, data.draw(layouts(len(shape), axis)))
-    dy = strided(rng.standard_normal(shape), dtype, data.draw(layouts(len(shape), axis)))
+    x = strided(channel_values(rng, shape, axis), dtype, draw_layout(data, shape, axis, xp), xp=xp)
+    dy = strided(rng.standard_normal(shape), dtype, draw_layout(data, shape, axis, xp), xp=xp)
     dy_ref, x_bits = to_f64(dy), bits(x)
-    weight = rng.uniform(0.5, 2, C) * rng.choice([-1, 1], C) if affine else None
+    weight = cast(rng.uniform(0.5, 2, C) * rng.choice([-1, 1], C), "float64", xp) if affine else None
     _, mean, invstd = bn.forward_training(x, weight, axis=axis)
     out = None
     if use_out == "fresh":
-        out = strided(np.full(shape, np.nan), dtype, data.draw(layouts(len(shape), axis)))
+        out = strided(np.full(shape, np.nan), dtype, draw_layout(data, shape, axis, xp), xp=xp)
     elif use_out == "dy":
         out = dy
     dx, dweight, dbias = bn.backward(dy, x, mean, invstd, weight, axis=axis, out=out)
@@ -136,7 +150,7 @@ def test_backward_any_strides(sa, dtype, data, seed, affine, use_out):
     e_dx, e_dw, e_db = ref_backward(dy_ref, x, mean, invstd, weight, axis)
     nd = len(shape)
     red = tuple(d for d in range(nd) if d != axis % nd)
-    w = np.ones(C) if weight is None else weight
+    w = np.ones(C) if weight is None else to_f64(weight)
     shape_c = [1] * nd
     shape_c[axis] = C
     dx_scale = max(np.abs(e_dx).max(), (np.abs(dy_ref) * np.abs(w * to_f64(invstd)).reshape(shape_c)).max())

@@ -146,6 +146,7 @@ def test_grad_matches_jnp_reference(dtype, layout):
         close(got, ref, GRAD_TOL[dtype])
 
 
+@pytest.mark.slow
 def test_grad_through_running_statistics_and_in_inference():
     x = data((10, 4), "float32", shift=2.0)
     w, b, rm, rv = params(4)
@@ -186,6 +187,7 @@ def test_grad_through_running_statistics_and_in_inference():
 
 # ---- vmap ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_vmap_keeps_mapped_slices_independent():
     shape, axis = LAYOUTS["channels_last"]
     # Slices at very different scales: folding the mapped axis into the statistics would show.
@@ -317,6 +319,7 @@ def train_three_steps(norm, axis, x, labels):
     return state[0], state[1], eval_out
 
 
+@pytest.mark.slow
 @needs_flax
 @pytest.mark.parametrize("axis", [-1, 1], ids=["channels_last", "channels_first"])
 def test_flax_model_trains_like_flax_batchnorm(axis):
@@ -356,6 +359,7 @@ def test_flax_module_dtypes_match_flax(dtype):
 
 # ---- shard_map (4 host devices, own process) ------------------------------------------------
 
+@pytest.mark.slow
 def test_shard_map_matches_unsharded():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import batchnorm as bn
-from conftest import assert_close, make_input, ref_backward, ref_normalize, ref_running_update, ref_statistics
+from helpers import assert_close, make_input, ref_backward, ref_normalize, ref_running_update, ref_statistics
 
 
 def test_initial_state():

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import batchnorm as bn
-from conftest import HAVE_TORCH, assert_close, assert_output, ref_backward, ref_fold, ref_merge_statistics
-from conftest import ref_normalize, ref_statistics, to_f64, torch
+from helpers import HAVE_TORCH, assert_close, assert_output, ref_backward, ref_fold, ref_merge_statistics
+from helpers import ref_normalize, ref_statistics, to_f64, torch
 
 HALVES = ["float16"] + (["bfloat16"] if HAVE_TORCH else [])
 

@@ -11,7 +11,7 @@ import pytest
 
 import batchnorm as bn
 import test_determinism as td
-from conftest import HAVE_TORCH, torch
+from helpers import HAVE_TORCH, torch
 
 DTYPES = ["float16", "float32", "float64"] + (["bfloat16"] if HAVE_TORCH else [])
 CUDA = bn.info()["cuda"]["available"] and HAVE_TORCH and torch.cuda.is_available()

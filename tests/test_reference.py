@@ -1,14 +1,18 @@
-"""Every op of the contract against the float64 NumPy reference of conftest.py, over shapes,
-channel axes, memory layouts, dtypes, parameter variants and `out=`; plus merge_statistics,
-fold (checked by running the folded conv) and the numerical-stability promises."""
+"""Every op of the contract against the float64 NumPy reference of helpers.py, over shapes,
+channel axes, memory layouts, dtypes, parameter variants and `out=`, on every device: the array
+library `xp` is a parameter (NumPy on the CPU; CuPy and torch on CUDA, skipped with the reason
+where there is no GPU), and only the creation of the inputs differs between devices. Plus
+merge_statistics, fold (checked by running the folded conv) and the numerical-stability
+promises."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 import batchnorm as bn
-from conftest import (
+from helpers import (
     LAYOUTS,
+    NUMPY,
     OUT_RTOL,
     CONTRACT_MEAN_RTOL,
     CONTRACT_VAR_RTOL,
@@ -16,7 +20,9 @@ from conftest import (
     acc_dtype,
     assert_close,
     assert_output,
+    assert_same_kind,
     assert_statistics,
+    base_of,
     bcast,
     bits,
     cast,
@@ -24,7 +30,7 @@ from conftest import (
     dtype_name,
     dtype_params,
     empty_like_dtype,
-    is_torch,
+    lib_params,
     make_input,
     place,
     ref_backward,
@@ -35,6 +41,7 @@ from conftest import (
     ref_running_update,
     ref_statistics,
     to_f64,
+    to_host,
     vector,
 )
 
@@ -57,34 +64,44 @@ SHAPE_AXES = [
     ((3, 4, 5, 20), -1),
     ((40, 17), 1),
 ]
-SHAPE_AXIS_IDS = [f"{'x'.join(map(str, s))}-axis{a}" for s, a in SHAPE_AXES]
-shape_axis = pytest.mark.parametrize("shape,axis", SHAPE_AXES, ids=SHAPE_AXIS_IDS)
-layouts = pytest.mark.parametrize("layout", LAYOUTS)
+# Sized for the CUDA kernels' paths, in contiguous memory only: few channels with many values
+# (reductions split over blocks), channels-last tiles, many channels with few values, one
+# channel, two values per channel.
+CONTIGUOUS_SHAPE_AXES = [
+    ((2, 3, 40, 56), 1), ((16, 9, 9, 24), -1), ((2, 2048, 3, 1), 1), ((1, 1, 2, 3), 1), ((2, 3, 1), 1),
+]
+
+
+def shape_id(shape, axis) -> str:
+    return f"{'x'.join(map(str, shape))}-axis{axis}"
+
+
+shape_axis_layout = pytest.mark.parametrize(
+    "shape,axis,layout",
+    [pytest.param(s, a, lay, id=f"{lay}-{shape_id(s, a)}") for (s, a) in SHAPE_AXES for lay in LAYOUTS]
+    + [pytest.param(s, a, "contiguous", id=f"contiguous-{shape_id(s, a)}") for (s, a) in CONTIGUOUS_SHAPE_AXES],
+)
 all_dtypes = pytest.mark.parametrize("dtype", dtype_params())
 # weight/bias: absent; of x's dtype; of another dtype (float64, or float32 for float64 x) as
 # stride-2 views.
 AFFINE = ("none", "same", "other-strided")
 affine = pytest.mark.parametrize("params", AFFINE)
+# The array library (and so the device) of a test's arrays.
+arrays = pytest.mark.parametrize("xp", lib_params())
 
 
 def other_dtype(dtype: str) -> str:
     return "float32" if dtype == "float64" else "float64"
 
 
-def parameters(rng, C: int, dtype: str, variant: str):
+def parameters(rng, C: int, dtype: str, variant: str, xp=NUMPY):
     if variant == "none":
         return None, None
     w = rng.uniform(0.5, 2.0, C) * rng.choice([-1.0, 1.0], C)
     b = rng.standard_normal(C)
     if variant == "same":
-        return vector(w, dtype), vector(b, dtype)
-    return vector(w, other_dtype(dtype), strided=True), vector(b, other_dtype(dtype), strided=True)
-
-
-def assert_same_kind(result, x, dtype: str, shape) -> None:
-    assert is_torch(result) == is_torch(x), f"result is {type(result).__name__}, x is {type(x).__name__}"
-    assert dtype_name(result) == dtype
-    assert tuple(result.shape) == tuple(shape)
+        return vector(w, dtype, xp=xp), vector(b, dtype, xp=xp)
+    return vector(w, other_dtype(dtype), True, xp), vector(b, other_dtype(dtype), True, xp)
 
 
 def assert_vector(v, x, dtype: str, C: int) -> None:
@@ -94,11 +111,11 @@ def assert_vector(v, x, dtype: str, C: int) -> None:
 # ---- statistics ---------------------------------------------------------------------------------
 
 
-@shape_axis
-@layouts
+@shape_axis_layout
 @all_dtypes
-def test_statistics(rng, shape, axis, layout, dtype):
-    x = make_input(rng, shape, dtype, layout, axis)
+@arrays
+def test_statistics(rng, shape, axis, layout, dtype, xp):
+    x = make_input(rng, shape, dtype, layout, axis, xp)
     before = bits(x)
     mean, var, count = bn.statistics(x, axis=axis)
     C = shape[axis]
@@ -108,6 +125,9 @@ def test_statistics(rng, shape, axis, layout, dtype):
     assert_vector(var, x, acc_dtype(dtype), C)
     assert_statistics(mean, var, ref_mean, ref_var, dtype)
     assert bits(x) == before
+    # The CPU path on a host copy of the same values agrees to the same tolerance.
+    cpu_mean, cpu_var, _ = bn.statistics(to_host(x), axis=axis)
+    assert_statistics(mean, var, cpu_mean, cpu_var, dtype, what="vs CPU")
 
 
 def test_statistics_default_axis_is_1(rng):
@@ -120,39 +140,51 @@ def test_statistics_default_axis_is_1(rng):
 # ---- forward_training ---------------------------------------------------------------------------
 
 
-@shape_axis
-@layouts
+@shape_axis_layout
 @all_dtypes
 @affine
-def test_forward_training(rng, shape, axis, layout, dtype, params):
-    x = make_input(rng, shape, dtype, layout, axis)
+@arrays
+def test_forward_training(rng, shape, axis, layout, dtype, params, xp):
+    x = make_input(rng, shape, dtype, layout, axis, xp)
     C = shape[axis]
-    weight, bias = parameters(rng, C, dtype, params)
+    weight, bias = parameters(rng, C, dtype, params, xp)
     before = [bits(a) for a in (x, weight, bias) if a is not None]
+    # With affine parameters of x's dtype, float32 running statistics are updated too: the
+    # update's reductions on every shape and layout (their dtypes and strides vary below).
+    rm0, rv0 = rng.standard_normal(C).astype(np.float32), rng.uniform(0.5, 2.0, C).astype(np.float32)
+    running = params == "same"
+    rm, rv = (vector(rm0, "float32", xp=xp), vector(rv0, "float32", xp=xp)) if running else (None, None)
     eps = 1e-3
-    y, saved_mean, saved_invstd = bn.forward_training(x, weight, bias, eps=eps, axis=axis)
+    y, saved_mean, saved_invstd = bn.forward_training(x, weight, bias, running_mean=rm, running_var=rv,
+                                                      momentum=0.25, eps=eps, axis=axis)
     assert_same_kind(y, x, dtype, shape)
     assert_vector(saved_mean, x, acc_dtype(dtype), C)
     assert_vector(saved_invstd, x, acc_dtype(dtype), C)
-    ref_mean, ref_var, _ = ref_statistics(x, axis)
+    ref_mean, ref_var, count = ref_statistics(x, axis)
     mt, vt = STAT_RTOL[dtype]
     assert_close(saved_mean, ref_mean, mt, scale=np.sqrt(ref_var), what="saved_mean")
     assert_close(saved_invstd, 1 / np.sqrt(ref_var + eps), vt, scale=0.0, what="saved_invstd")
     # y against float64 arithmetic on the *returned* statistics: a few ulps of y's dtype.
     assert_output(y, ref_normalize(x, saved_mean, saved_invstd, weight, bias, axis), dtype, what="y")
     assert [bits(a) for a in (x, weight, bias) if a is not None] == before
+    if running:
+        e_rm, e_rv = ref_running_update(rm0, rv0, ref_mean, ref_var, count, 0.25)
+        rtol = max(OUT_RTOL["float32"], STAT_RTOL[dtype][1])
+        assert_close(rm, e_rm, rtol, what="running_mean")
+        assert_close(rv, e_rv, rtol, what="running_var")
 
 
 @pytest.mark.parametrize("x_dtype", dtype_params())
 @pytest.mark.parametrize("running_dtype", dtype_params())
 @pytest.mark.parametrize("strided", [False, True], ids=["dense", "strided"])
-def test_forward_training_running_stats(rng, x_dtype, running_dtype, strided):
+@arrays
+def test_forward_training_running_stats(rng, x_dtype, running_dtype, strided, xp):
     shape, axis = (5, 4, 3, 3), 1
-    x = make_input(rng, shape, x_dtype, "contiguous", axis)
+    x = make_input(rng, shape, x_dtype, "contiguous", axis, xp)
     rm0 = rng.standard_normal(4)
     rv0 = rng.uniform(0.5, 2.0, 4)
-    running_mean = vector(rm0, running_dtype, strided)
-    running_var = vector(rv0, running_dtype, strided)
+    running_mean = vector(rm0, running_dtype, strided, xp)
+    running_var = vector(rv0, running_dtype, strided, xp)
     rm_start, rv_start = to_f64(running_mean), to_f64(running_var)
     momentum = 0.25
     y, saved_mean, _ = bn.forward_training(x, running_mean=running_mean, running_var=running_var, momentum=momentum)
@@ -164,8 +196,8 @@ def test_forward_training_running_stats(rng, x_dtype, running_dtype, strided):
     assert_close(running_var, exp_rv, rtol, what="running_var")
     if strided:  # the gaps between the strided elements are untouched (NaN)
         for r in (running_mean, running_var):
-            parent = r._base if is_torch(r) else r.base
-            assert np.isnan(to_f64(parent)[1::2]).all() and not np.isnan(to_f64(parent)[::2]).any()
+            parent = to_f64(base_of(r))
+            assert np.isnan(parent[1::2]).all() and not np.isnan(parent[::2]).any()
 
 
 @pytest.mark.parametrize("dtype", dtype_params(["float32", "float64"]))
@@ -181,6 +213,28 @@ def test_running_stats_momentum_0_and_1(rng, dtype, layout):
     np.testing.assert_array_equal(rm, saved_mean.astype(dtype))  # momentum 1: the batch mean itself
     ref_mean, ref_var, count = ref_statistics(x, axis)
     assert_close(rv, ref_var * count / (count - 1), STAT_RTOL[dtype][1], scale=0.0, what="unbiased running_var")
+
+
+@arrays
+def test_parameter_vectors_of_any_dtype_and_stride(rng, xp):
+    """weight float16 with stride 2, bias float64 with stride -1, running_mean float16 updated in
+    float16, running_var float64 with stride 3 whose other elements stay as they were."""
+    C = 7
+    x = make_input(rng, (6, C, 11), "float32", xp=xp)
+    w_np, b_np = rng.standard_normal(C), rng.standard_normal(C)
+    rm_np, rv_np = rng.standard_normal(C), rng.random(C) + 0.5
+    w = xp.view(cast(np.repeat(w_np, 2), "float16", xp), (slice(None, None, 2),))
+    b = place(b_np[None, :], "float64", "reversed", 1, xp)[0]  # stride -1
+    rm = cast(rm_np, "float16", xp)
+    rv_big = cast(np.repeat(rv_np, 3), "float64", xp)
+    rv = xp.view(rv_big, (slice(None, None, 3),))
+    y, mean, invstd = bn.forward_training(x, w, b, running_mean=rm, running_var=rv, momentum=0.5)
+    ref_mean, ref_var, n = ref_statistics(x)
+    assert_output(y, ref_normalize(x, mean, invstd, w, b_np), "float32", what="y")
+    expect_rm = (0.5 * rm_np.astype(np.float16).astype(np.float64) + 0.5 * ref_mean).astype(np.float16)
+    assert_close(rm, expect_rm, 2e-3, what="float16 running_mean")
+    assert_close(rv, 0.5 * rv_np + 0.5 * ref_var * n / (n - 1), 1e-6, scale=0.0, what="strided running_var")
+    np.testing.assert_array_equal(to_f64(rv_big).reshape(C, 3)[:, 1:], np.repeat(rv_np, 3).reshape(C, 3)[:, 1:])
 
 
 def test_running_stats_accumulate_over_steps(rng):
@@ -199,21 +253,21 @@ def test_running_stats_accumulate_over_steps(rng):
 OUT_KINDS = ("contiguous", "strided", "transposed", "x")
 
 
-def make_out(x, dtype: str, kind: str, axis: int):
+def make_out(x, dtype: str, kind: str, axis: int, xp=NUMPY):
     """A preallocated output like x: dense, a stride-2 view (NaN gaps), other strides, or x."""
     if kind == "x":
         return x
     shape = tuple(x.shape)
     if kind == "contiguous":
-        return empty_like_dtype(shape, dtype)
-    return place(np.full(shape, np.nan), dtype, "sliced" if kind == "strided" else "transposed", axis)
+        return empty_like_dtype(shape, dtype, xp=xp)
+    return place(np.full(shape, np.nan), dtype, "sliced" if kind == "strided" else "transposed", axis, xp)
 
 
 def gaps_untouched(out, kind: str) -> None:
     """A strided out's parent buffer (NaN-filled) changed exactly at out's elements."""
     if kind != "strided":
         return
-    parent = out._base if is_torch(out) else out.base
+    parent = base_of(out)
     assert parent is not None
     written = ~np.isnan(to_f64(parent))
     assert int(written.sum()) == int(np.prod(out.shape)), "out= wrote outside its elements"
@@ -223,12 +277,13 @@ def gaps_untouched(out, kind: str) -> None:
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 @all_dtypes
 @pytest.mark.parametrize("kind", OUT_KINDS)
-def test_forward_training_out(rng, shape, axis, layout, dtype, kind):
-    x = make_input(rng, shape, dtype, layout, axis)
+@arrays
+def test_forward_training_out(rng, shape, axis, layout, dtype, kind, xp):
+    x = make_input(rng, shape, dtype, layout, axis, xp)
     x_ref = to_f64(x)
     C = shape[axis]
-    weight, bias = parameters(rng, C, dtype, "other-strided")
-    out = make_out(x, dtype, kind, axis)
+    weight, bias = parameters(rng, C, dtype, "other-strided", xp)
+    out = make_out(x, dtype, kind, axis, xp)
     y, saved_mean, saved_invstd = bn.forward_training(x, weight, bias, axis=axis, out=out)
     assert y is out
     ref_mean, ref_var, _ = ref_statistics(x_ref, axis)
@@ -240,24 +295,24 @@ def test_forward_training_out(rng, shape, axis, layout, dtype, kind):
 # ---- forward_inference --------------------------------------------------------------------------
 
 
-def inference_stats(rng, C: int, dtype: str, variant: str):
+def inference_stats(rng, C: int, dtype: str, variant: str, xp=NUMPY):
     mean, var = rng.standard_normal(C), rng.uniform(0.3, 3.0, C)
     if variant == "none":
-        return vector(mean, "float32"), vector(var, "float32")
+        return vector(mean, "float32", xp=xp), vector(var, "float32", xp=xp)
     if variant == "same":
-        return vector(mean, dtype), vector(var, dtype)
-    return vector(mean, other_dtype(dtype), strided=True), vector(var, other_dtype(dtype), strided=True)
+        return vector(mean, dtype, xp=xp), vector(var, dtype, xp=xp)
+    return vector(mean, other_dtype(dtype), True, xp), vector(var, other_dtype(dtype), True, xp)
 
 
-@shape_axis
-@layouts
+@shape_axis_layout
 @all_dtypes
 @affine
-def test_forward_inference(rng, shape, axis, layout, dtype, params):
-    x = make_input(rng, shape, dtype, layout, axis)
+@arrays
+def test_forward_inference(rng, shape, axis, layout, dtype, params, xp):
+    x = make_input(rng, shape, dtype, layout, axis, xp)
     C = shape[axis]
-    weight, bias = parameters(rng, C, dtype, params)
-    mean, var = inference_stats(rng, C, dtype, params)
+    weight, bias = parameters(rng, C, dtype, params, xp)
+    mean, var = inference_stats(rng, C, dtype, params, xp)
     before = [bits(a) for a in (x, mean, var, weight, bias) if a is not None]
     y = bn.forward_inference(x, mean, var, weight, bias, eps=1e-4, axis=axis)
     assert_same_kind(y, x, dtype, shape)
@@ -268,13 +323,17 @@ def test_forward_inference(rng, shape, axis, layout, dtype, params):
 @pytest.mark.parametrize("shape,axis", [((3, 4, 5, 6), 1), ((3, 4, 5, 6), -1), ((7, 5), 0)], ids=["NCHW", "NHWC", "CN"])
 @all_dtypes
 @pytest.mark.parametrize("kind", OUT_KINDS)
-def test_forward_inference_out(rng, shape, axis, dtype, kind):
-    x = make_input(rng, shape, dtype, "contiguous", axis)
+@arrays
+def test_forward_inference_out(rng, shape, axis, dtype, kind, xp):
+    x = make_input(rng, shape, dtype, "contiguous", axis, xp)
     x_ref = to_f64(x)
     C = shape[axis]
-    mean, var = inference_stats(rng, C, dtype, "other-strided")
-    weight, bias = parameters(rng, C, dtype, "same")
-    out = make_out(x, dtype, kind, axis)
+    # Parameters of four different dtypes (the contract allows any of the four for each).
+    mean = vector(rng.standard_normal(C), "float32", xp=xp)
+    var = vector(rng.uniform(0.3, 3.0, C), other_dtype(dtype), True, xp)
+    weight = vector(rng.uniform(0.5, 2.0, C), "float16", xp=xp)
+    bias = vector(rng.standard_normal(C), "float64", True, xp)
+    out = make_out(x, dtype, kind, axis, xp)
     y = bn.forward_inference(x, mean, var, weight, bias, axis=axis, out=out)
     assert y is out
     assert_output(out, ref_forward_inference(x_ref, mean, var, weight, bias, 1e-5, axis), dtype, what="out")
@@ -318,15 +377,15 @@ def assert_backward(dx, dweight, dbias, dy, x, mean, invstd, weight, axis, dtype
     assert_close(dbias, e_db, acc, scale=np.abs(dy64).sum(axis=red), what=f"{what} dbias")
 
 
-@shape_axis
-@layouts
+@shape_axis_layout
 @all_dtypes
 @pytest.mark.parametrize("with_weight", [False, True], ids=["no-weight", "weight"])
-def test_backward(rng, shape, axis, layout, dtype, with_weight):
-    x = make_input(rng, shape, dtype, layout, axis)
-    dy = make_input(rng, shape, dtype, layout, axis)
+@arrays
+def test_backward(rng, shape, axis, layout, dtype, with_weight, xp):
+    x = make_input(rng, shape, dtype, layout, axis, xp)
+    dy = make_input(rng, shape, dtype, layout, axis, xp)
     C = shape[axis]
-    weight = parameters(rng, C, dtype, "other-strided")[0] if with_weight else None
+    weight = parameters(rng, C, dtype, "other-strided", xp)[0] if with_weight else None
     _, mean, invstd = bn.forward_training(x, weight, axis=axis)
     before = [bits(a) for a in (dy, x, mean, invstd, weight) if a is not None]
     dx, dweight, dbias = bn.backward(dy, x, mean, invstd, weight, axis=axis)
@@ -340,10 +399,11 @@ def test_backward(rng, shape, axis, layout, dtype, with_weight):
 @pytest.mark.parametrize("x_layout", LAYOUTS)
 @pytest.mark.parametrize("dy_layout", LAYOUTS)
 @pytest.mark.parametrize("axis", [1, -1])
-def test_backward_mixed_layouts(rng, x_layout, dy_layout, axis):
+@arrays
+def test_backward_mixed_layouts(rng, x_layout, dy_layout, axis, xp):
     shape = (3, 4, 5, 6)
-    x = make_input(rng, shape, "float32", x_layout, axis)
-    dy = make_input(rng, shape, "float32", dy_layout, axis)
+    x = make_input(rng, shape, "float32", x_layout, axis, xp)
+    dy = make_input(rng, shape, "float32", dy_layout, axis, xp)
     _, mean, invstd = bn.forward_training(x, axis=axis)
     dx, dweight, dbias = bn.backward(dy, x, mean, invstd, axis=axis)
     assert_backward(dx, dweight, dbias, dy, x, mean, invstd, None, axis, "float32")
@@ -352,13 +412,14 @@ def test_backward_mixed_layouts(rng, x_layout, dy_layout, axis):
 @pytest.mark.parametrize("shape,axis", [((3, 4, 5, 6), 1), ((3, 4, 5, 6), -1)], ids=["NCHW", "NHWC"])
 @all_dtypes
 @pytest.mark.parametrize("kind", ["contiguous", "strided", "transposed", "dy"])
-def test_backward_out(rng, shape, axis, dtype, kind):
-    x = make_input(rng, shape, dtype, "contiguous", axis)
-    dy = make_input(rng, shape, dtype, "contiguous", axis)
+@arrays
+def test_backward_out(rng, shape, axis, dtype, kind, xp):
+    x = make_input(rng, shape, dtype, "contiguous", axis, xp)
+    dy = make_input(rng, shape, dtype, "contiguous", axis, xp)
     dy_ref = to_f64(dy)
-    weight = parameters(rng, shape[axis], dtype, "same")[0]
+    weight = parameters(rng, shape[axis], dtype, "same", xp)[0]
     _, mean, invstd = bn.forward_training(x, weight, axis=axis)
-    out = dy if kind == "dy" else make_out(x, dtype, kind, axis)
+    out = dy if kind == "dy" else make_out(x, dtype, kind, axis, xp)
     dx, dweight, dbias = bn.backward(dy, x, mean, invstd, weight, axis=axis, out=out)
     assert dx is out
     assert_backward(out, dweight, dbias, cast(dy_ref, dtype), x, mean, invstd, weight, axis, dtype)
@@ -378,16 +439,17 @@ def test_backward_with_arbitrary_statistics(rng):
 
 @pytest.mark.parametrize("dtype", dtype_params(("float16", "float32", "float64")))
 @pytest.mark.parametrize("axis", [1, -1])
-def test_merge_statistics_matches_whole_batch(rng, dtype, axis):
-    x = make_input(rng, (12, 4, 3, 5), dtype, "contiguous", axis, loc=3.0)
+@arrays
+def test_merge_statistics_matches_whole_batch(rng, dtype, axis, xp):
+    x = make_input(rng, (12, 4, 3, 5), dtype, "contiguous", axis, xp, loc=3.0)
     sizes = [3, 0, 1, 6, 2]  # a zero-count shard and a one-value-per-position shard
     means, vars, counts = [], [], []
     start = 0
     for size in sizes:
         C = x.shape[axis]
         if size == 0:  # garbage statistics that must be ignored
-            means.append(np.full(C, np.nan, np.float32))
-            vars.append(np.full(C, np.nan, np.float32))
+            means.append(cast(np.full(C, np.nan), "float32", xp))
+            vars.append(cast(np.full(C, np.nan), "float32", xp))
             counts.append(0)
             continue
         m, v, n = bn.statistics(x[start:start + size], axis=axis)
@@ -402,6 +464,30 @@ def test_merge_statistics_matches_whole_batch(rng, dtype, axis):
     assert dtype_name(mean) == acc_dtype(dtype) == dtype_name(var)
     assert_statistics(mean, var, ref_mean, ref_var, dtype, what="merged")
     assert_statistics(mean, var, to_f64(whole_mean), to_f64(whole_var), dtype, what="merged vs whole")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@arrays
+def test_merge_statistics_of_many_shards(rng, dtype, xp):
+    """45 shards (more than one launch's worth on CUDA) of 0..19 values, statistics of `dtype`,
+    the variances as strided views; Chan's formula in float64 over the rounded shard values."""
+    C = 9
+    shards = [rng.standard_normal((int(rng.integers(0, 20)), C)) * 3 + 100 for _ in range(45)]
+    shards[0] = rng.standard_normal((7, C))
+    means = [cast(s.mean(axis=0) if len(s) else np.zeros(C), dtype, xp) for s in shards]
+    vars = [vector(s.var(axis=0) if len(s) else np.zeros(C), dtype, True, xp) for s in shards]
+    counts = [len(s) for s in shards]
+    mean, var, count = bn.merge_statistics(means, vars, counts)
+    assert count == sum(counts)
+    assert_same_kind(mean, means[0], acc_dtype(dtype), (C,))
+    e_mean, e_var, _ = ref_merge_statistics(means, vars, counts)
+    tol = 1e-12 if dtype == "float64" else 1e-6  # results of a float64 merge, rounded once
+    assert_close(mean, e_mean, tol, scale=0.0, what="mean")
+    assert_close(var, e_var, tol, scale=0.0, what="var")
+    # The CPU path on host copies agrees.
+    cpu_mean, cpu_var, _ = bn.merge_statistics([to_host(m) for m in means], [to_host(v) for v in vars], counts)
+    assert_close(mean, cpu_mean, tol, scale=0.0, what="mean vs CPU")
+    assert_close(var, cpu_var, tol, scale=0.0, what="var vs CPU")
 
 
 def test_merge_statistics_exact_formula(rng):
@@ -466,20 +552,23 @@ def bn_params(rng, C):
 
 
 @pytest.mark.parametrize("with_conv_bias", [True, False], ids=["conv-bias", "no-conv-bias"])
-@pytest.mark.parametrize("kernel_layout", ["contiguous", "transposed"])
-def test_fold_conv2d(rng, with_conv_bias, kernel_layout):
+@pytest.mark.parametrize("kernel_layout", ["contiguous", "transposed", "reversed"])
+@arrays
+def test_fold_conv2d(rng, with_conv_bias, kernel_layout, xp):
     O, I = 4, 3
-    k = place(rng.standard_normal((O, I, 3, 2)), "float64", kernel_layout, 0)
-    cb = rng.standard_normal(O) if with_conv_bias else None
-    mean, var, w, b = bn_params(rng, O)
+    k = place(rng.standard_normal((O, I, 3, 2)), "float64", kernel_layout, 0, xp)
+    cb = vector(rng.standard_normal(O), "float64", xp=xp) if with_conv_bias else None
+    mean, var, w, b = (vector(v, "float64", xp=xp) for v in bn_params(rng, O))
     k2, b2 = bn.fold(k, cb, mean, var, w, b, eps=1e-3, axis=0)
-    assert k2.shape == k.shape and k2.dtype == np.float64 and b2.shape == (O,) and b2.dtype == np.float64
+    assert_same_kind(k2, k, "float64", k.shape)
+    assert_same_kind(b2, k, "float64", (O,))
     e_k, e_b = ref_fold(k, cb, mean, var, w, b, 1e-3, 0)
     assert_output(k2, e_k, "float64", what="kernel'")
     assert_output(b2, e_b, "float64", what="bias'")
     x = rng.standard_normal((2, I, 6, 5))
-    bn_of_conv = bn.forward_inference(conv2d(x, to_f64(k), cb), mean, var, w, b, eps=1e-3)
-    assert_output(conv2d(x, k2, b2), bn_of_conv, "float64", what="conv(x, k') + b'")
+    cb_host = None if cb is None else to_f64(cb)
+    bn_of_conv = bn.forward_inference(conv2d(x, to_f64(k), cb_host), *(to_host(v) for v in (mean, var, w, b)), eps=1e-3)
+    assert_output(conv2d(x, to_f64(k2), to_f64(b2)), bn_of_conv, "float64", what="conv(x, k') + b'")
 
 
 def test_fold_conv_transpose2d(rng):
@@ -497,20 +586,28 @@ def test_fold_conv_transpose2d(rng):
 
 
 @pytest.mark.parametrize("dtype", dtype_params(("float16", "float32", "float64", "bfloat16")))
-def test_fold_linear(rng, dtype):
+@pytest.mark.parametrize("axis", [0, 1])
+@arrays
+def test_fold_linear(rng, dtype, axis, xp):
+    """A Linear weight (O, I) folded along axis 0, or its transpose (I, O) along axis 1, with
+    parameters of mixed dtypes and strides."""
     O, I = 6, 4
-    k = cast(rng.standard_normal((O, I)), dtype)
+    k = cast(rng.standard_normal((O, I)), dtype, xp)
+    k = k if axis == 0 else k.T
     mean, var, w, b = bn_params(rng, O)
-    k2, b2 = bn.fold(k, None, vector(mean, "float32"), var, w, vector(b, "float64", strided=True))
-    assert_same_kind(k2, k, dtype, (O, I))
+    mean = vector(mean, "float32", xp=xp)
+    var, w, b = vector(var, "float32", xp=xp), vector(w, "float64", xp=xp), vector(b, "float64", True, xp)
+    k2, b2 = bn.fold(k, None, mean, var, w, b, axis=axis)
+    assert_same_kind(k2, k, dtype, k.shape)
     assert_same_kind(b2, k, dtype, (O,))
-    e_k, e_b = ref_fold(k, None, vector(mean, "float32"), var, w, b, 1e-5, 0)
+    e_k, e_b = ref_fold(k, None, mean, var, w, b, 1e-5, axis)
     # Computed in float64, rounded once to the kernel's dtype: within half an ulp.
     assert_output(k2, e_k, dtype, what="kernel'")
     assert_output(b2, e_b, dtype, what="bias'")
     x = rng.standard_normal((5, I))
-    bn_of_linear = ref_forward_inference(x @ to_f64(k).T, vector(mean, "float32"), var, w, b)
-    assert_output(x @ to_f64(k2).T + to_f64(b2), bn_of_linear, dtype, what="linear(x, k') + b'")
+    k_oi, k2_oi = (to_f64(a) if axis == 0 else to_f64(a).T for a in (k, k2))
+    bn_of_linear = ref_forward_inference(x @ k_oi.T, mean, var, w, b)
+    assert_output(x @ k2_oi.T + to_f64(b2), bn_of_linear, dtype, what="linear(x, k') + b'")
 
 
 def test_fold_defaults(rng):
@@ -533,9 +630,10 @@ def assert_contract_statistics(mean, var, x, axis, what=""):
 
 
 @pytest.mark.parametrize("axis", [1, -1], ids=["channels-first", "channels-last"])
-def test_stability_mean_1e5_std_1e2(rng, axis):
+@arrays
+def test_stability_mean_1e5_std_1e2(rng, axis, xp):
     shape = (64, 3, 40) if axis == 1 else (64, 40, 3)
-    x = (1e5 + 1e-2 * rng.standard_normal(shape)).astype(np.float32)
+    x = cast(1e5 + 1e-2 * rng.standard_normal(shape), "float32", xp)
     mean, var, _ = bn.statistics(x, axis=axis)
     assert_contract_statistics(mean, var, x, axis, "mean 1e5 std 1e-2")
     y, saved_mean, saved_invstd = bn.forward_training(x, axis=axis, eps=0.0)
@@ -543,6 +641,17 @@ def test_stability_mean_1e5_std_1e2(rng, axis):
     assert_close(saved_invstd, 1 / np.sqrt(ref_var), CONTRACT_VAR_RTOL, scale=0.0, what="saved_invstd")
     # x - mean is exact in float32 here: y keeps every digit of the tiny deviations.
     assert_output(y, ref_normalize(x, saved_mean, saved_invstd, axis=axis), "float32", what="y")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@arrays
+def test_statistics_huge_mean(rng, dtype, xp):
+    """The contract: a channel's mean may be 1e8 times its std (float32: 1e7, as the values'
+    ulp allows); here over many values per channel, split over blocks on CUDA."""
+    center, spread = (1e3, 1e-4) if dtype == "float32" else (1e8, 1.0)
+    x = cast(center + spread * rng.standard_normal((64, 2, 999)), dtype, xp)
+    mean, var, _ = bn.statistics(x)
+    assert_contract_statistics(mean, var, x, 1, "huge mean")
 
 
 def quantized_channels(rng, count, C, axis_last):
@@ -617,6 +726,41 @@ def test_statistics_of_one_value(rng, shape, axis):
 
 
 # ---- unusual but valid memory -------------------------------------------------------------------
+
+
+# Shapes large enough to take every path sized for a whole GPU: channels split over many
+# blocks, channels-last tiles over many position ranges, many channels with few values. The
+# CPU's counterparts (blocks cut mid-row, 2e6 values per channel) are above; these run on CUDA.
+LARGE_SHAPES = [
+    ((32, 64, 56, 56), 1),
+    ((4, 3, 224, 224), 1),
+    ((16, 28, 28, 256), -1),
+    ((65536, 64), 1),
+    ((64, 2048, 7, 7), 1),
+    ((8, 7, 7, 2048), -1),
+]
+
+
+@pytest.mark.parametrize("dtype", dtype_params(["bfloat16", "float32"]))
+@pytest.mark.parametrize("shape,axis", LARGE_SHAPES)
+@pytest.mark.parametrize("xp", lib_params(["torch-cuda"]))
+def test_large_shapes_every_op(rng, dtype, shape, axis, xp):
+    C = shape[axis]
+    x = cast(rng.standard_normal(shape, dtype=np.float32) * 2 + 3, dtype, xp)
+    dy = cast(rng.standard_normal(shape, dtype=np.float32), dtype, xp)
+    w, b = vector(rng.standard_normal(C), "float32", xp=xp), vector(rng.standard_normal(C), "float32", xp=xp)
+    rm, rv = vector(np.zeros(C), "float32", xp=xp), vector(np.ones(C), "float32", xp=xp)
+    y, saved_mean, saved_invstd = bn.forward_training(x, w, b, running_mean=rm, running_var=rv, axis=axis)
+    ref_mean, ref_var, n = ref_statistics(x, axis)
+    assert_close(saved_mean, ref_mean, STAT_RTOL[dtype][0], scale=np.sqrt(ref_var), what="saved_mean")
+    assert_close(saved_invstd, 1 / np.sqrt(ref_var + 1e-5), STAT_RTOL[dtype][1], scale=0.0, what="saved_invstd")
+    assert_output(y, ref_normalize(x, saved_mean, saved_invstd, w, b, axis), dtype, what="y")
+    assert_close(rv, 0.9 + 0.1 * ref_var * n / (n - 1), OUT_RTOL["float32"], what="running_var")
+    yi = bn.forward_inference(x, saved_mean, vector(ref_var, "float32", xp=xp), w, b, axis=axis)
+    assert_output(yi, ref_forward_inference(x, saved_mean, ref_var.astype(np.float32), w, b, 1e-5, axis), dtype,
+                  what="inference y")
+    dx, dweight, dbias = bn.backward(dy, x, saved_mean, saved_invstd, w, axis=axis)
+    assert_backward(dx, dweight, dbias, dy, x, saved_mean, saved_invstd, w, axis, dtype)
 
 
 @pytest.mark.parametrize("axis", [1, -1])

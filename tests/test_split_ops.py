@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import batchnorm as bn
-from conftest import (
+from helpers import (
     assert_output,
     bits,
     dtype_name,

@@ -15,7 +15,7 @@ import pytest
 
 import batchnorm as bn
 from batchnorm import _C
-from conftest import HAVE_TORCH, torch
+from helpers import HAVE_TORCH, torch
 
 SENTINEL = -96.0  # exact in every dtype, far from any normalized output
 DTYPES = ["float16", "float32", "float64"] + (["bfloat16"] if HAVE_TORCH else [])

@@ -266,6 +266,7 @@ def op_cases(dtype):
         yield x, w, b
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_opcheck_every_op(dtype):
     for x, w, b in op_cases(dtype):
@@ -284,6 +285,7 @@ def test_opcheck_every_op(dtype):
             assert set(result.values()) == {"SUCCESS"}, (op, result)
 
 
+@pytest.mark.slow
 def test_gradcheck_float64():
     for x, w, b in op_cases(torch.float64):
         args = tuple(t.clone().requires_grad_() for t in (x, w, b))
@@ -295,6 +297,7 @@ def test_gradcheck_float64():
 
 
 # Inductor's own use of torch.jit warns in torch 2.13 (not ours; warnings are errors here).
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_torch_compile_fullgraph_matches_eager():
     torch.manual_seed(0)

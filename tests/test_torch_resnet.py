@@ -87,6 +87,7 @@ def test_converted_resnet18_has_only_our_batch_norms():
     assert [n for n, _ in ref.named_parameters()] == [n for n, _ in ours.named_parameters()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_resnet18_float64_three_free_steps(channels_last):
     ref, ours, x, target = setup(torch.float64, channels_last)
@@ -137,6 +138,7 @@ def replay(cls, state, x, dy):
     return [y, x.grad, layer.weight.grad, layer.bias.grad, layer.running_mean, layer.running_var]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_resnet18_float32_step_by_step(channels_last):
     ref, ours, x, target = setup(torch.float32, channels_last)

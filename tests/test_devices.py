@@ -1,0 +1,113 @@
+"""What depends on where arrays live, for every device it applies to: the devices info() lists,
+the memory batchnorm keeps for results and empty_cache() gives back (host cache and CUDA
+pools), work ordered on the caller's CUDA stream or on `stream=`, and arrays of two devices in
+one call. CUDA cases are collected everywhere and skipped, with the reason, without a GPU."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import batchnorm as bn
+from helpers import (
+    CUDA_LIBS,
+    CUDA_SKIP_REASON,
+    HAVE_CUDA,
+    assert_close,
+    assert_output,
+    bits,
+    cast,
+    lib_params,
+    ref_normalize,
+    ref_statistics,
+    to_f64,
+    to_host,
+    torch,
+    vector,
+)
+
+needs_cuda = [pytest.mark.cuda, pytest.mark.skipif(not HAVE_CUDA, reason=CUDA_SKIP_REASON)]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_info_reports_the_device(device):
+    info = bn.info()["cuda"]
+    if device == "cpu":  # every build runs on the CPU; an unavailable CUDA says why
+        assert info["available"] or info["reason"]
+        return
+    assert info["compiled"] is True and info["available"] is True
+    assert len(info["devices"]) >= 1 and all(isinstance(d, str) and d for d in info["devices"])
+
+
+@pytest.mark.parametrize("xp", lib_params(("numpy", "torch") + CUDA_LIBS))
+def test_empty_cache_returns_the_memory_of_freed_results(xp):
+    """A freed 64 MiB result goes back to batchnorm's cache (host cache or CUDA pool, after the
+    queued work); empty_cache() returns it to the system, and the cache grows again on use."""
+    x = cast(np.ones((64, 64, 64, 64)), "float32", xp)
+    mean, var = vector(np.zeros(64), "float32", xp=xp), vector(np.ones(64), "float32", xp=xp)
+    y = bn.forward_inference(x, mean, var)
+    y_bytes = 64 * 64 * 64 * 64 * 4
+    del y
+    bn.empty_cache()  # whatever earlier tests left
+    y = bn.forward_inference(x, mean, var)
+    del y
+    released = bn.empty_cache()
+    assert released >= y_bytes
+    assert bn.empty_cache() < y_bytes  # nothing left to give back
+    z = bn.forward_inference(x, mean, var)
+    assert float(to_f64(z).mean()) == pytest.approx(1 / np.sqrt(1 + 1e-5), rel=1e-6)
+
+
+@pytest.mark.parametrize("xp", lib_params(CUDA_LIBS))
+def test_mixing_cpu_and_gpu_arrays_is_a_type_error(rng, xp):
+    x = cast(rng.standard_normal((4, 3, 5)), "float32", xp)
+    x_cpu = to_host(x)
+    w_cpu = np.ones(3, dtype=np.float32)
+    with pytest.raises(TypeError):
+        bn.forward_training(x, w_cpu)
+    with pytest.raises(TypeError):
+        bn.forward_inference(x, np.zeros(3, np.float32), np.ones(3, np.float32))
+    with pytest.raises(TypeError):
+        bn.backward(x_cpu, x, np.zeros(3, np.float32), np.ones(3, np.float32))
+    with pytest.raises(TypeError):
+        bn.forward_training(x_cpu, vector(np.ones(3), "float32", xp=xp))
+
+
+@pytest.mark.parametrize("xp", lib_params(["torch-cuda"]))
+def test_runs_on_the_callers_torch_stream(rng, xp):
+    x = cast(rng.standard_normal((64, 8, 64, 64)), "float32", xp)
+    expected = to_f64(x) * 2
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        if hasattr(torch.cuda, "_sleep"):
+            torch.cuda._sleep(50_000_000)  # keeps the stream busy: a kernel on another stream would race
+        x.mul_(2)
+        y, m, s = bn.forward_training(x)
+        mean, var, _ = bn.statistics(x)
+    side.synchronize()
+    ref_mean, ref_var, _ = ref_statistics(expected)
+    ref_y = ref_normalize(expected, ref_mean, 1 / np.sqrt(ref_var + 1e-5))
+    assert_output(y, ref_y, "float32", what="y on a side stream")
+    assert_close(mean, ref_mean, 1e-6, scale=np.sqrt(ref_var), what="mean on a side stream")
+
+
+@pytest.mark.parametrize("xp", lib_params(["cupy"]))
+def test_runs_on_the_stream_argument(rng, xp):
+    import cupy as cp
+
+    x = cast(rng.standard_normal((32, 4, 50, 50)), "float32", xp)
+    xp.synchronize()
+    expected = to_f64(x) * 3
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        x *= 3
+    mean, var, _ = bn.statistics(x, stream=stream)  # ordered after the multiply by `stream=`
+    y = bn.forward_inference(x, mean, var, stream=stream)
+    stream.synchronize()
+    ref_mean, ref_var, _ = ref_statistics(expected)
+    assert_close(mean, ref_mean, 1e-6, scale=np.sqrt(ref_var), what="mean on stream=")
+    assert_output(y, ref_normalize(expected, ref_mean, 1 / np.sqrt(ref_var + 1e-5)), "float32", what="y on stream=")
+    with stream:  # the current CuPy stream is used when no stream= is given
+        y2 = bn.forward_inference(x, mean, var)
+    stream.synchronize()
+    assert bits(y2) == bits(y)
