@@ -35,11 +35,12 @@ def test_group_of_the_wrong_type_is_a_type_error():
 
 
 @pytest.mark.torch
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "sizes,default_group", [((1, 9), False), ((5, 0, 7), True)], ids=["2-ranks-1-9-new-group", "3-ranks-5-0-7-default"]
 )
 def test_torch_gloo(tmp_path, sizes, default_group):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
@@ -67,6 +68,7 @@ def _mpirun() -> str:
     pytest.skip("mpirun is not installed (pip install 'batchnorm[mpi]')")
 
 
+@pytest.mark.slow
 def test_mpi_three_ranks():
     pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install 'batchnorm[mpi]')")
     mpirun = _mpirun()

@@ -97,6 +97,7 @@ def test_one_rank_group_runs_no_collective(tmp_path):
 
 # Inductor's own use of torch.jit warns in torch 2.13 (not ours; warnings are errors here).
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.slow
 def test_compiles_without_a_process_group():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), bt.SyncBatchNorm(4), nn.ReLU())
     eager = bt.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
