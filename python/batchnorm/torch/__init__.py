@@ -15,5 +15,6 @@ if tuple(int(p) for p in _torch.__version__.split("+")[0].split(".")[:2]) < (2, 
 
 from .convert import convert
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm
+from .norm_act import BatchNormAct2d, batch_norm_act
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct2d", "batch_norm", "batch_norm_act", "convert"]
