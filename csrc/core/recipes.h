@@ -136,6 +136,62 @@ BN_HD X relu(X x) {
   return x < X{} ? X{} : x;
 }
 
+#if defined(BN_ISA)
+}  // namespace batchnorm
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+namespace batchnorm {
+// The CPU kernel units' vector body (GCC vectors of 64 bytes): GCC lowers `?:` and compares
+// on vectors wider than the ISA's registers lane by lane, so the two selects are written
+// per register here, with the same results lane for lane: MAXPS returns its second operand
+// for a NaN (relu(NaN) = NaN, relu(-0) = -0), and the ordered compare y <= 0 is false for a
+// NaN y. (Non-template overloads with internal linkage: each ISA unit has its own.)
+namespace vector_select {
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef double f64x8 __attribute__((vector_size(64)));
+}  // namespace vector_select
+
+// relu and relu_grad of one 64-byte vector V, as kRegs registers R of the level (MAX and
+// ANDNOT of an ordered compare; S the ps/pd suffix).
+#define BN_VECTOR_SELECTS(V, R, kRegs, MAX, ANDNOT_LE, ZERO)                                       \
+  static inline __attribute__((always_inline)) V relu(V x) {                                        \
+    R a[kRegs];                                                                                     \
+    __builtin_memcpy(a, &x, sizeof(x));                                                             \
+    for (int i = 0; i < kRegs; ++i) a[i] = MAX(ZERO(), a[i]);                                       \
+    __builtin_memcpy(&x, a, sizeof(x));                                                             \
+    return x;                                                                                       \
+  }                                                                                                 \
+  static inline __attribute__((always_inline)) V relu_grad(V dy, V y) {                             \
+    R a[kRegs], b[kRegs];                                                                           \
+    __builtin_memcpy(a, &dy, sizeof(dy));                                                           \
+    __builtin_memcpy(b, &y, sizeof(y));                                                             \
+    for (int i = 0; i < kRegs; ++i) a[i] = ANDNOT_LE(b[i], a[i]);                                   \
+    __builtin_memcpy(&dy, a, sizeof(dy));                                                           \
+    return dy;                                                                                      \
+  }
+
+#if defined(__AVX512F__)
+#define BN_LE_PS(y, dy) _mm512_maskz_mov_ps(~_mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_LE_OQ), dy)
+#define BN_LE_PD(y, dy) _mm512_maskz_mov_pd(~_mm512_cmp_pd_mask(y, _mm512_setzero_pd(), _CMP_LE_OQ), dy)
+BN_VECTOR_SELECTS(vector_select::f32x16, __m512, 1, _mm512_max_ps, BN_LE_PS, _mm512_setzero_ps)
+BN_VECTOR_SELECTS(vector_select::f64x8, __m512d, 1, _mm512_max_pd, BN_LE_PD, _mm512_setzero_pd)
+#elif defined(__AVX__)
+#define BN_LE_PS(y, dy) _mm256_andnot_ps(_mm256_cmp_ps(y, _mm256_setzero_ps(), _CMP_LE_OQ), dy)
+#define BN_LE_PD(y, dy) _mm256_andnot_pd(_mm256_cmp_pd(y, _mm256_setzero_pd(), _CMP_LE_OQ), dy)
+BN_VECTOR_SELECTS(vector_select::f32x16, __m256, 2, _mm256_max_ps, BN_LE_PS, _mm256_setzero_ps)
+BN_VECTOR_SELECTS(vector_select::f64x8, __m256d, 2, _mm256_max_pd, BN_LE_PD, _mm256_setzero_pd)
+#elif defined(__SSE2__)
+#define BN_LE_PS(y, dy) _mm_andnot_ps(_mm_cmple_ps(y, _mm_setzero_ps()), dy)
+#define BN_LE_PD(y, dy) _mm_andnot_pd(_mm_cmple_pd(y, _mm_setzero_pd()), dy)
+BN_VECTOR_SELECTS(vector_select::f32x16, __m128, 4, _mm_max_ps, BN_LE_PS, _mm_setzero_ps)
+BN_VECTOR_SELECTS(vector_select::f64x8, __m128d, 4, _mm_max_pd, BN_LE_PD, _mm_setzero_pd)
+#endif
+#undef BN_LE_PS
+#undef BN_LE_PD
+#undef BN_VECTOR_SELECTS
+#endif
+
 // The forward map of a recipe: y = act(normalize(x) + residual), with the channel's
 // coefficients k = {mean, scale, shift} and inputs in = {x} or {x, residual}. The fused
 // variants add their work after the plain normalize's bits, so y without residual and
