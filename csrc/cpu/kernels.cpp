@@ -6,6 +6,8 @@
 #define BN_CPU_INLINE static inline
 #include "cpu/kernels.h"
 
+#include <array>
+
 #include "cpu/kernels/gradient.h"
 #include "cpu/kernels/map.h"
 #include "cpu/kernels/moments.h"
@@ -14,35 +16,30 @@ namespace batchnorm::cpu {
 namespace BN_ISA {
 namespace {
 
-// Calls f with the recipe type of `kind` (one instantiation per recipe, chosen per call).
-template <class F>
-static inline __attribute__((always_inline)) void with_recipe(MapKind kind, F&& f) {
-  switch (kind) {
-    case MapKind::normalize: return f(ForwardMap<false, Activation::none>{});
-    case MapKind::normalize_relu: return f(ForwardMap<false, Activation::relu>{});
-    case MapKind::normalize_add: return f(ForwardMap<true, Activation::none>{});
-    case MapKind::normalize_add_relu: return f(ForwardMap<true, Activation::relu>{});
-    case MapKind::backward_dx: return f(BackwardMap{});
-    case MapKind::relu_grad: return f(ReluGradMap{});
-    case MapKind::copy: return f(IdentityMap{});
-  }
-}
-
-template <class T>
-void map_any(MapKind kind, const T* const* in, T* out, const Layout& L, int64_t begin, int64_t end,
-             const acc_t<T>* k, bool nt) {
-  with_recipe(kind, [&](auto r) { map_block<decltype(r), T>(in, out, L, begin, end, k, nt); });
-}
-
-template <class T>
-void cl_map_any(MapKind kind, const T* const* in, T* out, const Layout& L, int64_t p0, int64_t p1,
-                const acc_t<T>* const* k, bool nt) {
-  with_recipe(kind, [&](auto r) { map_positions<decltype(r), T>(in, out, L, p0, p1, k, nt); });
+// The recipes in MapKind's order.
+template <class T, class F>
+constexpr auto for_recipes(F f) {
+  return std::array{f(ForwardMap<false, Activation::none>{}), f(ForwardMap<false, Activation::relu>{}),
+                    f(ForwardMap<true, Activation::none>{}),  f(ForwardMap<true, Activation::relu>{}),
+                    f(BackwardMap{}),                        f(ReluGradMap{}),
+                    f(IdentityMap{})};
 }
 
 template <class T>
 constexpr Kernels<T> make() {
-  return Kernels<T>{&moments<T>, &map_any<T>, &grad_sums<T>, &cl_moments<T>, &cl_map_any<T>, &cl_grad_sums<T>};
+  Kernels<T> k{};
+  k.moments = &moments<T>;
+  k.grad_sums = &grad_sums<T>;
+  k.cl_moments = &cl_moments<T>;
+  k.cl_grad_sums = &cl_grad_sums<T>;
+  const auto maps = for_recipes<T>([](auto r) { return &map_block<decltype(r), T>; });
+  const auto cl_maps = for_recipes<T>([](auto r) { return &map_positions<decltype(r), T>; });
+  static_assert(maps.size() == kMapKinds, "one map per MapKind");
+  for (int i = 0; i < kMapKinds; ++i) {
+    k.map[i] = maps[i];
+    k.cl_map[i] = cl_maps[i];
+  }
+  return k;
 }
 }  // namespace
 }  // namespace BN_ISA

@@ -40,6 +40,7 @@ enum class MapKind : int {
   relu_grad,           // (dy, y) -> dy where y > 0, else 0; no coefficients
   copy,                // (x) -> x
 };
+constexpr int kMapKinds = 7;
 BN_CPU_INLINE int map_inputs(MapKind kind) {
   return kind == MapKind::normalize || kind == MapKind::normalize_relu || kind == MapKind::copy ? 1 : 2;
 }
@@ -55,16 +56,17 @@ struct Kernels {
   // Channels-first primitives: one channel (pointers at its first value), values
   // [begin, end) of its row-major walk over the reduced dims.
   Moments<double> (*moments)(const T* x, const Layout& L, int64_t begin, int64_t end);
-  // out = recipe(k, in...) over values [begin, end); k: the channel's coefficients.
-  void (*map)(MapKind kind, const T* const* in, T* out, const Layout& L, int64_t begin, int64_t end, const A* k,
-              bool nt);
+  // map[kind]: out = recipe(k, in...) over values [begin, end); k: the channel's coefficients.
+  // (One entry per recipe: the memory-order walk calls it once per row of every channel.)
+  void (*map[kMapKinds])(const T* const* in, T* out, const Layout& L, int64_t begin, int64_t end, const A* k,
+                         bool nt);
   void (*grad_sums)(const T* dy, const T* x, const Layout& L, int64_t begin, int64_t end, A mean,
                     double* sum_dy, double* sum_dy_xmu);
   // Channels-last primitives: every channel of positions [p0, p1). `scratch` holds 3*C A's.
   void (*cl_moments)(const T* x, const Layout& L, int64_t p0, int64_t p1, Moments<double>* out, A* scratch);
   // out = recipe over every channel of positions [p0, p1); k[j]: the (C,) values of coefficient j.
-  void (*cl_map)(MapKind kind, const T* const* in, T* out, const Layout& L, int64_t p0, int64_t p1,
-                 const A* const* k, bool nt);
+  void (*cl_map[kMapKinds])(const T* const* in, T* out, const Layout& L, int64_t p0, int64_t p1,
+                            const A* const* k, bool nt);
   void (*cl_grad_sums)(const T* dy, const T* x, const Layout& L, int64_t p0, int64_t p1, const A* mean,
                        double* sum_dy, double* sum_dy_xmu, A* scratch);
 };

@@ -198,7 +198,7 @@ void map_channel(const Kernels<T>& k, const MapPass<T>& m, const Layout& L, int6
   for (int j = 0; j < n; ++j) in[j] = m.in[j] + c * L.channel_stride[j];
   acc_t<T> kc[4];
   for (int j = 0; j < map_coefficients(m.kind); ++j) kc[j] = m.coef[j][c];
-  k.map(m.kind, in, m.out + c * L.channel_stride[n], L, b, e, kc, m.nt);
+  k.map[static_cast<int>(m.kind)](in, m.out + c * L.channel_stride[n], L, b, e, kc, m.nt);
 }
 
 // Channels [c0, c1) (channels-first), piece by piece with the block's channels back to back:
@@ -217,7 +217,7 @@ void map_all(const Kernels<T>& k, const MapPass<T>& m, const Layout& L, const Pl
   if (plan.channels_last) {
     parallel_for(plan.groups, work, [&](int64_t g) {
       const auto [b, e] = plan.range(g);
-      k.cl_map(m.kind, m.in, m.out, L, b, e, m.coef, m.nt);
+      k.cl_map[static_cast<int>(m.kind)](m.in, m.out, L, b, e, m.coef, m.nt);
     });
   } else if (m.memory_order && L.nred == 2 && (L.inner() >= kMemoryOrderRow || (m.nt && short_rows<T>(L)))) {
     // Long rows: walk memory in order (all channels of one outer index, then the next), as a
