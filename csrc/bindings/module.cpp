@@ -83,8 +83,10 @@ py::tuple py_statistics(py::handle x, int axis, bool wide, Call call) {
 py::tuple py_forward_training(py::handle x, py::handle weight, py::handle bias, py::handle running_mean,
                            py::handle running_var, double momentum, double eps, int axis, py::handle out,
                            py::handle batch_mean, py::handle batch_var, int64_t batch_count, Call call,
-                           py::handle saved_mean_out, py::handle saved_invstd_out) {
+                           py::handle saved_mean_out, py::handle saved_invstd_out, py::handle residual,
+                           int activation) {
   auto xi = import_array(x, "x", call.stream, true);
+  auto ri = import_array(residual, "residual", call.stream, true);
   auto bmi = import_array(batch_mean, "batch_mean", call.stream, true);
   auto bvi = import_array(batch_var, "batch_var", call.stream, true);
   auto wi = import_array(weight, "weight", call.stream, true);
@@ -100,6 +102,8 @@ py::tuple py_forward_training(py::handle x, py::handle weight, py::handle bias, 
   p.batch_mean = bmi->view;
   p.batch_var = bvi->view;
   p.batch_count = batch_count;
+  p.residual = ri->view;
+  p.activation = static_cast<Activation>(activation);
   p.momentum = momentum;
   p.eps = eps;
   p.axis = axis;
@@ -119,8 +123,9 @@ py::tuple py_forward_training(py::handle x, py::handle weight, py::handle bias, 
 }
 
 py::object py_forward_inference(py::handle x, py::handle mean, py::handle var, py::handle weight, py::handle bias,
-                             double eps, int axis, py::handle out, Call call) {
+                             double eps, int axis, py::handle out, Call call, py::handle residual, int activation) {
   auto xi = import_array(x, "x", call.stream, true);
+  auto ri = import_array(residual, "residual", call.stream, true);
   auto mi = import_array(mean, "mean", call.stream, true);
   auto vi = import_array(var, "var", call.stream, true);
   auto wi = import_array(weight, "weight", call.stream, true);
@@ -131,6 +136,8 @@ py::object py_forward_inference(py::handle x, py::handle mean, py::handle var, p
   p.var = vi->view;
   p.weight = wi->view;
   p.bias = bi->view;
+  p.residual = ri->view;
+  p.activation = static_cast<Activation>(activation);
   p.eps = eps;
   p.axis = axis;
   p.exec.stream = call.exec_stream();
@@ -145,8 +152,10 @@ py::object py_forward_inference(py::handle x, py::handle mean, py::handle var, p
 }
 
 py::tuple py_backward(py::handle dy, py::handle x, py::handle saved_mean, py::handle saved_invstd, py::handle weight,
-                   int axis, py::handle out, Call call, py::handle dweight_out, py::handle dbias_out) {
+                   int axis, py::handle out, Call call, py::handle dweight_out, py::handle dbias_out, py::handle y,
+                   int activation, bool residual, py::handle dresidual_out) {
   auto dyi = import_array(dy, "dy", call.stream, true);
+  auto yi = import_array(y, "y", call.stream, true);
   auto xi = import_array(x, "x", call.stream, true);
   auto mi = import_array(saved_mean, "saved_mean", call.stream, true);
   auto si = import_array(saved_invstd, "saved_invstd", call.stream, true);
@@ -157,20 +166,30 @@ py::tuple py_backward(py::handle dy, py::handle x, py::handle saved_mean, py::ha
   p.saved_mean = mi->view;
   p.saved_invstd = si->view;
   p.weight = wi->view;
+  p.y = yi->view;
+  p.activation = static_cast<Activation>(activation);
   p.axis = axis;
   p.exec.stream = call.exec_stream();
   const int64_t C = channel_count(p.x, "x", axis, 2);
   const DType acc = statistics_dtype(p.x.dtype);
   ImportedPtr dxi;
   // dx takes dy's memory order when allocated: dy is what the caller's graph produced.
-  py::object dx = output_like(out, "out", p.dy.defined() && p.dy.ndim == p.x.ndim ? p.dy : p.x, call, p.dx, dxi);
-  ImportedPtr wk, bk;
+  const TensorView& like = p.dy.defined() && p.dy.ndim == p.x.ndim ? p.dy : p.x;
+  py::object dx = output_like(out, "out", like, call, p.dx, dxi);
+  ImportedPtr wk, bk, rk;
   py::object dweight = output_vector(dweight_out, "dweight_out", C, acc, p.x.device, call, p.dweight, wk);
   py::object dbias = output_vector(dbias_out, "dbias_out", C, acc, p.x.device, call, p.dbias, bk);
+  // The masked gradient needs a home of its own when dx is x (see core backward): then the
+  // residual's gradient is computed even if not asked for.
+  const bool relu = p.activation == Activation::relu;
+  py::object dres = py::none();
+  if (residual || (relu && !out.is_none() && p.dx.data == p.x.data && p.x.data != nullptr))
+    dres = output_like(residual ? dresidual_out : py::none(), "dresidual_out", like, call, p.dresidual, rk);
   {
     py::gil_scoped_release nogil;
     batchnorm::backward(p);
   }
+  if (residual) return py::make_tuple(dx, dweight, dbias, dres);
   return py::make_tuple(dx, dweight, dbias);
 }
 
@@ -355,11 +374,16 @@ PYBIND11_MODULE(_C, m) {
   m.def("forward_training", &py_forward_training, py::arg("x"), py::arg("weight"), py::arg("bias"),
         py::arg("running_mean"), py::arg("running_var"), py::arg("momentum"), py::arg("eps"), py::arg("axis"),
         py::arg("out"), py::arg("batch_mean"), py::arg("batch_var"), py::arg("batch_count"), py::arg("call"),
-        py::arg("saved_mean_out") = py::none(), py::arg("saved_invstd_out") = py::none());
-  m.def("forward_inference", &py_forward_inference);
+        py::arg("saved_mean_out") = py::none(), py::arg("saved_invstd_out") = py::none(),
+        py::arg("residual") = py::none(), py::arg("activation") = 0);
+  // activation: 0 none, 1 relu (batchnorm.Activation's codes); residual: x's shape and dtype.
+  m.def("forward_inference", &py_forward_inference, py::arg("x"), py::arg("mean"), py::arg("var"),
+        py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("axis"), py::arg("out"), py::arg("call"),
+        py::arg("residual") = py::none(), py::arg("activation") = 0);
   m.def("backward", &py_backward, py::arg("dy"), py::arg("x"), py::arg("saved_mean"), py::arg("saved_invstd"),
         py::arg("weight"), py::arg("axis"), py::arg("out"), py::arg("call"), py::arg("dweight_out") = py::none(),
-        py::arg("dbias_out") = py::none());
+        py::arg("dbias_out") = py::none(), py::arg("y") = py::none(), py::arg("activation") = 0,
+        py::arg("residual") = false, py::arg("dresidual_out") = py::none());
   m.def("backward_reduce", &py_backward_reduce);
   m.def("backward_elemt", &py_backward_elemt);
   m.def("merge_statistics", &py_merge_statistics);

@@ -8,6 +8,18 @@
 
 namespace batchnorm {
 
+// An elementwise pass the op layer composes fused ops from (same shape and dtype; the
+// layout walks in0, in1 (if used), out).
+enum class ElementwiseKind : int {
+  copy,       // out = in0
+  relu_grad,  // out = in0 where in1 > 0, else 0 (dy masked by the fused forward's output y)
+};
+struct ElementwiseParams {
+  ElementwiseKind kind = ElementwiseKind::copy;
+  TensorView in0, in1, out;
+  Exec exec;
+};
+
 #define BN_DECLARE_BACKEND(ns)                                                  \
   namespace ns {                                                                \
   void statistics(const StatisticsParams& p, const Layout& layout);             \
@@ -18,6 +30,7 @@ namespace batchnorm {
   void backward_elemt(const BackwardElemtParams& p, const Layout& layout);      \
   void merge_statistics(const MergeStatisticsParams& p);                        \
   void fold(const FoldParams& p, const Layout& layout);                         \
+  void elementwise(const ElementwiseParams& p, const Layout& layout);           \
   }
 
 BN_DECLARE_BACKEND(cpu)

@@ -6,7 +6,7 @@
 #pragma once
 #include <cstdint>
 
-#include "core/math.h"
+#include "core/recipes.h"
 #include "core/tensor.h"
 
 // Member functions are implicitly inline; under nvcc they are callable on the device too.

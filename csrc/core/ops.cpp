@@ -82,6 +82,37 @@ void check_count(int64_t count, int64_t channels, const TensorView& x, const cha
              " per channel ", why, ", got ", count, " (shape ", shape_string(x), ", ", channels, " channels)");
 }
 
+// A second array of x's shape, dtype and device (the residual of a fused op, the y of its
+// backward).
+void check_like_x(const TensorView& t, const char* arg, const TensorView& x) {
+  check_float_array(t, arg);
+  check_same_device(x, "x", t, arg);
+  check_same_shape(x, "x", t, arg);
+  BN_EXPECTS(t.dtype == x.dtype, type_error, arg, " must have the dtype of x, ", dtype_name(x.dtype), ", got ",
+             dtype_name(t.dtype));
+}
+
+void check_activation(Activation a) {
+  BN_EXPECTS(a == Activation::none || a == Activation::relu, value_error,
+             "activation must be None or 'relu', got code ", static_cast<int>(a));
+}
+
+// The fused forward's extra arguments: an optional residual like x, and the activation.
+void check_fusion(const TensorView& x, const TensorView& residual, Activation activation, const TensorView& y) {
+  check_activation(activation);
+  if (residual.defined()) check_like_x(residual, "residual", x);
+}
+
+// The forward's walk: x, the residual when given, y.
+Layout forward_layout(int axis, const TensorView& x, const TensorView& residual, const TensorView& y) {
+  if (residual.defined()) {
+    const TensorView* arrays[] = {&x, &residual, &y};
+    return make_layout(axis, arrays, 3);
+  }
+  const TensorView* arrays[] = {&x, &y};
+  return make_layout(axis, arrays, 2);
+}
+
 }  // namespace
 
 int64_t statistics(const StatisticsParams& p) {
@@ -125,17 +156,24 @@ void forward_training(const ForwardTrainingParams& p) {
   check_optional_vector(p.batch_var, "batch_var", src);
   const Named inputs[] = {{p.x, "x"},           {p.weight, "weight"},         {p.bias, "bias"},
                           {p.running_mean, "running_mean"}, {p.running_var, "running_var"},
-                          {p.batch_mean, "batch_mean"},     {p.batch_var, "batch_var"}};
-  // Exact aliasing needs the same shape and strides, so y may be x itself, never a parameter.
-  check_output(p.y, "out", p.x, "x", inputs, 7);
+                          {p.batch_mean, "batch_mean"},     {p.batch_var, "batch_var"},
+                          {p.residual, "residual"}};
+  // Exact aliasing needs the same shape and strides, so y may be x (or the residual) itself,
+  // never a parameter.
+  check_output(p.y, "out", p.x, "x", inputs, 8);
   const Named beside_mean[] = {{p.x, "x"},         {p.weight, "weight"},         {p.bias, "bias"},
                                {p.running_var, "running_var"}, {p.batch_mean, "batch_mean"}, {p.batch_var, "batch_var"}};
   const Named beside_var[] = {{p.x, "x"}, {p.weight, "weight"}, {p.bias, "bias"}, {p.batch_mean, "batch_mean"},
                               {p.batch_var, "batch_var"}};
   check_disjoint(p.running_mean, "running_mean", beside_mean, 6);
   check_disjoint(p.running_var, "running_var", beside_var, 5);
-  const TensorView* arrays[] = {&p.x, &p.y};
-  const Layout layout = make_layout(axis, arrays, 2);
+  check_fusion(p.x, p.residual, p.activation, p.y);
+  if (p.running_mean.defined()) {
+    const Named beside_residual[] = {{p.residual, "residual"}};
+    check_disjoint(p.running_mean, "running_mean", beside_residual, 1);
+    check_disjoint(p.running_var, "running_var", beside_residual, 1);
+  }
+  const Layout layout = forward_layout(axis, p.x, p.residual, p.y);
   check_channels(C, p.x, "x");
   if (given) {
     // x is one shard of the batch the statistics describe: it may be empty, never larger.
@@ -164,12 +202,13 @@ void forward_inference(const ForwardInferenceParams& p) {
   check_optional_vector(p.weight, "weight", src);
   check_optional_vector(p.bias, "bias", src);
   check_eps(p.eps);
-  const Named inputs[] = {{p.x, "x"}, {p.mean, "mean"}, {p.var, "var"}, {p.weight, "weight"}, {p.bias, "bias"}};
-  check_output(p.y, "out", p.x, "x", inputs, 5);
+  const Named inputs[] = {{p.x, "x"},       {p.mean, "mean"}, {p.var, "var"},
+                          {p.weight, "weight"}, {p.bias, "bias"}, {p.residual, "residual"}};
+  check_output(p.y, "out", p.x, "x", inputs, 6);
+  check_fusion(p.x, p.residual, p.activation, p.y);
   if (p.x.numel() == 0) return;  // an empty batch gives an empty y
   check_cuda_usable(p.x, "x");
-  const TensorView* arrays[] = {&p.x, &p.y};
-  const Layout layout = make_layout(axis, arrays, 2);
+  const Layout layout = forward_layout(axis, p.x, p.residual, p.y);
   route_op<ForwardInferenceParams>(p.x, cpu::forward_inference, BN_CUDA_FN(forward_inference), p, layout);
 }
 
@@ -200,9 +239,30 @@ void backward(const BackwardParams& p) {
   const int axis = check_backward_inputs(p.dy, p.x, p.axis, p.saved_mean, "saved_mean", p.saved_invstd, "saved_invstd");
   const int64_t C = p.x.shape[axis];
   check_optional_vector(p.weight, "weight", ChannelSource{p.x, "x", axis});
-  const Named inputs[] = {{p.dy, "dy"}, {p.x, "x"}, {p.saved_mean, "saved_mean"}, {p.saved_invstd, "saved_invstd"},
-                          {p.weight, "weight"}};
-  check_output(p.dx, "out", p.x, "x", inputs, 5);
+  check_activation(p.activation);
+  const bool relu = p.activation == Activation::relu;
+  BN_EXPECTS(relu || !p.y.defined(), value_error,
+             "y is the fused forward's output, for activation='relu' only; got y with activation None");
+  BN_EXPECTS(!relu || p.y.defined(), type_error, "y must be an array (the fused forward's output) with "
+             "activation='relu', got None");
+  if (relu) check_like_x(p.y, "y", p.x);
+  const Named inputs[] = {{p.dy, "dy"},         {p.x, "x"},           {p.saved_mean, "saved_mean"},
+                          {p.saved_invstd, "saved_invstd"}, {p.weight, "weight"}, {p.y, "y"}};
+  check_output(p.dx, "out", p.x, "x", inputs, 6);
+  // The masked gradient g (the residual's gradient) is written first, then read by the
+  // backward proper: into dresidual, or else into dx, which must then not be x (still needed).
+  const bool masked = relu || p.dresidual.defined();
+  if (p.dresidual.defined()) {
+    const Named others[] = {{p.dy, "dy"},         {p.x, "x"},           {p.saved_mean, "saved_mean"},
+                            {p.saved_invstd, "saved_invstd"}, {p.weight, "weight"}, {p.y, "y"},
+                            {p.dx, "out"}};
+    check_output(p.dresidual, "dresidual_out", p.x, "x", others, 1);  // may be dy itself
+    check_disjoint(p.dresidual, "dresidual_out", others + 1, 6);
+  } else if (relu) {
+    BN_EXPECTS(p.dx.data != p.x.data || p.x.numel() == 0, value_error,
+               "out must not be x in the fused backward without dresidual (x is read after the masked "
+               "gradient is written to out), got out=x");
+  }
   const TensorView* arrays[] = {&p.dy, &p.x, &p.dx};
   const Layout layout = make_layout(axis, arrays, 3);
   check_channels(C, p.x, "x");
@@ -211,7 +271,29 @@ void backward(const BackwardParams& p) {
   const DType acc = accumulation_dtype(p.x.dtype);
   check_internal_vector(p.dweight, "dweight", C, acc, p.x.device);
   check_internal_vector(p.dbias, "dbias", C, acc, p.x.device);
-  route_op<BackwardParams>(p.x, cpu::backward, BN_CUDA_FN(backward), p, layout);
+  if (!masked) {
+    route_op<BackwardParams>(p.x, cpu::backward, BN_CUDA_FN(backward), p, layout);
+    return;
+  }
+  // Fused: g = relu'(y) * dy (or dy itself) into dresidual or dx, then the plain backward of g.
+  ElementwiseParams m;
+  m.kind = relu ? ElementwiseKind::relu_grad : ElementwiseKind::copy;
+  m.in0 = p.dy;
+  m.in1 = p.y;
+  m.out = p.dresidual.defined() ? p.dresidual : p.dx;
+  m.exec = p.exec;
+  const TensorView* marrays[] = {&m.in0, &m.in1, &m.out};
+  const TensorView* carrays[] = {&m.in0, &m.out};
+  const Layout mlayout = relu ? make_layout(axis, marrays, 3) : make_layout(axis, carrays, 2);
+  BackwardParams q = p;
+  q.dy = m.out;
+  q.y = TensorView{};
+  q.activation = Activation::none;
+  q.dresidual = TensorView{};
+  const TensorView* qarrays[] = {&q.dy, &q.x, &q.dx};
+  const Layout qlayout = make_layout(axis, qarrays, 3);
+  route_op<ElementwiseParams>(p.x, cpu::elementwise, BN_CUDA_FN(elementwise), m, mlayout);
+  route_op<BackwardParams>(p.x, cpu::backward, BN_CUDA_FN(backward), q, qlayout);
 }
 
 void backward_reduce(const BackwardReduceParams& p) {

@@ -52,6 +52,9 @@ struct ForwardTrainingParams {
   // processes. x is then not reduced; everything else is as with its own statistics.
   TensorView batch_mean, batch_var;
   int64_t batch_count = 0;
+  // Fused: y = act(bn(x) + residual); residual (optional) has x's shape and dtype, any strides.
+  TensorView residual;
+  Activation activation = Activation::none;
   Exec exec;
 };
 
@@ -60,6 +63,8 @@ struct ForwardInferenceParams {
   double eps = 1e-5;
   int axis = 1;
   TensorView y;
+  TensorView residual;  // fused: y = act(bn(x) + residual), as in ForwardTrainingParams
+  Activation activation = Activation::none;
   Exec exec;
 };
 
@@ -68,6 +73,12 @@ struct BackwardParams {
   int axis = 1;
   TensorView dx;                  // output, x's shape and dtype, may be dy or x
   TensorView dweight, dbias;      // outputs: (C,), accumulation dtype, contiguous
+  // The fused forward's gradients: with activation relu, y (its output, x's shape and dtype)
+  // gives the mask; dresidual (optional output, x's shape and dtype, may be dy) receives the
+  // residual's gradient, dy masked.
+  TensorView y;
+  Activation activation = Activation::none;
+  TensorView dresidual;
   Exec exec;
 };
 

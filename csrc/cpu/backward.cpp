@@ -95,57 +95,33 @@ bool all_grad_sums(const Kernels<T>& k, const T* dy, const T* x, const Layout& L
   return false;
 }
 
-// dx of channels [c0, c1) (channels-first, piece by piece, the block's channels back to back).
+// Per-channel coefficients of backward_dx, held as the (C,) arrays the dx pass reads.
 template <class T>
-void apply_block(const Kernels<T>& k, const T* dy, const T* x, T* dx, const Layout& L, const Plan& plan, int64_t c0,
-                 int64_t c1, const BackwardCoefficients<acc_t<T>>* coef, bool nt) {
-  for_block_pieces(plan, c0, c1, [&](int64_t c, int64_t b, int64_t e) {
-    k.grad_apply(dy + c * L.channel_stride[0], x + c * L.channel_stride[1], dx + c * L.channel_stride[2], L, b, e,
-                 coef[c], nt);
-  });
-}
-
-// dx of every channel from its coefficients, whichever the layout.
-template <class T>
-void apply_all(const Kernels<T>& k, const T* dy, const T* x, T* dx, const Layout& L, const Plan& plan,
-               const BackwardCoefficients<acc_t<T>>* coef, bool nt) {
+struct DxCoefficients {
   using A = acc_t<T>;
-  const int64_t C = L.channels;
-  const int64_t work = 2 * L.count * C;
-  if (plan.channels_last) {
-    std::vector<A> cmean(C), cscale(C), cmdy(C), cproj(C);
-    for (int64_t c = 0; c < C; ++c) {
-      cmean[c] = coef[c].mean;
-      cscale[c] = coef[c].scale;
-      cmdy[c] = coef[c].mean_dy;
-      cproj[c] = coef[c].proj;
-    }
-    parallel_for(plan.groups, work, [&](int64_t g) {
-      const auto [b, e] = plan.range(g);
-      k.cl_grad_apply(dy, x, dx, L, b, e, cmean.data(), cscale.data(), cmdy.data(), cproj.data(), nt);
-    });
-  } else if (plan.channel_parallel) {
-    parallel_for(plan.channel_blocks(C), work, [&](int64_t blk) {
-      const int64_t c0 = blk * plan.channel_block;
-      apply_block(k, dy, x, dx, L, plan, c0, std::min(C, c0 + plan.channel_block), coef, nt);
-    });
-  } else {
-    parallel_for(C * plan.groups, work, [&](int64_t i) {
-      const int64_t c = i / plan.groups;
-      const auto [b, e] = plan.range(i % plan.groups);
-      k.grad_apply(dy + c * L.channel_stride[0], x + c * L.channel_stride[1], dx + c * L.channel_stride[2], L, b, e,
-                   coef[c], nt);
-    });
+  std::vector<A> mean, scale, mean_dy, proj;
+  explicit DxCoefficients(int64_t C) : mean(C), scale(C), mean_dy(C), proj(C) {}
+  void set(int64_t c, const BackwardCoefficients<A>& k) {
+    mean[c] = k.mean;
+    scale[c] = k.scale;
+    mean_dy[c] = k.mean_dy;
+    proj[c] = k.proj;
   }
-}
-
-// The coefficients of backward_dx from a channel's sums over `n` values: the one place where
-// the sums, in double, meet the accumulation type.
-template <class A>
-BackwardCoefficients<A> coefficients(double sum_dy, double sum_dy_xmu, double n, A mean, A invstd, A weight) {
-  return backward_coefficients<A>(static_cast<A>(sum_dy), static_cast<A>(sum_dy_xmu), static_cast<A>(n), mean, invstd,
-                                  weight);
-}
+  // The elementwise pass dx = backward_dx(dy, x) over the layout (dy, x, dx).
+  MapPass<T> pass(const T* dy, const T* x, T* dx, bool nt) const {
+    MapPass<T> m;
+    m.kind = MapKind::backward_dx;
+    m.in[0] = dy;
+    m.in[1] = x;
+    m.out = dx;
+    m.coef[0] = mean.data();
+    m.coef[1] = scale.data();
+    m.coef[2] = mean_dy.data();
+    m.coef[3] = proj.data();
+    m.nt = nt;
+    return m;
+  }
+};
 
 }  // namespace
 
@@ -165,16 +141,19 @@ void backward(const BackwardParams& p, const Layout& L) {
     A* dweight = p.dweight.ptr<A>();
     A* dbias = p.dbias.ptr<A>();
     const bool nt = stream_output(3 * L.count * C * static_cast<int64_t>(sizeof(T)));
-    std::vector<BackwardCoefficients<A>> coef(static_cast<size_t>(C));
+    DxCoefficients<T> coef(C);
+    const MapPass<T> pass = coef.pass(dy, x, dx, nt);
     const bool fused = all_grad_sums(
         k, dy, x, L, plan, mean.data(),
         [&](int64_t c, double sum_dy, double sum_dy_xmu) {
-          dbias[c] = static_cast<A>(sum_dy);
-          dweight[c] = static_cast<A>(sum_dy_xmu * static_cast<double>(invstd[c]));
-          coef[c] = coefficients<A>(sum_dy, sum_dy_xmu, static_cast<double>(L.count), mean[c], invstd[c], weight[c]);
+          const ParamGrads<A> g = param_grads<A>(sum_dy, sum_dy_xmu, invstd[c]);
+          dweight[c] = g.dweight;
+          dbias[c] = g.dbias;
+          coef.set(c, backward_coefficients<A>(sum_dy, sum_dy_xmu, static_cast<double>(L.count), mean[c], invstd[c],
+                                               weight[c]));
         },
-        [&](int64_t c0, int64_t c1) { apply_block(k, dy, x, dx, L, plan, c0, c1, coef.data(), nt); });
-    if (!fused) apply_all(k, dy, x, dx, L, plan, coef.data(), nt);
+        [&](int64_t c0, int64_t c1) { map_channels(k, pass, L, plan, c0, c1); });
+    if (!fused) map_all(k, pass, L, plan);
   });
 }
 
@@ -191,8 +170,9 @@ void backward_reduce(const BackwardReduceParams& p, const Layout& L) {
     auto per_channel = [&](int64_t c, double s1, double s2) {
       sum_dy[c] = s1;
       sum_dy_xmu[c] = s2;
-      dbias[c] = static_cast<A>(s1);
-      dweight[c] = static_cast<A>(s2 * static_cast<double>(invstd[c]));
+      const ParamGrads<A> g = param_grads<A>(s1, s2, invstd[c]);
+      dweight[c] = g.dweight;
+      dbias[c] = g.dbias;
     };
     if (L.count == 0) {  // an empty shard contributes nothing
       for (int64_t c = 0; c < C; ++c) per_channel(c, 0.0, 0.0);
@@ -214,12 +194,13 @@ void backward_elemt(const BackwardElemtParams& p, const Layout& L) {
     const std::vector<A> weight = load_vector<A>(p.weight, C, A(1));
     const std::vector<double> sum_dy = load_vector<double>(p.sum_dy, C, 0.0);
     const std::vector<double> sum_dy_xmu = load_vector<double>(p.sum_dy_xmu, C, 0.0);
-    std::vector<BackwardCoefficients<A>> coef(static_cast<size_t>(C));
+    DxCoefficients<T> coef(C);
     for (int64_t c = 0; c < C; ++c)
-      coef[c] = coefficients<A>(sum_dy[c], sum_dy_xmu[c], static_cast<double>(p.count), mean[c], invstd[c], weight[c]);
+      coef.set(c, backward_coefficients<A>(sum_dy[c], sum_dy_xmu[c], static_cast<double>(p.count), mean[c],
+                                           invstd[c], weight[c]));
     const bool nt = stream_output(3 * L.count * C * static_cast<int64_t>(sizeof(T)));
-    apply_all(kernels_for<T>(), p.dy.ptr<const T>(), p.x.ptr<const T>(), p.dx.ptr<T>(), L,
-              make_plan(L, 3 * sizeof(T)), coef.data(), nt);
+    map_all(kernels_for<T>(), coef.pass(p.dy.ptr<const T>(), p.x.ptr<const T>(), p.dx.ptr<T>(), nt), L,
+            make_plan(L, 3 * sizeof(T)));
   });
 }
 

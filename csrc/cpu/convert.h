@@ -8,7 +8,7 @@
 
 #include "core/dtype.h"
 
-// The per-ISA kernel units predefine BN_CPU_INLINE as `static inline` (see core/math.h).
+// The per-ISA kernel units predefine BN_CPU_INLINE as `static inline` (see core/recipes.h).
 #ifndef BN_CPU_INLINE
 #define BN_CPU_INLINE inline
 #endif

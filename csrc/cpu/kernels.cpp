@@ -2,21 +2,44 @@
 // and the level's -m flags), putting each copy of the primitives in its own namespace.
 // Internal linkage for every inline helper, so the linker never folds this level's copy
 // into code that runs on a CPU without the level's instructions.
-#define BN_HD static inline
+#define BN_HD static inline __attribute__((always_inline))
 #define BN_CPU_INLINE static inline
 #include "cpu/kernels.h"
 
+#include <array>
+
 #include "cpu/kernels/gradient.h"
+#include "cpu/kernels/map.h"
 #include "cpu/kernels/moments.h"
-#include "cpu/kernels/normalize.h"
 
 namespace batchnorm::cpu {
 namespace BN_ISA {
 namespace {
+
+// The recipes in MapKind's order.
+template <class T, class F>
+constexpr auto for_recipes(F f) {
+  return std::array{f(ForwardMap<false, Activation::none>{}), f(ForwardMap<false, Activation::relu>{}),
+                    f(ForwardMap<true, Activation::none>{}),  f(ForwardMap<true, Activation::relu>{}),
+                    f(BackwardMap{}),                        f(ReluGradMap{}),
+                    f(IdentityMap{})};
+}
+
 template <class T>
 constexpr Kernels<T> make() {
-  return Kernels<T>{&moments<T>,    &normalize_block<T>, &grad_sums<T>,    &grad_apply<T>,
-                    &cl_moments<T>, &cl_normalize<T>,    &cl_grad_sums<T>, &cl_grad_apply<T>};
+  Kernels<T> k{};
+  k.moments = &moments<T>;
+  k.grad_sums = &grad_sums<T>;
+  k.cl_moments = &cl_moments<T>;
+  k.cl_grad_sums = &cl_grad_sums<T>;
+  const auto maps = for_recipes<T>([](auto r) { return &map_block<decltype(r), T>; });
+  const auto cl_maps = for_recipes<T>([](auto r) { return &map_positions<decltype(r), T>; });
+  static_assert(maps.size() == kMapKinds, "one map per MapKind");
+  for (int i = 0; i < kMapKinds; ++i) {
+    k.map[i] = maps[i];
+    k.cl_map[i] = cl_maps[i];
+  }
+  return k;
 }
 }  // namespace
 }  // namespace BN_ISA

@@ -6,7 +6,7 @@
 #include <cstdint>
 
 #include "core/layout.h"
-#include "core/math.h"
+#include "core/recipes.h"
 #include "cpu/convert.h"
 
 namespace batchnorm::cpu {
@@ -29,6 +29,25 @@ constexpr int64_t kChannelsLastMinGroup = 64;
 // rule that depends on the shape alone.
 constexpr int64_t kMaxGroups = 64;
 
+// The elementwise recipes (core/recipes.h) the map primitives run, and their input counts.
+// Arrays in the layout's walk: the inputs in this order, then the output.
+enum class MapKind : int {
+  normalize,           // (x) -> y, coefficients {mean, scale, shift}
+  normalize_relu,      // (x) -> relu(y)
+  normalize_add,       // (x, residual) -> y + residual
+  normalize_add_relu,  // (x, residual) -> relu(y + residual)
+  backward_dx,         // (dy, x) -> dx, coefficients {mean, scale, mean_dy, proj}
+  relu_grad,           // (dy, y) -> dy where y > 0, else 0; no coefficients
+  copy,                // (x) -> x
+};
+constexpr int kMapKinds = 7;
+BN_CPU_INLINE int map_inputs(MapKind kind) {
+  return kind == MapKind::normalize || kind == MapKind::normalize_relu || kind == MapKind::copy ? 1 : 2;
+}
+BN_CPU_INLINE int map_coefficients(MapKind kind) {
+  return kind == MapKind::backward_dx ? 4 : kind == MapKind::relu_grad || kind == MapKind::copy ? 0 : 3;
+}
+
 // `nt` (non-temporal stores) is set by the drivers for outputs that cannot stay in cache.
 // Array roles in the layout's walk: forward (x, y); backward (dy, x, dx).
 template <class T>
@@ -37,20 +56,19 @@ struct Kernels {
   // Channels-first primitives: one channel (pointers at its first value), values
   // [begin, end) of its row-major walk over the reduced dims.
   Moments<double> (*moments)(const T* x, const Layout& L, int64_t begin, int64_t end);
-  void (*normalize)(const T* x, T* y, const Layout& L, int64_t begin, int64_t end, A mean, A scale, A shift,
-                    bool nt);
+  // map[kind]: out = recipe(k, in...) over values [begin, end); k: the channel's coefficients.
+  // (One entry per recipe: the memory-order walk calls it once per row of every channel.)
+  void (*map[kMapKinds])(const T* const* in, T* out, const Layout& L, int64_t begin, int64_t end, const A* k,
+                         bool nt);
   void (*grad_sums)(const T* dy, const T* x, const Layout& L, int64_t begin, int64_t end, A mean,
                     double* sum_dy, double* sum_dy_xmu);
-  void (*grad_apply)(const T* dy, const T* x, T* dx, const Layout& L, int64_t begin, int64_t end,
-                     const BackwardCoefficients<A>& k, bool nt);
   // Channels-last primitives: every channel of positions [p0, p1). `scratch` holds 3*C A's.
   void (*cl_moments)(const T* x, const Layout& L, int64_t p0, int64_t p1, Moments<double>* out, A* scratch);
-  void (*cl_normalize)(const T* x, T* y, const Layout& L, int64_t p0, int64_t p1, const A* mean, const A* scale,
-                       const A* shift, bool nt);
+  // out = recipe over every channel of positions [p0, p1); k[j]: the (C,) values of coefficient j.
+  void (*cl_map[kMapKinds])(const T* const* in, T* out, const Layout& L, int64_t p0, int64_t p1,
+                            const A* const* k, bool nt);
   void (*cl_grad_sums)(const T* dy, const T* x, const Layout& L, int64_t p0, int64_t p1, const A* mean,
                        double* sum_dy, double* sum_dy_xmu, A* scratch);
-  void (*cl_grad_apply)(const T* dy, const T* x, T* dx, const Layout& L, int64_t p0, int64_t p1, const A* mean,
-                        const A* scale, const A* mean_dy, const A* proj, bool nt);
 };
 
 struct KernelTable {

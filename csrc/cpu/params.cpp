@@ -1,7 +1,7 @@
 // (Parameter loading is header-only; see params.h.) merge_statistics lives here: it works on
 // per-channel vectors only, so it is the parameter code's one op.
 #include "core/backend.h"
-#include "core/math.h"
+#include "core/recipes.h"
 #include "cpu/params.h"
 
 namespace batchnorm::cpu {
@@ -14,11 +14,11 @@ void merge_statistics(const MergeStatisticsParams& p) {
     const double n = static_cast<double>(p.counts[s]);
     const std::vector<double> m = load_vector<double>(p.means[s], C, 0.0);
     const std::vector<double> v = load_vector<double>(p.vars[s], C, 0.0);
-    for (int64_t c = 0; c < C; ++c) acc[c] = merge_moments(acc[c], Moments<double>{n, m[c], v[c] * n});
+    for (int64_t c = 0; c < C; ++c) acc[c] = merge_moments(acc[c], shard_moments(n, m[c], v[c]));
   }
   for (int64_t c = 0; c < C; ++c) {
     store_any(p.mean.data, p.mean.dtype, c, acc[c].mean);
-    store_any(p.var.data, p.var.dtype, c, acc[c].m2 / acc[c].n);
+    store_any(p.var.data, p.var.dtype, c, biased_variance(acc[c]));
   }
 }
 

@@ -15,10 +15,10 @@ void statistics(const StatisticsParams& p, const Layout& L) {
     all_moments(kernels_for<T>(), p.x.ptr<const T>(), L, plan, [&](int64_t c, const Moments<double>& m) {
       if (wide) {
         p.mean.ptr<double>()[c] = m.mean;
-        p.var.ptr<double>()[c] = m.m2 / m.n;
+        p.var.ptr<double>()[c] = biased_variance(m);
       } else {
         p.mean.ptr<A>()[c] = static_cast<A>(m.mean);
-        p.var.ptr<A>()[c] = static_cast<A>(m.m2 / m.n);
+        p.var.ptr<A>()[c] = static_cast<A>(biased_variance(m));
       }
     }, [](int64_t, int64_t) {});
   });

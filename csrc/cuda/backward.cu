@@ -1,12 +1,12 @@
 // CUDA backward: one split reduction of (sum dy, sum dy * (x - mean)) per channel with the
 // same work items and fixed merge order as the statistics, a warp-per-channel finalize that
-// writes dweight, dbias and the coefficients of math.h's backward_dx, then the elementwise dx.
+// writes dweight, dbias and the coefficients of recipes.h's backward_dx, then the elementwise dx.
 // dx may be dy or x itself (each thread reads its values before writing them).
 // backward_reduce / backward_elemt are the reduction and the elementwise pass taken apart.
 #include "core/backend.h"
 #include "cuda/common.cuh"
 #include "cuda/convert.cuh"
-#include "cuda/dense.cuh"
+#include "cuda/map.cuh"
 #include "cuda/reduce.cuh"
 #include "cuda/walk.cuh"
 
@@ -42,7 +42,7 @@ __global__ void __launch_bounds__(kBlock, 2)
       for (int u = 0; u < U; ++u)
         if (u < n) {
 #pragma unroll
-          for (int j = 0; j < W; ++j) acc.add(0, load(gv[u].v[j]), load(xv[u].v[j]) - mean);
+          for (int j = 0; j < W; ++j) acc.add(0, load(gv[u].v[j]), load(xv[u].v[j]), mean);
         }
       acc.counted(n * W);
     });
@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(kBlock, 2)
         for (int u = 0; u < U; ++u)
           if (u < n) {
 #pragma unroll
-            for (int j = 0; j < W; ++j) acc.add(j, load(gv[u].v[j]), load(xv[u].v[j]) - mean[j]);
+            for (int j = 0; j < W; ++j) acc.add(j, load(gv[u].v[j]), load(xv[u].v[j]), mean[j]);
           }
         acc.counted(n);
       });
@@ -106,8 +106,9 @@ __global__ void __launch_bounds__(kBlock, 2)
 template <class A>
 __device__ __forceinline__ void store_param_grads(int64_t c, const GradPartial& sums, ParamRef saved_invstd,
                                                   A* __restrict__ dweight, A* __restrict__ dbias) {
-  dbias[c] = static_cast<A>(sums.dy);
-  dweight[c] = static_cast<A>(sums.dy_xmu * static_cast<double>(static_cast<A>(load_param(saved_invstd, c, 1.0))));
+  const ParamGrads<A> g = param_grads<A>(sums.dy, sums.dy_xmu, static_cast<A>(load_param(saved_invstd, c, 1.0)));
+  dweight[c] = g.dweight;
+  dbias[c] = g.dbias;
 }
 
 // The coefficients of backward_dx from channel c's sums over `count` values, as the CPU forms them.
@@ -115,7 +116,7 @@ template <class A>
 __device__ __forceinline__ BackwardCoefficients<A> grad_coefficients(int64_t c, const GradPartial& sums,
                                                                      int64_t count, ParamRef saved_mean,
                                                                      ParamRef saved_invstd, ParamRef weight) {
-  return backward_coefficients<A>(static_cast<A>(sums.dy), static_cast<A>(sums.dy_xmu), static_cast<A>(count),
+  return backward_coefficients<A>(sums.dy, sums.dy_xmu, static_cast<double>(count),
                                   static_cast<A>(load_param(saved_mean, c, 0.0)),
                                   static_cast<A>(load_param(saved_invstd, c, 1.0)),
                                   static_cast<A>(load_param(weight, c, 1.0)));
@@ -162,85 +163,6 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
-template <class T, int W>
-__global__ void __launch_bounds__(kBlock, 2)
-    cf_grad_input_kernel(const __grid_constant__ Layout L, const T* dy, const T* x, T* dx, CfPlan plan,
-                         const BackwardCoefficients<acc_t<T>>* __restrict__ coef) {
-  using A = acc_t<T>;
-  constexpr int U = kUnroll / 2;  // two arrays read
-  const CfGeom<3> g(L, W);
-  for (int64_t w = blockIdx.x; w < plan.items; w += gridDim.x) {
-    const int64_t c = w / plan.splits;
-    const int64_t b0 = (w - c * plan.splits) * plan.chunk;
-    const int64_t b1 = min(L.count, b0 + plan.chunk);
-    const BackwardCoefficients<A> k = coef[c];
-    cf_walk<3, W, U>(L, g, c, b0, b1, [&](const int64_t (&off)[U][3], int n) {
-      Pack<T, W> gv[U], xv[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u)
-        if (u < n) {
-          gv[u] = *reinterpret_cast<const Pack<T, W>*>(dy + off[u][0]);
-          xv[u] = *reinterpret_cast<const Pack<T, W>*>(x + off[u][1]);
-        }
-#pragma unroll
-      for (int u = 0; u < U; ++u)
-        if (u < n) {
-          Pack<T, W> o;
-#pragma unroll
-          for (int j = 0; j < W; ++j) o.v[j] = store<T>(backward_dx<A>(load(gv[u].v[j]), load(xv[u].v[j]), k));
-          *reinterpret_cast<Pack<T, W>*>(dx + off[u][2]) = o;
-        }
-    });
-  }
-}
-
-template <class T, int W>
-__global__ void __launch_bounds__(kBlock, 2)
-    cl_grad_input_kernel(const __grid_constant__ Layout L, const T* dy, const T* x, T* dx, ClPlan plan,
-                         const BackwardCoefficients<acc_t<T>>* __restrict__ coef) {
-  using A = acc_t<T>;
-  constexpr int U = kUnroll / 2;  // two arrays read
-  const ClGeom<3> g(L);
-  const int lane = static_cast<int>(threadIdx.x) % plan.lanes;
-  const int row = static_cast<int>(threadIdx.x) / plan.lanes;
-  if (row >= plan.rows) return;  // no block-wide synchronization below
-  for (int64_t w = blockIdx.x; w < plan.items; w += gridDim.x) {
-    const int64_t s = w / plan.tiles;
-    const int64_t c = ((w - s * plan.tiles) * plan.lanes + lane) * W;
-    if (c >= L.channels) continue;  // W divides C when W > 1
-    BackwardCoefficients<A> k[W];
-#pragma unroll
-    for (int j = 0; j < W; ++j) k[j] = coef[c + j];
-    const int64_t p0 = cl_split_begin(L.count, plan.splits, s);
-    const int64_t p1 = cl_split_begin(L.count, plan.splits, s + 1);
-    cl_walk<3, U>(L, g, p0, p1, row, plan.rows, [&](const int64_t (&off)[U][3], int n) {
-      Pack<T, W> gv[U], xv[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u)
-        if (u < n) {
-          gv[u] = *reinterpret_cast<const Pack<T, W>*>(dy + off[u][0] + c);
-          xv[u] = *reinterpret_cast<const Pack<T, W>*>(x + off[u][1] + c);
-        }
-#pragma unroll
-      for (int u = 0; u < U; ++u)
-        if (u < n) {
-          Pack<T, W> o;
-#pragma unroll
-          for (int j = 0; j < W; ++j) o.v[j] = store<T>(backward_dx<A>(load(gv[u].v[j]), load(xv[u].v[j]), k[j]));
-          *reinterpret_cast<Pack<T, W>*>(dx + off[u][2] + c) = o;
-        }
-    });
-  }
-}
-
-// backward_dx() with channel c's coefficients, for dense_kernel (inputs dy, x).
-template <class A>
-struct GradInputOp {
-  static constexpr int kInputs = 2;
-  const BackwardCoefficients<A>* coef;
-  __device__ __forceinline__ A operator()(uint32_t c, A dy, A x) const { return backward_dx<A>(dy, x, coef[c]); }
-};
-
 // Enqueues the split reduction of (sum dy, sum dy * (x - mean)); returns where the partials are.
 template <class T>
 Partials<GradPartial> launch_grad_sums(const TensorView& dy_t, const TensorView& x_t, ParamRef saved_mean,
@@ -271,32 +193,9 @@ Partials<GradPartial> launch_grad_sums(const TensorView& dy_t, const TensorView&
 
 // Enqueues dx = backward_dx(dy, x) with per-channel coefficients already on the device.
 template <class T>
-void launch_grad_input(const TensorView& dy_t, const TensorView& x_t, const TensorView& dx_t, const Layout& L,
+void launch_grad_input(const TensorView& dy, const TensorView& x, const TensorView& dx, const Layout& L,
                        const BackwardCoefficients<acc_t<T>>* coef, cudaStream_t stream) {
-  using A = acc_t<T>;
-  const T* dy = dy_t.ptr<const T>();
-  const T* x = x_t.ptr<const T>();
-  T* dx = dx_t.ptr<T>();
-  const void* arrays[] = {dy_t.data, x_t.data, dx_t.data};
-  if (const DensePlan dense = dense_plan(L, arrays, 3, kVecWidth<T>); dense.ok) {
-    launch_dense<T>(dense, dy, x, dx, GradInputOp<A>{coef}, stream);
-    return;
-  }
-  if (L.channels_last()) {
-    with_width<T>(cl_packable(L, arrays, 3, kVecWidth<T>), [&](auto width) {
-      constexpr int W = decltype(width)::value;
-      const ClPlan plan = cl_plan(L, W);
-      cl_grad_input_kernel<T, W><<<grid_for(plan.items), kBlock, 0, stream>>>(L, dy, x, dx, plan, coef);
-      BN_CUDA_CHECK_LAUNCH("cl_grad_input_kernel");
-    });
-  } else {
-    with_width<T>(cf_packable(L, arrays, 3, kVecWidth<T>), [&](auto width) {
-      constexpr int W = decltype(width)::value;
-      const CfPlan plan = cf_plan(L, W);
-      cf_grad_input_kernel<T, W><<<grid_for(plan.items), kBlock, 0, stream>>>(L, dy, x, dx, plan, coef);
-      BN_CUDA_CHECK_LAUNCH("cf_grad_input_kernel");
-    });
-  }
+  launch_map<T>(dy, x, dx, L, GradInputOp<acc_t<T>>{coef}, stream);
 }
 
 template <class T>

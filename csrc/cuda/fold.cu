@@ -1,8 +1,6 @@
 // CUDA fold: an inference batch norm folded into the preceding conv / linear layer, in
-// double, one thread per kernel element (and one per output bias):
-//   kernel'[c] = kernel[c] * s[c],  bias'[c] = (conv_bias[c] - mean[c]) * s[c] + bias[c],
-// with s = weight / sqrt(var + eps), as the CPU computes it. Not a hot path: kept simple.
-#include <cmath>
+// double, one thread per kernel element (and one per output bias), with the formulas of
+// core/recipes.h (fold_scale, fold_kernel, fold_bias). Not a hot path: kept simple.
 
 #include "core/backend.h"
 #include "cuda/common.cuh"
@@ -21,18 +19,18 @@ struct FoldArgs {
   double eps;
 };
 
-__global__ void __launch_bounds__(kBlock) fold_kernel(const __grid_constant__ Layout L, const FoldArgs a) {
+__global__ void __launch_bounds__(kBlock) fold_values_kernel(const __grid_constant__ Layout L, const FoldArgs a) {
   const int64_t C = L.channels;
   const int64_t values = C * L.count;  // kernel elements; then C bias elements
   for (int64_t e = int64_t(blockIdx.x) * kBlock + threadIdx.x; e < values + C; e += int64_t(gridDim.x) * kBlock) {
     const int64_t c = e < values ? e / L.count : e - values;
-    const double s = load_param(a.weight, c, 1.0) / sqrt(load_param(a.var, c, 1.0) + a.eps);
+    const double s = fold_scale(load_param(a.weight, c, 1.0), load_param(a.var, c, 1.0), a.eps);
     if (e < values) {
       const int64_t i = e - c * L.count;
       const double v = load_any(a.kernel, a.dtype, c * L.channel_stride[0] + L.position_offset(0, i));
-      store_any(a.kernel_out, a.dtype, c * L.channel_stride[1] + L.position_offset(1, i), v * s);
+      store_any(a.kernel_out, a.dtype, c * L.channel_stride[1] + L.position_offset(1, i), fold_kernel(v, s));
     } else {
-      const double b = (load_param(a.conv_bias, c, 0.0) - load_param(a.mean, c, 0.0)) * s + load_param(a.bias, c, 0.0);
+      const double b = fold_bias(load_param(a.conv_bias, c, 0.0), load_param(a.mean, c, 0.0), s, load_param(a.bias, c, 0.0));
       store_any(a.bias_out, a.dtype, c, b);
     }
   }
@@ -56,8 +54,8 @@ void fold(const FoldParams& p, const Layout& layout) {
   const int64_t work = layout.channels * (layout.count + 1);
   if (work == 0) return;
   const unsigned grid = grid_for(std::min<int64_t>(ceil_div(work, kBlock), 65536));
-  fold_kernel<<<grid, kBlock, 0, to_stream(p.exec.stream)>>>(layout, a);
-  BN_CUDA_CHECK_LAUNCH("fold_kernel");
+  fold_values_kernel<<<grid, kBlock, 0, to_stream(p.exec.stream)>>>(layout, a);
+  BN_CUDA_CHECK_LAUNCH("fold_values_kernel");
 }
 
 }  // namespace batchnorm::cuda

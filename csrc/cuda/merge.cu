@@ -3,7 +3,7 @@
 // arguments, kShards per launch (no host-to-device copy); between launches the running
 // moments wait in a double workspace.
 #include "core/backend.h"
-#include "core/math.h"
+#include "core/recipes.h"
 #include "cuda/common.cuh"
 #include "cuda/convert.cuh"
 
@@ -28,11 +28,11 @@ __global__ void __launch_bounds__(kBlock)
     Moments<double> m = acc_in ? acc_in[c] : Moments<double>{};
     for (int s = 0; s < batch.size; ++s) {
       const double n = batch.count[s];
-      m = merge_moments(m, Moments<double>{n, load_param(batch.mean[s], c, 0.0), load_param(batch.var[s], c, 0.0) * n});
+      m = merge_moments(m, shard_moments(n, load_param(batch.mean[s], c, 0.0), load_param(batch.var[s], c, 0.0)));
     }
     if (out_mean.data) {
       store_param(out_mean, c, m.mean);
-      store_param(out_var, c, m.m2 / m.n);
+      store_param(out_var, c, biased_variance(m));
     } else {
       acc_out[c] = m;
     }

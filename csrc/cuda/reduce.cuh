@@ -7,7 +7,7 @@
 
 #include <cstdint>
 
-#include "core/math.h"
+#include "core/recipes.h"
 #include "cuda/common.cuh"
 
 namespace batchnorm::cuda {
@@ -76,9 +76,9 @@ struct GradSums {
 #pragma unroll
     for (int j = 0; j < W; ++j) s1[j] = s2[j] = d1[j] = d2[j] = A(0);
   }
-  __device__ __forceinline__ void add(int j, A dy, A xmu) {
+  __device__ __forceinline__ void add(int j, A dy, A x, A mean) {
     s1[j] += dy;
-    s2[j] += dy * xmu;
+    s2[j] += grad_term(dy, x, mean);
   }
   __device__ __forceinline__ void counted(int values) {
     run += values;

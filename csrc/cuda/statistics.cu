@@ -108,18 +108,19 @@ __device__ __forceinline__ void finish_channel(int64_t c, double batch_mean, dou
     if (out.var) static_cast<A*>(out.var)[c] = static_cast<A>(var);
   }
   if (out.invstd) {
-    const A invstd = static_cast<A>(inverse_std<double>(var, out.eps));
-    static_cast<A*>(out.invstd)[c] = invstd;
-    static_cast<A*>(out.scale)[c] = invstd * static_cast<A>(load_param(out.weight, c, 1.0));
-    static_cast<A*>(out.shift)[c] = static_cast<A>(load_param(out.bias, c, 0.0));
+    const ForwardCoefficients<A> k = forward_coefficients<A>(batch_mean, var, out.eps,
+                                                             static_cast<A>(load_param(out.weight, c, 1.0)),
+                                                             static_cast<A>(load_param(out.bias, c, 0.0)));
+    static_cast<A*>(out.invstd)[c] = k.invstd;
+    static_cast<A*>(out.scale)[c] = k.scale;
+    static_cast<A*>(out.shift)[c] = k.shift;
   }
   if (out.running_mean.data) {
-    // PyTorch's convention: the unbiased batch variance feeds running_var.
-    const double n = static_cast<double>(count);
-    const double rm = load_param(out.running_mean, c, 0.0);
-    const double rv = load_param(out.running_var, c, 0.0);
-    store_param(out.running_mean, c, running_update<double>(rm, static_cast<double>(mean), out.momentum));
-    store_param(out.running_var, c, running_update<double>(rv, var * n / (n - 1.0), out.momentum));
+    double rm = load_param(out.running_mean, c, 0.0);
+    double rv = load_param(out.running_var, c, 0.0);
+    update_running<A>(rm, rv, mean, var, static_cast<double>(count), out.momentum);
+    store_param(out.running_mean, c, rm);
+    store_param(out.running_var, c, rv);
   }
 }
 
@@ -130,7 +131,7 @@ __global__ void __launch_bounds__(kBlock)
   for (int64_t c = first_warp_channel(); c < channels; c += warp_channel_stride()) {
     const Moments<double> m = warp_merge(part, c, MergeMomentsOp{});
     if ((threadIdx.x & 31u) != 0) continue;
-    finish_channel<A>(c, m.mean, m.m2 / m.n, count, out);
+    finish_channel<A>(c, m.mean, biased_variance(m), count, out);
   }
 }
 

@@ -30,15 +30,17 @@ def forward_training(
     x: Any, weight: Any, bias: Any, running_mean: Any, running_var: Any,
     momentum: float, eps: float, axis: int, out: Any,
     batch_mean: Any, batch_var: Any, batch_count: int, call: Call,
-    saved_mean_out: Any = None, saved_invstd_out: Any = None,
+    saved_mean_out: Any = None, saved_invstd_out: Any = None, residual: Any = None, activation: int = 0,
 ) -> Tuple[Any, Any, Any]: ...
 def forward_inference(
-    x: Any, mean: Any, var: Any, weight: Any, bias: Any, eps: float, axis: int, out: Any, call: Call, /
+    x: Any, mean: Any, var: Any, weight: Any, bias: Any, eps: float, axis: int, out: Any, call: Call,
+    residual: Any = None, activation: int = 0,
 ) -> Any: ...
 def backward(
     dy: Any, x: Any, saved_mean: Any, saved_invstd: Any, weight: Any, axis: int, out: Any, call: Call,
-    dweight_out: Any = None, dbias_out: Any = None,
-) -> Tuple[Any, Any, Any]: ...
+    dweight_out: Any = None, dbias_out: Any = None, y: Any = None, activation: int = 0, residual: bool = False,
+    dresidual_out: Any = None,
+) -> Tuple[Any, ...]: ...
 def backward_reduce(dy: Any, x: Any, mean: Any, invstd: Any, axis: int, call: Call, /) -> Tuple[Any, Any, Any, Any]: ...
 def backward_elemt(
     dy: Any, x: Any, mean: Any, invstd: Any, sum_dy: Any, sum_dy_xmu: Any, count: int, weight: Any,

@@ -63,6 +63,8 @@ def forward_training(
     axis: int = 1,
     out: Optional[Array] = None,
     batch_statistics: Optional[Tuple[Array, Array, int]] = None,
+    residual: Optional[Array] = None,
+    activation: Optional[str] = None,
     stream: Any = None,
 ) -> Tuple[Array, Array, Array]:
     """Training-mode batch norm: y = (x - mean) * invstd * weight + bias with the batch
@@ -73,10 +75,14 @@ def forward_training(
     batch_statistics=(mean, var, count): the statistics of a batch that x is a part of
     (x may be empty), e.g. from batchnorm.distributed.sync_statistics; x is then not
     reduced, and count (values per channel of the whole batch) makes the unbiased variance
-    of the running update. Everything else is as with x's own statistics."""
+    of the running update. Everything else is as with x's own statistics.
+
+    Fused: y = act(bn(x) + residual) in the passes of plain batch norm (plus the read of
+    `residual`, an array of x's shape and dtype), activation None or "relu"."""
     momentum = check_real(momentum, "momentum")
     eps = check_real(eps, "eps")
     axis = check_axis(axis, x)
+    code = _activation_code(activation)
     check_out(out)
     check_written(running_mean, "running_mean")
     check_written(running_var, "running_var")
@@ -95,7 +101,7 @@ def forward_training(
     a = kind.arg
     y, mean, invstd = _C.forward_training(
         a(x), a(weight), a(bias), a(running_mean), a(running_var), momentum, eps, axis, a(out),
-        a(batch_mean), a(batch_var), batch_count, kind.call
+        a(batch_mean), a(batch_var), batch_count, kind.call, residual=a(residual), activation=code
     )
     return (out if out is not None else kind.wrap(y)), kind.wrap(mean), kind.wrap(invstd)
 
@@ -110,16 +116,22 @@ def forward_inference(
     eps: float = 1e-5,
     axis: int = 1,
     out: Optional[Array] = None,
+    residual: Optional[Array] = None,
+    activation: Optional[str] = None,
     stream: Any = None,
 ) -> Array:
     """Inference-mode batch norm with given statistics:
-    y = (x - mean) / sqrt(var + eps) * weight + bias."""
+    y = (x - mean) / sqrt(var + eps) * weight + bias; fused, act(y + residual) in one pass
+    (activation None or "relu")."""
     eps = check_real(eps, "eps")
     axis = check_axis(axis, x)
+    code = _activation_code(activation)
     check_out(out)
     kind = Kind(x, stream)
     a = kind.arg
-    y = _C.forward_inference(a(x), a(mean), a(var), a(weight), a(bias), eps, axis, a(out), kind.call)
+    y = _C.forward_inference(
+        a(x), a(mean), a(var), a(weight), a(bias), eps, axis, a(out), kind.call, residual=a(residual), activation=code
+    )
     return out if out is not None else kind.wrap(y)
 
 
@@ -132,16 +144,43 @@ def backward(
     *,
     axis: int = 1,
     out: Optional[Array] = None,
+    y: Optional[Array] = None,
+    activation: Optional[str] = None,
+    residual: bool = False,
     stream: Any = None,
-) -> Tuple[Array, Array, Array]:
+) -> Tuple[Array, ...]:
     """Gradients of forward_training: (dx, dweight, dbias), where dweight = sum(dy * x_hat)
-    and dbias = sum(dy) per channel (always returned). `out` receives dx (it may be dy)."""
+    and dbias = sum(dy) per channel (always returned). `out` receives dx (it may be dy).
+
+    Of the fused forward: activation="relu" takes the mask from `y`, the fused forward's
+    output; residual=True also returns the residual's gradient, (dx, dweight, dbias,
+    dresidual). Equal to differentiating act(bn(x) + residual)."""
     axis = check_axis(axis, x)
+    code = _activation_code(activation)
+    if not isinstance(residual, bool):
+        raise TypeError(f"residual must be a bool (return the residual's gradient), got {type(residual).__name__}")
     check_out(out)
     kind = Kind(x, stream)
     a = kind.arg
-    dx, dweight, dbias = _C.backward(a(dy), a(x), a(saved_mean), a(saved_invstd), a(weight), axis, a(out), kind.call)
-    return (out if out is not None else kind.wrap(dx)), kind.wrap(dweight), kind.wrap(dbias)
+    results = _C.backward(
+        a(dy), a(x), a(saved_mean), a(saved_invstd), a(weight), axis, a(out), kind.call,
+        y=a(y), activation=code, residual=residual,
+    )
+    dx = out if out is not None else kind.wrap(results[0])
+    return (dx,) + tuple(kind.wrap(r) for r in results[1:])
+
+
+_ACTIVATIONS = {None: 0, "relu": 1}
+
+
+def _activation_code(activation: Any) -> int:
+    """The core's code of a fused op's activation (None or "relu")."""
+    if isinstance(activation, str) or activation is None:
+        code = _ACTIVATIONS.get(activation)
+        if code is not None:
+            return code
+        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+    raise TypeError(f"activation must be None or 'relu', got {type(activation).__name__}")
 
 
 def backward_reduce(

@@ -1,5 +1,5 @@
-// Backward primitives: the one fused reduction (sum dy, sum dy * (x - mean)) and the
-// elementwise dx that recomputes x - mean rather than storing x_hat.
+// Backward's reduction primitives: the one fused reduction (sum dy, sum dy * (x - mean)),
+// the terms from core/recipes.h. (dx, the elementwise half, is a recipe of kernels/map.h.)
 #pragma once
 #include "cpu/kernels/moments.h"
 
@@ -23,7 +23,7 @@ void grad_sums_short_rows(const T* dy, const T* x, const Layout& L, int64_t begi
       const V m = lanes_below<A>(len);
       const V g = load_partial(dp, len);
       a1[0] += g;
-      a2[0] += mask_lanes<A>(g * (load_partial(xp, len) - vm), m);
+      a2[0] += mask_lanes<A>(grad_term(g, load_partial(xp, len), vm), m);
       return;
     }
     const int64_t full = len / VL, tail = len - full * VL;
@@ -32,12 +32,12 @@ void grad_sums_short_rows(const T* dy, const T* x, const Layout& L, int64_t begi
       if (k < full) {
         const V g = loadv(dp + k * VL);
         a1[k] += g;
-        a2[k] += g * (loadv(xp + k * VL) - vm);
+        a2[k] += grad_term(g, loadv(xp + k * VL), vm);
       } else if (k == full && tail != 0) {
         const V m = lanes_from<A>(VL - tail);
         const V g = mask_lanes<A>(loadv(dp + len - VL), m);
         a1[k] += g;
-        a2[k] += mask_lanes<A>(g * (loadv(xp + len - VL) - vm), m);
+        a2[k] += mask_lanes<A>(grad_term(g, loadv(xp + len - VL), vm), m);
       }
     }
   });
@@ -68,82 +68,11 @@ void grad_sums(const T* dy, const T* x, const Layout& L, int64_t begin, int64_t 
       const V g = contiguous ? (full ? loadv(dp + i) : load_partial(dp + i, n)) : load_strided(dp + i * sd, sd, n);
       const V v = contiguous ? (full ? loadv(xp + i) : load_partial(xp + i, n)) : load_strided(xp + i * sx, sx, n);
       (first ? a1.a : a1.b) += g;
-      (first ? a2.a : a2.b) += g * (v - vm);
+      (first ? a2.a : a2.b) += grad_term(g, v, vm);
     });
   });
   *sum_dy = static_cast<double>(a1.total());
   *sum_dy_xmu = static_cast<double>(a2.total());
-}
-
-// grad_apply over short contiguous rows, as normalize_short_rows: every vector of a row
-// loaded before any store (dx may be dy or x), the tail vector ending at the row's end.
-template <class T, int NV>
-void grad_apply_short_rows(const T* dy, const T* x, T* dx, const Layout& L, int64_t begin, int64_t end,
-                           const BackwardCoefficients<acc_t<T>>& kk) {
-  using A = acc_t<T>;
-  using V = vec_t<A>;
-  constexpr int VL = vlen<A>;
-  const V vm = splat(kk.mean), vs = splat(kk.scale), vmd = splat(kk.mean_dy), vp = splat(kk.proj);
-  for_each_segment<3>(L, begin, end, [&](const int64_t* off, int64_t len) {
-    const T* dp = dy + off[0];
-    const T* xp = x + off[1];
-    T* op = dx + off[2];
-    if (len < VL) {
-      for (int64_t i = 0; i < len; ++i) store_at(op + i, backward_dx<A>(load_at(dp + i), load_at(xp + i), kk));
-      return;
-    }
-    const int64_t full = len / VL, tail = len - full * VL;
-    V g[NV + 1], v[NV + 1];
-#pragma GCC unroll 8
-    for (int k = 0; k < NV; ++k)
-      if (k < full) g[k] = loadv(dp + k * VL), v[k] = loadv(xp + k * VL);
-    if (tail != 0) g[NV] = loadv(dp + len - VL), v[NV] = loadv(xp + len - VL);
-#pragma GCC unroll 8
-    for (int k = 0; k < NV; ++k)
-      if (k < full) storev<T>(op + k * VL, (g[k] - vmd - (v[k] - vm) * vp) * vs);
-    if (tail != 0) storev<T>(op + len - VL, (g[NV] - vmd - (v[NV] - vm) * vp) * vs);
-  });
-}
-
-template <class T>
-void grad_apply(const T* dy, const T* x, T* dx, const Layout& L, int64_t begin, int64_t end,
-                const BackwardCoefficients<acc_t<T>>& k, bool nt) {
-  using A = acc_t<T>;
-  using V = vec_t<A>;
-  constexpr int VL = vlen<A>;
-  const BackwardCoefficients<A> kk = k;
-  if (L.inner_stride(1) == 1 && L.inner_stride(2) == 1 && with_short_rows<A>(L, 0, [&](auto nv) {
-        grad_apply_short_rows<T, decltype(nv)::value>(dy, x, dx, L, begin, end, kk);
-      }))
-    return;
-  const V vm = splat(kk.mean), vs = splat(kk.scale), vmd = splat(kk.mean_dy), vp = splat(kk.proj);
-  const int64_t sd = L.inner_stride(0), sx = L.inner_stride(1), so = L.inner_stride(2);
-  const uintptr_t align = VL * sizeof(T);
-  for_each_segment<3>(L, begin, end, [&](const int64_t* off, int64_t len) {
-    const T* dp = dy + off[0];
-    const T* xp = x + off[1];
-    T* op = dx + off[2];
-    if (sd == 1 && sx == 1 && so == 1) {
-      int64_t i = 0;
-      if (nt)
-        for (; i < len && (reinterpret_cast<uintptr_t>(op + i) & (align - 1)) != 0; ++i)
-          store_at(op + i, backward_dx<A>(load_at(dp + i), load_at(xp + i), kk));
-      for (; i + VL <= len; i += VL) {
-        const V r = (loadv(dp + i) - vmd - (loadv(xp + i) - vm) * vp) * vs;
-        if (nt) storev<T, true>(op + i, r);
-        else storev<T>(op + i, r);
-      }
-      if (len - i >= VL / 2)
-        store_partial(op + i, (load_partial(dp + i, len - i) - vmd - (load_partial(xp + i, len - i) - vm) * vp) * vs,
-                      len - i);
-      else
-        for (; i < len; ++i) store_at(op + i, backward_dx<A>(load_at(dp + i), load_at(xp + i), kk));
-    } else {
-      for (int64_t i = 0; i < len; ++i)
-        store_at(op + i * so, backward_dx<A>(load_at(dp + i * sd), load_at(xp + i * sx), kk));
-    }
-  });
-  if (nt) store_fence();
 }
 
 template <class T>
@@ -174,7 +103,7 @@ void cl_grad_sums(const T* dy, const T* x, const Layout& L, int64_t p0, int64_t 
         for (int k = 0; k < NV; ++k) {
           const V g = loadv(dy + od[i] + c0 + k * VL);
           a[k] += g;
-          b[k] += g * (loadv(x + ox[i] + c0 + k * VL) - m[k]);
+          b[k] += grad_term(g, loadv(x + ox[i] + c0 + k * VL), m[k]);
         }
       for (int k = 0; k < NV; ++k) {
         std::memcpy(s1 + c0 + k * VL, &a[k], sizeof(V));
@@ -186,7 +115,7 @@ void cl_grad_sums(const T* dy, const T* x, const Layout& L, int64_t p0, int64_t 
       for (int64_t i = 0; i < n; ++i) {
         const A g = load_at(dy + od[i] + c);
         a += g;
-        b += g * (load_at(x + ox[i] + c) - mean[c]);
+        b += grad_term(g, load_at(x + ox[i] + c), mean[c]);
       }
       s1[c] = a;
       s2[c] = b;
@@ -196,39 +125,6 @@ void cl_grad_sums(const T* dy, const T* x, const Layout& L, int64_t p0, int64_t 
       sum_dy_xmu[c] += static_cast<double>(s2[c]);
     }
   }
-}
-
-template <class T>
-void cl_grad_apply(const T* dy, const T* x, T* dx, const Layout& L, int64_t p0, int64_t p1, const acc_t<T>* mean,
-                   const acc_t<T>* scale, const acc_t<T>* mean_dy, const acc_t<T>* proj, bool nt) {
-  using A = acc_t<T>;
-  using V = vec_t<A>;
-  constexpr int VL = vlen<A>;
-  const int64_t C = L.channels;
-  const int64_t Cv = C / VL * VL;
-  // Streaming stores need each position's channel run to start aligned.
-  const bool stream = nt && positions_aligned(L, 2, dx, VL * sizeof(T));
-  Odometer<3> pos(L, L.nred, p0);
-  for (int64_t p = p0; p < p1; ++p, pos.next()) {
-    const T* dp = dy + pos.off[0];
-    const T* xp = x + pos.off[1];
-    T* op = dx + pos.off[2];
-    for (int64_t c = 0; c < Cv; c += VL) {
-      V m, s, md, pr;
-      std::memcpy(&m, mean + c, sizeof(V));
-      std::memcpy(&s, scale + c, sizeof(V));
-      std::memcpy(&md, mean_dy + c, sizeof(V));
-      std::memcpy(&pr, proj + c, sizeof(V));
-      const V r = (loadv(dp + c) - md - (loadv(xp + c) - m) * pr) * s;
-      if (stream) storev<T, true>(op + c, r);
-      else storev<T>(op + c, r);
-    }
-    for (int64_t c = Cv; c < C; ++c) {
-      const BackwardCoefficients<A> k{mean[c], scale[c], mean_dy[c], proj[c]};
-      store_at(op + c, backward_dx<A>(load_at(dp + c), load_at(xp + c), k));
-    }
-  }
-  if (stream) store_fence();
 }
 
 }  // namespace batchnorm::cpu::BN_ISA

@@ -16,9 +16,11 @@ if tuple(int(p) for p in _torch.__version__.split("+")[0].split(".")[:2]) < (2, 
 
 from .convert import convert
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm
+from .norm_act import BatchNormAct2d, batch_norm_act
 from .precise import recompute_statistics
 from .sync import SyncBatchNorm
 
 __all__ = [
-    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert", "recompute_statistics",
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct2d", "SyncBatchNorm", "batch_norm", "batch_norm_act",
+    "convert", "recompute_statistics",
 ]

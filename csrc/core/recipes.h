@@ -1,0 +1,315 @@
+// Every formula of batch norm, written once for the CPU and the CUDA backends: the statistics
+// accumulator (Chan's merge of partial moments), the per-channel finalizes (forward
+// coefficients, running-statistics update, parameter gradients, backward coefficients, fold)
+// and the per-element maps (normalize, dx). The per-element maps are templates over the value
+// type, so the same function serves a scalar (CPU tails, CUDA) and a SIMD vector (the CPU's
+// vector body); the finalizes take and return scalars. The operation order defines the bits
+// (builds use -ffp-contract=off): change a formula here and every backend changes with it.
+#pragma once
+#include <cmath>
+
+// BN_HD: host+device under nvcc. The per-ISA kernel units predefine it as `static inline`
+// so that no copy compiled for one ISA level is shared with code built for another.
+#ifndef BN_HD
+#if defined(__CUDACC__)
+#define BN_HD __host__ __device__ __forceinline__
+#else
+#define BN_HD inline
+#endif
+#endif
+
+namespace batchnorm {
+
+// ---- statistics: the accumulator -----------------------------------------------------------
+
+// Partial moments of a set of values: count, mean and M2 = sum((v - mean)^2).
+template <class M>
+struct Moments {
+  M n = 0;
+  M mean = 0;
+  M m2 = 0;
+};
+
+// Chan et al.: the moments of the union of two disjoint sets, exact up to rounding and
+// stable at any magnitude (no E[x^2] - E[x]^2). The merge order is fixed by the callers so
+// results are bitwise reproducible.
+template <class M>
+BN_HD Moments<M> merge_moments(const Moments<M>& a, const Moments<M>& b) {
+  if (b.n == M(0)) return a;
+  if (a.n == M(0)) return b;
+  Moments<M> r;
+  r.n = a.n + b.n;
+  const M delta = b.mean - a.mean;
+  const M wb = b.n / r.n;
+  r.mean = a.mean + delta * wb;
+  r.m2 = a.m2 + b.m2 + delta * delta * (a.n * wb);
+  return r;
+}
+
+// Moments of one block from its two passes: sum of values and sum of squared deviations
+// from the block's own provisional mean `center`, with the first-order correction
+// (sum(v - center))^2 / n that removes the rounding of `center`.
+template <class M>
+BN_HD Moments<M> block_moments(M n, M center, M sum_dev, M sum_sq_dev) {
+  Moments<M> r;
+  r.n = n;
+  if (n == M(0)) return r;
+  r.mean = center + sum_dev / n;
+  const M m2 = sum_sq_dev - sum_dev * sum_dev / n;
+  // Rounding can leave a constant block's M2 a hair below zero: clamp that, but written so
+  // that a NaN (from a NaN or Inf value) falls through and poisons the channel's variance,
+  // as `m2 > 0 ? m2 : 0` did not (it turned NaN into a healthy-looking 0).
+  r.m2 = m2 < M(0) ? M(0) : m2;
+  return r;
+}
+
+// The biased variance of merged moments, and the moments of a shard given as (mean, biased
+// variance, count) (merge_statistics).
+template <class M>
+BN_HD M biased_variance(const Moments<M>& m) {
+  return m.m2 / m.n;
+}
+template <class M>
+BN_HD Moments<M> shard_moments(M n, M mean, M var) {
+  return Moments<M>{n, mean, var * n};
+}
+
+// ---- forward: per-channel finalize ---------------------------------------------------------
+
+template <class A>
+BN_HD A inverse_std(A var, A eps) {
+  return A(1) / std::sqrt(var + eps);
+}
+
+// The coefficients of normalize for one channel, from its statistics (the batch's in
+// training, the running ones in inference) in double and its parameters read in the
+// accumulation type A: invstd is formed in double and rounded once.
+template <class A>
+struct ForwardCoefficients {
+  A mean;
+  A invstd;
+  A scale;  // invstd * weight
+  A shift;  // bias
+};
+
+template <class A>
+BN_HD ForwardCoefficients<A> forward_coefficients(double mean, double var, double eps, A weight, A bias) {
+  ForwardCoefficients<A> k;
+  k.mean = static_cast<A>(mean);
+  k.invstd = static_cast<A>(inverse_std<double>(var, eps));
+  k.scale = k.invstd * weight;
+  k.shift = bias;
+  return k;
+}
+
+// PyTorch's convention: running = (1 - momentum) * running + momentum * batch.
+template <class A>
+BN_HD A running_update(A running, A batch, A momentum) {
+  return (A(1) - momentum) * running + momentum * batch;
+}
+
+// One channel's running statistics after a training step over `n` values per channel: the
+// mean as saved (rounded to A), the variance unbiased (PyTorch's convention), in double.
+template <class A>
+BN_HD void update_running(double& running_mean, double& running_var, A saved_mean, double batch_var, double n,
+                          double momentum) {
+  running_mean = running_update<double>(running_mean, static_cast<double>(saved_mean), momentum);
+  running_var = running_update<double>(running_var, batch_var * n / (n - 1.0), momentum);
+}
+
+// ---- forward: per-element maps -------------------------------------------------------------
+
+// y = (x - mean) * scale + shift with scale = invstd * weight, shift = bias. Subtracting the
+// mean first keeps outputs exact when |mean| >> std (x * scale + (bias - mean * scale)
+// would lose every digit of a channel with mean 1e5 and std 1e-2). X is A or a vector of A.
+template <class X>
+BN_HD X normalize(X x, X mean, X scale, X shift) {
+  return (x - mean) * scale + shift;
+}
+
+// The activation of the fused forward. relu(NaN) is NaN (the comparison is false), as in
+// torch.relu; X{} is zero for a scalar and for a vector alike (GCC vectors select per lane).
+enum class Activation : int { none = 0, relu = 1 };
+
+template <class X>
+BN_HD X relu(X x) {
+  return x < X{} ? X{} : x;
+}
+
+#if defined(BN_ISA)
+}  // namespace batchnorm
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+namespace batchnorm {
+// The CPU kernel units' vector body (GCC vectors of 64 bytes): GCC lowers `?:` and compares
+// on vectors wider than the ISA's registers lane by lane, so the two selects are written
+// per register here, with the same results lane for lane: MAXPS returns its second operand
+// for a NaN (relu(NaN) = NaN, relu(-0) = -0), and the ordered compare y <= 0 is false for a
+// NaN y. (Non-template overloads with internal linkage: each ISA unit has its own.)
+namespace vector_select {
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef double f64x8 __attribute__((vector_size(64)));
+}  // namespace vector_select
+
+// relu and relu_grad of one 64-byte vector V, as kRegs registers R of the level (MAX and
+// ANDNOT of an ordered compare; S the ps/pd suffix).
+#define BN_VECTOR_SELECTS(V, R, kRegs, MAX, ANDNOT_LE, ZERO)                                       \
+  static inline __attribute__((always_inline)) V relu(V x) {                                        \
+    R a[kRegs];                                                                                     \
+    __builtin_memcpy(a, &x, sizeof(x));                                                             \
+    for (int i = 0; i < kRegs; ++i) a[i] = MAX(ZERO(), a[i]);                                       \
+    __builtin_memcpy(&x, a, sizeof(x));                                                             \
+    return x;                                                                                       \
+  }                                                                                                 \
+  static inline __attribute__((always_inline)) V relu_grad(V dy, V y) {                             \
+    R a[kRegs], b[kRegs];                                                                           \
+    __builtin_memcpy(a, &dy, sizeof(dy));                                                           \
+    __builtin_memcpy(b, &y, sizeof(y));                                                             \
+    for (int i = 0; i < kRegs; ++i) a[i] = ANDNOT_LE(b[i], a[i]);                                   \
+    __builtin_memcpy(&dy, a, sizeof(dy));                                                           \
+    return dy;                                                                                      \
+  }
+
+#if defined(__AVX512F__)
+#define BN_LE_PS(y, dy) _mm512_maskz_mov_ps(~_mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_LE_OQ), dy)
+#define BN_LE_PD(y, dy) _mm512_maskz_mov_pd(~_mm512_cmp_pd_mask(y, _mm512_setzero_pd(), _CMP_LE_OQ), dy)
+BN_VECTOR_SELECTS(vector_select::f32x16, __m512, 1, _mm512_max_ps, BN_LE_PS, _mm512_setzero_ps)
+BN_VECTOR_SELECTS(vector_select::f64x8, __m512d, 1, _mm512_max_pd, BN_LE_PD, _mm512_setzero_pd)
+#elif defined(__AVX__)
+#define BN_LE_PS(y, dy) _mm256_andnot_ps(_mm256_cmp_ps(y, _mm256_setzero_ps(), _CMP_LE_OQ), dy)
+#define BN_LE_PD(y, dy) _mm256_andnot_pd(_mm256_cmp_pd(y, _mm256_setzero_pd(), _CMP_LE_OQ), dy)
+BN_VECTOR_SELECTS(vector_select::f32x16, __m256, 2, _mm256_max_ps, BN_LE_PS, _mm256_setzero_ps)
+BN_VECTOR_SELECTS(vector_select::f64x8, __m256d, 2, _mm256_max_pd, BN_LE_PD, _mm256_setzero_pd)
+#elif defined(__SSE2__)
+#define BN_LE_PS(y, dy) _mm_andnot_ps(_mm_cmple_ps(y, _mm_setzero_ps()), dy)
+#define BN_LE_PD(y, dy) _mm_andnot_pd(_mm_cmple_pd(y, _mm_setzero_pd()), dy)
+BN_VECTOR_SELECTS(vector_select::f32x16, __m128, 4, _mm_max_ps, BN_LE_PS, _mm_setzero_ps)
+BN_VECTOR_SELECTS(vector_select::f64x8, __m128d, 4, _mm_max_pd, BN_LE_PD, _mm_setzero_pd)
+#endif
+#undef BN_LE_PS
+#undef BN_LE_PD
+#undef BN_VECTOR_SELECTS
+#endif
+
+// The forward map of a recipe: y = act(normalize(x) + residual), with the channel's
+// coefficients k = {mean, scale, shift} and inputs in = {x} or {x, residual}. The fused
+// variants add their work after the plain normalize's bits, so y without residual and
+// activation is bitwise plain batch norm.
+// (A recipe is a tag with its input and coefficient counts plus an apply_map overload: free
+// functions, so that each per-ISA kernel unit gets its own static copy.)
+template <bool Residual, Activation Act>
+struct ForwardMap {
+  static constexpr int kIn = Residual ? 2 : 1;
+  static constexpr int kCoef = 3;
+};
+
+template <bool Residual, Activation Act, class X>
+BN_HD X apply_map(ForwardMap<Residual, Act>, const X* k, const X* in) {
+  X y = normalize(in[0], k[0], k[1], k[2]);
+  if constexpr (Residual) y = y + in[1];
+  if constexpr (Act == Activation::relu) y = relu(y);
+  return y;
+}
+
+// ---- backward: per-element reduction terms, per-channel finalize, per-element map ----------
+
+// The term of sum(dy * (x - mean)), the second of backward's two sums (the first is sum(dy)).
+template <class X>
+BN_HD X grad_term(X dy, X x, X mean) {
+  return dy * (x - mean);
+}
+
+// dweight = sum(dy * (x - mean)) * invstd, dbias = sum(dy): from the sums in double.
+template <class A>
+struct ParamGrads {
+  A dweight;
+  A dbias;
+};
+
+template <class A>
+BN_HD ParamGrads<A> param_grads(double sum_dy, double sum_dy_xmu, A invstd) {
+  return ParamGrads<A>{static_cast<A>(sum_dy_xmu * static_cast<double>(invstd)), static_cast<A>(sum_dy)};
+}
+
+// Per-channel coefficients of the backward pass of training-mode batch norm, from the two
+// reductions sum(dy) and sum(dy * (x - mean)) over the channel's n values:
+//   dx = (dy - mean_dy - (x - mean) * proj) * scale
+// with scale = invstd * weight, mean_dy = sum(dy) / n, proj = sum(dy * (x - mean)) * invstd^2 / n.
+// X is A, or a vector of A for the CPU's vector body (the coefficients splatted or gathered).
+template <class X>
+struct BackwardCoefficients {
+  X mean;
+  X scale;
+  X mean_dy;
+  X proj;
+};
+
+// The sums arrive in double and meet the accumulation type here, once.
+template <class A>
+BN_HD BackwardCoefficients<A> backward_coefficients(double sum_dy, double sum_dy_xmu, double n, A mean, A invstd,
+                                                    A weight) {
+  const A sdy = static_cast<A>(sum_dy), sdx = static_cast<A>(sum_dy_xmu), an = static_cast<A>(n);
+  BackwardCoefficients<A> k;
+  k.mean = mean;
+  k.scale = invstd * weight;
+  k.mean_dy = sdy / an;
+  k.proj = sdx / an * invstd * invstd;
+  return k;
+}
+
+template <class X>
+BN_HD X backward_dx(X dy, X x, const BackwardCoefficients<X>& k) {
+  return (dy - k.mean_dy - (x - k.mean) * k.proj) * k.scale;
+}
+
+// The backward map of a recipe: dx from inputs {dy, x} and k = {mean, scale, mean_dy, proj}.
+struct BackwardMap {
+  static constexpr int kIn = 2;
+  static constexpr int kCoef = 4;
+};
+
+template <class X>
+BN_HD X apply_map(BackwardMap, const X* k, const X* in) {
+  return backward_dx<X>(in[0], in[1], BackwardCoefficients<X>{k[0], k[1], k[2], k[3]});
+}
+
+// The gradient through the fused forward's ReLU: dy where the output y was positive, else 0
+// (PyTorch's threshold_backward; a NaN y passes dy on, as torch's mask y <= 0 does).
+template <class X>
+BN_HD X relu_grad(X dy, X y) {
+  return y <= X{} ? X{} : dy;
+}
+
+struct ReluGradMap {
+  static constexpr int kIn = 2;
+  static constexpr int kCoef = 0;
+};
+
+template <class X>
+BN_HD X apply_map(ReluGradMap, const X*, const X* in) {
+  return relu_grad(in[0], in[1]);
+}
+
+// A copy (the residual's gradient without an activation is dy itself).
+struct IdentityMap {
+  static constexpr int kIn = 1;
+  static constexpr int kCoef = 0;
+};
+
+template <class X>
+BN_HD X apply_map(IdentityMap, const X*, const X* in) {
+  return in[0];
+}
+
+// ---- fold: per-channel finalize and per-element map, in double -----------------------------
+
+// kernel' = kernel * s and bias' = (conv_bias - mean) * s + bias, i.e. normalize(conv_bias)
+// with s = weight / sqrt(var + eps) (weight divided last: the fold's own rounding).
+BN_HD double fold_scale(double weight, double var, double eps) { return weight / std::sqrt(var + eps); }
+BN_HD double fold_kernel(double v, double s) { return v * s; }
+BN_HD double fold_bias(double conv_bias, double mean, double s, double bias) {
+  return normalize<double>(conv_bias, mean, s, bias);
+}
+
+}  // namespace batchnorm

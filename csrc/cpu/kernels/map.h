@@ -1,0 +1,178 @@
+// The elementwise executor's primitives: out = R::map(k, in...) for a recipe R of
+// core/recipes.h (normalize and its fused variants, dx, the ReLU gradient) over a
+// channels-first block of one channel, or over every channel of channels-last positions.
+// The recipe's formula serves the vector body and the scalar tail alike. Inputs may alias the
+// output (y = x, dx = dy): every value is read before its position is written. `nt` selects
+// non-temporal stores, for outputs too large to stay in cache (they skip the
+// read-for-ownership of the output).
+#pragma once
+#include "cpu/kernels/moments.h"
+#include "cpu/kernels/simd.h"
+#include "cpu/kernels/walk.h"
+
+namespace batchnorm::cpu::BN_ISA {
+
+template <class R>
+constexpr int coef_slots = R::kCoef > 0 ? R::kCoef : 1;
+
+// One output value, from inputs p[j][i * s[j]] to o[i * so] (the scalar path); Unit: every
+// stride is 1.
+template <class R, bool Unit, class T>
+static inline __attribute__((always_inline)) void map_one(const acc_t<T>* k, const T* const* p, T* o, int64_t i,
+                                                          const int64_t* s = nullptr, int64_t so = 1) {
+  acc_t<T> v[R::kIn];
+  #pragma GCC unroll 4
+  for (int j = 0; j < R::kIn; ++j) v[j] = load_at(p[j] + (Unit ? i : i * s[j]));
+  store_at(o + (Unit ? i : i * so), apply_map(R{}, k, v));
+}
+
+// A contiguous run of n values of every array.
+template <class R, class T>
+static inline __attribute__((always_inline)) void map_contiguous(const acc_t<T>* k, const vec_t<acc_t<T>>* kv,
+                                                                 const T* const* p, T* o, int64_t n, bool nt) {
+  using A = acc_t<T>;
+  using V = vec_t<A>;
+  constexpr int VL = vlen<A>;
+  int64_t i = 0;
+  auto vec_at = [&](int64_t at) {
+    V v[R::kIn];
+    #pragma GCC unroll 4
+    for (int j = 0; j < R::kIn; ++j) v[j] = loadv(p[j] + at);
+    return apply_map(R{}, kv, v);
+  };
+  if (nt) {
+    // Scalar head up to the vector store alignment, then streaming vector stores.
+    const uintptr_t align = VL * sizeof(T);
+    for (; i < n && (reinterpret_cast<uintptr_t>(o + i) & (align - 1)) != 0; ++i) map_one<R, true, T>(k, p, o, i);
+    for (; i + VL <= n; i += VL) storev<T, true>(o + i, vec_at(i));
+  } else {
+    for (; i + VL <= n; i += VL) storev<T>(o + i, vec_at(i));
+  }
+  // A long tail goes through one partial vector; a short one is cheaper element by element.
+  if (n - i >= VL / 2) {
+    V v[R::kIn];
+    #pragma GCC unroll 4
+    for (int j = 0; j < R::kIn; ++j) v[j] = load_partial(p[j] + i, n - i);
+    store_partial(o + i, apply_map(R{}, kv, v), n - i);
+  } else {
+    for (; i < n; ++i) map_one<R, true, T>(k, p, o, i);
+  }
+}
+
+// map_block over short contiguous rows (see ShortRow): per row, every vector of every input is
+// loaded before any is stored (the output may be an input), the tail vector ends at the row's
+// end and rewrites the values the previous vector already wrote with the same bits. Regular
+// stores: a 7x7 row is too short to reach the alignment of streaming stores.
+template <class R, class T, int NV>
+void map_short_rows(const T* const* in, T* out, const Layout& L, int64_t begin, int64_t end, const acc_t<T>* k,
+                    const vec_t<acc_t<T>>* kv) {
+  using A = acc_t<T>;
+  using V = vec_t<A>;
+  constexpr int VL = vlen<A>;
+  constexpr int N = R::kIn;
+  for_each_segment<N + 1>(L, begin, end, [&](const int64_t* off, int64_t len) {
+    const T* p[N];
+    #pragma GCC unroll 4
+    for (int j = 0; j < N; ++j) p[j] = in[j] + off[j];
+    T* o = out + off[N];
+    if (len < VL) {
+      for (int64_t i = 0; i < len; ++i) map_one<R, true, T>(k, p, o, i);
+      return;
+    }
+    const int64_t full = len / VL, tail = len - full * VL;
+    V v[NV + 1][N];
+#pragma GCC unroll 8
+    for (int q = 0; q < NV; ++q)
+      if (q < full)
+        #pragma GCC unroll 4
+        for (int j = 0; j < N; ++j) v[q][j] = loadv(p[j] + q * VL);
+    if (tail != 0)
+      #pragma GCC unroll 4
+      for (int j = 0; j < N; ++j) v[NV][j] = loadv(p[j] + len - VL);
+#pragma GCC unroll 8
+    for (int q = 0; q < NV; ++q)
+      if (q < full) storev<T>(o + q * VL, apply_map(R{}, kv, v[q]));
+    if (tail != 0) storev<T>(o + len - VL, apply_map(R{}, kv, v[NV]));
+  });
+}
+
+// Channels-first: one channel (pointers at its first value), values [begin, end) of its walk;
+// k: the channel's R::kCoef coefficients. Arrays in the layout: the inputs, then the output.
+template <class R, class T>
+void map_block(const T* const* in, T* out, const Layout& L, int64_t begin, int64_t end, const acc_t<T>* k, bool nt) {
+  using A = acc_t<T>;
+  using V = vec_t<A>;
+  constexpr int N = R::kIn;
+  V kv[coef_slots<R>];
+  #pragma GCC unroll 4
+  for (int j = 0; j < R::kCoef; ++j) kv[j] = splat(k[j]);
+  bool unit = true;
+  #pragma GCC unroll 4
+  for (int t = 0; t <= N; ++t) unit = unit && L.inner_stride(t) == 1;
+  if (unit && with_short_rows<A>(L, 0, [&](auto nv) {
+        map_short_rows<R, T, decltype(nv)::value>(in, out, L, begin, end, k, kv);
+      }))
+    return;
+  int64_t s[N];
+  #pragma GCC unroll 4
+  for (int j = 0; j < N; ++j) s[j] = L.inner_stride(j);
+  const int64_t so = L.inner_stride(N);
+  for_each_segment<N + 1>(L, begin, end, [&](const int64_t* off, int64_t len) {
+    const T* p[N];
+    #pragma GCC unroll 4
+    for (int j = 0; j < N; ++j) p[j] = in[j] + off[j];
+    T* o = out + off[N];
+    if (unit) {
+      map_contiguous<R, T>(k, kv, p, o, len, nt);
+    } else {
+      for (int64_t i = 0; i < len; ++i) map_one<R, false, T>(k, p, o, i, s, so);
+    }
+  });
+  if (nt) store_fence();
+}
+
+// Channels-last: every channel of positions [p0, p1); k[j] points at the (C,) values of
+// coefficient j.
+template <class R, class T>
+void map_positions(const T* const* in, T* out, const Layout& L, int64_t p0, int64_t p1, const acc_t<T>* const* k,
+                   bool nt) {
+  using A = acc_t<T>;
+  using V = vec_t<A>;
+  constexpr int VL = vlen<A>;
+  constexpr int N = R::kIn;
+  const int64_t C = L.channels;
+  const int64_t Cv = C / VL * VL;
+  // Streaming stores need each position's channel run to start aligned.
+  const bool stream = nt && positions_aligned(L, N, out, VL * sizeof(T));
+  const A* kp[coef_slots<R>];
+#pragma GCC unroll 4
+  for (int j = 0; j < R::kCoef; ++j) kp[j] = k[j];
+  Odometer<N + 1> pos(L, L.nred, p0);
+  for (int64_t q = p0; q < p1; ++q, pos.next()) {
+    const T* p[N];
+    #pragma GCC unroll 4
+    for (int j = 0; j < N; ++j) p[j] = in[j] + pos.off[j];
+    T* o = out + pos.off[N];
+    for (int64_t c = 0; c < Cv; c += VL) {
+      V kv[coef_slots<R>], v[N];
+      #pragma GCC unroll 4
+      for (int j = 0; j < R::kCoef; ++j) std::memcpy(&kv[j], kp[j] + c, sizeof(V));
+      #pragma GCC unroll 4
+      for (int j = 0; j < N; ++j) v[j] = loadv(p[j] + c);
+      const V r = apply_map(R{}, kv, v);
+      if (stream) storev<T, true>(o + c, r);
+      else storev<T>(o + c, r);
+    }
+    for (int64_t c = Cv; c < C; ++c) {
+      A kc[coef_slots<R>], v[N];
+      #pragma GCC unroll 4
+      for (int j = 0; j < R::kCoef; ++j) kc[j] = kp[j][c];
+      #pragma GCC unroll 4
+      for (int j = 0; j < N; ++j) v[j] = load_at(p[j] + c);
+      store_at(o + c, apply_map(R{}, kc, v));
+    }
+  }
+  if (stream) store_fence();
+}
+
+}  // namespace batchnorm::cpu::BN_ISA

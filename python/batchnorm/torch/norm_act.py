@@ -1,0 +1,274 @@
+"""BatchNormAct2d: batch norm fused with a residual add and a ReLU, with timm's interface
+(timm.layers.norm_act.BatchNormAct2d: act_layer / apply_act / inplace / drop_layer) and its
+forward(x) plus an optional `residual`: y = act(bn(x) + residual) in the passes of plain batch
+norm. The fused ops are registered with torch.library (torch.ops.batchnorm.*_act, fake and
+autograd kernels beside them), so torch.compile traces them."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import _C
+from . import _ops  # noqa: F401  (the plain ops, and the helpers below)
+from ._ops import _AXIS, _acc, _call, _cap, _new_running, _vector
+
+_lib = torch.library.Library("batchnorm", "FRAGMENT")
+_lib.define(
+    "forward_training_act(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+    "Tensor? running_var, float momentum, float eps, bool relu) -> (Tensor y, Tensor saved_mean, "
+    "Tensor saved_invstd, Tensor new_running_mean, Tensor new_running_var)"
+)
+_lib.define(
+    "forward_inference_act(Tensor x, Tensor? residual, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, "
+    "float eps, bool relu) -> Tensor"
+)
+_lib.define(
+    "backward_act(Tensor dy, Tensor x, Tensor y, Tensor saved_mean, Tensor saved_invstd, Tensor? weight, "
+    "bool relu, bool residual) -> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dresidual)"
+)
+
+
+def _code(relu: bool) -> int:
+    return 1 if relu else 0
+
+
+@torch.library.impl(_lib, "forward_training_act", "CPU")
+@torch.library.impl(_lib, "forward_training_act", "CUDA")
+def _forward_training_act(x, residual, weight, bias, running_mean, running_var, momentum, eps, relu):
+    C = x.shape[_AXIS]
+    y, mean, invstd = torch.empty_like(x), _vector(x, C), _vector(x, C)
+    new_mean, new_var = _new_running(x, running_mean, False), _new_running(x, running_var, False)
+    if x.numel() == 0:
+        return y, mean.fill_(float("nan")), invstd.fill_(float("nan")), new_mean, new_var
+    _C.forward_training(
+        _cap(x), _cap(weight), _cap(bias),
+        _cap(None if running_mean is None else new_mean), _cap(None if running_var is None else new_var),
+        momentum, eps, _AXIS, _cap(y), None, None, 0, _call(x), _cap(mean), _cap(invstd),
+        residual=_cap(residual), activation=_code(relu),
+    )  # fmt: skip
+    return y, mean, invstd, new_mean, new_var
+
+
+@torch.library.register_fake("batchnorm::forward_training_act", lib=_lib)
+def _forward_training_act_fake(x, residual, weight, bias, running_mean, running_var, momentum, eps, relu):
+    C = x.shape[_AXIS]
+    new_mean, new_var = _new_running(x, running_mean, True), _new_running(x, running_var, True)
+    return torch.empty_like(x), _vector(x, C), _vector(x, C), new_mean, new_var
+
+
+@torch.library.impl(_lib, "forward_inference_act", "CPU")
+@torch.library.impl(_lib, "forward_inference_act", "CUDA")
+def _forward_inference_act(x, residual, mean, var, weight, bias, eps, relu):
+    y = torch.empty_like(x)
+    _C.forward_inference(
+        _cap(x), _cap(mean), _cap(var), _cap(weight), _cap(bias), eps, _AXIS, _cap(y), _call(x),
+        residual=_cap(residual), activation=_code(relu),
+    )  # fmt: skip
+    return y
+
+
+@torch.library.register_fake("batchnorm::forward_inference_act", lib=_lib)
+def _forward_inference_act_fake(x, residual, mean, var, weight, bias, eps, relu):
+    return torch.empty_like(x)
+
+
+@torch.library.impl(_lib, "backward_act", "CPU")
+@torch.library.impl(_lib, "backward_act", "CUDA")
+def _backward_act(dy, x, y, saved_mean, saved_invstd, weight, relu, residual):
+    C = x.shape[_AXIS]
+    dx, dweight, dbias = torch.empty_like(x), _vector(x, C), _vector(x, C)
+    if x.numel() == 0:
+        return dx, dweight.zero_(), dbias.zero_(), torch.empty_like(x) if residual else _vector(x, 0)
+    dres = torch.empty_like(x) if residual else _vector(x, 0)
+    _C.backward(
+        _cap(dy), _cap(x), _cap(saved_mean), _cap(saved_invstd), _cap(weight), _AXIS, _cap(dx), _call(x),
+        _cap(dweight), _cap(dbias), y=_cap(y) if relu else None, activation=_code(relu), residual=residual,
+        dresidual_out=_cap(dres) if residual else None,
+    )  # fmt: skip
+    return dx, dweight, dbias, dres
+
+
+@torch.library.register_fake("batchnorm::backward_act", lib=_lib)
+def _backward_act_fake(dy, x, y, saved_mean, saved_invstd, weight, relu, residual):
+    C = x.shape[_AXIS]
+    return torch.empty_like(x), _vector(x, C), _vector(x, C), torch.empty_like(x) if residual else _vector(x, 0)
+
+
+def _dtypes(ctx, weight, bias):
+    ctx.weight_dtype = None if weight is None else weight.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _training_setup(ctx, inputs, output):
+    x, residual, weight, bias = inputs[:4]
+    ctx.relu = inputs[8]
+    ctx.residual = residual is not None
+    y, mean, invstd, new_mean, new_var = output
+    ctx.save_for_backward(x, y, weight, mean, invstd)
+    _dtypes(ctx, weight, bias)
+    ctx.mark_non_differentiable(mean, invstd, new_mean, new_var)
+
+
+def _training_backward(ctx, dy, _dmean, _dinvstd, _dnew_mean, _dnew_var):
+    x, y, weight, mean, invstd = ctx.saved_tensors
+    needs_x, needs_r, needs_w, needs_b = ctx.needs_input_grad[:4]
+    dx, dweight, dbias, dres = torch.ops.batchnorm.backward_act(
+        dy, x, y, mean, invstd, weight, ctx.relu, ctx.residual and needs_r
+    )
+    return (
+        dx if needs_x else None,
+        dres if ctx.residual and needs_r else None,
+        dweight.to(ctx.weight_dtype) if needs_w else None,
+        dbias.to(ctx.bias_dtype) if needs_b else None,
+        None, None, None, None, None,
+    )  # fmt: skip
+
+
+torch.library.register_autograd(
+    "batchnorm::forward_training_act", _training_backward, setup_context=_training_setup, lib=_lib
+)
+
+
+def _inference_setup(ctx, inputs, output):
+    x, residual, mean, var, weight, bias, eps, relu = inputs
+    ctx.eps, ctx.relu, ctx.residual = eps, relu, residual is not None
+    ctx.save_for_backward(x, output, mean, var, weight)
+    _dtypes(ctx, weight, bias)
+
+
+def _inference_backward(ctx, dy):
+    # y = act((x - mean) * s * weight + bias + residual), s = 1 / sqrt(var + eps): with g the
+    # gradient through the activation, dx is the inference op itself on g with a zero mean,
+    # the residual's gradient is g, and the parameter gradients are the training backward's
+    # reductions of g taken with (mean, s).
+    x, y, mean, var, weight = ctx.saved_tensors
+    needs_x, needs_r, needs_mean, needs_var, needs_w, needs_b = ctx.needs_input_grad[:6]
+    if needs_mean or needs_var:
+        raise NotImplementedError("batchnorm.torch: no gradient with respect to the running statistics")
+    g = torch.ops.aten.threshold_backward(dy, y, 0) if ctx.relu else dy
+    dx = gw = gb = None
+    if needs_x:
+        dx = torch.ops.batchnorm.forward_inference(g, torch.zeros_like(mean), var, weight, None, ctx.eps)
+    if needs_w or needs_b:
+        invstd = torch.rsqrt(var.to(_acc(x.dtype)) + ctx.eps)
+        _, dweight, dbias = torch.ops.batchnorm.backward(g, x, mean, invstd, weight)
+        gw = dweight.to(ctx.weight_dtype) if needs_w else None
+        gb = dbias.to(ctx.bias_dtype) if needs_b else None
+    return dx, (g if ctx.residual and needs_r else None), None, None, gw, gb, None, None
+
+
+torch.library.register_autograd(
+    "batchnorm::forward_inference_act", _inference_backward, setup_context=_inference_setup, lib=_lib
+)
+
+
+def batch_norm_act(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    residual: Optional[Tensor] = None,
+    relu: bool = True,
+) -> Tensor:
+    """relu(batch_norm(input, ...) + residual) (relu=False: without the ReLU; residual None:
+    without the add) as one op, with torch.nn.functional.batch_norm's arguments."""
+    if training:
+        F._verify_batch_size(input.size())
+        y, _, _, new_mean, new_var = torch.ops.batchnorm.forward_training_act(
+            input, residual, weight, bias, running_mean, running_var, momentum, eps, relu
+        )
+        if running_mean is not None:
+            running_mean.copy_(new_mean)
+        if running_var is not None:
+            running_var.copy_(new_var)
+        return y
+    if running_mean is None or running_var is None:
+        raise ValueError("running_mean and running_var must be given when training=False, got None")
+    return torch.ops.batchnorm.forward_inference_act(input, residual, running_mean, running_var, weight, bias, eps, relu)
+
+
+def _is_relu(act_layer: Any, act_kwargs: Optional[dict]) -> bool:
+    """Whether the activation is a plain ReLU (fused); anything else runs after the norm."""
+    return act_layer in (nn.ReLU, F.relu, torch.relu, "relu") and not (act_kwargs or {})
+
+
+def _make_act(act_layer: Any, act_kwargs: Optional[dict], inplace: bool) -> nn.Module:
+    if isinstance(act_layer, str):
+        if act_layer != "relu":
+            raise ValueError(f"act_layer must be an nn.Module class, a callable or 'relu', got {act_layer!r}")
+        act_layer = nn.ReLU
+    if isinstance(act_layer, type) and issubclass(act_layer, nn.Module):
+        kwargs = dict(act_kwargs or {})
+        try:
+            return act_layer(inplace=inplace, **kwargs)
+        except TypeError:
+            return act_layer(**kwargs)
+    if callable(act_layer):
+        return _Callable(act_layer)
+    raise TypeError(f"act_layer must be an nn.Module class, a callable or 'relu', got {type(act_layer).__name__}")
+
+
+class _Callable(nn.Module):
+    def __init__(self, fn: Any) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fn(x)
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's BatchNormAct2d on batchnorm's fused kernels: BatchNorm2d followed by an optional
+    drop layer and activation (apply_act, act_layer, act_kwargs, inplace, drop_layer as in
+    timm; an instance of nn.BatchNorm2d with its parameters, buffers and state_dict keys).
+    forward(x, residual=None) computes act(bn(x) + residual); with a ReLU (timm's default)
+    and no drop layer, batch norm, the add and the ReLU are one fused op."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        apply_act: bool = True,
+        act_layer: Any = nn.ReLU,
+        act_kwargs: Optional[dict] = None,
+        inplace: bool = True,
+        drop_layer: Optional[Any] = None,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
+                         track_running_stats=track_running_stats, device=device, dtype=dtype)
+        self.drop = drop_layer() if drop_layer is not None else nn.Identity()
+        self.act = _make_act(act_layer, act_kwargs, inplace) if apply_act else nn.Identity()
+        # The fused path: a plain ReLU (or none) with nothing in between.
+        self._fused_relu = apply_act and _is_relu(act_layer, act_kwargs)
+        self._fusable = drop_layer is None and (self._fused_relu or not apply_act)
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:  # type: ignore[override]
+        self._check_input_dim(x)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        tracked = not self.training or self.track_running_stats
+        rm = self.running_mean if tracked else None
+        rv = self.running_var if tracked else None
+        if self._fusable:
+            return batch_norm_act(x, rm, rv, self.weight, self.bias, bn_training, factor, self.eps,
+                                  residual=residual, relu=self._fused_relu)
+        y = batch_norm_act(x, rm, rv, self.weight, self.bias, bn_training, factor, self.eps, residual=None, relu=False)
+        y = self.drop(y)
+        if residual is not None:
+            y = y + residual
+        return self.act(y)

@@ -1,0 +1,107 @@
+"""batchnorm.torch.BatchNormAct2d (timm's norm_act interface) and its fused torch.library ops:
+forward, gradients and running statistics against torch's BatchNorm2d + add + ReLU, eval
+mode, non-ReLU activations, torch.library.opcheck and torch.compile(fullgraph=True)."""
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.torch
+
+from batchnorm.torch import BatchNormAct2d, batch_norm_act  # noqa: E402
+
+
+def _reference(m):
+    ref = torch.nn.BatchNorm2d(m.num_features, eps=m.eps, momentum=m.momentum, dtype=m.weight.dtype)
+    ref.load_state_dict(m.state_dict())
+    return ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+def test_matches_batchnorm_add_relu(dtype, channels_last, residual):
+    g = torch.Generator().manual_seed(3)
+    m = BatchNormAct2d(12, dtype=dtype)
+    assert isinstance(m, torch.nn.BatchNorm2d)
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 2, generator=g)
+        m.bias.normal_(generator=g)
+    ref = _reference(m)
+    x = torch.randn(6, 12, 7, 5, generator=g, dtype=dtype) * 2 + 1
+    r = torch.randn(6, 12, 7, 5, generator=g, dtype=dtype) if residual else None
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    dy = torch.randn(6, 12, 7, 5, generator=g, dtype=dtype)
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    for step in range(2):  # running statistics over two steps
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ra = r.clone().requires_grad_() if residual else None
+        rb = r.clone().requires_grad_() if residual else None
+        y = m(xa, ra)
+        yr = torch.relu(ref(xb) + rb) if residual else torch.relu(ref(xb))
+        torch.testing.assert_close(y, yr, **tol)
+        assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+        y.backward(dy)
+        yr.backward(dy)
+        torch.testing.assert_close(xa.grad, xb.grad, **tol)
+        if residual:
+            torch.testing.assert_close(ra.grad, rb.grad, rtol=0, atol=0)
+        torch.testing.assert_close(m.weight.grad, ref.weight.grad, **tol)
+        torch.testing.assert_close(m.bias.grad, ref.bias.grad, **tol)
+        torch.testing.assert_close(m.running_mean, ref.running_mean, **tol)
+        torch.testing.assert_close(m.running_var, ref.running_var, **tol)
+    m.eval()
+    ref.eval()
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = m(xa, r)
+    yr = torch.relu(ref(xb) + r) if residual else torch.relu(ref(xb))
+    torch.testing.assert_close(y, yr, **tol)
+    y.backward(dy)
+    yr.backward(dy)
+    torch.testing.assert_close(xa.grad, xb.grad, **tol)
+
+
+def test_other_activation_and_no_act():
+    x = torch.randn(4, 3, 5, 5)
+    m = BatchNormAct2d(3, act_layer=torch.nn.SiLU)
+    ref = _reference(m)
+    torch.testing.assert_close(m(x), torch.nn.functional.silu(ref(x)), rtol=1e-5, atol=1e-6)
+    m = BatchNormAct2d(3, apply_act=False)
+    ref = _reference(m)
+    torch.testing.assert_close(m(x), ref(x), rtol=1e-5, atol=1e-6)
+    assert isinstance(m.act, torch.nn.Identity)
+
+
+def test_opcheck():
+    x = torch.randn(4, 3, 5, 5)
+    r = torch.randn(4, 3, 5, 5)
+    w, b = torch.rand(3) + 0.5, torch.randn(3)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    torch.library.opcheck(torch.ops.batchnorm.forward_training_act, (x, r, w, b, rm, rv, 0.1, 1e-5, True))
+    torch.library.opcheck(torch.ops.batchnorm.forward_inference_act, (x, r, rm, rv, w, b, 1e-5, True))
+    y, mean, invstd, _, _ = torch.ops.batchnorm.forward_training_act(x, r, w, b, None, None, 0.1, 1e-5, True)
+    torch.library.opcheck(torch.ops.batchnorm.backward_act, (torch.randn_like(x), x, y, mean, invstd, w, True, True))
+
+
+def test_compile_fullgraph():
+    m = BatchNormAct2d(8)
+    x = torch.randn(4, 8, 6, 6, requires_grad=True)
+    r = torch.randn(4, 8, 6, 6, requires_grad=True)
+    ref = BatchNormAct2d(8)
+    ref.load_state_dict(m.state_dict())
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    y = compiled(x, r)
+    y.sum().backward()
+    xe, re_ = x.detach().clone().requires_grad_(), r.detach().clone().requires_grad_()
+    ye = ref(xe, re_)
+    ye.sum().backward()
+    torch.testing.assert_close(y, ye)
+    torch.testing.assert_close(x.grad, xe.grad)
+    torch.testing.assert_close(r.grad, re_.grad)
+
+
+def test_functional_errors():
+    x = torch.randn(4, 3, 5, 5)
+    with pytest.raises(ValueError, match="running_mean and running_var must be given"):
+        batch_norm_act(x, None, None, training=False)
+    with pytest.raises(TypeError, match="residual must have the dtype of x"):
+        batch_norm_act(x, None, None, training=True, residual=torch.randn(4, 3, 5, 5, dtype=torch.float64))
