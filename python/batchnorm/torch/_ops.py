@@ -168,12 +168,12 @@ def _inference_setup(ctx, inputs, output):
     _dtypes(ctx, weight, bias)
 
 
-def _inference_backward(ctx, dy):
-    # y = (x - mean) * s * weight + bias with s = 1 / sqrt(var + eps), an affine map of x:
-    # dx = dy * s * weight is the inference op itself on dy with a zero mean, and the
-    # parameter gradients are the training backward's reductions taken with (mean, s).
-    x, mean, var, weight = ctx.saved_tensors
-    needs_x, needs_mean, needs_var, needs_w, needs_b = ctx.needs_input_grad[:5]
+def _inference_grads(ctx, dy, x, mean, var, weight, needs):
+    """(dx, dweight, dbias) of inference batch norm, each None unless `needs` says so.
+    y = (x - mean) * s * weight + bias with s = 1 / sqrt(var + eps) is an affine map of x:
+    dx = dy * s * weight is the inference op itself on dy with a zero mean, and the
+    parameter gradients are the training backward's reductions taken with (mean, s)."""
+    needs_x, needs_mean, needs_var, needs_w, needs_b = needs
     if needs_mean or needs_var:
         raise NotImplementedError("batchnorm.torch: no gradient with respect to the running statistics")
     dx = gw = gb = None
@@ -184,6 +184,12 @@ def _inference_backward(ctx, dy):
         _, dweight, dbias = torch.ops.batchnorm.backward(dy, x, mean, invstd, weight)
         gw = dweight.to(ctx.weight_dtype) if needs_w else None
         gb = dbias.to(ctx.bias_dtype) if needs_b else None
+    return dx, gw, gb
+
+
+def _inference_backward(ctx, dy):
+    x, mean, var, weight = ctx.saved_tensors
+    dx, gw, gb = _inference_grads(ctx, dy, x, mean, var, weight, ctx.needs_input_grad[:5])
     return dx, None, None, gw, gb, None
 
 

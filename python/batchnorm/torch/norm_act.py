@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .. import _C
 from . import _ops  # noqa: F401  (the plain ops, and the helpers below)
-from ._ops import _AXIS, _acc, _call, _cap, _new_running, _vector
+from ._ops import _AXIS, _call, _cap, _inference_grads, _new_running, _vector
 
 _lib = torch.library.Library("batchnorm", "FRAGMENT")
 _lib.define(
@@ -146,17 +146,8 @@ def _inference_backward(ctx, dy):
     # reductions of g taken with (mean, s).
     x, y, mean, var, weight = ctx.saved_tensors
     needs_x, needs_r, needs_mean, needs_var, needs_w, needs_b = ctx.needs_input_grad[:6]
-    if needs_mean or needs_var:
-        raise NotImplementedError("batchnorm.torch: no gradient with respect to the running statistics")
     g = torch.ops.aten.threshold_backward(dy, y, 0) if ctx.relu else dy
-    dx = gw = gb = None
-    if needs_x:
-        dx = torch.ops.batchnorm.forward_inference(g, torch.zeros_like(mean), var, weight, None, ctx.eps)
-    if needs_w or needs_b:
-        invstd = torch.rsqrt(var.to(_acc(x.dtype)) + ctx.eps)
-        _, dweight, dbias = torch.ops.batchnorm.backward(g, x, mean, invstd, weight)
-        gw = dweight.to(ctx.weight_dtype) if needs_w else None
-        gb = dbias.to(ctx.bias_dtype) if needs_b else None
+    dx, gw, gb = _inference_grads(ctx, g, x, mean, var, weight, (needs_x, needs_mean, needs_var, needs_w, needs_b))
     return dx, (g if ctx.residual and needs_r else None), None, None, gw, gb, None, None
 
 
