@@ -62,6 +62,28 @@ py::object output_vector(py::handle out, const char* arg, int64_t n, DType dtype
   return py::reinterpret_borrow<py::object>(out);
 }
 
+// A (rows, C) output (ghost batch norm's per-group saved statistics): the caller's array when
+// given, else allocated here, contiguous.
+py::object output_rows(py::handle out, const char* arg, int64_t rows, int64_t C, DType dtype, const Device& device,
+                       const Call& call, TensorView& view, ImportedPtr& keep) {
+  if (!out.is_none()) {
+    keep = import_array(out, arg, call.stream, false);
+    view = keep->view;
+    return py::reinterpret_borrow<py::object>(out);
+  }
+  TensorView shape;
+  shape.ndim = 2;
+  shape.shape[0] = rows;
+  shape.shape[1] = C;
+  shape.strides[0] = C;
+  shape.strides[1] = 1;
+  shape.dtype = dtype;
+  shape.device = device;
+  Output o = allocate_like(shape, dtype, call.as_numpy, call.stream);
+  view = o.view;
+  return o.object;
+}
+
 py::tuple py_statistics(py::handle x, int axis, bool wide, Call call) {
   auto xi = import_array(x, "x", call.stream, true);
   StatisticsParams p;
@@ -84,7 +106,8 @@ py::tuple py_forward_training(py::handle x, py::handle weight, py::handle bias, 
                            py::handle running_var, double momentum, double eps, int axis, py::handle out,
                            py::handle batch_mean, py::handle batch_var, int64_t batch_count, Call call,
                            py::handle saved_mean_out, py::handle saved_invstd_out, py::handle residual,
-                           int activation) {
+                           int activation, bool running_var_unbiased, bool skip_nonfinite, bool renorm, double rmax,
+                           double dmax, int64_t ghost_batch) {
   auto xi = import_array(x, "x", call.stream, true);
   auto ri = import_array(residual, "residual", call.stream, true);
   auto bmi = import_array(batch_mean, "batch_mean", call.stream, true);
@@ -107,18 +130,40 @@ py::tuple py_forward_training(py::handle x, py::handle weight, py::handle bias, 
   p.momentum = momentum;
   p.eps = eps;
   p.axis = axis;
+  p.running_var_unbiased = running_var_unbiased;
+  p.skip_nonfinite = skip_nonfinite;
+  p.renorm = renorm;
+  p.renorm_rmax = rmax;
+  p.renorm_dmax = dmax;
+  p.ghost_batch = ghost_batch;
   p.exec.stream = call.exec_stream();
   const int64_t C = channel_count(p.x, "x", axis, 2);
   const DType acc = statistics_dtype(p.x.dtype);
   ImportedPtr yi;
   py::object y = output_like(out, "out", p.x, call, p.y, yi);
   ImportedPtr mk, sk;
-  py::object mean = output_vector(saved_mean_out, "saved_mean_out", C, acc, p.x.device, call, p.saved_mean, mk);
-  py::object invstd = output_vector(saved_invstd_out, "saved_invstd_out", C, acc, p.x.device, call, p.saved_invstd, sk);
+  py::object mean, invstd;
+  // Ghost batch norm saves one row of statistics per group (a bad ghost_batch is the core's
+  // to report: allocate (C,) then).
+  const int axis_n = axis < 0 ? axis + p.x.ndim : axis;
+  if (ghost_batch > 0 && axis_n != 0 && p.x.shape[0] % ghost_batch == 0) {
+    const int64_t rows = p.x.shape[0] / ghost_batch;
+    mean = output_rows(saved_mean_out, "saved_mean_out", rows, C, acc, p.x.device, call, p.saved_mean, mk);
+    invstd = output_rows(saved_invstd_out, "saved_invstd_out", rows, C, acc, p.x.device, call, p.saved_invstd, sk);
+  } else {
+    mean = output_vector(saved_mean_out, "saved_mean_out", C, acc, p.x.device, call, p.saved_mean, mk);
+    invstd = output_vector(saved_invstd_out, "saved_invstd_out", C, acc, p.x.device, call, p.saved_invstd, sk);
+  }
+  py::object r, d;
+  if (renorm) {
+    r = output_vector(C, acc, p.x.device, call, p.renorm_r);
+    d = output_vector(C, acc, p.x.device, call, p.renorm_d);
+  }
   {
     py::gil_scoped_release nogil;
     batchnorm::forward_training(p);
   }
+  if (renorm) return py::make_tuple(y, mean, invstd, r, d);
   return py::make_tuple(y, mean, invstd);
 }
 
@@ -153,14 +198,20 @@ py::object py_forward_inference(py::handle x, py::handle mean, py::handle var, p
 
 py::tuple py_backward(py::handle dy, py::handle x, py::handle saved_mean, py::handle saved_invstd, py::handle weight,
                    int axis, py::handle out, Call call, py::handle dweight_out, py::handle dbias_out, py::handle y,
-                   int activation, bool residual, py::handle dresidual_out) {
+                   int activation, bool residual, py::handle dresidual_out, py::handle renorm_r,
+                   py::handle renorm_d, int64_t ghost_batch) {
   auto dyi = import_array(dy, "dy", call.stream, true);
   auto yi = import_array(y, "y", call.stream, true);
   auto xi = import_array(x, "x", call.stream, true);
   auto mi = import_array(saved_mean, "saved_mean", call.stream, true);
   auto si = import_array(saved_invstd, "saved_invstd", call.stream, true);
   auto wi = import_array(weight, "weight", call.stream, true);
+  auto rri = import_array(renorm_r, "renorm r", call.stream, true);
+  auto rdi = import_array(renorm_d, "renorm d", call.stream, true);
   BackwardParams p;
+  p.renorm_r = rri->view;
+  p.renorm_d = rdi->view;
+  p.ghost_batch = ghost_batch;
   p.dy = dyi->view;
   p.x = xi->view;
   p.saved_mean = mi->view;
@@ -375,7 +426,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("running_mean"), py::arg("running_var"), py::arg("momentum"), py::arg("eps"), py::arg("axis"),
         py::arg("out"), py::arg("batch_mean"), py::arg("batch_var"), py::arg("batch_count"), py::arg("call"),
         py::arg("saved_mean_out") = py::none(), py::arg("saved_invstd_out") = py::none(),
-        py::arg("residual") = py::none(), py::arg("activation") = 0);
+        py::arg("residual") = py::none(), py::arg("activation") = 0, py::arg("running_var_unbiased") = true,
+        py::arg("skip_nonfinite") = false, py::arg("renorm") = false, py::arg("rmax") = 1.0, py::arg("dmax") = 0.0,
+        py::arg("ghost_batch") = 0);
   // activation: 0 none, 1 relu (batchnorm.Activation's codes); residual: x's shape and dtype.
   m.def("forward_inference", &py_forward_inference, py::arg("x"), py::arg("mean"), py::arg("var"),
         py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("axis"), py::arg("out"), py::arg("call"),
@@ -383,7 +436,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("backward", &py_backward, py::arg("dy"), py::arg("x"), py::arg("saved_mean"), py::arg("saved_invstd"),
         py::arg("weight"), py::arg("axis"), py::arg("out"), py::arg("call"), py::arg("dweight_out") = py::none(),
         py::arg("dbias_out") = py::none(), py::arg("y") = py::none(), py::arg("activation") = 0,
-        py::arg("residual") = false, py::arg("dresidual_out") = py::none());
+        py::arg("residual") = false, py::arg("dresidual_out") = py::none(), py::arg("renorm_r") = py::none(),
+        py::arg("renorm_d") = py::none(), py::arg("ghost_batch") = 0);
   m.def("backward_reduce", &py_backward_reduce);
   m.def("backward_elemt", &py_backward_elemt);
   m.def("merge_statistics", &py_merge_statistics);

@@ -13,6 +13,7 @@ namespace batchnorm {
 enum class ElementwiseKind : int {
   copy,       // out = in0
   relu_grad,  // out = in0 where in1 > 0, else 0 (dy masked by the fused forward's output y)
+  add,        // out = in0 + in1 (ghost batch norm's per-group parameter gradients summed)
 };
 struct ElementwiseParams {
   ElementwiseKind kind = ElementwiseKind::copy;

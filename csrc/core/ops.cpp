@@ -7,6 +7,8 @@
 
 #include "core/backend.h"
 #include "core/errors.h"
+#include "core/ghost.h"
+#include "core/route.h"
 #include "core/validate.h"
 
 namespace batchnorm {
@@ -40,8 +42,6 @@ void check_optional_vector(const TensorView& t, const char* arg, const ChannelSo
   if (t.defined()) check_channel_vector(t, arg, source);
 }
 
-bool on_cuda(const TensorView& x) { return x.device.kind == DeviceKind::cuda; }
-
 void check_cuda_usable(const TensorView& x, const char* arg) {
   if (!on_cuda(x)) return;
 #if defined(BN_WITH_CUDA)
@@ -53,23 +53,6 @@ void check_cuda_usable(const TensorView& x, const char* arg) {
                           " but this build of batchnorm has no CUDA backend (built without a CUDA compiler); "
                           "pass a CPU array or rebuild with BATCHNORM_CUDA=ON"));
 #endif
-}
-
-#if defined(BN_WITH_CUDA)
-#define BN_CUDA_FN(f) cuda::f
-#else
-#define BN_CUDA_FN(f) nullptr
-#endif
-
-template <class P>
-void route_op(const TensorView& x, void (*cpu_fn)(const P&, const Layout&), void (*cuda_fn)(const P&, const Layout&),
-              const P& p, const Layout& layout) {
-  if (p.exec.validate_only) return;
-  if (on_cuda(x)) {
-    if (cuda_fn) cuda_fn(p, layout);
-  } else {
-    cpu_fn(p, layout);
-  }
 }
 
 void check_channels(int64_t channels, const TensorView& x, const char* arg) {
@@ -111,6 +94,69 @@ Layout forward_layout(int axis, const TensorView& x, const TensorView& residual,
   }
   const TensorView* arrays[] = {&x, &y};
   return make_layout(axis, arrays, 2);
+}
+
+// An internal (rows, C) output of the accumulation dtype, contiguous (ghost batch norm's
+// per-group saved statistics).
+void check_internal_rows(const TensorView& t, const char* arg, int64_t rows, int64_t C, DType dtype,
+                         const Device& device) {
+  BN_EXPECTS(t.ndim == 2 && t.shape[0] == rows && t.shape[1] == C && (t.strides[1] == 1 || C <= 1) &&
+                 (t.strides[0] == C || rows <= 1) && t.dtype == dtype && t.device == device && !t.read_only,
+             value_error, "internal output ", arg, " must be a writable contiguous (", rows, ", ", C, ") ",
+             dtype_name(dtype), " array on ", device_name(device));
+}
+
+// ghost_batch: a group size dividing the batch (axis 0, not the channel axis). Returns the
+// number of groups, 0 without ghost batch norm.
+int64_t check_ghost(int64_t ghost_batch, const TensorView& x, int axis) {
+  if (ghost_batch == 0) return 0;
+  BN_EXPECTS(ghost_batch > 0, value_error, "ghost_batch must be a positive int (samples per group), got ",
+             ghost_batch);
+  BN_EXPECTS(axis != 0, value_error,
+             "ghost_batch groups the samples along axis 0, which must not be the channel axis; got axis=0 "
+             "for x of shape ", shape_string(x));
+  BN_EXPECTS(x.shape[0] % ghost_batch == 0, value_error, "ghost_batch must divide the batch size (x.shape[0] = ",
+             x.shape[0], "), got ghost_batch=", ghost_batch);
+  return x.shape[0] / ghost_batch;
+}
+
+// A ghost-batch backward's saved statistics: (N / G, C), any float dtype, on x's device.
+void check_group_rows(const TensorView& t, const char* arg, int64_t rows, const TensorView& x, int axis) {
+  BN_EXPECTS(t.defined(), type_error, arg, " must be an array, got None");
+  check_float_array(t, arg);
+  check_same_device(x, "x", t, arg);
+  BN_EXPECTS(t.ndim == 2 && t.shape[0] == rows && t.shape[1] == x.shape[axis], value_error, arg,
+             " must have shape (", rows, ", ", x.shape[axis], ") with ghost_batch (one row per group of x of shape ",
+             shape_string(x), "), got shape ", shape_string(t));
+}
+
+// The training variants' options of a forward_training call.
+void check_variants(const ForwardTrainingParams& p, const ChannelSource& src, int64_t groups) {
+  const int64_t C = src.channels();
+  if (p.renorm) {
+    BN_EXPECTS(p.renorm_rmax >= 1.0, value_error, "renorm rmax must be >= 1 (r is clipped to [1/rmax, rmax]), got ",
+               p.renorm_rmax);
+    BN_EXPECTS(p.renorm_dmax >= 0.0, value_error, "renorm dmax must be >= 0 (d is clipped to [-dmax, dmax]), got ",
+               p.renorm_dmax);
+    BN_EXPECTS(p.running_mean.defined(), value_error,
+               "renorm needs running_mean and running_var (r and d compare the batch with them), got None");
+    BN_EXPECTS(groups == 0, value_error, "renorm and ghost_batch together are not supported, got both");
+    const DType acc = accumulation_dtype(p.x.dtype);
+    check_internal_vector(p.renorm_r, "renorm_r", C, acc, p.x.device);
+    check_internal_vector(p.renorm_d, "renorm_d", C, acc, p.x.device);
+  } else {
+    BN_EXPECTS(!p.renorm_r.defined() && !p.renorm_d.defined(), value_error,
+               "renorm_r and renorm_d are outputs of renorm, got them without renorm");
+  }
+  if (groups > 0)
+    BN_EXPECTS(!p.batch_mean.defined(), value_error,
+               "ghost_batch and batch_statistics together are not supported (ghost statistics are per group)");
+  BN_EXPECTS(p.moments_mean.defined() == p.moments_var.defined(), value_error,
+             "moments_mean and moments_var must be given together");
+  if (p.moments_mean.defined()) {
+    check_internal_vector(p.moments_mean, "moments_mean", C, DType::float64, p.x.device);
+    check_internal_vector(p.moments_var, "moments_var", C, DType::float64, p.x.device);
+  }
 }
 
 }  // namespace
@@ -173,9 +219,16 @@ void forward_training(const ForwardTrainingParams& p) {
     check_disjoint(p.running_mean, "running_mean", beside_residual, 1);
     check_disjoint(p.running_var, "running_var", beside_residual, 1);
   }
+  const int64_t groups = check_ghost(p.ghost_batch, p.x, axis);
+  check_variants(p, src, groups);
   const Layout layout = forward_layout(axis, p.x, p.residual, p.y);
   check_channels(C, p.x, "x");
-  if (given) {
+  if (groups > 0) {
+    const int64_t per_group = layout.count / groups;
+    BN_EXPECTS(per_group >= 2, value_error, "each ghost batch must have at least 2 values per channel in training "
+               "(the batch variance needs two), got ", per_group, " (ghost_batch=", p.ghost_batch, ", x of shape ",
+               shape_string(p.x), ")");
+  } else if (given) {
     // x is one shard of the batch the statistics describe: it may be empty, never larger.
     BN_EXPECTS(p.batch_count >= layout.count, value_error, "batch_count must be at least x's ", layout.count,
                " values per channel (x is part of the batch), got ", p.batch_count);
@@ -187,6 +240,12 @@ void forward_training(const ForwardTrainingParams& p) {
   }
   check_cuda_usable(p.x, "x");
   const DType acc = accumulation_dtype(p.x.dtype);
+  if (groups > 0) {
+    check_internal_rows(p.saved_mean, "saved_mean", groups, C, acc, p.x.device);
+    check_internal_rows(p.saved_invstd, "saved_invstd", groups, C, acc, p.x.device);
+    ghost_forward_training(p, axis);
+    return;
+  }
   check_internal_vector(p.saved_mean, "saved_mean", C, acc, p.x.device);
   check_internal_vector(p.saved_invstd, "saved_invstd", C, acc, p.x.device);
   route_op<ForwardTrainingParams>(p.x, cpu::forward_training, BN_CUDA_FN(forward_training), p, layout);
@@ -217,7 +276,8 @@ namespace {
 // The inputs every backward op shares: dy like x, and the forward's per-channel statistics
 // (named as the op's caller knows them). Returns the normalized axis.
 int check_backward_inputs(const TensorView& dy, const TensorView& x, int axis_arg, const TensorView& mean,
-                          const char* mean_arg, const TensorView& invstd, const char* invstd_arg) {
+                          const char* mean_arg, const TensorView& invstd, const char* invstd_arg,
+                          int64_t ghost_batch = 0) {
   const int axis = check_input(x, "x", axis_arg);
   BN_EXPECTS(dy.defined(), type_error, "dy must be an array, got None");
   check_float_array(dy, "dy");
@@ -225,6 +285,11 @@ int check_backward_inputs(const TensorView& dy, const TensorView& x, int axis_ar
   check_same_shape(x, "x", dy, "dy");
   BN_EXPECTS(dy.dtype == x.dtype, type_error, "dy must have the dtype of x, ", dtype_name(x.dtype), ", got ",
              dtype_name(dy.dtype));
+  if (const int64_t groups = check_ghost(ghost_batch, x, axis)) {
+    check_group_rows(mean, mean_arg, groups, x, axis);
+    check_group_rows(invstd, invstd_arg, groups, x, axis);
+    return axis;
+  }
   BN_EXPECTS(mean.defined(), type_error, mean_arg, " must be an array, got None");
   BN_EXPECTS(invstd.defined(), type_error, invstd_arg, " must be an array, got None");
   const ChannelSource src{x, "x", axis};
@@ -236,9 +301,18 @@ int check_backward_inputs(const TensorView& dy, const TensorView& x, int axis_ar
 }  // namespace
 
 void backward(const BackwardParams& p) {
-  const int axis = check_backward_inputs(p.dy, p.x, p.axis, p.saved_mean, "saved_mean", p.saved_invstd, "saved_invstd");
+  const int axis = check_backward_inputs(p.dy, p.x, p.axis, p.saved_mean, "saved_mean", p.saved_invstd, "saved_invstd",
+                                         p.ghost_batch);
   const int64_t C = p.x.shape[axis];
-  check_optional_vector(p.weight, "weight", ChannelSource{p.x, "x", axis});
+  const ChannelSource src{p.x, "x", axis};
+  check_optional_vector(p.weight, "weight", src);
+  BN_EXPECTS(p.renorm_r.defined() == p.renorm_d.defined(), value_error,
+             "renorm's r and d must be given together, got ", p.renorm_r.defined() ? "r without d" : "d without r");
+  if (p.renorm_r.defined()) {
+    BN_EXPECTS(p.ghost_batch == 0, value_error, "renorm and ghost_batch together are not supported, got both");
+    check_channel_vector(p.renorm_r, "renorm r", src);
+    check_channel_vector(p.renorm_d, "renorm d", src);
+  }
   check_activation(p.activation);
   const bool relu = p.activation == Activation::relu;
   BN_EXPECTS(relu || !p.y.defined(), value_error,
@@ -247,8 +321,9 @@ void backward(const BackwardParams& p) {
              "activation='relu', got None");
   if (relu) check_like_x(p.y, "y", p.x);
   const Named inputs[] = {{p.dy, "dy"},         {p.x, "x"},           {p.saved_mean, "saved_mean"},
-                          {p.saved_invstd, "saved_invstd"}, {p.weight, "weight"}, {p.y, "y"}};
-  check_output(p.dx, "out", p.x, "x", inputs, 6);
+                          {p.saved_invstd, "saved_invstd"}, {p.weight, "weight"}, {p.y, "y"},
+                          {p.renorm_r, "renorm r"}, {p.renorm_d, "renorm d"}};
+  check_output(p.dx, "out", p.x, "x", inputs, 8);
   // The masked gradient g (the residual's gradient) is written first, then read by the
   // backward proper: into dresidual, or else into dx, which must then not be x (still needed).
   const bool masked = relu || p.dresidual.defined();
@@ -272,7 +347,10 @@ void backward(const BackwardParams& p) {
   check_internal_vector(p.dweight, "dweight", C, acc, p.x.device);
   check_internal_vector(p.dbias, "dbias", C, acc, p.x.device);
   if (!masked) {
-    route_op<BackwardParams>(p.x, cpu::backward, BN_CUDA_FN(backward), p, layout);
+    if (p.ghost_batch > 0)
+      ghost_backward(p, axis);
+    else
+      route_op<BackwardParams>(p.x, cpu::backward, BN_CUDA_FN(backward), p, layout);
     return;
   }
   // Fused: g = relu'(y) * dy (or dy itself) into dresidual or dx, then the plain backward of g.
@@ -293,7 +371,10 @@ void backward(const BackwardParams& p) {
   const TensorView* qarrays[] = {&q.dy, &q.x, &q.dx};
   const Layout qlayout = make_layout(axis, qarrays, 3);
   route_op<ElementwiseParams>(p.x, cpu::elementwise, BN_CUDA_FN(elementwise), m, mlayout);
-  route_op<BackwardParams>(p.x, cpu::backward, BN_CUDA_FN(backward), q, qlayout);
+  if (q.ghost_batch > 0)
+    ghost_backward(q, axis);
+  else
+    route_op<BackwardParams>(p.x, cpu::backward, BN_CUDA_FN(backward), q, qlayout);
 }
 
 void backward_reduce(const BackwardReduceParams& p) {

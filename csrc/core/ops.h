@@ -55,6 +55,24 @@ struct ForwardTrainingParams {
   // Fused: y = act(bn(x) + residual); residual (optional) has x's shape and dtype, any strides.
   TensorView residual;
   Activation activation = Activation::none;
+  // Training variants (API.md "Training variants"):
+  // running_var takes the unbiased batch variance (PyTorch) or the biased one (Keras, Flax);
+  bool running_var_unbiased = true;
+  // a channel whose batch statistics are not finite keeps its running statistics bit for bit;
+  bool skip_nonfinite = false;
+  // batch renormalization (Ioffe 2017): needs the running statistics; r and d, outputs (C,) in
+  // the accumulation dtype, contiguous, receive the per-channel corrections (constants to
+  // backward);
+  bool renorm = false;
+  double renorm_rmax = 1.0, renorm_dmax = 0.0;
+  TensorView renorm_r, renorm_d;
+  // ghost batch norm: > 0, statistics per group of ghost_batch consecutive samples along axis
+  // 0, saved_mean / saved_invstd then (N / ghost_batch, C); the running statistics are updated
+  // once, with the whole batch's statistics.
+  int64_t ghost_batch = 0;
+  // Optional outputs, (C,) float64 contiguous: the batch mean and biased variance unrounded
+  // (what ghost batch norm merges across its groups).
+  TensorView moments_mean, moments_var;
   Exec exec;
 };
 
@@ -79,6 +97,10 @@ struct BackwardParams {
   TensorView y;
   Activation activation = Activation::none;
   TensorView dresidual;
+  // Of a batch-renorm forward: its r and d ((C,), any float dtype), constants to the gradient.
+  TensorView renorm_r, renorm_d;
+  // Of a ghost-batch forward: the group size; saved_mean / saved_invstd are (N / ghost_batch, C).
+  int64_t ghost_batch = 0;
   Exec exec;
 };
 

@@ -108,13 +108,52 @@ BN_HD A running_update(A running, A batch, A momentum) {
   return (A(1) - momentum) * running + momentum * batch;
 }
 
+// The training variants' choices for the running update (API.md "Training variants").
+struct RunningOptions {
+  bool unbiased = true;         // running_var takes the unbiased batch variance (PyTorch), else the biased (Keras, Flax)
+  bool skip_nonfinite = false;  // a channel whose batch statistics are not finite keeps its running statistics
+};
+
 // One channel's running statistics after a training step over `n` values per channel: the
-// mean as saved (rounded to A), the variance unbiased (PyTorch's convention), in double.
+// mean as saved (rounded to A), the variance unbiased (PyTorch's convention) or biased, in
+// double. With skip_nonfinite, a NaN or Inf batch mean or variance (a step a loss scaler will
+// skip) leaves both untouched, bit for bit.
 template <class A>
 BN_HD void update_running(double& running_mean, double& running_var, A saved_mean, double batch_var, double n,
-                          double momentum) {
+                          double momentum, RunningOptions o = {}) {
+  if (o.skip_nonfinite && !(std::isfinite(static_cast<double>(saved_mean)) && std::isfinite(batch_var))) return;
   running_mean = running_update<double>(running_mean, static_cast<double>(saved_mean), momentum);
-  running_var = running_update<double>(running_var, batch_var * n / (n - 1.0), momentum);
+  running_var = running_update<double>(running_var, o.unbiased ? batch_var * n / (n - 1.0) : batch_var, momentum);
+}
+
+// ---- batch renormalization (Ioffe 2017): per-channel finalize ------------------------------
+
+// clip(v, lo, hi) that lets a NaN through (both comparisons are false for it).
+BN_HD double clip(double v, double lo, double hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+// r = clip(sigma_B / sigma_run, 1/rmax, rmax), d = clip((mu_B - mu_run) / sigma_run, -dmax,
+// dmax) with sigma = sqrt(var + eps), from the running statistics before this step's update;
+// in double, rounded to A once. Both are constants to the gradient.
+template <class A>
+struct Renorm {
+  A r;
+  A d;
+};
+
+template <class A>
+BN_HD Renorm<A> renorm_correction(double batch_mean, double batch_var, double running_mean, double running_var,
+                                  double eps, double rmax, double dmax) {
+  const double sigma_batch = std::sqrt(batch_var + eps), sigma_run = std::sqrt(running_var + eps);
+  return Renorm<A>{static_cast<A>(clip(sigma_batch / sigma_run, 1.0 / rmax, rmax)),
+                   static_cast<A>(clip((batch_mean - running_mean) / sigma_run, -dmax, dmax))};
+}
+
+// The renormalized output weight * (x_hat * r + d) + bias as normalize's coefficients:
+// scale = invstd * r * weight, shift = d * weight + bias (the mean is the batch's).
+template <class A>
+BN_HD void renormalize(ForwardCoefficients<A>& k, Renorm<A> rd, A weight, A bias) {
+  k.scale = k.invstd * rd.r * weight;
+  k.shift = rd.d * weight + bias;
 }
 
 // ---- forward: per-element maps -------------------------------------------------------------
@@ -232,6 +271,15 @@ BN_HD ParamGrads<A> param_grads(double sum_dy, double sum_dy_xmu, A invstd) {
   return ParamGrads<A>{static_cast<A>(sum_dy_xmu * static_cast<double>(invstd)), static_cast<A>(sum_dy)};
 }
 
+// Batch renorm's parameter gradients with r and d constant: y = weight * (x_hat * r + d) +
+// bias gives dweight = r * sum(dy * x_hat) + d * sum(dy); dbias is unchanged. (dx is the plain
+// backward's with weight * r in place of weight.)
+template <class A>
+BN_HD ParamGrads<A> renorm_param_grads(ParamGrads<A> g, Renorm<A> rd) {
+  g.dweight = rd.r * g.dweight + rd.d * g.dbias;
+  return g;
+}
+
 // Per-channel coefficients of the backward pass of training-mode batch norm, from the two
 // reductions sum(dy) and sum(dy * (x - mean)) over the channel's n values:
 //   dx = (dy - mean_dy - (x - mean) * proj) * scale
@@ -300,6 +348,17 @@ struct IdentityMap {
 template <class X>
 BN_HD X apply_map(IdentityMap, const X*, const X* in) {
   return in[0];
+}
+
+// A sum (the per-group parameter gradients of ghost batch norm, added up in group order).
+struct AddMap {
+  static constexpr int kIn = 2;
+  static constexpr int kCoef = 0;
+};
+
+template <class X>
+BN_HD X apply_map(AddMap, const X*, const X* in) {
+  return in[0] + in[1];
 }
 
 // ---- fold: per-channel finalize and per-element map, in double -----------------------------

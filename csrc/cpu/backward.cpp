@@ -134,7 +134,13 @@ void backward(const BackwardParams& p, const Layout& L) {
     const Plan plan = make_plan(L, 3 * sizeof(T));
     const std::vector<A> mean = load_vector<A>(p.saved_mean, C, A(0));
     const std::vector<A> invstd = load_vector<A>(p.saved_invstd, C, A(1));
-    const std::vector<A> weight = load_vector<A>(p.weight, C, A(1));
+    std::vector<A> weight = load_vector<A>(p.weight, C, A(1));
+    // Batch renorm: r and d are constants; dx is the plain one with weight * r.
+    const bool renorm = p.renorm_r.defined();
+    const std::vector<A> r = load_vector<A>(p.renorm_r, C, A(1));
+    const std::vector<A> rd = load_vector<A>(p.renorm_d, C, A(0));
+    if (renorm)
+      for (int64_t c = 0; c < C; ++c) weight[c] = weight[c] * r[c];
     const T* dy = p.dy.ptr<const T>();
     const T* x = p.x.ptr<const T>();
     T* dx = p.dx.ptr<T>();
@@ -146,7 +152,8 @@ void backward(const BackwardParams& p, const Layout& L) {
     const bool fused = all_grad_sums(
         k, dy, x, L, plan, mean.data(),
         [&](int64_t c, double sum_dy, double sum_dy_xmu) {
-          const ParamGrads<A> g = param_grads<A>(sum_dy, sum_dy_xmu, invstd[c]);
+          ParamGrads<A> g = param_grads<A>(sum_dy, sum_dy_xmu, invstd[c]);
+          if (renorm) g = renorm_param_grads<A>(g, Renorm<A>{r[c], rd[c]});
           dweight[c] = g.dweight;
           dbias[c] = g.dbias;
           coef.set(c, backward_coefficients<A>(sum_dy, sum_dy_xmu, static_cast<double>(L.count), mean[c], invstd[c],

@@ -1,5 +1,5 @@
 // CPU elementwise passes the op layer composes fused ops from (core/backend.h): the ReLU
-// gradient and the copy of the fused backward, on the same executor as every other map.
+// gradient and the copy of the fused backward and ghost batch norm's sums, on the same executor as every other map.
 #include "core/backend.h"
 #include "cpu/params.h"
 #include "cpu/plan.h"
@@ -10,7 +10,9 @@ void elementwise(const ElementwiseParams& p, const Layout& L) {
   dispatch_dtype(p.in0.dtype, "dy", [&](auto d) {
     using T = storage_t<decltype(d)::value>;
     MapPass<T> m;
-    m.kind = p.kind == ElementwiseKind::relu_grad ? MapKind::relu_grad : MapKind::copy;
+    m.kind = p.kind == ElementwiseKind::relu_grad ? MapKind::relu_grad
+             : p.kind == ElementwiseKind::add     ? MapKind::add
+                                                  : MapKind::copy;
     m.in[0] = p.in0.ptr<const T>();
     m.in[1] = p.in1.defined() ? p.in1.ptr<const T>() : nullptr;
     m.out = p.out.ptr<T>();

@@ -48,18 +48,35 @@ void forward_training(const ForwardTrainingParams& p, const Layout& L) {
     const std::vector<A> weight = load_vector<A>(p.weight, C, A(1));
     const std::vector<A> bias = load_vector<A>(p.bias, C, A(0));
     std::vector<double> batch_var(static_cast<size_t>(C));
-    std::vector<A> scale(static_cast<size_t>(C));
+    std::vector<A> scale(static_cast<size_t>(C)), shift(bias);
     A* mean = p.saved_mean.ptr<A>();
     A* invstd = p.saved_invstd.ptr<A>();
+    // The running statistics as they were before this step (batch renorm reads them).
+    std::vector<double> rm, rv;
+    if (p.running_mean.defined()) {
+      rm = load_vector<double>(p.running_mean, C, 0.0);
+      rv = load_vector<double>(p.running_var, C, 0.0);
+    }
     const MapPass<T> pass =
-        forward_pass<T>(p, mean, scale.data(), bias.data(), stream_output(L.count * C * forward_bytes<T>(p)));
+        forward_pass<T>(p, mean, scale.data(), shift.data(), stream_output(L.count * C * forward_bytes<T>(p)));
     // Channel c's batch mean and biased variance, in double, from x or as given.
     auto per_channel = [&](int64_t c, double m, double v) {
       batch_var[c] = v;
-      const ForwardCoefficients<A> f = forward_coefficients<A>(m, v, p.eps, weight[c], bias[c]);
+      ForwardCoefficients<A> f = forward_coefficients<A>(m, v, p.eps, weight[c], bias[c]);
+      if (p.renorm) {
+        const Renorm<A> rd = renorm_correction<A>(m, v, rm[c], rv[c], p.eps, p.renorm_rmax, p.renorm_dmax);
+        renormalize(f, rd, weight[c], bias[c]);
+        p.renorm_r.ptr<A>()[c] = rd.r;
+        p.renorm_d.ptr<A>()[c] = rd.d;
+      }
+      if (p.moments_mean.defined()) {
+        p.moments_mean.ptr<double>()[c] = m;
+        p.moments_var.ptr<double>()[c] = v;
+      }
       mean[c] = f.mean;
       invstd[c] = f.invstd;
       scale[c] = f.scale;
+      shift[c] = f.shift;
     };
     bool fused = false;
     if (p.batch_mean.defined()) {
@@ -74,9 +91,8 @@ void forward_training(const ForwardTrainingParams& p, const Layout& L) {
     if (!fused && L.count > 0) map_all(k, pass, L, plan);
     if (p.running_mean.defined()) {
       const double n = static_cast<double>(p.batch_mean.defined() ? p.batch_count : L.count);
-      std::vector<double> rm = load_vector<double>(p.running_mean, C, 0.0);
-      std::vector<double> rv = load_vector<double>(p.running_var, C, 0.0);
-      for (int64_t c = 0; c < C; ++c) update_running<A>(rm[c], rv[c], mean[c], batch_var[c], n, p.momentum);
+      const RunningOptions o{p.running_var_unbiased, p.skip_nonfinite};
+      for (int64_t c = 0; c < C; ++c) update_running<A>(rm[c], rv[c], mean[c], batch_var[c], n, p.momentum, o);
       store_vector(p.running_mean, rm.data());
       store_vector(p.running_var, rv.data());
     }

@@ -22,7 +22,7 @@ constexpr auto for_recipes(F f) {
   return std::array{f(ForwardMap<false, Activation::none>{}), f(ForwardMap<false, Activation::relu>{}),
                     f(ForwardMap<true, Activation::none>{}),  f(ForwardMap<true, Activation::relu>{}),
                     f(BackwardMap{}),                        f(ReluGradMap{}),
-                    f(IdentityMap{})};
+                    f(IdentityMap{}),                        f(AddMap{})};
 }
 
 template <class T>

@@ -39,13 +39,16 @@ enum class MapKind : int {
   backward_dx,         // (dy, x) -> dx, coefficients {mean, scale, mean_dy, proj}
   relu_grad,           // (dy, y) -> dy where y > 0, else 0; no coefficients
   copy,                // (x) -> x
+  add,                 // (a, b) -> a + b; no coefficients
 };
-constexpr int kMapKinds = 7;
+constexpr int kMapKinds = 8;
 BN_CPU_INLINE int map_inputs(MapKind kind) {
   return kind == MapKind::normalize || kind == MapKind::normalize_relu || kind == MapKind::copy ? 1 : 2;
 }
 BN_CPU_INLINE int map_coefficients(MapKind kind) {
-  return kind == MapKind::backward_dx ? 4 : kind == MapKind::relu_grad || kind == MapKind::copy ? 0 : 3;
+  return kind == MapKind::backward_dx                                                  ? 4
+         : kind == MapKind::relu_grad || kind == MapKind::copy || kind == MapKind::add ? 0
+                                                                                        : 3;
 }
 
 // `nt` (non-temporal stores) is set by the drivers for outputs that cannot stay in cache.

@@ -122,17 +122,30 @@ __device__ __forceinline__ BackwardCoefficients<A> grad_coefficients(int64_t c, 
                                   static_cast<A>(load_param(weight, c, 1.0)));
 }
 
-// One warp per channel: the sums, dweight, dbias and the coefficients of backward_dx.
+// One warp per channel: the sums, dweight, dbias and the coefficients of backward_dx; with
+// batch renorm's r and d (renorm_r.data set), dweight = r * sum(dy * x_hat) + d * sum(dy) and
+// dx takes weight * r, as on the CPU.
 template <class A>
 __global__ void __launch_bounds__(kBlock)
     grad_finalize_kernel(Partials<GradPartial> part, int64_t channels, int64_t count, ParamRef saved_mean,
-                         ParamRef saved_invstd, ParamRef weight, A* __restrict__ dweight, A* __restrict__ dbias,
-                         BackwardCoefficients<A>* __restrict__ coef) {
+                         ParamRef saved_invstd, ParamRef weight, ParamRef renorm_r, ParamRef renorm_d,
+                         A* __restrict__ dweight, A* __restrict__ dbias, BackwardCoefficients<A>* __restrict__ coef) {
   for (int64_t c = first_warp_channel(); c < channels; c += warp_channel_stride()) {
     const GradPartial sums = warp_merge(part, c, AddGradOp{});
     if ((threadIdx.x & 31u) != 0) continue;
-    store_param_grads<A>(c, sums, saved_invstd, dweight, dbias);
-    coef[c] = grad_coefficients<A>(c, sums, count, saved_mean, saved_invstd, weight);
+    if (!renorm_r.data) {
+      store_param_grads<A>(c, sums, saved_invstd, dweight, dbias);
+      coef[c] = grad_coefficients<A>(c, sums, count, saved_mean, saved_invstd, weight);
+      continue;
+    }
+    const Renorm<A> rd{static_cast<A>(load_param(renorm_r, c, 1.0)), static_cast<A>(load_param(renorm_d, c, 0.0))};
+    const A invstd = static_cast<A>(load_param(saved_invstd, c, 1.0));
+    const ParamGrads<A> g = renorm_param_grads<A>(param_grads<A>(sums.dy, sums.dy_xmu, invstd), rd);
+    dweight[c] = g.dweight;
+    dbias[c] = g.dbias;
+    coef[c] = backward_coefficients<A>(sums.dy, sums.dy_xmu, static_cast<double>(count),
+                                       static_cast<A>(load_param(saved_mean, c, 0.0)), invstd,
+                                       static_cast<A>(load_param(weight, c, 1.0)) * rd.r);
   }
 }
 
@@ -206,8 +219,8 @@ void backward_typed(const BackwardParams& p, const Layout& L, cudaStream_t strea
   auto* coef = ws.alloc<BackwardCoefficients<A>>(L.channels);
   const Partials<GradPartial> part = launch_grad_sums<T>(p.dy, p.x, saved_mean, L, ws, stream);
   grad_finalize_kernel<A><<<warp_grid(L.channels), kBlock, 0, stream>>>(
-      part, L.channels, L.count, saved_mean, param_ref(p.saved_invstd), param_ref(p.weight), p.dweight.ptr<A>(),
-      p.dbias.ptr<A>(), coef);
+      part, L.channels, L.count, saved_mean, param_ref(p.saved_invstd), param_ref(p.weight), param_ref(p.renorm_r),
+      param_ref(p.renorm_d), p.dweight.ptr<A>(), p.dbias.ptr<A>(), coef);
   BN_CUDA_CHECK_LAUNCH("grad_finalize_kernel");
   launch_grad_input<T>(p.dy, p.x, p.dx, L, coef, stream);
 }

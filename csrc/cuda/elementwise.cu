@@ -1,5 +1,5 @@
 // CUDA elementwise passes the op layer composes fused ops from (core/backend.h): the ReLU
-// gradient and the copy of the fused backward, on map.cuh's executor.
+// gradient and the copy of the fused backward and ghost batch norm's sums, on map.cuh's executor.
 #include "core/backend.h"
 #include "cuda/common.cuh"
 #include "cuda/map.cuh"
@@ -15,6 +15,8 @@ void elementwise(const ElementwiseParams& p, const Layout& layout) {
     using A = acc_t<T>;
     if (p.kind == ElementwiseKind::relu_grad)
       launch_map<T>(p.in0, p.in1, p.out, layout, PlainMapOp<A, ReluGradMap>{}, stream);
+    else if (p.kind == ElementwiseKind::add)
+      launch_map<T>(p.in0, p.in1, p.out, layout, PlainMapOp<A, AddMap>{}, stream);
     else
       launch_map<T>(p.in0, p.in1, p.out, layout, PlainMapOp<A, IdentityMap>{}, stream);
   });

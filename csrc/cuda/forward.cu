@@ -74,6 +74,15 @@ void forward_training(const ForwardTrainingParams& p, const Layout& layout) {
     out.running_var = param_ref(p.running_var);
     out.eps = p.eps;
     out.momentum = p.momentum;
+    out.running = RunningOptions{p.running_var_unbiased, p.skip_nonfinite};
+    if (p.renorm) {
+      out.rmax = p.renorm_rmax;
+      out.dmax = p.renorm_dmax;
+      out.renorm_r = p.renorm_r.data;
+      out.renorm_d = p.renorm_d.data;
+    }
+    out.mean64 = p.moments_mean.ptr<double>();
+    out.var64 = p.moments_var.ptr<double>();
     if (p.batch_mean.defined())
       given_moments(p.x.dtype, param_ref(p.batch_mean), param_ref(p.batch_var), C, p.batch_count, out, stream);
     else

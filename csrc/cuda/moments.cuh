@@ -23,6 +23,14 @@ struct MomentsOutputs {
   double eps = 0.0;
   double momentum = 0.0;
   bool wide = false;  // mean and var written as float64 (the moments unrounded)
+  // Training variants (ForwardTrainingParams): the running update's options, batch renorm's
+  // clipping (with r and d written when renorm_r is set), the moments unrounded.
+  RunningOptions running;
+  double rmax = 1.0, dmax = 0.0;
+  void* renorm_r = nullptr;
+  void* renorm_d = nullptr;
+  double* mean64 = nullptr;
+  double* var64 = nullptr;
 };
 
 // Enqueues the reduction of x (array 0 of `layout`) and the finalize on `stream`; the

@@ -107,18 +107,31 @@ __device__ __forceinline__ void finish_channel(int64_t c, double batch_mean, dou
     if (out.mean) static_cast<A*>(out.mean)[c] = mean;
     if (out.var) static_cast<A*>(out.var)[c] = static_cast<A>(var);
   }
+  // The running statistics as they were before this step (batch renorm reads them).
+  double rm = 0.0, rv = 0.0;
+  if (out.running_mean.data) {
+    rm = load_param(out.running_mean, c, 0.0);
+    rv = load_param(out.running_var, c, 0.0);
+  }
+  if (out.mean64) {
+    out.mean64[c] = batch_mean;
+    out.var64[c] = var;
+  }
   if (out.invstd) {
-    const ForwardCoefficients<A> k = forward_coefficients<A>(batch_mean, var, out.eps,
-                                                             static_cast<A>(load_param(out.weight, c, 1.0)),
-                                                             static_cast<A>(load_param(out.bias, c, 0.0)));
+    const A weight = static_cast<A>(load_param(out.weight, c, 1.0)), bias = static_cast<A>(load_param(out.bias, c, 0.0));
+    ForwardCoefficients<A> k = forward_coefficients<A>(batch_mean, var, out.eps, weight, bias);
+    if (out.renorm_r) {
+      const Renorm<A> rd = renorm_correction<A>(batch_mean, var, rm, rv, out.eps, out.rmax, out.dmax);
+      renormalize(k, rd, weight, bias);
+      static_cast<A*>(out.renorm_r)[c] = rd.r;
+      static_cast<A*>(out.renorm_d)[c] = rd.d;
+    }
     static_cast<A*>(out.invstd)[c] = k.invstd;
     static_cast<A*>(out.scale)[c] = k.scale;
     static_cast<A*>(out.shift)[c] = k.shift;
   }
   if (out.running_mean.data) {
-    double rm = load_param(out.running_mean, c, 0.0);
-    double rv = load_param(out.running_var, c, 0.0);
-    update_running<A>(rm, rv, mean, var, static_cast<double>(count), out.momentum);
+    update_running<A>(rm, rv, mean, var, static_cast<double>(count), out.momentum, out.running);
     store_param(out.running_mean, c, rm);
     store_param(out.running_var, c, rv);
   }

@@ -31,7 +31,9 @@ def forward_training(
     momentum: float, eps: float, axis: int, out: Any,
     batch_mean: Any, batch_var: Any, batch_count: int, call: Call,
     saved_mean_out: Any = None, saved_invstd_out: Any = None, residual: Any = None, activation: int = 0,
-) -> Tuple[Any, Any, Any]: ...
+    running_var_unbiased: bool = True, skip_nonfinite: bool = False, renorm: bool = False, rmax: float = 1.0,
+    dmax: float = 0.0, ghost_batch: int = 0,
+) -> Tuple[Any, ...]: ...
 def forward_inference(
     x: Any, mean: Any, var: Any, weight: Any, bias: Any, eps: float, axis: int, out: Any, call: Call,
     residual: Any = None, activation: int = 0,
@@ -39,7 +41,7 @@ def forward_inference(
 def backward(
     dy: Any, x: Any, saved_mean: Any, saved_invstd: Any, weight: Any, axis: int, out: Any, call: Call,
     dweight_out: Any = None, dbias_out: Any = None, y: Any = None, activation: int = 0, residual: bool = False,
-    dresidual_out: Any = None,
+    dresidual_out: Any = None, renorm_r: Any = None, renorm_d: Any = None, ghost_batch: int = 0,
 ) -> Tuple[Any, ...]: ...
 def backward_reduce(dy: Any, x: Any, mean: Any, invstd: Any, axis: int, call: Call, /) -> Tuple[Any, Any, Any, Any]: ...
 def backward_elemt(

@@ -17,7 +17,7 @@ import numpy as np
 from . import functional as F
 from ._arrays import _from_dlpack_of, _library, check_int
 from ._collectives import Engine, check_group, engine_for
-from .layer import BatchNorm, _as_state, _device_of, _to_device_like, _to_numpy
+from .layer import _DEFAULT, BatchNorm, _as_state, _device_of, _to_device_like, _to_numpy
 
 __all__ = ["SyncBatchNorm", "sync_backward", "sync_statistics"]
 
@@ -312,14 +312,17 @@ class SyncBatchNorm(BatchNorm):
         num_features: int,
         *,
         group: Any,
-        eps: float = 1e-5,
-        momentum: Optional[float] = 0.1,
+        eps: Optional[float] = None,
+        momentum: Any = _DEFAULT,
         affine: bool = True,
         track_running_stats: bool = True,
-        axis: int = 1,
+        axis: Optional[int] = None,
         dtype: str = "float32",
         exchange: str = "allgather",
+        convention: str = "torch",
+        skip_nonfinite: bool = False,
     ) -> None:
+        # Batch renorm and ghost batch norm are per-process ideas: not offered across processes.
         super().__init__(
             num_features,
             eps=eps,
@@ -328,6 +331,8 @@ class SyncBatchNorm(BatchNorm):
             track_running_stats=track_running_stats,
             axis=axis,
             dtype=dtype,
+            convention=convention,
+            skip_nonfinite=skip_nonfinite,
         )
         check_group(group)
         self.exchange = _check_exchange(exchange)
@@ -351,19 +356,12 @@ class SyncBatchNorm(BatchNorm):
             own = err
         mean, var, count = _exchange(engine, x, self.axis, self.num_features, _torch_device(x), own, self.exchange)
         update = self.track_running_stats
-        momentum = 0.0
-        if update:
-            momentum = 1.0 / (self.num_batches_tracked + 1) if self.momentum is None else self.momentum
         y, saved_mean, saved_invstd = F.forward_training(
             x,
             self.weight,
             self.bias,
-            running_mean=self.running_mean if update else None,
-            running_var=self.running_var if update else None,
-            momentum=momentum,
-            eps=self.eps,
-            axis=self.axis,
             batch_statistics=(_to_device_like(mean, x), _to_device_like(var, x), count),
+            **self._training_options(update),
         )
         if update:
             self.num_batches_tracked += 1

@@ -65,8 +65,12 @@ def forward_training(
     batch_statistics: Optional[Tuple[Array, Array, int]] = None,
     residual: Optional[Array] = None,
     activation: Optional[str] = None,
+    running_var_unbiased: bool = True,
+    renorm: Optional[Tuple[float, float]] = None,
+    ghost_batch: Optional[int] = None,
+    skip_nonfinite: bool = False,
     stream: Any = None,
-) -> Tuple[Array, Array, Array]:
+) -> Tuple[Array, ...]:
     """Training-mode batch norm: y = (x - mean) * invstd * weight + bias with the batch
     statistics. Returns (y, saved_mean, saved_invstd). When given, running_mean and
     running_var are updated in place with PyTorch's momentum convention:
@@ -78,7 +82,18 @@ def forward_training(
     of the running update. Everything else is as with x's own statistics.
 
     Fused: y = act(bn(x) + residual) in the passes of plain batch norm (plus the read of
-    `residual`, an array of x's shape and dtype), activation None or "relu"."""
+    `residual`, an array of x's shape and dtype), activation None or "relu".
+
+    Training variants (README "Variants"), each in the passes of plain batch norm:
+    running_var_unbiased=False updates running_var with the biased batch variance (Keras,
+    Flax). renorm=(rmax, dmax): batch renormalization (Ioffe 2017), y = weight * (x_hat * r +
+    d) + bias with r = clip(sigma_B / sigma_run, 1/rmax, rmax) and d = clip((mean_B -
+    mean_run) / sigma_run, -dmax, dmax) from the running statistics before this step (needed);
+    returns (y, saved_mean, saved_invstd, r, d) and backward takes renorm=(r, d).
+    ghost_batch=G: statistics per group of G consecutive samples along axis 0 (G divides N);
+    saved_mean / saved_invstd are (N // G, C), backward takes ghost_batch=G, and the running
+    statistics are updated once with the whole batch's. skip_nonfinite=True: a channel whose
+    batch statistics are NaN or Inf keeps its running statistics bit for bit."""
     momentum = check_real(momentum, "momentum")
     eps = check_real(eps, "eps")
     axis = check_axis(axis, x)
@@ -86,6 +101,10 @@ def forward_training(
     check_out(out)
     check_written(running_mean, "running_mean")
     check_written(running_var, "running_var")
+    running_var_unbiased = _check_bool(running_var_unbiased, "running_var_unbiased")
+    skip_nonfinite = _check_bool(skip_nonfinite, "skip_nonfinite")
+    rmax, dmax = _renorm_limits(renorm)
+    ghost = _ghost(ghost_batch)
     batch_mean = batch_var = None
     batch_count = 0
     if batch_statistics is not None:
@@ -99,11 +118,42 @@ def forward_training(
         batch_count = check_int(batch_count, "batch_statistics count")
     kind = Kind(x, stream)
     a = kind.arg
-    y, mean, invstd = _C.forward_training(
+    results = _C.forward_training(
         a(x), a(weight), a(bias), a(running_mean), a(running_var), momentum, eps, axis, a(out),
-        a(batch_mean), a(batch_var), batch_count, kind.call, residual=a(residual), activation=code
+        a(batch_mean), a(batch_var), batch_count, kind.call, residual=a(residual), activation=code,
+        running_var_unbiased=running_var_unbiased, skip_nonfinite=skip_nonfinite, renorm=renorm is not None,
+        rmax=rmax, dmax=dmax, ghost_batch=ghost,
     )
-    return (out if out is not None else kind.wrap(y)), kind.wrap(mean), kind.wrap(invstd)
+    y = out if out is not None else kind.wrap(results[0])
+    return (y,) + tuple(kind.wrap(r) for r in results[1:])
+
+
+def _check_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _ghost(ghost_batch: Any) -> int:
+    """ghost_batch as the core's group size (0: off)."""
+    if ghost_batch is None:
+        return 0
+    g = check_int(ghost_batch, "ghost_batch")
+    if g < 1:
+        raise ValueError(f"ghost_batch must be a positive int (samples per group) or None, got {g}")
+    return g
+
+
+def _renorm_limits(renorm: Any) -> Tuple[float, float]:
+    """renorm=(rmax, dmax) as two reals (the core checks rmax >= 1 and dmax >= 0); None is off."""
+    if renorm is None:
+        return 1.0, 0.0
+    if not isinstance(renorm, (tuple, list)) or len(renorm) != 2:
+        raise TypeError(
+            "renorm must be None or an (rmax, dmax) pair of numbers, got "
+            + (f"a sequence of length {len(renorm)}" if isinstance(renorm, (tuple, list)) else type(renorm).__name__)
+        )
+    return check_real(renorm[0], "renorm rmax"), check_real(renorm[1], "renorm dmax")
 
 
 def forward_inference(
@@ -147,6 +197,8 @@ def backward(
     y: Optional[Array] = None,
     activation: Optional[str] = None,
     residual: bool = False,
+    renorm: Optional[Tuple[Array, Array]] = None,
+    ghost_batch: Optional[int] = None,
     stream: Any = None,
 ) -> Tuple[Array, ...]:
     """Gradients of forward_training: (dx, dweight, dbias), where dweight = sum(dy * x_hat)
@@ -154,17 +206,26 @@ def backward(
 
     Of the fused forward: activation="relu" takes the mask from `y`, the fused forward's
     output; residual=True also returns the residual's gradient, (dx, dweight, dbias,
-    dresidual). Equal to differentiating act(bn(x) + residual)."""
+    dresidual). Equal to differentiating act(bn(x) + residual).
+
+    Of the training variants: renorm=(r, d), the batch-renorm forward's r and d, taken as
+    constants; ghost_batch=G with that forward's (N // G, C) saved statistics."""
     axis = check_axis(axis, x)
     code = _activation_code(activation)
     if not isinstance(residual, bool):
         raise TypeError(f"residual must be a bool (return the residual's gradient), got {type(residual).__name__}")
+    r = d = None
+    if renorm is not None:
+        if not isinstance(renorm, (tuple, list)) or len(renorm) != 2:
+            raise TypeError(f"renorm must be None or the forward's (r, d) pair of arrays, got {type(renorm).__name__}")
+        r, d = renorm
+    ghost = _ghost(ghost_batch)
     check_out(out)
     kind = Kind(x, stream)
     a = kind.arg
     results = _C.backward(
         a(dy), a(x), a(saved_mean), a(saved_invstd), a(weight), axis, a(out), kind.call,
-        y=a(y), activation=code, residual=residual,
+        y=a(y), activation=code, residual=residual, renorm_r=a(r), renorm_d=a(d), ghost_batch=ghost,
     )
     dx = out if out is not None else kind.wrap(results[0])
     return (dx,) + tuple(kind.wrap(r) for r in results[1:])

@@ -4,7 +4,7 @@ Parameters and running statistics live as arrays of the kind of the inputs (NumP
 inputs, the caller's library on a GPU); `state_dict()` always gives NumPy arrays."""
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 import numpy as np
 
@@ -13,6 +13,15 @@ from ._arrays import _library, check_int, check_real
 from .precise import precise_statistics, unbiased_variance
 
 _KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+# Each convention's defaults: PyTorch's (momentum is the new batch's weight, unbiased running
+# variance) and tf.keras.layers.BatchNormalization's (momentum is the running average's decay,
+# biased running variance, channels last).
+_CONVENTIONS: Dict[str, Dict[str, Any]] = {
+    "torch": {"eps": 1e-5, "momentum": 0.1, "axis": 1},
+    "keras": {"eps": 1e-3, "momentum": 0.99, "axis": -1},
+}
+_DEFAULT: Any = object()  # momentum not given: the convention's default
 
 
 def _to_numpy(a: Any, name: str) -> np.ndarray:
@@ -91,32 +100,55 @@ class BatchNorm:
         self,
         num_features: int,
         *,
-        eps: float = 1e-5,
-        momentum: Optional[float] = 0.1,
+        eps: Optional[float] = None,
+        momentum: Any = _DEFAULT,
         affine: bool = True,
         track_running_stats: bool = True,
-        axis: int = 1,
+        axis: Optional[int] = None,
         dtype: str = "float32",
+        convention: str = "torch",
+        renorm: Optional[Tuple[float, float]] = None,
+        ghost_batch: Optional[int] = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         num_features = check_int(num_features, "num_features")
         if num_features < 1:
             raise ValueError(f"num_features must be >= 1, got {num_features}")
-        eps = check_real(eps, "eps")
+        if convention not in _CONVENTIONS:
+            raise ValueError(f"convention must be 'torch' or 'keras', got {convention!r}")
+        defaults = _CONVENTIONS[convention]
+        eps = check_real(defaults["eps"] if eps is None else eps, "eps")
         if not (np.isfinite(eps) and eps >= 0):
             raise ValueError(f"eps must be finite and >= 0, got {eps}")
+        if momentum is _DEFAULT:
+            momentum = defaults["momentum"]
         if momentum is not None:
             momentum = check_real(momentum, "momentum")
             if not (np.isfinite(momentum) and 0.0 <= momentum <= 1.0):
                 raise ValueError(f"momentum must be a finite number in [0, 1] or None, got {momentum}")
+        elif convention == "keras":
+            raise ValueError("momentum=None (a cumulative average) is PyTorch's; with convention='keras' give a decay in [0, 1]")
         if str(dtype) not in ("float32", "float64"):
             raise TypeError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum
+        self.convention = convention
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
-        self.axis = check_int(axis, "axis")
+        self.axis = check_int(defaults["axis"] if axis is None else axis, "axis")
         self.dtype = np.dtype(str(dtype))
+        # The training variants, checked as the functions check them.
+        F._renorm_limits(renorm)
+        if renorm is not None:
+            renorm = (float(renorm[0]), float(renorm[1]))
+            if not self.track_running_stats:
+                raise ValueError("renorm needs running statistics, got track_running_stats=False")
+        if renorm is not None and ghost_batch is not None:
+            raise ValueError("renorm and ghost_batch together are not supported, got both")
+        self.renorm = renorm
+        self.ghost_batch = None if ghost_batch is None else F._ghost(ghost_batch)
+        self.skip_nonfinite = F._check_bool(skip_nonfinite, "skip_nonfinite")
         self.training = True
         self.weight = np.ones(num_features, self.dtype) if self.affine else None
         self.bias = np.zeros(num_features, self.dtype) if self.affine else None
@@ -126,6 +158,26 @@ class BatchNorm:
         self.grad_weight: Any = None
         self.grad_bias: Any = None
         self._saved: Optional[tuple] = None
+
+    def _step_momentum(self) -> float:
+        """This training step's momentum in PyTorch's sense (the weight of the new batch): the
+        cumulative average's 1 / (steps + 1) for momentum=None; 1 - decay for Keras."""
+        if self.momentum is None:
+            return 1.0 / (self.num_batches_tracked + 1)
+        return 1.0 - self.momentum if self.convention == "keras" else self.momentum
+
+    def _training_options(self, update: bool) -> Dict[str, Any]:
+        """forward_training's keyword arguments for a training step of this layer (running
+        statistics updated when `update`)."""
+        return dict(
+            running_mean=self.running_mean if update else None,
+            running_var=self.running_var if update else None,
+            momentum=self._step_momentum() if update else 0.0,
+            eps=self.eps,
+            axis=self.axis,
+            running_var_unbiased=self.convention == "torch",
+            skip_nonfinite=self.skip_nonfinite,
+        )
 
     # ---- mode ------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "BatchNorm":
@@ -166,35 +218,30 @@ class BatchNorm:
         use_batch_stats = self.training or not self.track_running_stats
         if use_batch_stats:
             update = self.training and self.track_running_stats
-            momentum = 0.0
-            if update:
-                momentum = 1.0 / (self.num_batches_tracked + 1) if self.momentum is None else self.momentum
-            y, mean, invstd = F.forward_training(
-                x,
-                self.weight,
-                self.bias,
-                running_mean=self.running_mean if update else None,
-                running_var=self.running_var if update else None,
-                momentum=momentum,
-                eps=self.eps,
-                axis=self.axis,
-            )
+            options = self._training_options(update)
+            if self.renorm is not None and update:
+                options["renorm"] = self.renorm
+            if self.ghost_batch is not None:
+                options["ghost_batch"] = self.ghost_batch
+            y, mean, invstd, *rd = F.forward_training(x, self.weight, self.bias, **options)
             if update:
                 self.num_batches_tracked += 1
-            self._saved = ("batch", x, mean, invstd)
+            self._saved = ("batch", x, mean, invstd, tuple(rd) or None)
         else:
             y = F.forward_inference(
                 x, self.running_mean, self.running_var, self.weight, self.bias, eps=self.eps, axis=self.axis
             )
-            self._saved = ("running", x, None, None)
+            self._saved = ("running", x, None, None, None)
         return y
 
     def backward(self, dy: Any) -> Any:
         if self._saved is None:
             raise RuntimeError("BatchNorm.backward needs a forward call first")
-        mode, x, mean, invstd = self._saved
+        mode, x, mean, invstd, renorm = self._saved
         if mode == "batch":
-            dx, dweight, dbias = F.backward(dy, x, mean, invstd, self.weight, axis=self.axis)
+            dx, dweight, dbias = F.backward(
+                dy, x, mean, invstd, self.weight, axis=self.axis, renorm=renorm, ghost_batch=self.ghost_batch
+            )
         else:
             # The affine map y = (x - rm) * s * w + b: dx = dy * s * w, and the parameter
             # gradients are backward's reductions taken with the running statistics. The
@@ -219,7 +266,8 @@ class BatchNorm:
         """PreciseBN: sets the running statistics to the exact statistics of `batches` (this
         layer's inputs over, e.g., a pass of the training set with the final weights;
         precise_statistics) instead of the momentum averages of past steps: the mean, and the
-        unbiased variance. num_batches_tracked is left as it is."""
+        unbiased variance (the biased one with convention="keras"). num_batches_tracked is
+        left as it is."""
         self._check_recompute()
         self._set_running(*self._local_population(batches))
         return self
@@ -245,7 +293,11 @@ class BatchNorm:
         if count < 2:
             raise ValueError(f"batches must hold at least 2 values per channel (the unbiased variance needs two), got {count}")
         self.running_mean = _to_device_like(mean.astype(self.dtype), self.running_mean)
-        self.running_var = _to_device_like(unbiased_variance(var, count).astype(self.dtype), self.running_var)
+        if self.convention == "keras":
+            var = np.asarray(var, dtype=np.float64)
+        else:
+            var = unbiased_variance(var, count)
+        self.running_var = _to_device_like(var.astype(self.dtype), self.running_var)
 
     def state_dict(self) -> Dict[str, np.ndarray]:
         state: Dict[str, np.ndarray] = {}
@@ -288,5 +340,16 @@ class BatchNorm:
     def __repr__(self) -> str:
         return (
             f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}, axis={self.axis}, dtype='{self.dtype}')"
+            f"track_running_stats={self.track_running_stats}, axis={self.axis}, dtype='{self.dtype}'"
+            + "".join(
+                f", {k}={v!r}"
+                for k, v, default in (
+                    ("convention", self.convention, "torch"),
+                    ("renorm", self.renorm, None),
+                    ("ghost_batch", self.ghost_batch, None),
+                    ("skip_nonfinite", self.skip_nonfinite, False),
+                )
+                if v != default
+            )
+            + ")"
         )

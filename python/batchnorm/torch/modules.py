@@ -1,16 +1,19 @@
 """BatchNorm1d/2d/3d: torch.nn's batch norm layers (subclasses of torch's _BatchNorm, with
 its constructor, parameters, buffers, state_dict and train/eval rules) whose forward runs
-batchnorm's ops, and batch_norm, the drop-in for torch.nn.functional.batch_norm."""
+batchnorm's ops, plus the training variants as keyword-only arguments, and batch_norm, the
+drop-in for torch.nn.functional.batch_norm."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..functional import _check_bool, _ghost, _renorm_limits
 from . import _ops  # noqa: F401  (registers torch.ops.batchnorm)
+from .variants import batch_norm_variant
 
 
 def batch_norm(
@@ -42,6 +45,54 @@ def batch_norm(
 
 
 class _Base(_BatchNorm):
+    """torch's _BatchNorm with the training variants as keyword-only arguments (README
+    "Variants"): renorm=(rmax, dmax) (batch renormalization, needs track_running_stats),
+    ghost_batch=G, skip_nonfinite, running_var_unbiased. Without them it is torch's layer."""
+
+    def __init__(
+        self,
+        *args: Any,
+        renorm: Optional[Sequence[float]] = None,
+        ghost_batch: Optional[int] = None,
+        skip_nonfinite: bool = False,
+        running_var_unbiased: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        rmax, dmax = _renorm_limits(renorm)  # the functions' checks and messages
+        if renorm is not None:
+            if not (rmax >= 1.0 and dmax >= 0.0):
+                raise ValueError(f"renorm must be (rmax >= 1, dmax >= 0), got {tuple(renorm)}")
+            if not self.track_running_stats:
+                raise ValueError("renorm needs running statistics, got track_running_stats=False")
+            if ghost_batch is not None:
+                raise ValueError("renorm and ghost_batch together are not supported, got both")
+        self.renorm = None if renorm is None else (rmax, dmax)
+        self.ghost_batch = None if ghost_batch is None else _ghost(ghost_batch)
+        self.skip_nonfinite = _check_bool(skip_nonfinite, "skip_nonfinite")
+        self.running_var_unbiased = _check_bool(running_var_unbiased, "running_var_unbiased")
+
+    def _variants(self) -> bool:
+        return (
+            self.renorm is not None
+            or self.ghost_batch is not None
+            or self.skip_nonfinite
+            or not self.running_var_unbiased
+        )
+
+    def extra_repr(self) -> str:
+        extra = "".join(
+            f", {k}={v!r}"
+            for k, v, default in (
+                ("renorm", self.renorm, None),
+                ("ghost_batch", self.ghost_batch, None),
+                ("skip_nonfinite", self.skip_nonfinite, False),
+                ("running_var_unbiased", self.running_var_unbiased, True),
+            )
+            if v != default
+        )
+        return super().extra_repr() + extra
+
     def forward(self, input: Tensor) -> Tensor:
         # torch's _BatchNorm.forward, line for line, with batch_norm for F.batch_norm.
         self._check_input_dim(input)
@@ -60,6 +111,22 @@ class _Base(_BatchNorm):
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         # The running statistics are updated only when tracked and training.
         tracked = not self.training or self.track_running_stats
+        if bn_training and self._variants():
+            F._verify_batch_size(input.size())
+            update = self.training and self.track_running_stats
+            return batch_norm_variant(
+                input,
+                self.running_mean if tracked else None,
+                self.running_var if tracked else None,
+                self.weight,
+                self.bias,
+                exponential_average_factor,
+                self.eps,
+                running_var_unbiased=self.running_var_unbiased,
+                skip_nonfinite=self.skip_nonfinite,
+                renorm=self.renorm if update else None,
+                ghost_batch=self.ghost_batch,
+            )
         return batch_norm(
             input,
             self.running_mean if tracked else None,

@@ -1,0 +1,156 @@
+// Ghost batch norm as a loop over groups of the plain backend ops: forward_training per group
+// (each group's statistics kept unrounded), merge_statistics over the groups, and one
+// statistics-given forward_training on an empty slice for the running update, so the
+// running statistics see exactly what plain batch norm on the whole batch would give them.
+// The passes over memory are those of plain batch norm; only the per-channel work repeats.
+#include "core/ghost.h"
+
+#include <vector>
+
+#include "core/errors.h"
+#include "core/memory.h"
+#include "core/route.h"
+
+namespace batchnorm::detail {
+
+namespace {
+
+// Temporary memory of an op on its device, released in the op's stream order; taken from
+// the host framework's allocator when the op has one (Exec::scratch, XLA's inside an FFI call).
+class Scratch {
+ public:
+  Scratch(const Device& device, const Exec& exec, std::size_t bytes) : device_(device), stream_(exec.stream) {
+    if (exec.scratch && device.kind == DeviceKind::cuda) {
+      data_ = exec.scratch->allocate(exec.scratch->context, bytes);
+      BN_EXPECTS(data_ != nullptr, runtime_error, "out of device memory for ", bytes, " bytes of scratch");
+      owned_ = false;
+    } else {
+      data_ = batchnorm::allocate(device, bytes, stream_);
+    }
+  }
+  ~Scratch() {
+    if (owned_) batchnorm::deallocate(device_, data_, stream_);
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  // A (n,) view at element `offset` of the block, as `dtype` (offsets in 8-byte units).
+  TensorView vector(int64_t offset, int64_t n, DType dtype) const {
+    return vector_view(static_cast<char*>(data_) + offset * 8, dtype, n, device_);
+  }
+
+ private:
+  Device device_;
+  void* stream_;
+  void* data_ = nullptr;
+  bool owned_ = true;
+};
+
+// The forward's walk over one group's x, residual and y.
+Layout group_layout(int axis, const ForwardTrainingParams& q) {
+  if (q.residual.defined()) {
+    const TensorView* arrays[] = {&q.x, &q.residual, &q.y};
+    return make_layout(axis, arrays, 3);
+  }
+  const TensorView* arrays[] = {&q.x, &q.y};
+  return make_layout(axis, arrays, 2);
+}
+
+}  // namespace
+
+void ghost_forward_training(const ForwardTrainingParams& p, int axis) {
+  if (p.exec.validate_only) return;
+  const int64_t G = p.ghost_batch, groups = p.x.shape[0] / G, C = p.x.shape[axis];
+  const bool running = p.running_mean.defined();
+  // Per group the unrounded mean and variance ((groups, C) each), their merge, and the
+  // running update's throwaway saved statistics: all in 8-byte slots.
+  Scratch scratch(p.x.device, p.exec, running ? static_cast<std::size_t>((2 * groups + 4) * C) * 8 : 8);
+  ForwardTrainingParams q = p;
+  q.running_mean = q.running_var = TensorView{};
+  q.ghost_batch = 0;
+  int64_t count = 0;
+  std::vector<TensorView> means, vars;
+  for (int64_t g = 0; g < groups; ++g) {
+    q.x = slice0(p.x, g * G, G);
+    q.y = slice0(p.y, g * G, G);
+    q.residual = slice0(p.residual, g * G, G);
+    q.saved_mean = row_of(p.saved_mean, g);
+    q.saved_invstd = row_of(p.saved_invstd, g);
+    if (running) {
+      q.moments_mean = scratch.vector(2 * g * C, C, DType::float64);
+      q.moments_var = scratch.vector((2 * g + 1) * C, C, DType::float64);
+      means.push_back(q.moments_mean);
+      vars.push_back(q.moments_var);
+    }
+    const Layout layout = group_layout(axis, q);
+    count = layout.count;
+    route_op<ForwardTrainingParams>(q.x, cpu::forward_training, BN_CUDA_FN(forward_training), q, layout);
+  }
+  if (!running) return;
+  MergeStatisticsParams m;
+  m.means = means;
+  m.vars = vars;
+  m.counts.assign(static_cast<size_t>(groups), count);
+  m.mean = scratch.vector(2 * groups * C, C, DType::float64);
+  m.var = scratch.vector((2 * groups + 1) * C, C, DType::float64);
+  m.exec = p.exec;
+  if (on_cuda(p.x)) {
+#if defined(BN_WITH_CUDA)
+    cuda::merge_statistics(m);
+#endif
+  } else {
+    cpu::merge_statistics(m);
+  }
+  // The running update: the whole batch's statistics given, over an empty slice of x.
+  ForwardTrainingParams u = p;
+  u.ghost_batch = 0;
+  u.x = slice0(p.x, 0, 0);
+  u.y = slice0(p.y, 0, 0);
+  u.residual = slice0(p.residual, 0, 0);
+  u.batch_mean = m.mean;
+  u.batch_var = m.var;
+  u.batch_count = groups * count;
+  const DType acc = accumulation_dtype(p.x.dtype);
+  u.saved_mean = scratch.vector((2 * groups + 2) * C, C, acc);
+  u.saved_invstd = scratch.vector((2 * groups + 3) * C, C, acc);
+  route_op<ForwardTrainingParams>(u.x, cpu::forward_training, BN_CUDA_FN(forward_training), u, group_layout(axis, u));
+}
+
+void ghost_backward(const BackwardParams& p, int axis) {
+  if (p.exec.validate_only) return;
+  const int64_t G = p.ghost_batch, groups = p.x.shape[0] / G, C = p.x.shape[axis];
+  const DType acc = accumulation_dtype(p.x.dtype);
+  // Group 0 writes dweight and dbias; each later group's go here and are added in order.
+  Scratch scratch(p.x.device, p.exec, static_cast<std::size_t>(2 * C) * 8);
+  const TensorView dw = scratch.vector(0, C, acc), db = scratch.vector(C, C, acc);
+  BackwardParams q = p;
+  q.ghost_batch = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    q.dy = slice0(p.dy, g * G, G);
+    q.x = slice0(p.x, g * G, G);
+    q.dx = slice0(p.dx, g * G, G);
+    q.saved_mean = row_of(p.saved_mean, g);
+    q.saved_invstd = row_of(p.saved_invstd, g);
+    q.dweight = g == 0 ? p.dweight : dw;
+    q.dbias = g == 0 ? p.dbias : db;
+    const TensorView* arrays[] = {&q.dy, &q.x, &q.dx};
+    route_op<BackwardParams>(q.x, cpu::backward, BN_CUDA_FN(backward), q, make_layout(axis, arrays, 3));
+    if (g == 0) continue;
+    for (int k = 0; k < 2; ++k) {
+      // total += this group's, as one channel of C values: (C, 1) views.
+      ElementwiseParams e;
+      e.kind = ElementwiseKind::add;
+      e.in0 = e.out = k == 0 ? p.dweight : p.dbias;
+      e.in1 = k == 0 ? dw : db;
+      for (TensorView* v : {&e.in0, &e.in1, &e.out}) {
+        v->ndim = 2;
+        v->shape[1] = 1;
+        v->strides[1] = 1;
+      }
+      e.exec = p.exec;
+      const TensorView* earrays[] = {&e.in0, &e.in1, &e.out};
+      route_op<ElementwiseParams>(p.x, cpu::elementwise, BN_CUDA_FN(elementwise), e, make_layout(1, earrays, 3));
+    }
+  }
+}
+
+}  // namespace batchnorm::detail
