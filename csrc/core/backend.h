@@ -39,7 +39,7 @@ BN_DECLARE_BACKEND(cuda)
 #undef BN_DECLARE_BACKEND
 
 namespace cuda {
-// Only defined when the build has the CUDA backend (BN_WITH_CUDA); callers guard with it.
+// Only defined when the build has the CUDA backend (BN_WITH_CUDA); reached through its Backend.
 CudaInfo info();
 // Stream-ordered device memory for outputs (a cached pool, never cudaMalloc per call):
 // usable by work enqueued on `stream` after this call; freed back to the pool in the order
@@ -53,5 +53,42 @@ void stream_wait(int device, void* producer, void* consumer);
 // device has finished the work queued so far); the bytes released.
 size_t release_cached();
 }  // namespace cuda
+
+// One device's backend: its ops (called with validated params only) and its memory and
+// stream services. The op layer and the memory functions reach a device through this table
+// alone, so no op routes by hand and only core/backends.cpp knows which backends were built.
+struct Backend {
+  const char* name;
+  void (*statistics)(const StatisticsParams&, const Layout&);
+  void (*forward_training)(const ForwardTrainingParams&, const Layout&);
+  void (*forward_inference)(const ForwardInferenceParams&, const Layout&);
+  void (*backward)(const BackwardParams&, const Layout&);
+  void (*backward_reduce)(const BackwardReduceParams&, const Layout&);
+  void (*backward_elemt)(const BackwardElemtParams&, const Layout&);
+  void (*merge_statistics)(const MergeStatisticsParams&);
+  void (*fold)(const FoldParams&, const Layout&);
+  void (*elementwise)(const ElementwiseParams&, const Layout&);
+  // Memory for outputs and scratch on the device (stream-ordered on a GPU), the unused
+  // cached memory returned to the system (bytes released), and one stream waiting for another.
+  void* (*allocate)(int device, size_t bytes, void* stream);
+  void (*deallocate)(int device, void* ptr, void* stream);
+  size_t (*release_cached)();
+  void (*stream_wait)(int device, void* producer, void* consumer);
+  CudaInfo (*info)();
+};
+
+const Backend& cpu_backend();
+// Null in a build without the CUDA backend.
+const Backend* cuda_backend();
+// The backend of `device`; type_error for a CUDA device in a build without CUDA.
+const Backend& backend_for(const Device& device);
+
+namespace cpu {
+// The host memory services of the CPU backend (core/memory.cpp): 64-byte aligned blocks,
+// large ones cached for reuse.
+void* allocate(int device, size_t bytes, void* stream);
+void deallocate(int device, void* ptr, void* stream);
+size_t release_cached();
+}  // namespace cpu
 
 }  // namespace batchnorm

@@ -83,7 +83,7 @@ void ghost_forward_training(const ForwardTrainingParams& p, int axis) {
     }
     const Layout layout = group_layout(axis, q);
     count = layout.count;
-    route_op<ForwardTrainingParams>(q.x, cpu::forward_training, BN_CUDA_FN(forward_training), q, layout);
+    route(&Backend::forward_training, q, q.x, layout);
   }
   if (!running) return;
   MergeStatisticsParams m;
@@ -93,13 +93,7 @@ void ghost_forward_training(const ForwardTrainingParams& p, int axis) {
   m.mean = scratch.vector(2 * groups * C, C, DType::float64);
   m.var = scratch.vector((2 * groups + 1) * C, C, DType::float64);
   m.exec = p.exec;
-  if (on_cuda(p.x)) {
-#if defined(BN_WITH_CUDA)
-    cuda::merge_statistics(m);
-#endif
-  } else {
-    cpu::merge_statistics(m);
-  }
+  backend_for(p.x.device).merge_statistics(m);
   // The running update: the whole batch's statistics given, over an empty slice of x.
   ForwardTrainingParams u = p;
   u.ghost_batch = 0;
@@ -112,7 +106,7 @@ void ghost_forward_training(const ForwardTrainingParams& p, int axis) {
   const DType acc = accumulation_dtype(p.x.dtype);
   u.saved_mean = scratch.vector((2 * groups + 2) * C, C, acc);
   u.saved_invstd = scratch.vector((2 * groups + 3) * C, C, acc);
-  route_op<ForwardTrainingParams>(u.x, cpu::forward_training, BN_CUDA_FN(forward_training), u, group_layout(axis, u));
+  route(&Backend::forward_training, u, u.x, group_layout(axis, u));
 }
 
 void ghost_backward(const BackwardParams& p, int axis) {
@@ -133,7 +127,7 @@ void ghost_backward(const BackwardParams& p, int axis) {
     q.dweight = g == 0 ? p.dweight : dw;
     q.dbias = g == 0 ? p.dbias : db;
     const TensorView* arrays[] = {&q.dy, &q.x, &q.dx};
-    route_op<BackwardParams>(q.x, cpu::backward, BN_CUDA_FN(backward), q, make_layout(axis, arrays, 3));
+    route(&Backend::backward, q, q.x, make_layout(axis, arrays, 3));
     if (g == 0) continue;
     for (int k = 0; k < 2; ++k) {
       // total += this group's, as one channel of C values: (C, 1) views.
@@ -148,7 +142,7 @@ void ghost_backward(const BackwardParams& p, int axis) {
       }
       e.exec = p.exec;
       const TensorView* earrays[] = {&e.in0, &e.in1, &e.out};
-      route_op<ElementwiseParams>(p.x, cpu::elementwise, BN_CUDA_FN(elementwise), e, make_layout(1, earrays, 3));
+      route(&Backend::elementwise, e, p.x, make_layout(1, earrays, 3));
     }
   }
 }

@@ -105,22 +105,9 @@ struct HostCache {
 
 }  // namespace
 
-std::size_t release_cached_memory() {
-  std::size_t released = HostCache::get().release();
-#if defined(BN_WITH_CUDA)
-  if (cuda::info().available) released += cuda::release_cached();
-#endif
-  return released;
-}
+namespace cpu {
 
-void* allocate(const Device& device, std::size_t bytes, void* stream) {
-  if (device.kind == DeviceKind::cuda) {
-#if defined(BN_WITH_CUDA)
-    return cuda::allocate(device.index, bytes, stream);
-#else
-    throw type_error("cannot allocate on " + device_name(device) + ": this build has no CUDA backend");
-#endif
-  }
+void* allocate(int, std::size_t bytes, void*) {
   void* p;
   if (bytes >= kCachedMin) {
     p = HostCache::get().take((bytes + kHugePage - 1) / kHugePage * kHugePage);
@@ -132,21 +119,31 @@ void* allocate(const Device& device, std::size_t bytes, void* stream) {
   return p;
 }
 
-void deallocate(const Device& device, void* ptr, void* stream) {
-  if (!ptr) return;
-  if (device.kind == DeviceKind::cuda) {
-#if defined(BN_WITH_CUDA)
-    cuda::deallocate(device.index, ptr, stream);
-#endif
-    return;
-  }
+void deallocate(int, void* ptr, void*) {
   if (!HostCache::get().give(ptr)) std::free(ptr);
 }
 
+std::size_t release_cached() { return HostCache::get().release(); }
+
+}  // namespace cpu
+
+std::size_t release_cached_memory() {
+  std::size_t released = cpu_backend().release_cached();
+  const Backend* cuda = cuda_backend();
+  if (cuda && cuda->info().available) released += cuda->release_cached();
+  return released;
+}
+
+void* allocate(const Device& device, std::size_t bytes, void* stream) {
+  return backend_for(device).allocate(device.index, bytes, stream);
+}
+
+void deallocate(const Device& device, void* ptr, void* stream) {
+  if (ptr) backend_for(device).deallocate(device.index, ptr, stream);
+}
+
 void stream_wait(const Device& device, void* producer, void* consumer) {
-#if defined(BN_WITH_CUDA)
-  if (device.kind == DeviceKind::cuda) cuda::stream_wait(device.index, producer, consumer);
-#endif
+  backend_for(device).stream_wait(device.index, producer, consumer);
 }
 
 }  // namespace batchnorm

@@ -44,15 +44,13 @@ void check_optional_vector(const TensorView& t, const char* arg, const ChannelSo
 
 void check_cuda_usable(const TensorView& x, const char* arg) {
   if (!on_cuda(x)) return;
-#if defined(BN_WITH_CUDA)
-  const CudaInfo ci = cuda::info();
-  BN_EXPECTS(ci.available, runtime_error, arg, " is on ", device_name(x.device),
-             " but CUDA is unavailable: ", ci.reason);
-#else
-  throw type_error(concat(arg, " is on ", device_name(x.device),
-                          " but this build of batchnorm has no CUDA backend (built without a CUDA compiler); "
-                          "pass a CPU array or rebuild with BATCHNORM_CUDA=ON"));
-#endif
+  const Backend* cuda = cuda_backend();
+  BN_EXPECTS(cuda != nullptr, type_error, arg, " is on ", device_name(x.device),
+             " but this build of batchnorm has no CUDA backend (built without a CUDA compiler); "
+             "pass a CPU array or rebuild with BATCHNORM_CUDA=ON");
+  const CudaInfo ci = cuda->info();
+  BN_EXPECTS(ci.available, runtime_error, arg, " is on ", device_name(x.device), " but CUDA is unavailable: ",
+             ci.reason);
 }
 
 void check_channels(int64_t channels, const TensorView& x, const char* arg) {
@@ -173,7 +171,7 @@ int64_t statistics(const StatisticsParams& p) {
   const DType out = p.mean.defined() && p.mean.dtype == DType::float64 ? DType::float64 : accumulation_dtype(p.x.dtype);
   check_internal_vector(p.mean, "mean", C, out, p.x.device);
   check_internal_vector(p.var, "var", C, out, p.x.device);
-  route_op<StatisticsParams>(p.x, cpu::statistics, BN_CUDA_FN(statistics), p, layout);
+  route(&Backend::statistics, p, p.x, layout);
   return layout.count;
 }
 
@@ -248,7 +246,7 @@ void forward_training(const ForwardTrainingParams& p) {
   }
   check_internal_vector(p.saved_mean, "saved_mean", C, acc, p.x.device);
   check_internal_vector(p.saved_invstd, "saved_invstd", C, acc, p.x.device);
-  route_op<ForwardTrainingParams>(p.x, cpu::forward_training, BN_CUDA_FN(forward_training), p, layout);
+  route(&Backend::forward_training, p, p.x, layout);
 }
 
 void forward_inference(const ForwardInferenceParams& p) {
@@ -268,7 +266,7 @@ void forward_inference(const ForwardInferenceParams& p) {
   if (p.x.numel() == 0) return;  // an empty batch gives an empty y
   check_cuda_usable(p.x, "x");
   const Layout layout = forward_layout(axis, p.x, p.residual, p.y);
-  route_op<ForwardInferenceParams>(p.x, cpu::forward_inference, BN_CUDA_FN(forward_inference), p, layout);
+  route(&Backend::forward_inference, p, p.x, layout);
 }
 
 namespace {
@@ -350,7 +348,7 @@ void backward(const BackwardParams& p) {
     if (p.ghost_batch > 0)
       ghost_backward(p, axis);
     else
-      route_op<BackwardParams>(p.x, cpu::backward, BN_CUDA_FN(backward), p, layout);
+      route(&Backend::backward, p, p.x, layout);
     return;
   }
   // Fused: g = relu'(y) * dy (or dy itself) into dresidual or dx, then the plain backward of g.
@@ -370,11 +368,11 @@ void backward(const BackwardParams& p) {
   q.dresidual = TensorView{};
   const TensorView* qarrays[] = {&q.dy, &q.x, &q.dx};
   const Layout qlayout = make_layout(axis, qarrays, 3);
-  route_op<ElementwiseParams>(p.x, cpu::elementwise, BN_CUDA_FN(elementwise), m, mlayout);
+  route(&Backend::elementwise, m, p.x, mlayout);
   if (q.ghost_batch > 0)
     ghost_backward(q, axis);
   else
-    route_op<BackwardParams>(p.x, cpu::backward, BN_CUDA_FN(backward), q, qlayout);
+    route(&Backend::backward, q, p.x, qlayout);
 }
 
 void backward_reduce(const BackwardReduceParams& p) {
@@ -390,7 +388,7 @@ void backward_reduce(const BackwardReduceParams& p) {
   check_internal_vector(p.dweight, "dweight", C, acc, p.x.device);
   check_internal_vector(p.dbias, "dbias", C, acc, p.x.device);
   // An empty shard contributes zeros (the backends write them).
-  route_op<BackwardReduceParams>(p.x, cpu::backward_reduce, BN_CUDA_FN(backward_reduce), p, layout);
+  route(&Backend::backward_reduce, p, p.x, layout);
 }
 
 void backward_elemt(const BackwardElemtParams& p) {
@@ -413,7 +411,7 @@ void backward_elemt(const BackwardElemtParams& p) {
              layout.count, " values per channel (the total over every shard), got ", p.count);
   if (layout.count == 0) return;  // an empty shard has an empty dx
   check_cuda_usable(p.x, "x");
-  route_op<BackwardElemtParams>(p.x, cpu::backward_elemt, BN_CUDA_FN(backward_elemt), p, layout);
+  route(&Backend::backward_elemt, p, p.x, layout);
 }
 
 int64_t merge_statistics(const MergeStatisticsParams& p) {
@@ -444,14 +442,7 @@ int64_t merge_statistics(const MergeStatisticsParams& p) {
   const DType acc = accumulation_dtype(first.dtype);
   check_internal_vector(p.mean, "mean", C, acc, first.device);
   check_internal_vector(p.var, "var", C, acc, first.device);
-  if (p.exec.validate_only) return total;
-  if (on_cuda(first)) {
-#if defined(BN_WITH_CUDA)
-    cuda::merge_statistics(p);
-#endif
-  } else {
-    cpu::merge_statistics(p);
-  }
+  if (!p.exec.validate_only) backend_for(first.device).merge_statistics(p);
   return total;
 }
 
@@ -474,19 +465,12 @@ void fold(const FoldParams& p) {
   check_cuda_usable(p.kernel, "kernel");
   const TensorView* arrays[] = {&p.kernel, &p.kernel_out};
   const Layout layout = make_layout(axis, arrays, 2);
-  route_op<FoldParams>(p.kernel, cpu::fold, BN_CUDA_FN(fold), p, layout);
+  route(&Backend::fold, p, p.kernel, layout);
 }
 
 CudaInfo cuda_info() {
-#if defined(BN_WITH_CUDA)
-  return cuda::info();
-#else
-  CudaInfo ci;
-  ci.compiled = false;
-  ci.available = false;
-  ci.reason = "built without the CUDA backend (no CUDA compiler at build time, or BATCHNORM_CUDA=OFF)";
-  return ci;
-#endif
+  const Backend* cuda = cuda_backend();
+  return cuda ? cuda->info() : cpu_backend().info();
 }
 
 }  // namespace batchnorm

@@ -1,4 +1,4 @@
-// Routing a validated op to the backend of its arrays' device, and the views the op layer
+// Routing a validated op to the backend of its arrays' device (the Backend table), and the views the op layer
 // composes ops from (slices along axis 0, rows of a (rows, C) array). Internal to csrc/core.
 #pragma once
 #include <cstdint>
@@ -9,24 +9,12 @@ namespace batchnorm::detail {
 
 inline bool on_cuda(const TensorView& x) { return x.device.kind == DeviceKind::cuda; }
 
-#if defined(BN_WITH_CUDA)
-#define BN_CUDA_FN(f) cuda::f
-#else
-#define BN_CUDA_FN(f) nullptr
-#endif
-
-// Runs the CPU or CUDA function of an op whose arguments have all been checked (nothing when
-// only validating). A missing CUDA function means a build without CUDA, which the checks
-// have already refused for CUDA arrays.
+// Runs one op of the backend of x's device, whose arguments have all been checked (nothing
+// when only validating): route(&Backend::forward_training, p, p.x, layout).
 template <class P>
-void route_op(const TensorView& x, void (*cpu_fn)(const P&, const Layout&), void (*cuda_fn)(const P&, const Layout&),
-              const P& p, const Layout& layout) {
+void route(void (*Backend::*op)(const P&, const Layout&), const P& p, const TensorView& x, const Layout& layout) {
   if (p.exec.validate_only) return;
-  if (on_cuda(x)) {
-    if (cuda_fn) cuda_fn(p, layout);
-  } else {
-    cpu_fn(p, layout);
-  }
+  (backend_for(x.device).*op)(p, layout);
 }
 
 // Samples [begin, begin + n) of t along axis 0 (undefined stays undefined).
