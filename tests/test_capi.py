@@ -6,6 +6,7 @@ bit; the fused ops (the *_ex functions, 1.1) also against a float64 reference. B
 return the status and message of the Python error and change nothing."""
 from __future__ import annotations
 
+import ctypes
 import shutil
 import subprocess
 import sys
@@ -179,7 +180,8 @@ def check_same_as_python(program, tmp, op, tensors, counts=None, **options) -> N
 
 
 def params(rng, dtype=np.float32) -> Dict[str, Tensor]:
-    return {"weight": vector(rng.uniform(0.5, 2, C).astype(dtype)), "bias": vector(rng.standard_normal(C).astype(dtype))}
+    return {"weight": vector(rng.uniform(0.5, 2, C).astype(dtype)),
+            "bias": vector(rng.standard_normal(C).astype(dtype))}
 
 
 def acc(dtype) -> type:
@@ -357,8 +359,6 @@ def test_last_error_is_per_thread(programs):
 def test_python_module_runs_on_the_same_library(restore_threads):
     """One copy of the kernels: the module's thread setting is libbatchnorm's (the library the
     CMake package points at, loaded once by the module)."""
-    import ctypes
-
     cmake_dir = Path(_run([sys.executable, "-m", "batchnorm", "--cmake-dir"]).stdout.strip())
     lib = ctypes.CDLL(str(cmake_dir.parent.parent / "libbatchnorm.so.1"))  # <pkg>/lib/cmake/batchnorm
     for n in (1, 3):
@@ -504,9 +504,10 @@ def test_default_options_are_the_plain_op(program, tmp_path, rng, options):
         assert ex[name].tobytes() == plain[name].tobytes(), name
 
 
-SIZES = {"forward_training_ex": ("bn_training_options", "BN_TRAINING_OPTIONS_INIT"),
-         "forward_inference_ex": ("bn_inference_options", "BN_INFERENCE_OPTIONS_INIT"),
-         "backward_ex": ("bn_backward_options", "BN_BACKWARD_OPTIONS_INIT")}
+# Each *_ex op's options struct: its type, its initializer and its number of pointer members.
+OPTIONS = {"forward_training_ex": ("bn_training_options", "BN_TRAINING_OPTIONS_INIT", 1),
+           "forward_inference_ex": ("bn_inference_options", "BN_INFERENCE_OPTIONS_INIT", 1),
+           "backward_ex": ("bn_backward_options", "BN_BACKWARD_OPTIONS_INIT", 2)}
 
 
 def _case(op, rng) -> Dict[str, Tensor]:
@@ -527,17 +528,16 @@ def _fails_cleanly(program, tmp_path, op, tensors, **options) -> Tuple[int, str]
     return status, message
 
 
-@pytest.mark.parametrize("op", list(SIZES))
+@pytest.mark.parametrize("op", list(OPTIONS))
 def test_bad_options(program, tmp_path, rng, op):
     """An uninitialized struct_size, a newer caller's non-default members, a reserved member or
     an unknown activation: BN_ERROR_VALUE naming the problem, nothing written."""
-    type_name, init = SIZES[op]
+    type_name, init, pointers = OPTIONS[op]
+    size = ctypes.sizeof(ctypes.c_size_t) + pointers * ctypes.sizeof(ctypes.c_void_p) + 8  # + activation, reserved0
     tensors = _case(op, rng)
     status, message = _fails_cleanly(program, tmp_path, op, tensors, options_size=0)
-    size = 24 if sys.maxsize > 2**32 else 16
-    assert (status, message) == (1, f"options->struct_size must be sizeof({type_name}) ({size + 8 * (op == 'backward_ex')}"
-                                    f" in batchnorm 1.1; at least {size + 8 * (op == 'backward_ex')}), got 0: "
-                                    f"initialize the options with {init}")
+    assert (status, message) == (1, f"options->struct_size must be sizeof({type_name}) ({size} in batchnorm 1.1; "
+                                    f"at least {size}), got 0: initialize the options with {init}")
     status, message = _fails_cleanly(program, tmp_path, op, tensors, options_extra=1)
     assert status == 1 and message.startswith(f"options ({type_name}, struct_size ") and message.endswith(
         "does not know: the program needs a newer libbatchnorm")
