@@ -2,9 +2,11 @@
 (find_package(batchnorm) with `python -m batchnorm --cmake-dir`), runs every op through the C
 and the C++ program on contiguous, channels-last and strided (offset, negative stride) layouts,
 and compares every buffer, gaps included, with the same call through the Python API, bit for
-bit. Bad input must return the status and message of the Python error and change nothing."""
+bit; the fused ops (the *_ex functions, 1.1) also against a float64 reference. Bad input must
+return the status and message of the Python error and change nothing."""
 from __future__ import annotations
 
+import ctypes
 import shutil
 import subprocess
 import sys
@@ -113,9 +115,32 @@ def assert_same_buffers(after: Dict[str, np.ndarray], expected: Dict[str, np.nda
         assert got.tobytes() == want.tobytes(), f"{name} differs from the Python API's result"
 
 
-def python_op(op: str, v: Dict[str, np.ndarray], axis=1, eps=1e-5, momentum=0.1, counts=None) -> Optional[int]:
-    """The same op through the Python API on the views `v`, its results stored into them."""
+ACTIVATIONS = {0: None, 1: "relu"}  # bn_activation -> the Python API's activation
+
+
+def python_op(op: str, v: Dict[str, np.ndarray], axis=1, eps=1e-5, momentum=0.1, counts=None,
+              activation=0, **ex_options) -> Optional[int]:
+    """The same op through the Python API on the views `v`, its results stored into them. The
+    *_ex ops are the plain ones with their options (`options null` is every default)."""
     get = v.get
+    act = ACTIVATIONS[activation]
+    if op == "forward_training_ex":
+        _, sm, si = bn.forward_training(v["x"], get("weight"), get("bias"), running_mean=get("running_mean"),
+                                        running_var=get("running_var"), momentum=momentum, eps=eps, axis=axis,
+                                        out=v["y"], residual=get("residual"), activation=act)
+        v["saved_mean"][...], v["saved_invstd"][...] = sm, si
+        return None
+    if op == "forward_inference_ex":
+        bn.forward_inference(v["x"], v["mean"], v["var"], get("weight"), get("bias"), eps=eps, axis=axis, out=v["y"],
+                             residual=get("residual"), activation=act)
+        return None
+    if op == "backward_ex":
+        r = bn.backward(v["dy"], v["x"], v["saved_mean"], v["saved_invstd"], get("weight"), axis=axis, out=v["dx"],
+                        y=get("y"), activation=act, residual="dresidual" in v)
+        v["dweight"][...], v["dbias"][...] = r[1], r[2]
+        if "dresidual" in v:
+            v["dresidual"][...] = r[3]
+        return None
     if op == "statistics":
         mean, var, count = bn.statistics(v["x"], axis=axis)
         v["mean"][...], v["var"][...] = mean, var
@@ -155,7 +180,8 @@ def check_same_as_python(program, tmp, op, tensors, counts=None, **options) -> N
 
 
 def params(rng, dtype=np.float32) -> Dict[str, Tensor]:
-    return {"weight": vector(rng.uniform(0.5, 2, C).astype(dtype)), "bias": vector(rng.standard_normal(C).astype(dtype))}
+    return {"weight": vector(rng.uniform(0.5, 2, C).astype(dtype)),
+            "bias": vector(rng.standard_normal(C).astype(dtype))}
 
 
 def acc(dtype) -> type:
@@ -322,7 +348,7 @@ def test_cuda_tensor_without_a_gpu(program, tmp_path, rng):
 
 def test_version(program):
     out = dict(line.split() for line in _run([program, "--version"]).stdout.splitlines())
-    assert out["header"] == out["library"] and int(out["library"]) >= 10000
+    assert out["header"] == out["library"] and int(out["library"]) >= 10100  # 1.1: the fused ops
 
 
 def test_last_error_is_per_thread(programs):
@@ -333,8 +359,6 @@ def test_last_error_is_per_thread(programs):
 def test_python_module_runs_on_the_same_library(restore_threads):
     """One copy of the kernels: the module's thread setting is libbatchnorm's (the library the
     CMake package points at, loaded once by the module)."""
-    import ctypes
-
     cmake_dir = Path(_run([sys.executable, "-m", "batchnorm", "--cmake-dir"]).stdout.strip())
     lib = ctypes.CDLL(str(cmake_dir.parent.parent / "libbatchnorm.so.1"))  # <pkg>/lib/cmake/batchnorm
     for n in (1, 3):
@@ -342,3 +366,234 @@ def test_python_module_runs_on_the_same_library(restore_threads):
         assert lib.bn_get_num_threads() == n
     assert lib.bn_set_num_threads(2) == 0 and bn.get_num_threads() == 2
 
+
+
+# ---- the fused ops (1.1): bn_forward_training_ex, bn_forward_inference_ex, bn_backward_ex ------
+
+def _c(v: np.ndarray, axis: int = 1) -> np.ndarray:
+    """A (C,) vector shaped to broadcast along axis 1 of (N, C, H, W)."""
+    return np.asarray(v, np.float64).reshape(1, -1, 1, 1)
+
+
+def reference_forward(x, w, b, r, relu, eps):
+    """act(bn(x) + r) in float64 with the batch statistics."""
+    x = x.astype(np.float64)
+    mean = x.mean(axis=(0, 2, 3))
+    invstd = 1 / np.sqrt(x.var(axis=(0, 2, 3)) + eps)
+    y = (x - _c(mean)) * _c(invstd) * _c(w) + _c(b)
+    if r is not None:
+        y = y + r.astype(np.float64)
+    return (np.maximum(y, 0) if relu else y), mean, invstd
+
+
+def reference_backward(dy, x, y, mean, invstd, w, relu):
+    """The gradients of act(bn(x) + r) in float64: g = dy through the ReLU (the residual's
+    gradient), then plain batch norm's backward of g."""
+    g = np.where(y > 0, dy, 0).astype(np.float64) if relu else dy.astype(np.float64)
+    x_hat = (x.astype(np.float64) - _c(mean)) * _c(invstd)
+    dbias, dweight = g.sum(axis=(0, 2, 3)), (g * x_hat).sum(axis=(0, 2, 3))
+    n = x.size // x.shape[1]
+    dx = _c(np.asarray(w, np.float64) * invstd) * (g - _c(dbias / n) - x_hat * _c(dweight / n))
+    return dx, dweight, dbias, g
+
+
+def _tolerance(dtype) -> Dict[str, float]:
+    return {np.float16: dict(rtol=2e-3, atol=4e-3), np.float32: dict(rtol=1e-5, atol=2e-5),
+            np.float64: dict(rtol=1e-12, atol=1e-12)}[dtype]
+
+
+FUSIONS = [(True, 1), (True, 0), (False, 1)]  # (residual, activation)
+
+
+@pytest.mark.parametrize("residual, activation", FUSIONS, ids=["add_relu", "add", "relu"])
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_fused_forward_training(program, tmp_path, rng, name, residual, activation):
+    tensors = {"x": layout(rng, name), **params(rng), "running_mean": vector(rng.standard_normal(C)),
+               "running_var": vector(rng.uniform(0.5, 2, C)), "y": layout(rng, name, fill=7.0),
+               "saved_mean": zeros(), "saved_invstd": zeros()}
+    if residual:  # laid out unlike x: the residual takes any strides
+        tensors["residual"] = layout(rng, LAYOUTS[(LAYOUTS.index(name) + 1) % 3])
+    check_same_as_python(program, tmp_path, "forward_training_ex", tensors, axis=1, eps=1e-3, momentum=0.25,
+                         activation=activation)
+    status, _, _, after = run_c(program, tmp_path, "forward_training_ex", tensors, eps=1e-3, activation=activation)
+    v = {k: view_of(after[k]) for k, (_, view_of) in tensors.items()}
+    r = v["residual"] if residual else None
+    want, mean, invstd = reference_forward(v["x"], v["weight"], v["bias"], r, activation == 1, 1e-3)
+    assert status == 0
+    np.testing.assert_allclose(v["y"], want, rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(v["saved_mean"], mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(v["saved_invstd"], invstd, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+def test_fused_forward_training_dtypes(program, tmp_path, rng, dtype):
+    tensors = {"x": layout(rng, "channels_last", dtype), **params(rng, dtype),
+               "residual": layout(rng, "strided", dtype), "y": layout(rng, "strided", dtype, 7.0),
+               "saved_mean": zeros(dtype=acc(dtype)), "saved_invstd": zeros(dtype=acc(dtype))}
+    check_same_as_python(program, tmp_path, "forward_training_ex", tensors, axis=1, activation=1)
+    _, _, _, after = run_c(program, tmp_path, "forward_training_ex", tensors, activation=1)
+    v = {k: view_of(after[k]) for k, (_, view_of) in tensors.items()}
+    want, _, _ = reference_forward(v["x"], v["weight"], v["bias"], v["residual"], True, 1e-5)
+    np.testing.assert_allclose(v["y"].astype(np.float64), want, **_tolerance(dtype))
+
+
+@pytest.mark.parametrize("residual, activation", FUSIONS, ids=["add_relu", "add", "relu"])
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_fused_forward_inference(program, tmp_path, rng, name, residual, activation):
+    tensors = {"x": layout(rng, name), "mean": vector(rng.standard_normal(C)), "var": vector(rng.uniform(0.5, 2, C)),
+               **params(rng), "y": layout(rng, name, fill=7.0)}
+    if residual:
+        tensors["residual"] = layout(rng, name)
+    check_same_as_python(program, tmp_path, "forward_inference_ex", tensors, axis=1, eps=1e-4, activation=activation)
+    _, _, _, after = run_c(program, tmp_path, "forward_inference_ex", tensors, eps=1e-4, activation=activation)
+    v = {k: view_of(after[k]) for k, (_, view_of) in tensors.items()}
+    want = (v["x"] - _c(v["mean"])) / np.sqrt(_c(v["var"]) + 1e-4) * _c(v["weight"]) + _c(v["bias"])
+    if residual:
+        want = want + v["residual"]
+    np.testing.assert_allclose(v["y"], np.maximum(want, 0) if activation else want, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("residual, activation", FUSIONS, ids=["add_relu", "add", "relu"])
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_fused_backward(program, tmp_path, rng, name, residual, activation):
+    x, w = layout(rng, name), params(rng)["weight"]
+    r = rng.standard_normal((N, C, H, W)).astype(np.float32) if residual else None
+    y, sm, si = bn.forward_training(x[1](x[0]), w[0], residual=r, activation=ACTIVATIONS[activation])
+    tensors = {"dy": layout(rng, name), "x": x, "saved_mean": vector(sm), "saved_invstd": vector(si), "weight": w,
+               "dx": layout(rng, name, fill=7.0), "dweight": zeros(), "dbias": zeros()}
+    if activation:
+        tensors["y"] = vector(y)
+    if residual:
+        tensors["dresidual"] = layout(rng, name, fill=7.0)
+    check_same_as_python(program, tmp_path, "backward_ex", tensors, axis=1, activation=activation)
+    _, _, _, after = run_c(program, tmp_path, "backward_ex", tensors, activation=activation)
+    v = {k: view_of(after[k]) for k, (_, view_of) in tensors.items()}
+    dx, dweight, dbias, g = reference_backward(v["dy"], v["x"], y, sm, si, w[0], activation == 1)
+    np.testing.assert_allclose(v["dx"], dx, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(v["dweight"], dweight, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(v["dbias"], dbias, rtol=1e-4, atol=1e-4)
+    if residual:
+        np.testing.assert_array_equal(v["dresidual"], g.astype(np.float32))
+
+
+def test_fused_backward_without_dresidual(program, tmp_path, rng):
+    """ReLU without dresidual_out: the masked gradient is staged in out (dx), same bits."""
+    x = layout(rng, "channels_last")
+    y, sm, si = bn.forward_training(x[1](x[0]), residual=np.ones(x[1](x[0]).shape, np.float32), activation="relu")
+    tensors = {"dy": layout(rng, "channels_last"), "x": x, "saved_mean": vector(sm), "saved_invstd": vector(si),
+               "y": vector(y), "dx": layout(rng, "strided", fill=7.0), "dweight": zeros(), "dbias": zeros()}
+    check_same_as_python(program, tmp_path, "backward_ex", tensors, axis=1, activation=1)
+
+
+def plain_training(rng) -> Dict[str, Tensor]:
+    return {"x": layout(rng, "strided"), **params(rng), "running_mean": vector(rng.standard_normal(C)),
+            "running_var": vector(rng.uniform(0.5, 2, C)), "y": layout(rng, "contiguous", fill=7.0),
+            "saved_mean": zeros(), "saved_invstd": zeros()}
+
+
+@pytest.mark.parametrize("options", [{"options": "null"}, {}, {"options_extra": 0}],
+                         ids=["null", "init", "newer_caller_defaults"])
+def test_default_options_are_the_plain_op(program, tmp_path, rng, options):
+    """NULL options, BN_TRAINING_OPTIONS_INIT, and a newer header's larger struct whose unknown
+    members are zero (their defaults) all give the plain op's bits."""
+    tensors = plain_training(rng)
+    _, _, _, plain = run_c(program, tmp_path, "forward_training", tensors)
+    status, _, message, ex = run_c(program, tmp_path, "forward_training_ex", tensors, **options)
+    assert (status, message) == (0, "")
+    for name in tensors:
+        assert ex[name].tobytes() == plain[name].tobytes(), name
+
+
+# Each *_ex op's options struct: its type, its initializer and its number of pointer members.
+OPTIONS = {"forward_training_ex": ("bn_training_options", "BN_TRAINING_OPTIONS_INIT", 1),
+           "forward_inference_ex": ("bn_inference_options", "BN_INFERENCE_OPTIONS_INIT", 1),
+           "backward_ex": ("bn_backward_options", "BN_BACKWARD_OPTIONS_INIT", 2)}
+
+
+def _case(op, rng) -> Dict[str, Tensor]:
+    if op == "forward_training_ex":
+        return plain_training(rng)
+    if op == "forward_inference_ex":
+        return {"x": layout(rng, "contiguous"), "mean": zeros(), "var": vector(np.ones(C, np.float32)),
+                "y": layout(rng, "contiguous", fill=7.0)}
+    x = layout(rng, "contiguous")
+    return {"dy": layout(rng, "contiguous"), "x": x, "saved_mean": zeros(), "saved_invstd": zeros(),
+            "dx": layout(rng, "contiguous", fill=7.0), "dweight": zeros(), "dbias": zeros()}
+
+
+def _fails_cleanly(program, tmp_path, op, tensors, **options) -> Tuple[int, str]:
+    status, _, message, after = run_c(program, tmp_path, op, tensors, **options)
+    for name, (base, _) in tensors.items():
+        assert after[name].tobytes() == base.tobytes(), f"a failed call wrote into {name}"
+    return status, message
+
+
+@pytest.mark.parametrize("op", list(OPTIONS))
+def test_bad_options(program, tmp_path, rng, op):
+    """An uninitialized struct_size, a newer caller's non-default members, a reserved member or
+    an unknown activation: BN_ERROR_VALUE naming the problem, nothing written."""
+    type_name, init, pointers = OPTIONS[op]
+    size = ctypes.sizeof(ctypes.c_size_t) + pointers * ctypes.sizeof(ctypes.c_void_p) + 8  # + activation, reserved0
+    tensors = _case(op, rng)
+    status, message = _fails_cleanly(program, tmp_path, op, tensors, options_size=0)
+    assert (status, message) == (1, f"options->struct_size must be sizeof({type_name}) ({size} in batchnorm 1.1; "
+                                    f"at least {size}), got 0: initialize the options with {init}")
+    status, message = _fails_cleanly(program, tmp_path, op, tensors, options_extra=1)
+    assert status == 1 and message.startswith(f"options ({type_name}, struct_size ") and message.endswith(
+        "does not know: the program needs a newer libbatchnorm")
+    status, message = _fails_cleanly(program, tmp_path, op, tensors, reserved=3)
+    assert (status, message) == (1, "options->reserved0 must be 0, got 3")
+    status, message = _fails_cleanly(program, tmp_path, op, tensors, activation=7)
+    assert (status, message) == (1, "activation must be None or 'relu', got code 7")
+
+
+def residual_shape(rng):
+    t = plain_training(rng)
+    t["residual"] = (np.zeros((N, C, H, W + 1), np.float32), _whole)
+    return "forward_training_ex", t
+
+
+def residual_dtype(rng):
+    t = _case("forward_inference_ex", rng)
+    t["residual"] = (np.zeros((N, C, H, W)), _whole)
+    return "forward_inference_ex", t
+
+
+def relu_without_y(rng):
+    return "backward_ex", _case("backward_ex", rng)
+
+
+def y_without_relu(rng):
+    t = _case("backward_ex", rng)
+    t["y"] = layout(rng, "contiguous")
+    return "backward_ex", t
+
+
+@pytest.mark.parametrize("make, activation", [(residual_shape, 1), (residual_dtype, 0), (relu_without_y, 1),
+                                              (y_without_relu, 0)], ids=lambda f: getattr(f, "__name__", str(f)))
+def test_bad_fused_input_as_python(program, tmp_path, rng, make, activation):
+    op, tensors = make(rng)
+    status, message = _fails_cleanly(program, tmp_path, op, tensors, activation=activation)
+    with pytest.raises((ValueError, TypeError)) as python:
+        python_op(op, views(tensors), activation=activation)
+    assert (status, message) == (STATUS[python.type], str(python.value))
+
+
+def test_symbol_versions(programs):
+    """The 1.0 functions keep their version node; the 1.1 ones carry BATCHNORM_1.1, which a
+    program calling them requires of the library it loads."""
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("readelf (binutils) is not installed")
+    cmake_dir = Path(_run([sys.executable, "-m", "batchnorm", "--cmake-dir"]).stdout.strip())
+    symbols = _run([readelf, "--dyn-syms", "-W", cmake_dir.parent.parent / "libbatchnorm.so.1"]).stdout
+    exported = dict(line.split()[7].split("@@") for line in symbols.splitlines()
+                    if len(line.split()) >= 8 and line.split()[7].startswith("bn_") and "@@" in line.split()[7])
+    public = {k: v for k, v in exported.items() if not k.startswith("bn_detail_")}
+    ex = {"bn_forward_training_ex", "bn_forward_inference_ex", "bn_backward_ex"}
+    assert {k for k, v in public.items() if v == "BATCHNORM_1.1"} == ex
+    assert {k for k, v in public.items() if v == "BATCHNORM_1.0"} == {
+        "bn_version", "bn_last_error", "bn_statistics", "bn_merge_statistics", "bn_forward_training",
+        "bn_forward_inference", "bn_backward", "bn_fold", "bn_set_num_threads", "bn_get_num_threads"}
+    needs = _run([readelf, "-V", "-W", programs["capi_c"]]).stdout
+    assert "Name: BATCHNORM_1.1" in needs

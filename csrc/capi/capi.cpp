@@ -1,7 +1,11 @@
 // The C ABI of include/batchnorm/batchnorm.h: each function only translates its DLTensors
 // into TensorViews (NULL: not given) and calls the core op (core/ops.h), which validates every
-// argument before writing anything. guarded() keeps every exception inside.
+// argument before writing anything. guarded() keeps every exception inside. The plain
+// forward / backward functions are their *_ex versions with default options.
+#include <algorithm>
+#include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -29,12 +33,45 @@ TensorView required(const DLTensor* t, const char* arg) {
   return view_of_dltensor(*t, arg);
 }
 
+// The size of each options struct in 1.1, the first version to have it: the least a caller
+// can pass. Members appended later lie beyond it.
+template <class Options>
+constexpr size_t first_size() {
+  return offsetof(Options, reserved0) + sizeof(int32_t);
+}
+
+// The caller's options as this library knows them (header comment "options structs"): NULL is
+// every default; members beyond the caller's struct_size keep their default (zero); members
+// the caller has and this library does not know must be zero. Nothing is read past struct_size.
+template <class Options>
+Options read_options(const Options* given, const char* type, const char* init) {
+  Options o;
+  std::memset(&o, 0, sizeof o);
+  o.struct_size = sizeof o;
+  if (!given) return o;
+  const size_t size = given->struct_size;
+  // A garbage size (an uninitialized struct) is refused before anything past it is read.
+  BN_EXPECTS(size >= first_size<Options>() && size <= 4096, value_error, "options->struct_size must be sizeof(",
+             type, ") (", sizeof(Options), " in batchnorm ", BN_VERSION_MAJOR, ".", BN_VERSION_MINOR,
+             "; at least ", first_size<Options>(), "), got ", size, ": initialize the options with ", init);
+  const auto* bytes = reinterpret_cast<const unsigned char*>(given);
+  BN_EXPECTS(std::all_of(bytes + std::min(size, sizeof o), bytes + size, [](unsigned char b) { return b == 0; }),
+             value_error, "options (", type, ", struct_size ", size, ") sets members that this libbatchnorm (",
+             BN_VERSION_MAJOR, ".", BN_VERSION_MINOR, ", ", sizeof o,
+             " bytes) does not know: the program needs a newer libbatchnorm");
+  std::memcpy(&o, given, std::min(size, sizeof o));
+  o.struct_size = sizeof o;
+  BN_EXPECTS(o.reserved0 == 0, value_error, "options->reserved0 must be 0, got ", o.reserved0);
+  return o;
+}
+
 }  // namespace
 }  // namespace batchnorm::capi
 
 using namespace batchnorm;
 using batchnorm::capi::guarded;
 using batchnorm::capi::optional;
+using batchnorm::capi::read_options;
 using batchnorm::capi::required;
 
 extern "C" {
@@ -84,7 +121,16 @@ BN_API bn_status bn_forward_training(const DLTensor* x, const DLTensor* weight, 
                                      DLTensor* running_mean, DLTensor* running_var, double momentum, double eps,
                                      int axis, DLTensor* out, DLTensor* saved_mean, DLTensor* saved_invstd,
                                      void* stream) {
+  return bn_forward_training_ex(x, weight, bias, running_mean, running_var, momentum, eps, axis, nullptr, out,
+                                saved_mean, saved_invstd, stream);
+}
+
+BN_API bn_status bn_forward_training_ex(const DLTensor* x, const DLTensor* weight, const DLTensor* bias,
+                                        DLTensor* running_mean, DLTensor* running_var, double momentum,
+                                        double eps, int axis, const bn_training_options* options, DLTensor* out,
+                                        DLTensor* saved_mean, DLTensor* saved_invstd, void* stream) {
   return guarded([&] {
+    const bn_training_options o = read_options(options, "bn_training_options", "BN_TRAINING_OPTIONS_INIT");
     ForwardTrainingParams p;
     p.x = required(x, "x");
     p.weight = optional(weight, "weight");
@@ -97,6 +143,8 @@ BN_API bn_status bn_forward_training(const DLTensor* x, const DLTensor* weight, 
     p.y = required(out, "out");
     p.saved_mean = required(saved_mean, "saved_mean");
     p.saved_invstd = required(saved_invstd, "saved_invstd");
+    p.residual = optional(o.residual, "residual");
+    p.activation = static_cast<Activation>(o.activation);
     p.exec.stream = stream;
     forward_training(p);
   });
@@ -105,7 +153,14 @@ BN_API bn_status bn_forward_training(const DLTensor* x, const DLTensor* weight, 
 BN_API bn_status bn_forward_inference(const DLTensor* x, const DLTensor* mean, const DLTensor* var,
                                       const DLTensor* weight, const DLTensor* bias, double eps, int axis,
                                       DLTensor* out, void* stream) {
+  return bn_forward_inference_ex(x, mean, var, weight, bias, eps, axis, nullptr, out, stream);
+}
+
+BN_API bn_status bn_forward_inference_ex(const DLTensor* x, const DLTensor* mean, const DLTensor* var,
+                                         const DLTensor* weight, const DLTensor* bias, double eps, int axis,
+                                         const bn_inference_options* options, DLTensor* out, void* stream) {
   return guarded([&] {
+    const bn_inference_options o = read_options(options, "bn_inference_options", "BN_INFERENCE_OPTIONS_INIT");
     ForwardInferenceParams p;
     p.x = required(x, "x");
     p.mean = required(mean, "mean");
@@ -115,6 +170,8 @@ BN_API bn_status bn_forward_inference(const DLTensor* x, const DLTensor* mean, c
     p.eps = eps;
     p.axis = axis;
     p.y = required(out, "out");
+    p.residual = optional(o.residual, "residual");
+    p.activation = static_cast<Activation>(o.activation);
     p.exec.stream = stream;
     forward_inference(p);
   });
@@ -123,7 +180,15 @@ BN_API bn_status bn_forward_inference(const DLTensor* x, const DLTensor* mean, c
 BN_API bn_status bn_backward(const DLTensor* dy, const DLTensor* x, const DLTensor* saved_mean,
                              const DLTensor* saved_invstd, const DLTensor* weight, int axis, DLTensor* out,
                              DLTensor* dweight, DLTensor* dbias, void* stream) {
+  return bn_backward_ex(dy, x, saved_mean, saved_invstd, weight, axis, nullptr, out, dweight, dbias, stream);
+}
+
+BN_API bn_status bn_backward_ex(const DLTensor* dy, const DLTensor* x, const DLTensor* saved_mean,
+                                const DLTensor* saved_invstd, const DLTensor* weight, int axis,
+                                const bn_backward_options* options, DLTensor* out, DLTensor* dweight,
+                                DLTensor* dbias, void* stream) {
   return guarded([&] {
+    const bn_backward_options o = read_options(options, "bn_backward_options", "BN_BACKWARD_OPTIONS_INIT");
     BackwardParams p;
     p.dy = required(dy, "dy");
     p.x = required(x, "x");
@@ -134,6 +199,9 @@ BN_API bn_status bn_backward(const DLTensor* dy, const DLTensor* x, const DLTens
     p.dx = required(out, "out");
     p.dweight = required(dweight, "dweight");
     p.dbias = required(dbias, "dbias");
+    p.y = optional(o.y, "y");
+    p.activation = static_cast<Activation>(o.activation);
+    p.dresidual = optional(o.dresidual_out, "dresidual_out");
     p.exec.stream = stream;
     backward(p);
   });

@@ -1,6 +1,8 @@
 // XLA FFI handlers of batchnorm._jax: statistics, merge, forward training, forward inference
 // and backward, for the CPU and (with the CUDA backend) CUDA. Each only turns XLA's buffers
-// into TensorViews and calls core/ops.h; the core validates and runs the kernels.
+// into TensorViews and calls core/ops.h; the core validates and runs the kernels. The fused
+// op's arrays are optional trailing buffers: the forwards' residual, the backward's y (the
+// ReLU's mask) and its dresidual result; the `activation` attribute is the core's code.
 //
 // Batching (vmap): jax calls every target with vmap_method="broadcast_all", so an input holds
 // the unbatched array behind extra leading dimensions (the `rank` attribute is the unbatched
@@ -10,6 +12,7 @@
 
 #include <cstring>
 #include <exception>
+#include <optional>
 #include <utility>
 
 #include "core/errors.h"
@@ -69,6 +72,13 @@ TensorView slice(const ffi::AnyBuffer& b, size_t lead, int64_t i, const Device& 
 }
 TensorView slice(Out& b, size_t lead, int64_t i, const Device& dev) {
   return slice(b->untyped_data(), b->element_type(), b->dimensions(), lead, i, dev);
+}
+// An optional buffer: absent is "not given" (TensorView{}).
+TensorView slice(const std::optional<ffi::AnyBuffer>& b, size_t lead, int64_t i, const Device& dev) {
+  return b ? slice(*b, lead, i, dev) : TensorView{};
+}
+TensorView slice(std::optional<Out>& b, size_t lead, int64_t i, const Device& dev) {
+  return b ? slice(*b, lead, i, dev) : TensorView{};
 }
 
 // The number of vmap dimensions in front of an array whose unbatched rank is `rank`, and the
@@ -161,8 +171,9 @@ ffi::Error merge_impl(const Target& t, ffi::AnyBuffer means, ffi::AnyBuffer vars
 // (1 - 1) * 0 + 1 * v is exactly the unbiased batch variance v. `running_mean` is scratch for
 // the update the core makes alongside.
 ffi::Error forward_training_impl(const Target& t, ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer bias,
-                                 int64_t rank, int64_t axis, double eps, Out y, Out saved_mean, Out saved_invstd,
-                                 Out var_unbiased, Out running_mean) {
+                                 std::optional<ffi::AnyBuffer> residual, int64_t rank, int64_t axis, double eps,
+                                 int64_t activation, Out y, Out saved_mean, Out saved_invstd, Out var_unbiased,
+                                 Out running_mean) {
   return guarded([&] {
     const Batch b = batch_of(x, rank);
     for (int64_t i = 0; i < b.size; ++i) {
@@ -180,6 +191,8 @@ ffi::Error forward_training_impl(const Target& t, ffi::AnyBuffer x, ffi::AnyBuff
       p.y = slice(y, b.lead, i, t.device);
       p.saved_mean = slice(saved_mean, b.lead, i, t.device);
       p.saved_invstd = slice(saved_invstd, b.lead, i, t.device);
+      p.residual = slice(residual, b.lead, i, t.device);
+      p.activation = static_cast<Activation>(activation);
       p.exec = t.exec;
       forward_training(p);
     }
@@ -187,8 +200,8 @@ ffi::Error forward_training_impl(const Target& t, ffi::AnyBuffer x, ffi::AnyBuff
 }
 
 ffi::Error forward_inference_impl(const Target& t, ffi::AnyBuffer x, ffi::AnyBuffer mean, ffi::AnyBuffer var,
-                                  ffi::AnyBuffer weight, ffi::AnyBuffer bias, int64_t rank, int64_t axis, double eps,
-                                  Out y) {
+                                  ffi::AnyBuffer weight, ffi::AnyBuffer bias, std::optional<ffi::AnyBuffer> residual,
+                                  int64_t rank, int64_t axis, double eps, int64_t activation, Out y) {
   return guarded([&] {
     const Batch b = batch_of(x, rank);
     for (int64_t i = 0; i < b.size; ++i) {
@@ -201,15 +214,20 @@ ffi::Error forward_inference_impl(const Target& t, ffi::AnyBuffer x, ffi::AnyBuf
       p.eps = eps;
       p.axis = static_cast<int>(axis);
       p.y = slice(y, b.lead, i, t.device);
+      p.residual = slice(residual, b.lead, i, t.device);
+      p.activation = static_cast<Activation>(activation);
       p.exec = t.exec;
       forward_inference(p);
     }
   });
 }
 
+// y (the fused forward's output) is given with activation relu; dresidual is asked for when
+// the forward had a residual.
 ffi::Error backward_impl(const Target& t, ffi::AnyBuffer dy, ffi::AnyBuffer x, ffi::AnyBuffer saved_mean,
-                         ffi::AnyBuffer saved_invstd, ffi::AnyBuffer weight, int64_t rank, int64_t axis, Out dx,
-                         Out dweight, Out dbias) {
+                         ffi::AnyBuffer saved_invstd, ffi::AnyBuffer weight, std::optional<ffi::AnyBuffer> y,
+                         int64_t rank, int64_t axis, int64_t activation, Out dx, Out dweight, Out dbias,
+                         std::optional<Out> dresidual) {
   return guarded([&] {
     const Batch b = batch_of(x, rank);
     for (int64_t i = 0; i < b.size; ++i) {
@@ -223,6 +241,9 @@ ffi::Error backward_impl(const Target& t, ffi::AnyBuffer dy, ffi::AnyBuffer x, f
       p.dx = slice(dx, b.lead, i, t.device);
       p.dweight = slice(dweight, b.lead, i, t.device);
       p.dbias = slice(dbias, b.lead, i, t.device);
+      p.y = slice(y, b.lead, i, t.device);
+      p.activation = static_cast<Activation>(activation);
+      p.dresidual = slice(dresidual, b.lead, i, t.device);
       p.exec = t.exec;
       backward(p);
     }
@@ -268,16 +289,18 @@ using batchnorm::jax::Platforms;
   b.Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Attr<ffi::Span<const int64_t>>("counts").Ret<ffi::AnyBuffer>() \
       .Ret<ffi::AnyBuffer>()
 #define BN_FORWARD_TRAINING_ARGS(b)                                                                        \
-  b.Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Attr<int64_t>("rank").Attr<int64_t>( \
-       "axis").Attr<double>("eps").Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()       \
-      .Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
+  b.Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().OptionalArg<ffi::AnyBuffer>()          \
+      .Attr<int64_t>("rank").Attr<int64_t>("axis").Attr<double>("eps").Attr<int64_t>("activation")           \
+      .Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
 #define BN_FORWARD_INFERENCE_ARGS(b)                                                                      \
   b.Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<           \
-       ffi::AnyBuffer>().Attr<int64_t>("rank").Attr<int64_t>("axis").Attr<double>("eps").Ret<ffi::AnyBuffer>()
+       ffi::AnyBuffer>().OptionalArg<ffi::AnyBuffer>().Attr<int64_t>("rank").Attr<int64_t>("axis")           \
+      .Attr<double>("eps").Attr<int64_t>("activation").Ret<ffi::AnyBuffer>()
 #define BN_BACKWARD_ARGS(b)                                                                                \
   b.Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<           \
-       ffi::AnyBuffer>().Attr<int64_t>("rank").Attr<int64_t>("axis").Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>() \
-      .Ret<ffi::AnyBuffer>()
+       ffi::AnyBuffer>().OptionalArg<ffi::AnyBuffer>().Attr<int64_t>("rank").Attr<int64_t>("axis")           \
+      .Attr<int64_t>("activation").Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()          \
+      .OptionalRet<ffi::AnyBuffer>()
 
 #define BN_DEFINE_HANDLERS_CPU(name, impl, ARGS) \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(bn_jax_##name##_cpu, Platforms<batchnorm::jax::impl>::cpu, ARGS(ffi::Ffi::Bind()));

@@ -68,8 +68,10 @@ py::tuple summary(const TensorView& x, int axis) {
   return py::make_tuple(normalize_axis(axis, x.ndim), C, dtype_name(statistics_dtype(x.dtype)));
 }
 
+// residual and activation: the fused op's (activation as the core's code).
 py::tuple check_forward_training(const Spec& x_spec, const Spec& weight, const Spec& bias, const Spec& running_mean,
-                                 const Spec& running_var, double momentum, double eps, int axis) {
+                                 const Spec& running_var, double momentum, double eps, int axis, const Spec& residual,
+                                 int activation) {
   Phantoms mem;
   ForwardTrainingParams p;
   p.x = mem.array(x_spec, "x");
@@ -84,6 +86,8 @@ py::tuple check_forward_training(const Spec& x_spec, const Spec& weight, const S
   p.y = mem.like(p.x);
   p.saved_mean = mem.vector(C, statistics_dtype(p.x.dtype));
   p.saved_invstd = mem.vector(C, statistics_dtype(p.x.dtype));
+  p.residual = mem.array(residual, "residual");
+  p.activation = static_cast<Activation>(activation);
   p.exec.validate_only = true;
   forward_training(p);
   return summary(p.x, axis);
@@ -93,7 +97,7 @@ py::tuple check_forward_training(const Spec& x_spec, const Spec& weight, const S
 // running_var), checked under those names by the core's own check before the op's.
 py::tuple check_forward_inference(const Spec& x_spec, const Spec& mean, const Spec& var, const Spec& weight,
                                   const Spec& bias, double eps, int axis, const std::string& mean_arg,
-                                  const std::string& var_arg) {
+                                  const std::string& var_arg, const Spec& residual, int activation) {
   Phantoms mem;
   ForwardInferenceParams p;
   p.x = mem.array(x_spec, "x");
@@ -108,6 +112,8 @@ py::tuple check_forward_inference(const Spec& x_spec, const Spec& mean, const Sp
   p.eps = eps;
   p.axis = axis;
   p.y = mem.like(p.x);
+  p.residual = mem.array(residual, "residual");
+  p.activation = static_cast<Activation>(activation);
   p.exec.validate_only = true;
   forward_inference(p);
   return summary(p.x, axis);
@@ -160,8 +166,9 @@ PYBIND11_MODULE(_jax, m) {
   m.def("registrations", &registrations);
   m.def("ffi_api_version", [] { return py::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR); });
   m.def("check_forward_training", &check_forward_training, py::arg("x"), py::arg("weight"), py::arg("bias"),
-        py::arg("running_mean"), py::arg("running_var"), py::arg("momentum"), py::arg("eps"), py::arg("axis"));
+        py::arg("running_mean"), py::arg("running_var"), py::arg("momentum"), py::arg("eps"), py::arg("axis"),
+        py::arg("residual") = py::none(), py::arg("activation") = 0);
   m.def("check_forward_inference", &check_forward_inference, py::arg("x"), py::arg("mean"), py::arg("var"),
         py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("axis"), py::arg("mean_arg") = "mean",
-        py::arg("var_arg") = "var");
+        py::arg("var_arg") = "var", py::arg("residual") = py::none(), py::arg("activation") = 0);
 }

@@ -2,7 +2,8 @@
  * that are not Python. Callers allocate every output; NULL means "not given"; each call
  * returns BN_OK or a bn_status, with bn_last_error() the thread's message. No C++ exception
  * ever leaves the library, and a failed call writes nothing (outputs and running statistics
- * are untouched). Link with the CMake target batchnorm::batchnorm (libbatchnorm.so.1). */
+ * are untouched). Link with the CMake target batchnorm::batchnorm (libbatchnorm.so.1).
+ * Version 1.1 added the fused forward and backward (the *_ex functions and their options). */
 #ifndef BATCHNORM_BATCHNORM_H_
 #define BATCHNORM_BATCHNORM_H_
 
@@ -12,7 +13,7 @@
 /* The ABI version, the one place it is written (CMake reads it for the SONAME and the package
  * version). A new major version may break callers; minor versions only add. */
 #define BN_VERSION_MAJOR 1
-#define BN_VERSION_MINOR 0
+#define BN_VERSION_MINOR 1
 #define BN_VERSION_PATCH 0
 #define BN_VERSION (BN_VERSION_MAJOR * 10000 + BN_VERSION_MINOR * 100 + BN_VERSION_PATCH)
 
@@ -153,6 +154,81 @@ BN_API bn_status bn_backward(const DLTensor* dy, const DLTensor* x, const DLTens
 BN_API bn_status bn_fold(const DLTensor* kernel, const DLTensor* conv_bias, const DLTensor* mean,
                          const DLTensor* var, const DLTensor* weight, const DLTensor* bias, double eps, int axis,
                          DLTensor* kernel_out, DLTensor* bias_out, void* stream);
+
+/* ---- Since 1.1: options structs and the fused ops ---------------------------------------------
+ * The *_ex functions take the arguments of the plain ones plus a pointer to an options struct
+ * (NULL: every option at its default, the plain function's behaviour). Each struct opens with
+ * `struct_size`, which the caller sets to the sizeof() of the header it compiled against (the
+ * BN_*_OPTIONS_INIT macros do, with every other member zero): later minor versions append
+ * members, and the library reads only those the caller's struct holds, so a program built
+ * against an older header keeps working. Every member's zero value is its default (members
+ * appended later follow that rule too). A struct larger than the library knows is accepted when
+ * the members it does not know are zero (at their defaults), else the call fails with
+ * BN_ERROR_VALUE naming the struct: a newer program asked for something this library lacks.
+ * struct_size below the 1.1 size (e.g. an uninitialized struct) is a BN_ERROR_VALUE too.
+ *
+ * Fused batch norm: y = act(bn(x) + residual), in the passes over memory of plain batch norm
+ * plus the read of the residual, and its gradients (those of the unfused composition). */
+
+/* The activation applied after the residual add (int32_t in the options structs). */
+typedef enum { BN_ACTIVATION_NONE = 0, BN_ACTIVATION_RELU = 1 } bn_activation;
+
+/* Options of bn_forward_training_ex. */
+typedef struct {
+  size_t struct_size;       /* sizeof(bn_training_options) of the caller's header */
+  const DLTensor* residual; /* optional: x's shape, dtype and device, any strides; NULL: no add */
+  int32_t activation;       /* a bn_activation: BN_ACTIVATION_NONE (default) or BN_ACTIVATION_RELU */
+  int32_t reserved0;        /* must be 0 (a later minor version may give it a meaning, 0 its default) */
+} bn_training_options;
+
+/* Options of bn_forward_inference_ex. */
+typedef struct {
+  size_t struct_size;       /* sizeof(bn_inference_options) of the caller's header */
+  const DLTensor* residual; /* optional, as in bn_training_options */
+  int32_t activation;       /* a bn_activation */
+  int32_t reserved0;        /* must be 0 */
+} bn_inference_options;
+
+/* Options of bn_backward_ex: the gradients of the fused forward. */
+typedef struct {
+  size_t struct_size; /* sizeof(bn_backward_options) of the caller's header */
+  /* With BN_ACTIVATION_RELU: the fused forward's output (x's shape and dtype), which gives the
+   * ReLU's mask (the gradient passes where y > 0). NULL with BN_ACTIVATION_NONE. */
+  const DLTensor* y;
+  /* Optional output: the residual's gradient (dy through the activation), x's shape and dtype,
+   * any strides; may be dy itself. With BN_ACTIVATION_RELU and no dresidual_out, `out` must not
+   * be x (the masked gradient is staged in it before x is read). */
+  DLTensor* dresidual_out;
+  int32_t activation; /* the forward's bn_activation */
+  int32_t reserved0;  /* must be 0 */
+} bn_backward_options;
+
+/* Initializers giving every option its default: `bn_training_options o = BN_TRAINING_OPTIONS_INIT;`
+ * (C99 and C++). */
+#define BN_TRAINING_OPTIONS_INIT {sizeof(bn_training_options), NULL, BN_ACTIVATION_NONE, 0}
+#define BN_INFERENCE_OPTIONS_INIT {sizeof(bn_inference_options), NULL, BN_ACTIVATION_NONE, 0}
+#define BN_BACKWARD_OPTIONS_INIT {sizeof(bn_backward_options), NULL, NULL, BN_ACTIVATION_NONE, 0}
+
+/* bn_forward_training with options: y = act(bn(x) + residual) with the batch statistics.
+ * saved_mean / saved_invstd are those of bn(x) alone (what bn_backward_ex takes). */
+BN_API bn_status bn_forward_training_ex(const DLTensor* x, const DLTensor* weight, const DLTensor* bias,
+                                        DLTensor* running_mean, DLTensor* running_var, double momentum,
+                                        double eps, int axis, const bn_training_options* options, DLTensor* out,
+                                        DLTensor* saved_mean, DLTensor* saved_invstd, void* stream);
+
+/* bn_forward_inference with options: y = act(bn(x) + residual) with the given statistics. */
+BN_API bn_status bn_forward_inference_ex(const DLTensor* x, const DLTensor* mean, const DLTensor* var,
+                                         const DLTensor* weight, const DLTensor* bias, double eps, int axis,
+                                         const bn_inference_options* options, DLTensor* out, void* stream);
+
+/* bn_backward with options: the gradients of bn_forward_training_ex's y in x (into out), weight
+ * and bias, and (into options->dresidual_out when given) in the residual. dy is the gradient
+ * of the fused output; dweight and dbias are sum(g * x_hat) and sum(g) of g = dy through the
+ * activation. */
+BN_API bn_status bn_backward_ex(const DLTensor* dy, const DLTensor* x, const DLTensor* saved_mean,
+                                const DLTensor* saved_invstd, const DLTensor* weight, int axis,
+                                const bn_backward_options* options, DLTensor* out, DLTensor* dweight,
+                                DLTensor* dbias, void* stream);
 
 /* The process-wide thread count of the CPU kernels (shared with the Python module when both
  * are loaded from the same installation). n must be >= 1. */

@@ -6,6 +6,11 @@
  * Case file, one item a line:
  *   op NAME | axis INT | eps REAL | momentum REAL | counts K C0 C1 ... | device cpu|cuda
  *   tensor NAME DTYPE FILE BYTE_OFFSET NDIM SHAPE... (STRIDES... | C)
+ * and for the *_ex ops' options struct (BN_*_OPTIONS_INIT plus the tensors residual, y and
+ * dresidual when listed):
+ *   activation INT | reserved INT | options null (pass NULL) | options_size SIZE (struct_size) |
+ *   options_extra INT64 (a newer caller's struct: 8 more bytes holding INT64 after the known
+ *   members, struct_size counting them)
  * A tensor not listed is passed as NULL; "C" strides are passed as NULL (C order).
  * Prints "status S", "count N" and "error MESSAGE" lines; exits 0 when the case ran. */
 #include <stdio.h>
@@ -35,7 +40,18 @@ typedef struct {
   int64_t counts[HARNESS_MAX_TENSORS];
   int num_tensors;
   harness_tensor tensors[HARNESS_MAX_TENSORS];
+  int32_t activation, reserved;
+  int options_null, has_options_size, has_options_extra;
+  long long options_size, options_extra;
 } harness_case;
+
+/* Storage for an options struct and what a newer header's version of it might append. */
+typedef union {
+  int64_t align_i;
+  void* align_p;
+  double align_d;
+  unsigned char bytes[256];
+} harness_options;
 
 static int harness_fail(const char* what, const char* detail) {
   fprintf(stderr, "harness: %s %s\n", what, detail);
@@ -103,6 +119,20 @@ static int harness_read(const char* path, harness_case* c) {
       char device[32];
       if (fscanf(f, "%31s", device) != 1) return harness_fail("bad device in", path);
       c->device_type = strcmp(device, "cuda") ? kDLCPU : kDLCUDA;
+    } else if (!strcmp(key, "activation")) {
+      if (fscanf(f, "%d", &c->activation) != 1) return harness_fail("bad activation in", path);
+    } else if (!strcmp(key, "reserved")) {
+      if (fscanf(f, "%d", &c->reserved) != 1) return harness_fail("bad reserved in", path);
+    } else if (!strcmp(key, "options")) {
+      char what[32];
+      if (fscanf(f, "%31s", what) != 1) return harness_fail("bad options in", path);
+      c->options_null = !strcmp(what, "null");
+    } else if (!strcmp(key, "options_size")) {
+      if (fscanf(f, "%lld", &c->options_size) != 1) return harness_fail("bad options_size in", path);
+      c->has_options_size = 1;
+    } else if (!strcmp(key, "options_extra")) {
+      if (fscanf(f, "%lld", &c->options_extra) != 1) return harness_fail("bad options_extra in", path);
+      c->has_options_extra = 1;
     } else if (!strcmp(key, "counts")) {
       int64_t i;
       long long v;
@@ -160,15 +190,34 @@ static DLTensor* harness_get(harness_case* c, const char* name) {
   return NULL;
 }
 
+/* Lays the case's options struct (`init`, `size` bytes, struct_size its first member) out in
+ * `buf` as the case asks; returns the pointer to pass (NULL for `options null`). */
+static const void* harness_options_of(const harness_case* c, const void* init, size_t size, harness_options* buf) {
+  size_t struct_size = size;
+  int64_t extra = (int64_t)c->options_extra;
+  if (c->options_null) return NULL;
+  memset(buf, 0, sizeof *buf);
+  memcpy(buf->bytes, init, size);
+  if (c->has_options_extra) {
+    memcpy(buf->bytes + size, &extra, sizeof extra);
+    struct_size = size + sizeof extra;
+  }
+  if (c->has_options_size) struct_size = (size_t)c->options_size;
+  memcpy(buf->bytes, &struct_size, sizeof struct_size);
+  return buf->bytes;
+}
+
 static int harness_run(const char* path) {
   harness_case* c = (harness_case*)malloc(sizeof(harness_case));
   bn_status status;
   int64_t count = -1;
   int i, rc;
+  harness_options buf;
   if (!c) return harness_fail("out of memory for", path);
   rc = harness_read(path, c);
   if (rc) return rc;
 #define T(name) harness_get(c, name)
+#define OPTIONS(type, init) ((const type*)harness_options_of(c, &init, sizeof init, &buf))
   if (!strcmp(c->op, "statistics")) {
     status = bn_statistics(T("x"), c->axis, T("mean"), T("var"), &count, NULL);
   } else if (!strcmp(c->op, "merge_statistics")) {
@@ -190,6 +239,29 @@ static int harness_run(const char* path) {
   } else if (!strcmp(c->op, "backward")) {
     status = bn_backward(T("dy"), T("x"), T("saved_mean"), T("saved_invstd"), T("weight"), c->axis, T("dx"),
                          T("dweight"), T("dbias"), NULL);
+  } else if (!strcmp(c->op, "forward_training_ex")) {
+    bn_training_options o = BN_TRAINING_OPTIONS_INIT;
+    o.residual = T("residual");
+    o.activation = c->activation;
+    o.reserved0 = c->reserved;
+    status = bn_forward_training_ex(T("x"), T("weight"), T("bias"), T("running_mean"), T("running_var"), c->momentum,
+                                    c->eps, c->axis, OPTIONS(bn_training_options, o), T("y"), T("saved_mean"),
+                                    T("saved_invstd"), NULL);
+  } else if (!strcmp(c->op, "forward_inference_ex")) {
+    bn_inference_options o = BN_INFERENCE_OPTIONS_INIT;
+    o.residual = T("residual");
+    o.activation = c->activation;
+    o.reserved0 = c->reserved;
+    status = bn_forward_inference_ex(T("x"), T("mean"), T("var"), T("weight"), T("bias"), c->eps, c->axis,
+                                     OPTIONS(bn_inference_options, o), T("y"), NULL);
+  } else if (!strcmp(c->op, "backward_ex")) {
+    bn_backward_options o = BN_BACKWARD_OPTIONS_INIT;
+    o.y = T("y");
+    o.dresidual_out = T("dresidual");
+    o.activation = c->activation;
+    o.reserved0 = c->reserved;
+    status = bn_backward_ex(T("dy"), T("x"), T("saved_mean"), T("saved_invstd"), T("weight"), c->axis,
+                            OPTIONS(bn_backward_options, o), T("dx"), T("dweight"), T("dbias"), NULL);
   } else if (!strcmp(c->op, "fold")) {
     status = bn_fold(T("kernel"), T("conv_bias"), T("mean"), T("var"), T("weight"), T("bias"), c->eps, c->axis,
                      T("kernel_out"), T("bias_out"), NULL);
@@ -197,6 +269,7 @@ static int harness_run(const char* path) {
     return harness_fail("unknown op in", path);
   }
 #undef T
+#undef OPTIONS
   for (i = 0; i < c->num_tensors; ++i)
     if (harness_save(&c->tensors[i])) return 2;
   printf("status %d\ncount %lld\nerror %s\n", (int)status, (long long)count, bn_last_error());

@@ -69,23 +69,33 @@ def merge(means, variances, counts):
     return _call("batchnorm_merge", out, means, variances, counts=np.asarray(counts, np.int64))
 
 
-def forward_training(x, weight, bias, axis, eps, channels, acc):
-    """(y, saved_mean, saved_invstd, unbiased batch var): the core's fused training pass."""
+def _given(*arrays):
+    """The optional trailing buffers of a target: those that are not None."""
+    return tuple(a for a in arrays if a is not None)
+
+
+def forward_training(x, weight, bias, axis, eps, channels, acc, residual=None, activation=0):
+    """(y, saved_mean, saved_invstd, unbiased batch var): the core's training pass, fused
+    (y = act(bn(x) + residual), activation the core's code) when asked."""
     out = (jax.ShapeDtypeStruct(x.shape, x.dtype),) + (_vector(channels, acc),) * 4
     y, mean, invstd, var_unbiased, _ = _call(
-        "batchnorm_forward_training", out, x, weight, bias, rank=np.int64(x.ndim), axis=np.int64(axis),
-        eps=np.float64(eps))
+        "batchnorm_forward_training", out, x, weight, bias, *_given(residual), rank=np.int64(x.ndim),
+        axis=np.int64(axis), eps=np.float64(eps), activation=np.int64(activation))
     return y, mean, invstd, var_unbiased
 
 
-def forward_inference(x, mean, var, weight, bias, axis, eps):
+def forward_inference(x, mean, var, weight, bias, axis, eps, residual=None, activation=0):
     out = jax.ShapeDtypeStruct(x.shape, x.dtype)
-    return _call("batchnorm_forward_inference", out, x, mean, var, weight, bias, rank=np.int64(x.ndim),
-                 axis=np.int64(axis), eps=np.float64(eps))
+    return _call("batchnorm_forward_inference", out, x, mean, var, weight, bias, *_given(residual),
+                 rank=np.int64(x.ndim), axis=np.int64(axis), eps=np.float64(eps), activation=np.int64(activation))
 
 
-def backward(dy, x, saved_mean, saved_invstd, weight, axis, channels, acc):
-    """(dx, dweight = sum(dy * x_hat), dbias = sum(dy)) over this array's values."""
+def backward(dy, x, saved_mean, saved_invstd, weight, axis, channels, acc, y=None, activation=0, dresidual=False):
+    """(dx, dweight = sum(g * x_hat), dbias = sum(g)) over this array's values, g = dy through
+    the fused forward's activation (its mask from y); with dresidual=True, g as a fourth
+    result (the residual's gradient)."""
     out = (jax.ShapeDtypeStruct(x.shape, x.dtype),) + (_vector(channels, acc),) * 2
-    return _call("batchnorm_backward", out, dy, x, saved_mean, saved_invstd, weight, rank=np.int64(x.ndim),
-                 axis=np.int64(axis))
+    if dresidual:
+        out += (jax.ShapeDtypeStruct(x.shape, x.dtype),)
+    return _call("batchnorm_backward", out, dy, x, saved_mean, saved_invstd, weight, *_given(y),
+                 rank=np.int64(x.ndim), axis=np.int64(axis), activation=np.int64(activation))

@@ -24,7 +24,12 @@ class BatchNorm(nn.Module):
     output dtype is `dtype` or else that of x promoted with the parameters. `axis` is one
     feature axis. use_fast_variance is accepted for compatibility: the variance is always the
     exact one (Welford and Chan, never E[x^2] - E[x]^2). With `axis_name` the statistics span
-    that mapped axis, merged exactly (never a mean of variances)."""
+    that mapped axis, merged exactly (never a mean of variances).
+
+    Fused (timm's BatchNormAct2d; not a flax.linen.BatchNorm field): `activation="relu"` and the
+    call's `residual=` (x's shape, taken in the computation dtype) give act(BN(x) + residual),
+    what `nn.relu(nn.BatchNorm(...)(x) + residual)` computes, in the passes of plain batch norm;
+    the running statistics are those of x alone."""
 
     use_running_average: Optional[bool] = None
     axis: int = -1
@@ -40,9 +45,10 @@ class BatchNorm(nn.Module):
     axis_index_groups: Any = None
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
+    activation: Optional[str] = None  # None or "relu": applied after adding the call's residual
 
     @nn.compact
-    def __call__(self, x, use_running_average: Optional[bool] = None, *, mask=None):
+    def __call__(self, x, use_running_average: Optional[bool] = None, *, mask=None, residual=None):
         use_running_average = nn.merge_param("use_running_average", self.use_running_average,
                                              use_running_average)
         if mask is not None:
@@ -70,13 +76,15 @@ class BatchNorm(nn.Module):
         # (default: x promoted with the parameters): run the kernels in the wider of the two.
         out_dtype = canonicalize_dtype(*[a for a in (x, scale, bias) if a is not None], dtype=self.dtype)
         xc = x.astype(jnp.promote_types(x.dtype, out_dtype))
+        r = None if residual is None else jnp.asarray(residual).astype(xc.dtype)
         if use_running_average:
-            y = inference(xc, scale, bias, ra_mean.value, ra_var.value, eps=self.epsilon, axis=self.axis)
+            y = inference(xc, scale, bias, ra_mean.value, ra_var.value, eps=self.epsilon, axis=self.axis,
+                          residual=r, activation=self.activation)
         else:
             # Flax leaves the mapped axis out while initializing (there may be none).
             axis_name = None if self.is_initializing() else self.axis_name
             y, mean, var_unbiased, count = training(xc, scale, bias, eps=self.epsilon, axis=self.axis,
-                                                    axis_name=axis_name)
+                                                    axis_name=axis_name, residual=r, activation=self.activation)
             if not self.is_initializing():
                 var = var_unbiased * jnp.asarray((count - 1) / count, var_unbiased.dtype)
                 ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
