@@ -12,87 +12,35 @@ namespace batchnorm::cpu {
 
 namespace {
 
-// Per-channel backward sums of every channel, in the one fixed order whatever the caller:
-// `per_channel(c, sum_dy, sum_dy_xmu)` once channel c's are final. In the channels-first
-// channel-parallel plan `per_block(c0, c1)` then runs on the same thread while the block's
-// data is in cache, and this returns true; otherwise the caller makes its own pass after.
+// Backward's per-channel partial: sum(dy) and sum(dy * (x - mean)), added in the reduce
+// executor's fixed order.
+struct GradSums {
+  double dy = 0;
+  double dy_xmu = 0;
+};
+
+// Per-channel backward sums of every channel: `per_channel(c, sum_dy, sum_dy_xmu)` once
+// channel c's are final, and per_block as in reduce_all.
 template <class T, class F, class B>
 bool all_grad_sums(const Kernels<T>& k, const T* dy, const T* x, const Layout& L, const Plan& plan,
                    const acc_t<T>* mean, F&& per_channel, B&& per_block) {
   const int64_t C = L.channels;
-  const int64_t work = 2 * L.count * C;
   const int64_t cs_dy = L.channel_stride[0], cs_x = L.channel_stride[1];
-  if (plan.channels_last) {
-    std::vector<double> partial(static_cast<size_t>(2 * plan.groups * C));
-    parallel_for(plan.groups, work, [&](int64_t g) {
-      std::vector<acc_t<T>> scratch(static_cast<size_t>(3 * C));
-      const auto [b, e] = plan.range(g);
-      double* s = partial.data() + 2 * g * C;
-      k.cl_grad_sums(dy, x, L, b, e, mean, s, s + C, scratch.data());
-    });
-    for (int64_t c = 0; c < C; ++c) {
-      double s1 = 0, s2 = 0;
-      for (int64_t g = 0; g < plan.groups; ++g) {
-        s1 += partial[2 * g * C + c];
-        s2 += partial[2 * g * C + C + c];
-      }
-      per_channel(c, s1, s2);
-    }
-    return false;
-  }
-  if (plan.channel_parallel) {
-    // Blocks of channels, walked piece by piece with the block's channels back to back;
-    // the sums keep the order below (pieces in order within a group, groups in order).
-    parallel_for(plan.channel_blocks(C), work, [&](int64_t blk) {
-      const int64_t c0 = blk * plan.channel_block, c1 = std::min(C, c0 + plan.channel_block);
-      const int64_t n = c1 - c0;
-      std::vector<double> t1(n, 0.0), t2(n, 0.0), g1(n), g2(n);
-      for (int64_t g = 0; g < plan.groups; ++g) {
-        const auto [b, e] = plan.range(g);
-        std::fill(g1.begin(), g1.end(), 0.0);
-        std::fill(g2.begin(), g2.end(), 0.0);
-        for (int64_t s = b; s < e; s += kPiece)
-          for (int64_t i = 0; i < n; ++i) {
-            const int64_t c = c0 + i;
-            double a1, a2;
-            k.grad_sums(dy + c * cs_dy, x + c * cs_x, L, s, std::min(e, s + kPiece), mean[c], &a1, &a2);
-            g1[i] += a1;
-            g2[i] += a2;
-          }
-        for (int64_t i = 0; i < n; ++i) {
-          t1[i] += g1[i];
-          t2[i] += g2[i];
-        }
-      }
-      for (int64_t i = 0; i < n; ++i) per_channel(c0 + i, t1[i], t2[i]);
-      per_block(c0, c1);
-    });
-    return true;
-  }
-  // Few channels: (channel, group) tasks, each group's pieces added in order.
-  std::vector<double> partial(static_cast<size_t>(2 * plan.groups * C));
-  parallel_for(C * plan.groups, work, [&](int64_t i) {
-    const int64_t c = i / plan.groups;
-    const auto [b, e] = plan.range(i % plan.groups);
-    double s1 = 0, s2 = 0;
-    for (int64_t s = b; s < e; s += kPiece) {
-      double a1, a2;
-      k.grad_sums(dy + c * cs_dy, x + c * cs_x, L, s, std::min(e, s + kPiece), mean[c], &a1, &a2);
-      s1 += a1;
-      s2 += a2;
-    }
-    partial[2 * i] = s1;
-    partial[2 * i + 1] = s2;
-  });
-  for (int64_t c = 0; c < C; ++c) {
-    double s1 = 0, s2 = 0;
-    for (int64_t g = 0; g < plan.groups; ++g) {
-      s1 += partial[2 * (c * plan.groups + g)];
-      s2 += partial[2 * (c * plan.groups + g) + 1];
-    }
-    per_channel(c, s1, s2);
-  }
-  return false;
+  return reduce_all<GradSums>(
+      L, plan, 2 * L.count * C,
+      [&](int64_t c, int64_t b, int64_t e) {
+        GradSums s;
+        k.grad_sums(dy + c * cs_dy, x + c * cs_x, L, b, e, mean[c], &s.dy, &s.dy_xmu);
+        return s;
+      },
+      [&](int64_t b, int64_t e, GradSums* out) {
+        std::vector<acc_t<T>> scratch(static_cast<size_t>(3 * C));
+        std::vector<double> s(static_cast<size_t>(2 * C));
+        k.cl_grad_sums(dy, x, L, b, e, mean, s.data(), s.data() + C, scratch.data());
+        for (int64_t c = 0; c < C; ++c) out[c] = GradSums{s[c], s[C + c]};
+      },
+      [](const GradSums& a, const GradSums& b) { return GradSums{a.dy + b.dy, a.dy_xmu + b.dy_xmu}; },
+      [&](int64_t c, const GradSums& s) { per_channel(c, s.dy, s.dy_xmu); }, per_block);
 }
 
 // Per-channel coefficients of backward_dx, held as the (C,) arrays the dx pass reads.

@@ -75,32 +75,67 @@ inline Plan make_plan(const Layout& L, int64_t bytes_per_value = 8) {
   return p;
 }
 
-// Moments of group g of one channel (channels-first): its pieces merged in order.
-template <class T>
-Moments<double> group_moments(const Kernels<T>& k, const T* xc, const Layout& L, const Plan& plan, int64_t g) {
-  const auto [b, e] = plan.range(g);
-  Moments<double> m;
-  for (int64_t s = b; s < e; s += kPiece) m = merge_moments(m, k.moments(xc, L, s, std::min(e, s + kPiece)));
-  return m;
-}
+// ---- the reduce executor ----------------------------------------------------------------
 
-// Moments of channels [c0, c1) (channels-first), in the same merge order as group_moments
-// (pieces in order within a group, groups in order), with the channels of each piece
-// visited back to back so the walk moves through neighbouring memory.
-template <class T>
-void block_moments(const Kernels<T>& k, const T* x, const Layout& L, const Plan& plan, int64_t c0, int64_t c1,
-                   Moments<double>* out) {
-  const int64_t n = c1 - c0;
-  std::vector<Moments<double>> group(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) out[i] = Moments<double>{};
-  for (int64_t g = 0; g < plan.groups; ++g) {
-    const auto [b, e] = plan.range(g);
-    for (int64_t i = 0; i < n; ++i) group[i] = Moments<double>{};
-    for (int64_t s = b; s < e; s += kPiece)
-      for (int64_t i = 0; i < n; ++i)
-        group[i] = merge_moments(group[i], k.moments(x + (c0 + i) * L.channel_stride[0], L, s, std::min(e, s + kPiece)));
-    for (int64_t i = 0; i < n; ++i) out[i] = merge_moments(out[i], group[i]);
+// One reduction over every channel, whichever the layout, for a partial type P (Moments of
+// x; backward's sums): `piece(c, b, e)` reduces values [b, e) of channel c (channels-first),
+// `cl(b, e, out)` positions [b, e) of every channel into out[0..C) (channels-last), and
+// `merge(a, b)` combines partials in a fixed order: pieces in order within a group, groups in
+// order, whatever the plan, so results are bitwise reproducible across thread counts.
+// `per_channel(c, p)` is called once channel c's partial is final. In the channels-first
+// channel-parallel plan `per_block(c0, c1)` then runs on the same thread right after the
+// block's channels are final, while their data is in cache, and this returns true; elsewhere
+// it returns false and the caller makes its elementwise pass over everything afterwards.
+template <class P, class Piece, class Cl, class Merge, class F, class B>
+bool reduce_all(const Layout& L, const Plan& plan, int64_t work, Piece&& piece, Cl&& cl, Merge&& merge,
+                F&& per_channel, B&& per_block) {
+  const int64_t C = L.channels;
+  if (plan.channels_last) {
+    std::vector<P> partial(static_cast<size_t>(plan.groups * C));
+    parallel_for(plan.groups, work, [&](int64_t g) {
+      const auto [b, e] = plan.range(g);
+      cl(b, e, partial.data() + g * C);
+    });
+    parallel_for(C, C * plan.groups * 8, [&](int64_t c) {
+      P m{};
+      for (int64_t g = 0; g < plan.groups; ++g) m = merge(m, partial[g * C + c]);
+      per_channel(c, m);
+    });
+    return false;
   }
+  if (plan.channel_parallel) {
+    // Blocks of channels, walked piece by piece with the block's channels back to back.
+    parallel_for(plan.channel_blocks(C), work, [&](int64_t blk) {
+      const int64_t c0 = blk * plan.channel_block, c1 = std::min(C, c0 + plan.channel_block);
+      const int64_t n = c1 - c0;
+      std::vector<P> total(static_cast<size_t>(n)), group(static_cast<size_t>(n));
+      for (int64_t g = 0; g < plan.groups; ++g) {
+        const auto [b, e] = plan.range(g);
+        for (int64_t i = 0; i < n; ++i) group[i] = P{};
+        for (int64_t s = b; s < e; s += kPiece)
+          for (int64_t i = 0; i < n; ++i) group[i] = merge(group[i], piece(c0 + i, s, std::min(e, s + kPiece)));
+        for (int64_t i = 0; i < n; ++i) total[i] = merge(total[i], group[i]);
+      }
+      for (int64_t i = 0; i < n; ++i) per_channel(c0 + i, total[i]);
+      per_block(c0, c1);
+    });
+    return true;
+  }
+  // Few channels: (channel, group) tasks, then each channel's groups merged in order.
+  std::vector<P> partial(static_cast<size_t>(plan.groups * C));
+  parallel_for(C * plan.groups, work, [&](int64_t i) {
+    const int64_t c = i / plan.groups;
+    const auto [b, e] = plan.range(i % plan.groups);
+    P m{};
+    for (int64_t s = b; s < e; s += kPiece) m = merge(m, piece(c, s, std::min(e, s + kPiece)));
+    partial[i] = m;
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    P m{};
+    for (int64_t g = 0; g < plan.groups; ++g) m = merge(m, partial[c * plan.groups + g]);
+    per_channel(c, m);
+  }
+  return false;
 }
 
 // Calls f(c, begin, end) over channels [c0, c1) piece by piece, the channels of a piece back
@@ -111,53 +146,21 @@ void for_block_pieces(const Plan& plan, int64_t c0, int64_t c1, F&& f) {
     for (int64_t c = c0; c < c1; ++c) f(c, s, std::min(plan.count, s + kPiece));
 }
 
-// Per-channel moments of x, whichever the layout; `per_channel(c, m)` is called for each
-// channel once its moments are final. In the channels-first channel-parallel plan,
-// `per_block(c0, c1)` then runs on the same thread right after the block's channels are
-// final, while their data is in cache (it returns false elsewhere: the caller then does its
-// elementwise pass over everything afterwards).
+// Per-channel moments of x (the reduce executor with the Chan merge); per_channel(c, m) and
+// per_block as in reduce_all.
 template <class T, class F, class B>
 bool all_moments(const Kernels<T>& k, const T* x, const Layout& L, const Plan& plan, F&& per_channel,
                  B&& per_block) {
   const int64_t C = L.channels;
-  const int64_t work = L.count * C;
-  if (plan.channels_last) {
-    std::vector<Moments<double>> partial(static_cast<size_t>(plan.groups * C));
-    parallel_for(plan.groups, work, [&](int64_t g) {
-      std::vector<acc_t<T>> scratch(static_cast<size_t>(3 * C));
-      const auto [b, e] = plan.range(g);
-      k.cl_moments(x, L, b, e, partial.data() + g * C, scratch.data());
-    });
-    parallel_for(C, C * plan.groups * 8, [&](int64_t c) {
-      Moments<double> m;
-      for (int64_t g = 0; g < plan.groups; ++g) m = merge_moments(m, partial[g * C + c]);
-      per_channel(c, m);
-    });
-    return false;
-  }
-  if (plan.channel_parallel) {
-    parallel_for(plan.channel_blocks(C), work, [&](int64_t blk) {
-      const int64_t c0 = blk * plan.channel_block, c1 = std::min(C, c0 + plan.channel_block);
-      std::vector<Moments<double>> m(static_cast<size_t>(c1 - c0));
-      block_moments(k, x, L, plan, c0, c1, m.data());
-      for (int64_t c = c0; c < c1; ++c) per_channel(c, m[c - c0]);
-      per_block(c0, c1);
-    });
-    return true;
-  }
-  {
-    std::vector<Moments<double>> partial(static_cast<size_t>(plan.groups * C));
-    parallel_for(C * plan.groups, work, [&](int64_t i) {
-      const int64_t c = i / plan.groups, g = i % plan.groups;
-      partial[i] = group_moments(k, x + c * L.channel_stride[0], L, plan, g);
-    });
-    for (int64_t c = 0; c < C; ++c) {
-      Moments<double> m;
-      for (int64_t g = 0; g < plan.groups; ++g) m = merge_moments(m, partial[c * plan.groups + g]);
-      per_channel(c, m);
-    }
-  }
-  return false;
+  return reduce_all<Moments<double>>(
+      L, plan, L.count * C,
+      [&](int64_t c, int64_t b, int64_t e) { return k.moments(x + c * L.channel_stride[0], L, b, e); },
+      [&](int64_t b, int64_t e, Moments<double>* out) {
+        std::vector<acc_t<T>> scratch(static_cast<size_t>(3 * C));
+        k.cl_moments(x, L, b, e, out, scratch.data());
+      },
+      [](const Moments<double>& a, const Moments<double>& b) { return merge_moments(a, b); }, per_channel,
+      per_block);
 }
 
 // ---- the elementwise executor ----------------------------------------------------------
