@@ -34,11 +34,16 @@ static inline __attribute__((always_inline)) void map_contiguous(const acc_t<T>*
   using V = vec_t<A>;
   constexpr int VL = vlen<A>;
   int64_t i = 0;
+  // The coefficients in locals: through the caller's pointer they could alias the output (a
+  // vector of A aliases A), and every store would force them to be reloaded.
+  V kl[coef_slots<R>];
+  #pragma GCC unroll 4
+  for (int j = 0; j < R::kCoef; ++j) kl[j] = kv[j];
   auto vec_at = [&](int64_t at) {
     V v[R::kIn];
     #pragma GCC unroll 4
     for (int j = 0; j < R::kIn; ++j) v[j] = loadv(p[j] + at);
-    return apply_map(R{}, kv, v);
+    return apply_map(R{}, kl, v);
   };
   if (nt) {
     // Scalar head up to the vector store alignment, then streaming vector stores.
@@ -53,7 +58,7 @@ static inline __attribute__((always_inline)) void map_contiguous(const acc_t<T>*
     V v[R::kIn];
     #pragma GCC unroll 4
     for (int j = 0; j < R::kIn; ++j) v[j] = load_partial(p[j] + i, n - i);
-    store_partial(o + i, apply_map(R{}, kv, v), n - i);
+    store_partial(o + i, apply_map(R{}, kl, v), n - i);
   } else {
     for (; i < n; ++i) map_one<R, true, T>(k, p, o, i);
   }
@@ -70,6 +75,9 @@ void map_short_rows(const T* const* in, T* out, const Layout& L, int64_t begin, 
   using V = vec_t<A>;
   constexpr int VL = vlen<A>;
   constexpr int N = R::kIn;
+  V kl[coef_slots<R>];  // locals, as in map_contiguous
+  #pragma GCC unroll 4
+  for (int j = 0; j < R::kCoef; ++j) kl[j] = kv[j];
   for_each_segment<N + 1>(L, begin, end, [&](const int64_t* off, int64_t len) {
     const T* p[N];
     #pragma GCC unroll 4
@@ -91,8 +99,8 @@ void map_short_rows(const T* const* in, T* out, const Layout& L, int64_t begin, 
       for (int j = 0; j < N; ++j) v[NV][j] = loadv(p[j] + len - VL);
 #pragma GCC unroll 8
     for (int q = 0; q < NV; ++q)
-      if (q < full) storev<T>(o + q * VL, apply_map(R{}, kv, v[q]));
-    if (tail != 0) storev<T>(o + len - VL, apply_map(R{}, kv, v[NV]));
+      if (q < full) storev<T>(o + q * VL, apply_map(R{}, kl, v[q]));
+    if (tail != 0) storev<T>(o + len - VL, apply_map(R{}, kl, v[NV]));
   });
 }
 

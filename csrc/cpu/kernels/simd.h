@@ -5,6 +5,7 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #include "cpu/convert.h"
 
@@ -20,9 +21,18 @@ template <> struct vec_of<double> { typedef double type __attribute__((vector_si
 template <class A> using vec_t = typename vec_of<A>::type;
 template <class A> constexpr int vlen = 64 / sizeof(A);
 
+// v in every lane, as 0 + v (so -0 becomes +0, the bits every version has had). Written as
+// an initializer list: GCC lowers that to one broadcast, whereas `vec_t<A>{} + v` on vectors
+// wider than the ISA's registers went lane by lane through the stack in the per-row kernels
+// (16 scalar stores, then wide loads that cannot be forwarded: the 256x2048x7x7 inference
+// regression of the recipe executor).
+template <class A, std::size_t... I>
+static inline __attribute__((always_inline)) vec_t<A> splat_lanes(A v, std::index_sequence<I...>) {
+  return vec_t<A>{((void)I, v)...};
+}
 template <class A>
 static inline __attribute__((always_inline)) vec_t<A> splat(A v) {
-  return vec_t<A>{} + v;
+  return splat_lanes<A>(A(0) + v, std::make_index_sequence<vlen<A>>{});
 }
 
 // vlen<acc_t<T>> values of storage type T from p, in the accumulation type.
