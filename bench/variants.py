@@ -12,6 +12,7 @@ groups of --ghost samples (the batch dimension must divide by it)."""
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -60,8 +61,9 @@ def main() -> None:
     ap.add_argument("--ghost", type=int, default=32)
     args = ap.parse_args()
     bn.set_num_threads(args.threads)
-    print(f"{_cpu()}, ISA {bn.info()['simd']}, threads {args.threads}, float32, median of {args.reps}; "
-          "ratio = variant / plain")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"{_cpu()}, ISA {bn.info()['simd']}, threads {args.threads}, float32, median of {args.reps}, "
+          f"load {load:.2f}; ratio = variant / plain")
     print(f"{'case':22s} {'variant':22s} {'plain ms':>9s} {'variant ms':>10s} {'ratio':>6s}")
     for shape in QUICK if args.quick else SHAPES:
         for layout in _layouts(shape):

@@ -14,6 +14,7 @@ from helpers import (
     cast,
     channel_values,
     dtype_params,
+    lib_params,
     place,
     ref_backward,
     ref_normalize,
@@ -43,14 +44,15 @@ def _ref_fused(x, mean, invstd, w, b, r, axis, relu):
 @pytest.mark.parametrize("x_layout,r_layout", [("contiguous", "contiguous"), ("transposed", "contiguous"),
                                                ("sliced", "transposed"), ("reversed", "sliced")])
 @pytest.mark.parametrize("residual,relu", [(True, True), (True, False), (False, True)])
-def test_forward_training_fused(rng, dtype, shape, axis, x_layout, r_layout, residual, relu):
-    x = place(channel_values(rng, shape, axis), dtype, x_layout, axis)
-    r = place(rng.standard_normal(shape), dtype, r_layout, axis) if residual else None
+@pytest.mark.parametrize("xp", lib_params())
+def test_forward_training_fused(rng, xp, dtype, shape, axis, x_layout, r_layout, residual, relu):
+    x = place(channel_values(rng, shape, axis), dtype, x_layout, axis, xp)
+    r = place(rng.standard_normal(shape), dtype, r_layout, axis, xp) if residual else None
     C = shape[axis]
-    w = vector(rng.uniform(0.5, 2, C), "float32")
-    b = vector(rng.standard_normal(C), "float64", strided=True)
-    rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
-    rm0, rv0 = rm.copy(), rv.copy()
+    w = vector(rng.uniform(0.5, 2, C), "float32", xp=xp)
+    b = vector(rng.standard_normal(C), "float64", strided=True, xp=xp)
+    rm, rv = cast(np.zeros(C), "float32", xp), cast(np.ones(C), "float32", xp)
+    rm0, rv0 = cast(np.zeros(C), "float32", xp), cast(np.ones(C), "float32", xp)
     y, mean, invstd = bn.forward_training(x, w, b, running_mean=rm, running_var=rv, axis=axis, residual=r,
                                           activation="relu" if relu else None)
     # The statistics and the running update are those of plain batch norm: bit for bit when
@@ -87,12 +89,13 @@ def test_forward_inference_fused(rng, dtype, shape, axis, layout):
 @pytest.mark.parametrize("shape,axis", SHAPES)
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
 @pytest.mark.parametrize("relu", [True, False])
-def test_backward_fused(rng, dtype, shape, axis, layout, relu):
-    x = place(channel_values(rng, shape, axis), dtype, layout, axis)
-    r = place(rng.standard_normal(shape), dtype, "contiguous", axis)
-    dy = place(rng.standard_normal(shape), dtype, layout, axis)
+@pytest.mark.parametrize("xp", lib_params())
+def test_backward_fused(rng, xp, dtype, shape, axis, layout, relu):
+    x = place(channel_values(rng, shape, axis), dtype, layout, axis, xp)
+    r = place(rng.standard_normal(shape), dtype, "contiguous", axis, xp)
+    dy = place(rng.standard_normal(shape), dtype, layout, axis, xp)
     C = shape[axis]
-    w = rng.uniform(0.5, 2, C).astype(np.float32)
+    w = cast(rng.uniform(0.5, 2, C), "float32", xp)
     act = "relu" if relu else None
     y, mean, invstd = bn.forward_training(x, w, None, axis=axis, residual=r, activation=act)
     dx, dw, db, dres = bn.backward(dy, x, mean, invstd, w, axis=axis, y=y if relu else None, activation=act,
