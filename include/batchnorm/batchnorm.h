@@ -239,7 +239,8 @@ typedef struct {
 
 /* Initializers giving every option its default: `bn_training_options o = BN_TRAINING_OPTIONS_INIT;`
  * (C99 and C++). */
-#define BN_TRAINING_OPTIONS_INIT {sizeof(bn_training_options), NULL, BN_ACTIVATION_NONE, 0, 0, 0, 0, 0.0, 0.0, NULL, NULL}
+#define BN_TRAINING_OPTIONS_INIT \
+  {sizeof(bn_training_options), NULL, BN_ACTIVATION_NONE, 0, 0, 0, 0, 0.0, 0.0, NULL, NULL}
 #define BN_INFERENCE_OPTIONS_INIT {sizeof(bn_inference_options), NULL, BN_ACTIVATION_NONE, 0}
 #define BN_BACKWARD_OPTIONS_INIT {sizeof(bn_backward_options), NULL, NULL, BN_ACTIVATION_NONE, 0, NULL, NULL, 0}
 
