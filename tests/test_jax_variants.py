@@ -5,6 +5,10 @@ and, where the same kernels run (y, saved statistics, r and d, the gradients), a
 eager batchnorm functions bit for bit."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -269,6 +273,46 @@ def test_renorm_needs_running_statistics():
 def test_not_offered_across_devices(kw):
     with pytest.raises(ValueError, match="is not supported with axis_name"):
         bj.batch_norm(jnp.ones((4, 2)), None, None, jnp.zeros(2), jnp.ones(2), training=True, axis_name="batch", **kw)
+
+
+# ---- shard_map: skip_nonfinite and the biased variance across devices (own process) -----------
+
+@pytest.mark.slow
+def test_skip_nonfinite_across_devices():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "sharded variant checks passed" in proc.stdout
+
+
+def _sharded_checks():
+    """In a process with 2 CPU devices: a NaN on one device skips its channel's update on
+    every device (the statistics are merged first); the other channels match one device's."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((2,), ("batch",))
+    x = np.array(data((8, 3, 4)))
+    x[5, 1, 2] = np.nan  # on the second device
+    rm, rv = jnp.asarray([0.5, -0.25, 1.0]), jnp.asarray([1.5, 0.75, 2.0])
+
+    def bn(axis_name):
+        return lambda x, rm, rv: bj.batch_norm(x, None, None, rm, rv, training=True, axis_name=axis_name,
+                                               skip_nonfinite=True, running_var_unbiased=False)
+
+    f = jax.shard_map(bn("batch"), mesh=mesh, in_specs=(P("batch"), P(), P()), out_specs=(P("batch"), P(), P()))
+    y, new_rm, new_rv = jax.jit(f)(jax.device_put(x, NamedSharding(mesh, P("batch"))), rm, rv)
+    y0, rm0, rv0 = bn(None)(x, rm, rv)
+    assert bits(new_rm[1]) == bits(rm[1]) and bits(new_rv[1]) == bits(rv[1])
+    np.testing.assert_allclose(f64(new_rm), f64(rm0), rtol=1e-6)
+    np.testing.assert_allclose(f64(new_rv), f64(rv0), rtol=1e-6)
+    np.testing.assert_allclose(f64(y)[:, [0, 2]], f64(y0)[:, [0, 2]], rtol=1e-5, atol=1e-5)
+    print("sharded variant checks passed")
+
+
+if __name__ == "__main__":
+    _sharded_checks()
+    sys.exit(0)
 
 
 # ---- the Flax module -----------------------------------------------------------------------
