@@ -2,8 +2,10 @@
 (find_package(batchnorm) with `python -m batchnorm --cmake-dir`), runs every op through the C
 and the C++ program on contiguous, channels-last and strided (offset, negative stride) layouts,
 and compares every buffer, gaps included, with the same call through the Python API, bit for
-bit; the fused ops (the *_ex functions, 1.1) also against a float64 reference. Bad input must
-return the status and message of the Python error and change nothing."""
+bit; the fused ops (the *_ex functions, 1.1) also against a float64 reference, and the training
+variants (1.2: members appended to the options structs) against the Python API's variants and
+the float64 references of test_variants.py. Bad input must return the status and message of the
+Python error and change nothing."""
 from __future__ import annotations
 
 import ctypes
@@ -124,19 +126,27 @@ def python_op(op: str, v: Dict[str, np.ndarray], axis=1, eps=1e-5, momentum=0.1,
     *_ex ops are the plain ones with their options (`options null` is every default)."""
     get = v.get
     act = ACTIVATIONS[activation]
+    ghost = int(ex_options.get("ghost_batch", 0)) or None
     if op == "forward_training_ex":
-        _, sm, si = bn.forward_training(v["x"], get("weight"), get("bias"), running_mean=get("running_mean"),
-                                        running_var=get("running_var"), momentum=momentum, eps=eps, axis=axis,
-                                        out=v["y"], residual=get("residual"), activation=act)
-        v["saved_mean"][...], v["saved_invstd"][...] = sm, si
+        renorm = tuple(map(float, ex_options["renorm"].split())) if "renorm" in ex_options else None
+        out = bn.forward_training(v["x"], get("weight"), get("bias"), running_mean=get("running_mean"),
+                                  running_var=get("running_var"), momentum=momentum, eps=eps, axis=axis, out=v["y"],
+                                  residual=get("residual"), activation=act,
+                                  running_var_unbiased=not ex_options.get("running_var_biased", 0),
+                                  skip_nonfinite=bool(ex_options.get("skip_nonfinite", 0)), ghost_batch=ghost,
+                                  renorm=renorm)
+        v["saved_mean"][...], v["saved_invstd"][...] = out[1], out[2]
+        if renorm is not None:
+            v["renorm_r"][...], v["renorm_d"][...] = out[3], out[4]
         return None
     if op == "forward_inference_ex":
         bn.forward_inference(v["x"], v["mean"], v["var"], get("weight"), get("bias"), eps=eps, axis=axis, out=v["y"],
                              residual=get("residual"), activation=act)
         return None
     if op == "backward_ex":
+        renorm = (v["renorm_r"], v["renorm_d"]) if "renorm_r" in v else None
         r = bn.backward(v["dy"], v["x"], v["saved_mean"], v["saved_invstd"], get("weight"), axis=axis, out=v["dx"],
-                        y=get("y"), activation=act, residual="dresidual" in v)
+                        y=get("y"), activation=act, residual="dresidual" in v, renorm=renorm, ghost_batch=ghost)
         v["dweight"][...], v["dbias"][...] = r[1], r[2]
         if "dresidual" in v:
             v["dresidual"][...] = r[3]
@@ -348,7 +358,7 @@ def test_cuda_tensor_without_a_gpu(program, tmp_path, rng):
 
 def test_version(program):
     out = dict(line.split() for line in _run([program, "--version"]).stdout.splitlines())
-    assert out["header"] == out["library"] and int(out["library"]) >= 10100  # 1.1: the fused ops
+    assert out["header"] == out["library"] and int(out["library"]) >= 10200  # 1.2: the training variants
 
 
 def test_last_error_is_per_thread(programs):
@@ -504,10 +514,28 @@ def test_default_options_are_the_plain_op(program, tmp_path, rng, options):
         assert ex[name].tobytes() == plain[name].tobytes(), name
 
 
-# Each *_ex op's options struct: its type, its initializer and its number of pointer members.
-OPTIONS = {"forward_training_ex": ("bn_training_options", "BN_TRAINING_OPTIONS_INIT", 1),
-           "forward_inference_ex": ("bn_inference_options", "BN_INFERENCE_OPTIONS_INIT", 1),
-           "backward_ex": ("bn_backward_options", "BN_BACKWARD_OPTIONS_INIT", 2)}
+# Each *_ex op's options struct: its type, its initializer, its size in 1.1 (the least a
+# caller passes) and in 1.2, from the members as ctypes lays them out (the C compiler's ABI).
+_SIZE, _PTR, _I32, _I64, _F64 = (ctypes.c_size_t, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64,
+                                 ctypes.c_double)
+
+
+def _sizeof(*members) -> int:
+    fields = [(f"m{i}", t) for i, t in enumerate(members)]
+    return ctypes.sizeof(type("S", (ctypes.Structure,), {"_fields_": fields}))
+
+
+_TRAINING_11 = (_SIZE, _PTR, _I32, _I32)  # struct_size, residual, activation, reserved0
+_BACKWARD_11 = (_SIZE, _PTR, _PTR, _I32, _I32)  # struct_size, y, dresidual_out, activation, reserved0
+OPTIONS = {
+    "forward_training_ex": ("bn_training_options", "BN_TRAINING_OPTIONS_INIT", _sizeof(*_TRAINING_11),
+                            # running_var_biased, skip_nonfinite, ghost_batch, rmax, dmax, r_out, d_out
+                            _sizeof(*_TRAINING_11, _I32, _I32, _I64, _F64, _F64, _PTR, _PTR)),
+    "forward_inference_ex": ("bn_inference_options", "BN_INFERENCE_OPTIONS_INIT", _sizeof(_SIZE, _PTR, _I32, _I32),
+                             _sizeof(_SIZE, _PTR, _I32, _I32)),
+    "backward_ex": ("bn_backward_options", "BN_BACKWARD_OPTIONS_INIT", _sizeof(*_BACKWARD_11),
+                    _sizeof(*_BACKWARD_11, _PTR, _PTR, _I64)),  # + renorm_r, renorm_d, ghost_batch
+}
 
 
 def _case(op, rng) -> Dict[str, Tensor]:
@@ -532,12 +560,11 @@ def _fails_cleanly(program, tmp_path, op, tensors, **options) -> Tuple[int, str]
 def test_bad_options(program, tmp_path, rng, op):
     """An uninitialized struct_size, a newer caller's non-default members, a reserved member or
     an unknown activation: BN_ERROR_VALUE naming the problem, nothing written."""
-    type_name, init, pointers = OPTIONS[op]
-    size = ctypes.sizeof(ctypes.c_size_t) + pointers * ctypes.sizeof(ctypes.c_void_p) + 8  # + activation, reserved0
+    type_name, init, first, size = OPTIONS[op]
     tensors = _case(op, rng)
     status, message = _fails_cleanly(program, tmp_path, op, tensors, options_size=0)
-    assert (status, message) == (1, f"options->struct_size must be sizeof({type_name}) ({size} in batchnorm 1.1; "
-                                    f"at least {size}), got 0: initialize the options with {init}")
+    assert (status, message) == (1, f"options->struct_size must be sizeof({type_name}) ({size} in batchnorm 1.2; "
+                                    f"at least {first}), got 0: initialize the options with {init}")
     status, message = _fails_cleanly(program, tmp_path, op, tensors, options_extra=1)
     assert status == 1 and message.startswith(f"options ({type_name}, struct_size ") and message.endswith(
         "does not know: the program needs a newer libbatchnorm")
@@ -597,3 +624,185 @@ def test_symbol_versions(programs):
         "bn_forward_inference", "bn_backward", "bn_fold", "bn_set_num_threads", "bn_get_num_threads"}
     needs = _run([readelf, "-V", "-W", programs["capi_c"]]).stdout
     assert "Name: BATCHNORM_1.1" in needs
+
+
+# ---- the training variants (1.2): members appended to the options structs ----------------------
+
+def _variant_training(rng, name="strided", dtype=np.float32) -> Dict[str, Tensor]:
+    """A training case whose running statistics make batch renorm clip r in some channels and d
+    in others."""
+    return {"x": layout(rng, name, dtype), **params(rng, dtype), "running_mean": vector(np.array([0.0, 3.0, -0.1],
+            acc(dtype))), "running_var": vector(np.array([1.0, 0.01, 1.2], acc(dtype))),
+            "y": layout(rng, "contiguous", dtype, fill=7.0), "saved_mean": zeros(dtype=acc(dtype)),
+            "saved_invstd": zeros(dtype=acc(dtype))}
+
+
+def _ghost_saved(dtype=np.float32, groups=2) -> Dict[str, Tensor]:
+    return {"saved_mean": (np.full((groups, C), -7.0, acc(dtype)), _whole),
+            "saved_invstd": (np.full((groups, C), -7.0, acc(dtype)), _whole)}
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+@pytest.mark.parametrize("variant", ["biased", "skip_nonfinite", "ghost", "renorm", "renorm_relu"])
+def test_variant_forward_training(program, tmp_path, rng, name, variant):
+    """Each variant through bn_forward_training_ex gives the Python API's bits in every buffer."""
+    tensors = _variant_training(rng, name)
+    options = {}
+    if variant == "biased":
+        options = dict(running_var_biased=1)
+    elif variant == "skip_nonfinite":
+        tensors["x"][1](tensors["x"][0])[1, 1, 2, 1] = np.nan  # channel 1 only (written through the view)
+        options = dict(skip_nonfinite=1)
+    elif variant == "ghost":
+        tensors.update(_ghost_saved())
+        options = dict(ghost_batch=2)
+    else:
+        tensors.update(renorm_r=zeros(), renorm_d=zeros())
+        options = dict(renorm="1.5 0.75")
+        if variant == "renorm_relu":
+            tensors["residual"] = layout(rng, "channels_last")
+            options["activation"] = 1
+    check_same_as_python(program, tmp_path, "forward_training_ex", tensors, axis=1, eps=1e-3, momentum=0.25,
+                         **options)
+    if variant == "skip_nonfinite":  # the non-finite channel's running statistics are bit for bit the same
+        _, _, _, after = run_c(program, tmp_path, "forward_training_ex", tensors, **options)
+        bad = ~np.isfinite(after["saved_mean"])
+        assert bad.any() and not bad.all()
+        for stat in ("running_mean", "running_var"):
+            assert after[stat][bad].tobytes() == tensors[stat][0][bad].tobytes()
+            assert (after[stat][~bad] != tensors[stat][0][~bad]).all()
+
+
+def test_renorm_against_the_paper(program, tmp_path, rng):
+    """bn_forward_training_ex's renorm and bn_backward_ex with its r and d against the float64
+    algorithm of Ioffe 2017 (test_variants.py's references)."""
+    from test_variants import renorm_backward_reference, renorm_reference
+
+    tensors = {**_variant_training(rng, "channels_last", np.float64), "renorm_r": zeros(dtype=np.float64),
+               "renorm_d": zeros(dtype=np.float64)}
+    status, _, message, after = run_c(program, tmp_path, "forward_training_ex", tensors, eps=1e-3, momentum=0.25,
+                                      renorm="1.5 0.75")
+    assert (status, message) == (0, "")
+    v = {k: view_of(after[k]) for k, (_, view_of) in tensors.items()}
+    x, w, b = (view_of(base) for base, view_of in (tensors["x"], tensors["weight"], tensors["bias"]))
+    want = renorm_reference(x, w, b, tensors["running_mean"][0], tensors["running_var"][0], 0.25, 1e-3, 1.5, 0.75, 1)
+    got = (v["y"], v["saved_mean"], v["saved_invstd"], v["renorm_r"], v["renorm_d"], v["running_mean"],
+           v["running_var"])
+    for what, g, w_ in zip(("y", "mean", "invstd", "r", "d", "running_mean", "running_var"), got, want):
+        np.testing.assert_allclose(g, w_, rtol=1e-12, atol=1e-12, err_msg=what)
+    assert (v["renorm_r"] == 1.5).any() and (np.abs(v["renorm_d"]) == 0.75).any()  # the clipping ran
+    dy = layout(rng, "contiguous", np.float64)
+    back = {"dy": dy, "x": tensors["x"], "saved_mean": vector(v["saved_mean"]),
+            "saved_invstd": vector(v["saved_invstd"]), "weight": tensors["weight"],
+            "renorm_r": vector(v["renorm_r"]), "renorm_d": vector(v["renorm_d"]),
+            "dx": layout(rng, "strided", np.float64, fill=7.0), "dweight": zeros(dtype=np.float64),
+            "dbias": zeros(dtype=np.float64)}
+    check_same_as_python(program, tmp_path, "backward_ex", back, axis=1)
+    _, _, _, after = run_c(program, tmp_path, "backward_ex", back)
+    dx, dweight, dbias = renorm_backward_reference(dy[0], x, w, v["renorm_r"], v["renorm_d"], 1e-3, 1)
+    np.testing.assert_allclose(back["dx"][1](after["dx"]), dx, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(after["dweight"], dweight, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(after["dbias"], dbias, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+def test_ghost_forward_and_backward(program, tmp_path, rng, dtype):
+    """Ghost batch norm forward (saved statistics (N / G, C)) and backward through the C ABI,
+    bit for bit the Python API's; each group is plain batch norm of its samples."""
+    tensors = {**_variant_training(rng, "channels_last", dtype), **_ghost_saved(dtype)}
+    check_same_as_python(program, tmp_path, "forward_training_ex", tensors, axis=1, ghost_batch=2)
+    _, _, _, after = run_c(program, tmp_path, "forward_training_ex", tensors, ghost_batch=2)
+    x = tensors["x"][1](tensors["x"][0])
+    y0, m0, s0 = bn.forward_training(x[:2], tensors["weight"][0], tensors["bias"][0])
+    np.testing.assert_allclose(after["y"][:2].astype(np.float64), y0.astype(np.float64), **_tolerance(dtype))
+    # The group's statistics as plain batch norm's (the reduction order over the group may differ).
+    np.testing.assert_allclose(after["saved_mean"][0], m0, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(after["saved_invstd"][0], s0, rtol=1e-6)
+    back = {"dy": layout(rng, "strided", dtype), "x": tensors["x"], "saved_mean": vector(after["saved_mean"]),
+            "saved_invstd": vector(after["saved_invstd"]), "weight": tensors["weight"],
+            "dx": layout(rng, "contiguous", dtype, fill=7.0), "dweight": zeros(dtype=acc(dtype)),
+            "dbias": zeros(dtype=acc(dtype))}
+    check_same_as_python(program, tmp_path, "backward_ex", back, axis=1, ghost_batch=2)
+
+
+def test_old_struct_size_ignores_variants(program, tmp_path, rng):
+    """A 1.1 caller's struct_size: the variant members (beyond it) are never read, so the call
+    is the plain op even when the bytes there are set."""
+    tensors = _variant_training(rng)
+    _, _, _, plain = run_c(program, tmp_path, "forward_training", tensors)
+    first = OPTIONS["forward_training_ex"][2]
+    status, _, message, ex = run_c(program, tmp_path, "forward_training_ex", tensors, options_size=first,
+                                   running_var_biased=1, skip_nonfinite=1, ghost_batch=2)
+    assert (status, message) == (0, "")
+    for name in tensors:
+        assert ex[name].tobytes() == plain[name].tobytes(), name
+    back = {"dy": layout(rng, "contiguous"), "x": tensors["x"], "saved_mean": vector(ex["saved_mean"]),
+            "saved_invstd": vector(ex["saved_invstd"]), "dx": layout(rng, "contiguous", fill=7.0),
+            "dweight": zeros(), "dbias": zeros()}
+    _, _, _, plain = run_c(program, tmp_path, "backward", back)
+    status, _, message, ex = run_c(program, tmp_path, "backward_ex", back, ghost_batch=3,
+                                   options_size=OPTIONS["backward_ex"][2])
+    assert (status, message) == (0, "")
+    for name in back:
+        assert ex[name].tobytes() == plain[name].tobytes(), name
+
+
+def _renorm_case(rng):
+    return {**_variant_training(rng), "renorm_r": zeros(), "renorm_d": zeros()}
+
+
+def _no_running(t):
+    del t["running_mean"], t["running_var"]
+    return t
+
+
+# (case, options): bad variant options that the Python API refuses too, with the same words.
+BAD_VARIANTS = {
+    "rmax": (_renorm_case, dict(renorm="0.5 1")),
+    "dmax": (_renorm_case, dict(renorm="2 -1")),
+    "rmax_nan": (_renorm_case, dict(renorm="nan 1")),
+    "ghost_divides": (lambda rng: _variant_training(rng), dict(ghost_batch=3)),
+    "ghost_and_renorm": (lambda rng: {**_renorm_case(rng), **_ghost_saved()}, dict(ghost_batch=2, renorm="2 1")),
+    "renorm_without_running": (lambda rng: _no_running(_renorm_case(rng)), dict(renorm="2 1")),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_VARIANTS))
+def test_bad_variant_as_python(program, tmp_path, rng, bad):
+    make, options = BAD_VARIANTS[bad]
+    tensors = make(rng)
+    status, message = _fails_cleanly(program, tmp_path, "forward_training_ex", tensors, **options)
+    with pytest.raises((ValueError, TypeError)) as python:
+        python_op("forward_training_ex", views(tensors), **options)
+    assert (status, message) == (STATUS[python.type], str(python.value))
+
+
+def test_bad_variant_backward_as_python(program, tmp_path, rng):
+    x = layout(rng, "contiguous")
+    _, sm, si = bn.forward_training(x[1](x[0]), ghost_batch=2)
+    back = {"dy": layout(rng, "contiguous"), "x": x, "saved_mean": vector(sm), "saved_invstd": vector(si),
+            "dx": layout(rng, "contiguous", fill=7.0), "dweight": zeros(), "dbias": zeros()}
+    for options in (dict(ghost_batch=4), dict()):
+        status, message = _fails_cleanly(program, tmp_path, "backward_ex", back, **options)
+        with pytest.raises((ValueError, TypeError)) as python:
+            python_op("backward_ex", views(back), **options)
+        assert (status, message) == (STATUS[python.type], str(python.value))
+    back.update(saved_mean=vector(sm[0]), saved_invstd=vector(si[0]), renorm_r=vector(np.ones(C + 1, np.float32)),
+                renorm_d=zeros())
+    status, message = _fails_cleanly(program, tmp_path, "backward_ex", back)
+    with pytest.raises(ValueError) as python:
+        python_op("backward_ex", views(back))
+    assert (status, message) == (1, str(python.value))
+
+
+@pytest.mark.parametrize("options, words", [
+    (dict(running_var_biased=2), "options->running_var_biased must be 0 or 1, got 2"),
+    (dict(skip_nonfinite=-1), "options->skip_nonfinite must be 0 or 1, got -1"),
+    (dict(renorm="2 1"), "renorm_r_out must be an array, got NULL"),
+    # The core's words (the Python API says "... or None" for its None).
+    (dict(ghost_batch=-2), "ghost_batch must be a positive int (samples per group), got -2"),
+], ids=["biased_flag", "skip_flag", "renorm_without_outputs", "ghost_negative"])
+def test_bad_variant_members(program, tmp_path, rng, options, words):
+    """The C-only rules of the new members: flags are 0 or 1; renorm needs its output arrays."""
+    status, message = _fails_cleanly(program, tmp_path, "forward_training_ex", _variant_training(rng), **options)
+    assert (status, message) == (STATUS[TypeError] if "NULL" in words else STATUS[ValueError], words)

@@ -65,10 +65,23 @@ Options read_options(const Options* given, const char* type, const char* init) {
   return o;
 }
 
+// A 0/1 flag of the options (int32_t in C): any other value is refused, not read as true, so
+// a later version may give the other values a meaning.
+bool flag(int32_t v, const char* member) {
+  BN_EXPECTS(v == 0 || v == 1, value_error, "options->", member, " must be 0 or 1, got ", v);
+  return v == 1;
+}
+
+// The options structs end on an 8-byte member: no tail padding, whose bytes a caller could not
+// be expected to zero (read_options checks those past the library's size), on 32- and 64-bit.
+static_assert(sizeof(bn_training_options) == offsetof(bn_training_options, renorm_d_out) + sizeof(DLTensor*));
+static_assert(sizeof(bn_backward_options) == offsetof(bn_backward_options, ghost_batch) + sizeof(int64_t));
+
 }  // namespace
 }  // namespace batchnorm::capi
 
 using namespace batchnorm;
+using batchnorm::capi::flag;
 using batchnorm::capi::guarded;
 using batchnorm::capi::optional;
 using batchnorm::capi::read_options;
@@ -145,6 +158,15 @@ BN_API bn_status bn_forward_training_ex(const DLTensor* x, const DLTensor* weigh
     p.saved_invstd = required(saved_invstd, "saved_invstd");
     p.residual = optional(o.residual, "residual");
     p.activation = static_cast<Activation>(o.activation);
+    p.running_var_unbiased = !flag(o.running_var_biased, "running_var_biased");
+    p.skip_nonfinite = flag(o.skip_nonfinite, "skip_nonfinite");
+    p.ghost_batch = o.ghost_batch;
+    // renorm is on when either limit is set; the core then checks rmax >= 1 and dmax >= 0.
+    p.renorm = o.renorm_rmax != 0.0 || o.renorm_dmax != 0.0;
+    p.renorm_rmax = o.renorm_rmax;
+    p.renorm_dmax = o.renorm_dmax;
+    p.renorm_r = p.renorm ? required(o.renorm_r_out, "renorm_r_out") : optional(o.renorm_r_out, "renorm_r_out");
+    p.renorm_d = p.renorm ? required(o.renorm_d_out, "renorm_d_out") : optional(o.renorm_d_out, "renorm_d_out");
     p.exec.stream = stream;
     forward_training(p);
   });
@@ -202,6 +224,9 @@ BN_API bn_status bn_backward_ex(const DLTensor* dy, const DLTensor* x, const DLT
     p.y = optional(o.y, "y");
     p.activation = static_cast<Activation>(o.activation);
     p.dresidual = optional(o.dresidual_out, "dresidual_out");
+    p.renorm_r = optional(o.renorm_r, "renorm_r");
+    p.renorm_d = optional(o.renorm_d, "renorm_d");
+    p.ghost_batch = o.ghost_batch;
     p.exec.stream = stream;
     backward(p);
   });

@@ -166,14 +166,37 @@ ffi::Error merge_impl(const Target& t, ffi::AnyBuffer means, ffi::AnyBuffer vars
   });
 }
 
-// The core's fused training pass, which reports the batch variance only through the running
-// variance it updates: with momentum 1 and zeroed running statistics, that update
-// (1 - 1) * 0 + 1 * v is exactly the unbiased batch variance v. `running_mean` is scratch for
-// the update the core makes alongside.
+// Copies a (C,) buffer into another of the same dtype and size, in the order of the call's work.
+void copy(const TensorView& to, const TensorView& from, const Target& t) {
+  const size_t bytes = static_cast<size_t>(to.numel()) * dtype_size(to.dtype);
+#if defined(BN_WITH_CUDA)
+  if (t.device.kind == DeviceKind::cuda) {
+    const cudaError_t err = cudaMemcpyAsync(to.data, from.data, bytes, cudaMemcpyDeviceToDevice,
+                                            static_cast<cudaStream_t>(t.exec.stream));
+    BN_EXPECTS(err == cudaSuccess, runtime_error, "cudaMemcpyAsync failed: ", cudaGetErrorString(err));
+    return;
+  }
+#endif
+  std::memcpy(to.data, from.data, bytes);
+}
+
+// The core's fused training pass, which reports the batch statistics only through the running
+// statistics it updates: with momentum 1 and zeroed running statistics, that update
+// (1 - 1) * 0 + 1 * s is exactly the batch mean and the batch variance, unbiased or (unbiased
+// == 0) biased, rounded once (the whole batch's with ghost_batch, whose saved statistics are
+// per group). The running statistics
+// proper are updated by the caller (python/batchnorm/jax/functional.py), with its convention.
+// Batch renorm (renorm != 0) takes r and d from the caller's running statistics as they are
+// before the update: they are copied into the two results first, where the momentum-1 update
+// then leaves 0 * running + s, the same batch statistics for finite running statistics.
+// r and d are the optional results, given with renorm.
 ffi::Error forward_training_impl(const Target& t, ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer bias,
+                                 ffi::AnyBuffer running_mean_in, ffi::AnyBuffer running_var_in,
                                  std::optional<ffi::AnyBuffer> residual, int64_t rank, int64_t axis, double eps,
-                                 int64_t activation, Out y, Out saved_mean, Out saved_invstd, Out var_unbiased,
-                                 Out running_mean) {
+                                 int64_t activation, int64_t unbiased, int64_t renorm, double rmax, double dmax,
+                                 int64_t ghost_batch, Out y, Out saved_mean, Out saved_invstd, Out batch_var,
+                                 Out batch_mean,
+                                 std::optional<Out> renorm_r, std::optional<Out> renorm_d) {
   return guarded([&] {
     const Batch b = batch_of(x, rank);
     for (int64_t i = 0; i < b.size; ++i) {
@@ -181,10 +204,16 @@ ffi::Error forward_training_impl(const Target& t, ffi::AnyBuffer x, ffi::AnyBuff
       p.x = slice(x, b.lead, i, t.device);
       p.weight = slice(weight, b.lead, i, t.device);
       p.bias = slice(bias, b.lead, i, t.device);
-      p.running_mean = slice(running_mean, b.lead, i, t.device);
-      p.running_var = slice(var_unbiased, b.lead, i, t.device);
-      zero(p.running_mean, t);
-      zero(p.running_var, t);
+      p.running_mean = slice(batch_mean, b.lead, i, t.device);
+      p.running_var = slice(batch_var, b.lead, i, t.device);
+      p.running_var_unbiased = unbiased != 0;
+      if (renorm) {
+        copy(p.running_mean, slice(running_mean_in, b.lead, i, t.device), t);
+        copy(p.running_var, slice(running_var_in, b.lead, i, t.device), t);
+      } else {
+        zero(p.running_mean, t);
+        zero(p.running_var, t);
+      }
       p.momentum = 1.0;
       p.eps = eps;
       p.axis = static_cast<int>(axis);
@@ -193,6 +222,12 @@ ffi::Error forward_training_impl(const Target& t, ffi::AnyBuffer x, ffi::AnyBuff
       p.saved_invstd = slice(saved_invstd, b.lead, i, t.device);
       p.residual = slice(residual, b.lead, i, t.device);
       p.activation = static_cast<Activation>(activation);
+      p.renorm = renorm != 0;
+      p.renorm_rmax = rmax;
+      p.renorm_dmax = dmax;
+      p.renorm_r = slice(renorm_r, b.lead, i, t.device);
+      p.renorm_d = slice(renorm_d, b.lead, i, t.device);
+      p.ghost_batch = ghost_batch;
       p.exec = t.exec;
       forward_training(p);
     }
@@ -222,13 +257,25 @@ ffi::Error forward_inference_impl(const Target& t, ffi::AnyBuffer x, ffi::AnyBuf
   });
 }
 
-// y (the fused forward's output) is given with activation relu; dresidual is asked for when
-// the forward had a residual.
+// The optional arguments, in this order when given: y (the fused forward's output, with
+// activation relu: the ReLU's mask), then r and d (renorm != 0: the batch-renorm forward's, as
+// constants). XLA decodes optional arguments by position alone, so the attributes say which
+// the given ones are. dresidual is asked for when the forward had a residual; ghost_batch > 0:
+// saved_mean / saved_invstd are the ghost forward's (N / ghost_batch, C) statistics.
 ffi::Error backward_impl(const Target& t, ffi::AnyBuffer dy, ffi::AnyBuffer x, ffi::AnyBuffer saved_mean,
-                         ffi::AnyBuffer saved_invstd, ffi::AnyBuffer weight, std::optional<ffi::AnyBuffer> y,
-                         int64_t rank, int64_t axis, int64_t activation, Out dx, Out dweight, Out dbias,
-                         std::optional<Out> dresidual) {
+                         ffi::AnyBuffer saved_invstd, ffi::AnyBuffer weight, std::optional<ffi::AnyBuffer> opt0,
+                         std::optional<ffi::AnyBuffer> opt1, std::optional<ffi::AnyBuffer> opt2, int64_t rank,
+                         int64_t axis, int64_t activation, int64_t renorm, int64_t ghost_batch, Out dx, Out dweight,
+                         Out dbias, std::optional<Out> dresidual) {
   return guarded([&] {
+    std::optional<ffi::AnyBuffer>* given[] = {&opt0, &opt1, &opt2};
+    size_t next = 0;
+    const std::optional<ffi::AnyBuffer> none;
+    const std::optional<ffi::AnyBuffer>& y = activation != 0 ? *given[next++] : none;
+    const std::optional<ffi::AnyBuffer>& r = renorm ? *given[next++] : none;
+    const std::optional<ffi::AnyBuffer>& d = renorm ? *given[next++] : none;
+    BN_EXPECTS((!renorm || (r && d)) && (activation == 0 || y) && (next == 3 || !*given[next]), value_error,
+               "batchnorm FFI: the backward's optional arguments do not match its activation and renorm attributes");
     const Batch b = batch_of(x, rank);
     for (int64_t i = 0; i < b.size; ++i) {
       BackwardParams p;
@@ -244,6 +291,9 @@ ffi::Error backward_impl(const Target& t, ffi::AnyBuffer dy, ffi::AnyBuffer x, f
       p.y = slice(y, b.lead, i, t.device);
       p.activation = static_cast<Activation>(activation);
       p.dresidual = slice(dresidual, b.lead, i, t.device);
+      p.renorm_r = slice(r, b.lead, i, t.device);
+      p.renorm_d = slice(d, b.lead, i, t.device);
+      p.ghost_batch = ghost_batch;
       p.exec = t.exec;
       backward(p);
     }
@@ -289,18 +339,22 @@ using batchnorm::jax::Platforms;
   b.Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Attr<ffi::Span<const int64_t>>("counts").Ret<ffi::AnyBuffer>() \
       .Ret<ffi::AnyBuffer>()
 #define BN_FORWARD_TRAINING_ARGS(b)                                                                        \
-  b.Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().OptionalArg<ffi::AnyBuffer>()          \
-      .Attr<int64_t>("rank").Attr<int64_t>("axis").Attr<double>("eps").Attr<int64_t>("activation")           \
-      .Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
+  b.Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<           \
+       ffi::AnyBuffer>().OptionalArg<ffi::AnyBuffer>().Attr<int64_t>("rank").Attr<int64_t>("axis")           \
+      .Attr<double>("eps").Attr<int64_t>("activation").Attr<int64_t>("unbiased").Attr<int64_t>("renorm")     \
+      .Attr<double>("rmax").Attr<double>("dmax").Attr<int64_t>("ghost_batch").Ret<ffi::AnyBuffer>()         \
+      .Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()               \
+      .OptionalRet<ffi::AnyBuffer>().OptionalRet<ffi::AnyBuffer>()
 #define BN_FORWARD_INFERENCE_ARGS(b)                                                                      \
   b.Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<           \
        ffi::AnyBuffer>().OptionalArg<ffi::AnyBuffer>().Attr<int64_t>("rank").Attr<int64_t>("axis")           \
       .Attr<double>("eps").Attr<int64_t>("activation").Ret<ffi::AnyBuffer>()
 #define BN_BACKWARD_ARGS(b)                                                                                \
   b.Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<           \
-       ffi::AnyBuffer>().OptionalArg<ffi::AnyBuffer>().Attr<int64_t>("rank").Attr<int64_t>("axis")           \
-      .Attr<int64_t>("activation").Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()          \
-      .OptionalRet<ffi::AnyBuffer>()
+       ffi::AnyBuffer>().OptionalArg<ffi::AnyBuffer>().OptionalArg<ffi::AnyBuffer>().OptionalArg<           \
+       ffi::AnyBuffer>().Attr<int64_t>("rank").Attr<int64_t>("axis").Attr<int64_t>("activation")            \
+      .Attr<int64_t>("renorm").Attr<int64_t>("ghost_batch").Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()      \
+      .Ret<ffi::AnyBuffer>().OptionalRet<ffi::AnyBuffer>()
 
 #define BN_DEFINE_HANDLERS_CPU(name, impl, ARGS) \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(bn_jax_##name##_cpu, Platforms<batchnorm::jax::impl>::cpu, ARGS(ffi::Ffi::Bind()));

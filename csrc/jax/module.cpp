@@ -68,10 +68,12 @@ py::tuple summary(const TensorView& x, int axis) {
   return py::make_tuple(normalize_axis(axis, x.ndim), C, dtype_name(statistics_dtype(x.dtype)));
 }
 
-// residual and activation: the fused op's (activation as the core's code).
+// residual and activation: the fused op's (activation as the core's code); the training
+// variants as the core takes them (renorm with rmax / dmax, ghost_batch 0 for off).
 py::tuple check_forward_training(const Spec& x_spec, const Spec& weight, const Spec& bias, const Spec& running_mean,
                                  const Spec& running_var, double momentum, double eps, int axis, const Spec& residual,
-                                 int activation) {
+                                 int activation, bool running_var_unbiased, bool skip_nonfinite, bool renorm,
+                                 double rmax, double dmax, int64_t ghost_batch) {
   Phantoms mem;
   ForwardTrainingParams p;
   p.x = mem.array(x_spec, "x");
@@ -83,11 +85,31 @@ py::tuple check_forward_training(const Spec& x_spec, const Spec& weight, const S
   p.eps = eps;
   p.axis = axis;
   const int64_t C = channel_count(p.x, "x", axis, 2);
+  const DType acc = statistics_dtype(p.x.dtype);
   p.y = mem.like(p.x);
-  p.saved_mean = mem.vector(C, statistics_dtype(p.x.dtype));
-  p.saved_invstd = mem.vector(C, statistics_dtype(p.x.dtype));
+  // Ghost batch norm saves one row per group (a bad ghost_batch is the core's error to raise).
+  const bool ghost_rows = ghost_batch > 0 && normalize_axis(axis, p.x.ndim) != 0 && p.x.shape[0] % ghost_batch == 0;
+  if (ghost_rows) {
+    const Spec rows =
+        std::make_tuple(std::vector<int64_t>{p.x.shape[0] / ghost_batch, C}, std::string(dtype_name(acc)));
+    p.saved_mean = mem.array(rows, "saved_mean");
+    p.saved_invstd = mem.array(rows, "saved_invstd");
+  } else {
+    p.saved_mean = mem.vector(C, acc);
+    p.saved_invstd = mem.vector(C, acc);
+  }
   p.residual = mem.array(residual, "residual");
   p.activation = static_cast<Activation>(activation);
+  p.running_var_unbiased = running_var_unbiased;
+  p.skip_nonfinite = skip_nonfinite;
+  p.renorm = renorm;
+  p.renorm_rmax = rmax;
+  p.renorm_dmax = dmax;
+  if (renorm) {
+    p.renorm_r = mem.vector(C, acc);
+    p.renorm_d = mem.vector(C, acc);
+  }
+  p.ghost_batch = ghost_batch;
   p.exec.validate_only = true;
   forward_training(p);
   return summary(p.x, axis);
@@ -167,7 +189,9 @@ PYBIND11_MODULE(_jax, m) {
   m.def("ffi_api_version", [] { return py::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR); });
   m.def("check_forward_training", &check_forward_training, py::arg("x"), py::arg("weight"), py::arg("bias"),
         py::arg("running_mean"), py::arg("running_var"), py::arg("momentum"), py::arg("eps"), py::arg("axis"),
-        py::arg("residual") = py::none(), py::arg("activation") = 0);
+        py::arg("residual") = py::none(), py::arg("activation") = 0, py::arg("running_var_unbiased") = true,
+        py::arg("skip_nonfinite") = false, py::arg("renorm") = false, py::arg("rmax") = 1.0, py::arg("dmax") = 0.0,
+        py::arg("ghost_batch") = 0);
   m.def("check_forward_inference", &check_forward_inference, py::arg("x"), py::arg("mean"), py::arg("var"),
         py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("axis"), py::arg("mean_arg") = "mean",
         py::arg("var_arg") = "var", py::arg("residual") = py::none(), py::arg("activation") = 0);

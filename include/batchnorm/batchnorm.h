@@ -3,7 +3,9 @@
  * returns BN_OK or a bn_status, with bn_last_error() the thread's message. No C++ exception
  * ever leaves the library, and a failed call writes nothing (outputs and running statistics
  * are untouched). Link with the CMake target batchnorm::batchnorm (libbatchnorm.so.1).
- * Version 1.1 added the fused forward and backward (the *_ex functions and their options). */
+ * Version 1.1 added the fused forward and backward (the *_ex functions and their options); 1.2
+ * the training variants (batch renorm, ghost batch norm, skip_nonfinite, the biased running
+ * variance) as members appended to those options. */
 #ifndef BATCHNORM_BATCHNORM_H_
 #define BATCHNORM_BATCHNORM_H_
 
@@ -13,7 +15,7 @@
 /* The ABI version, the one place it is written (CMake reads it for the SONAME and the package
  * version). A new major version may break callers; minor versions only add. */
 #define BN_VERSION_MAJOR 1
-#define BN_VERSION_MINOR 1
+#define BN_VERSION_MINOR 2
 #define BN_VERSION_PATCH 0
 #define BN_VERSION (BN_VERSION_MAJOR * 10000 + BN_VERSION_MINOR * 100 + BN_VERSION_PATCH)
 
@@ -179,6 +181,31 @@ typedef struct {
   const DLTensor* residual; /* optional: x's shape, dtype and device, any strides; NULL: no add */
   int32_t activation;       /* a bn_activation: BN_ACTIVATION_NONE (default) or BN_ACTIVATION_RELU */
   int32_t reserved0;        /* must be 0 (a later minor version may give it a meaning, 0 its default) */
+  /* Since 1.2, the training variants (the Python API's forward_training(..., running_var_unbiased,
+   * skip_nonfinite, ghost_batch, renorm)); a program setting them needs libbatchnorm >= 1.2
+   * (find_package(batchnorm 1.2 CONFIG REQUIRED)): an older library refuses them (see above). */
+  /* 1: running_var takes the biased batch variance (Keras, Flax); 0 (default): the unbiased one
+   * (PyTorch). */
+  int32_t running_var_biased;
+  /* 1: a channel whose batch statistics are not finite keeps its running statistics bit for bit
+   * (y is still computed, saved_mean / saved_invstd show the non-finite values); 0: off. */
+  int32_t skip_nonfinite;
+  /* Ghost batch norm (Hoffer et al. 2017): > 0, statistics per group of ghost_batch consecutive
+   * samples along axis 0 (which must divide x.shape[0] and not be the channel axis), each
+   * group normalized with its own; saved_mean / saved_invstd are then (x.shape[0] / ghost_batch,
+   * C) contiguous arrays; the running statistics are updated once, with the whole batch's.
+   * 0: off. */
+  int64_t ghost_batch;
+  /* Batch renormalization (Ioffe 2017): on when renorm_rmax or renorm_dmax is nonzero (then
+   * rmax >= 1, dmax >= 0); y = (x_hat * r + d) * weight + bias with r = clip(sigma_B / sigma_run,
+   * 1/rmax, rmax), d = clip((mu_B - mu_run) / sigma_run, -dmax, dmax) from the running
+   * statistics before this call's update (required). r and d are written into renorm_r_out and
+   * renorm_d_out ((C,) contiguous, the accumulation dtype; required with renorm), which
+   * bn_backward_ex takes as constants. Not with ghost_batch. */
+  double renorm_rmax;
+  double renorm_dmax;
+  DLTensor* renorm_r_out;
+  DLTensor* renorm_d_out;
 } bn_training_options;
 
 /* Options of bn_forward_inference_ex. */
@@ -201,13 +228,21 @@ typedef struct {
   DLTensor* dresidual_out;
   int32_t activation; /* the forward's bn_activation */
   int32_t reserved0;  /* must be 0 */
+  /* Since 1.2: the gradients of a training-variant forward. renorm_r / renorm_d: the batch-renorm
+   * forward's r and d ((C,), any float dtype; both or neither), constants to the gradient:
+   * dweight = sum(g * (x_hat * r + d)). ghost_batch: the ghost forward's group size, with
+   * saved_mean / saved_invstd its (x.shape[0] / ghost_batch, C) statistics; 0: off. */
+  const DLTensor* renorm_r;
+  const DLTensor* renorm_d;
+  int64_t ghost_batch;
 } bn_backward_options;
 
 /* Initializers giving every option its default: `bn_training_options o = BN_TRAINING_OPTIONS_INIT;`
  * (C99 and C++). */
-#define BN_TRAINING_OPTIONS_INIT {sizeof(bn_training_options), NULL, BN_ACTIVATION_NONE, 0}
+#define BN_TRAINING_OPTIONS_INIT \
+  {sizeof(bn_training_options), NULL, BN_ACTIVATION_NONE, 0, 0, 0, 0, 0.0, 0.0, NULL, NULL}
 #define BN_INFERENCE_OPTIONS_INIT {sizeof(bn_inference_options), NULL, BN_ACTIVATION_NONE, 0}
-#define BN_BACKWARD_OPTIONS_INIT {sizeof(bn_backward_options), NULL, NULL, BN_ACTIVATION_NONE, 0}
+#define BN_BACKWARD_OPTIONS_INIT {sizeof(bn_backward_options), NULL, NULL, BN_ACTIVATION_NONE, 0, NULL, NULL, 0}
 
 /* bn_forward_training with options: y = act(bn(x) + residual) with the batch statistics.
  * saved_mean / saved_invstd are those of bn(x) alone (what bn_backward_ex takes). */

@@ -11,6 +11,9 @@
  *   activation INT | reserved INT | options null (pass NULL) | options_size SIZE (struct_size) |
  *   options_extra INT64 (a newer caller's struct: 8 more bytes holding INT64 after the known
  *   members, struct_size counting them)
+ * and the training variants' members (1.2; tensors renorm_r and renorm_d: the forward's
+ * renorm_r_out / renorm_d_out, the backward's renorm_r / renorm_d):
+ *   running_var_biased INT | skip_nonfinite INT | ghost_batch INT64 | renorm RMAX DMAX
  * A tensor not listed is passed as NULL; "C" strides are passed as NULL (C order).
  * Prints "status S", "count N" and "error MESSAGE" lines; exits 0 when the case ran. */
 #include <stdio.h>
@@ -41,6 +44,9 @@ typedef struct {
   int num_tensors;
   harness_tensor tensors[HARNESS_MAX_TENSORS];
   int32_t activation, reserved;
+  int32_t running_var_biased, skip_nonfinite;
+  long long ghost_batch;
+  double renorm_rmax, renorm_dmax;
   int options_null, has_options_size, has_options_extra;
   long long options_size, options_extra;
 } harness_case;
@@ -123,6 +129,14 @@ static int harness_read(const char* path, harness_case* c) {
       if (fscanf(f, "%d", &c->activation) != 1) return harness_fail("bad activation in", path);
     } else if (!strcmp(key, "reserved")) {
       if (fscanf(f, "%d", &c->reserved) != 1) return harness_fail("bad reserved in", path);
+    } else if (!strcmp(key, "running_var_biased")) {
+      if (fscanf(f, "%d", &c->running_var_biased) != 1) return harness_fail("bad running_var_biased in", path);
+    } else if (!strcmp(key, "skip_nonfinite")) {
+      if (fscanf(f, "%d", &c->skip_nonfinite) != 1) return harness_fail("bad skip_nonfinite in", path);
+    } else if (!strcmp(key, "ghost_batch")) {
+      if (fscanf(f, "%lld", &c->ghost_batch) != 1) return harness_fail("bad ghost_batch in", path);
+    } else if (!strcmp(key, "renorm")) {
+      if (fscanf(f, "%lf %lf", &c->renorm_rmax, &c->renorm_dmax) != 2) return harness_fail("bad renorm in", path);
     } else if (!strcmp(key, "options")) {
       char what[32];
       if (fscanf(f, "%31s", what) != 1) return harness_fail("bad options in", path);
@@ -244,6 +258,13 @@ static int harness_run(const char* path) {
     o.residual = T("residual");
     o.activation = c->activation;
     o.reserved0 = c->reserved;
+    o.running_var_biased = c->running_var_biased;
+    o.skip_nonfinite = c->skip_nonfinite;
+    o.ghost_batch = (int64_t)c->ghost_batch;
+    o.renorm_rmax = c->renorm_rmax;
+    o.renorm_dmax = c->renorm_dmax;
+    o.renorm_r_out = T("renorm_r");
+    o.renorm_d_out = T("renorm_d");
     status = bn_forward_training_ex(T("x"), T("weight"), T("bias"), T("running_mean"), T("running_var"), c->momentum,
                                     c->eps, c->axis, OPTIONS(bn_training_options, o), T("y"), T("saved_mean"),
                                     T("saved_invstd"), NULL);
@@ -260,6 +281,9 @@ static int harness_run(const char* path) {
     o.dresidual_out = T("dresidual");
     o.activation = c->activation;
     o.reserved0 = c->reserved;
+    o.renorm_r = T("renorm_r");
+    o.renorm_d = T("renorm_d");
+    o.ghost_batch = (int64_t)c->ghost_batch;
     status = bn_backward_ex(T("dy"), T("x"), T("saved_mean"), T("saved_invstd"), T("weight"), c->axis,
                             OPTIONS(bn_backward_options, o), T("dx"), T("dweight"), T("dbias"), NULL);
   } else if (!strcmp(c->op, "fold")) {

@@ -74,14 +74,27 @@ def _given(*arrays):
     return tuple(a for a in arrays if a is not None)
 
 
-def forward_training(x, weight, bias, axis, eps, channels, acc, residual=None, activation=0):
-    """(y, saved_mean, saved_invstd, unbiased batch var): the core's training pass, fused
-    (y = act(bn(x) + residual), activation the core's code) when asked."""
-    out = (jax.ShapeDtypeStruct(x.shape, x.dtype),) + (_vector(channels, acc),) * 4
-    y, mean, invstd, var_unbiased, _ = _call(
-        "batchnorm_forward_training", out, x, weight, bias, *_given(residual), rank=np.int64(x.ndim),
-        axis=np.int64(axis), eps=np.float64(eps), activation=np.int64(activation))
-    return y, mean, invstd, var_unbiased
+def forward_training(x, weight, bias, axis, eps, channels, acc, residual=None, activation=0, unbiased=True,
+                     renorm=None, running=None, ghost_batch=0):
+    """(y, saved_mean, saved_invstd, batch var, batch mean, r, d): the core's training pass,
+    fused (y = act(bn(x) + residual), activation the core's code) when asked; the batch
+    variance unbiased, or biased with unbiased=False. Variants:
+    renorm=(rmax, dmax) with running=(running_mean, running_var), which r and d (else None)
+    compare the batch with; ghost_batch=G > 0, saved_mean / saved_invstd then (N // G, C) and
+    the batch statistics the whole batch's."""
+    rows = (x.shape[0] // ghost_batch,) if ghost_batch else ()
+    saved = jax.ShapeDtypeStruct(rows + (channels,), acc)
+    out = (jax.ShapeDtypeStruct(x.shape, x.dtype), saved, saved) + (_vector(channels, acc),) * (4 if renorm else 2)
+    # The handler reads the running statistics for renorm only (as copies in `acc`).
+    rm, rv = (a.astype(acc) for a in running) if renorm else (jnp.zeros((channels,), acc),) * 2
+    rmax, dmax = renorm if renorm else (1.0, 0.0)
+    y, mean, invstd, var, batch_mean, *rd = _call(
+        "batchnorm_forward_training", out, x, weight, bias, rm, rv, *_given(residual), rank=np.int64(x.ndim),
+        axis=np.int64(axis), eps=np.float64(eps), activation=np.int64(activation), unbiased=np.int64(bool(unbiased)),
+        renorm=np.int64(bool(renorm)),
+        rmax=np.float64(rmax), dmax=np.float64(dmax), ghost_batch=np.int64(ghost_batch))
+    r, d = rd if renorm else (None, None)
+    return y, mean, invstd, var, batch_mean, r, d
 
 
 def forward_inference(x, mean, var, weight, bias, axis, eps, residual=None, activation=0):
@@ -90,12 +103,18 @@ def forward_inference(x, mean, var, weight, bias, axis, eps, residual=None, acti
                  rank=np.int64(x.ndim), axis=np.int64(axis), eps=np.float64(eps), activation=np.int64(activation))
 
 
-def backward(dy, x, saved_mean, saved_invstd, weight, axis, channels, acc, y=None, activation=0, dresidual=False):
+def backward(dy, x, saved_mean, saved_invstd, weight, axis, channels, acc, y=None, activation=0, dresidual=False,
+             renorm=None, ghost_batch=0):
     """(dx, dweight = sum(g * x_hat), dbias = sum(g)) over this array's values, g = dy through
     the fused forward's activation (its mask from y); with dresidual=True, g as a fourth
-    result (the residual's gradient)."""
+    result (the residual's gradient). Variants: renorm=(r, d), the batch-renorm forward's, as
+    constants (dweight = sum(g * (x_hat * r + d))); ghost_batch=G > 0 with the ghost forward's
+    (N // G, C) saved statistics."""
     out = (jax.ShapeDtypeStruct(x.shape, x.dtype),) + (_vector(channels, acc),) * 2
     if dresidual:
         out += (jax.ShapeDtypeStruct(x.shape, x.dtype),)
-    return _call("batchnorm_backward", out, dy, x, saved_mean, saved_invstd, weight, *_given(y),
-                 rank=np.int64(x.ndim), axis=np.int64(axis), activation=np.int64(activation))
+    # The optional arguments in the handler's order: y (activation relu), then r and d.
+    rd = tuple(renorm) if renorm is not None else ()
+    return _call("batchnorm_backward", out, dy, x, saved_mean, saved_invstd, weight, *_given(y), *rd,
+                 rank=np.int64(x.ndim), axis=np.int64(axis), activation=np.int64(activation),
+                 renorm=np.int64(renorm is not None), ghost_batch=np.int64(ghost_batch))

@@ -1,24 +1,55 @@
 """batch_norm: the pure JAX function of API.md, differentiable in x, weight and bias (and a
 fused op's residual) through jax.custom_vjp, whose passes over x are this library's kernels as
 XLA FFI calls (_ffi.py). Only per-channel (C,) arithmetic is written here in jnp: the
-running-statistics update, and with `axis_name` the exchange of the shards' statistics."""
+running-statistics update (with skip_nonfinite's choice), and with `axis_name` the exchange of
+the shards' statistics. The training variants (API.md "Training variants": batch renorm, ghost
+batch norm, skip_nonfinite, the biased running variance) run in the core's kernels."""
 from __future__ import annotations
 
 from functools import partial
+from typing import NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-from ..functional import _activation_code
+from ..functional import _activation_code, _check_bool, _ghost, _renorm_limits
 from . import _ffi
 
 __all__ = ["batch_norm"]
 
 
+class Variants(NamedTuple):
+    """The training variants of one call, checked (hashable: a static argument of the custom_vjp)."""
+
+    unbiased: bool = True  # the running variance takes the unbiased batch variance (PyTorch)
+    renorm: Optional[Tuple[float, float]] = None  # (rmax, dmax): batch renorm
+    ghost: int = 0  # samples per ghost batch; 0: off
+    skip_nonfinite: bool = False
+
+
+def check_variants(*, running_var_unbiased=True, renorm=None, ghost_batch=None, skip_nonfinite=False, axis_name=None):
+    """The variants as batchnorm.forward_training checks their types (the core checks their
+    values while tracing). Batch renorm and ghost batch norm compare or group one device's
+    samples: with `axis_name` they are not offered (as in batchnorm.distributed)."""
+    unbiased = _check_bool(running_var_unbiased, "running_var_unbiased")
+    skip = _check_bool(skip_nonfinite, "skip_nonfinite")
+    limits = None if renorm is None else _renorm_limits(renorm)
+    ghost = _ghost(ghost_batch)
+    if axis_name is not None and (limits is not None or ghost):
+        given = "renorm" if limits is not None else "ghost_batch"
+        raise ValueError(f"{given} is not supported with axis_name (statistics across devices); got {given}="
+                         f"{tuple(renorm) if limits is not None else ghost} and axis_name={axis_name!r}")
+    return Variants(unbiased, limits, ghost, skip)
+
+
+PLAIN = Variants()
+
+
 def batch_norm(x, weight, bias, running_mean, running_var, *, training, momentum=0.1, eps=1e-5, axis=1,
-               axis_name=None, residual=None, activation=None):
+               axis_name=None, residual=None, activation=None, running_var_unbiased=True, renorm=None,
+               ghost_batch=None, skip_nonfinite=False):
     """y = (x - mean) / sqrt(var + eps) * weight + bias over every axis but `axis`; fused,
     y = act(that + residual) in the same passes (residual: x's shape and dtype, or None;
     activation: None or "relu"), differentiable in the residual too.
@@ -26,15 +57,26 @@ def batch_norm(x, weight, bias, running_mean, running_var, *, training, momentum
     Returns (y, new_running_mean, new_running_var). In training the statistics are the batch's
     (across `axis_name` too, inside shard_map or pmap) and the running statistics, when given,
     come back updated with PyTorch's convention: (1 - momentum) * running + momentum * batch,
-    with the unbiased batch variance; in inference (running statistics required) they come back
-    unchanged. weight and bias may be None. The running statistics are state, not inputs of the
-    function being differentiated: their gradients are zero."""
+    with the unbiased batch variance (running_var_unbiased=False: the biased one, as Flax and
+    Keras); in inference (running statistics required) they come back unchanged. weight and
+    bias may be None. The running statistics are state, not inputs of the function being
+    differentiated: their gradients are zero.
+
+    Training variants (API.md): renorm=(rmax, dmax), batch renormalization (Ioffe 2017),
+    y = (x_hat * r + d) * weight + bias with r and d from the running statistics (required) as
+    they were before this call, constants to the gradient; then (y, new_running_mean,
+    new_running_var, r, d) is returned. ghost_batch=G: statistics per group of G consecutive
+    samples along axis 0, the running statistics updated with the whole batch's.
+    skip_nonfinite=True: a channel whose batch statistics are not finite keeps its running
+    statistics. renorm and ghost_batch are not offered with axis_name."""
     x = jnp.asarray(x)
     weight, bias, running_mean, running_var, residual = (
         None if a is None else jnp.asarray(a) for a in (weight, bias, running_mean, running_var, residual))
+    v = check_variants(running_var_unbiased=running_var_unbiased, renorm=renorm, ghost_batch=ghost_batch,
+                 skip_nonfinite=skip_nonfinite, axis_name=axis_name)
     if training:
         return _batch_norm_training(x, weight, bias, running_mean, running_var, momentum, eps, axis, axis_name,
-                                    residual, activation)
+                                    residual, activation, v)
     for name, a in (("running_mean", running_mean), ("running_var", running_var)):
         if a is None:
             raise TypeError(f"{name} must be an array when training=False, got None")
@@ -44,32 +86,45 @@ def batch_norm(x, weight, bias, running_mean, running_var, *, training, momentum
 
 
 def _batch_norm_training(x, weight, bias, running_mean, running_var, momentum, eps, axis, axis_name, residual,
-                         activation):
-    y, mean, var_unbiased, _ = training(x, weight, bias, eps=eps, axis=axis, axis_name=axis_name,
-                                        running_mean=running_mean, running_var=running_var, momentum=momentum,
-                                        residual=residual, activation=activation)
+                         activation, v):
+    y, mean, var, _, rd = training(x, weight, bias, eps=eps, axis=axis, axis_name=axis_name,
+                                   running_mean=running_mean, running_var=running_var, momentum=momentum,
+                                   residual=residual, activation=activation, variants=v)
     if running_mean is None:
         return y, None, None
-    new_mean = _running_update(running_mean, mean, momentum)
-    new_var = _running_update(running_var, var_unbiased, momentum)
-    return y, new_mean, new_var
+    keep = skip_mask(mean, var, v)
+    new_mean = _running_update(running_mean, mean, momentum, keep)
+    new_var = _running_update(running_var, var, momentum, keep)
+    return (y, new_mean, new_var) + (rd if rd is not None else ())
 
 
-def _running_update(running, batch, momentum):
+def skip_mask(mean, var, v):
+    """With skip_nonfinite, the channels whose batch statistics are not finite (a step a loss
+    scaler skips): their running statistics stay as they are. None without skip_nonfinite."""
+    if not v.skip_nonfinite:
+        return None
+    return ~(jnp.isfinite(mean) & jnp.isfinite(var))
+
+
+def _running_update(running, batch, momentum, keep=None):
     """(1 - momentum) * running + momentum * batch, computed in the statistics' accumulation
-    dtype and stored in the running statistic's own dtype."""
+    dtype and stored in the running statistic's own dtype; `running` itself, bit for bit, where
+    `keep` (skip_nonfinite's mask) is set."""
     acc = jnp.promote_types(batch.dtype, running.dtype)
-    return ((1 - momentum) * running.astype(acc) + momentum * batch.astype(acc)).astype(running.dtype)
+    new = ((1 - momentum) * running.astype(acc) + momentum * batch.astype(acc)).astype(running.dtype)
+    return new if keep is None else jnp.where(keep, running, new)
 
 
 # ---- training: batch statistics, optionally across a mapped axis ---------------------------
 
 def training(x, weight, bias, *, eps, axis, axis_name=None, running_mean=None, running_var=None, momentum=0.1,
-             residual=None, activation=None):
-    """(y, batch mean, unbiased batch variance, count): the training forward shared by
+             residual=None, activation=None, variants=PLAIN):
+    """(y, batch mean, batch variance, count, (r, d) or None): the training forward shared by
     batch_norm and the Flax module, y = act(bn(x) + residual) when fused. The statistics (of
-    x alone) are in the accumulation dtype and differentiable like y; `count` (a Python int)
-    is the values per channel they cover."""
+    x alone, of the whole batch with ghost_batch) are in the accumulation dtype and
+    differentiable like y, the variance unbiased unless variants.unbiased is False; `count` (a
+    Python int) is the values per channel they cover. With variants.renorm, r and d come from
+    running_mean / running_var (constants to the gradient)."""
     code = _activation_code(activation)
     shards = 1 if axis_name is None else lax.axis_size(axis_name)
 
@@ -83,9 +138,12 @@ def training(x, weight, bias, *, eps, axis, axis_name=None, running_mean=None, r
         shape[first_reduced] *= shards
         return (tuple(shape), spec[1])
 
+    rmax, dmax = variants.renorm or (1.0, 0.0)
     ax, channels, acc = _ffi.check_forward_training(
         checked(x), _ffi.spec(weight), _ffi.spec(bias), _ffi.spec(running_mean), _ffi.spec(running_var),
-        float(momentum), float(eps), int(axis), residual=checked(residual), activation=code)
+        float(momentum), float(eps), int(axis), residual=checked(residual), activation=code,
+        running_var_unbiased=variants.unbiased, skip_nonfinite=variants.skip_nonfinite,
+        renorm=variants.renorm is not None, rmax=rmax, dmax=dmax, ghost_batch=variants.ghost)
     acc = jnp.dtype(acc)
     w = jnp.ones((channels,), acc) if weight is None else weight
     b = jnp.zeros((channels,), acc) if bias is None else bias
@@ -95,32 +153,42 @@ def training(x, weight, bias, *, eps, axis, axis_name=None, running_mean=None, r
         # sums them where the replicated value was broadcast (exactly as for jnp code).
         w, b = (_vary_like(a, x) for a in (w, b))
         residual = None if residual is None else _vary_like(residual, x)
-    y, mean, var_unbiased = _train(x, w, b, residual, ax, float(eps), axis_name, channels, acc, code)
-    return y, mean, var_unbiased, (x.size // channels) * shards
+    running = (running_mean, running_var) if variants.renorm is not None else (None, None)
+    y, mean, var, rd = _train(x, w, b, residual, *running, ax, float(eps), axis_name, channels, acc, code, variants)
+    return y, mean, var, (x.size // channels) * shards, rd
 
 
 def _vary_like(a, x):
     return _ffi.vary(a, _ffi.varying_axes(x))
 
 
-# r: the fused op's residual or None; act: the core's activation code (0 none, 1 relu).
-@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
-def _train(x, w, b, r, axis, eps, axis_name, channels, acc, act):
-    return _train_forward(x, w, b, r, axis, eps, axis_name, channels, acc, act)[0]
+# r: the fused op's residual or None; rm, rv: the running statistics for batch renorm, else
+# None (state: zero gradients); act: the core's activation code (0 none, 1 relu); v: Variants.
+@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11, 12))
+def _train(x, w, b, r, rm, rv, axis, eps, axis_name, channels, acc, act, v):
+    return _train_forward(x, w, b, r, rm, rv, axis, eps, axis_name, channels, acc, act, v)[0]
 
 
-def _train_forward(x, w, b, r, axis, eps, axis_name, channels, acc, act):
+def _train_forward(x, w, b, r, rm, rv, axis, eps, axis_name, channels, acc, act, v):
+    rd = None
     if axis_name is None:
-        y, mean, invstd, var_unbiased = _ffi.forward_training(x, w, b, axis, eps, channels, acc, r, act)
+        y, saved_mean, invstd, var, mean, *rd = _ffi.forward_training(
+            x, w, b, axis, eps, channels, acc, r, act, unbiased=v.unbiased, renorm=v.renorm, running=(rm, rv),
+            ghost_batch=v.ghost)
+        rd = None if v.renorm is None else tuple(lax.stop_gradient(a) for a in rd)
+        if not v.ghost:
+            mean = saved_mean  # the same bits, also where batch renorm's running statistics are not finite
     else:
         mean, var = _global_statistics(x, axis, axis_name, channels, acc)
+        saved_mean = mean
         invstd = lax.rsqrt(var + jnp.asarray(eps, acc))
         y = _ffi.forward_inference(x, mean, var, w, b, axis, eps, r, act)
-        count = (x.size // channels) * lax.axis_size(axis_name)
-        var_unbiased = var * jnp.asarray(count / (count - 1), acc)
+        if v.unbiased:
+            count = (x.size // channels) * lax.axis_size(axis_name)
+            var = var * jnp.asarray(count / (count - 1), acc)
     # The backward needs y only for the ReLU's mask, and of r only whether it was given.
     fused = (y if act else None, None if r is None else jnp.zeros((), r.dtype))
-    return (y, mean, var_unbiased), (x, w, mean, invstd, jnp.zeros((), b.dtype), fused)
+    return (y, mean, var, rd), (x, w, saved_mean, invstd, mean, rd, jnp.zeros((), b.dtype), fused)
 
 
 def _global_statistics(x, axis, axis_name, channels, acc):
@@ -136,24 +204,26 @@ def _global_statistics(x, axis, axis_name, channels, acc):
     return _ffi.merge(means, variances, [x.size // channels] * k)
 
 
-def _train_fwd(x, w, b, r, axis, eps, axis_name, channels, acc, act):
-    return _train_forward(x.value, w.value, b.value, None if r is None else r.value, axis, eps, axis_name, channels,
-                          acc, act)
+def _train_fwd(x, w, b, r, rm, rv, axis, eps, axis_name, channels, acc, act, v):
+    value = lambda a: None if a is None else a.value  # noqa: E731
+    return _train_forward(x.value, w.value, b.value, value(r), value(rm), value(rv), axis, eps, axis_name, channels,
+                          acc, act, v)
 
 
-def _train_bwd(axis, eps, axis_name, channels, acc, act, residuals, cotangents):
-    x, w, mean, invstd, bias_like, (y, r_like) = residuals
-    g_y, g_mean, g_var = cotangents
+def _train_bwd(axis, eps, axis_name, channels, acc, act, v, residuals, cotangents):
+    x, w, saved_mean, invstd, mean, rd, bias_like, (y, r_like) = residuals
+    g_y, g_mean, g_var, _ = cotangents  # r and d are constants: their cotangents are dropped
     dy = jnp.zeros(x.shape, x.dtype) if isinstance(g_y, SymbolicZero) else g_y
     # g: dy through the activation, the residual's gradient; the core's fused backward masks
     # dy with y and returns g when asked (needed too for the synced dx below).
     need_g = r_like is not None or (act and axis_name is not None)
+    variant = dict(renorm=rd, ghost_batch=v.ghost)
     if act:
-        dx, dw, db, *g = _ffi.backward(dy, x, mean, invstd, w, axis, channels, acc, y=y, activation=act,
-                                       dresidual=need_g)
+        dx, dw, db, *g = _ffi.backward(dy, x, saved_mean, invstd, w, axis, channels, acc, y=y, activation=act,
+                                       dresidual=need_g, **variant)
         g = g[0] if g else None
     else:
-        dx, dw, db = _ffi.backward(dy, x, mean, invstd, w, axis, channels, acc)
+        dx, dw, db = _ffi.backward(dy, x, saved_mean, invstd, w, axis, channels, acc, **variant)
         g = dy
     count = x.size // channels
     if axis_name is not None:
@@ -162,9 +232,10 @@ def _train_bwd(axis, eps, axis_name, channels, acc, act, residuals, cotangents):
         count *= lax.axis_size(axis_name)
         dx = _dx_from_sums(g, x, mean, invstd, w, lax.psum(db, axis_name), lax.psum(dw, axis_name), count, axis)
     if not (isinstance(g_mean, SymbolicZero) and isinstance(g_var, SymbolicZero)):
-        dx = dx.astype(acc) + _statistics_vjp(x, mean, g_mean, g_var, count, axis, acc)
+        dx = dx.astype(acc) + _statistics_vjp(x, mean, g_mean, g_var, count, axis, acc, v.unbiased)
     dr = None if r_like is None else g.astype(r_like.dtype)
-    return dx.astype(x.dtype), dw.astype(w.dtype), db.astype(bias_like.dtype), dr
+    # The running statistics (batch renorm's rm, rv) are state: no gradient.
+    return dx.astype(x.dtype), dw.astype(w.dtype), db.astype(bias_like.dtype), dr, None, None
 
 
 _train.defvjp(_train_fwd, _train_bwd, symbolic_zeros=True)
@@ -187,16 +258,18 @@ def _dx_from_sums(dy, x, mean, invstd, w, sum_dy, sum_dy_xhat, count, axis):
     return dx.astype(x.dtype)
 
 
-def _statistics_vjp(x, mean, g_mean, g_var, count, axis, acc):
-    """The part of dx that flows back from the returned batch mean and unbiased variance (only
-    when something differentiates through them, e.g. the running statistics):
-    d mean / dx = 1 / n and d var / dx = 2 (x - mean) / (n - 1)."""
+def _statistics_vjp(x, mean, g_mean, g_var, count, axis, acc, unbiased=True):
+    """The part of dx that flows back from the returned batch mean and variance (only when
+    something differentiates through them, e.g. the running statistics): d mean / dx = 1 / n
+    and d var / dx = 2 (x - mean) / (n - 1) for the unbiased variance, 2 (x - mean) / n for
+    the biased one."""
     out = jnp.zeros(x.shape, acc)
     if not isinstance(g_mean, SymbolicZero):
         out = out + _per_channel(g_mean.astype(acc) / count, x.ndim, axis)
     if not isinstance(g_var, SymbolicZero):
         centered = x.astype(acc) - _per_channel(mean, x.ndim, axis)
-        out = out + centered * _per_channel(g_var.astype(acc) * (2.0 / (count - 1)), x.ndim, axis)
+        out = out + centered * _per_channel(g_var.astype(acc) * (2.0 / (count - 1 if unbiased else count)), x.ndim,
+                                            axis)
     return out
 
 

@@ -3,14 +3,14 @@ update rule) whose normalization runs on this library's kernels (functional.py).
 `nn.BatchNorm` for `batchnorm.jax.BatchNorm` in a model keeps its variables and checkpoints."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
 from flax.linen import initializers
 from flax.linen.dtypes import canonicalize_dtype
 
-from .functional import inference, training
+from .functional import check_variants, inference, skip_mask, training
 
 __all__ = ["BatchNorm"]
 
@@ -29,7 +29,15 @@ class BatchNorm(nn.Module):
     Fused (timm's BatchNormAct2d; not a flax.linen.BatchNorm field): `activation="relu"` and the
     call's `residual=` (x's shape, taken in the computation dtype) give act(BN(x) + residual),
     what `nn.relu(nn.BatchNorm(...)(x) + residual)` computes, in the passes of plain batch norm;
-    the running statistics are those of x alone."""
+    the running statistics are those of x alone.
+
+    Training variants (API.md "Training variants"; not flax.linen.BatchNorm fields):
+    `renorm=(rmax, dmax)`, batch renormalization (Ioffe 2017; Keras' renorm=True with
+    renorm_clipping), r and d from 'batch_stats' as they are before the step; `ghost_batch=G`,
+    statistics per group of G consecutive samples along axis 0 (ghost batch norm, Hoffer et al.
+    2017), 'batch_stats' updated with the whole batch's; `skip_nonfinite=True`, a channel whose
+    batch statistics are not finite keeps its 'batch_stats' (mixed precision's skipped steps).
+    renorm and ghost_batch are not offered with axis_name."""
 
     use_running_average: Optional[bool] = None
     axis: int = -1
@@ -46,6 +54,9 @@ class BatchNorm(nn.Module):
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
     activation: Optional[str] = None  # None or "relu": applied after adding the call's residual
+    renorm: Optional[Tuple[float, float]] = None  # (rmax, dmax): batch renorm
+    ghost_batch: Optional[int] = None  # samples per ghost batch
+    skip_nonfinite: bool = False
 
     @nn.compact
     def __call__(self, x, use_running_average: Optional[bool] = None, *, mask=None, residual=None):
@@ -59,6 +70,8 @@ class BatchNorm(nn.Module):
                              f"{self.axis_index_groups!r}")
         if not isinstance(self.axis, int):
             raise TypeError(f"axis must be an int (one feature axis), got {self.axis!r}")
+        v = check_variants(running_var_unbiased=False, renorm=self.renorm, ghost_batch=self.ghost_batch,
+                           skip_nonfinite=self.skip_nonfinite, axis_name=self.axis_name)
         x = jnp.asarray(x)
         ndim = x.ndim
         channels = x.shape[self.axis] if -ndim <= self.axis < ndim and ndim >= 1 else 0
@@ -83,10 +96,17 @@ class BatchNorm(nn.Module):
         else:
             # Flax leaves the mapped axis out while initializing (there may be none).
             axis_name = None if self.is_initializing() else self.axis_name
-            y, mean, var_unbiased, count = training(xc, scale, bias, eps=self.epsilon, axis=self.axis,
-                                                    axis_name=axis_name, residual=r, activation=self.activation)
+            # Batch renorm compares the batch with the running statistics as they are now.
+            running = (ra_mean.value, ra_var.value) if v.renorm is not None else (None, None)
+            y, mean, var, _, _ = training(xc, scale, bias, eps=self.epsilon, axis=self.axis, axis_name=axis_name,
+                                          running_mean=running[0], running_var=running[1],
+                                          residual=r, activation=self.activation,
+                                          variants=v)
             if not self.is_initializing():
-                var = var_unbiased * jnp.asarray((count - 1) / count, var_unbiased.dtype)
-                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+                keep = skip_mask(mean, var, v)
+                new_mean = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+                new_var = self.momentum * ra_var.value + (1 - self.momentum) * var
+                if keep is not None:
+                    new_mean, new_var = jnp.where(keep, ra_mean.value, new_mean), jnp.where(keep, ra_var.value, new_var)
+                ra_mean.value, ra_var.value = new_mean, new_var
         return y.astype(out_dtype)
