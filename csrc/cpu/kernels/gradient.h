@@ -15,7 +15,7 @@ void grad_sums_short_rows(const T* dy, const T* x, const Layout& L, int64_t begi
   constexpr int VL = vlen<A>;
   using R = ShortRow<T, NV>;
   const V vm = splat(mean);
-  V a1[NV] = {}, a2[NV] = {};
+  Acc<A> a1[NV], a2[NV];
   for_each_segment<2>(L, begin, end, [&](const int64_t* off, int64_t len) {
     const T* dp = dy + off[0];
     const T* xp = x + off[1];
@@ -97,7 +97,8 @@ void cl_grad_sums(const T* dy, const T* x, const Layout& L, int64_t p0, int64_t 
     // Register tiles of channels across the run's positions, each channel's sums in order.
     for_channel_tiles<VL>(Cv, [&](int64_t c0, auto nv) {
       constexpr int NV = decltype(nv)::value;
-      V a[NV] = {}, b[NV] = {}, m[NV];
+      Acc<A> a[NV], b[NV];
+      V m[NV];
       for (int k = 0; k < NV; ++k) std::memcpy(&m[k], mean + c0 + k * VL, sizeof(V));
       for (int64_t i = 0; i < n; ++i)
         for (int k = 0; k < NV; ++k) {
@@ -106,8 +107,9 @@ void cl_grad_sums(const T* dy, const T* x, const Layout& L, int64_t p0, int64_t 
           b[k] += grad_term(g, loadv(x + ox[i] + c0 + k * VL), m[k]);
         }
       for (int k = 0; k < NV; ++k) {
-        std::memcpy(s1 + c0 + k * VL, &a[k], sizeof(V));
-        std::memcpy(s2 + c0 + k * VL, &b[k], sizeof(V));
+        const V ak = a[k].get(), bk = b[k].get();
+        std::memcpy(s1 + c0 + k * VL, &ak, sizeof(V));
+        std::memcpy(s2 + c0 + k * VL, &bk, sizeof(V));
       }
     });
     for (int64_t c = Cv; c < C; ++c) {

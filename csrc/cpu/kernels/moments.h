@@ -3,6 +3,8 @@
 // Channels-last: Welford over positions, vectorized across channels, in runs merged in
 // double with Chan's formula. Neither ever forms E[x^2] - E[x]^2.
 #pragma once
+#include <vector>
+
 #include "cpu/kernels/simd.h"
 #include "cpu/kernels/walk.h"
 
@@ -11,11 +13,12 @@ namespace batchnorm::cpu::BN_ISA {
 // Two vector accumulators = lanes<A> lanes; value k of a segment goes to lane k % lanes<A>.
 template <class A>
 struct Lanes2 {
-  vec_t<A> a{}, b{};
+  Acc<A> a, b;
   A total() const {
     A tmp[2 * vlen<A>];
-    std::memcpy(tmp, &a, sizeof(a));
-    std::memcpy(tmp + vlen<A>, &b, sizeof(b));
+    const vec_t<A> va = a.get(), vb = b.get();
+    std::memcpy(tmp, &va, sizeof(va));
+    std::memcpy(tmp + vlen<A>, &vb, sizeof(vb));
     return sum_lanes<A, 2 * vlen<A>>(tmp);
   }
 };
@@ -73,11 +76,12 @@ struct ShortRow {
     }
   }
   template <int N>
-  static inline __attribute__((always_inline)) A total(const V (&acc)[N]) {
+  static inline __attribute__((always_inline)) A total(const Acc<A> (&acc)[N]) {
     A t = A(0);
     for (int k = 0; k < N; ++k) {
       A lanes[VL];
-      std::memcpy(lanes, &acc[k], sizeof(V));
+      const V v = acc[k].get();
+      std::memcpy(lanes, &v, sizeof(V));
       t += sum_lanes<A, VL>(lanes);
     }
     return t;
@@ -89,14 +93,14 @@ Moments<double> moments_short_rows(const T* x, const Layout& L, int64_t begin, i
   using A = acc_t<T>;
   using V = vec_t<A>;
   using R = ShortRow<T, NV>;
-  V sum[NV] = {};
+  Acc<A> sum[NV];
   for_each_row(L, 0, begin, end, [&](int64_t off, int64_t len) {
     R::each(x + off, len, [&](int k, V v, V, bool) { sum[k] += v; });
   });
   const A n = static_cast<A>(end - begin);
   const A center = R::total(sum) / n;
   const V vc = splat(center);
-  V dev[NV] = {}, sq[NV] = {};
+  Acc<A> dev[NV], sq[NV];
   for_each_row(L, 0, begin, end, [&](int64_t off, int64_t len) {
     R::each(x + off, len, [&](int k, V v, V mask, bool masked) {
       V d = v - vc;
@@ -174,6 +178,36 @@ static inline __attribute__((always_inline)) void for_channel_tiles(int64_t Cv, 
   }
 }
 
+// total = merge_moments(total, block_moments(n, center[c], dev[c], sq[c])) for every channel
+// c, written out over arrays (n > 0 and total_n are the same for every channel).
+template <class A>
+static inline void merge_run(int64_t C, double n, const A* __restrict center, const A* __restrict dev,
+                             const A* __restrict sq, double& total_n, double* __restrict mean,
+                             double* __restrict m2) {
+  if (total_n == 0) {
+    for (int64_t c = 0; c < C; ++c) {
+      const double d = dev[c];
+      mean[c] = static_cast<double>(center[c]) + d / n;
+      const double q = static_cast<double>(sq[c]) - d * d / n;
+      m2[c] = q < 0.0 ? 0.0 : q;
+    }
+  } else {
+    const double rn = total_n + n;
+    const double wb = n / rn;
+    const double aw = total_n * wb;
+    for (int64_t c = 0; c < C; ++c) {
+      const double d = dev[c];
+      const double bmean = static_cast<double>(center[c]) + d / n;
+      const double q = static_cast<double>(sq[c]) - d * d / n;
+      const double bm2 = q < 0.0 ? 0.0 : q;
+      const double delta = bmean - mean[c];
+      mean[c] = mean[c] + delta * wb;
+      m2[c] = m2[c] + bm2 + delta * delta * aw;
+    }
+  }
+  total_n += n;
+}
+
 // Channels-last runs of positions are reduced like channels-first blocks: their per-channel
 // sums, then the deviations from the run's own mean while the run is still in cache (a run
 // holds at most kChannelsLastRunBytes), so neither a mean that dwarfs the spread nor an
@@ -190,7 +224,13 @@ void cl_moments(const T* x, const Layout& L, int64_t p0, int64_t p1, Moments<dou
   A* dev = scratch + C;
   A* sq = scratch + 2 * C;
   int64_t offs[kChannelsLastRun];
-  for (int64_t c = 0; c < C; ++c) out[c] = Moments<double>{};
+  // The running merge of the runs, per channel in double, held as arrays (the run's count is
+  // the same for every channel) so the Chan merge below vectorizes across channels: as
+  // scalar code per channel and run, its divisions cost more than reading the run (4096x1024
+  // statistics: 10.6 ms for 16 MB on one AMD EPYC thread). Same operations, same order, as
+  // merge_moments(out, block_moments(...)), so the same bits.
+  std::vector<double> total_mean(static_cast<size_t>(C)), total_m2(static_cast<size_t>(C));
+  double total_n = 0;
   Odometer<1> pos(L, L.nred, p0);
   for (int64_t r0 = p0; r0 < p1; r0 += run) {
     const int64_t n = std::min(p1, r0 + run) - r0;
@@ -198,11 +238,12 @@ void cl_moments(const T* x, const Layout& L, int64_t p0, int64_t p1, Moments<dou
     const A an = static_cast<A>(n);
     for_channel_tiles<VL>(Cv, [&](int64_t c0, auto nv) {
       constexpr int NV = decltype(nv)::value;
-      V s[NV] = {};
+      Acc<A> s[NV];
       for (int64_t i = 0; i < n; ++i)
         for (int k = 0; k < NV; ++k) s[k] += loadv(x + offs[i] + c0 + k * VL);
-      V m[NV], e[NV] = {}, q[NV] = {};
-      for (int k = 0; k < NV; ++k) m[k] = s[k] / an;
+      V m[NV];
+      Acc<A> e[NV], q[NV];
+      for (int k = 0; k < NV; ++k) m[k] = s[k].get() / an;
       for (int64_t i = 0; i < n; ++i)
         for (int k = 0; k < NV; ++k) {
           const V d = loadv(x + offs[i] + c0 + k * VL) - m[k];
@@ -210,9 +251,10 @@ void cl_moments(const T* x, const Layout& L, int64_t p0, int64_t p1, Moments<dou
           q[k] += d * d;
         }
       for (int k = 0; k < NV; ++k) {
+        const V ek = e[k].get(), qk = q[k].get();
         std::memcpy(center + c0 + k * VL, &m[k], sizeof(V));
-        std::memcpy(dev + c0 + k * VL, &e[k], sizeof(V));
-        std::memcpy(sq + c0 + k * VL, &q[k], sizeof(V));
+        std::memcpy(dev + c0 + k * VL, &ek, sizeof(V));
+        std::memcpy(sq + c0 + k * VL, &qk, sizeof(V));
       }
     });
     for (int64_t c = Cv; c < C; ++c) {
@@ -228,9 +270,9 @@ void cl_moments(const T* x, const Layout& L, int64_t p0, int64_t p1, Moments<dou
       dev[c] = e;
       sq[c] = q;
     }
-    for (int64_t c = 0; c < C; ++c)
-      out[c] = merge_moments(out[c], block_moments<double>(static_cast<double>(n), center[c], dev[c], sq[c]));
+    merge_run(C, static_cast<double>(n), center, dev, sq, total_n, total_mean.data(), total_m2.data());
   }
+  for (int64_t c = 0; c < C; ++c) out[c] = Moments<double>{total_n, total_mean[c], total_m2[c]};
 }
 
 }  // namespace batchnorm::cpu::BN_ISA
