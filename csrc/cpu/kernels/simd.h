@@ -87,12 +87,25 @@ static inline __attribute__((always_inline)) vec_t<acc_t<T>> loadv(const T* p) {
   if constexpr (std::is_same_v<T, A>) {
     std::memcpy(&v, p, sizeof(v));
   } else if constexpr (std::is_same_v<T, bfloat16>) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    // Per 32-byte half (on 64-byte vectors GCC 12 went through the stack), joined by a shuffle.
+    typedef uint16_t h8 __attribute__((vector_size(16)));
+    typedef uint32_t u8 __attribute__((vector_size(32)));
+    typedef float f8 __attribute__((vector_size(32)));
+    h8 a, b;
+    std::memcpy(&a, p, sizeof(a));
+    std::memcpy(&b, p + 8, sizeof(b));
+    const f8 lo = (f8)(__builtin_convertvector(a, u8) << 16);
+    const f8 hi = (f8)(__builtin_convertvector(b, u8) << 16);
+    v = __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
     typedef uint16_t h16 __attribute__((vector_size(32)));
     typedef uint32_t u32 __attribute__((vector_size(64)));
     h16 h;
     std::memcpy(&h, p, sizeof(h));
     const u32 w = __builtin_convertvector(h, u32) << 16;
     std::memcpy(&v, &w, sizeof(v));
+#endif
   } else {
     // float16 -> float32 is exact; the conversion instruction where the level has it
     // (GCC 12 does not vectorize the generic _Float16 conversion).
@@ -100,10 +113,12 @@ static inline __attribute__((always_inline)) vec_t<acc_t<T>> loadv(const T* p) {
     const __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     std::memcpy(&v, &f, sizeof(v));
 #elif defined(__F16C__) && defined(__AVX__)
-    const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p) + 1));
-    std::memcpy(&v, &lo, sizeof(lo));
-    std::memcpy(reinterpret_cast<char*>(&v) + sizeof(lo), &hi, sizeof(hi));
+    // Halves joined with a shuffle: through memcpy GCC 12 moved them via the stack and
+    // general registers.
+    typedef float f8 __attribute__((vector_size(32)));
+    const f8 lo = (f8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const f8 hi = (f8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p) + 1));
+    v = __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 #else
     typedef _Float16 f16 __attribute__((vector_size(32)));
     f16 h;
@@ -152,13 +167,28 @@ static inline __attribute__((always_inline)) void storev(T* p, vec_t<acc_t<T>> v
     typedef uint16_t h16 __attribute__((vector_size(32)));
     h16 h;
     if constexpr (std::is_same_v<T, bfloat16>) {
+      // Round to nearest even; a NaN stays a (quiet) NaN.
+      auto to_bf16 = [](auto u) {
+        using U = decltype(u);
+        const U nan = (U)((u & 0x7fffffffu) > 0x7f800000u);  // all ones where NaN
+        const U rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+        const U quiet = (u >> 16) | 0x40u;
+        return (rounded & ~nan) | (quiet & nan);
+      };
+#if defined(__AVX2__) && !defined(__AVX512F__)
+      // Per 32-byte half, as in loadv.
+      typedef uint32_t u8 __attribute__((vector_size(32)));
+      typedef uint16_t h8 __attribute__((vector_size(16)));
+      const u8 lo = (u8)__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+      const u8 hi = (u8)__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+      const h8 a = __builtin_convertvector(to_bf16(lo), h8), b = __builtin_convertvector(to_bf16(hi), h8);
+      h = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
       typedef uint32_t u32 __attribute__((vector_size(64)));
       u32 u;
       std::memcpy(&u, &v, sizeof(u));
-      const u32 nan = (u32)((u & 0x7fffffffu) > 0x7f800000u);  // all ones where NaN
-      const u32 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-      const u32 quiet = (u >> 16) | 0x40u;
-      h = __builtin_convertvector((rounded & ~nan) | (quiet & nan), h16);
+      h = __builtin_convertvector(to_bf16(u), h16);
+#endif
     } else {
       // Round to nearest even, as the scalar conversion does.
 #if defined(__AVX512F__)
@@ -167,13 +197,13 @@ static inline __attribute__((always_inline)) void storev(T* p, vec_t<acc_t<T>> v
       const __m256i r = _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       std::memcpy(&h, &r, sizeof(h));
 #elif defined(__F16C__) && defined(__AVX__)
-      __m256 lo, hi;
-      std::memcpy(&lo, &v, sizeof(lo));
-      std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
-      const __m128i rl = _mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      const __m128i rh = _mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      std::memcpy(&h, &rl, sizeof(rl));
-      std::memcpy(reinterpret_cast<char*>(&h) + sizeof(rl), &rh, sizeof(rh));
+      // Halves split and joined with shuffles (see loadv).
+      typedef long long i2 __attribute__((vector_size(16)));
+      const __m256 lo = (__m256)__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+      const __m256 hi = (__m256)__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+      const i2 rl = (i2)_mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const i2 rh = (i2)_mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      h = (h16)__builtin_shufflevector(rl, rh, 0, 1, 2, 3);
 #else
       typedef _Float16 f16 __attribute__((vector_size(32)));
       const f16 f = __builtin_convertvector(v, f16);
