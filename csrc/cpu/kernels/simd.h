@@ -87,25 +87,12 @@ static inline __attribute__((always_inline)) vec_t<acc_t<T>> loadv(const T* p) {
   if constexpr (std::is_same_v<T, A>) {
     std::memcpy(&v, p, sizeof(v));
   } else if constexpr (std::is_same_v<T, bfloat16>) {
-#if defined(__AVX2__) && !defined(__AVX512F__)
-    // Per 32-byte half (on 64-byte vectors GCC 12 went through the stack), joined by a shuffle.
-    typedef uint16_t h8 __attribute__((vector_size(16)));
-    typedef uint32_t u8 __attribute__((vector_size(32)));
-    typedef float f8 __attribute__((vector_size(32)));
-    h8 a, b;
-    std::memcpy(&a, p, sizeof(a));
-    std::memcpy(&b, p + 8, sizeof(b));
-    const f8 lo = (f8)(__builtin_convertvector(a, u8) << 16);
-    const f8 hi = (f8)(__builtin_convertvector(b, u8) << 16);
-    v = __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-#else
     typedef uint16_t h16 __attribute__((vector_size(32)));
     typedef uint32_t u32 __attribute__((vector_size(64)));
     h16 h;
     std::memcpy(&h, p, sizeof(h));
     const u32 w = __builtin_convertvector(h, u32) << 16;
     std::memcpy(&v, &w, sizeof(v));
-#endif
   } else {
     // float16 -> float32 is exact; the conversion instruction where the level has it
     // (GCC 12 does not vectorize the generic _Float16 conversion).
