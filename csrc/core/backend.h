@@ -75,6 +75,10 @@ struct Backend {
   size_t (*release_cached)();
   void (*stream_wait)(int device, void* producer, void* consumer);
   CudaInfo (*info)();
+  // Runs fn(ctx, i) for i in [0, n), independent tasks touching `work` values in all: split
+  // over the CPU's threads (each task then runs its own ops on one thread), or one after the
+  // other on a GPU, whose ops only enqueue work. Used by ops composed of many small ops.
+  void (*for_each)(int64_t n, int64_t work, void (*fn)(void* ctx, int64_t i), void* ctx);
 };
 
 const Backend& cpu_backend();
@@ -89,6 +93,8 @@ namespace cpu {
 void* allocate(int device, size_t bytes, void* stream);
 void deallocate(int device, void* ptr, void* stream);
 size_t release_cached();
+// The CPU's for_each: parallel_for over the tasks (cpu/threads.cpp).
+void for_each(int64_t n, int64_t work, void (*fn)(void* ctx, int64_t i), void* ctx);
 }  // namespace cpu
 
 }  // namespace batchnorm

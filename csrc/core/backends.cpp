@@ -11,6 +11,11 @@ namespace {
 
 void no_stream_wait(int, void*, void*) {}
 
+// A GPU's ops only enqueue: the tasks are issued in order on the calling thread.
+void in_order(int64_t n, int64_t, void (*fn)(void*, int64_t), void* ctx) {
+  for (int64_t i = 0; i < n; ++i) fn(ctx, i);
+}
+
 CudaInfo cpu_info() {
   CudaInfo ci;
   ci.reason = "built without the CUDA backend (no CUDA compiler at build time, or BATCHNORM_CUDA=OFF)";
@@ -34,7 +39,8 @@ const Backend& cpu_backend() {
                              cpu::deallocate,
                              cpu::release_cached,
                              no_stream_wait,
-                             cpu_info};
+                             cpu_info,
+                             cpu::for_each};
   return table;
 }
 
@@ -54,7 +60,8 @@ const Backend* cuda_backend() {
                              cuda::deallocate,
                              cuda::release_cached,
                              cuda::stream_wait,
-                             cuda::info};
+                             cuda::info,
+                             in_order};
   return &table;
 #else
   return nullptr;

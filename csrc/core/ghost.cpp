@@ -57,6 +57,13 @@ Layout group_layout(int axis, const ForwardTrainingParams& q) {
 
 }  // namespace
 
+// Runs body(g) for every group through the device's for_each (side by side on the CPU).
+template <class F>
+void each_group(const Device& device, int64_t groups, int64_t work, F&& body) {
+  backend_for(device).for_each(
+      groups, work, [](void* ctx, int64_t g) { (*static_cast<F*>(ctx))(g); }, &body);
+}
+
 void ghost_forward_training(const ForwardTrainingParams& p, int axis) {
   if (p.exec.validate_only) return;
   const int64_t G = p.ghost_batch, groups = p.x.shape[0] / G, C = p.x.shape[axis];
@@ -64,12 +71,11 @@ void ghost_forward_training(const ForwardTrainingParams& p, int axis) {
   // Per group the unrounded mean and variance ((groups, C) each), their merge, and the
   // running update's throwaway saved statistics: all in 8-byte slots.
   Scratch scratch(p.x.device, p.exec, running ? static_cast<std::size_t>((2 * groups + 4) * C) * 8 : 8);
-  ForwardTrainingParams q = p;
-  q.running_mean = q.running_var = TensorView{};
-  q.ghost_batch = 0;
-  int64_t count = 0;
-  std::vector<TensorView> means, vars;
-  for (int64_t g = 0; g < groups; ++g) {
+  // Each group is plain batch norm on its slice of x (its own params: groups may run at once).
+  auto group_params = [&](int64_t g) {
+    ForwardTrainingParams q = p;
+    q.running_mean = q.running_var = TensorView{};
+    q.ghost_batch = 0;
     q.x = slice0(p.x, g * G, G);
     q.y = slice0(p.y, g * G, G);
     q.residual = slice0(p.residual, g * G, G);
@@ -78,17 +84,21 @@ void ghost_forward_training(const ForwardTrainingParams& p, int axis) {
     if (running) {
       q.moments_mean = scratch.vector(2 * g * C, C, DType::float64);
       q.moments_var = scratch.vector((2 * g + 1) * C, C, DType::float64);
-      means.push_back(q.moments_mean);
-      vars.push_back(q.moments_var);
     }
-    const Layout layout = group_layout(axis, q);
-    count = layout.count;
-    route(&Backend::forward_training, q, q.x, layout);
-  }
+    return q;
+  };
+  const int64_t count = group_layout(axis, group_params(0)).count;
+  each_group(p.x.device, groups, groups * count * C, [&](int64_t g) {
+    const ForwardTrainingParams q = group_params(g);
+    route(&Backend::forward_training, q, q.x, group_layout(axis, q));
+  });
   if (!running) return;
   MergeStatisticsParams m;
-  m.means = means;
-  m.vars = vars;
+  for (int64_t g = 0; g < groups; ++g) {
+    const ForwardTrainingParams q = group_params(g);
+    m.means.push_back(q.moments_mean);
+    m.vars.push_back(q.moments_var);
+  }
   m.counts.assign(static_cast<size_t>(groups), count);
   m.mean = scratch.vector(2 * groups * C, C, DType::float64);
   m.var = scratch.vector((2 * groups + 1) * C, C, DType::float64);
@@ -113,28 +123,34 @@ void ghost_backward(const BackwardParams& p, int axis) {
   if (p.exec.validate_only) return;
   const int64_t G = p.ghost_batch, groups = p.x.shape[0] / G, C = p.x.shape[axis];
   const DType acc = accumulation_dtype(p.x.dtype);
-  // Group 0 writes dweight and dbias; each later group's go here and are added in order.
-  Scratch scratch(p.x.device, p.exec, static_cast<std::size_t>(2 * C) * 8);
-  const TensorView dw = scratch.vector(0, C, acc), db = scratch.vector(C, C, acc);
-  BackwardParams q = p;
-  q.ghost_batch = 0;
-  for (int64_t g = 0; g < groups; ++g) {
+  // Group 0 writes dweight and dbias; each later group's go to its own rows here and are
+  // added in group order afterwards (the same sums whether the groups ran at once or not).
+  Scratch scratch(p.x.device, p.exec, static_cast<std::size_t>(2 * groups * C) * 8);
+  auto group_params = [&](int64_t g) {
+    BackwardParams q = p;
+    q.ghost_batch = 0;
     q.dy = slice0(p.dy, g * G, G);
     q.x = slice0(p.x, g * G, G);
     q.dx = slice0(p.dx, g * G, G);
     q.saved_mean = row_of(p.saved_mean, g);
     q.saved_invstd = row_of(p.saved_invstd, g);
-    q.dweight = g == 0 ? p.dweight : dw;
-    q.dbias = g == 0 ? p.dbias : db;
+    q.dweight = g == 0 ? p.dweight : scratch.vector(2 * g * C, C, acc);
+    q.dbias = g == 0 ? p.dbias : scratch.vector((2 * g + 1) * C, C, acc);
+    return q;
+  };
+  each_group(p.x.device, groups, 2 * p.x.numel(), [&](int64_t g) {
+    const BackwardParams q = group_params(g);
     const TensorView* arrays[] = {&q.dy, &q.x, &q.dx};
     route(&Backend::backward, q, q.x, make_layout(axis, arrays, 3));
-    if (g == 0) continue;
+  });
+  for (int64_t g = 1; g < groups; ++g) {
+    const BackwardParams q = group_params(g);
     for (int k = 0; k < 2; ++k) {
       // total += this group's, as one channel of C values: (C, 1) views.
       ElementwiseParams e;
       e.kind = ElementwiseKind::add;
       e.in0 = e.out = k == 0 ? p.dweight : p.dbias;
-      e.in1 = k == 0 ? dw : db;
+      e.in1 = k == 0 ? q.dweight : q.dbias;
       for (TensorView* v : {&e.in0, &e.in1, &e.out}) {
         v->ndim = 2;
         v->shape[1] = 1;

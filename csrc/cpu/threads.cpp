@@ -41,6 +41,17 @@ void set_stream_threshold_bytes(int64_t bytes) { cpu::set_stream_threshold(bytes
 namespace cpu {
 int thread_count() { return get_num_threads(); }
 
+void for_each(int64_t n, int64_t work, void (*fn)(void* ctx, int64_t i), void* ctx) {
+  // Tasks side by side only when they keep every thread busy to the end; otherwise one after
+  // the other, each with all the threads (a nested parallel region runs on one thread).
+  const int64_t T = thread_count();
+  if (n >= T && (n % T == 0 || n >= 4 * T)) {
+    parallel_for(n, work, [&](int64_t i) { fn(ctx, i); });
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) fn(ctx, i);
+}
+
 namespace {
 // Bytes of the unified or data cache of `level` seen by CPU 0, from sysfs (the kernel's view of
 // this machine, or of this VM), else from sysconf; -1 when neither says. sysfs comes first:

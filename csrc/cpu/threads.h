@@ -22,7 +22,8 @@ template <class F>
 void parallel_for(int64_t n, int64_t work, F&& f) {
 #if defined(BN_WITH_OPENMP)
   const int threads = thread_count();
-  if (threads > 1 && n > 1 && work >= kMinParallelWork) {
+  // Inside another parallel_for (tasks run side by side, cpu::for_each) it stays on its thread.
+  if (threads > 1 && n > 1 && work >= kMinParallelWork && !omp_in_parallel()) {
     const int use = static_cast<int>(n < threads ? n : threads);
 #pragma omp parallel for schedule(static) num_threads(use)
     for (int64_t i = 0; i < n; ++i) f(i);
