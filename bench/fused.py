@@ -11,33 +11,11 @@ y = relu(bn(x) + r) with respect to x, weight, bias and r."""
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 import batchnorm as bn
-
-SHAPES = [(32, 64, 56, 56), (256, 2048, 7, 7), (4096, 1024)]
-QUICK = [(32, 64, 56, 56), (4096, 1024)]
-
-
-def _layouts(shape):
-    return ["nc"] if len(shape) == 2 else ["cf", "cl"]
-
-
-def _median_pair(f_ours, f_torch, reps):
-    f_ours(), f_torch()
-    a, b = [], []
-    for _ in range(reps):
-        t = time.perf_counter()
-        f_ours()
-        a.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        f_torch()
-        b.append(time.perf_counter() - t)
-    return statistics.median(a), statistics.median(b)
-
+from _timing import QUICK, SHAPES, layouts, median_pair
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -52,7 +30,7 @@ def main() -> None:
     print(f"threads {args.threads}, dtype {args.dtype}, median of {args.reps}; ratio = torch / ours")
     print(f"{'case':28s} {'pass':9s} {'ours ms':>9s} {'torch ms':>9s} {'ratio':>6s}")
     for shape in QUICK if args.quick else SHAPES:
-        for layout in _layouts(shape):
+        for layout in layouts(shape):
             g = torch.Generator().manual_seed(0)
             x = torch.randn(shape, generator=g).to(dtype)
             r = torch.randn(shape, generator=g).to(dtype)
@@ -71,7 +49,7 @@ def main() -> None:
             def torch_fwd():
                 return torch.relu_(torch.nn.functional.batch_norm(x, rm, rv, w, b, training=True) + r)
 
-            t_o, t_t = _median_pair(ours_fwd, torch_fwd, args.reps)
+            t_o, t_t = median_pair(ours_fwd, torch_fwd, args.reps)
             name = f"{'x'.join(map(str, shape))} {layout}"
             print(f"{name:28s} {'forward':9s} {t_o * 1e3:9.3f} {t_t * 1e3:9.3f} {t_t / t_o:6.2f}", flush=True)
 
@@ -88,7 +66,7 @@ def main() -> None:
             def torch_bwd():
                 return torch.autograd.grad(yt, (xt, wt, bt, rt), dy, retain_graph=True)
 
-            t_o, t_t = _median_pair(ours_bwd, torch_bwd, args.reps)
+            t_o, t_t = median_pair(ours_bwd, torch_bwd, args.reps)
             print(f"{name:28s} {'backward':9s} {t_o * 1e3:9.3f} {t_t * 1e3:9.3f} {t_t / t_o:6.2f}", flush=True)
 
 

@@ -14,33 +14,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 
 import numpy as np
 
 import batchnorm as bn
-
-SHAPES = [(32, 64, 56, 56), (256, 2048, 7, 7), (4096, 1024)]
-QUICK = [(32, 64, 56, 56), (4096, 1024)]
-
-
-def _layouts(shape):
-    return ["nc"] if len(shape) == 2 else ["cf", "cl"]
-
-
-def _median_pair(f_variant, f_plain, reps):
-    f_variant(), f_plain()
-    a, b = [], []
-    for _ in range(reps):
-        t = time.perf_counter()
-        f_variant()
-        a.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        f_plain()
-        b.append(time.perf_counter() - t)
-    return statistics.median(a), statistics.median(b)
-
+from _timing import QUICK, SHAPES, layouts, median_pair
 
 def _cpu() -> str:
     try:
@@ -66,7 +44,7 @@ def main() -> None:
           f"load {load:.2f}; ratio = variant / plain")
     print(f"{'case':22s} {'variant':22s} {'plain ms':>9s} {'variant ms':>10s} {'ratio':>6s}")
     for shape in QUICK if args.quick else SHAPES:
-        for layout in _layouts(shape):
+        for layout in layouts(shape):
             rng = np.random.default_rng(0)
             x = rng.standard_normal(shape, dtype=np.float32)
             dy = rng.standard_normal(shape, dtype=np.float32)
@@ -91,7 +69,7 @@ def main() -> None:
                 f"ghost_batch={args.ghost}": dict(ghost_batch=args.ghost),
             }
             for label, kw in forwards.items():
-                t_v, t_p = _median_pair(lambda: fwd(**kw), fwd, args.reps)
+                t_v, t_p = median_pair(lambda: fwd(**kw), fwd, args.reps)
                 print(f"{name:22s} {'fwd ' + label:22s} {t_p * 1e3:9.3f} {t_v * 1e3:10.3f} {t_v / t_p:6.2f}", flush=True)
             _, mean, invstd = fwd()
             _, _, _, r, d = fwd(renorm=(3.0, 5.0))
@@ -105,7 +83,7 @@ def main() -> None:
                 f"ghost_batch={args.ghost}": (lambda: back(gmean, ginvstd, ghost_batch=args.ghost)),
             }
             for label, f in backwards.items():
-                t_v, t_p = _median_pair(f, lambda: back(mean, invstd), args.reps)
+                t_v, t_p = median_pair(f, lambda: back(mean, invstd), args.reps)
                 print(f"{name:22s} {'bwd ' + label:22s} {t_p * 1e3:9.3f} {t_v * 1e3:10.3f} {t_v / t_p:6.2f}", flush=True)
 
 
