@@ -33,29 +33,57 @@ void check_library_build(const char* module_tag) {
              " (another installation of libbatchnorm.so.", BN_VERSION_MAJOR, " was loaded first)");
 }
 
-int64_t statistics(const StatisticsParams& p) {
-  int64_t count = 0;
-  check(bn_detail_statistics(&p, &count));
-  return count;
+// The module runs each op in its two steps (it allocates in between); the one-step overloads
+// of core/ops.h are not defined here.
+template <class P, class S>
+S specs_of(bn_status (*bridge)(const P*, S*), const P& p) {
+  S specs;
+  check(bridge(&p, &specs));
+  return specs;
 }
-void forward_training(const ForwardTrainingParams& p) { check(bn_detail_forward_training(&p)); }
-void forward_inference(const ForwardInferenceParams& p) { check(bn_detail_forward_inference(&p)); }
-void backward(const BackwardParams& p) { check(bn_detail_backward(&p)); }
-void backward_reduce(const BackwardReduceParams& p) { check(bn_detail_backward_reduce(&p)); }
-void backward_elemt(const BackwardElemtParams& p) { check(bn_detail_backward_elemt(&p)); }
-int64_t merge_statistics(const MergeStatisticsParams& p) {
-  int64_t total = 0;
-  check(bn_detail_merge_statistics(&p, &total));
-  return total;
+template <class P, class S>
+int64_t counted(bn_status (*bridge)(const P*, const S*, int64_t*), const P& p, const S& specs) {
+  int64_t n = 0;
+  check(bridge(&p, &specs, &n));
+  return n;
 }
-void fold(const FoldParams& p) { check(bn_detail_fold(&p)); }
 
-int64_t channel_count(const TensorView& x, const char* arg, int axis, int min_rank) {
-  int64_t channels = 0;
-  check(bn_detail_channel_count(&x, arg, axis, min_rank, &channels));
-  return channels;
+StatisticsSpecs statistics_specs(const StatisticsParams& p) { return specs_of(bn_detail_statistics_specs, p); }
+ForwardTrainingSpecs forward_training_specs(const ForwardTrainingParams& p) {
+  return specs_of(bn_detail_forward_training_specs, p);
 }
-DType statistics_dtype(DType x_dtype) { return accumulation_dtype(x_dtype); }
+ForwardInferenceSpecs forward_inference_specs(const ForwardInferenceParams& p) {
+  return specs_of(bn_detail_forward_inference_specs, p);
+}
+BackwardSpecs backward_specs(const BackwardParams& p) { return specs_of(bn_detail_backward_specs, p); }
+BackwardReduceSpecs backward_reduce_specs(const BackwardReduceParams& p) {
+  return specs_of(bn_detail_backward_reduce_specs, p);
+}
+BackwardElemtSpecs backward_elemt_specs(const BackwardElemtParams& p) {
+  return specs_of(bn_detail_backward_elemt_specs, p);
+}
+MergeStatisticsSpecs merge_statistics_specs(const MergeStatisticsParams& p) {
+  return specs_of(bn_detail_merge_statistics_specs, p);
+}
+FoldSpecs fold_specs(const FoldParams& p) { return specs_of(bn_detail_fold_specs, p); }
+int64_t statistics(const StatisticsParams& p, const StatisticsSpecs& s) { return counted(bn_detail_statistics, p, s); }
+void forward_training(const ForwardTrainingParams& p, const ForwardTrainingSpecs& s) {
+  check(bn_detail_forward_training(&p, &s));
+}
+void forward_inference(const ForwardInferenceParams& p, const ForwardInferenceSpecs& s) {
+  check(bn_detail_forward_inference(&p, &s));
+}
+void backward(const BackwardParams& p, const BackwardSpecs& s) { check(bn_detail_backward(&p, &s)); }
+void backward_reduce(const BackwardReduceParams& p, const BackwardReduceSpecs& s) {
+  check(bn_detail_backward_reduce(&p, &s));
+}
+void backward_elemt(const BackwardElemtParams& p, const BackwardElemtSpecs& s) {
+  check(bn_detail_backward_elemt(&p, &s));
+}
+int64_t merge_statistics(const MergeStatisticsParams& p, const MergeStatisticsSpecs& s) {
+  return counted(bn_detail_merge_statistics, p, s);
+}
+void fold(const FoldParams& p, const FoldSpecs& s) { check(bn_detail_fold(&p, &s)); }
 
 void set_num_threads(int n) { check(bn_set_num_threads(n)); }
 void check_environment() { check(bn_detail_check_environment()); }

@@ -24,11 +24,12 @@ void import_numpy(Imported& imp, const py::array& a, const char* arg) {
   const char kind = dt.kind();
   const ssize_t item = dt.itemsize();
   TensorView& v = imp.view;
-  if (kind == 'f' && item == 2) v.dtype = DType::float16;
-  else if (kind == 'f' && item == 4) v.dtype = DType::float32;
-  else if (kind == 'f' && item == 8) v.dtype = DType::float64;
-  else if (item == 2 && py::str(dt.attr("name")).cast<std::string>() == "bfloat16") v.dtype = DType::bfloat16;
-  else throw_bad_dtype(arg, py::str(dt.attr("name")).cast<std::string>());
+  // NumPy's IEEE floats are DLPack's (kDLFloat, 8 * itemsize); ml_dtypes' bfloat16 (kind 'V')
+  // is known by its name, looked up only when the cheap test fails.
+  const DTypeInfo* row = kind == 'f' ? find_dtype(kDLFloat, static_cast<uint8_t>(8 * item)) : nullptr;
+  if (!row && item == 2) row = find_dtype(py::str(dt.attr("name")).cast<std::string>());
+  if (!row) unsupported_dtype(arg, py::str(dt.attr("name")).cast<std::string>());
+  v.dtype = row->dtype;
   // The kernels read and write native-endian values; a byte-swapped array would be read as
   // garbage (and an out= filled with bytes in the wrong order), so it is refused, not copied.
   if (!dt.attr("isnative").cast<bool>()) {
@@ -140,15 +141,7 @@ struct ExportContext {
   std::vector<int64_t> shape, strides;
 };
 
-DLDataType dl_dtype(DType d) {
-  switch (d) {
-    case DType::float16: return {kDLFloat, 16, 1};
-    case DType::bfloat16: return {kDLBfloat, 16, 1};
-    case DType::float32: return {kDLFloat, 32, 1};
-    case DType::float64: return {kDLFloat, 64, 1};
-  }
-  return {kDLFloat, 32, 1};
-}
+DLDataType dl_dtype(DType d) { return {dtype_info(d).dlpack_code, dtype_info(d).dlpack_bits, 1}; }
 
 template <class M>
 void fill_managed(M* m, ExportContext* ctx, const Buffer& b) {
@@ -236,20 +229,14 @@ std::vector<int64_t> dense_strides_like(const TensorView& like) {
   return strides;
 }
 
+// NumPy knows three of the four by name; bfloat16 comes from ml_dtypes.
 py::dtype numpy_dtype(DType d) {
-  switch (d) {
-    case DType::float16: return py::dtype("float16");
-    case DType::float32: return py::dtype("float32");
-    case DType::float64: return py::dtype("float64");
-    case DType::bfloat16: {
-      try {
-        return py::dtype::from_args(py::module_::import("ml_dtypes").attr("bfloat16"));
-      } catch (py::error_already_set&) {
-        throw type_error("a bfloat16 NumPy result needs the ml_dtypes package (pip install ml_dtypes)");
-      }
-    }
+  if (d != DType::bfloat16) return py::dtype(dtype_name(d));
+  try {
+    return py::dtype::from_args(py::module_::import("ml_dtypes").attr("bfloat16"));
+  } catch (py::error_already_set&) {
+    throw type_error("a bfloat16 NumPy result needs the ml_dtypes package (pip install ml_dtypes)");
   }
-  return py::dtype("float32");
 }
 
 Output make_output(std::vector<int64_t> shape, std::vector<int64_t> strides, DType dtype, const Device& device,
@@ -322,13 +309,15 @@ ImportedPtr import_array(py::handle obj, const char* arg, int64_t stream, bool a
   return imp;
 }
 
-Output allocate_like(const TensorView& like, DType dtype, bool as_numpy, int64_t stream) {
-  return make_output(std::vector<int64_t>(like.shape, like.shape + like.ndim), dense_strides_like(like), dtype,
-                     like.device, as_numpy, stream);
-}
-
-Output allocate_vector(int64_t n, DType dtype, const Device& device, bool as_numpy, int64_t stream) {
-  return make_output({n}, {1}, dtype, device, as_numpy, stream);
+Output allocate(const OutputSpec& spec, bool as_numpy, int64_t stream) {
+  if (spec.like) {
+    const TensorView& order = spec.order ? *spec.order : *spec.like;
+    return make_output(std::vector<int64_t>(order.shape, order.shape + order.ndim), dense_strides_like(order),
+                       spec.dtype, spec.device, as_numpy, stream);
+  }
+  std::vector<int64_t> shape(spec.shape, spec.shape + spec.ndim), strides(spec.ndim, 1);
+  for (int d = spec.ndim - 2; d >= 0; --d) strides[d] = strides[d + 1] * shape[d + 1];
+  return make_output(std::move(shape), std::move(strides), spec.dtype, spec.device, as_numpy, stream);
 }
 
 void register_buffer(py::module_& m) {

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "core/dlpack.h"
+#include "core/ops.h"
 #include "core/tensor.h"
 
 namespace batchnorm::binding {
@@ -63,14 +64,14 @@ bool array_device(py::handle obj, Device& device, const char* arg = "array");
 // numpy.asarray when `allow_asarray` (read-only inputs), else rejected with a TypeError.
 ImportedPtr import_array(py::handle obj, const char* arg, int64_t stream, bool allow_asarray);
 
-// Output allocation like `like` (same shape, dense in like's stride order) or 1-D (n,).
-// as_numpy: a NumPy array owning its memory; otherwise a Buffer (DLPack producer).
+// An output allocated as the core's spec says: like an input (its shape, dense in the stride
+// order of spec.order, else of spec.like) or contiguous of the spec's shape. as_numpy: a NumPy
+// array owning its memory; otherwise a Buffer (DLPack producer).
 struct Output {
   py::object object;
   TensorView view;
 };
-Output allocate_like(const TensorView& like, DType dtype, bool as_numpy, int64_t stream);
-Output allocate_vector(int64_t n, DType dtype, const Device& device, bool as_numpy, int64_t stream);
+Output allocate(const OutputSpec& spec, bool as_numpy, int64_t stream);
 
 void register_buffer(py::module_& m);
 

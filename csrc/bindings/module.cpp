@@ -1,7 +1,8 @@
 // batchnorm._C: the pybind11 binding of the core's ops. Each function imports its arrays
-// (dlpack.h), allocates the outputs it is not given, releases the GIL for the work, and
-// returns the outputs as NumPy arrays or DLPack Buffers; python/batchnorm turns Buffers into
-// the caller's kind of array. Core errors become ValueError / TypeError / RuntimeError.
+// (dlpack.h), asks the core for its outputs' specs (which validates the inputs), allocates
+// from them the outputs it is not given, releases the GIL for the op, and returns the outputs
+// as NumPy arrays or DLPack Buffers; python/batchnorm turns Buffers into the caller's kind of
+// array. Core errors become ValueError / TypeError / RuntimeError.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -33,55 +34,26 @@ struct Call {
   void* exec_stream() const { return reinterpret_cast<void*>(stream); }
 };
 
-// Takes `out` when given (returning the object itself), else allocates like `like`.
-py::object output_like(py::handle out, const char* arg, const TensorView& like, const Call& call, TensorView& view,
-                       ImportedPtr& keep) {
-  if (!out.is_none()) {
-    keep = import_array(out, arg, call.stream, false);
+// An output of the op: the caller's array when given (the op checks it against `spec`; a
+// framework that keeps all memory in its own allocator, as batchnorm.torch does, passes
+// them), else allocated here as the core's spec says; None when the call does not produce it.
+py::object output(py::handle given, const char* arg, const OutputSpec& spec, const Call& call, TensorView& view,
+                  ImportedPtr& keep) {
+  if (!given.is_none()) {
+    keep = import_array(given, arg, call.stream, false);
     view = keep->view;
-    return py::reinterpret_borrow<py::object>(out);
+    return py::reinterpret_borrow<py::object>(given);
   }
-  Output o = allocate_like(like, like.dtype, call.as_numpy, call.stream);
+  if (!spec.produced()) return py::none();
+  const Output o = allocate(spec, call.as_numpy, call.stream);
   view = o.view;
   return o.object;
 }
 
-py::object output_vector(int64_t n, DType dtype, const Device& device, const Call& call, TensorView& view) {
-  Output o = allocate_vector(n, dtype, device, call.as_numpy, call.stream);
-  view = o.view;
-  return o.object;
-}
-
-// A (C,) output: the caller's array when given (a framework that keeps all memory in its own
-// allocator, as batchnorm.torch does; the core checks it), else allocated here.
-py::object output_vector(py::handle out, const char* arg, int64_t n, DType dtype, const Device& device,
-                         const Call& call, TensorView& view, ImportedPtr& keep) {
-  if (out.is_none()) return output_vector(n, dtype, device, call, view);
-  keep = import_array(out, arg, call.stream, false);
-  view = keep->view;
-  return py::reinterpret_borrow<py::object>(out);
-}
-
-// A (rows, C) output (ghost batch norm's per-group saved statistics): the caller's array when
-// given, else allocated here, contiguous.
-py::object output_rows(py::handle out, const char* arg, int64_t rows, int64_t C, DType dtype, const Device& device,
-                       const Call& call, TensorView& view, ImportedPtr& keep) {
-  if (!out.is_none()) {
-    keep = import_array(out, arg, call.stream, false);
-    view = keep->view;
-    return py::reinterpret_borrow<py::object>(out);
-  }
-  TensorView shape;
-  shape.ndim = 2;
-  shape.shape[0] = rows;
-  shape.shape[1] = C;
-  shape.strides[0] = C;
-  shape.strides[1] = 1;
-  shape.dtype = dtype;
-  shape.device = device;
-  Output o = allocate_like(shape, dtype, call.as_numpy, call.stream);
-  view = o.view;
-  return o.object;
+// An output never given by the caller.
+py::object output(const OutputSpec& spec, const Call& call, TensorView& view) {
+  ImportedPtr none;
+  return output(py::none(), "", spec, call, view, none);
 }
 
 py::tuple py_statistics(py::handle x, int axis, bool wide, Call call) {
@@ -89,15 +61,15 @@ py::tuple py_statistics(py::handle x, int axis, bool wide, Call call) {
   StatisticsParams p;
   p.x = xi->view;
   p.axis = axis;
+  p.wide = wide;
   p.exec.stream = call.exec_stream();
-  const int64_t C = channel_count(p.x, "x", axis, 2);
-  const DType acc = wide ? DType::float64 : statistics_dtype(p.x.dtype);
-  py::object mean = output_vector(C, acc, p.x.device, call, p.mean);
-  py::object var = output_vector(C, acc, p.x.device, call, p.var);
+  const StatisticsSpecs s = statistics_specs(p);
+  py::object mean = output(s.mean, call, p.mean);
+  py::object var = output(s.var, call, p.var);
   int64_t count;
   {
     py::gil_scoped_release nogil;
-    count = batchnorm::statistics(p);
+    count = batchnorm::statistics(p, s);
   }
   return py::make_tuple(mean, var, count);
 }
@@ -137,31 +109,16 @@ py::tuple py_forward_training(py::handle x, py::handle weight, py::handle bias, 
   p.renorm_dmax = dmax;
   p.ghost_batch = ghost_batch;
   p.exec.stream = call.exec_stream();
-  const int64_t C = channel_count(p.x, "x", axis, 2);
-  const DType acc = statistics_dtype(p.x.dtype);
-  ImportedPtr yi;
-  py::object y = output_like(out, "out", p.x, call, p.y, yi);
-  ImportedPtr mk, sk;
-  py::object mean, invstd;
-  // Ghost batch norm saves one row of statistics per group (a bad ghost_batch is the core's
-  // to report: allocate (C,) then).
-  const int axis_n = axis < 0 ? axis + p.x.ndim : axis;
-  if (ghost_batch > 0 && axis_n != 0 && p.x.shape[0] % ghost_batch == 0) {
-    const int64_t rows = p.x.shape[0] / ghost_batch;
-    mean = output_rows(saved_mean_out, "saved_mean_out", rows, C, acc, p.x.device, call, p.saved_mean, mk);
-    invstd = output_rows(saved_invstd_out, "saved_invstd_out", rows, C, acc, p.x.device, call, p.saved_invstd, sk);
-  } else {
-    mean = output_vector(saved_mean_out, "saved_mean_out", C, acc, p.x.device, call, p.saved_mean, mk);
-    invstd = output_vector(saved_invstd_out, "saved_invstd_out", C, acc, p.x.device, call, p.saved_invstd, sk);
-  }
-  py::object r, d;
-  if (renorm) {
-    r = output_vector(C, acc, p.x.device, call, p.renorm_r);
-    d = output_vector(C, acc, p.x.device, call, p.renorm_d);
-  }
+  const ForwardTrainingSpecs s = forward_training_specs(p);
+  ImportedPtr yi, mk, sk;
+  py::object y = output(out, "out", s.y, call, p.y, yi);
+  py::object mean = output(saved_mean_out, "saved_mean_out", s.saved_mean, call, p.saved_mean, mk);
+  py::object invstd = output(saved_invstd_out, "saved_invstd_out", s.saved_invstd, call, p.saved_invstd, sk);
+  py::object r = output(s.renorm_r, call, p.renorm_r);
+  py::object d = output(s.renorm_d, call, p.renorm_d);
   {
     py::gil_scoped_release nogil;
-    batchnorm::forward_training(p);
+    batchnorm::forward_training(p, s);
   }
   if (renorm) return py::make_tuple(y, mean, invstd, r, d);
   return py::make_tuple(y, mean, invstd);
@@ -186,12 +143,12 @@ py::object py_forward_inference(py::handle x, py::handle mean, py::handle var, p
   p.eps = eps;
   p.axis = axis;
   p.exec.stream = call.exec_stream();
-  channel_count(p.x, "x", axis, 2);
+  const ForwardInferenceSpecs s = forward_inference_specs(p);
   ImportedPtr yi;
-  py::object y = output_like(out, "out", p.x, call, p.y, yi);
+  py::object y = output(out, "out", s.y, call, p.y, yi);
   {
     py::gil_scoped_release nogil;
-    batchnorm::forward_inference(p);
+    batchnorm::forward_inference(p, s);
   }
   return y;
 }
@@ -221,24 +178,20 @@ py::tuple py_backward(py::handle dy, py::handle x, py::handle saved_mean, py::ha
   p.activation = static_cast<Activation>(activation);
   p.axis = axis;
   p.exec.stream = call.exec_stream();
-  const int64_t C = channel_count(p.x, "x", axis, 2);
-  const DType acc = statistics_dtype(p.x.dtype);
-  ImportedPtr dxi;
-  // dx takes dy's memory order when allocated: dy is what the caller's graph produced.
-  const TensorView& like = p.dy.defined() && p.dy.ndim == p.x.ndim ? p.dy : p.x;
-  py::object dx = output_like(out, "out", like, call, p.dx, dxi);
-  ImportedPtr wk, bk, rk;
-  py::object dweight = output_vector(dweight_out, "dweight_out", C, acc, p.x.device, call, p.dweight, wk);
-  py::object dbias = output_vector(dbias_out, "dbias_out", C, acc, p.x.device, call, p.dbias, bk);
+  const BackwardSpecs s = backward_specs(p);
+  ImportedPtr dxi, wk, bk, rk;
+  py::object dx = output(out, "out", s.dx, call, p.dx, dxi);
+  py::object dweight = output(dweight_out, "dweight_out", s.dweight, call, p.dweight, wk);
+  py::object dbias = output(dbias_out, "dbias_out", s.dbias, call, p.dbias, bk);
   // The masked gradient needs a home of its own when dx is x (see core backward): then the
   // residual's gradient is computed even if not asked for.
   const bool relu = p.activation == Activation::relu;
   py::object dres = py::none();
   if (residual || (relu && !out.is_none() && p.dx.data == p.x.data && p.x.data != nullptr))
-    dres = output_like(residual ? dresidual_out : py::none(), "dresidual_out", like, call, p.dresidual, rk);
+    dres = output(residual ? dresidual_out : py::none(), "dresidual_out", s.dresidual, call, p.dresidual, rk);
   {
     py::gil_scoped_release nogil;
-    batchnorm::backward(p);
+    batchnorm::backward(p, s);
   }
   if (residual) return py::make_tuple(dx, dweight, dbias, dres);
   return py::make_tuple(dx, dweight, dbias);
@@ -256,15 +209,14 @@ py::tuple py_backward_reduce(py::handle dy, py::handle x, py::handle mean, py::h
   p.invstd = si->view;
   p.axis = axis;
   p.exec.stream = call.exec_stream();
-  const int64_t C = channel_count(p.x, "x", axis, 2);
-  const DType acc = statistics_dtype(p.x.dtype);
-  py::object sum_dy = output_vector(C, DType::float64, p.x.device, call, p.sum_dy);
-  py::object sum_dy_xmu = output_vector(C, DType::float64, p.x.device, call, p.sum_dy_xmu);
-  py::object dweight = output_vector(C, acc, p.x.device, call, p.dweight);
-  py::object dbias = output_vector(C, acc, p.x.device, call, p.dbias);
+  const BackwardReduceSpecs s = backward_reduce_specs(p);
+  py::object sum_dy = output(s.sum_dy, call, p.sum_dy);
+  py::object sum_dy_xmu = output(s.sum_dy_xmu, call, p.sum_dy_xmu);
+  py::object dweight = output(s.dweight, call, p.dweight);
+  py::object dbias = output(s.dbias, call, p.dbias);
   {
     py::gil_scoped_release nogil;
-    batchnorm::backward_reduce(p);
+    batchnorm::backward_reduce(p, s);
   }
   return py::make_tuple(sum_dy, sum_dy_xmu, dweight, dbias);
 }
@@ -290,12 +242,12 @@ py::object py_backward_elemt(py::handle dy, py::handle x, py::handle mean, py::h
   p.count = count;
   p.axis = axis;
   p.exec.stream = call.exec_stream();
-  channel_count(p.x, "x", axis, 2);
+  const BackwardElemtSpecs s = backward_elemt_specs(p);
   ImportedPtr dxi;
-  py::object dx = output_like(out, "out", p.dy.defined() && p.dy.ndim == p.x.ndim ? p.dy : p.x, call, p.dx, dxi);
+  py::object dx = output(out, "out", s.dx, call, p.dx, dxi);
   {
     py::gil_scoped_release nogil;
-    batchnorm::backward_elemt(p);
+    batchnorm::backward_elemt(p, s);
   }
   return dx;
 }
@@ -331,17 +283,13 @@ py::tuple py_merge_statistics(py::handle means, py::handle vars, py::handle coun
     p.counts.push_back(py::int_(c).cast<int64_t>());
   }
   p.exec.stream = call.exec_stream();
-  BN_EXPECTS(!p.means.empty(), value_error, "means must hold at least one shard, got none");
-  const TensorView& first = p.means[0];
-  const int64_t C = channel_count(first, "means[0]", 0, 1);
-  BN_EXPECTS(first.ndim == 1, value_error, "means[0] must have shape (C,), got ", shape_string(first));
-  const DType acc = statistics_dtype(first.dtype);
-  py::object mean = output_vector(C, acc, first.device, call, p.mean);
-  py::object var = output_vector(C, acc, first.device, call, p.var);
+  const MergeStatisticsSpecs s = merge_statistics_specs(p);
+  py::object mean = output(s.mean, call, p.mean);
+  py::object var = output(s.var, call, p.var);
   int64_t total;
   {
     py::gil_scoped_release nogil;
-    total = batchnorm::merge_statistics(p);
+    total = batchnorm::merge_statistics(p, s);
   }
   return py::make_tuple(mean, var, total);
 }
@@ -364,13 +312,12 @@ py::tuple py_fold(py::handle kernel, py::handle conv_bias, py::handle mean, py::
   p.eps = eps;
   p.axis = axis;
   p.exec.stream = call.exec_stream();
-  const int64_t C = channel_count(p.kernel, "kernel", axis, 1);
-  ImportedPtr none;
-  py::object k = output_like(py::none(), "kernel_out", p.kernel, call, p.kernel_out, none);
-  py::object b = output_vector(C, p.kernel.dtype, p.kernel.device, call, p.bias_out);
+  const FoldSpecs s = fold_specs(p);
+  py::object k = output(s.kernel_out, call, p.kernel_out);
+  py::object b = output(s.bias_out, call, p.bias_out);
   {
     py::gil_scoped_release nogil;
-    batchnorm::fold(p);
+    batchnorm::fold(p, s);
   }
   return py::make_tuple(k, b);
 }
@@ -443,6 +390,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("merge_statistics", &py_merge_statistics);
   m.def("fold", &py_fold);
   m.def("info", &py_info);
+  // The four dtype names in core/dtype.h's order: a name's index is its code.
+  m.def("dtype_names", [] {
+    py::tuple names(kNumDTypes);
+    for (int i = 0; i < kNumDTypes; ++i) names[i] = kDTypes[i].name;
+    return names;
+  });
   m.def("device_of", &py_device_of, py::arg("obj"), py::arg("name") = "array");
   m.def("set_num_threads", [](py::handle n) {
     BN_EXPECTS(PyIndex_Check(n.ptr()) && !PyBool_Check(n.ptr()), type_error, "n must be an int >= 1, got ",

@@ -15,39 +15,60 @@ extern "C" {
 
 BN_API const char* bn_detail_build_tag(void) { return BN_BUILD_TAG; }
 
-BN_API bn_status bn_detail_statistics(const StatisticsParams* p, int64_t* count) {
-  return guarded([&] { *count = statistics(*p); });
+BN_API bn_status bn_detail_statistics_specs(const StatisticsParams* p, StatisticsSpecs* specs) {
+  return guarded([&] { *specs = statistics_specs(*p); });
 }
-BN_API bn_status bn_detail_forward_training(const ForwardTrainingParams* p) {
-  return guarded([&] { forward_training(*p); });
+BN_API bn_status bn_detail_statistics(const StatisticsParams* p, const StatisticsSpecs* specs, int64_t* count) {
+  return guarded([&] { *count = statistics(*p, *specs); });
 }
-BN_API bn_status bn_detail_forward_inference(const ForwardInferenceParams* p) {
-  return guarded([&] { forward_inference(*p); });
+BN_API bn_status bn_detail_forward_training_specs(const ForwardTrainingParams* p, ForwardTrainingSpecs* specs) {
+  return guarded([&] { *specs = forward_training_specs(*p); });
 }
-BN_API bn_status bn_detail_backward(const BackwardParams* p) {
-  return guarded([&] { backward(*p); });
+BN_API bn_status bn_detail_forward_training(const ForwardTrainingParams* p, const ForwardTrainingSpecs* specs) {
+  return guarded([&] { forward_training(*p, *specs); });
 }
-BN_API bn_status bn_detail_backward_reduce(const BackwardReduceParams* p) {
-  return guarded([&] { backward_reduce(*p); });
+BN_API bn_status bn_detail_forward_inference_specs(const ForwardInferenceParams* p, ForwardInferenceSpecs* specs) {
+  return guarded([&] { *specs = forward_inference_specs(*p); });
 }
-BN_API bn_status bn_detail_backward_elemt(const BackwardElemtParams* p) {
-  return guarded([&] { backward_elemt(*p); });
+BN_API bn_status bn_detail_forward_inference(const ForwardInferenceParams* p, const ForwardInferenceSpecs* specs) {
+  return guarded([&] { forward_inference(*p, *specs); });
+}
+BN_API bn_status bn_detail_backward_specs(const BackwardParams* p, BackwardSpecs* specs) {
+  return guarded([&] { *specs = backward_specs(*p); });
+}
+BN_API bn_status bn_detail_backward(const BackwardParams* p, const BackwardSpecs* specs) {
+  return guarded([&] { backward(*p, *specs); });
+}
+BN_API bn_status bn_detail_backward_reduce_specs(const BackwardReduceParams* p, BackwardReduceSpecs* specs) {
+  return guarded([&] { *specs = backward_reduce_specs(*p); });
+}
+BN_API bn_status bn_detail_backward_reduce(const BackwardReduceParams* p, const BackwardReduceSpecs* specs) {
+  return guarded([&] { backward_reduce(*p, *specs); });
+}
+BN_API bn_status bn_detail_backward_elemt_specs(const BackwardElemtParams* p, BackwardElemtSpecs* specs) {
+  return guarded([&] { *specs = backward_elemt_specs(*p); });
+}
+BN_API bn_status bn_detail_backward_elemt(const BackwardElemtParams* p, const BackwardElemtSpecs* specs) {
+  return guarded([&] { backward_elemt(*p, *specs); });
+}
+BN_API bn_status bn_detail_merge_statistics_specs(const MergeStatisticsParams* p, MergeStatisticsSpecs* specs) {
+  return guarded([&] { *specs = merge_statistics_specs(*p); });
+}
+BN_API bn_status bn_detail_merge_statistics(const MergeStatisticsParams* p, const MergeStatisticsSpecs* specs,
+                                            int64_t* total) {
+  return guarded([&] { *total = merge_statistics(*p, *specs); });
+}
+BN_API bn_status bn_detail_fold_specs(const FoldParams* p, FoldSpecs* specs) {
+  return guarded([&] { *specs = fold_specs(*p); });
+}
+BN_API bn_status bn_detail_fold(const FoldParams* p, const FoldSpecs* specs) {
+  return guarded([&] { fold(*p, *specs); });
 }
 BN_API bn_status bn_detail_check_environment(void) {
   return guarded([&] { check_environment(); });
 }
 BN_API bn_status bn_detail_set_stream_threshold_bytes(int64_t bytes) {
   return guarded([&] { set_stream_threshold_bytes(bytes); });
-}
-BN_API bn_status bn_detail_merge_statistics(const MergeStatisticsParams* p, int64_t* total) {
-  return guarded([&] { *total = merge_statistics(*p); });
-}
-BN_API bn_status bn_detail_fold(const FoldParams* p) {
-  return guarded([&] { fold(*p); });
-}
-BN_API bn_status bn_detail_channel_count(const TensorView* x, const char* arg, int axis, int min_rank,
-                                         int64_t* channels) {
-  return guarded([&] { *channels = channel_count(*x, arg, axis, min_rank); });
 }
 BN_API const char* bn_detail_simd_level(void) {
   static const std::string level = simd_level();  // fixed for the process (cpuid, BATCHNORM_ISA)

@@ -13,18 +13,38 @@
 
 extern "C" {
 BN_API const char* bn_detail_build_tag(void);
-BN_API bn_status bn_detail_statistics(const batchnorm::StatisticsParams* p, int64_t* count);
-BN_API bn_status bn_detail_forward_training(const batchnorm::ForwardTrainingParams* p);
-BN_API bn_status bn_detail_forward_inference(const batchnorm::ForwardInferenceParams* p);
-BN_API bn_status bn_detail_backward(const batchnorm::BackwardParams* p);
-BN_API bn_status bn_detail_backward_reduce(const batchnorm::BackwardReduceParams* p);
-BN_API bn_status bn_detail_backward_elemt(const batchnorm::BackwardElemtParams* p);
+// Each op in its two steps (core/ops.h): <op>_specs validates the inputs and fills *specs;
+// <op> checks the outputs against those specs (of the same params) and runs.
+BN_API bn_status bn_detail_statistics_specs(const batchnorm::StatisticsParams* p, batchnorm::StatisticsSpecs* specs);
+BN_API bn_status bn_detail_statistics(const batchnorm::StatisticsParams* p, const batchnorm::StatisticsSpecs* specs,
+                                      int64_t* count);
+BN_API bn_status bn_detail_forward_training_specs(const batchnorm::ForwardTrainingParams* p,
+                                                  batchnorm::ForwardTrainingSpecs* specs);
+BN_API bn_status bn_detail_forward_training(const batchnorm::ForwardTrainingParams* p,
+                                            const batchnorm::ForwardTrainingSpecs* specs);
+BN_API bn_status bn_detail_forward_inference_specs(const batchnorm::ForwardInferenceParams* p,
+                                                   batchnorm::ForwardInferenceSpecs* specs);
+BN_API bn_status bn_detail_forward_inference(const batchnorm::ForwardInferenceParams* p,
+                                             const batchnorm::ForwardInferenceSpecs* specs);
+BN_API bn_status bn_detail_backward_specs(const batchnorm::BackwardParams* p, batchnorm::BackwardSpecs* specs);
+BN_API bn_status bn_detail_backward(const batchnorm::BackwardParams* p, const batchnorm::BackwardSpecs* specs);
+BN_API bn_status bn_detail_backward_reduce_specs(const batchnorm::BackwardReduceParams* p,
+                                                 batchnorm::BackwardReduceSpecs* specs);
+BN_API bn_status bn_detail_backward_reduce(const batchnorm::BackwardReduceParams* p,
+                                           const batchnorm::BackwardReduceSpecs* specs);
+BN_API bn_status bn_detail_backward_elemt_specs(const batchnorm::BackwardElemtParams* p,
+                                                batchnorm::BackwardElemtSpecs* specs);
+BN_API bn_status bn_detail_backward_elemt(const batchnorm::BackwardElemtParams* p,
+                                          const batchnorm::BackwardElemtSpecs* specs);
+BN_API bn_status bn_detail_merge_statistics_specs(const batchnorm::MergeStatisticsParams* p,
+                                                  batchnorm::MergeStatisticsSpecs* specs);
+BN_API bn_status bn_detail_merge_statistics(const batchnorm::MergeStatisticsParams* p,
+                                            const batchnorm::MergeStatisticsSpecs* specs,
+                                            int64_t* total);
+BN_API bn_status bn_detail_fold_specs(const batchnorm::FoldParams* p, batchnorm::FoldSpecs* specs);
+BN_API bn_status bn_detail_fold(const batchnorm::FoldParams* p, const batchnorm::FoldSpecs* specs);
 BN_API bn_status bn_detail_check_environment(void);
 BN_API bn_status bn_detail_set_stream_threshold_bytes(int64_t bytes);
-BN_API bn_status bn_detail_merge_statistics(const batchnorm::MergeStatisticsParams* p, int64_t* total);
-BN_API bn_status bn_detail_fold(const batchnorm::FoldParams* p);
-BN_API bn_status bn_detail_channel_count(const batchnorm::TensorView* x, const char* arg, int axis, int min_rank,
-                                         int64_t* channels);
 BN_API const char* bn_detail_simd_level(void);
 BN_API bn_status bn_detail_cuda_info(batchnorm::CudaInfo* info);
 BN_API bn_status bn_detail_allocate(const batchnorm::Device* device, size_t bytes, void* stream, void** ptr);

@@ -20,9 +20,10 @@ const char* dl_code_name(uint8_t code) {
 }
 }  // namespace
 
-void throw_bad_dtype(const char* arg, const std::string& got) {
-  throw type_error(detail::concat(arg, " must have dtype float16, bfloat16, float32 or float64, got ", got));
-}
+// core/dtype.h's table holds the DLPack codes as numbers (the kernels include it without the
+// public header): they must be the header's.
+static_assert(find_dtype(kDLFloat, 32) == &dtype_info(DType::float32) &&
+              find_dtype(kDLBfloat, 16) == &dtype_info(DType::bfloat16));
 
 Device device_of_dlpack(int32_t device_type, int32_t device_id, const char* arg) {
   switch (device_type) {
@@ -41,12 +42,9 @@ TensorView view_of_dltensor(const DLTensor& t, const char* arg) {
   const DLDataType dt = t.dtype;
   const std::string dt_name = detail::concat(dl_code_name(dt.code), int(dt.bits), dt.lanes != 1 ? "x" : "",
                                              dt.lanes != 1 ? std::to_string(dt.lanes) : std::string());
-  if (dt.lanes != 1) throw_bad_dtype(arg, dt_name);
-  if (dt.code == kDLFloat && dt.bits == 16) v.dtype = DType::float16;
-  else if (dt.code == kDLFloat && dt.bits == 32) v.dtype = DType::float32;
-  else if (dt.code == kDLFloat && dt.bits == 64) v.dtype = DType::float64;
-  else if (dt.code == kDLBfloat && dt.bits == 16) v.dtype = DType::bfloat16;
-  else throw_bad_dtype(arg, dt_name);
+  const DTypeInfo* row = dt.lanes == 1 ? find_dtype(dt.code, dt.bits) : nullptr;
+  if (!row) unsupported_dtype(arg, dt_name);
+  v.dtype = row->dtype;
   BN_EXPECTS(t.ndim >= 0 && t.ndim <= kMaxDims, value_error, arg, " must have at most ", kMaxDims,
              " dimensions, got ", t.ndim);
   BN_EXPECTS(t.ndim == 0 || t.shape != nullptr, value_error, arg, " must have a shape, got a NULL shape with ",

@@ -1,6 +1,6 @@
-// DLPack's DLTensor as a TensorView: the one place DLPack dtype codes and device types become
-// the core's, shared by the Python binding (capsules) and the C ABI (DLTensor pointers).
-// The structs are those of the public header include/batchnorm/batchnorm.h.
+// DLPack's DLTensor as a TensorView: the one place DLPack device types become the core's (dtype
+// codes through core/dtype.h's table), shared by the Python binding (capsules) and the C ABI
+// (DLTensor pointers). The structs are those of the public header include/batchnorm/batchnorm.h.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -17,8 +17,5 @@ TensorView view_of_dltensor(const DLTensor& t, const char* arg);
 
 // kDLCPU / kDLCUDAHost -> cpu, kDLCUDA / kDLCUDAManaged -> cuda:id, anything else a TypeError.
 Device device_of_dlpack(int32_t device_type, int32_t device_id, const char* arg);
-
-// The TypeError for an unsupported dtype, `got` as the caller's library names it.
-[[noreturn]] void throw_bad_dtype(const char* arg, const std::string& got);
 
 }  // namespace batchnorm

@@ -65,7 +65,6 @@ void each_group(const Device& device, int64_t groups, int64_t work, F&& body) {
 }
 
 void ghost_forward_training(const ForwardTrainingParams& p, int axis) {
-  if (p.exec.validate_only) return;
   const int64_t G = p.ghost_batch, groups = p.x.shape[0] / G, C = p.x.shape[axis];
   const bool running = p.running_mean.defined();
   // Per group the unrounded mean and variance ((groups, C) each), their merge, and the
@@ -120,7 +119,6 @@ void ghost_forward_training(const ForwardTrainingParams& p, int axis) {
 }
 
 void ghost_backward(const BackwardParams& p, int axis) {
-  if (p.exec.validate_only) return;
   const int64_t G = p.ghost_batch, groups = p.x.shape[0] / G, C = p.x.shape[axis];
   const DType acc = accumulation_dtype(p.x.dtype);
   // Group 0 writes dweight and dbias; each later group's go to its own rows here and are

@@ -1,6 +1,8 @@
-// The op layer: validates every argument of every op once, builds the layout, and routes to
-// the backend of the arrays' device. Nothing is written before all checks have passed, so a
-// failed call leaves running statistics and outputs untouched.
+// The op layer: each op's specs function validates its inputs once and sizes its outputs
+// (the only place output shapes are decided); the op then checks the given outputs against
+// those specs, builds the layout and routes to the backend of the arrays' device. Nothing is
+// written before all checks have passed, so a failed call leaves running statistics and
+// outputs untouched.
 #include "core/ops.h"
 
 #include <cstdint>
@@ -15,28 +17,7 @@ namespace batchnorm {
 
 using namespace detail;
 
-DType statistics_dtype(DType x_dtype) { return accumulation_dtype(x_dtype); }
-
 namespace {
-int check_input(const TensorView& x, const char* arg, int axis, int min_rank);
-}  // namespace
-
-int64_t channel_count(const TensorView& x, const char* arg, int axis, int min_rank) {
-  return x.shape[check_input(x, arg, axis, min_rank)];
-}
-
-namespace {
-
-// x: a float array of rank >= 2 with at least one value per channel is not required here
-// (callers decide what an empty batch means); returns the normalized axis.
-int check_input(const TensorView& x, const char* arg, int axis, int min_rank = 2) {
-  BN_EXPECTS(x.defined(), type_error, arg, " must be an array, got None");
-  check_float_array(x, arg);
-  BN_EXPECTS(x.ndim >= min_rank, value_error, arg, " must have at least ", min_rank, " dimension",
-             min_rank == 1 ? "" : "s", min_rank == 2 ? " (N, C, ...)" : "", ", got ", x.ndim, " dimension",
-             x.ndim == 1 ? "" : "s", " with shape ", shape_string(x));
-  return normalize_axis(axis, x.ndim);
-}
 
 void check_optional_vector(const TensorView& t, const char* arg, const ChannelSource& source) {
   if (t.defined()) check_channel_vector(t, arg, source);
@@ -79,7 +60,7 @@ void check_activation(Activation a) {
 }
 
 // The fused forward's extra arguments: an optional residual like x, and the activation.
-void check_fusion(const TensorView& x, const TensorView& residual, Activation activation, const TensorView& y) {
+void check_fusion(const TensorView& x, const TensorView& residual, Activation activation) {
   check_activation(activation);
   if (residual.defined()) check_like_x(residual, "residual", x);
 }
@@ -94,14 +75,62 @@ Layout forward_layout(int axis, const TensorView& x, const TensorView& residual,
   return make_layout(axis, arrays, 2);
 }
 
-// An internal (rows, C) output of the accumulation dtype, contiguous (ghost batch norm's
-// per-group saved statistics).
-void check_internal_rows(const TensorView& t, const char* arg, int64_t rows, int64_t C, DType dtype,
-                         const Device& device) {
-  BN_EXPECTS(t.ndim == 2 && t.shape[0] == rows && t.shape[1] == C && (t.strides[1] == 1 || C <= 1) &&
-                 (t.strides[0] == C || rows <= 1) && t.dtype == dtype && t.device == device && !t.read_only,
-             value_error, "internal output ", arg, " must be a writable contiguous (", rows, ", ", C, ") ",
-             dtype_name(dtype), " array on ", device_name(device));
+// The values per channel of x (the product of its other dimensions).
+int64_t values_per_channel(const TensorView& x, int axis) {
+  int64_t n = 1;
+  for (int d = 0; d < x.ndim; ++d)
+    if (d != axis) n *= x.shape[d];
+  return n;
+}
+
+OutputSpec vector_spec(int64_t n, DType dtype, const Device& device) {
+  OutputSpec s;
+  s.ndim = 1;
+  s.shape[0] = n;
+  s.dtype = dtype;
+  s.device = device;
+  return s;
+}
+
+OutputSpec rows_spec(int64_t rows, int64_t n, DType dtype, const Device& device) {
+  OutputSpec s = vector_spec(rows, dtype, device);
+  s.ndim = 2;
+  s.shape[1] = n;
+  return s;
+}
+
+// An output of like's shape, dtype and device; allocated in order's memory order.
+OutputSpec like_spec(const TensorView& like, const char* name, const TensorView* order = nullptr) {
+  OutputSpec s;
+  s.dtype = like.dtype;
+  s.device = like.device;
+  s.like = &like;
+  s.like_name = name;
+  s.order = order;
+  return s;
+}
+
+// The one check of a given output against its spec: a `like` output as check_output has it
+// (any strides, in place on an input or disjoint from each of `inputs`); a sized one (the
+// statistics) writable and contiguous, of exactly the spec's shape, dtype and device.
+void check_against(const TensorView& t, const char* arg, const OutputSpec& spec, const Named* inputs = nullptr,
+                   int ninputs = 0) {
+  if (spec.like) {
+    check_output(t, arg, *spec.like, spec.like_name, inputs, ninputs);
+    return;
+  }
+  bool ok = t.ndim == spec.ndim && t.dtype == spec.dtype && t.device == spec.device && !t.read_only;
+  int64_t step = 1;  // C order; a dimension of extent 1 takes any stride
+  for (int d = spec.ndim - 1; ok && d >= 0; --d) {
+    ok = t.shape[d] == spec.shape[d] && (t.strides[d] == step || spec.shape[d] <= 1);
+    step *= spec.shape[d];
+  }
+  if (ok) return;
+  TensorView shape;
+  shape.ndim = spec.ndim;
+  for (int d = 0; d < spec.ndim; ++d) shape.shape[d] = spec.shape[d];
+  throw value_error(concat("internal output ", arg, " must be a writable contiguous ", shape_string(shape), " ",
+                           dtype_name(spec.dtype), " array on ", device_name(spec.device)));
 }
 
 // ghost_batch: a group size dividing the batch (axis 0, not the channel axis). Returns the
@@ -128,9 +157,8 @@ void check_group_rows(const TensorView& t, const char* arg, int64_t rows, const 
              shape_string(x), "), got shape ", shape_string(t));
 }
 
-// The training variants' options of a forward_training call.
-void check_variants(const ForwardTrainingParams& p, const ChannelSource& src, int64_t groups) {
-  const int64_t C = src.channels();
+// The training variants' options of a forward_training call (their outputs apart).
+void check_variants(const ForwardTrainingParams& p, int64_t groups) {
   if (p.renorm) {
     BN_EXPECTS(p.renorm_rmax >= 1.0, value_error, "renorm rmax must be >= 1 (r is clipped to [1/rmax, rmax]), got ",
                p.renorm_rmax);
@@ -139,44 +167,42 @@ void check_variants(const ForwardTrainingParams& p, const ChannelSource& src, in
     BN_EXPECTS(p.running_mean.defined(), value_error,
                "renorm needs running_mean and running_var (r and d compare the batch with them), got None");
     BN_EXPECTS(groups == 0, value_error, "renorm and ghost_batch together are not supported, got both");
-    const DType acc = accumulation_dtype(p.x.dtype);
-    check_internal_vector(p.renorm_r, "renorm_r", C, acc, p.x.device);
-    check_internal_vector(p.renorm_d, "renorm_d", C, acc, p.x.device);
-  } else {
-    BN_EXPECTS(!p.renorm_r.defined() && !p.renorm_d.defined(), value_error,
-               "renorm_r and renorm_d are outputs of renorm, got them without renorm");
   }
   if (groups > 0)
     BN_EXPECTS(!p.batch_mean.defined(), value_error,
                "ghost_batch and batch_statistics together are not supported (ghost statistics are per group)");
-  BN_EXPECTS(p.moments_mean.defined() == p.moments_var.defined(), value_error,
-             "moments_mean and moments_var must be given together");
-  if (p.moments_mean.defined()) {
-    check_internal_vector(p.moments_mean, "moments_mean", C, DType::float64, p.x.device);
-    check_internal_vector(p.moments_var, "moments_var", C, DType::float64, p.x.device);
-  }
 }
 
 }  // namespace
 
-int64_t statistics(const StatisticsParams& p) {
-  const int axis = check_input(p.x, "x", p.axis);
-  const int64_t C = p.x.shape[axis];
-  const TensorView* arrays[] = {&p.x};
-  const Layout layout = make_layout(axis, arrays, 1);
+// ---- statistics ---------------------------------------------------------------------------
+
+StatisticsSpecs statistics_specs(const StatisticsParams& p) {
+  StatisticsSpecs s;
+  s.axis = check_input(p.x, "x", p.axis);
+  const int64_t C = p.x.shape[s.axis];
   check_channels(C, p.x, "x");
-  check_count(layout.count, C, p.x, "x", 1, "to compute statistics");
+  check_count(values_per_channel(p.x, s.axis), C, p.x, "x", 1, "to compute statistics");
   check_cuda_usable(p.x, "x");
-  // The accumulation dtype, or float64 for both (the moments unrounded).
-  const DType out = p.mean.defined() && p.mean.dtype == DType::float64 ? DType::float64 : accumulation_dtype(p.x.dtype);
-  check_internal_vector(p.mean, "mean", C, out, p.x.device);
-  check_internal_vector(p.var, "var", C, out, p.x.device);
+  const bool wide = p.wide || (p.mean.defined() && p.mean.dtype == DType::float64);
+  s.mean = s.var = vector_spec(C, wide ? DType::float64 : accumulation_dtype(p.x.dtype), p.x.device);
+  return s;
+}
+
+int64_t statistics(const StatisticsParams& p, const StatisticsSpecs& s) {
+  check_against(p.mean, "mean", s.mean);
+  check_against(p.var, "var", s.var);
+  const TensorView* arrays[] = {&p.x};
+  const Layout layout = make_layout(s.axis, arrays, 1);
   route(&Backend::statistics, p, p.x, layout);
   return layout.count;
 }
 
-void forward_training(const ForwardTrainingParams& p) {
-  const int axis = check_input(p.x, "x", p.axis);
+// ---- forward ------------------------------------------------------------------------------
+
+ForwardTrainingSpecs forward_training_specs(const ForwardTrainingParams& p) {
+  ForwardTrainingSpecs s;
+  const int axis = s.axis = check_input(p.x, "x", p.axis);
   const int64_t C = p.x.shape[axis];
   const ChannelSource src{p.x, "x", axis};
   check_optional_vector(p.weight, "weight", src);
@@ -198,76 +224,103 @@ void forward_training(const ForwardTrainingParams& p) {
              given ? "batch_mean without batch_var" : "batch_var without batch_mean");
   check_optional_vector(p.batch_mean, "batch_mean", src);
   check_optional_vector(p.batch_var, "batch_var", src);
-  const Named inputs[] = {{p.x, "x"},           {p.weight, "weight"},         {p.bias, "bias"},
-                          {p.running_mean, "running_mean"}, {p.running_var, "running_var"},
-                          {p.batch_mean, "batch_mean"},     {p.batch_var, "batch_var"},
-                          {p.residual, "residual"}};
-  // Exact aliasing needs the same shape and strides, so y may be x (or the residual) itself,
-  // never a parameter.
-  check_output(p.y, "out", p.x, "x", inputs, 8);
   const Named beside_mean[] = {{p.x, "x"},         {p.weight, "weight"},         {p.bias, "bias"},
                                {p.running_var, "running_var"}, {p.batch_mean, "batch_mean"}, {p.batch_var, "batch_var"}};
   const Named beside_var[] = {{p.x, "x"}, {p.weight, "weight"}, {p.bias, "bias"}, {p.batch_mean, "batch_mean"},
                               {p.batch_var, "batch_var"}};
   check_disjoint(p.running_mean, "running_mean", beside_mean, 6);
   check_disjoint(p.running_var, "running_var", beside_var, 5);
-  check_fusion(p.x, p.residual, p.activation, p.y);
+  check_fusion(p.x, p.residual, p.activation);
   if (p.running_mean.defined()) {
     const Named beside_residual[] = {{p.residual, "residual"}};
     check_disjoint(p.running_mean, "running_mean", beside_residual, 1);
     check_disjoint(p.running_var, "running_var", beside_residual, 1);
   }
   const int64_t groups = check_ghost(p.ghost_batch, p.x, axis);
-  check_variants(p, src, groups);
-  const Layout layout = forward_layout(axis, p.x, p.residual, p.y);
+  check_variants(p, groups);
   check_channels(C, p.x, "x");
+  const int64_t count = values_per_channel(p.x, axis);
   if (groups > 0) {
-    const int64_t per_group = layout.count / groups;
+    const int64_t per_group = count / groups;
     BN_EXPECTS(per_group >= 2, value_error, "each ghost batch must have at least 2 values per channel in training "
                "(the batch variance needs two), got ", per_group, " (ghost_batch=", p.ghost_batch, ", x of shape ",
                shape_string(p.x), ")");
   } else if (given) {
     // x is one shard of the batch the statistics describe: it may be empty, never larger.
-    BN_EXPECTS(p.batch_count >= layout.count, value_error, "batch_count must be at least x's ", layout.count,
+    BN_EXPECTS(p.batch_count >= count, value_error, "batch_count must be at least x's ", count,
                " values per channel (x is part of the batch), got ", p.batch_count);
     BN_EXPECTS(p.batch_count >= 2, value_error,
                "batch_count must be at least 2 values per channel in training (the batch variance needs two), got ",
                p.batch_count);
   } else {
-    check_count(layout.count, C, p.x, "x", 2, "in training (the batch variance needs two)");
+    check_count(count, C, p.x, "x", 2, "in training (the batch variance needs two)");
   }
   check_cuda_usable(p.x, "x");
+  // y may be x (or the residual) itself; ghost batch norm saves one row of statistics per group.
   const DType acc = accumulation_dtype(p.x.dtype);
-  if (groups > 0) {
-    check_internal_rows(p.saved_mean, "saved_mean", groups, C, acc, p.x.device);
-    check_internal_rows(p.saved_invstd, "saved_invstd", groups, C, acc, p.x.device);
-    ghost_forward_training(p, axis);
-    return;
-  }
-  check_internal_vector(p.saved_mean, "saved_mean", C, acc, p.x.device);
-  check_internal_vector(p.saved_invstd, "saved_invstd", C, acc, p.x.device);
-  route(&Backend::forward_training, p, p.x, layout);
+  s.y = like_spec(p.x, "x");
+  s.saved_mean = s.saved_invstd = groups > 0 ? rows_spec(groups, C, acc, p.x.device) : vector_spec(C, acc, p.x.device);
+  if (p.renorm) s.renorm_r = s.renorm_d = vector_spec(C, acc, p.x.device);
+  s.moments_mean = s.moments_var = vector_spec(C, DType::float64, p.x.device);
+  return s;
 }
 
-void forward_inference(const ForwardInferenceParams& p) {
-  const int axis = check_input(p.x, "x", p.axis);
+void forward_training(const ForwardTrainingParams& p, const ForwardTrainingSpecs& s) {
+  const Named inputs[] = {{p.x, "x"},           {p.weight, "weight"},         {p.bias, "bias"},
+                          {p.running_mean, "running_mean"}, {p.running_var, "running_var"},
+                          {p.batch_mean, "batch_mean"},     {p.batch_var, "batch_var"},
+                          {p.residual, "residual"}};
+  // Exact aliasing needs the same shape and strides, so y may be x (or the residual) itself,
+  // never a parameter.
+  check_against(p.y, "out", s.y, inputs, 8);
+  if (p.renorm) {
+    check_against(p.renorm_r, "renorm_r", s.renorm_r);
+    check_against(p.renorm_d, "renorm_d", s.renorm_d);
+  } else {
+    BN_EXPECTS(!p.renorm_r.defined() && !p.renorm_d.defined(), value_error,
+               "renorm_r and renorm_d are outputs of renorm, got them without renorm");
+  }
+  BN_EXPECTS(p.moments_mean.defined() == p.moments_var.defined(), value_error,
+             "moments_mean and moments_var must be given together");
+  if (p.moments_mean.defined()) {
+    check_against(p.moments_mean, "moments_mean", s.moments_mean);
+    check_against(p.moments_var, "moments_var", s.moments_var);
+  }
+  check_against(p.saved_mean, "saved_mean", s.saved_mean);
+  check_against(p.saved_invstd, "saved_invstd", s.saved_invstd);
+  if (s.saved_mean.ndim == 2) {  // ghost batch norm: one row of statistics per group
+    ghost_forward_training(p, s.axis);
+    return;
+  }
+  route(&Backend::forward_training, p, p.x, forward_layout(s.axis, p.x, p.residual, p.y));
+}
+
+ForwardInferenceSpecs forward_inference_specs(const ForwardInferenceParams& p) {
+  ForwardInferenceSpecs s;
+  s.axis = check_input(p.x, "x", p.axis);
   BN_EXPECTS(p.mean.defined(), type_error, "mean must be an array, got None");
   BN_EXPECTS(p.var.defined(), type_error, "var must be an array, got None");
-  const ChannelSource src{p.x, "x", axis};
+  const ChannelSource src{p.x, "x", s.axis};
   check_channel_vector(p.mean, "mean", src);
   check_channel_vector(p.var, "var", src);
   check_optional_vector(p.weight, "weight", src);
   check_optional_vector(p.bias, "bias", src);
   check_eps(p.eps);
+  check_fusion(p.x, p.residual, p.activation);
+  if (p.x.numel() != 0) check_cuda_usable(p.x, "x");  // an empty batch runs nothing
+  s.y = like_spec(p.x, "x");
+  return s;
+}
+
+void forward_inference(const ForwardInferenceParams& p, const ForwardInferenceSpecs& s) {
   const Named inputs[] = {{p.x, "x"},       {p.mean, "mean"}, {p.var, "var"},
                           {p.weight, "weight"}, {p.bias, "bias"}, {p.residual, "residual"}};
-  check_output(p.y, "out", p.x, "x", inputs, 6);
-  check_fusion(p.x, p.residual, p.activation, p.y);
+  check_against(p.y, "out", s.y, inputs, 6);
   if (p.x.numel() == 0) return;  // an empty batch gives an empty y
-  check_cuda_usable(p.x, "x");
-  const Layout layout = forward_layout(axis, p.x, p.residual, p.y);
-  route(&Backend::forward_inference, p, p.x, layout);
+  route(&Backend::forward_inference, p, p.x, forward_layout(s.axis, p.x, p.residual, p.y));
 }
+
+// ---- backward -----------------------------------------------------------------------------
 
 namespace {
 
@@ -298,9 +351,10 @@ int check_backward_inputs(const TensorView& dy, const TensorView& x, int axis_ar
 
 }  // namespace
 
-void backward(const BackwardParams& p) {
-  const int axis = check_backward_inputs(p.dy, p.x, p.axis, p.saved_mean, "saved_mean", p.saved_invstd, "saved_invstd",
-                                         p.ghost_batch);
+BackwardSpecs backward_specs(const BackwardParams& p) {
+  BackwardSpecs s;
+  const int axis = s.axis = check_backward_inputs(p.dy, p.x, p.axis, p.saved_mean, "saved_mean", p.saved_invstd,
+                                                  "saved_invstd", p.ghost_batch);
   const int64_t C = p.x.shape[axis];
   const ChannelSource src{p.x, "x", axis};
   check_optional_vector(p.weight, "weight", src);
@@ -318,10 +372,23 @@ void backward(const BackwardParams& p) {
   BN_EXPECTS(!relu || p.y.defined(), type_error, "y must be an array (the fused forward's output) with "
              "activation='relu', got None");
   if (relu) check_like_x(p.y, "y", p.x);
+  check_channels(C, p.x, "x");
+  check_count(values_per_channel(p.x, axis), C, p.x, "x", 1, "for the backward pass");
+  check_cuda_usable(p.x, "x");
+  // dx and the residual's gradient take dy's memory order: dy is what the caller's graph made.
+  const DType acc = accumulation_dtype(p.x.dtype);
+  s.dx = s.dresidual = like_spec(p.x, "x", &p.dy);
+  s.dweight = s.dbias = vector_spec(C, acc, p.x.device);
+  return s;
+}
+
+void backward(const BackwardParams& p, const BackwardSpecs& s) {
+  const int axis = s.axis;
+  const bool relu = p.activation == Activation::relu;
   const Named inputs[] = {{p.dy, "dy"},         {p.x, "x"},           {p.saved_mean, "saved_mean"},
                           {p.saved_invstd, "saved_invstd"}, {p.weight, "weight"}, {p.y, "y"},
                           {p.renorm_r, "renorm r"}, {p.renorm_d, "renorm d"}};
-  check_output(p.dx, "out", p.x, "x", inputs, 8);
+  check_against(p.dx, "out", s.dx, inputs, 8);
   // The masked gradient g (the residual's gradient) is written first, then read by the
   // backward proper: into dresidual, or else into dx, which must then not be x (still needed).
   const bool masked = relu || p.dresidual.defined();
@@ -329,26 +396,22 @@ void backward(const BackwardParams& p) {
     const Named others[] = {{p.dy, "dy"},         {p.x, "x"},           {p.saved_mean, "saved_mean"},
                             {p.saved_invstd, "saved_invstd"}, {p.weight, "weight"}, {p.y, "y"},
                             {p.dx, "out"}};
-    check_output(p.dresidual, "dresidual_out", p.x, "x", others, 1);  // may be dy itself
+    check_against(p.dresidual, "dresidual_out", s.dresidual, others, 1);  // may be dy itself
     check_disjoint(p.dresidual, "dresidual_out", others + 1, 6);
   } else if (relu) {
     BN_EXPECTS(p.dx.data != p.x.data || p.x.numel() == 0, value_error,
                "out must not be x in the fused backward without dresidual (x is read after the masked "
                "gradient is written to out), got out=x");
   }
-  const TensorView* arrays[] = {&p.dy, &p.x, &p.dx};
-  const Layout layout = make_layout(axis, arrays, 3);
-  check_channels(C, p.x, "x");
-  check_count(layout.count, C, p.x, "x", 1, "for the backward pass");
-  check_cuda_usable(p.x, "x");
-  const DType acc = accumulation_dtype(p.x.dtype);
-  check_internal_vector(p.dweight, "dweight", C, acc, p.x.device);
-  check_internal_vector(p.dbias, "dbias", C, acc, p.x.device);
+  check_against(p.dweight, "dweight", s.dweight);
+  check_against(p.dbias, "dbias", s.dbias);
   if (!masked) {
-    if (p.ghost_batch > 0)
+    if (p.ghost_batch > 0) {
       ghost_backward(p, axis);
-    else
-      route(&Backend::backward, p, p.x, layout);
+    } else {
+      const TensorView* arrays[] = {&p.dy, &p.x, &p.dx};
+      route(&Backend::backward, p, p.x, make_layout(axis, arrays, 3));
+    }
     return;
   }
   // Fused: g = relu'(y) * dy (or dy itself) into dresidual or dx, then the plain backward of g.
@@ -375,46 +438,61 @@ void backward(const BackwardParams& p) {
     route(&Backend::backward, q, p.x, qlayout);
 }
 
-void backward_reduce(const BackwardReduceParams& p) {
-  const int axis = check_backward_inputs(p.dy, p.x, p.axis, p.mean, "mean", p.invstd, "invstd");
-  const int64_t C = p.x.shape[axis];
-  const TensorView* arrays[] = {&p.dy, &p.x};
-  const Layout layout = make_layout(axis, arrays, 2);
+BackwardReduceSpecs backward_reduce_specs(const BackwardReduceParams& p) {
+  BackwardReduceSpecs s;
+  s.axis = check_backward_inputs(p.dy, p.x, p.axis, p.mean, "mean", p.invstd, "invstd");
+  const int64_t C = p.x.shape[s.axis];
   check_channels(C, p.x, "x");
   check_cuda_usable(p.x, "x");
-  const DType acc = accumulation_dtype(p.x.dtype);
-  check_internal_vector(p.sum_dy, "sum_dy", C, DType::float64, p.x.device);
-  check_internal_vector(p.sum_dy_xmu, "sum_dy_xmu", C, DType::float64, p.x.device);
-  check_internal_vector(p.dweight, "dweight", C, acc, p.x.device);
-  check_internal_vector(p.dbias, "dbias", C, acc, p.x.device);
-  // An empty shard contributes zeros (the backends write them).
-  route(&Backend::backward_reduce, p, p.x, layout);
+  s.sum_dy = s.sum_dy_xmu = vector_spec(C, DType::float64, p.x.device);
+  s.dweight = s.dbias = vector_spec(C, accumulation_dtype(p.x.dtype), p.x.device);
+  return s;
 }
 
-void backward_elemt(const BackwardElemtParams& p) {
-  const int axis = check_backward_inputs(p.dy, p.x, p.axis, p.mean, "mean", p.invstd, "invstd");
-  const int64_t C = p.x.shape[axis];
-  const ChannelSource src{p.x, "x", axis};
+void backward_reduce(const BackwardReduceParams& p, const BackwardReduceSpecs& s) {
+  check_against(p.sum_dy, "sum_dy", s.sum_dy);
+  check_against(p.sum_dy_xmu, "sum_dy_xmu", s.sum_dy_xmu);
+  check_against(p.dweight, "dweight", s.dweight);
+  check_against(p.dbias, "dbias", s.dbias);
+  // An empty shard contributes zeros (the backends write them).
+  const TensorView* arrays[] = {&p.dy, &p.x};
+  route(&Backend::backward_reduce, p, p.x, make_layout(s.axis, arrays, 2));
+}
+
+BackwardElemtSpecs backward_elemt_specs(const BackwardElemtParams& p) {
+  BackwardElemtSpecs s;
+  s.axis = check_backward_inputs(p.dy, p.x, p.axis, p.mean, "mean", p.invstd, "invstd");
+  const int64_t C = p.x.shape[s.axis];
+  const ChannelSource src{p.x, "x", s.axis};
   check_optional_vector(p.weight, "weight", src);
   BN_EXPECTS(p.sum_dy.defined(), type_error, "sum_dy must be an array, got None");
   BN_EXPECTS(p.sum_dy_xmu.defined(), type_error, "sum_dy_xmu must be an array, got None");
   check_channel_vector(p.sum_dy, "sum_dy", src);
   check_channel_vector(p.sum_dy_xmu, "sum_dy_xmu", src);
+  check_channels(C, p.x, "x");
+  const int64_t count = values_per_channel(p.x, s.axis);
+  BN_EXPECTS(p.count >= 1 && p.count >= count, value_error, "count must be at least 1 and at least x's ", count,
+             " values per channel (the total over every shard), got ", p.count);
+  if (count != 0) check_cuda_usable(p.x, "x");  // an empty shard runs nothing
+  s.dx = like_spec(p.x, "x", &p.dy);
+  return s;
+}
+
+void backward_elemt(const BackwardElemtParams& p, const BackwardElemtSpecs& s) {
   const Named inputs[] = {{p.dy, "dy"},         {p.x, "x"},         {p.mean, "mean"},
                           {p.invstd, "invstd"}, {p.weight, "weight"}, {p.sum_dy, "sum_dy"},
                           {p.sum_dy_xmu, "sum_dy_xmu"}};
-  check_output(p.dx, "out", p.x, "x", inputs, 7);
+  check_against(p.dx, "out", s.dx, inputs, 7);
   const TensorView* arrays[] = {&p.dy, &p.x, &p.dx};
-  const Layout layout = make_layout(axis, arrays, 3);
-  check_channels(C, p.x, "x");
-  BN_EXPECTS(p.count >= 1 && p.count >= layout.count, value_error, "count must be at least 1 and at least x's ",
-             layout.count, " values per channel (the total over every shard), got ", p.count);
+  const Layout layout = make_layout(s.axis, arrays, 3);
   if (layout.count == 0) return;  // an empty shard has an empty dx
-  check_cuda_usable(p.x, "x");
   route(&Backend::backward_elemt, p, p.x, layout);
 }
 
-int64_t merge_statistics(const MergeStatisticsParams& p) {
+// ---- per-channel ops ----------------------------------------------------------------------
+
+MergeStatisticsSpecs merge_statistics_specs(const MergeStatisticsParams& p) {
+  MergeStatisticsSpecs s;
   const size_t k = p.means.size();
   BN_EXPECTS(k > 0, value_error, "means must hold at least one shard, got none");
   BN_EXPECTS(p.vars.size() == k && p.counts.size() == k, value_error,
@@ -425,48 +503,67 @@ int64_t merge_statistics(const MergeStatisticsParams& p) {
              first.defined() ? shape_string(first) : std::string("None"));
   const int64_t C = first.shape[0];
   const ChannelSource src{first, "means[0]", 0};
-  int64_t total = 0;
   for (size_t i = 0; i < k; ++i) {
     const std::string mi = concat("means[", i, "]"), vi = concat("vars[", i, "]");
     check_channel_vector(p.means[i], mi.c_str(), src);
     check_channel_vector(p.vars[i], vi.c_str(), src);
     BN_EXPECTS(p.counts[i] >= 0, value_error, "counts[", i, "] must be >= 0, got ", p.counts[i]);
     // The total is a count of values: it must fit the int64 it is returned in.
-    BN_EXPECTS(p.counts[i] <= INT64_MAX - total, value_error,
+    BN_EXPECTS(p.counts[i] <= INT64_MAX - s.total, value_error,
                "counts must add up to at most 2**63 - 1 values, got a total beyond it at counts[", i, "]");
-    total += p.counts[i];
+    s.total += p.counts[i];
   }
-  BN_EXPECTS(total > 0, value_error, "counts must not all be zero, got ", k, " shard", k == 1 ? "" : "s",
+  BN_EXPECTS(s.total > 0, value_error, "counts must not all be zero, got ", k, " shard", k == 1 ? "" : "s",
              " with no values");
   check_cuda_usable(first, "means[0]");
-  const DType acc = accumulation_dtype(first.dtype);
-  check_internal_vector(p.mean, "mean", C, acc, first.device);
-  check_internal_vector(p.var, "var", C, acc, first.device);
-  if (!p.exec.validate_only) backend_for(first.device).merge_statistics(p);
-  return total;
+  s.mean = s.var = vector_spec(C, accumulation_dtype(first.dtype), first.device);
+  return s;
 }
 
-void fold(const FoldParams& p) {
-  const int axis = check_input(p.kernel, "kernel", p.axis, 1);
-  const int64_t C = p.kernel.shape[axis];
+int64_t merge_statistics(const MergeStatisticsParams& p, const MergeStatisticsSpecs& s) {
+  check_against(p.mean, "mean", s.mean);
+  check_against(p.var, "var", s.var);
+  backend_for(p.means[0].device).merge_statistics(p);
+  return s.total;
+}
+
+FoldSpecs fold_specs(const FoldParams& p) {
+  FoldSpecs s;
+  s.axis = check_input(p.kernel, "kernel", p.axis, 1);
+  const int64_t C = p.kernel.shape[s.axis];
   BN_EXPECTS(p.mean.defined(), type_error, "mean must be an array, got None");
   BN_EXPECTS(p.var.defined(), type_error, "var must be an array, got None");
-  const ChannelSource src{p.kernel, "kernel", axis};
+  const ChannelSource src{p.kernel, "kernel", s.axis};
   check_optional_vector(p.conv_bias, "conv_bias", src);
   check_channel_vector(p.mean, "mean", src);
   check_channel_vector(p.var, "var", src);
   check_optional_vector(p.weight, "weight", src);
   check_optional_vector(p.bias, "bias", src);
   check_eps(p.eps);
+  check_cuda_usable(p.kernel, "kernel");
+  s.kernel_out = like_spec(p.kernel, "kernel");
+  s.bias_out = vector_spec(C, p.kernel.dtype, p.kernel.device);
+  return s;
+}
+
+void fold(const FoldParams& p, const FoldSpecs& s) {
   const Named inputs[] = {{p.kernel, "kernel"}, {p.conv_bias, "conv_bias"}, {p.mean, "mean"},
                           {p.var, "var"},       {p.weight, "weight"},       {p.bias, "bias"}};
-  check_output(p.kernel_out, "kernel_out", p.kernel, "kernel", inputs, 6);
-  check_internal_vector(p.bias_out, "bias_out", C, p.kernel.dtype, p.kernel.device);
-  check_cuda_usable(p.kernel, "kernel");
+  check_against(p.kernel_out, "kernel_out", s.kernel_out, inputs, 6);
+  check_against(p.bias_out, "bias_out", s.bias_out);
   const TensorView* arrays[] = {&p.kernel, &p.kernel_out};
-  const Layout layout = make_layout(axis, arrays, 2);
-  route(&Backend::fold, p, p.kernel, layout);
+  route(&Backend::fold, p, p.kernel, make_layout(s.axis, arrays, 2));
 }
+
+// Both steps, for callers that bring every output (the C ABI, the framework handlers).
+int64_t statistics(const StatisticsParams& p) { return statistics(p, statistics_specs(p)); }
+void forward_training(const ForwardTrainingParams& p) { forward_training(p, forward_training_specs(p)); }
+void forward_inference(const ForwardInferenceParams& p) { forward_inference(p, forward_inference_specs(p)); }
+void backward(const BackwardParams& p) { backward(p, backward_specs(p)); }
+void backward_reduce(const BackwardReduceParams& p) { backward_reduce(p, backward_reduce_specs(p)); }
+void backward_elemt(const BackwardElemtParams& p) { backward_elemt(p, backward_elemt_specs(p)); }
+int64_t merge_statistics(const MergeStatisticsParams& p) { return merge_statistics(p, merge_statistics_specs(p)); }
+void fold(const FoldParams& p) { fold(p, fold_specs(p)); }
 
 CudaInfo cuda_info() {
   const Backend* cuda = cuda_backend();

@@ -1,7 +1,7 @@
 // The core's public C++ API: one params struct per op of the contract (../shared/API.md),
-// validated here and routed to the CPU or CUDA backend by the arrays' device. Callers
-// allocate every output; an undefined TensorView (TensorView{}) means "not given".
-// This header is what the Python binding, a future C API or a framework plug-in consume.
+// validated here and routed to the CPU or CUDA backend by the arrays' device. Each op's specs
+// function says what outputs to allocate; an undefined TensorView (TensorView{}) means "not
+// given". This header is what the Python binding, the C ABI and the JAX handlers consume.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -26,17 +26,16 @@ struct Exec {
   void* stream = nullptr;
   // When set, the CUDA backend takes its per-op workspace from here instead of its own pool.
   const ScratchAllocator* scratch = nullptr;
-  // Check every argument, then return without touching memory: framework glue raises an op's
-  // errors while tracing, from shapes and dtypes alone (data pointers are never read).
-  bool validate_only = false;
 };
 
 struct StatisticsParams {
   TensorView x;
   int axis = 1;
-  // outputs: (C,), contiguous, in the accumulation dtype, or both float64: the kernels'
-  // float64 moments unrounded, for shards that are merged later (across processes).
+  // outputs: (C,), contiguous, in the accumulation dtype, or both float64 with `wide` (or
+  // when mean is given in float64, the C ABI's way to ask): the kernels' float64 moments
+  // unrounded, for shards that are merged later (across processes).
   TensorView mean, var;
+  bool wide = false;
   Exec exec;
 };
 
@@ -141,23 +140,95 @@ struct FoldParams {
   Exec exec;
 };
 
+// ---- validate, then execute ------------------------------------------------------------
+// Each op is two steps (oneDNN's primitive descriptor, then execute). `<op>_specs(p)` checks
+// every argument that is not an output and returns the outputs' specs: the one place where
+// output shapes and dtypes are decided. `<op>(p, specs)` checks each given output against its
+// spec and runs. A caller that allocates outputs (the Python binding, the JAX trace checks)
+// asks for the specs first; `<op>(p)` does both steps, for callers that bring every output.
+
+// An output as the op sizes it: a contiguous (shape[0],) or (shape[0], shape[1]) array of
+// `dtype` on `device`; or, with `like`, an array of like's shape, dtype and device in any
+// strides (allocated in `order`'s memory order). Neither (ndim 0, no like): the call does not
+// produce it (the op refuses it when given, in its own words).
+struct OutputSpec {
+  int ndim = 0;
+  int64_t shape[2] = {0, 0};
+  DType dtype = DType::float32;
+  Device device{};
+  const TensorView* like = nullptr;  // an input of the params the spec was made from
+  const char* like_name = nullptr;   // its name in messages ("x")
+  const TensorView* order = nullptr;  // whose memory order an allocation takes (like's when null)
+  bool produced() const { return ndim > 0 || like != nullptr; }
+};
+
+// The specs structs hold `axis`, the channel axis in [0, ndim), where the op has one; the
+// specs of `like` outputs point into the params they were made from, which must outlive them
+// with their inputs unchanged.
+struct StatisticsSpecs {
+  int axis = 0;
+  OutputSpec mean, var;
+};
+struct ForwardTrainingSpecs {
+  int axis = 0;
+  OutputSpec y, saved_mean, saved_invstd;
+  OutputSpec renorm_r, renorm_d;         // with renorm only
+  OutputSpec moments_mean, moments_var;  // optional: written when given
+};
+struct ForwardInferenceSpecs {
+  int axis = 0;
+  OutputSpec y;
+};
+struct BackwardSpecs {
+  int axis = 0;
+  OutputSpec dx, dweight, dbias;
+  OutputSpec dresidual;  // optional: written when given
+};
+struct BackwardReduceSpecs {
+  int axis = 0;
+  OutputSpec sum_dy, sum_dy_xmu, dweight, dbias;
+};
+struct BackwardElemtSpecs {
+  int axis = 0;
+  OutputSpec dx;
+};
+struct MergeStatisticsSpecs {  // per-channel inputs: no axis
+  OutputSpec mean, var;
+  int64_t total = 0;  // the values per channel over every shard
+};
+struct FoldSpecs {
+  int axis = 0;
+  OutputSpec kernel_out, bias_out;
+};
+
+StatisticsSpecs statistics_specs(const StatisticsParams& p);
+ForwardTrainingSpecs forward_training_specs(const ForwardTrainingParams& p);
+ForwardInferenceSpecs forward_inference_specs(const ForwardInferenceParams& p);
+BackwardSpecs backward_specs(const BackwardParams& p);
+BackwardReduceSpecs backward_reduce_specs(const BackwardReduceParams& p);
+BackwardElemtSpecs backward_elemt_specs(const BackwardElemtParams& p);
+MergeStatisticsSpecs merge_statistics_specs(const MergeStatisticsParams& p);
+FoldSpecs fold_specs(const FoldParams& p);
+
 // Each returns after the work is done on the CPU, or enqueued on exec.stream on a GPU.
-// statistics returns the count per channel.
+// statistics returns the count per channel, merge_statistics the total count. The overloads
+// with specs take those `<op>_specs(p)` returned for these very params.
 int64_t statistics(const StatisticsParams& p);
+int64_t statistics(const StatisticsParams& p, const StatisticsSpecs& specs);
 void forward_training(const ForwardTrainingParams& p);
+void forward_training(const ForwardTrainingParams& p, const ForwardTrainingSpecs& specs);
 void forward_inference(const ForwardInferenceParams& p);
+void forward_inference(const ForwardInferenceParams& p, const ForwardInferenceSpecs& specs);
 void backward(const BackwardParams& p);
+void backward(const BackwardParams& p, const BackwardSpecs& specs);
 void backward_reduce(const BackwardReduceParams& p);
+void backward_reduce(const BackwardReduceParams& p, const BackwardReduceSpecs& specs);
 void backward_elemt(const BackwardElemtParams& p);
+void backward_elemt(const BackwardElemtParams& p, const BackwardElemtSpecs& specs);
 int64_t merge_statistics(const MergeStatisticsParams& p);
+int64_t merge_statistics(const MergeStatisticsParams& p, const MergeStatisticsSpecs& specs);
 void fold(const FoldParams& p);
-
-// Checks `x` as an op's main input (a float array of rank >= min_rank, `axis` in range) and
-// returns its channel count, so callers can size outputs before calling the op.
-int64_t channel_count(const TensorView& x, const char* arg, int axis, int min_rank);
-
-// The output dtypes the caller must allocate.
-DType statistics_dtype(DType x_dtype);  // == accumulation_dtype
+void fold(const FoldParams& p, const FoldSpecs& specs);
 
 // Process-wide CPU thread count (>= 1; ValueError otherwise).
 void set_num_threads(int n);

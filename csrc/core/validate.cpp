@@ -9,13 +9,13 @@
 #include <utility>
 
 #include "core/errors.h"
+#include "core/layout.h"
 
 namespace batchnorm::detail {
 
 void check_float_array(const TensorView& t, const char* arg) {
   const int code = static_cast<int>(t.dtype);
-  BN_EXPECTS(code >= 0 && code <= 3, type_error, arg,
-             " must have dtype float16, bfloat16, float32 or float64, got dtype code ", code);
+  BN_EXPECTS(is_dtype_code(code), type_error, arg, " must have dtype ", kDTypeList, ", got dtype code ", code);
   BN_EXPECTS(t.ndim >= 0 && t.ndim <= kMaxDims, value_error, arg, " must have at most ", kMaxDims,
              " dimensions, got ", t.ndim);
   // The CPU kernels read any address (unaligned loads); a GPU faults on a misaligned element.
@@ -23,6 +23,15 @@ void check_float_array(const TensorView& t, const char* arg) {
              value_error, arg, " must be aligned to its item size (", dtype_size(t.dtype),
              " bytes) on a CUDA device, got an address off by ",
              reinterpret_cast<uintptr_t>(t.data) % dtype_size(t.dtype), " bytes");
+}
+
+int check_input(const TensorView& x, const char* arg, int axis, int min_rank) {
+  BN_EXPECTS(x.defined(), type_error, arg, " must be an array, got None");
+  check_float_array(x, arg);
+  BN_EXPECTS(x.ndim >= min_rank, value_error, arg, " must have at least ", min_rank, " dimension",
+             min_rank == 1 ? "" : "s", min_rank == 2 ? " (N, C, ...)" : "", ", got ", x.ndim, " dimension",
+             x.ndim == 1 ? "" : "s", " with shape ", shape_string(x));
+  return normalize_axis(axis, x.ndim);
 }
 
 void check_same_device(const TensorView& a, const char* a_arg, const TensorView& b, const char* b_arg) {
@@ -177,13 +186,6 @@ void check_eps(double eps) {
 void check_momentum(double momentum) {
   BN_EXPECTS(std::isfinite(momentum) && momentum >= 0.0 && momentum <= 1.0, value_error,
              "momentum must be a finite number in [0, 1], got ", momentum);
-}
-
-void check_internal_vector(const TensorView& t, const char* arg, int64_t n, DType dtype, const Device& device) {
-  BN_EXPECTS(t.ndim == 1 && t.shape[0] == n && (t.strides[0] == 1 || n <= 1) && t.dtype == dtype &&
-                 t.device == device && !t.read_only,
-             value_error, "internal output ", arg, " must be a writable contiguous (", n, ",) ", dtype_name(dtype),
-             " array on ", device_name(device));
 }
 
 }  // namespace batchnorm::detail

@@ -7,6 +7,9 @@ namespace batchnorm::detail {
 
 // A float array of any of the four dtypes.
 void check_float_array(const TensorView& t, const char* arg);
+// An op's main input (x, or fold's kernel): a float array of rank >= min_rank with `axis` in
+// range (an empty batch is the op's to judge). Returns the normalized axis.
+int check_input(const TensorView& x, const char* arg, int axis, int min_rank = 2);
 // b lives on the same device as a (named a_arg).
 void check_same_device(const TensorView& a, const char* a_arg, const TensorView& b, const char* b_arg);
 // The array whose channel axis sizes the per-channel arguments, for their messages: a
@@ -37,7 +40,5 @@ void check_output(const TensorView& out, const char* arg, const TensorView& like
 void check_disjoint(const TensorView& written, const char* arg, const Named* others, int nothers);
 void check_eps(double eps);
 void check_momentum(double momentum);
-// An internal output buffer: (n,), dtype, contiguous, on device.
-void check_internal_vector(const TensorView& t, const char* arg, int64_t n, DType dtype, const Device& device);
 
 }  // namespace batchnorm::detail

@@ -36,14 +36,19 @@ struct Target {
   Exec exec;
 };
 
+// XLA's element type of each row of core/dtype.h's table, in its order.
+constexpr ffi::DataType kXlaTypes[] = {ffi::DataType::F16, ffi::DataType::BF16, ffi::DataType::F32,
+                                       ffi::DataType::F64};
+static_assert(sizeof(kXlaTypes) / sizeof(kXlaTypes[0]) == kNumDTypes);
+static_assert([] {
+  for (int i = 0; i < kNumDTypes; ++i)
+    if (ffi::ByteWidth(kXlaTypes[i]) != kDTypes[i].size) return false;
+  return kXlaTypes[static_cast<int>(DType::bfloat16)] == ffi::DataType::BF16;
+}());
+
 DType dtype_of(ffi::DataType t) {
-  switch (t) {
-    case ffi::DataType::F16: return DType::float16;
-    case ffi::DataType::BF16: return DType::bfloat16;
-    case ffi::DataType::F32: return DType::float32;
-    case ffi::DataType::F64: return DType::float64;
-    default: break;
-  }
+  for (int i = 0; i < kNumDTypes; ++i)
+    if (kXlaTypes[i] == t) return kDTypes[i].dtype;
   // The Python side checks dtypes while tracing; reaching this is a caller bypassing it.
   throw type_error(detail::concat("batchnorm FFI: unsupported XLA dtype code ", static_cast<int>(t)));
 }

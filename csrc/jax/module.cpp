@@ -1,6 +1,6 @@
 // batchnorm._jax: what python/batchnorm/jax needs from C++. `registrations()` hands the FFI
 // handlers (handlers.cpp) to jax.ffi.register_ffi_target; the check_* functions run the core's
-// own argument checks on shapes and dtypes alone (Exec::validate_only), so a traced call
+// own input checks (the ops' specs functions) on shapes and dtypes alone, so a traced call
 // raises exactly the eager API's ValueError / TypeError before any XLA program is built.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -43,16 +43,6 @@ class Phantoms {
     place(v, step);
     return v;
   }
-  TensorView like(const TensorView& x) {
-    TensorView v = x;
-    place(v, x.numel());
-    return v;
-  }
-  TensorView vector(int64_t n, DType dtype) {
-    TensorView v = vector_view(nullptr, dtype, n, Device{});
-    place(v, n);
-    return v;
-  }
 
  private:
   void place(TensorView& v, int64_t numel) {
@@ -64,8 +54,7 @@ class Phantoms {
 
 // What the Python side sizes its outputs with: (axis in [0, ndim), channels, accumulation dtype).
 py::tuple summary(const TensorView& x, int axis) {
-  const int64_t C = channel_count(x, "x", axis, 2);
-  return py::make_tuple(normalize_axis(axis, x.ndim), C, dtype_name(statistics_dtype(x.dtype)));
+  return py::make_tuple(axis, x.shape[axis], dtype_name(accumulation_dtype(x.dtype)));
 }
 
 // residual and activation: the fused op's (activation as the core's code); the training
@@ -84,20 +73,6 @@ py::tuple check_forward_training(const Spec& x_spec, const Spec& weight, const S
   p.momentum = momentum;
   p.eps = eps;
   p.axis = axis;
-  const int64_t C = channel_count(p.x, "x", axis, 2);
-  const DType acc = statistics_dtype(p.x.dtype);
-  p.y = mem.like(p.x);
-  // Ghost batch norm saves one row per group (a bad ghost_batch is the core's error to raise).
-  const bool ghost_rows = ghost_batch > 0 && normalize_axis(axis, p.x.ndim) != 0 && p.x.shape[0] % ghost_batch == 0;
-  if (ghost_rows) {
-    const Spec rows =
-        std::make_tuple(std::vector<int64_t>{p.x.shape[0] / ghost_batch, C}, std::string(dtype_name(acc)));
-    p.saved_mean = mem.array(rows, "saved_mean");
-    p.saved_invstd = mem.array(rows, "saved_invstd");
-  } else {
-    p.saved_mean = mem.vector(C, acc);
-    p.saved_invstd = mem.vector(C, acc);
-  }
   p.residual = mem.array(residual, "residual");
   p.activation = static_cast<Activation>(activation);
   p.running_var_unbiased = running_var_unbiased;
@@ -105,14 +80,8 @@ py::tuple check_forward_training(const Spec& x_spec, const Spec& weight, const S
   p.renorm = renorm;
   p.renorm_rmax = rmax;
   p.renorm_dmax = dmax;
-  if (renorm) {
-    p.renorm_r = mem.vector(C, acc);
-    p.renorm_d = mem.vector(C, acc);
-  }
   p.ghost_batch = ghost_batch;
-  p.exec.validate_only = true;
-  forward_training(p);
-  return summary(p.x, axis);
+  return summary(p.x, forward_training_specs(p).axis);
 }
 
 // mean_arg / var_arg: the statistics' names in the caller's API (batch_norm's running_mean and
@@ -125,20 +94,29 @@ py::tuple check_forward_inference(const Spec& x_spec, const Spec& mean, const Sp
   p.x = mem.array(x_spec, "x");
   p.mean = mem.array(mean, mean_arg.c_str());
   p.var = mem.array(var, var_arg.c_str());
-  channel_count(p.x, "x", axis, 2);  // x itself first: its rank and axis
-  const detail::ChannelSource source{p.x, "x", normalize_axis(axis, p.x.ndim)};
-  detail::check_channel_vector(p.mean, mean_arg.c_str(), source);
-  detail::check_channel_vector(p.var, var_arg.c_str(), source);
   p.weight = mem.array(weight, "weight");
   p.bias = mem.array(bias, "bias");
   p.eps = eps;
   p.axis = axis;
-  p.y = mem.like(p.x);
   p.residual = mem.array(residual, "residual");
   p.activation = static_cast<Activation>(activation);
-  p.exec.validate_only = true;
-  forward_inference(p);
-  return summary(p.x, axis);
+  // x itself first (its rank and axis), then the statistics under the caller's names.
+  const detail::ChannelSource source{p.x, "x", detail::check_input(p.x, "x", axis)};
+  detail::check_channel_vector(p.mean, mean_arg.c_str(), source);
+  detail::check_channel_vector(p.var, var_arg.c_str(), source);
+  return summary(p.x, forward_inference_specs(p).axis);
+}
+
+// The shape of forward_training's saved statistics for x, as the core sizes them ((C,), or
+// ghost batch norm's (N / ghost_batch, C)): what batchnorm.jax gives the FFI call's results.
+py::tuple saved_shape(const Spec& x_spec, int axis, int64_t ghost_batch) {
+  Phantoms mem;
+  ForwardTrainingParams p;
+  p.x = mem.array(x_spec, "x");
+  p.axis = axis;
+  p.ghost_batch = ghost_batch;
+  const OutputSpec s = forward_training_specs(p).saved_mean;
+  return py::tuple(py::cast(std::vector<int64_t>(s.shape, s.shape + s.ndim)));
 }
 
 py::capsule capsule(XLA_FFI_Error* (*handler)(XLA_FFI_CallFrame*)) {
@@ -192,6 +170,7 @@ PYBIND11_MODULE(_jax, m) {
         py::arg("residual") = py::none(), py::arg("activation") = 0, py::arg("running_var_unbiased") = true,
         py::arg("skip_nonfinite") = false, py::arg("renorm") = false, py::arg("rmax") = 1.0, py::arg("dmax") = 0.0,
         py::arg("ghost_batch") = 0);
+  m.def("saved_shape", &saved_shape, py::arg("x"), py::arg("axis"), py::arg("ghost_batch"));
   m.def("check_forward_inference", &check_forward_inference, py::arg("x"), py::arg("mean"), py::arg("var"),
         py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("axis"), py::arg("mean_arg") = "mean",
         py::arg("var_arg") = "var", py::arg("residual") = py::none(), py::arg("activation") = 0);

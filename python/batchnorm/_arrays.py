@@ -12,6 +12,9 @@ from . import _C
 
 _LEGACY_DEFAULT_STREAM = 1  # DLPack's number for CUDA's legacy default stream
 
+# The four dtype names in the core's order (a name's index is its code): core/dtype.h's table.
+DTYPES: Tuple[str, ...] = _C.dtype_names()
+
 
 def _library(obj: Any) -> str:
     return type(obj).__module__.partition(".")[0]

@@ -15,13 +15,12 @@ from typing import Any, Optional, Tuple
 import numpy as np
 
 from . import functional as F
-from ._arrays import _from_dlpack_of, _library, check_int
+from ._arrays import DTYPES, _from_dlpack_of, _library, check_int
 from ._collectives import Engine, check_group, engine_for
 from .layer import _DEFAULT, BatchNorm, _as_state, _device_of, _to_device_like, _to_numpy
 
 __all__ = ["SyncBatchNorm", "sync_backward", "sync_statistics"]
 
-_DTYPES = ("float16", "bfloat16", "float32", "float64")
 # Header of each rank's row: status (0, or the error below), ndim, dtype code, count.
 _HEADER = 4
 _ERRORS = {1: ValueError, 2: TypeError}
@@ -56,8 +55,9 @@ def _validate(x: Any, axis: int, channels: Optional[int]) -> Tuple[int, int, int
         raise TypeError(f"x must be an array, got {type(x).__name__}")
     shape = tuple(int(s) for s in shape)
     dtype = str(getattr(x, "dtype", "")).replace("torch.", "")
-    if dtype not in _DTYPES:
-        raise TypeError(f"x must have dtype float16, bfloat16, float32 or float64, got {dtype or type(x).__name__}")
+    if dtype not in DTYPES:
+        names = f"{', '.join(DTYPES[:-1])} or {DTYPES[-1]}"
+        raise TypeError(f"x must have dtype {names}, got {dtype or type(x).__name__}")
     ndim = len(shape)
     if ndim < 2:
         raise ValueError(f"x must have at least 2 dimensions (N, C, ...), got {ndim} with shape {shape}")
@@ -69,7 +69,7 @@ def _validate(x: Any, axis: int, channels: Optional[int]) -> Tuple[int, int, int
         raise ValueError(f"x must have {channels} channels along axis {axis}, got shape {shape}")
     if c < 1:
         raise ValueError(f"x must have at least one channel, got shape {shape}")
-    return ndim, _DTYPES.index(dtype), axis, int(np.prod(shape, dtype=np.int64)) // c
+    return ndim, DTYPES.index(dtype), axis, int(np.prod(shape, dtype=np.int64)) // c
 
 
 def _local_moments(x: Any, axis: int, c: int, own: Optional[Exception]):
@@ -118,7 +118,7 @@ def _by_allgather(engine, own, ndim, code, count, mean, var, device):
     _raise_everywhere(rows[:, 0], own, "x", engine.size)
     ndims, codes = rows[:, 1].astype(np.int64), rows[:, 2].astype(np.int64)
     if (ndims != ndims[0]).any() or (codes != codes[0]).any():
-        got = ", ".join(f"rank {r}: {int(n)}-d {_DTYPES[int(k)]}" for r, (n, k) in enumerate(zip(ndims, codes)))
+        got = ", ".join(f"rank {r}: {int(n)}-d {DTYPES[int(k)]}" for r, (n, k) in enumerate(zip(ndims, codes)))
         raise ValueError(f"x must have the same rank and dtype on every rank of the group, got {got}")
     counts = [int(n) for n in rows[:, 3]]
     total = sum(counts)

@@ -82,8 +82,7 @@ def forward_training(x, weight, bias, axis, eps, channels, acc, residual=None, a
     renorm=(rmax, dmax) with running=(running_mean, running_var), which r and d (else None)
     compare the batch with; ghost_batch=G > 0, saved_mean / saved_invstd then (N // G, C) and
     the batch statistics the whole batch's."""
-    rows = (x.shape[0] // ghost_batch,) if ghost_batch else ()
-    saved = jax.ShapeDtypeStruct(rows + (channels,), acc)
+    saved = jax.ShapeDtypeStruct(_jax.saved_shape(spec(x), axis, ghost_batch), acc)
     out = (jax.ShapeDtypeStruct(x.shape, x.dtype), saved, saved) + (_vector(channels, acc),) * (4 if renorm else 2)
     # The handler reads the running statistics for renorm only (as copies in `acc`).
     rm, rv = (a.astype(acc) for a in running) if renorm else (jnp.zeros((channels,), acc),) * 2

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .. import _C
 from . import _ops  # noqa: F401  (the plain ops, and the helpers below)
-from ._ops import _AXIS, _call, _cap, _inference_grads, _new_running, _vector
+from ._ops import _AXIS, _call, _cap, _dtypes, _inference_grads, _new_running, _vector
 
 _lib = torch.library.Library("batchnorm", "FRAGMENT")
 _lib.define(
@@ -95,11 +95,6 @@ def _backward_act(dy, x, y, saved_mean, saved_invstd, weight, relu, residual):
 def _backward_act_fake(dy, x, y, saved_mean, saved_invstd, weight, relu, residual):
     C = x.shape[_AXIS]
     return torch.empty_like(x), _vector(x, C), _vector(x, C), torch.empty_like(x) if residual else _vector(x, 0)
-
-
-def _dtypes(ctx, weight, bias):
-    ctx.weight_dtype = None if weight is None else weight.dtype
-    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _training_setup(ctx, inputs, output):
