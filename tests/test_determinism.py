@@ -193,3 +193,33 @@ def test_digest_helper_sees_differences():
     x2.flat[17] = np.nextafter(x2.flat[17], np.float32(np.inf))
     b = run_all(x2, dy, axis)
     assert hashlib.sha256(b"".join(a)).digest() != hashlib.sha256(b"".join(b)).digest()
+
+
+@pytest.mark.parametrize("shape", [(200, 20, 7, 7), (40, 35, 5, 5), (9, 18, 13, 13)])
+@pytest.mark.parametrize("dtype", helpers.dtype_params())
+def test_a_channel_does_not_depend_on_its_neighbours(rng, dtype, shape):
+    """The CPU walks small planes of channels-first data row by row across a block of channels
+    (memory order): each channel's results must be the bits it gets alone, whichever block it
+    falls in. Shapes whose channels span several reduction pieces cut mid-row, and channel
+    counts that fill one block of 16 and part of another."""
+    x = helpers.cast(rng.standard_normal(shape) * 3 + 10, dtype)
+    dy = helpers.cast(rng.standard_normal(shape), dtype)
+    C = shape[1]
+    w = np.linspace(0.5, 2, C).astype(np.float32)
+    b = np.linspace(-1, 1, C).astype(np.float32)
+    mean, var, _ = bn.statistics(x, axis=1)
+    y, sm, si = bn.forward_training(x, w, b, axis=1)
+    yi = bn.forward_inference(x, mean, var, w, b, axis=1)
+    dx, dw, db = bn.backward(dy, x, sm, si, w, axis=1)
+    for c0, c1 in ((0, 1), (5, 6), (C - 1, C), (3, C - 2)):
+        xs, dys = x[:, c0:c1], dy[:, c0:c1]
+        m1, v1, _ = bn.statistics(xs, axis=1)
+        y1, sm1, si1 = bn.forward_training(xs, w[c0:c1], b[c0:c1], axis=1)
+        yi1 = bn.forward_inference(xs, m1, v1, w[c0:c1], b[c0:c1], axis=1)
+        dx1, dw1, db1 = bn.backward(dys, xs, sm1, si1, w[c0:c1], axis=1)
+        whole = (mean[c0:c1], var[c0:c1], y[:, c0:c1], sm[c0:c1], si[c0:c1], yi[:, c0:c1], dx[:, c0:c1],
+                 dw[c0:c1], db[c0:c1])
+        alone = (m1, v1, y1, sm1, si1, yi1, dx1, dw1, db1)
+        for name, a, s in zip(("mean", "var", "y", "saved_mean", "saved_invstd", "y_inference", "dx", "dweight",
+                               "dbias"), whole, alone):
+            assert helpers.bits(a) == helpers.bits(s), f"channels [{c0}, {c1}): {name} differs from the slice's"

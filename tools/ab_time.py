@@ -20,6 +20,9 @@ CASES = [
     ("train", (32, 64, 56, 56), "cf", "float32"),
     ("train", (32, 64, 56, 56), "cl", "float32"),
     ("infer", (256, 2048, 7, 7), "cf", "float32"),
+    ("train", (256, 2048, 7, 7), "cf", "float32"),
+    ("backward", (256, 2048, 7, 7), "cf", "float32"),
+    ("stats", (256, 2048, 7, 7), "cf", "float32"),
     ("infer", (32, 64, 56, 56), "cl", "float32"),
     ("backward", (32, 64, 56, 56), "cf", "float32"),
     ("backward", (4096, 1024), "nc", "float32"),
@@ -53,6 +56,7 @@ def child() -> None:
             "train": lambda: bn.forward_training(x, w, b, running_mean=rm, running_var=rv, out=y),
             "infer": lambda: bn.forward_inference(x, rm, rv, w, b, out=y),
             "backward": lambda: bn.backward(dy, x, sm, si, w, out=y),
+            "stats": lambda: bn.statistics(x),
         }[op]
         fn()
         samples = []

@@ -33,6 +33,11 @@ bool all_grad_sums(const Kernels<T>& k, const T* dy, const T* x, const Layout& L
         k.grad_sums(dy + c * cs_dy, x + c * cs_x, L, b, e, mean[c], &s.dy, &s.dy_xmu);
         return s;
       },
+      [&](int64_t c0, int64_t n, int64_t b, int64_t e, GradSums* out) {
+        double s1[kBlockChannels], s2[kBlockChannels];
+        k.grad_sums_channels(dy + c0 * cs_dy, x + c0 * cs_x, L, n, b, e, mean + c0, s1, s2);
+        for (int64_t i = 0; i < n; ++i) out[i] = GradSums{s1[i], s2[i]};
+      },
       [&](int64_t b, int64_t e, GradSums* out) {
         std::vector<acc_t<T>> scratch(static_cast<size_t>(3 * C));
         std::vector<double> s(static_cast<size_t>(2 * C));

@@ -14,6 +14,12 @@ namespace batchnorm::cpu {
 // Values per block of a channels-first reduction: small enough that the block's second pass
 // reads it from L1.
 constexpr int64_t kPiece = 8192;
+// Channels per call of the block primitives (moments_channels, grad_sums_channels): their
+// accumulators, 3 x 4 vectors per channel, stay in L1.
+constexpr int64_t kBlockChannels = 16;
+// Planes of at most this many values (a 7x7 one, 49) are small: the kernels walk their rows
+// across a block of channels, and the plan sizes blocks for that (plan.h).
+constexpr int64_t kSmallPlane = 64;
 // Positions per run of a channels-last reduction (reduced in float, merged in double): at
 // most 256, and few enough that a run's values stay in L2 for its second pass, yet long
 // enough that the per-run double merges of every channel cost little.
@@ -59,12 +65,24 @@ struct Kernels {
   // Channels-first primitives: one channel (pointers at its first value), values
   // [begin, end) of its row-major walk over the reduced dims.
   Moments<double> (*moments)(const T* x, const Layout& L, int64_t begin, int64_t end);
+  // moments of nc channels (channel i at x + i * L.channel_stride[0]) into out[0..nc).
+  void (*moments_channels)(const T* x, const Layout& L, int64_t nc, int64_t begin, int64_t end,
+                           Moments<double>* out);
   // map[kind]: out = recipe(k, in...) over values [begin, end); k: the channel's coefficients.
   // (One entry per recipe: the memory-order walk calls it once per row of every channel.)
   void (*map[kMapKinds])(const T* const* in, T* out, const Layout& L, int64_t begin, int64_t end, const A* k,
                          bool nt);
+  // map_channels[kind]: map[kind] over nc channels (channel i's arrays at in[j] + i *
+  // L.channel_stride[j], out + i * L.channel_stride[N]; coefficient j at k[j][i]), short rows
+  // walked row by row across the channels.
+  void (*map_channels[kMapKinds])(const T* const* in, T* out, const Layout& L, int64_t nc, int64_t begin,
+                                  int64_t end, const A* const* k, bool nt);
   void (*grad_sums)(const T* dy, const T* x, const Layout& L, int64_t begin, int64_t end, A mean,
                     double* sum_dy, double* sum_dy_xmu);
+  // grad_sums of nc channels (channel i at dy + i * L.channel_stride[0], x + i *
+  // L.channel_stride[1], its mean at mean[i]) into sum_dy[0..nc), sum_dy_xmu[0..nc).
+  void (*grad_sums_channels)(const T* dy, const T* x, const Layout& L, int64_t nc, int64_t begin, int64_t end,
+                             const A* mean, double* sum_dy, double* sum_dy_xmu);
   // Channels-last primitives: every channel of positions [p0, p1). `scratch` holds 3*C A's.
   void (*cl_moments)(const T* x, const Layout& L, int64_t p0, int64_t p1, Moments<double>* out, A* scratch);
   // out = recipe over every channel of positions [p0, p1); k[j]: the (C,) values of coefficient j.

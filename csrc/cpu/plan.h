@@ -68,7 +68,15 @@ inline Plan make_plan(const Layout& L, int64_t bytes_per_value = 8) {
       // piece together, so each task streams through contiguous memory; the block stays small
       // enough to be re-read from L2, and there are enough blocks for every thread.
       const int64_t channel_bytes = std::max<int64_t>(1, L.count * bytes_per_value);
-      const int64_t fit = std::max<int64_t>(1, l2_cache_bytes() / 2 / channel_bytes);
+      int64_t fit = std::max<int64_t>(1, l2_cache_bytes() / 2 / channel_bytes);
+      // Small planes (7x7: rows of 49 values, C rows apart) are walked row by row across the
+      // block's channels (the kernels' *_channels primitives). A block of kBlockChannels makes
+      // each row a run of 16 planes (3 KB at float32) that the prefetchers follow, and its
+      // second pass then comes from the last-level cache rather than L2: 256x2048x7x7 float32
+      // on 2 threads of an AMD EPYC (AVX2), blocks of 2 -> 16 channels: training 34 -> 24 ms,
+      // backward 49 -> 32 ms (fastest of 11).
+      if (L.nred == 2 && L.strides[0][1] == 1 && L.inner() <= kSmallPlane)
+        fit = std::max(fit, std::min(kBlockChannels, last_level_cache_bytes() / 2 / T / channel_bytes));
       p.channel_block = std::max<int64_t>(1, std::min(fit, (C + T - 1) / T));
     }
   }
@@ -79,6 +87,8 @@ inline Plan make_plan(const Layout& L, int64_t bytes_per_value = 8) {
 
 // One reduction over every channel, whichever the layout, for a partial type P (Moments of
 // x; backward's sums): `piece(c, b, e)` reduces values [b, e) of channel c (channels-first),
+// `pieces(c0, n, b, e, out)` the same of n (<= kBlockChannels) channels from c0 into out[0..n)
+// in one call (the channel-parallel walk; the same bits as n calls of piece),
 // `cl(b, e, out)` positions [b, e) of every channel into out[0..C) (channels-last), and
 // `merge(a, b)` combines partials in a fixed order: pieces in order within a group, groups in
 // order, whatever the plan, so results are bitwise reproducible across thread counts.
@@ -86,9 +96,9 @@ inline Plan make_plan(const Layout& L, int64_t bytes_per_value = 8) {
 // channel-parallel plan `per_block(c0, c1)` then runs on the same thread right after the
 // block's channels are final, while their data is in cache, and this returns true; elsewhere
 // it returns false and the caller makes its elementwise pass over everything afterwards.
-template <class P, class Piece, class Cl, class Merge, class F, class B>
-bool reduce_all(const Layout& L, const Plan& plan, int64_t work, Piece&& piece, Cl&& cl, Merge&& merge,
-                F&& per_channel, B&& per_block) {
+template <class P, class Piece, class Pieces, class Cl, class Merge, class F, class B>
+bool reduce_all(const Layout& L, const Plan& plan, int64_t work, Piece&& piece, Pieces&& pieces, Cl&& cl,
+                Merge&& merge, F&& per_channel, B&& per_block) {
   const int64_t C = L.channels;
   if (plan.channels_last) {
     std::vector<P> partial(static_cast<size_t>(plan.groups * C));
@@ -109,11 +119,16 @@ bool reduce_all(const Layout& L, const Plan& plan, int64_t work, Piece&& piece, 
       const int64_t c0 = blk * plan.channel_block, c1 = std::min(C, c0 + plan.channel_block);
       const int64_t n = c1 - c0;
       std::vector<P> total(static_cast<size_t>(n)), group(static_cast<size_t>(n));
+      P part[kBlockChannels];
       for (int64_t g = 0; g < plan.groups; ++g) {
         const auto [b, e] = plan.range(g);
         for (int64_t i = 0; i < n; ++i) group[i] = P{};
         for (int64_t s = b; s < e; s += kPiece)
-          for (int64_t i = 0; i < n; ++i) group[i] = merge(group[i], piece(c0 + i, s, std::min(e, s + kPiece)));
+          for (int64_t i0 = 0; i0 < n; i0 += kBlockChannels) {
+            const int64_t m = std::min(kBlockChannels, n - i0);
+            pieces(c0 + i0, m, s, std::min(e, s + kPiece), part);
+            for (int64_t i = 0; i < m; ++i) group[i0 + i] = merge(group[i0 + i], part[i]);
+          }
         for (int64_t i = 0; i < n; ++i) total[i] = merge(total[i], group[i]);
       }
       for (int64_t i = 0; i < n; ++i) per_channel(c0 + i, total[i]);
@@ -155,6 +170,9 @@ bool all_moments(const Kernels<T>& k, const T* x, const Layout& L, const Plan& p
   return reduce_all<Moments<double>>(
       L, plan, L.count * C,
       [&](int64_t c, int64_t b, int64_t e) { return k.moments(x + c * L.channel_stride[0], L, b, e); },
+      [&](int64_t c0, int64_t n, int64_t b, int64_t e, Moments<double>* out) {
+        k.moments_channels(x + c0 * L.channel_stride[0], L, n, b, e, out);
+      },
       [&](int64_t b, int64_t e, Moments<double>* out) {
         std::vector<acc_t<T>> scratch(static_cast<size_t>(3 * C));
         k.cl_moments(x, L, b, e, out, scratch.data());
@@ -204,11 +222,28 @@ void map_channel(const Kernels<T>& k, const MapPass<T>& m, const Layout& L, int6
   k.map[static_cast<int>(m.kind)](in, m.out + c * L.channel_stride[n], L, b, e, kc, m.nt);
 }
 
+// Values [b, e) of channels [c0, c1) (channels-first) in one call: short rows row by row
+// across the channels.
+template <class T>
+void map_channel_range(const Kernels<T>& k, const MapPass<T>& m, const Layout& L, int64_t c0, int64_t c1, int64_t b,
+                       int64_t e) {
+  const int n = map_inputs(m.kind);
+  const T* in[2] = {};
+  for (int j = 0; j < n; ++j) in[j] = m.in[j] + c0 * L.channel_stride[j];
+  const acc_t<T>* coef[4] = {};
+  for (int j = 0; j < map_coefficients(m.kind); ++j) coef[j] = m.coef[j] + c0;
+  k.map_channels[static_cast<int>(m.kind)](in, m.out + c0 * L.channel_stride[n], L, c1 - c0, b, e, coef, m.nt);
+}
+
 // Channels [c0, c1) (channels-first), piece by piece with the block's channels back to back:
 // the walk of the fused passes that follow a block's reduction while its data is in cache.
 template <class T>
 void map_channels(const Kernels<T>& k, const MapPass<T>& m, const Layout& L, const Plan& plan, int64_t c0,
                   int64_t c1) {
+  if (L.nred == 2 && short_rows<T>(L)) {
+    map_channel_range(k, m, L, c0, c1, 0, plan.count);
+    return;
+  }
   for_block_pieces(plan, c0, c1, [&](int64_t c, int64_t b, int64_t e) { map_channel(k, m, L, c, b, e); });
 }
 
@@ -224,9 +259,9 @@ void map_all(const Kernels<T>& k, const MapPass<T>& m, const Layout& L, const Pl
     });
   } else if (m.memory_order && L.nred == 2 && (L.inner() >= kMemoryOrderRow || (m.nt && short_rows<T>(L)))) {
     // Long rows: walk memory in order (all channels of one outer index, then the next), as a
-    // copy would; the row loop restarts per (outer, channel) at no measurable cost.
+    // copy would, one kernel call per outer index (short rows go across the channels).
     parallel_for(L.sizes[0], work, [&](int64_t o) {
-      for (int64_t c = 0; c < C; ++c) map_channel(k, m, L, c, o * L.inner(), (o + 1) * L.inner());
+      map_channel_range(k, m, L, 0, C, o * L.inner(), (o + 1) * L.inner());
     });
   } else if (plan.channel_parallel) {
     parallel_for(plan.channel_blocks(C), work, [&](int64_t blk) {

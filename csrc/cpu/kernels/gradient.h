@@ -5,44 +5,63 @@
 
 namespace batchnorm::cpu::BN_ISA {
 
-// grad_sums over short contiguous rows of dy and x (see ShortRow): vector k of every row
-// into accumulator k; the tail vector's repeated lanes are masked out of both sums.
-template <class T, int NV>
-void grad_sums_short_rows(const T* dy, const T* x, const Layout& L, int64_t begin, int64_t end, acc_t<T> mean,
-                          double* sum_dy, double* sum_dy_xmu) {
+// grad_sums over short contiguous rows of dy and x (see ShortRow) of nc (<= MaxC) channels
+// (channel i at dy + i * cd, x + i * cx, its mean at mean[i]): vector k of every row into
+// accumulator k, the tail vector's repeated lanes masked out of both sums. Row by row with the
+// channels of a row back to back, memory order for adjacent channels (see
+// moments_short_rows_channels); each channel's operations and their order do not depend on nc
+// or on its neighbours: the same bits.
+template <class T, int NV, int MaxC = kBlockChannels>
+void grad_sums_short_rows_channels(const T* dy, const T* x, const Layout& L, int64_t cd, int64_t cx, int64_t nc,
+                                   int64_t begin, int64_t end, const acc_t<T>* mean, double* sum_dy,
+                                   double* sum_dy_xmu) {
   using A = acc_t<T>;
   using V = vec_t<A>;
   constexpr int VL = vlen<A>;
   using R = ShortRow<T, NV>;
-  const V vm = splat(mean);
-  Acc<A> a1[NV], a2[NV];
+  if constexpr (MaxC == 1) nc = 1;  // one channel: loops the compiler can unroll away
+  V vm[MaxC];
+  for (int64_t i = 0; i < nc; ++i) vm[i] = splat(mean[i]);
+  Acc<A> a1[MaxC][NV], a2[MaxC][NV];
+  // Both arrays' rows of the block a few rows ahead (see moments_short_rows_channels).
+  const int64_t ahead_dy = kPrefetchRows * L.strides[0][0], ahead_x = kPrefetchRows * L.strides[1][0];
+  const int64_t span_dy = ((nc - 1) * cd + L.inner()) * static_cast<int64_t>(sizeof(T));
+  const int64_t span_x = ((nc - 1) * cx + L.inner()) * static_cast<int64_t>(sizeof(T));
   for_each_segment<2>(L, begin, end, [&](const int64_t* off, int64_t len) {
-    const T* dp = dy + off[0];
-    const T* xp = x + off[1];
-    if (len < VL) {
-      const V m = lanes_below<A>(len);
-      const V g = load_partial(dp, len);
-      a1[0] += g;
-      a2[0] += mask_lanes<A>(grad_term(g, load_partial(xp, len), vm), m);
-      return;
+    if (L.nred == 2) {
+      prefetch_span(dy + off[0] + ahead_dy, span_dy);
+      prefetch_span(x + off[1] + ahead_x, span_x);
     }
-    const int64_t full = len / VL, tail = len - full * VL;
+    for (int64_t i = 0; i < nc; ++i) {
+      const T* dp = dy + i * cd + off[0];
+      const T* xp = x + i * cx + off[1];
+      if (len < VL) {
+        const V m = lanes_below<A>(len);
+        const V g = load_partial(dp, len);
+        a1[i][0] += g;
+        a2[i][0] += mask_lanes<A>(grad_term(g, load_partial(xp, len), vm[i]), m);
+        continue;
+      }
+      const int64_t full = len / VL, tail = len - full * VL;
 #pragma GCC unroll 8
-    for (int k = 0; k < NV; ++k) {
-      if (k < full) {
-        const V g = loadv(dp + k * VL);
-        a1[k] += g;
-        a2[k] += grad_term(g, loadv(xp + k * VL), vm);
-      } else if (k == full && tail != 0) {
-        const V m = lanes_from<A>(VL - tail);
-        const V g = mask_lanes<A>(loadv(dp + len - VL), m);
-        a1[k] += g;
-        a2[k] += mask_lanes<A>(grad_term(g, loadv(xp + len - VL), vm), m);
+      for (int k = 0; k < NV; ++k) {
+        if (k < full) {
+          const V g = loadv(dp + k * VL);
+          a1[i][k] += g;
+          a2[i][k] += grad_term(g, loadv(xp + k * VL), vm[i]);
+        } else if (k == full && tail != 0) {
+          const V m = lanes_from<A>(VL - tail);
+          const V g = mask_lanes<A>(loadv(dp + len - VL), m);
+          a1[i][k] += g;
+          a2[i][k] += mask_lanes<A>(grad_term(g, loadv(xp + len - VL), vm[i]), m);
+        }
       }
     }
   });
-  *sum_dy = static_cast<double>(R::total(a1));
-  *sum_dy_xmu = static_cast<double>(R::total(a2));
+  for (int64_t i = 0; i < nc; ++i) {
+    sum_dy[i] = static_cast<double>(R::total(a1[i]));
+    sum_dy_xmu[i] = static_cast<double>(R::total(a2[i]));
+  }
 }
 
 template <class T>
@@ -52,7 +71,8 @@ void grad_sums(const T* dy, const T* x, const Layout& L, int64_t begin, int64_t 
   using V = vec_t<A>;
   constexpr int VL = vlen<A>;
   if (L.inner_stride(1) == 1 && with_short_rows<A>(L, 0, [&](auto nv) {
-        grad_sums_short_rows<T, decltype(nv)::value>(dy, x, L, begin, end, mean, sum_dy, sum_dy_xmu);
+        grad_sums_short_rows_channels<T, decltype(nv)::value, 1>(dy, x, L, 0, 0, 1, begin, end, &mean, sum_dy,
+                                                                  sum_dy_xmu);
       }))
     return;
   const int64_t sd = L.inner_stride(0), sx = L.inner_stride(1);
@@ -126,6 +146,24 @@ void cl_grad_sums(const T* dy, const T* x, const Layout& L, int64_t p0, int64_t 
       sum_dy[c] += static_cast<double>(s1[c]);
       sum_dy_xmu[c] += static_cast<double>(s2[c]);
     }
+  }
+}
+
+// grad_sums of nc channels into sum_dy[0..nc), sum_dy_xmu[0..nc): short rows walked row by
+// row across the channels (grad_sums_short_rows_channels), other rows channel by channel.
+template <class T>
+void grad_sums_channels(const T* dy, const T* x, const Layout& L, int64_t nc, int64_t begin, int64_t end,
+                        const acc_t<T>* mean, double* sum_dy, double* sum_dy_xmu) {
+  using A = acc_t<T>;
+  const int64_t cd = L.channel_stride[0], cx = L.channel_stride[1];
+  for (int64_t i0 = 0; i0 < nc; i0 += kBlockChannels) {
+    const int64_t m = std::min<int64_t>(kBlockChannels, nc - i0);
+    if (!(L.inner_stride(1) == 1 && with_short_rows<A>(L, 0, [&](auto nv) {
+            grad_sums_short_rows_channels<T, decltype(nv)::value>(dy + i0 * cd, x + i0 * cx, L, cd, cx, m, begin,
+                                                                  end, mean + i0, sum_dy + i0, sum_dy_xmu + i0);
+          })))
+      for (int64_t i = i0; i < i0 + m; ++i)
+        grad_sums(dy + i * cd, x + i * cx, L, begin, end, mean[i], sum_dy + i, sum_dy_xmu + i);
   }
 }
 

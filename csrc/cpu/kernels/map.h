@@ -69,11 +69,36 @@ static inline __attribute__((always_inline)) void map_contiguous(const acc_t<T>*
 // end and rewrites the values the previous vector already wrote with the same bits. Regular
 // stores: a 7x7 row is too short to reach the alignment of streaming stores.
 template <class R, class T, int NV>
-void map_short_rows(const T* const* in, T* out, const Layout& L, int64_t begin, int64_t end, const acc_t<T>* k,
-                    const vec_t<acc_t<T>>* kv) {
+static inline __attribute__((always_inline)) void map_short_row(const T* const* p, T* o, int64_t len,
+                                                                const acc_t<T>* k, const vec_t<acc_t<T>>* kl) {
   using A = acc_t<T>;
   using V = vec_t<A>;
   constexpr int VL = vlen<A>;
+  constexpr int N = R::kIn;
+  if (len < VL) {
+    for (int64_t i = 0; i < len; ++i) map_one<R, true, T>(k, p, o, i);
+    return;
+  }
+  const int64_t full = len / VL, tail = len - full * VL;
+  V v[NV + 1][N];
+#pragma GCC unroll 8
+  for (int q = 0; q < NV; ++q)
+    if (q < full)
+      #pragma GCC unroll 4
+      for (int j = 0; j < N; ++j) v[q][j] = loadv(p[j] + q * VL);
+  if (tail != 0)
+    #pragma GCC unroll 4
+    for (int j = 0; j < N; ++j) v[NV][j] = loadv(p[j] + len - VL);
+#pragma GCC unroll 8
+  for (int q = 0; q < NV; ++q)
+    if (q < full) storev<T>(o + q * VL, apply_map(R{}, kl, v[q]));
+  if (tail != 0) storev<T>(o + len - VL, apply_map(R{}, kl, v[NV]));
+}
+
+template <class R, class T, int NV>
+void map_short_rows(const T* const* in, T* out, const Layout& L, int64_t begin, int64_t end, const acc_t<T>* k,
+                    const vec_t<acc_t<T>>* kv) {
+  using V = vec_t<acc_t<T>>;
   constexpr int N = R::kIn;
   V kl[coef_slots<R>];  // locals, as in map_contiguous
   #pragma GCC unroll 4
@@ -82,25 +107,7 @@ void map_short_rows(const T* const* in, T* out, const Layout& L, int64_t begin, 
     const T* p[N];
     #pragma GCC unroll 4
     for (int j = 0; j < N; ++j) p[j] = in[j] + off[j];
-    T* o = out + off[N];
-    if (len < VL) {
-      for (int64_t i = 0; i < len; ++i) map_one<R, true, T>(k, p, o, i);
-      return;
-    }
-    const int64_t full = len / VL, tail = len - full * VL;
-    V v[NV + 1][N];
-#pragma GCC unroll 8
-    for (int q = 0; q < NV; ++q)
-      if (q < full)
-        #pragma GCC unroll 4
-        for (int j = 0; j < N; ++j) v[q][j] = loadv(p[j] + q * VL);
-    if (tail != 0)
-      #pragma GCC unroll 4
-      for (int j = 0; j < N; ++j) v[NV][j] = loadv(p[j] + len - VL);
-#pragma GCC unroll 8
-    for (int q = 0; q < NV; ++q)
-      if (q < full) storev<T>(o + q * VL, apply_map(R{}, kl, v[q]));
-    if (tail != 0) storev<T>(o + len - VL, apply_map(R{}, kl, v[NV]));
+    map_short_row<R, T, NV>(p, out + off[N], len, k, kl);
   });
 }
 
@@ -137,6 +144,56 @@ void map_block(const T* const* in, T* out, const Layout& L, int64_t begin, int64
     }
   });
   if (nt) store_fence();
+}
+
+// map_block over nc channels: channel i's arrays at in[j] + i * L.channel_stride[j] and
+// out + i * L.channel_stride[N], its coefficients at k[j][i]. Short rows go row by row with the
+// channels of a row back to back: memory order for NCHW's small planes, in one call, where a
+// call per channel and row (256x2048x7x7: half a million) cost more than the rows' work.
+// Other rows go channel by channel.
+template <class R, class T>
+void map_channels(const T* const* in, T* out, const Layout& L, int64_t nc, int64_t begin, int64_t end,
+                  const acc_t<T>* const* k, bool nt) {
+  using A = acc_t<T>;
+  using V = vec_t<A>;
+  constexpr int N = R::kIn;
+  bool unit = true;
+  #pragma GCC unroll 4
+  for (int t = 0; t <= N; ++t) unit = unit && L.inner_stride(t) == 1;
+  auto coef = [&](int64_t c, A* kc) {
+    #pragma GCC unroll 4
+    for (int j = 0; j < R::kCoef; ++j) kc[j] = k[j][c];
+  };
+  if (unit && with_short_rows<A>(L, 0, [&](auto nv) {
+        constexpr int NV = decltype(nv)::value;
+        for (int64_t i0 = 0; i0 < nc; i0 += kBlockChannels) {
+          const int64_t m = std::min<int64_t>(kBlockChannels, nc - i0);
+          A kc[kBlockChannels][coef_slots<R>];
+          V kv[kBlockChannels][coef_slots<R>];
+          for (int64_t i = 0; i < m; ++i) {
+            coef(i0 + i, kc[i]);
+            #pragma GCC unroll 4
+            for (int j = 0; j < R::kCoef; ++j) kv[i][j] = splat(kc[i][j]);
+          }
+          for_each_segment<N + 1>(L, begin, end, [&](const int64_t* off, int64_t len) {
+            for (int64_t i = 0; i < m; ++i) {
+              const T* p[N];
+              #pragma GCC unroll 4
+              for (int j = 0; j < N; ++j) p[j] = in[j] + (i0 + i) * L.channel_stride[j] + off[j];
+              map_short_row<R, T, NV>(p, out + (i0 + i) * L.channel_stride[N] + off[N], len, kc[i], kv[i]);
+            }
+          });
+        }
+      }))
+    return;
+  for (int64_t i = 0; i < nc; ++i) {
+    const T* p[N];
+    #pragma GCC unroll 4
+    for (int j = 0; j < N; ++j) p[j] = in[j] + i * L.channel_stride[j];
+    A kc[coef_slots<R>];
+    coef(i, kc);
+    map_block<R, T>(p, out + i * L.channel_stride[N], L, begin, end, kc, nt);
+  }
 }
 
 // Channels-last: every channel of positions [p0, p1); k[j] points at the (C,) values of

@@ -88,28 +88,59 @@ struct ShortRow {
   }
 };
 
-template <class T, int NV>
-Moments<double> moments_short_rows(const T* x, const Layout& L, int64_t begin, int64_t end) {
+// Rows ahead that the block walks prefetch (a row of a block of 16 7x7 channels is 49 lines).
+constexpr int64_t kPrefetchRows = 4;
+
+// Prefetches the cache lines of `bytes` bytes from p (a hint: addresses past the array's end
+// are harmless).
+template <class T>
+static inline __attribute__((always_inline)) void prefetch_span(const T* p, int64_t bytes) {
+  const char* b = reinterpret_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(b + i);
+}
+
+// Moments of values [begin, end) of nc (<= MaxC) channels with short rows, channel i at
+// x + i * cs, in two passes (the sum, then deviations from the block mean while the block is in
+// cache), vector k of every row into accumulator k. Row by row, the channels of a row back to
+// back, so that with adjacent channels (NCHW's small planes, channel stride = the row) the walk
+// reads memory in order: one channel at a time, a piece of a 7x7 plane is 167 runs of 196
+// bytes, 400 KB apart in 256x2048x7x7, too short for the hardware prefetchers. Each channel's
+// operations and their order do not depend on nc or on its neighbours: the same bits.
+template <class T, int NV, int MaxC = kBlockChannels>
+void moments_short_rows_channels(const T* x, const Layout& L, int64_t cs, int64_t nc, int64_t begin, int64_t end,
+                                 Moments<double>* out) {
   using A = acc_t<T>;
   using V = vec_t<A>;
   using R = ShortRow<T, NV>;
-  Acc<A> sum[NV];
+  if constexpr (MaxC == 1) nc = 1;  // one channel: loops the compiler can unroll away
+  Acc<A> sum[MaxC][NV];
+  // The rows of the block a few rows ahead, for pass 1 (pass 2 finds them in L2): rows C
+  // channels apart are too far apart for the hardware prefetchers to follow.
+  const int64_t ahead = kPrefetchRows * L.strides[0][0];
+  const int64_t span = ((nc - 1) * cs + L.inner()) * static_cast<int64_t>(sizeof(T));
   for_each_row(L, 0, begin, end, [&](int64_t off, int64_t len) {
-    R::each(x + off, len, [&](int k, V v, V, bool) { sum[k] += v; });
+    if (L.nred == 2) prefetch_span(x + off + ahead, span);
+    for (int64_t i = 0; i < nc; ++i) R::each(x + i * cs + off, len, [&](int k, V v, V, bool) { sum[i][k] += v; });
   });
   const A n = static_cast<A>(end - begin);
-  const A center = R::total(sum) / n;
-  const V vc = splat(center);
-  Acc<A> dev[NV], sq[NV];
+  V vc[MaxC];
+  A center[MaxC];
+  for (int64_t i = 0; i < nc; ++i) {
+    center[i] = R::total(sum[i]) / n;
+    vc[i] = splat(center[i]);
+  }
+  Acc<A> dev[MaxC][NV], sq[MaxC][NV];
   for_each_row(L, 0, begin, end, [&](int64_t off, int64_t len) {
-    R::each(x + off, len, [&](int k, V v, V mask, bool masked) {
-      V d = v - vc;
-      if (masked) d = mask_lanes<A>(d, mask);
-      dev[k] += d;
-      sq[k] += d * d;
-    });
+    for (int64_t i = 0; i < nc; ++i)
+      R::each(x + i * cs + off, len, [&](int k, V v, V mask, bool masked) {
+        V d = v - vc[i];
+        if (masked) d = mask_lanes<A>(d, mask);
+        dev[i][k] += d;
+        sq[i][k] += d * d;
+      });
   });
-  return block_moments<double>(static_cast<double>(end - begin), center, R::total(dev), R::total(sq));
+  for (int64_t i = 0; i < nc; ++i)
+    out[i] = block_moments<double>(static_cast<double>(end - begin), center[i], R::total(dev[i]), R::total(sq[i]));
 }
 
 // Calls f(std::integral_constant<int, NV>{}) when rows of array t are short and contiguous
@@ -134,7 +165,7 @@ Moments<double> moments(const T* x, const Layout& L, int64_t begin, int64_t end)
   using V = vec_t<A>;
   Moments<double> short_result;
   if (with_short_rows<A>(L, 0, [&](auto nv) {
-        short_result = moments_short_rows<T, decltype(nv)::value>(x, L, begin, end);
+        moments_short_rows_channels<T, decltype(nv)::value, 1>(x, L, 0, 1, begin, end, &short_result);
       }))
     return short_result;
   const int64_t s = L.inner_stride(0);
@@ -162,6 +193,22 @@ Moments<double> moments(const T* x, const Layout& L, int64_t begin, int64_t end)
     });
   });
   return block_moments<double>(static_cast<double>(end - begin), center, dev.total(), sq.total());
+}
+
+// moments() of nc channels (channel i at x + i * L.channel_stride[0]), values [begin, end) of
+// each, into out[0..nc): short rows walked row by row across the channels (see
+// moments_short_rows_channels), other rows channel by channel. The same bits as moments().
+template <class T>
+void moments_channels(const T* x, const Layout& L, int64_t nc, int64_t begin, int64_t end, Moments<double>* out) {
+  using A = acc_t<T>;
+  const int64_t cs = L.channel_stride[0];
+  for (int64_t i0 = 0; i0 < nc; i0 += kBlockChannels) {
+    const int64_t m = std::min<int64_t>(kBlockChannels, nc - i0);
+    if (!with_short_rows<A>(L, 0, [&](auto nv) {
+          moments_short_rows_channels<T, decltype(nv)::value>(x + i0 * cs, L, cs, m, begin, end, out + i0);
+        }))
+      for (int64_t i = 0; i < m; ++i) out[i0 + i] = moments(x + (i0 + i) * cs, L, begin, end);
+  }
 }
 
 // Calls tile(c0, NV) over [0, Cv) in tiles of NV (4, then 1..3) vectors of channels, NV a
