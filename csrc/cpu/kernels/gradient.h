@@ -5,6 +5,9 @@
 
 namespace batchnorm::cpu::BN_ISA {
 
+// grad_term as a callable for Acc::add_of, on whole vectors or their parts.
+constexpr auto grad_term_of = [](auto dy, auto x, auto mean) { return grad_term(dy, x, mean); };
+
 // grad_sums over short contiguous rows of dy and x (see ShortRow) of nc (<= MaxC) channels
 // (channel i at dy + i * cd, x + i * cx, its mean at mean[i]): vector k of every row into
 // accumulator k, the tail vector's repeated lanes masked out of both sums. Row by row with the
@@ -22,7 +25,7 @@ void grad_sums_short_rows_channels(const T* dy, const T* x, const Layout& L, int
   if constexpr (MaxC == 1) nc = 1;  // one channel: loops the compiler can unroll away
   V vm[MaxC];
   for (int64_t i = 0; i < nc; ++i) vm[i] = splat(mean[i]);
-  Acc<A> a1[MaxC][NV], a2[MaxC][NV];
+  AccFor<T> a1[MaxC][NV], a2[MaxC][NV];
   // Both arrays' rows of the block a few rows ahead (see moments_short_rows_channels).
   const int64_t ahead_dy = kPrefetchRows * L.strides[0][0], ahead_x = kPrefetchRows * L.strides[1][0];
   const int64_t span_dy = ((nc - 1) * cd + L.inner()) * static_cast<int64_t>(sizeof(T));
@@ -48,7 +51,7 @@ void grad_sums_short_rows_channels(const T* dy, const T* x, const Layout& L, int
         if (k < full) {
           const V g = loadv(dp + k * VL);
           a1[i][k] += g;
-          a2[i][k] += grad_term(g, loadv(xp + k * VL), vm[i]);
+          a2[i][k].add_of(grad_term_of, g, loadv(xp + k * VL), vm[i]);
         } else if (k == full && tail != 0) {
           const V m = lanes_from<A>(VL - tail);
           const V g = mask_lanes<A>(loadv(dp + len - VL), m);
@@ -77,18 +80,29 @@ void grad_sums(const T* dy, const T* x, const Layout& L, int64_t begin, int64_t 
     return;
   const int64_t sd = L.inner_stride(0), sx = L.inner_stride(1);
   const V vm = splat(mean);
-  Lanes2<A> a1, a2;
+  // Zero in unused lanes; strided rows gathered into the same lanes.
+  auto get = [](const T* p, int64_t s, int64_t i, int64_t n) -> V {
+    if (s != 1) return load_strided(p + i * s, s, n);
+    return n == VL ? loadv(p + i) : load_partial(p + i, n);
+  };
+  Lanes2<T> a1, a2;
   for_each_segment<2>(L, begin, end, [&](const int64_t* off, int64_t len) {
     const T* dp = dy + off[0];
     const T* xp = x + off[1];
-    const bool contiguous = sd == 1 && sx == 1;
     walk_vectors<A>(len, [&](int64_t i, bool first, int64_t n) {
-      const bool full = n == VL;
-      // Zero in unused lanes; strided rows gathered into the same lanes.
-      const V g = contiguous ? (full ? loadv(dp + i) : load_partial(dp + i, n)) : load_strided(dp + i * sd, sd, n);
-      const V v = contiguous ? (full ? loadv(xp + i) : load_partial(xp + i, n)) : load_strided(xp + i * sx, sx, n);
-      (first ? a1.a : a1.b) += g;
-      (first ? a2.a : a2.b) += grad_term(g, v, vm);
+      auto& s1 = first ? a1.a : a1.b;
+      auto& s2 = first ? a2.a : a2.b;
+      // Full contiguous vectors loaded where they are used: a vector chosen among the load
+      // kinds has to exist whole, which for joined halves meant building it on the stack.
+      if (n == VL && sd == 1 && sx == 1) {
+        const V g = loadv(dp + i);
+        s1 += g;
+        s2.add_of(grad_term_of, g, loadv(xp + i), vm);
+      } else {
+        const V g = get(dp, sd, i, n);
+        s1 += g;
+        s2.add_of(grad_term_of, g, get(xp, sx, i, n), vm);
+      }
     });
   });
   *sum_dy = static_cast<double>(a1.total());
@@ -117,14 +131,14 @@ void cl_grad_sums(const T* dy, const T* x, const Layout& L, int64_t p0, int64_t 
     // Register tiles of channels across the run's positions, each channel's sums in order.
     for_channel_tiles<VL>(Cv, [&](int64_t c0, auto nv) {
       constexpr int NV = decltype(nv)::value;
-      Acc<A> a[NV], b[NV];
+      AccFor<T> a[NV], b[NV];
       V m[NV];
       for (int k = 0; k < NV; ++k) std::memcpy(&m[k], mean + c0 + k * VL, sizeof(V));
       for (int64_t i = 0; i < n; ++i)
         for (int k = 0; k < NV; ++k) {
           const V g = loadv(dy + od[i] + c0 + k * VL);
           a[k] += g;
-          b[k] += grad_term(g, loadv(x + ox[i] + c0 + k * VL), m[k]);
+          b[k].add_of(grad_term_of, g, loadv(x + ox[i] + c0 + k * VL), m[k]);
         }
       for (int k = 0; k < NV; ++k) {
         const V ak = a[k].get(), bk = b[k].get();

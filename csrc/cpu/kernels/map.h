@@ -64,10 +64,12 @@ static inline __attribute__((always_inline)) void map_contiguous(const acc_t<T>*
   }
 }
 
-// map_block over short contiguous rows (see ShortRow): per row, every vector of every input is
-// loaded before any is stored (the output may be an input), the tail vector ends at the row's
-// end and rewrites the values the previous vector already wrote with the same bits. Regular
-// stores: a 7x7 row is too short to reach the alignment of streaming stores.
+// map_block over short contiguous rows (see ShortRow). The output may be an input, and the
+// tail vector, which ends at the row's end, overlaps the last full one: so the tail is loaded
+// and computed first, then each full vector is loaded, computed and stored, then the tail is
+// stored, rewriting the values the full vector wrote with the same bits. (Loading every vector
+// of the row into an array first made GCC 12 build float16 vectors lane by lane on the stack
+// under AVX2.) Regular stores: a 7x7 row is too short to reach streaming stores' alignment.
 template <class R, class T, int NV>
 static inline __attribute__((always_inline)) void map_short_row(const T* const* p, T* o, int64_t len,
                                                                 const acc_t<T>* k, const vec_t<acc_t<T>>* kl) {
@@ -80,19 +82,17 @@ static inline __attribute__((always_inline)) void map_short_row(const T* const* 
     return;
   }
   const int64_t full = len / VL, tail = len - full * VL;
-  V v[NV + 1][N];
-#pragma GCC unroll 8
-  for (int q = 0; q < NV; ++q)
-    if (q < full)
-      #pragma GCC unroll 4
-      for (int j = 0; j < N; ++j) v[q][j] = loadv(p[j] + q * VL);
-  if (tail != 0)
+  auto vec_at = [&](int64_t at) {
+    V v[N];
     #pragma GCC unroll 4
-    for (int j = 0; j < N; ++j) v[NV][j] = loadv(p[j] + len - VL);
+    for (int j = 0; j < N; ++j) v[j] = loadv(p[j] + at);
+    return apply_map(R{}, kl, v);
+  };
+  const V last = tail != 0 ? vec_at(len - VL) : V{};
 #pragma GCC unroll 8
   for (int q = 0; q < NV; ++q)
-    if (q < full) storev<T>(o + q * VL, apply_map(R{}, kl, v[q]));
-  if (tail != 0) storev<T>(o + len - VL, apply_map(R{}, kl, v[NV]));
+    if (q < full) storev<T>(o + q * VL, vec_at(q * VL));
+  if (tail != 0) storev<T>(o + len - VL, last);
 }
 
 template <class R, class T, int NV>

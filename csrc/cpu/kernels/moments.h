@@ -11,9 +11,10 @@
 namespace batchnorm::cpu::BN_ISA {
 
 // Two vector accumulators = lanes<A> lanes; value k of a segment goes to lane k % lanes<A>.
-template <class A>
+template <class T>
 struct Lanes2 {
-  Acc<A> a, b;
+  using A = acc_t<T>;
+  AccFor<T> a, b;
   A total() const {
     A tmp[2 * vlen<A>];
     const vec_t<A> va = a.get(), vb = b.get();
@@ -76,7 +77,7 @@ struct ShortRow {
     }
   }
   template <int N>
-  static inline __attribute__((always_inline)) A total(const Acc<A> (&acc)[N]) {
+  static inline __attribute__((always_inline)) A total(const AccFor<T> (&acc)[N]) {
     A t = A(0);
     for (int k = 0; k < N; ++k) {
       A lanes[VL];
@@ -113,7 +114,7 @@ void moments_short_rows_channels(const T* x, const Layout& L, int64_t cs, int64_
   using V = vec_t<A>;
   using R = ShortRow<T, NV>;
   if constexpr (MaxC == 1) nc = 1;  // one channel: loops the compiler can unroll away
-  Acc<A> sum[MaxC][NV];
+  AccFor<T> sum[MaxC][NV];
   // The rows of the block a few rows ahead, for pass 1 (pass 2 finds them in L2): rows C
   // channels apart are too far apart for the hardware prefetchers to follow.
   const int64_t ahead = kPrefetchRows * L.strides[0][0];
@@ -129,7 +130,7 @@ void moments_short_rows_channels(const T* x, const Layout& L, int64_t cs, int64_
     center[i] = R::total(sum[i]) / n;
     vc[i] = splat(center[i]);
   }
-  Acc<A> dev[MaxC][NV], sq[MaxC][NV];
+  AccFor<T> dev[MaxC][NV], sq[MaxC][NV];
   for_each_row(L, 0, begin, end, [&](int64_t off, int64_t len) {
     for (int64_t i = 0; i < nc; ++i)
       R::each(x + i * cs + off, len, [&](int k, V v, V mask, bool masked) {
@@ -174,22 +175,33 @@ Moments<double> moments(const T* x, const Layout& L, int64_t begin, int64_t end)
     if (s != 1) return load_strided(p + i * s, s, n);
     return n == vlen<A> ? loadv(p + i) : load_partial(p + i, n);
   };
-  Lanes2<A> sum;
+  // Full contiguous vectors are loaded where they are used (not chosen among the load kinds,
+  // which made GCC 12 build converted half-precision vectors whole on the stack under AVX2).
+  const bool contiguous = s == 1;
+  Lanes2<T> sum;
   for_each_segment<1>(L, begin, end, [&](const int64_t* off, int64_t len) {
     const T* p = x + off[0];
-    walk_vectors<A>(len, [&](int64_t i, bool first, int64_t n) { (first ? sum.a : sum.b) += get(p, i, n); });
+    walk_vectors<A>(len, [&](int64_t i, bool first, int64_t n) {
+      if (contiguous && n == vlen<A>) (first ? sum.a : sum.b) += loadv(p + i);
+      else (first ? sum.a : sum.b) += get(p, i, n);
+    });
   });
   const A n = static_cast<A>(end - begin);
   const A center = sum.total() / n;
   const V vc = splat(center);
-  Lanes2<A> dev, sq;
+  Lanes2<T> dev, sq;
   for_each_segment<1>(L, begin, end, [&](const int64_t* off, int64_t len) {
     const T* p = x + off[0];
     walk_vectors<A>(len, [&](int64_t i, bool first, int64_t n) {
-      V d = get(p, i, n) - vc;
-      if (n != vlen<A>) d = mask_lanes<A>(d, lanes_below<A>(n));
-      (first ? dev.a : dev.b) += d;
-      (first ? sq.a : sq.b) += d * d;
+      if (contiguous && n == vlen<A>) {
+        const V d = loadv(p + i) - vc;
+        (first ? dev.a : dev.b) += d;
+        (first ? sq.a : sq.b) += d * d;
+      } else {
+        const V d = mask_lanes<A>(get(p, i, n) - vc, lanes_below<A>(n));
+        (first ? dev.a : dev.b) += d;
+        (first ? sq.a : sq.b) += d * d;
+      }
     });
   });
   return block_moments<double>(static_cast<double>(end - begin), center, dev.total(), sq.total());
@@ -285,11 +297,11 @@ void cl_moments(const T* x, const Layout& L, int64_t p0, int64_t p1, Moments<dou
     const A an = static_cast<A>(n);
     for_channel_tiles<VL>(Cv, [&](int64_t c0, auto nv) {
       constexpr int NV = decltype(nv)::value;
-      Acc<A> s[NV];
+      AccFor<T> s[NV];
       for (int64_t i = 0; i < n; ++i)
         for (int k = 0; k < NV; ++k) s[k] += loadv(x + offs[i] + c0 + k * VL);
       V m[NV];
-      Acc<A> e[NV], q[NV];
+      AccFor<T> e[NV], q[NV];
       for (int k = 0; k < NV; ++k) m[k] = s[k].get() / an;
       for (int64_t i = 0; i < n; ++i)
         for (int k = 0; k < NV; ++k) {

@@ -26,7 +26,7 @@ template <class A> constexpr int vlen = 64 / sizeof(A);
 // through general registers at every step (4096x1024 channels-last statistics ran at 1.6
 // GB/s on one AVX2 core); held as register-wide parts it stays in registers. Lane for lane
 // the same additions in the same order, so the same bits at every ISA level.
-template <class A>
+template <class A, bool kShuffleSplit = false>
 struct Acc {
 #if defined(__AVX512F__)
   static constexpr int kParts = 1;
@@ -38,7 +38,13 @@ struct Acc {
   typedef A part __attribute__((vector_size(64 / kParts)));
   part p0{}, p1{}, p2{}, p3{};  // parts beyond kParts are never used
   static inline __attribute__((always_inline)) void split(const vec_t<A>& v, part (&q)[kParts]) {
-    std::memcpy(q, &v, sizeof(v));
+    if constexpr (kShuffleSplit && kParts == 2) {
+      static_assert(vlen<A> == 16, "shuffle split: float lanes");
+      q[0] = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+      q[1] = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    } else {
+      std::memcpy(q, &v, sizeof(v));
+    }
   }
   inline __attribute__((always_inline)) Acc& operator+=(const vec_t<A>& v) {
     part q[kParts];
@@ -50,6 +56,20 @@ struct Acc {
       p3 += q[3];
     }
     return *this;
+  }
+  // += f(v...), with f run on each register-wide part of its arguments when they are split by
+  // shuffles: a 64-byte intermediate of joined halves used twice was built lane by lane on
+  // the stack (float16 backward under AVX2). Lane for lane the same operations.
+  template <class F, class... Vs>
+  inline __attribute__((always_inline)) Acc& add_of(F&& f, const Vs&... v) {
+    if constexpr (kShuffleSplit && kParts == 2) {
+      static_assert(vlen<A> == 16, "shuffle split: float lanes");
+      p0 += f(part(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7))...);
+      p1 += f(part(__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15))...);
+      return *this;
+    } else {
+      return *this += f(v...);
+    }
   }
   inline __attribute__((always_inline)) vec_t<A> get() const {
     part q[kParts];
@@ -64,6 +84,22 @@ struct Acc {
     return v;
   }
 };
+
+// The accumulator for values loaded from storage type T. float16 under AVX2 + F16C loads as
+// two converted halves joined by a shuffle (loadv); split back by shuffles GCC 12 folds the
+// pair away, whereas through memcpy it spilled the joined vector lane by lane (32x64x56x56
+// float16 training ran at a fifth of float32's speed). Every other type converts at full
+// width, which the memcpy split takes apart for free (shuffles there cost bfloat16 15%).
+template <class T>
+constexpr bool joined_halves() {
+#if defined(__F16C__) && defined(__AVX__) && !defined(__AVX512F__)
+  return std::is_same_v<T, _Float16>;
+#else
+  return false;
+#endif
+}
+template <class T>
+using AccFor = Acc<acc_t<T>, joined_halves<T>()>;
 
 // v in every lane, as 0 + v (so -0 becomes +0, the bits every version has had). Written as
 // an initializer list: GCC lowers that to one broadcast, whereas `vec_t<A>{} + v` on vectors
