@@ -123,12 +123,18 @@ static inline __attribute__((always_inline)) vec_t<acc_t<T>> loadv(const T* p) {
   if constexpr (std::is_same_v<T, A>) {
     std::memcpy(&v, p, sizeof(v));
   } else if constexpr (std::is_same_v<T, bfloat16>) {
+#if defined(__AVX512F__)
+    // One widening load (vpmovzxwd to a zmm); GCC 12's generic widening took two ymm halves.
+    const __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+    std::memcpy(&v, &w, sizeof(v));
+#else
     typedef uint16_t h16 __attribute__((vector_size(32)));
     typedef uint32_t u32 __attribute__((vector_size(64)));
     h16 h;
     std::memcpy(&h, p, sizeof(h));
     const u32 w = __builtin_convertvector(h, u32) << 16;
     std::memcpy(&v, &w, sizeof(v));
+#endif
   } else {
     // float16 -> float32 is exact; the conversion instruction where the level has it
     // (GCC 12 does not vectorize the generic _Float16 conversion).
@@ -210,7 +216,13 @@ static inline __attribute__((always_inline)) void storev(T* p, vec_t<acc_t<T>> v
       typedef uint32_t u32 __attribute__((vector_size(64)));
       u32 u;
       std::memcpy(&u, &v, sizeof(u));
+#if defined(__AVX512F__)
+      // One narrowing move (vpmovdw); GCC 12's generic narrowing is a two-register permute.
+      const __m256i n = _mm512_cvtepi32_epi16((__m512i)to_bf16(u));
+      std::memcpy(&h, &n, sizeof(h));
+#else
       h = __builtin_convertvector(to_bf16(u), h16);
+#endif
 #endif
     } else {
       // Round to nearest even, as the scalar conversion does.
