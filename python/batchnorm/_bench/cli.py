@@ -141,12 +141,18 @@ def machine_info(threads: Sequence[int], torch: Any) -> dict:
         pass
     info = bn.info()
     git = None
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        git = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        pass
+    # The commit of this package's checkout, else of the current folder's (bench/run.py from a
+    # checkout measuring an installed build): only a repository that holds batchnorm's sources
+    # counts (an install inside some other repository, pyenv's say, once recorded its commit).
+    for where in (os.path.dirname(os.path.abspath(__file__)), os.getcwd()):
+        try:
+            top = subprocess.run(["git", "-C", where, "rev-parse", "--show-toplevel", "--short", "HEAD"],
+                                 capture_output=True, text=True, timeout=5).stdout.split()
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if len(top) == 2 and os.path.isfile(os.path.join(top[0], "python", "batchnorm", "__init__.py")):
+            git = top[1]
+            break
     return {
         "cpu_model": model,
         "cpus": _all_threads(),
