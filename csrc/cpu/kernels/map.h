@@ -88,7 +88,9 @@ static inline __attribute__((always_inline)) void map_short_row(const T* const* 
     for (int j = 0; j < N; ++j) v[j] = loadv(p[j] + at);
     return apply_map(R{}, kl, v);
   };
-  const V last = tail != 0 ? vec_at(len - VL) : V{};
+  // Computed whether or not it is stored (len >= VL: it lies inside the row): a vector
+  // chosen between two values has to exist whole, on the stack under AVX2.
+  const V last = vec_at(len - VL);
 #pragma GCC unroll 8
   for (int q = 0; q < NV; ++q)
     if (q < full) storev<T>(o + q * VL, vec_at(q * VL));
