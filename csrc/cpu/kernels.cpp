@@ -34,12 +34,10 @@ constexpr Kernels<T> make() {
   k.grad_sums_channels = &grad_sums_channels<T>;
   k.cl_moments = &cl_moments<T>;
   k.cl_grad_sums = &cl_grad_sums<T>;
-  const auto maps = for_recipes<T>([](auto r) { return &map_block<decltype(r), T>; });
   const auto cl_maps = for_recipes<T>([](auto r) { return &map_positions<decltype(r), T>; });
   const auto block_maps = for_recipes<T>([](auto r) { return &map_channels<decltype(r), T>; });
-  static_assert(maps.size() == kMapKinds, "one map per MapKind");
+  static_assert(block_maps.size() == kMapKinds, "one map per MapKind");
   for (int i = 0; i < kMapKinds; ++i) {
-    k.map[i] = maps[i];
     k.cl_map[i] = cl_maps[i];
     k.map_channels[i] = block_maps[i];
   }

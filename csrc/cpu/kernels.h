@@ -68,13 +68,9 @@ struct Kernels {
   // moments of nc channels (channel i at x + i * L.channel_stride[0]) into out[0..nc).
   void (*moments_channels)(const T* x, const Layout& L, int64_t nc, int64_t begin, int64_t end,
                            Moments<double>* out);
-  // map[kind]: out = recipe(k, in...) over values [begin, end); k: the channel's coefficients.
-  // (One entry per recipe: the memory-order walk calls it once per row of every channel.)
-  void (*map[kMapKinds])(const T* const* in, T* out, const Layout& L, int64_t begin, int64_t end, const A* k,
-                         bool nt);
-  // map_channels[kind]: map[kind] over nc channels (channel i's arrays at in[j] + i *
-  // L.channel_stride[j], out + i * L.channel_stride[N]; coefficient j at k[j][i]), short rows
-  // walked row by row across the channels.
+  // map_channels[kind]: out = recipe(k, in...) over values [begin, end) of nc channels (channel
+  // i's arrays at in[j] + i * L.channel_stride[j], out + i * L.channel_stride[N]; coefficient j
+  // at k[j][i]; one channel is nc = 1), short rows walked row by row across the channels.
   void (*map_channels[kMapKinds])(const T* const* in, T* out, const Layout& L, int64_t nc, int64_t begin,
                                   int64_t end, const A* const* k, bool nt);
   void (*grad_sums)(const T* dy, const T* x, const Layout& L, int64_t begin, int64_t end, A mean,

@@ -211,19 +211,8 @@ struct MapPass {
   bool memory_order = false;
 };
 
-// Values [b, e) of channel c (channels-first).
-template <class T>
-void map_channel(const Kernels<T>& k, const MapPass<T>& m, const Layout& L, int64_t c, int64_t b, int64_t e) {
-  const int n = map_inputs(m.kind);
-  const T* in[2] = {};
-  for (int j = 0; j < n; ++j) in[j] = m.in[j] + c * L.channel_stride[j];
-  acc_t<T> kc[4];
-  for (int j = 0; j < map_coefficients(m.kind); ++j) kc[j] = m.coef[j][c];
-  k.map[static_cast<int>(m.kind)](in, m.out + c * L.channel_stride[n], L, b, e, kc, m.nt);
-}
-
-// Values [b, e) of channels [c0, c1) (channels-first) in one call: short rows row by row
-// across the channels.
+// Values [b, e) of channels [c0, c1) (channels-first; one channel: c1 = c0 + 1) in one call:
+// short rows row by row across the channels.
 template <class T>
 void map_channel_range(const Kernels<T>& k, const MapPass<T>& m, const Layout& L, int64_t c0, int64_t c1, int64_t b,
                        int64_t e) {
@@ -244,7 +233,7 @@ void map_channels(const Kernels<T>& k, const MapPass<T>& m, const Layout& L, con
     map_channel_range(k, m, L, c0, c1, 0, plan.count);
     return;
   }
-  for_block_pieces(plan, c0, c1, [&](int64_t c, int64_t b, int64_t e) { map_channel(k, m, L, c, b, e); });
+  for_block_pieces(plan, c0, c1, [&](int64_t c, int64_t b, int64_t e) { map_channel_range(k, m, L, c, c + 1, b, e); });
 }
 
 // The whole array, whichever the layout, split as the plan says.
@@ -272,7 +261,7 @@ void map_all(const Kernels<T>& k, const MapPass<T>& m, const Layout& L, const Pl
     parallel_for(C * plan.groups, work, [&](int64_t i) {
       const int64_t c = i / plan.groups;
       const auto [b, e] = plan.range(i % plan.groups);
-      map_channel(k, m, L, c, b, e);
+      map_channel_range(k, m, L, c, c + 1, b, e);
     });
   }
 }
