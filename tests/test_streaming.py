@@ -140,6 +140,35 @@ def test_channels_first_streaming_matches_regular_stores(dtype, shape, offset, s
     assert (buf[:start] == SENTINEL).all() and (buf[start + n:] == SENTINEL).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("C,pad,offset", [(640, 0, 1), (640, 0, 4), (600, 40, 3), (520, 0, 0), (640, 1, 2)])
+def test_channels_last_misaligned_output_streams_the_same_bits(dtype, C, pad, offset, streaming):
+    """Channels-last rows of at least 1 KiB into an output that starts `offset` elements past
+    a 64-byte boundary: when every row shares that misalignment (pad keeps rows a multiple of
+    64 bytes apart), each row's first channels go one by one and the rest stream; otherwise
+    (pad 1) regular stores. Bits equal the regular stores' for the forward ops and the
+    backward, and nothing outside the view is written."""
+    N = 37
+    rng = np.random.default_rng(11)
+    x = make(rng.standard_normal((N, C)) * 2 + 3, dtype)
+    dy = make(rng.standard_normal((N, C)), dtype)
+    w, b = np.linspace(0.5, 1.5, C), np.linspace(-1, 1, C)
+    rm, rv = np.linspace(-1, 1, C), np.linspace(0.5, 2, C)
+    _C._set_stream_threshold(-1)
+    ref_inf = bn.forward_inference(x, rm, rv, w, b, axis=-1)
+    ref = bn.forward_training(x, w, b, axis=-1)
+    ref_dx = bn.backward(dy, x, ref[1], ref[2], w, axis=-1)[0]
+    _C._set_stream_threshold(0)
+    out, buf = padded((N, C), pad, dtype, offset)
+    bn.forward_inference(x, rm, rv, w, b, axis=-1, out=out)
+    np.testing.assert_array_equal(numpy_of(out), numpy_of(ref_inf))
+    bn.forward_training(x, w, b, axis=-1, out=out)
+    np.testing.assert_array_equal(numpy_of(out), numpy_of(ref[0]))
+    bn.backward(dy, x, ref[1], ref[2], w, axis=-1, out=out)
+    np.testing.assert_array_equal(numpy_of(out), numpy_of(ref_dx))
+    sentinels_intact(buf, out)
+
+
 STREAM_SCRIPT = r"""
 import hashlib, json, sys
 import numpy as np

@@ -255,9 +255,11 @@ void map_all(const Kernels<T>& k, const MapPass<T>& m, const Layout& L, const Pl
       const auto [b, e] = plan.range(g);
       k.cl_map[static_cast<int>(m.kind)](m.in, m.out, L, b, e, m.coef, m.nt);
     });
-  } else if (m.memory_order && L.nred == 2 && (L.inner() >= kMemoryOrderRow || (m.nt && short_rows<T>(L)))) {
+  } else if (m.memory_order && L.nred == 2 && L.inner() >= kMemoryOrderRow) {
     // Long rows: walk memory in order (all channels of one outer index, then the next), as a
-    // copy would, one kernel call per outer index (short rows go across the channels).
+    // copy would, one kernel call per outer index. (Short rows streamed this way too, before
+    // the block walks: 256x2048x7x7 inference on the Xeon, 2 threads, 12-18 ms, against 9.6-9.9
+    // ms in channel blocks.)
     parallel_for(L.sizes[0], work, [&](int64_t o) {
       map_channel_range(k, m, L, 0, C, o * L.inner(), (o + 1) * L.inner());
     });
