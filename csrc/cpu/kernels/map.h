@@ -6,6 +6,9 @@
 // non-temporal stores, for outputs too large to stay in cache (they skip the
 // read-for-ownership of the output).
 #pragma once
+#include <algorithm>
+#include <vector>
+
 #include "cpu/kernels/moments.h"
 #include "cpu/kernels/simd.h"
 #include "cpu/kernels/walk.h"
@@ -198,6 +201,55 @@ void map_channels(const T* const* in, T* out, const Layout& L, int64_t nc, int64
   }
 }
 
+// Channels-last positions [p0, p1) that lie back to back in every array (rows exactly C
+// apart, C a multiple of the vector length) into a misaligned output, as one flat run: the
+// values before the first aligned address one by one, then streaming vectors, whose channels
+// are (i mod C) ... (i mod C) + VL - 1 read from coefficients extended by VL past C. For rows
+// too narrow to peel per position (65536x64 float32 inference into a NumPy out=, Xeon, 2
+// threads: 1.3 ms with regular stores, 0.6 ms streamed). Returns false, having done nothing,
+// when the arrays are not so laid out.
+template <class R, class T>
+bool map_flat(const T* const* in, T* out, const Layout& L, int64_t p0, int64_t p1, const acc_t<T>* const* k) {
+  using A = acc_t<T>;
+  using V = vec_t<A>;
+  constexpr int VL = vlen<A>;
+  constexpr int N = R::kIn;
+  const int64_t C = L.channels;
+  if (L.nred != 1 || C % VL != 0 || reinterpret_cast<uintptr_t>(out) % sizeof(T) != 0) return false;
+  for (int t = 0; t <= N; ++t)
+    if (L.strides[t][0] != C) return false;
+  std::vector<A> ext(static_cast<size_t>(coef_slots<R> * (C + VL)));
+  for (int j = 0; j < R::kCoef; ++j)
+    for (int64_t c = 0; c < C + VL; ++c) ext[j * (C + VL) + c] = k[j][c % C];
+  const int64_t i0 = p0 * C, i1 = p1 * C;
+  const int64_t align = VL * sizeof(T);
+  const int64_t head = std::min(i1 - i0, static_cast<int64_t>((align - reinterpret_cast<uintptr_t>(out + i0) % align) % align / sizeof(T)));
+  auto one = [&](int64_t i) {
+    A kc[coef_slots<R>], v[N];
+    #pragma GCC unroll 4
+    for (int j = 0; j < R::kCoef; ++j) kc[j] = k[j][i % C];
+    #pragma GCC unroll 4
+    for (int j = 0; j < N; ++j) v[j] = load_at(in[j] + i);
+    store_at(out + i, apply_map(R{}, kc, v));
+  };
+  int64_t i = i0;
+  for (; i < i0 + head; ++i) one(i);
+  int64_t c = i % C;
+  for (; i + VL <= i1; i += VL) {
+    V kv[coef_slots<R>], v[N];
+    #pragma GCC unroll 4
+    for (int j = 0; j < R::kCoef; ++j) std::memcpy(&kv[j], ext.data() + j * (C + VL) + c, sizeof(V));
+    #pragma GCC unroll 4
+    for (int j = 0; j < N; ++j) v[j] = loadv(in[j] + i);
+    storev<T, true>(out + i, apply_map(R{}, kv, v));
+    c += VL;
+    if (c >= C) c -= C;
+  }
+  for (; i < i1; ++i) one(i);
+  store_fence();
+  return true;
+}
+
 // Channels-last: every channel of positions [p0, p1); k[j] points at the (C,) values of
 // coefficient j.
 template <class R, class T>
@@ -217,6 +269,7 @@ void map_positions(const T* const* in, T* out, const Layout& L, int64_t p0, int6
   // out=: 1.34 -> 0.6 ms at 2 threads). The same values either way: scalar and vector paths
   // apply the same formula.
   bool stream = nt && positions_aligned(L, N, out, align);
+  if (nt && !stream && map_flat<R, T>(in, out, L, p0, p1, k)) return;
   int64_t head = 0;
   if (nt && !stream && C * static_cast<int64_t>(sizeof(T)) >= kPeelRowBytes &&
       reinterpret_cast<uintptr_t>(out) % sizeof(T) == 0) {
