@@ -201,13 +201,13 @@ void map_channels(const T* const* in, T* out, const Layout& L, int64_t nc, int64
   }
 }
 
-// Channels-last positions [p0, p1) that lie back to back in every array (rows exactly C
-// apart, C a multiple of the vector length) into a misaligned output, as one flat run: the
-// values before the first aligned address one by one, then streaming vectors, whose channels
-// are (i mod C) ... (i mod C) + VL - 1 read from coefficients extended by VL past C. For rows
-// too narrow to peel per position (65536x64 float32 inference into a NumPy out=, Xeon, 2
-// threads: 1.3 ms with regular stores, 0.6 ms streamed). Returns false, having done nothing,
-// when the arrays are not so laid out.
+// Streamed channels-last positions [p0, p1) that lie back to back in every array (rows
+// exactly C apart, C a multiple of the vector length), as one flat run: the values before the
+// first aligned address of the output one by one, then streaming vectors, whose channels are
+// (i mod C) ... (i mod C) + VL - 1, read from coefficients extended by VL past C. Any output
+// alignment streams (65536x64 float32 inference into a NumPy out=, 16 bytes off, Xeon, 2
+// threads: 1.3 ms with regular stores, 0.6 ms streamed), and narrow rows lose the
+// per-position loop. Returns false, having done nothing, when the arrays are not so laid out.
 template <class R, class T>
 bool map_flat(const T* const* in, T* out, const Layout& L, int64_t p0, int64_t p1, const acc_t<T>* const* k) {
   using A = acc_t<T>;
@@ -268,8 +268,8 @@ void map_positions(const T* const* in, T* out, const Layout& L, int64_t p0, int6
   // rows of at least kPeelRowBytes (4096x1024 float32 inference on the Xeon into a NumPy
   // out=: 1.34 -> 0.6 ms at 2 threads). The same values either way: scalar and vector paths
   // apply the same formula.
+  if (nt && map_flat<R, T>(in, out, L, p0, p1, k)) return;
   bool stream = nt && positions_aligned(L, N, out, align);
-  if (nt && !stream && map_flat<R, T>(in, out, L, p0, p1, k)) return;
   int64_t head = 0;
   if (nt && !stream && C * static_cast<int64_t>(sizeof(T)) >= kPeelRowBytes &&
       reinterpret_cast<uintptr_t>(out) % sizeof(T) == 0) {
