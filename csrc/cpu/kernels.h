@@ -29,8 +29,9 @@ BN_CPU_INLINE int64_t channels_last_run(int64_t channels, int64_t value_bytes) {
   const int64_t fit = kChannelsLastRunBytes / (channels * value_bytes);
   return fit < 8 ? 8 : fit > kChannelsLastRun ? kChannelsLastRun : fit;
 }
-// Channels-last rows (one position's channels) of at least this many bytes stream even when
-// the output is misaligned, after a few values one by one (map_positions).
+// Streamed channels-last rows (one position's channels) of at least this many bytes go
+// position by position, a misaligned output's first values one by one; narrower rows as one
+// flat run when the positions lie back to back (map_positions).
 constexpr int64_t kPeelRowBytes = 1024;
 // Positions per group at least, channels-last.
 constexpr int64_t kChannelsLastMinGroup = 64;
