@@ -19,17 +19,11 @@ namespace batchnorm::cpu {
 int64_t last_level_cache_bytes();
 int64_t l2_cache_bytes();
 
-// The last-level cache a process can count on: the cache's size, but at most
-// kCacheBytesPerCpu per online CPU. A VM sees its host's whole L3 (300 MB on a 2-CPU Xeon VM)
-// while sharing it with the host's other cores; there, 100 MB outputs written through the
-// cache ran 1.5-2x slower than streamed (128x64x56x56 inference 7.4 -> 5.0 ms, 64x256x28x28
-// 3.9 -> 2.0 ms, 2 threads), and already 25 MB ones gained 20%. 4 MiB is the L3 per core of
-// common server parts (AMD's 32 MB per 8-core CCD; Intel's 1.9-4 MB per core).
-constexpr int64_t kCacheBytesPerCpu = int64_t(4) << 20;
-int64_t default_stream_threshold_bytes();
-
-// Bytes above which outputs are written with non-temporal stores: that cache share, unless
-// BATCHNORM_STREAM_BYTES or set_stream_threshold_bytes (tests) says otherwise.
+// Bytes above which outputs are written with non-temporal stores: the last-level cache size,
+// unless BATCHNORM_STREAM_BYTES or set_stream_threshold_bytes (tests) says otherwise. (Capping
+// it at 4 MiB per CPU on a 2-CPU VM that reports its host's 300 MB L3 sped up the benchmark,
+// whose other columns evict the cache, but slowed a loop of the same call 1.3-2.2x at 16-25 MB:
+// the cache is there. Not done.)
 int64_t stream_threshold_bytes();
 int64_t stream_threshold_from_env();  // -1 when unset; ValueError when malformed
 void set_stream_threshold(int64_t bytes);  // < 0: back to the default

@@ -2,7 +2,6 @@
 // the machine facts the work partitioning reads (cache size).
 #include "cpu/threads.h"
 
-#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstdlib>
@@ -114,20 +113,11 @@ int64_t stream_threshold_from_env() {
   return bytes;
 }
 
-int64_t default_stream_threshold_bytes() {
-  static const int64_t bytes = [] {
-    const long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-    const int64_t share = (cpus > 0 ? static_cast<int64_t>(cpus) : 1) * kCacheBytesPerCpu;
-    return std::min(last_level_cache_bytes(), share);
-  }();
-  return bytes;
-}
-
 int64_t stream_threshold_bytes() {
   const int64_t forced = stream_threshold_override().load(std::memory_order_relaxed);
   if (forced >= 0) return forced;
   const int64_t env = stream_threshold_from_env();
-  return env >= 0 ? env : default_stream_threshold_bytes();
+  return env >= 0 ? env : last_level_cache_bytes();
 }
 
 void set_stream_threshold(int64_t bytes) { stream_threshold_override().store(bytes < 0 ? -1 : bytes); }
