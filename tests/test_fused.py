@@ -14,6 +14,7 @@ from helpers import (
     cast,
     channel_values,
     dtype_params,
+    is_torch,
     lib_params,
     place,
     ref_backward,
@@ -111,6 +112,44 @@ def test_backward_fused(rng, xp, dtype, shape, axis, layout, relu):
     # Without residual=True: the same dx, dweight, dbias bit for bit.
     dx2, dw2, db2 = bn.backward(dy, x, mean, invstd, w, axis=axis, y=y if relu else None, activation=act)
     assert bits(dx2) == bits(dx) and bits(dw2) == bits(dw) and bits(db2) == bits(db)
+
+
+@pytest.mark.parametrize("dtype", dtype_params())
+@pytest.mark.parametrize("shape,channels_last", [((4, 6, 64, 70), False), ((8, 40, 7, 7), False),
+                                                 ((2, 3, 9000), False), ((8, 14, 14, 24), True), ((300, 48), True)])
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_backward_interleaved_same_bits(rng, dtype, shape, channels_last, relu, threads):
+    # Arrays with the same strides take the backend's interleaved walk (the masked gradient made
+    # range by range ahead of the reduction); y in another memory order takes the two passes.
+    # Both give the same bits, in place (out=dy) too.
+    axis = -1 if channels_last else 1
+    x = cast(channel_values(rng, shape, axis), dtype)
+    dy = cast(rng.standard_normal(shape), dtype)
+    act = "relu" if relu else None
+    old = bn.get_num_threads()
+    try:
+        bn.set_num_threads(threads)
+        y, mean, invstd = bn.forward_training(x, axis=axis, residual=cast(rng.standard_normal(shape), dtype),
+                                              activation=act)
+        # Same values in reversed memory order, other strides: the two-pass path.
+        if is_torch(y):
+            rev = list(reversed(range(y.ndim)))
+            y_other = y.permute(rev).contiguous().permute(rev)
+            assert y_other.stride() != y.stride()
+        else:
+            y_other = np.asfortranarray(y)
+            assert y_other.strides != y.strides
+        yy = (y, y_other) if relu else (None, None)
+        one = bn.backward(dy, x, mean, invstd, axis=axis, y=yy[0], activation=act, residual=True)
+        two = bn.backward(dy, x, mean, invstd, axis=axis, y=yy[1], activation=act, residual=True)
+        assert [bits(a) for a in one] == [bits(a) for a in two]
+        for residual in (True, False):
+            d = dy.clone() if is_torch(dy) else dy.copy()
+            got = bn.backward(d, x, mean, invstd, axis=axis, y=yy[0], activation=act, residual=residual, out=d)
+            assert got[0] is d and [bits(a) for a in got] == [bits(a) for a in one[:len(got)]]
+    finally:
+        bn.set_num_threads(old)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

@@ -21,6 +21,17 @@ struct ElementwiseParams {
   Exec exec;
 };
 
+// The fused backward (activation relu, or a dresidual output) as two steps: `mask` makes the
+// masked gradient g = relu'(y) * dy (or a copy of dy) in dresidual, else in dx; `plain` is the
+// backward of g. Backends given a fused BackwardParams (only with every array walked by the
+// one layout: same strides) may interleave the two, range by range; the op layer runs the
+// two steps itself otherwise.
+struct MaskedBackward {
+  ElementwiseParams mask;
+  BackwardParams plain;
+};
+MaskedBackward split_masked_backward(const BackwardParams& p);
+
 #define BN_DECLARE_BACKEND(ns)                                                  \
   namespace ns {                                                                \
   void statistics(const StatisticsParams& p, const Layout& layout);             \

@@ -382,6 +382,38 @@ BackwardSpecs backward_specs(const BackwardParams& p) {
   return s;
 }
 
+MaskedBackward split_masked_backward(const BackwardParams& p) {
+  MaskedBackward s;
+  const bool relu = p.activation == Activation::relu;
+  s.mask.kind = relu ? ElementwiseKind::relu_grad : ElementwiseKind::copy;
+  s.mask.in0 = p.dy;
+  if (relu) s.mask.in1 = p.y;
+  s.mask.out = p.dresidual.defined() ? p.dresidual : p.dx;
+  s.mask.exec = p.exec;
+  s.plain = p;
+  s.plain.dy = s.mask.out;
+  s.plain.y = TensorView{};
+  s.plain.activation = Activation::none;
+  s.plain.dresidual = TensorView{};
+  return s;
+}
+
+namespace {
+
+// dy, x, dx and the fused backward's y and dresidual (where given) have the same strides
+// (same shape already checked), so one layout walks every one of them alike.
+bool walk_alike(const BackwardParams& p) {
+  const TensorView* arrays[] = {&p.x, &p.dx, &p.y, &p.dresidual};
+  for (const TensorView* t : arrays) {
+    if (!t->defined()) continue;
+    for (int d = 0; d < p.dy.ndim; ++d)
+      if (p.dy.shape[d] > 1 && t->strides[d] != p.dy.strides[d]) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
 void backward(const BackwardParams& p, const BackwardSpecs& s) {
   const int axis = s.axis;
   const bool relu = p.activation == Activation::relu;
@@ -415,27 +447,24 @@ void backward(const BackwardParams& p, const BackwardSpecs& s) {
     return;
   }
   // Fused: g = relu'(y) * dy (or dy itself) into dresidual or dx, then the plain backward of g.
-  ElementwiseParams m;
-  m.kind = relu ? ElementwiseKind::relu_grad : ElementwiseKind::copy;
-  m.in0 = p.dy;
-  m.in1 = p.y;
-  m.out = p.dresidual.defined() ? p.dresidual : p.dx;
-  m.exec = p.exec;
-  const TensorView* marrays[] = {&m.in0, &m.in1, &m.out};
-  const TensorView* carrays[] = {&m.in0, &m.out};
+  // When every array walks alike, the backend makes g range by range as its reduction reaches
+  // it (read back from cache); otherwise, and for ghost batches, as two passes here.
+  const TensorView* farrays[] = {&p.dy, &p.x, &p.dx};
+  if (p.ghost_batch == 0 && walk_alike(p)) {
+    route(&Backend::backward, p, p.x, make_layout(axis, farrays, 3));
+    return;
+  }
+  const MaskedBackward two = split_masked_backward(p);
+  const TensorView* marrays[] = {&two.mask.in0, &two.mask.in1, &two.mask.out};
+  const TensorView* carrays[] = {&two.mask.in0, &two.mask.out};
   const Layout mlayout = relu ? make_layout(axis, marrays, 3) : make_layout(axis, carrays, 2);
-  BackwardParams q = p;
-  q.dy = m.out;
-  q.y = TensorView{};
-  q.activation = Activation::none;
-  q.dresidual = TensorView{};
-  const TensorView* qarrays[] = {&q.dy, &q.x, &q.dx};
+  const TensorView* qarrays[] = {&two.plain.dy, &two.plain.x, &two.plain.dx};
   const Layout qlayout = make_layout(axis, qarrays, 3);
-  route(&Backend::elementwise, m, p.x, mlayout);
-  if (q.ghost_batch > 0)
-    ghost_backward(q, axis);
+  route(&Backend::elementwise, two.mask, p.x, mlayout);
+  if (two.plain.ghost_batch > 0)
+    ghost_backward(two.plain, axis);
   else
-    route(&Backend::backward, q, p.x, qlayout);
+    route(&Backend::backward, two.plain, p.x, qlayout);
 }
 
 BackwardReduceSpecs backward_reduce_specs(const BackwardReduceParams& p) {

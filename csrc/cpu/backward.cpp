@@ -20,25 +20,30 @@ struct GradSums {
 };
 
 // Per-channel backward sums of every channel: `per_channel(c, sum_dy, sum_dy_xmu)` once
-// channel c's are final, and per_block as in reduce_all.
+// channel c's are final, and per_block as in reduce_all. With `pre` (the fused backward's
+// masking pass, whose output is dy), each range of dy is made just before it is reduced, so
+// the reduction reads it from cache.
 template <class T, class F, class B>
 bool all_grad_sums(const Kernels<T>& k, const T* dy, const T* x, const Layout& L, const Plan& plan,
-                   const acc_t<T>* mean, F&& per_channel, B&& per_block) {
+                   const acc_t<T>* mean, const MapPass<T>* pre, F&& per_channel, B&& per_block) {
   const int64_t C = L.channels;
   const int64_t cs_dy = L.channel_stride[0], cs_x = L.channel_stride[1];
   return reduce_all<GradSums>(
-      L, plan, 2 * L.count * C,
+      L, plan, (pre ? 5 : 2) * L.count * C,
       [&](int64_t c, int64_t b, int64_t e) {
+        if (pre) map_channel_range(k, *pre, L, c, c + 1, b, e);
         GradSums s;
         k.grad_sums(dy + c * cs_dy, x + c * cs_x, L, b, e, mean[c], &s.dy, &s.dy_xmu);
         return s;
       },
       [&](int64_t c0, int64_t n, int64_t b, int64_t e, GradSums* out) {
+        if (pre) map_channel_range(k, *pre, L, c0, c0 + n, b, e);
         double s1[kBlockChannels], s2[kBlockChannels];
         k.grad_sums_channels(dy + c0 * cs_dy, x + c0 * cs_x, L, n, b, e, mean + c0, s1, s2);
         for (int64_t i = 0; i < n; ++i) out[i] = GradSums{s1[i], s2[i]};
       },
       [&](int64_t b, int64_t e, GradSums* out) {
+        if (pre) k.cl_map[static_cast<int>(pre->kind)](pre->in, pre->out, L, b, e, pre->coef, pre->nt);
         std::vector<acc_t<T>> scratch(static_cast<size_t>(3 * C));
         std::vector<double> s(static_cast<size_t>(2 * C));
         k.cl_grad_sums(dy, x, L, b, e, mean, s.data(), s.data() + C, scratch.data());
@@ -84,7 +89,11 @@ void backward(const BackwardParams& p, const Layout& L) {
     using A = acc_t<T>;
     const Kernels<T>& k = kernels_for<T>();
     const int64_t C = L.channels;
-    const Plan plan = make_plan(L, 3 * sizeof(T));
+    // Fused (core/backend.h): g = relu'(y) * dy, or dy copied, into dresidual or else dx, made
+    // range by range ahead of the reduction, which reads it as dy; one layout walks all arrays.
+    const bool relu = p.activation == Activation::relu;
+    const bool masked = relu || p.dresidual.defined();
+    const Plan plan = make_plan(L, (masked ? 5 : 3) * sizeof(T));
     const std::vector<A> mean = load_vector<A>(p.saved_mean, C, A(0));
     const std::vector<A> invstd = load_vector<A>(p.saved_invstd, C, A(1));
     std::vector<A> weight = load_vector<A>(p.weight, C, A(1));
@@ -94,16 +103,24 @@ void backward(const BackwardParams& p, const Layout& L) {
     const std::vector<A> rd = load_vector<A>(p.renorm_d, C, A(0));
     if (renorm)
       for (int64_t c = 0; c < C; ++c) weight[c] = weight[c] * r[c];
-    const T* dy = p.dy.ptr<const T>();
-    const T* x = p.x.ptr<const T>();
     T* dx = p.dx.ptr<T>();
+    MapPass<T> mask;
+    if (masked) {
+      mask.kind = relu ? MapKind::relu_grad : MapKind::copy;
+      mask.in[0] = p.dy.ptr<const T>();
+      if (relu) mask.in[1] = p.y.ptr<const T>();
+      mask.out = p.dresidual.defined() ? p.dresidual.ptr<T>() : dx;
+      mask.nt = false;  // read back at once by the reduction
+    }
+    const T* dy = masked ? mask.out : p.dy.ptr<const T>();
+    const T* x = p.x.ptr<const T>();
     A* dweight = p.dweight.ptr<A>();
     A* dbias = p.dbias.ptr<A>();
-    const bool nt = stream_output(3 * L.count * C * static_cast<int64_t>(sizeof(T)));
+    const bool nt = stream_output((masked ? 5 : 3) * L.count * C * static_cast<int64_t>(sizeof(T)));
     DxCoefficients<T> coef(C);
     const MapPass<T> pass = coef.pass(dy, x, dx, nt);
     const bool fused = all_grad_sums(
-        k, dy, x, L, plan, mean.data(),
+        k, dy, x, L, plan, mean.data(), masked ? &mask : nullptr,
         [&](int64_t c, double sum_dy, double sum_dy_xmu) {
           ParamGrads<A> g = param_grads<A>(sum_dy, sum_dy_xmu, invstd[c]);
           if (renorm) g = renorm_param_grads<A>(g, Renorm<A>{r[c], rd[c]});
@@ -140,7 +157,7 @@ void backward_reduce(const BackwardReduceParams& p, const Layout& L) {
     }
     const std::vector<A> mean = load_vector<A>(p.mean, C, A(0));
     all_grad_sums(kernels_for<T>(), p.dy.ptr<const T>(), p.x.ptr<const T>(), L, make_plan(L, 3 * sizeof(T)),
-                  mean.data(), per_channel, [](int64_t, int64_t) {});
+                  mean.data(), static_cast<const MapPass<T>*>(nullptr), per_channel, [](int64_t, int64_t) {});
   });
 }
 

@@ -260,6 +260,14 @@ void backward_elemt_typed(const BackwardElemtParams& p, const Layout& L, cudaStr
 }  // namespace
 
 void backward(const BackwardParams& p, const Layout& layout) {
+  // The fused backward as its two steps, one after the other on the stream: every array has
+  // the same strides here (core/backend.h), so the one layout walks the masking pass too.
+  if (p.activation == Activation::relu || p.dresidual.defined()) {
+    const MaskedBackward s = split_masked_backward(p);
+    elementwise(s.mask, layout);
+    backward(s.plain, layout);
+    return;
+  }
   DeviceGuard guard(p.x.device.index);
   dispatch_dtype(p.x.dtype, "x", [&](auto d) {
     backward_typed<storage_t<decltype(d)::value>>(p, layout, to_stream(p.exec.stream));
