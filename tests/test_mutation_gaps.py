@@ -65,6 +65,33 @@ def test_half_outputs_are_the_float32_result_rounded_once(dtype, shape, axis):
     np.testing.assert_array_equal(words(yi), round_once(y32, dtype), err_msg="inference output")
 
 
+# float32 bit patterns whose bfloat16 rounding is easy to get wrong: ties to even either way,
+# just below and above a tie, subnormals (no flush to zero), the carry into the exponent, the
+# largest floats (overflow to infinity), infinities, and NaNs (quiet, whatever the payload).
+BF16_EDGES = [0x3F808000, 0x3F818000, 0x3F807FFF, 0x3F808001, 0x00008000, 0x00018000, 0x00007FFF, 0x0000FFFF,
+              0x00000001, 0x007FFFFF, 0x3FFFFFFF, 0x7F7FFFFF, 0x7F7F7FFF, 0x7F800000, 0x7F800001, 0x7FC00000,
+              0x7FFFFFFF, 0x00000000]
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="bfloat16 arrays are torch tensors")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bfloat16_store_rounds_edge_values(channels_last):
+    """y = shift exactly (x = mean = 0), one channel per edge value and its negative: every SIMD
+    store lane gives torch's round-to-nearest-even of the float32, NaN as a NaN."""
+    # (not -0.0: 0 * scale + -0.0 is +0.0)
+    edges = np.array(BF16_EDGES + [v | 0x80000000 for v in BF16_EDGES if v], np.uint32).view(np.float32)
+    C = edges.size
+    x = torch.zeros((3, C, 5, 8), dtype=torch.bfloat16)  # planes of 40: full vectors and a tail
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = bn.forward_inference(x, np.zeros(C, np.float32), np.ones(C, np.float32), None, edges)
+    got = y.contiguous().view(torch.int16).numpy().astype(np.uint16)
+    want = np.broadcast_to(round_once(edges, "bfloat16").astype(np.uint16)[None, :, None, None], got.shape)
+    nan = np.isnan(edges)[None, :, None, None] & np.ones(got.shape, bool)
+    assert ((got[nan] & 0x7FC0) == 0x7FC0).all()  # all-ones exponent, quiet bit set
+    np.testing.assert_array_equal(got[~nan], want[~nan])
+
+
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
 @pytest.mark.parametrize("kernel_shape,axis", [((5, 3, 3, 3), 0), ((3, 5, 2, 2), 1), ((7, 4), 0)])
 def test_fold_with_conv_bias(dtype, kernel_shape, axis):

@@ -217,8 +217,16 @@ static inline __attribute__((always_inline)) void storev(T* p, vec_t<acc_t<T>> v
       u32 u;
       std::memcpy(&u, &v, sizeof(u));
 #if defined(__AVX512F__)
-      // One narrowing move (vpmovdw); GCC 12's generic narrowing is a two-register permute.
-      const __m256i n = _mm512_cvtepi32_epi16((__m512i)to_bf16(u));
+      // The same rounding in fewer operations: NaN lanes by a compare into a mask register,
+      // their quiet NaN by one masked or; then one narrowing move (vpmovdw; GCC 12's generic
+      // narrowing is a two-register permute).
+      const __m512i w = (__m512i)u;
+      const __m512i top = _mm512_srli_epi32(w, 16);
+      const __m512i odd = _mm512_and_si512(top, _mm512_set1_epi32(1));
+      __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(w, _mm512_set1_epi32(0x7fff)), odd), 16);
+      const __mmask16 nan = _mm512_cmp_ps_mask((__m512)w, (__m512)w, _CMP_UNORD_Q);
+      r = _mm512_mask_or_epi32(r, nan, top, _mm512_set1_epi32(0x40));
+      const __m256i n = _mm512_cvtepi32_epi16(r);
       std::memcpy(&h, &n, sizeof(h));
 #else
       h = __builtin_convertvector(to_bf16(u), h16);
