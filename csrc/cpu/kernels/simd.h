@@ -125,6 +125,8 @@ static inline __attribute__((always_inline)) vec_t<acc_t<T>> loadv(const T* p) {
   } else if constexpr (std::is_same_v<T, bfloat16>) {
 #if defined(__AVX512F__)
     // One widening load (vpmovzxwd to a zmm); GCC 12's generic widening took two ymm halves.
+    // (A zero-masking vpermw from the ymm instead was 3-5% faster on the Xeon in L2-resident
+    // statistics, but its cost on AMD's AVX-512 cores is unmeasured: not done.)
     const __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
     std::memcpy(&v, &w, sizeof(v));
 #else
@@ -218,15 +220,17 @@ static inline __attribute__((always_inline)) void storev(T* p, vec_t<acc_t<T>> v
       std::memcpy(&u, &v, sizeof(u));
 #if defined(__AVX512F__)
       // The same rounding in fewer operations: NaN lanes by a compare into a mask register,
-      // their quiet NaN by one masked or; then one narrowing move (vpmovdw; GCC 12's generic
-      // narrowing is a two-register permute).
+      // their quiet NaN by one masked or, and the high halves gathered by one word permute
+      // (a shift and vpmovdw were three uops on Intel; GCC 12's generic narrowing was a
+      // two-register permute). L2-resident bfloat16 inference on the Xeon: 89 -> 73 us.
       const __m512i w = (__m512i)u;
-      const __m512i top = _mm512_srli_epi32(w, 16);
-      const __m512i odd = _mm512_and_si512(top, _mm512_set1_epi32(1));
-      __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(w, _mm512_set1_epi32(0x7fff)), odd), 16);
+      const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(w, 16), _mm512_set1_epi32(1));
+      __m512i r = _mm512_add_epi32(_mm512_add_epi32(w, _mm512_set1_epi32(0x7fff)), odd);
       const __mmask16 nan = _mm512_cmp_ps_mask((__m512)w, (__m512)w, _CMP_UNORD_Q);
-      r = _mm512_mask_or_epi32(r, nan, top, _mm512_set1_epi32(0x40));
-      const __m256i n = _mm512_cvtepi32_epi16(r);
+      r = _mm512_mask_or_epi32(r, nan, w, _mm512_set1_epi32(0x400000));
+      const __m512i hi = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 31, 29, 27, 25, 23, 21, 19,
+                                          17, 15, 13, 11, 9, 7, 5, 3, 1);
+      const __m256i n = _mm512_castsi512_si256(_mm512_permutexvar_epi16(hi, r));
       std::memcpy(&h, &n, sizeof(h));
 #else
       h = __builtin_convertvector(to_bf16(u), h16);
