@@ -181,6 +181,17 @@ void map_channels(const T* const* in, T* out, const Layout& L, int64_t nc, int64
             for (int j = 0; j < R::kCoef; ++j) kv[i][j] = splat(kc[i][j]);
           }
           for_each_segment<N + 1>(L, begin, end, [&](const int64_t* off, int64_t len) {
+            // Every array's rows of the block a few rows ahead, as the reductions do (see
+            // moments_short_rows_channels): runs of 16 planes, far apart, that the hardware
+            // prefetchers do not follow in time.
+            if (L.nred == 2) {
+              #pragma GCC unroll 4
+              for (int j = 0; j < N; ++j)
+                prefetch_span(in[j] + i0 * L.channel_stride[j] + off[j] + kPrefetchRows * L.strides[j][0],
+                              ((m - 1) * L.channel_stride[j] + len) * static_cast<int64_t>(sizeof(T)));
+              prefetch_span_for_write(out + i0 * L.channel_stride[N] + off[N] + kPrefetchRows * L.strides[N][0],
+                                      ((m - 1) * L.channel_stride[N] + len) * static_cast<int64_t>(sizeof(T)));
+            }
             for (int64_t i = 0; i < m; ++i) {
               const T* p[N];
               #pragma GCC unroll 4

@@ -99,6 +99,12 @@ static inline __attribute__((always_inline)) void prefetch_span(const T* p, int6
   const char* b = reinterpret_cast<const char*>(p);
   for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(b + i);
 }
+// The same for lines about to be written (prefetchw: owned before the stores reach them).
+template <class T>
+static inline __attribute__((always_inline)) void prefetch_span_for_write(T* p, int64_t bytes) {
+  char* b = reinterpret_cast<char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(b + i, 1);
+}
 
 // Moments of values [begin, end) of nc (<= MaxC) channels with short rows, channel i at
 // x + i * cs, in two passes (the sum, then deviations from the block mean while the block is in
