@@ -119,15 +119,13 @@ void cl_grad_sums(const T* dy, const T* x, const Layout& L, int64_t p0, int64_t 
   const int64_t Cv = C / VL * VL;
   A* s1 = scratch;
   A* s2 = scratch + C;
-  int64_t od[kChannelsLastRun], ox[kChannelsLastRun];
+  int64_t offs[2][kChannelsLastRun];
+  const int64_t* od = offs[0];
+  const int64_t* ox = offs[1];
   for (int64_t c = 0; c < C; ++c) sum_dy[c] = sum_dy_xmu[c] = 0.0;
-  Odometer<2> pos(L, L.nred, p0);
   for (int64_t r0 = p0; r0 < p1; r0 += kChannelsLastRun) {
     const int64_t n = std::min(p1, r0 + kChannelsLastRun) - r0;
-    for (int64_t i = 0; i < n; ++i, pos.next()) {
-      od[i] = pos.off[0];
-      ox[i] = pos.off[1];
-    }
+    position_offsets(L, r0, n, offs);
     // Register tiles of channels across the run's positions, each channel's sums in order.
     for_channel_tiles<VL>(Cv, [&](int64_t c0, auto nv) {
       constexpr int NV = decltype(nv)::value;

@@ -288,7 +288,7 @@ void cl_moments(const T* x, const Layout& L, int64_t p0, int64_t p1, Moments<dou
   A* center = scratch;
   A* dev = scratch + C;
   A* sq = scratch + 2 * C;
-  int64_t offs[kChannelsLastRun];
+  int64_t offs[1][kChannelsLastRun];
   // The running merge of the runs, per channel in double, held as arrays (the run's count is
   // the same for every channel) so the Chan merge below vectorizes across channels: as
   // scalar code per channel and run, its divisions cost more than reading the run (4096x1024
@@ -296,22 +296,21 @@ void cl_moments(const T* x, const Layout& L, int64_t p0, int64_t p1, Moments<dou
   // merge_moments(out, block_moments(...)), so the same bits.
   std::vector<double> total_mean(static_cast<size_t>(C)), total_m2(static_cast<size_t>(C));
   double total_n = 0;
-  Odometer<1> pos(L, L.nred, p0);
   for (int64_t r0 = p0; r0 < p1; r0 += run) {
     const int64_t n = std::min(p1, r0 + run) - r0;
-    for (int64_t i = 0; i < n; ++i, pos.next()) offs[i] = pos.off[0];
+    position_offsets(L, r0, n, offs);
     const A an = static_cast<A>(n);
     for_channel_tiles<VL>(Cv, [&](int64_t c0, auto nv) {
       constexpr int NV = decltype(nv)::value;
       AccFor<T> s[NV];
       for (int64_t i = 0; i < n; ++i)
-        for (int k = 0; k < NV; ++k) s[k] += loadv(x + offs[i] + c0 + k * VL);
+        for (int k = 0; k < NV; ++k) s[k] += loadv(x + offs[0][i] + c0 + k * VL);
       V m[NV];
       AccFor<T> e[NV], q[NV];
       for (int k = 0; k < NV; ++k) m[k] = s[k].get() / an;
       for (int64_t i = 0; i < n; ++i)
         for (int k = 0; k < NV; ++k) {
-          const V d = loadv(x + offs[i] + c0 + k * VL) - m[k];
+          const V d = loadv(x + offs[0][i] + c0 + k * VL) - m[k];
           e[k] += d;
           q[k] += d * d;
         }
@@ -324,11 +323,11 @@ void cl_moments(const T* x, const Layout& L, int64_t p0, int64_t p1, Moments<dou
     });
     for (int64_t c = Cv; c < C; ++c) {
       A t = A(0);
-      for (int64_t i = 0; i < n; ++i) t += load_at(x + offs[i] + c);
+      for (int64_t i = 0; i < n; ++i) t += load_at(x + offs[0][i] + c);
       center[c] = t / an;
       A e = A(0), q = A(0);
       for (int64_t i = 0; i < n; ++i) {
-        const A d = load_at(x + offs[i] + c) - center[c];
+        const A d = load_at(x + offs[0][i] + c) - center[c];
         e += d;
         q += d * d;
       }

@@ -33,6 +33,25 @@ struct Odometer {
   }
 };
 
+// Offsets in array t of positions [p, p + n) (channels-last runs) into off[t][0..n). One
+// reduced dim (contiguous NHWC, (N, C)) is an arithmetic progression; the odometer's
+// member-by-member updates, stored next to the offsets, cost 13% of 32x64x56x56 NHWC
+// statistics on the Xeon.
+template <int NT, int64_t Cap>
+inline void position_offsets(const Layout& L, int64_t p, int64_t n, int64_t (&off)[NT][Cap]) {
+  if (L.nred == 1) {
+    for (int t = 0; t < NT; ++t) {
+      const int64_t s = L.strides[t][0];
+      int64_t o = p * s;
+      for (int64_t i = 0; i < n; ++i, o += s) off[t][i] = o;
+    }
+    return;
+  }
+  Odometer<NT> pos(L, L.nred, p);
+  for (int64_t i = 0; i < n; ++i, pos.next())
+    for (int t = 0; t < NT; ++t) off[t][i] = pos.off[t];
+}
+
 // Calls f(off, len) for each row segment of values [begin, end) of one channel's walk:
 // off[t] is the segment's first element offset in array t, rows run along the inner dim.
 template <int NT, class F>
