@@ -88,6 +88,9 @@ inline Plan make_plan(const Layout& L, int64_t bytes_per_value = 8) {
 
 // ---- the reduce executor ----------------------------------------------------------------
 
+// Channels per task of the channels-last merge of group partials.
+constexpr int64_t kMergeChannels = 64;
+
 // One reduction over every channel, whichever the layout, for a partial type P (Moments of
 // x; backward's sums): `piece(c, b, e)` reduces values [b, e) of channel c (channels-first),
 // `pieces(c0, n, b, e, out)` the same of n (<= kBlockChannels) channels from c0 into out[0..n)
@@ -109,10 +112,19 @@ bool reduce_all(const Layout& L, const Plan& plan, int64_t work, Piece&& piece, 
       const auto [b, e] = plan.range(g);
       cl(b, e, partial.data() + g * C);
     });
-    parallel_for(C, C * plan.groups * 8, [&](int64_t c) {
-      P m{};
-      for (int64_t g = 0; g < plan.groups; ++g) m = merge(m, partial[g * C + c]);
-      per_channel(c, m);
+    // Groups in order for each channel (the same bits), a block of channels at a time with
+    // the channels innermost: their merges are independent (a division each, pipelined rather
+    // than chained) and read the partials in memory order. Channel by channel this merge was
+    // 8.7% of 4096x1024 training (Xeon, 1 thread: 2.99-4.06 -> 2.61-2.85 ms).
+    const int64_t blocks = (C + kMergeChannels - 1) / kMergeChannels;
+    parallel_for(blocks, C * plan.groups * 8, [&](int64_t blk) {
+      const int64_t c0 = blk * kMergeChannels, n = std::min(C, c0 + kMergeChannels) - c0;
+      P m[kMergeChannels] = {};
+      for (int64_t g = 0; g < plan.groups; ++g) {
+        const P* part = partial.data() + g * C + c0;
+        for (int64_t i = 0; i < n; ++i) m[i] = merge(m[i], part[i]);
+      }
+      for (int64_t i = 0; i < n; ++i) per_channel(c0 + i, m[i]);
     });
     return false;
   }
