@@ -198,22 +198,24 @@ static inline __attribute__((always_inline)) void storev(T* p, vec_t<acc_t<T>> v
     typedef uint16_t h16 __attribute__((vector_size(32)));
     h16 h;
     if constexpr (std::is_same_v<T, bfloat16>) {
-      // Round to nearest even; a NaN stays a (quiet) NaN.
-      auto to_bf16 = [](auto u) {
-        using U = decltype(u);
-        const U nan = (U)((u & 0x7fffffffu) > 0x7f800000u);  // all ones where NaN
-        const U rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-        const U quiet = (u >> 16) | 0x40u;
-        return (rounded & ~nan) | (quiet & nan);
-      };
+      // Round to nearest even (add 0x7fff plus the kept part's lowest bit, keep the high
+      // half); a NaN stays a NaN, made quiet. Every ISA level computes these same bits.
 #if defined(__AVX2__) && !defined(__AVX512F__)
-      // Per 32-byte half, as in loadv.
-      typedef uint32_t u8 __attribute__((vector_size(32)));
-      typedef uint16_t h8 __attribute__((vector_size(16)));
-      const u8 lo = (u8)__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
-      const u8 hi = (u8)__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-      const h8 a = __builtin_convertvector(to_bf16(lo), h8), b = __builtin_convertvector(to_bf16(hi), h8);
-      h = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+      // Per 32-byte half, as in loadv: the same rounding with NaN lanes from one compare and one
+      // blend, then both halves' high words packed at once (vpackusdw, vpermq). GCC 12's
+      // generic per-half narrowing and join took twice the instructions.
+      auto round = [](__m256 f) {
+        const __m256i w = _mm256_castps_si256(f);
+        const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(w, 16), _mm256_set1_epi32(1));
+        const __m256i r = _mm256_add_epi32(_mm256_add_epi32(w, _mm256_set1_epi32(0x7fff)), odd);
+        const __m256i quiet = _mm256_or_si256(w, _mm256_set1_epi32(0x400000));
+        const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q));
+        return _mm256_srli_epi32(_mm256_blendv_epi8(r, quiet, nan), 16);
+      };
+      const __m256i a = round((__m256)__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7));
+      const __m256i b = round((__m256)__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+      const __m256i n = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8);
+      std::memcpy(&h, &n, sizeof(h));
 #else
       typedef uint32_t u32 __attribute__((vector_size(64)));
       u32 u;
@@ -233,7 +235,10 @@ static inline __attribute__((always_inline)) void storev(T* p, vec_t<acc_t<T>> v
       const __m256i n = _mm512_castsi512_si256(_mm512_permutexvar_epi16(hi, r));
       std::memcpy(&h, &n, sizeof(h));
 #else
-      h = __builtin_convertvector(to_bf16(u), h16);
+      const u32 nan = (u32)((u & 0x7fffffffu) > 0x7f800000u);  // all ones where NaN
+      const u32 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+      const u32 quiet = (u >> 16) | 0x40u;
+      h = __builtin_convertvector((rounded & ~nan) | (quiet & nan), h16);
 #endif
 #endif
     } else {
