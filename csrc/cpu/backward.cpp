@@ -89,10 +89,9 @@ void backward(const BackwardParams& p, const Layout& L) {
     using A = acc_t<T>;
     const Kernels<T>& k = kernels_for<T>();
     const int64_t C = L.channels;
-    // Fused (core/backend.h): g = relu'(y) * dy, or dy copied, into dresidual or else dx, made
-    // range by range ahead of the reduction, which reads it as dy; one layout walks all arrays.
-    const bool relu = p.activation == Activation::relu;
-    const bool masked = relu || p.dresidual.defined();
+    // Fused (core/backend.h): the masking pass of split_masked_backward, made range by range
+    // ahead of the reduction, which reads its output as dy; one layout walks all arrays.
+    const bool masked = p.activation == Activation::relu || p.dresidual.defined();
     const Plan plan = make_plan(L, (masked ? 5 : 3) * sizeof(T));
     const std::vector<A> mean = load_vector<A>(p.saved_mean, C, A(0));
     const std::vector<A> invstd = load_vector<A>(p.saved_invstd, C, A(1));
@@ -104,14 +103,8 @@ void backward(const BackwardParams& p, const Layout& L) {
     if (renorm)
       for (int64_t c = 0; c < C; ++c) weight[c] = weight[c] * r[c];
     T* dx = p.dx.ptr<T>();
-    MapPass<T> mask;
-    if (masked) {
-      mask.kind = relu ? MapKind::relu_grad : MapKind::copy;
-      mask.in[0] = p.dy.ptr<const T>();
-      if (relu) mask.in[1] = p.y.ptr<const T>();
-      mask.out = p.dresidual.defined() ? p.dresidual.ptr<T>() : dx;
-      mask.nt = false;  // read back at once by the reduction
-    }
+    // Regular stores: read back at once by the reduction.
+    const MapPass<T> mask = masked ? elementwise_pass<T>(split_masked_backward(p).mask) : MapPass<T>{};
     const T* dy = masked ? mask.out : p.dy.ptr<const T>();
     const T* x = p.x.ptr<const T>();
     A* dweight = p.dweight.ptr<A>();

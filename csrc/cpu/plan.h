@@ -8,6 +8,7 @@
 #include <utility>
 #include <vector>
 
+#include "core/backend.h"
 #include "core/layout.h"
 #include "cpu/kernels.h"
 #include "cpu/threads.h"
@@ -225,6 +226,19 @@ struct MapPass {
   // backward's were tuned without it).
   bool memory_order = false;
 };
+
+// The map pass of one of the op layer's elementwise passes (core/backend.h), regular stores.
+template <class T>
+MapPass<T> elementwise_pass(const ElementwiseParams& p) {
+  MapPass<T> m;
+  m.kind = p.kind == ElementwiseKind::relu_grad ? MapKind::relu_grad
+           : p.kind == ElementwiseKind::add     ? MapKind::add
+                                                : MapKind::copy;
+  m.in[0] = p.in0.ptr<const T>();
+  m.in[1] = p.in1.defined() ? p.in1.ptr<const T>() : nullptr;
+  m.out = p.out.ptr<T>();
+  return m;
+}
 
 // Values [b, e) of channels [c0, c1) (channels-first; one channel: c1 = c0 + 1) in one call:
 // short rows row by row across the channels.
