@@ -243,33 +243,60 @@ static inline __attribute__((always_inline)) void for_channel_tiles(int64_t Cv, 
   }
 }
 
+// x / n for a count n, the same bits as the division: when n is a power of two its reciprocal
+// is exact, so x * (1 / n) is the same real number as x / n, rounded once. The channels-last
+// runs of power-of-two channel counts are powers of two (64 positions at 1024 float32
+// channels), and their merge divided twice per channel and run: a multiply instead made
+// 4096x1024 statistics 4% faster (Xeon, 1 thread, L3-resident: 1.00 -> 0.96 ms).
+template <class A>
+struct DivideBy {
+  A n, inv;
+  bool exact_inverse;
+  explicit DivideBy(int64_t count)
+      : n(static_cast<A>(count)), inv(A(1) / static_cast<A>(count)), exact_inverse((count & (count - 1)) == 0) {}
+  template <class V>
+  inline __attribute__((always_inline)) V operator()(V x, std::true_type) const { return x * inv; }
+  template <class V>
+  inline __attribute__((always_inline)) V operator()(V x, std::false_type) const { return x / n; }
+  // f(std::true_type) when x * inv is exact, else f(std::false_type): loops instantiated per case.
+  template <class F>
+  inline __attribute__((always_inline)) void dispatch(F&& f) const {
+    if (exact_inverse) f(std::true_type{});
+    else f(std::false_type{});
+  }
+};
+
 // total = merge_moments(total, block_moments(n, center[c], dev[c], sq[c])) for every channel
 // c, written out over arrays (n > 0 and total_n are the same for every channel).
 template <class A>
-static inline void merge_run(int64_t C, double n, const A* __restrict center, const A* __restrict dev,
+static inline void merge_run(int64_t C, int64_t count, const A* __restrict center, const A* __restrict dev,
                              const A* __restrict sq, double& total_n, double* __restrict mean,
                              double* __restrict m2) {
-  if (total_n == 0) {
-    for (int64_t c = 0; c < C; ++c) {
-      const double d = dev[c];
-      mean[c] = static_cast<double>(center[c]) + d / n;
-      const double q = static_cast<double>(sq[c]) - d * d / n;
-      m2[c] = q < 0.0 ? 0.0 : q;
+  const DivideBy<double> div(count);
+  const double n = div.n;
+  div.dispatch([&](auto exact) {
+    if (total_n == 0) {
+      for (int64_t c = 0; c < C; ++c) {
+        const double d = dev[c];
+        mean[c] = static_cast<double>(center[c]) + div(d, exact);
+        const double q = static_cast<double>(sq[c]) - div(d * d, exact);
+        m2[c] = q < 0.0 ? 0.0 : q;
+      }
+    } else {
+      const double rn = total_n + n;
+      const double wb = n / rn;
+      const double aw = total_n * wb;
+      for (int64_t c = 0; c < C; ++c) {
+        const double d = dev[c];
+        const double bmean = static_cast<double>(center[c]) + div(d, exact);
+        const double q = static_cast<double>(sq[c]) - div(d * d, exact);
+        const double bm2 = q < 0.0 ? 0.0 : q;
+        const double delta = bmean - mean[c];
+        mean[c] = mean[c] + delta * wb;
+        m2[c] = m2[c] + bm2 + delta * delta * aw;
+      }
     }
-  } else {
-    const double rn = total_n + n;
-    const double wb = n / rn;
-    const double aw = total_n * wb;
-    for (int64_t c = 0; c < C; ++c) {
-      const double d = dev[c];
-      const double bmean = static_cast<double>(center[c]) + d / n;
-      const double q = static_cast<double>(sq[c]) - d * d / n;
-      const double bm2 = q < 0.0 ? 0.0 : q;
-      const double delta = bmean - mean[c];
-      mean[c] = mean[c] + delta * wb;
-      m2[c] = m2[c] + bm2 + delta * delta * aw;
-    }
-  }
+  });
   total_n += n;
 }
 
@@ -299,7 +326,7 @@ void cl_moments(const T* x, const Layout& L, int64_t p0, int64_t p1, Moments<dou
   for (int64_t r0 = p0; r0 < p1; r0 += run) {
     const int64_t n = std::min(p1, r0 + run) - r0;
     position_offsets(L, r0, n, offs);
-    const A an = static_cast<A>(n);
+    const DivideBy<A> div(n);
     for_channel_tiles<VL>(Cv, [&](int64_t c0, auto nv) {
       constexpr int NV = decltype(nv)::value;
       AccFor<T> s[NV];
@@ -307,7 +334,9 @@ void cl_moments(const T* x, const Layout& L, int64_t p0, int64_t p1, Moments<dou
         for (int k = 0; k < NV; ++k) s[k] += loadv(x + offs[0][i] + c0 + k * VL);
       V m[NV];
       AccFor<T> e[NV], q[NV];
-      for (int k = 0; k < NV; ++k) m[k] = s[k].get() / an;
+      div.dispatch([&](auto exact) {
+        for (int k = 0; k < NV; ++k) m[k] = div(s[k].get(), exact);
+      });
       for (int64_t i = 0; i < n; ++i)
         for (int k = 0; k < NV; ++k) {
           const V d = loadv(x + offs[0][i] + c0 + k * VL) - m[k];
@@ -324,7 +353,7 @@ void cl_moments(const T* x, const Layout& L, int64_t p0, int64_t p1, Moments<dou
     for (int64_t c = Cv; c < C; ++c) {
       A t = A(0);
       for (int64_t i = 0; i < n; ++i) t += load_at(x + offs[0][i] + c);
-      center[c] = t / an;
+      center[c] = div(t, std::false_type{});
       A e = A(0), q = A(0);
       for (int64_t i = 0; i < n; ++i) {
         const A d = load_at(x + offs[0][i] + c) - center[c];
@@ -334,7 +363,7 @@ void cl_moments(const T* x, const Layout& L, int64_t p0, int64_t p1, Moments<dou
       dev[c] = e;
       sq[c] = q;
     }
-    merge_run(C, static_cast<double>(n), center, dev, sq, total_n, total_mean.data(), total_m2.data());
+    merge_run(C, n, center, dev, sq, total_n, total_mean.data(), total_m2.data());
   }
   for (int64_t c = 0; c < C; ++c) out[c] = Moments<double>{total_n, total_mean[c], total_m2[c]};
 }
