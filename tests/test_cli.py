@@ -105,3 +105,37 @@ def test_bench_chart_title_without_torch():
     machine = {"simd": "avx2", "torch": None, "cpu_model": "AMD EPYC"}
     assert chart_title(machine, 2) == "batchnorm avx2: float32, 2 threads, AMD EPYC"
     assert "vs PyTorch 2.13.0:" in chart_title({**machine, "torch": "2.13.0"}, 2)
+
+
+def test_bench_ceiling_targets_count_the_unavoidable_passes():
+    # One float32 case of 100 MB and its float16 twin, copy at 10 GB/s (a pass: 10 ms), each op
+    # timed at exactly its ceiling when every second read comes from memory.
+    from batchnorm._bench import report
+
+    def case(dtype, x_bytes, times):
+        rows = [{"op": op, "threads": 1, "bytes": x_bytes * b, "speedup_torch_out": None, "speedup_numpy": None,
+                 "ours_out": {"median_s": t, "roofline": 2 * x_bytes * b / t / 20e9}}
+                for (op, b), t in zip((("forward_inference", 2), ("forward_training", 2), ("backward", 3)), times)]
+        return {"dtype": dtype, "shape": [100], "layout": "nc", "x_bytes": x_bytes, "copy": {"gb_per_s": 20.0},
+                "copy_threads": {}, "rows": rows}
+
+    f32 = case("float32", 10**8, (0.010, 0.015, 0.025))
+    f16 = case("float16", 5 * 10**7, (0.0062, 0.0075, 0.0125))  # inference: 1.61x; training, backward: 2x
+    def target(llc, name):
+        got = report.check_targets([f32, f16], [1], None, None, 1 << 20, llc)
+        return next(t for t in got if t["target"].startswith(name))
+
+    assert report.unavoidable_passes("forward_training", 10**8, 10**9) == 2
+    assert report.unavoidable_passes("backward", 10**8, 10**8) == 5
+    uncached = target(1 << 20, "every row")
+    assert uncached["status"] == "PASS" and "min 1.00x" in uncached["value"]
+    cached = target(10**9, "every row")  # x would stay in cache: 2 and 3 passes, so 0.67x and 0.6x
+    assert cached["status"] == "SHORT"
+    assert cached["short_rows"] == ["100 nc fwd_train (2 passes): 0.67x", "100 nc backward (3 passes): 0.60x"]
+    # float32 inference runs at its ceiling, so float16's ceiling is 2x and 1.61x meets 1.6x. With
+    # float32 beating the copy (7.5 ms for a 10 ms bound) the half row's ceiling is 7.5 / 5 = 1.5x,
+    # and it is held to 0.9 of that, 1.35x.
+    assert target(1 << 20, "bfloat16/float16")["status"] == "PASS"
+    f32["rows"][0]["ours_out"]["median_s"] = 0.0075
+    half = target(1 << 20, "bfloat16/float16")
+    assert half["status"] == "SHORT" and half["short_rows"] == ["100 nc f16 fwd_inf: 1.21x (ceiling 1.50x)"]

@@ -306,7 +306,7 @@ def main(argv: Optional[Sequence[str]] = None, default_out: str = DEFAULT_OUT) -
         out("", f"Peak memory not measured: {mem_why}")
 
     l2 = machine["caches_bytes"].get("L2", 1 << 20)
-    targets = report.check_targets(results, threads, sweep, mem_rows, l2)
+    targets = report.check_targets(results, threads, sweep, mem_rows, l2, machine["caches_bytes"].get("L3"))
     wall = time.perf_counter() - wall0
     machine["loadavg_end"] = list(os.getloadavg())
     out("", *report.targets_table(targets), "",

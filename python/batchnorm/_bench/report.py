@@ -118,8 +118,24 @@ def _target(name: str, passed: Optional[bool], value: str, short: Sequence[str] 
     return {"target": name, "status": status, "value": value, "short_rows": list(short)}
 
 
+# Passes over x's bytes that no kernel can avoid, given whether the data read before the
+# second pass stays in the last-level cache: inference reads x and writes y; training reads x
+# for the statistics, then again to normalize; backward reads dy and x for its sums, then again.
+def unavoidable_passes(op: str, x_bytes: int, llc_bytes: int) -> int:
+    if op == "forward_inference":
+        return 2
+    if op == "forward_training":
+        return 2 if x_bytes <= llc_bytes else 3
+    return 3 if 2 * x_bytes <= llc_bytes else 5
+
+
+def _threaded_copy_gbps(res: dict, threads: int) -> float:
+    s = res["copy_threads"].get(str(threads))
+    return (s or res["copy"])["gb_per_s"]
+
+
 def check_targets(cases: Sequence[dict], threads: Sequence[int], scaling: Optional[dict],
-                  memory: Optional[List[dict]], l2_per_core: int) -> List[dict]:
+                  memory: Optional[List[dict]], l2_per_core: int, llc_bytes: Optional[int] = None) -> List[dict]:
     top = max(threads)
     out: List[dict] = []
     main = list(_rows(cases, "float32", top))
@@ -134,6 +150,29 @@ def check_targets(cases: Sequence[dict], threads: Sequence[int], scaling: Option
         out.append(_target(f"{op} >= {need}x np.copyto bandwidth (every shape)", worst >= need,
                            f"min {worst:.2f}x, median {np.median([v for _, v in vals]):.2f}x over {len(vals)} rows",
                            [f"{lab}: {v:.2f}x ({t:.2f}x of the {top}-thread copy)" for lab, v, t in vals3 if v < need]))
+
+    # Issue #15: every row at >= 0.9x of its copy-bound ceiling, the unavoidable passes at the
+    # copy bandwidth of as many threads. The cache the OS reports decides 2-or-3 and 3-or-5
+    # passes; a VM may report its host's, so the value names it.
+    if llc_bytes:
+        def fractions(llc: int) -> List[tuple]:
+            fr = []
+            for r, row in main:
+                passes = unavoidable_passes(row["op"], r["x_bytes"], llc)
+                floor_s = passes * r["x_bytes"] / (_threaded_copy_gbps(r, top) * 1e9)
+                fr.append((f"{_label(r)} {SHORT_OP[row['op']]} ({passes} passes)",
+                           floor_s / row["ours_out"]["median_s"]))
+            return fr
+
+        fr, uncached = fractions(llc_bytes), fractions(0)
+        if fr:
+            worst = min(v for _, v in fr)
+            out.append(_target("every row >= 0.9x its copy-bound ceiling", worst >= 0.9,
+                               f"min {worst:.2f}x, median {np.median([v for _, v in fr]):.2f}x over {len(fr)} rows "
+                               f"(last-level cache {llc_bytes / 2**20:.0f} MiB as reported; counting every "
+                               f"second read from memory: min {min(v for _, v in uncached):.2f}x, "
+                               f"{sum(v < 0.9 for _, v in uncached)} rows short)",
+                               [f"{lab}: {v:.2f}x" for lab, v in fr if v < 0.9]))
 
     with_torch = [(r, row) for r, row in main if row["speedup_torch_out"] is not None]
     if with_torch:
@@ -171,12 +210,21 @@ def check_targets(cases: Sequence[dict], threads: Sequence[int], scaling: Option
     half = [(r, row) for dt in ("bfloat16", "float16") for r, row in _rows(cases, dt, top)
             if (tuple(r["shape"]), r["layout"], row["op"]) in f32]
     if half:
-        vals = [(f"{_label(r)} {DTYPE_SHORT[r['dtype']]} {SHORT_OP[row['op']]}",
-                 f32[(tuple(r["shape"]), r["layout"], row["op"])] / row["ours_out"]["median_s"]) for r, row in half]
-        worst = min(v for _, v in vals)
-        out.append(_target("bfloat16/float16 >= 1.6x faster than float32", worst >= 1.6,
-                           f"min {worst:.2f}x, median {np.median([v for _, v in vals]):.2f}x over {len(vals)} rows",
-                           [f"{lab}: {v:.2f}x" for lab, v in vals if v < 1.6]))
+        # A half row can be at most (float32 time / its own copy-bound time) faster: where float32
+        # already beats the copy (in-cache rows), that ceiling is below 1.6x, and such a row is
+        # held to 0.9x of its ceiling instead ("where the ceiling allows", issue #15).
+        vals, short = [], []
+        for r, row in half:
+            lab = f"{_label(r)} {DTYPE_SHORT[r['dtype']]} {SHORT_OP[row['op']]}"
+            t32 = f32[(tuple(r["shape"]), r["layout"], row["op"])]
+            ratio = t32 / row["ours_out"]["median_s"]
+            floor_s = row["bytes"] / (_threaded_copy_gbps(r, top) * 1e9)
+            need = min(1.6, 0.9 * t32 / floor_s)
+            vals.append(ratio)
+            if ratio < need:
+                short.append(f"{lab}: {ratio:.2f}x" + (f" (ceiling {t32 / floor_s:.2f}x)" if need < 1.6 else ""))
+        out.append(_target("bfloat16/float16 >= 1.6x float32 (or 0.9x a lower ceiling)", not short,
+                           f"min {min(vals):.2f}x, median {np.median(vals):.2f}x over {len(vals)} rows", short))
 
     if scaling:
         b = scaling["exponent"]
