@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import batchnorm as bn
-from helpers import OUT_RTOL, assert_close, bcast, make_input, to_f64
+from helpers import OUT_RTOL, TOLERANCE, assert_close, bcast, make_input, ref_backward, to_f64
 
 
 def loss(x, w, b, g, axis):
@@ -80,3 +80,25 @@ def test_against_torch_autograd(rng, dtype, memory, shape):
     assert_close(dweight, to_f64(wt.grad), tol, scale=np.abs(g64 * xhat).sum(axis=red), what="dweight vs torch")
     assert_close(dbias, to_f64(bt.grad), tol, scale=np.abs(g64).sum(axis=red), what="dbias vs torch")
 
+
+
+# Channels-last rows wider than one register tile (64 channels) are reduced in blocks of
+# positions whose sums carry over from block to block; a run is 256 positions. 333 positions:
+# a full run, then one of 77 (a partial block); 200 and 1000 channels: full tiles, smaller
+# tiles and channels past the last full vector.
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+@pytest.mark.parametrize("shape,axis", [((37, 3, 3, 200), -1), ((333, 1000), 1)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_wide_channels_last_rows_against_the_reference(rng, dtype, shape, axis, threads, restore_threads):
+    bn.set_num_threads(threads)
+    x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    C = shape[axis]
+    w = rng.standard_normal(C).astype(np.float32 if dtype != "float64" else dtype)
+    _, mean, invstd = bn.forward_training(x, w, axis=axis)
+    dx, dw, db = bn.backward(dy, x, mean, invstd, w, axis=axis)
+    rdx, rdw, rdb = ref_backward(dy, x, mean, invstd, w, axis=axis)
+    sum_rtol = TOLERANCE["sum"][dtype] * 10
+    assert_close(db, rdb, sum_rtol, scale=np.sqrt(x.size / C), what="dbias")
+    assert_close(dw, rdw, sum_rtol, scale=np.sqrt(x.size / C), what="dweight")
+    assert_close(dx, rdx, OUT_RTOL[dtype], what="dx")

@@ -126,23 +126,23 @@ void cl_grad_sums(const T* dy, const T* x, const Layout& L, int64_t p0, int64_t 
   for (int64_t r0 = p0; r0 < p1; r0 += kChannelsLastRun) {
     const int64_t n = std::min(p1, r0 + kChannelsLastRun) - r0;
     position_offsets(L, r0, n, offs);
-    // Register tiles of channels across the run's positions, each channel's sums in order.
-    for_channel_tiles<VL>(Cv, [&](int64_t c0, auto nv) {
+    // Register tiles of channels across the run's positions (see for_run_tiles), each
+    // channel's sums in order, parked in s1, s2.
+    for_run_tiles<VL>(Cv, n, [&](int64_t c0, auto nv, int64_t i0, int64_t i1, bool resume) {
       constexpr int NV = decltype(nv)::value;
       AccFor<T> a[NV], b[NV];
+      resume_acc<T, NV>(a, s1 + c0, resume);
+      resume_acc<T, NV>(b, s2 + c0, resume);
       V m[NV];
-      for (int k = 0; k < NV; ++k) std::memcpy(&m[k], mean + c0 + k * VL, sizeof(V));
-      for (int64_t i = 0; i < n; ++i)
+      std::memcpy(m, mean + c0, sizeof(m));
+      for (int64_t i = i0; i < i1; ++i)
         for (int k = 0; k < NV; ++k) {
           const V g = loadv(dy + od[i] + c0 + k * VL);
           a[k] += g;
           b[k].add_of(grad_term_of, g, loadv(x + ox[i] + c0 + k * VL), m[k]);
         }
-      for (int k = 0; k < NV; ++k) {
-        const V ak = a[k].get(), bk = b[k].get();
-        std::memcpy(s1 + c0 + k * VL, &ak, sizeof(V));
-        std::memcpy(s2 + c0 + k * VL, &bk, sizeof(V));
-      }
+      park_acc<T, NV>(a, s1 + c0);
+      park_acc<T, NV>(b, s2 + c0);
     });
     for (int64_t c = Cv; c < C; ++c) {
       A a = A(0), b = A(0);

@@ -71,6 +71,19 @@ struct Acc {
       return *this += f(v...);
     }
   }
+  // An accumulator holding v (get() of a parked accumulator): the same state, bit for bit.
+  static inline __attribute__((always_inline)) Acc of(const vec_t<A>& v) {
+    Acc r;
+    part q[kParts];
+    split(v, q);
+    r.p0 = q[0];
+    if constexpr (kParts > 1) r.p1 = q[1];
+    if constexpr (kParts > 2) {
+      r.p2 = q[2];
+      r.p3 = q[3];
+    }
+    return r;
+  }
   inline __attribute__((always_inline)) vec_t<A> get() const {
     part q[kParts];
     q[0] = p0;
