@@ -82,12 +82,14 @@ def test_against_torch_autograd(rng, dtype, memory, shape):
 
 
 
-# Channels-last rows wider than one register tile (64 channels) are reduced in blocks of
-# positions whose sums carry over from block to block; a run is 256 positions. 333 positions:
-# a full run, then one of 77 (a partial block); 200 and 1000 channels: full tiles, smaller
-# tiles and channels past the last full vector.
+# Channels-last rows wider than one register tile (64 channels) are reduced in blocks of 8
+# positions whose sums carry over from block to block and restart at each run of 256 positions.
+# A call reduces one group of positions (at most 64 groups): 333 positions make 6 groups of
+# 55-56 (a partial last block); 21312 make 64 groups of 333, a full run then one of 77. 200 and
+# 1000 channels: full tiles, smaller tiles and (float32, float16) channels past the last full
+# vector; 136: a one-vector tile for float64.
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
-@pytest.mark.parametrize("shape,axis", [((37, 3, 3, 200), -1), ((333, 1000), 1)])
+@pytest.mark.parametrize("shape,axis", [((37, 3, 3, 200), -1), ((333, 1000), 1), ((21312, 136), 1)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_wide_channels_last_rows_against_the_reference(rng, dtype, shape, axis, threads, restore_threads):
     bn.set_num_threads(threads)

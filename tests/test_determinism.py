@@ -39,6 +39,8 @@ CASES = {
     "7x7-rows-cut-by-blocks": ((200, 4, 7, 7), 1, None),
     "odd-sizes": ((5, 7, 1001), 1, None),
     "odd-channels-last": ((4099, 11), -1, None),
+    # Rows wider than a register tile: blocks of positions, and two runs per group.
+    "wide-channels-last": ((18000, 136), 1, None),
     "middle-axis-odd": ((3, 5, 17, 131), 2, None),
     "sliced": ((4, 6, 64, 130), 1, (slice(None), slice(None), slice(None), slice(None, None, 2))),
 }

@@ -160,36 +160,53 @@ def test_thread_plans_against_the_reference(threads, shape, axis, restore_thread
     assert_close(db, e_db, 1e-5, scale=np.abs(dy.astype(np.float64)).sum(axis=red), what="dbias")
 
 
-def _one_run_moments(x: np.ndarray):
-    """The channels-last statistics of one run of positions (rows of x), emulated step by step
-    in x's dtype: the run's sum in row order, its mean, then the sums of deviations and of
-    their squares, and the run's moments in float64 with the first-order correction."""
-    n = x.shape[0]
-    s = np.zeros(x.shape[1], x.dtype)
-    for row in x:
-        s = s + row
-    center = s / x.dtype.type(n)
-    e = np.zeros_like(s)
-    q = np.zeros_like(s)
-    for row in x:
-        d = row - center
-        e = e + d
-        q = q + d * d
-    e64 = e.astype(np.float64)
-    mean = center.astype(np.float64) + e64 / n
-    m2 = np.maximum(q.astype(np.float64) - e64 * e64 / n, 0.0)
-    return mean.astype(x.dtype), (m2 / n).astype(x.dtype)
+def _channels_last_moments(x: np.ndarray, run: int):
+    """The channels-last statistics of one group of positions (rows of x), emulated step by
+    step: per run of `run` rows, in x's dtype, the run's sum in row order, its mean, then the
+    sums of deviations and of their squares; the runs' moments merged in float64 in order
+    (Chan), each with the first-order correction."""
+    total_n, mean, m2 = 0.0, None, None
+    for r0 in range(0, x.shape[0], run):
+        rows = x[r0:r0 + run]
+        n = rows.shape[0]
+        s = np.zeros(x.shape[1], x.dtype)
+        for row in rows:
+            s = s + row
+        center = s / x.dtype.type(n)
+        e = np.zeros_like(s)
+        q = np.zeros_like(s)
+        for row in rows:
+            d = row - center
+            e = e + d
+            q = q + d * d
+        e64 = e.astype(np.float64)
+        bmean = center.astype(np.float64) + e64 / n
+        bm2 = np.maximum(q.astype(np.float64) - e64 * e64 / n, 0.0)
+        if total_n == 0:
+            mean, m2 = bmean, bm2
+        else:
+            wb = n / (total_n + n)
+            aw = total_n * wb
+            delta = bmean - mean
+            mean = mean + delta * wb
+            m2 = m2 + bm2 + delta * delta * aw
+        total_n += n
+    return mean.astype(x.dtype), (m2 / total_n).astype(x.dtype)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("positions", [64, 48, 1])
-def test_channels_last_run_statistics_bit_for_bit(dtype, positions, restore_threads):
-    # 1024 channels and at most a run's positions (64 at float32, 32 at float64; 256 KB): one
-    # run, one group. A run of a power-of-two count divides by multiplying with the exact
-    # reciprocal; both kinds must give the division's bits.
-    positions = max(1, positions * 4 // np.dtype(dtype).itemsize)
-    x = (np.random.default_rng(positions).standard_normal((positions, 1024)) * 3 + 1e3).astype(dtype)
-    want_mean, want_var = _one_run_moments(x)
+@pytest.mark.parametrize("channels", [1024, 2048])
+@pytest.mark.parametrize("positions", [64, 56, 48, 1])
+def test_channels_last_run_statistics_bit_for_bit(dtype, channels, positions, restore_threads):
+    # At most 64 positions (float32; 32 at float64): one group. A run is 256 KB of rows: 64
+    # and 32 positions of 1024 channels, 32 and 16 of 2048, so one run or several, merged.
+    # A run of a power-of-two count divides by multiplying with the exact reciprocal; both
+    # kinds, in the first run and in later ones, must give the division's bits.
+    itemsize = np.dtype(dtype).itemsize
+    positions = max(1, positions * 4 // itemsize)
+    run = (256 << 10) // (channels * itemsize)
+    x = (np.random.default_rng(positions).standard_normal((positions, channels)) * 3 + 1e3).astype(dtype)
+    want_mean, want_var = _channels_last_moments(x, run)
     for threads in (1, 2):
         bn.set_num_threads(threads)
         mean, var, count = bn.statistics(x, axis=1)
