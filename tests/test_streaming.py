@@ -213,3 +213,47 @@ def test_bad_stream_threshold_is_refused_at_import(value):
                           timeout=60)
     assert done.returncode != 0
     assert f"BATCHNORM_STREAM_BYTES must be a byte count (an integer >= 0), got '{value}'" in done.stderr
+
+
+def _reported_last_level_cache() -> int:
+    """The library's reading of sysfs: CPU 0's level-3 cache, else its level-2, else 32 MiB."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    sizes = {}
+    for i in range(8):
+        d = os.path.join(base, f"index{i}")
+        try:
+            with open(os.path.join(d, "level")) as f:
+                level = int(f.read())
+            with open(os.path.join(d, "type")) as f:
+                kind = f.read().strip()
+            with open(os.path.join(d, "size")) as f:
+                size = f.read().strip()
+        except OSError:
+            break
+        if kind != "Instruction" and size:
+            sizes.setdefault(level, int(size.rstrip("KM")) * {"K": 1024, "M": 1 << 20}.get(size[-1], 1))
+    return sizes.get(3) or sizes.get(2) or 32 << 20
+
+
+def test_default_stream_threshold_is_the_cache_capped_per_cpu():
+    """With no override, outputs stream above the last-level cache, at most 32 MiB per CPU the
+    process may use (a VM may report its host's whole cache); BATCHNORM_STREAM_BYTES replaces it."""
+    if not hasattr(os, "sched_getaffinity") or not os.path.isdir("/sys/devices/system/cpu/cpu0/cache"):
+        pytest.skip("needs Linux's sysfs cache description and CPU affinity")
+    script = "from batchnorm import _C; print(_C._stream_threshold())"
+    env = {k: v for k, v in os.environ.items() if k != "BATCHNORM_STREAM_BYTES"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    want = min(_reported_last_level_cache(), (32 << 20) * len(os.sched_getaffinity(0)))
+    assert int(done.stdout) == want
+    done = subprocess.run([sys.executable, "-c", script], env=dict(env, BATCHNORM_STREAM_BYTES="12345"),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and int(done.stdout) == 12345, done.stderr
+    # The testing hook overrides both, and -1 restores the default.
+    _C._set_stream_threshold(7)
+    try:
+        assert _C._stream_threshold() == 7
+    finally:
+        _C._set_stream_threshold(-1)
+    assert _C._stream_threshold() == (int(os.environ["BATCHNORM_STREAM_BYTES"])
+                                         if os.environ.get("BATCHNORM_STREAM_BYTES") else want)

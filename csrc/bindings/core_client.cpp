@@ -90,6 +90,7 @@ void check_environment() { check(bn_detail_check_environment()); }
 void set_stream_threshold_bytes(int64_t bytes) { check(bn_detail_set_stream_threshold_bytes(bytes)); }
 int get_num_threads() { return bn_get_num_threads(); }
 std::string simd_level() { return bn_detail_simd_level(); }
+int64_t stream_threshold_bytes() { return bn_detail_stream_threshold_bytes(); }
 CudaInfo cuda_info() {
   CudaInfo info;
   check(bn_detail_cuda_info(&info));

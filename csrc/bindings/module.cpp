@@ -414,4 +414,5 @@ PYBIND11_MODULE(_C, m) {
   // Testing hook (not part of the API): the output size above which stores are non-temporal,
   // so tests reach the streaming paths on small arrays; a negative value restores the default.
   m.def("_set_stream_threshold", &set_stream_threshold_bytes, py::arg("bytes"));
+  m.def("_stream_threshold", &stream_threshold_bytes);
 }

@@ -241,6 +241,9 @@ void check_environment();
 // Testing hook: outputs larger than `bytes` are written with non-temporal stores (default:
 // the last-level cache size, or BATCHNORM_STREAM_BYTES); a negative value restores the default.
 void set_stream_threshold_bytes(int64_t bytes);
+// The threshold in force: the hook's, else BATCHNORM_STREAM_BYTES, else the last-level cache
+// capped at 32 MiB per CPU this process may run on (cpu/plan.h says why).
+int64_t stream_threshold_bytes();
 
 struct CudaInfo {
   bool compiled = false;

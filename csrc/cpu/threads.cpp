@@ -2,6 +2,7 @@
 // the machine facts the work partitioning reads (cache size).
 #include "cpu/threads.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstdlib>
@@ -9,6 +10,9 @@
 #include <string>
 #include <thread>
 #include <unistd.h>
+#if defined(__linux__)
+#include <sched.h>
+#endif
 
 #include "core/errors.h"
 #include "core/ops.h"
@@ -37,6 +41,7 @@ void set_num_threads(int n) {
 int get_num_threads() { return threads_setting().load(); }
 
 void set_stream_threshold_bytes(int64_t bytes) { cpu::set_stream_threshold(bytes); }
+int64_t stream_threshold_bytes() { return cpu::stream_threshold_bytes(); }
 
 namespace cpu {
 int thread_count() { return get_num_threads(); }
@@ -113,11 +118,24 @@ int64_t stream_threshold_from_env() {
   return bytes;
 }
 
+namespace {
+// CPUs this process may run on (its affinity mask), at least 1.
+int64_t usable_cpus() {
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+}  // namespace
+
 int64_t stream_threshold_bytes() {
   const int64_t forced = stream_threshold_override().load(std::memory_order_relaxed);
   if (forced >= 0) return forced;
   const int64_t env = stream_threshold_from_env();
-  return env >= 0 ? env : last_level_cache_bytes();
+  if (env >= 0) return env;
+  static const int64_t by_cache = std::min(last_level_cache_bytes(), kStreamBytesPerCpu * usable_cpus());
+  return by_cache;
 }
 
 void set_stream_threshold(int64_t bytes) { stream_threshold_override().store(bytes < 0 ? -1 : bytes); }
