@@ -104,3 +104,41 @@ def test_wide_channels_last_rows_against_the_reference(rng, dtype, shape, axis, 
     assert_close(db, rdb, sum_rtol, scale=np.sqrt(x.size / C), what="dbias")
     assert_close(dw, rdw, sum_rtol, scale=np.sqrt(x.size / C), what="dweight")
     assert_close(dx, rdx, OUT_RTOL[dtype], what="dx")
+
+
+# dy and x in different layouts: the input that dx does not walk like is copied into dx first
+# (dx takes dy's layout when allocated; out= may take x's), then the backward runs in place, every
+# array alike. The copy is exact, so the bits are those of that input given in dx's layout.
+def _like(a, template):
+    b = np.empty_like(template)
+    b[...] = a
+    return b
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+@pytest.mark.parametrize("case", ["dy-nchw-x-nhwc", "dy-nhwc-x-nchw", "out-like-x", "dy-broadcast-out-like-x"])
+def test_dy_and_x_in_different_layouts_give_the_bits_of_one_layout(rng, dtype, case, restore_threads):
+    bn.set_num_threads(2)
+    shape = (6, 40, 9, 11)
+    nchw = (rng.standard_normal(shape) * 2 + 1).astype(dtype)
+    nhwc = _like(nchw, np.empty((6, 9, 11, 40), dtype).transpose(0, 3, 1, 2))
+    g = rng.standard_normal(shape).astype(dtype)
+    g_nhwc = _like(g, nhwc)
+    x, dy = (nchw, g_nhwc) if case == "dy-nhwc-x-nchw" else (nhwc, g)
+    if case == "dy-broadcast-out-like-x":  # the gradient of y.sum(): one value, stride 0
+        dy = np.broadcast_to(np.asarray(1.5, dtype), shape)
+    assert x.strides != dy.strides
+    w = np.linspace(0.5, 1.5, shape[1]).astype(np.float32 if dtype != "float64" else dtype)
+    _, mean, invstd = bn.forward_training(x, w)
+    out = np.empty_like(x) if case.endswith("out-like-x") else None
+    got = bn.backward(dy, x, mean, invstd, w, out=out)
+    if out is None:  # dx in dy's layout: x copied into it
+        assert np.asarray(got[0]).strides == dy.strides
+        want = bn.backward(dy, _like(x, dy), mean, invstd, w)
+    else:  # dx in x's layout: dy copied into it
+        assert got[0] is out
+        want = bn.backward(_like(dy, x), x, mean, invstd, w)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # (scale 1: dx is of order 1, or about 0 for the constant dy)
+    assert_close(got[0], ref_backward(dy, x, mean, invstd, w)[0], OUT_RTOL[dtype], scale=1.0, what="dx")

@@ -412,6 +412,26 @@ bool walk_alike(const BackwardParams& p) {
   return true;
 }
 
+// Where dy and x walk unlike, the reduction gathered one of them value by value in both of its
+// passes: 32x64x56x56 float32 with dy NCHW and x NHWC took 45-53 ms against 2.3-2.8 ms alike
+// (Xeon, 2 threads). When dx walks like one of them and is a separate array, the other is
+// copied into dx first (one pass, transposing) and the backward runs in place on dx, every
+// array alike: no temporary, and the same bits as with that input given in dx's layout.
+enum class CopyFirst { none, dy, x };
+CopyFirst copy_first(const BackwardParams& p) {
+  if (p.ghost_batch > 0 || p.dy.numel() == 0) return CopyFirst::none;
+  bool dx_like_x = true, dx_like_dy = true;
+  for (int d = 0; d < p.x.ndim; ++d) {
+    if (p.x.shape[d] <= 1) continue;
+    dx_like_x = dx_like_x && p.dx.strides[d] == p.x.strides[d];
+    dx_like_dy = dx_like_dy && p.dx.strides[d] == p.dy.strides[d];
+  }
+  if (dx_like_x && dx_like_dy) return CopyFirst::none;              // every array alike already
+  if (dx_like_x && p.dx.data != p.x.data) return CopyFirst::dy;     // x is read after the copy
+  if (dx_like_dy && p.dx.data != p.dy.data) return CopyFirst::x;    // dy is read after the copy
+  return CopyFirst::none;
+}
+
 }  // namespace
 
 void backward(const BackwardParams& p, const BackwardSpecs& s) {
@@ -440,6 +460,18 @@ void backward(const BackwardParams& p, const BackwardSpecs& s) {
   if (!masked) {
     if (p.ghost_batch > 0) {
       ghost_backward(p, axis);
+    } else if (const CopyFirst which = copy_first(p); which != CopyFirst::none) {
+      ElementwiseParams copy;
+      copy.kind = ElementwiseKind::copy;
+      copy.in0 = which == CopyFirst::dy ? p.dy : p.x;
+      copy.out = p.dx;
+      copy.exec = p.exec;
+      BackwardParams in_place = p;
+      (which == CopyFirst::dy ? in_place.dy : in_place.x) = p.dx;
+      const TensorView* carrays[] = {&copy.in0, &copy.out};
+      const TensorView* qarrays[] = {&in_place.dy, &in_place.x, &in_place.dx};
+      route(&Backend::elementwise, copy, p.x, make_layout(axis, carrays, 2));
+      route(&Backend::backward, in_place, p.x, make_layout(axis, qarrays, 3));
     } else {
       const TensorView* arrays[] = {&p.dy, &p.x, &p.dx};
       route(&Backend::backward, p, p.x, make_layout(axis, arrays, 3));
