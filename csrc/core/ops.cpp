@@ -404,11 +404,8 @@ namespace {
 // (same shape already checked), so one layout walks every one of them alike.
 bool walk_alike(const BackwardParams& p) {
   const TensorView* arrays[] = {&p.x, &p.dx, &p.y, &p.dresidual};
-  for (const TensorView* t : arrays) {
-    if (!t->defined()) continue;
-    for (int d = 0; d < p.dy.ndim; ++d)
-      if (p.dy.shape[d] > 1 && t->strides[d] != p.dy.strides[d]) return false;
-  }
+  for (const TensorView* t : arrays)
+    if (t->defined() && !same_strides(*t, p.dy)) return false;
   return true;
 }
 
@@ -420,12 +417,7 @@ bool walk_alike(const BackwardParams& p) {
 enum class CopyFirst { none, dy, x };
 CopyFirst copy_first(const BackwardParams& p) {
   if (p.ghost_batch > 0 || p.dy.numel() == 0) return CopyFirst::none;
-  bool dx_like_x = true, dx_like_dy = true;
-  for (int d = 0; d < p.x.ndim; ++d) {
-    if (p.x.shape[d] <= 1) continue;
-    dx_like_x = dx_like_x && p.dx.strides[d] == p.x.strides[d];
-    dx_like_dy = dx_like_dy && p.dx.strides[d] == p.dy.strides[d];
-  }
+  const bool dx_like_x = same_strides(p.dx, p.x), dx_like_dy = same_strides(p.dx, p.dy);
   if (dx_like_x && dx_like_dy) return CopyFirst::none;              // every array alike already
   if (dx_like_x && p.dx.data != p.x.data) return CopyFirst::dy;     // x is read after the copy
   if (dx_like_dy && p.dx.data != p.dy.data) return CopyFirst::x;    // dy is read after the copy

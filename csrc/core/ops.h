@@ -238,8 +238,8 @@ int get_num_threads();
 // and throws value_error naming the variable and its valid values; called at import.
 void check_environment();
 
-// Testing hook: outputs larger than `bytes` are written with non-temporal stores (default:
-// the last-level cache size, or BATCHNORM_STREAM_BYTES); a negative value restores the default.
+// Testing hook: outputs larger than `bytes` are written with non-temporal stores; a negative
+// value restores the default (stream_threshold_bytes below).
 void set_stream_threshold_bytes(int64_t bytes);
 // The threshold in force: the hook's, else BATCHNORM_STREAM_BYTES, else the last-level cache
 // capped at 32 MiB per CPU this process may run on (cpu/plan.h says why).

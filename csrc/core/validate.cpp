@@ -64,6 +64,13 @@ void check_same_shape(const TensorView& a, const char* a_arg, const TensorView& 
              shape_string(b));
 }
 
+bool same_strides(const TensorView& a, const TensorView& b) {
+  if (a.ndim != b.ndim || a.dtype != b.dtype) return false;
+  for (int i = 0; i < a.ndim; ++i)
+    if (a.shape[i] != b.shape[i] || (a.shape[i] > 1 && a.strides[i] != b.strides[i])) return false;
+  return true;
+}
+
 namespace {
 // Byte range [lo, hi) that a view touches.
 void byte_span(const TensorView& t, intptr_t& lo, intptr_t& hi) {
@@ -80,13 +87,6 @@ void byte_span(const TensorView& t, intptr_t& lo, intptr_t& hi) {
   }
   lo = base + a;
   hi = base + b + es;
-}
-
-bool same_strides(const TensorView& a, const TensorView& b) {
-  if (a.ndim != b.ndim || a.dtype != b.dtype) return false;
-  for (int i = 0; i < a.ndim; ++i)
-    if (a.shape[i] != b.shape[i] || (a.shape[i] > 1 && a.strides[i] != b.strides[i])) return false;
-  return true;
 }
 
 // The dims of t with extent > 1, ordered by decreasing |stride|; returns how many.

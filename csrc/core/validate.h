@@ -26,6 +26,8 @@ void check_channel_vector(const TensorView& t, const char* arg, const ChannelSou
 void check_writable(const TensorView& t, const char* arg);
 // b has exactly a's shape.
 void check_same_shape(const TensorView& a, const char* a_arg, const TensorView& b, const char* b_arg);
+// Same shape, dtype and strides (a dim of extent 1 takes any stride): one walk serves both.
+bool same_strides(const TensorView& a, const TensorView& b);
 // An argument with its name, for the overlap checks' messages.
 struct Named {
   const TensorView& view;

@@ -243,50 +243,6 @@ static inline __attribute__((always_inline)) void for_channel_tiles(int64_t Cv, 
   }
 }
 
-// Positions per block when a channels-last run's rows are wider than one tile (8 and 16 ran
-// alike, 32 slower, on the 256x7x7x2048 backward below).
-constexpr int64_t kPositionBlock = 8;
-
-// Calls tile(c0, nv, i0, i1, resume) so that every channel tile covers positions [0, n) of a
-// run in order. Rows of at most one tile go down the whole run in one call. Wider rows go in
-// blocks of kPositionBlock positions, every tile of a block before the next block (`resume`:
-// the tile picks up the sums it parked at the end of the previous block), so each block reads
-// its rows whole, as kPositionBlock streams the prefetchers follow. A tile down the whole run
-// read one 64-256 B piece of each row, rows 4 KB or more apart (the backward's runs are 256
-// positions of dy and x: 512 pages per tile), and waited on DRAM for most of them. Xeon, 1
-// thread, 256x7x7x2048 backward: bfloat16 22-26 -> 15-16 ms, float32 35-37 -> 31-32 ms; at
-// the AVX2 level bfloat16 29-31 -> 17 ms, float32 46 -> 37-38 ms; L3-resident 4096x1024 the
-// same. Each channel sees the same additions in the same order: the same bits.
-template <int VL, class Tile>
-static inline __attribute__((always_inline)) void for_run_tiles(int64_t Cv, int64_t n, Tile&& tile) {
-  if (Cv > 4 * VL) {
-    for (int64_t i0 = 0; i0 < n; i0 += kPositionBlock) {
-      const int64_t i1 = std::min(n, i0 + kPositionBlock);
-      for_channel_tiles<VL>(Cv, [&](int64_t c0, auto nv) { tile(c0, nv, i0, i1, i0 > 0); });
-    }
-  } else {
-    for_channel_tiles<VL>(Cv, [&](int64_t c0, auto nv) { tile(c0, nv, int64_t(0), n, false); });
-  }
-}
-
-// Accumulators parked at p (resume) or fresh zeros.
-template <class T, int NV>
-static inline __attribute__((always_inline)) void resume_acc(AccFor<T> (&acc)[NV], const acc_t<T>* p, bool resume) {
-  if (!resume) return;
-  for (int k = 0; k < NV; ++k) {
-    vec_t<acc_t<T>> v;
-    std::memcpy(&v, p + k * vlen<acc_t<T>>, sizeof(v));
-    acc[k] = AccFor<T>::of(v);
-  }
-}
-template <class T, int NV>
-static inline __attribute__((always_inline)) void park_acc(const AccFor<T> (&acc)[NV], acc_t<T>* p) {
-  for (int k = 0; k < NV; ++k) {
-    const vec_t<acc_t<T>> v = acc[k].get();
-    std::memcpy(p + k * vlen<acc_t<T>>, &v, sizeof(v));
-  }
-}
-
 // x / n for a count n, the same bits as the division: when n is a power of two its reciprocal
 // is exact, so x * (1 / n) is the same real number as x / n, rounded once. Full channels-last
 // runs of power-of-two channel counts are powers of two (64 positions at 1024 float32
@@ -372,10 +328,10 @@ void cl_moments(const T* x, const Layout& L, int64_t p0, int64_t p1, Moments<dou
     const int64_t n = std::min(p1, r0 + run) - r0;
     position_offsets(L, r0, n, offs);
     const DivideBy<A> div(n);
-    // Register tiles of channels down the whole run: a run holds at most 256 KB (or 8 rows), in L2
-    // between the two passes (blocks of positions as in for_run_tiles made 4096x1024 and
-    // 2048x2048 statistics 12-20% slower, L3-resident, 1 thread, and 256x7x7x2048 training no
-    // faster).
+    // Register tiles of channels down the whole run: a run holds at most 256 KB (or 8 rows),
+    // in L2 between the two passes (blocks of positions as in for_run_tiles, kernels/gradient.h,
+    // made 4096x1024 and 2048x2048 statistics 12-20% slower, L3-resident, 1 thread, and
+    // 256x7x7x2048 training no faster).
     for_channel_tiles<VL>(Cv, [&](int64_t c0, auto nv) {
       constexpr int NV = decltype(nv)::value;
       AccFor<T> s[NV];
