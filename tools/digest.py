@@ -81,6 +81,20 @@ def _layouts(dtype: str, rng: np.random.Generator):
     return out
 
 
+def _tiny_layouts(dtype: str, rng: np.random.Generator):
+    """Channels-first planes shorter than a cache line, from a generator of their own (added
+    later: the cases of _layouts keep their values)."""
+    import torch
+
+    def mk(shape):
+        return torch.from_numpy(rng.standard_normal(shape) * 3.0 + 0.5).to(getattr(torch, dtype))
+
+    return [
+        ("cf_tiny", mk((6, 20, 2, 3)), mk((6, 20, 2, 3)), 1),
+        ("cf_tiny_one", mk((1, 12, 3, 3)), mk((1, 12, 3, 3)), 1),  # one image: a plane per channel
+    ]
+
+
 def _params(C: int, rng: np.random.Generator, dtype: str):
     import torch
 
@@ -97,13 +111,16 @@ def _cases(bn):
     import torch
 
     rng = np.random.default_rng(1234)
+    rng_tiny = np.random.default_rng(7)
     for dtype in DTYPES:
-        for name, x, dy, axis in _layouts(dtype, rng):
+        cases = [(case, rng) for case in _layouts(dtype, rng)]
+        cases += [(case, rng_tiny) for case in _tiny_layouts(dtype, rng_tiny)]
+        for (name, x, dy, axis), case_rng in cases:
             tag = f"{dtype}/{name}"
             C = x.shape[axis]
             # Parameter dtypes rotate so every conversion path is covered.
             pdt = {"float16": "float32", "bfloat16": "float64", "float32": "float16", "float64": "float32"}[dtype]
-            w, b, rm, rv = _params(C, rng, pdt)
+            w, b, rm, rv = _params(C, case_rng, pdt)
             yield f"{tag}/statistics", list(bn.statistics(x, axis=axis))
             yield f"{tag}/statistics64", list(bn.statistics(x, axis=axis, dtype="float64"))
             rm1, rv1 = rm.clone(), rv.clone()
