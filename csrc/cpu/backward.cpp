@@ -28,6 +28,9 @@ bool all_grad_sums(const Kernels<T>& k, const T* dy, const T* x, const Layout& L
                    const acc_t<T>* mean, const MapPass<T>* pre, F&& per_channel, B&& per_block) {
   const int64_t C = L.channels;
   const int64_t cs_dy = L.channel_stride[0], cs_x = L.channel_stride[1];
+  std::vector<acc_t<T>> plane_mean;  // tiny planes: the mean of each plane value's channel
+  if (plan.plane) spread_over_planes(&mean, 1, C, plan.plane, plane_mean);
+  const acc_t<T>* cl_mean = plan.plane ? plane_mean.data() : mean;
   return reduce_all<GradSums>(
       L, plan, (pre ? 5 : 2) * L.count * C,
       [&](int64_t c, int64_t b, int64_t e) {
@@ -42,12 +45,14 @@ bool all_grad_sums(const Kernels<T>& k, const T* dy, const T* x, const Layout& L
         k.grad_sums_channels(dy + c0 * cs_dy, x + c0 * cs_x, L, n, b, e, mean + c0, s1, s2);
         for (int64_t i = 0; i < n; ++i) out[i] = GradSums{s1[i], s2[i]};
       },
-      [&](int64_t b, int64_t e, GradSums* out) {
-        if (pre) k.cl_map[static_cast<int>(pre->kind)](pre->in, pre->out, L, b, e, pre->coef, pre->nt);
-        std::vector<acc_t<T>> scratch(static_cast<size_t>(3 * C));
-        std::vector<double> s(static_cast<size_t>(2 * C));
-        k.cl_grad_sums(dy, x, L, b, e, mean, s.data(), s.data() + C, scratch.data());
-        for (int64_t c = 0; c < C; ++c) out[c] = GradSums{s[c], s[C + c]};
+      [&](const Layout& W, int64_t b, int64_t e, GradSums* out) {
+        // (The masking passes have no coefficients.)
+        if (pre) k.cl_map[static_cast<int>(pre->kind)](pre->in, pre->out, W, b, e, pre->coef, pre->nt);
+        const int64_t n = W.channels;
+        std::vector<acc_t<T>> scratch(static_cast<size_t>(3 * n));
+        std::vector<double> s(static_cast<size_t>(2 * n));
+        k.cl_grad_sums(dy, x, W, b, e, cl_mean, s.data(), s.data() + n, scratch.data());
+        for (int64_t c = 0; c < n; ++c) out[c] = GradSums{s[c], s[n + c]};
       },
       [](const GradSums& a, const GradSums& b) { return GradSums{a.dy + b.dy, a.dy_xmu + b.dy_xmu}; },
       [&](int64_t c, const GradSums& s) { per_channel(c, s.dy, s.dy_xmu); }, per_block);
@@ -92,7 +97,7 @@ void backward(const BackwardParams& p, const Layout& L) {
     // Fused (core/backend.h): the masking pass of split_masked_backward, made range by range
     // ahead of the reduction, which reads its output as dy; one layout walks all arrays.
     const bool masked = p.activation == Activation::relu || p.dresidual.defined();
-    const Plan plan = make_plan(L, (masked ? 5 : 3) * sizeof(T));
+    const Plan plan = make_plan<T>(L, (masked ? 5 : 3) * sizeof(T));
     const std::vector<A> mean = load_vector<A>(p.saved_mean, C, A(0));
     const std::vector<A> invstd = load_vector<A>(p.saved_invstd, C, A(1));
     std::vector<A> weight = load_vector<A>(p.weight, C, A(1));
@@ -149,7 +154,7 @@ void backward_reduce(const BackwardReduceParams& p, const Layout& L) {
       return;
     }
     const std::vector<A> mean = load_vector<A>(p.mean, C, A(0));
-    all_grad_sums(kernels_for<T>(), p.dy.ptr<const T>(), p.x.ptr<const T>(), L, make_plan(L, 3 * sizeof(T)),
+    all_grad_sums(kernels_for<T>(), p.dy.ptr<const T>(), p.x.ptr<const T>(), L, make_plan<T>(L, 3 * sizeof(T)),
                   mean.data(), static_cast<const MapPass<T>*>(nullptr), per_channel, [](int64_t, int64_t) {});
   });
 }
@@ -170,7 +175,7 @@ void backward_elemt(const BackwardElemtParams& p, const Layout& L) {
                                            invstd[c], weight[c]));
     const bool nt = stream_output(3 * L.count * C * static_cast<int64_t>(sizeof(T)));
     map_all(kernels_for<T>(), coef.pass(p.dy.ptr<const T>(), p.x.ptr<const T>(), p.dx.ptr<T>(), nt), L,
-            make_plan(L, 3 * sizeof(T)));
+            make_plan<T>(L, 3 * sizeof(T)));
   });
 }
 

@@ -13,7 +13,7 @@ void elementwise(const ElementwiseParams& p, const Layout& L) {
     const int arrays = map_inputs(m.kind) + 1;
     m.nt = stream_output(arrays * L.count * L.channels * static_cast<int64_t>(sizeof(T)));
     m.memory_order = true;
-    if (L.count > 0) map_all(kernels_for<T>(), m, L, make_plan(L, arrays * sizeof(T)));
+    if (L.count > 0) map_all(kernels_for<T>(), m, L, make_plan<T>(L, arrays * sizeof(T)));
   });
 }
 

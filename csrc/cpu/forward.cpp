@@ -44,7 +44,7 @@ void forward_training(const ForwardTrainingParams& p, const Layout& L) {
     using A = acc_t<T>;
     const Kernels<T>& k = kernels_for<T>();
     const int64_t C = L.channels;
-    const Plan plan = make_plan(L, forward_bytes<T>(p));
+    const Plan plan = make_plan<T>(L, forward_bytes<T>(p));
     const std::vector<A> weight = load_vector<A>(p.weight, C, A(1));
     const std::vector<A> bias = load_vector<A>(p.bias, C, A(0));
     std::vector<double> batch_var(static_cast<size_t>(C));
@@ -116,7 +116,7 @@ void forward_inference(const ForwardInferenceParams& p, const Layout& L) {
     }
     const bool nt = stream_output(L.count * C * forward_bytes<T>(p));
     map_all(kernels_for<T>(), forward_pass<T>(p, mean.data(), scale.data(), bias.data(), nt), L,
-            make_plan(L, forward_bytes<T>(p)));
+            make_plan<T>(L, forward_bytes<T>(p)));
   });
 }
 

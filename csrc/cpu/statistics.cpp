@@ -9,7 +9,7 @@ void statistics(const StatisticsParams& p, const Layout& L) {
   dispatch_dtype(p.x.dtype, "x", [&](auto d) {
     using T = storage_t<decltype(d)::value>;
     using A = acc_t<T>;
-    const Plan plan = make_plan(L, sizeof(T));
+    const Plan plan = make_plan<T>(L, sizeof(T));
     // Outputs in A, or in double: the moments unrounded (see StatisticsParams).
     const bool wide = p.mean.dtype == DType::float64;
     all_moments(kernels_for<T>(), p.x.ptr<const T>(), L, plan, [&](int64_t c, const Moments<double>& m) {
