@@ -41,6 +41,11 @@ CASES = {
     "odd-channels-last": ((4099, 11), -1, None),
     # Rows wider than a register tile: blocks of positions, and two runs per group.
     "wide-channels-last": ((18000, 136), 1, None),
+    # Few positions, many channels: one group, its channels cut into blocks by the thread count
+    # (2 and 3 threads cut them differently; runs of 31 positions, as the whole row takes).
+    "few-positions-wide-channels-last": ((40, 2056), 1, None),
+    # Planes of 9 values walked as channels-last rows of 2700, cut into blocks likewise.
+    "tiny-planes": ((48, 300, 3, 3), 1, None),
     "middle-axis-odd": ((3, 5, 17, 131), 2, None),
     "sliced": ((4, 6, 64, 130), 1, (slice(None), slice(None), slice(None), slice(None, None, 2))),
 }

@@ -45,13 +45,15 @@ bool all_grad_sums(const Kernels<T>& k, const T* dy, const T* x, const Layout& L
         k.grad_sums_channels(dy + c0 * cs_dy, x + c0 * cs_x, L, n, b, e, mean + c0, s1, s2);
         for (int64_t i = 0; i < n; ++i) out[i] = GradSums{s1[i], s2[i]};
       },
-      [&](const Layout& W, int64_t b, int64_t e, GradSums* out) {
-        // (The masking passes have no coefficients.)
-        if (pre) k.cl_map[static_cast<int>(pre->kind)](pre->in, pre->out, W, b, e, pre->coef, pre->nt);
-        const int64_t n = W.channels;
+      [&](const Layout& R, int64_t c0, int64_t b, int64_t e, GradSums* out) {
+        if (pre) {
+          const MapPass<T> r = channels_from(*pre, pre->coef, c0);
+          k.cl_map[static_cast<int>(pre->kind)](r.in, r.out, R, b, e, r.coef, pre->nt);
+        }
+        const int64_t n = R.channels;
         std::vector<acc_t<T>> scratch(static_cast<size_t>(3 * n));
         std::vector<double> s(static_cast<size_t>(2 * n));
-        k.cl_grad_sums(dy, x, W, b, e, cl_mean, s.data(), s.data() + n, scratch.data());
+        k.cl_grad_sums(dy + c0, x + c0, R, b, e, cl_mean + c0, s.data(), s.data() + n, scratch.data());
         for (int64_t c = 0; c < n; ++c) out[c] = GradSums{s[c], s[n + c]};
       },
       [](const GradSums& a, const GradSums& b) { return GradSums{a.dy + b.dy, a.dy_xmu + b.dy_xmu}; },

@@ -84,7 +84,12 @@ struct Kernels {
   void (*grad_sums_channels)(const T* dy, const T* x, const Layout& L, int64_t nc, int64_t begin, int64_t end,
                              const A* mean, double* sum_dy, double* sum_dy_xmu);
   // Channels-last primitives: every channel of positions [p0, p1). `scratch` holds 3*C A's.
-  void (*cl_moments)(const T* x, const Layout& L, int64_t p0, int64_t p1, Moments<double>* out, A* scratch);
+  // A call may take a range of a wider row's channels (L.channels of them, pointers at the
+  // first): each channel's operations do not depend on its neighbours, so a range that starts
+  // at a multiple of 64 channels gets the bits of the whole row, given the runs of positions
+  // the whole row takes (`run`: channels_last_run of its width).
+  void (*cl_moments)(const T* x, const Layout& L, int64_t p0, int64_t p1, int64_t run, Moments<double>* out,
+                     A* scratch);
   // out = recipe over every channel of positions [p0, p1); k[j]: the (C,) values of coefficient j.
   void (*cl_map[kMapKinds])(const T* const* in, T* out, const Layout& L, int64_t p0, int64_t p1,
                             const A* const* k, bool nt);

@@ -90,7 +90,9 @@ struct Plan {
   int64_t pieces = 1;   // channels-first: kPiece blocks per channel
   int64_t count = 0;
   bool channel_parallel = true;  // channels-first: one task per block of channels
-  int64_t channel_block = 1;     // channels-first, channel-parallel: channels per task
+  // Channels per task: channels-first channel-parallel plans; channels-last plans (a multiple
+  // of kMergeChannels, or the whole row), whose tasks are (group, block of channels).
+  int64_t channel_block = 1;
 
   int64_t channel_blocks(int64_t C) const { return (C + channel_block - 1) / channel_block; }
   // The layout the executors walk: the op's, or its tiny-plane view.
@@ -104,6 +106,35 @@ struct Plan {
     return {pb * kPiece, std::min(count, pe * kPiece)};
   }
 };
+
+// Channels per task of the channels-last merge of group partials, and the unit of its blocks of
+// channels.
+constexpr int64_t kMergeChannels = 64;
+// Channels-last tasks take at least this many channels of a row, and this many values.
+constexpr int64_t kMinTaskChannels = 256;
+constexpr int64_t kMinTaskValues = 1 << 14;
+
+// Channels per task of a channels-last plan with `groups` groups of positions (`count`
+// positions in all): the whole row, unless there are fewer than two groups per thread (few
+// positions: (64, 4096), or 32x2048x3x3 as tiny planes, ran on one thread): then blocks of
+// whole merge units, for two tasks per thread. The kernels give a block the bits of the whole
+// row (kernels.h), so this may follow the thread count.
+inline int64_t channels_last_block(int64_t C, int64_t count, int64_t groups) {
+  const int64_t T = thread_count();
+  if (T == 1 || groups >= 2 * T) return std::max<int64_t>(C, 1);
+  const int64_t most = std::min(C / kMinTaskChannels, C * (count / groups) / kMinTaskValues);
+  const int64_t blocks = std::clamp<int64_t>((2 * T + groups - 1) / groups, 1, std::max<int64_t>(1, most));
+  const int64_t per = (C + blocks - 1) / blocks;
+  return std::max<int64_t>(1, (per + kMergeChannels - 1) / kMergeChannels * kMergeChannels);
+}
+
+// Channels [0, n) of a channels-last layout, for a task that takes n channels of the row
+// (pointers moved to its first channel by the caller: channel stride 1).
+inline Layout channel_range(const Layout& L, int64_t n) {
+  Layout R = L;
+  R.channels = n;
+  return R;
+}
 
 // bytes_per_value: bytes of every array the op reads or writes, per value (2 * sizeof(T) for a
 // forward pass, 3 * sizeof(T) for backward); sizes the channel blocks so that one block's data
@@ -120,6 +151,7 @@ Plan make_plan(const Layout& op_layout, int64_t bytes_per_value) {
   p.channels_last = L.channels_last();
   if (p.channels_last) {
     p.groups = std::clamp<int64_t>((L.count + kChannelsLastMinGroup - 1) / kChannelsLastMinGroup, 1, kMaxGroups);
+    p.channel_block = channels_last_block(L.channels, L.count, p.groups);
   } else {
     p.pieces = std::max<int64_t>(1, (L.count + kPiece - 1) / kPiece);
     p.groups = std::min(p.pieces, kMaxGroups);
@@ -148,15 +180,13 @@ Plan make_plan(const Layout& op_layout, int64_t bytes_per_value) {
 
 // ---- the reduce executor ----------------------------------------------------------------
 
-// Channels per task of the channels-last merge of group partials.
-constexpr int64_t kMergeChannels = 64;
-
 // One reduction over every channel, whichever the layout, for a partial type P (Moments of
 // x; backward's sums): `piece(c, b, e)` reduces values [b, e) of channel c (channels-first),
 // `pieces(c0, n, b, e, out)` the same of n (<= kBlockChannels) channels from c0 into out[0..n)
 // in one call (the channel-parallel walk; the same bits as n calls of piece),
-// `cl(W, b, e, out)` positions [b, e) of every channel of the walked layout W into
-// out[0..W.channels) (channels-last, and tiny planes: see Plan), and
+// `cl(R, c0, b, e, out)` positions [b, e) of channels [c0, c0 + R.channels) of the walked
+// layout into out[0..R.channels) (channels-last, and tiny planes: see Plan; R is the range's
+// layout, channel_range), and
 // `merge(a, b)` combines partials in a fixed order: pieces in order within a group, groups in
 // order, whatever the plan, so results are bitwise reproducible across thread counts.
 // `per_channel(c, p)` is called once channel c's partial is final. In the channels-first
@@ -170,9 +200,11 @@ bool reduce_all(const Layout& L, const Plan& plan, int64_t work, Piece&& piece, 
     const Layout& W = plan.walk(L);
     const int64_t C = W.channels;
     std::vector<P> partial(static_cast<size_t>(plan.groups * C));
-    parallel_for(plan.groups, work, [&](int64_t g) {
+    const int64_t cb = plan.channel_block, ranges = plan.channel_blocks(C);
+    parallel_for(plan.groups * ranges, work, [&](int64_t task) {
+      const int64_t g = task / ranges, c0 = task % ranges * cb;
       const auto [b, e] = plan.range(g);
-      cl(W, b, e, partial.data() + g * C);
+      cl(channel_range(W, std::min(C, c0 + cb) - c0), c0, b, e, partial.data() + g * C + c0);
     });
     // Tiny planes: the walk's channels are planes' values; each channel's plane is merged in
     // order once they are final.
@@ -258,15 +290,16 @@ template <class T, class F, class B>
 bool all_moments(const Kernels<T>& k, const T* x, const Layout& L, const Plan& plan, F&& per_channel,
                  B&& per_block) {
   const int64_t C = L.channels;
+  const int64_t run = channels_last_run(plan.walk(L).channels, sizeof(T));  // of the whole row
   return reduce_all<Moments<double>>(
       L, plan, L.count * C,
       [&](int64_t c, int64_t b, int64_t e) { return k.moments(x + c * L.channel_stride[0], L, b, e); },
       [&](int64_t c0, int64_t n, int64_t b, int64_t e, Moments<double>* out) {
         k.moments_channels(x + c0 * L.channel_stride[0], L, n, b, e, out);
       },
-      [&](const Layout& W, int64_t b, int64_t e, Moments<double>* out) {
-        std::vector<acc_t<T>> scratch(static_cast<size_t>(3 * W.channels));
-        k.cl_moments(x, W, b, e, out, scratch.data());
+      [&](const Layout& R, int64_t c0, int64_t b, int64_t e, Moments<double>* out) {
+        std::vector<acc_t<T>> scratch(static_cast<size_t>(3 * R.channels));
+        k.cl_moments(x + c0, R, b, e, run, out, scratch.data());
       },
       [](const Moments<double>& a, const Moments<double>& b) { return merge_moments(a, b); }, per_channel,
       per_block);
@@ -301,6 +334,17 @@ struct MapPass {
   // backward's were tuned without it).
   bool memory_order = false;
 };
+
+// A channels-last pass (coefficients `coef`) moved to channel c0 of every array: a task's
+// block of channels (channel stride 1).
+template <class T>
+MapPass<T> channels_from(const MapPass<T>& m, const acc_t<T>* const* coef, int64_t c0) {
+  MapPass<T> r = m;
+  for (int j = 0; j < map_inputs(m.kind); ++j) r.in[j] = m.in[j] + c0;
+  r.out = m.out + c0;
+  for (int j = 0; j < map_coefficients(m.kind); ++j) r.coef[j] = coef[j] + c0;
+  return r;
+}
 
 // The map pass of one of the op layer's elementwise passes (core/backend.h), regular stores.
 template <class T>
@@ -356,9 +400,13 @@ void map_all(const Kernels<T>& k, const MapPass<T>& m, const Layout& L, const Pl
       coef = spread;
     }
     const Layout& W = plan.walk(L);
-    parallel_for(plan.groups, work, [&](int64_t g) {
+    const int64_t cb = plan.channel_block, blocks = plan.channel_blocks(W.channels);
+    parallel_for(plan.groups * blocks, work, [&](int64_t task) {
+      const int64_t g = task / blocks, c0 = task % blocks * cb;
       const auto [b, e] = plan.range(g);
-      k.cl_map[static_cast<int>(m.kind)](m.in, m.out, W, b, e, coef, m.nt);
+      const MapPass<T> r = channels_from(m, coef, c0);
+      k.cl_map[static_cast<int>(m.kind)](r.in, r.out, channel_range(W, std::min(W.channels, c0 + cb) - c0), b, e,
+                                         r.coef, m.nt);
     });
   } else if (m.memory_order && L.nred == 2 && L.inner() >= kMemoryOrderRow) {
     // Long rows: walk memory in order (all channels of one outer index, then the next), as a

@@ -306,13 +306,13 @@ static inline void merge_run(int64_t C, int64_t count, const A* __restrict cente
 // holds at most kChannelsLastRunBytes), so neither a mean that dwarfs the spread nor an
 // outlier costs digits. Channels go in register tiles across the run's positions.
 template <class T>
-void cl_moments(const T* x, const Layout& L, int64_t p0, int64_t p1, Moments<double>* out, acc_t<T>* scratch) {
+void cl_moments(const T* x, const Layout& L, int64_t p0, int64_t p1, int64_t run, Moments<double>* out,
+                acc_t<T>* scratch) {
   using A = acc_t<T>;
   using V = vec_t<A>;
   constexpr int VL = vlen<A>;
   const int64_t C = L.channels;
   const int64_t Cv = C / VL * VL;
-  const int64_t run = channels_last_run(C, sizeof(T));
   A* center = scratch;
   A* dev = scratch + C;
   A* sq = scratch + 2 * C;
