@@ -13,11 +13,11 @@ constexpr auto grad_term_of = [](auto dy, auto x, auto mean) { return grad_term(
 // accumulator k, the tail vector's repeated lanes masked out of both sums. Row by row with the
 // channels of a row back to back, memory order for adjacent channels (see
 // moments_short_rows_channels); each channel's operations and their order do not depend on nc
-// or on its neighbours: the same bits.
+// or on its neighbours: the same bits. `prefetch`: the data come from memory.
 template <class T, int NV, int MaxC = kBlockChannels>
 void grad_sums_short_rows_channels(const T* dy, const T* x, const Layout& L, int64_t cd, int64_t cx, int64_t nc,
                                    int64_t begin, int64_t end, const acc_t<T>* mean, double* sum_dy,
-                                   double* sum_dy_xmu) {
+                                   double* sum_dy_xmu, bool prefetch) {
   using A = acc_t<T>;
   using V = vec_t<A>;
   constexpr int VL = vlen<A>;
@@ -31,7 +31,7 @@ void grad_sums_short_rows_channels(const T* dy, const T* x, const Layout& L, int
   const int64_t span_dy = ((nc - 1) * cd + L.inner()) * static_cast<int64_t>(sizeof(T));
   const int64_t span_x = ((nc - 1) * cx + L.inner()) * static_cast<int64_t>(sizeof(T));
   for_each_segment<2>(L, begin, end, [&](const int64_t* off, int64_t len) {
-    if (L.nred == 2) {
+    if (prefetch && L.nred == 2) {
       prefetch_span(dy + off[0] + ahead_dy, span_dy);
       prefetch_span(x + off[1] + ahead_x, span_x);
     }
@@ -75,7 +75,7 @@ void grad_sums(const T* dy, const T* x, const Layout& L, int64_t begin, int64_t 
   constexpr int VL = vlen<A>;
   if (L.inner_stride(1) == 1 && with_short_rows<A>(L, 0, [&](auto nv) {
         grad_sums_short_rows_channels<T, decltype(nv)::value, 1>(dy, x, L, 0, 0, 1, begin, end, &mean, sum_dy,
-                                                                  sum_dy_xmu);
+                                                                  sum_dy_xmu, true);
       }))
     return;
   const int64_t sd = L.inner_stride(0), sx = L.inner_stride(1);
@@ -209,14 +209,15 @@ void cl_grad_sums(const T* dy, const T* x, const Layout& L, int64_t p0, int64_t 
 // row across the channels (grad_sums_short_rows_channels), other rows channel by channel.
 template <class T>
 void grad_sums_channels(const T* dy, const T* x, const Layout& L, int64_t nc, int64_t begin, int64_t end,
-                        const acc_t<T>* mean, double* sum_dy, double* sum_dy_xmu) {
+                        const acc_t<T>* mean, double* sum_dy, double* sum_dy_xmu, bool prefetch) {
   using A = acc_t<T>;
   const int64_t cd = L.channel_stride[0], cx = L.channel_stride[1];
   for (int64_t i0 = 0; i0 < nc; i0 += kBlockChannels) {
     const int64_t m = std::min<int64_t>(kBlockChannels, nc - i0);
     if (!(L.inner_stride(1) == 1 && with_short_rows<A>(L, 0, [&](auto nv) {
             grad_sums_short_rows_channels<T, decltype(nv)::value>(dy + i0 * cd, x + i0 * cx, L, cd, cx, m, begin,
-                                                                  end, mean + i0, sum_dy + i0, sum_dy_xmu + i0);
+                                                                  end, mean + i0, sum_dy + i0, sum_dy_xmu + i0,
+                                                                  prefetch);
           })))
       for (int64_t i = i0; i < i0 + m; ++i)
         grad_sums(dy + i * cd, x + i * cx, L, begin, end, mean[i], sum_dy + i, sum_dy_xmu + i);

@@ -184,7 +184,7 @@ void map_channels(const T* const* in, T* out, const Layout& L, int64_t nc, int64
             // Every array's rows of the block a few rows ahead, as the reductions do (see
             // moments_short_rows_channels): runs of 16 planes, far apart, that the hardware
             // prefetchers do not follow in time.
-            if (L.nred == 2) {
+            if (nt && L.nred == 2) {
               #pragma GCC unroll 4
               for (int j = 0; j < N; ++j)
                 prefetch_span(in[j] + i0 * L.channel_stride[j] + off[j] + kPrefetchRows * L.strides[j][0],

@@ -113,9 +113,10 @@ static inline __attribute__((always_inline)) void prefetch_span_for_write(T* p, 
 // reads memory in order: one channel at a time, a piece of a 7x7 plane is 167 runs of 196
 // bytes, 400 KB apart in 256x2048x7x7, too short for the hardware prefetchers. Each channel's
 // operations and their order do not depend on nc or on its neighbours: the same bits.
+// `prefetch`: the data come from memory (see Plan::from_memory).
 template <class T, int NV, int MaxC = kBlockChannels>
 void moments_short_rows_channels(const T* x, const Layout& L, int64_t cs, int64_t nc, int64_t begin, int64_t end,
-                                 Moments<double>* out) {
+                                 Moments<double>* out, bool prefetch) {
   using A = acc_t<T>;
   using V = vec_t<A>;
   using R = ShortRow<T, NV>;
@@ -126,7 +127,7 @@ void moments_short_rows_channels(const T* x, const Layout& L, int64_t cs, int64_
   const int64_t ahead = kPrefetchRows * L.strides[0][0];
   const int64_t span = ((nc - 1) * cs + L.inner()) * static_cast<int64_t>(sizeof(T));
   for_each_row(L, 0, begin, end, [&](int64_t off, int64_t len) {
-    if (L.nred == 2) prefetch_span(x + off + ahead, span);
+    if (prefetch && L.nred == 2) prefetch_span(x + off + ahead, span);
     for (int64_t i = 0; i < nc; ++i) R::each(x + i * cs + off, len, [&](int k, V v, V, bool) { sum[i][k] += v; });
   });
   const A n = static_cast<A>(end - begin);
@@ -172,7 +173,7 @@ Moments<double> moments(const T* x, const Layout& L, int64_t begin, int64_t end)
   using V = vec_t<A>;
   Moments<double> short_result;
   if (with_short_rows<A>(L, 0, [&](auto nv) {
-        moments_short_rows_channels<T, decltype(nv)::value, 1>(x, L, 0, 1, begin, end, &short_result);
+        moments_short_rows_channels<T, decltype(nv)::value, 1>(x, L, 0, 1, begin, end, &short_result, true);
       }))
     return short_result;
   const int64_t s = L.inner_stride(0);
@@ -217,13 +218,15 @@ Moments<double> moments(const T* x, const Layout& L, int64_t begin, int64_t end)
 // each, into out[0..nc): short rows walked row by row across the channels (see
 // moments_short_rows_channels), other rows channel by channel. The same bits as moments().
 template <class T>
-void moments_channels(const T* x, const Layout& L, int64_t nc, int64_t begin, int64_t end, Moments<double>* out) {
+void moments_channels(const T* x, const Layout& L, int64_t nc, int64_t begin, int64_t end, Moments<double>* out,
+                      bool prefetch) {
   using A = acc_t<T>;
   const int64_t cs = L.channel_stride[0];
   for (int64_t i0 = 0; i0 < nc; i0 += kBlockChannels) {
     const int64_t m = std::min<int64_t>(kBlockChannels, nc - i0);
     if (!with_short_rows<A>(L, 0, [&](auto nv) {
-          moments_short_rows_channels<T, decltype(nv)::value>(x + i0 * cs, L, cs, m, begin, end, out + i0);
+          moments_short_rows_channels<T, decltype(nv)::value>(x + i0 * cs, L, cs, m, begin, end, out + i0,
+                                                              prefetch);
         }))
       for (int64_t i = 0; i < m; ++i) out[i0 + i] = moments(x + (i0 + i) * cs, L, begin, end);
   }
