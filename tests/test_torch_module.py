@@ -322,6 +322,81 @@ def test_torch_compile_fullgraph_matches_eager():
         assert rel_err(compiled(x), eager(x)) < 1e-5
 
 
+# ---- eager calls skip the registered ops ----------------------------------------------------
+
+
+def _step(m, x, dy):
+    """A training step's outputs, gradients and buffers; in eval, inference without autograd."""
+    if not m.training:
+        with torch.no_grad():
+            return [m(x), m.running_mean, m.running_var]
+    x = x.clone().requires_grad_()
+    y = m(x)
+    y.backward(dy)
+    return [y, x.grad, m.weight.grad, m.bias.grad, m.running_mean, m.running_var, m.num_batches_tracked]
+
+
+def _bits(t):
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_eager_calls_give_the_bits_of_the_registered_ops(monkeypatch, dtype, channels_last, training):
+    # The layers call the kernels directly in eager mode (an autograd.Function in training,
+    # inference when no gradient is wanted); forced onto the registered ops they must give the
+    # same bits: outputs, gradients, buffers.
+    import batchnorm.torch._ops as _ops
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(6, 5, 4, 3, generator=g) * 2 + 1).to(dtype).contiguous(memory_format=fmt)
+    dy = torch.randn(6, 5, 4, 3, generator=g).to(dtype)
+    m = bt.BatchNorm2d(5, dtype=dtype)
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 2, generator=g), m.bias.normal_(generator=g)
+        m.running_mean.normal_(generator=g), m.running_var.uniform_(0.5, 2, generator=g)
+    m.train(training)
+    m_ops = copy.deepcopy(m)
+    calls = []
+    real = _ops.eager
+    monkeypatch.setattr(_ops, "eager", lambda *t: calls.append(real(*t)) or calls[-1])
+    fast = _step(m, x, dy)
+    assert calls == [True], calls  # this step took the eager call
+    monkeypatch.setattr(_ops, "eager", lambda *t: False)
+    slow = _step(m_ops, x, dy)
+    names = ["y", "dx", "dweight", "dbias", "running_mean", "running_var", "batches"] if training else \
+        ["y", "running_mean", "running_var"]
+    for name, a, b in zip(names, fast, slow, strict=True):
+        assert _bits(a) == _bits(b), name
+
+
+def test_eager_training_bumps_buffer_versions_and_refuses_double_backward():
+    m = bt.BatchNorm2d(3)
+    v0 = (m.running_mean._version, m.running_var._version)
+    x = torch.randn(4, 3, 2, 2, requires_grad=True)
+    y = m(x)
+    assert m.running_mean._version > v0[0] and m.running_var._version > v0[1]  # as an in-place op would
+    (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()  # README: no double backward
+
+
+def test_eager_call_conditions():
+    import batchnorm.torch._ops as _ops
+
+    x = torch.randn(2, 3)
+    assert _ops.eager(x, nn.Parameter(torch.ones(3)), None)
+    assert not _ops.eager(torch.empty(2, 3, device="meta"))
+    assert not _ops.eager(x.as_subclass(type("Sub", (torch.Tensor,), {})))
+    assert not torch.func.vmap(lambda t: torch.tensor(_ops.eager(t)))(torch.randn(2, 3)).any()
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        assert not _ops.eager(mode.from_tensor(x))
+
+
 # ---- packaging ------------------------------------------------------------------------------
 
 

@@ -31,6 +31,8 @@ def batch_norm(
     place; otherwise the running statistics normalize it."""
     if training:
         F._verify_batch_size(input.size())  # torch's own check and message
+        if _ops.eager(input, weight, bias, running_mean, running_var):
+            return _ops.train_eager(input, weight, bias, running_mean, running_var, momentum, eps)
         y, _, _, new_mean, new_var = torch.ops.batchnorm.forward_training(
             input, weight, bias, running_mean, running_var, momentum, eps
         )
@@ -41,6 +43,9 @@ def batch_norm(
         return y
     if running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var must be given when training=False, got None")
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))) and \
+            _ops.eager(input, weight, bias, running_mean, running_var):
+        return _ops._forward_inference(input, running_mean, running_var, weight, bias, eps)  # no autograd to record
     return torch.ops.batchnorm.forward_inference(input, running_mean, running_var, weight, bias, eps)
 
 
