@@ -179,7 +179,11 @@ Plan make_plan(const Layout& op_layout, int64_t bytes_per_value) {
       // backward 49 -> 32 ms (fastest of 11).
       if (L.nred == 2 && L.strides[0][1] == 1 && L.inner() <= kSmallPlane)
         fit = std::max(fit, std::min(kBlockChannels, last_level_cache_bytes() / 2 / T / channel_bytes));
-      p.channel_block = std::max<int64_t>(1, std::min(fit, (C + T - 1) / T));
+      // As few blocks as fit, a multiple of the thread count, evenly sized: blocks of at most
+      // `fit` channels alone left 8x512x7x7 backward (3 blocks of 222, 222 and 68 channels) one
+      // thread's worth of channels on one thread and a seventh on the other.
+      const int64_t blocks = ((C + fit - 1) / fit + T - 1) / T * T;
+      p.channel_block = std::max<int64_t>(1, (C + blocks - 1) / blocks);
     }
   }
   return p;
