@@ -44,6 +44,8 @@ CASES = {
     # Few positions, many channels: one group, its channels cut into blocks by the thread count
     # (2 and 3 threads cut them differently; runs of 31 positions, as the whole row takes).
     "few-positions-wide-channels-last": ((40, 2056), 1, None),
+    # 8 groups of positions: on 3 threads the wide rows are also halved to even the load.
+    "uneven-groups-wide-channels-last": ((450, 2056), 1, None),
     # Planes of 9 values walked as channels-last rows of 2700, cut into blocks likewise.
     "tiny-planes": ((48, 300, 3, 3), 1, None),
     "middle-axis-odd": ((3, 5, 17, 131), 2, None),
