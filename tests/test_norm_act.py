@@ -105,3 +105,50 @@ def test_functional_errors():
         batch_norm_act(x, None, None, training=False)
     with pytest.raises(TypeError, match="residual must have the dtype of x"):
         batch_norm_act(x, None, None, training=True, residual=torch.randn(4, 3, 5, 5, dtype=torch.float64))
+
+
+def _bits(t):
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_eager_calls_give_the_bits_of_the_registered_ops(monkeypatch, dtype, residual, training):
+    # As the plain layers (test_torch_module): eager calls skip the dispatcher (an
+    # autograd.Function in training, inference without autograd when no gradient is wanted),
+    # with the bits of the registered ops: outputs, gradients (the residual's too), buffers.
+    import copy
+
+    import batchnorm.torch._ops as _ops
+
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(6, 12, 5, 4, generator=g) * 2 + 1).to(dtype).contiguous(memory_format=torch.channels_last)
+    r = torch.randn(6, 12, 5, 4, generator=g).to(dtype) if residual else None
+    dy = torch.randn(6, 12, 5, 4, generator=g).to(dtype)
+    m = BatchNormAct2d(12, dtype=dtype)
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 2, generator=g), m.bias.normal_(generator=g)
+    m.train(training)
+    m_ops = copy.deepcopy(m)
+
+    def step(layer):
+        if not training:
+            with torch.no_grad():
+                return [layer(x, r), layer.running_mean, layer.running_var]
+        xg = x.clone().requires_grad_()
+        rg = r.clone().requires_grad_() if residual else None
+        y = layer(xg, rg)
+        y.backward(dy)
+        grads = [xg.grad, layer.weight.grad, layer.bias.grad] + ([rg.grad] if residual else [])
+        return [y, layer.running_mean, layer.running_var, layer.num_batches_tracked] + grads
+
+    calls = []
+    real = _ops.eager
+    monkeypatch.setattr(_ops, "eager", lambda *t: calls.append(real(*t)) or calls[-1])
+    fast = step(m)
+    assert calls == [True], calls
+    monkeypatch.setattr(_ops, "eager", lambda *t: False)
+    slow = step(m_ops)
+    for i, (a, b) in enumerate(zip(fast, slow, strict=True)):
+        assert _bits(a) == _bits(b), i

@@ -66,9 +66,10 @@ def _new_running(x: Tensor, running: Optional[Tensor], fake: bool) -> Tensor:
     return torch.empty_like(running) if fake else running.clone()
 
 
-def _train(x, weight, bias, running_mean, running_var, momentum, eps):
-    """(y, saved_mean, saved_invstd) of training batch norm, the running statistics (when
-    given) updated in place by the core."""
+def _train(x, weight, bias, running_mean, running_var, momentum, eps, residual=None, activation=0):
+    """(y, saved_mean, saved_invstd) of training batch norm (fused with an add of `residual`
+    and activation code `activation` when given), the running statistics (when given) updated
+    in place by the core."""
     C = x.shape[_AXIS]
     y, mean, invstd = torch.empty_like(x), _vector(x, C), _vector(x, C)
     if x.numel() == 0:  # an empty batch (torch's rule): empty y, running statistics unchanged
@@ -76,6 +77,7 @@ def _train(x, weight, bias, running_mean, running_var, momentum, eps):
     _C.forward_training(
         _cap(x), _cap(weight), _cap(bias), _cap(running_mean), _cap(running_var),
         momentum, eps, _AXIS, _cap(y), None, None, 0, _call(x), _cap(mean), _cap(invstd),
+        residual=_cap(residual), activation=activation,
     )  # fmt: skip
     return y, mean, invstd
 
@@ -230,6 +232,15 @@ def eager(x: Tensor, *tensors: Optional[Tensor]) -> bool:
     return all(t is None or type(t) is Tensor or type(t) is torch.nn.Parameter for t in (x,) + tensors)
 
 
+def bump_versions(x: Tensor, running) -> None:
+    """The running statistics' versions after the core updated them in place (none for an
+    empty batch, which leaves them alone), as an in-place op would bump them."""
+    if x.numel() > 0:
+        for t in running:
+            if t is not None:
+                torch.autograd.graph.increment_version(t)
+
+
 class _Training(torch.autograd.Function):
     """forward_training's autograd without the dispatcher. The running statistics travel in a
     tuple, outside autograd's inputs, and are updated in place (their versions bumped, as an
@@ -238,9 +249,7 @@ class _Training(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running, momentum, eps):
         y, mean, invstd = _train(x, weight, bias, *running, momentum, eps)
-        for t in running:
-            if t is not None and x.numel() > 0:
-                torch.autograd.graph.increment_version(t)
+        bump_versions(x, running)
         ctx.save_for_backward(x, weight, mean, invstd)
         _dtypes(ctx, weight, bias)
         return y

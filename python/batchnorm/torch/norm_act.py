@@ -10,10 +10,11 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .. import _C
-from . import _ops  # noqa: F401  (the plain ops, and the helpers below)
-from ._ops import _AXIS, _call, _cap, _dtypes, _inference_grads, _new_running, _vector
+from . import _ops
+from ._ops import _AXIS, _call, _cap, _dtypes, _inference_grads, _new_running, _train, _vector
 
 _lib = torch.library.Library("batchnorm", "FRAGMENT")
 _lib.define(
@@ -38,17 +39,9 @@ def _code(relu: bool) -> int:
 @torch.library.impl(_lib, "forward_training_act", "CPU")
 @torch.library.impl(_lib, "forward_training_act", "CUDA")
 def _forward_training_act(x, residual, weight, bias, running_mean, running_var, momentum, eps, relu):
-    C = x.shape[_AXIS]
-    y, mean, invstd = torch.empty_like(x), _vector(x, C), _vector(x, C)
     new_mean, new_var = _new_running(x, running_mean, False), _new_running(x, running_var, False)
-    if x.numel() == 0:
-        return y, mean.fill_(float("nan")), invstd.fill_(float("nan")), new_mean, new_var
-    _C.forward_training(
-        _cap(x), _cap(weight), _cap(bias),
-        _cap(None if running_mean is None else new_mean), _cap(None if running_var is None else new_var),
-        momentum, eps, _AXIS, _cap(y), None, None, 0, _call(x), _cap(mean), _cap(invstd),
-        residual=_cap(residual), activation=_code(relu),
-    )  # fmt: skip
+    y, mean, invstd = _train(x, weight, bias, None if running_mean is None else new_mean,
+                             None if running_var is None else new_var, momentum, eps, residual, _code(relu))
     return y, mean, invstd, new_mean, new_var
 
 
@@ -107,19 +100,22 @@ def _training_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, invstd, new_mean, new_var)
 
 
-def _training_backward(ctx, dy, _dmean, _dinvstd, _dnew_mean, _dnew_var):
+def _training_grads(ctx, dy, backward):
+    """(dx, dresidual, dweight, dbias), each None unless needed, from `backward` (the op, or
+    its kernel)."""
     x, y, weight, mean, invstd = ctx.saved_tensors
     needs_x, needs_r, needs_w, needs_b = ctx.needs_input_grad[:4]
-    dx, dweight, dbias, dres = torch.ops.batchnorm.backward_act(
-        dy, x, y, mean, invstd, weight, ctx.relu, ctx.residual and needs_r
-    )
+    dx, dweight, dbias, dres = backward(dy, x, y, mean, invstd, weight, ctx.relu, ctx.residual and needs_r)
     return (
         dx if needs_x else None,
         dres if ctx.residual and needs_r else None,
         dweight.to(ctx.weight_dtype) if needs_w else None,
         dbias.to(ctx.bias_dtype) if needs_b else None,
-        None, None, None, None, None,
-    )  # fmt: skip
+    )
+
+
+def _training_backward(ctx, dy, _dmean, _dinvstd, _dnew_mean, _dnew_var):
+    return _training_grads(ctx, dy, torch.ops.batchnorm.backward_act) + (None,) * 5
 
 
 torch.library.register_autograd(
@@ -151,6 +147,25 @@ torch.library.register_autograd(
 )
 
 
+class _TrainingAct(torch.autograd.Function):
+    """forward_training_act's autograd without the dispatcher, for eager calls (see
+    _ops.eager); the running statistics as in _ops._Training."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, running, momentum, eps, relu):
+        y, mean, invstd = _train(x, weight, bias, *running, momentum, eps, residual, _code(relu))
+        _ops.bump_versions(x, running)
+        ctx.relu, ctx.residual = relu, residual is not None
+        ctx.save_for_backward(x, y, weight, mean, invstd)
+        _dtypes(ctx, weight, bias)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        return _training_grads(ctx, dy, _backward_act) + (None,) * 4
+
+
 def batch_norm_act(
     input: Tensor,
     running_mean: Optional[Tensor],
@@ -167,6 +182,8 @@ def batch_norm_act(
     without the add) as one op, with torch.nn.functional.batch_norm's arguments."""
     if training:
         F._verify_batch_size(input.size())
+        if _ops.eager(input, residual, weight, bias, running_mean, running_var):
+            return _TrainingAct.apply(input, residual, weight, bias, (running_mean, running_var), momentum, eps, relu)
         y, _, _, new_mean, new_var = torch.ops.batchnorm.forward_training_act(
             input, residual, weight, bias, running_mean, running_var, momentum, eps, relu
         )
@@ -177,6 +194,9 @@ def batch_norm_act(
         return y
     if running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var must be given when training=False, got None")
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, residual, weight, bias))) \
+            and _ops.eager(input, residual, weight, bias, running_mean, running_var):
+        return _forward_inference_act(input, residual, running_mean, running_var, weight, bias, eps, relu)
     return torch.ops.batchnorm.forward_inference_act(input, residual, running_mean, running_var, weight, bias, eps, relu)
 
 
