@@ -1,7 +1,9 @@
-"""Shared by the comparison benchmarks (bench/fused.py, bench/variants.py): the CPU benchmark's
-shapes, their memory layouts, and the interleaved timing of two callables."""
+"""Shared by the comparison benchmarks (bench/fused.py, bench/small.py, bench/variants.py): the
+CPU benchmark's shapes, their memory layouts, the interleaved timing of two callables, and the
+command line and set-up of a comparison against PyTorch."""
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
@@ -27,3 +29,24 @@ def median_pair(f_a, f_b, reps):
         f_b()
         b.append(time.perf_counter() - t)
     return statistics.median(a), statistics.median(b)
+
+
+def against_torch(doc: str, reps: int, quick: bool = False):
+    """The command line of a comparison with PyTorch (--threads, --reps, --dtype, and --quick
+    when it has a quick set): both libraries set to the thread count and the header printed.
+    Returns the parsed arguments and the torch dtype."""
+    import torch
+
+    import batchnorm as bn
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=reps)
+    if quick:
+        ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--dtype", default="float32")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    bn.set_num_threads(args.threads)
+    print(f"threads {args.threads}, dtype {args.dtype}, median of {args.reps}; ratio = torch / ours")
+    return args, getattr(torch, args.dtype)

@@ -10,24 +10,13 @@ PyTorch's time over ours (> 1: ours faster). The backward row times the gradient
 y = relu(bn(x) + r) with respect to x, weight, bias and r."""
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 import batchnorm as bn
-from _timing import QUICK, SHAPES, layouts, median_pair
+from _timing import QUICK, SHAPES, against_torch, layouts, median_pair
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=15)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--dtype", default="float32")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    bn.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-    print(f"threads {args.threads}, dtype {args.dtype}, median of {args.reps}; ratio = torch / ours")
+    args, dtype = against_torch(__doc__, reps=15, quick=True)
     print(f"{'case':28s} {'pass':9s} {'ours ms':>9s} {'torch ms':>9s} {'ratio':>6s}")
     for shape in QUICK if args.quick else SHAPES:
         for layout in layouts(shape):

@@ -14,13 +14,12 @@ of `reps` calls, the two sides interleaved call by call; ratio = PyTorch's time 
 (> 1: ours faster)."""
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import torch
 
 import batchnorm as bn
-from _timing import median_pair
+from _timing import against_torch, median_pair
 
 # (shape, channels_last)
 SHAPES = [
@@ -45,15 +44,7 @@ SHAPES = [
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=200)
-    ap.add_argument("--dtype", default="float32")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    bn.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-    print(f"threads {args.threads}, dtype {args.dtype}, median of {args.reps}; ratio = torch / ours")
+    args, dtype = against_torch(__doc__, reps=200)
     print(f"{'case':22s} {'pass':9s} {'ours us':>9s} {'torch us':>9s} {'ratio':>6s}")
     ratios = []
     for shape, channels_last in SHAPES:
