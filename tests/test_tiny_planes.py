@@ -1,7 +1,9 @@
 """Channels-first planes shorter than a cache line (2x2, 3x3, ...: cpu/plan.h, tiny_planes) are
-walked as channels-last positions of C * plane channels, and each channel's plane of partials is
-merged after the reduction. Every op on them, against the float64 reference, at any thread
-count with the same bits; the fused passes and the split backward too."""
+walked, from 4 positions and up to 2^16 view channels, as channels-last positions of C * plane
+channels, and each channel's plane of partials is merged after the reduction; channels-last
+rows with few positions are cut into blocks of channels. Every op on them, against the float64
+reference, at any thread count with the same bits; the fused passes and the split backward
+too; shapes on either side of the thresholds."""
 import numpy as np
 import pytest
 
@@ -25,11 +27,14 @@ from helpers import (
 SHAPES = [
     (8, 40, 2, 2),      # ResNet's last stage at 64x64 input
     (5, 33, 3, 3),      # 9 values: tiny below float64
-    (3, 7, 1, 5),       # a size-1 dim inside the plane
-    (1, 12, 3, 3),      # one image: the plane is the whole walk
-    (4, 6, 2, 1, 3),    # 3-D
-    (2, 1, 3, 3),       # one channel
+    (6, 7, 1, 5),       # a size-1 dim inside the plane
+    (4, 6, 2, 1, 3),    # 3-D, the fewest positions walked as channels-last
+    (9, 1, 3, 3),       # one channel
     (130, 9, 2, 7),     # 3 groups of positions, 14 values per plane
+    (16, 600, 3, 3),    # 5400 view channels: cut into blocks of channels by the thread count
+    (40, 2056),         # channels-last rows cut into blocks of channels (not a plane)
+    (3, 12, 3, 3),      # too few positions: channel by channel
+    (4, 8192, 3, 3),    # too many view channels: channel by channel
 ]
 
 

@@ -392,9 +392,24 @@ def test_eager_call_conditions():
     assert not _ops.eager(x.as_subclass(type("Sub", (torch.Tensor,), {})))
     assert not torch.func.vmap(lambda t: torch.tensor(_ops.eager(t)))(torch.randn(2, 3)).any()
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
 
     with FakeTensorMode() as mode:
         assert not _ops.eager(mode.from_tensor(x))
+
+    class Dispatch(TorchDispatchMode):  # as make_fx or FlopCounterMode: plain tensors, a mode
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    class Function(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    for mode in (Dispatch(), Function()):
+        with mode:
+            assert not _ops.eager(x), type(mode).__name__
+    assert _ops.eager(x)
 
 
 # ---- packaging ------------------------------------------------------------------------------

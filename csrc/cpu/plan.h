@@ -46,12 +46,19 @@ inline bool stream_output(int64_t bytes) { return bytes > stream_threshold_bytes
 // values in a row: the plan walks them as channels-last positions of C * plane channels, and
 // merges each channel's plane of partials after the reduction. 8x512x2x2 float32 training
 // took 155 us (torch 24 us) on the Xeon, 2 threads. The rule reads the shape and the dtype
-// alone, so the bits do not depend on the thread count or the ISA level.
+// alone, so the bits do not depend on the thread count or the ISA level. The walk keeps per
+// view channel partials (24 B a group) and spread coefficients: it needs a few positions to
+// pay for them (2x2048x3x3 training took 350 us this way, 190 channel by channel; 4 positions
+// were faster either way), and is bounded to 2^16 view channels (a few MB of temporaries; a
+// (1048576, 8) array reduced over axis 1 had grown its peak memory by 361 MB).
 constexpr int64_t kTinyPlaneBytes = 64;
+constexpr int64_t kTinyMinPositions = 4;
+constexpr int64_t kTinyMaxChannels = int64_t(1) << 16;
 
 inline bool tiny_planes(const Layout& L, int64_t acc_bytes) {
   const int64_t plane = L.inner();
   if (L.count == 0 || plane < 2 || plane * acc_bytes >= kTinyPlaneBytes || L.channels_last()) return false;
+  if (L.count / plane < kTinyMinPositions || L.channels > kTinyMaxChannels / plane) return false;
   for (int t = 0; t < L.ntensors; ++t)
     if (L.inner_stride(t) != 1 || L.channel_stride[t] != plane) return false;
   return true;

@@ -1,5 +1,6 @@
 // CPU threading: the process-wide thread count and parallel_for, a static OpenMP split of
-// independent tasks. Work is cut into tasks by the shape alone, never by the thread count,
+// independent tasks. Reductions are cut into groups by the shape alone, never by the thread
+// count, and any other cut (blocks of channels) leaves each channel's operations as they are,
 // so any number of threads computes the same bits.
 #pragma once
 #include <cstdint>

@@ -227,7 +227,7 @@ def eager(x: Tensor, *tensors: Optional[Tensor]) -> bool:
     (which also serve other devices: meta through the fake kernels)."""
     if not (x.is_cpu or x.is_cuda) or torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active():
         return False
-    if _get_current_dispatch_mode() is not None:
+    if _get_current_dispatch_mode() is not None or torch._C._is_torch_function_mode_enabled():
         return False
     return all(t is None or type(t) is Tensor or type(t) is torch.nn.Parameter for t in (x,) + tensors)
 
