@@ -116,7 +116,18 @@ void backward(const BackwardParams& p, const Layout& L) {
     const T* x = p.x.ptr<const T>();
     A* dweight = p.dweight.ptr<A>();
     A* dbias = p.dbias.ptr<A>();
-    const bool nt = stream_output((masked ? 5 : 3) * L.count * C * static_cast<int64_t>(sizeof(T)));
+    // Streamed dx where the op's distinct arrays cannot stay in the cache (out=dy counts once),
+    // and never over the masked gradient it holds without dresidual: those lines are dirty in
+    // cache by then, and a streamed store writes each back first. 32x64x56x56 float32, Xeon, 2
+    // threads: out=dy 2.7 -> 1.3 ms, the ReLU backward without residual 6.7 -> 3.6 ms.
+    const void* distinct[5] = {};
+    int n_distinct = 0;
+    for (const TensorView* t : {&p.dy, &p.x, &p.dx, &p.y, &p.dresidual})
+      if (t->defined() && (t != &p.y || p.activation == Activation::relu) &&
+          std::find(distinct, distinct + n_distinct, t->data) == distinct + n_distinct)
+        distinct[n_distinct++] = t->data;
+    const bool nt = !(masked && mask.out == dx) &&
+                    stream_output(n_distinct * L.count * C * static_cast<int64_t>(sizeof(T)));
     DxCoefficients<T> coef(C);
     const MapPass<T> pass = coef.pass(dy, x, dx, nt);
     const bool fused = all_grad_sums(
