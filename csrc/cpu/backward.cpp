@@ -186,9 +186,9 @@ void backward_elemt(const BackwardElemtParams& p, const Layout& L) {
     for (int64_t c = 0; c < C; ++c)
       coef.set(c, backward_coefficients<A>(sum_dy[c], sum_dy_xmu[c], static_cast<double>(p.count), mean[c],
                                            invstd[c], weight[c]));
-    const bool nt = stream_output(3 * L.count * C * static_cast<int64_t>(sizeof(T)));
-    map_all(kernels_for<T>(), coef.pass(p.dy.ptr<const T>(), p.x.ptr<const T>(), p.dx.ptr<T>(), nt), L,
-            make_plan<T>(L, 3 * sizeof(T)));
+    const Plan plan = make_plan<T>(L, 3 * sizeof(T));
+    map_all(kernels_for<T>(), coef.pass(p.dy.ptr<const T>(), p.x.ptr<const T>(), p.dx.ptr<T>(), plan.from_memory),
+            L, plan);
   });
 }
 

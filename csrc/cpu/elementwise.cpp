@@ -10,10 +10,11 @@ void elementwise(const ElementwiseParams& p, const Layout& L) {
   dispatch_dtype(p.in0.dtype, "dy", [&](auto d) {
     using T = storage_t<decltype(d)::value>;
     MapPass<T> m = elementwise_pass<T>(p);
-    const int arrays = map_inputs(m.kind) + 1;
-    m.nt = stream_output(arrays * L.count * L.channels * static_cast<int64_t>(sizeof(T)));
+    if (L.count == 0) return;
+    const Plan plan = make_plan<T>(L, (map_inputs(m.kind) + 1) * sizeof(T));
+    m.nt = plan.from_memory;
     m.memory_order = true;
-    if (L.count > 0) map_all(kernels_for<T>(), m, L, make_plan<T>(L, arrays * sizeof(T)));
+    map_all(kernels_for<T>(), m, L, plan);
   });
 }
 

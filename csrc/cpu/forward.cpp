@@ -58,7 +58,7 @@ void forward_training(const ForwardTrainingParams& p, const Layout& L) {
       rv = load_vector<double>(p.running_var, C, 0.0);
     }
     const MapPass<T> pass =
-        forward_pass<T>(p, mean, scale.data(), shift.data(), stream_output(L.count * C * forward_bytes<T>(p)));
+        forward_pass<T>(p, mean, scale.data(), shift.data(), plan.from_memory);
     // Channel c's batch mean and biased variance, in double, from x or as given.
     auto per_channel = [&](int64_t c, double m, double v) {
       batch_var[c] = v;
@@ -114,9 +114,8 @@ void forward_inference(const ForwardInferenceParams& p, const Layout& L) {
       mean[c] = f.mean;
       scale[c] = f.scale;
     }
-    const bool nt = stream_output(L.count * C * forward_bytes<T>(p));
-    map_all(kernels_for<T>(), forward_pass<T>(p, mean.data(), scale.data(), bias.data(), nt), L,
-            make_plan<T>(L, forward_bytes<T>(p)));
+    const Plan plan = make_plan<T>(L, forward_bytes<T>(p));
+    map_all(kernels_for<T>(), forward_pass<T>(p, mean.data(), scale.data(), bias.data(), plan.from_memory), L, plan);
   });
 }
 

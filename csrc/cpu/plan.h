@@ -96,7 +96,8 @@ struct Plan {
   // block walks prefetch rows ahead (planes C rows apart are too far apart for the hardware
   // prefetchers). In cache the prefetches cost more than they save: Xeon, 2 threads, float32,
   // 8x512x7x7 inference 27.6 -> 21.5 us, 32x2048x7x7 backward 1.19 -> 0.95 ms without them;
-  // 128x2048x7x7 training 4.42 ms with them, 5.18 without.
+  // 128x2048x7x7 training 4.42 ms with them, 5.18 without. The maps' non-temporal stores
+  // (MapPass::nt) follow it too, but for the backward's dx (see backward.cpp).
   bool from_memory = false;
   bool channels_last = false;
   int64_t groups = 1;   // channels-first: groups per channel; channels-last: groups of positions

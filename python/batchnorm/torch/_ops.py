@@ -241,6 +241,12 @@ def bump_versions(x: Tensor, running) -> None:
                 torch.autograd.graph.increment_version(t)
 
 
+def wants_grad(*tensors: Optional[Tensor]) -> bool:
+    """Whether autograd records a call on these tensors: eager inference without it calls the
+    kernel directly."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class _Training(torch.autograd.Function):
     """forward_training's autograd without the dispatcher. The running statistics travel in a
     tuple, outside autograd's inputs, and are updated in place (their versions bumped, as an

@@ -43,8 +43,7 @@ def batch_norm(
         return y
     if running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var must be given when training=False, got None")
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))) and \
-            _ops.eager(input, weight, bias, running_mean, running_var):
+    if not _ops.wants_grad(input, weight, bias) and _ops.eager(input, weight, bias, running_mean, running_var):
         return _ops._forward_inference(input, running_mean, running_var, weight, bias, eps)  # no autograd to record
     return torch.ops.batchnorm.forward_inference(input, running_mean, running_var, weight, bias, eps)
 

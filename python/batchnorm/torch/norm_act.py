@@ -194,8 +194,8 @@ def batch_norm_act(
         return y
     if running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var must be given when training=False, got None")
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, residual, weight, bias))) \
-            and _ops.eager(input, residual, weight, bias, running_mean, running_var):
+    if not _ops.wants_grad(input, residual, weight, bias) and \
+            _ops.eager(input, residual, weight, bias, running_mean, running_var):
         return _forward_inference_act(input, residual, running_mean, running_var, weight, bias, eps, relu)
     return torch.ops.batchnorm.forward_inference_act(input, residual, running_mean, running_var, weight, bias, eps, relu)
 
