@@ -291,6 +291,14 @@ def check_torch_failures(group) -> None:
     assert int(layer.num_batches_tracked) == 0 and torch.equal(layer.running_mean, torch.zeros(C))
     layer(good).sum().backward()  # still in step
     assert int(layer.num_batches_tracked) == 1
+    # A second derivative through the exchange is refused on every rank (the first-order
+    # gradient under create_graph=True is the usual one), not a silent zero.
+    x = good.clone().requires_grad_()
+    (g,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    x2 = good.clone().requires_grad_()
+    (want,) = torch.autograd.grad(layer(x2).square().sum(), x2)
+    assert torch.equal(g.detach(), want)
+    expect_error(RuntimeError, "no double backward .* through SyncBatchNorm", lambda: g.square().sum().backward())
 
 
 def check_ddp_resnet(group, sizes) -> None:

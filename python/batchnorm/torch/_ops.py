@@ -8,12 +8,12 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.dlpack import to_dlpack
 
 from .. import _C
 from .._arrays import _current_stream, _stream_number
+from . import _twice
 
 # define/impl rather than torch.library.custom_op: both reach these Python kernels through
 # the dispatcher, but custom_op's wrapper costs more per call (bench/torch_op_overhead.py),
@@ -151,15 +151,20 @@ def _training_setup(ctx, inputs, output):
     x, weight, bias = inputs[:3]
     y, mean, invstd, new_mean, new_var = output
     ctx.save_for_backward(x, weight, mean, invstd)
+    ctx.eps = inputs[6]
     _dtypes(ctx, weight, bias)
     ctx.mark_non_differentiable(mean, invstd, new_mean, new_var)
 
 
 def _training_grads(ctx, dy, backward):
-    """(dx, dweight, dbias), each None unless needed, from `backward` (the op, or its kernel)."""
+    """(dx, dweight, dbias), each None unless needed, from `backward` (the op, or its kernel),
+    or differentiable again when a second derivative may follow (_twice)."""
     x, weight, mean, invstd = ctx.saved_tensors
     needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
-    dx, dweight, dbias = backward(dy, x, mean, invstd, weight)
+    if _twice.wanted(dy, x, weight):
+        dx, dweight, dbias = _twice.training(dy, x, weight, ctx.eps)
+    else:
+        dx, dweight, dbias = backward(dy, x, mean, invstd, weight)
     return (
         dx if needs_x else None,
         dweight.to(ctx.weight_dtype) if needs_w else None,
@@ -192,6 +197,10 @@ def _inference_grads(ctx, dy, x, mean, var, weight, needs):
     if needs_mean or needs_var:
         raise NotImplementedError("batchnorm.torch: no gradient with respect to the running statistics")
     dx = gw = gb = None
+    if _twice.wanted(dy, x, weight):
+        dx, dweight, dbias = _twice.inference(dy, x, mean, var, weight, ctx.eps)
+        return (dx if needs_x else None, dweight.to(ctx.weight_dtype) if needs_w else None,
+                dbias.to(ctx.bias_dtype) if needs_b else None)
     if needs_x:
         dx = torch.ops.batchnorm.forward_inference(dy, torch.zeros_like(mean), var, weight, None, ctx.eps)
     if needs_w or needs_b:
@@ -257,11 +266,11 @@ class _Training(torch.autograd.Function):
         y, mean, invstd = _train(x, weight, bias, *running, momentum, eps)
         bump_versions(x, running)
         ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps = eps
         _dtypes(ctx, weight, bias)
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
         return _training_grads(ctx, dy, _backward) + (None,) * 3
 

@@ -10,10 +10,9 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from .. import _C
-from . import _ops
+from . import _ops, _twice
 from ._ops import _AXIS, _call, _cap, _dtypes, _inference_grads, _new_running, _train, _vector
 
 _lib = torch.library.Library("batchnorm", "FRAGMENT")
@@ -92,7 +91,7 @@ def _backward_act_fake(dy, x, y, saved_mean, saved_invstd, weight, relu, residua
 
 def _training_setup(ctx, inputs, output):
     x, residual, weight, bias = inputs[:4]
-    ctx.relu = inputs[8]
+    ctx.relu, ctx.eps = inputs[8], inputs[7]
     ctx.residual = residual is not None
     y, mean, invstd, new_mean, new_var = output
     ctx.save_for_backward(x, y, weight, mean, invstd)
@@ -102,10 +101,14 @@ def _training_setup(ctx, inputs, output):
 
 def _training_grads(ctx, dy, backward):
     """(dx, dresidual, dweight, dbias), each None unless needed, from `backward` (the op, or
-    its kernel)."""
+    its kernel), or differentiable again when a second derivative may follow (_twice)."""
     x, y, weight, mean, invstd = ctx.saved_tensors
     needs_x, needs_r, needs_w, needs_b = ctx.needs_input_grad[:4]
-    dx, dweight, dbias, dres = backward(dy, x, y, mean, invstd, weight, ctx.relu, ctx.residual and needs_r)
+    if _twice.wanted(dy, x, weight):
+        dres = _twice.masked(dy, y) if ctx.relu else dy
+        dx, dweight, dbias = _twice.training(dres, x, weight, ctx.eps)
+    else:
+        dx, dweight, dbias, dres = backward(dy, x, y, mean, invstd, weight, ctx.relu, ctx.residual and needs_r)
     return (
         dx if needs_x else None,
         dres if ctx.residual and needs_r else None,
@@ -155,13 +158,12 @@ class _TrainingAct(torch.autograd.Function):
     def forward(ctx, x, residual, weight, bias, running, momentum, eps, relu):
         y, mean, invstd = _train(x, weight, bias, *running, momentum, eps, residual, _code(relu))
         _ops.bump_versions(x, running)
-        ctx.relu, ctx.residual = relu, residual is not None
+        ctx.relu, ctx.residual, ctx.eps = relu, residual is not None, eps
         ctx.save_for_backward(x, y, weight, mean, invstd)
         _dtypes(ctx, weight, bias)
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
         return _training_grads(ctx, dy, _backward_act) + (None,) * 4
 

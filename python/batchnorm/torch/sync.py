@@ -14,7 +14,7 @@ from torch import Tensor
 from .. import _C
 from .._collectives import Engine, TorchEngine
 from ..distributed import _check_exchange, _exchange, _sync_backward
-from . import _ops
+from . import _ops, _twice
 from .modules import _Base
 
 _AXIS = 1
@@ -66,12 +66,12 @@ class _SyncFunction(torch.autograd.Function):
         weight = None if weight is None else weight.detach()
         dx, dweight, dbias = _sync_backward(ctx.engine, dy.detach(), x.detach(), mean, invstd, ctx.count, weight, _AXIS)
         needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
-        return (
+        grads = (
             dx if needs_x else None,
             dweight.to(ctx.weight_dtype) if needs_w else None,
             dbias.to(ctx.bias_dtype) if needs_b and ctx.bias_dtype is not None else None,
-            None, None, None, None, None, None, None, None,
-        )  # fmt: skip
+        )
+        return _twice.refuse("SyncBatchNorm", grads, dy, x, weight) + (None,) * 8
 
 
 @torch.compiler.disable  # collectives and host-side merging: a graph break, not a trace

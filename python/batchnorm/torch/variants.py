@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import _C
-from . import _ops  # noqa: F401  (the plain ops, and the helpers below)
+from . import _ops, _twice  # noqa: F401  (_ops: the plain ops, and the helpers below)
 from ._ops import _AXIS, _acc, _call, _cap, _new_running, _vector
 
 _lib = torch.library.Library("batchnorm", "FRAGMENT")
@@ -104,14 +104,16 @@ def _setup(ctx, inputs, output):
 def _autograd_backward(ctx, dy, *_unused):
     x, weight, mean, invstd, r, d = ctx.saved_tensors
     needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
-    dx, dweight, dbias = torch.ops.batchnorm.backward_variant(
-        dy, x, mean, invstd, weight, r if ctx.renorm else None, d if ctx.renorm else None, ctx.ghost_batch
-    )
-    return (
+    with torch.no_grad():
+        dx, dweight, dbias = torch.ops.batchnorm.backward_variant(
+            dy, x, mean, invstd, weight, r if ctx.renorm else None, d if ctx.renorm else None, ctx.ghost_batch
+        )
+    grads = (
         dx if needs_x else None,
         dweight.to(ctx.weight_dtype) if needs_w else None,
         dbias.to(ctx.bias_dtype) if needs_b else None,
-    ) + (None,) * 8
+    )
+    return _twice.refuse("the training variants", grads, dy, x, weight) + (None,) * 8
 
 
 torch.library.register_autograd(

@@ -1,0 +1,203 @@
+"""Second derivatives through batchnorm.torch (backward with create_graph=True): gradgradcheck
+in float64 of the plain and fused training and inference calls, eager and through the
+registered ops, channels-first and channels_last; torch's own double backward on a gradient
+penalty; the first-order gradient unchanged by create_graph; the kernels kept for a plain
+backward under torch.compile; and the variants' clear refusal (SyncBatchNorm's is checked
+across ranks in dist_worker.py)."""
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="batchnorm.torch needs PyTorch")
+
+import batchnorm.torch as bt  # noqa: E402
+
+pytestmark = pytest.mark.torch
+F, ops = torch.nn.functional, torch.ops.batchnorm
+EPS = 1e-5
+
+
+def _plain_training(route):
+    def f(x, w, b):
+        if route == "eager":
+            return bt.batch_norm(x, None, None, w, b, training=True, eps=EPS)
+        return ops.forward_training(x, w, b, None, None, 0.1, EPS)[0]
+
+    return f
+
+
+def _fused_training(route, residual):
+    def f(x, w, b):
+        if route == "eager":
+            return bt.batch_norm_act(x, None, None, w, b, training=True, eps=EPS, residual=residual)
+        return ops.forward_training_act(x, residual, w, b, None, None, 0.1, EPS, True)[0]
+
+    return f
+
+
+def _inference(route, fused, mean, var, residual):
+    def f(x, w, b):
+        if fused:
+            if route == "eager":
+                return bt.batch_norm_act(x, mean, var, w, b, eps=EPS, residual=residual)
+            return ops.forward_inference_act(x, residual, mean, var, w, b, EPS, True)
+        if route == "eager":
+            return bt.batch_norm(x, mean, var, w, b, eps=EPS)
+        return ops.forward_inference(x, mean, var, w, b, EPS)
+
+    return f
+
+
+def _inputs(channels_last: bool):
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 3, 2, dtype=torch.float64) * 2 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.rand(4, dtype=torch.float64) + 0.5
+    b = torch.randn(4, dtype=torch.float64)
+    return [t.requires_grad_() for t in (x, w, b)]
+
+
+CASES = ["training", "training-act", "training-act-residual", "inference", "inference-act-residual"]
+
+
+def _call(case, route, x):
+    # Residuals and statistics are constants here; the residual's own gradient is checked below.
+    torch.manual_seed(1)
+    r = torch.randn(x.shape, dtype=x.dtype).contiguous(memory_format=torch.channels_last if x.stride(1) == 1 else torch.contiguous_format)
+    mean, var = torch.randn(4, dtype=x.dtype), torch.rand(4, dtype=x.dtype) + 0.5
+    return {
+        "training": _plain_training(route),
+        "training-act": _fused_training(route, None),
+        "training-act-residual": _fused_training(route, r),
+        "inference": _inference(route, False, mean, var, None),
+        "inference-act-residual": _inference(route, True, mean, var, r),
+    }[case]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("route", ["eager", "op"])
+@pytest.mark.parametrize("case", CASES)
+def test_gradgradcheck(case, route, channels_last):
+    x, w, b = _inputs(channels_last)
+    f = _call(case, route, x)
+    # ReLU's kink: the fused cases' finite differences need no value of bn(x) + residual near 0
+    # (the inputs above have none within 1e-3).
+    assert torch.autograd.gradgradcheck(f, (x, w, b), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("route", ["eager", "op"])
+def test_residual_gradient_is_differentiable(route):
+    x, w, b = _inputs(False)
+    r = (torch.randn(x.shape, dtype=x.dtype) + 0.5).requires_grad_()
+
+    def f(x, r):
+        if route == "eager":
+            return bt.batch_norm_act(x, None, None, w, b, training=True, eps=EPS, residual=r)
+        return ops.forward_training_act(x, r, w, b, None, None, 0.1, EPS, True)[0]
+
+    assert torch.autograd.gradgradcheck(f, (x, r), eps=1e-6, atol=1e-5, rtol=1e-4)
+    v = torch.randn(x.shape, dtype=x.dtype)
+    plain = torch.autograd.grad((f(x, r) * v).sum(), (x, r))
+    graph = torch.autograd.grad((f(x, r) * v).sum(), (x, r), create_graph=True)
+    for a, g in zip(plain, graph):
+        assert torch.allclose(a, g.detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_gradient_penalty_is_torch_s(dtype):
+    """A WGAN-GP style penalty ||d out / d x||^2 through a conv-BN-ReLU-conv network, its
+    gradient with respect to every parameter against the same network on torch's BatchNorm2d."""
+    torch.manual_seed(0)
+
+    def net(norm):
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(3, 6, 3, padding=1), norm(6), torch.nn.ReLU(), torch.nn.Conv2d(6, 2, 3)
+        ).to(dtype)
+
+    theirs = net(torch.nn.BatchNorm2d)
+    ours = net(bt.BatchNorm2d)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(4, 3, 6, 6, dtype=dtype)
+
+    def penalty(model):
+        xi = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(model(xi).square().sum(), xi, create_graph=True)
+        p = g.square().sum()
+        return p.detach(), torch.autograd.grad(p, list(model.parameters()))
+
+    p_ours, g_ours = penalty(ours)
+    p_theirs, g_theirs = penalty(theirs)
+    tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 8e-2}[dtype]
+    assert abs(float(p_ours) - float(p_theirs)) <= tol * abs(float(p_theirs))
+    # Against the largest gradient of all: the conv bias before the norm has a zero gradient
+    # in exact arithmetic, rounding noise in both.
+    scale = max(float(b.double().abs().max()) for b in g_theirs)
+    for (name, _), a, b in zip(ours.named_parameters(), g_ours, g_theirs):
+        err = float((a.double() - b.double()).abs().max()) / scale
+        assert err <= tol, (name, err)
+    for name in ("running_mean", "running_var"):  # one update per forward, as torch's
+        a, b = getattr(ours[1], name).double(), getattr(theirs[1], name).double()
+        assert float((a - b).abs().max() / b.abs().max()) <= tol, name
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("route", ["eager", "op"])
+@pytest.mark.parametrize("case", CASES)
+def test_create_graph_keeps_the_first_order_gradient(case, route, channels_last):
+    """gradgradcheck differentiates the create_graph gradient against finite differences of
+    itself; this pins that gradient to the kernels' (gradcheck'd in test_torch_module.py)."""
+    x, w, b = _inputs(channels_last)
+    f = _call(case, route, x)
+    v = torch.randn(x.shape, dtype=x.dtype)
+
+    def loss(y):  # nonzero where a ReLU output is 0, so a lost mask shows
+        return (y * v).sum() + y.square().sum()
+
+    plain = torch.autograd.grad(loss(f(x, w, b)), (x, w, b))
+    graph = torch.autograd.grad(loss(f(x, w, b)), (x, w, b), create_graph=True)
+    for a, g in zip(plain, graph):
+        assert g.requires_grad
+        assert torch.allclose(a, g.detach(), rtol=1e-12, atol=1e-12)
+    # A constant incoming gradient (y.sum()) and x requiring grad: still a graph through x.
+    (g,) = torch.autograd.grad(f(x, w, b).sum(), x, create_graph=True)
+    assert g.grad_fn is not None
+
+
+def test_compiled_backward_keeps_the_kernels():
+    """Under torch.compile a plain backward is the kernels' ops, not the differentiable formula
+    (AOT autograd traces the backward with grad mode off)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    seen: dict = {}
+
+    def record(name):
+        def compiler(gm, example_inputs):
+            seen[name] = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+            return gm.forward
+
+        return compiler
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), bt.BatchNorm2d(4), bt.BatchNormAct2d(4))
+    compiled = torch.compile(model, backend=aot_autograd(fw_compiler=record("fw"), bw_compiler=record("bw")))
+    with pytest.warns(UserWarning, match="boxed"):
+        compiled(torch.randn(2, 3, 8, 8, requires_grad=True)).sum().backward()
+    assert {"batchnorm.backward.default", "batchnorm.backward_act.default"} <= seen["bw"]
+    assert not any("var_mean" in t for t in seen["bw"])
+
+
+@pytest.mark.parametrize("route", ["module", "op"])
+def test_variants_refuse_double_backward(route):
+    x, w, b = _inputs(False)
+
+    def f(x):
+        if route == "module":
+            m = bt.BatchNorm2d(4, renorm=(3.0, 5.0), dtype=torch.float64)
+            return m(x)
+        return ops.forward_training_variant(x, w, b, None, None, 0.1, EPS, True, False, None, 3)[0]
+
+    (want,) = torch.autograd.grad(f(x).square().sum(), x)
+    (g,) = torch.autograd.grad(f(x).square().sum(), x, create_graph=True)
+    assert torch.equal(g.detach(), want)
+    with pytest.raises(RuntimeError, match="no double backward .* through the training variants"):
+        g.square().sum().backward()
