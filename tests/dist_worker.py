@@ -288,6 +288,11 @@ def check_torch_failures(group) -> None:
     ]
     for x, kind, own in cases:
         expect_error(kind, own if rank == bad else elsewhere, lambda: layer(x if rank == bad else good))
+    # Running statistics that require grad on one rank: refused on every rank.
+    graded = bt.SyncBatchNorm(C, process_group=group)
+    graded.running_var.requires_grad_(rank == bad)
+    expect_error(ValueError, r"running_var must not require grad" if rank == bad else elsewhere, lambda: graded(good))
+    assert torch.equal(graded.running_var, torch.ones(C)) and int(graded.num_batches_tracked) == 0
     assert int(layer.num_batches_tracked) == 0 and torch.equal(layer.running_mean, torch.zeros(C))
     layer(good).sum().backward()  # still in step
     assert int(layer.num_batches_tracked) == 1

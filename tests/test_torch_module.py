@@ -380,6 +380,38 @@ def test_eager_training_bumps_buffer_versions():
     assert m.running_mean._version > v0[0] and m.running_var._version > v0[1]  # as an in-place op would
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+@pytest.mark.parametrize("call", ["batch_norm", "batch_norm_act", "variant", "module"])
+def test_running_statistics_that_require_grad_are_refused(call, training):
+    """As torch's batch_norm refuses them (not differentiable in the running statistics):
+    a ValueError before anything is written; under no_grad they are plain buffers."""
+    if call == "variant" and not training:
+        pytest.skip("the variants are training-only")
+    x = torch.randn(4, 3, 2, 2)
+    for name in ("running_mean", "running_var"):
+        rm, rv = torch.zeros(3), torch.ones(3)
+        (rm if name == "running_mean" else rv).requires_grad_()
+
+        def f():
+            if call == "batch_norm":
+                return bt.batch_norm(x, rm, rv, training=training)
+            if call == "batch_norm_act":
+                return bt.batch_norm_act(x, rm, rv, training=training)
+            if call == "variant":
+                return bt.variants.batch_norm_variant(x, rm, rv, ghost_batch=2)
+            m = bt.BatchNorm2d(3).train(training)
+            m.running_mean, m.running_var = rm, rv
+            return m(x)
+
+        with pytest.raises(ValueError, match=f"{name} must not require grad .* got requires_grad=True"):
+            f()
+        assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+        with torch.no_grad():
+            f()
+        if training:
+            assert not torch.equal(rm, torch.zeros(3)) and not torch.equal(rv, torch.ones(3))
+
+
 def test_eager_call_conditions():
     import batchnorm.torch._ops as _ops
 

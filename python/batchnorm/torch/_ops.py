@@ -250,6 +250,19 @@ def bump_versions(x: Tensor, running) -> None:
                 torch.autograd.graph.increment_version(t)
 
 
+def check_running(running_mean: Optional[Tensor], running_var: Optional[Tensor]) -> None:
+    """Batch norm is not differentiable in its running statistics (torch's batch_norm refuses
+    them too): where autograd records, running statistics that require grad are an error
+    before anything is written, not an update autograd cannot see."""
+    if torch.is_grad_enabled():
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if t is not None and t.requires_grad:
+                raise ValueError(
+                    f"{name} must not require grad (batch norm is not differentiable in its running "
+                    "statistics), got requires_grad=True"
+                )
+
+
 def wants_grad(*tensors: Optional[Tensor]) -> bool:
     """Whether autograd records a call on these tensors: eager inference without it calls the
     kernel directly."""

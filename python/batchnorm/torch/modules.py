@@ -29,6 +29,7 @@ def batch_norm(
     """torch.nn.functional.batch_norm on batchnorm's kernels: in training the batch
     statistics normalize `input` and, when given, the running statistics are updated in
     place; otherwise the running statistics normalize it."""
+    _ops.check_running(running_mean, running_var)
     if training:
         F._verify_batch_size(input.size())  # torch's own check and message
         if _ops.eager(input, weight, bias, running_mean, running_var):

@@ -182,6 +182,7 @@ def batch_norm_act(
 ) -> Tensor:
     """relu(batch_norm(input, ...) + residual) (relu=False: without the ReLU; residual None:
     without the add) as one op, with torch.nn.functional.batch_norm's arguments."""
+    _ops.check_running(running_mean, running_var)
     if training:
         F._verify_batch_size(input.size())
         if _ops.eager(input, residual, weight, bias, running_mean, running_var):

@@ -161,6 +161,7 @@ class SyncBatchNorm(_Base):
                 tracked = int(self.num_batches_tracked) + 1
                 momentum = 1.0 / tracked if self.momentum is None else self.momentum
             _validate_locally(input, self.weight, self.bias, *running, momentum, self.eps)
+            _ops.check_running(*running)
         except (ValueError, TypeError) as err:
             own = err
         y = _sync_batch_norm(input, self.weight, self.bias, *running, momentum, self.eps, self._engine_of(group), own,

@@ -137,6 +137,7 @@ def batch_norm_variant(
 ) -> Tensor:
     """Training-mode batch norm with the variants of batchnorm.forward_training (the running
     statistics, when given, updated in place). Evaluation is plain batch norm (batch_norm)."""
+    _ops.check_running(running_mean, running_var)
     renorm_list = None if renorm is None else [float(v) for v in renorm]
     y, _, _, _, _, new_mean, new_var = torch.ops.batchnorm.forward_training_variant(
         input, weight, bias, running_mean, running_var, momentum, eps, running_var_unbiased, skip_nonfinite,
