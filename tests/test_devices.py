@@ -57,6 +57,21 @@ def test_empty_cache_returns_the_memory_of_freed_results(xp):
     assert float(to_f64(z).mean()) == pytest.approx(1 / np.sqrt(1 + 1e-5), rel=1e-6)
 
 
+def test_empty_cache_returns_the_cpu_temporaries():
+    """A call with many channels keeps its per-channel arrays in the threads' scratch cache
+    (three 800 KB arrays here, with out= so that no result is cached); empty_cache() frees
+    them, and the next call works from fresh blocks."""
+    C = 200_000
+    x, y = np.ones((2, C), np.float32), np.empty((2, C), np.float32)
+    mean, var = np.zeros(C, np.float32), np.ones(C, np.float32)
+    bn.empty_cache()
+    bn.forward_inference(x, mean, var, out=y)
+    assert bn.empty_cache() >= 3 * 4 * C
+    assert bn.empty_cache() == 0
+    bn.forward_inference(x + 1, mean, var, out=y)
+    assert np.allclose(y, 2 / np.sqrt(1 + 1e-5), rtol=1e-6)
+
+
 @pytest.mark.parametrize("xp", lib_params(CUDA_LIBS))
 def test_mixing_cpu_and_gpu_arrays_is_a_type_error(rng, xp):
     x = cast(rng.standard_normal((4, 3, 5)), "float32", xp)

@@ -18,6 +18,7 @@
 
 #include "core/backend.h"
 #include "core/errors.h"
+#include "cpu/scratch.h"
 
 namespace batchnorm {
 
@@ -123,7 +124,7 @@ void deallocate(int, void* ptr, void*) {
   if (!HostCache::get().give(ptr)) std::free(ptr);
 }
 
-std::size_t release_cached() { return HostCache::get().release(); }
+std::size_t release_cached() { return HostCache::get().release() + scratch_release(); }
 
 }  // namespace cpu
 

@@ -28,7 +28,7 @@ bool all_grad_sums(const Kernels<T>& k, const T* dy, const T* x, const Layout& L
                    const acc_t<T>* mean, const MapPass<T>* pre, F&& per_channel, B&& per_block) {
   const int64_t C = L.channels;
   const int64_t cs_dy = L.channel_stride[0], cs_x = L.channel_stride[1];
-  std::vector<acc_t<T>> plane_mean;  // tiny planes: the mean of each plane value's channel
+  buffer<acc_t<T>> plane_mean;  // tiny planes: the mean of each plane value's channel
   if (plan.plane) spread_over_planes(&mean, 1, C, plan.plane, plane_mean);
   const acc_t<T>* cl_mean = plan.plane ? plane_mean.data() : mean;
   return reduce_all<GradSums>(
@@ -51,8 +51,8 @@ bool all_grad_sums(const Kernels<T>& k, const T* dy, const T* x, const Layout& L
           k.cl_map[static_cast<int>(pre->kind)](r.in, r.out, R, b, e, r.coef, pre->nt);
         }
         const int64_t n = R.channels;
-        std::vector<acc_t<T>> scratch(static_cast<size_t>(3 * n));
-        std::vector<double> s(static_cast<size_t>(2 * n));
+        buffer<acc_t<T>> scratch(static_cast<size_t>(3 * n));
+        buffer<double> s(static_cast<size_t>(2 * n));
         k.cl_grad_sums(dy + c0, x + c0, R, b, e, cl_mean + c0, s.data(), s.data() + n, scratch.data());
         for (int64_t c = 0; c < n; ++c) out[c] = GradSums{s[c], s[n + c]};
       },
@@ -64,7 +64,7 @@ bool all_grad_sums(const Kernels<T>& k, const T* dy, const T* x, const Layout& L
 template <class T>
 struct DxCoefficients {
   using A = acc_t<T>;
-  std::vector<A> mean, scale, mean_dy, proj;
+  buffer<A> mean, scale, mean_dy, proj;
   explicit DxCoefficients(int64_t C) : mean(C), scale(C), mean_dy(C), proj(C) {}
   void set(int64_t c, const BackwardCoefficients<A>& k) {
     mean[c] = k.mean;
@@ -100,13 +100,13 @@ void backward(const BackwardParams& p, const Layout& L) {
     // ahead of the reduction, which reads its output as dy; one layout walks all arrays.
     const bool masked = p.activation == Activation::relu || p.dresidual.defined();
     const Plan plan = make_plan<T>(L, (masked ? 5 : 3) * sizeof(T));
-    const std::vector<A> mean = load_vector<A>(p.saved_mean, C, A(0));
-    const std::vector<A> invstd = load_vector<A>(p.saved_invstd, C, A(1));
-    std::vector<A> weight = load_vector<A>(p.weight, C, A(1));
+    const buffer<A> mean = load_vector<A>(p.saved_mean, C, A(0));
+    const buffer<A> invstd = load_vector<A>(p.saved_invstd, C, A(1));
+    buffer<A> weight = load_vector<A>(p.weight, C, A(1));
     // Batch renorm: r and d are constants; dx is the plain one with weight * r.
     const bool renorm = p.renorm_r.defined();
-    const std::vector<A> r = load_vector<A>(p.renorm_r, C, A(1));
-    const std::vector<A> rd = load_vector<A>(p.renorm_d, C, A(0));
+    const buffer<A> r = renorm ? load_vector<A>(p.renorm_r, C, A(1)) : buffer<A>();
+    const buffer<A> rd = renorm ? load_vector<A>(p.renorm_d, C, A(0)) : buffer<A>();
     if (renorm)
       for (int64_t c = 0; c < C; ++c) weight[c] = weight[c] * r[c];
     T* dx = p.dx.ptr<T>();
@@ -154,7 +154,7 @@ void backward_reduce(const BackwardReduceParams& p, const Layout& L) {
     double* sum_dy_xmu = p.sum_dy_xmu.ptr<double>();
     A* dweight = p.dweight.ptr<A>();
     A* dbias = p.dbias.ptr<A>();
-    const std::vector<A> invstd = load_vector<A>(p.invstd, C, A(1));
+    const buffer<A> invstd = load_vector<A>(p.invstd, C, A(1));
     auto per_channel = [&](int64_t c, double s1, double s2) {
       sum_dy[c] = s1;
       sum_dy_xmu[c] = s2;
@@ -166,7 +166,7 @@ void backward_reduce(const BackwardReduceParams& p, const Layout& L) {
       for (int64_t c = 0; c < C; ++c) per_channel(c, 0.0, 0.0);
       return;
     }
-    const std::vector<A> mean = load_vector<A>(p.mean, C, A(0));
+    const buffer<A> mean = load_vector<A>(p.mean, C, A(0));
     all_grad_sums(kernels_for<T>(), p.dy.ptr<const T>(), p.x.ptr<const T>(), L, make_plan<T>(L, 3 * sizeof(T)),
                   mean.data(), static_cast<const MapPass<T>*>(nullptr), per_channel, [](int64_t, int64_t) {});
   });
@@ -177,15 +177,17 @@ void backward_elemt(const BackwardElemtParams& p, const Layout& L) {
     using T = storage_t<decltype(d)::value>;
     using A = acc_t<T>;
     const int64_t C = L.channels;
-    const std::vector<A> mean = load_vector<A>(p.mean, C, A(0));
-    const std::vector<A> invstd = load_vector<A>(p.invstd, C, A(1));
-    const std::vector<A> weight = load_vector<A>(p.weight, C, A(1));
-    const std::vector<double> sum_dy = load_vector<double>(p.sum_dy, C, 0.0);
-    const std::vector<double> sum_dy_xmu = load_vector<double>(p.sum_dy_xmu, C, 0.0);
+    const buffer<A> mean = load_vector<A>(p.mean, C, A(0));
+    const buffer<A> invstd = load_vector<A>(p.invstd, C, A(1));
+    const buffer<A> weight = load_vector<A>(p.weight, C, A(1));
+    const buffer<double> sum_dy = load_vector<double>(p.sum_dy, C, 0.0);
+    const buffer<double> sum_dy_xmu = load_vector<double>(p.sum_dy_xmu, C, 0.0);
     DxCoefficients<T> coef(C);
-    for (int64_t c = 0; c < C; ++c)
-      coef.set(c, backward_coefficients<A>(sum_dy[c], sum_dy_xmu[c], static_cast<double>(p.count), mean[c],
-                                           invstd[c], weight[c]));
+    for_channels(C, 8, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c)
+        coef.set(c, backward_coefficients<A>(sum_dy[c], sum_dy_xmu[c], static_cast<double>(p.count), mean[c],
+                                             invstd[c], weight[c]));
+    });
     const Plan plan = make_plan<T>(L, 3 * sizeof(T));
     map_all(kernels_for<T>(), coef.pass(p.dy.ptr<const T>(), p.x.ptr<const T>(), p.dx.ptr<T>(), plan.from_memory),
             L, plan);

@@ -45,14 +45,14 @@ void forward_training(const ForwardTrainingParams& p, const Layout& L) {
     const Kernels<T>& k = kernels_for<T>();
     const int64_t C = L.channels;
     const Plan plan = make_plan<T>(L, forward_bytes<T>(p));
-    const std::vector<A> weight = load_vector<A>(p.weight, C, A(1));
-    const std::vector<A> bias = load_vector<A>(p.bias, C, A(0));
-    std::vector<double> batch_var(static_cast<size_t>(C));
-    std::vector<A> scale(static_cast<size_t>(C)), shift(bias);
+    const buffer<A> weight = load_vector<A>(p.weight, C, A(1));
+    const buffer<A> bias = load_vector<A>(p.bias, C, A(0));
+    buffer<double> batch_var(static_cast<size_t>(C));
+    buffer<A> scale(static_cast<size_t>(C)), shift(bias);
     A* mean = p.saved_mean.ptr<A>();
     A* invstd = p.saved_invstd.ptr<A>();
     // The running statistics as they were before this step (batch renorm reads them).
-    std::vector<double> rm, rv;
+    buffer<double> rm, rv;
     if (p.running_mean.defined()) {
       rm = load_vector<double>(p.running_mean, C, 0.0);
       rv = load_vector<double>(p.running_var, C, 0.0);
@@ -80,8 +80,8 @@ void forward_training(const ForwardTrainingParams& p, const Layout& L) {
     };
     bool fused = false;
     if (p.batch_mean.defined()) {
-      const std::vector<double> gm = load_vector<double>(p.batch_mean, C, 0.0);
-      const std::vector<double> gv = load_vector<double>(p.batch_var, C, 0.0);
+      const buffer<double> gm = load_vector<double>(p.batch_mean, C, 0.0);
+      const buffer<double> gv = load_vector<double>(p.batch_var, C, 0.0);
       for (int64_t c = 0; c < C; ++c) per_channel(c, gm[c], gv[c]);
     } else {
       fused = all_moments(
@@ -92,9 +92,11 @@ void forward_training(const ForwardTrainingParams& p, const Layout& L) {
     if (p.running_mean.defined()) {
       const double n = static_cast<double>(p.batch_mean.defined() ? p.batch_count : L.count);
       const RunningOptions o{p.running_var_unbiased, p.skip_nonfinite};
-      for (int64_t c = 0; c < C; ++c) update_running<A>(rm[c], rv[c], mean[c], batch_var[c], n, p.momentum, o);
-      store_vector(p.running_mean, rm.data());
-      store_vector(p.running_var, rv.data());
+      for_channels(C, 4, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) update_running<A>(rm[c], rv[c], mean[c], batch_var[c], n, p.momentum, o);
+        store_range(p.running_mean, c0, c1 - c0, rm.data() + c0);
+        store_range(p.running_var, c0, c1 - c0, rv.data() + c0);
+      });
     }
   });
 }
@@ -104,16 +106,22 @@ void forward_inference(const ForwardInferenceParams& p, const Layout& L) {
     using T = storage_t<decltype(d)::value>;
     using A = acc_t<T>;
     const int64_t C = L.channels;
-    const std::vector<double> var = load_vector<double>(p.var, C, 1.0);
-    const std::vector<double> given_mean = load_vector<double>(p.mean, C, 0.0);
-    const std::vector<A> weight = load_vector<A>(p.weight, C, A(1));
-    const std::vector<A> bias = load_vector<A>(p.bias, C, A(0));
-    std::vector<A> mean(static_cast<size_t>(C)), scale(static_cast<size_t>(C));
-    for (int64_t c = 0; c < C; ++c) {
-      const ForwardCoefficients<A> f = forward_coefficients<A>(given_mean[c], var[c], p.eps, weight[c], bias[c]);
-      mean[c] = f.mean;
-      scale[c] = f.scale;
-    }
+    scratch_array<A> mean(static_cast<size_t>(C)), scale(static_cast<size_t>(C)), bias(static_cast<size_t>(C));
+    for_channels(C, 8, [&](int64_t c0, int64_t c1) {
+      const int64_t n = c1 - c0;
+      double var[kParamBlock], given_mean[kParamBlock];
+      A weight[kParamBlock];
+      load_range(p.var, c0, n, 1.0, var);
+      load_range(p.mean, c0, n, 0.0, given_mean);
+      load_range(p.weight, c0, n, A(1), weight);
+      load_range(p.bias, c0, n, A(0), bias.data() + c0);
+      for (int64_t i = 0; i < n; ++i) {
+        const ForwardCoefficients<A> f =
+            forward_coefficients<A>(given_mean[i], var[i], p.eps, weight[i], bias[c0 + i]);
+        mean[c0 + i] = f.mean;
+        scale[c0 + i] = f.scale;
+      }
+    });
     const Plan plan = make_plan<T>(L, forward_bytes<T>(p));
     map_all(kernels_for<T>(), forward_pass<T>(p, mean.data(), scale.data(), bias.data(), plan.from_memory), L, plan);
   });

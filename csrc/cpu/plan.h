@@ -11,6 +11,7 @@
 #include "core/backend.h"
 #include "core/layout.h"
 #include "cpu/kernels.h"
+#include "cpu/scratch.h"
 #include "cpu/threads.h"
 
 namespace batchnorm::cpu {
@@ -82,7 +83,7 @@ inline Layout planes_as_channels(const Layout& L) {
 // Per-channel values spread over the tiny-plane walk's channels: n arrays of C values each
 // become n consecutive arrays of C * plane values in `out`.
 template <class A>
-void spread_over_planes(const A* const* v, int n, int64_t C, int64_t plane, std::vector<A>& out) {
+void spread_over_planes(const A* const* v, int n, int64_t C, int64_t plane, buffer<A>& out) {
   out.resize(static_cast<size_t>(n * C * plane));
   A* o = out.data();
   for (int j = 0; j < n; ++j)
@@ -227,7 +228,7 @@ bool reduce_all(const Layout& L, const Plan& plan, int64_t work, Piece&& piece, 
   if (plan.channels_last) {
     const Layout& W = plan.walk(L);
     const int64_t C = W.channels;
-    std::vector<P> partial(static_cast<size_t>(plan.groups * C));
+    scratch_array<P> partial(static_cast<size_t>(plan.groups * C));  // each task writes its block
     const int64_t cb = plan.channel_block, ranges = plan.channel_blocks(C);
     parallel_for(plan.groups * ranges, work, [&](int64_t task) {
       const int64_t g = task / ranges, c0 = task % ranges * cb;
@@ -236,7 +237,7 @@ bool reduce_all(const Layout& L, const Plan& plan, int64_t work, Piece&& piece, 
     });
     // Tiny planes: the walk's channels are planes' values; each channel's plane is merged in
     // order once they are final.
-    std::vector<P> planes(static_cast<size_t>(plan.plane ? C : 0));
+    buffer<P> planes(static_cast<size_t>(plan.plane ? C : 0));
     // Groups in order for each channel (the same bits), a block of channels at a time with
     // the channels innermost: their merges are independent (a division each, pipelined rather
     // than chained) and read the partials in memory order. Channel by channel this merge was
@@ -269,7 +270,7 @@ bool reduce_all(const Layout& L, const Plan& plan, int64_t work, Piece&& piece, 
     parallel_for(plan.channel_blocks(C), work, [&](int64_t blk) {
       const int64_t c0 = blk * plan.channel_block, c1 = std::min(C, c0 + plan.channel_block);
       const int64_t n = c1 - c0;
-      std::vector<P> total(static_cast<size_t>(n)), group(static_cast<size_t>(n));
+      buffer<P> total(static_cast<size_t>(n)), group(static_cast<size_t>(n));
       P part[kBlockChannels];
       for (int64_t g = 0; g < plan.groups; ++g) {
         const auto [b, e] = plan.range(g);
@@ -288,7 +289,7 @@ bool reduce_all(const Layout& L, const Plan& plan, int64_t work, Piece&& piece, 
     return true;
   }
   // Few channels: (channel, group) tasks, then each channel's groups merged in order.
-  std::vector<P> partial(static_cast<size_t>(plan.groups * C));
+  buffer<P> partial(static_cast<size_t>(plan.groups * C));
   parallel_for(C * plan.groups, work, [&](int64_t i) {
     const int64_t c = i / plan.groups;
     const auto [b, e] = plan.range(i % plan.groups);
@@ -326,7 +327,7 @@ bool all_moments(const Kernels<T>& k, const T* x, const Layout& L, const Plan& p
         k.moments_channels(x + c0 * L.channel_stride[0], L, n, b, e, out, plan.from_memory);
       },
       [&](const Layout& R, int64_t c0, int64_t b, int64_t e, Moments<double>* out) {
-        std::vector<acc_t<T>> scratch(static_cast<size_t>(3 * R.channels));
+        buffer<acc_t<T>> scratch(static_cast<size_t>(3 * R.channels));
         k.cl_moments(x + c0, R, b, e, run, out, scratch.data());
       },
       [](const Moments<double>& a, const Moments<double>& b) { return merge_moments(a, b); }, per_channel,
@@ -420,7 +421,7 @@ void map_all(const Kernels<T>& k, const MapPass<T>& m, const Layout& L, const Pl
   if (plan.channels_last) {
     const acc_t<T>* const* coef = m.coef;
     const acc_t<T>* spread[4] = {};
-    std::vector<acc_t<T>> values;
+    buffer<acc_t<T>> values;
     if (plan.plane) {  // the coefficients of each tiny plane's values
       const int n = map_coefficients(m.kind);
       spread_over_planes(m.coef, n, C, plan.plane, values);

@@ -12,6 +12,7 @@
 #include "cpu/kernels/moments.h"
 #include "cpu/kernels/simd.h"
 #include "cpu/kernels/walk.h"
+#include "cpu/scratch.h"
 
 namespace batchnorm::cpu::BN_ISA {
 
@@ -230,7 +231,7 @@ bool map_flat(const T* const* in, T* out, const Layout& L, int64_t p0, int64_t p
   if (L.nred != 1 || C % VL != 0 || reinterpret_cast<uintptr_t>(out) % sizeof(T) != 0) return false;
   for (int t = 0; t <= N; ++t)
     if (L.strides[t][0] != C) return false;
-  std::vector<A> ext(static_cast<size_t>(coef_slots<R> * (C + VL)));
+  buffer<A> ext(static_cast<size_t>(coef_slots<R> * (C + VL)));
   for (int j = 0; j < R::kCoef; ++j)
     for (int64_t c = 0; c < C + VL; ++c) ext[j * (C + VL) + c] = k[j][c % C];
   const int64_t i0 = p0 * C, i1 = p1 * C;

@@ -7,6 +7,7 @@
 
 #include "cpu/kernels/simd.h"
 #include "cpu/kernels/walk.h"
+#include "cpu/scratch.h"
 
 namespace batchnorm::cpu::BN_ISA {
 
@@ -325,7 +326,7 @@ void cl_moments(const T* x, const Layout& L, int64_t p0, int64_t p1, int64_t run
   // scalar code per channel and run, its divisions cost more than reading the run (4096x1024
   // statistics: 10.6 ms for 16 MB on one AMD EPYC thread). Same operations, same order, as
   // merge_moments(out, block_moments(...)), so the same bits.
-  std::vector<double> total_mean(static_cast<size_t>(C)), total_m2(static_cast<size_t>(C));
+  buffer<double> total_mean(static_cast<size_t>(C)), total_m2(static_cast<size_t>(C));
   double total_n = 0;
   for (int64_t r0 = p0; r0 < p1; r0 += run) {
     const int64_t n = std::min(p1, r0 + run) - r0;

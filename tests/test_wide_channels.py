@@ -1,0 +1,98 @@
+"""Many channels, few values each (BatchNorm1d on (N, features)): the per-channel loops run on
+every thread in blocks (cpu/params.h, for_channels), the per-channel arrays and partial sums
+come from the per-thread scratch cache (cpu/scratch.h) and some are never zero-filled. Every
+op against the float64 reference, with strided and contiguous parameter vectors, the same
+bits at 1-3 threads, and the same bits again after a call that filled the cache's blocks with
+NaN (a value read before it is written would show)."""
+import numpy as np
+import pytest
+
+import batchnorm as bn
+from helpers import (
+    OUT_RTOL,
+    TOLERANCE,
+    assert_close,
+    bits,
+    cast,
+    dtype_name,
+    dtype_params,
+    ref_backward,
+    ref_normalize,
+    ref_statistics,
+    to_f64,
+)
+
+# Per-channel arrays over the cache's 64 KB floor and for_channels' parallel threshold.
+SHAPES = [(2, 40000), (5, 17000), (3, 9000, 1, 2), (4, 20000, 1)]
+
+
+def _param(values: np.ndarray, strided: bool) -> np.ndarray:
+    if not strided:
+        return values.copy()
+    wide = np.full(2 * values.size, np.nan, values.dtype)
+    wide[::2] = values
+    return wide[::2]
+
+
+def _run(x, dy, w, b, threads, strided):
+    old = bn.get_num_threads()
+    try:
+        bn.set_num_threads(threads)
+        C = x.shape[1]
+        acc = np.float64 if dtype_name(x) == "float64" else np.float32
+        rm, rv = _param(np.zeros(C, acc), strided), _param(np.ones(C, acc), strided)
+        w, b = _param(w, strided), _param(b, strided)
+        y, mean, invstd = bn.forward_training(x, w, b, running_mean=rm, running_var=rv, momentum=0.5)
+        y_inf = bn.forward_inference(x, rm, rv, w, b)
+        dx, dw, db = bn.backward(dy, x, mean, invstd, w)
+        s1, s2, _, _ = bn.backward_reduce(dy, x, mean, invstd)
+        count = int(np.prod(x.shape)) // C
+        dx2 = bn.backward_elemt(dy, x, mean, invstd, s1, s2, count, w)
+        yf, mf, sf = bn.forward_training(x, w, b, residual=dy, activation="relu")
+        return dict(y=y, mean=mean, invstd=invstd, rm=rm, rv=rv, y_inf=y_inf, dx=dx, dw=dw, db=db, dx2=dx2, yf=yf)
+    finally:
+        bn.set_num_threads(old)
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided-params"])
+@pytest.mark.parametrize("dtype", dtype_params())
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_wide_channels(rng, shape, dtype, strided):
+    C = shape[1]
+    centers = rng.uniform(-3, 3, C).reshape((1, C) + (1,) * (len(shape) - 2))
+    x = cast(rng.standard_normal(shape) * 2 + centers, dtype)
+    dy = cast(rng.standard_normal(shape), dtype)
+    w = rng.uniform(0.5, 2, C).astype(np.float32)
+    b = rng.standard_normal(C).astype(np.float32)
+    got = _run(x, dy, w, b, 1, strided)
+    for threads in (2, 3):
+        again = _run(x, dy, w, b, threads, strided)
+        for k, v in got.items():
+            assert bits(again[k]) == bits(v), f"{k}: other bits at {threads} threads"
+    # NaN everywhere in the blocks the cache hands out next: nothing of it may reach a result.
+    poison = cast(np.full(shape, np.nan), dtype)
+    _run(poison, poison, np.full(C, np.nan, np.float32), np.full(C, np.nan, np.float32), 2, strided)
+    again = _run(x, dy, w, b, 2, strided)
+    for k, v in got.items():
+        assert bits(again[k]) == bits(v), f"{k}: other bits after a NaN call"
+
+    axes = tuple(d for d in range(len(shape)) if d != 1)
+    rmean, rvar, count = ref_statistics(x)
+    std = np.sqrt(rvar)
+    mean_rtol, var_rtol, out_rtol = TOLERANCE["mean"][dtype], TOLERANCE["var"][dtype], OUT_RTOL[dtype]
+    assert_close(got["mean"], rmean, mean_rtol, scale=std, what="saved mean")
+    assert_close(got["invstd"], 1 / np.sqrt(rvar + 1e-5), var_rtol, what="saved invstd")
+    assert_close(got["rm"], 0.5 * rmean, mean_rtol, scale=std, what="running mean")
+    assert_close(got["rv"], 0.5 + 0.5 * rvar * count / (count - 1), var_rtol, what="running var")
+    assert_close(got["y"], ref_normalize(x, got["mean"], got["invstd"], w, b), out_rtol, what="y")
+    rv = to_f64(got["rv"])
+    assert_close(got["y_inf"], ref_normalize(x, got["rm"], 1 / np.sqrt(rv + 1e-5), w, b), out_rtol, what="inference y")
+    rdx, rdw, rdb = ref_backward(dy, x, got["mean"], got["invstd"], w)
+    sum_tol = TOLERANCE["sum"][dtype] * 10
+    scale = np.sqrt(np.abs(to_f64(dy)).sum(axis=axes)) * 4
+    assert_close(got["dx"], rdx, out_rtol, what="dx")
+    assert_close(got["dw"], rdw, sum_tol, scale=scale, what="dweight")
+    assert_close(got["db"], rdb, sum_tol, scale=scale, what="dbias")
+    assert_close(got["dx2"], rdx, out_rtol, what="backward_elemt dx")
+    assert_close(got["yf"], np.maximum(ref_normalize(x, got["mean"], got["invstd"], w, b) + to_f64(dy), 0),
+                 out_rtol, what="fused y")
