@@ -164,6 +164,16 @@ def test_create_graph_keeps_the_first_order_gradient(case, route, channels_last)
     assert g.grad_fn is not None
 
 
+@pytest.mark.parametrize("route", ["eager", "op"])
+def test_empty_batch_under_create_graph(route):
+    # torch's native_batch_norm_backward divides by the count: an empty batch must not reach it.
+    x = torch.randn(0, 4, 3, 2, dtype=torch.float64, requires_grad=True)
+    _, w, b = _inputs(False)
+    y = _plain_training(route)(x, w, b)
+    gx, gw, gb = torch.autograd.grad(y.sum(), (x, w, b), create_graph=True)
+    assert gx.shape == x.shape and not gw.any() and not gb.any()
+
+
 def test_compiled_backward_keeps_the_kernels():
     """Under torch.compile a plain backward is the kernels' ops, not the differentiable formula
     (AOT autograd traces the backward with grad mode off)."""

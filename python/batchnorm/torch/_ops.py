@@ -162,7 +162,7 @@ def _training_grads(ctx, dy, backward):
     x, weight, mean, invstd = ctx.saved_tensors
     needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
     if _twice.wanted(dy, x, weight):
-        dx, dweight, dbias = _twice.training(dy, x, weight, ctx.eps)
+        dx, dweight, dbias = _twice.training(dy, x, mean, invstd, weight, ctx.eps)
     else:
         dx, dweight, dbias = backward(dy, x, mean, invstd, weight)
     return (

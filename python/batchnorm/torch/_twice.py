@@ -1,9 +1,11 @@
-"""Gradients that autograd can differentiate again: the backward of batch norm written in
-torch operations, for a backward run with create_graph=True on tensors that require grad
-(gradient penalties, Hessian-vector products, meta-learning). The kernels' backward is a
-constant to autograd, so a second derivative through it would be zero; here the batch
-statistics are recomputed from x, which puts their dependence on x into the graph and makes
-the result differentiable to any order. A first-order backward never comes here."""
+"""Gradients that autograd can differentiate again, for a backward run with create_graph=True
+on tensors that require grad (gradient penalties, Hessian-vector products, meta-learning).
+The kernels' backward is a constant to autograd, so a second derivative through it would be
+zero. In training, the gradient is torch's own native_batch_norm_backward on the statistics
+our forward saved: PyTorch differentiates that op again in C++, accounting for the batch
+statistics' dependence on x, to any order. Inference is an affine map of x, written here in
+torch operations. A first-order backward never comes here.
+"""
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -33,23 +35,22 @@ def masked(dy: Tensor, y: Tensor) -> Tensor:
     return torch.where(y > 0, dy, torch.zeros((), dtype=dy.dtype, device=dy.device))
 
 
-def training(dy: Tensor, x: Tensor, weight: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dx, dweight, dbias) of training batch norm on x, the parameter gradients in the
-    accumulation dtype (as the kernels return them). With M values per channel and
-    xhat = (x - mean) * invstd:
-        dx = weight * invstd * (dy - sum(dy) / M - xhat * sum(dy * xhat) / M)."""
+def training(
+    dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], eps: float
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias) of training batch norm on x with its saved (mean, invstd), the
+    parameter gradients in the accumulation dtype (as the kernels return them). Half inputs
+    take their weight in float32, torch's mixed-type form: the saved statistics stay float32
+    (torch's same-dtype form would round them to the half type)."""
     acc = _acc(x.dtype)
-    dims, shape = _layout(x)
-    xa, g = x.to(acc), dy.to(acc)
-    var, mean = torch.var_mean(xa, dim=dims, correction=0, keepdim=True)
-    invstd = torch.rsqrt(var + eps)
-    xhat = (xa - mean) * invstd
-    M = max(x.numel() // max(x.shape[1], 1), 1)
-    sum_g = g.sum(dims, keepdim=True)
-    sum_gx = (g * xhat).sum(dims, keepdim=True)
-    scale = invstd if weight is None else invstd * weight.to(acc).view(shape)
-    dx = scale * (g - sum_g / M - xhat * (sum_gx / M))
-    return dx.to(x.dtype), sum_gx.reshape(-1), sum_g.reshape(-1)
+    if x.numel() == 0:  # identically zero (and torch's kernel divides by the count: SIGFPE)
+        zeros = torch.zeros(x.shape[1], dtype=acc, device=x.device)
+        return torch.zeros_like(x), zeros, zeros.clone()
+    w = None if weight is None else weight.to(acc)
+    dx, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
+        dy, x, w, None, None, mean.to(acc), invstd.to(acc), True, eps, [True, weight is not None, True]
+    )
+    return dx, dweight, dbias
 
 
 def inference(

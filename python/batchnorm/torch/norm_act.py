@@ -106,7 +106,7 @@ def _training_grads(ctx, dy, backward):
     needs_x, needs_r, needs_w, needs_b = ctx.needs_input_grad[:4]
     if _twice.wanted(dy, x, weight):
         dres = _twice.masked(dy, y) if ctx.relu else dy
-        dx, dweight, dbias = _twice.training(dres, x, weight, ctx.eps)
+        dx, dweight, dbias = _twice.training(dres, x, mean, invstd, weight, ctx.eps)
     else:
         dx, dweight, dbias, dres = backward(dy, x, y, mean, invstd, weight, ctx.relu, ctx.residual and needs_r)
     return (
