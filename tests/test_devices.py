@@ -72,6 +72,24 @@ def test_empty_cache_returns_the_cpu_temporaries():
     assert np.allclose(y, 2 / np.sqrt(1 + 1e-5), rtol=1e-6)
 
 
+def test_empty_cache_reaches_the_workers_after_the_thread_count_drops():
+    """The worker threads' temporaries (channels-last scratch of 3 floats a channel per task)
+    are freed by empty_cache() even when called with fewer threads than made them."""
+    old = bn.get_num_threads()
+    try:
+        x = np.ones((8, 1 << 18), np.float32)
+        x[0] = 2
+        bn.set_num_threads(2)
+        bn.empty_cache()
+        bn.forward_training(x, out=np.empty_like(x))
+        bn.set_num_threads(1)
+        assert bn.empty_cache() > 0
+        bn.set_num_threads(2)
+        assert bn.empty_cache() == 0
+    finally:
+        bn.set_num_threads(old)
+
+
 @pytest.mark.parametrize("xp", lib_params(CUDA_LIBS))
 def test_mixing_cpu_and_gpu_arrays_is_a_type_error(rng, xp):
     x = cast(rng.standard_normal((4, 3, 5)), "float32", xp)

@@ -8,6 +8,7 @@
 // keeps its own, without one.
 #include "cpu/scratch.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
@@ -85,7 +86,9 @@ std::size_t scratch_release() {
   std::atomic<std::size_t> released{cache.release()};
 #if defined(BN_WITH_OPENMP)
   if (!omp_in_parallel()) {
-#pragma omp parallel num_threads(thread_count())
+    // Every thread of the pool this thread's regions have used (libgomp keeps one pool per
+    // calling thread: other threads' pools are theirs to release).
+#pragma omp parallel num_threads(std::max(largest_team(), thread_count()))
     released += cache.release();
   }
 #endif

@@ -14,7 +14,7 @@ namespace batchnorm::cpu {
 void* scratch_allocate(std::size_t bytes);
 // Gives a block back: into this thread's cache while the cache holds under its limit.
 void scratch_free(void* p) noexcept;
-// Frees the blocks cached by the calling thread and by the threads of the parallel regions
+// Frees the blocks cached by the calling thread and by the threads of its parallel regions
 // (batchnorm.empty_cache()); returns the bytes released.
 std::size_t scratch_release();
 

@@ -46,6 +46,21 @@ int64_t stream_threshold_bytes() { return cpu::stream_threshold_bytes(); }
 namespace cpu {
 int thread_count() { return get_num_threads(); }
 
+namespace {
+std::atomic<int>& team_record() {
+  static std::atomic<int> n{1};
+  return n;
+}
+}  // namespace
+
+int note_team(int n) {
+  int seen = team_record().load(std::memory_order_relaxed);
+  while (n > seen && !team_record().compare_exchange_weak(seen, n, std::memory_order_relaxed)) {
+  }
+  return n;
+}
+int largest_team() { return team_record().load(std::memory_order_relaxed); }
+
 void for_each(int64_t n, int64_t work, void (*fn)(void* ctx, int64_t i), void* ctx) {
   // Tasks side by side only when they keep every thread busy to the end; otherwise one after
   // the other, each with all the threads (a nested parallel region runs on one thread).

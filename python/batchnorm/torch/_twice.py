@@ -30,9 +30,10 @@ def _layout(x: Tensor) -> Tuple[list, list]:
 
 
 def masked(dy: Tensor, y: Tensor) -> Tensor:
-    """The gradient through a ReLU whose output is y. The mask is piecewise constant, so its
-    own derivative is zero wherever it is defined (as torch's threshold_backward)."""
-    return torch.where(y > 0, dy, torch.zeros((), dtype=dy.dtype, device=dy.device))
+    """The gradient through a ReLU whose output is y: torch's own threshold_backward, whose
+    derivative in y is zero (the mask is piecewise constant) but recorded, so a gradient that
+    depends on the residual or bias only through y still has a graph, as torch's ReLU gives."""
+    return torch.ops.aten.threshold_backward(dy, y, 0)
 
 
 def training(
@@ -43,9 +44,11 @@ def training(
     take their weight in float32, torch's mixed-type form: the saved statistics stay float32
     (torch's same-dtype form would round them to the half type)."""
     acc = _acc(x.dtype)
-    if x.numel() == 0:  # identically zero (and torch's kernel divides by the count: SIGFPE)
-        zeros = torch.zeros(x.shape[1], dtype=acc, device=x.device)
-        return torch.zeros_like(x), zeros, zeros.clone()
+    if x.numel() == 0:  # identically zero (and torch's kernel divides by the count: SIGFPE);
+        # zeros made from the inputs keep a graph, so a penalty on them differentiates to zero
+        dims, _ = _layout(x)
+        zeros = (dy.to(acc) + x.to(acc)).sum(dims) * 0
+        return (dy + x) * 0, zeros if weight is None else zeros + weight.to(acc) * 0, zeros.clone()
     w = None if weight is None else weight.to(acc)
     dx, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
         dy, x, w, None, None, mean.to(acc), invstd.to(acc), True, eps, [True, weight is not None, True]

@@ -104,7 +104,8 @@ def _training_grads(ctx, dy, backward):
     its kernel), or differentiable again when a second derivative may follow (_twice)."""
     x, y, weight, mean, invstd = ctx.saved_tensors
     needs_x, needs_r, needs_w, needs_b = ctx.needs_input_grad[:4]
-    if _twice.wanted(dy, x, weight):
+    # y carries the residual and bias into the ReLU's gradient.
+    if _twice.wanted(dy, x, weight, y if ctx.relu else None):
         dres = _twice.masked(dy, y) if ctx.relu else dy
         dx, dweight, dbias = _twice.training(dres, x, mean, invstd, weight, ctx.eps)
     else:
