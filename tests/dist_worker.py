@@ -304,6 +304,11 @@ def check_torch_failures(group) -> None:
     (want,) = torch.autograd.grad(layer(x2).square().sum(), x2)
     assert torch.equal(g.detach(), want)
     expect_error(RuntimeError, "no double backward .* through SyncBatchNorm", lambda: g.square().sum().backward())
+    # The weight alone requiring grad reaches the refusal too (dx depends on it).
+    x = good.clone().requires_grad_()
+    (g,) = torch.autograd.grad(layer(x).sum(), x, create_graph=True)
+    expect_error(RuntimeError, "no double backward .* through SyncBatchNorm",
+                 lambda: torch.autograd.grad(g.square().sum(), layer.weight))
 
 
 def check_ddp_resnet(group, sizes) -> None:

@@ -63,8 +63,9 @@ class _SyncFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, mean, invstd = ctx.saved_tensors
         # batchnorm's array functions refuse tensors that record autograd (this op is their graph).
-        weight = None if weight is None else weight.detach()
-        dx, dweight, dbias = _sync_backward(ctx.engine, dy.detach(), x.detach(), mean, invstd, ctx.count, weight, _AXIS)
+        plain_weight = None if weight is None else weight.detach()
+        dx, dweight, dbias = _sync_backward(ctx.engine, dy.detach(), x.detach(), mean, invstd, ctx.count, plain_weight,
+                                            _AXIS)
         needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
         grads = (
             dx if needs_x else None,
