@@ -354,6 +354,35 @@ def vector(values: np.ndarray, dtype: str, strided: bool = False, xp: ArrayLib =
     return xp.view(xp.asarray(big, dtype), (slice(None, None, 2),))
 
 
+
+def every_op(x: Any, dy: Any, r: Any, w: np.ndarray, b: np.ndarray, threads: int, strided: bool = False) -> dict:
+    """Every CPU op on x (NumPy arrays; dy and the residual r of x's shape and dtype, weight w
+    and bias b float32) at `threads` threads, by result name: statistics, training with
+    running statistics (momentum 0.5), inference with the updated ones, backward, the fused
+    forward and backward (residual, ReLU), backward_reduce and backward_elemt. `strided`: every
+    parameter vector and the running statistics as stride-2 views."""
+    old = bn.get_num_threads()
+    try:
+        bn.set_num_threads(threads)
+        C = x.shape[1]
+        acc = "float64" if dtype_name(x) == "float64" else "float32"
+        rm, rv = vector(np.zeros(C), acc, strided), vector(np.ones(C), acc, strided)
+        w, b = vector(w, "float32", strided), vector(b, "float32", strided)
+        mean_s, var_s, _ = bn.statistics(x)
+        y, mean, invstd = bn.forward_training(x, w, b, running_mean=rm, running_var=rv, momentum=0.5)
+        y_inf = bn.forward_inference(x, rm, rv, w, b)
+        dx, dw, db = bn.backward(dy, x, mean, invstd, w)
+        yf, mf, sf = bn.forward_training(x, w, b, residual=r, activation="relu")
+        dxf, dwf, dbf, dres = bn.backward(dy, x, mf, sf, w, y=yf, activation="relu", residual=True)
+        s1, s2, dw2, db2 = bn.backward_reduce(dy, x, mean, invstd)
+        count = int(np.prod(x.shape)) // C
+        dx2 = bn.backward_elemt(dy, x, mean, invstd, s1, s2, count, w)
+        return dict(mean_s=mean_s, var_s=var_s, y=y, mean=mean, invstd=invstd, rm=rm, rv=rv, y_inf=y_inf, dx=dx,
+                    dw=dw, db=db, yf=yf, mf=mf, sf=sf, dxf=dxf, dwf=dwf, dbf=dbf, dres=dres, s1=s1, s2=s2, dw2=dw2,
+                    db2=db2, dx2=dx2)
+    finally:
+        bn.set_num_threads(old)
+
 # ---- the float64 reference ------------------------------------------------------------------
 
 

@@ -14,8 +14,8 @@ from helpers import (
     assert_close,
     bits,
     cast,
-    dtype_name,
     dtype_params,
+    every_op,
     ref_backward,
     ref_normalize,
     ref_statistics,
@@ -38,30 +38,6 @@ SHAPES = [
 ]
 
 
-def _run(x, dy, r, w, b, threads):
-    """Every op on x (with dy, a residual r, weight w, bias b) at `threads` threads."""
-    old = bn.get_num_threads()
-    try:
-        bn.set_num_threads(threads)
-        C = x.shape[1]
-        acc = np.float64 if dtype_name(x) == "float64" else np.float32
-        rm, rv = np.zeros(C, acc), np.ones(C, acc)
-        mean_s, var_s, _ = bn.statistics(x)
-        y, mean, invstd = bn.forward_training(x, w, b, running_mean=rm, running_var=rv, momentum=0.5)
-        y_inf = bn.forward_inference(x, rm, rv, w, b)
-        dx, dw, db = bn.backward(dy, x, mean, invstd, w)
-        yf, mf, sf = bn.forward_training(x, w, b, residual=r, activation="relu")
-        dxf, dwf, dbf, dres = bn.backward(dy, x, mf, sf, w, y=yf, activation="relu", residual=True)
-        s1, s2, dw2, db2 = bn.backward_reduce(dy, x, mean, invstd)
-        count = int(np.prod(x.shape)) // C
-        dx2 = bn.backward_elemt(dy, x, mean, invstd, s1, s2, count, w)
-        return dict(mean_s=mean_s, var_s=var_s, y=y, mean=mean, invstd=invstd, rm=rm, rv=rv, y_inf=y_inf, dx=dx,
-                    dw=dw, db=db, yf=yf, mf=mf, sf=sf, dxf=dxf, dwf=dwf, dbf=dbf, dres=dres, s1=s1, s2=s2, dw2=dw2,
-                    db2=db2, dx2=dx2)
-    finally:
-        bn.set_num_threads(old)
-
-
 @pytest.mark.parametrize("dtype", dtype_params())
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_tiny_planes_against_the_reference_with_the_same_bits_at_any_thread_count(rng, dtype, shape):
@@ -72,9 +48,9 @@ def test_tiny_planes_against_the_reference_with_the_same_bits_at_any_thread_coun
     r = cast(rng.standard_normal(shape), dtype)
     w = rng.uniform(0.5, 2, C).astype(np.float32)
     b = rng.standard_normal(C).astype(np.float32)
-    got = _run(x, dy, r, w, b, 1)
+    got = every_op(x, dy, r, w, b, 1)
     for threads in (2, 3):
-        again = _run(x, dy, r, w, b, threads)
+        again = every_op(x, dy, r, w, b, threads)
         for k, v in got.items():
             assert bits(again[k]) == bits(v), f"{k}: other bits at {threads} threads"
 

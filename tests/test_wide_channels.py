@@ -7,15 +7,14 @@ NaN (a value read before it is written would show)."""
 import numpy as np
 import pytest
 
-import batchnorm as bn
 from helpers import (
     OUT_RTOL,
     TOLERANCE,
     assert_close,
     bits,
     cast,
-    dtype_name,
     dtype_params,
+    every_op,
     ref_backward,
     ref_normalize,
     ref_statistics,
@@ -24,34 +23,6 @@ from helpers import (
 
 # Per-channel arrays over the cache's 64 KB floor and for_channels' parallel threshold.
 SHAPES = [(2, 40000), (5, 17000), (3, 9000, 1, 2), (4, 20000, 1)]
-
-
-def _param(values: np.ndarray, strided: bool) -> np.ndarray:
-    if not strided:
-        return values.copy()
-    wide = np.full(2 * values.size, np.nan, values.dtype)
-    wide[::2] = values
-    return wide[::2]
-
-
-def _run(x, dy, w, b, threads, strided):
-    old = bn.get_num_threads()
-    try:
-        bn.set_num_threads(threads)
-        C = x.shape[1]
-        acc = np.float64 if dtype_name(x) == "float64" else np.float32
-        rm, rv = _param(np.zeros(C, acc), strided), _param(np.ones(C, acc), strided)
-        w, b = _param(w, strided), _param(b, strided)
-        y, mean, invstd = bn.forward_training(x, w, b, running_mean=rm, running_var=rv, momentum=0.5)
-        y_inf = bn.forward_inference(x, rm, rv, w, b)
-        dx, dw, db = bn.backward(dy, x, mean, invstd, w)
-        s1, s2, _, _ = bn.backward_reduce(dy, x, mean, invstd)
-        count = int(np.prod(x.shape)) // C
-        dx2 = bn.backward_elemt(dy, x, mean, invstd, s1, s2, count, w)
-        yf, mf, sf = bn.forward_training(x, w, b, residual=dy, activation="relu")
-        return dict(y=y, mean=mean, invstd=invstd, rm=rm, rv=rv, y_inf=y_inf, dx=dx, dw=dw, db=db, dx2=dx2, yf=yf)
-    finally:
-        bn.set_num_threads(old)
 
 
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided-params"])
@@ -64,15 +35,15 @@ def test_wide_channels(rng, shape, dtype, strided):
     dy = cast(rng.standard_normal(shape), dtype)
     w = rng.uniform(0.5, 2, C).astype(np.float32)
     b = rng.standard_normal(C).astype(np.float32)
-    got = _run(x, dy, w, b, 1, strided)
+    got = every_op(x, dy, dy, w, b, 1, strided)
     for threads in (2, 3):
-        again = _run(x, dy, w, b, threads, strided)
+        again = every_op(x, dy, dy, w, b, threads, strided)
         for k, v in got.items():
             assert bits(again[k]) == bits(v), f"{k}: other bits at {threads} threads"
     # NaN everywhere in the blocks the cache hands out next: nothing of it may reach a result.
     poison = cast(np.full(shape, np.nan), dtype)
-    _run(poison, poison, np.full(C, np.nan, np.float32), np.full(C, np.nan, np.float32), 2, strided)
-    again = _run(x, dy, w, b, 2, strided)
+    every_op(poison, poison, poison, np.full(C, np.nan, np.float32), np.full(C, np.nan, np.float32), 2, strided)
+    again = every_op(x, dy, dy, w, b, 2, strided)
     for k, v in got.items():
         assert bits(again[k]) == bits(v), f"{k}: other bits after a NaN call"
 

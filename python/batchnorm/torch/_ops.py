@@ -13,7 +13,6 @@ from torch.utils.dlpack import to_dlpack
 
 from .. import _C
 from .._arrays import _current_stream, _stream_number
-from . import _twice
 
 # define/impl rather than torch.library.custom_op: both reach these Python kernels through
 # the dispatcher, but custom_op's wrapper costs more per call (bench/torch_op_overhead.py),
@@ -161,7 +160,9 @@ def _training_grads(ctx, dy, backward):
     or differentiable again when a second derivative may follow (_twice)."""
     x, weight, mean, invstd = ctx.saved_tensors
     needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
-    if _twice.wanted(dy, x, weight):
+    if wants_grad(dy, x, weight):  # in a backward: create_graph=True
+        from . import _twice  # (it builds on this module)
+
         dx, dweight, dbias = _twice.training(dy, x, mean, invstd, weight, ctx.eps)
     else:
         dx, dweight, dbias = backward(dy, x, mean, invstd, weight)
@@ -196,19 +197,22 @@ def _inference_grads(ctx, dy, x, mean, var, weight, needs):
     needs_x, needs_mean, needs_var, needs_w, needs_b = needs
     if needs_mean or needs_var:
         raise NotImplementedError("batchnorm.torch: no gradient with respect to the running statistics")
-    dx = gw = gb = None
-    if _twice.wanted(dy, x, weight):
+    if wants_grad(dy, x, weight):  # in a backward: create_graph=True
+        from . import _twice  # (it builds on this module)
+
         dx, dweight, dbias = _twice.inference(dy, x, mean, var, weight, ctx.eps)
-        return (dx if needs_x else None, dweight.to(ctx.weight_dtype) if needs_w else None,
-                dbias.to(ctx.bias_dtype) if needs_b else None)
-    if needs_x:
-        dx = torch.ops.batchnorm.forward_inference(dy, torch.zeros_like(mean), var, weight, None, ctx.eps)
-    if needs_w or needs_b:
-        invstd = torch.rsqrt(var.to(_acc(x.dtype)) + ctx.eps)
-        _, dweight, dbias = torch.ops.batchnorm.backward(dy, x, mean, invstd, weight)
-        gw = dweight.to(ctx.weight_dtype) if needs_w else None
-        gb = dbias.to(ctx.bias_dtype) if needs_b else None
-    return dx, gw, gb
+    else:
+        dx = dweight = dbias = None
+        if needs_x:
+            dx = torch.ops.batchnorm.forward_inference(dy, torch.zeros_like(mean), var, weight, None, ctx.eps)
+        if needs_w or needs_b:
+            invstd = torch.rsqrt(var.to(_acc(x.dtype)) + ctx.eps)
+            _, dweight, dbias = torch.ops.batchnorm.backward(dy, x, mean, invstd, weight)
+    return (
+        dx if needs_x else None,
+        dweight.to(ctx.weight_dtype) if needs_w else None,
+        dbias.to(ctx.bias_dtype) if needs_b else None,
+    )
 
 
 def _inference_backward(ctx, dy):
@@ -265,7 +269,8 @@ def check_running(running_mean: Optional[Tensor], running_var: Optional[Tensor])
 
 def wants_grad(*tensors: Optional[Tensor]) -> bool:
     """Whether autograd records a call on these tensors: eager inference without it calls the
-    kernel directly."""
+    kernel directly. Inside a backward, grad mode is on only under create_graph=True, so there
+    it says whether the gradient must be differentiable again (_twice)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 

@@ -13,15 +13,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-
-def wanted(*tensors: Optional[Tensor]) -> bool:
-    """Whether a backward must build a graph: autograd enables grad mode inside a backward only
-    under create_graph=True, and the graph matters only if one of these requires grad."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ._ops import _acc, wants_grad
 
 
 def _layout(x: Tensor) -> Tuple[list, list]:
@@ -71,11 +63,11 @@ def inference(
 
 
 def refuse(what: str, grads: tuple, *tensors: Optional[Tensor]) -> tuple:
-    """grads as they are, unless wanted(*tensors): then aliases whose own backward raises, so
+    """grads as they are, unless wants_grad(*tensors): then aliases whose own backward raises, so
     that a second derivative through `what` (whose backward is a constant to autograd) is an
     error rather than a silent zero. torch's once_differentiable looks at the incoming
     gradients only and misses the saved x that requires grad."""
-    if not wanted(*tensors):
+    if not wants_grad(*tensors):
         return grads
     present = [i for i, g in enumerate(grads) if g is not None]
     message = f"batchnorm.torch: no double backward (create_graph=True) through {what}; batch_norm, " \

@@ -105,7 +105,7 @@ def _training_grads(ctx, dy, backward):
     x, y, weight, mean, invstd = ctx.saved_tensors
     needs_x, needs_r, needs_w, needs_b = ctx.needs_input_grad[:4]
     # y carries the residual and bias into the ReLU's gradient.
-    if _twice.wanted(dy, x, weight, y if ctx.relu else None):
+    if _ops.wants_grad(dy, x, weight, y if ctx.relu else None):  # in a backward: create_graph=True
         dres = _twice.masked(dy, y) if ctx.relu else dy
         dx, dweight, dbias = _twice.training(dres, x, mean, invstd, weight, ctx.eps)
     else:
