@@ -105,3 +105,23 @@ def test_outputs_at_any_alignment_get_the_same_bits(rng, dtype, shape, offset, s
     bn.backward(dy2, x, mean, invstd, w, out=dy2)
     assert bits(dy2) == bits(dx_ref)
 
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_outputs_off_the_value_size_are_written_value_by_value(rng, dtype, streamed):
+    """An out= whose address is not a multiple of its value size (a NumPy view of a byte buffer
+    at offset 1) never reaches a line boundary: no streaming store (a crash, misaligned), the
+    same bits."""
+    shape = (4, 40, 7, 7)
+    x, dy, _, w, b = inputs(rng, shape, dtype)
+    size = np.dtype(dtype).itemsize
+    n = int(np.prod(shape))
+    buf = np.zeros(n * size + 64, np.uint8)
+    out = np.frombuffer(buf.data, dtype=dtype, count=n, offset=1).reshape(shape)
+    assert not out.flags.aligned
+    y, mean, invstd = bn.forward_training(x, w, b)
+    bn.forward_training(x, w, b, out=out)
+    assert bits(out) == bits(y)
+    dx = bn.backward(dy, x, mean, invstd, w)[0]
+    bn.backward(dy, x, mean, invstd, w, out=out)
+    assert bits(out) == bits(dx)
