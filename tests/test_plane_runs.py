@@ -13,8 +13,10 @@ from helpers import HAVE_TORCH, TOLERANCE, assert_close, bits, cast, dtype_param
 
 # (shape, what it reaches): plane 49 with a last block of 5 channels (float32: under the run's
 # 1 KB, so row by row beside runs); planes of 16, 25 and 64 values; a 3-D array; many blocks per
-# thread; few channels and many rows (3 threads: groups of rows that start inside a plane).
-SHAPES = [(6, 37, 7, 7), (3, 20, 4, 4), (5, 18, 5, 5), (4, 17, 8, 8), (7, 33, 49), (2, 300, 7, 7), (400, 2, 7, 7)]
+# thread; few channels and many rows (3 threads: groups of rows that start inside a plane); over
+# 8192 values a channel (the reductions and the fused backward then sum in partial pieces).
+SHAPES = [(6, 37, 7, 7), (3, 20, 4, 4), (5, 18, 5, 5), (4, 17, 8, 8), (7, 33, 49), (2, 300, 7, 7), (400, 2, 7, 7),
+          (200, 20, 64)]
 
 
 @pytest.fixture(params=[False, True], ids=["cached", "streamed"])
