@@ -30,6 +30,17 @@ static inline __attribute__((always_inline)) void map_one(const acc_t<T>* k, con
   store_at(o + (Unit ? i : i * so), apply_map(R{}, k, v));
 }
 
+// map_one with value i's coefficients gathered from per-channel arrays: coefficient j is
+// k[j][c] (c the value's channel, or its index into arrays expanded per value).
+template <class R, class T>
+static inline __attribute__((always_inline)) void map_one_at(const acc_t<T>* const* k, int64_t c, const T* const* p,
+                                                             T* o, int64_t i) {
+  acc_t<T> kc[coef_slots<R>];
+  #pragma GCC unroll 4
+  for (int j = 0; j < R::kCoef; ++j) kc[j] = k[j][c];
+  map_one<R, true, T>(kc, p, o, i);
+}
+
 // A contiguous run of n values of every array.
 template <class R, class T>
 static inline __attribute__((always_inline)) void map_contiguous(const acc_t<T>* k, const vec_t<acc_t<T>>* kv,
@@ -162,14 +173,7 @@ static inline __attribute__((always_inline)) void map_run(const T* const* p, T* 
   using V = vec_t<A>;
   constexpr int VL = vlen<A>;
   constexpr int N = R::kIn;
-  auto one = [&](int64_t i) {
-    A kc[coef_slots<R>], v[N];
-    #pragma GCC unroll 4
-    for (int j = 0; j < R::kCoef; ++j) kc[j] = e[j][i];
-    #pragma GCC unroll 4
-    for (int j = 0; j < N; ++j) v[j] = load_at(p[j] + i);
-    store_at(o + i, apply_map(R{}, kc, v));
-  };
+  auto one = [&](int64_t i) { map_one_at<R, T>(e, i, p, o, i); };
   auto vec_at = [&](int64_t i) {
     V kv[coef_slots<R>], v[N];
     #pragma GCC unroll 4
@@ -364,14 +368,7 @@ bool map_flat(const T* const* in, T* out, const Layout& L, int64_t p0, int64_t p
   const int64_t i0 = p0 * C, i1 = p1 * C;
   const int64_t align = VL * sizeof(T);
   const int64_t head = std::min(i1 - i0, static_cast<int64_t>((align - reinterpret_cast<uintptr_t>(out + i0) % align) % align / sizeof(T)));
-  auto one = [&](int64_t i) {
-    A kc[coef_slots<R>], v[N];
-    #pragma GCC unroll 4
-    for (int j = 0; j < R::kCoef; ++j) kc[j] = k[j][i % C];
-    #pragma GCC unroll 4
-    for (int j = 0; j < N; ++j) v[j] = load_at(in[j] + i);
-    store_at(out + i, apply_map(R{}, kc, v));
-  };
+  auto one = [&](int64_t i) { map_one_at<R, T>(k, i % C, in, out, i); };
   int64_t i = i0;
   for (; i < i0 + head; ++i) one(i);
   int64_t c = i % C;
@@ -425,14 +422,7 @@ void map_positions(const T* const* in, T* out, const Layout& L, int64_t p0, int6
   const A* kp[coef_slots<R>];
 #pragma GCC unroll 4
   for (int j = 0; j < R::kCoef; ++j) kp[j] = k[j];
-  auto one = [&](const T* const* p, T* o, int64_t c) {
-    A kc[coef_slots<R>], v[N];
-    #pragma GCC unroll 4
-    for (int j = 0; j < R::kCoef; ++j) kc[j] = kp[j][c];
-    #pragma GCC unroll 4
-    for (int j = 0; j < N; ++j) v[j] = load_at(p[j] + c);
-    store_at(o + c, apply_map(R{}, kc, v));
-  };
+  auto one = [&](const T* const* p, T* o, int64_t c) { map_one_at<R, T>(kp, c, p, o, c); };
   Odometer<N + 1> pos(L, L.nred, p0);
   for (int64_t q = p0; q < p1; ++q, pos.next()) {
     const T* p[N];
