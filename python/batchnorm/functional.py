@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence, Tuple
 
 from . import _C
-from ._arrays import Kind, check_axis, check_int, check_out, check_real, check_written
+from ._arrays import check_axis, check_int, check_out, check_real, check_written, kind_of
 
 Array = Any
 
@@ -19,7 +19,7 @@ def statistics(x: Array, *, axis: int = 1, dtype: Any = None, stream: Any = None
     that are merged later (merge_statistics, batchnorm.distributed)."""
     axis = check_axis(axis, x)
     wide = _wide_dtype(dtype)
-    kind = Kind(x, stream)
+    kind = kind_of(x, stream)
     mean, var, count = _C.statistics(kind.arg(x), axis, wide, kind.call)
     return kind.wrap(mean), kind.wrap(var), count
 
@@ -46,7 +46,7 @@ def merge_statistics(
     """Combines per-shard (mean, biased var, count) exactly as if the statistics had been
     computed over the concatenated shards (Chan's formula). Shards with count 0 are ignored."""
     lead = means[0] if isinstance(means, (list, tuple)) and len(means) > 0 else None
-    kind = Kind(lead, stream, "means[0]")
+    kind = kind_of(lead, stream, "means[0]")
     mean, var, count = _C.merge_statistics(means, vars, counts, kind.call)
     return kind.wrap(mean), kind.wrap(var), count
 
@@ -116,14 +116,15 @@ def forward_training(
             )
         batch_mean, batch_var, batch_count = batch_statistics
         batch_count = check_int(batch_count, "batch_statistics count")
-    kind = Kind(x, stream)
+    kind = kind_of(x, stream)
     a = kind.arg
+    # Every argument by position: pybind11 matches keywords by building each name's string
+    # (5 us of a small training call's overhead).
     results = _C.forward_training(
         a(x), a(weight), a(bias), a(running_mean), a(running_var), momentum, eps, axis, a(out),
-        a(batch_mean), a(batch_var), batch_count, kind.call, residual=a(residual), activation=code,
-        running_var_unbiased=running_var_unbiased, skip_nonfinite=skip_nonfinite, renorm=renorm is not None,
-        rmax=rmax, dmax=dmax, ghost_batch=ghost,
-    )
+        a(batch_mean), a(batch_var), batch_count, kind.call, None, None, a(residual), code,
+        running_var_unbiased, skip_nonfinite, renorm is not None, rmax, dmax, ghost,
+    )  # fmt: skip
     y = out if out is not None else kind.wrap(results[0])
     return (y,) + tuple(kind.wrap(r) for r in results[1:])
 
@@ -177,11 +178,11 @@ def forward_inference(
     axis = check_axis(axis, x)
     code = _activation_code(activation)
     check_out(out)
-    kind = Kind(x, stream)
+    kind = kind_of(x, stream)
     a = kind.arg
     y = _C.forward_inference(
-        a(x), a(mean), a(var), a(weight), a(bias), eps, axis, a(out), kind.call, residual=a(residual), activation=code
-    )
+        a(x), a(mean), a(var), a(weight), a(bias), eps, axis, a(out), kind.call, a(residual), code
+    )  # by position, as in forward_training
     return out if out is not None else kind.wrap(y)
 
 
@@ -221,12 +222,12 @@ def backward(
         r, d = renorm
     ghost = _ghost(ghost_batch)
     check_out(out)
-    kind = Kind(x, stream)
+    kind = kind_of(x, stream)
     a = kind.arg
     results = _C.backward(
         a(dy), a(x), a(saved_mean), a(saved_invstd), a(weight), axis, a(out), kind.call,
-        y=a(y), activation=code, residual=residual, renorm_r=a(r), renorm_d=a(d), ghost_batch=ghost,
-    )
+        None, None, a(y), code, residual, None, a(r), a(d), ghost,
+    )  # by position, as in forward_training
     dx = out if out is not None else kind.wrap(results[0])
     return (dx,) + tuple(kind.wrap(r) for r in results[1:])
 
@@ -254,7 +255,7 @@ def backward_reduce(
     forward's saved_mean / saved_invstd. An empty shard gives zeros.
     Returns (sum_dy, sum_dy_xmu, dweight, dbias)."""
     axis = check_axis(axis, x)
-    kind = Kind(x, stream)
+    kind = kind_of(x, stream)
     a = kind.arg
     results = _C.backward_reduce(a(dy), a(x), a(mean), a(invstd), axis, kind.call)
     return tuple(kind.wrap(r) for r in results)  # type: ignore[return-value]
@@ -281,7 +282,7 @@ def backward_elemt(
     axis = check_axis(axis, x)
     count = check_int(count, "count")
     check_out(out)
-    kind = Kind(x, stream)
+    kind = kind_of(x, stream)
     a = kind.arg
     dx = _C.backward_elemt(
         a(dy), a(x), a(mean), a(invstd), a(sum_dy), a(sum_dy_xmu), count, a(weight), axis, a(out), kind.call
@@ -306,7 +307,7 @@ def fold(
     Returns (kernel', bias') in the kernel's dtype, computed in float64."""
     eps = check_real(eps, "eps")
     axis = check_axis(axis, kernel)
-    kind = Kind(kernel, stream, "kernel")
+    kind = kind_of(kernel, stream, "kernel")
     k, b = _C.fold(kernel, conv_bias, mean, var, weight, bias, eps, axis, kind.call)
     return kind.wrap(k), kind.wrap(b)
 

@@ -41,9 +41,14 @@ def _vector(x: Tensor, n: int) -> Tensor:
     return torch.empty(n, dtype=_acc(x.dtype), device=x.device)
 
 
+_CPU_CALL = _C.Call(0, False)
+
+
 def _call(x: Tensor) -> Any:
-    """Native call settings: torch's current stream for CUDA tensors, results as given."""
-    return _C.Call(_stream_number(_current_stream(x, "torch")) if x.is_cuda else 0, False)
+    """Native call settings: torch's current stream for CUDA tensors, results as given. The
+    native functions take their arguments by position in this package: pybind11 matches
+    keywords by building each name's string, 0.5 us an argument."""
+    return _C.Call(_stream_number(_current_stream(x, "torch")), False) if x.is_cuda else _CPU_CALL
 
 
 def _cap(t: Optional[Tensor]) -> Any:
@@ -76,7 +81,7 @@ def _train(x, weight, bias, running_mean, running_var, momentum, eps, residual=N
     _C.forward_training(
         _cap(x), _cap(weight), _cap(bias), _cap(running_mean), _cap(running_var),
         momentum, eps, _AXIS, _cap(y), None, None, 0, _call(x), _cap(mean), _cap(invstd),
-        residual=_cap(residual), activation=activation,
+        _cap(residual), activation,
     )  # fmt: skip
     return y, mean, invstd
 

@@ -57,7 +57,7 @@ def _forward_inference_act(x, residual, mean, var, weight, bias, eps, relu):
     y = torch.empty_like(x)
     _C.forward_inference(
         _cap(x), _cap(mean), _cap(var), _cap(weight), _cap(bias), eps, _AXIS, _cap(y), _call(x),
-        residual=_cap(residual), activation=_code(relu),
+        _cap(residual), _code(relu),
     )  # fmt: skip
     return y
 
@@ -77,8 +77,8 @@ def _backward_act(dy, x, y, saved_mean, saved_invstd, weight, relu, residual):
     dres = torch.empty_like(x) if residual else _vector(x, 0)
     _C.backward(
         _cap(dy), _cap(x), _cap(saved_mean), _cap(saved_invstd), _cap(weight), _AXIS, _cap(dx), _call(x),
-        _cap(dweight), _cap(dbias), y=_cap(y) if relu else None, activation=_code(relu), residual=residual,
-        dresidual_out=_cap(dres) if residual else None,
+        _cap(dweight), _cap(dbias), _cap(y) if relu else None, _code(relu), residual,
+        _cap(dres) if residual else None,
     )  # fmt: skip
     return dx, dweight, dbias, dres
 

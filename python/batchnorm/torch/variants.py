@@ -57,8 +57,7 @@ def _forward(x, weight, bias, running_mean, running_var, momentum, eps, unbiased
         _cap(x), _cap(weight), _cap(bias),
         _cap(None if running_mean is None else new_mean), _cap(None if running_var is None else new_var),
         momentum, eps, _AXIS, _cap(y), None, None, 0, _call(x), _cap(mean), _cap(invstd),
-        running_var_unbiased=unbiased, skip_nonfinite=skip, renorm=renorm is not None, rmax=rmax, dmax=dmax,
-        ghost_batch=ghost_batch,
+        None, 0, unbiased, skip, renorm is not None, rmax, dmax, ghost_batch,
     )  # fmt: skip
     if renorm is not None:  # the core allocates r and d (C,) itself
         r, d = torch.from_dlpack(results[3]), torch.from_dlpack(results[4])
@@ -79,7 +78,7 @@ def _backward(dy, x, saved_mean, saved_invstd, weight, r, d, ghost_batch):
         return dx, dweight.zero_(), dbias.zero_()
     _C.backward(
         _cap(dy), _cap(x), _cap(saved_mean), _cap(saved_invstd), _cap(weight), _AXIS, _cap(dx), _call(x),
-        _cap(dweight), _cap(dbias), renorm_r=_cap(r), renorm_d=_cap(d), ghost_batch=ghost_batch,
+        _cap(dweight), _cap(dbias), None, 0, False, None, _cap(r), _cap(d), ghost_batch,
     )  # fmt: skip
     return dx, dweight, dbias
 
