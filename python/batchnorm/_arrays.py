@@ -207,8 +207,6 @@ def check_int(value: Any, name: str) -> int:
 def check_axis(value: Any, x: Any) -> int:
     """An int axis; values the native layer cannot even represent (beyond a C int) are
     reported like any other out-of-range axis instead of failing the argument conversion."""
-    if type(value) is int and -(2**31) <= value < 2**31:
-        return value
     axis = check_int(value, "axis")
     if not -(2**31) <= axis < 2**31:
         ndim = getattr(x, "ndim", None)

@@ -59,8 +59,8 @@ inline void position_offsets(const Layout& L, int64_t p, int64_t n, int64_t (&of
 // Marks a lambda given to for_each_segment as inlined into it. Left to itself GCC outlined the
 // per-channel reductions' bodies, and the accumulators they add to went to memory (added
 // through pointers, zeroed at every call): with a 196-value plane per call, 1x256x14x14
-// float32 backward took 145-158 us on one AMD EPYC thread (AVX2), 79-85 us with the bodies
-// inlined and Acc holding only its parts.
+// float32 backward took 142-149 us on one AMD EPYC thread (AVX2), 90 us with the bodies inlined
+// (and -mmove-max, csrc/CMakeLists.txt).
 #ifndef BN_SEGMENT_BODY
 #define BN_SEGMENT_BODY __attribute__((always_inline))
 #endif
