@@ -107,6 +107,29 @@ def test_bench_chart_title_without_torch():
     assert "vs PyTorch 2.13.0:" in chart_title({**machine, "torch": "2.13.0"}, 2)
 
 
+def test_bench_never_slower_than_torch_covers_half_rows():
+    # A float16 row slower than PyTorch is reported (it was once left out: the check read the
+    # float32 rows alone, and a full run said "PASS" beside half rows at 0.88x).
+    from batchnorm._bench import report
+
+    def case(dtype, speedups):
+        rows = [{"op": op, "threads": 1, "bytes": 10**6, "speedup_numpy": None, "speedup_torch_out": s,
+                 "speedup_torch_new": s + 0.1, "ours_out": {"median_s": 1e-3, "roofline": 1.0}}
+                for op, s in zip(("forward_inference", "forward_training", "backward"), speedups)]
+        return {"dtype": dtype, "shape": [100], "layout": "nc", "x_bytes": 10**6, "copy": {"gb_per_s": 20.0},
+                "copy_threads": {}, "rows": rows}
+
+    got = report.check_targets([case("float32", (2.0, 2.0, 2.0)), case("float16", (1.2, 0.85, 1.5))], [1], None,
+                               None, 1 << 20, 1 << 20)
+    f32 = next(t for t in got if t["target"] == "never slower than PyTorch (out=), every row")
+    assert f32["status"] == "PASS"
+    half = next(t for t in got if t["target"] == "never slower than PyTorch (out=), bfloat16/float16 rows")
+    assert half["status"] == "SHORT" and half["short_rows"] == ["100 nc f16 fwd_train: 0.85x"]
+    assert "min 0.85x" in half["value"]
+    new = next(t for t in got if t["target"] == "never slower than PyTorch (new=), bfloat16/float16 rows")
+    assert new["status"] == "SHORT" and new["short_rows"] == ["100 nc f16 fwd_train: 0.95x"]
+
+
 def test_bench_ceiling_targets_count_the_unavoidable_passes():
     # One float32 case of 100 MB and its float16 twin; the copy moves 20 GB/s counting its read
     # and its write, so one pass over x takes 5 ms; each op timed at exactly its ceiling when

@@ -206,6 +206,17 @@ def check_targets(cases: Sequence[dict], threads: Sequence[int], scaling: Option
                                f"min {min(vals):.2f}x over {len(vals)} rows", short))
     else:
         out.append(_target("speedup vs PyTorch", None, "torch not run"))
+    # "Never slower than PyTorch on any row" holds for the half rows too: they are reported
+    # beside float32's, with the same all-threads rows.
+    half_torch = [(r, row) for dt in ("bfloat16", "float16") for r, row in _rows(cases, dt, top)
+                  if row["speedup_torch_out"] is not None]
+    for variant in ("out", "new") if half_torch else ():
+        key = f"speedup_torch_{variant}"
+        vals = [row[key] for _, row in half_torch]
+        short = [f"{_label(r)} {DTYPE_SHORT[r['dtype']]} {SHORT_OP[row['op']]}: {row[key]:.2f}x"
+                 for r, row in half_torch if row[key] < 1.0]
+        out.append(_target(f"never slower than PyTorch ({variant}=), bfloat16/float16 rows", not short,
+                           f"min {min(vals):.2f}x, median {np.median(vals):.2f}x over {len(vals)} rows", short))
 
     with_numpy = [(r, row) for r, row in main if row["speedup_numpy"] is not None]
     if with_numpy:
@@ -276,7 +287,7 @@ def check_targets(cases: Sequence[dict], threads: Sequence[int], scaling: Option
 
 
 def targets_table(targets: Sequence[dict]) -> List[str]:
-    lines = ["Targets (float32, all threads, out= unless stated):"]
+    lines = ["Targets (float32 unless stated, all threads, out= unless stated):"]
     for t in targets:
         lines.append(f"  {t['status']:<6}{t['target']:<58}{t['value']}")
         for s in t["short_rows"]:
