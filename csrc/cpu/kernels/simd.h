@@ -323,11 +323,16 @@ struct LaneMaskTable {
     for (int j = 0; j < 2 * vlen<A>; ++j) v[j] = (j < vlen<A>) == Below ? A_bits(-1) : A_bits(0);
   }
 };
+// The window's first lane for n: vlen lanes from there are the mask.
+template <class A, bool Below>
+static inline __attribute__((always_inline)) const auto* lanes_mask_window(int64_t n) {
+  static constexpr LaneMaskTable<A, Below> table{};
+  return table.v + vlen<A> - n;
+}
 template <class A, bool Below>
 static inline __attribute__((always_inline)) vec_t<A> lanes_mask(int64_t n) {
-  static constexpr LaneMaskTable<A, Below> table{};
   vec_t<A> r;
-  std::memcpy(&r, table.v + vlen<A> - n, sizeof(r));
+  std::memcpy(&r, lanes_mask_window<A, Below>(n), sizeof(r));
   return r;
 }
 // Masks the unused lanes of a partial vector.
@@ -350,10 +355,10 @@ static inline __attribute__((always_inline)) vec_t<acc_t<T>> load_partial(const 
 #if defined(__AVX2__) && !defined(__AVX512F__)
   if constexpr (std::is_same_v<T, A>) {
     constexpr int H = vlen<A> / 2;  // lanes of one 32-byte half
-    static constexpr LaneMaskTable<A, true> table{};
+    const auto* mask = lanes_mask_window<A, true>(n);  // lanes_below's, by halves
     __m256i lo, hi;
-    std::memcpy(&lo, table.v + vlen<A> - n, sizeof(lo));
-    std::memcpy(&hi, table.v + vlen<A> - n + H, sizeof(hi));
+    std::memcpy(&lo, mask, sizeof(lo));
+    std::memcpy(&hi, mask + H, sizeof(hi));
     typedef A half __attribute__((vector_size(32)));
     half a, b;
     if constexpr (sizeof(A) == 4) {
