@@ -20,12 +20,12 @@ struct GradSums {
 };
 
 // Per-channel backward sums of every channel: `per_channel(c, sum_dy, sum_dy_xmu)` once
-// channel c's are final, and per_block as in reduce_all. With `pre` (the fused backward's
+// channel c's are final, and finalize and per_block as in reduce_all. With `pre` (the fused backward's
 // masking pass, whose output is dy), each range of dy is made just before it is reduced, so
 // the reduction reads it from cache.
-template <class T, class F, class B>
+template <class T, class F, class Fin, class B>
 bool all_grad_sums(const Kernels<T>& k, const T* dy, const T* x, const Layout& L, const Plan& plan,
-                   const acc_t<T>* mean, const MapPass<T>* pre, F&& per_channel, B&& per_block) {
+                   const acc_t<T>* mean, const MapPass<T>* pre, F&& per_channel, Fin&& finalize, B&& per_block) {
   const int64_t C = L.channels;
   const int64_t cs_dy = L.channel_stride[0], cs_x = L.channel_stride[1];
   buffer<acc_t<T>> plane_mean;  // tiny planes: the mean of each plane value's channel
@@ -51,26 +51,27 @@ bool all_grad_sums(const Kernels<T>& k, const T* dy, const T* x, const Layout& L
           k.cl_map[static_cast<int>(pre->kind)](r.in, r.out, R, b, e, r.coef, pre->nt);
         }
         const int64_t n = R.channels;
-        buffer<acc_t<T>> scratch(static_cast<size_t>(3 * n));
-        buffer<double> s(static_cast<size_t>(2 * n));
+        scratch_array<acc_t<T>> scratch(static_cast<size_t>(3 * n));  // both written before read
+        scratch_array<double> s(static_cast<size_t>(2 * n));
         k.cl_grad_sums(dy + c0, x + c0, R, b, e, cl_mean + c0, s.data(), s.data() + n, scratch.data());
         for (int64_t c = 0; c < n; ++c) out[c] = GradSums{s[c], s[n + c]};
       },
       [](const GradSums& a, const GradSums& b) { return GradSums{a.dy + b.dy, a.dy_xmu + b.dy_xmu}; },
-      [&](int64_t c, const GradSums& s) { per_channel(c, s.dy, s.dy_xmu); }, per_block);
+      [&](int64_t c, const GradSums& s) { per_channel(c, s.dy, s.dy_xmu); }, finalize, per_block);
 }
 
 // Per-channel coefficients of backward_dx, held as the (C,) arrays the dx pass reads.
 template <class T>
 struct DxCoefficients {
   using A = acc_t<T>;
-  buffer<A> mean, scale, mean_dy, proj;
+  scratch_array<A> mean, scale, mean_dy, proj;  // every channel written by finalize before the pass
   explicit DxCoefficients(int64_t C) : mean(C), scale(C), mean_dy(C), proj(C) {}
-  void set(int64_t c, const BackwardCoefficients<A>& k) {
-    mean[c] = k.mean;
-    scale[c] = k.scale;
-    mean_dy[c] = k.mean_dy;
-    proj[c] = k.proj;
+  // Channels [c0, c1) from their sums (kernels/finalize.h), with their parameter gradients
+  // into dweight[0, c1 - c0), dbias[0, c1 - c0).
+  void finalize(const Kernels<T>& k, int64_t c0, int64_t c1, const double* sum_dy, const double* sum_dy_xmu,
+                double count, const A* mean_in, const A* invstd, const A* weight, A* dweight, A* dbias) {
+    k.backward_finalize(c1 - c0, sum_dy + c0, sum_dy_xmu + c0, count, mean_in + c0, invstd + c0, weight + c0,
+                        dweight, dbias, mean.data() + c0, scale.data() + c0, mean_dy.data() + c0, proj.data() + c0);
   }
   // The elementwise pass dx = backward_dx(dy, x) over the layout (dy, x, dx).
   MapPass<T> pass(const T* dy, const T* x, T* dx, bool nt) const {
@@ -100,13 +101,13 @@ void backward(const BackwardParams& p, const Layout& L) {
     // ahead of the reduction, which reads its output as dy; one layout walks all arrays.
     const bool masked = p.activation == Activation::relu || p.dresidual.defined();
     const Plan plan = make_plan<T>(L, (masked ? 5 : 3) * sizeof(T));
-    const buffer<A> mean = load_vector<A>(p.saved_mean, C, A(0));
-    const buffer<A> invstd = load_vector<A>(p.saved_invstd, C, A(1));
-    buffer<A> weight = load_vector<A>(p.weight, C, A(1));
+    const scratch_array<A> mean = load_vector<A>(p.saved_mean, C, A(0));
+    const scratch_array<A> invstd = load_vector<A>(p.saved_invstd, C, A(1));
+    scratch_array<A> weight = load_vector<A>(p.weight, C, A(1));
     // Batch renorm: r and d are constants; dx is the plain one with weight * r.
     const bool renorm = p.renorm_r.defined();
-    const buffer<A> r = renorm ? load_vector<A>(p.renorm_r, C, A(1)) : buffer<A>();
-    const buffer<A> rd = renorm ? load_vector<A>(p.renorm_d, C, A(0)) : buffer<A>();
+    const scratch_array<A> r = renorm ? load_vector<A>(p.renorm_r, C, A(1)) : scratch_array<A>();
+    const scratch_array<A> rd = renorm ? load_vector<A>(p.renorm_d, C, A(0)) : scratch_array<A>();
     if (renorm)
       for (int64_t c = 0; c < C; ++c) weight[c] = weight[c] * r[c];
     T* dx = p.dx.ptr<T>();
@@ -130,15 +131,21 @@ void backward(const BackwardParams& p, const Layout& L) {
                     stream_output(n_distinct * L.count * C * static_cast<int64_t>(sizeof(T)));
     DxCoefficients<T> coef(C);
     const MapPass<T> pass = coef.pass(dy, x, dx, nt);
+    buffer<double> sum_dy(static_cast<size_t>(C)), sum_dy_xmu(static_cast<size_t>(C));
     const bool fused = all_grad_sums(
         k, dy, x, L, plan, mean.data(), masked ? &mask : nullptr,
-        [&](int64_t c, double sum_dy, double sum_dy_xmu) {
-          ParamGrads<A> g = param_grads<A>(sum_dy, sum_dy_xmu, invstd[c]);
-          if (renorm) g = renorm_param_grads<A>(g, Renorm<A>{r[c], rd[c]});
-          dweight[c] = g.dweight;
-          dbias[c] = g.dbias;
-          coef.set(c, backward_coefficients<A>(sum_dy, sum_dy_xmu, static_cast<double>(L.count), mean[c], invstd[c],
-                                               weight[c]));
+        [&](int64_t c, double s1, double s2) {
+          sum_dy[c] = s1;
+          sum_dy_xmu[c] = s2;
+        },
+        [&](int64_t c0, int64_t c1) {
+          coef.finalize(k, c0, c1, sum_dy.data(), sum_dy_xmu.data(), static_cast<double>(L.count), mean.data(),
+                        invstd.data(), weight.data(), dweight + c0, dbias + c0);
+          for (int64_t c = c0; c < c1 && renorm; ++c) {
+            const ParamGrads<A> g = renorm_param_grads<A>(ParamGrads<A>{dweight[c], dbias[c]}, Renorm<A>{r[c], rd[c]});
+            dweight[c] = g.dweight;
+            dbias[c] = g.dbias;
+          }
         },
         [&](int64_t c0, int64_t c1) { map_channels(k, pass, L, plan, c0, c1); });
     if (!fused) map_all(k, pass, L, plan);
@@ -154,7 +161,7 @@ void backward_reduce(const BackwardReduceParams& p, const Layout& L) {
     double* sum_dy_xmu = p.sum_dy_xmu.ptr<double>();
     A* dweight = p.dweight.ptr<A>();
     A* dbias = p.dbias.ptr<A>();
-    const buffer<A> invstd = load_vector<A>(p.invstd, C, A(1));
+    const scratch_array<A> invstd = load_vector<A>(p.invstd, C, A(1));
     auto per_channel = [&](int64_t c, double s1, double s2) {
       sum_dy[c] = s1;
       sum_dy_xmu[c] = s2;
@@ -166,9 +173,10 @@ void backward_reduce(const BackwardReduceParams& p, const Layout& L) {
       for (int64_t c = 0; c < C; ++c) per_channel(c, 0.0, 0.0);
       return;
     }
-    const buffer<A> mean = load_vector<A>(p.mean, C, A(0));
+    const scratch_array<A> mean = load_vector<A>(p.mean, C, A(0));
     all_grad_sums(kernels_for<T>(), p.dy.ptr<const T>(), p.x.ptr<const T>(), L, make_plan<T>(L, 3 * sizeof(T)),
-                  mean.data(), static_cast<const MapPass<T>*>(nullptr), per_channel, [](int64_t, int64_t) {});
+                  mean.data(), static_cast<const MapPass<T>*>(nullptr), per_channel, [](int64_t, int64_t) {},
+                  [](int64_t, int64_t) {});
   });
 }
 
@@ -177,16 +185,16 @@ void backward_elemt(const BackwardElemtParams& p, const Layout& L) {
     using T = storage_t<decltype(d)::value>;
     using A = acc_t<T>;
     const int64_t C = L.channels;
-    const buffer<A> mean = load_vector<A>(p.mean, C, A(0));
-    const buffer<A> invstd = load_vector<A>(p.invstd, C, A(1));
-    const buffer<A> weight = load_vector<A>(p.weight, C, A(1));
-    const buffer<double> sum_dy = load_vector<double>(p.sum_dy, C, 0.0);
-    const buffer<double> sum_dy_xmu = load_vector<double>(p.sum_dy_xmu, C, 0.0);
+    const scratch_array<A> mean = load_vector<A>(p.mean, C, A(0));
+    const scratch_array<A> invstd = load_vector<A>(p.invstd, C, A(1));
+    const scratch_array<A> weight = load_vector<A>(p.weight, C, A(1));
+    const scratch_array<double> sum_dy = load_vector<double>(p.sum_dy, C, 0.0);
+    const scratch_array<double> sum_dy_xmu = load_vector<double>(p.sum_dy_xmu, C, 0.0);
     DxCoefficients<T> coef(C);
     for_channels(C, 8, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c)
-        coef.set(c, backward_coefficients<A>(sum_dy[c], sum_dy_xmu[c], static_cast<double>(p.count), mean[c],
-                                             invstd[c], weight[c]));
+      A dweight[kParamBlock], dbias[kParamBlock];  // backward_reduce's, not needed here
+      coef.finalize(kernels_for<T>(), c0, c1, sum_dy.data(), sum_dy_xmu.data(), static_cast<double>(p.count),
+                    mean.data(), invstd.data(), weight.data(), dweight, dbias);
     });
     const Plan plan = make_plan<T>(L, 3 * sizeof(T));
     map_all(kernels_for<T>(), coef.pass(p.dy.ptr<const T>(), p.x.ptr<const T>(), p.dx.ptr<T>(), plan.from_memory),

@@ -9,11 +9,11 @@ namespace batchnorm::cpu {
 
 void fold(const FoldParams& p, const Layout& L) {
   const int64_t C = L.channels;
-  const buffer<double> mean = load_vector<double>(p.mean, C, 0.0);
-  const buffer<double> var = load_vector<double>(p.var, C, 1.0);
-  const buffer<double> weight = load_vector<double>(p.weight, C, 1.0);
-  const buffer<double> bias = load_vector<double>(p.bias, C, 0.0);
-  const buffer<double> conv_bias = load_vector<double>(p.conv_bias, C, 0.0);
+  const scratch_array<double> mean = load_vector<double>(p.mean, C, 0.0);
+  const scratch_array<double> var = load_vector<double>(p.var, C, 1.0);
+  const scratch_array<double> weight = load_vector<double>(p.weight, C, 1.0);
+  const scratch_array<double> bias = load_vector<double>(p.bias, C, 0.0);
+  const scratch_array<double> conv_bias = load_vector<double>(p.conv_bias, C, 0.0);
   for (int64_t c = 0; c < C; ++c) {
     const double s = fold_scale(weight[c], var[c], p.eps);
     const void* in = static_cast<const char*>(p.kernel.data) + c * L.channel_stride[0] * dtype_size(p.kernel.dtype);

@@ -3,6 +3,8 @@
 // channel-parallel training normalizes each channel right after its reduction, while the
 // channel is still in cache.
 
+#include <algorithm>
+
 #include "core/backend.h"
 #include "cpu/params.h"
 #include "cpu/plan.h"
@@ -45,48 +47,54 @@ void forward_training(const ForwardTrainingParams& p, const Layout& L) {
     const Kernels<T>& k = kernels_for<T>();
     const int64_t C = L.channels;
     const Plan plan = make_plan<T>(L, forward_bytes<T>(p));
-    const buffer<A> weight = load_vector<A>(p.weight, C, A(1));
-    const buffer<A> bias = load_vector<A>(p.bias, C, A(0));
-    buffer<double> batch_var(static_cast<size_t>(C));
-    buffer<A> scale(static_cast<size_t>(C)), shift(bias);
+    const scratch_array<A> weight = load_vector<A>(p.weight, C, A(1));
+    const scratch_array<A> bias = load_vector<A>(p.bias, C, A(0));
+    // Each channel's values written (per_channel, or as given) before they are read.
+    scratch_array<double> batch_mean(static_cast<size_t>(C)), batch_var(static_cast<size_t>(C));
+    scratch_array<A> scale(static_cast<size_t>(C)), shift(static_cast<size_t>(C));
     A* mean = p.saved_mean.ptr<A>();
     A* invstd = p.saved_invstd.ptr<A>();
     // The running statistics as they were before this step (batch renorm reads them).
-    buffer<double> rm, rv;
+    scratch_array<double> rm, rv;
     if (p.running_mean.defined()) {
       rm = load_vector<double>(p.running_mean, C, 0.0);
       rv = load_vector<double>(p.running_var, C, 0.0);
     }
     const MapPass<T> pass =
         forward_pass<T>(p, mean, scale.data(), shift.data(), plan.from_memory);
-    // Channel c's batch mean and biased variance, in double, from x or as given.
-    auto per_channel = [&](int64_t c, double m, double v) {
-      batch_var[c] = v;
-      ForwardCoefficients<A> f = forward_coefficients<A>(m, v, p.eps, weight[c], bias[c]);
-      if (p.renorm) {
-        const Renorm<A> rd = renorm_correction<A>(m, v, rm[c], rv[c], p.eps, p.renorm_rmax, p.renorm_dmax);
+    // The coefficients of channels [c0, c1) from their batch mean and biased variance (in
+    // double, from x or as given), over arrays (kernels/finalize.h).
+    auto finalize = [&](int64_t c0, int64_t c1) {
+      k.forward_finalize(c1 - c0, batch_mean.data() + c0, batch_var.data() + c0, p.eps, weight.data() + c0,
+                         bias.data() + c0, mean + c0, invstd + c0, scale.data() + c0, shift.data() + c0);
+      for (int64_t c = c0; c < c1 && p.renorm; ++c) {
+        const Renorm<A> rd = renorm_correction<A>(batch_mean[c], batch_var[c], rm[c], rv[c], p.eps, p.renorm_rmax,
+                                                  p.renorm_dmax);
+        ForwardCoefficients<A> f{mean[c], invstd[c], scale[c], shift[c]};
         renormalize(f, rd, weight[c], bias[c]);
+        scale[c] = f.scale;
+        shift[c] = f.shift;
         p.renorm_r.ptr<A>()[c] = rd.r;
         p.renorm_d.ptr<A>()[c] = rd.d;
       }
       if (p.moments_mean.defined()) {
-        p.moments_mean.ptr<double>()[c] = m;
-        p.moments_var.ptr<double>()[c] = v;
+        std::copy(batch_mean.data() + c0, batch_mean.data() + c1, p.moments_mean.ptr<double>() + c0);
+        std::copy(batch_var.data() + c0, batch_var.data() + c1, p.moments_var.ptr<double>() + c0);
       }
-      mean[c] = f.mean;
-      invstd[c] = f.invstd;
-      scale[c] = f.scale;
-      shift[c] = f.shift;
     };
     bool fused = false;
     if (p.batch_mean.defined()) {
-      const buffer<double> gm = load_vector<double>(p.batch_mean, C, 0.0);
-      const buffer<double> gv = load_vector<double>(p.batch_var, C, 0.0);
-      for (int64_t c = 0; c < C; ++c) per_channel(c, gm[c], gv[c]);
+      batch_mean = load_vector<double>(p.batch_mean, C, 0.0);
+      batch_var = load_vector<double>(p.batch_var, C, 0.0);
+      finalize(0, C);
     } else {
       fused = all_moments(
-          k, pass.in[0], L, plan, [&](int64_t c, const Moments<double>& m) { per_channel(c, m.mean, biased_variance(m)); },
-          [&](int64_t c0, int64_t c1) { map_channels(k, pass, L, plan, c0, c1); });
+          k, pass.in[0], L, plan,
+          [&](int64_t c, const Moments<double>& m) {
+            batch_mean[c] = m.mean;
+            batch_var[c] = biased_variance(m);
+          },
+          finalize, [&](int64_t c0, int64_t c1) { map_channels(k, pass, L, plan, c0, c1); });
     }
     if (!fused && L.count > 0) map_all(k, pass, L, plan);
     if (p.running_mean.defined()) {
@@ -106,24 +114,21 @@ void forward_inference(const ForwardInferenceParams& p, const Layout& L) {
     using T = storage_t<decltype(d)::value>;
     using A = acc_t<T>;
     const int64_t C = L.channels;
-    scratch_array<A> mean(static_cast<size_t>(C)), scale(static_cast<size_t>(C)), bias(static_cast<size_t>(C));
+    const Kernels<T>& k = kernels_for<T>();
+    scratch_array<A> mean(static_cast<size_t>(C)), scale(static_cast<size_t>(C)), shift(static_cast<size_t>(C));
     for_channels(C, 8, [&](int64_t c0, int64_t c1) {
       const int64_t n = c1 - c0;
       double var[kParamBlock], given_mean[kParamBlock];
-      A weight[kParamBlock];
+      A weight[kParamBlock], bias[kParamBlock], invstd[kParamBlock];
       load_range(p.var, c0, n, 1.0, var);
       load_range(p.mean, c0, n, 0.0, given_mean);
       load_range(p.weight, c0, n, A(1), weight);
-      load_range(p.bias, c0, n, A(0), bias.data() + c0);
-      for (int64_t i = 0; i < n; ++i) {
-        const ForwardCoefficients<A> f =
-            forward_coefficients<A>(given_mean[i], var[i], p.eps, weight[i], bias[c0 + i]);
-        mean[c0 + i] = f.mean;
-        scale[c0 + i] = f.scale;
-      }
+      load_range(p.bias, c0, n, A(0), bias);
+      k.forward_finalize(n, given_mean, var, p.eps, weight, bias, mean.data() + c0, invstd, scale.data() + c0,
+                         shift.data() + c0);
     });
     const Plan plan = make_plan<T>(L, forward_bytes<T>(p));
-    map_all(kernels_for<T>(), forward_pass<T>(p, mean.data(), scale.data(), bias.data(), plan.from_memory), L, plan);
+    map_all(k, forward_pass<T>(p, mean.data(), scale.data(), shift.data(), plan.from_memory), L, plan);
   });
 }
 

@@ -8,6 +8,7 @@
 
 #include <array>
 
+#include "cpu/kernels/finalize.h"
 #include "cpu/kernels/gradient.h"
 #include "cpu/kernels/map.h"
 #include "cpu/kernels/moments.h"
@@ -34,6 +35,8 @@ constexpr Kernels<T> make() {
   k.grad_sums_channels = &grad_sums_channels<T>;
   k.cl_moments = &cl_moments<T>;
   k.cl_grad_sums = &cl_grad_sums<T>;
+  k.forward_finalize = &forward_finalize<T>;
+  k.backward_finalize = &backward_finalize<T>;
   const auto cl_maps = for_recipes<T>([](auto r) { return &map_positions<decltype(r), T>; });
   const auto block_maps = for_recipes<T>([](auto r) { return &map_channels<decltype(r), T>; });
   static_assert(block_maps.size() == kMapKinds, "one map per MapKind");

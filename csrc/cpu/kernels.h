@@ -97,6 +97,14 @@ struct Kernels {
                             const A* const* k, bool nt);
   void (*cl_grad_sums)(const T* dy, const T* x, const Layout& L, int64_t p0, int64_t p1, const A* mean,
                        double* sum_dy, double* sum_dy_xmu, A* scratch);
+  // The per-channel finalize of n channels (kernels/finalize.h): forward_coefficients into
+  // (mean, invstd, scale, shift); param_grads into (dweight, dbias) and backward_coefficients
+  // into (k_mean, k_scale, k_mean_dy, k_proj).
+  void (*forward_finalize)(int64_t n, const double* mean, const double* var, double eps, const A* weight,
+                           const A* bias, A* mean_out, A* invstd, A* scale, A* shift);
+  void (*backward_finalize)(int64_t n, const double* sum_dy, const double* sum_dy_xmu, double count, const A* mean,
+                            const A* invstd, const A* weight, A* dweight, A* dbias, A* k_mean, A* k_scale,
+                            A* k_mean_dy, A* k_proj);
 };
 
 struct KernelTable {

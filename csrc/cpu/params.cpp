@@ -12,8 +12,8 @@ void merge_statistics(const MergeStatisticsParams& p) {
   for (size_t s = 0; s < p.means.size(); ++s) {
     if (p.counts[s] == 0) continue;
     const double n = static_cast<double>(p.counts[s]);
-    const buffer<double> m = load_vector<double>(p.means[s], C, 0.0);
-    const buffer<double> v = load_vector<double>(p.vars[s], C, 0.0);
+    const scratch_array<double> m = load_vector<double>(p.means[s], C, 0.0);
+    const scratch_array<double> v = load_vector<double>(p.vars[s], C, 0.0);
     for (int64_t c = 0; c < C; ++c) acc[c] = merge_moments(acc[c], shard_moments(n, m[c], v[c]));
   }
   for (int64_t c = 0; c < C; ++c) {

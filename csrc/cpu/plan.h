@@ -5,6 +5,7 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <new>
 #include <utility>
 #include <vector>
 
@@ -218,13 +219,16 @@ Plan make_plan(const Layout& op_layout, int64_t bytes_per_value) {
 // layout, channel_range), and
 // `merge(a, b)` combines partials in a fixed order: pieces in order within a group, groups in
 // order, whatever the plan, so results are bitwise reproducible across thread counts.
-// `per_channel(c, p)` is called once channel c's partial is final. In the channels-first
-// channel-parallel plan `per_block(c0, c1)` then runs on the same thread right after the
-// block's channels are final, while their data is in cache, and this returns true; elsewhere
-// it returns false and the caller makes its elementwise pass over everything afterwards.
-template <class P, class Piece, class Pieces, class Cl, class Merge, class F, class B>
+// `per_channel(c, p)` is called once channel c's partial is final, and `finalize(c0, c1)` once
+// every channel of [c0, c1) has been through per_channel, on the same thread: per-channel
+// formulas over arrays of a block of channels go there, where they vectorize (per_channel
+// keeps what it needs). In the channels-first channel-parallel plan `per_block(c0, c1)` then
+// runs on the same thread right after the block's finalize, while its data is in cache, and
+// this returns true; elsewhere it returns false and the caller makes its elementwise pass over
+// everything afterwards.
+template <class P, class Piece, class Pieces, class Cl, class Merge, class F, class Fin, class B>
 bool reduce_all(const Layout& L, const Plan& plan, int64_t work, Piece&& piece, Pieces&& pieces, Cl&& cl,
-                Merge&& merge, F&& per_channel, B&& per_block) {
+                Merge&& merge, F&& per_channel, Fin&& finalize, B&& per_block) {
   if (plan.channels_last) {
     const Layout& W = plan.walk(L);
     const int64_t C = W.channels;
@@ -245,22 +249,29 @@ bool reduce_all(const Layout& L, const Plan& plan, int64_t work, Piece&& piece, 
     const int64_t blocks = (C + kMergeChannels - 1) / kMergeChannels;
     parallel_for(blocks, C * plan.groups * 8, [&](int64_t blk) {
       const int64_t c0 = blk * kMergeChannels, n = std::min(C, c0 + kMergeChannels) - c0;
-      P m[kMergeChannels] = {};
-      for (int64_t g = 0; g < plan.groups; ++g) {
+      // The first group merged into P{} as written out, into storage left unwritten: an array
+      // of P (zero-initialized members) was a 1.5 KB fill per block.
+      alignas(P) unsigned char storage[kMergeChannels * sizeof(P)];
+      P* m = reinterpret_cast<P*>(storage);
+      for (int64_t i = 0; i < n; ++i) new (m + i) P(merge(P{}, partial[c0 + i]));
+      for (int64_t g = 1; g < plan.groups; ++g) {
         const P* part = partial.data() + g * C + c0;
         for (int64_t i = 0; i < n; ++i) m[i] = merge(m[i], part[i]);
       }
-      for (int64_t i = 0; i < n; ++i) {
-        if (plan.plane)
-          planes[c0 + i] = m[i];
-        else
-          per_channel(c0 + i, m[i]);
+      if (plan.plane) {
+        for (int64_t i = 0; i < n; ++i) planes[c0 + i] = m[i];
+      } else {
+        for (int64_t i = 0; i < n; ++i) per_channel(c0 + i, m[i]);
+        finalize(c0, c0 + n);
       }
     });
-    for (int64_t c = 0; c < L.channels && plan.plane; ++c) {
-      P m{};
-      for (int64_t i = 0; i < plan.plane; ++i) m = merge(m, planes[c * plan.plane + i]);
-      per_channel(c, m);
+    if (plan.plane) {
+      for (int64_t c = 0; c < L.channels; ++c) {
+        P m{};
+        for (int64_t i = 0; i < plan.plane; ++i) m = merge(m, planes[c * plan.plane + i]);
+        per_channel(c, m);
+      }
+      finalize(0, L.channels);
     }
     return false;
   }
@@ -284,6 +295,7 @@ bool reduce_all(const Layout& L, const Plan& plan, int64_t work, Piece&& piece, 
         for (int64_t i = 0; i < n; ++i) total[i] = merge(total[i], group[i]);
       }
       for (int64_t i = 0; i < n; ++i) per_channel(c0 + i, total[i]);
+      finalize(c0, c1);
       per_block(c0, c1);
     });
     return true;
@@ -302,6 +314,7 @@ bool reduce_all(const Layout& L, const Plan& plan, int64_t work, Piece&& piece, 
     for (int64_t g = 0; g < plan.groups; ++g) m = merge(m, partial[c * plan.groups + g]);
     per_channel(c, m);
   }
+  finalize(0, C);
   return false;
 }
 
@@ -313,11 +326,11 @@ void for_block_pieces(const Plan& plan, int64_t c0, int64_t c1, F&& f) {
     for (int64_t c = c0; c < c1; ++c) f(c, s, std::min(plan.count, s + kPiece));
 }
 
-// Per-channel moments of x (the reduce executor with the Chan merge); per_channel(c, m) and
-// per_block as in reduce_all.
-template <class T, class F, class B>
+// Per-channel moments of x (the reduce executor with the Chan merge); per_channel(c, m),
+// finalize and per_block as in reduce_all.
+template <class T, class F, class Fin, class B>
 bool all_moments(const Kernels<T>& k, const T* x, const Layout& L, const Plan& plan, F&& per_channel,
-                 B&& per_block) {
+                 Fin&& finalize, B&& per_block) {
   const int64_t C = L.channels;
   const int64_t run = channels_last_run(plan.walk(L).channels, sizeof(T));  // of the whole row
   return reduce_all<Moments<double>>(
@@ -327,11 +340,11 @@ bool all_moments(const Kernels<T>& k, const T* x, const Layout& L, const Plan& p
         k.moments_channels(x + c0 * L.channel_stride[0], L, n, b, e, out, plan.from_memory);
       },
       [&](const Layout& R, int64_t c0, int64_t b, int64_t e, Moments<double>* out) {
-        buffer<acc_t<T>> scratch(static_cast<size_t>(3 * R.channels));
+        scratch_array<acc_t<T>> scratch(static_cast<size_t>(3 * R.channels));  // written before read
         k.cl_moments(x + c0, R, b, e, run, out, scratch.data());
       },
       [](const Moments<double>& a, const Moments<double>& b) { return merge_moments(a, b); }, per_channel,
-      per_block);
+      finalize, per_block);
 }
 
 // ---- the elementwise executor ----------------------------------------------------------

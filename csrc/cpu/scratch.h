@@ -38,23 +38,34 @@ using buffer = std::vector<T, ScratchAllocator<T>>;
 
 // n values from the same cache, left unwritten: for arrays of which every element is written
 // before it is read (a buffer's zero fill was a serial pass over each before its parallel
-// one: 1.5 MB of partial moments in (2, 65536) training).
+// one: 1.5 MB of partial moments in (2, 65536) training). Default-constructed: none, until
+// one is moved in.
 template <class T>
 class scratch_array {
   static_assert(std::is_trivially_copyable_v<T> && std::is_trivially_destructible_v<T>);
 
  public:
+  scratch_array() noexcept = default;
   explicit scratch_array(std::size_t n) : p_(static_cast<T*>(scratch_allocate(n * sizeof(T)))) {}
   ~scratch_array() { scratch_free(p_); }
   scratch_array(const scratch_array&) = delete;
   scratch_array& operator=(const scratch_array&) = delete;
+  scratch_array(scratch_array&& o) noexcept : p_(o.p_) { o.p_ = nullptr; }
+  scratch_array& operator=(scratch_array&& o) noexcept {
+    if (this != &o) {
+      scratch_free(p_);
+      p_ = o.p_;
+      o.p_ = nullptr;
+    }
+    return *this;
+  }
   T* data() noexcept { return p_; }
   const T* data() const noexcept { return p_; }
   T& operator[](std::size_t i) noexcept { return p_[i]; }
   const T& operator[](std::size_t i) const noexcept { return p_[i]; }
 
  private:
-  T* p_;
+  T* p_ = nullptr;
 };
 
 }  // namespace batchnorm::cpu

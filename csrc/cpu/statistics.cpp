@@ -20,7 +20,7 @@ void statistics(const StatisticsParams& p, const Layout& L) {
         p.mean.ptr<A>()[c] = static_cast<A>(m.mean);
         p.var.ptr<A>()[c] = static_cast<A>(biased_variance(m));
       }
-    }, [](int64_t, int64_t) {});
+    }, [](int64_t, int64_t) {}, [](int64_t, int64_t) {});
   });
 }
 

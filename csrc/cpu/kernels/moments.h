@@ -331,7 +331,8 @@ void cl_moments(const T* x, const Layout& L, int64_t p0, int64_t p1, int64_t run
   // scalar code per channel and run, its divisions cost more than reading the run (4096x1024
   // statistics: 10.6 ms for 16 MB on one AMD EPYC thread). Same operations, same order, as
   // merge_moments(out, block_moments(...)), so the same bits.
-  buffer<double> total_mean(static_cast<size_t>(C)), total_m2(static_cast<size_t>(C));
+  // Written by the first run's merge (total_n == 0) before any read.
+  scratch_array<double> total_mean(static_cast<size_t>(C)), total_m2(static_cast<size_t>(C));
   double total_n = 0;
   // Rows of 4 KB or more: a tile's lines of successive positions lie a page or more apart,
   // where the hardware prefetchers stop, so the first pass waited on each line; the next tile's
@@ -387,7 +388,8 @@ void cl_moments(const T* x, const Layout& L, int64_t p0, int64_t p1, int64_t run
     }
     merge_run(C, n, center, dev, sq, total_n, total_mean.data(), total_m2.data());
   }
-  for (int64_t c = 0; c < C; ++c) out[c] = Moments<double>{total_n, total_mean[c], total_m2[c]};
+  for (int64_t c = 0; c < C; ++c)
+    out[c] = total_n == 0 ? Moments<double>{} : Moments<double>{total_n, total_mean[c], total_m2[c]};
 }
 
 }  // namespace batchnorm::cpu::BN_ISA
