@@ -20,9 +20,9 @@ struct GradSums {
 };
 
 // Per-channel backward sums of every channel: `per_channel(c, sum_dy, sum_dy_xmu)` once
-// channel c's are final, and finalize and per_block as in reduce_all. With `pre` (the fused backward's
-// masking pass, whose output is dy), each range of dy is made just before it is reduced, so
-// the reduction reads it from cache.
+// channel c's are final, and finalize and per_block as in reduce_all. With `pre` (the fused
+// backward's masking pass, whose output is dy), each range of dy is made just before it is
+// reduced, so the reduction reads it from cache.
 template <class T, class F, class Fin, class B>
 bool all_grad_sums(const Kernels<T>& k, const T* dy, const T* x, const Layout& L, const Plan& plan,
                    const acc_t<T>* mean, const MapPass<T>* pre, F&& per_channel, Fin&& finalize, B&& per_block) {
@@ -131,7 +131,7 @@ void backward(const BackwardParams& p, const Layout& L) {
                     stream_output(n_distinct * L.count * C * static_cast<int64_t>(sizeof(T)));
     DxCoefficients<T> coef(C);
     const MapPass<T> pass = coef.pass(dy, x, dx, nt);
-    buffer<double> sum_dy(static_cast<size_t>(C)), sum_dy_xmu(static_cast<size_t>(C));
+    scratch_array<double> sum_dy(static_cast<size_t>(C)), sum_dy_xmu(static_cast<size_t>(C));  // per_channel's
     const bool fused = all_grad_sums(
         k, dy, x, L, plan, mean.data(), masked ? &mask : nullptr,
         [&](int64_t c, double s1, double s2) {

@@ -49,8 +49,10 @@ void forward_training(const ForwardTrainingParams& p, const Layout& L) {
     const Plan plan = make_plan<T>(L, forward_bytes<T>(p));
     const scratch_array<A> weight = load_vector<A>(p.weight, C, A(1));
     const scratch_array<A> bias = load_vector<A>(p.bias, C, A(0));
-    // Each channel's values written (per_channel, or as given) before they are read.
-    scratch_array<double> batch_mean(static_cast<size_t>(C)), batch_var(static_cast<size_t>(C));
+    // The batch mean and biased variance as given, or written by per_channel before they are read.
+    const bool given = p.batch_mean.defined();
+    scratch_array<double> batch_mean = given ? load_vector<double>(p.batch_mean, C, 0.0) : scratch_array<double>(C);
+    scratch_array<double> batch_var = given ? load_vector<double>(p.batch_var, C, 0.0) : scratch_array<double>(C);
     scratch_array<A> scale(static_cast<size_t>(C)), shift(static_cast<size_t>(C));
     A* mean = p.saved_mean.ptr<A>();
     A* invstd = p.saved_invstd.ptr<A>();
@@ -83,9 +85,7 @@ void forward_training(const ForwardTrainingParams& p, const Layout& L) {
       }
     };
     bool fused = false;
-    if (p.batch_mean.defined()) {
-      batch_mean = load_vector<double>(p.batch_mean, C, 0.0);
-      batch_var = load_vector<double>(p.batch_var, C, 0.0);
+    if (given) {
       finalize(0, C);
     } else {
       fused = all_moments(
@@ -98,7 +98,7 @@ void forward_training(const ForwardTrainingParams& p, const Layout& L) {
     }
     if (!fused && L.count > 0) map_all(k, pass, L, plan);
     if (p.running_mean.defined()) {
-      const double n = static_cast<double>(p.batch_mean.defined() ? p.batch_count : L.count);
+      const double n = static_cast<double>(given ? p.batch_count : L.count);
       const RunningOptions o{p.running_var_unbiased, p.skip_nonfinite};
       for_channels(C, 4, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) update_running<A>(rm[c], rv[c], mean[c], batch_var[c], n, p.momentum, o);
