@@ -17,13 +17,7 @@ template <class T>
 struct Lanes2 {
   using A = acc_t<T>;
   AccFor<T> a, b;
-  A total() const {
-    A tmp[2 * vlen<A>];
-    const vec_t<A> va = a.get(), vb = b.get();
-    std::memcpy(tmp, &va, sizeof(va));
-    std::memcpy(tmp + vlen<A>, &vb, sizeof(vb));
-    return sum_lanes<A, 2 * vlen<A>>(tmp);
-  }
+  A total() const { return a.total_with(b); }
 };
 
 // Walks a contiguous run of len values in vectors: body(i, lanes_a, n) is called with
@@ -85,12 +79,7 @@ struct ShortRow {
   template <int N>
   static inline __attribute__((always_inline)) A total(const AccFor<T> (&acc)[N]) {
     A t = A(0);
-    for (int k = 0; k < N; ++k) {
-      A lanes[VL];
-      const V v = acc[k].get();
-      std::memcpy(lanes, &v, sizeof(V));
-      t += sum_lanes<A, VL>(lanes);
-    }
+    for (int k = 0; k < N; ++k) t += acc[k].total();
     return t;
   }
 };

@@ -119,18 +119,4 @@ inline bool positions_aligned(const Layout& L, int t, const T* base, int64_t ali
   return true;
 }
 
-template <class A, int W>
-inline A sum_lanes(const A* acc) {
-  // Pairwise, in a fixed order. Unrolled whole, so the first levels add whole vectors: as
-  // loops GCC added lane by lane through memory, a tenth of a 196-value channel's backward
-  // sums (AVX2). The same additions either way.
-  A tmp[W];
-  for (int j = 0; j < W; ++j) tmp[j] = acc[j];
-#pragma GCC unroll 8
-  for (int w = W / 2; w >= 1; w /= 2)
-#pragma GCC unroll 64
-    for (int j = 0; j < w; ++j) tmp[j] = tmp[j] + tmp[j + w];
-  return tmp[0];
-}
-
 }  // namespace batchnorm::cpu::BN_ISA
