@@ -349,7 +349,8 @@ bool all_moments(const Kernels<T>& k, const T* x, const Layout& L, const Plan& p
 
 // ---- the elementwise executor ----------------------------------------------------------
 
-// Rows at least this long are walked in memory order by the forward's elementwise pass.
+// Rows at least this long are walked in memory order by the forward's elementwise pass
+// (walks_memory_order).
 constexpr int64_t kMemoryOrderRow = 1024;
 
 // Rows the kernels take as short rows (16-64 float or 8-32 double accumulators: a 7x7 plane
@@ -372,10 +373,29 @@ struct MapPass {
   T* out = nullptr;
   const acc_t<T>* coef[4] = {};  // (C,) values of each of the recipe's coefficients
   bool nt = false;               // non-temporal stores (see stream_output)
-  // Long rows walked in memory order, as a copy would (measured for the forward passes; the
-  // backward's were tuned without it).
+  // May walk memory in order, as a copy would (walks_memory_order; measured for the forward
+  // passes, the backward's were tuned without it).
   bool memory_order = false;
 };
+
+// Whether an elementwise pass with memory_order walks memory in order (every channel of one
+// outer index, then the next), as a copy would, rather than in channel blocks: always for rows
+// of kMemoryOrderRow values or more; for shorter rows in cache once its arrays outgrow part of
+// the cache, half the streaming threshold (three quarters for the short rows that the block
+// walk takes 16 channels at a time, in runs of 3 KB). In channel blocks each channel's rows
+// are a few cache lines every C rows, too short for the prefetchers once they come from the
+// far cache. AMD EPYC, float32 inference, 2 threads: 64x256x14x14 0.66-1.00 -> 0.50-0.68 ms
+// (PyTorch 0.54-0.67), 20x256x28x28 0.80-0.86 -> 0.62-0.66 ms, 32x2048x7x7 0.74-0.97 ->
+// 0.65-0.73 ms (PyTorch 0.68-0.78); at 16-22 MB short rows were 15-18% slower in memory order
+// (28x2048x7x7), and below that all rows (16x256x14x14 by 12%). Streamed passes keep their walks.
+template <class T>
+bool walks_memory_order(const MapPass<T>& m, const Layout& L) {
+  if (!m.memory_order || L.nred != 2) return false;
+  if (L.inner() >= kMemoryOrderRow) return true;
+  if (m.nt) return false;
+  const int64_t bytes = (map_inputs(m.kind) + 1) * L.count * L.channels * static_cast<int64_t>(sizeof(T));
+  return bytes * 4 >= stream_threshold_bytes() * (short_rows<T>(L) ? 3 : 2);
+}
 
 // A channels-last pass (coefficients `coef`) moved to channel c0 of every array: a task's
 // block of channels (channel stride 1).
@@ -453,7 +473,7 @@ void map_all(const Kernels<T>& k, const MapPass<T>& m, const Layout& L, const Pl
       k.cl_map[static_cast<int>(m.kind)](r.in, r.out, channel_range(W, std::min(W.channels, c0 + cb) - c0), b, e,
                                          r.coef, m.nt);
     });
-  } else if (m.memory_order && L.nred == 2 && L.inner() >= kMemoryOrderRow) {
+  } else if (walks_memory_order(m, L)) {
     // Long rows: walk memory in order (all channels of one outer index, then the next), as a
     // copy would, one kernel call per outer index. (Short rows streamed this way too, before
     // the block walks: 256x2048x7x7 inference on the Xeon, 2 threads, 12-18 ms, against 9.6-9.9
