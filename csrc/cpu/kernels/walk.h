@@ -1,5 +1,7 @@
 // Walking helpers of the kernels: an odometer over the layout's reduced dims, the row
-// segments of a channels-first range, and the fixed-order sum of reduction lanes.
+// segments of a channels-first range, channels-last position offsets, and whether positions
+// are aligned for streaming stores. (The fixed-order sum of reduction lanes is Acc::total,
+// kernels/simd.h.)
 #pragma once
 #include <algorithm>
 #include <cstdint>
