@@ -255,20 +255,33 @@ static inline __attribute__((always_inline)) void stream32(void* p, const void* 
 #endif
 }
 
-// A vector of the accumulation type streamed to p (64-byte aligned). Under AVX2 from its two
-// register halves: through stream64's address GCC 12 spilled the vector and rebuilt each half
-// lane pair by lane pair on the stack (256x2048x7x7 float32 inference ran 10% slower streamed
-// than with regular stores at the AVX2 level).
+#if defined(__AVX__) && !defined(__AVX512F__)
+// Under AVX2, calls put(i, h) for the two register-wide halves h of v (lanes from i), taken by
+// shuffles: stored whole through an address, GCC 12 spilled the 64-byte vector and rebuilt or
+// copied each half on the stack, a store-forwarding round trip per vector (256x2048x7x7
+// float32 inference ran 10% slower streamed than with regular stores; 1x256x14x14 inference
+// 16.8 -> 15.1 us with regular stores by halves, AMD).
+template <class A, class Put>
+static inline __attribute__((always_inline)) void put_halves(const vec_t<A>& v, Put&& put) {
+  if constexpr (sizeof(A) == 4) {
+    put(0, (__m256)__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7));
+    put(8, (__m256)__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+  } else {
+    put(0, (__m256d)__builtin_shufflevector(v, v, 0, 1, 2, 3));
+    put(4, (__m256d)__builtin_shufflevector(v, v, 4, 5, 6, 7));
+  }
+}
+static inline __attribute__((always_inline)) void stream_half(float* p, __m256 h) { _mm256_stream_ps(p, h); }
+static inline __attribute__((always_inline)) void stream_half(double* p, __m256d h) { _mm256_stream_pd(p, h); }
+static inline __attribute__((always_inline)) void store_half(float* p, __m256 h) { _mm256_storeu_ps(p, h); }
+static inline __attribute__((always_inline)) void store_half(double* p, __m256d h) { _mm256_storeu_pd(p, h); }
+#endif
+
+// A vector of the accumulation type streamed to p (64-byte aligned); by halves under AVX2.
 template <class A>
 static inline __attribute__((always_inline)) void stream_vector(A* p, vec_t<A> v) {
 #if defined(__AVX__) && !defined(__AVX512F__)
-  if constexpr (sizeof(A) == 4) {
-    _mm256_stream_ps(p, (__m256)__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7));
-    _mm256_stream_ps(p + 8, (__m256)__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
-  } else {
-    _mm256_stream_pd(p, (__m256d)__builtin_shufflevector(v, v, 0, 1, 2, 3));
-    _mm256_stream_pd(p + 4, (__m256d)__builtin_shufflevector(v, v, 4, 5, 6, 7));
-  }
+  put_halves<A>(v, [p](int i, auto h) { stream_half(p + i, h); });
 #else
   stream64(p, &v);
 #endif
@@ -284,16 +297,7 @@ static inline __attribute__((always_inline)) void storev(T* p, vec_t<acc_t<T>> v
       stream_vector<A>(p, v);
     } else {
 #if defined(__AVX__) && !defined(__AVX512F__)
-      // By halves taken with shuffles, as stream_vector does: a whole 64-byte memcpy made GCC
-      // 12 park the vector on the stack and copy it out, a store-forwarding round trip in
-      // every elementwise loop (1x256x14x14 float32 inference, AMD).
-      if constexpr (sizeof(A) == 4) {
-        _mm256_storeu_ps(p, (__m256)__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7));
-        _mm256_storeu_ps(p + 8, (__m256)__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
-      } else {
-        _mm256_storeu_pd(p, (__m256d)__builtin_shufflevector(v, v, 0, 1, 2, 3));
-        _mm256_storeu_pd(p + 4, (__m256d)__builtin_shufflevector(v, v, 4, 5, 6, 7));
-      }
+      put_halves<A>(v, [p](int i, auto h) { store_half(p + i, h); });
 #else
       std::memcpy(p, &v, sizeof(v));
 #endif
