@@ -356,8 +356,10 @@ constexpr int64_t kMemoryOrderRow = 1024;
 // Rows the kernels take as short rows (16-64 float or 8-32 double accumulators: a 7x7 plane
 // of float32 or a half type) are also walked in memory order when the data comes from DRAM
 // (`nt`): channel by channel they are a few cache lines every C rows, 2.2x slower on
-// 256x2048x7x7 float32; in cache, the per-row calls of the memory-order walk cost more
-// (256x512x5x5: 0.81x copy by channel blocks, 0.49x in memory order; measured, 2 threads).
+// 256x2048x7x7 float32. In cache the memory-order walk once measured slower (256x512x5x5:
+// 0.81x copy by channel blocks, 0.49x in memory order; 2 threads, an earlier build); measured
+// again on AMD at 98e491d it was faster past three quarters of the streaming threshold (that
+// shape, 26 MB: 0.89-0.90 -> 0.80-0.82 ms) and slower below it (walks_memory_order).
 template <class T>
 bool short_rows(const Layout& L) {
   const int64_t bytes = L.inner() * static_cast<int64_t>(sizeof(acc_t<T>));
@@ -474,8 +476,8 @@ void map_all(const Kernels<T>& k, const MapPass<T>& m, const Layout& L, const Pl
                                          r.coef, m.nt);
     });
   } else if (walks_memory_order(m, L)) {
-    // Long rows: walk memory in order (all channels of one outer index, then the next), as a
-    // copy would, one kernel call per outer index. (Short rows streamed this way too, before
+    // Memory order (all channels of one outer index, then the next), as a copy would, one
+    // kernel call per outer index. (Short rows streamed this way too, before
     // the block walks: 256x2048x7x7 inference on the Xeon, 2 threads, 12-18 ms, against 9.6-9.9
     // ms in channel blocks.)
     parallel_for(L.sizes[0], work, [&](int64_t o) {
