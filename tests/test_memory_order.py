@@ -23,9 +23,10 @@ def itemsize(dtype):
 
 @pytest.fixture(autouse=True)
 def default_threshold():
+    threads = bn.get_num_threads()
     yield
     _C._set_stream_threshold(-1)
-    bn.set_num_threads(2)
+    bn.set_num_threads(threads)
 
 
 # (name, bytes of the pass's arrays as a multiple of x's: inputs + output) -> threshold factor:
