@@ -294,6 +294,11 @@ def check_torch_failures(group) -> None:
     expect_error(ValueError, r"running_var must not require grad" if rank == bad else elsewhere, lambda: graded(good))
     assert torch.equal(graded.running_var, torch.ones(C)) and int(graded.num_batches_tracked) == 0
     assert int(layer.num_batches_tracked) == 0 and torch.equal(layer.running_mean, torch.zeros(C))
+    # A torch.func transform on one rank: refused on every rank, before the exchange.
+    transformed = r"cannot run under torch.func transforms" if rank == bad else elsewhere
+    expect_error(ValueError, transformed, lambda: torch.func.grad(lambda x: layer(x).sum())(good) if rank == bad
+                 else layer(good))
+    assert int(layer.num_batches_tracked) == 0
     layer(good).sum().backward()  # still in step
     assert int(layer.num_batches_tracked) == 1
     # A second derivative through the exchange is refused on every rank (the first-order

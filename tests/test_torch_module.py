@@ -280,9 +280,33 @@ def test_opcheck_every_op(dtype):
         ]
         _, mean, invstd, _, _ = ops.forward_training(x, w, b, None, None, 0.1, 1e-5)
         cases.append((ops.backward.default, (torch.randn_like(x), x, mean, invstd, w)))
+        cases.append((ops.backward.default, (torch.randn_like(x), x, mean, invstd, w, False)))
         for op, args in cases:
             result = torch.library.opcheck(op, args)
             assert set(result.values()) == {"SUCCESS"}, (op, result)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_parameter_gradients_alone_are_the_full_backwards(dtype):
+    # backward(..., input_grad=False) runs the reduction alone: the same dweight and dbias bits,
+    # an empty dx; autograd takes it when x needs no gradient (a frozen input, inference)
+    for x, w, b in op_cases(dtype):
+        w, b = w.float(), b.float()
+        _, mean, invstd, _, _ = ops.forward_training(x, w, b, None, None, 0.1, 1e-5)
+        dy = torch.randn_like(x)
+        full = ops.backward(dy, x, mean, invstd, w)
+        alone = ops.backward(dy, x, mean, invstd, w, False)
+        assert alone[0].shape == (0,)
+        assert torch.equal(alone[1], full[1]) and torch.equal(alone[2], full[2])
+        for training in (True, False):
+            m = (bt.BatchNorm2d(3) if x.dim() == 4 else bt.BatchNorm1d(3)).train(training)
+            with torch.no_grad():
+                m.weight.copy_(w), m.bias.copy_(b), m.running_mean.copy_(mean), m.running_var.copy_(invstd ** -2 - 1e-5)
+            (m(x).float() * dy.float()).sum().backward()  # x needs no gradient
+            grads = (m.weight.grad, m.bias.grad)
+            m.zero_grad()
+            (m(x.clone().requires_grad_()).float() * dy.float()).sum().backward()
+            assert torch.equal(grads[0], m.weight.grad) and torch.equal(grads[1], m.bias.grad)
 
 
 @pytest.mark.slow

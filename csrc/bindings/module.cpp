@@ -197,7 +197,10 @@ py::tuple py_backward(py::handle dy, py::handle x, py::handle saved_mean, py::ha
   return py::make_tuple(dx, dweight, dbias);
 }
 
-py::tuple py_backward_reduce(py::handle dy, py::handle x, py::handle mean, py::handle invstd, int axis, Call call) {
+// The outputs, when given, are the caller's (batchnorm.torch allocates them with torch).
+py::tuple py_backward_reduce(py::handle dy, py::handle x, py::handle mean, py::handle invstd, int axis, Call call,
+                             py::handle sum_dy_out, py::handle sum_dy_xmu_out, py::handle dweight_out,
+                             py::handle dbias_out) {
   auto dyi = import_array(dy, "dy", call.stream, true);
   auto xi = import_array(x, "x", call.stream, true);
   auto mi = import_array(mean, "mean", call.stream, true);
@@ -210,10 +213,11 @@ py::tuple py_backward_reduce(py::handle dy, py::handle x, py::handle mean, py::h
   p.axis = axis;
   p.exec.stream = call.exec_stream();
   const BackwardReduceSpecs s = backward_reduce_specs(p);
-  py::object sum_dy = output(s.sum_dy, call, p.sum_dy);
-  py::object sum_dy_xmu = output(s.sum_dy_xmu, call, p.sum_dy_xmu);
-  py::object dweight = output(s.dweight, call, p.dweight);
-  py::object dbias = output(s.dbias, call, p.dbias);
+  ImportedPtr k0, k1, k2, k3;
+  py::object sum_dy = output(sum_dy_out, "sum_dy_out", s.sum_dy, call, p.sum_dy, k0);
+  py::object sum_dy_xmu = output(sum_dy_xmu_out, "sum_dy_xmu_out", s.sum_dy_xmu, call, p.sum_dy_xmu, k1);
+  py::object dweight = output(dweight_out, "dweight_out", s.dweight, call, p.dweight, k2);
+  py::object dbias = output(dbias_out, "dbias_out", s.dbias, call, p.dbias, k3);
   {
     py::gil_scoped_release nogil;
     batchnorm::backward_reduce(p, s);
@@ -385,7 +389,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dbias_out") = py::none(), py::arg("y") = py::none(), py::arg("activation") = 0,
         py::arg("residual") = false, py::arg("dresidual_out") = py::none(), py::arg("renorm_r") = py::none(),
         py::arg("renorm_d") = py::none(), py::arg("ghost_batch") = 0);
-  m.def("backward_reduce", &py_backward_reduce);
+  m.def("backward_reduce", &py_backward_reduce, py::arg("dy"), py::arg("x"), py::arg("mean"), py::arg("invstd"),
+        py::arg("axis"), py::arg("call"), py::arg("sum_dy_out") = py::none(), py::arg("sum_dy_xmu_out") = py::none(),
+        py::arg("dweight_out") = py::none(), py::arg("dbias_out") = py::none());
   m.def("backward_elemt", &py_backward_elemt);
   m.def("merge_statistics", &py_merge_statistics);
   m.def("fold", &py_fold);

@@ -43,7 +43,10 @@ def backward(
     dweight_out: Any = None, dbias_out: Any = None, y: Any = None, activation: int = 0, residual: bool = False,
     dresidual_out: Any = None, renorm_r: Any = None, renorm_d: Any = None, ghost_batch: int = 0,
 ) -> Tuple[Any, ...]: ...
-def backward_reduce(dy: Any, x: Any, mean: Any, invstd: Any, axis: int, call: Call, /) -> Tuple[Any, Any, Any, Any]: ...
+def backward_reduce(
+    dy: Any, x: Any, mean: Any, invstd: Any, axis: int, call: Call, sum_dy_out: Any = None,
+    sum_dy_xmu_out: Any = None, dweight_out: Any = None, dbias_out: Any = None,
+) -> Tuple[Any, Any, Any, Any]: ...
 def backward_elemt(
     dy: Any, x: Any, mean: Any, invstd: Any, sum_dy: Any, sum_dy_xmu: Any, count: int, weight: Any,
     axis: int, out: Any, call: Call, /,

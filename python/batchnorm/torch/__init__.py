@@ -1,7 +1,8 @@
 """batchnorm.torch: PyTorch drop-ins on batchnorm's kernels. BatchNorm1d/2d/3d (subclasses of
 torch's _BatchNorm), SyncBatchNorm (torch.nn.SyncBatchNorm's, across processes), batch_norm
 (as torch.nn.functional.batch_norm), convert(model), recompute_statistics(model, batches)
-(PreciseBN), and the ops torch.ops.batchnorm.{forward_training, forward_inference, backward} (torch.library)."""
+(PreciseBN), and the ops torch.ops.batchnorm.{forward_training, forward_inference, backward} (torch.library), also
+under torch.func transforms and forward-mode AD (_func.py)."""
 try:
     import torch as _torch
 except ImportError as error:  # torch is an optional dependency of batchnorm

@@ -25,7 +25,7 @@ _lib.define(
 )
 _lib.define("forward_inference(Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps) -> Tensor")
 _lib.define(
-    "backward(Tensor dy, Tensor x, Tensor saved_mean, Tensor saved_invstd, Tensor? weight) "
+    "backward(Tensor dy, Tensor x, Tensor saved_mean, Tensor saved_invstd, Tensor? weight, bool input_grad=True) "
     "-> (Tensor dx, Tensor dweight, Tensor dbias)"
 )
 
@@ -123,11 +123,21 @@ def _forward_inference_fake(x, mean, var, weight, bias, eps):
 
 @torch.library.impl(_lib, "backward", "CPU")
 @torch.library.impl(_lib, "backward", "CUDA")
-def _backward(dy, x, saved_mean, saved_invstd, weight):
+def _backward(dy, x, saved_mean, saved_invstd, weight, input_grad=True):
+    """(dx, dweight, dbias); without input_grad dx is an empty (0,) tensor and only the
+    parameter gradients' reduction runs: one read of dy and x instead of the dx pass's five
+    (a frozen input, or the parameter gradients of inference)."""
     C = x.shape[_AXIS]
-    dx, dweight, dbias = torch.empty_like(x), _vector(x, C), _vector(x, C)
+    dx, dweight, dbias = torch.empty_like(x) if input_grad else _vector(x, 0), _vector(x, C), _vector(x, C)
     if x.numel() == 0:  # the gradient of an empty batch's outputs
         return dx, dweight.zero_(), dbias.zero_()
+    if not input_grad:
+        sums = torch.empty(2, C, dtype=torch.float64, device=x.device)  # sum(dy), sum(dy * (x - mean))
+        _C.backward_reduce(
+            _cap(dy), _cap(x), _cap(saved_mean), _cap(saved_invstd), _AXIS, _call(x), _cap(sums[0]), _cap(sums[1]),
+            _cap(dweight), _cap(dbias),
+        )  # fmt: skip
+        return dx, dweight, dbias
     _C.backward(
         _cap(dy), _cap(x), _cap(saved_mean), _cap(saved_invstd), _cap(weight), _AXIS, _cap(dx), _call(x),
         _cap(dweight), _cap(dbias),
@@ -136,9 +146,9 @@ def _backward(dy, x, saved_mean, saved_invstd, weight):
 
 
 @torch.library.register_fake("batchnorm::backward", lib=_lib)
-def _backward_fake(dy, x, saved_mean, saved_invstd, weight):
+def _backward_fake(dy, x, saved_mean, saved_invstd, weight, input_grad=True):
     C = x.shape[_AXIS]
-    return torch.empty_like(x), _vector(x, C), _vector(x, C)
+    return torch.empty_like(x) if input_grad else _vector(x, 0), _vector(x, C), _vector(x, C)
 
 
 # ---- autograd ----------------------------------------------------------------------------------
@@ -165,12 +175,13 @@ def _training_grads(ctx, dy, backward):
     or differentiable again when a second derivative may follow (_twice)."""
     x, weight, mean, invstd = ctx.saved_tensors
     needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
-    if wants_grad(dy, x, weight):  # in a backward: create_graph=True
+    if differentiated_again(dy, x, weight):
         from . import _twice  # (it builds on this module)
 
         dx, dweight, dbias = _twice.training(dy, x, mean, invstd, weight, ctx.eps)
     else:
-        dx, dweight, dbias = backward(dy, x, mean, invstd, weight)
+        with torch.no_grad():  # nothing differentiates it (see _inference_grads)
+            dx, dweight, dbias = backward(dy, x, mean, invstd, weight, needs_x)
     return (
         dx if needs_x else None,
         dweight.to(ctx.weight_dtype) if needs_w else None,
@@ -202,17 +213,18 @@ def _inference_grads(ctx, dy, x, mean, var, weight, needs):
     needs_x, needs_mean, needs_var, needs_w, needs_b = needs
     if needs_mean or needs_var:
         raise NotImplementedError("batchnorm.torch: no gradient with respect to the running statistics")
-    if wants_grad(dy, x, weight):  # in a backward: create_graph=True
+    if differentiated_again(dy, x, weight):
         from . import _twice  # (it builds on this module)
 
         dx, dweight, dbias = _twice.inference(dy, x, mean, var, weight, ctx.eps)
-    else:
+    else:  # nothing differentiates these (under torch.func.grad, grad mode is on: no_grad says so)
         dx = dweight = dbias = None
-        if needs_x:
-            dx = torch.ops.batchnorm.forward_inference(dy, torch.zeros_like(mean), var, weight, None, ctx.eps)
-        if needs_w or needs_b:
-            invstd = torch.rsqrt(var.to(_acc(x.dtype)) + ctx.eps)
-            _, dweight, dbias = torch.ops.batchnorm.backward(dy, x, mean, invstd, weight)
+        with torch.no_grad():
+            if needs_x:
+                dx = torch.ops.batchnorm.forward_inference(dy, torch.zeros_like(mean), var, weight, None, ctx.eps)
+            if needs_w or needs_b:
+                invstd = torch.rsqrt(var.to(_acc(x.dtype)) + ctx.eps)
+                _, dweight, dbias = torch.ops.batchnorm.backward(dy, x, mean, invstd, weight, False)
     return (
         dx if needs_x else None,
         dweight.to(ctx.weight_dtype) if needs_w else None,
@@ -237,13 +249,16 @@ torch.library.register_autograd(
 # 60-90 us per layer and training step (forward and backward of 8x512x2x2 float32 on the Xeon,
 # 2 threads: 159 -> 96 us; torch's own BatchNorm2d 146 us), as much as the kernels of a small
 # layer. torch.compile, export, tracing, functorch transforms and dispatch modes (fake tensors)
-# get the registered ops, which they understand. The same kernels either way: the same bits.
+# get the registered ops, which they understand (functorch transforms and forward-mode AD through
+# the Functions of _func.py). The same kernels either way: the same bits.
 
 
 def eager(x: Tensor, *tensors: Optional[Tensor]) -> bool:
     """Whether a call on x and these tensors (None for absent ones) may skip the registered ops
     (which also serve other devices: meta through the fake kernels)."""
-    if not (x.is_cpu or x.is_cuda) or torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active():
+    if not (x.is_cpu or x.is_cuda) or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0:
         return False
     if _get_current_dispatch_mode() is not None or torch._C._is_torch_function_mode_enabled():
         return False
@@ -274,9 +289,37 @@ def check_running(running_mean: Optional[Tensor], running_var: Optional[Tensor])
 
 def wants_grad(*tensors: Optional[Tensor]) -> bool:
     """Whether autograd records a call on these tensors: eager inference without it calls the
-    kernel directly. Inside a backward, grad mode is on only under create_graph=True, so there
-    it says whether the gradient must be differentiable again (_twice)."""
+    kernel directly. (In a backward, differentiated_again says whether its gradient must be
+    differentiable again.)"""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _differentiated_outside(t: Tensor) -> bool:
+    """Whether something outside the innermost functorch level differentiates the functorch-
+    wrapped t: a grad or jvp level beneath it (vmap's batching alone does not differentiate),
+    or eager autograd around the whole transform."""
+    ft = torch._C._functorch
+    inner = ft.get_unwrapped(t)
+    while ft.is_functorch_wrapped_tensor(inner):
+        if not ft.is_batchedtensor(inner):
+            return True
+        inner = ft.get_unwrapped(inner)
+    return inner.requires_grad
+
+
+def differentiated_again(*tensors: Optional[Tensor]) -> bool:
+    """In a backward: whether its gradient may be differentiated again, so must be built from
+    operations autograd records (_twice) rather than the kernels. Eagerly that is a backward
+    with create_graph=True on tensors that require grad (wants_grad). torch.func.grad always
+    runs its backward that way, on tensors wrapped for its level: there only a transform or
+    autograd beneath that level differentiates the gradient again (grad of grad, hessian), and
+    a first-order torch.func.grad runs the kernels."""
+    if not torch.is_grad_enabled():
+        return False
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return any(
+        t is not None and (_differentiated_outside(t) if wrapped(t) else t.requires_grad) for t in tensors
+    )
 
 
 class _Training(torch.autograd.Function):

@@ -1,10 +1,12 @@
-"""Gradients that autograd can differentiate again, for a backward run with create_graph=True
-on tensors that require grad (gradient penalties, Hessian-vector products, meta-learning).
+"""Derivatives in torch operations, which every autograd and functorch transform can
+differentiate or batch again: the gradients of a backward whose result is differentiated again
+(create_graph=True on tensors that require grad: gradient penalties, Hessian-vector products,
+meta-learning; torch.func's hessian or grad of grad), and the forward-mode tangents (_func.py).
 The kernels' backward is a constant to autograd, so a second derivative through it would be
 zero. In training, the gradient is torch's own native_batch_norm_backward on the statistics
 our forward saved: PyTorch differentiates that op again in C++, accounting for the batch
 statistics' dependence on x, to any order. Inference is an affine map of x, written here in
-torch operations. A first-order backward never comes here.
+torch operations. A first-order backward (torch.func.grad's included) never comes here.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._ops import _acc, wants_grad
+from ._ops import _acc, differentiated_again
 
 
 def _layout(x: Tensor) -> Tuple[list, list]:
@@ -63,15 +65,17 @@ def inference(
 
 
 def refuse(what: str, grads: tuple, *tensors: Optional[Tensor]) -> tuple:
-    """grads as they are, unless wants_grad(*tensors): then aliases whose own backward raises, so
+    """grads as they are, unless differentiated_again(*tensors): then aliases whose own backward raises, so
     that a second derivative through `what` (whose backward is a constant to autograd) is an
     error rather than a silent zero. torch's once_differentiable looks at the incoming
     gradients only and misses the saved x that requires grad."""
-    if not wants_grad(*tensors):
+    if not differentiated_again(*tensors):
         return grads
     present = [i for i, g in enumerate(grads) if g is not None]
     message = f"batchnorm.torch: no double backward (create_graph=True) through {what}; batch_norm, " \
               "batch_norm_act and the BatchNorm/BatchNormAct2d layers without variants have one"
+    if any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+        raise RuntimeError(message)  # under torch.func (hessian, grad of grad): nothing to delay
     # The inputs that require grad join the error node's inputs: autograd then finds them
     # reachable and runs the node (which raises) instead of reporting them unused.
     sources = [t for t in tensors if t is not None and t.requires_grad]
@@ -82,3 +86,70 @@ def refuse(what: str, grads: tuple, *tensors: Optional[Tensor]) -> tuple:
     for i, a in zip(present, aliases):
         out[i] = a
     return tuple(out)
+
+
+# ---- forward mode (jvp): torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad ----------
+# The tangent of y from the tangents of the inputs (None where an input has none), in torch
+# operations so that every transform can differentiate or batch it again; None when no input
+# has a tangent. With x̂ = (x - mean) * s, the tangent of training's x̂ is
+# s * (tx - mean(tx) - x̂ * mean(x̂ * tx)) (the batch statistics move with x), inference's is
+# s * tx plus the given statistics' share.
+
+
+def _affine_tangent(txhat: Optional[Tensor], xhat: Tensor, weight: Optional[Tensor], tw: Optional[Tensor],
+                    tb: Optional[Tensor], shape: list) -> Optional[Tensor]:
+    t = None
+    if txhat is not None:
+        t = txhat if weight is None else txhat * weight.to(xhat.dtype).view(shape)
+    if tw is not None:
+        t = tw.to(xhat.dtype).view(shape) * xhat if t is None else t + tw.to(xhat.dtype).view(shape) * xhat
+    if tb is not None:
+        t = tb.to(xhat.dtype).view(shape).expand_as(xhat) if t is None else t + tb.to(xhat.dtype).view(shape)
+    return t
+
+
+def training_tangent(x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], tx: Optional[Tensor],
+                     tw: Optional[Tensor], tb: Optional[Tensor]) -> Optional[Tensor]:
+    """The tangent of training batch norm's y (before any add or activation), in the
+    accumulation dtype, from x's saved (mean, invstd)."""
+    acc = _acc(x.dtype)
+    dims, shape = _layout(x)
+    s = invstd.to(acc).view(shape)
+    xhat = (x.to(acc) - mean.to(acc).view(shape)) * s
+    txhat = None
+    if tx is not None:
+        g = tx.to(acc)
+        txhat = s * (g - g.mean(dims, keepdim=True) - xhat * (xhat * g).mean(dims, keepdim=True))
+    return _affine_tangent(txhat, xhat, weight, tw, tb, shape)
+
+
+def inference_tangent(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], eps: float,
+                      tx: Optional[Tensor], tmean: Optional[Tensor], tvar: Optional[Tensor], tw: Optional[Tensor],
+                      tb: Optional[Tensor]) -> Optional[Tensor]:
+    """The tangent of inference batch norm's y (before any add or activation), in the
+    accumulation dtype. The statistics' tangents count too (functorch hands every tensor
+    argument a tangent, zeros where it has none): that of x̂ is s * (tx - tmean) - x̂ * s^2 *
+    tvar / 2."""
+    acc = _acc(x.dtype)
+    _, shape = _layout(x)
+    s = torch.rsqrt(var.to(acc) + eps).view(shape)
+    xhat = (x.to(acc) - mean.to(acc).view(shape)) * s
+    txhat = None if tx is None else tx.to(acc) * s
+    if tmean is not None:
+        tm = tmean.to(acc).view(shape) * s
+        txhat = -tm if txhat is None else txhat - tm
+    if tvar is not None:
+        tv = xhat * (tvar.to(acc).view(shape) * s * s * 0.5)
+        txhat = -tv if txhat is None else txhat - tv
+    return _affine_tangent(txhat, xhat, weight, tw, tb, shape)
+
+
+def finish_tangent(t: Optional[Tensor], x: Tensor, tres: Optional[Tensor], y: Optional[Tensor]) -> Optional[Tensor]:
+    """The tangent of act(bn + residual) in x's dtype: the residual's tangent added, then masked
+    by a ReLU whose output is y (None: no ReLU)."""
+    if tres is not None:
+        t = tres.to(t.dtype) + t if t is not None else tres
+    if t is None:
+        return None
+    t = t.to(x.dtype)
+    return t if y is None else masked(t, y)

@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..functional import _check_bool, _ghost, _renorm_limits
-from . import _ops  # noqa: F401  (registers torch.ops.batchnorm)
+from . import _func, _ops
 from .variants import batch_norm_variant
 
 
@@ -34,8 +34,8 @@ def batch_norm(
         F._verify_batch_size(input.size())  # torch's own check and message
         if _ops.eager(input, weight, bias, running_mean, running_var):
             return _ops.train_eager(input, weight, bias, running_mean, running_var, momentum, eps)
-        y, _, _, new_mean, new_var = torch.ops.batchnorm.forward_training(
-            input, weight, bias, running_mean, running_var, momentum, eps
+        y, _, _, new_mean, new_var = _func.call(
+            "forward_training", input, weight, bias, running_mean, running_var, momentum, eps
         )
         if running_mean is not None:
             running_mean.copy_(new_mean)
@@ -46,7 +46,7 @@ def batch_norm(
         raise ValueError("running_mean and running_var must be given when training=False, got None")
     if not _ops.wants_grad(input, weight, bias) and _ops.eager(input, weight, bias, running_mean, running_var):
         return _ops._forward_inference(input, running_mean, running_var, weight, bias, eps)  # no autograd to record
-    return torch.ops.batchnorm.forward_inference(input, running_mean, running_var, weight, bias, eps)
+    return _func.call("forward_inference", input, running_mean, running_var, weight, bias, eps)
 
 
 class _Base(_BatchNorm):

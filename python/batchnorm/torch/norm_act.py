@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _C
-from . import _ops, _twice
+from . import _func, _ops, _twice
 from ._ops import _AXIS, _call, _cap, _dtypes, _inference_grads, _new_running, _train, _vector
 
 _lib = torch.library.Library("batchnorm", "FRAGMENT")
@@ -89,6 +89,12 @@ def _backward_act_fake(dy, x, y, saved_mean, saved_invstd, weight, relu, residua
     return torch.empty_like(x), _vector(x, C), _vector(x, C), torch.empty_like(x) if residual else _vector(x, 0)
 
 
+# vmap: the vmapped dim folded into the channels (_func.rule)
+_func.rule("forward_training_act", (0, 1), (2, 3, 4, 5), ("x", "c", "c", "c?", "c?"))
+_func.rule("forward_inference_act", (0, 1), (2, 3, 4, 5), ("x",))
+_func.rule("backward_act", (0, 1, 2), (3, 4, 5), ("x", "c", "c", "x?"))
+
+
 def _training_setup(ctx, inputs, output):
     x, residual, weight, bias = inputs[:4]
     ctx.relu, ctx.eps = inputs[8], inputs[7]
@@ -105,11 +111,12 @@ def _training_grads(ctx, dy, backward):
     x, y, weight, mean, invstd = ctx.saved_tensors
     needs_x, needs_r, needs_w, needs_b = ctx.needs_input_grad[:4]
     # y carries the residual and bias into the ReLU's gradient.
-    if _ops.wants_grad(dy, x, weight, y if ctx.relu else None):  # in a backward: create_graph=True
+    if _ops.differentiated_again(dy, x, weight, y if ctx.relu else None):
         dres = _twice.masked(dy, y) if ctx.relu else dy
         dx, dweight, dbias = _twice.training(dres, x, mean, invstd, weight, ctx.eps)
     else:
-        dx, dweight, dbias, dres = backward(dy, x, y, mean, invstd, weight, ctx.relu, ctx.residual and needs_r)
+        with torch.no_grad():  # nothing differentiates it (see _ops._inference_grads)
+            dx, dweight, dbias, dres = backward(dy, x, y, mean, invstd, weight, ctx.relu, ctx.residual and needs_r)
     return (
         dx if needs_x else None,
         dres if ctx.residual and needs_r else None,
@@ -188,8 +195,8 @@ def batch_norm_act(
         F._verify_batch_size(input.size())
         if _ops.eager(input, residual, weight, bias, running_mean, running_var):
             return _TrainingAct.apply(input, residual, weight, bias, (running_mean, running_var), momentum, eps, relu)
-        y, _, _, new_mean, new_var = torch.ops.batchnorm.forward_training_act(
-            input, residual, weight, bias, running_mean, running_var, momentum, eps, relu
+        y, _, _, new_mean, new_var = _func.call(
+            "forward_training_act", input, residual, weight, bias, running_mean, running_var, momentum, eps, relu
         )
         if running_mean is not None:
             running_mean.copy_(new_mean)
@@ -201,7 +208,7 @@ def batch_norm_act(
     if not _ops.wants_grad(input, residual, weight, bias) and \
             _ops.eager(input, residual, weight, bias, running_mean, running_var):
         return _forward_inference_act(input, residual, running_mean, running_var, weight, bias, eps, relu)
-    return torch.ops.batchnorm.forward_inference_act(input, residual, running_mean, running_var, weight, bias, eps, relu)
+    return _func.call("forward_inference_act", input, residual, running_mean, running_var, weight, bias, eps, relu)
 
 
 def _is_relu(act_layer: Any, act_kwargs: Optional[dict]) -> bool:

@@ -14,7 +14,7 @@ from torch import Tensor
 from .. import _C
 from .._collectives import Engine, TorchEngine
 from ..distributed import _check_exchange, _exchange, _sync_backward
-from . import _ops, _twice
+from . import _func, _ops, _twice
 from .modules import _Base
 
 _AXIS = 1
@@ -156,6 +156,11 @@ class SyncBatchNorm(_Base):
         momentum = 0.0
         running = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
         try:
+            if _func.active():  # its autograd.Function predates functorch's rules, like torch's
+                raise ValueError(
+                    "SyncBatchNorm cannot run under torch.func transforms or forward-mode AD (nor can "
+                    "torch.nn.SyncBatchNorm), got an active one; use it outside the transform, or BatchNorm"
+                )
             self._check_input_dim(input)
             self._check_non_zero_input_channels(input)
             if self.track_running_stats:
@@ -165,6 +170,9 @@ class SyncBatchNorm(_Base):
             _ops.check_running(*running)
         except (ValueError, TypeError) as err:
             own = err
+        if own is not None:  # the exchange raises it here and the others' error on every other rank
+            with torch._C._DisableFuncTorch():  # its host tensors are no transform's
+                _exchange(self._engine_of(group), None, _AXIS, self.num_features, input.device, own, self.exchange)
         y = _sync_batch_norm(input, self.weight, self.bias, *running, momentum, self.eps, self._engine_of(group), own,
                              self.num_features, self.exchange)  # fmt: skip
         if self.track_running_stats:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import _C
-from . import _ops, _twice  # noqa: F401  (_ops: the plain ops, and the helpers below)
+from . import _func, _ops, _twice  # noqa: F401  (_ops: the plain ops, and the helpers below)
 from ._ops import _AXIS, _acc, _call, _cap, _new_running, _vector
 
 _lib = torch.library.Library("batchnorm", "FRAGMENT")
@@ -138,9 +138,9 @@ def batch_norm_variant(
     statistics, when given, updated in place). Evaluation is plain batch norm (batch_norm)."""
     _ops.check_running(running_mean, running_var)
     renorm_list = None if renorm is None else [float(v) for v in renorm]
-    y, _, _, _, _, new_mean, new_var = torch.ops.batchnorm.forward_training_variant(
-        input, weight, bias, running_mean, running_var, momentum, eps, running_var_unbiased, skip_nonfinite,
-        renorm_list, 0 if ghost_batch is None else int(ghost_batch),
+    y, _, _, _, _, new_mean, new_var = _func.call(
+        "forward_training_variant", input, weight, bias, running_mean, running_var, momentum, eps,
+        running_var_unbiased, skip_nonfinite, renorm_list, 0 if ghost_batch is None else int(ghost_batch),
     )  # fmt: skip
     if running_mean is not None:
         running_mean.copy_(new_mean)

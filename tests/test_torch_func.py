@@ -1,0 +1,304 @@
+"""batchnorm.torch under torch.func transforms and forward-mode AD, against torch's own batch
+norm in float64: grad, vjp, jacrev, hessian (jacfwd over jacrev), jacrev over jacrev, jvp,
+jacfwd, vmap (over x, over stacked parameters and buffers, at any dim, channels_last) and
+vmap over grad (per-sample gradients), for batch_norm, batch_norm_act and the layers through
+functional_call; torch.autograd.forward_ad on eager calls; the kernels still running first-order
+gradients under grad (the same bits as eager autograd); vmap through the ops' batching rules
+(no per-sample fallback); the variants' clear refusal of forward mode."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="batchnorm.torch needs PyTorch")
+
+import batchnorm.torch as bt  # noqa: E402
+
+pytestmark = [
+    pytest.mark.torch,
+    # torch's forward-mode AD loads its decompositions through torch.jit.script the first time
+    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning"),
+]
+F, func = torch.nn.functional, torch.func
+EPS = 1e-5
+D = torch.float64
+
+
+def _close(ours, theirs, rtol=1e-9, atol=1e-10):
+    if isinstance(theirs, (tuple, list)):
+        assert len(ours) == len(theirs)
+        for a, b in zip(ours, theirs):
+            _close(a, b, rtol, atol)
+    elif isinstance(theirs, dict):
+        assert ours.keys() == theirs.keys()
+        for k in theirs:
+            _close(ours[k], theirs[k], rtol, atol)
+    else:
+        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+        torch.testing.assert_close(ours, theirs, rtol=rtol, atol=atol)
+
+
+def _data(shape=(3, 4, 3, 2), channels_last=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    C = shape[1]
+    x = torch.randn(shape, dtype=D, generator=g) * 2 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.rand(C, dtype=D, generator=g) + 0.5
+    b = torch.randn(C, dtype=D, generator=g)
+    r = torch.randn(shape, dtype=D, generator=g)
+    mean = torch.randn(C, dtype=D, generator=g)
+    var = torch.rand(C, dtype=D, generator=g) + 0.5
+    return x, w, b, r, mean, var
+
+
+# The functions under test, ours and torch's, as f(x, w, b) with everything else fixed.
+def _cases(r, mean, var):
+    return {
+        "training": (
+            lambda x, w, b: bt.batch_norm(x, None, None, w, b, training=True, eps=EPS),
+            lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True, eps=EPS),
+        ),
+        "inference": (
+            lambda x, w, b: bt.batch_norm(x, mean, var, w, b, eps=EPS),
+            lambda x, w, b: F.batch_norm(x, mean, var, w, b, eps=EPS),
+        ),
+        "training_act": (
+            lambda x, w, b: bt.batch_norm_act(x, None, None, w, b, training=True, eps=EPS, residual=r),
+            lambda x, w, b: F.relu(F.batch_norm(x, None, None, w, b, training=True, eps=EPS) + r),
+        ),
+        "inference_act": (
+            lambda x, w, b: bt.batch_norm_act(x, mean, var, w, b, eps=EPS, residual=r),
+            lambda x, w, b: F.relu(F.batch_norm(x, mean, var, w, b, eps=EPS) + r),
+        ),
+        "training_relu": (
+            lambda x, w, b: bt.batch_norm_act(x, None, None, w, b, training=True, eps=EPS),
+            lambda x, w, b: F.relu(F.batch_norm(x, None, None, w, b, training=True, eps=EPS)),
+        ),
+    }
+
+
+CASES = ["training", "inference", "training_act", "inference_act", "training_relu"]
+
+
+def _loss(f):
+    # cubed and weighted, so the second derivatives are not those of a quadratic
+    return lambda x, w, b: (f(x, w, b) ** 3 * torch.linspace(-1, 2, x.numel(), dtype=D).view(x.shape)).sum()
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_reverse_mode(case, channels_last):
+    x, w, b, r, mean, var = _data(channels_last=channels_last)
+    ours, theirs = _cases(r, mean, var)[case]
+    for transform in (
+        lambda f: func.grad(_loss(f), argnums=(0, 1, 2)),
+        lambda f: lambda x, w, b: func.vjp(f, x, w, b)[1](x.cos()),
+        lambda f: func.jacrev(f, argnums=(0, 1, 2)),
+        lambda f: func.jacrev(func.jacrev(_loss(f), argnums=(1, 2)), argnums=(0, 1, 2)),
+    ):
+        _close(transform(ours)(x, w, b), transform(theirs)(x, w, b))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_forward_mode(case):
+    x, w, b, r, mean, var = _data()
+    ours, theirs = _cases(r, mean, var)[case]
+    tangents = (x.sin(), w.cos(), b.exp())
+    _close(func.jvp(ours, (x, w, b), tangents), func.jvp(theirs, (x, w, b), tangents))
+    _close(func.jvp(lambda x: ours(x, w, b), (x,), (x.sin(),)), func.jvp(lambda x: theirs(x, w, b), (x,), (x.sin(),)))
+    _close(func.jacfwd(ours, argnums=(0, 1, 2))(x, w, b), func.jacfwd(theirs, argnums=(0, 1, 2))(x, w, b))
+    hessian = [func.hessian(_loss(f), argnums=(0, 1, 2))(x, w, b) for f in (ours, theirs)]
+    _close(*hessian)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_forward_ad_on_eager_calls(case):
+    # torch.autograd.forward_ad's dual tensors, outside torch.func
+    import torch.autograd.forward_ad as fwAD
+
+    x, w, b, r, mean, var = _data()
+    results = []
+    for f in _cases(r, mean, var)[case]:
+        with fwAD.dual_level():
+            y = f(fwAD.make_dual(x, x.sin()), fwAD.make_dual(w, w.cos()), b)
+            results.append(tuple(fwAD.unpack_dual(y)))
+    _close(results[0], results[1])
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("in_dims", [(0, None, None), (None, 0, 0), (0, 0, 0), (2, None, 0)])
+@pytest.mark.parametrize("shape", [(3, 4, 3, 2), (5, 4), (3, 4, 5)])
+def test_vmap(case, in_dims, shape):
+    x, w, b, r, mean, var = _data(shape)
+    if in_dims[0] == 2 and len(shape) == 2:
+        in_dims = (1,) + in_dims[1:]
+    B = 3
+    xs = torch.stack([x * (k + 1) - k for k in range(B)], dim=in_dims[0] or 0)
+    ws, bs = torch.stack([w + k for k in range(B)]), torch.stack([b - k for k in range(B)])
+    args = [xs if in_dims[0] is not None else x, ws if in_dims[1] is not None else w,
+            bs if in_dims[2] is not None else b]
+    ours, theirs = _cases(r, mean, var)[case]
+    with warnings.catch_warnings():
+        # a fallback to torch's per-sample loop warns "There is a performance drop"
+        warnings.simplefilter("error")
+        got = func.vmap(ours, in_dims=in_dims)(*args)
+    _close(got, func.vmap(theirs, in_dims=in_dims)(*args))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_per_sample_gradients(case):
+    # vmap over grad: each sample's gradient, as torch's own per-sample gradient recipe
+    x, w, b, r, mean, var = _data(shape=(4, 3, 2, 2))
+    ours, theirs = _cases(r[:1], mean, var)[case]
+
+    def per_sample(f):
+        return func.vmap(func.grad(lambda x, w, b: _loss(f)(x.unsqueeze(0), w, b), argnums=(0, 1, 2)),
+                         in_dims=(0, None, None))
+
+    if case.startswith("training"):  # a batch of one has no spread: take pairs
+        xs = x.view(2, 2, 3, 2, 2)
+        ours, theirs = _cases(r[:2], mean, var)[case]
+
+        def per_sample(f):  # noqa: F811
+            return func.vmap(func.grad(_loss(f), argnums=(0, 1, 2)), in_dims=(0, None, None))
+
+        _close(per_sample(ours)(xs, w, b), per_sample(theirs)(xs, w, b))
+    else:
+        _close(per_sample(ours)(x, w, b), per_sample(theirs)(x, w, b))
+
+
+def test_first_order_gradients_run_the_kernels():
+    # Under grad the backward is the kernels' (the same bits as eager autograd), not the
+    # composite that a second derivative needs.
+    for dtype in (torch.float32, torch.float64):
+        x, w, b, r, _, _ = (t.to(dtype) for t in _data(shape=(8, 5, 4, 3)))
+        for f in (lambda x, w, b: bt.batch_norm(x, None, None, w, b, training=True),
+                  lambda x, w, b: bt.batch_norm_act(x, None, None, w, b, training=True, residual=r)):
+            g = func.grad(lambda x, w, b: (f(x, w, b) * r).sum(), argnums=(0, 1, 2))(x, w, b)
+            leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+            (f(*leaves) * r).sum().backward()
+            for got, leaf in zip(g, leaves):
+                assert torch.equal(got, leaf.grad)
+
+
+@pytest.mark.parametrize("layer", ["BatchNorm2d", "BatchNormAct2d"])
+@pytest.mark.parametrize("track", [False, True])
+def test_layers_through_functional_call(layer, track):
+    # grad over the parameters with the buffers passed in (torch's recipe for functional
+    # training), and model ensembling: vmap over stacked parameters and buffers
+    torch.manual_seed(0)
+    ours = getattr(bt, layer)(4, track_running_stats=track).double()
+    theirs = torch.nn.Sequential(torch.nn.BatchNorm2d(4, track_running_stats=track), torch.nn.ReLU()).double() \
+        if layer == "BatchNormAct2d" else torch.nn.BatchNorm2d(4, track_running_stats=track).double()
+    x = _data()[0]
+
+    def state(m):
+        return {k: v.detach().clone() for k, v in m.named_parameters()}, \
+            {k.replace("0.", ""): v.clone() for k, v in m.named_buffers()}
+
+    def loss(m, names):
+        def f(params, buffers, x):
+            p = {names.get(k, k): v for k, v in {**params, **buffers}.items()}
+            return _loss(lambda x, w, b: func.functional_call(m, p, (x,)))(x, None, None)
+        return f
+
+    theirs_names = {"weight": "0.weight", "bias": "0.bias", "running_mean": "0.running_mean",
+                    "running_var": "0.running_var", "num_batches_tracked": "0.num_batches_tracked"} \
+        if layer == "BatchNormAct2d" else {}
+    (p, buf), (_, tbuf) = state(ours), state(theirs)
+    for training in (True, False):
+        ours.train(training)
+        theirs.train(training)
+        if not training and not track:
+            continue
+        g = func.grad(loss(ours, {}), argnums=(0, 2))(p, buf, x)
+        tg = func.grad(loss(theirs, theirs_names), argnums=(0, 2))(p, tbuf, x)
+        _close(g, tg)
+        _close(buf, tbuf)  # the running statistics, updated alike
+        # an ensemble of 3 layers
+        stacked_p = {k: torch.stack([v * (i + 1) for i in range(3)]) for k, v in p.items()}
+        stacked_b = {k: torch.stack([v.clone() for _ in range(3)]) for k, v in buf.items()}
+        stacked_tb = {k: torch.stack([v.clone() for _ in range(3)]) for k, v in tbuf.items()}
+        ys = func.vmap(lambda p, b, x: func.functional_call(ours, {**p, **b}, (x,)), in_dims=(0, 0, None))(
+            stacked_p, stacked_b, x)
+        tys = func.vmap(
+            lambda p, b, x: func.functional_call(theirs, {theirs_names.get(k, k): v for k, v in {**p, **b}.items()},
+                                                 (x,)), in_dims=(0, 0, None))(stacked_p, stacked_tb, x)
+        _close(ys, tys)
+        _close(stacked_b, stacked_tb)
+
+
+def test_running_statistics_captured_under_grad_refused_like_torch():
+    # A transform refuses the in-place update of a captured buffer, for torch's layer as for ours.
+    x = _data()[0]
+    for m in (bt.BatchNorm2d(4).double(), torch.nn.BatchNorm2d(4).double()):
+        p = dict(m.named_parameters())
+        with pytest.raises(RuntimeError, match="mutate a captured Tensor"):
+            func.grad(lambda p: func.functional_call(m, p, (x,)).sum())(p)
+
+
+def test_variants_refuse_forward_mode():
+    x, w, b, *_ = _data()
+    m = bt.BatchNorm2d(4, skip_nonfinite=True, track_running_stats=False).double()
+    # detached, as torch's recipes take them: a Parameter that requires grad may be differentiated
+    # again by autograd around the transform, which the variants refuse
+    p = {k: v.detach() for k, v in m.named_parameters()}
+    with pytest.raises(RuntimeError, match="no double backward .* training variants"):
+        func.grad(lambda p: func.functional_call(m, p, (x,)).pow(2).sum())(dict(m.named_parameters()))
+    g = func.grad(lambda p: _loss(lambda x, w, b: func.functional_call(m, p, (x,)))(x, None, None))(p)
+    tg = func.grad(lambda w, b: _loss(lambda x, w, b: F.batch_norm(x, None, None, w, b, True, eps=EPS))(x, w, b),
+                   argnums=(0, 1))(p["weight"], p["bias"])
+    _close((g["weight"], g["bias"]), tg)
+    with pytest.raises(NotImplementedError, match="no forward-mode derivative .* training variants"):
+        func.jvp(lambda w: func.functional_call(m, {"weight": w, "bias": p["bias"]}, (x,)), (p["weight"],),
+                 (torch.ones_like(p["weight"]),))
+
+
+def test_running_statistics_in_forward_and_reverse_mode():
+    # Forward mode counts the given statistics' tangents (functorch hands zeros to arguments
+    # without one; torch's own batch norm drops them, returning zero); reverse mode refuses a
+    # gradient with respect to them, as torch's does, naming the argument.
+    x, w, b, r, mean, var = _data()
+
+    def reference(x, m, v):
+        shape = (1, -1, 1, 1)
+        return (x - m.view(shape)) * torch.rsqrt(v.view(shape) + EPS) * w.view(shape) + b.view(shape)
+
+    tangents = (x.sin(), mean.cos(), var.exp())
+    _close(func.jvp(lambda x, m, v: bt.batch_norm(x, m, v, w, b), (x, mean, var), tangents),
+           func.jvp(reference, (x, mean, var), tangents))
+    _close(func.jvp(lambda x, m, v: bt.batch_norm_act(x, m, v, w, b, residual=r), (x, mean, var), tangents),
+           func.jvp(lambda x, m, v: F.relu(reference(x, m, v) + r), (x, mean, var), tangents))
+    with pytest.raises(ValueError, match="running_mean must not require grad"):
+        func.grad(lambda m: bt.batch_norm(x, m, var, w, b).sum())(mean)
+    with pytest.raises(ValueError, match="running_var must not require grad"):
+        func.grad(lambda v: bt.batch_norm_act(x, mean, v, w, b).sum())(var)
+
+
+def test_variants_refuse_second_derivatives_under_transforms():
+    x, w, b, *_ = _data()
+    m = bt.BatchNorm2d(4, skip_nonfinite=True, track_running_stats=False).double()
+    loss = _loss(lambda x, w, b: func.functional_call(m, {"weight": w, "bias": b}, (x,)))
+    with pytest.raises(RuntimeError, match="no double backward .* training variants"):
+        func.jacrev(func.grad(loss, argnums=1), argnums=1)(x, w, b)
+
+
+def test_half_dtypes_under_grad_and_vmap():
+    # float32 parameters with half inputs (torch's mixed form), against the float64 reference
+    x, w, b, r, mean, var = _data(shape=(6, 4, 3, 3))
+    for dtype in (torch.float16, torch.bfloat16):
+        xh = x.to(dtype)
+        f = lambda x, w, b: bt.batch_norm(x, None, None, w, b, training=True)  # noqa: E731
+        g = func.grad(lambda x, w, b: (f(x, w, b).float() * r.float()).sum(), argnums=(0, 1, 2))(
+            xh, w.float(), b.float())
+        ref = func.grad(lambda x, w, b: (F.batch_norm(x, None, None, w, b, True) * r).sum(), argnums=(0, 1, 2))(
+            xh.double(), w, b)
+        for got, want in zip(g, ref):
+            assert got.dtype == (dtype if got.dim() == 4 else torch.float32)
+            torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2)
+        ys = func.vmap(f, in_dims=(0, None, None))(torch.stack([xh, xh * 2]), w.float(), b.float())
+        assert ys.dtype == dtype and ys.shape == (2,) + x.shape
+        torch.testing.assert_close(ys[1].double(), F.batch_norm(xh.double() * 2, None, None, w, b, True),
+                                   rtol=2e-2, atol=2e-2)
