@@ -2,8 +2,8 @@
 in float64 of the plain and fused training and inference calls, eager and through the
 registered ops, channels-first and channels_last; torch's own double backward on a gradient
 penalty; the first-order gradient unchanged by create_graph; the kernels kept for a plain
-backward under torch.compile; and the variants' clear refusal (SyncBatchNorm's is checked
-across ranks in dist_worker.py)."""
+backward under torch.compile; the training variants' second derivatives and tangents against
+references in torch operations (SyncBatchNorm's refusal is checked across ranks in dist_worker.py)."""
 from __future__ import annotations
 
 import pytest
@@ -240,18 +240,78 @@ def test_compiled_backward_keeps_the_kernels():
     assert not any("native_batch_norm_backward" in t for t in seen["bw"])
 
 
-@pytest.mark.parametrize("route", ["module", "op"])
-def test_variants_refuse_double_backward(route):
-    x, w, b = _inputs(False)
+# The variants against references written in torch operations: batch renorm's y = w * (x̂ r + d)
+# + b with the op's own r and d as constants, ghost batch norm as torch's batch norm of each
+# group, the running-statistics options as plain batch norm.
+VARIANTS = {
+    "renorm": dict(renorm=[3.0, 5.0], ghost=0, unbiased=True, skip=False),
+    "ghost": dict(renorm=None, ghost=3, unbiased=True, skip=False),
+    "ghost_biased_skip": dict(renorm=None, ghost=2, unbiased=False, skip=True),
+    "skip": dict(renorm=None, ghost=0, unbiased=True, skip=True),
+}
 
-    def f(x):
+
+def _variant(name, route):
+    v = VARIANTS[name]
+    rm, rv = torch.randn(4, dtype=torch.float64) * 0.3, torch.rand(4, dtype=torch.float64) + 0.5
+
+    def ours(x, w, b):
         if route == "module":
-            m = bt.BatchNorm2d(4, renorm=(3.0, 5.0), dtype=torch.float64)
-            return m(x)
-        return ops.forward_training_variant(x, w, b, None, None, 0.1, EPS, True, False, None, 3)[0]
+            m = bt.BatchNorm2d(4, dtype=torch.float64, renorm=v["renorm"], skip_nonfinite=v["skip"],
+                               ghost_batch=v["ghost"] or None, running_var_unbiased=v["unbiased"])
+            with torch.no_grad():
+                m.running_mean.copy_(rm), m.running_var.copy_(rv)
+            return torch.func.functional_call(m, {"weight": w, "bias": b}, (x,))
+        return ops.forward_training_variant(x, w, b, rm.clone(), rv.clone(), 0.1, EPS, v["unbiased"], v["skip"],
+                                            v["renorm"], v["ghost"])[0]
 
-    (want,) = torch.autograd.grad(f(x).square().sum(), x)
-    (g,) = torch.autograd.grad(f(x).square().sum(), x, create_graph=True)
-    assert torch.equal(g.detach(), want)
-    with pytest.raises(RuntimeError, match="no double backward .* through the training variants"):
-        torch.autograd.grad(g.square().sum(), x)  # x reaches the error node
+    def reference(x, w, b):
+        if v["ghost"]:
+            return torch.cat([F.batch_norm(g, None, None, w, b, True, eps=EPS) for g in x.split(v["ghost"])])
+        if v["renorm"]:
+            _, _, _, r, d, _, _ = ops.forward_training_variant(x.detach(), w.detach(), b.detach(), rm.clone(),
+                                                               rv.clone(), 0.1, EPS, True, False, v["renorm"], 0)
+            shape = (1, -1, 1, 1)
+            xhat = F.batch_norm(x, None, None, None, None, True, eps=EPS)
+            return w.view(shape) * (xhat * r.view(shape) + d.view(shape)) + b.view(shape)
+        return F.batch_norm(x, None, None, w, b, True, eps=EPS)
+
+    return ours, reference
+
+
+@pytest.mark.parametrize("route", ["module", "op"])
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_variants_double_backward(name, route):
+    # A gradient penalty through the variants, against the references; gradgradcheck in float64.
+    x, w, b = _inputs(False)
+    x = x.detach().repeat(2, 1, 1, 1).requires_grad_()  # 6 samples: groups of 2 and 3
+    ours, reference = _variant(name, route)
+    results = []
+    for f in (ours, reference):
+        y = f(x, w, b)
+        gx, gw = torch.autograd.grad((y * y.detach().cos()).sum(), (x, w), create_graph=True)
+        penalty = gx.square().sum() + (gw * torch.arange(4.0, dtype=gw.dtype)).square().sum()
+        results.append(torch.autograd.grad(penalty, (x, w, b), allow_unused=True, materialize_grads=True))
+    for a, e in zip(*results):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)
+    # renorm's r and d move with x, constants to its gradient by design; fast_mode: random
+    # projections of the Jacobians (the comparison above checks every entry)
+    if not VARIANTS[name]["renorm"] and route == "op":
+        assert torch.autograd.gradgradcheck(ours, (x, w, b), fast_mode=True)
+
+
+# torch's forward-mode AD loads its decompositions through torch.jit.script the first time
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_variants_under_torch_func(name):
+    # jvp, jacfwd over jacrev (hessian) and vmap of the variants, against the references.
+    x, w, b = (t.detach() for t in _inputs(False))
+    x = x.repeat(2, 1, 1, 1)
+    ours, reference = _variant(name, "module")
+    tangents = (x.sin(), w.cos(), b.exp())
+    for a, e in zip(torch.func.jvp(ours, (x, w, b), tangents), torch.func.jvp(reference, (x, w, b), tangents)):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)
+    hessians = [torch.func.hessian(lambda w, b, f=f: (f(x, w, b) ** 3).sum(), argnums=(0, 1))(w, b)
+                for f in (ours, reference)]
+    for a, e in zip(torch.utils._pytree.tree_leaves(hessians[0]), torch.utils._pytree.tree_leaves(hessians[1])):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)

@@ -4,7 +4,7 @@ jacfwd, vmap (over x, over stacked parameters and buffers, at any dim, channels_
 vmap over grad (per-sample gradients), for batch_norm, batch_norm_act and the layers through
 functional_call; torch.autograd.forward_ad on eager calls; the kernels still running first-order
 gradients under grad (the same bits as eager autograd); vmap through the ops' batching rules
-(no per-sample fallback); the variants' clear refusal of forward mode."""
+(no per-sample fallback). The variants' are in test_torch_double_backward.py."""
 from __future__ import annotations
 
 import warnings
@@ -239,21 +239,16 @@ def test_running_statistics_captured_under_grad_refused_like_torch():
             func.grad(lambda p: func.functional_call(m, p, (x,)).sum())(p)
 
 
-def test_variants_refuse_forward_mode():
-    x, w, b, *_ = _data()
+def test_variants_with_parameters_that_require_grad():
+    # A Parameter that requires grad may be differentiated again by autograd around the
+    # transform: the gradient is then the composite one, equal to torch's within rounding
+    x, *_ = _data()
     m = bt.BatchNorm2d(4, skip_nonfinite=True, track_running_stats=False).double()
-    # detached, as torch's recipes take them: a Parameter that requires grad may be differentiated
-    # again by autograd around the transform, which the variants refuse
-    p = {k: v.detach() for k, v in m.named_parameters()}
-    with pytest.raises(RuntimeError, match="no double backward .* training variants"):
-        func.grad(lambda p: func.functional_call(m, p, (x,)).pow(2).sum())(dict(m.named_parameters()))
-    g = func.grad(lambda p: _loss(lambda x, w, b: func.functional_call(m, p, (x,)))(x, None, None))(p)
-    tg = func.grad(lambda w, b: _loss(lambda x, w, b: F.batch_norm(x, None, None, w, b, True, eps=EPS))(x, w, b),
-                   argnums=(0, 1))(p["weight"], p["bias"])
-    _close((g["weight"], g["bias"]), tg)
-    with pytest.raises(NotImplementedError, match="no forward-mode derivative .* training variants"):
-        func.jvp(lambda w: func.functional_call(m, {"weight": w, "bias": p["bias"]}, (x,)), (p["weight"],),
-                 (torch.ones_like(p["weight"]),))
+    loss = _loss(lambda x, w, b: func.functional_call(m, {"weight": w, "bias": b}, (x,)))
+    g = func.grad(loss, argnums=(1, 2))(x, m.weight, m.bias)
+    tg = func.grad(_loss(lambda x, w, b: F.batch_norm(x, None, None, w, b, True, eps=EPS)), argnums=(1, 2))(
+        x, m.weight.detach(), m.bias.detach())
+    _close(g, tg)
 
 
 def test_running_statistics_in_forward_and_reverse_mode():
@@ -275,14 +270,6 @@ def test_running_statistics_in_forward_and_reverse_mode():
         func.grad(lambda m: bt.batch_norm(x, m, var, w, b).sum())(mean)
     with pytest.raises(ValueError, match="running_var must not require grad"):
         func.grad(lambda v: bt.batch_norm_act(x, mean, v, w, b).sum())(var)
-
-
-def test_variants_refuse_second_derivatives_under_transforms():
-    x, w, b, *_ = _data()
-    m = bt.BatchNorm2d(4, skip_nonfinite=True, track_running_stats=False).double()
-    loss = _loss(lambda x, w, b: func.functional_call(m, {"weight": w, "bias": b}, (x,)))
-    with pytest.raises(RuntimeError, match="no double backward .* training variants"):
-        func.jacrev(func.grad(loss, argnums=1), argnums=1)(x, w, b)
 
 
 def test_half_dtypes_under_grad_and_vmap():

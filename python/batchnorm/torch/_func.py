@@ -15,12 +15,6 @@ from torch import Tensor
 
 from . import _ops, _twice
 
-_NO_JVP = (
-    "batchnorm.torch: no forward-mode derivative (jvp, jacfwd, hessian, forward_ad) through {}; "
-    "batch_norm, batch_norm_act and the BatchNorm/BatchNormAct2d layers without variants have one"
-)
-
-
 def active() -> bool:
     """Whether a call must take this module's route: a functorch transform or a forward-mode AD
     level is active. (torch.compile traces the registered ops, as before.)"""
@@ -29,21 +23,15 @@ def active() -> bool:
     return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
 
 
-def _function(name: str, op: Callable, setup: Callable, backward: Callable, jvp: Optional[Callable] = None,
-              saved: Optional[Callable] = None, what: str = "") -> type:
+def _function(name: str, op: Callable, setup: Callable, backward: Callable, jvp: Callable,
+              saved: Callable) -> type:
     """A new-style autograd.Function around `op` with the op's registered setup_context and
     backward; `jvp(ctx, *tangents)` reads the tensors saved(inputs, output) picks, the same
     that setup saves for the backward (ctx.saved_tensors in both)."""
 
     def setup_context(ctx, inputs, output):
         setup(ctx, inputs, output)
-        if saved is not None:
-            ctx.save_for_forward(*saved(inputs, output))
-
-    def tangents(ctx, *args):
-        if jvp is None:
-            raise NotImplementedError(_NO_JVP.format(what))
-        return jvp(ctx, *args)
+        ctx.save_for_forward(*saved(inputs, output))
 
     return type(name, (torch.autograd.Function,), {
         "__doc__": f"torch.ops.batchnorm's op {name} under functorch transforms (see the module).",
@@ -51,7 +39,7 @@ def _function(name: str, op: Callable, setup: Callable, backward: Callable, jvp:
         "forward": staticmethod(lambda *args: op(*args)),
         "setup_context": staticmethod(setup_context),
         "backward": staticmethod(backward),
-        "jvp": staticmethod(tangents),
+        "jvp": staticmethod(jvp),
     })
 
 
@@ -63,6 +51,13 @@ def _training_jvp(ctx, tx, tw, tb, *_):
     x, weight, mean, invstd = ctx.saved_tensors
     t = _twice.finish_tangent(_twice.training_tangent(x, mean, invstd, weight, tx, tw, tb), x, None, None)
     return t, None, None, None, None
+
+
+def _variant_jvp(ctx, tx, tw, tb, *_):
+    x, weight, mean, invstd, r, d = ctx.saved_tensors
+    r, d = (r, d) if ctx.renorm else (None, None)
+    t = _twice.variant_tangent(x, mean, invstd, weight, r, d, ctx.ghost_batch, tx, tw, tb)
+    return (_twice.finish_tangent(t, x, None, None),) + (None,) * 6
 
 
 def _inference_jvp(ctx, tx, tmean, tvar, tw, tb, _teps):
@@ -106,8 +101,8 @@ def _built() -> dict:
                                             norm_act._inference_setup, norm_act._inference_backward,
                                             _inference_act_jvp, lambda i, o: (i[0], o, *i[2:5])),
             forward_training_variant=_function("forward_training_variant", ops.forward_training_variant,
-                                               variants._setup, variants._autograd_backward,
-                                               what="the training variants"),
+                                               variants._setup, variants._autograd_backward, _variant_jvp,
+                                               lambda i, o: (i[0], i[1], *o[1:5])),
         )
     return _functions
 

@@ -108,10 +108,9 @@ def _affine_tangent(txhat: Optional[Tensor], xhat: Tensor, weight: Optional[Tens
     return t
 
 
-def training_tangent(x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], tx: Optional[Tensor],
-                     tw: Optional[Tensor], tb: Optional[Tensor]) -> Optional[Tensor]:
-    """The tangent of training batch norm's y (before any add or activation), in the
-    accumulation dtype, from x's saved (mean, invstd)."""
+def _xhat_tangent(x: Tensor, mean: Tensor, invstd: Tensor, tx: Optional[Tensor]):
+    """(x̂, its tangent or None, the (C,)-broadcasting shape) of training batch norm, in the
+    accumulation dtype."""
     acc = _acc(x.dtype)
     dims, shape = _layout(x)
     s = invstd.to(acc).view(shape)
@@ -120,6 +119,14 @@ def training_tangent(x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[T
     if tx is not None:
         g = tx.to(acc)
         txhat = s * (g - g.mean(dims, keepdim=True) - xhat * (xhat * g).mean(dims, keepdim=True))
+    return xhat, txhat, shape
+
+
+def training_tangent(x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], tx: Optional[Tensor],
+                     tw: Optional[Tensor], tb: Optional[Tensor]) -> Optional[Tensor]:
+    """The tangent of training batch norm's y (before any add or activation), in the
+    accumulation dtype, from x's saved (mean, invstd)."""
+    xhat, txhat, shape = _xhat_tangent(x, mean, invstd, tx)
     return _affine_tangent(txhat, xhat, weight, tw, tb, shape)
 
 
@@ -153,3 +160,57 @@ def finish_tangent(t: Optional[Tensor], x: Tensor, tres: Optional[Tensor], y: Op
         return None
     t = t.to(x.dtype)
     return t if y is None else masked(t, y)
+
+
+# ---- the training variants (variants.py) --------------------------------------------------------
+# Their y is plain batch norm's, but for batch renorm, y = w * (x̂ r + d) + b with r and d
+# constants, and ghost batch norm, whose groups of G samples are the channels of one batch of G:
+# group k's channel c is channel k * C + c of (G, groups * C, ...), the saved (groups, C)
+# statistics flattened alike. The running-statistics options change no derivative.
+
+
+def _ghost_fold(t: Tensor, groups: int) -> Tensor:
+    return t.unflatten(0, (groups, -1)).movedim(0, 1).flatten(1, 2)
+
+
+def _ghost_unfold(t: Tensor, groups: int) -> Tensor:
+    return t.unflatten(1, (groups, -1)).movedim(1, 0).flatten(0, 1)
+
+
+def variant_training(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], eps: float,
+                     r: Optional[Tensor], d: Optional[Tensor], ghost_batch: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """training()'s (dx, dweight, dbias) for the variants: r and d given with renorm, ghost_batch
+    > 0 with ghost batch norm."""
+    if ghost_batch > 0 and x.numel() > 0:
+        groups = x.shape[0] // ghost_batch
+        w = None if weight is None else weight.repeat(groups)
+        dx, dw, db = training(_ghost_fold(dy, groups), _ghost_fold(x, groups), mean.reshape(-1),
+                              invstd.reshape(-1), w, eps)
+        return _ghost_unfold(dx, groups), None if dw is None else dw.view(groups, -1).sum(0), db.view(groups, -1).sum(0)
+    if r is None or x.numel() == 0:
+        return training(dy, x, mean, invstd, weight, eps)
+    acc = _acc(x.dtype)
+    rr, dd = r.to(acc), d.to(acc)
+    # dx is plain batch norm's with the weight w * r; dweight = sum(dy * (x̂ r + d))
+    dx, dxhat, db = training(dy, x, mean, invstd, rr if weight is None else weight.to(acc) * rr, eps)
+    return dx, dxhat * rr + db * dd, db
+
+
+def variant_tangent(x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], r: Optional[Tensor],
+                    d: Optional[Tensor], ghost_batch: int, tx: Optional[Tensor], tw: Optional[Tensor],
+                    tb: Optional[Tensor]) -> Optional[Tensor]:
+    """training_tangent() for the variants (see variant_training)."""
+    if ghost_batch > 0 and x.numel() > 0:
+        groups = x.shape[0] // ghost_batch
+
+        def rep(v: Optional[Tensor]) -> Optional[Tensor]:
+            return None if v is None else v.repeat(groups)
+
+        t = training_tangent(_ghost_fold(x, groups), mean.reshape(-1), invstd.reshape(-1), rep(weight),
+                             None if tx is None else _ghost_fold(tx, groups), rep(tw), rep(tb))
+        return None if t is None else _ghost_unfold(t, groups)
+    if r is None:
+        return training_tangent(x, mean, invstd, weight, tx, tw, tb)
+    xhat, txhat, shape = _xhat_tangent(x, mean, invstd, tx)
+    rr, dd = r.to(xhat.dtype).view(shape), d.to(xhat.dtype).view(shape)
+    return _affine_tangent(None if txhat is None else txhat * rr, xhat * rr + dd, weight, tw, tb, shape)

@@ -91,6 +91,7 @@ def _backward_fake(dy, x, saved_mean, saved_invstd, weight, r, d, ghost_batch):
 
 def _setup(ctx, inputs, output):
     x, weight, bias = inputs[:3]
+    ctx.eps = inputs[6]
     ctx.renorm = inputs[9] is not None
     ctx.ghost_batch = inputs[10]
     y, mean, invstd, r, d, new_mean, new_var = output
@@ -103,16 +104,18 @@ def _setup(ctx, inputs, output):
 def _autograd_backward(ctx, dy, *_unused):
     x, weight, mean, invstd, r, d = ctx.saved_tensors
     needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
-    with torch.no_grad():
-        dx, dweight, dbias = torch.ops.batchnorm.backward_variant(
-            dy, x, mean, invstd, weight, r if ctx.renorm else None, d if ctx.renorm else None, ctx.ghost_batch
-        )
-    grads = (
+    r, d = (r, d) if ctx.renorm else (None, None)
+    if _ops.differentiated_again(dy, x, weight):  # a gradient differentiated again (_twice)
+        dx, dweight, dbias = _twice.variant_training(dy, x, mean, invstd, weight, ctx.eps, r, d, ctx.ghost_batch)
+    else:
+        with torch.no_grad():
+            dx, dweight, dbias = torch.ops.batchnorm.backward_variant(dy, x, mean, invstd, weight, r, d,
+                                                                      ctx.ghost_batch)
+    return (
         dx if needs_x else None,
         dweight.to(ctx.weight_dtype) if needs_w else None,
         dbias.to(ctx.bias_dtype) if needs_b else None,
-    )
-    return _twice.refuse("the training variants", grads, dy, x, weight) + (None,) * 8
+    ) + (None,) * 8
 
 
 torch.library.register_autograd(
