@@ -1,5 +1,5 @@
-"""batchnorm.torch under torch.func transforms and forward-mode AD, against torch's own batch
-norm in float64: grad, vjp, jacrev, hessian (jacfwd over jacrev), jacrev over jacrev, jvp,
+"""batchnorm.torch under torch.func transforms and forward-mode AD, in float64 against batch
+norm written in torch operations (and torch's layers where they are right): grad, vjp, jacrev, hessian (jacfwd over jacrev), jacrev over jacrev, jvp,
 jacfwd, vmap (over x, over stacked parameters and buffers, at any dim, channels_last) and
 vmap over grad (per-sample gradients), for batch_norm, batch_norm_act and the layers through
 functional_call; torch.autograd.forward_ad on eager calls; the kernels still running first-order
@@ -53,28 +53,39 @@ def _data(shape=(3, 4, 3, 2), channels_last=False, seed=0):
     return x, w, b, r, mean, var
 
 
-# The functions under test, ours and torch's, as f(x, w, b) with everything else fixed.
+def _reference(x, w, b, mean=None, var=None):
+    """Batch norm written in torch operations (statistics from x in training, given in
+    inference): the exact derivatives to every order. torch's own F.batch_norm gets the
+    weight-x block of jacrev(jacrev) wrong in torch 2.13 (H_wx != H_xw^T) and drops the given
+    statistics' tangents."""
+    dims, shape = [0] + list(range(2, x.dim())), (1, -1) + (1,) * (x.dim() - 2)
+    if mean is None:
+        mean, var = x.mean(dims), x.var(dims, unbiased=False)
+    return (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + EPS) * w.view(shape) + b.view(shape)
+
+
+# The functions under test, ours and the reference, as f(x, w, b) with everything else fixed.
 def _cases(r, mean, var):
     return {
         "training": (
             lambda x, w, b: bt.batch_norm(x, None, None, w, b, training=True, eps=EPS),
-            lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True, eps=EPS),
+            _reference,
         ),
         "inference": (
             lambda x, w, b: bt.batch_norm(x, mean, var, w, b, eps=EPS),
-            lambda x, w, b: F.batch_norm(x, mean, var, w, b, eps=EPS),
+            lambda x, w, b: _reference(x, w, b, mean, var),
         ),
         "training_act": (
             lambda x, w, b: bt.batch_norm_act(x, None, None, w, b, training=True, eps=EPS, residual=r),
-            lambda x, w, b: F.relu(F.batch_norm(x, None, None, w, b, training=True, eps=EPS) + r),
+            lambda x, w, b: F.relu(_reference(x, w, b) + r),
         ),
         "inference_act": (
             lambda x, w, b: bt.batch_norm_act(x, mean, var, w, b, eps=EPS, residual=r),
-            lambda x, w, b: F.relu(F.batch_norm(x, mean, var, w, b, eps=EPS) + r),
+            lambda x, w, b: F.relu(_reference(x, w, b, mean, var) + r),
         ),
         "training_relu": (
             lambda x, w, b: bt.batch_norm_act(x, None, None, w, b, training=True, eps=EPS),
-            lambda x, w, b: F.relu(F.batch_norm(x, None, None, w, b, training=True, eps=EPS)),
+            lambda x, w, b: F.relu(_reference(x, w, b)),
         ),
     }
 
@@ -289,3 +300,73 @@ def test_half_dtypes_under_grad_and_vmap():
         assert ys.dtype == dtype and ys.shape == (2,) + x.shape
         torch.testing.assert_close(ys[1].double(), F.batch_norm(xh.double() * 2, None, None, w, b, True),
                                    rtol=2e-2, atol=2e-2)
+
+
+# ---- compositions the review found wrong, and their references ------------------------------
+
+
+def test_forward_mode_through_a_backward_without_create_graph():
+    # Forward AD does not depend on grad mode: the gradient's tangent through a backward run
+    # with create_graph=False, in eager forward AD and in jvp over a vjp function.
+    import torch.autograd.forward_ad as fwAD
+
+    x, w, b, r, *_ = _data()
+    results = []
+    for f in _cases(r, None, None)["training"]:
+        with fwAD.dual_level():
+            xd = fwAD.make_dual(x.clone().requires_grad_(), x.sin())
+            (g,) = torch.autograd.grad((f(xd, w, b) ** 3 * r).sum(), xd)
+            eager = fwAD.unpack_dual(g).tangent
+        transformed = func.jvp(lambda x: func.vjp(lambda x: f(x, w, b) ** 2, x)[1](r, create_graph=False)[0],
+                               (x,), (x.cos(),))[1]
+        results.append((eager, transformed))
+    _close(results[0], results[1])
+
+
+@pytest.mark.parametrize("case", ["training", "training_act"])
+def test_reverse_over_forward(case):
+    # grad of jvp and jacrev of jacfwd: the tangent's dependence on x through the statistics
+    x, w, b, r, *_ = _data()
+    ours, theirs = _cases(r, None, None)[case]
+
+    def grad_of_jvp(f):
+        return func.grad(lambda x: (func.jvp(lambda x: f(x, w, b), (x,), (x.sin(),))[1] * r).sum())(x)
+
+    def jacrev_of_jacfwd(f):
+        return func.jacrev(func.jacfwd(lambda x, w: (f(x, w, b) ** 2).sum(dim=(0, 2, 3)), argnums=1))(x, w)
+
+    for transform in (grad_of_jvp, jacrev_of_jacfwd):
+        _close(transform(ours), transform(theirs))
+
+
+def test_forward_over_forward_refused():
+    # torch never differentiates an autograd.Function's jvp again: an error, not a silent zero
+    x, w, b, *_ = _data()
+    f = _cases(None, None, None)["training"][0]
+    with pytest.raises(NotImplementedError, match="no forward mode over forward mode"):
+        func.jacfwd(func.jacfwd(lambda w: f(x, w, b)))(w)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_forward_mode_over_vmap(case):
+    x, w, b, r, mean, var = _data()
+    xs = torch.stack([x, 2 * x - 1])
+    results = [func.jvp(lambda xs: func.vmap(f, in_dims=(0, None, None))(xs, w, b), (xs,), (xs.sin(),))
+               for f in _cases(r, mean, var)[case]]
+    _close(*results)
+
+
+def test_vmap_of_parameters_alone_updates_shared_running_statistics():
+    # x and the running statistics unbatched, the weight (or the residual) batched: the running
+    # statistics update once, as torch's rule does, where a fold would batch them
+    x, _, _, r, *_ = _data()
+    ws = torch.rand(2, 4, dtype=D) + 0.5
+    rs = torch.stack([r, -r])
+    got, want = [], []
+    for bn, out in ((bt.batch_norm, got), (F.batch_norm, want)):
+        rm, rv = torch.zeros(4, dtype=D), torch.ones(4, dtype=D)
+        out += [func.vmap(lambda w: bn(x, rm, rv, w, None, training=True))(ws), rm, rv]
+    _close(got, want)
+    ours, theirs = bt.BatchNormAct2d(4).double(), torch.nn.BatchNorm2d(4).double()
+    _close(func.vmap(lambda r: ours(x, r))(rs), func.vmap(lambda r: torch.relu(theirs(x) + r))(rs))
+    _close((ours.running_mean, ours.running_var), (theirs.running_mean, theirs.running_var))

@@ -23,24 +23,44 @@ def active() -> bool:
     return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
 
 
-def _function(name: str, op: Callable, setup: Callable, backward: Callable, jvp: Callable,
-              saved: Callable) -> type:
+def _function(name: str, op: Callable, setup: Callable, backward: Callable, jvp: Callable, saved: Callable,
+              vmap: Callable) -> type:
     """A new-style autograd.Function around `op` with the op's registered setup_context and
     backward; `jvp(ctx, *tangents)` reads the tensors saved(inputs, output) picks, the same
-    that setup saves for the backward (ctx.saved_tensors in both)."""
+    that setup saves for the backward (ctx.saved_tensors in both); `vmap(fn, info, in_dims,
+    *args)` batches it, calling the Function fn again on the unbatched arguments (so that outer
+    transforms see it). A vmap rule of our own rather than generate_vmap_rule: a generated rule
+    batches the jvp, which returns no tangent for the statistics, and jvp over vmap then fails
+    an internal assert in torch 2.13."""
 
     def setup_context(ctx, inputs, output):
         setup(ctx, inputs, output)
         ctx.save_for_forward(*saved(inputs, output))
 
-    return type(name, (torch.autograd.Function,), {
+    def tangents(ctx, *args):
+        _no_nested_forward()
+        return jvp(ctx, *args)
+
+    fn = type(name, (torch.autograd.Function,), {
         "__doc__": f"torch.ops.batchnorm's op {name} under functorch transforms (see the module).",
-        "generate_vmap_rule": True,
         "forward": staticmethod(lambda *args: op(*args)),
         "setup_context": staticmethod(setup_context),
         "backward": staticmethod(backward),
-        "jvp": staticmethod(jvp),
+        "jvp": staticmethod(tangents),
     })
+    fn.vmap = staticmethod(lambda info, in_dims, *args: vmap(fn, info, in_dims, *args))
+    return fn
+
+
+def _no_nested_forward() -> None:
+    """torch does not differentiate an autograd.Function's jvp again in an outer forward level
+    (jvp of jvp, jacfwd of jacfwd): the result would be silently zero, so refuse it."""
+    stack = torch._C._functorch.get_interpreter_stack() or []
+    if sum(i.key() == torch._C._functorch.TransformType.Jvp for i in stack) > 1:
+        raise NotImplementedError(
+            "batchnorm.torch: no forward mode over forward mode (jvp of jvp, jacfwd of jacfwd): torch does not "
+            "differentiate an autograd.Function's jvp again; jacfwd(jacrev(f)) (hessian) and jacrev(jacrev(f)) work"
+        )
 
 
 # ---- tangents: each op's y from the tangents of its inputs; its other outputs (statistics,
@@ -49,14 +69,14 @@ def _function(name: str, op: Callable, setup: Callable, backward: Callable, jvp:
 
 def _training_jvp(ctx, tx, tw, tb, *_):
     x, weight, mean, invstd = ctx.saved_tensors
-    t = _twice.finish_tangent(_twice.training_tangent(x, mean, invstd, weight, tx, tw, tb), x, None, None)
+    t = _twice.finish_tangent(_twice.training_tangent(x, ctx.eps, weight, tx, tw, tb), x, None, None)
     return t, None, None, None, None
 
 
 def _variant_jvp(ctx, tx, tw, tb, *_):
     x, weight, mean, invstd, r, d = ctx.saved_tensors
     r, d = (r, d) if ctx.renorm else (None, None)
-    t = _twice.variant_tangent(x, mean, invstd, weight, r, d, ctx.ghost_batch, tx, tw, tb)
+    t = _twice.variant_tangent(x, ctx.eps, weight, r, d, ctx.ghost_batch, tx, tw, tb)
     return (_twice.finish_tangent(t, x, None, None),) + (None,) * 6
 
 
@@ -68,7 +88,7 @@ def _inference_jvp(ctx, tx, tmean, tvar, tw, tb, _teps):
 
 def _training_act_jvp(ctx, tx, tres, tw, tb, *_):
     x, y, weight, mean, invstd = ctx.saved_tensors
-    t = _twice.training_tangent(x, mean, invstd, weight, tx, tw, tb)
+    t = _twice.training_tangent(x, ctx.eps, weight, tx, tw, tb)
     return _twice.finish_tangent(t, x, tres, y if ctx.relu else None), None, None, None, None
 
 
@@ -90,19 +110,21 @@ def _built() -> dict:
         _functions.update(
             forward_training=_function("forward_training", ops.forward_training, _ops._training_setup,
                                        _ops._training_backward, _training_jvp,
-                                       lambda i, o: (i[0], i[1], o[1], o[2])),
+                                       lambda i, o: (i[0], i[1], o[1], o[2]), _training_vmap(0, None, 1, 2, 3)),
             forward_inference=_function("forward_inference", ops.forward_inference, _ops._inference_setup,
                                         _ops._inference_backward, _inference_jvp,
-                                        lambda i, o: i[:4]),
+                                        lambda i, o: i[:4], _folded_vmap("forward_inference")),
             forward_training_act=_function("forward_training_act", ops.forward_training_act,
                                            norm_act._training_setup, norm_act._training_backward,
-                                           _training_act_jvp, lambda i, o: (i[0], o[0], i[2], o[1], o[2])),
+                                           _training_act_jvp, lambda i, o: (i[0], o[0], i[2], o[1], o[2]),
+                                           _training_vmap(0, 1, 2, 3, 4)),
             forward_inference_act=_function("forward_inference_act", ops.forward_inference_act,
                                             norm_act._inference_setup, norm_act._inference_backward,
-                                            _inference_act_jvp, lambda i, o: (i[0], o, *i[2:5])),
+                                            _inference_act_jvp, lambda i, o: (i[0], o, *i[2:5]),
+                                            _folded_vmap("forward_inference_act")),
             forward_training_variant=_function("forward_training_variant", ops.forward_training_variant,
                                                variants._setup, variants._autograd_backward, _variant_jvp,
-                                               lambda i, o: (i[0], i[1], *o[1:5])),
+                                               lambda i, o: (i[0], i[1], *o[1:5]), _looped_vmap),
         )
     return _functions
 
@@ -116,9 +138,22 @@ def call(name: str, *args: Any) -> Any:
 
 # ---- vmap: batching rules that fold the vmapped dim B into the channels -------------------
 # Batch norm of each of B stacked batches is batch norm of one batch with B * C channels:
-# x (N, C, ...) vmapped at dim d becomes (N, B * C, ...), per-channel vectors (B * C,), and the
-# results unfold without copies. One kernel call instead of B (torch's fallback loops over the
-# batch, with a warning); only an x vmapped elsewhere than next to its channels is copied.
+# x (N, C, ...) vmapped at dim d becomes (N, B * C, ...), per-channel vectors (B * C,). One
+# kernel call instead of B (torch's fallback loops over the batch, with a warning). Folding
+# copies x-like inputs (a view only when the mapped dim lies next to the channels, d = 1; an
+# unbatched x is expanded into B copies); the results unfold without copies.
+
+# Per op: the positions of its x-like and per-channel arguments, and the kind of each output:
+# 'x' (unfolds at dim 1), 'c' (a (B, C) view), 'c?' / 'x?' (the same, or an empty (0,)
+# placeholder of an absent output, left unbatched).
+_FOLDS = {
+    "forward_training": ((0,), (1, 2, 3, 4), ("x", "c", "c", "c?", "c?")),
+    "forward_inference": ((0,), (1, 2, 3, 4), ("x",)),
+    "backward": ((0, 1), (2, 3, 4), ("x?", "c", "c")),
+    "forward_training_act": ((0, 1), (2, 3, 4, 5), ("x", "c", "c", "c?", "c?")),
+    "forward_inference_act": ((0, 1), (2, 3, 4, 5), ("x",)),
+    "backward_act": ((0, 1, 2), (3, 4, 5), ("x", "c", "c", "x?")),
+}
 
 
 def _fold(t: Optional[Tensor], bdim: Optional[int], B: int, per_channel: bool) -> Optional[Tensor]:
@@ -131,39 +166,87 @@ def _fold(t: Optional[Tensor], bdim: Optional[int], B: int, per_channel: bool) -
     return t.flatten(1, 2)
 
 
-def rule(name: str, x_like: Tuple[int, ...], per_channel: Tuple[int, ...], outputs: Tuple[str, ...]) -> None:
-    """Registers the batching rule of torch.ops.batchnorm.<name>: the arguments at x_like and
-    per_channel are folded, the rest pass through; each output is 'x' (unfold at dim 1), 'c'
-    (a (B, C) view), 'c?' or 'x?' (the same, or an empty (0,) placeholder of an absent output,
-    left unbatched)."""
+def _folded(name: str, call: Callable, B: int, in_dims: tuple, args: tuple) -> Tuple[Any, Any]:
+    """call(*args) with op `name`'s arguments folded, and (results, out_dims) unfolded."""
+    x_like, per_channel, outputs = _FOLDS[name]
+    folded = list(args)
+    for i in x_like:
+        folded[i] = _fold(args[i], in_dims[i], B, False)
+    for i in per_channel:
+        folded[i] = _fold(args[i], in_dims[i], B, True)
+    result = call(*folded)
+    single = not isinstance(result, tuple)
+    values, dims = [], []
+    for r, kind in zip((result,) if single else result, outputs):
+        if kind == "x" or (kind == "x?" and r.dim() > 1):
+            values.append(r.unflatten(1, (B, -1)))
+            dims.append(1)
+        elif kind.endswith("?") and r.dim() == 1 and r.numel() == 0:
+            values.append(r)
+            dims.append(None)
+        else:
+            values.append(r.view(B, -1))
+            dims.append(0)
+    return (values[0], dims[0]) if single else (tuple(values), tuple(dims))
+
+
+def rule(name: str) -> None:
+    """Registers the batching rule of torch.ops.batchnorm.<name> (its folds in _FOLDS)."""
     op = getattr(torch.ops.batchnorm, name)
+    torch.library.register_vmap(f"batchnorm::{name}",
+                                lambda info, in_dims, *args: _folded(name, op, info.batch_size, in_dims, args),
+                                lib=_ops._lib)
 
-    def batched(info, in_dims, *args):
-        B = info.batch_size
-        folded = list(args)
-        for i in x_like:
-            folded[i] = _fold(args[i], in_dims[i], B, False)
-        for i in per_channel:
-            folded[i] = _fold(args[i], in_dims[i], B, True)
-        result = op(*folded)
-        single = not isinstance(result, tuple)
-        values, dims = [], []
-        for r, kind in zip((result,) if single else result, outputs):
-            if kind == "x" or (kind == "x?" and r.dim() > 1):
-                values.append(r.unflatten(1, (B, -1)))
-                dims.append(1)
-            elif kind.endswith("?") and r.dim() == 1 and r.numel() == 0:
-                values.append(r)
-                dims.append(None)
-            else:
-                values.append(r.view(B, -1))
-                dims.append(0)
-        return (values[0], dims[0]) if single else (tuple(values), tuple(dims))
 
-    torch.library.register_vmap(f"batchnorm::{name}", batched, lib=_ops._lib)
+def _folded_vmap(name: str) -> Callable:
+    """A Function's vmap: its op's fold around the Function itself."""
+    return lambda fn, info, in_dims, *args: _folded(name, fn.apply, info.batch_size, in_dims, args)
+
+
+def _training_vmap(x: int, residual: Optional[int], weight: int, bias: int, running: int) -> Callable:
+    """A training Function's vmap. Folded, unless x (and the residual's sum, which does not touch
+    the statistics) and the running statistics are unbatched: then, as torch's own rule, x is
+    normalized once and the batched weight, bias or residual apply to it in torch operations,
+    so that the running statistics update once, unbatched (folded, each of the B identical
+    copies would come back as a batched update that an unbatched buffer cannot take)."""
+
+    def vmap(fn, info, in_dims, *args):
+        if in_dims[x] is not None or in_dims[running] is not None or in_dims[running + 1] is not None:
+            return _folded(fn.__name__, fn.apply, info.batch_size, in_dims, args)
+        plain = _built()["forward_training"]
+        xt = args[x]
+        y, mean, invstd, new_mean, new_var = plain.apply(xt, None, None, args[running], args[running + 1],
+                                                         *args[running + 2:running + 4])
+        acc = _ops._acc(xt.dtype)
+        shape = (-1, xt.shape[1]) + (1,) * (xt.dim() - 2)
+
+        def lead(t, d, per_channel):  # batched (B, ...) first, or broadcastable unbatched
+            if t is None:
+                return None
+            t = t.movedim(d, 0) if d is not None else t.unsqueeze(0)
+            return t.to(acc).reshape((t.shape[0], 1) + shape[1:]) if per_channel else t.to(acc)
+
+        out = y.to(acc).unsqueeze(0)
+        w, b = lead(args[weight], in_dims[weight], True), lead(args[bias], in_dims[bias], True)
+        out = out if w is None else out * w
+        out = out if b is None else out + b
+        if residual is not None:
+            r = lead(args[residual], in_dims[residual], False)
+            out = out if r is None else out + r
+            out = torch.relu(out) if args[-1] else out
+        out = out.expand((info.batch_size,) + tuple(xt.shape)).to(xt.dtype)
+        return (out, mean, invstd, new_mean, new_var), (0, None, None, None, None)
+
+    return vmap
+
+
+def _looped_vmap(fn, info, in_dims, *args):
+    """The variants' vmap: the Function on each mapped slice, the results stacked."""
+    slices = [fn.apply(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims)))
+              for i in range(info.batch_size)]
+    return tuple(torch.stack(r) for r in zip(*slices)), (0,) * len(slices[0])
 
 
 # The plain ops' rules; norm_act.py registers those of the fused ops beside their definitions.
-rule("forward_training", (0,), (1, 2, 3, 4), ("x", "c", "c", "c?", "c?"))
-rule("forward_inference", (0,), (1, 2, 3, 4), ("x",))
-rule("backward", (0, 1), (2, 3, 4), ("x?", "c", "c"))
+for _name in ("forward_training", "forward_inference", "backward"):
+    rule(_name)

@@ -294,32 +294,32 @@ def wants_grad(*tensors: Optional[Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _differentiated_outside(t: Tensor) -> bool:
-    """Whether something outside the innermost functorch level differentiates the functorch-
-    wrapped t: a grad or jvp level beneath it (vmap's batching alone does not differentiate),
-    or eager autograd around the whole transform."""
+def _differentiated(t: Tensor, grad_mode: bool) -> bool:
+    """Whether autograd or a transform outside the innermost functorch level differentiates t:
+    a grad or jvp level beneath its wrapper (vmap's batching alone does not differentiate),
+    eager autograd recording (grad mode on and requires_grad) or a forward-mode tangent."""
     ft = torch._C._functorch
-    inner = ft.get_unwrapped(t)
-    while ft.is_functorch_wrapped_tensor(inner):
-        if not ft.is_batchedtensor(inner):
-            return True
-        inner = ft.get_unwrapped(inner)
-    return inner.requires_grad
+    if ft.is_functorch_wrapped_tensor(t):
+        t = ft.get_unwrapped(t)  # the innermost level: the one this backward serves
+        while ft.is_functorch_wrapped_tensor(t):
+            if not ft.is_batchedtensor(t):
+                return True
+            t = ft.get_unwrapped(t)
+    if grad_mode and t.requires_grad:
+        return True
+    return torch.autograd.forward_ad._current_level >= 0 and torch.autograd.forward_ad.unpack_dual(t).tangent is not None
 
 
 def differentiated_again(*tensors: Optional[Tensor]) -> bool:
     """In a backward: whether its gradient may be differentiated again, so must be built from
     operations autograd records (_twice) rather than the kernels. Eagerly that is a backward
-    with create_graph=True on tensors that require grad (wants_grad). torch.func.grad always
-    runs its backward that way, on tensors wrapped for its level: there only a transform or
-    autograd beneath that level differentiates the gradient again (grad of grad, hessian), and
-    a first-order torch.func.grad runs the kernels."""
-    if not torch.is_grad_enabled():
-        return False
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return any(
-        t is not None and (_differentiated_outside(t) if wrapped(t) else t.requires_grad) for t in tensors
-    )
+    with create_graph=True on tensors that require grad (wants_grad), or forward-mode tangents
+    through a backward (forward AD does not depend on grad mode). torch.func.grad always runs
+    its backward with grad mode on, on tensors wrapped for its level: there only a transform
+    or autograd beneath that level differentiates the gradient again (grad of grad, hessian),
+    and a first-order torch.func.grad runs the kernels."""
+    grad_mode = torch.is_grad_enabled()
+    return any(t is not None and _differentiated(t, grad_mode) for t in tensors)
 
 
 class _Training(torch.autograd.Function):

@@ -6,7 +6,8 @@ The kernels' backward is a constant to autograd, so a second derivative through 
 zero. In training, the gradient is torch's own native_batch_norm_backward on the statistics
 our forward saved: PyTorch differentiates that op again in C++, accounting for the batch
 statistics' dependence on x, to any order. Inference is an affine map of x, written here in
-torch operations. A first-order backward (torch.func.grad's included) never comes here.
+torch operations. A first-order backward never comes here, torch.func.grad's included
+unless autograd may differentiate its result again (a Parameter that requires grad).
 """
 from __future__ import annotations
 
@@ -43,11 +44,42 @@ def training(
         dims, _ = _layout(x)
         zeros = (dy.to(acc) + x.to(acc)).sum(dims) * 0
         return (dy + x) * 0, zeros if weight is None else zeros + weight.to(acc) * 0, zeros.clone()
+    if _functorch(dy, x, weight):
+        return _training_from_x(dy, x, weight, eps)
     w = None if weight is None else weight.to(acc)
     dx, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
         dy, x, w, None, None, mean.to(acc), invstd.to(acc), True, eps, [True, weight is not None, True]
     )
     return dx, dweight, dbias
+
+
+def _functorch(*tensors: Optional[Tensor]) -> bool:
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return any(t is not None and wrapped(t) for t in tensors)
+
+
+def _normalized(x: Tensor, eps: float) -> Tuple[Tensor, Tensor, list, list]:
+    """(x̂, s = 1 / sqrt(var + eps)) of training batch norm in the accumulation dtype, the
+    statistics computed from x in torch operations (so that their dependence on x is recorded),
+    with _layout(x)."""
+    dims, shape = _layout(x)
+    xa = x.to(_acc(x.dtype))
+    centered = xa - xa.mean(dims, keepdim=True)
+    s = torch.rsqrt(centered.square().mean(dims, keepdim=True) + eps)
+    return centered * s, s, dims, shape
+
+
+def _training_from_x(dy: Tensor, x: Tensor, weight: Optional[Tensor], eps: float) -> Tuple[Tensor, ...]:
+    """training()'s gradients written in torch operations from x alone. Under torch.func, the
+    batched double backward of native_batch_norm_backward gets the weight-x block of a Hessian
+    wrong (jacrev over jacrev: H_wx != H_xw^T, torch 2.13, its own batch norm alike)."""
+    xhat, s, dims, shape = _normalized(x, eps)
+    g = dy.to(xhat.dtype)
+    dbias = g.sum(dims)
+    dweight = (g * xhat).sum(dims)
+    gw = g if weight is None else g * weight.to(xhat.dtype).view(shape)
+    dx = s * (gw - gw.mean(dims, keepdim=True) - xhat * (gw * xhat).mean(dims, keepdim=True))
+    return dx.to(x.dtype), None if weight is None else dweight, dbias
 
 
 def inference(
@@ -108,25 +140,23 @@ def _affine_tangent(txhat: Optional[Tensor], xhat: Tensor, weight: Optional[Tens
     return t
 
 
-def _xhat_tangent(x: Tensor, mean: Tensor, invstd: Tensor, tx: Optional[Tensor]):
+def _xhat_tangent(x: Tensor, eps: float, tx: Optional[Tensor]):
     """(x̂, its tangent or None, the (C,)-broadcasting shape) of training batch norm, in the
-    accumulation dtype."""
-    acc = _acc(x.dtype)
-    dims, shape = _layout(x)
-    s = invstd.to(acc).view(shape)
-    xhat = (x.to(acc) - mean.to(acc).view(shape)) * s
+    accumulation dtype, from x itself (not the saved statistics: a reverse mode over this
+    forward mode, grad of jvp, needs their dependence on x)."""
+    xhat, s, dims, shape = _normalized(x, eps)
     txhat = None
     if tx is not None:
-        g = tx.to(acc)
+        g = tx.to(xhat.dtype)
         txhat = s * (g - g.mean(dims, keepdim=True) - xhat * (xhat * g).mean(dims, keepdim=True))
     return xhat, txhat, shape
 
 
-def training_tangent(x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], tx: Optional[Tensor],
-                     tw: Optional[Tensor], tb: Optional[Tensor]) -> Optional[Tensor]:
+def training_tangent(x: Tensor, eps: float, weight: Optional[Tensor], tx: Optional[Tensor], tw: Optional[Tensor],
+                     tb: Optional[Tensor]) -> Optional[Tensor]:
     """The tangent of training batch norm's y (before any add or activation), in the
-    accumulation dtype, from x's saved (mean, invstd)."""
-    xhat, txhat, shape = _xhat_tangent(x, mean, invstd, tx)
+    accumulation dtype."""
+    xhat, txhat, shape = _xhat_tangent(x, eps, tx)
     return _affine_tangent(txhat, xhat, weight, tw, tb, shape)
 
 
@@ -196,8 +226,8 @@ def variant_training(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight
     return dx, dxhat * rr + db * dd, db
 
 
-def variant_tangent(x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], r: Optional[Tensor],
-                    d: Optional[Tensor], ghost_batch: int, tx: Optional[Tensor], tw: Optional[Tensor],
+def variant_tangent(x: Tensor, eps: float, weight: Optional[Tensor], r: Optional[Tensor], d: Optional[Tensor],
+                    ghost_batch: int, tx: Optional[Tensor], tw: Optional[Tensor],
                     tb: Optional[Tensor]) -> Optional[Tensor]:
     """training_tangent() for the variants (see variant_training)."""
     if ghost_batch > 0 and x.numel() > 0:
@@ -206,11 +236,11 @@ def variant_tangent(x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Te
         def rep(v: Optional[Tensor]) -> Optional[Tensor]:
             return None if v is None else v.repeat(groups)
 
-        t = training_tangent(_ghost_fold(x, groups), mean.reshape(-1), invstd.reshape(-1), rep(weight),
+        t = training_tangent(_ghost_fold(x, groups), eps, rep(weight),
                              None if tx is None else _ghost_fold(tx, groups), rep(tw), rep(tb))
         return None if t is None else _ghost_unfold(t, groups)
     if r is None:
-        return training_tangent(x, mean, invstd, weight, tx, tw, tb)
-    xhat, txhat, shape = _xhat_tangent(x, mean, invstd, tx)
+        return training_tangent(x, eps, weight, tx, tw, tb)
+    xhat, txhat, shape = _xhat_tangent(x, eps, tx)
     rr, dd = r.to(xhat.dtype).view(shape), d.to(xhat.dtype).view(shape)
     return _affine_tangent(None if txhat is None else txhat * rr, xhat * rr + dd, weight, tw, tb, shape)
