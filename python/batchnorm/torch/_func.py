@@ -203,30 +203,35 @@ def _folded_vmap(name: str) -> Callable:
     return lambda fn, info, in_dims, *args: _folded(name, fn.apply, info.batch_size, in_dims, args)
 
 
-def _training_vmap(x: int, residual: Optional[int], weight: int, bias: int, running: int) -> Callable:
-    """A training Function's vmap. Folded, unless x (and the residual's sum, which does not touch
-    the statistics) and the running statistics are unbatched: then, as torch's own rule, x is
-    normalized once and the batched weight, bias or residual apply to it in torch operations,
-    so that the running statistics update once, unbatched (folded, each of the B identical
+def _shared_statistics(in_dims: tuple, x: int, running: int) -> bool:
+    """Whether x and the running statistics are unbatched: their update is then one for every
+    mapped slice, and must come back unbatched (folded or looped, each of the B identical
     copies would come back as a batched update that an unbatched buffer cannot take)."""
+    return in_dims[x] is None and in_dims[running] is None and in_dims[running + 1] is None
+
+
+def _training_vmap(x: int, residual: Optional[int], weight: int, bias: int, running: int) -> Callable:
+    """A training Function's vmap: folded, unless x and the running statistics are unbatched
+    (_shared_statistics; the residual's sum does not touch the statistics). Then, as torch's own
+    rule, the statistics update once through the plain Function and x̂, computed from x in torch
+    operations in the accumulation dtype (one rounding to x's dtype at the end), takes the
+    batched weight, bias or residual."""
 
     def vmap(fn, info, in_dims, *args):
-        if in_dims[x] is not None or in_dims[running] is not None or in_dims[running + 1] is not None:
+        if not _shared_statistics(in_dims, x, running):
             return _folded(fn.__name__, fn.apply, info.batch_size, in_dims, args)
         plain = _built()["forward_training"]
-        xt = args[x]
-        y, mean, invstd, new_mean, new_var = plain.apply(xt, None, None, args[running], args[running + 1],
-                                                         *args[running + 2:running + 4])
-        acc = _ops._acc(xt.dtype)
-        shape = (-1, xt.shape[1]) + (1,) * (xt.dim() - 2)
+        xt, eps = args[x], args[running + 3]
+        _, mean, invstd, new_mean, new_var = plain.apply(xt, None, None, *args[running:running + 4])
+        xhat, _, _, shape = _twice._normalized(xt, eps)
 
         def lead(t, d, per_channel):  # batched (B, ...) first, or broadcastable unbatched
             if t is None:
                 return None
-            t = t.movedim(d, 0) if d is not None else t.unsqueeze(0)
-            return t.to(acc).reshape((t.shape[0], 1) + shape[1:]) if per_channel else t.to(acc)
+            t = (t.movedim(d, 0) if d is not None else t.unsqueeze(0)).to(xhat.dtype)
+            return t.reshape((t.shape[0],) + tuple(shape)) if per_channel else t
 
-        out = y.to(acc).unsqueeze(0)
+        out = xhat.unsqueeze(0)
         w, b = lead(args[weight], in_dims[weight], True), lead(args[bias], in_dims[bias], True)
         out = out if w is None else out * w
         out = out if b is None else out + b
@@ -241,9 +246,13 @@ def _training_vmap(x: int, residual: Optional[int], weight: int, bias: int, runn
 
 
 def _looped_vmap(fn, info, in_dims, *args):
-    """The variants' vmap: the Function on each mapped slice, the results stacked."""
-    slices = [fn.apply(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims)))
+    """The variants' vmap: the Function on each mapped slice, the results stacked; with
+    _shared_statistics, the statistics and their update are every slice's: the first's, unbatched."""
+    slices = [fn.apply(*(a.select(d, i) if isinstance(a, Tensor) and d is not None else a
+                         for a, d in zip(args, in_dims)))
               for i in range(info.batch_size)]
+    if _shared_statistics(in_dims, 0, 3):
+        return (torch.stack([s[0] for s in slices]),) + tuple(slices[0][1:]), (0,) + (None,) * 6
     return tuple(torch.stack(r) for r in zip(*slices)), (0,) * len(slices[0])
 
 

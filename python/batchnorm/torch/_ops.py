@@ -300,6 +300,10 @@ def _differentiated(t: Tensor, grad_mode: bool) -> bool:
     eager autograd recording (grad mode on and requires_grad) or a forward-mode tangent."""
     ft = torch._C._functorch
     if ft.is_functorch_wrapped_tensor(t):
+        # An eager forward-AD level around the transform: its tangents are invisible from
+        # inside the levels (unpack_dual sees none), so assume they are there.
+        if torch.autograd.forward_ad._current_level >= 0:
+            return True
         t = ft.get_unwrapped(t)  # the innermost level: the one this backward serves
         while ft.is_functorch_wrapped_tensor(t):
             if not ft.is_batchedtensor(t):
