@@ -106,7 +106,7 @@ def refuse(what: str, grads: tuple, *tensors: Optional[Tensor]) -> tuple:
     present = [i for i, g in enumerate(grads) if g is not None]
     message = f"batchnorm.torch: no double backward (create_graph=True) through {what}; batch_norm, " \
               "batch_norm_act and the BatchNorm/BatchNormAct2d layers without variants have one"
-    if any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+    if _functorch(*tensors):
         raise RuntimeError(message)  # under torch.func (hessian, grad of grad): nothing to delay
     # The inputs that require grad join the error node's inputs: autograd then finds them
     # reachable and runs the node (which raises) instead of reporting them unused.
