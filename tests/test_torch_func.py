@@ -424,3 +424,55 @@ def test_vmap_over_parameters_rounds_half_outputs_once():
         ulp = (torch.nextafter(a, torch.full_like(a, float("inf"))) - a).double()
         wrong = (got.double() - exact).abs() > 0.5 * ulp * (1 + 1e-3)
         assert wrong.double().mean() < 0.01, (dtype, wrong.double().mean().item())
+
+
+@pytest.mark.parametrize("kwargs", [dict(renorm=(2.0, 1.0)), dict(ghost_batch=4), dict(skip_nonfinite=True)])
+def test_variants_vmap_over_grad(kwargs):
+    # Gradients of B stacked batches through a variant: the backward op's batching rule folds
+    # the mapped dim into the channels (ghost batch norm's per-group statistics too); without
+    # it torch's per-slice fallback warns (an error here). Each slice against its own gradient.
+    x, w, b, r, *_ = _data(shape=(8, 3, 2, 2))
+    xs, rs = torch.stack([x, 2 * x + 1, x.cos()]), torch.stack([r, r.sin(), -r])
+    # each batch's own running statistics (renorm's r and d come from them)
+    rms, rvs = torch.randn(3, 3, dtype=D) * 0.1, torch.rand(3, 3, dtype=D) + 0.5
+
+    def loss(w, b, x, r, rm, rv):
+        y = bt.modules.batch_norm_variant(x, rm.clone(), rv.clone(), w, b, **kwargs)
+        return (y ** 3 * r).sum()
+
+    for argnums in ((0, 1), (0, 1, 2)):
+        got = func.vmap(func.grad(loss, argnums=argnums), in_dims=(None, None, 0, 0, 0, 0))(w, b, xs, rs, rms, rvs)
+        for i in range(3):
+            _close(tuple(g[i] for g in got), func.grad(loss, argnums=argnums)(w, b, xs[i], rs[i], rms[i], rvs[i]))
+    # an ensemble: stacked parameters over one batch (x and the statistics unbatched)
+    ws, bs = torch.stack([w, w + 1, -w]), torch.stack([b, b - 1, b * 2])
+    got = func.vmap(func.grad(loss, argnums=(0, 1, 2)), in_dims=(0, 0, None, None, None, None))(
+        ws, bs, x, r, rms[0], rvs[0])
+    for i in range(3):
+        _close(tuple(g[i] for g in got), func.grad(loss, argnums=(0, 1, 2))(ws[i], bs[i], x, r, rms[0], rvs[0]))
+
+
+def test_errors_under_vmap_name_one_slice():
+    # A bad argument under vmap gets the eager call's error for one mapped slice: the shapes the
+    # user passed, not those of the B slices folded into the channels ((12,) and (15,) here)
+    xs, x = torch.randn(3, 8, 4, dtype=D), torch.randn(8, 4, dtype=D)
+    short = "weight must have shape \\(4,\\), got \\(5,\\) \\(x has shape \\(8, 4\\)"
+    cases = [
+        (lambda x: bt.batch_norm(x, None, None, torch.ones(5, dtype=D), None, training=True), xs, short),
+        (lambda x: bt.batch_norm(x, torch.zeros(4, dtype=D), torch.ones(4, dtype=D), torch.ones(5, dtype=D), None,
+                                 training=False), xs, short),
+        (lambda x: bt.batch_norm_act(x, None, None, torch.ones(5, dtype=D), None, training=True), xs, short),
+        # an ensemble over parameters (x and the statistics shared): the first slice's call checks
+        (lambda w: bt.batch_norm(x, None, None, w, None, training=True), torch.ones(3, 5, dtype=D), short),
+        (lambda w: bt.batch_norm(x, torch.zeros(4, dtype=D), torch.ones(4, dtype=D), w, None, training=True),
+         torch.ones(3, 4, dtype=torch.int32), "weight must have dtype float16, bfloat16, float32 or float64, got int32"),
+        (lambda r: bt.batch_norm_act(x, None, None, None, None, training=True, residual=r), torch.ones(3, 8, 5, dtype=D),
+         "residual must have"),
+    ]
+    for f, arg, message in cases:
+        error = TypeError if "dtype" in message else ValueError
+        with pytest.raises(error, match=message):
+            func.vmap(f)(arg)
+        if arg is xs:  # per-sample gradients: the forward's rule raises first, the same words
+            with pytest.raises(error, match=message):
+                func.vmap(func.grad(lambda x, f=f: f(x).sum()))(arg)

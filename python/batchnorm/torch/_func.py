@@ -153,15 +153,17 @@ _FOLDS = {
     "forward_training_act": ((0, 1), (2, 3, 4, 5), ("x", "c", "c", "c?", "c?")),
     "forward_inference_act": ((0, 1), (2, 3, 4, 5), ("x",)),
     "backward_act": ((0, 1, 2), (3, 4, 5), ("x", "c", "c", "x?")),
+    "backward_variant": ((0, 1), (2, 3, 4, 5, 6), ("x", "c", "c")),
 }
 
 
 def _fold(t: Optional[Tensor], bdim: Optional[int], B: int, per_channel: bool) -> Optional[Tensor]:
-    """(N, B * C, ...) of an x-like tensor, or (B * C,) of a per-channel one; None stays None."""
+    """(N, B * C, ...) of an x-like tensor, or (..., B * C) of a per-channel one (channels last:
+    (C,), or ghost batch norm's (groups, C) statistics); None stays None."""
     if t is None:
         return None
-    if per_channel:  # (C,) or (B, C)
-        return t.repeat(B) if bdim is None else t.movedim(bdim, 0).reshape(-1)
+    if per_channel:
+        return t.repeat(*([1] * (t.dim() - 1)), B) if bdim is None else t.movedim(bdim, -2).flatten(-2)
     t = t.unsqueeze(1).expand(t.shape[0], B, *t.shape[1:]) if bdim is None else t.movedim(bdim, 1)
     return t.flatten(1, 2)
 
@@ -174,7 +176,11 @@ def _folded(name: str, call: Callable, B: int, in_dims: tuple, args: tuple) -> T
         folded[i] = _fold(args[i], in_dims[i], B, False)
     for i in per_channel:
         folded[i] = _fold(args[i], in_dims[i], B, True)
-    result = call(*folded)
+    try:
+        result = call(*folded)
+    except (ValueError, TypeError):
+        _raise_for_one_slice(call, in_dims, args)
+        raise
     single = not isinstance(result, tuple)
     values, dims = [], []
     for r, kind in zip((result,) if single else result, outputs):
@@ -188,6 +194,21 @@ def _folded(name: str, call: Callable, B: int, in_dims: tuple, args: tuple) -> T
             values.append(r.view(B, -1))
             dims.append(0)
     return (values[0], dims[0]) if single else (tuple(values), tuple(dims))
+
+
+def _first_slice(in_dims: tuple, args: tuple) -> list:
+    """The arguments of the first mapped slice (unbatched ones as they are)."""
+    return [a.select(d, 0) if isinstance(a, Tensor) and d is not None else a for a, d in zip(args, in_dims)]
+
+
+def _raise_for_one_slice(call: Callable, in_dims: tuple, args: tuple) -> None:
+    """Raises the error of the first mapped slice, if it has one: the shapes a user passed
+    under vmap are those of one slice ("weight must have shape (4,), got (5,)"), not the folded
+    ones (which would read (12,) and (15,) for 3 slices)."""
+    try:
+        call(*_first_slice(in_dims, args))
+    except (ValueError, TypeError) as e:
+        raise e.with_traceback(None) from None
 
 
 def rule(name: str) -> None:
@@ -213,16 +234,17 @@ def _shared_statistics(in_dims: tuple, x: int, running: int) -> bool:
 def _training_vmap(x: int, residual: Optional[int], weight: int, bias: int, running: int) -> Callable:
     """A training Function's vmap: folded, unless x and the running statistics are unbatched
     (_shared_statistics; the residual's sum does not touch the statistics). Then, as torch's own
-    rule, the statistics update once through the plain Function and x̂, computed from x in torch
-    operations in the accumulation dtype (one rounding to x's dtype at the end), takes the
-    batched weight, bias or residual."""
+    rule, the statistics update once through the Function on the first slice and x̂, computed
+    from x in torch operations in the accumulation dtype (one rounding to x's dtype at the end),
+    takes the batched weight, bias or residual."""
 
     def vmap(fn, info, in_dims, *args):
         if not _shared_statistics(in_dims, x, running):
             return _folded(fn.__name__, fn.apply, info.batch_size, in_dims, args)
-        plain = _built()["forward_training"]
         xt, eps = args[x], args[running + 3]
-        _, mean, invstd, new_mean, new_var = plain.apply(xt, None, None, *args[running:running + 4])
+        # The first slice's call: every argument checked as an eager call checks it (a wrong
+        # weight shape or dtype raises the same error), the statistics and their one update.
+        _, mean, invstd, new_mean, new_var = fn.apply(*_first_slice(in_dims, args))
         xhat, _, _, shape = _twice._normalized(xt, eps)
 
         def lead(t, d, per_channel):  # batched (B, ...) first, or broadcastable unbatched
@@ -256,6 +278,7 @@ def _looped_vmap(fn, info, in_dims, *args):
     return tuple(torch.stack(r) for r in zip(*slices)), (0,) * len(slices[0])
 
 
-# The plain ops' rules; norm_act.py registers those of the fused ops beside their definitions.
+# The plain ops' rules; norm_act.py and variants.py register those of their ops beside their
+# definitions.
 for _name in ("forward_training", "forward_inference", "backward"):
     rule(_name)
