@@ -428,9 +428,9 @@ def test_vmap_over_parameters_rounds_half_outputs_once():
 
 @pytest.mark.parametrize("kwargs", [dict(renorm=(2.0, 1.0)), dict(ghost_batch=4), dict(skip_nonfinite=True)])
 def test_variants_vmap_over_grad(kwargs):
-    # Gradients of B stacked batches through a variant: the backward op's batching rule folds
-    # the mapped dim into the channels (ghost batch norm's per-group statistics too); without
-    # it torch's per-slice fallback warns (an error here). Each slice against its own gradient.
+    # Gradients of B stacked batches through a variant: the backward op's batching rule calls
+    # it on each slice; without a rule torch's per-slice fallback warns (an error here). Each
+    # slice against its own gradient.
     x, w, b, r, *_ = _data(shape=(8, 3, 2, 2))
     xs, rs = torch.stack([x, 2 * x + 1, x.cos()]), torch.stack([r, r.sin(), -r])
     # each batch's own running statistics (renorm's r and d come from them)

@@ -153,17 +153,15 @@ _FOLDS = {
     "forward_training_act": ((0, 1), (2, 3, 4, 5), ("x", "c", "c", "c?", "c?")),
     "forward_inference_act": ((0, 1), (2, 3, 4, 5), ("x",)),
     "backward_act": ((0, 1, 2), (3, 4, 5), ("x", "c", "c", "x?")),
-    "backward_variant": ((0, 1), (2, 3, 4, 5, 6), ("x", "c", "c")),
 }
 
 
 def _fold(t: Optional[Tensor], bdim: Optional[int], B: int, per_channel: bool) -> Optional[Tensor]:
-    """(N, B * C, ...) of an x-like tensor, or (..., B * C) of a per-channel one (channels last:
-    (C,), or ghost batch norm's (groups, C) statistics); None stays None."""
+    """(N, B * C, ...) of an x-like tensor, or (B * C,) of a per-channel one; None stays None."""
     if t is None:
         return None
-    if per_channel:
-        return t.repeat(*([1] * (t.dim() - 1)), B) if bdim is None else t.movedim(bdim, -2).flatten(-2)
+    if per_channel:  # (C,) or (B, C)
+        return t.repeat(B) if bdim is None else t.movedim(bdim, 0).reshape(-1)
     t = t.unsqueeze(1).expand(t.shape[0], B, *t.shape[1:]) if bdim is None else t.movedim(bdim, 1)
     return t.flatten(1, 2)
 
@@ -196,9 +194,13 @@ def _folded(name: str, call: Callable, B: int, in_dims: tuple, args: tuple) -> T
     return (values[0], dims[0]) if single else (tuple(values), tuple(dims))
 
 
+def _slice(in_dims: tuple, args: tuple, i: int) -> list:
+    """The arguments of mapped slice i (unbatched ones as they are)."""
+    return [a.select(d, i) if isinstance(a, Tensor) and d is not None else a for a, d in zip(args, in_dims)]
+
+
 def _first_slice(in_dims: tuple, args: tuple) -> list:
-    """The arguments of the first mapped slice (unbatched ones as they are)."""
-    return [a.select(d, 0) if isinstance(a, Tensor) and d is not None else a for a, d in zip(args, in_dims)]
+    return _slice(in_dims, args, 0)
 
 
 def _raise_for_one_slice(call: Callable, in_dims: tuple, args: tuple) -> None:
@@ -270,12 +272,25 @@ def _training_vmap(x: int, residual: Optional[int], weight: int, bias: int, runn
 def _looped_vmap(fn, info, in_dims, *args):
     """The variants' vmap: the Function on each mapped slice, the results stacked; with
     _shared_statistics, the statistics and their update are every slice's: the first's, unbatched."""
-    slices = [fn.apply(*(a.select(d, i) if isinstance(a, Tensor) and d is not None else a
-                         for a, d in zip(args, in_dims)))
-              for i in range(info.batch_size)]
+    slices = [fn.apply(*_slice(in_dims, args, i)) for i in range(info.batch_size)]
     if _shared_statistics(in_dims, 0, 3):
         return (torch.stack([s[0] for s in slices]),) + tuple(slices[0][1:]), (0,) + (None,) * 6
     return tuple(torch.stack(r) for r in zip(*slices)), (0,) * len(slices[0])
+
+
+def looped_rule(name: str) -> None:
+    """Registers a batching rule of torch.ops.batchnorm.<name> that calls it on each mapped
+    slice and stacks the results: the variants' backward. Folded, B slices of 32x64x28x28
+    float32 (vmap of grad through ghost batch norm, B = 8, AMD EPYC, 2 threads) took 238 ms
+    against 174 ms for torch's per-slice fallback: the fold copies dy and x (mapped at dim 0)
+    and the unfolded gradients are strided. The loop is the fallback without its warning."""
+    op = getattr(torch.ops.batchnorm, name)
+
+    def vmap(info, in_dims, *args):
+        slices = [op(*_slice(in_dims, args, i)) for i in range(info.batch_size)]
+        return tuple(torch.stack(r) for r in zip(*slices)), (0,) * len(slices[0])
+
+    torch.library.register_vmap(f"batchnorm::{name}", vmap, lib=_ops._lib)
 
 
 # The plain ops' rules; norm_act.py and variants.py register those of their ops beside their

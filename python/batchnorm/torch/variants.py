@@ -89,9 +89,8 @@ def _backward_fake(dy, x, saved_mean, saved_invstd, weight, r, d, ghost_batch):
     return torch.empty_like(x), _vector(x, C), _vector(x, C)
 
 
-# vmap (of a gradient): B stacked batches as one of B * C channels. Ghost batch norm's groups
-# lie along dim 0, which the fold leaves alone; renorm's r and d are per channel.
-_func.rule("backward_variant")
+# vmap of a gradient: the op on each mapped slice (_func.looped_rule says why not folded).
+_func.looped_rule("backward_variant")
 
 
 def _setup(ctx, inputs, output):
