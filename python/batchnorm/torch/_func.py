@@ -199,8 +199,9 @@ def _slice(in_dims: tuple, args: tuple, i: int) -> list:
     return [a.select(d, i) if isinstance(a, Tensor) and d is not None else a for a, d in zip(args, in_dims)]
 
 
-def _first_slice(in_dims: tuple, args: tuple) -> list:
-    return _slice(in_dims, args, 0)
+def _stacked(slices: list) -> Tuple[tuple, tuple]:
+    """Each result of the slices' calls stacked along a new dim 0, and its out_dims."""
+    return tuple(torch.stack(r) for r in zip(*slices)), (0,) * len(slices[0])
 
 
 def _raise_for_one_slice(call: Callable, in_dims: tuple, args: tuple) -> None:
@@ -208,7 +209,7 @@ def _raise_for_one_slice(call: Callable, in_dims: tuple, args: tuple) -> None:
     under vmap are those of one slice ("weight must have shape (4,), got (5,)"), not the folded
     ones (which would read (12,) and (15,) for 3 slices)."""
     try:
-        call(*_first_slice(in_dims, args))
+        call(*_slice(in_dims, args, 0))
     except (ValueError, TypeError) as e:
         raise e.with_traceback(None) from None
 
@@ -246,7 +247,7 @@ def _training_vmap(x: int, residual: Optional[int], weight: int, bias: int, runn
         xt, eps = args[x], args[running + 3]
         # The first slice's call: every argument checked as an eager call checks it (a wrong
         # weight shape or dtype raises the same error), the statistics and their one update.
-        _, mean, invstd, new_mean, new_var = fn.apply(*_first_slice(in_dims, args))
+        _, mean, invstd, new_mean, new_var = fn.apply(*_slice(in_dims, args, 0))
         xhat, _, _, shape = _twice._normalized(xt, eps)
 
         def lead(t, d, per_channel):  # batched (B, ...) first, or broadcastable unbatched
@@ -275,20 +276,19 @@ def _looped_vmap(fn, info, in_dims, *args):
     slices = [fn.apply(*_slice(in_dims, args, i)) for i in range(info.batch_size)]
     if _shared_statistics(in_dims, 0, 3):
         return (torch.stack([s[0] for s in slices]),) + tuple(slices[0][1:]), (0,) + (None,) * 6
-    return tuple(torch.stack(r) for r in zip(*slices)), (0,) * len(slices[0])
+    return _stacked(slices)
 
 
 def looped_rule(name: str) -> None:
     """Registers a batching rule of torch.ops.batchnorm.<name> that calls it on each mapped
     slice and stacks the results: the variants' backward. Folded, B slices of 32x64x28x28
-    float32 (vmap of grad through ghost batch norm, B = 8, AMD EPYC, 2 threads) took 238 ms
-    against 174 ms for torch's per-slice fallback: the fold copies dy and x (mapped at dim 0)
+    float32 (vmap of grad through ghost batch norm, B = 8, AMD EPYC, 2 threads) took 238-265 ms
+    against 174-179 ms for torch's per-slice fallback: the fold copies dy and x (mapped at dim 0)
     and the unfolded gradients are strided. The loop is the fallback without its warning."""
     op = getattr(torch.ops.batchnorm, name)
 
     def vmap(info, in_dims, *args):
-        slices = [op(*_slice(in_dims, args, i)) for i in range(info.batch_size)]
-        return tuple(torch.stack(r) for r in zip(*slices)), (0,) * len(slices[0])
+        return _stacked([op(*_slice(in_dims, args, i)) for i in range(info.batch_size)])
 
     torch.library.register_vmap(f"batchnorm::{name}", vmap, lib=_ops._lib)
 
