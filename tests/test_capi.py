@@ -9,6 +9,7 @@ Python error and change nothing."""
 from __future__ import annotations
 
 import ctypes
+import re
 import shutil
 import subprocess
 import sys
@@ -364,6 +365,31 @@ def test_version(program):
 def test_last_error_is_per_thread(programs):
     out = _run([programs["capi_cxx"], "--threads"]).stdout.splitlines()
     assert out == ["first 1 n must be an int >= 1, got 0", "second 0 "]
+
+
+def test_ab_lib_times_two_copies_of_the_library(programs, tmp_path):
+    """tools/ab_lib.c (built with the test programs) loads two copies of the installed library,
+    each under its own settings, and times every op on both; a setting the library refuses is
+    its error, on stderr, with status 1."""
+    ab = programs["capi_c"].parent / "ab_lib"
+    cmake_dir = Path(_run([sys.executable, "-m", "batchnorm", "--cmake-dir"]).stdout.strip())
+    libs = [tmp_path / name for name in ("a.so", "b.so")]
+    for lib in libs:
+        shutil.copy(cmake_dir.parent.parent / "libbatchnorm.so.1", lib)
+    line = re.compile(r"^(\w+) +(\S+) +(\w+) (\w+) +T=(\d) +A ([\d.]+) ms +B ([\d.]+) ms +B/A ([\d.]+)$")
+    for op, shape, lay, dtype in [("stats", "4x3x5x6", "cl", "f32"), ("train", "4x3x5x6", "cf", "bf16"),
+                                  ("inf", "64x32", "cf", "f16"), ("bwd", "4x3x5x6", "cl", "f32"),
+                                  ("copy", "64x32", "cf", "f32")]:
+        out = _run([ab, libs[0], "-", libs[1], "baseline,BATCHNORM_STREAM_BYTES=0", op, shape, lay, dtype, 2, 3,
+                    0]).stdout.strip()
+        m = line.match(out)
+        assert m and m.group(1, 2, 3, 4, 5) == (op, shape, lay, dtype, "2"), out
+        assert float(m.group(8)) > 0
+    bad = subprocess.run([str(c) for c in (ab, libs[0], "-", libs[1], "BATCHNORM_STREAM_BYTES=lots", "inf", "8x4",
+                                           "cf", "f32", 1, 3, 0)], capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stdout == ""
+    assert bad.stderr == "ab_lib: library B: BATCHNORM_STREAM_BYTES must be a byte count (an integer >= 0), " \
+                         "got 'lots'\n"
 
 
 def test_python_module_runs_on_the_same_library(restore_threads):

@@ -1,0 +1,266 @@
+/* In-process A/B timing of two libbatchnorm builds, or of one build under two settings: loads
+ * both with dlopen and alternates their C ABI calls call by call, so that the machine's drift
+ * (a VM's neighbours, frequency) hits both alike; prints both medians and their ratio B/A.
+ * On a noisy 2-vCPU VM its ratios held within 1-2% from run to run while absolute times moved
+ * 30%, where timing each build in its own process did not.
+ *
+ *   cc -O2 -o ab_lib tools/ab_lib.c -Iinclude -ldl     (from a checkout; or -I<prefix>/include)
+ *   ab_lib LIB_A SET_A LIB_B SET_B OP SHAPE LAYOUT DTYPE THREADS REPS SCRUB
+ *
+ * LIB_A, LIB_B: paths of libbatchnorm.so builds. A build against itself must be two copies
+ *   of the file under different names, or the loader hands back the same library twice.
+ * SET_A, SET_B: "-", or comma-separated settings applied to the environment before that
+ *   library's first call: an ISA level alone (avx2, avx512, baseline: BATCHNORM_ISA) or
+ *   NAME=VALUE (BATCHNORM_STREAM_BYTES=25165824). The library reads them once, at its first call.
+ * OP: stats, train, inf, bwd, or copy (memcpy of x into the output: the roofline).
+ * SHAPE: NxC, or NxCxHxW; LAYOUT: cf (channel axis 1), cl (NHWC memory; NxC: same as cf).
+ * DTYPE: f32, bf16, f16. THREADS: bn_set_num_threads. REPS: timed rounds (after 3 warm-ups).
+ * SCRUB: 1 writes a 64 MB buffer before each call, so the data come from memory.
+ *
+ * Each library writes its own output buffer, but x (and dy) are shared and the cache is one:
+ * a setting that changes how the output leaves the cache (streaming stores) also changes what
+ * the other library finds there. Compare store policies in separate processes too. */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "batchnorm/batchnorm.h"
+
+typedef bn_status (*stats_fn)(const DLTensor*, int, DLTensor*, DLTensor*, int64_t*, void*);
+typedef bn_status (*train_fn)(const DLTensor*, const DLTensor*, const DLTensor*, DLTensor*, DLTensor*, double,
+                              double, int, DLTensor*, DLTensor*, DLTensor*, void*);
+typedef bn_status (*inf_fn)(const DLTensor*, const DLTensor*, const DLTensor*, const DLTensor*, const DLTensor*,
+                            double, int, DLTensor*, void*);
+typedef bn_status (*bwd_fn)(const DLTensor*, const DLTensor*, const DLTensor*, const DLTensor*, const DLTensor*, int,
+                            DLTensor*, DLTensor*, DLTensor*, void*);
+typedef bn_status (*threads_fn)(int);
+typedef const char* (*error_fn)(void);
+
+typedef struct {
+  stats_fn stats;
+  train_fn train;
+  inf_fn inf;
+  bwd_fn bwd;
+  threads_fn threads;
+  error_fn error;
+} Lib;
+
+static void die(const char* what, const char* detail) {
+  fprintf(stderr, "ab_lib: %s%s%s\n", what, detail ? ": " : "", detail ? detail : "");
+  exit(1);
+}
+
+/* The settings "-" or "avx2,BATCHNORM_STREAM_BYTES=0" into the environment, replacing the last
+ * library's. */
+static void apply_settings(const char* settings) {
+  unsetenv("BATCHNORM_ISA");
+  unsetenv("BATCHNORM_STREAM_BYTES");
+  if (strcmp(settings, "-") == 0) return;
+  char buf[512];
+  snprintf(buf, sizeof buf, "%s", settings);
+  for (char* tok = strtok(buf, ","); tok; tok = strtok(NULL, ",")) {
+    char* eq = strchr(tok, '=');
+    if (eq) {
+      *eq = '\0';
+      setenv(tok, eq + 1, 1);
+    } else {
+      setenv("BATCHNORM_ISA", tok, 1);
+    }
+  }
+}
+
+static void* symbol(void* handle, const char* name) {
+  void* p = dlsym(handle, name);
+  if (!p) die("missing symbol", name);
+  return p;
+}
+
+static Lib load(const char* path) {
+  void* h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+  if (!h) die("cannot load", dlerror());
+  Lib l;
+  l.stats = (stats_fn)symbol(h, "bn_statistics");
+  l.train = (train_fn)symbol(h, "bn_forward_training");
+  l.inf = (inf_fn)symbol(h, "bn_forward_inference");
+  l.bwd = (bwd_fn)symbol(h, "bn_backward");
+  l.threads = (threads_fn)symbol(h, "bn_set_num_threads");
+  l.error = (error_fn)symbol(h, "bn_last_error");
+  return l;
+}
+
+static double now_ms(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec * 1e3 + t.tv_nsec * 1e-6;
+}
+
+static int by_value(const void* a, const void* b) {
+  const double x = *(const double*)a, y = *(const double*)b;
+  return (x > y) - (x < y);
+}
+
+static DLTensor tensor(void* data, DLDataType dtype, int64_t* shape, int ndim) {
+  DLTensor t;
+  memset(&t, 0, sizeof t);
+  t.data = data;
+  t.device.device_type = kDLCPU;
+  t.ndim = ndim;
+  t.dtype = dtype;
+  t.shape = shape;
+  return t;
+}
+
+/* One value of a half type from a float (round toward zero: inputs only need to be finite and
+ * varied). */
+static uint16_t half_bits(float v, int bfloat) {
+  if (bfloat) {
+    uint32_t b;
+    memcpy(&b, &v, 4);
+    return (uint16_t)(b >> 16);
+  }
+  _Float16 h = (_Float16)v;
+  uint16_t b;
+  memcpy(&b, &h, 2);
+  return b;
+}
+
+enum { SCRUB_BYTES = 64 << 20 };
+
+int main(int argc, char** argv) {
+  if (argc != 12) {
+    fprintf(stderr, "usage: ab_lib LIB_A SET_A LIB_B SET_B OP SHAPE LAYOUT DTYPE THREADS REPS SCRUB\n");
+    return 2;
+  }
+  const char* op = argv[5];
+  const char* layout = argv[7];
+  const char* dname = argv[8];
+  const int threads = atoi(argv[9]), reps = atoi(argv[10]), scrub = atoi(argv[11]);
+  if (strcmp(op, "stats") && strcmp(op, "train") && strcmp(op, "inf") && strcmp(op, "bwd") && strcmp(op, "copy"))
+    die("OP must be stats, train, inf, bwd or copy, got", op);
+  if (threads < 1 || reps < 1) die("THREADS and REPS must be >= 1", NULL);
+
+  int64_t dims[4];
+  int nd = 0;
+  for (char* s = argv[6]; *s && nd < 4;) {
+    dims[nd++] = strtoll(s, &s, 10);
+    if (*s == 'x') ++s;
+  }
+  if (nd != 2 && nd != 4) die("SHAPE must be NxC or NxCxHxW, got", argv[6]);
+  /* The array as passed: NCHW, or NHWC memory with the channel axis last. */
+  int64_t shape[4];
+  int axis = 1;
+  memcpy(shape, dims, sizeof dims);
+  if (nd == 4 && strcmp(layout, "cl") == 0) {
+    shape[1] = dims[2];
+    shape[2] = dims[3];
+    shape[3] = dims[1];
+    axis = 3;
+  }
+  const int64_t channels = dims[1];
+  int64_t n = 1;
+  for (int i = 0; i < nd; ++i) n *= dims[i];
+
+  DLDataType dtype = {kDLFloat, 32, 1};
+  size_t item = 4;
+  if (strcmp(dname, "bf16") == 0) {
+    dtype.code = kDLBfloat;
+    dtype.bits = 16;
+    item = 2;
+  } else if (strcmp(dname, "f16") == 0) {
+    dtype.bits = 16;
+    item = 2;
+  } else if (strcmp(dname, "f32") != 0) {
+    die("DTYPE must be f32, bf16 or f16, got", dname);
+  }
+  const DLDataType f32 = {kDLFloat, 32, 1};
+
+  const size_t bytes = ((size_t)n * item + 63) / 64 * 64;
+  char* x = aligned_alloc(64, bytes);
+  char* dy = aligned_alloc(64, bytes);
+  char* out[2] = {aligned_alloc(64, bytes), aligned_alloc(64, bytes)};
+  srand(1);
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = (float)rand() / RAND_MAX * 2 - 1, g = (float)rand() / RAND_MAX - 0.5f;
+    if (item == 4) {
+      ((float*)x)[i] = v;
+      ((float*)dy)[i] = g;
+    } else {
+      ((uint16_t*)x)[i] = half_bits(v, dtype.code == kDLBfloat);
+      ((uint16_t*)dy)[i] = half_bits(g, dtype.code == kDLBfloat);
+    }
+  }
+  for (int k = 0; k < 2; ++k) memset(out[k], 0, bytes);
+
+  /* Per-channel arrays, float32 (the accumulation dtype of every input dtype but float64). */
+  float* per[8];
+  for (int j = 0; j < 8; ++j) per[j] = malloc((size_t)channels * 4);
+  for (int64_t c = 0; c < channels; ++c) {
+    per[0][c] = 1.0f + 0.01f * (float)c; /* weight */
+    per[1][c] = 0.1f;                    /* bias */
+    per[2][c] = 0.0f;                    /* running mean */
+    per[3][c] = 1.0f;                    /* running var */
+    per[4][c] = 0.01f;                   /* saved mean and invstd, for bwd */
+    per[5][c] = 1.5f;
+  }
+  int64_t cshape[1] = {channels};
+  DLTensor X = tensor(x, dtype, shape, nd), DY = tensor(dy, dtype, shape, nd);
+  DLTensor Y[2] = {tensor(out[0], dtype, shape, nd), tensor(out[1], dtype, shape, nd)};
+  DLTensor weight = tensor(per[0], f32, cshape, 1), bias = tensor(per[1], f32, cshape, 1);
+  DLTensor rmean = tensor(per[2], f32, cshape, 1), rvar = tensor(per[3], f32, cshape, 1);
+  DLTensor smean = tensor(per[4], f32, cshape, 1), sinvstd = tensor(per[5], f32, cshape, 1);
+  DLTensor dweight = tensor(per[6], f32, cshape, 1), dbias = tensor(per[7], f32, cshape, 1);
+
+  /* Each library loaded, configured and called once before the other is loaded: it reads its
+   * settings at that first call. */
+  Lib lib[2];
+  for (int k = 0; k < 2; ++k) {
+    apply_settings(argv[2 + 2 * k]);
+    lib[k] = load(argv[1 + 2 * k]);
+    if (lib[k].threads(threads) != BN_OK ||
+        lib[k].inf(&X, &rmean, &rvar, &weight, &bias, 1e-5, axis, &Y[k], NULL) != BN_OK)
+      die(k ? "library B" : "library A", lib[k].error());
+  }
+
+  char* scrubber = scrub ? malloc(SCRUB_BYTES) : NULL;
+  if (scrubber) memset(scrubber, 1, SCRUB_BYTES);
+  double* ms[2] = {malloc(sizeof(double) * reps), malloc(sizeof(double) * reps)};
+  for (int r = -3; r < reps; ++r) {
+    for (int i = 0; i < 2; ++i) {
+      const int k = (r & 1) ? 1 - i : i; /* which goes first alternates */
+      if (scrubber)
+        for (size_t b = 0; b < SCRUB_BYTES; b += 64) scrubber[b]++;
+      bn_status st = BN_OK;
+      const double t0 = now_ms();
+      if (strcmp(op, "stats") == 0) {
+        st = lib[k].stats(&X, axis, &smean, &sinvstd, NULL, NULL);
+      } else if (strcmp(op, "train") == 0) {
+        st = lib[k].train(&X, &weight, &bias, &rmean, &rvar, 0.1, 1e-5, axis, &Y[k], &smean, &sinvstd, NULL);
+      } else if (strcmp(op, "inf") == 0) {
+        st = lib[k].inf(&X, &rmean, &rvar, &weight, &bias, 1e-5, axis, &Y[k], NULL);
+      } else if (strcmp(op, "bwd") == 0) {
+        st = lib[k].bwd(&DY, &X, &smean, &sinvstd, &weight, axis, &Y[k], &dweight, &dbias, NULL);
+      } else {
+        memcpy(out[k], x, (size_t)n * item);
+      }
+      const double t1 = now_ms();
+      if (st != BN_OK) die(k ? "library B" : "library A", lib[k].error());
+      if (r >= 0) ms[k][r] = t1 - t0;
+    }
+    /* The statistics the backward reads stay those of x: training overwrote them. */
+    if (strcmp(op, "bwd") == 0)
+      for (int64_t c = 0; c < channels; ++c) {
+        per[4][c] = 0.01f;
+        per[5][c] = 1.5f;
+      }
+  }
+  qsort(ms[0], reps, sizeof(double), by_value);
+  qsort(ms[1], reps, sizeof(double), by_value);
+  const double a = ms[0][reps / 2], b = ms[1][reps / 2];
+  printf("%-5s %-14s %s %-4s T=%d  A %.3f ms  B %.3f ms  B/A %.3f\n", op, argv[6], layout, dname, threads, a, b,
+         b / a);
+  return 0;
+}
