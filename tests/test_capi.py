@@ -370,7 +370,7 @@ def test_last_error_is_per_thread(programs):
 def test_ab_lib_times_two_copies_of_the_library(programs, tmp_path):
     """tools/ab_lib.c (built with the test programs) loads two copies of the installed library,
     each under its own settings, and times every op on both; a setting the library refuses is
-    its error, on stderr, with status 1."""
+    its error, on stderr, with status 1 (an unknown BATCHNORM_ISA too: it used to pick a level)."""
     ab = programs["capi_c"].parent / "ab_lib"
     cmake_dir = Path(_run([sys.executable, "-m", "batchnorm", "--cmake-dir"]).stdout.strip())
     libs = [tmp_path / name for name in ("a.so", "b.so")]
@@ -385,11 +385,13 @@ def test_ab_lib_times_two_copies_of_the_library(programs, tmp_path):
         m = line.match(out)
         assert m and m.group(1, 2, 3, 4, 5) == (op, shape, lay, dtype, "2"), out
         assert float(m.group(8)) > 0
-    bad = subprocess.run([str(c) for c in (ab, libs[0], "-", libs[1], "BATCHNORM_STREAM_BYTES=lots", "inf", "8x4",
-                                           "cf", "f32", 1, 3, 0)], capture_output=True, text=True)
-    assert bad.returncode == 1 and bad.stdout == ""
-    assert bad.stderr == "ab_lib: library B: BATCHNORM_STREAM_BYTES must be a byte count (an integer >= 0), " \
-                         "got 'lots'\n"
+    # A C host runs no import-time check: a bad setting is the first CPU op's ValueError.
+    for setting, words in [("BATCHNORM_STREAM_BYTES=lots", "BATCHNORM_STREAM_BYTES must be a byte count (an "
+                            "integer >= 0), got 'lots'"),
+                           ("sse4", "BATCHNORM_ISA must be one of baseline, avx2, avx512 (or unset), got 'sse4'")]:
+        bad = subprocess.run([str(c) for c in (ab, libs[0], "-", libs[1], setting, "inf", "8x4", "cf", "f32", 1, 3,
+                                               0)], capture_output=True, text=True)
+        assert (bad.returncode, bad.stdout, bad.stderr) == (1, "", f"ab_lib: library B: {words}\n")
 
 
 def test_python_module_runs_on_the_same_library(restore_threads):

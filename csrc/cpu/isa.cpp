@@ -19,14 +19,22 @@ extern const KernelTable kernel_table_avx512;
 #endif
 
 namespace {
-// The values BATCHNORM_ISA may take; anything else is refused at import, not guessed at.
-bool known_isa(const std::string& want) {
-  return want.empty() || want == "baseline" || want == "avx2" || want == "avx512";
-}
-
-const KernelTable* choose() {
+// The level BATCHNORM_ISA asks for ("" when unset). Anything else is refused with a ValueError,
+// not guessed at: by the Python module at import (check_environment), and for a C host, which
+// runs no such check, by its first CPU op (choose, through the op's BN_ERROR_VALUE).
+std::string isa_setting() {
   const char* cap = std::getenv("BATCHNORM_ISA");
   const std::string want = cap ? cap : "";
+  BN_EXPECTS(want.empty() || want == "baseline" || want == "avx2" || want == "avx512", value_error,
+             "BATCHNORM_ISA must be one of baseline, avx2, avx512 (or unset), got '", want, "'");
+  return want;
+}
+
+// Throws for an unknown BATCHNORM_ISA (isa_setting). The first call of active_kernels() is an
+// op's, on the calling thread before any parallel region, and a static initializer that threw
+// is run again by the next call.
+const KernelTable* choose() {
+  const std::string want = isa_setting();
 #if defined(BN_HAVE_X86_LEVELS)
   __builtin_cpu_init();
   const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
@@ -51,9 +59,7 @@ namespace batchnorm {
 std::string simd_level() { return cpu::active_kernels().name; }
 
 void check_environment() {
-  const char* cap = std::getenv("BATCHNORM_ISA");
-  BN_EXPECTS(cap == nullptr || cpu::known_isa(cap), value_error,
-             "BATCHNORM_ISA must be one of baseline, avx2, avx512 (or unset), got '", cap ? cap : "", "'");
+  cpu::isa_setting();
   cpu::stream_threshold_from_env();
 }
 }  // namespace batchnorm
