@@ -303,14 +303,19 @@ void map_channels(const T* const* in, T* out, const Layout& L, int64_t nc, int64
   // AVX-512 and not for float16: elsewhere the runs' coefficient loads cost more than the rows'
   // tail vectors. Xeon, 2 threads, 8x512x7x7 inference as runs: AVX-512 float16 17.6 -> 19.3
   // us, float32 22.0 -> 21.5, bfloat16 30 -> 26 (64x2048x7x7 bfloat16 865-891 -> 676-716 us,
-  // float32 1020-1090 -> 949-993); AVX2 float32 26 -> 28-32 us.
+  // float32 1020-1090 -> 949-993); AVX2 float32 26 -> 28-32 us. And in cache only for calls of
+  // more than one row: a block's coefficients are spread over its planes once per call (three
+  // 16 x 49 arrays for 7x7 float32), which one row of the memory-order walk (walks_memory_order,
+  // a call per outer index) does not repay: 32x2048x7x7 float32 inference on an AMD EPYC Zen 4
+  // (AVX-512), 2 threads, hot: 1.27-1.51 ms in memory order as runs, 0.82-0.91 ms in blocks.
 #if defined(__AVX512F__)
   constexpr bool cached_runs = !std::is_same_v<T, _Float16>;
 #else
   constexpr bool cached_runs = false;
 #endif
   const int64_t plane = L.inner();
-  const bool runs = (nt || cached_runs) && begin % plane == 0 && end % plane == 0 && planes_back_to_back(L, N + 1);
+  const bool runs = (nt || (cached_runs && end - begin > plane)) && begin % plane == 0 && end % plane == 0 &&
+                    planes_back_to_back(L, N + 1);
   if (unit && with_short_rows<A>(L, 0, [&](auto nv) {
         constexpr int NV = decltype(nv)::value;
         bool streamed = false;
