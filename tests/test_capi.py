@@ -37,11 +37,21 @@ def _run(cmd, **kw) -> subprocess.CompletedProcess:
     return r
 
 
+def _cmake_dir() -> Path:
+    """The installed package's CMake config folder, <pkg>/lib/cmake/batchnorm."""
+    return Path(_run([sys.executable, "-m", "batchnorm", "--cmake-dir"]).stdout.strip())
+
+
+def _installed_library() -> Path:
+    """The installed libbatchnorm.so.1, in <pkg>/lib beside the CMake config."""
+    return _cmake_dir().parent.parent / "libbatchnorm.so.1"
+
+
 @pytest.fixture(scope="module")
 def programs(tmp_path_factory) -> Dict[str, Path]:
     cmake = shutil.which("cmake")
     assert cmake, "building the C ABI tests needs cmake on PATH (pip install cmake)"
-    cmake_dir = _run([sys.executable, "-m", "batchnorm", "--cmake-dir"]).stdout.strip()
+    cmake_dir = _cmake_dir()
     build = tmp_path_factory.mktemp("capi-build")
     _run([cmake, "-S", SOURCES, "-B", build, f"-DCMAKE_PREFIX_PATH={cmake_dir}", "-DCMAKE_BUILD_TYPE=Release"])
     _run([cmake, "--build", build])
@@ -372,10 +382,9 @@ def test_ab_lib_times_two_copies_of_the_library(programs, tmp_path):
     each under its own settings, and times every op on both; a setting the library refuses is
     its error, on stderr, with status 1 (an unknown BATCHNORM_ISA too: it used to pick a level)."""
     ab = programs["capi_c"].parent / "ab_lib"
-    cmake_dir = Path(_run([sys.executable, "-m", "batchnorm", "--cmake-dir"]).stdout.strip())
     libs = [tmp_path / name for name in ("a.so", "b.so")]
     for lib in libs:
-        shutil.copy(cmake_dir.parent.parent / "libbatchnorm.so.1", lib)
+        shutil.copy(_installed_library(), lib)
     line = re.compile(r"^(\w+) +(\S+) +(\w+) (\w+) +T=(\d) +A ([\d.]+) ms +B ([\d.]+) ms +B/A ([\d.]+)$")
     for op, shape, lay, dtype in [("stats", "4x3x5x6", "cl", "f32"), ("train", "4x3x5x6", "cf", "bf16"),
                                   ("inf", "64x32", "cf", "f16"), ("bwd", "4x3x5x6", "cl", "f32"),
@@ -397,8 +406,7 @@ def test_ab_lib_times_two_copies_of_the_library(programs, tmp_path):
 def test_python_module_runs_on_the_same_library(restore_threads):
     """One copy of the kernels: the module's thread setting is libbatchnorm's (the library the
     CMake package points at, loaded once by the module)."""
-    cmake_dir = Path(_run([sys.executable, "-m", "batchnorm", "--cmake-dir"]).stdout.strip())
-    lib = ctypes.CDLL(str(cmake_dir.parent.parent / "libbatchnorm.so.1"))  # <pkg>/lib/cmake/batchnorm
+    lib = ctypes.CDLL(str(_installed_library()))
     for n in (1, 3):
         bn.set_num_threads(n)
         assert lib.bn_get_num_threads() == n
@@ -640,8 +648,7 @@ def test_symbol_versions(programs):
     readelf = shutil.which("readelf")
     if readelf is None:
         pytest.skip("readelf (binutils) is not installed")
-    cmake_dir = Path(_run([sys.executable, "-m", "batchnorm", "--cmake-dir"]).stdout.strip())
-    symbols = _run([readelf, "--dyn-syms", "-W", cmake_dir.parent.parent / "libbatchnorm.so.1"]).stdout
+    symbols = _run([readelf, "--dyn-syms", "-W", _installed_library()]).stdout
     exported = dict(line.split()[7].split("@@") for line in symbols.splitlines()
                     if len(line.split()) >= 8 and line.split()[7].startswith("bn_") and "@@" in line.split()[7])
     public = {k: v for k, v in exported.items() if not k.startswith("bn_detail_")}

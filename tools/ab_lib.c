@@ -114,8 +114,8 @@ static DLTensor tensor(void* data, DLDataType dtype, int64_t* shape, int ndim) {
   return t;
 }
 
-/* One value of a half type from a float (round toward zero: inputs only need to be finite and
- * varied). */
+/* One value of a half type from a float (bfloat16 truncated, float16 rounded by the conversion:
+ * inputs only need to be finite and varied). */
 static uint16_t half_bits(float v, int bfloat) {
   if (bfloat) {
     uint32_t b;
