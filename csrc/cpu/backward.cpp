@@ -42,7 +42,7 @@ bool all_grad_sums(const Kernels<T>& k, const T* dy, const T* x, const Layout& L
       [&](int64_t c0, int64_t n, int64_t b, int64_t e, GradSums* out) {
         if (pre) map_channel_range(k, *pre, L, c0, c0 + n, b, e);
         double s1[kBlockChannels], s2[kBlockChannels];
-        k.grad_sums_channels(dy + c0 * cs_dy, x + c0 * cs_x, L, n, b, e, mean + c0, s1, s2, plan.from_memory);
+        k.grad_sums_channels(dy + c0 * cs_dy, x + c0 * cs_x, L, n, b, e, mean + c0, s1, s2);
         for (int64_t i = 0; i < n; ++i) out[i] = GradSums{s1[i], s2[i]};
       },
       [&](const Layout& R, int64_t c0, int64_t b, int64_t e, GradSums* out) {

@@ -70,13 +70,12 @@ struct Kernels {
   // [begin, end) of its row-major walk over the reduced dims.
   Moments<double> (*moments)(const T* x, const Layout& L, int64_t begin, int64_t end);
   // moments of nc channels (channel i at x + i * L.channel_stride[0]) into out[0..nc).
-  // `prefetch` (the block primitives): the data come from memory, so the short-row walks fetch
-  // rows ahead (Plan::from_memory); the map primitives do the same when `nt`.
   void (*moments_channels)(const T* x, const Layout& L, int64_t nc, int64_t begin, int64_t end,
-                           Moments<double>* out, bool prefetch);
+                           Moments<double>* out);
   // map_channels[kind]: out = recipe(k, in...) over values [begin, end) of nc channels (channel
   // i's arrays at in[j] + i * L.channel_stride[j], out + i * L.channel_stride[N]; coefficient j
-  // at k[j][i]; one channel is nc = 1), short rows walked row by row across the channels.
+  // at k[j][i]; one channel is nc = 1), short rows walked row by row across the channels; with
+  // `nt` the data come from memory, and those walks fetch rows ahead (Plan::from_memory).
   void (*map_channels[kMapKinds])(const T* const* in, T* out, const Layout& L, int64_t nc, int64_t begin,
                                   int64_t end, const A* const* k, bool nt);
   void (*grad_sums)(const T* dy, const T* x, const Layout& L, int64_t begin, int64_t end, A mean,
@@ -84,7 +83,7 @@ struct Kernels {
   // grad_sums of nc channels (channel i at dy + i * L.channel_stride[0], x + i *
   // L.channel_stride[1], its mean at mean[i]) into sum_dy[0..nc), sum_dy_xmu[0..nc).
   void (*grad_sums_channels)(const T* dy, const T* x, const Layout& L, int64_t nc, int64_t begin, int64_t end,
-                             const A* mean, double* sum_dy, double* sum_dy_xmu, bool prefetch);
+                             const A* mean, double* sum_dy, double* sum_dy_xmu);
   // Channels-last primitives: every channel of positions [p0, p1). `scratch` holds 3*C A's.
   // A call may take a range of a wider row's channels (L.channels of them, pointers at the
   // first): each channel's operations do not depend on its neighbours, so a range that starts

@@ -94,12 +94,12 @@ void spread_over_planes(const A* const* v, int n, int64_t C, int64_t plane, buff
 struct Plan {
   int64_t plane = 0;   // > 0: tiny planes of this many values, walked as `view` (channels-last)
   Layout view;
-  // The op's data exceed the streaming threshold, so they come from memory: the short-row
+  // The op's data exceed the streaming threshold, so they come from memory: the maps' short-row
   // block walks prefetch rows ahead (planes C rows apart are too far apart for the hardware
-  // prefetchers). In cache the prefetches cost more than they save: Xeon, 2 threads, float32,
-  // 8x512x7x7 inference 27.6 -> 21.5 us, 32x2048x7x7 backward 1.19 -> 0.95 ms without them;
-  // 128x2048x7x7 training 4.42 ms with them, 5.18 without. The maps' non-temporal stores
-  // (MapPass::nt) follow it too, but for the backward's dx (see backward.cpp).
+  // prefetchers), and their stores are non-temporal (MapPass::nt, but for the backward's dx:
+  // see backward.cpp). In cache the prefetches cost more than they save: Xeon, 2 threads,
+  // float32, 8x512x7x7 inference 27.6 -> 21.5 us without them. (The reductions' short-row
+  // walks read rows in tiles instead, kernels/moments.h, and prefetch nothing.)
   bool from_memory = false;
   bool channels_last = false;
   int64_t groups = 1;   // channels-first: groups per channel; channels-last: groups of positions
@@ -337,7 +337,7 @@ bool all_moments(const Kernels<T>& k, const T* x, const Layout& L, const Plan& p
       L, plan, L.count * C,
       [&](int64_t c, int64_t b, int64_t e) { return k.moments(x + c * L.channel_stride[0], L, b, e); },
       [&](int64_t c0, int64_t n, int64_t b, int64_t e, Moments<double>* out) {
-        k.moments_channels(x + c0 * L.channel_stride[0], L, n, b, e, out, plan.from_memory);
+        k.moments_channels(x + c0 * L.channel_stride[0], L, n, b, e, out);
       },
       [&](const Layout& R, int64_t c0, int64_t b, int64_t e, Moments<double>* out) {
         scratch_array<acc_t<T>> scratch(static_cast<size_t>(3 * R.channels));  // written before read

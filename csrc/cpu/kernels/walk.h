@@ -88,26 +88,47 @@ static inline __attribute__((always_inline)) void for_each_segment(const Layout&
   }
 }
 
-// for_each_segment for one array, with a plain pointer step between rows when the reduced
-// dims are (outer, inner): the odometer's per-row bookkeeping shows on short rows.
-template <class F>
-static inline __attribute__((always_inline)) void for_each_row(const Layout& L, int t, int64_t begin, int64_t end,
-                                                               F&& f) {
+// Rows read together as separate streams: a walk that reads one short piece of each row, rows
+// far apart, waits on memory for most of them (the hardware prefetchers need a few lines of a
+// stream to follow it); one that goes down kStreamRows rows at a time, reading each piece of
+// them, gives the prefetchers kStreamRows streams to follow. 8 and 16 ran alike, 32 slower
+// (channels-last runs, kernels/gradient.h); reading 102 MB as 16-plane pieces of 7x7 rows on an
+// AMD EPYC Zen 4, 1 thread: 10.3 ms a row at a time, 5.7 / 5.3 / 5.8 / 7.5 ms 4 / 8 / 16 / 32
+// rows at a time (a sequential read 4.8 ms).
+constexpr int kStreamRows = 8;
+
+// Calls f(offs, lens, n) for each tile of n (<= kStreamRows) consecutive row segments of
+// values [begin, end) of the walk (for_each_segment's), segment r at offset offs[r][t] of array
+// t and lens[r] values long. Reduced dims (outer, inner) step a pointer per row rather than
+// the odometer, whose per-row bookkeeping showed on short rows.
+template <int NT, class F>
+static inline __attribute__((always_inline)) void for_row_tiles(const Layout& L, int64_t begin, int64_t end, F&& f) {
+  int64_t offs[kStreamRows][NT], lens[kStreamRows];
+  int n = 0;
+  auto add = [&](const int64_t* off, int64_t len) __attribute__((always_inline)) {
+    for (int t = 0; t < NT; ++t) offs[n][t] = off[t];
+    lens[n] = len;
+    if (++n == kStreamRows) {
+      f(offs, lens, n);
+      n = 0;
+    }
+  };
   if (L.nred != 2) {
-    for_each_segment<1>(L, begin, end, [&](const int64_t* off, int64_t len) { f(off[0], len); });
-    return;
+    for_each_segment<NT>(L, begin, end, add);
+  } else {
+    const int64_t inner = L.sizes[1];
+    int64_t o = begin / inner, i = begin - o * inner;
+    int64_t off[NT];
+    for (int t = 0; t < NT; ++t) off[t] = o * L.strides[t][0] + i * L.strides[t][1];
+    for (int64_t pos = begin; pos < end;) {
+      const int64_t len = std::min(inner - i, end - pos);
+      add(off, len);
+      pos += len;
+      for (int t = 0; t < NT; ++t) off[t] += L.strides[t][0] - i * L.strides[t][1];
+      i = 0;
+    }
   }
-  // (Only array t's strides are used: callers with several arrays call it per array.)
-  const int64_t inner = L.sizes[1], os = L.strides[t][0], is = L.strides[t][1];
-  int64_t o = begin / inner, i = begin - o * inner;
-  int64_t off = o * os + i * is;
-  for (int64_t pos = begin; pos < end;) {
-    const int64_t len = std::min(inner - i, end - pos);
-    f(off, len);
-    pos += len;
-    off += os - i * is;
-    i = 0;
-  }
+  if (n) f(offs, lens, n);
 }
 
 // Whether every position of array t starts on an `align`-byte boundary, as the streaming
