@@ -56,6 +56,7 @@ def _layouts(dtype: str, rng: np.random.Generator):
     out.append(("cl_torch", cl, mk((8, 35, 10, 10)).to(memory_format=torch.channels_last), 1))
     out.append(("cl_axis-1", mk((4, 9, 9, 37)), mk((4, 9, 9, 37)), -1))
     out.append(("cl_wide", mk((300, 64)), mk((300, 64)), 1))
+    out.append(("cl_page_wide", mk((45, 2050)), mk((45, 2050)), 1))  # rows of 4 KB or more
     out.append(("2d_axis1", mk((301, 67)), mk((301, 67)), 1))
     out.append(("2d_axis0", mk((67, 301)), mk((67, 301)), 0))
     out.append(("odd_axis2", mk((3, 5, 11)), mk((3, 5, 11)), 2))

@@ -114,46 +114,6 @@ void grad_sums(const T* dy, const T* x, const Layout& L, int64_t begin, int64_t 
   *sum_dy_xmu = static_cast<double>(a2.total());
 }
 
-// Calls tile(c0, nv, i0, i1, resume) so that every channel tile covers positions [0, n) of a
-// run in order. Rows of at most one tile go down the whole run in one call. Wider rows go in
-// blocks of kStreamRows positions, every tile of a block before the next block (`resume`:
-// the tile picks up the sums it parked at the end of the previous block), so each block reads
-// its rows whole, as kStreamRows streams the prefetchers follow. A tile down the whole run
-// read one 64-256 B piece of each row, rows 4 KB or more apart (the backward's runs are 256
-// positions of dy and x: 512 pages per tile), and waited on DRAM for most of them. Xeon, 1
-// thread, 256x7x7x2048 backward: bfloat16 22-26 -> 15-16 ms, float32 35-37 -> 31-32 ms; at
-// the AVX2 level bfloat16 29-31 -> 17 ms, float32 46 -> 37-38 ms; L3-resident 4096x1024 the
-// same. Each channel sees the same additions in the same order: the same bits.
-template <int VL, class Tile>
-static inline __attribute__((always_inline)) void for_run_tiles(int64_t Cv, int64_t n, Tile&& tile) {
-  if (Cv > 4 * VL) {
-    for (int64_t i0 = 0; i0 < n; i0 += kStreamRows) {
-      const int64_t i1 = std::min(n, i0 + kStreamRows);
-      for_channel_tiles<VL>(Cv, [&](int64_t c0, auto nv) { tile(c0, nv, i0, i1, i0 > 0); });
-    }
-  } else {
-    for_channel_tiles<VL>(Cv, [&](int64_t c0, auto nv) { tile(c0, nv, int64_t(0), n, false); });
-  }
-}
-
-// Accumulators parked at p (resume) or fresh zeros.
-template <class T, int NV>
-static inline __attribute__((always_inline)) void resume_acc(AccFor<T> (&acc)[NV], const acc_t<T>* p, bool resume) {
-  if (!resume) return;
-  for (int k = 0; k < NV; ++k) {
-    vec_t<acc_t<T>> v;
-    std::memcpy(&v, p + k * vlen<acc_t<T>>, sizeof(v));
-    acc[k] = AccFor<T>::of(v);
-  }
-}
-template <class T, int NV>
-static inline __attribute__((always_inline)) void park_acc(const AccFor<T> (&acc)[NV], acc_t<T>* p) {
-  for (int k = 0; k < NV; ++k) {
-    const vec_t<acc_t<T>> v = acc[k].get();
-    std::memcpy(p + k * vlen<acc_t<T>>, &v, sizeof(v));
-  }
-}
-
 template <class T>
 void cl_grad_sums(const T* dy, const T* x, const Layout& L, int64_t p0, int64_t p1, const acc_t<T>* mean,
                   double* sum_dy, double* sum_dy_xmu, acc_t<T>* scratch) {

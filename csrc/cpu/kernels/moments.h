@@ -313,6 +313,46 @@ static inline void merge_run(int64_t C, int64_t count, const A* __restrict cente
   total_n += n;
 }
 
+// Calls tile(c0, nv, i0, i1, resume) so that every channel tile covers positions [0, n) of a
+// run in order. Rows of at most one tile go down the whole run in one call. Wider rows go in
+// blocks of kStreamRows positions, every tile of a block before the next block (`resume`:
+// the tile picks up the sums it parked at the end of the previous block), so each block reads
+// its rows whole, as kStreamRows streams the prefetchers follow. A tile down the whole run
+// read one 64-256 B piece of each row, rows 4 KB or more apart (the backward's runs are 256
+// positions of dy and x: 512 pages per tile), and waited on DRAM for most of them. Xeon, 1
+// thread, 256x7x7x2048 backward: bfloat16 22-26 -> 15-16 ms, float32 35-37 -> 31-32 ms; at
+// the AVX2 level bfloat16 29-31 -> 17 ms, float32 46 -> 37-38 ms; L3-resident 4096x1024 the
+// same. Each channel sees the same additions in the same order: the same bits.
+template <int VL, class Tile>
+static inline __attribute__((always_inline)) void for_run_tiles(int64_t Cv, int64_t n, Tile&& tile) {
+  if (Cv > 4 * VL) {
+    for (int64_t i0 = 0; i0 < n; i0 += kStreamRows) {
+      const int64_t i1 = std::min(n, i0 + kStreamRows);
+      for_channel_tiles<VL>(Cv, [&](int64_t c0, auto nv) { tile(c0, nv, i0, i1, i0 > 0); });
+    }
+  } else {
+    for_channel_tiles<VL>(Cv, [&](int64_t c0, auto nv) { tile(c0, nv, int64_t(0), n, false); });
+  }
+}
+
+// Accumulators parked at p (resume) or fresh zeros.
+template <class T, int NV>
+static inline __attribute__((always_inline)) void resume_acc(AccFor<T> (&acc)[NV], const acc_t<T>* p, bool resume) {
+  if (!resume) return;
+  for (int k = 0; k < NV; ++k) {
+    vec_t<acc_t<T>> v;
+    std::memcpy(&v, p + k * vlen<acc_t<T>>, sizeof(v));
+    acc[k] = AccFor<T>::of(v);
+  }
+}
+template <class T, int NV>
+static inline __attribute__((always_inline)) void park_acc(const AccFor<T> (&acc)[NV], acc_t<T>* p) {
+  for (int k = 0; k < NV; ++k) {
+    const vec_t<acc_t<T>> v = acc[k].get();
+    std::memcpy(p + k * vlen<acc_t<T>>, &v, sizeof(v));
+  }
+}
+
 // Channels-last runs of positions are reduced like channels-first blocks: their per-channel
 // sums, then the deviations from the run's own mean while the run is still in cache (a run
 // holds at most kChannelsLastRunBytes), so neither a mean that dwarfs the spread nor an
@@ -338,25 +378,40 @@ void cl_moments(const T* x, const Layout& L, int64_t p0, int64_t p1, int64_t run
   scratch_array<double> total_mean(static_cast<size_t>(C)), total_m2(static_cast<size_t>(C));
   double total_n = 0;
   // Rows of 4 KB or more: a tile's lines of successive positions lie a page or more apart,
-  // where the hardware prefetchers stop, so the first pass waited on each line; the next tile's
-  // lines of the same row are fetched while this tile goes down the run (AMD EPYC, AVX2, 1
-  // thread: 4096x1024 statistics 4.2-4.5 -> 3.0-3.9 ms, 2048x2048 3.1-3.9 -> 2.8-3.5 ms; with
-  // 1 KB rows, 16384x256, it was 2.3-2.6 -> 3.2-3.4 ms, and 256-byte rows slower too).
+  // where the hardware prefetchers stop, so a tile down the whole run waited on each line. Their
+  // first pass goes in blocks of positions (for_run_tiles), each block's rows read whole as
+  // kStreamRows streams, the sums parked in `center` between blocks; the second pass then
+  // finds the run in L2. AMD EPYC Zen 4, statistics, against whole-run tiles that fetched the
+  // next tile's lines of each row ahead: AVX-512, 1 thread, 4096x1024 2.04 -> 1.44 ms,
+  // 2048x2048 1.86 -> 1.38 ms, 256x7x7x2048 11.8 -> 8.0 ms (2 threads 6.6 -> 5.6 ms); AVX2, 1
+  // thread, 4096x1024 2.12 -> 1.71 ms. Rows of 1 KB (16384x256, 64x28x28x256) were 6-11%
+  // slower blocked on one thread, so narrower rows keep whole-run tiles.
   const bool page_rows = C * int64_t(sizeof(T)) >= 4096;
   for (int64_t r0 = p0; r0 < p1; r0 += run) {
     const int64_t n = std::min(p1, r0 + run) - r0;
     position_offsets(L, r0, n, offs);
     const DivideBy<A> div(n);
-    // Register tiles of channels down the whole run: a run holds at most 256 KB (or 8 rows),
-    // in L2 between the two passes (blocks of positions as in for_run_tiles, kernels/gradient.h,
-    // made 4096x1024 and 2048x2048 statistics 12-20% slower, L3-resident, 1 thread, and
-    // 256x7x7x2048 training no faster).
+    // Register tiles of channels down the run, the first pass of page-wide rows in blocks of
+    // positions (above); a run holds at most 256 KB (or 8 rows), in L2 between the two passes.
+    // (Blocked at 030caf0, 4096x1024 and 2048x2048 statistics had been 12-20% slower on the
+    // Xeon, L3-resident, 1 thread, and 256x7x7x2048 training no faster: unmeasured there since.)
+    if (page_rows)
+      for_run_tiles<VL>(Cv, n, [&](int64_t c0, auto nv, int64_t i0, int64_t i1, bool resume) {
+        constexpr int NV = decltype(nv)::value;
+        AccFor<T> s[NV];
+        resume_acc<T, NV>(s, center + c0, resume);
+        for (int64_t i = i0; i < i1; ++i)
+          for (int k = 0; k < NV; ++k) s[k] += loadv(x + offs[0][i] + c0 + k * VL);
+        park_acc<T, NV>(s, center + c0);
+      });
     for_channel_tiles<VL>(Cv, [&](int64_t c0, auto nv) {
       constexpr int NV = decltype(nv)::value;
       AccFor<T> s[NV];
-      for (int64_t i = 0; i < n; ++i) {
-        if (page_rows) prefetch_span(x + offs[0][i] + c0 + NV * VL, NV * VL * int64_t(sizeof(T)));
-        for (int k = 0; k < NV; ++k) s[k] += loadv(x + offs[0][i] + c0 + k * VL);
+      if (page_rows) {
+        resume_acc<T, NV>(s, center + c0, true);
+      } else {
+        for (int64_t i = 0; i < n; ++i)
+          for (int k = 0; k < NV; ++k) s[k] += loadv(x + offs[0][i] + c0 + k * VL);
       }
       V m[NV];
       AccFor<T> e[NV], q[NV];
