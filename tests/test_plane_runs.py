@@ -1,7 +1,8 @@
 """Short channels-first planes lying back to back (contiguous NCHW with 4x4 to 8x8 planes) are
 mapped as runs: a block of channels' rows of one outer index is one run of vectors that span
 plane boundaries, each coefficient repeated over its channel's plane (cpu/kernels/map.h,
-map_run_block), streamed by whole cache lines. The same values laid out with planes apart go
+map_run_block; a streamed pass of its own takes 8 runs at a time piece by piece,
+map_run_streams), streamed by whole cache lines. The same values laid out with planes apart go
 row by row (map_row_block): every op must give the same bits either way, streamed or not, into
 outputs at any alignment, in place too, at any thread count; and match the float64 reference."""
 import numpy as np

@@ -75,9 +75,11 @@ struct Kernels {
   // map_channels[kind]: out = recipe(k, in...) over values [begin, end) of nc channels (channel
   // i's arrays at in[j] + i * L.channel_stride[j], out + i * L.channel_stride[N]; coefficient j
   // at k[j][i]; one channel is nc = 1), short rows walked row by row across the channels; with
-  // `nt` the data come from memory, and those walks fetch rows ahead (Plan::from_memory).
+  // `nt` the data come from memory, and those walks fetch rows ahead (Plan::from_memory);
+  // `cold`: the inputs come from memory too (a pass of its own, not one right after a
+  // reduction over the same block), and short planes' runs go as streams (map_run_block).
   void (*map_channels[kMapKinds])(const T* const* in, T* out, const Layout& L, int64_t nc, int64_t begin,
-                                  int64_t end, const A* const* k, bool nt);
+                                  int64_t end, const A* const* k, bool nt, bool cold);
   void (*grad_sums)(const T* dy, const T* x, const Layout& L, int64_t begin, int64_t end, A mean,
                     double* sum_dy, double* sum_dy_xmu);
   // grad_sums of nc channels (channel i at dy + i * L.channel_stride[0], x + i *

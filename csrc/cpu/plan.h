@@ -375,6 +375,9 @@ struct MapPass {
   T* out = nullptr;
   const acc_t<T>* coef[4] = {};  // (C,) values of each of the recipe's coefficients
   bool nt = false;               // non-temporal stores (see stream_output)
+  // The inputs come from memory: a pass of its own (map_all) with nt, rather than one that
+  // follows a reduction over the same block of channels (Kernels::map_channels).
+  bool cold = false;
   // May walk memory in order, as a copy would (walks_memory_order; measured for the forward
   // passes, the backward's were tuned without it).
   bool memory_order = false;
@@ -433,7 +436,8 @@ void map_channel_range(const Kernels<T>& k, const MapPass<T>& m, const Layout& L
   for (int j = 0; j < n; ++j) in[j] = m.in[j] + c0 * L.channel_stride[j];
   const acc_t<T>* coef[4] = {};
   for (int j = 0; j < map_coefficients(m.kind); ++j) coef[j] = m.coef[j] + c0;
-  k.map_channels[static_cast<int>(m.kind)](in, m.out + c0 * L.channel_stride[n], L, c1 - c0, b, e, coef, m.nt);
+  k.map_channels[static_cast<int>(m.kind)](in, m.out + c0 * L.channel_stride[n], L, c1 - c0, b, e, coef, m.nt,
+                                           m.cold);
 }
 
 // Channels [c0, c1) (channels-first), piece by piece with the block's channels back to back:
@@ -453,7 +457,9 @@ void map_channels(const Kernels<T>& k, const MapPass<T>& m, const Layout& L, con
 
 // The whole array, whichever the layout, split as the plan says.
 template <class T>
-void map_all(const Kernels<T>& k, const MapPass<T>& m, const Layout& L, const Plan& plan) {
+void map_all(const Kernels<T>& k, const MapPass<T>& pass, const Layout& L, const Plan& plan) {
+  MapPass<T> m = pass;
+  m.cold = pass.nt;  // a pass of its own: data past the streaming threshold come from memory
   const int64_t C = L.channels;
   const int64_t work = map_inputs(m.kind) * L.count * C;
   if (plan.channels_last) {
