@@ -77,7 +77,7 @@ struct Kernels {
   // at k[j][i]; one channel is nc = 1), short rows walked row by row across the channels; with
   // `nt` the data come from memory, and those walks fetch rows ahead (Plan::from_memory);
   // `cold`: the inputs come from memory too (a pass of its own, not one right after a
-  // reduction over the same block), and short planes' runs go as streams (map_run_block).
+  // reduction over the same block), and short planes' runs go as streams (map_run_streams).
   void (*map_channels[kMapKinds])(const T* const* in, T* out, const Layout& L, int64_t nc, int64_t begin,
                                   int64_t end, const A* const* k, bool nt, bool cold);
   void (*grad_sums)(const T* dy, const T* x, const Layout& L, int64_t begin, int64_t end, A mean,

@@ -166,8 +166,8 @@ void cl_grad_sums(const T* dy, const T* x, const Layout& L, int64_t p0, int64_t 
   }
 }
 
-// grad_sums of nc channels into sum_dy[0..nc), sum_dy_xmu[0..nc): short rows walked row by
-// row across the channels (grad_sums_short_rows_channels), other rows channel by channel.
+// grad_sums of nc channels into sum_dy[0..nc), sum_dy_xmu[0..nc): short rows in tiles of rows
+// across a block of channels (grad_sums_short_rows_channels), other rows channel by channel.
 template <class T>
 void grad_sums_channels(const T* dy, const T* x, const Layout& L, int64_t nc, int64_t begin, int64_t end,
                         const acc_t<T>* mean, double* sum_dy, double* sum_dy_xmu) {

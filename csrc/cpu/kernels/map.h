@@ -262,8 +262,9 @@ __attribute__((noinline)) void map_run_block(const T* const* in, T* out, const L
 // follow kStreamRows streams (see kStreamRows), nothing fetched ahead. Pieces end on cache
 // lines of the first run's output, so streamed pieces are whole lines (every run's, when the
 // rows lie whole lines apart). AMD EPYC Zen 4, 256x2048x7x7 inference, in-process A/B against
-// map_run_block: float32 2 threads 8.2 -> 6.2 ms, 1 thread 16.3 -> 12.5 ms; bfloat16 4.5 -> 3.9
-// ms; pieces of 256 and 1024 bytes were slower in float32. After a reduction the inputs are in
+// map_run_block: float32 2 threads 9.4 -> 7.9 ms, 1 thread 17.9 -> 13.1 ms; float16 1 thread
+// 8.7 -> 7.6 ms; bfloat16 unchanged (its rounding store dominates); pieces of 256 and 1024
+// bytes were slower in float32. After a reduction the inputs are in
 // cache, and pieces there made training 8-15% slower: those passes keep map_run_block.
 // (Written into map_run_block, this walk made that one 9-15% slower too.)
 template <class R, class T, int NV>

@@ -226,7 +226,7 @@ Moments<double> moments(const T* x, const Layout& L, int64_t begin, int64_t end)
 }
 
 // moments() of nc channels (channel i at x + i * L.channel_stride[0]), values [begin, end) of
-// each, into out[0..nc): short rows walked row by row across the channels (see
+// each, into out[0..nc): short rows in tiles of rows across a block of channels (see
 // moments_short_rows_channels), other rows channel by channel. The same bits as moments().
 template <class T>
 void moments_channels(const T* x, const Layout& L, int64_t nc, int64_t begin, int64_t end, Moments<double>* out) {
