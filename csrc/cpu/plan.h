@@ -164,15 +164,30 @@ inline Layout channel_range(const Layout& L, int64_t n) {
 // bytes_per_value: bytes of every array the op reads or writes, per value (2 * sizeof(T) for a
 // forward pass, 3 * sizeof(T) for backward); sizes the channel blocks so that one block's data
 // stays in L2 between its reduction and its elementwise pass.
+// `rereads`: the op reads x again after its reduction (training), and 4- and 8-byte values
+// then stream past half the threshold. Arrays that fill the whole cache do not stay there for
+// the second read: the pass walks them in the reduction's order, so a least-recently-used
+// cache has evicted each line before it comes round again, and y's regular stores first read
+// every line they write. Neighbours share the cache too (a 2-vCPU VM: one 32 MB L3 per 8
+// cores). AMD EPYC Zen 4, float32 training, streamed at 16 MiB against 32 MiB:
+//   - timed between PyTorch's same op and a copy, 2 threads: 4096x1024 2.43 -> 1.84 ms,
+//     65536x64 1.58 -> 1.33 ms, 8x32x112x112 NCHW 1.22 -> 0.85 ms, 16x64x56x56 NCHW 1.30 ->
+//     0.82 ms; 1 thread 0.70-0.89x the time;
+//   - a hot loop of the same call (one output, 2 threads): 4096x1024 1.47-1.71 -> 1.31-1.40
+//     ms, 65536x64 1.27-1.63 -> 0.80-1.19 ms.
+// Inference stays at the whole threshold: in hot loops at 2 threads streaming at 24 MiB had
+// made it 1.11-1.25x slower. Half types too: their training at 16 MiB was 0.90-0.97x the time,
+// but 4096x1024 bfloat16 training had once taken 3.96 -> 6.25 ms streamed there.
 template <class Value>
-Plan make_plan(const Layout& op_layout, int64_t bytes_per_value) {
+Plan make_plan(const Layout& op_layout, int64_t bytes_per_value, bool rereads = false) {
   Plan p;
   if (tiny_planes(op_layout, sizeof(acc_t<Value>))) {
     p.plane = op_layout.inner();
     p.view = planes_as_channels(op_layout);
   }
   const Layout& L = p.walk(op_layout);
-  p.from_memory = stream_output(L.count * L.channels * bytes_per_value);
+  const int64_t bytes = L.count * L.channels * bytes_per_value;
+  p.from_memory = stream_output(rereads && sizeof(Value) != 2 ? 2 * bytes : bytes);
   p.count = L.count;
   p.channels_last = L.channels_last();
   if (p.channels_last) {
@@ -353,6 +368,13 @@ bool all_moments(const Kernels<T>& k, const T* x, const Layout& L, const Plan& p
 // Rows at least this long are walked in memory order by the forward's elementwise pass
 // (walks_memory_order).
 constexpr int64_t kMemoryOrderRow = 1024;
+// Streamed (from memory), rows of at least this many bytes are walked in memory order too: in
+// channel blocks their runs were slower. AMD EPYC Zen 4, inference, data from memory, memory
+// order against channel blocks: 28x28 rows (3136 B float32, 1568 B half) 0.75-0.92x the time
+// (64x256x28x28 float32 2 threads 3.51 -> 2.84 ms), 12x24 float32 (1152 B) 0.87-0.93x, 24x24
+// bfloat16 (1152 B) 0.87x; rows of 1 KB and less were slower in memory order (16x16 float32
+// 0.96-1.17x, 14x14 float32 1.47-1.53x, 14x28 bfloat16 1.51-1.56x).
+constexpr int64_t kMemoryOrderStreamedRowBytes = 1152;
 
 // Rows the kernels take as short rows (16-64 float or 8-32 double accumulators: a 7x7 plane
 // of float32 or a half type) are also walked in memory order when the data comes from DRAM
@@ -393,12 +415,13 @@ struct MapPass {
 // far cache. AMD EPYC, float32 inference, 2 threads: 64x256x14x14 0.66-1.00 -> 0.50-0.68 ms
 // (PyTorch 0.54-0.67), 20x256x28x28 0.80-0.86 -> 0.62-0.66 ms, 32x2048x7x7 0.74-0.97 ->
 // 0.65-0.73 ms (PyTorch 0.68-0.78); at 16-22 MB short rows were 15-18% slower in memory order
-// (28x2048x7x7), and below that all rows (16x256x14x14 by 12%). Streamed passes keep their walks.
+// (28x2048x7x7), and below that all rows (16x256x14x14 by 12%). Streamed passes walk memory
+// in order once their rows are kMemoryOrderStreamedRowBytes or more.
 template <class T>
 bool walks_memory_order(const MapPass<T>& m, const Layout& L) {
   if (!m.memory_order || L.nred != 2) return false;
   if (L.inner() >= kMemoryOrderRow) return true;
-  if (m.nt) return false;
+  if (m.nt) return L.inner() * static_cast<int64_t>(sizeof(T)) >= kMemoryOrderStreamedRowBytes;
   const int64_t bytes = (map_inputs(m.kind) + 1) * L.count * L.channels * static_cast<int64_t>(sizeof(T));
   return bytes * 4 >= stream_threshold_bytes() * (short_rows<T>(L) ? 3 : 2);
 }
