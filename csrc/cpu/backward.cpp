@@ -100,7 +100,7 @@ void backward(const BackwardParams& p, const Layout& L) {
     // Fused (core/backend.h): the masking pass of split_masked_backward, made range by range
     // ahead of the reduction, which reads its output as dy; one layout walks all arrays.
     const bool masked = p.activation == Activation::relu || p.dresidual.defined();
-    const Plan plan = make_plan<T>(L, (masked ? 5 : 3) * sizeof(T));
+    const Plan plan = make_plan<T>(L, (masked ? 5 : 3) * sizeof(T), true);
     const scratch_array<A> mean = load_vector<A>(p.saved_mean, C, A(0));
     const scratch_array<A> invstd = load_vector<A>(p.saved_invstd, C, A(1));
     scratch_array<A> weight = load_vector<A>(p.weight, C, A(1));
@@ -128,7 +128,7 @@ void backward(const BackwardParams& p, const Layout& L) {
           std::find(distinct, distinct + n_distinct, t->data) == distinct + n_distinct)
         distinct[n_distinct++] = t->data;
     const bool nt = !(masked && mask.out == dx) &&
-                    stream_output(n_distinct * L.count * C * static_cast<int64_t>(sizeof(T)));
+                    stream_rereads(n_distinct * L.count * C * static_cast<int64_t>(sizeof(T)), sizeof(T));
     DxCoefficients<T> coef(C);
     const MapPass<T> pass = coef.pass(dy, x, dx, nt);
     scratch_array<double> sum_dy(static_cast<size_t>(C)), sum_dy_xmu(static_cast<size_t>(C));  // per_channel's
