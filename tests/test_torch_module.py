@@ -453,6 +453,31 @@ def test_running_statistics_that_require_grad_are_refused(call, training):
             assert not torch.equal(rm, torch.zeros(3)) and not torch.equal(rv, torch.ones(3))
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["eager", "autograd"])
+@pytest.mark.parametrize("call", ["batch_norm", "batch_norm_act", "module"])
+def test_inference_errors_name_the_running_statistics(call, grad):
+    """Inference normalizes with the running statistics: its errors name them running_mean and
+    running_var, the caller's names, not the inference op's mean and var."""
+    x = torch.randn(4, 3, 2, 2, requires_grad=grad)
+    bad = [
+        (torch.zeros(4), torch.ones(3), ValueError, r"^running_mean must have shape \(3,\), got \(4,\)"),
+        (torch.zeros(3), torch.ones(3, 2), ValueError, r"^running_var must have shape \(3,\), got \(3, 2\)"),
+        (torch.zeros(3, dtype=torch.int32), torch.ones(3), TypeError, r"^running_mean must "),
+    ]
+    for rm, rv, error, words in bad:
+        if call == "batch_norm":
+            f = lambda: bt.batch_norm(x, rm, rv, training=False)  # noqa: E731
+        elif call == "batch_norm_act":
+            f = lambda: bt.batch_norm_act(x, rm, rv, training=False)  # noqa: E731
+        else:
+            m = bt.BatchNorm2d(3).eval()
+            m.running_mean, m.running_var = rm, rv
+            f = lambda: m(x)  # noqa: E731
+        with pytest.raises(error, match=words) as e:
+            f()
+        assert " mean " not in f" {e.value} " and " var " not in f" {e.value} ", str(e.value)
+
+
 def test_eager_call_conditions():
     import batchnorm.torch._ops as _ops
 

@@ -4,6 +4,7 @@ kernel only allocates its outputs with torch and hands every tensor to the nativ
 shapes and strides; autograd is registered for input, weight and bias."""
 from __future__ import annotations
 
+import re
 from typing import Any, Optional
 
 import torch
@@ -285,6 +286,18 @@ def check_running(running_mean: Optional[Tensor], running_var: Optional[Tensor])
                     f"{name} must not require grad (batch norm is not differentiable in its running "
                     "statistics), got requires_grad=True"
                 )
+
+
+# The inference ops name their statistics `mean` and `var`; batch_norm and batch_norm_act take
+# them as the caller's running_mean and running_var. Those messages use the two words only as
+# the arguments' names.
+_RUNNING_NAME = re.compile(r"\b(mean|var)\b")
+
+
+def named_running(e: Exception) -> Exception:
+    """An inference op's error e, its `mean` / `var` called running_mean / running_var."""
+    text = _RUNNING_NAME.sub(r"running_\1", str(e))
+    return e if text == str(e) else type(e)(text)
 
 
 def wants_grad(*tensors: Optional[Tensor]) -> bool:

@@ -44,9 +44,12 @@ def batch_norm(
         return y
     if running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var must be given when training=False, got None")
-    if not _ops.wants_grad(input, weight, bias) and _ops.eager(input, weight, bias, running_mean, running_var):
-        return _ops._forward_inference(input, running_mean, running_var, weight, bias, eps)  # no autograd to record
-    return _func.call("forward_inference", input, running_mean, running_var, weight, bias, eps)
+    try:
+        if not _ops.wants_grad(input, weight, bias) and _ops.eager(input, weight, bias, running_mean, running_var):
+            return _ops._forward_inference(input, running_mean, running_var, weight, bias, eps)  # no autograd to record
+        return _func.call("forward_inference", input, running_mean, running_var, weight, bias, eps)
+    except (ValueError, TypeError) as e:
+        raise _ops.named_running(e) from None
 
 
 class _Base(_BatchNorm):

@@ -204,10 +204,14 @@ def batch_norm_act(
         return y
     if running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var must be given when training=False, got None")
-    if not _ops.wants_grad(input, residual, weight, bias) and \
-            _ops.eager(input, residual, weight, bias, running_mean, running_var):
-        return _forward_inference_act(input, residual, running_mean, running_var, weight, bias, eps, relu)
-    return _func.call("forward_inference_act", input, residual, running_mean, running_var, weight, bias, eps, relu)
+    try:
+        if not _ops.wants_grad(input, residual, weight, bias) and \
+                _ops.eager(input, residual, weight, bias, running_mean, running_var):
+            return _forward_inference_act(input, residual, running_mean, running_var, weight, bias, eps, relu)
+        return _func.call("forward_inference_act", input, residual, running_mean, running_var, weight, bias, eps,
+                          relu)
+    except (ValueError, TypeError) as e:
+        raise _ops.named_running(e) from None
 
 
 def _is_relu(act_layer: Any, act_kwargs: Optional[dict]) -> bool:
