@@ -237,8 +237,8 @@ def _reported_last_level_cache() -> int:
 
 def test_default_stream_threshold_is_the_cache_capped_per_cpu():
     """With no override, outputs stream above the last-level cache, at most 32 MiB per CPU the
-    process may use (a VM may report its host's whole cache; training's float32 and float64
-    outputs above half of it: cpu/plan.h, make_plan); BATCHNORM_STREAM_BYTES replaces it."""
+    process may use (a VM may report its host's whole cache; training's and backward's outputs
+    above half of it: cpu/plan.h, stream_rereads); BATCHNORM_STREAM_BYTES replaces it."""
     if not hasattr(os, "sched_getaffinity") or not os.path.isdir("/sys/devices/system/cpu/cpu0/cache"):
         pytest.skip("needs Linux's sysfs cache description and CPU affinity")
     script = "from batchnorm import _C; print(_C._stream_threshold())"

@@ -128,7 +128,7 @@ void backward(const BackwardParams& p, const Layout& L) {
           std::find(distinct, distinct + n_distinct, t->data) == distinct + n_distinct)
         distinct[n_distinct++] = t->data;
     const bool nt = !(masked && mask.out == dx) &&
-                    stream_rereads(n_distinct * L.count * C * static_cast<int64_t>(sizeof(T)), sizeof(T));
+                    stream_rereads(n_distinct * L.count * C * static_cast<int64_t>(sizeof(T)));
     DxCoefficients<T> coef(C);
     const MapPass<T> pass = coef.pass(dy, x, dx, nt);
     scratch_array<double> sum_dy(static_cast<size_t>(C)), sum_dy_xmu(static_cast<size_t>(C));  // per_channel's

@@ -42,29 +42,27 @@ void set_stream_threshold(int64_t bytes);  // < 0: back to the default
 inline bool stream_output(int64_t bytes) { return bytes > stream_threshold_bytes(); }
 
 // stream_output for an op that reads its inputs again after a reduction over them (training's
-// x, the backward's dy and x), in values of `value_bytes`: 4- and 8-byte values stream past
-// half the threshold. Arrays that fill the whole cache do not stay there for the second read:
-// each pass walks them in the same order, so a least-recently-used cache has evicted each line
-// before it comes round again, and the output's regular stores first read every line they
-// write. Neighbours share the cache too (a 2-vCPU VM: one 32 MB L3 per 8 cores). AMD EPYC Zen
-// 4, float32, streamed at 16 MiB against 32 MiB:
+// x, the backward's dy and x): it streams past half the threshold. Arrays that fill the whole
+// cache do not stay there for the second read: each pass walks them in the same order, so a
+// least-recently-used cache has evicted each line before it comes round again, and the
+// output's regular stores first read every line they write. Neighbours share the cache too (a
+// 2-vCPU VM: one 32 MB L3 per 8 cores). AMD EPYC Zen 4, streamed at 16 MiB against 32 MiB:
 //   - each call between PyTorch's same op and a copy (the two policies alternating, neither
-//     right after the other), 2 threads: training 4096x1024 2.44 -> 1.92 ms, 65536x64 1.40 ->
-//     1.02 ms, 8x32x112x112 NCHW 1.12 -> 0.96 ms, 16x64x56x56 NCHW 1.37 -> 1.03 ms; backward
-//     8x32x96x96 NCHW 1.31 -> 1.02 ms, 36000x64 1.41 -> 1.14 ms, 2400x1024 2.09 -> 1.91 ms;
-//     1 thread 0.76-0.82x the time;
+//     right after the other), 2 threads, float32: training 4096x1024 2.44 -> 1.92 ms, 65536x64
+//     1.40 -> 1.02 ms, 8x32x112x112 NCHW 1.12 -> 0.96 ms, 16x64x56x56 NCHW 1.37 -> 1.03 ms;
+//     backward 8x32x96x96 NCHW 1.31 -> 1.02 ms, 36000x64 1.41 -> 1.14 ms, 2400x1024 2.09 ->
+//     1.91 ms; 1 thread 0.76-0.82x the time. Half types: 32x64x56x56 NCHW training bfloat16
+//     0.92-0.94x the time, float16 0.83-0.84x; channels-last, 4096x1024 and the backward
+//     0.95-1.05x;
 //   - a hot loop of the same call (one output, 2 threads, a process each): training 4096x1024
 //     1.47-1.71 -> 1.31-1.40 ms, 65536x64 1.27-1.63 -> 0.80-1.19 ms; backward no clear change
 //     (8x32x96x96 0.45 / 0.60 -> 0.49 / 0.53 ms, 36000x64 0.79 / 0.73 -> 0.86 / 0.60 ms).
 // Inference keeps the whole threshold: streamed past half it was faster between other columns
 // (36000x64 0.44 -> 0.39 ms, 65536x64 0.98 -> 0.76 ms) but 1.5x slower in hot loops whose x
 // and y stay in cache (36000x64 0.24 -> 0.36 ms), as a consumer of y right after would find
-// them. Half types keep it too: their training there was 0.91x the time (32x64x56x56 bfloat16
-// NCHW), but 4096x1024 bfloat16 training had once taken 3.96 -> 6.25 ms streamed at 16 MiB,
-// and their NCHW inference is slower streamed (32x64x56x56 1.30x the time, float16 1.33x).
-inline bool stream_rereads(int64_t bytes, int64_t value_bytes) {
-  return stream_output(value_bytes == 2 ? bytes : 2 * bytes);
-}
+// them; and half types' NCHW inference is slower streamed (32x64x56x56 bfloat16 1.30x the
+// time, float16 1.33x).
+inline bool stream_rereads(int64_t bytes) { return stream_output(2 * bytes); }
 
 // Channels-first planes (the inner reduced dim) shorter than this many bytes of accumulators
 // (2x2 and 3x3 at float32, up to 15 values; up to 7 at float64) are tiny: channel by channel they
@@ -199,7 +197,7 @@ Plan make_plan(const Layout& op_layout, int64_t bytes_per_value, bool rereads = 
   }
   const Layout& L = p.walk(op_layout);
   const int64_t bytes = L.count * L.channels * bytes_per_value;
-  p.from_memory = rereads ? stream_rereads(bytes, sizeof(Value)) : stream_output(bytes);
+  p.from_memory = rereads ? stream_rereads(bytes) : stream_output(bytes);
   p.count = L.count;
   p.channels_last = L.channels_last();
   if (p.channels_last) {
