@@ -60,8 +60,9 @@ inline bool stream_output(int64_t bytes) { return bytes > stream_threshold_bytes
 // Inference keeps the whole threshold: streamed past half it was faster between other columns
 // (36000x64 0.44 -> 0.39 ms, 65536x64 0.98 -> 0.76 ms) but 1.5x slower in hot loops whose x
 // and y stay in cache (36000x64 0.24 -> 0.36 ms), as a consumer of y right after would find
-// them; and half types' NCHW inference is slower streamed (32x64x56x56 bfloat16 1.30x the
-// time, float16 1.33x).
+// them. (Half types' NCHW inference streamed was 1.18-1.31x the time as the first case of a
+// fresh process, 0.99-1.01x after other cases: cause not found.) bench/stream_policy.py
+// measures both settings on any machine.
 inline bool stream_rereads(int64_t bytes) { return stream_output(2 * bytes); }
 
 // Channels-first planes (the inner reduced dim) shorter than this many bytes of accumulators
