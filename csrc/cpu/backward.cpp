@@ -100,7 +100,7 @@ void backward(const BackwardParams& p, const Layout& L) {
     // Fused (core/backend.h): the masking pass of split_masked_backward, made range by range
     // ahead of the reduction, which reads its output as dy; one layout walks all arrays.
     const bool masked = p.activation == Activation::relu || p.dresidual.defined();
-    const Plan plan = make_plan<T>(L, (masked ? 5 : 3) * sizeof(T), true);
+    const Plan plan = make_plan<T>(L, (masked ? 5 : 3) * sizeof(T));
     const scratch_array<A> mean = load_vector<A>(p.saved_mean, C, A(0));
     const scratch_array<A> invstd = load_vector<A>(p.saved_invstd, C, A(1));
     scratch_array<A> weight = load_vector<A>(p.weight, C, A(1));

@@ -188,7 +188,9 @@ inline Layout channel_range(const Layout& L, int64_t n) {
 // bytes_per_value: bytes of every array the op reads or writes, per value (2 * sizeof(T) for a
 // forward pass, 3 * sizeof(T) for backward); sizes the channel blocks so that one block's data
 // stays in L2 between its reduction and its elementwise pass.
-// `rereads`: the op reads its inputs again after its reduction (stream_rereads).
+// `rereads`: the op reads its inputs again after its reduction (stream_rereads); it sets
+// from_memory, which the forward passes stream by (the backward decides its own, by its distinct
+// arrays).
 template <class Value>
 Plan make_plan(const Layout& op_layout, int64_t bytes_per_value, bool rereads = false) {
   Plan p;
