@@ -57,6 +57,9 @@ def _layouts(dtype: str, rng: np.random.Generator):
     out.append(("cl_axis-1", mk((4, 9, 9, 37)), mk((4, 9, 9, 37)), -1))
     out.append(("cl_wide", mk((300, 64)), mk((300, 64)), 1))
     out.append(("cl_page_wide", mk((45, 2050)), mk((45, 2050)), 1))  # rows of 4 KB or more
+    # rows wider than one register tile, under a page (memory-order walks)
+    out.append(("cl_narrow_wide", mk((70, 300)), mk((70, 300)), 1))
+    out.append(("cl_narrow_wide_4d", mk((3, 5, 7, 130)), mk((3, 5, 7, 130)), -1))
     out.append(("2d_axis1", mk((301, 67)), mk((301, 67)), 1))
     out.append(("2d_axis0", mk((67, 301)), mk((67, 301)), 0))
     out.append(("odd_axis2", mk((3, 5, 11)), mk((3, 5, 11)), 2))

@@ -313,21 +313,37 @@ static inline void merge_run(int64_t C, int64_t count, const A* __restrict cente
   total_n += n;
 }
 
+// Whether channels-last rows of C values of T span a page or more: then a tile's lines of
+// successive positions lie a page or more apart, where the hardware prefetchers stop.
+template <class T>
+constexpr bool page_rows(int64_t C) {
+  return C * static_cast<int64_t>(sizeof(T)) >= 4096;
+}
+
 // Calls tile(c0, nv, i0, i1, resume) so that every channel tile covers positions [0, n) of a
-// run in order. Rows of at most one tile go down the whole run in one call. Wider rows go in
-// blocks of kStreamRows positions, every tile of a block before the next block (`resume`:
-// the tile picks up the sums it parked at the end of the previous block), so each block reads
-// its rows whole, as kStreamRows streams the prefetchers follow. A tile down the whole run
-// read one 64-256 B piece of each row, rows 4 KB or more apart (the backward's runs are 256
-// positions of dy and x: 512 pages per tile), and waited on DRAM for most of them. Xeon, 1
-// thread, 256x7x7x2048 backward: bfloat16 22-26 -> 15-16 ms, float32 35-37 -> 31-32 ms; at
-// the AVX2 level bfloat16 29-31 -> 17 ms, float32 46 -> 37-38 ms; L3-resident 4096x1024 the
-// same. Each channel sees the same additions in the same order: the same bits.
-template <int VL, class Tile>
-static inline __attribute__((always_inline)) void for_run_tiles(int64_t Cv, int64_t n, Tile&& tile) {
+// run in order (`resume`: the tile picks up the sums it parked at the end of the previous
+// block of positions). Rows of at most one tile go down the whole run in one call. Wider rows
+// go in blocks of positions, every tile of a block before the next block:
+//   - Page-wide rows (page_rows) in blocks of kStreamRows positions, so each block reads its
+//     rows whole, as kStreamRows streams the prefetchers follow. A tile down the whole run read
+//     one 64-256 B piece of each row, rows 4 KB or more apart (the backward's runs are 256
+//     positions of dy and x: 512 pages per tile), and waited on DRAM for most of them. Xeon,
+//     1 thread, 256x7x7x2048 backward: bfloat16 22-26 -> 15-16 ms, float32 35-37 -> 31-32 ms;
+//     at the AVX2 level bfloat16 29-31 -> 17 ms, float32 46 -> 37-38 ms.
+//   - Narrower rows a position at a time: memory order, as a copy reads. Several rows share a
+//     page there, and blocks of rows read each page's lines out of order (lines 0-3 of each
+//     of 8 rows 1 KB apart, then lines 4-7, ...), which the prefetchers followed badly. AMD
+//     EPYC Zen 4, data from memory, backward's sums (backward_reduce), against blocks of 8:
+//     64x28x28x256 float32 0.44-0.61x the time (2 threads 6.8 -> 4.2 ms, 1 thread 12.6 -> 5.6
+//     ms), bfloat16 0.70-0.83x, 8192x512 float32 0.74-0.77x, 64x28x28x128 float32 0.49-0.79x;
+//     page-wide rows were 1.12-1.44x slower so (each position parks and resumes its sums).
+// Each channel sees the same additions in the same order: the same bits.
+template <class T, int VL, class Tile>
+static inline __attribute__((always_inline)) void for_run_tiles(int64_t C, int64_t Cv, int64_t n, Tile&& tile) {
   if (Cv > 4 * VL) {
-    for (int64_t i0 = 0; i0 < n; i0 += kStreamRows) {
-      const int64_t i1 = std::min(n, i0 + kStreamRows);
+    const int64_t block = page_rows<T>(C) ? kStreamRows : 1;
+    for (int64_t i0 = 0; i0 < n; i0 += block) {
+      const int64_t i1 = std::min(n, i0 + block);
       for_channel_tiles<VL>(Cv, [&](int64_t c0, auto nv) { tile(c0, nv, i0, i1, i0 > 0); });
     }
   } else {
@@ -377,26 +393,27 @@ void cl_moments(const T* x, const Layout& L, int64_t p0, int64_t p1, int64_t run
   // Written by the first run's merge (total_n == 0) before any read.
   scratch_array<double> total_mean(static_cast<size_t>(C)), total_m2(static_cast<size_t>(C));
   double total_n = 0;
-  // Rows of 4 KB or more: a tile's lines of successive positions lie a page or more apart,
-  // where the hardware prefetchers stop, so a tile down the whole run waited on each line. Their
-  // first pass goes in blocks of positions (for_run_tiles), each block's rows read whole as
-  // kStreamRows streams, the sums parked in `center` between blocks; the second pass then
-  // finds the run in L2. AMD EPYC Zen 4, statistics, against whole-run tiles that fetched the
+  // Rows wider than one register tile make their first pass on its own, in blocks of
+  // positions (for_run_tiles: page-wide rows as kStreamRows streams, narrower rows in memory
+  // order), the sums parked in `center` between blocks; the second pass then finds the run in
+  // L2. Page-wide rows, AMD EPYC Zen 4, statistics, against whole-run tiles that fetched the
   // next tile's lines of each row ahead: AVX-512, 1 thread, 4096x1024 2.04 -> 1.44 ms,
   // 2048x2048 1.86 -> 1.38 ms, 256x7x7x2048 11.8 -> 8.0 ms (2 threads 6.6 -> 5.6 ms); AVX2, 1
-  // thread, 4096x1024 2.12 -> 1.71 ms. Rows of 1 KB (16384x256, 64x28x28x256) were 6-11%
-  // slower blocked on one thread, so narrower rows keep whole-run tiles.
-  const bool page_rows = C * int64_t(sizeof(T)) >= 4096;
+  // thread, 4096x1024 2.12 -> 1.71 ms. Narrower rows, data from memory, against whole-run
+  // tiles (rows of 1 KB had been 6-11% slower in blocks of 8 on one thread): 64x28x28x256
+  // float32 0.70-0.75x the time (1 and 2 threads), bfloat16 0.89x, 8192x512 0.90x,
+  // 64x28x28x128 0.84x; 128x14x14x256 (26 MB, from the last-level cache) 1.03x.
+  const bool first_pass = Cv > 4 * VL;
   for (int64_t r0 = p0; r0 < p1; r0 += run) {
     const int64_t n = std::min(p1, r0 + run) - r0;
     position_offsets(L, r0, n, offs);
     const DivideBy<A> div(n);
-    // Register tiles of channels down the run, the first pass of page-wide rows in blocks of
-    // positions (above); a run holds at most 256 KB (or 8 rows), in L2 between the two passes.
-    // (Blocked at 030caf0, 4096x1024 and 2048x2048 statistics had been 12-20% slower on the
+    // Register tiles of channels down the run, the first pass of wide rows on its own (above);
+    // a run holds at most 256 KB (or 8 rows), in L2 between the two passes. (Page-wide rows
+    // blocked at 030caf0, 4096x1024 and 2048x2048 statistics had been 12-20% slower on the
     // Xeon, L3-resident, 1 thread, and 256x7x7x2048 training no faster: unmeasured there since.)
-    if (page_rows)
-      for_run_tiles<VL>(Cv, n, [&](int64_t c0, auto nv, int64_t i0, int64_t i1, bool resume) {
+    if (first_pass)
+      for_run_tiles<T, VL>(C, Cv, n, [&](int64_t c0, auto nv, int64_t i0, int64_t i1, bool resume) {
         constexpr int NV = decltype(nv)::value;
         AccFor<T> s[NV];
         resume_acc<T, NV>(s, center + c0, resume);
@@ -407,7 +424,7 @@ void cl_moments(const T* x, const Layout& L, int64_t p0, int64_t p1, int64_t run
     for_channel_tiles<VL>(Cv, [&](int64_t c0, auto nv) {
       constexpr int NV = decltype(nv)::value;
       AccFor<T> s[NV];
-      if (page_rows) {
+      if (first_pass) {
         resume_acc<T, NV>(s, center + c0, true);
       } else {
         for (int64_t i = 0; i < n; ++i)
