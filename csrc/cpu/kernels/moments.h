@@ -196,10 +196,12 @@ Moments<double> moments(const T* x, const Layout& L, int64_t begin, int64_t end)
   // Full contiguous vectors are loaded where they are used (not chosen among the load kinds,
   // which made GCC 12 build converted half-precision vectors whole on the stack under AVX2).
   const bool contiguous = s == 1;
+  const int64_t ahead = contiguous ? next_row_prefetch<T>(L, 0) : 0;  // the first pass reads from memory
   Lanes2<T> sum;
   for_each_segment<1>(L, begin, end, [&](const int64_t* off, int64_t len) BN_SEGMENT_BODY {
     const T* p = x + off[0];
     walk_vectors<A>(len, [&](int64_t i, auto first, int64_t n) {
+      if (ahead) __builtin_prefetch(p + i + ahead);
       if (contiguous && n == vlen<A>) (first ? sum.a : sum.b) += loadv(p + i);
       else (first ? sum.a : sum.b) += get(p, i, n);
     });
