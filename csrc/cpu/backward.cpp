@@ -196,7 +196,7 @@ void backward_elemt(const BackwardElemtParams& p, const Layout& L) {
       coef.finalize(kernels_for<T>(), c0, c1, sum_dy.data(), sum_dy_xmu.data(), static_cast<double>(p.count),
                     mean.data(), invstd.data(), weight.data(), dweight, dbias);
     });
-    // backward_reduce has just read dy and x (stream_rereads).
+    // dy and x are taken to have just been read by backward_reduce (stream_rereads).
     const Plan plan = make_plan<T>(L, 3 * sizeof(T), /*rereads=*/true);
     map_all(kernels_for<T>(), coef.pass(p.dy.ptr<const T>(), p.x.ptr<const T>(), p.dx.ptr<T>(), plan.from_memory),
             L, plan);

@@ -46,8 +46,9 @@ void forward_training(const ForwardTrainingParams& p, const Layout& L) {
     using A = acc_t<T>;
     const Kernels<T>& k = kernels_for<T>();
     const int64_t C = L.channels;
-    // x was just reduced: by this op, or, with batch statistics given (SyncBatchNorm's split),
-    // by the statistics op that made this process's part of them (stream_rereads).
+    // x is taken to have just been reduced: by this op, or, with batch statistics given
+    // (SyncBatchNorm's split), by the statistics op that made this process's part of them
+    // (stream_rereads; a caller that does otherwise streams at half the threshold).
     const Plan plan = make_plan<T>(L, forward_bytes<T>(p), /*rereads=*/true);
     const scratch_array<A> weight = load_vector<A>(p.weight, C, A(1));
     const scratch_array<A> bias = load_vector<A>(p.bias, C, A(0));

@@ -98,8 +98,8 @@ void grad_sums(const T* dy, const T* x, const Layout& L, int64_t begin, int64_t 
     const T* xp = x + off[1];
     walk_vectors<A>(len, [&](int64_t i, auto first, int64_t n) {
       if (ahead) {
-        __builtin_prefetch(dp + i + ahead_dy);
-        __builtin_prefetch(xp + i + ahead_x);
+        prefetch_at(dp + i, ahead_dy);
+        prefetch_at(xp + i, ahead_x);
       }
       auto& s1 = first ? a1.a : a1.b;
       auto& s2 = first ? a2.a : a2.b;
@@ -139,7 +139,7 @@ void cl_grad_sums(const T* dy, const T* x, const Layout& L, int64_t p0, int64_t 
     position_offsets(L, r0, n, offs);
     // Register tiles of channels across the run's positions (see for_run_tiles), each
     // channel's sums in order, parked in s1, s2.
-    for_run_tiles<T, VL>(C, Cv, n, [&](int64_t c0, auto nv, int64_t i0, int64_t i1, bool resume) {
+    for_run_tiles<T, VL>(L, Cv, n, [&](int64_t c0, auto nv, int64_t i0, int64_t i1, bool resume) {
       constexpr int NV = decltype(nv)::value;
       AccFor<T> a[NV], b[NV];
       resume_acc<T, NV>(a, s1 + c0, resume);

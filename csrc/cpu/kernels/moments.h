@@ -3,6 +3,7 @@
 // Channels-last: Welford over positions, vectorized across channels, in runs merged in
 // double with Chan's formula. Neither ever forms E[x^2] - E[x]^2.
 #pragma once
+#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
@@ -201,7 +202,7 @@ Moments<double> moments(const T* x, const Layout& L, int64_t begin, int64_t end)
   for_each_segment<1>(L, begin, end, [&](const int64_t* off, int64_t len) BN_SEGMENT_BODY {
     const T* p = x + off[0];
     walk_vectors<A>(len, [&](int64_t i, auto first, int64_t n) {
-      if (ahead) __builtin_prefetch(p + i + ahead);
+      if (ahead) prefetch_at(p + i, ahead);
       if (contiguous && n == vlen<A>) (first ? sum.a : sum.b) += loadv(p + i);
       else (first ? sum.a : sum.b) += get(p, i, n);
     });
@@ -315,11 +316,15 @@ static inline void merge_run(int64_t C, int64_t count, const A* __restrict cente
   total_n += n;
 }
 
-// Whether channels-last rows of C values of T span a page or more: then a tile's lines of
-// successive positions lie a page or more apart, where the hardware prefetchers stop.
+// Whether successive channels-last positions lie a page or more apart in some array of the
+// walk (the row's width: a task that takes a block of a wider row's channels counts the whole
+// row): then a tile's lines of successive positions are in different pages, where the
+// hardware prefetchers stop.
 template <class T>
-constexpr bool page_rows(int64_t C) {
-  return C * static_cast<int64_t>(sizeof(T)) >= 4096;
+bool page_rows(const Layout& L) {
+  int64_t most = 0;
+  for (int t = 0; t < L.ntensors; ++t) most = std::max(most, std::abs(L.strides[t][L.nred - 1]));
+  return most * static_cast<int64_t>(sizeof(T)) >= 4096;
 }
 
 // Calls tile(c0, nv, i0, i1, resume) so that every channel tile covers positions [0, n) of a
@@ -338,12 +343,13 @@ constexpr bool page_rows(int64_t C) {
 //     EPYC Zen 4, data from memory, backward's sums (backward_reduce), against blocks of 8:
 //     64x28x28x256 float32 0.44-0.61x the time (2 threads 6.8 -> 4.2 ms, 1 thread 12.6 -> 5.6
 //     ms), bfloat16 0.70-0.83x, 8192x512 float32 0.74-0.77x, 64x28x28x128 float32 0.49-0.79x;
-//     page-wide rows were 1.12-1.44x slower so (each position parks and resumes its sums).
+//     page-wide rows were mostly slower so (each position parks and resumes its sums):
+//     1.12-1.44x on one thread and at 2048 channels, 4096x1024 on 2 threads 0.87-0.99x.
 // Each channel sees the same additions in the same order: the same bits.
 template <class T, int VL, class Tile>
-static inline __attribute__((always_inline)) void for_run_tiles(int64_t C, int64_t Cv, int64_t n, Tile&& tile) {
+static inline __attribute__((always_inline)) void for_run_tiles(const Layout& L, int64_t Cv, int64_t n, Tile&& tile) {
   if (Cv > 4 * VL) {
-    const int64_t block = page_rows<T>(C) ? kStreamRows : 1;
+    const int64_t block = page_rows<T>(L) ? kStreamRows : 1;
     for (int64_t i0 = 0; i0 < n; i0 += block) {
       const int64_t i1 = std::min(n, i0 + block);
       for_channel_tiles<VL>(Cv, [&](int64_t c0, auto nv) { tile(c0, nv, i0, i1, i0 > 0); });
@@ -415,7 +421,7 @@ void cl_moments(const T* x, const Layout& L, int64_t p0, int64_t p1, int64_t run
     // blocked at 030caf0, 4096x1024 and 2048x2048 statistics had been 12-20% slower on the
     // Xeon, L3-resident, 1 thread, and 256x7x7x2048 training no faster: unmeasured there since.)
     if (first_pass)
-      for_run_tiles<T, VL>(C, Cv, n, [&](int64_t c0, auto nv, int64_t i0, int64_t i1, bool resume) {
+      for_run_tiles<T, VL>(L, Cv, n, [&](int64_t c0, auto nv, int64_t i0, int64_t i1, bool resume) {
         constexpr int NV = decltype(nv)::value;
         AccFor<T> s[NV];
         resume_acc<T, NV>(s, center + c0, resume);

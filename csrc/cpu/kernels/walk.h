@@ -89,18 +89,28 @@ static inline __attribute__((always_inline)) void for_each_segment(const Layout&
 }
 
 // Elements from a value of array t's rows to the same value of the next row of the walk (the
-// next plane of an NCHW channel, C planes on), which the channels-first reductions over long
-// contiguous rows of half types prefetch as they read each vector: the next row is then on its
-// way while the prefetchers are still learning the current one, which a short row of a half
-// type (6 KB for 56x56) leaves them little time to do. 0 (nothing to prefetch) for other types
-// and walks of one reduced dim. AMD EPYC Zen 4, 2 threads, data from memory: 32x64x56x56
-// training bfloat16 and float16 0.93x the time, backward 0.91-0.93x (1 thread 0.89x),
-// 64x256x28x28 bfloat16 backward 0.88x; in cache (a hot loop) 0.82-1.01x; float32 0.98-1.06x,
-// so float32 does without. (Past the array's end, or a walk's last row, a prefetch is harmless.)
+// next plane of an NCHW channel, C planes on), which the channels-first reductions of half
+// types that go row by row (contiguous rows outside the short-row tiles: longer than four
+// vectors, or shorter than one) prefetch as they read each vector: the next row is then on its
+// way while the prefetchers are still learning the current one, which a row of a half type
+// (6 KB for 56x56) leaves them little time to do. 0 (nothing to prefetch) for other types and
+// walks of one reduced dim. AMD EPYC Zen 4, 2 threads, data from memory: 32x64x56x56 training
+// bfloat16 and float16 0.93x the time, backward 0.91-0.93x (1 thread 0.89x), 64x256x28x28
+// bfloat16 backward 0.88x; in cache (a hot loop) 0.82-1.01x; float32 0.98-1.06x, so float32
+// does without. (Rows shorter than a vector are unmeasured.)
 template <class T>
 inline int64_t next_row_prefetch(const Layout& L, int t) {
   if constexpr (sizeof(T) != 2) return 0;
   return L.nred >= 2 ? L.strides[t][L.nred - 2] : 0;
+}
+
+// Prefetches the line `elements` elements from p. The address is computed as an integer: past
+// the array's end (the walk's last row) or before its start (negative strides) it is no
+// pointer into the array, and a prefetch of it is harmless.
+template <class T>
+static inline __attribute__((always_inline)) void prefetch_at(const T* p, int64_t elements) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(elements * int64_t(sizeof(T)));
+  __builtin_prefetch(reinterpret_cast<const void*>(a));
 }
 
 // Rows read together as separate streams: a walk that reads one short piece of each row, rows
