@@ -144,11 +144,12 @@ def test_channels_first_streaming_matches_regular_stores(dtype, shape, offset, s
 @pytest.mark.parametrize("C,pad,offset", [(640, 0, 1), (640, 0, 4), (600, 40, 3), (520, 0, 0), (640, 1, 2),
                                           (64, 0, 1), (48, 0, 3), (32, 0, 5), (64, 2, 1)])
 def test_channels_last_misaligned_output_streams_the_same_bits(dtype, C, pad, offset, streaming):
-    """Channels-last outputs that start `offset` elements past a 64-byte boundary. Rows of at
-    least 1 KiB sharing that misalignment (pad keeps rows a multiple of 64 bytes apart): each
-    row's first channels go one by one and the rest stream. Narrower rows back to back (pad
-    0, C a multiple of the vector length): one flat run, its head one by one, vectors
-    spanning rows. Otherwise (pad 1 or 2) regular stores. Bits equal the regular stores' for
+    """Channels-last outputs that start `offset` elements past a 64-byte boundary. Rows under
+    2 KiB back to back (pad 0, C a multiple of the vector length: 640 float16, 64, 48, 32): one
+    flat run, its head one by one, vectors spanning rows. Other rows of at least 1 KiB sharing
+    that misalignment (pad keeps rows a multiple of 64 bytes apart: 640 float32 and float64,
+    600 with pad 40): each row's first channels go one by one and the rest stream. Otherwise
+    (pad 1 or 2) regular stores. Bits equal the regular stores' for
     the forward ops and the backward, and nothing outside the view is written."""
     N = 37
     rng = np.random.default_rng(11)

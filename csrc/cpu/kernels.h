@@ -29,9 +29,11 @@ BN_CPU_INLINE int64_t channels_last_run(int64_t channels, int64_t value_bytes) {
   const int64_t fit = kChannelsLastRunBytes / (channels * value_bytes);
   return fit < 8 ? 8 : fit > kChannelsLastRun ? kChannelsLastRun : fit;
 }
-// Streamed channels-last rows (one position's channels) of at least this many bytes go
-// position by position, a misaligned output's first values one by one; narrower rows as one
-// flat run when the positions lie back to back (map_positions).
+// Streamed channels-last rows (one position's channels) narrower than kPeelRowBytes, and
+// misaligned ones narrower than kFlatRowBytes, go as one flat run when the positions lie back
+// to back; other rows of at least kPeelRowBytes go position by position, a misaligned
+// output's first values one by one (map_positions, which has the figures).
+constexpr int64_t kFlatRowBytes = 2048;
 constexpr int64_t kPeelRowBytes = 1024;
 // Positions per group at least, channels-last.
 constexpr int64_t kChannelsLastMinGroup = 64;

@@ -401,7 +401,7 @@ void map_channels(const T* const* in, T* out, const Layout& L, int64_t nc, int64
 // alignment streams (65536x64 float32 inference into a NumPy out=, 16 bytes off, Xeon, 2
 // threads: 1.3 ms with regular stores, 0.6 ms streamed), and narrow rows lose the
 // per-position loop. Returns false, having done nothing, when the arrays are not so laid out.
-// For rows narrower than kPeelRowBytes (map_positions).
+// For rows narrower than kFlatRowBytes (map_positions).
 template <class R, class T>
 bool map_flat(const T* const* in, T* out, const Layout& L, int64_t p0, int64_t p1, const acc_t<T>* const* k) {
   using A = acc_t<T>;
@@ -456,11 +456,23 @@ void map_positions(const T* const* in, T* out, const Layout& L, int64_t p0, int6
   // out=: 1.34 -> 0.6 ms at 2 threads). The same values either way: scalar and vector paths
   // apply the same formula.
   // Narrow rows as one flat run; wide ones per position, peeled when misaligned (flat, 4096x1024
-  // float32 inference ran at 1.0-1.1 ms against 0.67 ms peeled).
-  if (nt && C * static_cast<int64_t>(sizeof(T)) < kPeelRowBytes && map_flat<R, T>(in, out, L, p0, p1, k)) return;
+  // float32 inference ran at 1.0-1.1 ms against 0.67 ms peeled). Rows of 1-2 KB go flat when
+  // misaligned: peeled, each position's head and tail (16 of 256 float32 channels) cost as
+  // much as its vectors. AMD EPYC Zen 4, into a NumPy out= (16 bytes past a line), data from
+  // memory, flat against peeled: 64x28x28x256 float32 inference 0.84-0.94x the time, training
+  // 0.96x, backward 0.80x, backward_elemt 0.72x; 16384x384 inference 0.83x (2 threads), 1.03x
+  // (1); 32768x512 bfloat16 inference 0.76x, backward 0.90x, training 0.82x (1 thread). Rows of
+  // 2 KB were mixed (16384x512 float32 0.90-1.01x, 32x28x28x512 backward 1.08-1.22x), rows of 4
+  // KB slower (8192x1024 inference 1.07-1.29x): they stay peeled. Aligned 1 KB rows stay per
+  // position too (flat 1.02-1.14x the time, 64x28x28x256). Masked vectors for the head and tail
+  // instead of values one by one were slower still (1.2-1.8x at 1 KB).
+  const int64_t row_bytes = C * static_cast<int64_t>(sizeof(T));
   bool stream = nt && positions_aligned(L, N, out, align);
+  if (nt && (row_bytes < kPeelRowBytes || (!stream && row_bytes < kFlatRowBytes)) &&
+      map_flat<R, T>(in, out, L, p0, p1, k))
+    return;
   int64_t head = 0;
-  if (nt && !stream && C * static_cast<int64_t>(sizeof(T)) >= kPeelRowBytes &&
+  if (nt && !stream && row_bytes >= kPeelRowBytes &&
       reinterpret_cast<uintptr_t>(out) % sizeof(T) == 0) {
     const T* aligned_base = out + (align - reinterpret_cast<uintptr_t>(out) % align) % align / sizeof(T);
     if (positions_aligned(L, N, aligned_base, align)) {
