@@ -251,7 +251,7 @@ __attribute__((noinline)) void map_run_block(const T* const* in, T* out, const L
     #pragma GCC unroll 4
     for (int j = 0; j < N; ++j) {
       p[j] = in[j] + off[j];
-      if (nt && L.nred == 2) prefetch_span(p[j] + kPrefetchRows * L.strides[j][0], m * plane * static_cast<int64_t>(sizeof(T)));
+      if (nt && L.nred == 2) prefetch_span(p[j], kPrefetchRows * L.strides[j][0], m * plane * static_cast<int64_t>(sizeof(T)));
     }
     map_run<R, T>(p, out + off[N], m * len, rc.e, nt);
   });
@@ -316,9 +316,9 @@ static inline __attribute__((always_inline)) void map_row_block(const T* const* 
     if (nt && L.nred == 2) {
       #pragma GCC unroll 4
       for (int j = 0; j < N; ++j)
-        prefetch_span(in[j] + off[j] + kPrefetchRows * L.strides[j][0],
+        prefetch_span(in[j] + off[j], kPrefetchRows * L.strides[j][0],
                       ((m - 1) * L.channel_stride[j] + len) * static_cast<int64_t>(sizeof(T)));
-      prefetch_span_for_write(out + off[N] + kPrefetchRows * L.strides[N][0],
+      prefetch_span_for_write(out + off[N], kPrefetchRows * L.strides[N][0],
                               ((m - 1) * L.channel_stride[N] + len) * static_cast<int64_t>(sizeof(T)));
     }
     for (int64_t i = 0; i < m; ++i) {

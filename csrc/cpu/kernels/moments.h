@@ -89,18 +89,19 @@ struct ShortRow {
 // 7x7 channels is 49 lines).
 constexpr int64_t kPrefetchRows = 4;
 
-// Prefetches the cache lines of `bytes` bytes from p (a hint: addresses past the array's end
-// are harmless).
+// Prefetches the cache lines of `bytes` bytes from `elements` elements past p (rows ahead).
+// The addresses are computed as integers, as prefetch_at's (kernels/walk.h): past the array's
+// end they are no pointers into it, and a prefetch of them is harmless.
 template <class T>
-static inline __attribute__((always_inline)) void prefetch_span(const T* p, int64_t bytes) {
-  const char* b = reinterpret_cast<const char*>(p);
-  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(b + i);
+static inline __attribute__((always_inline)) void prefetch_span(const T* p, int64_t elements, int64_t bytes) {
+  const uintptr_t b = reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(elements * int64_t(sizeof(T)));
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(reinterpret_cast<const void*>(b + i));
 }
 // The same for lines about to be written (prefetchw: owned before the stores reach them).
 template <class T>
-static inline __attribute__((always_inline)) void prefetch_span_for_write(T* p, int64_t bytes) {
-  char* b = reinterpret_cast<char*>(p);
-  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(b + i, 1);
+static inline __attribute__((always_inline)) void prefetch_span_for_write(const T* p, int64_t elements, int64_t bytes) {
+  const uintptr_t b = reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(elements * int64_t(sizeof(T)));
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(reinterpret_cast<const void*>(b + i), 1);
 }
 
 // Moments of values [begin, end) of nc (<= MaxC) channels with short rows, channel i at
