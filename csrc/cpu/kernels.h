@@ -35,6 +35,9 @@ BN_CPU_INLINE int64_t channels_last_run(int64_t channels, int64_t value_bytes) {
 // output's first values one by one (map_positions, which has the figures).
 constexpr int64_t kFlatRowBytes = 2048;
 constexpr int64_t kPeelRowBytes = 1024;
+// Bytes ahead that half types' streamed channels-last maps prefetch their inputs
+// (map_positions).
+constexpr int64_t kMapPrefetchBytes = 1024;
 // Positions per group at least, channels-last.
 constexpr int64_t kChannelsLastMinGroup = 64;
 // Every reduction is cut into at most this many groups (its unit of parallelism), by a
