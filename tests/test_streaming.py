@@ -142,15 +142,21 @@ def test_channels_first_streaming_matches_regular_stores(dtype, shape, offset, s
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("C,pad,offset", [(640, 0, 1), (640, 0, 4), (600, 40, 3), (520, 0, 0), (640, 1, 2),
-                                          (64, 0, 1), (48, 0, 3), (32, 0, 5), (64, 2, 1)])
+                                          (64, 0, 1), (48, 0, 3), (32, 0, 5), (64, 2, 1),
+                                          (256, 0, 4), (512, 0, 1), (256, 0, 0)])
 def test_channels_last_misaligned_output_streams_the_same_bits(dtype, C, pad, offset, streaming):
-    """Channels-last outputs that start `offset` elements past a 64-byte boundary. Rows under
-    2 KiB back to back (pad 0, C a multiple of the vector length: 640 float16, 64, 48, 32): one
-    flat run, its head one by one, vectors spanning rows. Other rows of at least 1 KiB sharing
-    that misalignment (pad keeps rows a multiple of 64 bytes apart: 640 float32 and float64,
-    600 with pad 40): each row's first channels go one by one and the rest stream. Otherwise
-    (pad 1 or 2) regular stores. Bits equal the regular stores' for
-    the forward ops and the backward, and nothing outside the view is written."""
+    """Channels-last outputs that start `offset` elements past a 64-byte boundary. Rows back
+    to back (pad 0, C a multiple of the vector length) under 1 KiB, or under 2 KiB when
+    misaligned, go as one flat run, its head one by one, vectors spanning rows: 64, 48, 32 and
+    256 half; 640 and 512 half, 256 float32 misaligned. Other misaligned rows of at least 1 KiB
+    whose positions share the misalignment (rows a multiple of 64 bytes apart) go position by
+    position, each row's first channels one by one and the rest streamed: 640 and 512 float32,
+    640, 512 and 256 float64, 600 with pad 40 in every dtype. Aligned rows of at least 1 KiB
+    stream position by position from channel 0 (at offset 0: 256 float32 and float64, 520
+    float64). Otherwise regular stores (pad 1 or 2; 520 in the narrower dtypes: rows not a
+    multiple of the alignment apart). Half types' lanes are float's (16 under AVX-512, their
+    alignment 32 bytes). Bits equal the regular stores' for the forward ops and the backward,
+    and nothing outside the view is written."""
     N = 37
     rng = np.random.default_rng(11)
     x = make(rng.standard_normal((N, C)) * 2 + 3, dtype)

@@ -31,12 +31,14 @@ BN_CPU_INLINE int64_t channels_last_run(int64_t channels, int64_t value_bytes) {
 }
 // Streamed channels-last rows (one position's channels) narrower than kPeelRowBytes, and
 // misaligned ones narrower than kFlatRowBytes, go as one flat run when the positions lie back
-// to back; other rows of at least kPeelRowBytes go position by position, a misaligned
-// output's first values one by one (map_positions, which has the figures).
+// to back; rows that do not go flat go position by position, and there an output whose
+// positions share one misalignment, in rows of at least kPeelRowBytes, has each row's first
+// values written one by one (map_positions, which has the figures).
 constexpr int64_t kFlatRowBytes = 2048;
 constexpr int64_t kPeelRowBytes = 1024;
-// Bytes ahead that half types' streamed channels-last maps prefetch their inputs
-// (map_positions).
+static_assert(kFlatRowBytes >= kPeelRowBytes, "misaligned rows go flat up to the wider bound");
+// Bytes ahead that half types' streamed channels-last maps prefetch their inputs where they go
+// position by position (map_positions; the flat runs do not).
 constexpr int64_t kMapPrefetchBytes = 1024;
 // Positions per group at least, channels-last.
 constexpr int64_t kChannelsLastMinGroup = 64;

@@ -401,7 +401,8 @@ void map_channels(const T* const* in, T* out, const Layout& L, int64_t nc, int64
 // alignment streams (65536x64 float32 inference into a NumPy out=, 16 bytes off, Xeon, 2
 // threads: 1.3 ms with regular stores, 0.6 ms streamed), and narrow rows lose the
 // per-position loop. Returns false, having done nothing, when the arrays are not so laid out.
-// For rows narrower than kFlatRowBytes (map_positions).
+// For rows narrower than kPeelRowBytes, or than kFlatRowBytes when the output is misaligned
+// (map_positions).
 template <class R, class T>
 bool map_flat(const T* const* in, T* out, const Layout& L, int64_t p0, int64_t p1, const acc_t<T>* const* k) {
   using A = acc_t<T>;
@@ -452,8 +453,9 @@ void map_positions(const T* const* in, T* out, const Layout& L, int64_t p0, int6
   // stream from channel 0. Positions that share one misalignment (an out= from malloc, 16
   // bytes past a 64-byte boundary, with position strides that are multiples of 64 bytes)
   // stream from the first aligned channel, the channels before it one by one: worth it for
-  // rows of at least kPeelRowBytes (4096x1024 float32 inference on the Xeon into a NumPy
-  // out=: 1.34 -> 0.6 ms at 2 threads). The same values either way: scalar and vector paths
+  // rows of at least kPeelRowBytes (kFlatRowBytes when the positions lie back to back: see
+  // below; 4096x1024 float32 inference on the Xeon into a NumPy out=: 1.34 -> 0.6 ms at 2
+  // threads). The same values either way: scalar and vector paths
   // apply the same formula.
   // Narrow rows as one flat run; wide ones per position, peeled when misaligned (flat, 4096x1024
   // float32 inference ran at 1.0-1.1 ms against 0.67 ms peeled). Rows of 1-2 KB go flat when
@@ -468,9 +470,7 @@ void map_positions(const T* const* in, T* out, const Layout& L, int64_t p0, int6
   // instead of values one by one were slower still (1.2-1.8x at 1 KB).
   const int64_t row_bytes = C * static_cast<int64_t>(sizeof(T));
   bool stream = nt && positions_aligned(L, N, out, align);
-  if (nt && (row_bytes < kPeelRowBytes || (!stream && row_bytes < kFlatRowBytes)) &&
-      map_flat<R, T>(in, out, L, p0, p1, k))
-    return;
+  if (nt && row_bytes < (stream ? kPeelRowBytes : kFlatRowBytes) && map_flat<R, T>(in, out, L, p0, p1, k)) return;
   int64_t head = 0;
   if (nt && !stream && row_bytes >= kPeelRowBytes &&
       reinterpret_cast<uintptr_t>(out) % sizeof(T) == 0) {

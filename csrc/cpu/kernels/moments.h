@@ -89,7 +89,8 @@ struct ShortRow {
 // 7x7 channels is 49 lines).
 constexpr int64_t kPrefetchRows = 4;
 
-// Prefetches the cache lines of `bytes` bytes from `elements` elements past p (rows ahead).
+// Prefetches the lines at every 64 bytes of the `bytes` bytes from `elements` elements past p
+// (rows ahead; a range that starts mid-line may leave its last line to the hardware).
 // The addresses are computed as integers, as prefetch_at's (kernels/walk.h): past the array's
 // end they are no pointers into it, and a prefetch of them is harmless.
 template <class T>
