@@ -90,18 +90,17 @@ struct ShortRow {
 constexpr int64_t kPrefetchRows = 4;
 
 // Prefetches the lines at every 64 bytes of the `bytes` bytes from `elements` elements past p
-// (rows ahead; a range that starts mid-line may leave its last line to the hardware).
-// The addresses are computed as integers, as prefetch_at's (kernels/walk.h): past the array's
-// end they are no pointers into it, and a prefetch of them is harmless.
+// (rows ahead, at address_ahead's integer addresses; a range that starts mid-line may leave
+// its last line to the hardware).
 template <class T>
 static inline __attribute__((always_inline)) void prefetch_span(const T* p, int64_t elements, int64_t bytes) {
-  const uintptr_t b = reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(elements * int64_t(sizeof(T)));
+  const uintptr_t b = address_ahead(p, elements);
   for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(reinterpret_cast<const void*>(b + i));
 }
 // The same for lines about to be written (prefetchw: owned before the stores reach them).
 template <class T>
 static inline __attribute__((always_inline)) void prefetch_span_for_write(const T* p, int64_t elements, int64_t bytes) {
-  const uintptr_t b = reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(elements * int64_t(sizeof(T)));
+  const uintptr_t b = address_ahead(p, elements);
   for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(reinterpret_cast<const void*>(b + i), 1);
 }
 

@@ -104,13 +104,18 @@ inline int64_t next_row_prefetch(const Layout& L, int t) {
   return L.nred >= 2 ? L.strides[t][L.nred - 2] : 0;
 }
 
-// Prefetches the line `elements` elements from p. The address is computed as an integer: past
-// the array's end (the walk's last row) or before its start (negative strides) it is no
-// pointer into the array, and a prefetch of it is harmless.
+// The address `elements` elements from p, computed as an integer: past the array's end (the
+// walk's last row) or before its start (negative strides) it is no pointer into the array,
+// and a prefetch of it is harmless. For prefetches only.
+template <class T>
+static inline __attribute__((always_inline)) uintptr_t address_ahead(const T* p, int64_t elements) {
+  return reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(elements * int64_t(sizeof(T)));
+}
+
+// Prefetches the line `elements` elements from p (address_ahead).
 template <class T>
 static inline __attribute__((always_inline)) void prefetch_at(const T* p, int64_t elements) {
-  const uintptr_t a = reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(elements * int64_t(sizeof(T)));
-  __builtin_prefetch(reinterpret_cast<const void*>(a));
+  __builtin_prefetch(reinterpret_cast<const void*>(address_ahead(p, elements)));
 }
 
 // Rows read together as separate streams: a walk that reads one short piece of each row, rows
