@@ -117,10 +117,14 @@ def test_padded_channels_last_outputs(dtype, C, pad, off, streaming):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
-@pytest.mark.parametrize("shape,offset", [((4, 3, 37, 41), 0), ((4, 3, 37, 41), 1), ((2, 2, 2000), 3), ((64, 8, 7, 7), 1)])
+@pytest.mark.parametrize("shape,offset", [((4, 3, 37, 41), 0), ((4, 3, 37, 41), 1), ((2, 2, 2000), 3), ((64, 8, 7, 7), 1),
+                                          ((2, 5, 28, 28), 8), ((2, 5, 28, 28), 0)])
 def test_channels_first_streaming_matches_regular_stores(dtype, shape, offset, streaming):
-    """Channels-first rows: a scalar head up to the store alignment, then streaming vectors.
-    Outputs start `offset` elements past an aligned address so the head is exercised."""
+    """Channels-first rows: values one by one up to the vector alignment, regular vectors up to
+    the first cache line, whole lines streamed, regular stores after the last. Outputs start
+    `offset` elements past an aligned address so the head is exercised; 28x28 planes of a half
+    type are 24.5 lines, so neighbouring planes share a line (offset 8: 16 bytes, where NumPy
+    puts large arrays). Inference walks the planes in memory order, training in blocks."""
     rng = np.random.default_rng(7)
     x = (rng.standard_normal(shape) * 3 + 5).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
@@ -128,6 +132,7 @@ def test_channels_first_streaming_matches_regular_stores(dtype, shape, offset, s
     _C._set_stream_threshold(-1)
     ref = bn.forward_training(x, w, b)
     ref_dx = bn.backward(dy, x, ref[1], ref[2], w)[0]
+    ref_inf = bn.forward_inference(x, ref[1], 1 / ref[2] ** 2, w, b)
     _C._set_stream_threshold(0)
     n = x.size
     buf = np.full(n + 64 + offset, SENTINEL, dtype=dtype)
@@ -137,6 +142,8 @@ def test_channels_first_streaming_matches_regular_stores(dtype, shape, offset, s
     np.testing.assert_array_equal(out, ref[0])
     bn.backward(dy, x, ref[1], ref[2], w, out=out)
     np.testing.assert_array_equal(out, ref_dx)
+    bn.forward_inference(x, ref[1], 1 / ref[2] ** 2, w, b, out=out)
+    np.testing.assert_array_equal(out, ref_inf)
     assert (buf[:start] == SENTINEL).all() and (buf[start + n:] == SENTINEL).all()
 
 
