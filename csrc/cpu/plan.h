@@ -392,9 +392,14 @@ constexpr int64_t kMemoryOrderRow = 1024;
 // channel blocks their runs were slower. AMD EPYC Zen 4, inference, data from memory, memory
 // order against channel blocks: 28x28 rows (3136 B float32, 1568 B half) 0.75-0.92x the time
 // (64x256x28x28 float32 2 threads 3.51 -> 2.84 ms), 12x24 float32 (1152 B) 0.87-0.93x, 24x24
-// bfloat16 (1152 B) 0.87x; rows of 1 KB and less were slower in memory order (16x16 float32
-// 0.96-1.17x, 14x14 float32 1.47-1.53x, 14x28 bfloat16 1.51-1.56x).
-constexpr int64_t kMemoryOrderStreamedRowBytes = 1152;
+// bfloat16 (1152 B) 0.87x. Rows of 1 KB and less had been slower in memory order (14x14
+// float32 1.47-1.53x) while map_channels fenced after every plane; with one fence per call
+// (2 threads, in-process, 64 MB scrub, both orders): 16x16 float32 (1 KB) 0.68-0.69x, 14x14
+// float32 (784 B) 0.86-0.90x (1 thread 0.73-0.83x), 12x12 float32 (576 B) 0.56x (1 thread
+// 0.56-0.58x); 14x14 float16 0.91-1.01x, 16x16 bfloat16 0.95-1.05x; training, whose maps
+// follow its reduction, 0.98-1.01x. 10x10 float32 (400 B) was slower (1.16-1.32x), 9x9 mixed
+// (0.93-1.17x).
+constexpr int64_t kMemoryOrderStreamedRowBytes = 512;
 
 // Rows the kernels take as short rows (16-64 float or 8-32 double accumulators: a 7x7 plane
 // of float32 or a half type) are also walked in memory order when the data comes from DRAM
