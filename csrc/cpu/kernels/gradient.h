@@ -91,7 +91,7 @@ void grad_sums(const T* dy, const T* x, const Layout& L, int64_t begin, int64_t 
     return n == VL ? loadv(p + i) : load_partial(p + i, n);
   };
   Lanes2<T> a1, a2;
-  const int64_t ahead_dy = next_row_prefetch<T>(L, 0), ahead_x = next_row_prefetch<T>(L, 1);
+  const int64_t ahead_dy = next_row_prefetch<T>(L, 0, true), ahead_x = next_row_prefetch<T>(L, 1, true);
   const bool ahead = sd == 1 && sx == 1 && ahead_dy != 0;
   for_each_segment<2>(L, begin, end, [&](const int64_t* off, int64_t len) BN_SEGMENT_BODY {
     const T* dp = dy + off[0];
