@@ -1,7 +1,8 @@
 """Walks of the forward's elementwise pass (cpu/plan.h, walks_memory_order): channel blocks, or
 memory order (every channel of one outer index, then the next) once its arrays pass half the
 streaming threshold (three quarters for short rows), or the streamed walks past it (memory
-order for rows of 1152 bytes or more: 28x28 at any dtype, 14x14 float64); and a block
+order for rows of 512 bytes or more: 28x28 at any dtype, 14x14 float32 and float64, 9x9
+float64, (7, 33, 200) float32; channel blocks below: 14x14 half types); and a block
 whose channels are one piece each (N = 1) as one kernel call. Each value's formula is the same
 whichever the walk: every walk must give the same bits, at any thread count, and match the
 float64 reference. The threshold is the testing hook, so that small arrays reach each walk."""

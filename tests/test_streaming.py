@@ -147,6 +147,58 @@ def test_channels_first_streaming_matches_regular_stores(dtype, shape, offset, s
     assert (buf[:start] == SENTINEL).all() and (buf[start + n:] == SENTINEL).all()
 
 
+def offset_buffer(n: int, dtype: str, offset: int):
+    """n elements starting `offset` elements past a 64-byte boundary inside a SENTINEL-filled
+    1-D buffer (a torch tensor for bfloat16). Returns (flat view, buffer, start)."""
+    item = 2 if dtype in ("float16", "bfloat16") else np.dtype(dtype).itemsize
+    size = n + 64 // item + offset
+    if dtype == "bfloat16":
+        buf = torch.full((size,), SENTINEL, dtype=torch.bfloat16)
+        base = buf.data_ptr()
+    else:
+        buf = np.full(size, SENTINEL, dtype=dtype)
+        base = buf.ctypes.data
+    start = ((-base) % 64) // item + offset
+    return buf[start:start + n], buf, start
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,offset,threads", [((8, 16, 28, 28), 8, 2), ((4, 6, 14, 14), 3, 2),
+                                                  ((2, 5, 28, 28), 1, 1), ((3, 4, 10, 10), 5, 2)])
+def test_channels_first_streaming_in_place_on_threads(dtype, shape, offset, threads, streaming):
+    """Streamed channels-first maps in place (y over x, dx over dy), on several threads whose
+    tasks meet inside cache lines, into outputs `offset` elements past a line: the values
+    before the first whole line and after the last one take regular stores, so no line is
+    written by both kinds. The same bits as regular stores, nothing outside the output."""
+    rng = np.random.default_rng(11)
+    xv = rng.standard_normal(shape) * 2 - 1
+    x, dy = make(xv, dtype), make(rng.standard_normal(shape), dtype)
+    w, b = np.linspace(0.5, 1.5, shape[1]), np.linspace(-1, 1, shape[1])
+    _C._set_stream_threshold(-1)
+    _, mean, invstd = bn.forward_training(x, w, b)
+    var = 1 / invstd ** 2
+    ref_y = numpy_of(bn.forward_inference(x, mean, var, w, b))
+    ref_dx = numpy_of(bn.backward(dy, x, mean, invstd, w)[0])
+    before = bn.get_num_threads()
+    bn.set_num_threads(threads)
+    try:
+        _C._set_stream_threshold(0)
+        for src, run, ref in ((x, lambda v: bn.forward_inference(v, mean, var, w, b, out=v), ref_y),
+                              (dy, lambda v: bn.backward(v, x, mean, invstd, w, out=v), ref_dx)):
+            n = int(np.prod(shape))
+            flat, buf, start = offset_buffer(n, dtype, offset)
+            view = flat.reshape(shape)
+            view[...] = src
+            run(view)
+            np.testing.assert_array_equal(numpy_of(view), ref)
+            whole = numpy_of(buf)
+            sentinel = numpy_of(make(np.array([SENTINEL]), dtype))[0]
+            assert (whole[:start] == sentinel).all() and (whole[start + n:] == sentinel).all(), \
+                "a write landed outside the output"
+    finally:
+        bn.set_num_threads(before)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("C,pad,offset", [(640, 0, 1), (640, 0, 4), (600, 40, 3), (520, 0, 0), (640, 1, 2),
                                           (64, 0, 1), (48, 0, 3), (32, 0, 5), (64, 2, 1),

@@ -396,9 +396,13 @@ constexpr int64_t kMemoryOrderRow = 1024;
 // float32 1.47-1.53x) while map_channels fenced after every plane; with one fence per call
 // (2 threads, in-process, 64 MB scrub, both orders): 16x16 float32 (1 KB) 0.68-0.69x, 14x14
 // float32 (784 B) 0.86-0.90x (1 thread 0.73-0.83x), 12x12 float32 (576 B) 0.56x (1 thread
-// 0.56-0.58x); 14x14 float16 0.91-1.01x, 16x16 bfloat16 0.95-1.05x; training, whose maps
-// follow its reduction, 0.98-1.01x. 10x10 float32 (400 B) was slower (1.16-1.32x), 9x9 mixed
-// (0.93-1.17x).
+// 0.56-0.58x); 14x14 float16 0.91-1.01x, 16x16 bfloat16 0.95-1.05x; 14x14 float32 fused
+// with a residual and a ReLU 0.72x, the fused backward's ReLU-gradient pass (elementwise.cpp)
+// 0.88-0.91x (12x12 0.94-1.02x); float64 11x11 (968 B) 0.87-1.12x, 8x8 (512 B) 0.87-0.95x;
+// training, whose maps follow its reduction, 0.98-1.01x. 10x10 float32 (400 B) was slower
+// (1.16-1.32x), 9x9 float32 (324 B) mixed (0.93-1.17x). (The walk splits the outer index only:
+// fewer outer indices than threads leave threads idle, as for the longer rows before; 2 vCPUs
+// here could not show it.)
 constexpr int64_t kMemoryOrderStreamedRowBytes = 512;
 
 // Rows the kernels take as short rows (16-64 float or 8-32 double accumulators: a 7x7 plane
