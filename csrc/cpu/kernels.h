@@ -40,6 +40,9 @@ static_assert(kFlatRowBytes >= kPeelRowBytes, "misaligned rows go flat up to the
 // Bytes ahead that half types' streamed channels-last maps prefetch their inputs where they go
 // position by position (map_positions; the flat runs do not).
 constexpr int64_t kMapPrefetchBytes = 1024;
+// Streamed channels-first rows shorter than this, from memory and walked a channel at a time
+// (map_block through map_channels), prefetch kPrefetchRows rows ahead (see map_channels).
+constexpr int64_t kMapRowPrefetchBytes = 512;
 // Positions per group at least, channels-last.
 constexpr int64_t kChannelsLastMinGroup = 64;
 // Every reduction is cut into at most this many groups (its unit of parallelism), by a

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "core/recipes.h"
 #include "cpu/kernels/moments.h"
 #include "cpu/kernels/simd.h"
 #include "cpu/kernels/walk.h"
@@ -18,6 +19,12 @@ namespace batchnorm::cpu::BN_ISA {
 
 template <class R>
 constexpr int coef_slots = R::kCoef > 0 ? R::kCoef : 1;
+
+// Whether R is one of the forward's maps (normalize, with or without residual and ReLU).
+template <class R>
+constexpr bool kForwardMap = false;
+template <bool Residual, Activation Act>
+constexpr bool kForwardMap<ForwardMap<Residual, Act>> = true;
 
 // One output value, from inputs p[j][i * s[j]] to o[i * so] (the scalar path); Unit: every
 // stride is 1.
@@ -148,9 +155,11 @@ void map_short_rows(const T* const* in, T* out, const Layout& L, int64_t begin, 
 // Channels-first: one channel (pointers at its first value), values [begin, end) of its walk;
 // k: the channel's R::kCoef coefficients. Arrays in the layout: the inputs, then the output.
 // Streamed stores (`nt`) are left unfenced: the caller fences once after its channels (see
-// map_channels).
+// map_channels). `ahead`: prefetch every input's row kPrefetchRows rows ahead (contiguous rows
+// of a walk over two reduced dims only).
 template <class R, class T>
-void map_block(const T* const* in, T* out, const Layout& L, int64_t begin, int64_t end, const acc_t<T>* k, bool nt) {
+void map_block(const T* const* in, T* out, const Layout& L, int64_t begin, int64_t end, const acc_t<T>* k, bool nt,
+               bool ahead = false) {
   using A = acc_t<T>;
   using V = vec_t<A>;
   constexpr int N = R::kIn;
@@ -168,10 +177,16 @@ void map_block(const T* const* in, T* out, const Layout& L, int64_t begin, int64
   #pragma GCC unroll 4
   for (int j = 0; j < N; ++j) s[j] = L.inner_stride(j);
   const int64_t so = L.inner_stride(N);
+  const bool prefetch = ahead && unit && L.nred == 2;
   for_each_segment<N + 1>(L, begin, end, [&](const int64_t* off, int64_t len) {
     const T* p[N];
     #pragma GCC unroll 4
     for (int j = 0; j < N; ++j) p[j] = in[j] + off[j];
+    if (prefetch) {
+      #pragma GCC unroll 4
+      for (int j = 0; j < N; ++j)
+        prefetch_span(p[j], kPrefetchRows * L.strides[j][0], len * static_cast<int64_t>(sizeof(T)));
+    }
     T* o = out + off[N];
     if (unit) {
       map_contiguous<R, T>(k, kv, p, o, len, nt);
@@ -401,6 +416,16 @@ void map_channels(const T* const* in, T* out, const Layout& L, int64_t nc, int64
         if (streamed) store_fence();
       }))
     return;
+  // The forward's rows under kMapRowPrefetchBytes from memory, a channel at a time, are a few
+  // lines per page (a channel's rows are C rows apart), where the hardware prefetchers do not
+  // follow: their inputs are fetched kPrefetchRows rows ahead. AMD EPYC Zen 4, inference (NCHW
+  // rows under 512 bytes walk in channel blocks; see kMemoryOrderStreamedRowBytes), 2 threads,
+  // in-process, 64 MB scrub, both orders: 256x512x10x10 float32 0.63-0.65x the time, bfloat16
+  // 0.68-0.70x, 256x256x9x9 float32 0.61-0.65x (2 rows ahead 0.68-0.71x, 8 rows 0.62-0.77x);
+  // training 0.99-1.01x. The backward's dx slowed with it (10x10 float32 1.08-1.11x, bfloat16
+  // 1.14-1.18x), as longer rows did (28x28, 56x56: 1.04-1.08x): they do without.
+  constexpr bool forward = kForwardMap<R>;
+  const bool ahead = forward && cold && nt && L.inner() * static_cast<int64_t>(sizeof(T)) < kMapRowPrefetchBytes;
   for (int64_t i = 0; i < nc; ++i) {
     const T* p[N];
     #pragma GCC unroll 4
@@ -408,7 +433,7 @@ void map_channels(const T* const* in, T* out, const Layout& L, int64_t nc, int64
     A kc[coef_slots<R>];
     #pragma GCC unroll 4
     for (int j = 0; j < R::kCoef; ++j) kc[j] = k[j][i];
-    map_block<R, T>(p, out + i * L.channel_stride[N], L, begin, end, kc, nt);
+    map_block<R, T>(p, out + i * L.channel_stride[N], L, begin, end, kc, nt, ahead);
   }
   // One fence for the call's channels: a fence per channel held each plane's streamed stores
   // up until they had drained. AMD EPYC Zen 4, 64x256x28x28 NCHW inference (a call per outer
