@@ -55,8 +55,12 @@ static void die(const char* what, const char* detail) {
 }
 
 /* The settings "-" or "avx2,BATCHNORM_STREAM_BYTES=0" into the environment, replacing the last
- * library's. */
+ * library's: every name the last settings set is unset first (not only BATCHNORM_ISA and
+ * BATCHNORM_STREAM_BYTES: an experiment's own switch, set for library A, had stayed set for B). */
 static void apply_settings(const char* settings) {
+  static char last[512];
+  for (char* name = strtok(last, ","); name; name = strtok(NULL, ",")) unsetenv(name);
+  last[0] = '\0';
   unsetenv("BATCHNORM_ISA");
   unsetenv("BATCHNORM_STREAM_BYTES");
   if (strcmp(settings, "-") == 0) return;
@@ -67,6 +71,10 @@ static void apply_settings(const char* settings) {
     if (eq) {
       *eq = '\0';
       setenv(tok, eq + 1, 1);
+      if (strlen(last) + strlen(tok) + 2 < sizeof last) {
+        strcat(last, tok);
+        strcat(last, ",");
+      }
     } else {
       setenv("BATCHNORM_ISA", tok, 1);
     }
