@@ -155,3 +155,44 @@ def test_long_constant_channel_has_variance_exactly_zero():
         assert (var == 0).all() and (mean == v).all(), (shape, mean, var)
         _, _, invstd = bn.forward_training(x, axis=axis, eps=0.0)
         assert np.isinf(invstd).all()  # 1 / sqrt(0): no NaN from a negative variance
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="bfloat16 arrays are made with torch")
+@pytest.mark.parametrize("layout", ["nc", "nchw"])
+def test_bfloat16_nan_lanes_stay_quiet_nans_with_their_payload(layout):
+    """bfloat16 stores find NaN lanes by one compare of a vector's two halves and only then
+    quiet them (simd.h): a NaN in any lane of either half, of either sign, signalling or quiet,
+    with any payload, comes out as the same NaN made quiet (bit 6 set), a NaN statistic makes
+    its channel NaN (not -0, which rounding its payload as a number gives), and every other
+    value keeps the bits of the same call without NaNs."""
+    rng = np.random.default_rng(5)
+    shape = (40, 64) if layout == "nc" else (3, 8, 9, 9)
+    clean = torch.from_numpy(rng.standard_normal(shape).astype(np.float32)).to(torch.bfloat16)
+    bits = clean.view(torch.int16).numpy().copy()
+    flat = bits.reshape(-1)
+    # One NaN per 16-value vector at a lane that walks through both halves; payloads: quiet,
+    # signalling (lowest bit only), all ones, negative.
+    payloads = np.array([0x7FC0, 0x7F81, 0x7FFF, 0xFFC1, 0xFF80 | 0x15], dtype=np.uint16).view(np.int16)
+    where = np.arange(3, flat.size, 17)
+    flat[where] = payloads[np.arange(where.size) % payloads.size]
+    x = torch.from_numpy(bits).view(torch.bfloat16)
+    C = shape[1]
+    mean, var = np.linspace(-0.5, 0.5, C), np.linspace(0.5, 2.0, C)
+    w, b = np.linspace(0.5, 1.5, C), np.linspace(-1, 1, C)
+    ref = bn.forward_inference(clean, mean, var, w, b).view(torch.int16).numpy().reshape(-1)
+    got = bn.forward_inference(x, mean, var, w, b).view(torch.int16).numpy().reshape(-1)
+    expected = ref.copy()
+    expected[where] = flat[where] | 0x40
+    np.testing.assert_array_equal(got.view(np.uint16), expected.view(np.uint16))
+    # NaN statistics whose payload fills the mantissa: rounded as a number, such a NaN carries
+    # into the sign bit and comes out as -0. Channels 5 and 27 sit in the low and the high half
+    # of a vector of 16 channels-last channels (NCHW: whole planes).
+    chans = [5, 27] if C > 27 else [1, 5]
+    nan_mean = mean.copy()
+    nan_mean[chans] = np.array([0x7FFFFFFFFFFFFFFF, 0xFFFFFFFFFFFFFFFF], dtype=np.uint64).view(np.float64)
+    y = bn.forward_inference(clean, nan_mean, var, w, b).to(torch.float32).numpy()
+    y_ref = bn.forward_inference(clean, mean, var, w, b).to(torch.float32).numpy()
+    poisoned = np.zeros(C, dtype=bool)
+    poisoned[chans] = True
+    assert np.isnan(np.moveaxis(y, 1, 0)[poisoned]).all()
+    np.testing.assert_array_equal(np.moveaxis(y, 1, 0)[~poisoned], np.moveaxis(y_ref, 1, 0)[~poisoned])
