@@ -364,18 +364,11 @@ static inline __attribute__((always_inline)) void for_run_tiles(const Layout& L,
 template <class T, int NV>
 static inline __attribute__((always_inline)) void resume_acc(AccFor<T> (&acc)[NV], const acc_t<T>* p, bool resume) {
   if (!resume) return;
-  for (int k = 0; k < NV; ++k) {
-    vec_t<acc_t<T>> v;
-    std::memcpy(&v, p + k * vlen<acc_t<T>>, sizeof(v));
-    acc[k] = AccFor<T>::of(v);
-  }
+  for (int k = 0; k < NV; ++k) acc[k] = AccFor<T>::resume(p + k * vlen<acc_t<T>>);
 }
 template <class T, int NV>
 static inline __attribute__((always_inline)) void park_acc(const AccFor<T> (&acc)[NV], acc_t<T>* p) {
-  for (int k = 0; k < NV; ++k) {
-    const vec_t<acc_t<T>> v = acc[k].get();
-    std::memcpy(p + k * vlen<acc_t<T>>, &v, sizeof(v));
-  }
+  for (int k = 0; k < NV; ++k) acc[k].park(p + k * vlen<acc_t<T>>);
 }
 
 // Channels-last runs of positions are reduced like channels-first blocks: their per-channel
