@@ -156,8 +156,9 @@ struct Acc {
   // AVX2 part by part: through get() GCC 12 joined the two parts on the stack first (each
   // stored twice, one reloaded), in channels-last runs that park their sums at every position
   // (kernels/moments.h). AMD EPYC Zen 3, in-process, both orders: statistics in cache, 1
-  // thread, 8192x512 float32 0.85-0.86x the time, 64x256x28x28 NHWC 0.90-0.91x (float16
-  // 0.78x, bfloat16 0.92-0.93x), from memory on 2 threads 0.92-0.94x; backward 8192x512 0.93x.
+  // thread, 8192x512 float32 0.85-0.90x the time, 64x256x28x28 NHWC 0.90-0.91x (float16
+  // 0.78x, bfloat16 0.92-0.93x), from memory on 2 threads 0.92-0.94x; backward 8192x512
+  // 0.93-0.97x.
   // The baseline level's four parts went 1.03-1.05x slower so: they keep get(). Same lanes.
   inline __attribute__((always_inline)) void park(A* p) const {
     if constexpr (kParts == 2) {
