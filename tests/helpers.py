@@ -249,6 +249,24 @@ def to_f64(a: Any) -> np.ndarray:
     return np.asarray(a, dtype=np.float64).copy()
 
 
+def writable_like(values: Any, like: Any) -> Any:
+    """`values` as a writable float32 array where the JAX array `like` lives: NumPy for the
+    CPU, CuPy (else a torch tensor) for a GPU. For the running statistics that the eager API
+    updates in place beside JAX inputs: bit-for-bit comparisons of batchnorm.jax with the
+    eager API hold on one device, not across devices (the CPU and CUDA kernels reduce in
+    different orders)."""
+    host = np.array(values, np.float32)
+    if next(iter(like.devices())).platform == "cpu":
+        return host
+    if HAVE_CUPY:
+        import cupy
+
+        return cupy.asarray(host)
+    if HAVE_TORCH and torch.cuda.is_available():
+        return torch.as_tensor(host, device="cuda")
+    pytest.skip("the eager twin of a JAX array on a GPU needs CuPy or torch with CUDA")
+
+
 def to_host(a: Any) -> Any:
     """The same values and dtype on the CPU: a NumPy array, or a torch tensor for bfloat16."""
     if is_torch(a):

@@ -17,6 +17,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import batchnorm  # noqa: E402
 import batchnorm.jax as bj  # noqa: E402
+from helpers import to_f64, writable_like  # noqa: E402
 from test_variants import renorm_backward_reference, renorm_reference  # noqa: E402
 
 # (shape, channel axis); the running statistics make batch renorm clip r in some channels and
@@ -67,10 +68,10 @@ def test_renorm_forward(dtype, layout):
     f = jax.jit(lambda *a: bj.batch_norm(*a, training=True, momentum=0.25, eps=1e-3, axis=axis, renorm=(RMAX, DMAX)))
     y, new_rm, new_rv, r, d = f(x, w, b, rm, rv)
     assert y.dtype == x.dtype and r.dtype == d.dtype == jnp.float32 and r.shape == (shape[axis],)
-    erm, erv = np.array(RUNNING[0], np.float32), np.array(RUNNING[1], np.float32)
-    ey, _, _, er, ed = batchnorm.forward_training(np.asarray(x), np.asarray(w), np.asarray(b), running_mean=erm,
-                                                  running_var=erv, momentum=0.25, eps=1e-3, axis=axis,
-                                                  renorm=(RMAX, DMAX))
+    # The eager kernels on JAX's device (JAX arrays in; the running statistics beside them).
+    erm, erv = writable_like(RUNNING[0], x), writable_like(RUNNING[1], x)
+    ey, _, _, er, ed = batchnorm.forward_training(x, w, b, running_mean=erm, running_var=erv, momentum=0.25, eps=1e-3,
+                                                  axis=axis, renorm=(RMAX, DMAX))
     assert bits(y) == bits(ey) and bits(r) == bits(er) and bits(d) == bits(ed)
     want = renorm_reference(f64(x), f64(w), f64(b), *RUNNING, 0.25, 1e-3, RMAX, DMAX, axis)
     close(y, want[0], OUT_TOL[dtype] * 4, "y")
@@ -79,8 +80,8 @@ def test_renorm_forward(dtype, layout):
     assert (f64(r) == RMAX).any() and (f64(r) == np.float32(1 / RMAX)).any() and (np.abs(f64(d)) == DMAX).any()
     close(new_rm, want[5], STAT_TOL, "running_mean")
     close(new_rv, want[6], STAT_TOL, "running_var")
-    np.testing.assert_allclose(f64(new_rm), erm, rtol=1e-6, atol=1e-7)  # the eager update, in double
-    np.testing.assert_allclose(f64(new_rv), erv, rtol=1e-6)
+    np.testing.assert_allclose(f64(new_rm), to_f64(erm), rtol=1e-6, atol=1e-7)  # the eager update, in double
+    np.testing.assert_allclose(f64(new_rv), to_f64(erv), rtol=1e-6)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -99,10 +100,9 @@ def test_renorm_grad(layout):
 
     dx, dw, db = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, w, b)
     _, mean, invstd, r, d = batchnorm.forward_training(
-        np.asarray(x), np.asarray(w), np.asarray(b), running_mean=np.array(rm), running_var=np.array(rv), eps=1e-3,
-        axis=axis, renorm=(RMAX, DMAX))  # fmt: skip
-    edx, edw, edb = batchnorm.backward(np.asarray(dy), np.asarray(x), mean, invstd, np.asarray(w), axis=axis,
-                                       renorm=(r, d))
+        x, w, b, running_mean=writable_like(rm, x), running_var=writable_like(rv, x), eps=1e-3, axis=axis,
+        renorm=(RMAX, DMAX))  # fmt: skip
+    edx, edw, edb = batchnorm.backward(dy, x, mean, invstd, w, axis=axis, renorm=(r, d))
     assert bits(dx) == bits(edx) and bits(dw) == bits(edw) and bits(db) == bits(edb)
     wdx, wdw, wdb = renorm_backward_reference(f64(dy), f64(x), f64(w), f64(r), f64(d), 1e-3, axis)
     close(dx, wdx, 5e-5, "dx")
@@ -138,9 +138,9 @@ def test_ghost_forward_and_grad(dtype, layout):
     rm, rv = (jnp.asarray(a, jnp.float32) for a in RUNNING)
     f = jax.jit(lambda *a: bj.batch_norm(*a, training=True, momentum=0.3, axis=axis, ghost_batch=2))
     y, new_rm, new_rv = f(x, w, b, rm, rv)
-    ey, sm, si = batchnorm.forward_training(np.asarray(x), np.asarray(w), np.asarray(b), axis=axis, ghost_batch=2)
+    ey, sm, si = batchnorm.forward_training(x, w, b, axis=axis, ghost_batch=2)  # the eager kernels, JAX's device
     assert bits(y) == bits(ey)
-    y0, _, _ = batchnorm.forward_training(np.asarray(x)[2:4], np.asarray(w), np.asarray(b), axis=axis)
+    y0, _, _ = batchnorm.forward_training(x[2:4], w, b, axis=axis)
     assert bits(np.asarray(y)[2:4]) == bits(y0)
     red = tuple(i for i in range(len(shape)) if i != axis % len(shape))
     n = x.size // shape[axis]
@@ -152,7 +152,7 @@ def test_ghost_forward_and_grad(dtype, layout):
                                                                     ghost_batch=2)[0].astype(jnp.float32)
                                                      * dy.astype(jnp.float32)), argnums=(0, 1, 2)))(x, w, b)
     # d(sum(y * dy))/dy = dy, rounded to x's dtype as the cotangent of y: the eager backward of dy.
-    eager = batchnorm.backward(np.asarray(dy), np.asarray(x), sm, si, np.asarray(w), axis=axis, ghost_batch=2)
+    eager = batchnorm.backward(dy, x, sm, si, w, axis=axis, ghost_batch=2)
     for got, want in zip(grads, eager):
         assert bits(got) == bits(np.asarray(want, np.asarray(got).dtype))
 

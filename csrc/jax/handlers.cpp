@@ -10,6 +10,7 @@
 // into the statistics.
 #include "jax/handlers.h"
 
+#include <cstdint>
 #include <cstring>
 #include <exception>
 #include <optional>
@@ -314,13 +315,19 @@ template <class... A, ffi::Error (*Impl)(const Target&, A...)>
 struct Platforms<Impl> {
   static ffi::Error cpu(A... args) { return Impl(Target{}, std::move(args)...); }
 #if defined(BN_WITH_CUDA)
-  // Scratch comes from XLA's allocator (freed by XLA after the call, in stream order).
+  // Scratch comes from XLA's allocator (freed by XLA after the call, in stream order). XLA
+  // refuses alignments above 16 (ffi_api.cc's kMaxAlignment: every request failed on an H200
+  // when this asked for 256), so each block is asked with 16 and its start rounded up to the
+  // 256 bytes that the backend's own pool gives.
   static ffi::Error cuda(cudaStream_t stream, ffi::ScratchAllocator scratch, int32_t device, A... args) {
     ScratchAllocator from_xla;
     from_xla.context = &scratch;
     from_xla.allocate = [](void* context, std::size_t bytes) -> void* {
-      auto block = static_cast<ffi::ScratchAllocator*>(context)->Allocate(bytes, 256);
-      return block ? *block : nullptr;
+      constexpr std::size_t kAlign = 256;
+      auto block = static_cast<ffi::ScratchAllocator*>(context)->Allocate(bytes + kAlign - 16, 16);
+      if (!block || *block == nullptr) return nullptr;
+      const auto start = reinterpret_cast<std::uintptr_t>(*block);
+      return reinterpret_cast<void*>((start + kAlign - 1) / kAlign * kAlign);
     };
     Target t;
     t.device = Device{DeviceKind::cuda, device};
