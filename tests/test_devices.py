@@ -144,3 +144,38 @@ def test_runs_on_the_stream_argument(rng, xp):
         y2 = bn.forward_inference(x, mean, var)
     stream.synchronize()
     assert bits(y2) == bits(y)
+
+
+@pytest.mark.parametrize("xp", lib_params(["cupy"]))
+def test_results_outlive_the_stream_they_were_made_on(rng, xp):
+    """Results are freed on the stream they were made on; they keep that stream's object alive,
+    since CuPy destroys a stream with its object (a result dropped after its stream crashed the
+    process on an H200: the free was queued on a destroyed stream)."""
+    import gc
+    import weakref
+
+    import cupy as cp
+
+    x = cast(rng.standard_normal((16, 4, 20, 20)), "float32", xp)
+    xp.synchronize()
+
+    def on_a_stream_of_their_own():
+        stream = cp.cuda.Stream(non_blocking=True)
+        with stream:  # the current CuPy stream
+            y, mean, invstd = bn.forward_training(x)
+        var = bn.statistics(x, stream=stream)[1]  # stream= given
+        stream.synchronize()
+        try:
+            ref = weakref.ref(stream)
+        except TypeError:  # a stream type without weak references: the crash test alone
+            ref = None
+        return (y, mean, invstd, var), ref
+
+    results, ref = on_a_stream_of_their_own()
+    gc.collect()
+    assert ref is None or ref() is not None, "the stream went while its results live"
+    assert_output(results[0], bn.forward_training(x)[0], "float32", what="y")
+    del results
+    gc.collect()
+    cp.cuda.Device().synchronize()
+    assert ref is None or ref() is None, "the results did not let their stream go"

@@ -403,6 +403,56 @@ def test_misbehaving_dlpack_producers(arrays):
     np.testing.assert_array_equal(mean, bn.statistics(arrays["x"])[0])
 
 
+def _unsigned_strides_capsule(a):
+    """`a`'s legacy DLPack capsule with each negative stride rewritten as CuPy up to 14.2 exports
+    it: (2^64 + bytes) // itemsize, an unsigned division (cupy/cupy#10172)."""
+    import ctypes
+
+    class DLTensor(ctypes.Structure):
+        _fields_ = [("data", ctypes.c_void_p), ("device", ctypes.c_int32 * 2), ("ndim", ctypes.c_int32),
+                    ("dtype", ctypes.c_uint8 * 4), ("shape", ctypes.POINTER(ctypes.c_int64)),
+                    ("strides", ctypes.POINTER(ctypes.c_int64)), ("byte_offset", ctypes.c_uint64)]
+
+    cap = a.__dlpack__()
+    get = ctypes.pythonapi.PyCapsule_GetPointer
+    get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    t = DLTensor.from_address(get(cap, b"dltensor"))
+    for i, b in enumerate(a.strides):
+        if b < 0:
+            t.strides[i] = ctypes.c_int64((2**64 + b) // a.itemsize).value
+    return cap
+
+
+class _FlippedCupyLike(_Producer):
+    """A producer with NumPy/CuPy-style byte `.strides` whose DLPack export has CuPy's unsigned
+    negative strides."""
+
+    def __init__(self, a, advertised=None):
+        super().__init__(export=lambda: _unsigned_strides_capsule(a))
+        self.strides = a.strides if advertised is None else advertised
+
+
+def test_negative_strides_exported_as_unsigned_are_repaired_or_refused():
+    """CuPy up to at least 14.2 exports x[::-1]'s strides as numbers past any address space. With
+    the producer's own byte strides to explain them exactly, they are read as meant; otherwise
+    the array is refused with a ValueError (never read through them)."""
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((6, 3, 5)).astype(np.float32)
+    for flipped in (base[::-1], base[:, ::-1, ::-2], base[::-1, :, ::-1].transpose(1, 0, 2)):
+        y, mean, invstd = bn.forward_training(_FlippedCupyLike(flipped), axis=1 if flipped.shape[1] == 3 else 0)
+        want_y, want_mean, want_invstd = bn.forward_training(np.ascontiguousarray(flipped),
+                                                             axis=1 if flipped.shape[1] == 3 else 0)
+        np.testing.assert_allclose(mean, want_mean, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-6)
+    # Byte strides that do not explain the export (or none at all): refused, naming the cause.
+    flipped = base[::-1]
+    message = "x has strides (%d, 5, 1) (elements) with shape (6, 3, 5) that reach past any address space" % (
+        (2**64 - 60) // 4)
+    fails(ValueError, message, lambda: bn.statistics(_FlippedCupyLike(flipped, advertised=(-64, 20, 4))))
+    fails(ValueError, "cupy/cupy#10172", lambda: bn.statistics(_Producer(export=lambda: _unsigned_strides_capsule(
+        flipped))))
+
+
 # ---- merge_statistics ----------------------------------------------------------------------------------
 
 

@@ -64,7 +64,7 @@ void import_numpy(Imported& imp, const py::array& a, const char* arg) {
   imp.keep = py::reinterpret_borrow<py::object>(a);
 }
 
-void import_capsule(Imported& imp, py::object cap, const char* arg);
+void import_capsule(Imported& imp, py::object cap, const char* arg, py::handle producer = py::handle());
 
 // The message of a Python exception alone: pybind11's what() appends an "At:" traceback.
 std::string exception_message(const py::error_already_set& e) {
@@ -95,12 +95,35 @@ void import_dlpack(Imported& imp, py::handle obj, const char* arg, int64_t strea
       throw type_error(detail::concat(arg, " could not be exported through DLPack: ", exception_message(e2)));
     }
   }
-  import_capsule(imp, cap, arg);
+  import_capsule(imp, cap, arg, obj);
+}
+
+// CuPy up to at least 14.2 exports a negative stride of -s bytes as (2^64 - s) / itemsize
+// (unsigned division: cupy/cupy#10172), so flipped arrays (cupy.flip, x[::-1]) arrive with
+// strides past any address space. When the producer's own byte strides (`.strides`, as NumPy
+// and CuPy have them) explain every DLPack stride exactly, either equal or in that pattern,
+// `fixed` gets the true element strides.
+bool repair_unsigned_strides(const DLTensor& t, py::handle producer, int64_t* fixed) {
+  if (!producer || !py::hasattr(producer, "strides")) return false;
+  py::object given = producer.attr("strides");
+  if (!py::isinstance<py::tuple>(given) || py::len(given) != static_cast<size_t>(t.ndim)) return false;
+  const int64_t es = (t.dtype.bits * t.dtype.lanes + 7) / 8;
+  bool repaired = false;
+  for (int i = 0; i < t.ndim; ++i) {
+    const int64_t bytes = py::reinterpret_borrow<py::tuple>(given)[i].cast<int64_t>();
+    if (es == 0 || bytes % es != 0) return false;
+    fixed[i] = bytes / es;
+    if (fixed[i] == t.strides[i] || t.shape[i] <= 1) continue;
+    if (bytes >= 0 || static_cast<uint64_t>(bytes) / static_cast<uint64_t>(es) != static_cast<uint64_t>(t.strides[i]))
+      return false;
+    repaired = true;
+  }
+  return repaired;
 }
 
 // A capsule from __dlpack__ or handed over as it is (torch.utils.dlpack.to_dlpack's, which
 // the Python layer uses for torch tensors on the stream the call runs on).
-void import_capsule(Imported& imp, py::object cap, const char* arg) {
+void import_capsule(Imported& imp, py::object cap, const char* arg, py::handle producer) {
   PyObject* c = cap.ptr();
   DLTensor* t = nullptr;
   uint64_t flags = 0;
@@ -121,7 +144,14 @@ void import_capsule(Imported& imp, py::object cap, const char* arg) {
     throw type_error(detail::concat(arg, ".__dlpack__() must return a DLPack capsule, got a ", type_name(cap)));
   }
   imp.keep = cap;
-  imp.view = view_of_dltensor(*t, arg);
+  int64_t fixed[kMaxDims];
+  if (t->ndim <= kMaxDims && strides_beyond_memory(*t) && repair_unsigned_strides(*t, producer, fixed)) {
+    DLTensor repaired = *t;
+    repaired.strides = fixed;
+    imp.view = view_of_dltensor(repaired, arg);
+  } else {
+    imp.view = view_of_dltensor(*t, arg);
+  }
   imp.view.read_only = (flags & kDLFlagReadOnly) != 0;
 }
 
@@ -131,6 +161,10 @@ struct Memory {
   void* ptr = nullptr;
   Device device;
   int64_t stream = 0;
+  // The Python object that owns `stream` (a CuPy or torch stream), held so that the stream
+  // outlives this memory, whose free is queued on it: CuPy destroys a stream with its object,
+  // and a free queued on a destroyed stream crashed (H200, a result dropped after its stream).
+  PyObject* stream_owner = nullptr;
   // A destructor must not throw: a CUDA error while freeing (e.g. after an earlier kernel
   // fault) is dropped here rather than terminating the process; the next CUDA call reports it.
   ~Memory() {
@@ -138,6 +172,19 @@ struct Memory {
       deallocate(device, ptr, reinterpret_cast<void*>(stream));
     } catch (...) {
     }
+    // DLPack consumers may drop the memory on any thread, with or without the GIL; once the
+    // interpreter is finalizing, the reference is left to it.
+    if (stream_owner && Py_IsInitialized() && !finalizing()) {
+      py::gil_scoped_acquire gil;
+      Py_DECREF(stream_owner);
+    }
+  }
+  static bool finalizing() {
+#if PY_VERSION_HEX >= 0x030D0000
+    return Py_IsFinalizing();
+#else
+    return _Py_IsFinalizing();
+#endif
   }
 };
 
@@ -263,13 +310,15 @@ py::dtype numpy_dtype(DType d) {
 }
 
 Output make_output(std::vector<int64_t> shape, std::vector<int64_t> strides, DType dtype, const Device& device,
-                   bool as_numpy, int64_t stream) {
+                   bool as_numpy, int64_t stream, py::handle stream_owner) {
   int64_t n = 1;
   for (int64_t s : shape) n *= s;
   auto mem = std::make_shared<Memory>();
   mem->device = device;
   mem->stream = stream;
   mem->ptr = allocate(device, static_cast<size_t>(n) * dtype_size(dtype), reinterpret_cast<void*>(stream));
+  if (device.kind == DeviceKind::cuda && stream_owner && !stream_owner.is_none())
+    mem->stream_owner = stream_owner.inc_ref().ptr();
   Output out;
   TensorView& v = out.view;
   v.data = mem->ptr;
@@ -334,15 +383,15 @@ ImportedPtr import_array(py::handle obj, const char* arg, int64_t stream, bool a
   return imp;
 }
 
-Output allocate(const OutputSpec& spec, bool as_numpy, int64_t stream) {
+Output allocate(const OutputSpec& spec, bool as_numpy, int64_t stream, py::handle stream_owner) {
   if (spec.like) {
     const TensorView& order = spec.order ? *spec.order : *spec.like;
     return make_output(std::vector<int64_t>(order.shape, order.shape + order.ndim), dense_strides_like(order),
-                       spec.dtype, spec.device, as_numpy, stream);
+                       spec.dtype, spec.device, as_numpy, stream, stream_owner);
   }
   std::vector<int64_t> shape(spec.shape, spec.shape + spec.ndim), strides(spec.ndim, 1);
   for (int d = spec.ndim - 2; d >= 0; --d) strides[d] = strides[d + 1] * shape[d + 1];
-  return make_output(std::move(shape), std::move(strides), spec.dtype, spec.device, as_numpy, stream);
+  return make_output(std::move(shape), std::move(strides), spec.dtype, spec.device, as_numpy, stream, stream_owner);
 }
 
 void register_buffer(py::module_& m) {

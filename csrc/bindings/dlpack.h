@@ -66,12 +66,14 @@ ImportedPtr import_array(py::handle obj, const char* arg, int64_t stream, bool a
 
 // An output allocated as the core's spec says: like an input (its shape, dense in the stride
 // order of spec.order, else of spec.like) or contiguous of the spec's shape. as_numpy: a NumPy
-// array owning its memory; otherwise a Buffer (DLPack producer).
+// array owning its memory; otherwise a Buffer (DLPack producer). `stream_owner` (None or
+// null: none) is the Python object owning `stream`, kept alive while the memory lives, since
+// its free is queued on that stream.
 struct Output {
   py::object object;
   TensorView view;
 };
-Output allocate(const OutputSpec& spec, bool as_numpy, int64_t stream);
+Output allocate(const OutputSpec& spec, bool as_numpy, int64_t stream, py::handle stream_owner = py::handle());
 
 void register_buffer(py::module_& m);
 

@@ -31,6 +31,9 @@ namespace {
 struct Call {
   int64_t stream;  // DLPack consumer stream for CUDA arrays (1 = legacy default)
   bool as_numpy;   // results as NumPy arrays (the caller's x is NumPy)
+  // The Python object owning `stream` (a CuPy/torch stream) or None: results allocated here
+  // keep it alive, as their memory is freed on that stream.
+  py::object stream_owner;
   void* exec_stream() const { return reinterpret_cast<void*>(stream); }
 };
 
@@ -45,7 +48,7 @@ py::object output(py::handle given, const char* arg, const OutputSpec& spec, con
     return py::reinterpret_borrow<py::object>(given);
   }
   if (!spec.produced()) return py::none();
-  const Output o = allocate(spec, call.as_numpy, call.stream);
+  const Output o = allocate(spec, call.as_numpy, call.stream, call.stream_owner);
   view = o.view;
   return o.object;
 }
@@ -369,8 +372,10 @@ PYBIND11_MODULE(_C, m) {
   });
   register_buffer(m);
   py::class_<Call>(m, "Call")
-      .def(py::init([](int64_t stream, bool as_numpy) { return Call{stream, as_numpy}; }), py::arg("stream"),
-           py::arg("as_numpy"));
+      .def(py::init([](int64_t stream, bool as_numpy, py::object stream_owner) {
+             return Call{stream, as_numpy, std::move(stream_owner)};
+           }),
+           py::arg("stream"), py::arg("as_numpy"), py::arg("stream_owner") = py::none());
   m.def("statistics", &py_statistics);
   // The trailing *_out arguments are optional (C,) outputs for callers that allocate them.
   m.def("forward_training", &py_forward_training, py::arg("x"), py::arg("weight"), py::arg("bias"),

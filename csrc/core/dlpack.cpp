@@ -1,6 +1,8 @@
 // DLTensor -> TensorView (see dlpack.h).
 #include "core/dlpack.h"
 
+#include <string>
+
 #include "core/errors.h"
 
 namespace batchnorm {
@@ -24,6 +26,23 @@ const char* dl_code_name(uint8_t code) {
 // public header): they must be the header's.
 static_assert(find_dtype(kDLFloat, 32) == &dtype_info(DType::float32) &&
               find_dtype(kDLBfloat, 16) == &dtype_info(DType::bfloat16));
+
+bool strides_beyond_memory(const DLTensor& t) {
+  if (!t.strides || !t.shape) return false;
+  constexpr uint64_t kLimit = uint64_t{1} << 57;
+  const uint64_t es = (static_cast<uint64_t>(t.dtype.bits) * t.dtype.lanes + 7) / 8;
+  uint64_t span = 0;
+  for (int i = 0; i < t.ndim; ++i) {
+    if (t.shape[i] <= 1) continue;
+    const int64_t s = t.strides[i];
+    const uint64_t mag = s < 0 ? uint64_t{0} - static_cast<uint64_t>(s) : static_cast<uint64_t>(s);
+    const uint64_t steps = static_cast<uint64_t>(t.shape[i] - 1);
+    if (es != 0 && mag > kLimit / es / steps) return true;  // the extent alone is past the limit
+    span += mag * es * steps;
+    if (span > kLimit) return true;
+  }
+  return false;
+}
 
 Device device_of_dlpack(int32_t device_type, int32_t device_id, const char* arg) {
   switch (device_type) {
@@ -55,6 +74,14 @@ TensorView view_of_dltensor(const DLTensor& t, const char* arg) {
   for (int i = 0; i < v.ndim; ++i)
     BN_EXPECTS(v.shape[i] >= 0, value_error, arg, " must have non-negative dimensions, got shape ", shape_string(v));
   if (t.strides) {
+    if (strides_beyond_memory(t)) {
+      std::string strides;
+      for (int i = 0; i < t.ndim; ++i) strides += (i ? ", " : "") + std::to_string(t.strides[i]);
+      throw value_error(detail::concat(
+          arg, " has strides (", strides, t.ndim == 1 ? ",)" : ")", " (elements) with shape ", shape_string(v),
+          " that reach past any address space: its producer exported them wrongly through DLPack (CuPy up to "
+          "14.2 so exports negative strides, cupy/cupy#10172); pass a copy with positive strides"));
+    }
     for (int i = 0; i < v.ndim; ++i) v.strides[i] = t.strides[i];
   } else {
     int64_t s = 1;

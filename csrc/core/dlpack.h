@@ -15,6 +15,12 @@ namespace batchnorm {
 // read_only stays false (DLTensor has no flags; a versioned capsule's are the caller's).
 TensorView view_of_dltensor(const DLTensor& t, const char* arg);
 
+// Whether some stride of `t` reaches past any address space: a dim's extent |stride| x
+// (size - 1) x itemsize, or their sum, beyond 2^57 bytes. No array in memory has such strides;
+// a producer's bug does (CuPy up to at least 14.2 exports a negative stride of -s bytes as
+// (2^64 - s) / itemsize: cupy/cupy#10172). view_of_dltensor refuses them (ValueError).
+bool strides_beyond_memory(const DLTensor& t);
+
 // kDLCPU / kDLCUDAHost -> cpu, kDLCUDA / kDLCUDAManaged -> cuda:id, anything else a TypeError.
 Device device_of_dlpack(int32_t device_type, int32_t device_id, const char* arg);
 

@@ -65,7 +65,9 @@ def _stream_number(stream: Any) -> int:
     return number if number != 0 else _LEGACY_DEFAULT_STREAM
 
 
-def _current_stream(x: Any, library: str) -> int:
+def _current_stream(x: Any, library: str) -> Any:
+    """The stream a call on x runs on without stream=: torch's current stream (an int: torch
+    never destroys its own streams), CuPy's current Stream object, else the legacy default."""
     if library == "torch":
         import torch
 
@@ -76,7 +78,7 @@ def _current_stream(x: Any, library: str) -> int:
     if library == "cupy":
         import cupy
 
-        return cupy.cuda.get_current_stream().ptr
+        return cupy.cuda.get_current_stream()  # the object: results keep it alive
     return _LEGACY_DEFAULT_STREAM
 
 
@@ -114,13 +116,17 @@ class Kind:
         as_numpy = isinstance(lead, np.ndarray) or not hasattr(lead, "__dlpack__")
         device = _device_of(lead, self.library, name) if lead is not None else None
         self.device = device
-        number = 0
+        number, owner = 0, None
         if device is not None and device[0] == "cuda":
-            number = _stream_number(stream) if stream is not None else _stream_number(_current_stream(lead, self.library))
+            used = _current_stream(lead, self.library) if stream is None else stream
+            number = _stream_number(used)
+            # Results are freed on this stream: they keep its object alive (CuPy destroys the
+            # stream with its object). A bare int stream must outlive the results by itself.
+            owner = None if isinstance(used, int) else used
         elif stream is not None:
             _stream_number(stream)  # still a type check: a bad stream= is an error everywhere
         self.stream = number
-        self.call = _C.Call(number, as_numpy)
+        self.call = _C.Call(number, as_numpy, owner)
         self._convert: Optional[Callable[[Any], Any]] = None if as_numpy else _from_dlpack_of(self.library)
         # torch tensors on the stream the call runs on (no stream= given) travel as capsules.
         self._capsules = _torch_capsules() if self.library == "torch" and stream is None else None
