@@ -4,7 +4,8 @@ native, whichever torch picks), columns interleaved round by round. Two timings 
 "stream", BURST calls back to back between two events (a training loop's steady state: host
 overhead hides behind GPU work when it can), which the targets use; and "alone", one call on
 an idle GPU (synchronize, then events around the call: launch latency and host overhead as a
-single call sees them). Writes <out>/cuda-<device>.{txt,json,png}."""
+single call sees them). Besides the three ops, the fused BN + add + ReLU (training forward and
+its backward) against torch's unfused sequence. Writes <out>/cuda-<device>.{txt,json,png}."""
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,13 @@ from .cli import DEFAULT_OUT
 SHAPES = C.SHAPES + ((256, 64, 112, 112),)
 QUICK_SHAPES = ((32, 64, 56, 56), (256, 64, 112, 112))
 DTYPES = ("float32", "bfloat16")
-TARGETS = {"forward_inference": 0.9, "forward_training": 0.75, "backward": 0.75}
+# The fused ops (residual= and activation="relu") after the three of the contract.
+OPS = C.OPS + ("fused_training", "fused_backward")
+SHORT_OP = {**C.SHORT_OP, "fused_training": "fus_train", "fused_backward": "fus_bwd"}
+# Fused: x, residual read + y written; dy, y, x read + dx, dresidual written.
+ARRAYS_TOUCHED = {**C.ARRAYS_TOUCHED, "fused_training": 3, "fused_backward": 5}
+TARGETS = {"forward_inference": 0.9, "forward_training": 0.75, "backward": 0.75, "fused_training": 0.75,
+           "fused_backward": 0.75}
 DEFAULT_REPS = 30
 WARMUP = 5
 
@@ -73,6 +80,13 @@ def _columns(torch: Any, x: Any, dtype: Any, axis: int, channels: int) -> Tuple[
     xg = xt.detach().requires_grad_(True)
     wg, bg = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
     yg = F.batch_norm(xg, None, None, wg, bg, training=True, eps=C.EPS)
+    # Fused: y = relu(bn(x) + r), its backward from y's mask; torch's unfused sequence beside it.
+    r = torch.randn(x.shape, device=dev, dtype=dtype, generator=g)
+    rt = r if axis == 1 else r.permute(0, x.ndim - 1, *range(1, x.ndim - 1))
+    fy, fdx = torch.empty_like(x), torch.empty_like(x)
+    bn.forward_training(x, w, b, axis=axis, residual=r, activation="relu", out=fy)
+    rg = rt.detach().requires_grad_(True)
+    fyg = torch.relu(F.batch_norm(xg, None, None, wg, bg, training=True, eps=C.EPS) + rg)
 
     cols = [
         Column("copy", "copy", lambda: y.copy_(x)),
@@ -87,6 +101,20 @@ def _columns(torch: Any, x: Any, dtype: Any, axis: int, channels: int) -> Tuple[
         Column("backward", "ours_out", lambda: bn.backward(dy, x, sm, si, w, axis=axis, out=dx)),
         Column("backward", "ours_new", lambda: bn.backward(dy, x, sm, si, w, axis=axis)),
         Column("backward", "torch", lambda: torch.autograd.grad(yg, (xg, wg, bg), dyt, retain_graph=True)),
+        Column("fused_training", "ours_out",
+               lambda: bn.forward_training(x, w, b, running_mean=rm, running_var=rv, axis=axis, residual=r,
+                                           activation="relu", out=y)),
+        Column("fused_training", "ours_new",
+               lambda: bn.forward_training(x, w, b, running_mean=rm, running_var=rv, axis=axis, residual=r,
+                                           activation="relu")),
+        Column("fused_training", "torch",
+               lambda: torch.relu_(F.batch_norm(xt, trm, trv, w, b, training=True, eps=C.EPS) + rt)),
+        Column("fused_backward", "ours_out",
+               lambda: bn.backward(dy, x, sm, si, w, axis=axis, y=fy, activation="relu", residual=True, out=fdx)),
+        Column("fused_backward", "ours_new",
+               lambda: bn.backward(dy, x, sm, si, w, axis=axis, y=fy, activation="relu", residual=True)),
+        Column("fused_backward", "torch",
+               lambda: torch.autograd.grad(fyg, (xg, wg, bg, rg), dyt, retain_graph=True)),
     ]
     # Agreement with torch on this case's data (max |difference| / max |torch|).
     with torch.no_grad():
@@ -94,14 +122,24 @@ def _columns(torch: Any, x: Any, dtype: Any, axis: int, channels: int) -> Tuple[
         ref_inf = F.batch_norm(xt, rm, rv, w, b, training=False, eps=C.EPS)
         ours_dx, _, _ = bn.backward(dy, x, sm, si, w, axis=axis)
         ours_y, _, _ = bn.forward_training(x, w, b, axis=axis)
+        ours_fdx = bn.backward(dy, x, sm, si, w, axis=axis, y=fy, activation="relu", residual=True)[0]
     ref_dx, _, _ = torch.autograd.grad(yg, (xg, wg, bg), dyt, retain_graph=True)
+    ref_fdx = torch.autograd.grad(fyg, (xg, wg, bg, rg), dyt, retain_graph=True)[0]
 
-    def rel(a: Any, r: Any) -> float:
-        a = a if axis == 1 else a.permute(0, a.ndim - 1, *range(1, a.ndim - 1))
-        return float((a.float() - r.float()).abs().max() / r.float().abs().max().clamp_min(1e-30))
+    def logical(a: Any) -> Any:
+        return a if axis == 1 else a.permute(0, a.ndim - 1, *range(1, a.ndim - 1))
 
+    def rel(a: Any, r: Any, where: Any = None) -> float:
+        diff = (logical(a).float() - r.float()).abs()
+        return float((diff if where is None else diff[where]).max() / r.float().abs().max().clamp_min(1e-30))
+
+    # The fused backward's dx follows each side's own ReLU mask: where one forward's y rounds
+    # to 0 and the other's does not (a handful of elements of a large float32 tensor, many in
+    # bfloat16), the two gradients differ by the whole of dy. Compared where the masks agree.
+    same_mask = (logical(fy) > 0) == (fyg.detach() > 0)
     agree = {"forward_inference": rel(ours_inf, ref_inf), "forward_training": rel(ours_y, yg.detach()),
-             "backward": rel(ours_dx, ref_dx)}
+             "backward": rel(ours_dx, ref_dx), "fused_training": rel(fy, fyg.detach()),
+             "fused_backward": rel(ours_fdx, ref_fdx, same_mask)}
     return cols, agree
 
 
@@ -198,12 +236,12 @@ def main(argv: Optional[Sequence[str]] = None, default_out: str = DEFAULT_OUT) -
                 copy_bw = 2 * nbytes / copy["median_s"]
                 res = {"shape": list(shape), "layout": layout, "dtype": dtype, "bytes": nbytes,
                        "copy": {**copy, "gbps": copy_bw / 1e9}, "ops": {}}
-                for op in C.OPS:
+                for op in OPS:
                     row: Dict[str, Any] = {}
                     for col in cols:
                         if col.op == op:
                             row[col.impl] = _stats(col)
-                    moved = C.ARRAYS_TOUCHED[op] * nbytes
+                    moved = ARRAYS_TOUCHED[op] * nbytes
                     for impl in ("ours_out", "ours_new", "torch"):
                         row[impl]["gbps"] = moved / row[impl]["median_s"] / 1e9
                         row[impl]["roofline"] = moved / row[impl]["median_s"] / copy_bw
@@ -211,7 +249,7 @@ def main(argv: Optional[Sequence[str]] = None, default_out: str = DEFAULT_OUT) -
                     row["speedup_vs_torch_out"] = row["torch"]["median_s"] / row["ours_out"]["median_s"]
                     row["max_rel_err_vs_torch"] = agree[op]
                     res["ops"][op] = row
-                    out(f"{'x'.join(map(str, shape)):>20} {layout:>3} {dtype:>8} {C.SHORT_OP[op]:>9} | "
+                    out(f"{'x'.join(map(str, shape)):>20} {layout:>3} {dtype:>8} {SHORT_OP[op]:>9} | "
                         f"{row['ours_out']['median_s'] * 1e3:8.3f} {row['ours_new']['median_s'] * 1e3:8.3f} "
                         f"{row['torch']['median_s'] * 1e3:8.3f} | {row['ours_out']['gbps']:6.0f} "
                         f"{row['ours_out']['roofline']:5.2f} {row['torch']['roofline']:5.2f} | "
@@ -232,7 +270,8 @@ def main(argv: Optional[Sequence[str]] = None, default_out: str = DEFAULT_OUT) -
            "config": {"reps": reps, "shapes": [list(s) for s in shapes], "dtypes": list(dtypes), "eps": C.EPS,
                       "timing": f"median over interleaved rounds of: events around {BURST} calls back to back (median_s, "
                                 f"per call) and around one call after a synchronize (alone_median_s)",
-                      "bytes": "forward: 2 x x.nbytes; backward: 3 x x.nbytes; copy: 2 x x.nbytes"},
+                      "bytes": "forward: 2 x x.nbytes; backward: 3 x x.nbytes; fused forward: 3 x x.nbytes; "
+                                "fused backward: 5 x x.nbytes; copy: 2 x x.nbytes"},
            "cases": results, "targets": {k: v for k, v in targets.items() if k != "lines"}}
     with open(stem + ".json", "w") as f:
         json.dump(doc, f, indent=1)
@@ -246,7 +285,7 @@ def main(argv: Optional[Sequence[str]] = None, default_out: str = DEFAULT_OUT) -
 def _targets(results: Sequence[dict]) -> dict:
     lines = ["Targets (every row, ours with out=; torch compared with ours allocating):"]
     summary: Dict[str, Any] = {}
-    for op in C.OPS:
+    for op in OPS:
         rows = [(r, r["ops"][op]) for r in results]
         fr = np.array([row["ours_out"]["roofline"] for _, row in rows])
         sp = np.array([row["speedup_vs_torch"] for _, row in rows])
@@ -257,7 +296,7 @@ def _targets(results: Sequence[dict]) -> dict:
                        "rows_meeting": int((fr >= TARGETS[op]).sum()), "rows": len(rows),
                        "median_vs_torch": float(np.median(sp)), "min_vs_torch": float(sp.min()),
                        "rows_slower_than_torch": slow}
-        lines.append(f"  {C.SHORT_OP[op]:>9}: xcopy >= {TARGETS[op]}: {summary[op]['rows_meeting']}/{len(rows)} rows "
+        lines.append(f"  {SHORT_OP[op]:>9}: xcopy >= {TARGETS[op]}: {summary[op]['rows_meeting']}/{len(rows)} rows "
                      f"(median {np.median(fr):.2f}, min {fr.min():.2f} on {'x'.join(map(str, worst['shape']))} "
                      f"{worst['layout']} {worst['dtype']}); vs torch median {np.median(sp):.2f}x, min {sp.min():.2f}x; "
                      f"slower than torch on {len(slow)} row(s)" + (f": {', '.join(slow)}" if slow else ""))
@@ -272,10 +311,10 @@ def _plot(results: Sequence[dict], path: str, title: str) -> Optional[str]:
         import matplotlib.pyplot as plt
     except ImportError as e:
         return f"no chart: {e}"
-    fig, axes = plt.subplots(len(C.OPS), 1, figsize=(14, 3.4 * len(C.OPS)), squeeze=False)
+    fig, axes = plt.subplots(len(OPS), 1, figsize=(14, 3.4 * len(OPS)), squeeze=False)
     labels = [f"{'x'.join(map(str, r['shape']))} {r['layout']} {r['dtype'][:4]}" for r in results]
     xs = np.arange(len(results))
-    for ax, op in zip(axes[:, 0], C.OPS):
+    for ax, op in zip(axes[:, 0], OPS):
         series = [("ours, out=", "ours_out", "#1f77b4"), ("ours, allocating", "ours_new", "#9ecae1"),
                   ("torch", "torch", "#ff7f0e")]
         width = 0.8 / len(series)
