@@ -15,8 +15,6 @@ arch="${BATCHNORM_GPU_ARCH:-90}"
 budget="${BATCHNORM_GPU_BUDGET:-420}"
 py="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false py arch
-# pytest-benchmark (on such images) warns under xdist, an error under this project's filters.
-export PYTEST_ADDOPTS="${PYTEST_ADDOPTS:-} -p no:benchmark"
 summary="$out/summary.txt"
 t0=$SECONDS
 
