@@ -449,6 +449,7 @@ def test_negative_strides_exported_as_unsigned_are_repaired_or_refused():
     message = "x has strides (%d, 5, 1) (elements) with shape (6, 3, 5) that reach past any address space" % (
         (2**64 - 60) // 4)
     fails(ValueError, message, lambda: bn.statistics(_FlippedCupyLike(flipped, advertised=(-64, 20, 4))))
+    fails(ValueError, message, lambda: bn.statistics(_FlippedCupyLike(flipped, advertised=("-60", 20, 4))))
     fails(ValueError, "cupy/cupy#10172", lambda: bn.statistics(_Producer(export=lambda: _unsigned_strides_capsule(
         flipped))))
 

@@ -102,15 +102,24 @@ void import_dlpack(Imported& imp, py::handle obj, const char* arg, int64_t strea
 // (unsigned division: cupy/cupy#10172), so flipped arrays (cupy.flip, x[::-1]) arrive with
 // strides past any address space. When the producer's own byte strides (`.strides`, as NumPy
 // and CuPy have them) explain every DLPack stride exactly, either equal or in that pattern,
-// `fixed` gets the true element strides.
+// `fixed` gets the true element strides. Anything unexpected there (no such attribute, not a
+// tuple of ints) leaves the strides unrepaired, to be refused.
 bool repair_unsigned_strides(const DLTensor& t, py::handle producer, int64_t* fixed) {
-  if (!producer || !py::hasattr(producer, "strides")) return false;
-  py::object given = producer.attr("strides");
-  if (!py::isinstance<py::tuple>(given) || py::len(given) != static_cast<size_t>(t.ndim)) return false;
+  int64_t byte_strides[kMaxDims];
+  try {
+    if (!producer || !py::hasattr(producer, "strides")) return false;
+    py::object given = producer.attr("strides");
+    if (!py::isinstance<py::tuple>(given) || py::len(given) != static_cast<size_t>(t.ndim)) return false;
+    for (int i = 0; i < t.ndim; ++i) byte_strides[i] = py::reinterpret_borrow<py::tuple>(given)[i].cast<int64_t>();
+  } catch (const py::error_already_set&) {
+    return false;
+  } catch (const py::cast_error&) {
+    return false;
+  }
   const int64_t es = (t.dtype.bits * t.dtype.lanes + 7) / 8;
   bool repaired = false;
   for (int i = 0; i < t.ndim; ++i) {
-    const int64_t bytes = py::reinterpret_borrow<py::tuple>(given)[i].cast<int64_t>();
+    const int64_t bytes = byte_strides[i];
     if (es == 0 || bytes % es != 0) return false;
     fixed[i] = bytes / es;
     if (fixed[i] == t.strides[i] || t.shape[i] <= 1) continue;
