@@ -116,7 +116,7 @@ bool repair_unsigned_strides(const DLTensor& t, py::handle producer, int64_t* fi
   } catch (const py::cast_error&) {
     return false;
   }
-  const int64_t es = (t.dtype.bits * t.dtype.lanes + 7) / 8;
+  const auto es = static_cast<int64_t>(dl_itemsize(t.dtype));
   bool repaired = false;
   for (int i = 0; i < t.ndim; ++i) {
     const int64_t bytes = byte_strides[i];

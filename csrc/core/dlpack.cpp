@@ -30,7 +30,7 @@ static_assert(find_dtype(kDLFloat, 32) == &dtype_info(DType::float32) &&
 bool strides_beyond_memory(const DLTensor& t) {
   if (!t.strides || !t.shape) return false;
   constexpr uint64_t kLimit = uint64_t{1} << 57;
-  const uint64_t es = (static_cast<uint64_t>(t.dtype.bits) * t.dtype.lanes + 7) / 8;
+  const uint64_t es = dl_itemsize(t.dtype);
   uint64_t span = 0;
   for (int i = 0; i < t.ndim; ++i) {
     if (t.shape[i] <= 1) continue;

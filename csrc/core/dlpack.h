@@ -15,6 +15,9 @@ namespace batchnorm {
 // read_only stays false (DLTensor has no flags; a versioned capsule's are the caller's).
 TensorView view_of_dltensor(const DLTensor& t, const char* arg);
 
+// Bytes per element of a DLPack dtype (lanes included, sub-byte types rounded up).
+inline uint64_t dl_itemsize(const DLDataType& dt) { return (uint64_t{dt.bits} * dt.lanes + 7) / 8; }
+
 // Whether some stride of `t` reaches past any address space: a dim's extent |stride| x
 // (size - 1) x itemsize, or their sum, beyond 2^57 bytes. No array in memory has such strides;
 // a producer's bug does (CuPy up to at least 14.2 exports a negative stride of -s bytes as
