@@ -16,6 +16,7 @@
  * SHAPE: NxC, or NxCxHxW; LAYOUT: cf (channel axis 1), cl (NHWC memory; NxC: same as cf).
  * DTYPE: f32, bf16, f16. THREADS: bn_set_num_threads. REPS: timed rounds (after 3 warm-ups).
  * SCRUB: 1 writes a 64 MB buffer before each call, so the data come from memory.
+ * AB_OFFSET (environment): bytes past a 64-byte boundary for x, dy and the outputs (default 0).
  *
  * Each library writes its own output buffer, but x (and dy) are shared and the cache is one:
  * a setting that changes how the output leaves the cache (streaming stores) also changes what
@@ -186,10 +187,15 @@ int main(int argc, char** argv) {
   }
   const DLDataType f32 = {kDLFloat, 32, 1};
 
-  const size_t bytes = ((size_t)n * item + 63) / 64 * 64;
-  char* x = aligned_alloc(64, bytes);
-  char* dy = aligned_alloc(64, bytes);
-  char* out[2] = {aligned_alloc(64, bytes), aligned_alloc(64, bytes)};
+  /* AB_OFFSET=B places x, dy and the outputs B bytes past a 64-byte boundary (16: where NumPy's
+   * large arrays and malloc's sit); 0 by default. */
+  const char* off_env = getenv("AB_OFFSET");
+  const size_t off = off_env ? (size_t)strtoull(off_env, NULL, 10) : 0;
+  if (off % item != 0 || off >= 64) die("AB_OFFSET must be a multiple of the item size below 64, got", off_env);
+  const size_t bytes = ((size_t)n * item + off + 63) / 64 * 64;
+  char* x = (char*)aligned_alloc(64, bytes) + off;
+  char* dy = (char*)aligned_alloc(64, bytes) + off;
+  char* out[2] = {(char*)aligned_alloc(64, bytes) + off, (char*)aligned_alloc(64, bytes) + off};
   srand(1);
   for (int64_t i = 0; i < n; ++i) {
     const float v = (float)rand() / RAND_MAX * 2 - 1, g = (float)rand() / RAND_MAX - 0.5f;
@@ -201,7 +207,7 @@ int main(int argc, char** argv) {
       ((uint16_t*)dy)[i] = half_bits(g, dtype.code == kDLBfloat);
     }
   }
-  for (int k = 0; k < 2; ++k) memset(out[k], 0, bytes);
+  for (int k = 0; k < 2; ++k) memset(out[k], 0, bytes - off);
 
   /* Per-channel arrays, float32 (the accumulation dtype of every input dtype but float64). */
   float* per[8];

@@ -454,17 +454,19 @@ void map_channels(const T* const* in, T* out, const Layout& L, int64_t nc, int64
   if (nt) store_fence();
 }
 
-// Streamed channels-last positions [p0, p1) that lie back to back in every array (rows
-// exactly C apart, C a multiple of the vector length), as one flat run: the values before the
-// first aligned address of the output one by one, then streaming vectors, whose channels are
-// (i mod C) ... (i mod C) + VL - 1, read from coefficients extended by VL past C. Any output
-// alignment streams (65536x64 float32 inference into a NumPy out=, 16 bytes off, Xeon, 2
-// threads: 1.3 ms with regular stores, 0.6 ms streamed), and narrow rows lose the
-// per-position loop. Returns false, having done nothing, when the arrays are not so laid out.
-// For rows narrower than kPeelRowBytes, or than kFlatRowBytes when the output is misaligned
+// Channels-last positions [p0, p1) that lie back to back in every array (rows exactly C
+// apart, C a multiple of the vector length), as one flat run: the values before the first
+// aligned address of the output one by one, then vectors (streamed when `stream`), whose
+// channels are (i mod C) ... (i mod C) + VL - 1, read from the coefficients rotated to the
+// first vector's channel. Any output alignment streams (65536x64 float32 inference into a
+// NumPy out=, 16 bytes off, Xeon, 2 threads: 1.3 ms with regular stores, 0.6 ms streamed), and
+// narrow rows lose the per-position loop. Returns false, having done nothing, when the arrays
+// are not so laid out. Streamed: rows narrower than kPeelRowBytes, or than kFlatRowBytes when
+// the output is misaligned; in cache: misaligned rows of at most kHotFlatVectors vectors
 // (map_positions).
 template <class R, class T>
-bool map_flat(const T* const* in, T* out, const Layout& L, int64_t p0, int64_t p1, const acc_t<T>* const* k) {
+bool map_flat(const T* const* in, T* out, const Layout& L, int64_t p0, int64_t p1, const acc_t<T>* const* k,
+              bool stream = true) {
   using A = acc_t<T>;
   using V = vec_t<A>;
   constexpr int VL = vlen<A>;
@@ -473,28 +475,42 @@ bool map_flat(const T* const* in, T* out, const Layout& L, int64_t p0, int64_t p
   if (L.nred != 1 || C % VL != 0 || reinterpret_cast<uintptr_t>(out) % sizeof(T) != 0) return false;
   for (int t = 0; t <= N; ++t)
     if (L.strides[t][0] != C) return false;
-  buffer<A> ext(static_cast<size_t>(coef_slots<R> * (C + VL)));
-  for (int j = 0; j < R::kCoef; ++j)
-    for (int64_t c = 0; c < C + VL; ++c) ext[j * (C + VL) + c] = k[j][c % C];
   const int64_t i0 = p0 * C, i1 = p1 * C;
   const int64_t align = VL * sizeof(T);
   const int64_t head = std::min(i1 - i0, static_cast<int64_t>((align - reinterpret_cast<uintptr_t>(out + i0) % align) % align / sizeof(T)));
+  // The coefficients rotated to the first vector's channel c0 and placed on a vector boundary:
+  // the vectors' channels then start at c0 + a multiple of VL (C is one), so every coefficient
+  // load is aligned. Unrotated (extended by VL past C, read at the channel phase), an output 16
+  // bytes past a line made each of them straddle lines: AMD EPYC Zen 4, streamed float32
+  // inference into such an out=, 2 threads, 64 MB scrub, tools/ab_lib both orders, rotated
+  // against unrotated: 65536x64 0.79-0.85x the time (AVX2 0.80-0.82x), 32768x128 0.89-0.91x
+  // (AVX2 0.93-0.95x), 16384x256 0.83-0.88x.
+  const int64_t c0 = (i0 + head) % C;
+  constexpr int64_t kv_bytes = VL * sizeof(A);
+  buffer<A> ext(static_cast<size_t>(coef_slots<R> * C + VL));
+  A* const e = ext.data() + (kv_bytes - reinterpret_cast<uintptr_t>(ext.data()) % kv_bytes) % kv_bytes / sizeof(A);
+  for (int j = 0; j < R::kCoef; ++j) {  // two copies: a modulo per value cost ~0.5 us a call at C = 64
+    std::memcpy(e + j * C, k[j] + c0, static_cast<size_t>(C - c0) * sizeof(A));
+    std::memcpy(e + j * C + (C - c0), k[j], static_cast<size_t>(c0) * sizeof(A));
+  }
   auto one = [&](int64_t i) { map_one_at<R, T>(k, i % C, in, out, i); };
   int64_t i = i0;
   for (; i < i0 + head; ++i) one(i);
-  int64_t c = i % C;
+  int64_t m = 0;  // the vector's first channel is (c0 + m) % C
   for (; i + VL <= i1; i += VL) {
     V kv[coef_slots<R>], v[N];
     #pragma GCC unroll 4
-    for (int j = 0; j < R::kCoef; ++j) std::memcpy(&kv[j], ext.data() + j * (C + VL) + c, sizeof(V));
+    for (int j = 0; j < R::kCoef; ++j) std::memcpy(&kv[j], e + j * C + m, sizeof(V));
     #pragma GCC unroll 4
     for (int j = 0; j < N; ++j) v[j] = loadv(in[j] + i);
-    storev<T, true>(out + i, apply_map(R{}, kv, v));
-    c += VL;
-    if (c >= C) c -= C;
+    const V r = apply_map(R{}, kv, v);
+    if (stream) storev<T, true>(out + i, r);
+    else storev<T>(out + i, r);
+    m += VL;
+    if (m >= C) m -= C;
   }
   for (; i < i1; ++i) one(i);
-  store_fence();
+  if (stream) store_fence();
   return true;
 }
 
@@ -530,6 +546,20 @@ void map_positions(const T* const* in, T* out, const Layout& L, int64_t p0, int6
   const int64_t row_bytes = C * static_cast<int64_t>(sizeof(T));
   bool stream = nt && positions_aligned(L, N, out, align);
   if (nt && row_bytes < (stream ? kPeelRowBytes : kFlatRowBytes) && map_flat<R, T>(in, out, L, p0, p1, k)) return;
+  // In cache, misaligned outputs go flat too, with regular stores: one head for the call
+  // instead of a loop per position whose every vector straddles two lines (64-byte vectors) or
+  // every second one does (32-byte vectors, whose flat runs win only on rows of at most
+  // kHotFlatVectors vectors). AMD EPYC Zen 4, hot, x and out 16 bytes past a line (NumPy's),
+  // flat against per position, tools/ab_lib both orders, inference, 1 thread unless stated:
+  // AVX-512 float32 8192x64 0.55-0.61x the time (2 threads 0.60-0.61x, AVX2 0.71-0.73x, 2
+  // threads 0.63-0.65x), 4096x128 0.75-0.76x (AVX2 0.82-0.94x), 1024x512 0.65-0.67x,
+  // 128x4096 0.80-0.84x, 64x8192 level; float16 8192x64 0.54-0.60x, 4096x128 0.77-0.78x;
+  // bfloat16 8192x128 (8 vectors) 0.94x, 4096x256 (16) 1.00-1.10x; AVX2 float32 2048x256 (32)
+  // 1.03-1.04x; training 2048x256 AVX-512 0.90x. Also 64x64 0.79-0.85x, 256x64 0.71-0.78x.
+  const bool line_vectors = align == 64;
+  if (!nt && (line_vectors || C <= kHotFlatVectors * VL) && !positions_aligned(L, N, out, align) &&
+      map_flat<R, T>(in, out, L, p0, p1, k, false))
+    return;
   int64_t head = 0;
   if (nt && !stream && row_bytes >= kPeelRowBytes &&
       reinterpret_cast<uintptr_t>(out) % sizeof(T) == 0) {
