@@ -251,18 +251,18 @@ for dtype in ("float16", "float32", "float64"):
         x = (rng.standard_normal((N, C)) * 2 + 3).astype(dtype)
         dy = rng.standard_normal((N, C)).astype(dtype)
         w, b = np.linspace(0.5, 1.5, C), np.linspace(-1, 1, C)
-        def outputs(offset):
-            buf = np.zeros(N * C + 128, dtype)
+        def outputs(offset, pad=0):
+            buf = np.zeros(N * (C + pad) + 128, dtype)
             start = ((-buf.ctypes.data) % 64) // item + offset
-            out = buf[start:start + N * C].reshape(N, C)
+            out = buf[start:start + N * (C + pad)].reshape(N, C + pad)[:, :C]
             got = [bn.forward_inference(x, np.zeros(C), np.ones(C), w, b, out=out).copy()]
             y, m, s = bn.forward_training(x, w, b, out=out)
             got += [y.copy()]
             got += [bn.backward(dy, x, m, s, w, out=out)[0].copy()]
             got += [bn.forward_training(x, w, b, residual=dy, activation="relu", out=out)[0].copy()]
             return got
-        ref = outputs(0)
-        for offset in (1, 2, 4, 5):
+        ref = outputs(0, pad=1)  # rows not back to back: position by position
+        for offset in (0, 1, 2, 4, 5):
             if offset * item < 64:
                 same.append(all(np.array_equal(a, r) for a, r in zip(outputs(offset), ref)))
 print(json.dumps({"simd": bn.info()["simd"], "same": same}))
@@ -273,14 +273,15 @@ print(json.dumps({"simd": bn.info()["simd"], "same": same}))
 @pytest.mark.parametrize("C,offset", [(16, 1), (32, 3), (48, 4), (64, 1), (64, 4), (96, 2), (128, 1), (256, 4),
                                       (512, 3), (1024, 1), (40, 1)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_channels_last_misaligned_output_in_cache_gives_the_same_bits(dtype, C, offset, threads):
-    """Outputs in cache (regular stores) `offset` elements past a 64-byte boundary, rows back
-    to back: misaligned rows go as one flat run (its head one by one, vectors spanning rows,
+def test_channels_last_flat_runs_in_cache_give_the_same_bits(dtype, C, offset, threads):
+    """Outputs in cache (regular stores), rows back to back, aligned or `offset` elements past
+    a 64-byte boundary: they go as one flat run (its head one by one, vectors spanning rows,
     coefficients rotated to the first vector's channel) where vectors are a whole line (float32
     and float64 under AVX-512) at any width, or of at most 8 vectors (float32 under AVX2, half
     types under AVX-512: 16-128 channels); 40 channels (not a multiple of the vector length)
-    and the wider half rows go position by position. Every op, the fused one and in-place
-    included, gives the bits of an aligned output, and nothing outside the view is written."""
+    and the wider half rows go position by position. Every op, the fused one and in place
+    included, gives the bits of an output whose rows are one element apart (position by
+    position), and nothing outside the view is written."""
     N = 301
     rng = np.random.default_rng(C + offset)
     x = make(rng.standard_normal((N, C)) * 2 + 3, dtype)
@@ -291,31 +292,33 @@ def test_channels_last_misaligned_output_in_cache_gives_the_same_bits(dtype, C, 
     before = bn.get_num_threads()
     bn.set_num_threads(threads)
     try:
-        def run(off):
+        def run(off, pad=0):
             got = []
-            out, buf = padded((N, C), 0, dtype, off)
+            out, buf = padded((N, C), pad, dtype, off)
             got.append(numpy_of(bn.forward_inference(x, rm, rv, w, b, axis=-1, out=out)))
             y, m, s = bn.forward_training(x, w, b, axis=-1, out=out)
             got.append(numpy_of(y))
             got.append(numpy_of(bn.forward_training(x, w, b, axis=-1, residual=r, activation="relu", out=out)[0]))
             got.append(numpy_of(bn.backward(dy, x, m, s, w, axis=-1, out=out)[0]))
             sentinels_intact(buf, out)
-            xin, buf = padded((N, C), 0, dtype, off)
+            xin, buf = padded((N, C), pad, dtype, off)
             xin[...] = x
             bn.forward_inference(xin, rm, rv, w, b, axis=-1, out=xin)  # in place
             got.append(numpy_of(xin))
             sentinels_intact(buf, xin)
             return got
-        for got, ref in zip(run(offset), run(0)):
-            np.testing.assert_array_equal(got, ref)
+        ref = run(0, pad=1)  # rows not back to back: position by position
+        for off in (offset, 0):
+            for got, want in zip(run(off), ref):
+                np.testing.assert_array_equal(got, want)
     finally:
         bn.set_num_threads(before)
 
 
-def test_channels_last_misaligned_output_in_cache_at_every_isa_level():
+def test_channels_last_flat_runs_in_cache_at_every_isa_level():
     """The in-cache flat runs at each ISA level (the vector length decides which rows go flat; a
-    level the CPU lacks runs the highest it has): misaligned outputs give the aligned output's
-    bits for every op, float16 to float64."""
+    level the CPU lacks runs the highest it has): aligned and misaligned outputs give the bits
+    of padded rows (position by position) for every op, float16 to float64."""
     for level in ("baseline", "avx2", "avx512"):
         env = dict(os.environ, BATCHNORM_ISA=level)
         done = subprocess.run([sys.executable, "-c", HOT_FLAT_SCRIPT], env=env, capture_output=True, text=True,
