@@ -16,7 +16,8 @@
  * SHAPE: NxC, or NxCxHxW; LAYOUT: cf (channel axis 1), cl (NHWC memory; NxC: same as cf).
  * DTYPE: f32, bf16, f16. THREADS: bn_set_num_threads. REPS: timed rounds (after 3 warm-ups).
  * SCRUB: 1 writes a 64 MB buffer before each call, so the data come from memory.
- * AB_OFFSET (environment): bytes past a 64-byte boundary for x, dy and the outputs (default 0).
+ * AB_OFFSET (environment): bytes past a 64-byte boundary for x, dy and the outputs (default 0);
+ * AB_OUT_OFFSET_B: for library B's output only (default AB_OFFSET).
  *
  * Each library writes its own output buffer, but x (and dy) are shared and the cache is one:
  * a setting that changes how the output leaves the cache (streaming stores) also changes what
@@ -195,7 +196,12 @@ int main(int argc, char** argv) {
   const size_t bytes = ((size_t)n * item + off + 63) / 64 * 64;
   char* x = (char*)aligned_alloc(64, bytes) + off;
   char* dy = (char*)aligned_alloc(64, bytes) + off;
-  char* out[2] = {(char*)aligned_alloc(64, bytes) + off, (char*)aligned_alloc(64, bytes) + off};
+  /* AB_OUT_OFFSET_B: library B's output at another offset (the same library twice then
+   * measures what the output's alignment costs). */
+  const char* off_b_env = getenv("AB_OUT_OFFSET_B");
+  const size_t off_b = off_b_env ? (size_t)strtoull(off_b_env, NULL, 10) : off;
+  if (off_b % item != 0 || off_b >= 64) die("AB_OUT_OFFSET_B must be a multiple of the item size below 64, got", off_b_env);
+  char* out[2] = {(char*)aligned_alloc(64, bytes + 64) + off, (char*)aligned_alloc(64, bytes + 64) + off_b};
   srand(1);
   for (int64_t i = 0; i < n; ++i) {
     const float v = (float)rand() / RAND_MAX * 2 - 1, g = (float)rand() / RAND_MAX - 0.5f;
@@ -207,7 +213,7 @@ int main(int argc, char** argv) {
       ((uint16_t*)dy)[i] = half_bits(g, dtype.code == kDLBfloat);
     }
   }
-  for (int k = 0; k < 2; ++k) memset(out[k], 0, bytes - off);
+  for (int k = 0; k < 2; ++k) memset(out[k], 0, bytes - off);  /* the view's n * item bytes */
 
   /* Per-channel arrays, float32 (the accumulation dtype of every input dtype but float64). */
   float* per[8];
