@@ -76,8 +76,10 @@ struct HostCache {
         return p;
       }
     }
-    void* p = std::aligned_alloc(kHugePage, bytes);
-    if (!p) return nullptr;
+    // posix_memalign, not aligned_alloc: a block with a small tail page is no multiple of the
+    // alignment, which aligned_alloc need not accept (AddressSanitizer refuses it).
+    void* p = nullptr;
+    if (posix_memalign(&p, kHugePage, bytes) != 0) return nullptr;
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     madvise(p, bytes, MADV_HUGEPAGE);  // a hint: fewer, larger page faults
 #endif

@@ -37,9 +37,9 @@ BN_CPU_INLINE int64_t channels_last_run(int64_t channels, int64_t value_bytes) {
 constexpr int64_t kFlatRowBytes = 2048;
 constexpr int64_t kPeelRowBytes = 1024;
 static_assert(kFlatRowBytes >= kPeelRowBytes, "misaligned rows go flat up to the wider bound");
-// Channels-last rows in cache that lie back to back go as one flat run: rows of any width with
-// 64-byte vectors, rows of at most this many vectors with 32-byte ones (map_positions has the
-// figures).
+// Channels-last rows in cache that lie back to back go as one flat run: rows of any width where
+// a vector is one 64-byte register (AVX-512 float32/float64), rows of at most this many vectors
+// elsewhere (map_positions has the figures).
 constexpr int64_t kHotFlatVectors = 8;
 // Bytes ahead that half types' streamed channels-last maps prefetch their inputs where they go
 // position by position (map_positions; the flat runs do not).

@@ -462,8 +462,8 @@ void map_channels(const T* const* in, T* out, const Layout& L, int64_t nc, int64
 // NumPy out=, 16 bytes off, Xeon, 2 threads: 1.3 ms with regular stores, 0.6 ms streamed), and
 // narrow rows lose the per-position loop. Returns false, having done nothing, when the arrays
 // are not so laid out. Streamed: rows narrower than kPeelRowBytes, or than kFlatRowBytes when
-// the output is misaligned; in cache: rows of any width with 64-byte vectors, of at most
-// kHotFlatVectors vectors with 32-byte ones (map_positions).
+// the output is misaligned; in cache: rows of any width where a vector is one 64-byte
+// register, of at most kHotFlatVectors vectors elsewhere (map_positions).
 template <class R, class T>
 bool map_flat(const T* const* in, T* out, const Layout& L, int64_t p0, int64_t p1, const acc_t<T>* const* k,
               bool stream = true) {
@@ -548,21 +548,26 @@ void map_positions(const T* const* in, T* out, const Layout& L, int64_t p0, int6
   if (nt && row_bytes < (stream ? kPeelRowBytes : kFlatRowBytes) && map_flat<R, T>(in, out, L, p0, p1, k)) return;
   // In cache, rows back to back go flat too, with regular stores: one head for the call
   // instead of a loop per position, whose overhead per row costs more than a narrow row's
-  // vectors, and whose vectors, when the output is misaligned, straddle two lines (every one
-  // with 64-byte vectors, every second one with 32-byte vectors). Flat runs win at any row width
-  // with 64-byte vectors and up to kHotFlatVectors vectors a row with 32-byte ones. AMD EPYC
-  // Zen 4, hot, tools/ab_lib both orders, inference, 1 thread unless stated, flat against per
-  // position. x and out 16 bytes past a line (NumPy's): AVX-512 float32 8192x64 0.55-0.61x the
-  // time (2 threads 0.60-0.61x, AVX2 0.71-0.73x, 2 threads 0.63-0.65x), 4096x128 0.75-0.76x
-  // (AVX2 0.82-0.94x), 1024x512 0.65-0.67x, 128x4096 0.80-0.84x, 64x8192 level; float16 8192x64
-  // 0.54-0.60x, 4096x128 0.77-0.78x; bfloat16 8192x128 (8 vectors) 0.94x, 4096x256 (16)
-  // 1.00-1.10x; AVX2 float32 2048x256 (32) 1.03-1.04x; training 2048x256 0.90x. Aligned: float32
-  // 8192x64 0.59-0.62x (AVX2 0.72-0.77x, training 0.81-0.83x), 4096x128 0.78-0.82x, 2048x256
-  // 0.92-1.00x, 1024x512 0.69-0.71x, 128x4096 and 64x8192 0.90-0.93x; bfloat16 8192x64
-  // 0.74-0.78x. Streamed outputs keep their own rule above: there rows of 4-8 KB were slower
-  // flat (1.07-1.14x) and 1 KB rows level.
-  const bool line_vectors = align == 64;
-  if (!nt && (line_vectors || C <= kHotFlatVectors * VL) && map_flat<R, T>(in, out, L, p0, p1, k, false)) return;
+  // vectors, and whose vectors, when the output is misaligned, straddle lines. Flat runs win
+  // at any row width where a vector is one 64-byte register (AVX-512, float32 and float64),
+  // and on rows of up to kHotFlatVectors vectors (of VL = 16 float lanes: 128 channels)
+  // elsewhere: AVX2, whose vectors are two registers, and half types, whose stores are 32
+  // bytes. AMD EPYC Zen 4, hot, tools/ab_lib both orders, inference, 1 thread unless stated,
+  // flat against per position. x and out 16 bytes past a line (NumPy's): AVX-512 float32
+  // 8192x64 0.55-0.61x the time (2 threads 0.60-0.61x), 4096x128 0.75-0.76x, 1024x512
+  // 0.65-0.67x, 128x4096 0.80-0.84x, 64x8192 level; AVX2 float32 8192x64 0.71-0.73x (2
+  // threads 0.63-0.65x), 4096x128 0.82-0.94x, 2048x256 mixed (0.89-1.12x); float16 8192x64
+  // 0.54-0.60x, 4096x128 0.77-0.78x; bfloat16 8192x128 0.94x, 4096x256 1.00-1.10x; training
+  // 2048x256 0.90x. Aligned: float32 8192x64 0.59-0.62x (AVX2 0.72-0.77x, training
+  // 0.81-0.83x), 4096x128 0.78-0.82x, 2048x256 0.92-1.00x, 1024x512 0.69-0.71x, 128x4096 and
+  // 64x8192 0.90-0.93x; bfloat16 8192x64 0.74-0.78x. Streamed outputs keep their own rule
+  // above: there rows of 4-8 KB were slower flat (1.07-1.14x) and 1 KB rows level.
+#if defined(__AVX512F__)
+  constexpr bool one_register = sizeof(T) >= 4;
+#else
+  constexpr bool one_register = false;
+#endif
+  if (!nt && (one_register || C <= kHotFlatVectors * VL) && map_flat<R, T>(in, out, L, p0, p1, k, false)) return;
   int64_t head = 0;
   if (nt && !stream && row_bytes >= kPeelRowBytes &&
       reinterpret_cast<uintptr_t>(out) % sizeof(T) == 0) {
