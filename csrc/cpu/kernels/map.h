@@ -556,7 +556,7 @@ void map_positions(const T* const* in, T* out, const Layout& L, int64_t p0, int6
   // flat against per position. x and out 16 bytes past a line (NumPy's): AVX-512 float32
   // 8192x64 0.55-0.61x the time (2 threads 0.60-0.61x), 4096x128 0.75-0.76x, 1024x512
   // 0.65-0.67x, 128x4096 0.80-0.84x, 64x8192 level; AVX2 float32 8192x64 0.71-0.73x (2
-  // threads 0.63-0.65x), 4096x128 0.82-0.94x, 2048x256 mixed (0.89-1.12x); float16 8192x64
+  // threads 0.63-0.65x), 4096x128 0.82-0.94x, 2048x256 mixed (0.82-1.04x); float16 8192x64
   // 0.54-0.60x, 4096x128 0.77-0.78x; bfloat16 8192x128 0.94x, 4096x256 1.00-1.10x; training
   // 2048x256 0.90x. Aligned: float32 8192x64 0.59-0.62x (AVX2 0.72-0.77x, training
   // 0.81-0.83x), 4096x128 0.78-0.82x, 2048x256 0.92-1.00x, 1024x512 0.69-0.71x, 128x4096 and
