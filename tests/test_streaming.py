@@ -277,9 +277,11 @@ def test_channels_last_flat_runs_in_cache_give_the_same_bits(dtype, C, offset, t
     """Outputs in cache (regular stores), rows back to back, aligned or `offset` elements past
     a 64-byte boundary: they go as one flat run (its head one by one, vectors spanning rows,
     coefficients rotated to the first vector's channel) at any width where a vector is one
-    64-byte register (float32 and float64 under AVX-512), or of at most 8 vectors of 16 float
-    lanes elsewhere (AVX2, half types: 16-128 channels); 40 channels (not a multiple of the
-    vector length) and the wider rows there go position by position. Every op, the fused one and in place
+    64-byte register (float32 and float64 under AVX-512), or of at most 8 vectors elsewhere
+    (AVX2, half types: up to 128 float or 64 double channels); 40 channels (not a multiple of
+    the 16 float lanes; flat in float64, 8 lanes) and the wider rows there go position by
+    position. (A BATCHNORM_STREAM_BYTES setting, or a last-level cache small enough to stream
+    the wider training and backward cases, sends those through the streamed paths instead.) Every op, the fused one and in place
     included, gives the bits of an output whose rows are one element apart (position by
     position), and nothing outside the view is written."""
     N = 301

@@ -550,7 +550,7 @@ void map_positions(const T* const* in, T* out, const Layout& L, int64_t p0, int6
   // instead of a loop per position, whose overhead per row costs more than a narrow row's
   // vectors, and whose vectors, when the output is misaligned, straddle lines. Flat runs win
   // at any row width where a vector is one 64-byte register (AVX-512, float32 and float64),
-  // and on rows of up to kHotFlatVectors vectors (of VL = 16 float lanes: 128 channels)
+  // and on rows of up to kHotFlatVectors vectors (of VL lanes: 128 float, 64 double channels)
   // elsewhere: AVX2, whose vectors are two registers, and half types, whose stores are 32
   // bytes. AMD EPYC Zen 4, hot, tools/ab_lib both orders, inference, 1 thread unless stated,
   // flat against per position. x and out 16 bytes past a line (NumPy's): AVX-512 float32
