@@ -466,7 +466,7 @@ void map_channels(const T* const* in, T* out, const Layout& L, int64_t nc, int64
 // register, of at most kHotFlatVectors vectors elsewhere (map_positions).
 template <class R, class T>
 bool map_flat(const T* const* in, T* out, const Layout& L, int64_t p0, int64_t p1, const acc_t<T>* const* k,
-              bool stream = true) {
+              bool stream) {
   using A = acc_t<T>;
   using V = vec_t<A>;
   constexpr int VL = vlen<A>;
@@ -477,7 +477,7 @@ bool map_flat(const T* const* in, T* out, const Layout& L, int64_t p0, int64_t p
     if (L.strides[t][0] != C) return false;
   const int64_t i0 = p0 * C, i1 = p1 * C;
   const int64_t align = VL * sizeof(T);
-  const int64_t head = std::min(i1 - i0, static_cast<int64_t>((align - reinterpret_cast<uintptr_t>(out + i0) % align) % align / sizeof(T)));
+  const int64_t head = std::min(i1 - i0, elements_to_boundary(out + i0, align));
   // The coefficients rotated to the first vector's channel c0 and placed on a vector boundary:
   // the vectors' channels then start at c0 + a multiple of VL (C is one), so every coefficient
   // load is aligned. Unrotated (extended by VL past C, read at the channel phase), an output 16
@@ -488,7 +488,7 @@ bool map_flat(const T* const* in, T* out, const Layout& L, int64_t p0, int64_t p
   const int64_t c0 = (i0 + head) % C;
   constexpr int64_t kv_bytes = VL * sizeof(A);
   buffer<A> ext(static_cast<size_t>(coef_slots<R> * C + VL));
-  A* const e = ext.data() + (kv_bytes - reinterpret_cast<uintptr_t>(ext.data()) % kv_bytes) % kv_bytes / sizeof(A);
+  A* const e = ext.data() + elements_to_boundary(ext.data(), kv_bytes);
   for (int j = 0; j < R::kCoef; ++j) {  // two copies: a modulo per value cost ~0.5 us a call at C = 64
     std::memcpy(e + j * C, k[j] + c0, static_cast<size_t>(C - c0) * sizeof(A));
     std::memcpy(e + j * C + (C - c0), k[j], static_cast<size_t>(c0) * sizeof(A));
@@ -545,7 +545,7 @@ void map_positions(const T* const* in, T* out, const Layout& L, int64_t p0, int6
   // instead of values one by one were slower still (1.2-1.8x at 1 KB).
   const int64_t row_bytes = C * static_cast<int64_t>(sizeof(T));
   bool stream = nt && positions_aligned(L, N, out, align);
-  if (nt && row_bytes < (stream ? kPeelRowBytes : kFlatRowBytes) && map_flat<R, T>(in, out, L, p0, p1, k)) return;
+  // Streamed, rows narrower than kPeelRowBytes (kFlatRowBytes when misaligned; above) go flat.
   // In cache, rows back to back go flat too, with regular stores: one head for the call
   // instead of a loop per position, whose overhead per row costs more than a narrow row's
   // vectors, and whose vectors, when the output is misaligned, straddle lines. Flat runs win
@@ -567,11 +567,12 @@ void map_positions(const T* const* in, T* out, const Layout& L, int64_t p0, int6
 #else
   constexpr bool one_register = false;
 #endif
-  if (!nt && (one_register || C <= kHotFlatVectors * VL) && map_flat<R, T>(in, out, L, p0, p1, k, false)) return;
+  const bool flat = nt ? row_bytes < (stream ? kPeelRowBytes : kFlatRowBytes) : one_register || C <= kHotFlatVectors * VL;
+  if (flat && map_flat<R, T>(in, out, L, p0, p1, k, nt)) return;
   int64_t head = 0;
   if (nt && !stream && row_bytes >= kPeelRowBytes &&
       reinterpret_cast<uintptr_t>(out) % sizeof(T) == 0) {
-    const T* aligned_base = out + (align - reinterpret_cast<uintptr_t>(out) % align) % align / sizeof(T);
+    const T* aligned_base = out + elements_to_boundary(out, align);
     if (positions_aligned(L, N, aligned_base, align)) {
       stream = true;
       head = aligned_base - out;

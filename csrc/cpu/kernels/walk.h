@@ -174,6 +174,13 @@ static inline __attribute__((always_inline)) void for_row_tiles(const Layout& L,
   if (n) f(offs, lens, n);
 }
 
+// Elements of T from p to the next `align`-byte boundary (0 when p is on one).
+template <class T>
+inline int64_t elements_to_boundary(const T* p, int64_t align) {
+  const auto a = static_cast<uintptr_t>(align);
+  return static_cast<int64_t>((a - reinterpret_cast<uintptr_t>(p) % a) % a / sizeof(T));
+}
+
 // Whether every position of array t starts on an `align`-byte boundary, as the streaming
 // stores of whole channel vectors need: the base address alone is not enough when rows of
 // positions are padded (an out= view of a wider buffer), nor with any other stride.
