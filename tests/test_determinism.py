@@ -38,6 +38,9 @@ CASES = {
     "7x7-planes": ((32, 64, 7, 7), 1, None),
     "7x7-rows-cut-by-blocks": ((200, 4, 7, 7), 1, None),
     "odd-sizes": ((5, 7, 1001), 1, None),
+    # Rows of 361 values read side by side in tiles of 8 (kernels/moments.h): pieces of 8192
+    # values cut a row, and each row ends in a partial vector.
+    "rows-side-by-side": ((24, 3, 19, 19), 1, None),
     "odd-channels-last": ((4099, 11), -1, None),
     # Rows wider than a register tile: blocks of positions, and two runs per group.
     "wide-channels-last": ((18000, 136), 1, None),

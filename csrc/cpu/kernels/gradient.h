@@ -91,31 +91,37 @@ void grad_sums(const T* dy, const T* x, const Layout& L, int64_t begin, int64_t 
     return n == VL ? loadv(p + i) : load_partial(p + i, n);
   };
   Lanes2<T> a1, a2;
-  const int64_t ahead_dy = next_row_prefetch<T>(L, 0, true), ahead_x = next_row_prefetch<T>(L, 1, true);
-  const bool ahead = sd == 1 && sx == 1 && ahead_dy != 0;
-  for_each_segment<2>(L, begin, end, [&](const int64_t* off, int64_t len) BN_SEGMENT_BODY {
-    const T* dp = dy + off[0];
-    const T* xp = x + off[1];
-    walk_vectors<A>(len, [&](int64_t i, auto first, int64_t n) {
-      if (ahead) {
-        prefetch_at(dp + i, ahead_dy);
-        prefetch_at(xp + i, ahead_x);
-      }
-      auto& s1 = first ? a1.a : a1.b;
-      auto& s2 = first ? a2.a : a2.b;
-      // Full contiguous vectors loaded where they are used: a vector chosen among the load
-      // kinds has to exist whole, which for joined halves meant building it on the stack.
-      if (n == VL && sd == 1 && sx == 1) {
-        const V g = loadv(dp + i);
-        s1 += g;
-        s2.add_of(grad_term_of, g, loadv(xp + i), vm);
-      } else {
-        const V g = get(dp, sd, i, n);
-        s1 += g;
-        s2.add_of(grad_term_of, g, get(xp, sx, i, n), vm);
-      }
+  if (sd == 1 && sx == 1 && side_by_side<T>(L)) {
+    for_row_tiles<2, true>(L, begin, end, [&](const int64_t (*offs)[2], const int64_t* lens, int rows) BN_SEGMENT_BODY {
+      walk_tile_vectors<A>(offs, lens[0], rows, [&](const int64_t* off, int64_t i, auto first, int64_t n) BN_SEGMENT_BODY {
+        auto& s1 = first ? a1.a : a1.b;
+        auto& s2 = first ? a2.a : a2.b;
+        const T* dp = dy + off[0] + i;
+        const T* xp = x + off[1] + i;
+        // Full vectors loaded where they are used: a vector chosen among the load kinds has to
+        // exist whole, which for joined halves meant building it on the stack.
+        if (n == VL) {
+          const V g = loadv(dp);
+          s1 += g;
+          s2.add_of(grad_term_of, g, loadv(xp), vm);
+        } else {
+          const V g = load_partial(dp, n);
+          s1 += g;
+          s2.add_of(grad_term_of, g, load_partial(xp, n), vm);
+        }
+      });
     });
-  });
+  } else {
+    for_each_segment<2>(L, begin, end, [&](const int64_t* off, int64_t len) BN_SEGMENT_BODY {
+      const T* dp = dy + off[0];
+      const T* xp = x + off[1];
+      walk_vectors<A>(len, [&](int64_t i, auto first, int64_t n) {
+        const V g = get(dp, sd, i, n);
+        (first ? a1.a : a1.b) += g;
+        (first ? a2.a : a2.b).add_of(grad_term_of, g, get(xp, sx, i, n), vm);
+      });
+    });
+  }
   *sum_dy = static_cast<double>(a1.total());
   *sum_dy_xmu = static_cast<double>(a2.total());
 }

@@ -45,6 +45,40 @@ static inline __attribute__((always_inline)) void walk_vectors(int64_t len, Body
   }
 }
 
+// walk_vectors over a tile of `rows` contiguous rows of len values each (for_row_tiles with
+// Uniform), reading them side by side as kStreamRows streams the prefetchers follow: vectors
+// j and j + 1 of every row, then j + 2 and j + 3, ...; body(off, i, lanes_a, n) for row
+// offsets `off`. Vector j of a row goes to the first accumulator when j is even, as in
+// walk_vectors; the order of the additions into each depends on the rows' lengths alone.
+template <class A, int NT, class Body>
+static inline __attribute__((always_inline)) void walk_tile_vectors(const int64_t (*offs)[NT], int64_t len, int rows,
+                                                                    Body&& body) {
+  constexpr int V = vlen<A>;
+  constexpr std::true_type lanes_a{};
+  constexpr std::false_type lanes_b{};
+  int64_t i = 0;
+  if (rows == 1) {  // the same steps, without the loop over rows (a row longer than a piece)
+    for (; i + 2 * V <= len; i += 2 * V) {
+      body(offs[0], i, lanes_a, V);
+      body(offs[0], i + V, lanes_b, V);
+    }
+  } else {
+    for (; i + 2 * V <= len; i += 2 * V)
+      for (int r = 0; r < rows; ++r) {
+        body(offs[r], i, lanes_a, V);
+        body(offs[r], i + V, lanes_b, V);
+      }
+  }
+  if (i + V <= len) {
+    for (int r = 0; r < rows; ++r) {
+      body(offs[r], i, lanes_a, V);
+      if (i + V < len) body(offs[r], i + V, lanes_b, len - i - V);
+    }
+  } else if (i < len) {
+    for (int r = 0; r < rows; ++r) body(offs[r], i, lanes_a, len - i);
+  }
+}
+
 // Short contiguous rows (a 7x7 plane is 49 values, spaced C * 49 apart) spend most of a
 // generic walk's time per row, in the partial vector at the row's end. Rows of at most
 // kShortRowVectors vectors go through ShortRow instead: the row's full vectors, then for a
@@ -198,16 +232,21 @@ Moments<double> moments(const T* x, const Layout& L, int64_t begin, int64_t end)
   // Full contiguous vectors are loaded where they are used (not chosen among the load kinds,
   // which made GCC 12 build converted half-precision vectors whole on the stack under AVX2).
   const bool contiguous = s == 1;
-  const int64_t ahead = contiguous ? next_row_prefetch<T>(L, 0) : 0;  // the first pass reads from memory
   Lanes2<T> sum;
-  for_each_segment<1>(L, begin, end, [&](const int64_t* off, int64_t len) BN_SEGMENT_BODY {
-    const T* p = x + off[0];
-    walk_vectors<A>(len, [&](int64_t i, auto first, int64_t n) {
-      if (ahead) prefetch_at(p + i, ahead);
-      if (contiguous && n == vlen<A>) (first ? sum.a : sum.b) += loadv(p + i);
-      else (first ? sum.a : sum.b) += get(p, i, n);
+  if (contiguous && side_by_side<T>(L)) {
+    for_row_tiles<1, true>(L, begin, end, [&](const int64_t (*offs)[1], const int64_t* lens, int rows) BN_SEGMENT_BODY {
+      walk_tile_vectors<A>(offs, lens[0], rows, [&](const int64_t* off, int64_t i, auto first, int64_t n) BN_SEGMENT_BODY {
+        const T* p = x + off[0] + i;
+        if (n == vlen<A>) (first ? sum.a : sum.b) += loadv(p);
+        else (first ? sum.a : sum.b) += load_partial(p, n);
+      });
     });
-  });
+  } else {
+    for_each_segment<1>(L, begin, end, [&](const int64_t* off, int64_t len) BN_SEGMENT_BODY {
+      const T* p = x + off[0];
+      walk_vectors<A>(len, [&](int64_t i, auto first, int64_t n) { (first ? sum.a : sum.b) += get(p, i, n); });
+    });
+  }
   const A n = static_cast<A>(end - begin);
   const A center = sum.total() / n;
   const V vc = splat(center);

@@ -480,12 +480,38 @@ static inline __attribute__((always_inline)) vec_t<A> lanes_from(int64_t n) { re
 // into a zeroed array, the vector read back from it waited for the stores to reach the cache
 // (they cannot be forwarded to a wider load), at every row's tail: the hottest instructions of
 // 1x256x14x14 float32 statistics (196-value planes, a 4-value tail each), which took 59 -> 50
-// us a call (median of 6 alternating runs, one AMD EPYC thread). The same lanes either way.
-// (AVX-512 keeps the element-by-element path: no machine here to measure a change on.)
+// us a call (median of 6 alternating runs, one AMD EPYC thread). Under AVX-512 by one
+// zero-masking load (which does not fault on the masked lanes either), widened as loadv does
+// for half types: the element-by-element path stalled the same way, worst where the tails of
+// a tile's rows follow one another (the side-by-side walks, kernels/walk.h), which made 16x128x14x14
+// float32 statistics 1.14x the time on their own. AMD EPYC Zen 4, 1 thread, in cache, both
+// changes against neither, in-process, both orders: statistics 16x128x14x14 float32 0.85x,
+// bfloat16 0.72x, 32x64x28x28 0.97x; backward 16x128x14x14 float32 0.78x, bfloat16 0.72x,
+// 8x64x10x10 0.64x. The same lanes either way.
 template <class T>
 static inline __attribute__((always_inline)) vec_t<acc_t<T>> load_partial(const T* p, int64_t n) {
   using A = acc_t<T>;
-#if defined(__AVX2__) && !defined(__AVX512F__)
+#if defined(__AVX512F__)
+  vec_t<A> v;
+  if constexpr (std::is_same_v<T, float>) {
+    const __m512 f = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
+    std::memcpy(&v, &f, sizeof(v));
+  } else if constexpr (std::is_same_v<T, double>) {
+    const __m512d d = _mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << n) - 1), p);
+    std::memcpy(&v, &d, sizeof(v));
+  } else {
+    const __m256i h = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p);
+    if constexpr (std::is_same_v<T, bfloat16>) {
+      const __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+      std::memcpy(&v, &w, sizeof(v));
+    } else {
+      const __m512 f = _mm512_cvtph_ps(h);
+      std::memcpy(&v, &f, sizeof(v));
+    }
+  }
+  return v;
+#else
+#if defined(__AVX2__)
   if constexpr (std::is_same_v<T, A>) {
     constexpr int H = vlen<A> / 2;  // lanes of one 32-byte half
     const auto* mask = lanes_mask_window<A, true>(n);  // lanes_below's, by halves
@@ -514,6 +540,7 @@ static inline __attribute__((always_inline)) vec_t<acc_t<T>> load_partial(const 
   vec_t<A> v;
   std::memcpy(&v, tmp, sizeof(v));
   return v;
+#endif
 }
 
 template <class A>

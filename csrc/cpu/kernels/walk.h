@@ -88,35 +88,6 @@ static inline __attribute__((always_inline)) void for_each_segment(const Layout&
   }
 }
 
-// Elements from a value of array t's rows to the same value of the next row of the walk (the
-// next plane of an NCHW channel, C planes on), which the channels-first reductions of half
-// types that go row by row (contiguous rows outside the short-row tiles: longer than four
-// vectors, or shorter than one) prefetch as they read each vector: the next row is then on its
-// way while the prefetchers are still learning the current one, which a row of a half type
-// (6 KB for 56x56) leaves them little time to do. 0 (nothing to prefetch) for other types and
-// walks of one reduced dim. AMD EPYC Zen 4, 2 threads, data from memory: 32x64x56x56 training
-// bfloat16 and float16 0.93x the time, backward 0.91-0.93x (1 thread 0.89x), 64x256x28x28
-// bfloat16 backward 0.88x; in cache (a hot loop) 0.82-1.01x; float32 0.98-1.06x, so float32
-// does without. (Rows shorter than a vector are unmeasured.)
-// `reach`: rows shorter than kRowPrefetchBytes are fetched as many rows ahead as reach that
-// far, at most kRowPrefetchMaxRows: one row of a 14x14 half plane (392 bytes) is read before
-// its prefetch lands. The backward's sums take it (grad_sums): backward, 3-4 rows ahead
-// against one, in-process, 64 MB scrub, NumPy arrays: 64x512x14x14 bfloat16 0.82-0.95x the
-// time at 2 threads, 0.90-0.91x at 1; float16 0.82-0.97x; 128x256x14x14 float16 0.92-0.94x;
-// 256x512x10x10 bfloat16 0.90-0.99x (4 rows); tools/ab_lib (aligned arrays) 0.93-1.00x. 28x28
-// and 56x56 rows (one row ahead either way) were mixed with more rows (0.94-1.10x). The
-// statistics do without: 4 rows ahead made 64x512x14x14 bfloat16 statistics 1.04-1.08x.
-constexpr int64_t kRowPrefetchBytes = 1024;
-constexpr int64_t kRowPrefetchMaxRows = 4;
-template <class T>
-inline int64_t next_row_prefetch(const Layout& L, int t, bool reach = false) {
-  if constexpr (sizeof(T) != 2) return 0;
-  if (L.nred < 2) return 0;
-  const int64_t row_bytes = std::max<int64_t>(1, L.inner() * static_cast<int64_t>(sizeof(T)));
-  const int64_t rows = reach ? std::min(kRowPrefetchMaxRows, (kRowPrefetchBytes + row_bytes - 1) / row_bytes) : 1;
-  return rows * L.strides[t][L.nred - 2];
-}
-
 // The address `elements` elements from p, computed as an integer: past the array's end (the
 // walk's last row) or before its start (negative strides) it is no pointer into the array,
 // and a prefetch of it is harmless. For prefetches only.
@@ -140,15 +111,42 @@ static inline __attribute__((always_inline)) void prefetch_at(const T* p, int64_
 // rows at a time (a sequential read 4.8 ms).
 constexpr int kStreamRows = 8;
 
+// Whether the channels-first reductions read a range's rows side by side, kStreamRows at a
+// time (moments' first pass, the backward's sums: walk_tile_vectors), rather than one after
+// the other: for contiguous rows of at most kSideBySideRowBytes. A row of 1-6 KB (NCHW
+// 14x14-40x40 float32, up to 56x56 half) read alone ends before the prefetchers have followed
+// it far, and the channel's next row is C planes on. AMD EPYC Zen 4, data from memory, 2
+// threads, in-process, both orders, against rows one after the other (half types prefetching
+// the next row as they went, which this replaces): statistics 64x256x28x28 float32 0.77-0.78x
+// the time, bfloat16 0.89-0.91x, 64x512x14x14 0.91-0.93x (bfloat16 0.79-0.80x), 32x64x56x56
+// bfloat16 1.05-1.06x; training 64x256x28x28 0.88-0.91x (1 thread 0.84x), 64x512x14x14
+// bfloat16 0.81-0.83x; backward 64x256x28x28 float32 0.84-0.86x (1 thread 0.79x),
+// 64x512x14x14 0.77x; 32x64x56x56 bfloat16 training and backward level. Against rows one
+// after the other without prefetches: 64x64x40x40 float32 0.81x, 32x64x56x56 bfloat16
+// 0.90-0.92x, but 56x56 float32 (12.5 KB) 1.00-1.03x and 112x112 bfloat16 0.98-1.03x: longer
+// rows go one after the other. The rule reads the shape and the type alone: the order of the
+// additions, and the bits, depend on neither the machine nor the thread count.
+constexpr int64_t kSideBySideRowBytes = 8192;
+template <class T>
+inline bool side_by_side(const Layout& L) {
+  return L.inner() * static_cast<int64_t>(sizeof(T)) <= kSideBySideRowBytes;
+}
+
 // Calls f(offs, lens, n) for each tile of n (<= kStreamRows) consecutive row segments of
 // values [begin, end) of the walk (for_each_segment's), segment r at offset offs[r][t] of array
 // t and lens[r] values long. Reduced dims (outer, inner) step a pointer per row rather than
-// the odometer, whose per-row bookkeeping showed on short rows.
-template <int NT, class F>
+// the odometer, whose per-row bookkeeping showed on short rows. `Uniform`: every tile's
+// segments are equally long (a range that starts or ends mid-row has its partial rows in
+// tiles of their own), for walks that go down a tile's rows side by side.
+template <int NT, bool Uniform = false, class F>
 static inline __attribute__((always_inline)) void for_row_tiles(const Layout& L, int64_t begin, int64_t end, F&& f) {
   int64_t offs[kStreamRows][NT], lens[kStreamRows];
   int n = 0;
   auto add = [&](const int64_t* off, int64_t len) __attribute__((always_inline)) {
+    if (Uniform && n > 0 && len != lens[0]) {
+      f(offs, lens, n);
+      n = 0;
+    }
     for (int t = 0; t < NT; ++t) offs[n][t] = off[t];
     lens[n] = len;
     if (++n == kStreamRows) {
