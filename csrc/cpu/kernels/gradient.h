@@ -112,13 +112,27 @@ void grad_sums(const T* dy, const T* x, const Layout& L, int64_t begin, int64_t 
       });
     });
   } else {
+    const int64_t ahead_dy = next_row_prefetch<T>(L, 0), ahead_x = next_row_prefetch<T>(L, 1);
+    const bool ahead = sd == 1 && sx == 1 && ahead_dy != 0;
     for_each_segment<2>(L, begin, end, [&](const int64_t* off, int64_t len) BN_SEGMENT_BODY {
       const T* dp = dy + off[0];
       const T* xp = x + off[1];
       walk_vectors<A>(len, [&](int64_t i, auto first, int64_t n) {
-        const V g = get(dp, sd, i, n);
-        (first ? a1.a : a1.b) += g;
-        (first ? a2.a : a2.b).add_of(grad_term_of, g, get(xp, sx, i, n), vm);
+        if (ahead) {
+          prefetch_at(dp + i, ahead_dy);
+          prefetch_at(xp + i, ahead_x);
+        }
+        auto& s1 = first ? a1.a : a1.b;
+        auto& s2 = first ? a2.a : a2.b;
+        if (n == VL && sd == 1 && sx == 1) {  // loaded where used (see above)
+          const V g = loadv(dp + i);
+          s1 += g;
+          s2.add_of(grad_term_of, g, loadv(xp + i), vm);
+        } else {
+          const V g = get(dp, sd, i, n);
+          s1 += g;
+          s2.add_of(grad_term_of, g, get(xp, sx, i, n), vm);
+        }
       });
     });
   }

@@ -57,7 +57,7 @@ static inline __attribute__((always_inline)) void walk_tile_vectors(const int64_
   constexpr std::true_type lanes_a{};
   constexpr std::false_type lanes_b{};
   int64_t i = 0;
-  if (rows == 1) {  // the same steps, without the loop over rows (a row longer than a piece)
+  if (rows == 1) {  // the same steps, without the loop over rows (a piece's partial rows)
     for (; i + 2 * V <= len; i += 2 * V) {
       body(offs[0], i, lanes_a, V);
       body(offs[0], i + V, lanes_b, V);
@@ -242,9 +242,14 @@ Moments<double> moments(const T* x, const Layout& L, int64_t begin, int64_t end)
       });
     });
   } else {
+    const int64_t ahead = contiguous ? next_row_prefetch<T>(L, 0) : 0;  // the first pass reads from memory
     for_each_segment<1>(L, begin, end, [&](const int64_t* off, int64_t len) BN_SEGMENT_BODY {
       const T* p = x + off[0];
-      walk_vectors<A>(len, [&](int64_t i, auto first, int64_t n) { (first ? sum.a : sum.b) += get(p, i, n); });
+      walk_vectors<A>(len, [&](int64_t i, auto first, int64_t n) {
+        if (ahead) prefetch_at(p + i, ahead);
+        if (contiguous && n == vlen<A>) (first ? sum.a : sum.b) += loadv(p + i);
+        else (first ? sum.a : sum.b) += get(p, i, n);
+      });
     });
   }
   const A n = static_cast<A>(end - begin);
