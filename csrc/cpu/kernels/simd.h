@@ -555,10 +555,35 @@ static inline __attribute__((always_inline)) vec_t<A> mask_lanes(vec_t<A> v, vec
   return v;
 }
 
-// Stores the low n (< vlen) lanes of v to p.
+// Whether load_partial and store_partial of T are each one masked instruction (AVX-512
+// float32/float64; a half type's partial store goes value by value at every level).
+template <class T>
+constexpr bool masked_partials() {
+#if defined(__AVX512F__)
+  return std::is_same_v<T, float> || std::is_same_v<T, double>;
+#else
+  return false;
+#endif
+}
+
+// Stores the low n (< vlen) lanes of v to p: under AVX-512 float32/float64 by one masked store
+// (lanes past n are not written, so they cannot fault), else value by value.
 template <class T>
 static inline __attribute__((always_inline)) void store_partial(T* p, vec_t<acc_t<T>> v, int64_t n) {
   using A = acc_t<T>;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    __m512 f;
+    std::memcpy(&f, &v, sizeof(f));
+    _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), f);
+    return;
+  } else if constexpr (std::is_same_v<T, double>) {
+    __m512d d;
+    std::memcpy(&d, &v, sizeof(d));
+    _mm512_mask_storeu_pd(p, static_cast<__mmask8>((1u << n) - 1), d);
+    return;
+  }
+#endif
   A tmp[vlen<A>];
   std::memcpy(tmp, &v, sizeof(v));
   for (int64_t j = 0; j < n; ++j) store_at(p + j, tmp[j]);
