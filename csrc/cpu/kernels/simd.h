@@ -333,6 +333,91 @@ static inline __attribute__((always_inline)) void stream_vector(A* p, vec_t<A> v
 #endif
 }
 
+// The 16-bit words of v's lanes in half type T (bfloat16 or float16), rounded to nearest even:
+// storev's conversion, and store_partial's.
+typedef uint16_t half_words __attribute__((vector_size(32)));
+template <class T>
+static inline __attribute__((always_inline)) half_words to_half_words(vec_t<acc_t<T>> v) {
+  half_words h;
+  if constexpr (std::is_same_v<T, bfloat16>) {
+    // Round to nearest even (add 0x7fff plus the kept part's lowest bit, keep the high
+    // half); a NaN stays a NaN, made quiet. Every ISA level computes these same bits.
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    // Per 32-byte half, as in loadv, then both halves' high words packed at once (vpackusdw,
+    // vpermq): GCC 12's generic per-half narrowing and join took twice the instructions.
+    // NaN lanes are found by one compare of the two halves (unordered where either lane is
+    // NaN) and, only then, made quiet by a blend per half: a compare and a blend per half on
+    // every vector had cost AMD EPYC Zen 3 12% of an in-cache bfloat16 inference (in-process,
+    // hot, 1 thread, 8x2048x7x7: NHWC 0.88x the time, NCHW 0.89x; training 0.95x, backward
+    // 0.92x; 32x64x56x56 NCHW from memory, 2 threads, 0.92x).
+    auto round = [](__m256 f) {
+      const __m256i w = _mm256_castps_si256(f);
+      const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(w, 16), _mm256_set1_epi32(1));
+      return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(w, _mm256_set1_epi32(0x7fff)), odd), 16);
+    };
+    auto quiet_nans = [](__m256 f, __m256i r) {
+      const __m256i w = _mm256_castps_si256(f);
+      const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q));
+      return _mm256_blendv_epi8(r, _mm256_srli_epi32(_mm256_or_si256(w, _mm256_set1_epi32(0x400000)), 16), nan);
+    };
+    const __m256 lo = (__m256)__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 hi = (__m256)__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m256i a = round(lo), b = round(hi);
+    if (__builtin_expect(_mm256_movemask_ps(_mm256_cmp_ps(lo, hi, _CMP_UNORD_Q)) != 0, 0)) {
+      a = quiet_nans(lo, a);
+      b = quiet_nans(hi, b);
+    }
+    const __m256i n = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8);
+    std::memcpy(&h, &n, sizeof(h));
+#else
+    typedef uint32_t u32 __attribute__((vector_size(64)));
+    u32 u;
+    std::memcpy(&u, &v, sizeof(u));
+#if defined(__AVX512F__)
+    // The same rounding in fewer operations: NaN lanes by a compare into a mask register,
+    // their quiet NaN by one masked or, and the high halves gathered by one word permute
+    // (a shift and vpmovdw were three uops on Intel; GCC 12's generic narrowing was a
+    // two-register permute). L2-resident bfloat16 inference on the Xeon: 89 -> 73 us.
+    const __m512i w = (__m512i)u;
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(w, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(_mm512_add_epi32(w, _mm512_set1_epi32(0x7fff)), odd);
+    const __mmask16 nan = _mm512_cmp_ps_mask((__m512)w, (__m512)w, _CMP_UNORD_Q);
+    r = _mm512_mask_or_epi32(r, nan, w, _mm512_set1_epi32(0x400000));
+    const __m512i hi = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 31, 29, 27, 25, 23, 21, 19,
+                                        17, 15, 13, 11, 9, 7, 5, 3, 1);
+    const __m256i n = _mm512_castsi512_si256(_mm512_permutexvar_epi16(hi, r));
+    std::memcpy(&h, &n, sizeof(h));
+#else
+    const u32 nan = (u32)((u & 0x7fffffffu) > 0x7f800000u);  // all ones where NaN
+    const u32 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const u32 quiet = (u >> 16) | 0x40u;
+    h = __builtin_convertvector((rounded & ~nan) | (quiet & nan), half_words);
+#endif
+#endif
+  } else {
+    // Round to nearest even, as the scalar conversion does.
+#if defined(__AVX512F__)
+    __m512 f;
+    std::memcpy(&f, &v, sizeof(f));
+    const __m256i r = _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    std::memcpy(&h, &r, sizeof(h));
+#elif defined(__F16C__) && defined(__AVX__)
+    // Halves split and joined with shuffles (see loadv).
+    typedef long long i2 __attribute__((vector_size(16)));
+    const __m256 lo = (__m256)__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 hi = (__m256)__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    const i2 rl = (i2)_mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const i2 rh = (i2)_mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    h = (half_words)__builtin_shufflevector(rl, rh, 0, 1, 2, 3);
+#else
+    typedef _Float16 f16 __attribute__((vector_size(32)));
+    const f16 f = __builtin_convertvector(v, f16);
+    std::memcpy(&h, &f, sizeof(h));
+#endif
+  }
+  return h;
+}
+
 // Stores v to p in storage type T (round to nearest even); non-temporal when `stream` (p
 // must then be 64-byte aligned for 4- and 8-byte types, 32-byte for 2-byte types).
 template <class T, bool stream = false>
@@ -349,84 +434,7 @@ static inline __attribute__((always_inline)) void storev(T* p, vec_t<acc_t<T>> v
 #endif
     }
   } else {
-    typedef uint16_t h16 __attribute__((vector_size(32)));
-    h16 h;
-    if constexpr (std::is_same_v<T, bfloat16>) {
-      // Round to nearest even (add 0x7fff plus the kept part's lowest bit, keep the high
-      // half); a NaN stays a NaN, made quiet. Every ISA level computes these same bits.
-#if defined(__AVX2__) && !defined(__AVX512F__)
-      // Per 32-byte half, as in loadv, then both halves' high words packed at once (vpackusdw,
-      // vpermq): GCC 12's generic per-half narrowing and join took twice the instructions.
-      // NaN lanes are found by one compare of the two halves (unordered where either lane is
-      // NaN) and, only then, made quiet by a blend per half: a compare and a blend per half on
-      // every vector had cost AMD EPYC Zen 3 12% of an in-cache bfloat16 inference (in-process,
-      // hot, 1 thread, 8x2048x7x7: NHWC 0.88x the time, NCHW 0.89x; training 0.95x, backward
-      // 0.92x; 32x64x56x56 NCHW from memory, 2 threads, 0.92x).
-      auto round = [](__m256 f) {
-        const __m256i w = _mm256_castps_si256(f);
-        const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(w, 16), _mm256_set1_epi32(1));
-        return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(w, _mm256_set1_epi32(0x7fff)), odd), 16);
-      };
-      auto quiet_nans = [](__m256 f, __m256i r) {
-        const __m256i w = _mm256_castps_si256(f);
-        const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q));
-        return _mm256_blendv_epi8(r, _mm256_srli_epi32(_mm256_or_si256(w, _mm256_set1_epi32(0x400000)), 16), nan);
-      };
-      const __m256 lo = (__m256)__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
-      const __m256 hi = (__m256)__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-      __m256i a = round(lo), b = round(hi);
-      if (__builtin_expect(_mm256_movemask_ps(_mm256_cmp_ps(lo, hi, _CMP_UNORD_Q)) != 0, 0)) {
-        a = quiet_nans(lo, a);
-        b = quiet_nans(hi, b);
-      }
-      const __m256i n = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8);
-      std::memcpy(&h, &n, sizeof(h));
-#else
-      typedef uint32_t u32 __attribute__((vector_size(64)));
-      u32 u;
-      std::memcpy(&u, &v, sizeof(u));
-#if defined(__AVX512F__)
-      // The same rounding in fewer operations: NaN lanes by a compare into a mask register,
-      // their quiet NaN by one masked or, and the high halves gathered by one word permute
-      // (a shift and vpmovdw were three uops on Intel; GCC 12's generic narrowing was a
-      // two-register permute). L2-resident bfloat16 inference on the Xeon: 89 -> 73 us.
-      const __m512i w = (__m512i)u;
-      const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(w, 16), _mm512_set1_epi32(1));
-      __m512i r = _mm512_add_epi32(_mm512_add_epi32(w, _mm512_set1_epi32(0x7fff)), odd);
-      const __mmask16 nan = _mm512_cmp_ps_mask((__m512)w, (__m512)w, _CMP_UNORD_Q);
-      r = _mm512_mask_or_epi32(r, nan, w, _mm512_set1_epi32(0x400000));
-      const __m512i hi = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 31, 29, 27, 25, 23, 21, 19,
-                                          17, 15, 13, 11, 9, 7, 5, 3, 1);
-      const __m256i n = _mm512_castsi512_si256(_mm512_permutexvar_epi16(hi, r));
-      std::memcpy(&h, &n, sizeof(h));
-#else
-      const u32 nan = (u32)((u & 0x7fffffffu) > 0x7f800000u);  // all ones where NaN
-      const u32 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-      const u32 quiet = (u >> 16) | 0x40u;
-      h = __builtin_convertvector((rounded & ~nan) | (quiet & nan), h16);
-#endif
-#endif
-    } else {
-      // Round to nearest even, as the scalar conversion does.
-#if defined(__AVX512F__)
-      __m512 f;
-      std::memcpy(&f, &v, sizeof(f));
-      const __m256i r = _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      std::memcpy(&h, &r, sizeof(h));
-#elif defined(__F16C__) && defined(__AVX__)
-      // Halves split and joined with shuffles (see loadv).
-      typedef long long i2 __attribute__((vector_size(16)));
-      const __m256 lo = (__m256)__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
-      const __m256 hi = (__m256)__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-      const i2 rl = (i2)_mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      const i2 rh = (i2)_mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      h = (h16)__builtin_shufflevector(rl, rh, 0, 1, 2, 3);
-#else
-      typedef _Float16 f16 __attribute__((vector_size(32)));
-      const f16 f = __builtin_convertvector(v, f16);
-      std::memcpy(&h, &f, sizeof(h));
-#endif
-    }
+    const half_words h = to_half_words<T>(v);
     if constexpr (stream) stream32(p, &h);
     else std::memcpy(p, &h, sizeof(h));
   }
@@ -555,19 +563,21 @@ static inline __attribute__((always_inline)) vec_t<A> mask_lanes(vec_t<A> v, vec
   return v;
 }
 
-// Whether load_partial and store_partial of T are each one masked instruction (AVX-512
-// float32/float64; a half type's partial store goes value by value at every level).
+// Whether a partial vector of T (load_partial, the map, store_partial) costs less than a
+// short tail value by value: under AVX-512, whose partial loads and stores are masked, but for
+// bfloat16, whose vector rounding (to_half_words) cost more than four values' scalar one.
 template <class T>
 constexpr bool masked_partials() {
 #if defined(__AVX512F__)
-  return std::is_same_v<T, float> || std::is_same_v<T, double>;
+  return !std::is_same_v<T, bfloat16>;
 #else
   return false;
 #endif
 }
 
-// Stores the low n (< vlen) lanes of v to p: under AVX-512 float32/float64 by one masked store
-// (lanes past n are not written, so they cannot fault), else value by value.
+// Stores the low n (< vlen) lanes of v to p: under AVX-512 by one masked store (lanes past n
+// are not written, so they cannot fault; half types converted as storev converts), else
+// value by value.
 template <class T>
 static inline __attribute__((always_inline)) void store_partial(T* p, vec_t<acc_t<T>> v, int64_t n) {
   using A = acc_t<T>;
@@ -581,6 +591,12 @@ static inline __attribute__((always_inline)) void store_partial(T* p, vec_t<acc_
     __m512d d;
     std::memcpy(&d, &v, sizeof(d));
     _mm512_mask_storeu_pd(p, static_cast<__mmask8>((1u << n) - 1), d);
+    return;
+  } else {
+    const half_words h = to_half_words<T>(v);
+    __m256i w;
+    std::memcpy(&w, &h, sizeof(w));
+    _mm256_mask_storeu_epi16(p, static_cast<__mmask16>((1u << n) - 1), w);
     return;
   }
 #endif
