@@ -169,9 +169,18 @@ void map_block(const T* const* in, T* out, const Layout& L, int64_t begin, int64
   using A = acc_t<T>;
   using V = vec_t<A>;
   constexpr int N = R::kIn;
+  // The values that go one by one take the coefficients as 0 + k, the value splat gives the
+  // vectors (a -0 coefficient is +0 there): which values go one by one depends on the ISA
+  // level (masked_partials), the output's alignment and the plan's ranges (the thread count),
+  // none of which may change their bits.
+  A k0[coef_slots<R>];
   V kv[coef_slots<R>];
   #pragma GCC unroll 4
-  for (int j = 0; j < R::kCoef; ++j) kv[j] = splat(k[j]);
+  for (int j = 0; j < R::kCoef; ++j) {
+    k0[j] = A(0) + k[j];
+    kv[j] = splat(k0[j]);
+  }
+  k = k0;
   bool unit = true;
   #pragma GCC unroll 4
   for (int t = 0; t <= N; ++t) unit = unit && L.inner_stride(t) == 1;
@@ -344,7 +353,7 @@ static inline __attribute__((always_inline)) void map_row_block(const T* const* 
   for (int64_t i = 0; i < m; ++i) {
     #pragma GCC unroll 4
     for (int j = 0; j < R::kCoef; ++j) {
-      kc[i][j] = k[j][i];
+      kc[i][j] = A(0) + k[j][i];  // as splat gives the vectors (see map_block)
       kv[i][j] = splat(kc[i][j]);
     }
   }
