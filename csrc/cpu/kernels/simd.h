@@ -213,6 +213,28 @@ static inline __attribute__((always_inline)) vec_t<A> splat(A v) {
   return splat_lanes<A>(A(0) + v, std::make_index_sequence<vlen<A>>{});
 }
 
+#if defined(__AVX512F__)
+// 16 words of half type T (bfloat16 or float16) as float lanes, exactly: bfloat16 by widening
+// each word into a lane's high half, float16 by the conversion instruction. loadv's and
+// load_partial's.
+template <class T>
+static inline __attribute__((always_inline)) vec_t<float> widen_half_words(__m256i h) {
+  vec_t<float> v;
+  if constexpr (std::is_same_v<T, bfloat16>) {
+    const __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+    std::memcpy(&v, &w, sizeof(v));
+  } else {
+    const __m512 f = _mm512_cvtph_ps(h);
+    std::memcpy(&v, &f, sizeof(v));
+  }
+  return v;
+}
+// The mask register of lanes [0, n), 0 <= n < 16 (masked partial loads and stores).
+static inline __attribute__((always_inline)) __mmask16 lanes_below_mask(int64_t n) {
+  return static_cast<__mmask16>((1u << n) - 1);
+}
+#endif
+
 // vlen<acc_t<T>> values of storage type T from p, in the accumulation type.
 template <class T>
 static inline __attribute__((always_inline)) vec_t<acc_t<T>> loadv(const T* p) {
@@ -225,8 +247,7 @@ static inline __attribute__((always_inline)) vec_t<acc_t<T>> loadv(const T* p) {
     // One widening load (vpmovzxwd to a zmm); GCC 12's generic widening took two ymm halves.
     // (A zero-masking vpermw from the ymm instead was 3-5% faster on the Xeon in L2-resident
     // statistics, but its cost on AMD's AVX-512 cores is unmeasured: not done.)
-    const __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
-    std::memcpy(&v, &w, sizeof(v));
+    v = widen_half_words<T>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 #elif defined(__AVX2__)
     // Each 16-byte half widened from memory (vpmovzxwd ymm, m128) and shifted. GCC 12's generic
     // widening loaded the 32 bytes twice and split off the upper half (vmovdqu, vextracti128).
@@ -256,8 +277,7 @@ static inline __attribute__((always_inline)) vec_t<acc_t<T>> loadv(const T* p) {
     // float16 -> float32 is exact; the conversion instruction where the level has it
     // (GCC 12 does not vectorize the generic _Float16 conversion).
 #if defined(__AVX512F__)
-    const __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    std::memcpy(&v, &f, sizeof(v));
+    v = widen_half_words<T>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 #elif defined(__F16C__) && defined(__AVX__)
     // Halves joined with a shuffle: through memcpy GCC 12 moved them via the stack and
     // general registers.
@@ -502,20 +522,13 @@ static inline __attribute__((always_inline)) vec_t<acc_t<T>> load_partial(const 
 #if defined(__AVX512F__)
   vec_t<A> v;
   if constexpr (std::is_same_v<T, float>) {
-    const __m512 f = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
+    const __m512 f = _mm512_maskz_loadu_ps(lanes_below_mask(n), p);
     std::memcpy(&v, &f, sizeof(v));
   } else if constexpr (std::is_same_v<T, double>) {
-    const __m512d d = _mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << n) - 1), p);
+    const __m512d d = _mm512_maskz_loadu_pd(static_cast<__mmask8>(lanes_below_mask(n)), p);
     std::memcpy(&v, &d, sizeof(v));
   } else {
-    const __m256i h = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p);
-    if constexpr (std::is_same_v<T, bfloat16>) {
-      const __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
-      std::memcpy(&v, &w, sizeof(v));
-    } else {
-      const __m512 f = _mm512_cvtph_ps(h);
-      std::memcpy(&v, &f, sizeof(v));
-    }
+    v = widen_half_words<T>(_mm256_maskz_loadu_epi16(lanes_below_mask(n), p));
   }
   return v;
 #else
@@ -563,9 +576,10 @@ static inline __attribute__((always_inline)) vec_t<A> mask_lanes(vec_t<A> v, vec
   return v;
 }
 
-// Whether a partial vector of T (load_partial, the map, store_partial) costs less than a
-// short tail value by value: under AVX-512, whose partial loads and stores are masked, but for
-// bfloat16, whose vector rounding (to_half_words) cost more than four values' scalar one.
+// Whether the channels-first maps (map_contiguous) take a row tail shorter than half a vector
+// as one partial vector rather than value by value: under AVX-512, whose partial loads and
+// stores are masked, but for bfloat16, whose vector rounding (to_half_words) cost more than
+// four values' scalar one.
 template <class T>
 constexpr bool masked_partials() {
 #if defined(__AVX512F__)
@@ -585,24 +599,22 @@ static inline __attribute__((always_inline)) void store_partial(T* p, vec_t<acc_
   if constexpr (std::is_same_v<T, float>) {
     __m512 f;
     std::memcpy(&f, &v, sizeof(f));
-    _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), f);
-    return;
+    _mm512_mask_storeu_ps(p, lanes_below_mask(n), f);
   } else if constexpr (std::is_same_v<T, double>) {
     __m512d d;
     std::memcpy(&d, &v, sizeof(d));
-    _mm512_mask_storeu_pd(p, static_cast<__mmask8>((1u << n) - 1), d);
-    return;
+    _mm512_mask_storeu_pd(p, static_cast<__mmask8>(lanes_below_mask(n)), d);
   } else {
     const half_words h = to_half_words<T>(v);
     __m256i w;
     std::memcpy(&w, &h, sizeof(w));
-    _mm256_mask_storeu_epi16(p, static_cast<__mmask16>((1u << n) - 1), w);
-    return;
+    _mm256_mask_storeu_epi16(p, lanes_below_mask(n), w);
   }
-#endif
+#else
   A tmp[vlen<A>];
   std::memcpy(tmp, &v, sizeof(v));
   for (int64_t j = 0; j < n; ++j) store_at(p + j, tmp[j]);
+#endif
 }
 
 static inline void store_fence() {
