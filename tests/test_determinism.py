@@ -67,7 +67,7 @@ def case_input(name: str, dtype: str = "float32"):
 
 
 def run_all(x, dy, axis) -> list:
-    """Every op's outputs as bytes."""
+    """Every op's outputs as bytes, the fused ops' included."""
     C = x.shape[axis]
     w = np.linspace(0.5, 2, C)
     b = np.linspace(-1, 1, C).astype(np.float32)
@@ -80,7 +80,11 @@ def run_all(x, dy, axis) -> list:
     y, smean, sinvstd = bn.forward_training(x, w, b, running_mean=rm, running_var=rv, axis=axis)
     yi = bn.forward_inference(x, mean, var, w, b, axis=axis)
     dx, dw, db = bn.backward(dy, x, smean, sinvstd, w, axis=axis)
-    return [bits(a) for a in (mean, var, y, smean, sinvstd, rm, rv, yi, dx, dw, db)]
+    # The fused ops, y = relu(bn(x) + r) with dy as the residual r, and their gradients.
+    fy, _, _ = bn.forward_training(x, w, b, residual=dy, activation="relu", axis=axis)
+    fyi = bn.forward_inference(x, mean, var, w, b, residual=dy, activation="relu", axis=axis)
+    fdx, fdw, fdb, fdr = bn.backward(dy, x, smean, sinvstd, w, axis=axis, y=fy, activation="relu", residual=True)
+    return [bits(a) for a in (mean, var, y, smean, sinvstd, rm, rv, yi, dx, dw, db, fy, fyi, fdx, fdw, fdb, fdr)]
 
 
 # float32 on every shape; half and double on a representative subset.
@@ -98,7 +102,8 @@ def test_thread_count_does_not_change_bits(name, dtype, restore_threads):
         assert bn.get_num_threads() == n
         results[n] = run_all(x, dy, axis)
     names = ["mean", "var", "y", "saved_mean", "saved_invstd", "running_mean", "running_var", "y_inference", "dx",
-             "dweight", "dbias"]
+             "dweight", "dbias", "fused_y", "fused_y_inference", "fused_dx", "fused_dweight", "fused_dbias",
+             "fused_dresidual"]
     for n in (2, 3):
         differ = [k for k, a, b in zip(names, results[1], results[n]) if a != b]
         assert not differ, f"{n} threads differ from 1 thread in {differ}"

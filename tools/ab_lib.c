@@ -12,7 +12,9 @@
  * SET_A, SET_B: "-", or comma-separated settings applied to the environment before that
  *   library's first call: an ISA level alone (avx2, avx512, baseline: BATCHNORM_ISA) or
  *   NAME=VALUE (BATCHNORM_STREAM_BYTES=25165824). The library reads them once, at its first call.
- * OP: stats, train, inf, bwd, or copy (memcpy of x into the output: the roofline).
+ * OP: stats, train, inf, bwd, or copy (memcpy of x into the output: the roofline); the fused
+ *   ops ftrain, finf (y = relu(bn(x) + r), r a second input array) and fbwd (their gradients:
+ *   the ReLU mask from x standing in for y, the residual's gradient into a second output).
  * SHAPE: NxC, or NxCxHxW; LAYOUT: cf (channel axis 1), cl (NHWC memory; NxC: same as cf).
  * DTYPE: f32, bf16, f16. THREADS: bn_set_num_threads. REPS: timed rounds (after 3 warm-ups).
  * SCRUB: 1 writes a 64 MB buffer before each call, so the data come from memory.
@@ -39,6 +41,12 @@ typedef bn_status (*inf_fn)(const DLTensor*, const DLTensor*, const DLTensor*, c
                             double, int, DLTensor*, void*);
 typedef bn_status (*bwd_fn)(const DLTensor*, const DLTensor*, const DLTensor*, const DLTensor*, const DLTensor*, int,
                             DLTensor*, DLTensor*, DLTensor*, void*);
+typedef bn_status (*train_ex_fn)(const DLTensor*, const DLTensor*, const DLTensor*, DLTensor*, DLTensor*, double,
+                                 double, int, const bn_training_options*, DLTensor*, DLTensor*, DLTensor*, void*);
+typedef bn_status (*inf_ex_fn)(const DLTensor*, const DLTensor*, const DLTensor*, const DLTensor*, const DLTensor*,
+                               double, int, const bn_inference_options*, DLTensor*, void*);
+typedef bn_status (*bwd_ex_fn)(const DLTensor*, const DLTensor*, const DLTensor*, const DLTensor*, const DLTensor*, int,
+                               const bn_backward_options*, DLTensor*, DLTensor*, DLTensor*, void*);
 typedef bn_status (*threads_fn)(int);
 typedef const char* (*error_fn)(void);
 
@@ -47,6 +55,9 @@ typedef struct {
   train_fn train;
   inf_fn inf;
   bwd_fn bwd;
+  train_ex_fn train_ex;
+  inf_ex_fn inf_ex;
+  bwd_ex_fn bwd_ex;
   threads_fn threads;
   error_fn error;
 } Lib;
@@ -97,6 +108,9 @@ static Lib load(const char* path) {
   l.train = (train_fn)symbol(h, "bn_forward_training");
   l.inf = (inf_fn)symbol(h, "bn_forward_inference");
   l.bwd = (bwd_fn)symbol(h, "bn_backward");
+  l.train_ex = (train_ex_fn)symbol(h, "bn_forward_training_ex");
+  l.inf_ex = (inf_ex_fn)symbol(h, "bn_forward_inference_ex");
+  l.bwd_ex = (bwd_ex_fn)symbol(h, "bn_backward_ex");
   l.threads = (threads_fn)symbol(h, "bn_set_num_threads");
   l.error = (error_fn)symbol(h, "bn_last_error");
   return l;
@@ -149,8 +163,9 @@ int main(int argc, char** argv) {
   const char* layout = argv[7];
   const char* dname = argv[8];
   const int threads = atoi(argv[9]), reps = atoi(argv[10]), scrub = atoi(argv[11]);
-  if (strcmp(op, "stats") && strcmp(op, "train") && strcmp(op, "inf") && strcmp(op, "bwd") && strcmp(op, "copy"))
-    die("OP must be stats, train, inf, bwd or copy, got", op);
+  if (strcmp(op, "stats") && strcmp(op, "train") && strcmp(op, "inf") && strcmp(op, "bwd") && strcmp(op, "copy") &&
+      strcmp(op, "ftrain") && strcmp(op, "finf") && strcmp(op, "fbwd"))
+    die("OP must be stats, train, inf, bwd, copy, ftrain, finf or fbwd, got", op);
   if (threads < 1 || reps < 1) die("THREADS and REPS must be >= 1", NULL);
 
   int64_t dims[4];
@@ -202,6 +217,10 @@ int main(int argc, char** argv) {
   const size_t off_b = off_b_env ? (size_t)strtoull(off_b_env, NULL, 10) : off;
   if (off_b % item != 0 || off_b >= 64) die("AB_OUT_OFFSET_B must be a multiple of the item size below 64, got", off_b_env);
   char* out[2] = {(char*)aligned_alloc(64, bytes + 64) + off, (char*)aligned_alloc(64, bytes + 64) + off_b};
+  /* The fused backward's second outputs (the residual's gradient), one per library. */
+  char* dres[2] = {NULL, NULL};
+  if (strcmp(op, "fbwd") == 0)
+    for (int k = 0; k < 2; ++k) dres[k] = (char*)aligned_alloc(64, bytes + 64) + off;
   srand(1);
   for (int64_t i = 0; i < n; ++i) {
     const float v = (float)rand() / RAND_MAX * 2 - 1, g = (float)rand() / RAND_MAX - 0.5f;
@@ -213,7 +232,10 @@ int main(int argc, char** argv) {
       ((uint16_t*)dy)[i] = half_bits(g, dtype.code == kDLBfloat);
     }
   }
-  for (int k = 0; k < 2; ++k) memset(out[k], 0, bytes - off);  /* the view's n * item bytes */
+  for (int k = 0; k < 2; ++k) {
+    memset(out[k], 0, bytes - off); /* the view's n * item bytes */
+    if (dres[k]) memset(dres[k], 0, bytes - off);
+  }
 
   /* Per-channel arrays, float32 (the accumulation dtype of every input dtype but float64). */
   float* per[8];
@@ -229,6 +251,18 @@ int main(int argc, char** argv) {
   int64_t cshape[1] = {channels};
   DLTensor X = tensor(x, dtype, shape, nd), DY = tensor(dy, dtype, shape, nd);
   DLTensor Y[2] = {tensor(out[0], dtype, shape, nd), tensor(out[1], dtype, shape, nd)};
+  DLTensor DRES[2] = {tensor(dres[0], dtype, shape, nd), tensor(dres[1], dtype, shape, nd)};
+  /* The fused ops: dy's array as the residual, x's as the forward's output y of the ReLU mask. */
+  bn_training_options topt = BN_TRAINING_OPTIONS_INIT;
+  bn_inference_options iopt = BN_INFERENCE_OPTIONS_INIT;
+  bn_backward_options bopt[2] = {BN_BACKWARD_OPTIONS_INIT, BN_BACKWARD_OPTIONS_INIT};
+  topt.residual = iopt.residual = &DY;
+  topt.activation = iopt.activation = BN_ACTIVATION_RELU;
+  for (int k = 0; k < 2; ++k) {
+    bopt[k].y = &X;
+    bopt[k].dresidual_out = &DRES[k];
+    bopt[k].activation = BN_ACTIVATION_RELU;
+  }
   DLTensor weight = tensor(per[0], f32, cshape, 1), bias = tensor(per[1], f32, cshape, 1);
   DLTensor rmean = tensor(per[2], f32, cshape, 1), rvar = tensor(per[3], f32, cshape, 1);
   DLTensor smean = tensor(per[4], f32, cshape, 1), sinvstd = tensor(per[5], f32, cshape, 1);
@@ -263,6 +297,13 @@ int main(int argc, char** argv) {
         st = lib[k].inf(&X, &rmean, &rvar, &weight, &bias, 1e-5, axis, &Y[k], NULL);
       } else if (strcmp(op, "bwd") == 0) {
         st = lib[k].bwd(&DY, &X, &smean, &sinvstd, &weight, axis, &Y[k], &dweight, &dbias, NULL);
+      } else if (strcmp(op, "ftrain") == 0) {
+        st = lib[k].train_ex(&X, &weight, &bias, &rmean, &rvar, 0.1, 1e-5, axis, &topt, &Y[k], &smean, &sinvstd,
+                             NULL);
+      } else if (strcmp(op, "finf") == 0) {
+        st = lib[k].inf_ex(&X, &rmean, &rvar, &weight, &bias, 1e-5, axis, &iopt, &Y[k], NULL);
+      } else if (strcmp(op, "fbwd") == 0) {
+        st = lib[k].bwd_ex(&DY, &X, &smean, &sinvstd, &weight, axis, &bopt[k], &Y[k], &dweight, &dbias, NULL);
       } else {
         memcpy(out[k], x, (size_t)n * item);
       }
@@ -271,7 +312,7 @@ int main(int argc, char** argv) {
       if (r >= 0) ms[k][r] = t1 - t0;
     }
     /* The statistics the backward reads stay those of x: training overwrote them. */
-    if (strcmp(op, "bwd") == 0)
+    if (strcmp(op, "bwd") == 0 || strcmp(op, "fbwd") == 0)
       for (int64_t c = 0; c < channels; ++c) {
         per[4][c] = 0.01f;
         per[5][c] = 1.5f;

@@ -180,6 +180,7 @@ BN_HD X relu(X x) {
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
+#include <utility>
 namespace batchnorm {
 // The CPU kernel units' vector body (GCC vectors of 64 bytes): GCC lowers `?:` and compares
 // on vectors wider than the ISA's registers lane by lane, so the two selects are written
@@ -191,23 +192,65 @@ typedef float f32x16 __attribute__((vector_size(64)));
 typedef double f64x8 __attribute__((vector_size(64)));
 }  // namespace vector_select
 
+// A 64-byte vector as kRegs registers R of the level and back. Joined by shuffles
+// (join_regs): through a memcpy from an array of registers GCC 12 rebuilt the vector lane by
+// lane on the stack under AVX2 (a store, then 8 loads and inserts per register) in every map
+// of the fused ReLU. Split by a memcpy, which takes a vector converted at full width apart for
+// free, or by shuffles (split_regs) for one GCC 12 joined from halves (float16 under AVX2,
+// joined_halves in cpu/kernels/simd.h), which the memcpy spilled to the stack in turn.
+template <class R, int Off, class V, std::size_t... I>
+static inline __attribute__((always_inline)) R reg_at(V x, std::index_sequence<I...>) {
+  return (R)__builtin_shufflevector(x, x, (Off + static_cast<int>(I))...);
+}
+template <class R, int kRegs, class V, std::size_t... P>
+static inline __attribute__((always_inline)) void split_regs(V x, R (&a)[kRegs], std::index_sequence<P...>) {
+  constexpr int n = sizeof(R) / sizeof(x[0]);
+  ((a[P] = reg_at<R, static_cast<int>(P) * n>(x, std::make_index_sequence<n>{})), ...);
+}
+template <class H, std::size_t... I>
+static inline __attribute__((always_inline)) auto join_pair(H lo, H hi, std::index_sequence<I...>) {
+  return __builtin_shufflevector(lo, hi, static_cast<int>(I)...);
+}
+template <class V, class R, int kRegs>
+static inline __attribute__((always_inline)) V join_regs(const R (&a)[kRegs]) {
+  constexpr int n = sizeof(R) / sizeof(V{}[0]);
+  if constexpr (kRegs == 1) {
+    return (V)a[0];
+  } else if constexpr (kRegs == 2) {
+    return (V)join_pair(a[0], a[1], std::make_index_sequence<2 * n>{});
+  } else {
+    static_assert(kRegs == 4, "1, 2 or 4 registers a vector");
+    return (V)join_pair(join_pair(a[0], a[1], std::make_index_sequence<2 * n>{}),
+                        join_pair(a[2], a[3], std::make_index_sequence<2 * n>{}), std::make_index_sequence<4 * n>{});
+  }
+}
+
 // relu and relu_grad of one 64-byte vector V, as kRegs registers R of the level (MAX and
-// ANDNOT of an ordered compare; S the ps/pd suffix).
+// ANDNOT of an ordered compare); relu_grad_joined: relu_grad of inputs joined from halves.
 #define BN_VECTOR_SELECTS(V, R, kRegs, MAX, ANDNOT_LE, ZERO)                                       \
   static inline __attribute__((always_inline)) V relu(V x) {                                        \
     R a[kRegs];                                                                                     \
     __builtin_memcpy(a, &x, sizeof(x));                                                             \
     for (int i = 0; i < kRegs; ++i) a[i] = MAX(ZERO(), a[i]);                                       \
-    __builtin_memcpy(&x, a, sizeof(x));                                                             \
-    return x;                                                                                       \
+    return join_regs<V>(a);                                                                         \
+  }                                                                                                 \
+  static inline __attribute__((always_inline)) V relu_grad_of(const R(&dy)[kRegs],                 \
+                                                               const R(&y)[kRegs]) {                \
+    R a[kRegs];                                                                                     \
+    for (int i = 0; i < kRegs; ++i) a[i] = ANDNOT_LE(y[i], dy[i]);                                  \
+    return join_regs<V>(a);                                                                         \
   }                                                                                                 \
   static inline __attribute__((always_inline)) V relu_grad(V dy, V y) {                             \
     R a[kRegs], b[kRegs];                                                                           \
     __builtin_memcpy(a, &dy, sizeof(dy));                                                           \
     __builtin_memcpy(b, &y, sizeof(y));                                                             \
-    for (int i = 0; i < kRegs; ++i) a[i] = ANDNOT_LE(b[i], a[i]);                                   \
-    __builtin_memcpy(&dy, a, sizeof(dy));                                                           \
-    return dy;                                                                                      \
+    return relu_grad_of(a, b);                                                                      \
+  }                                                                                                 \
+  static inline __attribute__((always_inline)) V relu_grad_joined(V dy, V y) {                      \
+    R a[kRegs], b[kRegs];                                                                           \
+    split_regs(dy, a, std::make_index_sequence<kRegs>{});                                           \
+    split_regs(y, b, std::make_index_sequence<kRegs>{});                                            \
+    return relu_grad_of(a, b);                                                                      \
   }
 
 #if defined(__AVX512F__)
