@@ -66,23 +66,38 @@ def case_input(name: str, dtype: str = "float32"):
     return x, dy, axis
 
 
+def residual_of(dy, axis):
+    """The fused ops' residual: dy with its last channel -0 (a copy; NumPy arrays or torch tensors)."""
+    if type(dy).__module__.startswith("torch"):
+        r = dy.clone()
+        r.movedim(axis, 0)[-1] = -0.0
+        return r
+    r = dy.copy()
+    np.moveaxis(r, axis, 0)[-1] = -0.0
+    return r
+
+
 def run_all(x, dy, axis) -> list:
     """Every op's outputs as bytes, the fused ops' included."""
     C = x.shape[axis]
     w = np.linspace(0.5, 2, C)
     b = np.linspace(-1, 1, C).astype(np.float32)
     # A pruned channel (weight -0) and a -0 bias: the values of a row's tail that some ISA
-    # levels map one by one and others as a vector must still get the same signed zeros.
+    # levels map one by one and others as a vector must still get the same signed zeros. The
+    # last channel has both, and the fused ops' residual is -0 there: relu's inputs are
+    # signed zeros (relu(-0) = -0).
     w[-1] = -0.0
     b[0] = -0.0
+    b[-1] = -0.0
     rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
     mean, var, _ = bn.statistics(x, axis=axis)
     y, smean, sinvstd = bn.forward_training(x, w, b, running_mean=rm, running_var=rv, axis=axis)
     yi = bn.forward_inference(x, mean, var, w, b, axis=axis)
     dx, dw, db = bn.backward(dy, x, smean, sinvstd, w, axis=axis)
-    # The fused ops, y = relu(bn(x) + r) with dy as the residual r, and their gradients.
-    fy, _, _ = bn.forward_training(x, w, b, residual=dy, activation="relu", axis=axis)
-    fyi = bn.forward_inference(x, mean, var, w, b, residual=dy, activation="relu", axis=axis)
+    # The fused ops, y = relu(bn(x) + r), and their gradients.
+    r = residual_of(dy, axis)
+    fy, _, _ = bn.forward_training(x, w, b, residual=r, activation="relu", axis=axis)
+    fyi = bn.forward_inference(x, mean, var, w, b, residual=r, activation="relu", axis=axis)
     fdx, fdw, fdb, fdr = bn.backward(dy, x, smean, sinvstd, w, axis=axis, y=fy, activation="relu", residual=True)
     return [bits(a) for a in (mean, var, y, smean, sinvstd, rm, rv, yi, dx, dw, db, fy, fyi, fdx, fdw, fdb, fdr)]
 

@@ -41,12 +41,10 @@ typedef bn_status (*inf_fn)(const DLTensor*, const DLTensor*, const DLTensor*, c
                             double, int, DLTensor*, void*);
 typedef bn_status (*bwd_fn)(const DLTensor*, const DLTensor*, const DLTensor*, const DLTensor*, const DLTensor*, int,
                             DLTensor*, DLTensor*, DLTensor*, void*);
-typedef bn_status (*train_ex_fn)(const DLTensor*, const DLTensor*, const DLTensor*, DLTensor*, DLTensor*, double,
-                                 double, int, const bn_training_options*, DLTensor*, DLTensor*, DLTensor*, void*);
-typedef bn_status (*inf_ex_fn)(const DLTensor*, const DLTensor*, const DLTensor*, const DLTensor*, const DLTensor*,
-                               double, int, const bn_inference_options*, DLTensor*, void*);
-typedef bn_status (*bwd_ex_fn)(const DLTensor*, const DLTensor*, const DLTensor*, const DLTensor*, const DLTensor*, int,
-                               const bn_backward_options*, DLTensor*, DLTensor*, DLTensor*, void*);
+/* The fused ops' entry points, typed from the header's prototypes. */
+typedef __typeof__(bn_forward_training_ex)* train_ex_fn;
+typedef __typeof__(bn_forward_inference_ex)* inf_ex_fn;
+typedef __typeof__(bn_backward_ex)* bwd_ex_fn;
 typedef bn_status (*threads_fn)(int);
 typedef const char* (*error_fn)(void);
 
@@ -220,7 +218,7 @@ int main(int argc, char** argv) {
   /* The fused backward's second outputs (the residual's gradient), one per library. */
   char* dres[2] = {NULL, NULL};
   if (strcmp(op, "fbwd") == 0)
-    for (int k = 0; k < 2; ++k) dres[k] = (char*)aligned_alloc(64, bytes + 64) + off;
+    for (int k = 0; k < 2; ++k) dres[k] = (char*)aligned_alloc(64, bytes + 64) + (k ? off_b : off);
   srand(1);
   for (int64_t i = 0; i < n; ++i) {
     const float v = (float)rand() / RAND_MAX * 2 - 1, g = (float)rand() / RAND_MAX - 0.5f;

@@ -195,9 +195,9 @@ typedef double f64x8 __attribute__((vector_size(64)));
 // A 64-byte vector as kRegs registers R of the level and back. Joined by shuffles
 // (join_regs): through a memcpy from an array of registers GCC 12 rebuilt the vector lane by
 // lane on the stack under AVX2 (a store, then 8 loads and inserts per register) in every map
-// of the fused ReLU. Split by a memcpy, which takes a vector converted at full width apart for
-// free, or by shuffles (split_regs) for one GCC 12 joined from halves (float16 under AVX2,
-// joined_halves in cpu/kernels/simd.h), which the memcpy spilled to the stack in turn.
+// of the fused ReLU. Split by a memcpy, which takes a vector computed or converted at full
+// width apart for free, or by shuffles (split_regs) for one GCC 12 joined from halves (float16
+// loaded under AVX2, joined_halves in cpu/kernels/simd.h), which the memcpy spilled in turn.
 template <class R, int Off, class V, std::size_t... I>
 static inline __attribute__((always_inline)) R reg_at(V x, std::index_sequence<I...>) {
   return (R)__builtin_shufflevector(x, x, (Off + static_cast<int>(I))...);

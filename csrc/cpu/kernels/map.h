@@ -28,9 +28,10 @@ constexpr bool kForwardMap<ForwardMap<Residual, Act>> = true;
 
 // apply_map on vectors loaded from T. The ReLU gradient of float16 vectors under AVX2 (joined
 // from halves, joined_halves) splits them by shuffles (relu_grad_joined, core/recipes.h): the
-// memcpy split that every other type takes for free spilled them, 3.5-5.3x the time of
-// float16's fused backward (AMD EPYC Zen 4, AVX2 level, 32x64x28x28 in cache, 1 thread),
-// whereas shuffles made bfloat16's 1.08-1.15x slower. The same operations: the same bits.
+// memcpy split that every other type takes for free spilled them, 2.5-4x the time of
+// float16's fused backward with the shuffle split (AMD EPYC Zen 4, AVX2 level, 32x64x28x28 in
+// cache, 1 thread), whereas shuffles made bfloat16's 1.08-1.15x slower. The same
+// operations: the same bits.
 template <class T, class R, class V>
 static inline __attribute__((always_inline)) V apply_vector_map(R, const V* k, const V* in) {
   if constexpr (std::is_same_v<R, ReluGradMap> && joined_halves<T>()) return relu_grad_joined(in[0], in[1]);
