@@ -16,18 +16,21 @@ def layouts(shape):
     return ["nc"] if len(shape) == 2 else ["cf", "cl"]
 
 
-def median_pair(f_a, f_b, reps):
+def median_pair(f_a, f_b, reps, before=None):
     """Median seconds of f_a and of f_b over `reps` calls each, interleaved call by call after
-    one warm-up call of each (so drifts of the machine hit both sides alike)."""
+    one warm-up call of each (so drifts of the machine hit both sides alike). With `before`
+    (e.g. a cache scrub), it runs untimed before every call, and the two sides take turns
+    going first."""
     f_a(), f_b()
     a, b = [], []
-    for _ in range(reps):
-        t = time.perf_counter()
-        f_a()
-        a.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        f_b()
-        b.append(time.perf_counter() - t)
+    for rep in range(reps):
+        pairs = ((f_a, a), (f_b, b)) if before is None or rep % 2 == 0 else ((f_b, b), (f_a, a))
+        for f, times in pairs:
+            if before is not None:
+                before()
+            t = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t)
     return statistics.median(a), statistics.median(b)
 
 
