@@ -198,6 +198,7 @@ typedef double f64x8 __attribute__((vector_size(64)));
 // of the fused ReLU. Split by a memcpy, which takes a vector computed or converted at full
 // width apart for free, or by shuffles (split_regs) for one GCC 12 joined from halves (float16
 // loaded under AVX2, joined_halves in cpu/kernels/simd.h), which the memcpy spilled in turn.
+// (simd.h splits by split_regs too: AVX2 stores by halves, float16's accumulators.)
 template <class R, int Off, class V, std::size_t... I>
 static inline __attribute__((always_inline)) R reg_at(V x, std::index_sequence<I...>) {
   return (R)__builtin_shufflevector(x, x, (Off + static_cast<int>(I))...);
