@@ -225,7 +225,10 @@ static inline __attribute__((always_inline)) bool with_short_rows(const Layout& 
 // 0.86x; training 32x64x56x56 0.79-0.83x, bfloat16 0.84x, 8x32x112x112 0.87-0.93x. Shorter rows
 // lost or stayed level (16x16 float32, 1 KB: 1.09-1.18x the time; 20x20 1.01-1.05x; 28x28
 // 0.95-1.04x; 32x32 0.99-1.01x): there the side-by-side rows keep the prefetchers busy, and a
-// row's prefetch span costs a call.
+// row's prefetch span costs a call. Half types fetch a line per two vectors (64 bytes read):
+// a line per vector made them slower in cache (32x64x56x56 training, hot, bfloat16 1.14x,
+// 8x64x56x56 float16 1.29-1.41x; now 0.94-1.10x, noise either way of level), from memory
+// statistics bfloat16 0.82-0.84x, training float16 0.85-0.88x.
 constexpr int64_t kFetchRowBytes = 4096;
 
 template <class T>
@@ -279,7 +282,7 @@ Moments<double> moments(const T* x, const Layout& L, int64_t begin, int64_t end)
   for_each_segment<1>(L, begin, end, [&](const int64_t* off, int64_t len) BN_SEGMENT_BODY {
     const T* p = x + off[0];
     walk_vectors<A>(len, [&](int64_t i, auto first, int64_t n) {
-      span.step(next);
+      if (sizeof(T) >= 4 || first) span.step(next);  // a line per 64 bytes read
       if (contiguous && n == vlen<A>) {
         const V d = loadv(p + i) - vc;
         (first ? dev.a : dev.b) += d;
