@@ -216,16 +216,19 @@ static inline __attribute__((always_inline)) bool with_short_rows(const Layout& 
 
 // Contiguous rows of at least this many bytes: moments()' second pass over a block (kPiece
 // values, in L1) prefetches the channel's next block into L2 (LinePrefetcher), a line per
-// vector. The first pass reads such rows one after the other, or 8 side by side up to 8 KB
-// (kSideBySideRowBytes), and the memory idled through the second, which computes on L1.
+// vector, the channel's last block as many of the next channel's first values. The first pass
+// reads such rows one after the other, or 8 side by side up to 8 KB (kSideBySideRowBytes), and
+// the memory idled through the second, which computes on L1. (In the channel-parallel plan's
+// blocks of several channels, walked piece by piece across the block, the channel's next block
+// is read a few calls later rather than next: measured so, e.g. 8x64x56x56 below.)
 // AMD EPYC Zen 4, tools/ab_lib, in-process, 64 MB scrub unless hot, statistics float32 against
 // none: 32x64x56x56 0.63-0.69x the time (1 thread), 0.69-0.71x (2), AVX2 level 0.63-0.65x;
 // 128x64x56x56 0.72-0.79x; 8x32x112x112 0.74-0.80x; 32x128x40x40 (6.4 KB rows) 0.91x;
 // bfloat16 / float16 32x64x56x56 0.72-0.76x; hot in cache 8x64x56x56 0.89x, 4x64x112x112
 // 0.86x; training 32x64x56x56 0.79-0.83x, bfloat16 0.84x, 8x32x112x112 0.87-0.93x. Shorter rows
 // lost or stayed level (16x16 float32, 1 KB: 1.09-1.18x the time; 20x20 1.01-1.05x; 28x28
-// 0.95-1.04x; 32x32 0.99-1.01x): there the side-by-side rows keep the prefetchers busy, and a
-// row's prefetch span costs a call. Half types fetch a line per two vectors (64 bytes read):
+// 0.95-1.04x; 32x32, 4 KB, at the bound: 0.99-1.01x): there the side-by-side rows keep the
+// prefetchers busy, and a row's prefetch span costs a call. Half types fetch a line per two vectors (64 bytes read):
 // a line per vector made them slower in cache (32x64x56x56 training, hot, bfloat16 1.14x,
 // 8x64x56x56 float16 1.29-1.41x; now 0.94-1.10x, noise either way of level), from memory
 // statistics bfloat16 0.82-0.84x, training float16 0.85-0.88x.
@@ -273,11 +276,12 @@ Moments<double> moments(const T* x, const Layout& L, int64_t begin, int64_t end)
   const A center = sum.total() / n;
   const V vc = splat(center);
   Lanes2<T> dev, sq;
-  // The channel's next block (after its last, the next channel's first) on its way to L2 as
-  // this one's second pass computes (see kFetchRowBytes).
-  LinePrefetcher<T> next = end < L.count ? LinePrefetcher<T>(x, L, end, std::min(L.count, 2 * end - begin))
-                                         : LinePrefetcher<T>(x, L, 0, end - begin, L.channel_stride[0]);
-  if (!contiguous || L.inner() * static_cast<int64_t>(sizeof(T)) < kFetchRowBytes) next.left = 0;
+  // The channel's next block (after its last, as many of the next channel's first values) on
+  // its way to L2 as this one's second pass computes (see kFetchRowBytes).
+  const bool fetch = contiguous && L.inner() * static_cast<int64_t>(sizeof(T)) >= kFetchRowBytes;
+  LinePrefetcher<T> next = !fetch          ? LinePrefetcher<T>(x, L, 0, 0)
+                           : end < L.count ? LinePrefetcher<T>(x, L, end, std::min(L.count, 2 * end - begin))
+                                           : LinePrefetcher<T>(x, L, 0, end - begin, L.channel_stride[0]);
   typename LinePrefetcher<T>::Span span{0, 0};
   for_each_segment<1>(L, begin, end, [&](const int64_t* off, int64_t len) BN_SEGMENT_BODY {
     const T* p = x + off[0];
@@ -441,7 +445,7 @@ static inline __attribute__((always_inline)) void park_acc(const AccFor<T> (&acc
 
 // Whether run_deviations prefetches the next run: under AVX-512, where a vector is one
 // register. The second pass reads the run from L2 and the memory idled meanwhile; with the
-// next run's lines fetched into L2 as it goes (prefetcht1, a line per vector of its first
+// next run's lines fetched into L2 as it goes (prefetcht1, a line per 64 bytes of its first
 // n_ahead positions), AMD EPYC Zen 4, tools/ab_lib, statistics from memory (64 MB scrub),
 // float32: 32x64x56x56 NHWC 0.89x the time (1 thread), 0.94x (2); 256x7x7x2048 0.90x;
 // 65536x64 0.84x (1), 0.91x (hot, 2); bfloat16 / float16 32x64x56x56 0.87-0.88x, 256x7x7x2048
@@ -475,7 +479,8 @@ __attribute__((noinline)) void run_deviations(const T* x, const int64_t* offs, i
   if constexpr (kRunPrefetch)
     for (; i < n_ahead; ++i)
       for (int k = 0; k < NV; ++k) {
-        __builtin_prefetch(reinterpret_cast<const void*>(address_ahead(x + offs[i] + k * VL, ahead)), 0, 2);
+        if (sizeof(T) >= 4 || k % 2 == 0)  // a line per 64 bytes (a half type's vector is 32)
+          __builtin_prefetch(reinterpret_cast<const void*>(address_ahead(x + offs[i] + k * VL, ahead)), 0, 2);
         const V d = loadv(x + offs[i] + k * VL) - mv[k];
         e[k] += d;
         q[k] += d * d;
