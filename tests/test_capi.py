@@ -9,6 +9,7 @@ Python error and change nothing."""
 from __future__ import annotations
 
 import ctypes
+import os
 import re
 import shutil
 import subprocess
@@ -379,21 +380,28 @@ def test_last_error_is_per_thread(programs):
 
 def test_ab_lib_times_two_copies_of_the_library(programs, tmp_path):
     """tools/ab_lib.c (built with the test programs) loads two copies of the installed library,
-    each under its own settings, and times every op on both; a setting the library refuses is
-    its error, on stderr, with status 1 (an unknown BATCHNORM_ISA too: it used to pick a level)."""
+    each under its own settings, and times every op on both; with AB_BITS=1 it then compares
+    their outputs byte for byte, which the machine's ISA level against the baseline level with
+    every output streamed must leave the same. A setting the library refuses is its error, on
+    stderr, with status 1 (an unknown BATCHNORM_ISA too: it used to pick a level)."""
     ab = programs["capi_c"].parent / "ab_lib"
     libs = [tmp_path / name for name in ("a.so", "b.so")]
     for lib in libs:
         shutil.copy(_installed_library(), lib)
-    line = re.compile(r"^(\w+) +(\S+) +(\w+) (\w+) +T=(\d) +A ([\d.]+) ms +B ([\d.]+) ms +B/A ([\d.]+)$")
+    line = re.compile(r"^(\w+) +(\S+) +(\w+) (\w+) +T=(\d) +A ([\d.]+) ms +B ([\d.]+) ms +B/A ([\d.]+)( .*)?$")
+    # Shapes that take the statistics' prefetching walks too: NCHW rows of 4 KB or more
+    # (2x3x40x40), a channels-last run and its next (80x40x40x16 NHWC, 25600 positions).
     for op, shape, lay, dtype in [("stats", "4x3x5x6", "cl", "f32"), ("train", "4x3x5x6", "cf", "bf16"),
                                   ("inf", "64x32", "cf", "f16"), ("bwd", "4x3x5x6", "cl", "f32"),
-                                  ("copy", "64x32", "cf", "f32")]:
-        out = _run([ab, libs[0], "-", libs[1], "baseline,BATCHNORM_STREAM_BYTES=0", op, shape, lay, dtype, 2, 3,
-                    0]).stdout.strip()
+                                  ("copy", "64x32", "cf", "f32"), ("train", "2x3x40x40", "cf", "f32"),
+                                  ("stats", "80x16x40x40", "cl", "f16"), ("fbwd", "4x8x9x9", "cf", "bf16"),
+                                  ("ftrain", "3x5x33x35", "cl", "f32"), ("finf", "64x32", "cf", "f32")]:
+        out = _run([ab, libs[0], "-", libs[1], "baseline,BATCHNORM_STREAM_BYTES=0", op, shape, lay, dtype, 2, 3, 0],
+                   env={**os.environ, "AB_BITS": "1"}).stdout.strip()
         m = line.match(out)
         assert m and m.group(1, 2, 3, 4, 5) == (op, shape, lay, dtype, "2"), out
         assert float(m.group(8)) > 0
+        assert m.group(9) == "  bits same", out
     # A C host runs no import-time check: a bad setting is the first CPU op's ValueError.
     for setting, words in [("BATCHNORM_STREAM_BYTES=lots", "BATCHNORM_STREAM_BYTES must be a byte count (an "
                             "integer >= 0), got 'lots'"),

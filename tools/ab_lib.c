@@ -21,6 +21,13 @@
  * AB_OFFSET (environment): bytes past a 64-byte boundary for x, dy and the outputs (default 0);
  * AB_OUT_OFFSET_B: for library B's output only (default AB_OFFSET).
  *
+ * AB_BITS=1 (environment): after the timing, each library runs OP once more on fresh per-channel
+ * arrays of its own, and every output is compared byte for byte (y or dx, the residual's gradient,
+ * the running statistics, saved mean and invstd, dweight and dbias); the line ends in "bits same",
+ * or "bits DIFFER:" and the outputs that differ, with exit status 3. Two settings of one build
+ * (ISA levels, BATCHNORM_STREAM_BYTES=0) must compute the same bits; two builds after a change
+ * that only moves memory traffic (prefetches, walk order) should.
+ *
  * Each library writes its own output buffer, but x (and dy) are shared and the cache is one:
  * a setting that changes how the output leaves the cache (streaming stores) also changes what
  * the other library finds there. Compare store policies in separate processes too. */
@@ -59,6 +66,47 @@ typedef struct {
   threads_fn threads;
   error_fn error;
 } Lib;
+
+/* One library's arguments: the shared inputs, its own outputs, the per-channel arrays. */
+typedef struct {
+  DLTensor *x, *dy, *y, *dres, *weight, *bias, *rmean, *rvar, *smean, *sinvstd, *dweight, *dbias;
+  const bn_training_options* topt;
+  const bn_inference_options* iopt;
+  const bn_backward_options* bopt;
+} Args;
+
+/* OP (checked by main) on library L; "copy" copies x into the output. */
+static bn_status run(const Lib* L, const char* op, const Args* a, int axis, size_t bytes) {
+  if (strcmp(op, "stats") == 0) return L->stats(a->x, axis, a->smean, a->sinvstd, NULL, NULL);
+  if (strcmp(op, "train") == 0)
+    return L->train(a->x, a->weight, a->bias, a->rmean, a->rvar, 0.1, 1e-5, axis, a->y, a->smean, a->sinvstd, NULL);
+  if (strcmp(op, "inf") == 0) return L->inf(a->x, a->rmean, a->rvar, a->weight, a->bias, 1e-5, axis, a->y, NULL);
+  if (strcmp(op, "bwd") == 0)
+    return L->bwd(a->dy, a->x, a->smean, a->sinvstd, a->weight, axis, a->y, a->dweight, a->dbias, NULL);
+  if (strcmp(op, "ftrain") == 0)
+    return L->train_ex(a->x, a->weight, a->bias, a->rmean, a->rvar, 0.1, 1e-5, axis, a->topt, a->y, a->smean,
+                       a->sinvstd, NULL);
+  if (strcmp(op, "finf") == 0)
+    return L->inf_ex(a->x, a->rmean, a->rvar, a->weight, a->bias, 1e-5, axis, a->iopt, a->y, NULL);
+  if (strcmp(op, "fbwd") == 0)
+    return L->bwd_ex(a->dy, a->x, a->smean, a->sinvstd, a->weight, axis, a->bopt, a->y, a->dweight, a->dbias, NULL);
+  memcpy(a->y->data, a->x->data, bytes);
+  return BN_OK;
+}
+
+/* The per-channel arrays' starting values: weight, bias, running mean and var, saved mean and
+ * invstd (the backward's inputs), dweight and dbias (outputs). */
+static void init_per_channel(float* per[8], int64_t channels) {
+  for (int64_t c = 0; c < channels; ++c) {
+    per[0][c] = 1.0f + 0.01f * (float)c;
+    per[1][c] = 0.1f;
+    per[2][c] = 0.0f;
+    per[3][c] = 1.0f;
+    per[4][c] = 0.01f;
+    per[5][c] = 1.5f;
+    per[6][c] = per[7][c] = 0.0f;
+  }
+}
 
 static void die(const char* what, const char* detail) {
   fprintf(stderr, "ab_lib: %s%s%s\n", what, detail ? ": " : "", detail ? detail : "");
@@ -238,14 +286,7 @@ int main(int argc, char** argv) {
   /* Per-channel arrays, float32 (the accumulation dtype of every input dtype but float64). */
   float* per[8];
   for (int j = 0; j < 8; ++j) per[j] = malloc((size_t)channels * 4);
-  for (int64_t c = 0; c < channels; ++c) {
-    per[0][c] = 1.0f + 0.01f * (float)c; /* weight */
-    per[1][c] = 0.1f;                    /* bias */
-    per[2][c] = 0.0f;                    /* running mean */
-    per[3][c] = 1.0f;                    /* running var */
-    per[4][c] = 0.01f;                   /* saved mean and invstd, for bwd */
-    per[5][c] = 1.5f;
-  }
+  init_per_channel(per, channels);
   int64_t cshape[1] = {channels};
   DLTensor X = tensor(x, dtype, shape, nd), DY = tensor(dy, dtype, shape, nd);
   DLTensor Y[2] = {tensor(out[0], dtype, shape, nd), tensor(out[1], dtype, shape, nd)};
@@ -265,6 +306,10 @@ int main(int argc, char** argv) {
   DLTensor rmean = tensor(per[2], f32, cshape, 1), rvar = tensor(per[3], f32, cshape, 1);
   DLTensor smean = tensor(per[4], f32, cshape, 1), sinvstd = tensor(per[5], f32, cshape, 1);
   DLTensor dweight = tensor(per[6], f32, cshape, 1), dbias = tensor(per[7], f32, cshape, 1);
+  Args args[2];
+  for (int k = 0; k < 2; ++k)
+    args[k] = (Args){&X, &DY, &Y[k], &DRES[k], &weight, &bias, &rmean, &rvar, &smean, &sinvstd, &dweight, &dbias,
+                     &topt, &iopt, &bopt[k]};
 
   /* Each library loaded, configured and called once before the other is loaded: it reads its
    * settings at that first call. */
@@ -285,26 +330,8 @@ int main(int argc, char** argv) {
       const int k = (r & 1) ? 1 - i : i; /* which goes first alternates */
       if (scrubber)
         for (size_t b = 0; b < SCRUB_BYTES; b += 64) scrubber[b]++;
-      bn_status st = BN_OK;
       const double t0 = now_ms();
-      if (strcmp(op, "stats") == 0) {
-        st = lib[k].stats(&X, axis, &smean, &sinvstd, NULL, NULL);
-      } else if (strcmp(op, "train") == 0) {
-        st = lib[k].train(&X, &weight, &bias, &rmean, &rvar, 0.1, 1e-5, axis, &Y[k], &smean, &sinvstd, NULL);
-      } else if (strcmp(op, "inf") == 0) {
-        st = lib[k].inf(&X, &rmean, &rvar, &weight, &bias, 1e-5, axis, &Y[k], NULL);
-      } else if (strcmp(op, "bwd") == 0) {
-        st = lib[k].bwd(&DY, &X, &smean, &sinvstd, &weight, axis, &Y[k], &dweight, &dbias, NULL);
-      } else if (strcmp(op, "ftrain") == 0) {
-        st = lib[k].train_ex(&X, &weight, &bias, &rmean, &rvar, 0.1, 1e-5, axis, &topt, &Y[k], &smean, &sinvstd,
-                             NULL);
-      } else if (strcmp(op, "finf") == 0) {
-        st = lib[k].inf_ex(&X, &rmean, &rvar, &weight, &bias, 1e-5, axis, &iopt, &Y[k], NULL);
-      } else if (strcmp(op, "fbwd") == 0) {
-        st = lib[k].bwd_ex(&DY, &X, &smean, &sinvstd, &weight, axis, &bopt[k], &Y[k], &dweight, &dbias, NULL);
-      } else {
-        memcpy(out[k], x, (size_t)n * item);
-      }
+      const bn_status st = run(&lib[k], op, &args[k], axis, (size_t)n * item);
       const double t1 = now_ms();
       if (st != BN_OK) die(k ? "library B" : "library A", lib[k].error());
       if (r >= 0) ms[k][r] = t1 - t0;
@@ -319,7 +346,40 @@ int main(int argc, char** argv) {
   qsort(ms[0], reps, sizeof(double), by_value);
   qsort(ms[1], reps, sizeof(double), by_value);
   const double a = ms[0][reps / 2], b = ms[1][reps / 2];
-  printf("%-5s %-14s %s %-4s T=%d  A %.3f ms  B %.3f ms  B/A %.3f\n", op, argv[6], layout, dname, threads, a, b,
+  printf("%-5s %-14s %s %-4s T=%d  A %.3f ms  B %.3f ms  B/A %.3f", op, argv[6], layout, dname, threads, a, b,
          b / a);
-  return 0;
+  const char* bits_env = getenv("AB_BITS");
+  if (!bits_env || strcmp(bits_env, "1") != 0) {
+    printf("\n");
+    return 0;
+  }
+  /* Each library once more, on per-channel arrays of its own; then every output compared. */
+  float* own[2][8];
+  DLTensor pc[2][8];
+  for (int k = 0; k < 2; ++k) {
+    for (int j = 0; j < 8; ++j) own[k][j] = malloc((size_t)channels * 4);
+    init_per_channel(own[k], channels);
+    for (int j = 0; j < 8; ++j) pc[k][j] = tensor(own[k][j], f32, cshape, 1);
+    const Args fresh = {&X, &DY, &Y[k], &DRES[k], &pc[k][0], &pc[k][1], &pc[k][2], &pc[k][3], &pc[k][4], &pc[k][5],
+                        &pc[k][6], &pc[k][7], &topt, &iopt, &bopt[k]};
+    if (run(&lib[k], op, &fresh, axis, (size_t)n * item) != BN_OK) die(k ? "library B" : "library A", lib[k].error());
+  }
+  static const char* names[8] = {"weight", "bias", "running_mean", "running_var", "saved_mean", "saved_invstd",
+                                 "dweight", "dbias"};
+  int same = 1;
+  if (strcmp(op, "stats") != 0 && memcmp(out[0], out[1], (size_t)n * item) != 0) {
+    printf("%s y", same ? "  bits DIFFER:" : ",");
+    same = 0;
+  }
+  if (dres[0] && memcmp(dres[0], dres[1], (size_t)n * item) != 0) {
+    printf("%s dresidual", same ? "  bits DIFFER:" : ",");
+    same = 0;
+  }
+  for (int j = 2; j < 8; ++j)
+    if (memcmp(own[0][j], own[1][j], (size_t)channels * 4) != 0) {
+      printf("%s %s", same ? "  bits DIFFER:" : ",", names[j]);
+      same = 0;
+    }
+  printf("%s\n", same ? "  bits same" : "");
+  return same ? 0 : 3;
 }
