@@ -75,6 +75,13 @@ typedef struct {
   const bn_backward_options* bopt;
 } Args;
 
+/* Library k's arguments over the per-channel tensors pc (init_per_channel's order). */
+static Args args_for(int k, DLTensor* x, DLTensor* dy, DLTensor* y, DLTensor* dres, DLTensor* pc,
+                     const bn_training_options* topt, const bn_inference_options* iopt, const bn_backward_options* bopt) {
+  return (Args){x, dy, &y[k], &dres[k], &pc[0], &pc[1], &pc[2], &pc[3], &pc[4], &pc[5], &pc[6], &pc[7],
+                topt, iopt, &bopt[k]};
+}
+
 /* OP (checked by main) on library L; "copy" copies x into the output. */
 static bn_status run(const Lib* L, const char* op, const Args* a, int axis, size_t bytes) {
   if (strcmp(op, "stats") == 0) return L->stats(a->x, axis, a->smean, a->sinvstd, NULL, NULL);
@@ -302,14 +309,10 @@ int main(int argc, char** argv) {
     bopt[k].dresidual_out = &DRES[k];
     bopt[k].activation = BN_ACTIVATION_RELU;
   }
-  DLTensor weight = tensor(per[0], f32, cshape, 1), bias = tensor(per[1], f32, cshape, 1);
-  DLTensor rmean = tensor(per[2], f32, cshape, 1), rvar = tensor(per[3], f32, cshape, 1);
-  DLTensor smean = tensor(per[4], f32, cshape, 1), sinvstd = tensor(per[5], f32, cshape, 1);
-  DLTensor dweight = tensor(per[6], f32, cshape, 1), dbias = tensor(per[7], f32, cshape, 1);
+  DLTensor pc[8];  /* weight, bias, running mean and var, saved mean and invstd, dweight, dbias */
+  for (int j = 0; j < 8; ++j) pc[j] = tensor(per[j], f32, cshape, 1);
   Args args[2];
-  for (int k = 0; k < 2; ++k)
-    args[k] = (Args){&X, &DY, &Y[k], &DRES[k], &weight, &bias, &rmean, &rvar, &smean, &sinvstd, &dweight, &dbias,
-                     &topt, &iopt, &bopt[k]};
+  for (int k = 0; k < 2; ++k) args[k] = args_for(k, &X, &DY, Y, DRES, pc, &topt, &iopt, bopt);
 
   /* Each library loaded, configured and called once before the other is loaded: it reads its
    * settings at that first call. */
@@ -318,7 +321,7 @@ int main(int argc, char** argv) {
     apply_settings(argv[2 + 2 * k]);
     lib[k] = load(argv[1 + 2 * k]);
     if (lib[k].threads(threads) != BN_OK ||
-        lib[k].inf(&X, &rmean, &rvar, &weight, &bias, 1e-5, axis, &Y[k], NULL) != BN_OK)
+        run(&lib[k], "inf", &args[k], axis, (size_t)n * item) != BN_OK)
       die(k ? "library B" : "library A", lib[k].error());
   }
 
@@ -337,11 +340,7 @@ int main(int argc, char** argv) {
       if (r >= 0) ms[k][r] = t1 - t0;
     }
     /* The statistics the backward reads stay those of x: training overwrote them. */
-    if (strcmp(op, "bwd") == 0 || strcmp(op, "fbwd") == 0)
-      for (int64_t c = 0; c < channels; ++c) {
-        per[4][c] = 0.01f;
-        per[5][c] = 1.5f;
-      }
+    if (strcmp(op, "bwd") == 0 || strcmp(op, "fbwd") == 0) init_per_channel(per, channels);
   }
   qsort(ms[0], reps, sizeof(double), by_value);
   qsort(ms[1], reps, sizeof(double), by_value);
@@ -355,29 +354,31 @@ int main(int argc, char** argv) {
   }
   /* Each library once more, on per-channel arrays of its own; then every output compared. */
   float* own[2][8];
-  DLTensor pc[2][8];
+  DLTensor opc[2][8];
   for (int k = 0; k < 2; ++k) {
     for (int j = 0; j < 8; ++j) own[k][j] = malloc((size_t)channels * 4);
     init_per_channel(own[k], channels);
-    for (int j = 0; j < 8; ++j) pc[k][j] = tensor(own[k][j], f32, cshape, 1);
-    const Args fresh = {&X, &DY, &Y[k], &DRES[k], &pc[k][0], &pc[k][1], &pc[k][2], &pc[k][3], &pc[k][4], &pc[k][5],
-                        &pc[k][6], &pc[k][7], &topt, &iopt, &bopt[k]};
+    for (int j = 0; j < 8; ++j) opc[k][j] = tensor(own[k][j], f32, cshape, 1);
+    const Args fresh = args_for(k, &X, &DY, Y, DRES, opc[k], &topt, &iopt, bopt);
     if (run(&lib[k], op, &fresh, axis, (size_t)n * item) != BN_OK) die(k ? "library B" : "library A", lib[k].error());
   }
-  static const char* names[8] = {"weight", "bias", "running_mean", "running_var", "saved_mean", "saved_invstd",
-                                 "dweight", "dbias"};
+  /* The outputs: y (not written by stats), the residual's gradient (fbwd), per-channel 2..7. */
+  const struct {
+    const char* name;
+    const void *a, *b;
+    size_t bytes;
+  } outputs[8] = {{"y", out[0], out[1], strcmp(op, "stats") ? (size_t)n * item : 0},
+                  {"dresidual", dres[0], dres[1], dres[0] ? (size_t)n * item : 0},
+                  {"running_mean", own[0][2], own[1][2], (size_t)channels * 4},
+                  {"running_var", own[0][3], own[1][3], (size_t)channels * 4},
+                  {"saved_mean", own[0][4], own[1][4], (size_t)channels * 4},
+                  {"saved_invstd", own[0][5], own[1][5], (size_t)channels * 4},
+                  {"dweight", own[0][6], own[1][6], (size_t)channels * 4},
+                  {"dbias", own[0][7], own[1][7], (size_t)channels * 4}};
   int same = 1;
-  if (strcmp(op, "stats") != 0 && memcmp(out[0], out[1], (size_t)n * item) != 0) {
-    printf("%s y", same ? "  bits DIFFER:" : ",");
-    same = 0;
-  }
-  if (dres[0] && memcmp(dres[0], dres[1], (size_t)n * item) != 0) {
-    printf("%s dresidual", same ? "  bits DIFFER:" : ",");
-    same = 0;
-  }
-  for (int j = 2; j < 8; ++j)
-    if (memcmp(own[0][j], own[1][j], (size_t)channels * 4) != 0) {
-      printf("%s %s", same ? "  bits DIFFER:" : ",", names[j]);
+  for (int j = 0; j < 8; ++j)
+    if (outputs[j].bytes && memcmp(outputs[j].a, outputs[j].b, outputs[j].bytes) != 0) {
+      printf("%s %s", same ? "  bits DIFFER:" : ",", outputs[j].name);
       same = 0;
     }
   printf("%s\n", same ? "  bits same" : "");

@@ -215,8 +215,8 @@ static inline __attribute__((always_inline)) bool with_short_rows(const Layout& 
 }
 
 // Contiguous rows of at least this many bytes: moments()' second pass over a block (kPiece
-// values, in L1) prefetches the channel's next block into L2 (LinePrefetcher), a line per
-// vector, the channel's last block as many of the next channel's first values. The first pass
+// values, in L1) prefetches the channel's next block into L2 (LinePrefetcher), a line per 64
+// bytes read, the channel's last block as many of the next channel's first values. The first pass
 // reads such rows one after the other, or 8 side by side up to 8 KB (kSideBySideRowBytes), and
 // the memory idled through the second, which computes on L1. (In the channel-parallel plan's
 // blocks of several channels, walked piece by piece across the block, the channel's next block
@@ -228,10 +228,10 @@ static inline __attribute__((always_inline)) bool with_short_rows(const Layout& 
 // 0.86x; training 32x64x56x56 0.79-0.83x, bfloat16 0.84x, 8x32x112x112 0.87-0.93x. Shorter rows
 // lost or stayed level (16x16 float32, 1 KB: 1.09-1.18x the time; 20x20 1.01-1.05x; 28x28
 // 0.95-1.04x; 32x32, 4 KB, at the bound: 0.99-1.01x): there the side-by-side rows keep the
-// prefetchers busy, and a row's prefetch span costs a call. Half types fetch a line per two vectors (64 bytes read):
-// a line per vector made them slower in cache (32x64x56x56 training, hot, bfloat16 1.14x,
-// 8x64x56x56 float16 1.29-1.41x; now 0.94-1.10x, noise either way of level), from memory
-// statistics bfloat16 0.82-0.84x, training float16 0.85-0.88x.
+// prefetchers busy, and a row's prefetch span costs a call. Half types fetch a line per two
+// vectors (64 bytes read): a line per vector made them slower in cache (32x64x56x56 training,
+// hot, bfloat16 1.14x, 8x64x56x56 float16 1.29-1.41x; now 0.94-1.10x, noise either way of
+// level), from memory statistics bfloat16 0.82-0.84x, training float16 0.85-0.88x.
 constexpr int64_t kFetchRowBytes = 4096;
 
 template <class T>
@@ -462,10 +462,11 @@ constexpr bool kRunPrefetch = false;
 // The second pass of a channels-last run (positions at offs) over a register tile of NV
 // vectors of channels, x at the tile's first channel: the sums of the deviations from the
 // run's means m and of their squares, into dev and sq; the first n_ahead positions prefetch
-// the same channels `ahead` elements on (the next run's; kRunPrefetch). Not inlined: inside cl_moments' tile
-// loop GCC 12 kept one of the eight AVX-512 accumulators on the stack, a store and a reload
-// per position on the loop's critical path (perf: a third of the time of 65536x64 and
-// 4096x1024 statistics at that reload). The same operations in the same order: same bits.
+// the same channels `ahead` elements on (the next run's; kRunPrefetch). Not inlined: inside
+// cl_moments' tile loop GCC 12 kept one of the eight AVX-512 accumulators on the stack, a
+// store and a reload per position on the loop's critical path (perf: a third of the time of
+// 65536x64 and 4096x1024 statistics at that reload). The same operations in the same order:
+// same bits.
 template <class T, int NV>
 __attribute__((noinline)) void run_deviations(const T* x, const int64_t* offs, int64_t n, const acc_t<T>* m,
                                               acc_t<T>* dev, acc_t<T>* sq, int64_t ahead, int64_t n_ahead) {

@@ -121,10 +121,11 @@ static inline __attribute__((always_inline)) void prefetch_at(const T* p, int64_
 // the AMD EPYC Zen 4: prefetcht0 made a C model of the loop slower), a cache line per step (a
 // row part that starts mid-line leaves its last line to the hardware), in walk order: a
 // reduction's second pass over a block in L1, which reads nothing from memory, fetches the
-// next block meanwhile, so that the memory does not idle while it computes (kernels/moments.h). Addresses are integers: the range may lie past
-// the array's end (a last channel's next). The caller keeps the row's span in registers
-// (Span::step); rows advance in a call of their own (with the span in memory, its store and
-// reload on every step had been a fifth of the pass).
+// next block meanwhile, so that the memory does not idle while it computes
+// (kernels/moments.h). Addresses are integers: the range may lie past the array's end (a last
+// channel's next). The caller keeps the row's span in registers (Span::step); rows advance in a
+// call of their own (with the span in memory, its store and reload on every step had been a
+// fifth of the pass).
 template <class T>
 struct LinePrefetcher {
   struct Span {
