@@ -80,7 +80,7 @@ static inline __attribute__((always_inline)) void map_contiguous(const acc_t<T>*
     return apply_vector_map<T>(R{}, kl, v);
   };
   if (nt) {
-    // Streaming stores write whole cache lines only, kLineVectors vectors at a time; the values
+    // Streaming stores write whole cache lines only, line_vectors<T> vectors at a time; the values
     // before the output's first line boundary (one by one up to the vector alignment, then a
     // regular vector) and after its last whole line take regular stores. Half types' vectors
     // are half a line, and a line streamed in part and stored in part (a plane's end streamed,
@@ -90,17 +90,15 @@ static inline __attribute__((always_inline)) void map_contiguous(const acc_t<T>*
     // float16 inference, in-process, 64 MB scrub, whole lines against vectors: 0.41-0.50x the
     // time at 1 and 2 threads. Prefetching 1 KB ahead on top of it (as map_positions does for
     // half types) was noise: 0.95-1.03x.
-    constexpr int kLineVectors = 64 / (VL * static_cast<int>(sizeof(T)));
-    static_assert(kLineVectors >= 1 && kLineVectors * VL * sizeof(T) == 64, "vectors tile a line");
     const uintptr_t align = VL * sizeof(T);
     for (; i < n && (reinterpret_cast<uintptr_t>(o + i) & (align - 1)) != 0; ++i) map_one<R, true, T>(k, p, o, i);
     for (; i + VL <= n && (reinterpret_cast<uintptr_t>(o + i) & 63) != 0; i += VL) storev<T>(o + i, vec_at(i));
-    for (; i + kLineVectors * VL <= n; i += kLineVectors * VL) {
-      V r[kLineVectors];
+    for (; i + line_vectors<T> * VL <= n; i += line_vectors<T> * VL) {
+      V r[line_vectors<T>];
       #pragma GCC unroll 2
-      for (int q = 0; q < kLineVectors; ++q) r[q] = vec_at(i + q * VL);
+      for (int q = 0; q < line_vectors<T>; ++q) r[q] = vec_at(i + q * VL);
       #pragma GCC unroll 2
-      for (int q = 0; q < kLineVectors; ++q) storev<T, true>(o + i + q * VL, r[q]);
+      for (int q = 0; q < line_vectors<T>; ++q) storev<T, true>(o + i + q * VL, r[q]);
     }
   }
   for (; i + VL <= n; i += VL) storev<T>(o + i, vec_at(i));

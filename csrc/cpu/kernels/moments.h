@@ -283,10 +283,11 @@ Moments<double> moments(const T* x, const Layout& L, int64_t begin, int64_t end)
                            : end < L.count ? LinePrefetcher<T>(x, L, end, std::min(L.count, 2 * end - begin))
                                            : LinePrefetcher<T>(x, L, 0, end - begin, L.channel_stride[0]);
   typename LinePrefetcher<T>::Span span{0, 0};
+  static_assert(line_vectors<T> <= 2, "a line is one or two vectors");
   for_each_segment<1>(L, begin, end, [&](const int64_t* off, int64_t len) BN_SEGMENT_BODY {
     const T* p = x + off[0];
     walk_vectors<A>(len, [&](int64_t i, auto first, int64_t n) {
-      if (sizeof(T) >= 4 || first) span.step(next);  // a line per 64 bytes read
+      if (line_vectors<T> == 1 || first) span.step(next);  // a line per line read
       if (contiguous && n == vlen<A>) {
         const V d = loadv(p + i) - vc;
         (first ? dev.a : dev.b) += d;
@@ -480,7 +481,7 @@ __attribute__((noinline)) void run_deviations(const T* x, const int64_t* offs, i
   if constexpr (kRunPrefetch)
     for (; i < n_ahead; ++i)
       for (int k = 0; k < NV; ++k) {
-        if (sizeof(T) >= 4 || k % 2 == 0)  // a line per 64 bytes (a half type's vector is 32)
+        if (k % line_vectors<T> == 0)  // a line per line read
           __builtin_prefetch(reinterpret_cast<const void*>(address_ahead(x + offs[i] + k * VL, ahead)), 0, 2);
         const V d = loadv(x + offs[i] + k * VL) - mv[k];
         e[k] += d;

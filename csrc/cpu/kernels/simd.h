@@ -234,6 +234,13 @@ static inline __attribute__((always_inline)) __mmask16 lanes_below_mask(int64_t 
 }
 #endif
 
+// Vectors of storage type T (vlen<acc_t<T>> values) to a 64-byte cache line: 1 for float32
+// and float64, 2 for the half types. The unit of streaming stores (whole lines) and of the
+// reductions' prefetches (a line per line read).
+template <class T>
+constexpr int line_vectors = 64 / (vlen<acc_t<T>> * static_cast<int>(sizeof(T)));
+static_assert(line_vectors<float> == 1 && line_vectors<double> == 1, "a vector is a line");
+
 // vlen<acc_t<T>> values of storage type T from p, in the accumulation type.
 template <class T>
 static inline __attribute__((always_inline)) vec_t<acc_t<T>> loadv(const T* p) {

@@ -103,12 +103,17 @@ inline int64_t next_row_prefetch(const Layout& L, int t) {
   return L.strides[t][L.nred - 2];
 }
 
-// The address `elements` elements from p, computed as an integer: past the array's end (the
+// The address `elements` elements of T from the address a (address_plus) or from p
+// (address_ahead), computed as an integer: past the array's end (the
 // walk's last row) or before its start (negative strides) it is no pointer into the array,
 // and a prefetch of it is harmless. For prefetches only.
 template <class T>
+static inline __attribute__((always_inline)) uintptr_t address_plus(uintptr_t a, int64_t elements) {
+  return a + static_cast<uintptr_t>(elements * int64_t(sizeof(T)));
+}
+template <class T>
 static inline __attribute__((always_inline)) uintptr_t address_ahead(const T* p, int64_t elements) {
-  return reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(elements * int64_t(sizeof(T)));
+  return address_plus<T>(reinterpret_cast<uintptr_t>(p), elements);
 }
 
 // Prefetches the line `elements` elements from p (address_ahead).
@@ -151,11 +156,11 @@ struct LinePrefetcher {
   // The current row's part of the range; then moves to the next row.
   __attribute__((noinline)) Span next_span() {
     const int64_t n = std::min(inner - i, left);
-    const uintptr_t at = base + static_cast<uintptr_t>((rows.off[0] + i) * int64_t(sizeof(T)));
+    const uintptr_t at = address_plus<T>(base, rows.off[0] + i);
     left -= n;
     i = 0;
     rows.next();
-    return {at, at + static_cast<uintptr_t>(n * int64_t(sizeof(T)))};
+    return {at, address_plus<T>(at, n)};
   }
 };
 
