@@ -1,6 +1,7 @@
-"""Shared by the comparison benchmarks (bench/fused.py, bench/small.py, bench/variants.py): the
-CPU benchmark's shapes, their memory layouts, the interleaved timing of two callables, and the
-command line and set-up of a comparison against PyTorch."""
+"""Shared by the comparison benchmarks (bench/fused.py, bench/small.py, bench/variants.py,
+bench/call_by_call.py, bench/torch_pages.py): the CPU benchmark's shapes, their memory layouts,
+the interleaved timing of two callables, the command line and set-up of a comparison against
+PyTorch, and the three ops of both libraries on one case's torch tensors."""
 from __future__ import annotations
 
 import argparse
@@ -53,3 +54,34 @@ def against_torch(doc: str, reps: int, quick: bool = False):
     bn.set_num_threads(args.threads)
     print(f"threads {args.threads}, dtype {args.dtype}, median of {args.reps}; ratio = torch / ours")
     return args, getattr(torch, args.dtype)
+
+
+def torch_case_ops(shape, layout, dtype):
+    """x of `shape` (channels_last memory for layout 'cl'), dy, per-channel tensors and an out=
+    buffer, all torch tensors; returns (x, {op: (ours, PyTorch's)}) for inference, training and
+    backward, ours writing into the buffer, PyTorch's allocating as its callers do."""
+    import torch
+
+    import batchnorm as bn
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(dtype)
+    dy = torch.randn(shape, generator=g).to(dtype)
+    if layout == "cl":
+        x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
+    C = shape[1]
+    w, b = torch.ones(C), torch.zeros(C)
+    mean, var = torch.zeros(C), torch.ones(C)
+    rm, rv, trm, trv = torch.zeros(C), torch.ones(C), torch.zeros(C), torch.ones(C)
+    out = torch.empty_like(x)
+    _, smean, sinvstd = bn.forward_training(x, w, b)
+    F = torch.nn.functional
+    backward = torch.ops.aten.native_batch_norm_backward
+    return x, {
+        "inference": (lambda: bn.forward_inference(x, mean, var, w, b, out=out),
+                      lambda: F.batch_norm(x, mean, var, w, b, training=False)),
+        "training": (lambda: bn.forward_training(x, w, b, running_mean=rm, running_var=rv, out=out),
+                     lambda: F.batch_norm(x, trm, trv, w, b, training=True)),
+        "backward": (lambda: bn.backward(dy, x, smean, sinvstd, w, out=out),
+                     lambda: backward(dy, x, w, None, None, smean, sinvstd, True, 1e-5, [True] * 3)),
+    }

@@ -12,10 +12,8 @@ tensors; the ratio is PyTorch's time over ours (> 1: ours faster)."""
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-import batchnorm as bn
-from _timing import QUICK, SHAPES, against_torch, layouts, median_pair
+from _timing import QUICK, SHAPES, against_torch, layouts, median_pair, torch_case_ops
 
 
 def main() -> None:
@@ -25,31 +23,11 @@ def main() -> None:
     def scrub():
         scrubber[::64] += 1
 
-    F = torch.nn.functional
     print(f"{'case':24s} {'op':9s} {'scrubbed: ours ms':>18s} {'torch ms':>9s} {'ratio':>6s}"
           f" {'back to back: ours ms':>22s} {'torch ms':>9s} {'ratio':>6s}")
     for shape in QUICK if args.quick else SHAPES:
         for layout in layouts(shape):
-            g = torch.Generator().manual_seed(0)
-            x = torch.randn(shape, generator=g).to(dtype)
-            dy = torch.randn(shape, generator=g).to(dtype)
-            if layout == "cl":
-                x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
-            C = shape[1]
-            w, b = torch.ones(C), torch.zeros(C)
-            mean, var = torch.zeros(C), torch.ones(C)
-            rm, rv, trm, trv = torch.zeros(C), torch.ones(C), torch.zeros(C), torch.ones(C)
-            out = torch.empty_like(x)
-            _, smean, sinvstd = bn.forward_training(x, w, b)
-            backward = torch.ops.aten.native_batch_norm_backward
-            ops = {
-                "inference": (lambda: bn.forward_inference(x, mean, var, w, b, out=out),
-                              lambda: F.batch_norm(x, mean, var, w, b, training=False)),
-                "training": (lambda: bn.forward_training(x, w, b, running_mean=rm, running_var=rv, out=out),
-                             lambda: F.batch_norm(x, trm, trv, w, b, training=True)),
-                "backward": (lambda: bn.backward(dy, x, smean, sinvstd, w, out=out),
-                             lambda: backward(dy, x, w, None, None, smean, sinvstd, True, 1e-5, [True] * 3)),
-            }
+            _, ops = torch_case_ops(shape, layout, dtype)
             name = f"{'x'.join(map(str, shape))} {layout}"
             for op, (ours, theirs) in ops.items():
                 cold = median_pair(ours, theirs, args.reps, before=scrub)

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """What the output's pages cost: forward_inference from memory into `out=` arrays at the same
-line offset as x, one a NumPy array (4 KB pages) and one a result of batchnorm's (its cached
-blocks ask for transparent huge pages), calls alternated in one process, a 64 MB scrub
-before each.
+line offset as x, one a NumPy array and one a result of batchnorm's (its cached blocks ask
+for transparent huge pages; so do NumPy's large allocations where the THP mode is `madvise`,
+so both are usually on huge pages: bench/torch_pages.py compares 4 KB pages with them),
+calls alternated in one process, a 64 MB scrub before each.
 
     python bench/out_pages.py [--threads 1] [--reps 31]
 

@@ -20,6 +20,11 @@
  * SCRUB: 1 writes a 64 MB buffer before each call, so the data come from memory.
  * AB_OFFSET (environment): bytes past a 64-byte boundary for x, dy and the outputs (default 0);
  * AB_OUT_OFFSET_B: for library B's output only (default AB_OFFSET).
+ * AB_THP=1 (environment): x, dy and the outputs on transparent huge pages (2 MB aligned,
+ * madvise(MADV_HUGEPAGE) before their first write), as NumPy places its large arrays where the
+ * kernel's THP mode is `madvise`; by default they are on the 4 KB pages of aligned_alloc, as
+ * torch's tensors are. On the 2-vCPU AMD EPYC VM the page kind alone moved reads by up to 2x
+ * (bench/torch_pages.py): compare two builds on both kinds.
  *
  * AB_BITS=1 (environment): after the timing, each library runs OP once more on fresh per-channel
  * arrays of its own, and every output is compared byte for byte (y or dx, the residual's gradient,
@@ -33,6 +38,7 @@
  * the other library finds there. Compare store policies in separate processes too. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <sys/mman.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -145,6 +151,17 @@ static void apply_settings(const char* settings) {
       setenv("BATCHNORM_ISA", tok, 1);
     }
   }
+}
+
+/* An array of `bytes` for x, dy or an output (AB_THP: on transparent huge pages). */
+static char* array(size_t bytes) {
+  static int thp = -1;
+  if (thp < 0) thp = getenv("AB_THP") != NULL && strcmp(getenv("AB_THP"), "1") == 0;
+  if (!thp) return (char*)aligned_alloc(64, bytes);
+  const size_t huge = (size_t)2 << 20, rounded = (bytes + huge - 1) / huge * huge;
+  char* p = (char*)aligned_alloc(huge, rounded);
+  if (p != NULL) madvise(p, rounded, MADV_HUGEPAGE);
+  return p;
 }
 
 static void* symbol(void* handle, const char* name) {
@@ -262,18 +279,18 @@ int main(int argc, char** argv) {
   const size_t off = off_env ? (size_t)strtoull(off_env, NULL, 10) : 0;
   if (off % item != 0 || off >= 64) die("AB_OFFSET must be a multiple of the item size below 64, got", off_env);
   const size_t bytes = ((size_t)n * item + off + 63) / 64 * 64;
-  char* x = (char*)aligned_alloc(64, bytes) + off;
-  char* dy = (char*)aligned_alloc(64, bytes) + off;
+  char* x = array(bytes) + off;
+  char* dy = array(bytes) + off;
   /* AB_OUT_OFFSET_B: library B's output at another offset (the same library twice then
    * measures what the output's alignment costs). */
   const char* off_b_env = getenv("AB_OUT_OFFSET_B");
   const size_t off_b = off_b_env ? (size_t)strtoull(off_b_env, NULL, 10) : off;
   if (off_b % item != 0 || off_b >= 64) die("AB_OUT_OFFSET_B must be a multiple of the item size below 64, got", off_b_env);
-  char* out[2] = {(char*)aligned_alloc(64, bytes + 64) + off, (char*)aligned_alloc(64, bytes + 64) + off_b};
+  char* out[2] = {array(bytes + 64) + off, array(bytes + 64) + off_b};
   /* The fused backward's second outputs (the residual's gradient), one per library. */
   char* dres[2] = {NULL, NULL};
   if (strcmp(op, "fbwd") == 0)
-    for (int k = 0; k < 2; ++k) dres[k] = (char*)aligned_alloc(64, bytes + 64) + (k ? off_b : off);
+    for (int k = 0; k < 2; ++k) dres[k] = array(bytes + 64) + (k ? off_b : off);
   srand(1);
   for (int64_t i = 0; i < n; ++i) {
     const float v = (float)rand() / RAND_MAX * 2 - 1, g = (float)rand() / RAND_MAX - 0.5f;
