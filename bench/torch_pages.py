@@ -21,11 +21,13 @@ import sys
 def huge_page_mb(address: int, nbytes: int) -> float:
     """MB on transparent huge pages of the mappings that overlap [address, address + nbytes)
     (madvise splits a mapping where its advice starts: the array's first bytes may lie in a
-    piece of their own). NaN where /proc/self/smaps cannot say."""
+    piece of their own), at most nbytes. NaN where /proc/self/smaps cannot say."""
     total, inside = 0, False
     try:
         with open("/proc/self/smaps") as f:
             for line in f:
+                if not line.strip():
+                    continue
                 head = line.split()[0]
                 if "-" in head and not head.endswith(":"):
                     lo, hi = (int(v, 16) for v in head.split("-"))
@@ -34,7 +36,7 @@ def huge_page_mb(address: int, nbytes: int) -> float:
                     total += int(line.split()[1])
     except (OSError, ValueError):
         return float("nan")
-    return total / 1024
+    return min(total * 1024, nbytes) / 2**20  # a mapping may hold more than x (merged neighbours)
 
 
 def child() -> None:
@@ -64,13 +66,14 @@ def main() -> None:
     for kind, value in (("4k", "0"), ("thp", "1")):
         env = dict(os.environ, THP_MEM_ALLOC_ENABLE=value)
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", *sys.argv[1:]], env=env,
-                              cwd=here, capture_output=True, text=True, check=True)
+                              cwd=here, stdout=subprocess.PIPE, text=True, check=True)  # stderr shown
         lines = proc.stdout.splitlines()
         if kind == "4k":
             print(lines[0])  # threads, dtype, reps
         runs[kind] = [json.loads(line) for line in lines[1:]]
     held = {kind: sorted({round(r["huge_mb"]) for r in rows}) for kind, rows in runs.items()}
-    print(f"MB of x on huge pages, per case: 4 KB run {held['4k']}, huge page run {held['thp']}")
+    print(f"MB of x on huge pages (per case, at most x's size): 4 KB run {held['4k']}, "
+          f"huge page run {held['thp']}")
     print(f"{'case':18s} {'op':9s} {'ours 4K ms':>10s} {'ours THP':>9s} {'4K/THP':>6s}   "
           f"{'torch 4K ms':>11s} {'torch THP':>9s} {'4K/THP':>6s}   {'torch/ours 4K':>13s} {'THP':>5s}")
     for a, h in zip(runs["4k"], runs["thp"]):
@@ -80,8 +83,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if "--child" in sys.argv:
-        sys.argv.remove("--child")
+    if "--child" in sys.argv or "-h" in sys.argv or "--help" in sys.argv:
+        if "--child" in sys.argv:
+            sys.argv.remove("--child")
         child()
     else:
         main()

@@ -392,16 +392,20 @@ def test_ab_lib_times_two_copies_of_the_library(programs, tmp_path):
     # Shapes that take the statistics' prefetching walks too: NCHW rows of 4 KB or more
     # (2x3x40x40), a channels-last run and its next (80x40x40x16 NHWC, 25600 positions); the
     # maps' page touches: (N, C) ops of 8 MB or more on the flat walk (2048x1040, 4096x512 with a
-    # residual; on huge pages too, AB_THP), short planes streamed in tiles (16x64x7x7).
-    for op, shape, lay, dtype, thp in [("stats", "4x3x5x6", "cl", "f32", 0), ("train", "4x3x5x6", "cf", "bf16", 0),
-                                       ("inf", "64x32", "cf", "f16", 0), ("bwd", "4x3x5x6", "cl", "f32", 0),
-                                       ("copy", "64x32", "cf", "f32", 0), ("train", "2x3x40x40", "cf", "f32", 0),
-                                       ("stats", "80x16x40x40", "cl", "f16", 0), ("fbwd", "4x8x9x9", "cf", "bf16", 0),
-                                       ("ftrain", "3x5x33x35", "cl", "f32", 0), ("finf", "64x32", "cf", "f32", 0),
-                                       ("inf", "2048x1040", "cf", "f32", 0), ("finf", "4096x512", "cf", "f32", 1),
-                                       ("inf", "16x64x7x7", "cf", "bf16", 0)]:
+    # residual; on huge pages too, AB_THP; half types streamed, 32768x128, which B's settings
+    # take flat on any host; 16 bytes past a line, AB_OFFSET), short planes streamed in tiles
+    # (16x64x7x7).
+    cases = [("stats", "4x3x5x6", "cl", "f32", 0, 0), ("train", "4x3x5x6", "cf", "bf16", 0, 0),
+             ("inf", "64x32", "cf", "f16", 0, 0), ("bwd", "4x3x5x6", "cl", "f32", 0, 0),
+             ("copy", "64x32", "cf", "f32", 0, 0), ("train", "2x3x40x40", "cf", "f32", 0, 0),
+             ("stats", "80x16x40x40", "cl", "f16", 0, 0), ("fbwd", "4x8x9x9", "cf", "bf16", 0, 0),
+             ("ftrain", "3x5x33x35", "cl", "f32", 0, 0), ("finf", "64x32", "cf", "f32", 0, 0),
+             ("inf", "2048x1040", "cf", "f32", 0, 0), ("finf", "4096x512", "cf", "f32", 1, 0),
+             ("inf", "16x64x7x7", "cf", "bf16", 0, 0), ("inf", "32768x128", "cf", "f16", 0, 0),
+             ("bwd", "8192x512", "cf", "f32", 1, 16)]
+    for op, shape, lay, dtype, thp, offset in cases:
         out = _run([ab, libs[0], "-", libs[1], "baseline,BATCHNORM_STREAM_BYTES=0", op, shape, lay, dtype, 2, 3, 0],
-                   env={**os.environ, "AB_BITS": "1", "AB_THP": str(thp)}).stdout.strip()
+                   env={**os.environ, "AB_BITS": "1", "AB_THP": str(thp), "AB_OFFSET": str(offset)}).stdout.strip()
         m = line.match(out)
         assert m and m.group(1, 2, 3, 4, 5) == (op, shape, lay, dtype, "2"), out
         assert float(m.group(8)) > 0

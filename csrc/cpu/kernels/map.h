@@ -270,14 +270,16 @@ inline bool planes_back_to_back(const Layout& L, int arrays) {
 // neighbouring channels' runs that other tasks write (200000x2x49 float32 inference, one
 // channel's 196-byte rows per task, took 17 ms as runs against 7.5 ms row by row).
 constexpr int64_t kMinRunBytes = 1024;
-// map_flat in ops of at least kTouchBytes (every array's bytes together) touches each of its
-// arrays' pages kPageAheadBytes (two pages) ahead of the output (touch_pages). Smaller ops,
-// within the reach of a core's second-level TLB (Zen 4: 3072 entries of 4 KB, 12 MB), do
-// without: there the page loop and its touches cost 1-3% in cache. AMD EPYC Zen 4, float32
-// inference, in-process, both orders, against none: from memory (64 MB scrub), on 4 KB pages,
-// 4096x1024 0.87-0.91x the time (2 threads), 0.81-0.87x (1), 65536x64 0.96-0.98x; on huge pages
-// 0.93-0.96x, 0.91-0.94x and 0.96-0.99x; in a hot loop on 4 KB pages, 4096x1024 (2 threads)
-// 0.75-0.84x.
+// map_flat (every recipe: inference, training's map, the backward's dx) in ops of at least
+// kTouchBytes (every array's bytes together) touches each of its arrays' pages
+// kPageAheadBytes (two pages) ahead of the output (touch_pages). Smaller ops, within the reach
+// of a core's second-level TLB (Zen 4: 3072 entries of 4 KB, 12 MB), do without: there the
+// page loop and its touches cost 1-3% in cache. AMD EPYC Zen 4, float32, in-process, both
+// orders, against none, over three runs: inference from memory (64 MB scrub) on 4 KB pages
+// 4096x1024 0.87-0.91x the time (2 threads), 0.81-0.89x (1), 65536x64 0.89-0.98x, hot
+// 4096x1024 0.83-0.89x (2), 0.76-0.82x (1); on huge pages 4096x1024 0.86-0.96x, 65536x64
+// 0.96-1.02x; training and backward of narrow NHWC rows on huge pages with NumPy's 16-byte
+// offset (8x32x112x112, 32x64x56x56) 0.87-1.04x.
 constexpr int64_t kPageAheadBytes = 2 * kPageBytes;
 constexpr int64_t kTouchBytes = int64_t(8) << 20;
 
@@ -328,7 +330,8 @@ __attribute__((noinline)) void map_run_block(const T* const* in, T* out, const L
 
 // map_run_block for inputs that come from memory (`cold`: a pass of its own) and streamed
 // outputs: kStreamRows runs at a time, kRunPieceBytes of each in turn, so the prefetchers
-// follow kStreamRows streams (see kStreamRows), nothing fetched ahead. Pieces end on cache
+// follow kStreamRows streams (see kStreamRows); no lines fetched ahead, the next tile's pages
+// touched (below). Pieces end on cache
 // lines of the first run's output, so streamed pieces are whole lines (every run's, when the
 // rows lie whole lines apart). AMD EPYC Zen 4, 256x2048x7x7 inference, in-process A/B against
 // map_run_block: float32 2 threads 9.4 -> 7.9 ms, 1 thread 17.9 -> 13.1 ms; float16 1 thread
@@ -354,8 +357,8 @@ __attribute__((noinline)) void map_run_streams(const T* const* in, T* out, const
     if (L.nred == 2)
       for (int r = 0; r < rows; ++r) {
         #pragma GCC unroll 4
-        for (int j = 0; j < N; ++j) touch_pages<false>(in[j] + offs[r][j], kStreamRows * L.strides[j][0], n);
-        touch_pages<true>(out + offs[r][N], kStreamRows * L.strides[N][0], n);
+        for (int j = 0; j < N; ++j) touch_pages(in[j] + offs[r][j], kStreamRows * L.strides[j][0], n);
+        touch_pages(out + offs[r][N], kStreamRows * L.strides[N][0], n);
       }
     const int64_t lead = (64 - reinterpret_cast<uintptr_t>(out + offs[0][N]) % 64) % 64 / sizeof(T);
     for (int64_t a = 0, b = lead > 0 ? std::min(n, lead) : std::min(n, piece); a < n;
@@ -555,10 +558,12 @@ bool map_flat(const T* const* in, T* out, const Layout& L, int64_t p0, int64_t p
     int64_t stop = i1;
     if (touch) {
       #pragma GCC unroll 4
-      for (int j = 0; j < N; ++j) touch_pages<false>(in[j] + i, ahead, 1);
-      touch_pages<true>(out + i, ahead, 1);
+      for (int j = 0; j < N; ++j) touch_pages(in[j] + i, ahead, 1);
+      touch_pages(out + i, ahead, 1);
+      // A multiple of VL (out + i is on a vector boundary); the page after too when not, so
+      // that each chunk holds a vector.
       const int64_t to_page = elements_to_boundary(out + i, kPageBytes);
-      stop = std::min(i1, i + (to_page > 0 ? to_page : kPageBytes / static_cast<int64_t>(sizeof(T))));
+      stop = std::min(i1, i + (to_page >= VL ? to_page : to_page + kPageBytes / static_cast<int64_t>(sizeof(T))));
     }
     for (; i + VL <= stop; i += VL) {
       V kv[coef_slots<R>], v[N];

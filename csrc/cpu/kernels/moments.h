@@ -131,7 +131,9 @@ static inline __attribute__((always_inline)) void prefetch_span(const T* p, int6
   const uintptr_t b = address_ahead(p, elements);
   for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(reinterpret_cast<const void*>(b + i));
 }
-// The same for lines about to be written (prefetchw: owned before the stores reach them).
+// The same for lines about to be written (__builtin_prefetch for writing: prefetchw where the
+// build enables it, -mprfchw, which the ISA flags of csrc/CMakeLists.txt do not: GCC emits
+// prefetcht0 there).
 template <class T>
 static inline __attribute__((always_inline)) void prefetch_span_for_write(const T* p, int64_t elements, int64_t bytes) {
   const uintptr_t b = address_ahead(p, elements);

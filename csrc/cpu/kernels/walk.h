@@ -104,9 +104,9 @@ inline int64_t next_row_prefetch(const Layout& L, int t) {
 }
 
 // The address `elements` elements of T from the address a (address_plus) or from p
-// (address_ahead), computed as an integer: past the array's end (the
-// walk's last row) or before its start (negative strides) it is no pointer into the array,
-// and a prefetch of it is harmless. For prefetches only.
+// (address_ahead), computed as an integer: past the array's end (the walk's last row) or
+// before its start (negative strides) it is no pointer into the array, and a prefetch of it
+// is harmless. For prefetches only.
 template <class T>
 static inline __attribute__((always_inline)) uintptr_t address_plus(uintptr_t a, int64_t elements) {
   return a + static_cast<uintptr_t>(elements * int64_t(sizeof(T)));
@@ -128,15 +128,17 @@ static inline __attribute__((always_inline)) uintptr_t address_ahead(const T* p,
 constexpr int64_t kPageBytes = 4096;
 
 // One prefetch in each 4 KB page of the n values `elements` elements past p (the first line,
-// then each page's first), for writing when W, with little temporal locality (prefetcht2: the
-// point is the page's translation, which the prefetch leaves in the TLB, and a line to start
-// the page's stream). Integer addresses: the range may lie past the array's end.
-template <bool W, class T>
+// then each page's first), with little temporal locality (prefetcht2): the point is the
+// page's translation, which the prefetch leaves in the TLB, and a line to start the page's
+// stream. Outputs' pages take the same read prefetch: a line owned for writing (prefetchw)
+// and then streamed over is written back first (see map_run_block). Integer addresses: the
+// range may lie past the array's end.
+template <class T>
 static inline __attribute__((always_inline)) void touch_pages(const T* p, int64_t elements, int64_t n) {
   uintptr_t a = address_ahead(p, elements);
   const uintptr_t e = address_plus<T>(a, n);
   while (a < e) {
-    __builtin_prefetch(reinterpret_cast<const void*>(a), W ? 1 : 0, 1);
+    __builtin_prefetch(reinterpret_cast<const void*>(a), 0, 1);
     a = (a | (kPageBytes - 1)) + 1;
   }
 }
