@@ -277,9 +277,10 @@ constexpr int64_t kMinRunBytes = 1024;
 // page loop and its touches cost 1-3% in cache. AMD EPYC Zen 4, float32, in-process, both
 // orders, against none, over three runs: inference from memory (64 MB scrub) on 4 KB pages
 // 4096x1024 0.87-0.91x the time (2 threads), 0.81-0.89x (1), 65536x64 0.89-0.98x, hot
-// 4096x1024 0.83-0.89x (2), 0.76-0.82x (1); on huge pages 4096x1024 0.86-0.96x, 65536x64
-// 0.96-1.02x; training and backward of narrow NHWC rows on huge pages with NumPy's 16-byte
-// offset (8x32x112x112, 32x64x56x56) 0.87-1.04x.
+// 4096x1024 0.83-0.89x (2), 0.76-0.82x (1); on huge pages 4096x1024 0.86-1.03x, 65536x64
+// 0.96-1.02x; 65536x64 training 1.00-1.02x, backward 0.95-0.96x (huge pages 0.98-1.00x);
+// training and backward of narrow NHWC rows on huge pages with NumPy's 16-byte offset
+// (8x32x112x112, 32x64x56x56) 0.87-1.04x.
 constexpr int64_t kPageAheadBytes = 2 * kPageBytes;
 constexpr int64_t kTouchBytes = int64_t(8) << 20;
 
