@@ -332,9 +332,8 @@ __attribute__((noinline)) void map_run_block(const T* const* in, T* out, const L
 // map_run_block for inputs that come from memory (`cold`: a pass of its own) and streamed
 // outputs: kStreamRows runs at a time, kRunPieceBytes of each in turn, so the prefetchers
 // follow kStreamRows streams (see kStreamRows); no lines fetched ahead, the next tile's pages
-// touched (below). Pieces end on cache
-// lines of the first run's output, so streamed pieces are whole lines (every run's, when the
-// rows lie whole lines apart). AMD EPYC Zen 4, 256x2048x7x7 inference, in-process A/B against
+// touched (below). Pieces end on cache lines of the first run's output, so streamed pieces are
+// whole lines (every run's, when the rows lie whole lines apart). AMD EPYC Zen 4, 256x2048x7x7 inference, in-process A/B against
 // map_run_block: float32 2 threads 9.4 -> 7.9 ms, 1 thread 17.9 -> 13.1 ms; float16 1 thread
 // 8.7 -> 7.6 ms; bfloat16 unchanged (its rounding store dominates); pieces of 256 and 1024
 // bytes were slower in float32. After a reduction the inputs are in
@@ -351,10 +350,10 @@ __attribute__((noinline)) void map_run_streams(const T* const* in, T* out, const
     const int64_t n = m * lens[0];  // whole planes: runs start and end on planes
     // The next tile's runs (kStreamRows rows on), a prefetch per 4 KB page of each (see
     // touch_pages): this tile's 8 runs are 8 pages or more, each a TLB miss on 4 KB pages. AMD
-    // EPYC Zen 4, 256x2048x7x7 inference, in-process, 64 MB scrub, both orders, against none: on
-    // 4 KB pages float32 0.85-0.88x the time (2 threads), 0.84-0.88x (1), bfloat16 0.93x; on
-    // huge pages 0.97-1.00x. (The same for the statistics' and the backward's short-row tiles
-    // measured 0.94-1.02x on 4 KB pages: left out.)
+    // EPYC Zen 4, 256x2048x7x7 inference, in-process, 64 MB scrub, both orders, against none,
+    // over four runs: on 4 KB pages float32 0.85-0.90x the time (2 threads), 0.84-0.90x (1),
+    // bfloat16 0.93-0.99x; on huge pages 0.96-1.02x. (The same for the statistics' and the
+    // backward's short-row tiles measured 0.94-1.02x on 4 KB pages: left out.)
     if (L.nred == 2)
       for (int r = 0; r < rows; ++r) {
         #pragma GCC unroll 4
