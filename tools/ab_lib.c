@@ -23,8 +23,9 @@
  * AB_THP=1 (environment): x, dy and the outputs on transparent huge pages (2 MB aligned,
  * madvise(MADV_HUGEPAGE) before their first write), as NumPy places its large arrays where the
  * kernel's THP mode is `madvise`; by default they are on the 4 KB pages of aligned_alloc, as
- * torch's tensors are. On the 2-vCPU AMD EPYC VM the page kind alone moved reads by up to 2x
- * (bench/torch_pages.py): compare two builds on both kinds.
+ * torch's tensors are. On the 2-vCPU AMD EPYC VM the page kind alone moved a plain read by about
+ * 2x (bench/page_walks.c) and the library's ops by up to 2x (bench/torch_pages.py): compare two
+ * builds on both kinds.
  *
  * AB_BITS=1 (environment): after the timing, each library runs OP once more on fresh per-channel
  * arrays of its own, and every output is compared byte for byte (y or dx, the residual's gradient,
