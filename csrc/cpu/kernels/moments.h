@@ -111,6 +111,33 @@ struct ShortRow {
       }
     }
   }
+  // A row of the walk's full length (every row of a tile but a range's partial ones): its
+  // last vector's offset and mask, computed once per call rather than per row. Tail or none,
+  // the last vector is the one that ends at the row's end, masked (by all lanes when the row
+  // is whole vectors: the same values as each()'s unmasked one), so the loop over a tile's
+  // rows holds no branch on the length.
+  struct Whole {
+    int64_t len, last;
+    V mask;
+  };
+  static Whole whole(int64_t len) { return {len, len - VL, lanes_from<A>((VL - len % VL) % VL)}; }
+  // each() for a row of the Whole's length (VL < len <= NV * VL, or len == VL when NV == 1).
+  template <class F>
+  static inline __attribute__((always_inline)) void each(const T* p, const Whole& w, F&& f) {
+#pragma GCC unroll 8
+    for (int k = 0; k + 1 < NV; ++k) f(k, loadv(p + k * VL), V{}, false);
+    f(NV - 1, mask_lanes<A>(loadv(p + w.last), w.mask), w.mask, true);
+  }
+  // each() for the rows of a Uniform tile of for_row_tiles (row r at p + offs[r][0]): whole
+  // rows through the Whole, a range's partial rows through their lengths.
+  template <class F>
+  static inline __attribute__((always_inline)) void each_of_tile(const T* p, const int64_t (*offs)[1],
+                                                                 const int64_t* lens, int rows, const Whole& w, F&& f) {
+    if (lens[0] == w.len)
+      for (int r = 0; r < rows; ++r) each(p + offs[r][0], w, f);
+    else
+      for (int r = 0; r < rows; ++r) each(p + offs[r][0], lens[r], f);
+  }
   template <int N>
   static inline __attribute__((always_inline)) A total(const AccFor<T> (&acc)[N]) {
     A t = A(0);
@@ -150,8 +177,16 @@ static inline __attribute__((always_inline)) void prefetch_span_for_write(const 
 // short for the prefetchers even with rows fetched ahead: AMD EPYC Zen 4, statistics of
 // 256x2048x7x7 float32 took 15.5 -> 8.0 ms on 1 thread, 9.4 -> 4.6 ms on 2; 256x512x5x5
 // 1.37 -> 0.80 ms; 32x2048x7x7 (in cache) 1.21 -> 0.84 ms; rows fetched ahead as before made the
-// tiles slower (8.0 -> 13 ms). Each channel's operations and their order do not depend on nc,
-// on its neighbours or on the tiling: the same bits.
+// tiles slower (8.0 -> 13 ms). Whole rows (all but a piece's partial ones) go through
+// ShortRow's Whole, their shape computed once per call: with each row's length tested vector by
+// vector the loops spent more time on it than on the sums. AMD EPYC Zen 4, float32, in-process
+// A/B, both orders, huge pages: 256x2048x7x7 from memory 0.89-0.94x the time (1 and 2
+// threads; 4 KB pages 0.91-0.93x), training 0.92-0.97x; in cache 64x512x5x5 0.82-0.88x,
+// 8x2048x7x7 0.92x; half types 0.95-1.00x; the AVX2 level level. Tried and left out: the next
+// call's rows prefetched into L2 during the second pass (as moments() does for long rows):
+// from memory on huge pages 0.89x more, on 4 KB pages 1.05-1.09x the time, in cache 1.06-1.08x.
+// Each channel's operations and their order do not depend on nc, on its neighbours or on the
+// tiling: the same bits.
 template <class T, int NV, int MaxC = kBlockChannels>
 void moments_short_rows_channels(const T* x, const Layout& L, int64_t cs, int64_t nc, int64_t begin, int64_t end,
                                  Moments<double>* out) {
@@ -160,11 +195,13 @@ void moments_short_rows_channels(const T* x, const Layout& L, int64_t cs, int64_
   using R = ShortRow<T, NV>;
   if constexpr (MaxC == 1) nc = 1;  // one channel: loops the compiler can unroll away
   AccFor<T> sum[MaxC][NV];
-  for_row_tiles<1>(L, begin, end, [&](const int64_t (*offs)[1], const int64_t* lens, int rows) {
+  const auto whole = R::whole(L.inner());
+  for_row_tiles<1, true>(L, begin, end, [&](const int64_t (*offs)[1], const int64_t* lens, int rows) {
     for (int64_t i = 0; i < nc; ++i) {
       AccFor<T> s[NV];
       for (int k = 0; k < NV; ++k) s[k] = sum[i][k];
-      for (int r = 0; r < rows; ++r) R::each(x + i * cs + offs[r][0], lens[r], [&](int k, V v, V, bool) { s[k] += v; });
+      auto add = [&](int k, V v, V, bool) __attribute__((always_inline)) { s[k] += v; };
+      R::each_of_tile(x + i * cs, offs, lens, rows, whole, add);
       for (int k = 0; k < NV; ++k) sum[i][k] = s[k];
     }
   });
@@ -176,20 +213,20 @@ void moments_short_rows_channels(const T* x, const Layout& L, int64_t cs, int64_
     vc[i] = splat(center[i]);
   }
   AccFor<T> dev[MaxC][NV], sq[MaxC][NV];
-  for_row_tiles<1>(L, begin, end, [&](const int64_t (*offs)[1], const int64_t* lens, int rows) {
+  for_row_tiles<1, true>(L, begin, end, [&](const int64_t (*offs)[1], const int64_t* lens, int rows) {
     for (int64_t i = 0; i < nc; ++i) {
       AccFor<T> e[NV], q[NV];
       for (int k = 0; k < NV; ++k) {
         e[k] = dev[i][k];
         q[k] = sq[i][k];
       }
-      for (int r = 0; r < rows; ++r)
-        R::each(x + i * cs + offs[r][0], lens[r], [&](int k, V v, V mask, bool masked) {
-          V d = v - vc[i];
-          if (masked) d = mask_lanes<A>(d, mask);
-          e[k] += d;
-          q[k] += d * d;
-        });
+      auto add = [&](int k, V v, V mask, bool masked) __attribute__((always_inline)) {
+        V d = v - vc[i];
+        if (masked) d = mask_lanes<A>(d, mask);
+        e[k] += d;
+        q[k] += d * d;
+      };
+      R::each_of_tile(x + i * cs, offs, lens, rows, whole, add);
       for (int k = 0; k < NV; ++k) {
         dev[i][k] = e[k];
         sq[i][k] = q[k];
