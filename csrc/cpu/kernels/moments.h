@@ -87,6 +87,19 @@ static inline __attribute__((always_inline)) void walk_tile_vectors(const int64_
 // takes depends on the shape alone, so results stay the same for any thread count or ISA.
 constexpr int kShortRowVectors = 4;
 
+// Storage for a T left unwritten on construction (T trivially copyable): arrays of
+// accumulators, which zero themselves, that the caller writes before reading. The short-row
+// statistics' three 4 KB arrays, zeroed at every call, had cost small batches in cache a tenth
+// of their time: AMD EPYC Zen 4, 1 thread, A/B both orders, 8x2048x7x7 float32 0.91-0.92x,
+// 4x256x5x5 0.86x, bfloat16 0.91x; from memory (256x2048x7x7) 0.99-1.03x.
+template <class T>
+struct Unset {
+  union {
+    T v;
+  };
+  Unset() {}
+};
+
 template <class T, int NV>
 struct ShortRow {
   using A = acc_t<T>;
@@ -194,17 +207,25 @@ void moments_short_rows_channels(const T* x, const Layout& L, int64_t cs, int64_
   using V = vec_t<A>;
   using R = ShortRow<T, NV>;
   if constexpr (MaxC == 1) nc = 1;  // one channel: loops the compiler can unroll away
-  AccFor<T> sum[MaxC][NV];
+  // The channels' sums between tiles, written by the first tile (fresh zeros there).
+  Unset<AccFor<T>[MaxC][NV]> sum_of;
+  auto& sum = sum_of.v;
   const auto whole = R::whole(L.inner());
+  bool first = true;
   for_row_tiles<1, true>(L, begin, end, [&](const int64_t (*offs)[1], const int64_t* lens, int rows) {
     for (int64_t i = 0; i < nc; ++i) {
       AccFor<T> s[NV];
-      for (int k = 0; k < NV; ++k) s[k] = sum[i][k];
+      if (!first)
+        for (int k = 0; k < NV; ++k) s[k] = sum[i][k];
       auto add = [&](int k, V v, V, bool) __attribute__((always_inline)) { s[k] += v; };
       R::each_of_tile(x + i * cs, offs, lens, rows, whole, add);
       for (int k = 0; k < NV; ++k) sum[i][k] = s[k];
     }
+    first = false;
   });
+  if (first)  // no values: every sum zero
+    for (int64_t i = 0; i < nc; ++i)
+      for (int k = 0; k < NV; ++k) sum[i][k] = AccFor<T>{};
   const A n = static_cast<A>(end - begin);
   V vc[MaxC];
   A center[MaxC];
@@ -212,14 +233,18 @@ void moments_short_rows_channels(const T* x, const Layout& L, int64_t cs, int64_
     center[i] = R::total(sum[i]) / n;
     vc[i] = splat(center[i]);
   }
-  AccFor<T> dev[MaxC][NV], sq[MaxC][NV];
+  Unset<AccFor<T>[MaxC][NV]> dev_of, sq_of;
+  auto& dev = dev_of.v;
+  auto& sq = sq_of.v;
+  first = true;
   for_row_tiles<1, true>(L, begin, end, [&](const int64_t (*offs)[1], const int64_t* lens, int rows) {
     for (int64_t i = 0; i < nc; ++i) {
       AccFor<T> e[NV], q[NV];
-      for (int k = 0; k < NV; ++k) {
-        e[k] = dev[i][k];
-        q[k] = sq[i][k];
-      }
+      if (!first)
+        for (int k = 0; k < NV; ++k) {
+          e[k] = dev[i][k];
+          q[k] = sq[i][k];
+        }
       auto add = [&](int k, V v, V mask, bool masked) __attribute__((always_inline)) {
         V d = v - vc[i];
         if (masked) d = mask_lanes<A>(d, mask);
@@ -232,7 +257,11 @@ void moments_short_rows_channels(const T* x, const Layout& L, int64_t cs, int64_
         sq[i][k] = q[k];
       }
     }
+    first = false;
   });
+  if (first)
+    for (int64_t i = 0; i < nc; ++i)
+      for (int k = 0; k < NV; ++k) dev[i][k] = sq[i][k] = AccFor<T>{};
   for (int64_t i = 0; i < nc; ++i)
     out[i] = block_moments<double>(static_cast<double>(end - begin), center[i], R::total(dev[i]), R::total(sq[i]));
 }
