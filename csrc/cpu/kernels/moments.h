@@ -195,7 +195,7 @@ static inline __attribute__((always_inline)) void prefetch_span_for_write(const 
 // vector the loops spent more time on it than on the sums. AMD EPYC Zen 4, float32, in-process
 // A/B, both orders, huge pages: 256x2048x7x7 from memory 0.89-0.94x the time (1 and 2
 // threads; 4 KB pages 0.91-0.93x), training 0.92-0.97x; in cache 64x512x5x5 0.82-0.88x,
-// 8x2048x7x7 0.92x; half types 0.95-1.00x; the AVX2 level level. Tried and left out: the next
+// 8x2048x7x7 0.92x; half types 0.95-1.00x; the AVX2 level 0.88-1.00x. Tried and left out: the next
 // call's rows prefetched into L2 during the second pass (as moments() does for long rows):
 // from memory on huge pages 0.89x more, on 4 KB pages 1.05-1.09x the time, in cache 1.06-1.08x.
 // Each channel's operations and their order do not depend on nc, on its neighbours or on the
