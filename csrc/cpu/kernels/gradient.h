@@ -26,10 +26,11 @@ void grad_sums_short_rows_channels(const T* dy, const T* x, const Layout& L, int
   if constexpr (MaxC == 1) nc = 1;  // one channel: loops the compiler can unroll away
   V vm[MaxC];
   for (int64_t i = 0; i < nc; ++i) vm[i] = splat(mean[i]);
-  // The channels' sums between tiles, written by the first tile (see Unset): AMD EPYC Zen 4, 1
-  // thread, in cache, backward 8x512x7x7 float32 0.95x the time, 4x256x5x5 0.95-0.97x,
-  // 8x2048x7x7 0.93-1.00x, from memory level. (ShortRow's Whole, as the statistics take whole rows, made float32 backward
-  // 1.04-1.10x slower here, in cache and from memory, bfloat16 0.94-0.95x: not taken.)
+  // The channels' sums between tiles, written by the first tile (see Unset): AMD EPYC Zen 4,
+  // 1 thread, in cache, backward 8x512x7x7 float32 0.95x the time, 4x256x5x5 0.95-0.97x,
+  // 8x2048x7x7 0.93-1.00x; from memory level. (ShortRow's Whole, as the statistics take whole
+  // rows, made float32 backward 1.04-1.10x slower here, in cache and from memory, bfloat16
+  // 0.94-0.95x: not taken.)
   Unset<AccFor<T>[MaxC][NV]> a1_of, a2_of;
   auto& a1 = a1_of.v;
   auto& a2 = a2_of.v;

@@ -89,11 +89,13 @@ constexpr int kShortRowVectors = 4;
 
 // Storage for a T left unwritten on construction (T trivially copyable): arrays of
 // accumulators, which zero themselves, that the caller writes before reading. The short-row
-// statistics' three 4 KB arrays, zeroed at every call, had cost small batches in cache a tenth
+// statistics' three arrays (4 KB each for 7x7 planes), zeroed at every call, had cost small batches in cache a tenth
 // of their time: AMD EPYC Zen 4, 1 thread, A/B both orders, 8x2048x7x7 float32 0.91-0.92x,
 // 4x256x5x5 0.86x, bfloat16 0.91x; from memory (256x2048x7x7) 0.99-1.03x.
 template <class T>
 struct Unset {
+  static_assert(std::is_trivially_copyable_v<T> && std::is_trivially_destructible_v<T>,
+                "Unset holds plain values: written by copies, never destroyed");
   union {
     T v;
   };
@@ -134,7 +136,8 @@ struct ShortRow {
     V mask;
   };
   static Whole whole(int64_t len) { return {len, len - VL, lanes_from<A>((VL - len % VL) % VL)}; }
-  // each() for a row of the Whole's length (VL < len <= NV * VL, or len == VL when NV == 1).
+  // each() for a row of the Whole's length, which must span NV vectors: (NV - 1) * VL < len
+  // <= NV * VL, and len >= VL (with_short_rows' NV; a shorter len would add a vector twice).
   template <class F>
   static inline __attribute__((always_inline)) void each(const T* p, const Whole& w, F&& f) {
 #pragma GCC unroll 8
