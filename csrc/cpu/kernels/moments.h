@@ -89,9 +89,10 @@ constexpr int kShortRowVectors = 4;
 
 // Storage for a T left unwritten on construction (T trivially copyable): arrays of
 // accumulators, which zero themselves, that the caller writes before reading. The short-row
-// statistics' three arrays (4 KB each for 7x7 planes), zeroed at every call, had cost small batches in cache a tenth
-// of their time: AMD EPYC Zen 4, 1 thread, A/B both orders, 8x2048x7x7 float32 0.91-0.92x,
-// 4x256x5x5 0.86x, bfloat16 0.91x; from memory (256x2048x7x7) 0.99-1.03x.
+// statistics' three arrays (4 KB each for 7x7 planes), zeroed at every call, had cost small
+// batches in cache a tenth of their time: AMD EPYC Zen 4, 1 thread, A/B both orders,
+// 8x2048x7x7 float32 0.91-0.92x, 4x256x5x5 0.86x, bfloat16 0.91x; from memory (256x2048x7x7)
+// 0.99-1.03x.
 template <class T>
 struct Unset {
   static_assert(std::is_trivially_copyable_v<T> && std::is_trivially_destructible_v<T>,
@@ -194,15 +195,15 @@ static inline __attribute__((always_inline)) void prefetch_span_for_write(const 
 // 256x2048x7x7 float32 took 15.5 -> 8.0 ms on 1 thread, 9.4 -> 4.6 ms on 2; 256x512x5x5
 // 1.37 -> 0.80 ms; 32x2048x7x7 (in cache) 1.21 -> 0.84 ms; rows fetched ahead as before made the
 // tiles slower (8.0 -> 13 ms). Whole rows (all but a piece's partial ones) go through
-// ShortRow's Whole, their shape computed once per call: with each row's length tested vector by
-// vector the loops spent more time on it than on the sums. AMD EPYC Zen 4, float32, in-process
-// A/B, both orders, huge pages: 256x2048x7x7 from memory 0.89-0.94x the time (1 and 2
-// threads; 4 KB pages 0.91-0.93x), training 0.92-0.97x; in cache 64x512x5x5 0.82-0.88x,
-// 8x2048x7x7 0.92x; half types 0.95-1.00x; the AVX2 level 0.88-1.00x. Tried and left out: the next
-// call's rows prefetched into L2 during the second pass (as moments() does for long rows):
-// from memory on huge pages 0.89x more, on 4 KB pages 1.05-1.09x the time, in cache 1.06-1.08x.
-// Each channel's operations and their order do not depend on nc, on its neighbours or on the
-// tiling: the same bits.
+// ShortRow's Whole, their shape computed once per call: with each row's length tested vector
+// by vector the loops spent more time on it than on the sums. AMD EPYC Zen 4, float32,
+// in-process A/B, both orders, huge pages: 256x2048x7x7 from memory 0.89-0.94x the time (1
+// and 2 threads; 4 KB pages 0.91-0.93x), training 0.92-0.97x; in cache 64x512x5x5
+// 0.82-0.88x, 8x2048x7x7 0.92x; half types 0.95-1.00x; the AVX2 level 0.88-1.00x. Tried and
+// left out: the next call's rows prefetched into L2 during the second pass (as moments() does
+// for long rows): from memory on huge pages another 0.89x, but on 4 KB pages 1.05-1.09x the
+// time and in cache 1.06-1.08x. Each channel's operations and their order do not depend on
+// nc, on its neighbours or on the tiling: the same bits.
 template <class T, int NV, int MaxC = kBlockChannels>
 void moments_short_rows_channels(const T* x, const Layout& L, int64_t cs, int64_t nc, int64_t begin, int64_t end,
                                  Moments<double>* out) {
