@@ -24,6 +24,9 @@ needs_torch = pytest.mark.skipif(not HAVE_TORCH, reason="torch is not installed 
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 NUMPY_DTYPES = ("float16", "float32", "float64")
+# The CPU ISA levels BATCHNORM_ISA names, lowest first; a level the CPU lacks runs the highest it has.
+# avx512_bf16 changes bfloat16's kernels alone (the conversion instruction).
+ISA_LEVELS = ("baseline", "avx2", "avx512", "avx512_bf16")
 
 
 def dtype_params(names: Sequence[str] = DTYPES) -> list:

@@ -10,14 +10,13 @@ import sys
 import pytest
 
 import batchnorm as bn
-
-SIMD_LEVELS = ("baseline", "avx2", "avx512")
+from helpers import ISA_LEVELS
 
 
 def check_info(info: dict) -> None:
     assert set(info) == {"version", "simd", "threads", "cuda"}
     assert isinstance(info["version"], str) and info["version"]
-    assert info["simd"] in SIMD_LEVELS
+    assert info["simd"] in ISA_LEVELS
     assert type(info["threads"]) is int and info["threads"] >= 1
     cuda = info["cuda"]
     assert set(cuda) == {"compiled", "available", "devices", "reason"}

@@ -657,7 +657,7 @@ def test_unknown_isa_is_refused_at_import(value):
     done = subprocess.run([sys.executable, "-c", "import batchnorm"], env=dict(os.environ, BATCHNORM_ISA=value),
                           capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
-    assert f"BATCHNORM_ISA must be one of baseline, avx2, avx512 (or unset), got '{value}'" in done.stderr
+    assert f"BATCHNORM_ISA must be one of baseline, avx2, avx512, avx512_bf16 (or unset), got '{value}'" in done.stderr
 
 
 def test_jax_arrays_are_never_written():

@@ -10,8 +10,9 @@
  * LIB_A, LIB_B: paths of libbatchnorm.so builds. A build against itself must be two copies
  *   of the file under different names, or the loader hands back the same library twice.
  * SET_A, SET_B: "-", or comma-separated settings applied to the environment before that
- *   library's first call: an ISA level alone (avx2, avx512, baseline: BATCHNORM_ISA) or
- *   NAME=VALUE (BATCHNORM_STREAM_BYTES=25165824). The library reads them once, at its first call.
+ *   library's first call: an ISA level alone (baseline, avx2, avx512, avx512_bf16:
+ *   BATCHNORM_ISA) or NAME=VALUE (BATCHNORM_STREAM_BYTES=25165824). The library reads them
+ *   once, at its first call.
  * OP: stats, train, inf, bwd, or copy (memcpy of x into the output: the roofline); the fused
  *   ops ftrain, finf (y = relu(bn(x) + r), r a second input array) and fbwd (their gradients:
  *   the ReLU mask from x standing in for y, the residual's gradient into a second output).

@@ -183,7 +183,7 @@ def child() -> None:
 
 def main() -> None:
     lines = []
-    for isa in ("baseline", "avx2", "avx512"):
+    for isa in ("baseline", "avx2", "avx512", "avx512_bf16"):
         for stream in (None, "0"):
             env = dict(os.environ, BATCHNORM_ISA=isa)
             env.pop("BATCHNORM_STREAM_BYTES", None)

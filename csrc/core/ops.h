@@ -251,7 +251,7 @@ struct CudaInfo {
   std::vector<std::string> devices;
   std::string reason;
 };
-std::string simd_level();  // the CPU ISA level in use: "avx512", "avx2" or "baseline"
+std::string simd_level();  // the CPU ISA level in use: "avx512_bf16", "avx512", "avx2" or "baseline"
 CudaInfo cuda_info();
 
 }  // namespace batchnorm

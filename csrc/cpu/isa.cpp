@@ -1,6 +1,6 @@
 // Runtime ISA dispatch: picks the best kernel table the CPU (and OS) supports, once.
-// BATCHNORM_ISA=baseline|avx2|avx512 caps the choice, to compare levels or reproduce a
-// lower machine; results are bitwise identical across levels by construction.
+// BATCHNORM_ISA=baseline|avx2|avx512|avx512_bf16 caps the choice, to compare levels or reproduce
+// a lower machine; results are bitwise identical across levels by construction.
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -17,6 +17,9 @@ extern const KernelTable kernel_table_baseline;
 extern const KernelTable kernel_table_avx2;
 extern const KernelTable kernel_table_avx512;
 #endif
+#if defined(BN_HAVE_AVX512_BF16)
+extern const Kernels<bfloat16> bfloat16_kernels_avx512_bf16;
+#endif
 
 namespace {
 // The level BATCHNORM_ISA asks for ("" when unset). Anything else is refused with a ValueError,
@@ -25,8 +28,9 @@ namespace {
 std::string isa_setting() {
   const char* cap = std::getenv("BATCHNORM_ISA");
   const std::string want = cap ? cap : "";
-  BN_EXPECTS(want.empty() || want == "baseline" || want == "avx2" || want == "avx512", value_error,
-             "BATCHNORM_ISA must be one of baseline, avx2, avx512 (or unset), got '", want, "'");
+  BN_EXPECTS(want.empty() || want == "baseline" || want == "avx2" || want == "avx512" || want == "avx512_bf16",
+             value_error, "BATCHNORM_ISA must be one of baseline, avx2, avx512, avx512_bf16 (or unset), got '", want,
+             "'");
   return want;
 }
 
@@ -41,7 +45,19 @@ const KernelTable* choose() {
                         __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2");
   const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  if (has_avx512 && (want.empty() || want == "avx512")) return &kernel_table_avx512;
+#if defined(BN_HAVE_AVX512_BF16)
+  // The avx512 table with bfloat16's kernels of the avx512_bf16 level, the only ones it changes.
+  if (has_avx512 && __builtin_cpu_supports("avx512bf16") && (want.empty() || want == "avx512_bf16")) {
+    static const KernelTable table = [] {
+      KernelTable t = kernel_table_avx512;
+      t.name = "avx512_bf16";
+      t.bf16 = bfloat16_kernels_avx512_bf16;
+      return t;
+    }();
+    return &table;
+  }
+#endif
+  if (has_avx512 && (want.empty() || want == "avx512" || want == "avx512_bf16")) return &kernel_table_avx512;
   if (has_avx2 && want != "baseline") return &kernel_table_avx2;
 #endif
   return &kernel_table_baseline;

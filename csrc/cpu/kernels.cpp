@@ -54,8 +54,17 @@ constexpr Kernels<T> make() {
 #define BN_TABLE2(isa) kernel_table_##isa
 #define BN_TABLE(isa) BN_TABLE2(isa)
 
+#if defined(BN_KERNELS_BFLOAT16_ONLY)
+// A level that changes one dtype's kernels (avx512_bf16): those alone; cpu/isa.cpp completes the
+// table from the level below.
+#define BN_BF16_KERNELS2(isa) bfloat16_kernels_##isa
+#define BN_BF16_KERNELS(isa) BN_BF16_KERNELS2(isa)
+extern const Kernels<bfloat16> BN_BF16_KERNELS(BN_ISA);
+const Kernels<bfloat16> BN_BF16_KERNELS(BN_ISA) = BN_ISA::make<bfloat16>();
+#else
 extern const KernelTable BN_TABLE(BN_ISA);
 const KernelTable BN_TABLE(BN_ISA) = {BN_STR(BN_ISA), BN_ISA::make<_Float16>(), BN_ISA::make<bfloat16>(),
                                       BN_ISA::make<float>(), BN_ISA::make<double>()};
+#endif
 
 }  // namespace batchnorm::cpu

@@ -108,7 +108,8 @@ static inline __attribute__((always_inline)) void map_contiguous(const acc_t<T>*
   // (4-value tails) 0.94-0.96x the time, 8x64x10x10 0.94-0.96x, backward 8x64x10x10
   // 0.91-0.94x, 16x128x14x14 0.97x; float16 (masked stores of to_half_words) inference
   // 16x128x14x14 0.83-0.84x, 8x64x10x10 0.76-0.77x, training 0.90-0.93x, backward 0.94-0.97x;
-  // bfloat16 1.00-1.02x slower (value by value: 1.05x), so it keeps the old rule.
+  // bfloat16 1.00-1.02x slower (value by value: 1.05x), so it keeps the old rule but at the
+  // avx512_bf16 level (see masked_partials).
   if (n - i >= (masked_partials<T>() ? 1 : VL / 2)) {
     V v[R::kIn];
     #pragma GCC unroll 4
