@@ -413,7 +413,8 @@ def test_ab_lib_times_two_copies_of_the_library(programs, tmp_path):
     # A C host runs no import-time check: a bad setting is the first CPU op's ValueError.
     for setting, words in [("BATCHNORM_STREAM_BYTES=lots", "BATCHNORM_STREAM_BYTES must be a byte count (an "
                             "integer >= 0), got 'lots'"),
-                           ("sse4", "BATCHNORM_ISA must be one of baseline, avx2, avx512, avx512_bf16 (or unset), got 'sse4'")]:
+                           ("sse4", "BATCHNORM_ISA must be one of baseline, avx2, avx512, avx512_bf16 (or unset), "
+                            "got 'sse4'")]:
         bad = subprocess.run([str(c) for c in (ab, libs[0], "-", libs[1], setting, "inf", "8x4", "cf", "f32", 1, 3,
                                                0)], capture_output=True, text=True)
         assert (bad.returncode, bad.stdout, bad.stderr) == (1, "", f"ab_lib: library B: {words}\n")

@@ -162,9 +162,10 @@ for name in td.CASES:
 if torch is not None:
     # bfloat16 outputs around and below float32's smallest normal (weights 2^-118 ... 2^-146):
     # the avx512_bf16 level's conversion instruction flushes subnormals, its kernels must not.
-    # NCHW rows (a vector's lanes share a weight) and NHWC rows (lanes of different weights).
+    # NCHW short rows (a vector's lanes share a weight), NCHW rows of 100 values (a 4-value
+    # tail, one masked vector at the AVX-512 levels) and NHWC rows (lanes of different weights).
     rng = np.random.default_rng(7)
-    for shape, axis in (((4, 16, 7, 7), 1), ((6, 5, 5, 48), -1)):
+    for shape, axis in (((4, 16, 7, 7), 1), ((4, 16, 10, 10), 1), ((6, 5, 5, 48), -1)):
         C = shape[axis]
         x, dy = (as_dtype(rng.standard_normal(shape), "bfloat16") for _ in range(2))
         w = 2.0 ** -np.linspace(118, 146, C)

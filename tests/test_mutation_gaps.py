@@ -74,21 +74,27 @@ BF16_EDGES = [0x3F808000, 0x3F818000, 0x3F807FFF, 0x3F808001, 0x00008000, 0x0001
 
 
 @pytest.mark.skipif(not HAVE_TORCH, reason="bfloat16 arrays are torch tensors")
+@pytest.mark.parametrize("plane", [(5, 8), (10, 10)])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_bfloat16_store_rounds_edge_values(channels_last):
+def test_bfloat16_store_rounds_edge_values(channels_last, plane):
     """y = shift exactly (x = mean = 0), one channel per edge value and its negative: every SIMD
-    store lane gives torch's round-to-nearest-even of the float32, NaN as a NaN."""
+    store lane gives torch's round-to-nearest-even of the float32, NaN as its own quiet NaN
+    (the high half with the quiet bit set, at every ISA level)."""
     # (not -0.0: 0 * scale + -0.0 is +0.0)
-    edges = np.array(BF16_EDGES + [v | 0x80000000 for v in BF16_EDGES if v], np.uint32).view(np.float32)
+    edge_bits = np.array(BF16_EDGES + [v | 0x80000000 for v in BF16_EDGES if v], np.uint32)
+    edges = edge_bits.view(np.float32)
     C = edges.size
-    x = torch.zeros((3, C, 5, 8), dtype=torch.bfloat16)  # planes of 40: full vectors and a tail
+    # Planes of 40 (short rows: full vectors and an overlapping tail) and of 100 (a 4-value
+    # tail: one masked vector under AVX-512, value by value elsewhere).
+    x = torch.zeros((3, C) + plane, dtype=torch.bfloat16)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = bn.forward_inference(x, np.zeros(C, np.float32), np.ones(C, np.float32), None, edges)
     got = y.contiguous().view(torch.int16).numpy().astype(np.uint16)
     want = np.broadcast_to(round_once(edges, "bfloat16").astype(np.uint16)[None, :, None, None], got.shape)
     nan = np.isnan(edges)[None, :, None, None] & np.ones(got.shape, bool)
-    assert ((got[nan] & 0x7FC0) == 0x7FC0).all()  # all-ones exponent, quiet bit set
+    quiet = np.broadcast_to(((edge_bits >> 16) | 0x40).astype(np.uint16)[None, :, None, None], got.shape)
+    np.testing.assert_array_equal(got[nan], quiet[nan])
     np.testing.assert_array_equal(got[~nan], want[~nan])
 
 

@@ -15,7 +15,7 @@ import pytest
 
 import batchnorm as bn
 from batchnorm import _C
-from helpers import HAVE_TORCH, torch
+from helpers import HAVE_TORCH, ISA_LEVELS, torch
 
 SENTINEL = -96.0  # exact in every dtype, far from any normalized output
 DTYPES = ["float16", "float32", "float64"] + (["bfloat16"] if HAVE_TORCH else [])
@@ -321,7 +321,7 @@ def test_channels_last_flat_runs_in_cache_at_every_isa_level():
     """The in-cache flat runs at each ISA level (the vector length decides which rows go flat; a
     level the CPU lacks runs the highest it has): aligned and misaligned outputs give the bits
     of padded rows (position by position) for every op, float16 to float64."""
-    for level in ("baseline", "avx2", "avx512"):
+    for level in ISA_LEVELS:
         env = dict(os.environ, BATCHNORM_ISA=level)
         done = subprocess.run([sys.executable, "-c", HOT_FLAT_SCRIPT], env=env, capture_output=True, text=True,
                               timeout=120)
@@ -355,7 +355,7 @@ def test_streaming_from_the_environment_at_every_isa_level():
     """BATCHNORM_STREAM_BYTES=0 forces streaming stores at import; each ISA level runs the
     issue's padded-output case without crashing, and all levels give the same bits."""
     results = {}
-    for level in ("baseline", "avx2", "avx512"):
+    for level in ISA_LEVELS:
         env = dict(os.environ, BATCHNORM_ISA=level, BATCHNORM_STREAM_BYTES="0")
         done = subprocess.run([sys.executable, "-c", STREAM_SCRIPT], env=env, capture_output=True, text=True,
                               timeout=120)

@@ -8,7 +8,9 @@ fold, the BatchNorm layer's train/eval backward) over float16/bfloat16/float32/f
 layouts (channels-first, channels-last, 2-D, strided and negatively strided views, odd sizes,
 NaN/Inf values), in a child process per ISA level (BATCHNORM_ISA) and streaming-store
 setting (BATCHNORM_STREAM_BYTES=0 forces the non-temporal paths), each at several thread
-counts. Compare two builds with `diff` of their outputs."""
+counts. Compare two builds with `diff` of their outputs. Lines name the level asked for: a digest
+made before the avx512_bf16 level (e12179c) has no lines for it, and on a CPU without the
+instruction those lines repeat avx512's."""
 from __future__ import annotations
 
 import hashlib

@@ -1,5 +1,6 @@
 // One ISA level's kernel table: this file is compiled once per level (CMake defines BN_ISA
-// and the level's -m flags), putting each copy of the primitives in its own namespace.
+// and the level's -m flags), putting each copy of the primitives in its own namespace; a level
+// that changes one dtype's kernels alone (avx512_bf16: BN_KERNELS_BFLOAT16_ONLY) compiles those.
 // Internal linkage for every inline helper, so the linker never folds this level's copy
 // into code that runs on a CPU without the level's instructions.
 #define BN_HD static inline __attribute__((always_inline))

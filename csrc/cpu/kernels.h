@@ -130,8 +130,8 @@ struct KernelTable {
   Kernels<double> f64;
 };
 
-// The table of the best ISA level this CPU supports (BATCHNORM_ISA=baseline|avx2|avx512
-// lowers it, for testing and for comparing levels).
+// The table of the best ISA level this CPU supports (BATCHNORM_ISA=baseline|avx2|avx512|
+// avx512_bf16 lowers it, for testing and for comparing levels).
 const KernelTable& active_kernels();
 
 template <class T> const Kernels<T>& kernels_for();
