@@ -410,6 +410,14 @@ def test_ab_lib_times_two_copies_of_the_library(programs, tmp_path):
         assert m and m.group(1, 2, 3, 4, 5) == (op, shape, lay, dtype, "2"), out
         assert float(m.group(8)) > 0
         assert m.group(9) == "  bits same", out
+    # tools/ab_both.sh: each case in both orders, a line of the two new/old ratios and the bits.
+    both = SOURCES.parent.parent / "tools" / "ab_both.sh"
+    cases = ["inf:64x32:cf:f32:1:0", "bwd:4x3x5x6:cl:bf16:2:0:-:baseline,BATCHNORM_STREAM_BYTES=0"]
+    out = _run(["bash", both, ab, libs[0], libs[1], 3] + cases, env={**os.environ, "AB_BITS": "1"}).stdout
+    pair = re.compile(r"^(\S+)  new/old ([\d.]+) \(new as B\), ([\d.]+) \(new as A\) bits same$")
+    got = [pair.match(text) for text in out.strip().splitlines()]
+    assert [m and m.group(1) for m in got] == cases, out
+    assert all(float(m.group(2)) > 0 and float(m.group(3)) > 0 for m in got), out
     # A C host runs no import-time check: a bad setting is the first CPU op's ValueError.
     for setting, words in [("BATCHNORM_STREAM_BYTES=lots", "BATCHNORM_STREAM_BYTES must be a byte count (an "
                             "integer >= 0), got 'lots'"),
