@@ -22,23 +22,29 @@ extern const Kernels<bfloat16> bfloat16_kernels_avx512_bf16;
 #endif
 
 namespace {
-// The level BATCHNORM_ISA asks for ("" when unset). Anything else is refused with a ValueError,
-// not guessed at: by the Python module at import (check_environment), and for a C host, which
-// runs no such check, by its first CPU op (choose, through the op's BN_ERROR_VALUE).
-std::string isa_setting() {
+// The levels BATCHNORM_ISA names, lowest first: a setting caps the choice at its level.
+constexpr const char* kLevels[] = {"baseline", "avx2", "avx512", "avx512_bf16"};
+constexpr int kTopLevel = 3;
+
+// The highest level BATCHNORM_ISA allows (kTopLevel when unset). Anything else is refused with
+// a ValueError, not guessed at: by the Python module at import (check_environment), and for a C
+// host, which runs no such check, by its first CPU op (choose, through the op's BN_ERROR_VALUE).
+int isa_cap() {
   const char* cap = std::getenv("BATCHNORM_ISA");
-  const std::string want = cap ? cap : "";
-  BN_EXPECTS(want.empty() || want == "baseline" || want == "avx2" || want == "avx512" || want == "avx512_bf16",
-             value_error, "BATCHNORM_ISA must be one of baseline, avx2, avx512, avx512_bf16 (or unset), got '", want,
-             "'");
-  return want;
+  if (cap == nullptr || *cap == '\0') return kTopLevel;
+  for (int i = 0; i <= kTopLevel; ++i)
+    if (std::strcmp(cap, kLevels[i]) == 0) return i;
+  std::string names;
+  for (int i = 0; i <= kTopLevel; ++i) names += std::string(i ? ", " : "") + kLevels[i];
+  BN_EXPECTS(false, value_error, "BATCHNORM_ISA must be one of ", names, " (or unset), got '", cap, "'");
+  return kTopLevel;
 }
 
-// Throws for an unknown BATCHNORM_ISA (isa_setting). The first call of active_kernels() is an
+// Throws for an unknown BATCHNORM_ISA (isa_cap). The first call of active_kernels() is an
 // op's, on the calling thread before any parallel region, and a static initializer that threw
 // is run again by the next call.
 const KernelTable* choose() {
-  const std::string want = isa_setting();
+  const int cap = isa_cap();
 #if defined(BN_HAVE_X86_LEVELS)
   __builtin_cpu_init();
   const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
@@ -47,18 +53,18 @@ const KernelTable* choose() {
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 #if defined(BN_HAVE_AVX512_BF16)
   // The avx512 table with bfloat16's kernels of the avx512_bf16 level, the only ones it changes.
-  if (has_avx512 && __builtin_cpu_supports("avx512bf16") && (want.empty() || want == "avx512_bf16")) {
+  if (cap >= 3 && has_avx512 && __builtin_cpu_supports("avx512bf16")) {
     static const KernelTable table = [] {
       KernelTable t = kernel_table_avx512;
-      t.name = "avx512_bf16";
+      t.name = kLevels[3];
       t.bf16 = bfloat16_kernels_avx512_bf16;
       return t;
     }();
     return &table;
   }
 #endif
-  if (has_avx512 && (want.empty() || want == "avx512" || want == "avx512_bf16")) return &kernel_table_avx512;
-  if (has_avx2 && want != "baseline") return &kernel_table_avx2;
+  if (cap >= 2 && has_avx512) return &kernel_table_avx512;
+  if (cap >= 1 && has_avx2) return &kernel_table_avx2;
 #endif
   return &kernel_table_baseline;
 }
@@ -75,7 +81,7 @@ namespace batchnorm {
 std::string simd_level() { return cpu::active_kernels().name; }
 
 void check_environment() {
-  cpu::isa_setting();
+  cpu::isa_cap();
   cpu::stream_threshold_from_env();
 }
 }  // namespace batchnorm
