@@ -2,9 +2,12 @@
 mapped as runs: a block of channels' rows of one outer index is one run of vectors that span
 plane boundaries, each coefficient repeated over its channel's plane (cpu/kernels/map.h,
 map_run_block; a streamed pass of its own takes 8 runs at a time piece by piece,
-map_run_streams), streamed by whole cache lines. The same values laid out with planes apart go
-row by row (map_row_block): every op must give the same bits either way, streamed or not, into
-outputs at any alignment, in place too, at any thread count; and match the float64 reference."""
+map_run_streams), streamed by whole cache lines; and reduced as runs (cpu/kernels/plane_runs.h:
+the statistics from 16 rows a call, the backward's sums from 8), each lane of the run summing
+one value of one plane. The same values laid out with planes apart go row by row
+(map_row_block, ShortRow's reductions): every op must give the same bits either way, streamed
+or not, into outputs at any alignment, in place too, at any thread count; and match the float64
+reference."""
 import numpy as np
 import pytest
 
@@ -16,8 +19,12 @@ from helpers import HAVE_TORCH, TOLERANCE, assert_close, bits, cast, dtype_param
 # 1 KB, so row by row beside runs); planes of 16, 25 and 64 values; a 3-D array; many blocks per
 # thread; few channels and many rows (3 threads: groups of rows that start inside a plane); over
 # 8192 values a channel (the reductions and the fused backward then sum in partial pieces).
+# Reduced as runs: 40 rows of blocks of 16, 16 and 5 channels (a run's partial last vector);
+# 5x5 planes (float64's short rows too) with a last block of 4; 12 rows (the backward's sums as
+# runs, the statistics as rows); 170 rows of 17 channels, each channel's 8330 values cut
+# mid-row by the pieces (partial first and last rows around the runs).
 SHAPES = [(6, 37, 7, 7), (3, 20, 4, 4), (5, 18, 5, 5), (4, 17, 8, 8), (7, 33, 49), (2, 300, 7, 7), (400, 2, 7, 7),
-          (200, 20, 64)]
+          (200, 20, 64), (40, 37, 7, 7), (24, 20, 5, 5), (12, 18, 6, 6), (170, 17, 7, 7)]
 
 
 @pytest.fixture(params=[False, True], ids=["cached", "streamed"])

@@ -258,15 +258,6 @@ static inline __attribute__((always_inline)) void map_run(const T* const* p, T* 
   for (; i < n; ++i) one(i);
 }
 
-// Whether every array's planes lie back to back (a channel's plane right after the previous
-// channel's, as in contiguous NCHW), so that a block of channels' rows of one outer index
-// are one run.
-inline bool planes_back_to_back(const Layout& L, int arrays) {
-  for (int t = 0; t < arrays; ++t)
-    if (L.inner_stride(t) != 1 || L.channel_stride[t] != L.inner()) return false;
-  return true;
-}
-
 // Runs shorter than this go row by row: a few lines per run, most of them shared with the
 // neighbouring channels' runs that other tasks write (200000x2x49 float32 inference, one
 // channel's 196-byte rows per task, took 17 ms as runs against 7.5 ms row by row).

@@ -7,6 +7,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/kernels/plane_runs.h"
+#include "cpu/kernels/short_rows.h"
 #include "cpu/kernels/simd.h"
 #include "cpu/kernels/walk.h"
 #include "cpu/scratch.h"
@@ -79,90 +81,6 @@ static inline __attribute__((always_inline)) void walk_tile_vectors(const int64_
   }
 }
 
-// Short contiguous rows (a 7x7 plane is 49 values, spaced C * 49 apart) spend most of a
-// generic walk's time per row, in the partial vector at the row's end. Rows of at most
-// kShortRowVectors vectors go through ShortRow instead: the row's full vectors, then for a
-// tail the full vector that ends at the row's end with the lanes the previous vector already
-// covered masked off; vector k of every row goes to accumulator k. Which path a reduction
-// takes depends on the shape alone, so results stay the same for any thread count or ISA.
-constexpr int kShortRowVectors = 4;
-
-// Storage for a T left unwritten on construction (T trivially copyable): arrays of
-// accumulators, which zero themselves, that the caller writes before reading. The short-row
-// statistics' three arrays (4 KB each for 7x7 planes), zeroed at every call, had cost small
-// batches in cache a tenth of their time: AMD EPYC Zen 4, 1 thread, A/B both orders,
-// 8x2048x7x7 float32 0.91-0.92x, 4x256x5x5 0.86x, bfloat16 0.91x; from memory (256x2048x7x7)
-// 0.99-1.03x.
-template <class T>
-struct Unset {
-  static_assert(std::is_trivially_copyable_v<T> && std::is_trivially_destructible_v<T>,
-                "Unset holds plain values: written by copies, never destroyed");
-  union {
-    T v;
-  };
-  Unset() {}
-};
-
-template <class T, int NV>
-struct ShortRow {
-  using A = acc_t<T>;
-  using V = vec_t<A>;
-  static constexpr int VL = vlen<A>;
-  // f(k, v, mask, masked) for vector k of the row of len (<= NV * VL) values at p; when
-  // `masked`, v's lanes outside `mask` are zero and results built from v need the mask again.
-  template <class F>
-  static inline __attribute__((always_inline)) void each(const T* p, int64_t len, F&& f) {
-    const int64_t full = len / VL, tail = len - full * VL;
-#pragma GCC unroll 8
-    for (int k = 0; k < NV; ++k) {
-      if (k < full) {
-        f(k, loadv(p + k * VL), V{}, false);
-      } else if (k == full && tail != 0) {
-        if (len >= VL) {
-          const V m = lanes_from<A>(VL - tail);
-          f(k, mask_lanes<A>(loadv(p + len - VL), m), m, true);
-        } else {
-          f(k, load_partial(p, len), lanes_below<A>(len), true);
-        }
-      }
-    }
-  }
-  // A row of the walk's full length (every row of a tile but a range's partial ones): its
-  // last vector's offset and mask, computed once per call rather than per row. Tail or none,
-  // the last vector is the one that ends at the row's end, masked (by all lanes when the row
-  // is whole vectors: the same values as each()'s unmasked one), so the loop over a tile's
-  // rows holds no branch on the length.
-  struct Whole {
-    int64_t len, last;
-    V mask;
-  };
-  static Whole whole(int64_t len) { return {len, len - VL, lanes_from<A>((VL - len % VL) % VL)}; }
-  // each() for a row of the Whole's length, which must span NV vectors: (NV - 1) * VL < len
-  // <= NV * VL, and len >= VL (with_short_rows' NV; a shorter len would add a vector twice).
-  template <class F>
-  static inline __attribute__((always_inline)) void each(const T* p, const Whole& w, F&& f) {
-#pragma GCC unroll 8
-    for (int k = 0; k + 1 < NV; ++k) f(k, loadv(p + k * VL), V{}, false);
-    f(NV - 1, mask_lanes<A>(loadv(p + w.last), w.mask), w.mask, true);
-  }
-  // each() for the rows of a Uniform tile of for_row_tiles (row r at p + offs[r][0]): whole
-  // rows through the Whole, a range's partial rows through their lengths.
-  template <class F>
-  static inline __attribute__((always_inline)) void each_of_tile(const T* p, const int64_t (*offs)[1],
-                                                                 const int64_t* lens, int rows, const Whole& w, F&& f) {
-    if (lens[0] == w.len)
-      for (int r = 0; r < rows; ++r) each(p + offs[r][0], w, f);
-    else
-      for (int r = 0; r < rows; ++r) each(p + offs[r][0], lens[r], f);
-  }
-  template <int N>
-  static inline __attribute__((always_inline)) A total(const AccFor<T> (&acc)[N]) {
-    A t = A(0);
-    for (int k = 0; k < N; ++k) t += acc[k].total();
-    return t;
-  }
-};
-
 // Rows ahead that the streamed maps' block walks prefetch (kernels/map.h; a row of a block of 16
 // 7x7 channels is 49 lines).
 constexpr int64_t kPrefetchRows = 4;
@@ -183,6 +101,12 @@ static inline __attribute__((always_inline)) void prefetch_span_for_write(const 
   const uintptr_t b = address_ahead(p, elements);
   for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(reinterpret_cast<const void*>(b + i), 1);
 }
+
+// Rows a call of moments_short_rows_channels needs to take runs (PlaneRuns): its two passes'
+// gathers and the centers' pattern are fixed costs. AMD EPYC Zen 4, in cache, 1 thread,
+// in-process, both orders, runs against ShortRow's rows: 4x2048x7x7 float32 1.19-1.26x the
+// time, bfloat16 1.09x; 8 rows 0.99-1.08x; 16 rows 0.92-0.98x (16x256x5x5 0.86x).
+constexpr int64_t kStatsRunRows = 16;
 
 // Moments of values [begin, end) of nc (<= MaxC) channels with short rows, channel i at
 // x + i * cs, in two passes (the sum, then deviations from the block mean while the block is in
@@ -210,80 +134,82 @@ void moments_short_rows_channels(const T* x, const Layout& L, int64_t cs, int64_
   using A = acc_t<T>;
   using V = vec_t<A>;
   using R = ShortRow<T, NV>;
+  using Runs = PlaneRuns<T, NV>;
   if constexpr (MaxC == 1) nc = 1;  // one channel: loops the compiler can unroll away
-  // The channels' sums between tiles, written by the first tile (fresh zeros there).
-  Unset<AccFor<T>[MaxC][NV]> sum_of;
+  const Runs runs(L.inner(), nc);
+  // Planes back to back go as runs of the block's planes (kernels/plane_runs.h), the same bits,
+  // from 16 rows a call (kStatsRunRows).
+  bool by_runs = false;
+  if constexpr (MaxC == kBlockChannels)
+    by_runs = begin < end && planes_back_to_back(L, 1) && Runs::pays(L.inner(), nc, end - begin, kStatsRunRows);
+  // The channels' sums as ShortRow accumulates them (between tiles; written before read) and,
+  // by runs, the run's lanes.
+  Unset<AccFor<T>[1][MaxC][NV]> sum_of;
   auto& sum = sum_of.v;
+  alignas(64) Unset<A[1][Runs::kLanes]> lanes_of;
+  auto& lanes = lanes_of.v;
   const auto whole = R::whole(L.inner());
-  bool first = true;
-  for_row_tiles<1, true>(L, begin, end, [&](const int64_t (*offs)[1], const int64_t* lens, int rows) {
-    for (int64_t i = 0; i < nc; ++i) {
-      AccFor<T> s[NV];
-      if (!first)
-        for (int k = 0; k < NV; ++k) s[k] = sum[i][k];
-      auto add = [&](int k, V v, V, bool) __attribute__((always_inline)) { s[k] += v; };
-      R::each_of_tile(x + i * cs, offs, lens, rows, whole, add);
-      for (int k = 0; k < NV; ++k) sum[i][k] = s[k];
-    }
-    first = false;
-  });
-  if (first)  // no values: every sum zero
-    for (int64_t i = 0; i < nc; ++i)
-      for (int k = 0; k < NV; ++k) sum[i][k] = AccFor<T>{};
+  auto sums = [&](const int64_t (*offs)[1], const int64_t* lens, int rows, int64_t i, AccFor<T> (*s)[NV])
+                  __attribute__((always_inline)) {
+    auto add = [&](int k, V v, V, bool) __attribute__((always_inline)) { s[0][k] += v; };
+    R::each_of_tile(x + i * cs, offs, lens, rows, whole, add);
+  };
+  if constexpr (MaxC == kBlockChannels) {
+    if (by_runs)
+      runs.template reduce<1, 1>(
+          L, begin, end, lanes, sum, sums,
+          [&](const int64_t (*offs)[1], int rows, int64_t v0, auto g, auto partial, auto& s)
+              __attribute__((always_inline)) {
+            constexpr int G = decltype(g)::value;
+            for (int r = 0; r < rows; ++r)
+              for (int q = 0; q < G; ++q) s[0][q] += runs.load(x + offs[r][0] + (v0 + q) * Runs::VL, partial);
+          });
+  }
+  if (!by_runs) short_row_tiles<1, true>(L, begin, end, nc, sum, sums);
   const A n = static_cast<A>(end - begin);
   V vc[MaxC];
   A center[MaxC];
   for (int64_t i = 0; i < nc; ++i) {
-    center[i] = R::total(sum[i]) / n;
+    center[i] = R::total(sum[0][i]) / n;
     vc[i] = splat(center[i]);
   }
-  Unset<AccFor<T>[MaxC][NV]> dev_of, sq_of;
-  auto& dev = dev_of.v;
-  auto& sq = sq_of.v;
-  first = true;
-  for_row_tiles<1, true>(L, begin, end, [&](const int64_t (*offs)[1], const int64_t* lens, int rows) {
-    for (int64_t i = 0; i < nc; ++i) {
-      AccFor<T> e[NV], q[NV];
-      if (!first)
-        for (int k = 0; k < NV; ++k) {
-          e[k] = dev[i][k];
-          q[k] = sq[i][k];
-        }
-      auto add = [&](int k, V v, V mask, bool masked) __attribute__((always_inline)) {
-        V d = v - vc[i];
-        if (masked) d = mask_lanes<A>(d, mask);
-        e[k] += d;
-        q[k] += d * d;
-      };
-      R::each_of_tile(x + i * cs, offs, lens, rows, whole, add);
-      for (int k = 0; k < NV; ++k) {
-        dev[i][k] = e[k];
-        sq[i][k] = q[k];
-      }
+  Unset<AccFor<T>[2][MaxC][NV]> dsq_of;  // the deviations' sums [0] and their squares' [1]
+  auto& dsq = dsq_of.v;
+  auto deviations = [&](const int64_t (*offs)[1], const int64_t* lens, int rows, int64_t i, AccFor<T> (*s)[NV])
+                        __attribute__((always_inline)) {
+    auto add = [&](int k, V v, V mask, bool masked) __attribute__((always_inline)) {
+      V d = v - vc[i];
+      if (masked) d = mask_lanes<A>(d, mask);
+      s[0][k] += d;
+      s[1][k] += d * d;
+    };
+    R::each_of_tile(x + i * cs, offs, lens, rows, whole, add);
+  };
+  if constexpr (MaxC == kBlockChannels) {
+    if (by_runs) {
+      A* pattern = lanes[0];  // the first pass's lanes are spent: the centers' pattern there
+      runs.pattern(center, pattern);
+      alignas(64) Unset<A[2][Runs::kLanes]> dsq_lanes;
+      runs.template reduce<1, 2>(
+          L, begin, end, dsq_lanes.v, dsq, deviations,
+          [&](const int64_t (*offs)[1], int rows, int64_t v0, auto g, auto partial, auto& s)
+              __attribute__((always_inline)) {
+            constexpr int G = decltype(g)::value;
+            V c[G];
+            Runs::vectors(pattern, v0, c);
+            for (int r = 0; r < rows; ++r)
+              for (int q = 0; q < G; ++q) {
+                const V d = runs.load(x + offs[r][0] + (v0 + q) * Runs::VL, partial) - c[q];
+                s[0][q] += d;
+                s[1][q] += d * d;
+              }
+          });
     }
-    first = false;
-  });
-  if (first)
-    for (int64_t i = 0; i < nc; ++i)
-      for (int k = 0; k < NV; ++k) dev[i][k] = sq[i][k] = AccFor<T>{};
-  for (int64_t i = 0; i < nc; ++i)
-    out[i] = block_moments<double>(static_cast<double>(end - begin), center[i], R::total(dev[i]), R::total(sq[i]));
-}
-
-// Calls f(std::integral_constant<int, NV>{}) when rows of array t are short and contiguous
-// (NV = their length in vectors), and returns whether it did.
-template <class A, class F>
-static inline __attribute__((always_inline)) bool with_short_rows(const Layout& L, int t, F&& f) {
-  constexpr int VL = vlen<A>;
-  const int64_t inner = L.inner();
-  if (L.inner_stride(t) != 1 || inner < VL || inner > kShortRowVectors * VL) return false;
-  switch ((inner + VL - 1) / VL) {
-    case 1: f(std::integral_constant<int, 1>{}); return true;
-    case 2: f(std::integral_constant<int, 2>{}); return true;
-    case 3: f(std::integral_constant<int, 3>{}); return true;
-    case 4: f(std::integral_constant<int, 4>{}); return true;
-    default: return false;
   }
+  if (!by_runs) short_row_tiles<1, true>(L, begin, end, nc, dsq, deviations);
+  for (int64_t i = 0; i < nc; ++i)
+    out[i] = block_moments<double>(static_cast<double>(end - begin), center[i], R::total(dsq[0][i]),
+                                   R::total(dsq[1][i]));
 }
 
 // Contiguous rows of at least this many bytes: moments()' second pass over a block (kPiece

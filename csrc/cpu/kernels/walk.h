@@ -262,6 +262,15 @@ static inline __attribute__((always_inline)) void for_row_tiles(const Layout& L,
   if (n) f(offs, lens, n);
 }
 
+// Whether every array's planes lie back to back (a channel's plane right after the previous
+// channel's, as in contiguous NCHW), so that a block of channels' rows of one outer index
+// are one run (the maps' map_run_block, the reductions' PlaneRuns).
+inline bool planes_back_to_back(const Layout& L, int arrays) {
+  for (int t = 0; t < arrays; ++t)
+    if (L.inner_stride(t) != 1 || L.channel_stride[t] != L.inner()) return false;
+  return true;
+}
+
 // Elements of T from p to the next `align`-byte boundary (0 when p is on one).
 template <class T>
 inline int64_t elements_to_boundary(const T* p, int64_t align) {
