@@ -205,7 +205,27 @@ void cl_grad_sums(const T* dy, const T* x, const Layout& L, int64_t p0, int64_t 
       park_acc<T, NV>(a, s1 + c0);
       park_acc<T, NV>(b, s2 + c0);
     });
-    for (int64_t c = Cv; c < C; ++c) {
+    // The channels past the last whole vector as in cl_moments: one partial vector per
+    // position where loads are masked (the same bits), else channel by channel. Backward, in
+    // cache, 1 thread, against channel by channel: 256x24x32x32 NHWC float32 0.76-0.78x the
+    // time (AVX2 0.73-0.76x), 256x40x16x16 bfloat16 0.76x, 4099x11 0.69x.
+    int64_t c_tail = Cv;
+    if constexpr (masked_loads<T>()) {
+      if (Cv < C) {
+        const int64_t t = C - Cv;
+        const V m = load_partial(mean + Cv, t);
+        AccFor<T> a, b;
+        for (int64_t i = 0; i < n; ++i) {
+          const V g = load_partial(dy + od[i] + Cv, t);
+          a += g;
+          b.add_of(grad_term_of, g, load_partial(x + ox[i] + Cv, t), m);
+        }
+        store_lanes<A>(s1 + Cv, a.get(), t);
+        store_lanes<A>(s2 + Cv, b.get(), t);
+        c_tail = C;
+      }
+    }
+    for (int64_t c = c_tail; c < C; ++c) {
       A a = A(0), b = A(0);
       for (int64_t i = 0; i < n; ++i) {
         const A g = load_at(dy + od[i] + c);

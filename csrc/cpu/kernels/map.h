@@ -7,6 +7,7 @@
 // read-for-ownership of the output).
 #pragma once
 #include <algorithm>
+#include <numeric>
 #include <vector>
 
 #include "core/recipes.h"
@@ -515,7 +516,12 @@ bool map_flat(const T* const* in, T* out, const Layout& L, int64_t p0, int64_t p
   constexpr int VL = vlen<A>;
   constexpr int N = R::kIn;
   const int64_t C = L.channels;
-  if (L.nred != 1 || C % VL != 0 || reinterpret_cast<uintptr_t>(out) % sizeof(T) != 0) return false;
+  // The coefficients' period in the flat run: C values when C is a whole number of vectors,
+  // else lcm(C, VL) (48 for 24 float channels), up to kFlatPatternVectors vectors.
+  const int64_t P = C % VL == 0 ? C : std::lcm(C, static_cast<int64_t>(VL));
+  if (L.nred != 1 || (C % VL != 0 && P > kFlatPatternVectors * VL) ||
+      reinterpret_cast<uintptr_t>(out) % sizeof(T) != 0)
+    return false;
   for (int t = 0; t <= N; ++t)
     if (L.strides[t][0] != C) return false;
   const int64_t i0 = p0 * C, i1 = p1 * C;
@@ -530,12 +536,14 @@ bool map_flat(const T* const* in, T* out, const Layout& L, int64_t p0, int64_t p
   // (AVX2 0.93-0.95x), 16384x256 0.83-0.88x.
   const int64_t c0 = (i0 + head) % C;
   constexpr int64_t kv_bytes = VL * sizeof(A);
-  buffer<A> ext(static_cast<size_t>(coef_slots<R> * C + VL));
+  buffer<A> ext(static_cast<size_t>(coef_slots<R> * P + VL));
   A* const e = ext.data() + elements_to_boundary(ext.data(), kv_bytes);
-  for (int j = 0; j < R::kCoef; ++j) {  // two copies: a modulo per value cost ~0.5 us a call at C = 64
-    std::memcpy(e + j * C, k[j] + c0, static_cast<size_t>(C - c0) * sizeof(A));
-    std::memcpy(e + j * C + (C - c0), k[j], static_cast<size_t>(c0) * sizeof(A));
-  }
+  for (int j = 0; j < R::kCoef; ++j)  // by copies: a modulo per value cost ~0.5 us a call at C = 64
+    for (int64_t at = 0, c = c0; at < P; c = 0) {
+      const int64_t len = std::min(C - c, P - at);
+      std::memcpy(e + j * P + at, k[j] + c, static_cast<size_t>(len) * sizeof(A));
+      at += len;
+    }
   auto one = [&](int64_t i) { map_one_at<R, T>(k, i % C, in, out, i); };
   int64_t i = i0;
   for (; i < i0 + head; ++i) one(i);
@@ -560,14 +568,14 @@ bool map_flat(const T* const* in, T* out, const Layout& L, int64_t p0, int64_t p
     for (; i + VL <= stop; i += VL) {
       V kv[coef_slots<R>], v[N];
       #pragma GCC unroll 4
-      for (int j = 0; j < R::kCoef; ++j) std::memcpy(&kv[j], e + j * C + m, sizeof(V));
+      for (int j = 0; j < R::kCoef; ++j) std::memcpy(&kv[j], e + j * P + m, sizeof(V));
       #pragma GCC unroll 4
       for (int j = 0; j < N; ++j) v[j] = loadv(in[j] + i);
       const V r = apply_vector_map<T>(R{}, kv, v);
       if (stream) storev<T, true>(out + i, r);
       else storev<T>(out + i, r);
       m += VL;
-      if (m >= C) m -= C;
+      if (m >= P) m -= P;
     }
   }
   for (; i < i1; ++i) one(i);
@@ -675,7 +683,18 @@ void map_positions(const T* const* in, T* out, const Layout& L, int64_t p0, int6
       if (stream) storev<T, true>(o + c, r);
       else storev<T>(o + c, r);
     }
-    for (int64_t c = Cv; c < C; ++c) one(p, o, c);
+    // The channels past the last whole vector: one partial vector where partial loads and
+    // stores are masked (the same bits as value by value, see map_contiguous).
+    if (masked_partials<T>() && Cv < C) {
+      V kv[coef_slots<R>], v[N];
+      #pragma GCC unroll 4
+      for (int j = 0; j < R::kCoef; ++j) kv[j] = load_partial(kp[j] + Cv, C - Cv);
+      #pragma GCC unroll 4
+      for (int j = 0; j < N; ++j) v[j] = load_partial(p[j] + Cv, C - Cv);
+      store_partial(o + Cv, apply_vector_map<T>(R{}, kv, v), C - Cv);
+    } else {
+      for (int64_t c = Cv; c < C; ++c) one(p, o, c);
+    }
   }
   if (stream) store_fence();
 }

@@ -583,6 +583,27 @@ static inline __attribute__((always_inline)) vec_t<acc_t<T>> load_partial(const 
 #endif
 }
 
+// Whether load_partial is masked loads rather than values copied one by one into an array
+// (whose vector, read back, waits for the stores): under AVX-512 for every type, under AVX2 for
+// float and double. The channels-last reductions take the channels past the last whole vector
+// as one partial vector per position where it is (kernels/moments.h, kernels/gradient.h).
+template <class T>
+constexpr bool masked_loads() {
+#if defined(__AVX512F__)
+  return true;
+#elif defined(__AVX2__)
+  return std::is_same_v<T, acc_t<T>>;
+#else
+  return false;
+#endif
+}
+
+// The first n lanes of v to p (an array of the accumulation type; n <= vlen).
+template <class A>
+static inline __attribute__((always_inline)) void store_lanes(A* p, const vec_t<A>& v, int64_t n) {
+  std::memcpy(p, &v, static_cast<size_t>(n) * sizeof(A));
+}
+
 template <class A>
 static inline __attribute__((always_inline)) vec_t<A> mask_lanes(vec_t<A> v, vec_t<A> mask) {
   using A_bits = std::conditional_t<sizeof(A) == 4, int32_t, int64_t>;
