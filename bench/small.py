@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Small shapes against PyTorch on the CPU: the late stages of a ResNet at small inputs or
 batches (planes of 2x2 to 7x7, tiny planes walked as channels-last rows), BatchNorm1d on few
-rows of many features, channels-last with few positions. The main benchmark's shapes are
+rows of many features, channels-last with few positions, and the early stages of a
+MobileNet-style network in NHWC (24 and 40 channels: rows that are not a whole number of
+vectors). The main benchmark's shapes are
 large; these are the per-layer calls of a real network, where fixed costs and one-thread
 plans show.
 
@@ -36,6 +38,8 @@ SHAPES = [
     ((32, 2048, 7, 7), False),
     ((8, 512, 2, 2), True),
     ((8, 2048, 7, 7), True),
+    ((8, 24, 56, 56), True),
+    ((8, 40, 28, 28), True),
     ((16, 1024), False),
     ((32, 4096), False),
     ((64, 4096), False),

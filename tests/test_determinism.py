@@ -43,7 +43,8 @@ CASES = {
     "rows-side-by-side": ((24, 3, 19, 19), 1, None),
     "odd-channels-last": ((4099, 11), -1, None),
     # 7 channels-last channels: under one vector, every op's channels one partial vector a
-    # position (the reductions) or a flat run with a 112-value coefficient period (the maps).
+    # position (the reductions) or a flat run with a coefficient period of lcm(7, lanes): 112
+    # values for float32 and the half types, 56 for float64 (the maps).
     "narrow-channels-last": ((40, 9, 9, 7), -1, None),
     # Rows wider than a register tile: blocks of positions, and two runs per group.
     "wide-channels-last": ((18000, 136), 1, None),

@@ -21,10 +21,11 @@ from helpers import HAVE_TORCH, TOLERANCE, assert_close, bits, cast, dtype_param
 # 8192 values a channel (the reductions and the fused backward then sum in partial pieces).
 # Reduced as runs: 40 rows of blocks of 16, 16 and 5 channels (a run's partial last vector);
 # 5x5 planes (float64's short rows too) with a last block of 4; 12 rows (the backward's sums as
-# runs, the statistics as rows); 170 rows of 17 channels, each channel's 8330 values cut
-# mid-row by the pieces (partial first and last rows around the runs).
+# runs, the statistics as rows); 340 rows of 17 channels, each channel's 16660 values cut
+# mid-row by the pieces of 8192 (the second piece: a partial first row, 166 whole rows as runs,
+# a partial last row).
 SHAPES = [(6, 37, 7, 7), (3, 20, 4, 4), (5, 18, 5, 5), (4, 17, 8, 8), (7, 33, 49), (2, 300, 7, 7), (400, 2, 7, 7),
-          (200, 20, 64), (40, 37, 7, 7), (24, 20, 5, 5), (12, 18, 6, 6), (170, 17, 7, 7)]
+          (200, 20, 64), (40, 37, 7, 7), (24, 20, 5, 5), (12, 18, 6, 6), (340, 17, 7, 7)]
 
 
 @pytest.fixture(params=[False, True], ids=["cached", "streamed"])

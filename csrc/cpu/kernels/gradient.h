@@ -73,9 +73,9 @@ void grad_sums_short_rows_channels(const T* dy, const T* x, const Layout& L, int
   // from 8 rows a call (kGradRunRows).
   bool by_runs = false;
   if constexpr (MaxC == kBlockChannels) {
-    const Runs runs(L.inner(), nc);
     by_runs = begin < end && planes_back_to_back(L, 2) && Runs::pays(L.inner(), nc, end - begin, kGradRunRows);
     if (by_runs) {
+      const Runs runs(L.inner(), nc);
       alignas(64) Unset<A[2][Runs::kLanes]> lanes_of;
       alignas(64) Unset<A[Runs::kLanes]> pattern_of;  // the means, lane by lane
       runs.pattern(mean, pattern_of.v);

@@ -136,18 +136,14 @@ void moments_short_rows_channels(const T* x, const Layout& L, int64_t cs, int64_
   using R = ShortRow<T, NV>;
   using Runs = PlaneRuns<T, NV>;
   if constexpr (MaxC == 1) nc = 1;  // one channel: loops the compiler can unroll away
-  const Runs runs(L.inner(), nc);
   // Planes back to back go as runs of the block's planes (kernels/plane_runs.h), the same bits,
   // from 16 rows a call (kStatsRunRows).
   bool by_runs = false;
   if constexpr (MaxC == kBlockChannels)
     by_runs = begin < end && planes_back_to_back(L, 1) && Runs::pays(L.inner(), nc, end - begin, kStatsRunRows);
-  // The channels' sums as ShortRow accumulates them (between tiles; written before read) and,
-  // by runs, the run's lanes.
+  // The channels' sums as ShortRow accumulates them (between tiles; written before read).
   Unset<AccFor<T>[1][MaxC][NV]> sum_of;
   auto& sum = sum_of.v;
-  alignas(64) Unset<A[1][Runs::kLanes]> lanes_of;
-  auto& lanes = lanes_of.v;
   const auto whole = R::whole(L.inner());
   auto sums = [&](const int64_t (*offs)[1], const int64_t* lens, int rows, int64_t i, AccFor<T> (*s)[NV])
                   __attribute__((always_inline)) {
@@ -155,15 +151,18 @@ void moments_short_rows_channels(const T* x, const Layout& L, int64_t cs, int64_
     R::each_of_tile(x + i * cs, offs, lens, rows, whole, add);
   };
   if constexpr (MaxC == kBlockChannels) {
-    if (by_runs)
+    if (by_runs) {
+      const Runs runs(L.inner(), nc);
+      alignas(64) Unset<A[1][Runs::kLanes]> lanes;  // the run's lanes
       runs.template reduce<1, 1>(
-          L, begin, end, lanes, sum, sums,
+          L, begin, end, lanes.v, sum, sums,
           [&](const int64_t (*offs)[1], int rows, int64_t v0, auto g, auto partial, auto& s)
               __attribute__((always_inline)) {
             constexpr int G = decltype(g)::value;
             for (int r = 0; r < rows; ++r)
               for (int q = 0; q < G; ++q) s[0][q] += runs.load(x + offs[r][0] + (v0 + q) * Runs::VL, partial);
           });
+    }
   }
   if (!by_runs) short_row_tiles<1, true>(L, begin, end, nc, sum, sums);
   const A n = static_cast<A>(end - begin);
@@ -187,8 +186,10 @@ void moments_short_rows_channels(const T* x, const Layout& L, int64_t cs, int64_
   };
   if constexpr (MaxC == kBlockChannels) {
     if (by_runs) {
-      A* pattern = lanes[0];  // the first pass's lanes are spent: the centers' pattern there
-      runs.pattern(center, pattern);
+      const Runs runs(L.inner(), nc);
+      alignas(64) Unset<A[Runs::kLanes]> pattern_of;  // the centers, lane by lane
+      const A* pattern = pattern_of.v;
+      runs.pattern(center, pattern_of.v);
       alignas(64) Unset<A[2][Runs::kLanes]> dsq_lanes;
       runs.template reduce<1, 2>(
           L, begin, end, dsq_lanes.v, dsq, deviations,

@@ -1,7 +1,9 @@
 // The block reductions' walk over short planes that lie back to back (contiguous NCHW with
-// 5x5-8x8 planes): each row of a block's channels read as one run of whole vectors across
-// the planes' boundaries, where ShortRow reads each plane in NV vectors, its last mostly
-// masked (a 7x7 plane: 3 1/16 vectors of the run against 4), with the same bits.
+// planes of 17-63 float or 9-31 double accumulators that are not whole vectors: 5x5, 6x6 and
+// 7x7 for float32 and the half types, 3x3 to 5x5 for float64): each row of a block's channels
+// read as one run of whole vectors across the planes' boundaries, where ShortRow reads each
+// plane in NV vectors, its last mostly masked (a 7x7 plane: 3 1/16 vectors of the run against
+// 4), with the same bits.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -107,7 +109,9 @@ struct PlaneRuns {
     if (rest) f(full, std::integral_constant<int, 1>{}, std::true_type{});
   }
 
-  // One reduction of K sums over values [begin, end) of the block (begin < end), into virt[j]
+  // One reduction of K sums over values [begin, end) of the block (begin < end; channel i of
+  // every array at i * plane from its first: planes back to back, which the caller checks with
+  // planes_back_to_back), into virt[j]
   // (ShortRow's accumulators of sum j, every channel), through the run's lanes packed[j]:
   //   row_tile(offs, lens, rows, i, acc): ShortRow's walk of channel i over a tile of partial
   //     rows into acc[j][k] (fresh zeros or the sums so far);

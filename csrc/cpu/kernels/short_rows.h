@@ -15,8 +15,11 @@ namespace batchnorm::cpu::BN_ISA {
 // generic walk's time per row, in the partial vector at the row's end. Rows of at most
 // kShortRowVectors vectors go through ShortRow instead: the row's full vectors, then for a
 // tail the full vector that ends at the row's end with the lanes the previous vector already
-// covered masked off; vector k of every row goes to accumulator k. Which path a reduction
-// takes depends on the shape alone, so results stay the same for any thread count or ISA.
+// covered masked off; vector k of every row goes to accumulator k. Whether a reduction takes
+// ShortRow depends on the shape alone; the block reductions may instead read a block's rows as
+// runs across its planes (kernels/plane_runs.h, chosen by the block's channel count, which
+// depends on the thread count), which give ShortRow's bits, so results stay the same for any
+// thread count or ISA.
 constexpr int kShortRowVectors = 4;
 
 // Storage for a T left unwritten on construction (T trivially copyable): arrays of
