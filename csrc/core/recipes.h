@@ -33,17 +33,36 @@ struct Moments {
 // Chan et al.: the moments of the union of two disjoint sets, exact up to rounding and
 // stable at any magnitude (no E[x^2] - E[x]^2). The merge order is fixed by the callers so
 // results are bitwise reproducible.
+// The merge's weights depend on the two counts alone, so callers that merge many channels
+// with the same counts (every channel of a channels-last group) compute them once
+// (merge_weights) and apply them per channel (merge_weighted): the same operations as
+// merge_moments, the same bits.
+template <class M>
+struct MergeWeights {
+  M n;   // a.n + b.n
+  M wb;  // b.n / n
+  M aw;  // a.n * wb
+};
+template <class M>
+BN_HD MergeWeights<M> merge_weights(M an, M bn) {
+  const M n = an + bn;
+  const M wb = bn / n;
+  return MergeWeights<M>{n, wb, an * wb};
+}
+template <class M>
+BN_HD Moments<M> merge_weighted(const Moments<M>& a, const Moments<M>& b, const MergeWeights<M>& w) {
+  Moments<M> r;
+  r.n = w.n;
+  const M delta = b.mean - a.mean;
+  r.mean = a.mean + delta * w.wb;
+  r.m2 = a.m2 + b.m2 + delta * delta * w.aw;
+  return r;
+}
 template <class M>
 BN_HD Moments<M> merge_moments(const Moments<M>& a, const Moments<M>& b) {
   if (b.n == M(0)) return a;
   if (a.n == M(0)) return b;
-  Moments<M> r;
-  r.n = a.n + b.n;
-  const M delta = b.mean - a.mean;
-  const M wb = b.n / r.n;
-  r.mean = a.mean + delta * wb;
-  r.m2 = a.m2 + b.m2 + delta * delta * (a.n * wb);
-  return r;
+  return merge_weighted(a, b, merge_weights(a.n, b.n));
 }
 
 // Moments of one block from its two passes: sum of values and sum of squared deviations

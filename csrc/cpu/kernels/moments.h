@@ -372,17 +372,16 @@ static inline void merge_run(int64_t C, int64_t count, const A* __restrict cente
         m2[c] = q < 0.0 ? 0.0 : q;
       }
     } else {
-      const double rn = total_n + n;
-      const double wb = n / rn;
-      const double aw = total_n * wb;
+      const MergeWeights<double> w = merge_weights(total_n, n);
       for (int64_t c = 0; c < C; ++c) {
         const double d = dev[c];
         const double bmean = static_cast<double>(center[c]) + div(d, exact);
         const double q = static_cast<double>(sq[c]) - div(d * d, exact);
         const double bm2 = q < 0.0 ? 0.0 : q;
-        const double delta = bmean - mean[c];
-        mean[c] = mean[c] + delta * wb;
-        m2[c] = m2[c] + bm2 + delta * delta * aw;
+        const Moments<double> r =
+            merge_weighted(Moments<double>{total_n, mean[c], m2[c]}, Moments<double>{n, bmean, bm2}, w);
+        mean[c] = r.mean;
+        m2[c] = r.m2;
       }
     }
   });
