@@ -61,6 +61,20 @@ static inline __attribute__((always_inline)) void map_one_at(const acc_t<T>* con
   map_one<R, true, T>(kc, p, o, i);
 }
 
+// Values [at, at + n) of every array (n below a vector) as one partial vector, coefficient j's
+// lanes in kv[j]: the rows' tails in map_contiguous (the channel's coefficients splat) and the
+// channels past the last whole vector in map_positions (the channels' own). Where partial
+// loads and stores are masked (masked_partials) the same operations lane by lane as value by
+// value, so the same bits.
+template <class R, class T>
+static inline __attribute__((always_inline)) void map_partial(const T* const* p, T* o, int64_t at, int64_t n,
+                                                              const vec_t<acc_t<T>>* kv) {
+  vec_t<acc_t<T>> v[R::kIn];
+  #pragma GCC unroll 4
+  for (int j = 0; j < R::kIn; ++j) v[j] = load_partial(p[j] + at, n);
+  store_partial(o + at, apply_vector_map<T>(R{}, kv, v), n);
+}
+
 // A contiguous run of n values of every array.
 template <class R, class T>
 static inline __attribute__((always_inline)) void map_contiguous(const acc_t<T>* k, const vec_t<acc_t<T>>* kv,
@@ -112,10 +126,7 @@ static inline __attribute__((always_inline)) void map_contiguous(const acc_t<T>*
   // bfloat16 1.00-1.02x slower (value by value: 1.05x), so it keeps the old rule but at the
   // avx512_bf16 level (see masked_partials).
   if (n - i >= (masked_partials<T>() ? 1 : VL / 2)) {
-    V v[R::kIn];
-    #pragma GCC unroll 4
-    for (int j = 0; j < R::kIn; ++j) v[j] = load_partial(p[j] + i, n - i);
-    store_partial(o + i, apply_vector_map<T>(R{}, kl, v), n - i);
+    map_partial<R, T>(p, o, i, n - i, kl);
   } else {
     for (; i < n; ++i) map_one<R, true, T>(k, p, o, i);
   }
@@ -516,10 +527,10 @@ bool map_flat(const T* const* in, T* out, const Layout& L, int64_t p0, int64_t p
   constexpr int VL = vlen<A>;
   constexpr int N = R::kIn;
   const int64_t C = L.channels;
-  // The coefficients' period in the flat run: C values when C is a whole number of vectors,
-  // else lcm(C, VL) (48 for 24 float channels), up to kFlatPatternVectors vectors.
-  const int64_t P = C % VL == 0 ? C : std::lcm(C, static_cast<int64_t>(VL));
-  if (L.nred != 1 || (C % VL != 0 && P > kFlatPatternVectors * VL) ||
+  // The coefficients' period in the flat run: lcm(C, VL), which is C when C is a whole number of
+  // vectors (of any width) and else 48 for 24 float channels, up to kFlatPatternVectors vectors.
+  const int64_t P = std::lcm(C, static_cast<int64_t>(VL));
+  if (L.nred != 1 || (P != C && P > kFlatPatternVectors * VL) ||
       reinterpret_cast<uintptr_t>(out) % sizeof(T) != 0)
     return false;
   for (int t = 0; t <= N; ++t)
@@ -686,12 +697,10 @@ void map_positions(const T* const* in, T* out, const Layout& L, int64_t p0, int6
     // The channels past the last whole vector: one partial vector where partial loads and
     // stores are masked (the same bits as value by value, see map_contiguous).
     if (masked_partials<T>() && Cv < C) {
-      V kv[coef_slots<R>], v[N];
+      V kv[coef_slots<R>];
       #pragma GCC unroll 4
       for (int j = 0; j < R::kCoef; ++j) kv[j] = load_partial(kp[j] + Cv, C - Cv);
-      #pragma GCC unroll 4
-      for (int j = 0; j < N; ++j) v[j] = load_partial(p[j] + Cv, C - Cv);
-      store_partial(o + Cv, apply_vector_map<T>(R{}, kv, v), C - Cv);
+      map_partial<R, T>(p, o, Cv, C - Cv, kv);
     } else {
       for (int64_t c = Cv; c < C; ++c) one(p, o, c);
     }
