@@ -21,6 +21,8 @@
  * SCRUB: 1 writes a 64 MB buffer before each call, so the data come from memory.
  * AB_OFFSET (environment): bytes past a 64-byte boundary for x, dy and the outputs (default 0);
  * AB_OUT_OFFSET_B: for library B's output only (default AB_OFFSET).
+ * AB_THREADS_B (environment): library B's thread count (default THREADS), to compare thread
+ * counts of one build (two copies of the file; one OpenMP runtime serves both).
  * AB_THP=1 (environment): x, dy and the outputs on transparent huge pages (2 MB aligned,
  * madvise(MADV_HUGEPAGE) before their first write), as NumPy places its large arrays where the
  * kernel's THP mode is `madvise`; by default they are on the 4 KB pages of aligned_alloc, as
@@ -336,10 +338,13 @@ int main(int argc, char** argv) {
   /* Each library loaded, configured and called once before the other is loaded: it reads its
    * settings at that first call. */
   Lib lib[2];
+  const char* threads_b_env = getenv("AB_THREADS_B");
+  const int threads_b = threads_b_env ? atoi(threads_b_env) : threads;
+  if (threads_b < 1) die("AB_THREADS_B must be >= 1, got", threads_b_env);
   for (int k = 0; k < 2; ++k) {
     apply_settings(argv[2 + 2 * k]);
     lib[k] = load(argv[1 + 2 * k]);
-    if (lib[k].threads(threads) != BN_OK ||
+    if (lib[k].threads(k ? threads_b : threads) != BN_OK ||
         run(&lib[k], "inf", &args[k], axis, (size_t)n * item) != BN_OK)
       die(k ? "library B" : "library A", lib[k].error());
   }
@@ -364,7 +369,7 @@ int main(int argc, char** argv) {
   qsort(ms[0], reps, sizeof(double), by_value);
   qsort(ms[1], reps, sizeof(double), by_value);
   const double a = ms[0][reps / 2], b = ms[1][reps / 2];
-  printf("%-5s %-14s %s %-4s T=%d  A %.3f ms  B %.3f ms  B/A %.3f", op, argv[6], layout, dname, threads, a, b,
+  printf("%-5s %-14s %s %-4s T=%d  A %.4f ms  B %.4f ms  B/A %.3f", op, argv[6], layout, dname, threads, a, b,
          b / a);
   const char* bits_env = getenv("AB_BITS");
   if (!bits_env || strcmp(bits_env, "1") != 0) {
