@@ -7,6 +7,7 @@ NaN (a value read before it is written would show)."""
 import numpy as np
 import pytest
 
+import batchnorm as bn
 from helpers import (
     OUT_RTOL,
     TOLERANCE,
@@ -21,7 +22,7 @@ from helpers import (
     to_f64,
 )
 
-# Per-channel arrays over the cache's 64 KB floor and for_channels' parallel threshold.
+# Per-channel arrays over the cache's 4 KB floor and for_channels' parallel threshold.
 SHAPES = [(2, 40000), (5, 17000), (3, 9000, 1, 2), (4, 20000, 1)]
 
 
@@ -67,3 +68,28 @@ def test_wide_channels(rng, shape, dtype, strided):
     assert_close(got["dx2"], rdx, out_rtol, what="backward_elemt dx")
     assert_close(got["yf"], np.maximum(ref_normalize(x, got["mean"], got["invstd"], w, b) + to_f64(dy), 0),
                  out_rtol, what="fused y")
+
+
+def test_results_do_not_depend_on_the_cache_history(rng):
+    """More shapes in turn than the scratch cache keeps blocks (32, from 4 KB: each shape's
+    per-channel arrays), so blocks are handed out again across shapes and the first cached
+    ones given back to make room: every op's bits equal those of the same call on an empty
+    cache."""
+    shapes = [(6, 1024 + 96 * k) for k in range(40)]
+    data = []
+    for shape in shapes:
+        C = shape[1]
+        x = (rng.standard_normal(shape) * 2 + rng.uniform(-3, 3, C)).astype(np.float32)
+        dy = rng.standard_normal(shape).astype(np.float32)
+        w, b = rng.uniform(0.5, 2, C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+        data.append((x, dy, w, b))
+    fresh = []
+    for x, dy, w, b in data:
+        bn.empty_cache()
+        fresh.append(every_op(x, dy, dy, w, b, 2))
+    for i in [*reversed(range(len(shapes))), *range(len(shapes))]:
+        x, dy, w, b = data[i]
+        again = every_op(x, dy, dy, w, b, 2)
+        for k, v in fresh[i].items():
+            assert bits(again[k]) == bits(v), f"{shapes[i]} {k}: other bits after other shapes' calls"
+    assert 0 < bn.empty_cache() <= 3 * (32 << 20)  # a cache per thread, 32 MB each at most
