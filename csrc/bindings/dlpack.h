@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "core/dlpack.h"
@@ -53,6 +54,9 @@ struct Imported {
   ~Imported();
 };
 using ImportedPtr = std::unique_ptr<Imported>;
+
+// The name of obj's type, for errors ("list", "Tensor").
+std::string type_name(py::handle obj);
 
 // The device an argument lives on, without importing it (for stream choice and checks).
 // None -> nullopt-like: returns false. `arg` names the argument in errors.

@@ -1,8 +1,8 @@
 // batchnorm._C: the pybind11 binding of the core's ops. Each function imports its arrays
-// (dlpack.h), asks the core for its outputs' specs (which validates the inputs), allocates
-// from them the outputs it is not given, releases the GIL for the op, and returns the outputs
-// as NumPy arrays or DLPack Buffers; python/batchnorm turns Buffers into the caller's kind of
-// array. Core errors become ValueError / TypeError / RuntimeError.
+// (dlpack.h, through CallArrays), asks the core for its outputs' specs (which validates the
+// inputs), allocates from them the outputs it is not given, releases the GIL for the op, and
+// returns the outputs as NumPy arrays or DLPack Buffers; python/batchnorm turns Buffers into
+// the caller's kind of array. Core errors become ValueError / TypeError / RuntimeError.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -37,43 +37,72 @@ struct Call {
   void* exec_stream() const { return reinterpret_cast<void*>(stream); }
 };
 
-// An output of the op: the caller's array when given (the op checks it against `spec`; a
-// framework that keeps all memory in its own allocator, as batchnorm.torch does, passes
-// them), else allocated here as the core's spec says; None when the call does not produce it.
-py::object output(py::handle given, const char* arg, const OutputSpec& spec, const Call& call, TensorView& view,
-                  ImportedPtr& keep) {
-  if (!given.is_none()) {
-    keep = import_array(given, arg, call.stream, false);
-    view = keep->view;
-    return py::reinterpret_borrow<py::object>(given);
-  }
-  if (!spec.produced()) return py::none();
-  const Output o = allocate(spec, call.as_numpy, call.stream, call.stream_owner);
-  view = o.view;
-  return o.object;
-}
+// The arrays of one call. Inputs are imported in the order the op function names them (the
+// first bad argument is the one an error names), each into its parameter's view; outputs are
+// the caller's arrays when given (the op checks them against the core's spec; a framework
+// that keeps all memory in its own allocator, as batchnorm.torch does, passes them), else
+// allocated here as the spec says. Everything imported stays so until the call returns.
+class CallArrays {
+ public:
+  explicit CallArrays(const Call& call) : call_(call) {}
 
-// An output never given by the caller.
-py::object output(const OutputSpec& spec, const Call& call, TensorView& view) {
-  ImportedPtr none;
-  return output(py::none(), "", spec, call, view, none);
+  // `convert`: lists and objects with __array__ go through NumPy (arrays the op only reads).
+  CallArrays& in(py::handle obj, const char* arg, TensorView& view, bool convert = true) {
+    kept_.push_back(import_array(obj, arg, call_.stream, convert));
+    view = kept_.back()->view;
+    return *this;
+  }
+
+  // A sequence of arrays, views appended in order (merge_statistics' shards).
+  void in_sequence(py::handle seq, const char* name, std::vector<TensorView>& views) {
+    BN_EXPECTS(py::isinstance<py::sequence>(seq) && !py::isinstance<py::str>(seq), type_error, name,
+               " must be a sequence of arrays, got ", type_name(seq));
+    const py::sequence s = py::reinterpret_borrow<py::sequence>(seq);
+    for (size_t i = 0; i < s.size(); ++i) {
+      const std::string arg = detail::concat(name, "[", i, "]");
+      views.emplace_back();
+      in(s[i], arg.c_str(), views.back());
+      BN_EXPECTS(views.back().defined(), type_error, arg, " must be an array, got None");
+    }
+  }
+
+  // An output: `given` (None: allocated from `spec`); None when the call does not produce it.
+  py::object out(py::handle given, const char* arg, const OutputSpec& spec, TensorView& view) {
+    if (!given.is_none()) {
+      in(given, arg, view, false);
+      return py::reinterpret_borrow<py::object>(given);
+    }
+    if (!spec.produced()) return py::none();
+    const Output o = allocate(spec, call_.as_numpy, call_.stream, call_.stream_owner);
+    view = o.view;
+    return o.object;
+  }
+  // An output never given by the caller.
+  py::object out(const OutputSpec& spec, TensorView& view) { return out(py::none(), "", spec, view); }
+
+ private:
+  const Call& call_;
+  std::vector<ImportedPtr> kept_;
+};
+
+// The op itself, with the GIL released.
+template <class Op>
+auto without_gil(Op&& op) {
+  py::gil_scoped_release nogil;
+  return op();
 }
 
 py::tuple py_statistics(py::handle x, int axis, bool wide, Call call) {
-  auto xi = import_array(x, "x", call.stream, true);
   StatisticsParams p;
-  p.x = xi->view;
+  CallArrays a(call);
+  a.in(x, "x", p.x);
   p.axis = axis;
   p.wide = wide;
   p.exec.stream = call.exec_stream();
   const StatisticsSpecs s = statistics_specs(p);
-  py::object mean = output(s.mean, call, p.mean);
-  py::object var = output(s.var, call, p.var);
-  int64_t count;
-  {
-    py::gil_scoped_release nogil;
-    count = batchnorm::statistics(p, s);
-  }
+  py::object mean = a.out(s.mean, p.mean);
+  py::object var = a.out(s.var, p.var);
+  const int64_t count = without_gil([&] { return batchnorm::statistics(p, s); });
   return py::make_tuple(mean, var, count);
 }
 
@@ -83,24 +112,17 @@ py::tuple py_forward_training(py::handle x, py::handle weight, py::handle bias, 
                            py::handle saved_mean_out, py::handle saved_invstd_out, py::handle residual,
                            int activation, bool running_var_unbiased, bool skip_nonfinite, bool renorm, double rmax,
                            double dmax, int64_t ghost_batch) {
-  auto xi = import_array(x, "x", call.stream, true);
-  auto ri = import_array(residual, "residual", call.stream, true);
-  auto bmi = import_array(batch_mean, "batch_mean", call.stream, true);
-  auto bvi = import_array(batch_var, "batch_var", call.stream, true);
-  auto wi = import_array(weight, "weight", call.stream, true);
-  auto bi = import_array(bias, "bias", call.stream, true);
-  auto rmi = import_array(running_mean, "running_mean", call.stream, false);
-  auto rvi = import_array(running_var, "running_var", call.stream, false);
   ForwardTrainingParams p;
-  p.x = xi->view;
-  p.weight = wi->view;
-  p.bias = bi->view;
-  p.running_mean = rmi->view;
-  p.running_var = rvi->view;
-  p.batch_mean = bmi->view;
-  p.batch_var = bvi->view;
+  CallArrays a(call);
+  a.in(x, "x", p.x)
+      .in(residual, "residual", p.residual)
+      .in(batch_mean, "batch_mean", p.batch_mean)
+      .in(batch_var, "batch_var", p.batch_var)
+      .in(weight, "weight", p.weight)
+      .in(bias, "bias", p.bias)
+      .in(running_mean, "running_mean", p.running_mean, false)  // updated in place: never a copy
+      .in(running_var, "running_var", p.running_var, false);
   p.batch_count = batch_count;
-  p.residual = ri->view;
   p.activation = static_cast<Activation>(activation);
   p.momentum = momentum;
   p.eps = eps;
@@ -113,46 +135,33 @@ py::tuple py_forward_training(py::handle x, py::handle weight, py::handle bias, 
   p.ghost_batch = ghost_batch;
   p.exec.stream = call.exec_stream();
   const ForwardTrainingSpecs s = forward_training_specs(p);
-  ImportedPtr yi, mk, sk;
-  py::object y = output(out, "out", s.y, call, p.y, yi);
-  py::object mean = output(saved_mean_out, "saved_mean_out", s.saved_mean, call, p.saved_mean, mk);
-  py::object invstd = output(saved_invstd_out, "saved_invstd_out", s.saved_invstd, call, p.saved_invstd, sk);
-  py::object r = output(s.renorm_r, call, p.renorm_r);
-  py::object d = output(s.renorm_d, call, p.renorm_d);
-  {
-    py::gil_scoped_release nogil;
-    batchnorm::forward_training(p, s);
-  }
+  py::object y = a.out(out, "out", s.y, p.y);
+  py::object mean = a.out(saved_mean_out, "saved_mean_out", s.saved_mean, p.saved_mean);
+  py::object invstd = a.out(saved_invstd_out, "saved_invstd_out", s.saved_invstd, p.saved_invstd);
+  py::object r = a.out(s.renorm_r, p.renorm_r);
+  py::object d = a.out(s.renorm_d, p.renorm_d);
+  without_gil([&] { batchnorm::forward_training(p, s); });
   if (renorm) return py::make_tuple(y, mean, invstd, r, d);
   return py::make_tuple(y, mean, invstd);
 }
 
 py::object py_forward_inference(py::handle x, py::handle mean, py::handle var, py::handle weight, py::handle bias,
                              double eps, int axis, py::handle out, Call call, py::handle residual, int activation) {
-  auto xi = import_array(x, "x", call.stream, true);
-  auto ri = import_array(residual, "residual", call.stream, true);
-  auto mi = import_array(mean, "mean", call.stream, true);
-  auto vi = import_array(var, "var", call.stream, true);
-  auto wi = import_array(weight, "weight", call.stream, true);
-  auto bi = import_array(bias, "bias", call.stream, true);
   ForwardInferenceParams p;
-  p.x = xi->view;
-  p.mean = mi->view;
-  p.var = vi->view;
-  p.weight = wi->view;
-  p.bias = bi->view;
-  p.residual = ri->view;
+  CallArrays a(call);
+  a.in(x, "x", p.x)
+      .in(residual, "residual", p.residual)
+      .in(mean, "mean", p.mean)
+      .in(var, "var", p.var)
+      .in(weight, "weight", p.weight)
+      .in(bias, "bias", p.bias);
   p.activation = static_cast<Activation>(activation);
   p.eps = eps;
   p.axis = axis;
   p.exec.stream = call.exec_stream();
   const ForwardInferenceSpecs s = forward_inference_specs(p);
-  ImportedPtr yi;
-  py::object y = output(out, "out", s.y, call, p.y, yi);
-  {
-    py::gil_scoped_release nogil;
-    batchnorm::forward_inference(p, s);
-  }
+  py::object y = a.out(out, "out", s.y, p.y);
+  without_gil([&] { batchnorm::forward_inference(p, s); });
   return y;
 }
 
@@ -160,42 +169,31 @@ py::tuple py_backward(py::handle dy, py::handle x, py::handle saved_mean, py::ha
                    int axis, py::handle out, Call call, py::handle dweight_out, py::handle dbias_out, py::handle y,
                    int activation, bool residual, py::handle dresidual_out, py::handle renorm_r,
                    py::handle renorm_d, int64_t ghost_batch) {
-  auto dyi = import_array(dy, "dy", call.stream, true);
-  auto yi = import_array(y, "y", call.stream, true);
-  auto xi = import_array(x, "x", call.stream, true);
-  auto mi = import_array(saved_mean, "saved_mean", call.stream, true);
-  auto si = import_array(saved_invstd, "saved_invstd", call.stream, true);
-  auto wi = import_array(weight, "weight", call.stream, true);
-  auto rri = import_array(renorm_r, "renorm r", call.stream, true);
-  auto rdi = import_array(renorm_d, "renorm d", call.stream, true);
   BackwardParams p;
-  p.renorm_r = rri->view;
-  p.renorm_d = rdi->view;
+  CallArrays a(call);
+  a.in(dy, "dy", p.dy)
+      .in(y, "y", p.y)
+      .in(x, "x", p.x)
+      .in(saved_mean, "saved_mean", p.saved_mean)
+      .in(saved_invstd, "saved_invstd", p.saved_invstd)
+      .in(weight, "weight", p.weight)
+      .in(renorm_r, "renorm r", p.renorm_r)
+      .in(renorm_d, "renorm d", p.renorm_d);
   p.ghost_batch = ghost_batch;
-  p.dy = dyi->view;
-  p.x = xi->view;
-  p.saved_mean = mi->view;
-  p.saved_invstd = si->view;
-  p.weight = wi->view;
-  p.y = yi->view;
   p.activation = static_cast<Activation>(activation);
   p.axis = axis;
   p.exec.stream = call.exec_stream();
   const BackwardSpecs s = backward_specs(p);
-  ImportedPtr dxi, wk, bk, rk;
-  py::object dx = output(out, "out", s.dx, call, p.dx, dxi);
-  py::object dweight = output(dweight_out, "dweight_out", s.dweight, call, p.dweight, wk);
-  py::object dbias = output(dbias_out, "dbias_out", s.dbias, call, p.dbias, bk);
+  py::object dx = a.out(out, "out", s.dx, p.dx);
+  py::object dweight = a.out(dweight_out, "dweight_out", s.dweight, p.dweight);
+  py::object dbias = a.out(dbias_out, "dbias_out", s.dbias, p.dbias);
   // The masked gradient needs a home of its own when dx is x (see core backward): then the
   // residual's gradient is computed even if not asked for.
   const bool relu = p.activation == Activation::relu;
   py::object dres = py::none();
   if (residual || (relu && !out.is_none() && p.dx.data == p.x.data && p.x.data != nullptr))
-    dres = output(residual ? dresidual_out : py::none(), "dresidual_out", s.dresidual, call, p.dresidual, rk);
-  {
-    py::gil_scoped_release nogil;
-    batchnorm::backward(p, s);
-  }
+    dres = a.out(residual ? dresidual_out : py::none(), "dresidual_out", s.dresidual, p.dresidual);
+  without_gil([&] { batchnorm::backward(p, s); });
   if (residual) return py::make_tuple(dx, dweight, dbias, dres);
   return py::make_tuple(dx, dweight, dbias);
 }
@@ -204,128 +202,80 @@ py::tuple py_backward(py::handle dy, py::handle x, py::handle saved_mean, py::ha
 py::tuple py_backward_reduce(py::handle dy, py::handle x, py::handle mean, py::handle invstd, int axis, Call call,
                              py::handle sum_dy_out, py::handle sum_dy_xmu_out, py::handle dweight_out,
                              py::handle dbias_out) {
-  auto dyi = import_array(dy, "dy", call.stream, true);
-  auto xi = import_array(x, "x", call.stream, true);
-  auto mi = import_array(mean, "mean", call.stream, true);
-  auto si = import_array(invstd, "invstd", call.stream, true);
   BackwardReduceParams p;
-  p.dy = dyi->view;
-  p.x = xi->view;
-  p.mean = mi->view;
-  p.invstd = si->view;
+  CallArrays a(call);
+  a.in(dy, "dy", p.dy).in(x, "x", p.x).in(mean, "mean", p.mean).in(invstd, "invstd", p.invstd);
   p.axis = axis;
   p.exec.stream = call.exec_stream();
   const BackwardReduceSpecs s = backward_reduce_specs(p);
-  ImportedPtr k0, k1, k2, k3;
-  py::object sum_dy = output(sum_dy_out, "sum_dy_out", s.sum_dy, call, p.sum_dy, k0);
-  py::object sum_dy_xmu = output(sum_dy_xmu_out, "sum_dy_xmu_out", s.sum_dy_xmu, call, p.sum_dy_xmu, k1);
-  py::object dweight = output(dweight_out, "dweight_out", s.dweight, call, p.dweight, k2);
-  py::object dbias = output(dbias_out, "dbias_out", s.dbias, call, p.dbias, k3);
-  {
-    py::gil_scoped_release nogil;
-    batchnorm::backward_reduce(p, s);
-  }
+  py::object sum_dy = a.out(sum_dy_out, "sum_dy_out", s.sum_dy, p.sum_dy);
+  py::object sum_dy_xmu = a.out(sum_dy_xmu_out, "sum_dy_xmu_out", s.sum_dy_xmu, p.sum_dy_xmu);
+  py::object dweight = a.out(dweight_out, "dweight_out", s.dweight, p.dweight);
+  py::object dbias = a.out(dbias_out, "dbias_out", s.dbias, p.dbias);
+  without_gil([&] { batchnorm::backward_reduce(p, s); });
   return py::make_tuple(sum_dy, sum_dy_xmu, dweight, dbias);
 }
 
 py::object py_backward_elemt(py::handle dy, py::handle x, py::handle mean, py::handle invstd, py::handle sum_dy,
                              py::handle sum_dy_xmu, int64_t count, py::handle weight, int axis, py::handle out,
                              Call call) {
-  auto dyi = import_array(dy, "dy", call.stream, true);
-  auto xi = import_array(x, "x", call.stream, true);
-  auto mi = import_array(mean, "mean", call.stream, true);
-  auto si = import_array(invstd, "invstd", call.stream, true);
-  auto s1i = import_array(sum_dy, "sum_dy", call.stream, true);
-  auto s2i = import_array(sum_dy_xmu, "sum_dy_xmu", call.stream, true);
-  auto wi = import_array(weight, "weight", call.stream, true);
   BackwardElemtParams p;
-  p.dy = dyi->view;
-  p.x = xi->view;
-  p.mean = mi->view;
-  p.invstd = si->view;
-  p.sum_dy = s1i->view;
-  p.sum_dy_xmu = s2i->view;
-  p.weight = wi->view;
+  CallArrays a(call);
+  a.in(dy, "dy", p.dy)
+      .in(x, "x", p.x)
+      .in(mean, "mean", p.mean)
+      .in(invstd, "invstd", p.invstd)
+      .in(sum_dy, "sum_dy", p.sum_dy)
+      .in(sum_dy_xmu, "sum_dy_xmu", p.sum_dy_xmu)
+      .in(weight, "weight", p.weight);
   p.count = count;
   p.axis = axis;
   p.exec.stream = call.exec_stream();
   const BackwardElemtSpecs s = backward_elemt_specs(p);
-  ImportedPtr dxi;
-  py::object dx = output(out, "out", s.dx, call, p.dx, dxi);
-  {
-    py::gil_scoped_release nogil;
-    batchnorm::backward_elemt(p, s);
-  }
+  py::object dx = a.out(out, "out", s.dx, p.dx);
+  without_gil([&] { batchnorm::backward_elemt(p, s); });
   return dx;
-}
-
-std::vector<ImportedPtr> import_sequence(py::handle seq, const char* name, int64_t stream,
-                                         std::vector<TensorView>& views) {
-  BN_EXPECTS(py::isinstance<py::sequence>(seq) && !py::isinstance<py::str>(seq), type_error, name,
-             " must be a sequence of arrays, got ", py::str(py::type::handle_of(seq).attr("__name__")).cast<std::string>());
-  std::vector<ImportedPtr> kept;
-  const py::sequence s = py::reinterpret_borrow<py::sequence>(seq);
-  for (size_t i = 0; i < s.size(); ++i) {
-    const std::string arg = detail::concat(name, "[", i, "]");
-    kept.push_back(import_array(s[i], arg.c_str(), stream, true));
-    BN_EXPECTS(kept.back()->view.defined(), type_error, arg, " must be an array, got None");
-    views.push_back(kept.back()->view);
-  }
-  return kept;
 }
 
 py::tuple py_merge_statistics(py::handle means, py::handle vars, py::handle counts, Call call) {
   MergeStatisticsParams p;
-  auto mk = import_sequence(means, "means", call.stream, p.means);
-  auto vk = import_sequence(vars, "vars", call.stream, p.vars);
+  CallArrays a(call);
+  a.in_sequence(means, "means", p.means);
+  a.in_sequence(vars, "vars", p.vars);
   BN_EXPECTS(py::isinstance<py::sequence>(counts) && !py::isinstance<py::str>(counts), type_error,
-             "counts must be a sequence of ints, got ",
-             py::str(py::type::handle_of(counts).attr("__name__")).cast<std::string>());
+             "counts must be a sequence of ints, got ", type_name(counts));
   const py::sequence cs = py::reinterpret_borrow<py::sequence>(counts);
   for (size_t i = 0; i < cs.size(); ++i) {
     py::object c = cs[i];
     const bool integral = PyIndex_Check(c.ptr()) && !PyBool_Check(c.ptr());
-    BN_EXPECTS(integral, type_error, "counts[", i, "] must be an int, got ",
-               py::str(py::type::handle_of(c).attr("__name__")).cast<std::string>());
+    BN_EXPECTS(integral, type_error, "counts[", i, "] must be an int, got ", type_name(c));
     p.counts.push_back(py::int_(c).cast<int64_t>());
   }
   p.exec.stream = call.exec_stream();
   const MergeStatisticsSpecs s = merge_statistics_specs(p);
-  py::object mean = output(s.mean, call, p.mean);
-  py::object var = output(s.var, call, p.var);
-  int64_t total;
-  {
-    py::gil_scoped_release nogil;
-    total = batchnorm::merge_statistics(p, s);
-  }
+  py::object mean = a.out(s.mean, p.mean);
+  py::object var = a.out(s.var, p.var);
+  const int64_t total = without_gil([&] { return batchnorm::merge_statistics(p, s); });
   return py::make_tuple(mean, var, total);
 }
 
 py::tuple py_fold(py::handle kernel, py::handle conv_bias, py::handle mean, py::handle var, py::handle weight,
                py::handle bias, double eps, int axis, Call call) {
-  auto ki = import_array(kernel, "kernel", call.stream, true);
-  auto cbi = import_array(conv_bias, "conv_bias", call.stream, true);
-  auto mi = import_array(mean, "mean", call.stream, true);
-  auto vi = import_array(var, "var", call.stream, true);
-  auto wi = import_array(weight, "weight", call.stream, true);
-  auto bi = import_array(bias, "bias", call.stream, true);
   FoldParams p;
-  p.kernel = ki->view;
-  p.conv_bias = cbi->view;
-  p.mean = mi->view;
-  p.var = vi->view;
-  p.weight = wi->view;
-  p.bias = bi->view;
+  CallArrays a(call);
+  a.in(kernel, "kernel", p.kernel)
+      .in(conv_bias, "conv_bias", p.conv_bias)
+      .in(mean, "mean", p.mean)
+      .in(var, "var", p.var)
+      .in(weight, "weight", p.weight)
+      .in(bias, "bias", p.bias);
   p.eps = eps;
   p.axis = axis;
   p.exec.stream = call.exec_stream();
   const FoldSpecs s = fold_specs(p);
-  py::object k = output(s.kernel_out, call, p.kernel_out);
-  py::object b = output(s.bias_out, call, p.bias_out);
-  {
-    py::gil_scoped_release nogil;
-    batchnorm::fold(p, s);
-  }
+  py::object k = a.out(s.kernel_out, p.kernel_out);
+  py::object b = a.out(s.bias_out, p.bias_out);
+  without_gil([&] { batchnorm::fold(p, s); });
   return py::make_tuple(k, b);
 }
 
@@ -410,7 +360,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("device_of", &py_device_of, py::arg("obj"), py::arg("name") = "array");
   m.def("set_num_threads", [](py::handle n) {
     BN_EXPECTS(PyIndex_Check(n.ptr()) && !PyBool_Check(n.ptr()), type_error, "n must be an int >= 1, got ",
-               py::str(py::type::handle_of(n).attr("__name__")).cast<std::string>());
+               type_name(n));
     // Any int, however large, is a value to judge, not a failed conversion.
     int overflow = 0;
     const long long v = PyLong_AsLongLongAndOverflow(n.ptr(), &overflow);
