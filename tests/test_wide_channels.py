@@ -72,9 +72,10 @@ def test_wide_channels(rng, shape, dtype, strided):
 
 def test_results_do_not_depend_on_the_cache_history(rng):
     """More shapes in turn than the scratch cache keeps blocks (32, from 4 KB: each shape's
-    per-channel arrays), so blocks are handed out again across shapes and the first cached
-    ones given back to make room: every op's bits equal those of the same call on an empty
-    cache."""
+    per-channel arrays), so blocks are handed out again across shapes, the smallest given back
+    for larger ones (ascending channel counts) and smaller ones not kept (descending), each
+    call after one of another shape on NaN inputs (whose NaN the cached blocks then hold):
+    every op's bits equal those of the same call on an empty cache."""
     shapes = [(6, 1024 + 96 * k) for k in range(40)]
     data = []
     for shape in shapes:
@@ -88,6 +89,9 @@ def test_results_do_not_depend_on_the_cache_history(rng):
         bn.empty_cache()
         fresh.append(every_op(x, dy, dy, w, b, 2))
     for i in [*reversed(range(len(shapes))), *range(len(shapes))]:
+        other = shapes[(i + 7) % len(shapes)]
+        nan = np.full(other, np.nan, np.float32)
+        every_op(nan, nan, nan, nan[0], nan[0], 2)
         x, dy, w, b = data[i]
         again = every_op(x, dy, dy, w, b, 2)
         for k, v in fresh[i].items():

@@ -247,6 +247,30 @@ Plan make_plan(const Layout& op_layout, int64_t bytes_per_value, bool rereads = 
 
 // ---- the reduce executor ----------------------------------------------------------------
 
+// m[i] = merge(m[i], part[i]) for the n channels of a block, part one channels-last group's
+// partials. Every channel of a group counts the group's positions, so the Chan merge of
+// moments takes its weights once per group and block (merge_weights; the same operations, the
+// same bits) rather than a division per channel and group, which had made the merge 5% of
+// 4096x1024 training (64 groups). AMD EPYC Zen 4,
+// in-process, both orders, in cache: 4096x1024 float32 training 0.98x the time (2 threads),
+// statistics 0.96-0.97x, 65536x64 statistics 0.98-0.99x. What is left of it (3-4%) waits on
+// the partials (1.5 MB there) coming from the other thread's cache. For Moments<double> it is
+// that merge whatever `merge` is: all_moments, the one reduction of Moments, passes it.
+template <class P, class Merge>
+inline void merge_group(P* m, const P* part, int64_t n, Merge& merge) {
+  if constexpr (std::is_same_v<P, Moments<double>>) {
+    if (n == 0 || part[0].n == 0) return;  // merge_moments(a, b) is a when b is empty
+    if (m[0].n == 0) {
+      std::copy(part, part + n, m);
+      return;
+    }
+    const MergeWeights<double> w = merge_weights(m[0].n, part[0].n);
+    for (int64_t i = 0; i < n; ++i) m[i] = merge_weighted(m[i], part[i], w);
+  } else {
+    for (int64_t i = 0; i < n; ++i) m[i] = merge(m[i], part[i]);
+  }
+}
+
 // One reduction over every channel, whichever the layout, for a partial type P (Moments of
 // x; backward's sums): `piece(c, b, e)` reduces values [b, e) of channel c (channels-first),
 // `pieces(c0, n, b, e, out)` the same of n (<= kBlockChannels) channels from c0 into out[0..n)
@@ -263,29 +287,6 @@ Plan make_plan(const Layout& op_layout, int64_t bytes_per_value, bool rereads = 
 // runs on the same thread right after the block's finalize, while its data is in cache, and
 // this returns true; elsewhere it returns false and the caller makes its elementwise pass over
 // everything afterwards.
-// m[i] = merge(m[i], part[i]) for the n channels of a block, part one channels-last group's
-// partials. Every channel of a group counts the group's positions, so the Chan merge of
-// moments (the merge all_moments passes) takes its weights once per group and block
-// (merge_weights; the same operations, the same bits) rather than a division per channel and
-// group, which had made the merge 5% of 4096x1024 training (64 groups). AMD EPYC Zen 4,
-// in-process, both orders, in cache: 4096x1024 float32 training 0.98x the time (2 threads),
-// statistics 0.96-0.97x, 65536x64 statistics 0.98-0.99x. What is left of it (3-4%) waits on
-// the partials (1.5 MB there) coming from the other thread's cache.
-template <class P, class Merge>
-inline void merge_group(P* m, const P* part, int64_t n, Merge& merge) {
-  if constexpr (std::is_same_v<P, Moments<double>>) {
-    if (n == 0 || part[0].n == 0) return;  // merge_moments(a, b) is a when b is empty
-    if (m[0].n == 0) {
-      std::copy(part, part + n, m);
-      return;
-    }
-    const MergeWeights<double> w = merge_weights(m[0].n, part[0].n);
-    for (int64_t i = 0; i < n; ++i) m[i] = merge_weighted(m[i], part[i], w);
-  } else {
-    for (int64_t i = 0; i < n; ++i) m[i] = merge(m[i], part[i]);
-  }
-}
-
 template <class P, class Piece, class Pieces, class Cl, class Merge, class F, class Fin, class B>
 bool reduce_all(const Layout& L, const Plan& plan, int64_t work, Piece&& piece, Pieces&& pieces, Cl&& cl,
                 Merge&& merge, F&& per_channel, Fin&& finalize, B&& per_block) {

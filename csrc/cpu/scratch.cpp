@@ -1,12 +1,12 @@
 // The per-thread cache behind cpu::buffer (scratch.h). Blocks under kLarge come from malloc
 // directly (its bins serve them without system calls); larger ones are kept after use, up to
-// kSlots blocks and kLimit bytes per thread (the first cached given back to make room), and
-// handed out again to a request they fit without wasting more than half of the block. Each
-// block carries its size in a header, so a block may be freed on another thread than the one
-// that allocated it. Separate from the
-// outputs' host cache (core/memory.cpp): outputs leave the library and come back from any
-// thread, in exact sizes, under a lock; temporaries live within one call, so each thread
-// keeps its own, without one.
+// kSlots blocks and kLimit bytes per thread (the smallest given back to make room for a larger
+// one), and handed out again to a request they fit without wasting more than half of the
+// block. Each block carries its malloc'd start and its size before the payload, so a block may
+// be freed on another thread than the one that allocated it. Separate from the outputs' host
+// cache (core/memory.cpp): outputs leave the library and come back from any thread, in exact
+// sizes, under a lock; temporaries live within one call, so each thread keeps its own, without
+// one.
 #include "cpu/scratch.h"
 
 #include <algorithm>
@@ -92,14 +92,23 @@ void scratch_free(void* p) noexcept {
   if (p == nullptr) return;
   const std::size_t payload = size_of(p);
   if (payload >= kLarge && payload <= kLimit) {
-    // Room made by giving back the first cached blocks: a cache full of another shape's
-    // blocks would otherwise send every block of this one to malloc.
+    // Room made by giving back the smallest cached blocks, as long as they are smaller than
+    // this one: a cache full of another shape's blocks would otherwise send every block of
+    // this one to malloc, and a large block given back for a small one would be faulted in
+    // again by the next call that needs it.
     while (cache.count == kSlots || cache.held + payload > kLimit) {
-      std::free(block_of(cache.blocks[0]));
-      cache.held -= cache.sizes[0];
+      int smallest = 0;
+      for (int i = 1; i < cache.count; ++i)
+        if (cache.sizes[i] < cache.sizes[smallest]) smallest = i;
+      if (cache.sizes[smallest] >= payload) {
+        std::free(block_of(p));
+        return;
+      }
+      std::free(block_of(cache.blocks[smallest]));
+      cache.held -= cache.sizes[smallest];
       --cache.count;
-      std::copy(cache.blocks + 1, cache.blocks + 1 + cache.count, cache.blocks);
-      std::copy(cache.sizes + 1, cache.sizes + 1 + cache.count, cache.sizes);
+      cache.blocks[smallest] = cache.blocks[cache.count];
+      cache.sizes[smallest] = cache.sizes[cache.count];
     }
     cache.blocks[cache.count] = p;
     cache.sizes[cache.count] = payload;

@@ -10,9 +10,10 @@
 
 namespace batchnorm::cpu {
 
-// A block of at least `bytes`, aligned as malloc's; from this thread's cache when one fits.
+// A block of at least `bytes` on a 64-byte boundary; from this thread's cache when one fits.
 void* scratch_allocate(std::size_t bytes);
-// Gives a block back: into this thread's cache while the cache holds under its limit.
+// Gives a block back: into this thread's cache (blocks of 4 KB and more; when the cache is
+// full, in place of its smallest block if that is smaller), else to malloc.
 void scratch_free(void* p) noexcept;
 // Frees the blocks cached by the calling thread and by the threads of its parallel regions
 // (batchnorm.empty_cache()); returns the bytes released.

@@ -535,8 +535,8 @@ bool map_flat(const T* const* in, T* out, const Layout& L, int64_t p0, int64_t p
   constexpr int VL = vlen<A>;
   constexpr int N = R::kIn;
   const int64_t C = L.channels;
-  // The coefficients' period in the flat run: lcm(C, VL), which is C when C is a whole number of
-  // vectors (of any width) and else 48 for 24 float channels, up to kFlatPatternVectors vectors.
+  // The coefficients' period in the flat run: lcm(C, VL), C itself when C is a whole number of
+  // vectors (else 48 for 24 float channels), up to kFlatPatternVectors vectors.
   const int64_t P = std::lcm(C, static_cast<int64_t>(VL));
   if (L.nred != 1 || (P != C && P > kFlatPatternVectors * VL) ||
       reinterpret_cast<uintptr_t>(out) % sizeof(T) != 0)
