@@ -325,9 +325,9 @@ def set_num_threads(n: int) -> None:
 def empty_cache() -> int:
     """Returns the memory batchnorm keeps for reuse to the system: freed host result buffers
     of 1 MiB and more (up to BATCHNORM_HOST_CACHE_MB, default 512), the CPU threads' cached
-    temporaries (blocks of 4 KiB and more, up to 32 of them and 32 MiB a thread) and, with CUDA, the unused
-    part of batchnorm's device memory pools (after the GPU finishes the queued work). Returns
-    the bytes released."""
+    temporaries (blocks of 4 KiB and more, up to 32 of them and 32 MiB a thread) and, with
+    CUDA, the unused part of batchnorm's device memory pools (after the GPU finishes the queued
+    work). Returns the bytes released."""
     return _C.empty_cache()
 
 

@@ -548,8 +548,8 @@ bool map_flat(const T* const* in, T* out, const Layout& L, int64_t p0, int64_t p
   const int64_t head = std::min(i1 - i0, elements_to_boundary(out + i0, align));
   // The coefficients rotated to the first vector's channel c0 and placed on a vector boundary:
   // the vectors' channels then start at c0 + a multiple of VL (the period P is one), so every
-  // coefficient load is aligned. Unrotated (extended by VL past C, read at the channel phase), an output 16
-  // bytes past a line made each of them straddle lines: AMD EPYC Zen 4, streamed float32
+  // coefficient load is aligned. Unrotated (extended by VL past C, read at the channel phase),
+  // an output 16 bytes past a line made each of them straddle lines: AMD EPYC Zen 4, streamed float32
   // inference into such an out=, 2 threads, 64 MB scrub, tools/ab_lib both orders, rotated
   // against unrotated: 65536x64 0.79-0.85x the time (AVX2 0.80-0.82x), 32768x128 0.89-0.91x
   // (AVX2 0.93-0.95x), 16384x256 0.83-0.88x.
