@@ -117,16 +117,16 @@ def forward_training(
         batch_mean, batch_var, batch_count = batch_statistics
         batch_count = check_int(batch_count, "batch_statistics count")
     kind = kind_of(x, stream)
-    a = kind.arg
+    xa, wa, ba, rma, rva, outa, bma, bva, resa = kind.args(
+        x, weight, bias, running_mean, running_var, out, batch_mean, batch_var, residual
+    )
     # Every argument by position: pybind11 matches keywords by building each name's string
     # (5 us of a small training call's overhead).
     results = _C.forward_training(
-        a(x), a(weight), a(bias), a(running_mean), a(running_var), momentum, eps, axis, a(out),
-        a(batch_mean), a(batch_var), batch_count, kind.call, None, None, a(residual), code,
+        xa, wa, ba, rma, rva, momentum, eps, axis, outa, bma, bva, batch_count, kind.call, None, None, resa, code,
         running_var_unbiased, skip_nonfinite, renorm is not None, rmax, dmax, ghost,
     )  # fmt: skip
-    y = out if out is not None else kind.wrap(results[0])
-    return (y,) + tuple(kind.wrap(r) for r in results[1:])
+    return kind.results(results, out)
 
 
 def _check_bool(value: Any, name: str) -> bool:
@@ -179,10 +179,8 @@ def forward_inference(
     code = _activation_code(activation)
     check_out(out)
     kind = kind_of(x, stream)
-    a = kind.arg
-    y = _C.forward_inference(
-        a(x), a(mean), a(var), a(weight), a(bias), eps, axis, a(out), kind.call, a(residual), code
-    )  # by position, as in forward_training
+    xa, ma, va, wa, ba, outa, resa = kind.args(x, mean, var, weight, bias, out, residual)
+    y = _C.forward_inference(xa, ma, va, wa, ba, eps, axis, outa, kind.call, resa, code)  # by position
     return out if out is not None else kind.wrap(y)
 
 
@@ -223,13 +221,11 @@ def backward(
     ghost = _ghost(ghost_batch)
     check_out(out)
     kind = kind_of(x, stream)
-    a = kind.arg
+    dya, xa, ma, sa, wa, outa, ya, ra, da = kind.args(dy, x, saved_mean, saved_invstd, weight, out, y, r, d)
     results = _C.backward(
-        a(dy), a(x), a(saved_mean), a(saved_invstd), a(weight), axis, a(out), kind.call,
-        None, None, a(y), code, residual, None, a(r), a(d), ghost,
+        dya, xa, ma, sa, wa, axis, outa, kind.call, None, None, ya, code, residual, None, ra, da, ghost
     )  # by position, as in forward_training
-    dx = out if out is not None else kind.wrap(results[0])
-    return (dx,) + tuple(kind.wrap(r) for r in results[1:])
+    return kind.results(results, out)
 
 
 _ACTIVATIONS = {None: 0, "relu": 1}
@@ -256,9 +252,8 @@ def backward_reduce(
     Returns (sum_dy, sum_dy_xmu, dweight, dbias)."""
     axis = check_axis(axis, x)
     kind = kind_of(x, stream)
-    a = kind.arg
-    results = _C.backward_reduce(a(dy), a(x), a(mean), a(invstd), axis, kind.call)
-    return tuple(kind.wrap(r) for r in results)  # type: ignore[return-value]
+    results = _C.backward_reduce(*kind.args(dy, x, mean, invstd), axis, kind.call)
+    return kind.results(results)  # type: ignore[return-value]
 
 
 def backward_elemt(
@@ -283,10 +278,8 @@ def backward_elemt(
     count = check_int(count, "count")
     check_out(out)
     kind = kind_of(x, stream)
-    a = kind.arg
-    dx = _C.backward_elemt(
-        a(dy), a(x), a(mean), a(invstd), a(sum_dy), a(sum_dy_xmu), count, a(weight), axis, a(out), kind.call
-    )
+    dya, xa, ma, sa, sdya, sdxa, wa, outa = kind.args(dy, x, mean, invstd, sum_dy, sum_dy_xmu, weight, out)
+    dx = _C.backward_elemt(dya, xa, ma, sa, sdya, sdxa, count, wa, axis, outa, kind.call)
     return out if out is not None else kind.wrap(dx)
 
 
