@@ -44,10 +44,16 @@ struct Call {
 // allocated here as the spec says. Everything imported stays so until the call returns.
 class CallArrays {
  public:
-  explicit CallArrays(const Call& call) : call_(call) {}
+  // Room for every op's arrays: growing the vector cost four allocations a call.
+  explicit CallArrays(const Call& call) : call_(call) { kept_.reserve(12); }
 
   // `convert`: lists and objects with __array__ go through NumPy (arrays the op only reads).
+  // None leaves `view` undefined (nothing to keep).
   CallArrays& in(py::handle obj, const char* arg, TensorView& view, bool convert = true) {
+    if (obj.is_none()) {
+      view = TensorView{};
+      return *this;
+    }
     kept_.push_back(import_array(obj, arg, call_.stream, convert));
     view = kept_.back()->view;
     return *this;

@@ -24,7 +24,6 @@ namespace batchnorm {
 
 namespace {
 
-constexpr std::size_t kCachedMin = std::size_t(1) << 20;
 constexpr std::size_t kHugePage = std::size_t(2) << 20;
 constexpr std::size_t kTailPage = std::size_t(4) << 10;
 
@@ -123,7 +122,7 @@ namespace cpu {
 
 void* allocate(int, std::size_t bytes, void*) {
   void* p;
-  if (bytes >= kCachedMin) {
+  if (bytes >= kHostCachedMinBytes) {
     p = HostCache::get().take(cached_block_bytes(bytes));
   } else {
     const std::size_t rounded = (bytes + 63) / 64 * 64;

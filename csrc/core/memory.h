@@ -7,6 +7,10 @@
 
 namespace batchnorm {
 
+// Host blocks of this size and more are kept for reuse when freed (see memory.cpp); smaller
+// ones are plain 64-byte aligned allocations.
+constexpr std::size_t kHostCachedMinBytes = std::size_t(1) << 20;
+
 void* allocate(const Device& device, std::size_t bytes, void* stream = nullptr);
 void deallocate(const Device& device, void* ptr, void* stream = nullptr);
 // Frees the host blocks kept for reuse (see memory.cpp) and the unused memory of the CUDA
