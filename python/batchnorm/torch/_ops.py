@@ -157,9 +157,19 @@ def _backward_fake(dy, x, saved_mean, saved_invstd, weight, input_grad=True):
 
 def _dtypes(ctx, weight, bias):
     # Parameter gradients come back in the parameters' dtypes (the core's are in the
-    # accumulation type).
+    # accumulation type): param_grads.
     ctx.weight_dtype = None if weight is None else weight.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def param_grads(ctx, dweight, dbias, needs_w, needs_b):
+    """(dweight, dbias) as a backward returns them: None where not needed, else in the
+    parameters' dtypes (saved by _dtypes). .to() of a tensor already in the dtype returns it
+    but cost 0.9 us a gradient, 2% of a small layer's training step."""
+    return (
+        (dweight if dweight.dtype == ctx.weight_dtype else dweight.to(ctx.weight_dtype)) if needs_w else None,
+        (dbias if dbias.dtype == ctx.bias_dtype else dbias.to(ctx.bias_dtype)) if needs_b else None,
+    )
 
 
 def _training_setup(ctx, inputs, output):
@@ -183,11 +193,7 @@ def _training_grads(ctx, dy, backward):
     else:
         with torch.no_grad():  # nothing differentiates it (see _inference_grads)
             dx, dweight, dbias = backward(dy, x, mean, invstd, weight, needs_x)
-    return (
-        dx if needs_x else None,
-        dweight.to(ctx.weight_dtype) if needs_w else None,
-        dbias.to(ctx.bias_dtype) if needs_b else None,
-    )
+    return (dx if needs_x else None, *param_grads(ctx, dweight, dbias, needs_w, needs_b))
 
 
 def _training_backward(ctx, dy, _dmean, _dinvstd, _dnew_mean, _dnew_var):
@@ -226,11 +232,7 @@ def _inference_grads(ctx, dy, x, mean, var, weight, needs):
             if needs_w or needs_b:
                 invstd = torch.rsqrt(var.to(_acc(x.dtype)) + ctx.eps)
                 _, dweight, dbias = torch.ops.batchnorm.backward(dy, x, mean, invstd, weight, False)
-    return (
-        dx if needs_x else None,
-        dweight.to(ctx.weight_dtype) if needs_w else None,
-        dbias.to(ctx.bias_dtype) if needs_b else None,
-    )
+    return (dx if needs_x else None, *param_grads(ctx, dweight, dbias, needs_w, needs_b))
 
 
 def _inference_backward(ctx, dy):

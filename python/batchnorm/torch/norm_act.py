@@ -116,12 +116,8 @@ def _training_grads(ctx, dy, backward):
     else:
         with torch.no_grad():  # nothing differentiates it (see _ops._inference_grads)
             dx, dweight, dbias, dres = backward(dy, x, y, mean, invstd, weight, ctx.relu, ctx.residual and needs_r)
-    return (
-        dx if needs_x else None,
-        dres if ctx.residual and needs_r else None,
-        dweight.to(ctx.weight_dtype) if needs_w else None,
-        dbias.to(ctx.bias_dtype) if needs_b else None,
-    )
+    return (dx if needs_x else None, dres if ctx.residual and needs_r else None,
+            *_ops.param_grads(ctx, dweight, dbias, needs_w, needs_b))
 
 
 def _training_backward(ctx, dy, _dmean, _dinvstd, _dnew_mean, _dnew_var):

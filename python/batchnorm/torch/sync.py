@@ -67,11 +67,7 @@ class _SyncFunction(torch.autograd.Function):
         dx, dweight, dbias = _sync_backward(ctx.engine, dy.detach(), x.detach(), mean, invstd, ctx.count, plain_weight,
                                             _AXIS)
         needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
-        grads = (
-            dx if needs_x else None,
-            dweight.to(ctx.weight_dtype) if needs_w else None,
-            dbias.to(ctx.bias_dtype) if needs_b and ctx.bias_dtype is not None else None,
-        )
+        grads = (dx if needs_x else None, *_ops.param_grads(ctx, dweight, dbias, needs_w, needs_b))
         return _twice.refuse("SyncBatchNorm", grads, dy, x, weight) + (None,) * 8
 
 

@@ -115,11 +115,7 @@ def _autograd_backward(ctx, dy, *_unused):
         with torch.no_grad():
             dx, dweight, dbias = torch.ops.batchnorm.backward_variant(dy, x, mean, invstd, weight, r, d,
                                                                       ctx.ghost_batch)
-    return (
-        dx if needs_x else None,
-        dweight.to(ctx.weight_dtype) if needs_w else None,
-        dbias.to(ctx.bias_dtype) if needs_b else None,
-    ) + (None,) * 8
+    return (dx if needs_x else None, *_ops.param_grads(ctx, dweight, dbias, needs_w, needs_b)) + (None,) * 8
 
 
 torch.library.register_autograd(
