@@ -1,7 +1,8 @@
 """The wheel as users get it: tools/build_wheel.sh builds and repairs a CPU-only wheel, which must
 carry a manylinux tag, install into a fresh virtual environment, pass the self-check there, load
-libbatchnorm and the vendored libgomp from the wheel itself (never the system's), and serve a C
-program built against its CMake package. Slow (a full build): runs with `pytest -m wheel`."""
+libbatchnorm and the vendored libgomp from the wheel itself (never the system's) yet share one
+OpenMP runtime with a libgomp loaded before it, and serve a C program built against its CMake
+package. Slow (a full build): runs with `pytest -m wheel`."""
 from __future__ import annotations
 
 import os
@@ -22,6 +23,12 @@ def _run(cmd, **kw) -> str:
     r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
     assert r.returncode == 0, f"{cmd} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
     return r.stdout
+
+
+def ctypes_util_finds_gomp() -> bool:
+    import ctypes.util
+
+    return ctypes.util.find_library("gomp") is not None
 
 
 def resolved(elf: Path, name: str) -> list:
@@ -54,7 +61,8 @@ def venv(tmp_path_factory, wheel) -> Path:
 def test_manylinux_tag_and_vendored_libgomp(wheel):
     assert re.search(r"-manylinux_2_\d+_x86_64\.whl$|-manylinux_2_\d+_aarch64\.whl$", wheel.name), wheel.name
     names = zipfile.ZipFile(wheel).namelist()
-    assert any(re.fullmatch(r"batchnorm\.libs/libgomp-[0-9a-f]+\.so[.0-9]*", n) for n in names), names
+    # Vendored under its own soname (tools/wheel_libgomp.py), not auditwheel's hashed one.
+    assert "batchnorm.libs/libgomp.so.1" in names, names
     assert "batchnorm/lib/libbatchnorm.so.1" in names
     assert "batchnorm/include/batchnorm/batchnorm.h" in names
     assert "batchnorm/lib/cmake/batchnorm/batchnormConfig.cmake" in names
@@ -77,8 +85,38 @@ def test_installed_wheel_runs_and_resolves_its_own_libraries(venv):
         paths = resolved(elf, name)
         assert paths and all(p.parent == home.resolve() for p in paths), f"{elf.name}: {paths}"
     dynamic = _run(["readelf", "-d", library])
-    assert re.search(r"NEEDED.*\[libgomp-[0-9a-f]+\.so", dynamic), dynamic
+    assert re.search(r"NEEDED.*\[libgomp\.so\.1\]", dynamic), dynamic
     assert "$ORIGIN/../../batchnorm.libs" in dynamic, dynamic
+
+
+# A process that loads another libgomp.so.1 (torch's, here the system's standing in for it)
+# before or after batchnorm, then runs an op and the other runtime: both must be one library.
+_ONE_RUNTIME = """
+import ctypes, ctypes.util, sys
+name = ctypes.util.find_library("gomp")
+def other():
+    ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL).omp_get_max_threads()
+if sys.argv[1] == "before":
+    other()
+import batchnorm, numpy as np
+batchnorm.forward_training(np.ones((64, 256), np.float32))
+if sys.argv[1] == "after":
+    other()
+print(sorted({line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line}))
+"""
+
+
+@pytest.mark.skipif(not ctypes_util_finds_gomp(), reason="no libgomp.so.1 on this system to load beside the wheel's")
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_one_openmp_runtime_beside_another_libgomp(venv, order):
+    """One OpenMP runtime per process: the wheel's libgomp keeps its soname, so the loader
+    shares whichever libgomp.so.1 comes first (a hashed copy made two, each with threads
+    spinning on the same cores)."""
+    python = venv / "bin" / "python"
+    mapped = eval(_run([python, "-c", _ONE_RUNTIME, order], cwd=venv))
+    assert len(mapped) == 1, mapped
+    libs = (venv / "lib").resolve()
+    assert (Path(mapped[0]).resolve().is_relative_to(libs)) == (order == "after"), (order, mapped)
 
 
 def test_c_program_against_the_wheels_cmake_package(venv, tmp_path):

