@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from .. import _C
 from . import _func, _ops, _twice
 from ._ops import _AXIS, _call, _cap, _dtypes, _inference_grads, _new_running, _train, _vector
+from ._ops import per_channel, per_channel_results
 
 _lib = torch.library.Library("batchnorm", "FRAGMENT")
 _lib.define(
@@ -71,16 +72,17 @@ def _forward_inference_act_fake(x, residual, mean, var, weight, bias, eps, relu)
 @torch.library.impl(_lib, "backward_act", "CUDA")
 def _backward_act(dy, x, y, saved_mean, saved_invstd, weight, relu, residual):
     C = x.shape[_AXIS]
-    dx, dweight, dbias = torch.empty_like(x), _vector(x, C), _vector(x, C)
+    dx = torch.empty_like(x)
     if x.numel() == 0:
-        return dx, dweight.zero_(), dbias.zero_(), torch.empty_like(x) if residual else _vector(x, 0)
+        return dx, _vector(x, C).zero_(), _vector(x, C).zero_(), torch.empty_like(x) if residual else _vector(x, 0)
     dres = torch.empty_like(x) if residual else _vector(x, 0)
-    _C.backward(
+    grads = per_channel(x, C)
+    results = _C.backward(
         _cap(dy), _cap(x), _cap(saved_mean), _cap(saved_invstd), _cap(weight), _AXIS, _cap(dx), _call(x),
-        _cap(dweight), _cap(dbias), _cap(y) if relu else None, _code(relu), residual,
+        _cap(grads[0]), _cap(grads[1]), _cap(y) if relu else None, _code(relu), residual,
         _cap(dres) if residual else None,
     )  # fmt: skip
-    return dx, dweight, dbias, dres
+    return (dx, *per_channel_results(grads, results[1:3]), dres)
 
 
 @torch.library.register_fake("batchnorm::backward_act", lib=_lib)
