@@ -358,6 +358,87 @@ def test_flax_module_dtypes_match_flax(dtype):
         close(e1, np.asarray(e2.astype(jnp.float32)), OUT_TOL[dtype] * 2)
 
 
+# ---- reviewed edge cases: vmap's axis_name, empty batches, argument types ----------------------
+
+def test_grad_of_vmap_with_axis_name_matches_the_unmapped_batch():
+    """vmap(axis_name) standing in for devices (as Flax's own tests do): its transpose traces the
+    backward where the axis is not bound, so the shard count is taken in the forward."""
+    x = data((2, 3, 4), "float32", seed=3)
+    w, b, _, _ = params(4)
+    wt = jnp.arange(x.size, dtype=jnp.float32).reshape(x.shape) / x.size
+
+    def mapped(x):
+        y = jax.vmap(lambda xd: bj.batch_norm(xd, w, b, None, None, training=True, axis_name="i")[0], axis_name="i")(x)
+        return jnp.sum(y**3 * wt)
+
+    def whole(x):
+        return jnp.sum(bj.batch_norm(x.reshape(6, 4), w, b, None, None, training=True)[0].reshape(x.shape)**3 * wt)
+
+    close(jax.grad(mapped)(x), jax.grad(whole)(x), 1e-4)
+
+
+def test_inference_gradient_of_an_empty_batch_is_zero():
+    x = jnp.zeros((0, 3), jnp.float32)
+    w, b, rm, rv = params(3)
+    dw, db = jax.grad(lambda w, b: jnp.sum(bj.batch_norm(x, w, b, rm, rv, training=False)[0]), argnums=(0, 1))(w, b)
+    assert np.all(np.asarray(dw) == 0) and np.all(np.asarray(db) == 0)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(axis="1"), "axis must be an int, got str"),
+    (dict(axis=1.0), "axis must be an int, got float"),
+    (dict(axis=True), "axis must be an int, got bool"),
+    (dict(eps=None), "eps must be a real number, got NoneType"),
+    (dict(momentum=None), "momentum must be a real number, got NoneType"),
+])
+@pytest.mark.parametrize("training", [True, False])
+def test_scalar_arguments_are_checked_like_the_array_api(kw, message, training):
+    if "momentum" in kw and not training:
+        return  # inference takes no momentum
+    w, b, rm, rv = params(3)
+    with pytest.raises(TypeError, match=message):
+        bj.batch_norm(data((4, 3), "float32"), w, b, rm, rv, training=training, **kw)
+
+
+def test_traced_eps_is_refused_by_name():
+    w, b, rm, rv = params(3)
+    with pytest.raises(TypeError, match="eps must be a Python number fixed at trace time"):
+        jax.jit(lambda e: bj.batch_norm(data((4, 3), "float32"), w, b, rm, rv, training=True, eps=e))(1e-3)
+
+
+@needs_flax
+def test_flax_batch_stats_keep_flax_dtypes_through_a_scan():
+    """The running statistics in Flax's dtype for them (here float16: param_dtype with
+    force_float32_reductions=False), so a scan over steps carries them unchanged."""
+    x = data((8, 4), "float16", seed=2)
+    for module in (bj.BatchNorm(param_dtype=jnp.float16, force_float32_reductions=False),
+                   bj.BatchNorm(dtype=jnp.bfloat16)):
+        v = module.init(jax.random.PRNGKey(0), x, use_running_average=False)
+        twin = flax_linen.BatchNorm(param_dtype=module.param_dtype, dtype=module.dtype,
+                                    force_float32_reductions=module.force_float32_reductions)
+        _, theirs = twin.apply(v, x, use_running_average=False, mutable=["batch_stats"])
+
+        def step(stats, _):
+            _, new = module.apply({"params": v["params"], "batch_stats": stats}, x, use_running_average=False,
+                                  mutable=["batch_stats"])
+            return new["batch_stats"], None
+
+        stats, _ = jax.lax.scan(step, v["batch_stats"], None, length=3)
+        for ours, flax_stat in zip(jax.tree.leaves(stats), jax.tree.leaves(theirs["batch_stats"])):
+            assert ours.dtype == flax_stat.dtype, (ours.dtype, flax_stat.dtype)
+
+
+@needs_flax
+def test_flax_init_with_a_dummy_batch_of_one():
+    x = jnp.ones((1, 6), jnp.float32) * 3
+    y, v = bj.BatchNorm(use_bias=True, bias_init=jax.nn.initializers.constant(0.5)).init_with_output(
+        jax.random.PRNGKey(0), x, use_running_average=False)
+    y0, v0 = flax_linen.BatchNorm(bias_init=jax.nn.initializers.constant(0.5)).init_with_output(
+        jax.random.PRNGKey(0), x, use_running_average=False)
+    close(y, y0, 1e-6)
+    assert jax.tree.map(jnp.shape, v) == jax.tree.map(jnp.shape, v0)
+
+
 # ---- shard_map (4 host devices, own process) ------------------------------------------------
 
 @pytest.mark.slow
@@ -418,6 +499,31 @@ def _sharded_checks():
     for s in range(4):
         close(new_rm[s], rm0, 1e-6)
         close(new_rv[s], rv0, 1e-6)
+
+    # The gradient through the updated running statistics: their cotangents summed over the
+    # shards (pmap and shard_map without check_vma handed each shard its own: 1/4 of it).
+    xs = jnp.stack([data((3, 5, 2), "float32", seed=s, shift=2.0 * s) for s in range(4)])
+
+    def stats_loss(x, axis_name=None, copies=1):
+        _, m, v = bj.batch_norm(x, None, None, rm, rv, training=True, momentum=0.2, axis=1, axis_name=axis_name)
+        return copies * (jnp.sum(m**2) + jnp.sum(v**2))
+
+    want = jax.grad(stats_loss)(xs.reshape(12, 5, 2), None, 4).reshape(xs.shape)
+    close(jax.pmap(jax.grad(lambda x: stats_loss(x, "i")), axis_name="i")(xs), want, 1e-5)
+    # A mesh of automatic axes (make_mesh's are explicit: arrays would carry their sharding).
+    auto = jax.sharding.Mesh(np.array(jax.devices()), ("batch",))
+    for check_vma in (True, False):
+        got = jax.grad(lambda x: jax.shard_map(lambda xd: stats_loss(xd, "batch"), mesh=auto, in_specs=P("batch"),
+                                               out_specs=P(), check_vma=check_vma)(x))(xs.reshape(12, 5, 2))
+        close(got.reshape(xs.shape), want / 4, 1e-5)
+
+    # shard_map called eagerly (no jit around it): training and inference, values as jitted.
+    x8 = data((8, 3), "float32", seed=7)
+    for training, stats in ((True, (None, None)), (False, (rm[:3], rv[:3]))):
+        eager = jax.shard_map(lambda x: bj.batch_norm(x, None, None, *stats, training=training,
+                                                     axis_name="batch" if training else None)[0],
+                              mesh=auto, in_specs=P("batch"), out_specs=P("batch"))
+        close(eager(x8), jax.jit(eager)(x8), 1e-6)
 
     if flax_linen is None:
         print("sharded checks passed (without flax)")

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
+from .._arrays import check_axis, check_real
 from ..functional import _activation_code, _check_bool, _ghost, _renorm_limits
 from . import _ffi
 
@@ -139,9 +140,10 @@ def training(x, weight, bias, *, eps, axis, axis_name=None, running_mean=None, r
         return (tuple(shape), spec[1])
 
     rmax, dmax = variants.renorm or (1.0, 0.0)
+    momentum, eps, axis = _static_real(momentum, "momentum"), _static_real(eps, "eps"), check_axis(axis, x)
     ax, channels, acc = _ffi.check_forward_training(
         checked(x), _ffi.spec(weight), _ffi.spec(bias), _ffi.spec(running_mean), _ffi.spec(running_var),
-        float(momentum), float(eps), int(axis), residual=checked(residual), activation=code,
+        momentum, eps, axis, residual=checked(residual), activation=code,
         running_var_unbiased=variants.unbiased, skip_nonfinite=variants.skip_nonfinite,
         renorm=variants.renorm is not None, rmax=rmax, dmax=dmax, ghost_batch=variants.ghost)
     acc = jnp.dtype(acc)
@@ -154,8 +156,17 @@ def training(x, weight, bias, *, eps, axis, axis_name=None, running_mean=None, r
         w, b = (_vary_like(a, x) for a in (w, b))
         residual = None if residual is None else _vary_like(residual, x)
     running = (running_mean, running_var) if variants.renorm is not None else (None, None)
-    y, mean, var, rd = _train(x, w, b, residual, *running, ax, float(eps), axis_name, channels, acc, code, variants)
+    y, mean, var, rd = _train_call(x, w, b, residual, *running, ax, eps, axis_name, shards, channels, acc, code,
+                                   variants)
     return y, mean, var, (x.size // channels) * shards, rd
+
+
+def _static_real(value, name):
+    """A real number fixed when the op is traced (the kernels take it as an attribute)."""
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(f"{name} must be a Python number fixed at trace time (an attribute of the compiled op), "
+                        f"got a traced value; pass it as a static argument")
+    return check_real(value, name)
 
 
 def _vary_like(a, x):
@@ -163,13 +174,15 @@ def _vary_like(a, x):
 
 
 # r: the fused op's residual or None; rm, rv: the running statistics for batch renorm, else
-# None (state: zero gradients); act: the core's activation code (0 none, 1 relu); v: Variants.
-@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11, 12))
-def _train(x, w, b, r, rm, rv, axis, eps, axis_name, channels, acc, act, v):
-    return _train_forward(x, w, b, r, rm, rv, axis, eps, axis_name, channels, acc, act, v)[0]
+# None (state: zero gradients); shards: the size of axis_name's axis (1 without), taken where the
+# axis is bound (in a backward traced while transposing a vmap it is not: lax.axis_size failed
+# there); act: the core's activation code (0 none, 1 relu); v: Variants.
+@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11, 12, 13))
+def _train(x, w, b, r, rm, rv, axis, eps, axis_name, shards, channels, acc, act, v):
+    return _train_forward(x, w, b, r, rm, rv, axis, eps, axis_name, shards, channels, acc, act, v)[0]
 
 
-def _train_forward(x, w, b, r, rm, rv, axis, eps, axis_name, channels, acc, act, v):
+def _train_forward(x, w, b, r, rm, rv, axis, eps, axis_name, shards, channels, acc, act, v):
     rd = None
     if axis_name is None:
         y, saved_mean, invstd, var, mean, *rd = _ffi.forward_training(
@@ -179,38 +192,37 @@ def _train_forward(x, w, b, r, rm, rv, axis, eps, axis_name, channels, acc, act,
         if not v.ghost:
             mean = saved_mean  # the same bits, also where batch renorm's running statistics are not finite
     else:
-        mean, var = _global_statistics(x, axis, axis_name, channels, acc)
+        mean, var = _global_statistics(x, axis, axis_name, shards, channels, acc)
         saved_mean = mean
         invstd = lax.rsqrt(var + jnp.asarray(eps, acc))
         y = _ffi.forward_inference(x, mean, var, w, b, axis, eps, r, act)
         if v.unbiased:
-            count = (x.size // channels) * lax.axis_size(axis_name)
+            count = (x.size // channels) * shards
             var = var * jnp.asarray(count / (count - 1), acc)
     # The backward needs y only for the ReLU's mask, and of r only whether it was given.
     fused = (y if act else None, None if r is None else jnp.zeros((), r.dtype))
     return (y, mean, var, rd), (x, w, saved_mean, invstd, mean, rd, jnp.zeros((), b.dtype), fused)
 
 
-def _global_statistics(x, axis, axis_name, channels, acc):
+def _global_statistics(x, axis, axis_name, k, channels, acc):
     """Mean and biased variance of the shards' values together: each shard's (mean, var) is
     exchanged whole (a psum of rows that are zero but for the shard's own: exact, and the
     result is replicated) and the k rows are merged by the core with Chan's formula, as if
     computed on the concatenation. Shards hold equal shapes, so the counts are known."""
     mean, var = _ffi.statistics(x, axis, channels, acc)
-    k = lax.axis_size(axis_name)
     row = lax.axis_index(axis_name)
     means = lax.psum(jnp.zeros((k, channels), acc).at[row].set(mean), axis_name)
     variances = lax.psum(jnp.zeros((k, channels), acc).at[row].set(var), axis_name)
     return _ffi.merge(means, variances, [x.size // channels] * k)
 
 
-def _train_fwd(x, w, b, r, rm, rv, axis, eps, axis_name, channels, acc, act, v):
+def _train_fwd(x, w, b, r, rm, rv, axis, eps, axis_name, shards, channels, acc, act, v):
     value = lambda a: None if a is None else a.value  # noqa: E731
-    return _train_forward(x.value, w.value, b.value, value(r), value(rm), value(rv), axis, eps, axis_name, channels,
-                          acc, act, v)
+    return _train_forward(x.value, w.value, b.value, value(r), value(rm), value(rv), axis, eps, axis_name, shards,
+                          channels, acc, act, v)
 
 
-def _train_bwd(axis, eps, axis_name, channels, acc, act, v, residuals, cotangents):
+def _train_bwd(axis, eps, axis_name, shards, channels, acc, act, v, residuals, cotangents):
     x, w, saved_mean, invstd, mean, rd, bias_like, (y, r_like) = residuals
     g_y, g_mean, g_var, _ = cotangents  # r and d are constants: their cotangents are dropped
     dy = jnp.zeros(x.shape, x.dtype) if isinstance(g_y, SymbolicZero) else g_y
@@ -229,9 +241,15 @@ def _train_bwd(axis, eps, axis_name, channels, acc, act, v, residuals, cotangent
     if axis_name is not None:
         # dx needs the sums over every shard; dweight / dbias stay this shard's share (JAX sums
         # the shares where the parameters were replicated, see _vary_like).
-        count *= lax.axis_size(axis_name)
+        count *= shards
         dx = _dx_from_sums(g, x, mean, invstd, w, lax.psum(db, axis_name), lax.psum(dw, axis_name), count, axis)
     if not (isinstance(g_mean, SymbolicZero) and isinstance(g_var, SymbolicZero)):
+        if axis_name is not None and not _typed_varying(x, axis_name):
+            # The statistics are one value on every shard: their gradient is the sum of every
+            # shard's cotangent, as psum's transpose gives jnp code. shard_map with check_vma
+            # types them invariant and hands over that sum already; pmap, vmap(axis_name) and
+            # check_vma=False hand each shard its own (1/shards of the gradient before).
+            g_mean, g_var = (g if isinstance(g, SymbolicZero) else lax.psum(g, axis_name) for g in (g_mean, g_var))
         dx = dx.astype(acc) + _statistics_vjp(x, mean, g_mean, g_var, count, axis, acc, v.unbiased)
     dr = None if r_like is None else g.astype(r_like.dtype)
     # The running statistics (batch renorm's rm, rv) are state: no gradient.
@@ -239,6 +257,13 @@ def _train_bwd(axis, eps, axis_name, channels, acc, act, v, residuals, cotangent
 
 
 _train.defvjp(_train_fwd, _train_bwd, symbolic_zeros=True)
+
+
+def _typed_varying(x, axis_name):
+    """Whether JAX's varying-axes typing (shard_map with check_vma) marks x as varying along
+    every name of axis_name; without that typing nothing is marked."""
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    return set(names) <= _ffi.varying_axes(x)
 
 
 def _per_channel(v, ndim, axis):
@@ -280,14 +305,15 @@ def inference(x, weight, bias, mean, var, *, eps, axis, names=("mean", "var"), r
     (and the residual); fused, y = act(bn(x) + residual). `names` are the statistics' argument
     names in error messages."""
     code = _activation_code(activation)
+    eps, axis = _static_real(eps, "eps"), check_axis(axis, x)
     ax, channels, acc = _ffi.check_forward_inference(
-        _ffi.spec(x), _ffi.spec(mean), _ffi.spec(var), _ffi.spec(weight), _ffi.spec(bias), float(eps), int(axis),
+        _ffi.spec(x), _ffi.spec(mean), _ffi.spec(var), _ffi.spec(weight), _ffi.spec(bias), eps, axis,
         names[0], names[1], residual=_ffi.spec(residual), activation=code)
     acc = jnp.dtype(acc)
     w = jnp.ones((channels,), acc) if weight is None else weight
     b = jnp.zeros((channels,), acc) if bias is None else bias
-    return _infer(x, w, b, residual, lax.stop_gradient(mean), lax.stop_gradient(var), ax, float(eps), channels, acc,
-                  code)
+    return _infer_call(x, w, b, residual, lax.stop_gradient(mean), lax.stop_gradient(var), ax, eps, channels, acc,
+                       code)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
@@ -315,7 +341,9 @@ def _infer_bwd(axis, eps, channels, acc, act, residuals, g_y):
     zeros = jnp.zeros((channels,), acc)
     dx = _ffi.forward_inference(g, zeros, var, w, zeros, axis, eps)
     dw = db = None  # zero cotangents
-    if b is not None:
+    if b is not None and x.size == 0:  # an empty batch: no values, zero sums (the core wants one)
+        dw, db = jnp.zeros_like(w), jnp.zeros_like(b)
+    elif b is not None:
         invstd = lax.rsqrt(var.astype(acc) + jnp.asarray(eps, acc))
         _, dw, db = _ffi.backward(g, x, mean, invstd, w, axis, channels, acc)
         dw, db = dw.astype(w.dtype), db.astype(b.dtype)
@@ -324,3 +352,8 @@ def _infer_bwd(axis, eps, channels, acc, act, residuals, g_y):
 
 
 _infer.defvjp(_infer_fwd, _infer_bwd, symbolic_zeros=True)
+
+# The custom_vjps through jit: shard_map called eagerly (no jit around it) does not implement
+# custom_vjp with symbolic_zeros; under a jit it does. Inside an outer jit these inline.
+_train_call = jax.jit(_train, static_argnums=tuple(range(6, 14)))
+_infer_call = jax.jit(_infer, static_argnums=tuple(range(6, 11)))

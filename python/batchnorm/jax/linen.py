@@ -68,7 +68,7 @@ class BatchNorm(nn.Module):
         if self.axis_index_groups is not None:
             raise ValueError("axis_index_groups is not supported by batchnorm.jax.BatchNorm, got "
                              f"{self.axis_index_groups!r}")
-        if not isinstance(self.axis, int):
+        if not isinstance(self.axis, int) or isinstance(self.axis, bool):
             raise TypeError(f"axis must be an int (one feature axis), got {self.axis!r}")
         v = check_variants(running_var_unbiased=False, renorm=self.renorm, ghost_batch=self.ghost_batch,
                            skip_nonfinite=self.skip_nonfinite, axis_name=self.axis_name)
@@ -93,6 +93,13 @@ class BatchNorm(nn.Module):
         if use_running_average:
             y = inference(xc, scale, bias, ra_mean.value, ra_var.value, eps=self.epsilon, axis=self.axis,
                           residual=r, activation=self.activation)
+        elif self.is_initializing() and ndim >= 1 and -ndim <= self.axis < ndim and x.size < 2 * max(channels, 1):
+            # A dummy batch of one to initialize with (model.init(key, jnp.ones((1, n)))): the
+            # statistics of fewer than two values, which training refuses, update nothing here;
+            # y as Flax gives it (x - mean = 0 for a single value: the bias).
+            mean = jnp.mean(xc, axis=tuple(d for d in range(ndim) if d != self.axis % ndim))
+            y = inference(xc, scale, bias, mean, jnp.zeros_like(mean), eps=self.epsilon, axis=self.axis, residual=r,
+                          activation=self.activation)
         else:
             # Flax leaves the mapped axis out while initializing (there may be none).
             axis_name = None if self.is_initializing() else self.axis_name
@@ -103,6 +110,13 @@ class BatchNorm(nn.Module):
                                           residual=r, activation=self.activation,
                                           variants=v)
             if not self.is_initializing():
+                # The statistics in Flax's dtype for them (dtype, else x's, at least float32 under
+                # force_float32_reductions), so batch_stats keep the dtypes Flax gives them (a
+                # scan carrying them needs that); the kernels' are in the accumulation dtype.
+                stats = jnp.dtype(self.dtype) if self.dtype is not None else jnp.result_type(x)
+                if self.force_float32_reductions:
+                    stats = jnp.promote_types(stats, jnp.float32)
+                mean, var = mean.astype(stats), var.astype(stats)
                 keep = skip_mask(mean, var, v)
                 new_mean = self.momentum * ra_mean.value + (1 - self.momentum) * mean
                 new_var = self.momentum * ra_var.value + (1 - self.momentum) * var
