@@ -13,7 +13,7 @@ import numpy as np
 
 import batchnorm as bn
 from batchnorm._collectives import engine_for
-from batchnorm.distributed import SyncBatchNorm, sync_statistics
+from batchnorm.distributed import SyncBatchNorm, sync_backward, sync_statistics
 
 # Tolerances against the single-process layer on the whole batch, relative to the largest
 # |value| of the output: the statistics are merged in another order (rank by rank), which
@@ -126,6 +126,14 @@ def expect_error(kind, pattern, fn) -> None:
     raise AssertionError(f"expected {kind.__name__} matching {pattern!r}, nothing raised")
 
 
+class _Broken:
+    """An array-like whose shape raises something other than a ValueError or TypeError."""
+
+    @property
+    def shape(self):
+        raise RuntimeError("a broken array")
+
+
 def check_failures(group) -> None:
     """Bad input on one rank only raises on every rank, and the group stays usable."""
     engine = engine_for(group)
@@ -163,8 +171,27 @@ def check_failures(group) -> None:
     layer(good)
     dy = good[:2] if rank == bad_rank else good
     own = r"dy must have the shape of x"
-    expect_error(ValueError, own if rank == bad_rank else r"dy on 1 other rank\(s\) .* was rejected", lambda: layer.backward(dy))
+    others = r"the backward's arguments on 1 other rank\(s\) .* were rejected"
+    expect_error(ValueError, own if rank == bad_rank else others, lambda: layer.backward(dy))
     assert layer.num_batches_tracked == 1  # the rejected forward calls changed nothing
+    # sync_backward's weight and count, which only its last step reads, are checked before its
+    # allreduce: one rank raising after it left the others in their next collective.
+    mean, var, count = sync_statistics(good, group)
+    _, m, s = bn.forward_training(good, batch_statistics=(mean, var, count))
+    w = np.ones(2 if rank == bad_rank else C, np.float32)
+    own = r"weight must have shape \(3,\), got \(2,\) \(x has shape \(4, 3, 5\)"
+    expect_error(ValueError, own if rank == bad_rank else others,
+                 lambda: sync_backward(good, good, m, s, count, group, weight=w))
+    n = float(count) if rank == bad_rank else count
+    expect_error(TypeError, r"count must be an int, got float" if rank == bad_rank else others,
+                 lambda: sync_backward(good, good, m, s, n, group))
+    # An error that is neither a ValueError nor a TypeError (a broken array object) is reported
+    # through the exchange too, instead of leaving the others waiting in it.
+    x = _Broken() if rank == bad_rank else good
+    expect_error(RuntimeError if rank == bad_rank else ValueError,
+                 r"a broken array" if rank == bad_rank else elsewhere, lambda: sync_statistics(x, group))
+    expect_error(RuntimeError if rank == bad_rank else ValueError,
+                 r"a broken array" if rank == bad_rank else elsewhere, lambda: layer(x))
     # Still in step: a good forward and backward on every rank.
     layer(good)
     layer.backward(good)
@@ -288,6 +315,9 @@ def check_torch_failures(group) -> None:
     ]
     for x, kind, own in cases:
         expect_error(kind, own if rank == bad else elsewhere, lambda: layer(x if rank == bad else good))
+    # A sparse tensor fails with torch's own error (not a ValueError or TypeError): reported too.
+    expect_error(Exception if rank == bad else ValueError, r"" if rank == bad else elsewhere,
+                 lambda: layer(good.to_sparse() if rank == bad else good))
     # Running statistics that require grad on one rank: refused on every rank.
     graded = bt.SyncBatchNorm(C, process_group=group)
     graded.running_var.requires_grad_(rank == bad)

@@ -28,6 +28,11 @@ _STATUS = {ValueError: 1, TypeError: 2}
 
 
 def _status(err: Exception) -> int:
+    """The status a rank reports for its error. Every error met before a collective is
+    reported (an AttributeError from a non-array, a sparse tensor's NotImplementedError...),
+    not only the checks' ValueError and TypeError: one left out hung the other ranks in the
+    collective. The failing rank re-raises its own; the others raise a TypeError for a
+    TypeError, else a ValueError."""
     return _STATUS[TypeError] if isinstance(err, TypeError) else _STATUS[ValueError]
 
 
@@ -85,7 +90,7 @@ def _local_moments(x: Any, axis: int, c: int, own: Optional[Exception]):
         if count > 0:
             m, v, _ = F.statistics(x, axis=axis, dtype="float64")
             mean, var = _to_numpy(m, "mean").astype(np.float64), _to_numpy(v, "var").astype(np.float64)
-    except (ValueError, TypeError) as err:
+    except Exception as err:  # noqa: BLE001 (any error: reported, not left to hang the others)
         return err, header, mean, var
     return None, header, mean, var
 
@@ -217,7 +222,7 @@ def _agreed_channels(engine: Engine, x: Any, axis: int) -> int:
     try:
         ndim, _, axis, _ = _validate(x, axis, None)
         row[1] = x.shape[axis]
-    except (ValueError, TypeError) as err:
+    except Exception as err:  # noqa: BLE001 (any error: reported, not left to hang the others)
         own = err
         row[0] = _status(err)
     rows = engine.allgather(row, _torch_device(x))
@@ -255,6 +260,33 @@ def sync_statistics(
     return _like(mean, x), _like(var, x), count
 
 
+def _channels_of(x: Any, mean: Any, axis: int) -> int:
+    """The channel count that sizes the backward's allreduce: x's along axis, else (x is no
+    array: the error is reported through the allreduce) the length of mean."""
+    for a, dim in ((x, axis), (mean, -1)):
+        try:
+            return int(a.shape[dim])
+        except Exception:  # noqa: BLE001
+            continue
+    return 0
+
+
+def _check_elemt(dy: Any, x: Any, mean: Any, invstd: Any, count: int, weight: Any, axis: int, c: int) -> None:
+    """backward_elemt's own checks (weight, count) before the allreduce, on empty slices of dy
+    and x along a reduced axis: backward_reduce does not look at them, and after the allreduce
+    one rank raised while the others went on to their next collective."""
+    ndim = len(x.shape)
+    along = 1 if axis % ndim == 0 else 0
+    empty = tuple(slice(0, 0) if d == along else slice(None) for d in range(ndim))
+    zeros = _to_device_like(np.zeros(c), x)
+    x_empty = x[empty]
+    try:
+        F.backward_elemt(dy[empty], x_empty, mean, invstd, zeros, zeros, count, weight, axis=axis)
+    except (ValueError, TypeError) as err:  # messages that quote x's shape quote the caller's
+        shape = lambda a: str(tuple(int(n) for n in a.shape))  # noqa: E731
+        raise type(err)(str(err).replace(f"x has shape {shape(x_empty)}", f"x has shape {shape(x)}")) from None
+
+
 def sync_backward(
     dy: Any, x: Any, mean: Any, invstd: Any, count: int, group: Any, weight: Any = None, *, axis: int = 1
 ) -> Tuple[Any, Any, Any]:
@@ -270,7 +302,7 @@ def sync_backward(
 
 def _sync_backward(engine: Engine, dy: Any, x: Any, mean: Any, invstd: Any, count: int, weight: Any,
                    axis: int) -> Tuple[Any, Any, Any]:
-    c = int(x.shape[axis])
+    c = _channels_of(x, mean, axis)
     row = np.zeros(2 * c + 2, np.float64)
     own: Optional[Exception] = None
     dweight = dbias = None
@@ -278,7 +310,8 @@ def _sync_backward(engine: Engine, dy: Any, x: Any, mean: Any, invstd: Any, coun
         sum_dy, sum_dy_xmu, dweight, dbias = F.backward_reduce(dy, x, mean, invstd, axis=axis)
         row[:c] = _to_numpy(sum_dy, "sum_dy")
         row[c : 2 * c] = _to_numpy(sum_dy_xmu, "sum_dy_xmu")
-    except (ValueError, TypeError) as err:
+        _check_elemt(dy, x, mean, invstd, count, weight, axis, c)
+    except Exception as err:  # noqa: BLE001 (any error: reported, not left to hang the others)
         own = err
         row[2 * c + _status(err) - 1] = 1.0
     total = engine.allreduce(row, _torch_device(x))
@@ -288,8 +321,8 @@ def _sync_backward(engine: Engine, dy: Any, x: Any, mean: Any, invstd: Any, coun
             raise own
         kind = TypeError if failed[1] and not failed[0] else ValueError
         raise kind(
-            f"dy on {int(failed.sum())} other rank(s) of {engine.size} was rejected (their errors say why); "
-            "every rank raises so that none is left waiting in a collective"
+            f"the backward's arguments on {int(failed.sum())} other rank(s) of {engine.size} were rejected (their "
+            "errors say why); every rank raises so that none is left waiting in a collective"
         )
     dx = F.backward_elemt(
         dy, x, mean, invstd, _to_device_like(total[:c], x), _to_device_like(total[c : 2 * c], x), count, weight,
@@ -352,7 +385,7 @@ class SyncBatchNorm(BatchNorm):
         own: Optional[Exception] = None
         try:
             self._follow(x)  # state next to x (GPU inputs); fails for libraries it cannot hold state in
-        except (ValueError, TypeError) as err:
+        except Exception as err:  # noqa: BLE001 (any error: reported, not left to hang the others)
             own = err
         mean, var, count = _exchange(engine, x, self.axis, self.num_features, _torch_device(x), own, self.exchange)
         update = self.track_running_stats
@@ -392,7 +425,7 @@ class SyncBatchNorm(BatchNorm):
         count = 0
         try:
             mean, var, count = self._local_population(batches)
-        except (ValueError, TypeError) as err:
+        except Exception as err:  # noqa: BLE001 (any error: reported, not left to hang the others)
             own = err
         mean, var, count = _merge_everywhere(self._group_engine(), mean, var, count, self.num_features, own, "batches")
         self._set_running(mean, var, count)

@@ -164,7 +164,7 @@ class SyncBatchNorm(_Base):
                 momentum = 1.0 / tracked if self.momentum is None else self.momentum
             _validate_locally(input, self.weight, self.bias, *running, momentum, self.eps)
             _ops.check_running(*running)
-        except (ValueError, TypeError) as err:
+        except Exception as err:  # noqa: BLE001 (any error is reported: one left out hung the others)
             own = err
         if own is not None:  # the exchange raises it here and the others' error on every other rank
             with torch._C._DisableFuncTorch():  # its host tensors are no transform's
