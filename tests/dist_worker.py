@@ -164,6 +164,8 @@ def check_failures(group) -> None:
     x = good.astype(np.float64) if rank == bad_rank else good
     expect_error(ValueError, r"x must have the same rank and dtype on every rank", lambda: by_sums(x))
     assert by_sums.num_batches_tracked == 0
+    # A channel count below one, given on every rank: refused before any collective.
+    expect_error(ValueError, r"channels must be a positive int .* got 0", lambda: sync_statistics(good, group, channels=0))
     # sync_statistics with different channel counts.
     x = good[:, :2] if rank == bad_rank else good
     expect_error(ValueError, r"the same number of channels on every rank", lambda: sync_statistics(x, group))

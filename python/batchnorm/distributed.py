@@ -256,6 +256,8 @@ def sync_statistics(
         channels = _agreed_channels(engine, x, axis)
     else:
         channels = check_int(channels, "channels")
+        if channels < 1:
+            raise ValueError(f"channels must be a positive int (x's channel count on every rank), got {channels}")
     mean, var, count = _exchange(engine, x, axis, channels, _torch_device(x), how=exchange)
     return _like(mean, x), _like(var, x), count
 

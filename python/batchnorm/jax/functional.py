@@ -60,8 +60,9 @@ def batch_norm(x, weight, bias, running_mean, running_var, *, training, momentum
     come back updated with PyTorch's convention: (1 - momentum) * running + momentum * batch,
     with the unbiased batch variance (running_var_unbiased=False: the biased one, as Flax and
     Keras); in inference (running statistics required) they come back unchanged. weight and
-    bias may be None. The running statistics are state, not inputs of the function being
-    differentiated: their gradients are zero.
+    bias may be None. The running statistics are state: y does not depend on them (a zero
+    gradient through y); the updated ones are the jnp update of them (a factor 1 - momentum)
+    and of the batch mean and variance, differentiable like y.
 
     Training variants (API.md): renorm=(rmax, dmax), batch renormalization (Ioffe 2017),
     y = (x_hat * r + d) * weight + bias with r and d from the running statistics (required) as
