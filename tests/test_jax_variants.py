@@ -192,6 +192,35 @@ def test_skip_nonfinite(bad, ghost):
     assert np.isfinite(np.asarray(y)[:, [0, 2]]).all()
 
 
+@pytest.mark.parametrize("skip", [False, True])
+def test_renorm_with_non_finite_running_statistics_matches_eager(skip):
+    """Batch renorm reads the running statistics, which may already hold an Inf or a NaN: the
+    handler's momentum-1 update that hands back the batch's statistics took 0 * Inf = NaN
+    (new running_var NaN where eager has Inf; with skip_nonfinite a finite batch frozen)."""
+    x = np.asarray(data((6, 3, 4)), np.float32)
+    rm, rv = np.array([0.0, 0.5, -1.0], np.float32), np.array([1.0, np.inf, np.nan], np.float32)
+    _, m, v, r, d = bj.batch_norm(x, None, None, jnp.asarray(rm), jnp.asarray(rv), training=True, momentum=0.3,
+                                  renorm=(3.0, 5.0), skip_nonfinite=skip)
+    em, ev = rm.copy(), rv.copy()
+    batchnorm.forward_training(x, running_mean=em, running_var=ev, momentum=0.3, renorm=(3.0, 5.0),
+                               skip_nonfinite=skip)
+    np.testing.assert_allclose(np.asarray(m), em, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(v), ev, rtol=1e-6)  # Inf and NaN where eager has them
+
+
+def test_momentum_one_takes_the_batch_statistics_whatever_the_running_ones_held():
+    x = np.asarray(data((6, 3, 4)), np.float32)
+    rm, rv = np.array([np.nan, np.inf, 1.0], np.float32), np.array([np.inf, np.nan, 2.0], np.float32)
+    _, mean, invstd = batchnorm.forward_training(x, running_mean=rm, running_var=rv, momentum=1.0)
+    var = np.var(x.astype(np.float64), axis=(0, 2), ddof=1)
+    np.testing.assert_allclose(rm, np.asarray(mean), rtol=1e-6)
+    np.testing.assert_allclose(rv, var, rtol=1e-5)
+    _, jm, jv = bj.batch_norm(x, None, None, jnp.asarray([np.nan, np.inf, 1.0]), jnp.asarray([np.inf, np.nan, 2.0]),
+                              training=True, momentum=1.0)
+    np.testing.assert_allclose(np.asarray(jm), rm, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(jv), rv, rtol=1e-5)
+
+
 def test_running_var_biased():
     x = data((5, 3, 4))
     rm, rv = jnp.zeros(3), jnp.ones(3)

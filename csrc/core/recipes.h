@@ -121,10 +121,13 @@ BN_HD ForwardCoefficients<A> forward_coefficients(double mean, double var, doubl
   return k;
 }
 
-// PyTorch's convention: running = (1 - momentum) * running + momentum * batch.
+// PyTorch's convention: running = (1 - momentum) * running + momentum * batch. Momentum 1
+// takes the batch's whatever the running value held: 0 * Inf would make a NaN of a statistic
+// the update forgets (the JAX handlers seed a momentum-1 update with batch renorm's running
+// statistics to read the batch's back).
 template <class A>
 BN_HD A running_update(A running, A batch, A momentum) {
-  return (A(1) - momentum) * running + momentum * batch;
+  return momentum == A(1) ? batch : (A(1) - momentum) * running + momentum * batch;
 }
 
 // The training variants' choices for the running update (API.md "Training variants").

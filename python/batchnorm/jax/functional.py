@@ -113,7 +113,10 @@ def _running_update(running, batch, momentum, keep=None):
     dtype and stored in the running statistic's own dtype; `running` itself, bit for bit, where
     `keep` (skip_nonfinite's mask) is set."""
     acc = jnp.promote_types(batch.dtype, running.dtype)
-    new = ((1 - momentum) * running.astype(acc) + momentum * batch.astype(acc)).astype(running.dtype)
+    if momentum == 1:  # the batch's, whatever the running value held (core/recipes.h, running_update)
+        new = batch.astype(running.dtype)
+    else:
+        new = ((1 - momentum) * running.astype(acc) + momentum * batch.astype(acc)).astype(running.dtype)
     return new if keep is None else jnp.where(keep, running, new)
 
 
