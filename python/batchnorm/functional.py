@@ -20,7 +20,7 @@ def statistics(x: Array, *, axis: int = 1, dtype: Any = None, stream: Any = None
     axis = check_axis(axis, x)
     wide = _wide_dtype(dtype)
     kind = kind_of(x, stream)
-    mean, var, count = _C.statistics(*kind.args(x), axis, wide, kind.call)
+    mean, var, count = _C.statistics(kind.args(x)[0], axis, wide, kind.call)
     return kind.wrap(mean), kind.wrap(var), count
 
 
