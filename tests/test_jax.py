@@ -517,6 +517,20 @@ def _sharded_checks():
                                                out_specs=P(), check_vma=check_vma)(x))(xs.reshape(12, 5, 2))
         close(got.reshape(xs.shape), want / 4, 1e-5)
 
+    # x replicated over the axis (every shard the same batch): the same rule, as jnp with psum.
+    def stats_loss_jnp(x):
+        n = x.shape[0] * x.shape[2] * 4
+        m = jax.lax.psum(x.sum((0, 2)), "batch") / n
+        v = jax.lax.psum(((x - m[None, :, None]) ** 2).sum((0, 2)), "batch") / n
+        m, v = 0.8 * rm + 0.2 * m, 0.8 * rv + 0.2 * v * n / (n - 1)
+        return jnp.sum(m**2) + jnp.sum(v**2)
+
+    for check_vma in (True, False):
+        ours, theirs = (jax.grad(lambda x, f=f: jax.shard_map(f, mesh=auto, in_specs=P(), out_specs=P(),
+                                                              check_vma=check_vma)(x))(xs[0])
+                        for f in (lambda xd: stats_loss(xd, "batch"), stats_loss_jnp))
+        close(ours, theirs, 1e-5)
+
     # shard_map called eagerly (no jit around it): training and inference, values as jitted.
     x8 = data((8, 3), "float32", seed=7)
     for training, stats in ((True, (None, None)), (False, (rm[:3], rv[:3]))):
@@ -565,7 +579,7 @@ def test_recompute_batch_stats_is_the_population_s():
 
     model = Net()
     rng = np.random.default_rng(3)
-    batches = [jnp.asarray(rng.standard_normal((n, 6)) * 3 + 2, jnp.float32) for n in (4, 7, 2, 9)]
+    batches = [jnp.asarray(rng.standard_normal((n, 6)) * 3 + 2, jnp.float32) for n in (4, 7, 0, 2, 9)]  # one empty
     variables = model.init(jax.random.PRNGKey(0), batches[0], use_running_average=False)
     variables = dict(variables, params=variables["params"])
     new, counts = bj.recompute_batch_stats(model, variables, batches)

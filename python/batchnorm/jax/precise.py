@@ -49,8 +49,8 @@ def recompute_batch_stats(
     float64 per batch, merged with Chan's formula), instead of the momentum averages of past
     steps. `apply(variables, batch)` runs one batch in training mode (default:
     `model.apply(variables, batch, use_running_average=False, mutable=['batch_stats'])`);
-    it runs eagerly (not under jit), once per batch. Modules that saw no value keep their
-    statistics. `variables` itself is not modified."""
+    it runs eagerly (not under jit), once per batch; empty batches are skipped. Modules that
+    saw no value keep their statistics. `variables` itself is not modified."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a flax.linen.Module, got {type(model).__name__}")
     if not isinstance(variables, dict) or "batch_stats" not in variables:
@@ -75,6 +75,9 @@ def recompute_batch_stats(
 
     with nn.intercept_methods(catch):
         for batch in batches:
+            # An empty batch adds no value to any module (and training on it raises): skipped.
+            if all(np.size(leaf) == 0 for leaf in jax.tree.leaves(batch)):
+                continue
             apply(variables, batch)
     stats = _unfreeze(variables["batch_stats"])
     for path, (mean, var, _) in acc.items():
