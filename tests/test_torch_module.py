@@ -421,6 +421,27 @@ def test_eager_training_bumps_buffer_versions():
     assert m.running_mean._version > v0[0] and m.running_var._version > v0[1]  # as an in-place op would
 
 
+def test_eager_training_takes_a_tensor_leaked_from_a_transform():
+    """A tensor kept from inside torch.func.grad is a wrapper whose level has exited: the eager
+    call (which skips torch's Function.apply wrapper) unwraps it as that wrapper does, instead
+    of handing the core a tensor without storage."""
+    leaked = []
+    torch.func.grad(lambda x: leaked.append(x) or (x * x).sum())(torch.randn(4, 3, 2, 2))
+    x = leaked[0]
+    assert torch._C._functorch.is_functorch_wrapped_tensor(x)
+    ours, theirs = bt.BatchNorm2d(3), nn.BatchNorm2d(3)
+    y, y_ref = ours(x), theirs(x)
+    torch.testing.assert_close(y, y_ref)
+    (y * y).sum().backward()
+    (y_ref * y_ref).sum().backward()
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    # The fused op's eager call, on a leaked input and residual.
+    r = leaked[0] * 0.5
+    y = bt.batch_norm_act(x, None, None, ours.weight, ours.bias, True, residual=r)
+    torch.testing.assert_close(y, torch.relu(nn.functional.batch_norm(x, None, None, ours.weight, ours.bias, True) + r))
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
 @pytest.mark.parametrize("call", ["batch_norm", "batch_norm_act", "variant", "module"])
 def test_running_statistics_that_require_grad_are_refused(call, training):

@@ -10,6 +10,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.dlpack import to_dlpack
 
 from .. import _C
 from . import _func, _ops, _twice
@@ -57,7 +58,7 @@ def _forward_training_act_fake(x, residual, weight, bias, running_mean, running_
 def _forward_inference_act(x, residual, mean, var, weight, bias, eps, relu):
     y = torch.empty_like(x)
     _C.forward_inference(
-        _cap(x), _cap(mean), _cap(var), _cap(weight), _cap(bias), eps, _AXIS, _cap(y), _call(x),
+        to_dlpack(x), to_dlpack(mean), to_dlpack(var), _cap(weight), _cap(bias), eps, _AXIS, to_dlpack(y), _call(x),
         _cap(residual), _code(relu),
     )  # fmt: skip
     return y
@@ -78,9 +79,9 @@ def _backward_act(dy, x, y, saved_mean, saved_invstd, weight, relu, residual):
     dres = torch.empty_like(x) if residual else _vector(x, 0)
     grads = per_channel(x, C)
     results = _C.backward(
-        _cap(dy), _cap(x), _cap(saved_mean), _cap(saved_invstd), _cap(weight), _AXIS, _cap(dx), _call(x),
-        _cap(grads[0]), _cap(grads[1]), _cap(y) if relu else None, _code(relu), residual,
-        _cap(dres) if residual else None,
+        to_dlpack(dy), to_dlpack(x), to_dlpack(saved_mean), to_dlpack(saved_invstd), _cap(weight), _AXIS,
+        to_dlpack(dx), _call(x), _cap(grads[0]), _cap(grads[1]), to_dlpack(y) if relu else None, _code(relu),
+        residual, to_dlpack(dres) if residual else None,
     )  # fmt: skip
     return (dx, *per_channel_results(grads, results[1:3]), dres)
 
@@ -116,8 +117,9 @@ def _training_grads(ctx, dy, backward):
         dres = _twice.masked(dy, y) if ctx.relu else dy
         dx, dweight, dbias = _twice.training(dres, x, mean, invstd, weight, ctx.eps)
     else:
-        with torch.no_grad():  # nothing differentiates it (see _ops._inference_grads)
-            dx, dweight, dbias, dres = backward(dy, x, y, mean, invstd, weight, ctx.relu, ctx.residual and needs_r)
+        dx, dweight, dbias, dres = _ops.unrecorded(  # nothing differentiates it (see _ops._inference_grads)
+            backward, dy, x, y, mean, invstd, weight, ctx.relu, ctx.residual and needs_r
+        )
     return (dx if needs_x else None, dres if ctx.residual and needs_r else None,
             *_ops.param_grads(ctx, dweight, dbias, needs_w, needs_b))
 
@@ -173,6 +175,9 @@ class _TrainingAct(torch.autograd.Function):
         return _training_grads(ctx, dy, _backward_act) + (None,) * 4
 
 
+_training_act_apply = _ops.direct_apply(_TrainingAct)
+
+
 def batch_norm_act(
     input: Tensor,
     running_mean: Optional[Tensor],
@@ -191,7 +196,10 @@ def batch_norm_act(
     if training:
         F._verify_batch_size(input.size())
         if _ops.eager(input, residual, weight, bias, running_mean, running_var):
-            return _TrainingAct.apply(input, residual, weight, bias, (running_mean, running_var), momentum, eps, relu)
+            u = _ops.unwrap_dead
+            return _training_act_apply(
+                u(input), u(residual), u(weight), u(bias), (running_mean, running_var), momentum, eps, relu
+            )
         y, _, _, new_mean, new_var = _func.call(
             "forward_training_act", input, residual, weight, bias, running_mean, running_var, momentum, eps, relu
         )
