@@ -52,6 +52,36 @@ def _raise_everywhere(status: np.ndarray, own: Optional[Exception], what: str, s
     )
 
 
+# The status an allreduce carries (it only sums): one count of failing ranks per error type,
+# and the sum of (rank + 1) over the failing ranks, which names the rank when one failed.
+_FLAGS = 3
+
+
+def _flags(own: Optional[Exception], rank: int) -> list:
+    flags = [0.0] * _FLAGS
+    if own is not None:
+        flags[_status(own) - 1] = 1.0
+        flags[2] = rank + 1.0
+    return flags
+
+
+def _raise_from_sums(failed: np.ndarray, own: Optional[Exception], what: str, size: int, are: str = "was") -> None:
+    """After an allreduce that carried _flags: the failing ranks re-raise their own error, the
+    others a TypeError if every failure was one, else a ValueError, naming the failing rank
+    when a single one failed."""
+    count = int(failed[0] + failed[1])
+    if count == 0:
+        return
+    if own is not None:
+        raise own
+    kind = TypeError if failed[1] and not failed[0] else ValueError
+    where, whose = (f"rank {int(failed[2]) - 1}", "its error") if count == 1 else (f"{count} ranks", "their errors")
+    raise kind(
+        f"{what} on {where} of {size} {are} rejected ({whose} say{'s' if count == 1 else ''} why); every rank raises "
+        "so that none is left waiting in a collective"
+    )
+
+
 def _validate(x: Any, axis: int, channels: Optional[int]) -> Tuple[int, int, int, int]:
     """(ndim, dtype code, normalized axis, count per channel) of a shard, or the error a
     batchnorm function would raise for it (empty shards included, which the kernels skip)."""
@@ -135,31 +165,21 @@ def _by_allgather(engine, own, ndim, code, count, mean, var, device):
 
 
 def _by_allreduce(engine, own, ndim, code, count, mean, var, device):
-    """Two allreduces of C + 7 and C values, whatever the number of ranks: sum(n mean) gives
+    """Two allreduces of C + 8 and C values, whatever the number of ranks: sum(n mean) gives
     the global mean, then sum(M2 + n (mean - global mean)^2) the global M2 (Chan's formula
     summed over every shard at once: each term >= 0, so as stable as the pairwise merge).
     Every rank gets the same bits as far as the engine's allreduce gives every rank the same
-    sum (NCCL, gloo and Open MPI do). The header travels as sums: two failure counts, the
+    sum (NCCL, gloo and Open MPI do). The header travels as sums: the status (_flags), the
     count, and sum(v), sum(v^2) of ndim and dtype, which agree everywhere iff P sum(v^2) ==
     sum(v)^2."""
     size = engine.size
-    flags = [0.0, 0.0]
-    if own is not None:
-        flags[_status(own) - 1] = 1.0
-    head = [*flags, count, ndim, ndim * ndim, code, code * code]
+    head = [*_flags(own, engine.rank), count, ndim, ndim * ndim, code, code * code]
     first = engine.allreduce(np.concatenate([head, count * mean]), device)
-    failed = first[:2]
-    if failed.any():
-        if own is not None:
-            raise own
-        kind = TypeError if failed[1] and not failed[0] else ValueError
-        raise kind(
-            f"x on {int(failed.sum())} other rank(s) of {size} was rejected (their errors say why); every rank "
-            "raises so that none is left waiting in a collective"
-        )
-    if size * first[4] != first[3] ** 2 or size * first[6] != first[5] ** 2:
+    _raise_from_sums(first[:_FLAGS], own, "x", size)
+    n, n2, k, k2 = first[_FLAGS + 1 : _FLAGS + 5]
+    if size * n2 != n**2 or size * k2 != k**2:
         raise ValueError("x must have the same rank and dtype on every rank of the group, got different ones")
-    total = int(first[2])
+    total = int(first[_FLAGS])
     _check_total(total, "over all ranks")
     global_mean = first[len(head) :] / total
     m2 = count * var + count * (mean - global_mean) ** 2
@@ -245,7 +265,7 @@ def sync_statistics(
     (the exchanged moments unrounded), as x's kind of array; every rank gets bitwise the
     same. One allgather of P x (2C + 4) float64 values when every rank passes the same
     `channels` (a layer's num_features); without it a first 2-value allgather agrees on the
-    channel count. exchange="allreduce": two allreduces of C + 7 and C values instead of the
+    channel count. exchange="allreduce": two allreduces of C + 8 and C values instead of the
     allgather, cheaper beyond a few dozen ranks (see the README's cost model), identical on
     every rank as far as the engine's allreduce is. Fewer than 2 values per channel over all
     ranks, or bad input on any rank, raises on every rank."""
@@ -293,8 +313,8 @@ def sync_backward(
     dy: Any, x: Any, mean: Any, invstd: Any, count: int, group: Any, weight: Any = None, *, axis: int = 1
 ) -> Tuple[Any, Any, Any]:
     """The backward pass of batch norm over a batch split across `group`: backward_reduce on
-    this rank, one allreduce of (sum dy, sum dy * (x - mean)) with two status flags
-    (2C + 2 float64 values), backward_elemt with the sums and `count` of every rank.
+    this rank, one allreduce of (sum dy, sum dy * (x - mean)) with three status values
+    (2C + 3 float64 values), backward_elemt with the sums and `count` of every rank.
     `mean` / `invstd` are this rank's saved_mean / saved_invstd of forward_training with the
     synchronized statistics, `count` their total count. Returns (dx, dweight, dbias), the
     parameter gradients this rank's share (sum them, or average them with the other
@@ -305,7 +325,7 @@ def sync_backward(
 def _sync_backward(engine: Engine, dy: Any, x: Any, mean: Any, invstd: Any, count: int, weight: Any,
                    axis: int) -> Tuple[Any, Any, Any]:
     c = _channels_of(x, mean, axis)
-    row = np.zeros(2 * c + 2, np.float64)
+    row = np.zeros(2 * c + _FLAGS, np.float64)
     own: Optional[Exception] = None
     dweight = dbias = None
     try:
@@ -315,17 +335,9 @@ def _sync_backward(engine: Engine, dy: Any, x: Any, mean: Any, invstd: Any, coun
         _check_elemt(dy, x, mean, invstd, count, weight, axis, c)
     except Exception as err:  # noqa: BLE001 (any error: reported, not left to hang the others)
         own = err
-        row[2 * c + _status(err) - 1] = 1.0
+        row[2 * c :] = _flags(err, engine.rank)
     total = engine.allreduce(row, _torch_device(x))
-    failed = total[2 * c :]
-    if failed.any():
-        if own is not None:
-            raise own
-        kind = TypeError if failed[1] and not failed[0] else ValueError
-        raise kind(
-            f"the backward's arguments on {int(failed.sum())} other rank(s) of {engine.size} were rejected (their "
-            "errors say why); every rank raises so that none is left waiting in a collective"
-        )
+    _raise_from_sums(total[2 * c :], own, "the backward's arguments", engine.size, are="were")
     dx = F.backward_elemt(
         dy, x, mean, invstd, _to_device_like(total[:c], x), _to_device_like(total[c : 2 * c], x), count, weight,
         axis=axis,
@@ -337,7 +349,7 @@ class SyncBatchNorm(BatchNorm):
     """BatchNorm whose training statistics and input gradients span every rank of `group`
     (an mpi4py communicator, or a torch.distributed process group; None: torch's default
     group). Per training step: one allgather of size x (2C + 4) float64 values forward (or,
-    with exchange="allreduce", two allreduces of C + 7 and C), one allreduce of 2C + 2
+    with exchange="allreduce", two allreduces of C + 8 and C), one allreduce of 2C + 3
     backward. Running statistics come from the global unbiased variance
     and are bitwise identical on every rank; parameter gradients stay per rank (average
     them like any parameter's). Evaluation never communicates."""
