@@ -224,6 +224,29 @@ def check_recompute(group, sizes) -> None:
                  lambda: layer.recompute_statistics(batches))
 
 
+def check_copies(group) -> None:
+    """A layer copied after a synchronized step (deepcopy; pickle too on torch's default
+    group, which is no object of its own) trains on in sync as the original does: the copy
+    builds its own engine (the original's handles neither copy nor pickle) and shares the
+    group."""
+    import copy
+    import pickle
+
+    rank = engine_for(group).rank
+    x = np.random.default_rng(rank).standard_normal((4, C, 2)).astype(np.float32)
+    layer = SyncBatchNorm(C, group=group, momentum=0.5)
+    layer(x)
+    layer.backward(x)
+    copies = [copy.deepcopy(layer)] + ([pickle.loads(pickle.dumps(layer))] if group is None else [])
+    assert all(c.group is group for c in copies[:1])
+    y, dx = layer(x * 2), layer.backward(x)
+    for i, c in enumerate(copies):
+        what = f"rank {rank}: copy {i}"
+        close(c(x * 2), y, "float32", what)
+        close(c.backward(x), dx, "float32", what)
+        close(c.running_var, layer.running_var, "float32", what)
+
+
 def run_all(group, sizes, libraries=("numpy", "torch")) -> None:
     for i, variant in enumerate(VARIANTS):
         if variant[0] in libraries:
@@ -232,6 +255,7 @@ def run_all(group, sizes, libraries=("numpy", "torch")) -> None:
     check_sync_statistics(group, sizes)
     check_recompute(group, sizes)
     check_failures(group)
+    check_copies(group)
 
 
 # ---- batchnorm.torch.SyncBatchNorm against torch's own BatchNorm on the whole batch ----------
@@ -424,6 +448,31 @@ def check_torch_recompute(group, sizes) -> None:
     assert all(torch.equal(e, mine) for e in every), "recomputed statistics differ across ranks"
 
 
+def check_default_group_made_again(rank: int, init_file: str, sizes) -> None:
+    """Layers on torch's default group (group None) that ran a synchronized step, after that
+    group is destroyed and each rank makes a one-rank group of its own: they follow the new
+    group (a step on one rank's shard is plain batch norm of it) instead of the engine they
+    cached for the old one, whose size no longer matches."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    import batchnorm.torch as bt
+
+    x = np.random.default_rng(rank).standard_normal((max(sizes[rank], 2), C, 3)).astype(np.float32)
+    layers = (SyncBatchNorm(C, group=None), bt.SyncBatchNorm(C))
+    layers[0](x)
+    layers[1](torch.from_numpy(x))  # both engines built for the group of every rank
+    dist.destroy_process_group()
+    dist.init_process_group("gloo", init_method=f"file://{init_file}.alone{rank}", rank=0, world_size=1,
+                            timeout=timedelta(seconds=60))
+    expected = bn.forward_training(x, np.ones(C, np.float32), np.zeros(C, np.float32))[0]
+    close(layers[0](x), expected, "float32", f"rank {rank}: NumPy layer on its new one-rank group")
+    close(layers[1](torch.from_numpy(x)).detach().numpy(), expected, "float32",
+          f"rank {rank}: torch layer on its new one-rank group")
+
+
 def torch_main(rank: int, world: int, init_file: str, sizes, default_group: bool) -> None:
     """torch.multiprocessing.spawn's entry: one gloo rank, on torch's default group (group
     None) or on an explicit ProcessGroup."""
@@ -444,6 +493,8 @@ def torch_main(rank: int, world: int, init_file: str, sizes, default_group: bool
         check_torch_failures(group)
         check_torch_recompute(group, sizes)
         check_ddp_resnet(group, sizes)
+        if default_group:
+            check_default_group_made_again(rank, init_file, sizes)
     finally:
         dist.destroy_process_group()
 

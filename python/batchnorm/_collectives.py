@@ -15,6 +15,11 @@ class Engine:
     rank: int
     size: int
 
+    def current(self) -> bool:
+        """Whether this engine still stands for the group it was built for (torch's default
+        group can be destroyed and made again, with another size)."""
+        return True
+
     def allgather(self, buf: np.ndarray, device: Any = None) -> np.ndarray:
         """Every rank's `buf` (1-D float64, the same length on every rank) as rows of a
         (size, len) array, in rank order."""
@@ -61,9 +66,13 @@ class TorchEngine(Engine):
             )
         self.dist = dist
         self.group = group
+        self._world = dist.group.WORLD if group is None else None  # the default group it resolved to
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
         self._needs_cuda = str(dist.get_backend(group)).lower() == "nccl"
+
+    def current(self) -> bool:
+        return self.group is not None or (self.dist.is_initialized() and self.dist.group.WORLD is self._world)
 
     def _tensor(self, buf: np.ndarray, device: Any) -> Any:
         import torch

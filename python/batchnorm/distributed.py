@@ -10,6 +10,7 @@ outcome travels in the collective's buffer, so bad input on one rank raises on e
 instead of leaving the others waiting."""
 from __future__ import annotations
 
+import copy
 from typing import Any, Optional, Tuple
 
 import numpy as np
@@ -386,9 +387,28 @@ class SyncBatchNorm(BatchNorm):
         self.group = group
         self._engine: Optional[Engine] = None
 
+    def __getstate__(self) -> dict:
+        # The engine holds the engine's handles (torch.distributed's module, a communicator),
+        # which neither copy nor pickle: a copy (an EMA model, a checkpoint of the layer)
+        # builds its own at its next synchronized step.
+        return {**self.__dict__, "_engine": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def __deepcopy__(self, memo: dict) -> "SyncBatchNorm":
+        # The group is a handle to the process's communicator, not data: the copy shares it
+        # (neither a ProcessGroup nor an mpi4py communicator can be copied).
+        memo[id(self.group)] = self.group
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new
+
     def _group_engine(self) -> Engine:
-        # Resolved at the first training step: torch's default group may be created after the layer.
-        if self._engine is None:
+        # Resolved at the first training step (torch's default group may be created after the
+        # layer), again when that group was destroyed and made anew (its rank and size may differ).
+        if self._engine is None or not self._engine.current():
             self._engine = engine_for(self.group)
         return self._engine
 
@@ -412,14 +432,14 @@ class SyncBatchNorm(BatchNorm):
         )
         if update:
             self.num_batches_tracked += 1
-        self._saved = ("sync", x, saved_mean, saved_invstd, count, engine)
+        self._saved = ("sync", x, saved_mean, saved_invstd, count)
         return y
 
     def backward(self, dy: Any) -> Any:
         if self._saved is None or self._saved[0] != "sync":
             return super().backward(dy)
-        _, x, mean, invstd, count, engine = self._saved
-        dx, dweight, dbias = _sync_backward(engine, dy, x, mean, invstd, count, self.weight, self.axis)
+        _, x, mean, invstd, count = self._saved
+        dx, dweight, dbias = _sync_backward(self._group_engine(), dy, x, mean, invstd, count, self.weight, self.axis)
         if self.affine:
             # As BatchNorm.backward accumulates its gradients (this rank's share).
             dweight = _as_state(dweight, self.dtype, x)
