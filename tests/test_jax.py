@@ -539,6 +539,16 @@ def _sharded_checks():
                               mesh=auto, in_specs=P("batch"), out_specs=P("batch"))
         close(eager(x8), jax.jit(eager)(x8), 1e-6)
 
+    # The channel axis sharded: the message names each shard's shape, not the logical batch's alone.
+    w16 = jnp.ones(16)
+    by_channel = jax.jit(jax.shard_map(lambda x, w: bj.batch_norm(x, w, None, None, None, training=True,
+                                                                   axis_name="batch")[0],
+                                       mesh=auto, in_specs=(P(None, "batch"), P()), out_specs=P(None, "batch")))
+    with pytest.raises(ValueError, match=r"weight must have shape \(4,\), got \(16,\) \(x has shape \(8, 4, 3\) on "
+                                         r"each of 4 shards of 'batch', \(32, 4, 3\) together.* is the channel axis "
+                                         r"sharded\?\)"):
+        by_channel(data((8, 16, 3), "float32", seed=8), w16)
+
     if flax_linen is None:
         print("sharded checks passed (without flax)")
         return

@@ -145,11 +145,24 @@ def training(x, weight, bias, *, eps, axis, axis_name=None, running_mean=None, r
 
     rmax, dmax = variants.renorm or (1.0, 0.0)
     momentum, eps, axis = _static_real(momentum, "momentum"), _static_real(eps, "eps"), check_axis(axis, x)
-    ax, channels, acc = _ffi.check_forward_training(
-        checked(x), _ffi.spec(weight), _ffi.spec(bias), _ffi.spec(running_mean), _ffi.spec(running_var),
-        momentum, eps, axis, residual=checked(residual), activation=code,
-        running_var_unbiased=variants.unbiased, skip_nonfinite=variants.skip_nonfinite,
-        renorm=variants.renorm is not None, rmax=rmax, dmax=dmax, ghost_batch=variants.ghost)
+    try:
+        ax, channels, acc = _ffi.check_forward_training(
+            checked(x), _ffi.spec(weight), _ffi.spec(bias), _ffi.spec(running_mean), _ffi.spec(running_var),
+            momentum, eps, axis, residual=checked(residual), activation=code,
+            running_var_unbiased=variants.unbiased, skip_nonfinite=variants.skip_nonfinite,
+            renorm=variants.renorm is not None, rmax=rmax, dmax=dmax, ghost_batch=variants.ghost)
+    except (ValueError, TypeError) as err:
+        if shards == 1:
+            raise
+        # The message quotes the logical batch's shape: say what each shard holds.
+        logical, shard = checked(x)[0], tuple(int(n) for n in x.shape)
+        text = str(err).replace(
+            f"x has shape {logical}",
+            f"x has shape {shard} on each of {shards} shards of {axis_name!r}, {logical} together",
+        )
+        if "must have shape" in text and "channels on axis" in text:
+            text += f" (every shard of {axis_name!r} must hold all channels: is the channel axis sharded?)"
+        raise type(err)(text) from None
     acc = jnp.dtype(acc)
     w = jnp.ones((channels,), acc) if weight is None else weight
     b = jnp.zeros((channels,), acc) if bias is None else bias
