@@ -439,6 +439,41 @@ def test_flax_init_with_a_dummy_batch_of_one():
     assert jax.tree.map(jnp.shape, v) == jax.tree.map(jnp.shape, v0)
 
 
+@needs_flax
+@pytest.mark.parametrize("shape,axis", [((1, 5), -1), ((1, 1, 1, 3), -1), ((1, 4, 1), 1)])
+def test_flax_training_on_one_value_per_channel_is_flax_s(shape, axis):
+    """A batch of one in training (which the kernels refuse: no variance): Flax's y (the bias,
+    x - mean being 0), its batch_stats update (mean x, variance 0) and gradients (none to x or
+    the scale); fused, relu(bias + residual); a NaN stays NaN."""
+    x = data(shape, "float32", seed=3)
+    r = data(shape, "float32", seed=4)
+    C = shape[axis]
+    params = {"scale": jnp.linspace(0.5, 2.0, C), "bias": jnp.linspace(-1.0, 1.0, C)}
+    stats = {"mean": jnp.full((C,), 0.25), "var": jnp.full((C,), 2.0)}
+
+    def run(module, x, p, act=lambda y: y, residual=None):
+        kwargs = {} if residual is None else {"residual": residual}
+        y, new = module.apply({"params": p, "batch_stats": stats}, x, use_running_average=False,
+                              mutable=["batch_stats"], **kwargs)
+        return act(y) if residual is None or module.__class__ is flax_linen.BatchNorm else y, new
+
+    ours_m = bj.BatchNorm(axis=axis, momentum=0.8)
+    flax_m = flax_linen.BatchNorm(axis=axis, momentum=0.8)
+    (y, new), (y0, new0) = run(ours_m, x, params), run(flax_m, x, params)
+    close(y, y0, 1e-6)
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(new0)):
+        close(a, b, 1e-6)
+    loss = lambda m: lambda p, x: (run(m, x, p)[0] ** 2).sum()  # noqa: E731
+    for g, g0 in zip(jax.tree.leaves(jax.grad(loss(ours_m), (0, 1))(params, x)),
+                     jax.tree.leaves(jax.grad(loss(flax_m), (0, 1))(params, x))):
+        close(g, g0, 1e-6)
+    fused = bj.BatchNorm(axis=axis, momentum=0.8, activation="relu")
+    y, _ = run(fused, x, params, residual=r)
+    close(y, jax.nn.relu(run(flax_m, x, params)[0] + r), 1e-6)
+    y, new = run(ours_m, x.at[(0,) * len(shape)].set(jnp.nan), params)
+    assert jnp.isnan(y).sum() == 1 and jnp.isnan(new["batch_stats"]["var"]).sum() == 1
+
+
 # ---- shard_map (4 host devices, own process) ------------------------------------------------
 
 @pytest.mark.slow
