@@ -8,7 +8,7 @@
 #
 # OLD_SO and NEW_SO must be different files (two copies of one build to compare settings).
 # Settings are ab_lib's SET_A / SET_B ("-" by default): an ISA level or NAME=VALUE pairs.
-# AB_BITS, AB_THP, AB_OFFSET pass through from the environment; with AB_BITS=1 the first
+# AB_BITS, AB_THP, AB_OFFSET, AB_OUT_OFFSET pass through from the environment; with AB_BITS=1 the first
 # order's bit comparison is printed too.
 #   tools/ab_both.sh /tmp/ab_lib /tmp/old.so /tmp/new.so 21 inf:256x2048x7x7:cf:bf16:1:1
 set -euo pipefail

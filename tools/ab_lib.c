@@ -20,7 +20,8 @@
  * DTYPE: f32, bf16, f16. THREADS: bn_set_num_threads. REPS: timed rounds (after 3 warm-ups).
  * SCRUB: 1 writes a 64 MB buffer before each call, so the data come from memory.
  * AB_OFFSET (environment): bytes past a 64-byte boundary for x, dy and the outputs (default 0);
- * AB_OUT_OFFSET_B: for library B's output only (default AB_OFFSET).
+ * AB_OUT_OFFSET: both libraries' outputs (default AB_OFFSET); AB_OUT_OFFSET_B: library B's
+ *   output only (default AB_OUT_OFFSET).
  * AB_THREADS_B (environment): library B's thread count (default THREADS), to compare thread
  * counts of one build (two copies of the file; one OpenMP runtime serves both).
  * AB_THP=1 (environment): x, dy and the outputs on transparent huge pages (2 MB aligned,
@@ -285,16 +286,20 @@ int main(int argc, char** argv) {
   const size_t bytes = ((size_t)n * item + off + 63) / 64 * 64;
   char* x = array(bytes) + off;
   char* dy = array(bytes) + off;
-  /* AB_OUT_OFFSET_B: library B's output at another offset (the same library twice then
-   * measures what the output's alignment costs). */
+  /* AB_OUT_OFFSET: both libraries' outputs at another offset than x and dy (NumPy's out= arrays
+   * sit at another line offset than its inputs); AB_OUT_OFFSET_B: library B's alone (the same
+   * library twice then measures what the output's alignment costs). */
+  const char* off_out_env = getenv("AB_OUT_OFFSET");
+  const size_t off_out = off_out_env ? (size_t)strtoull(off_out_env, NULL, 10) : off;
+  if (off_out % item != 0 || off_out >= 64) die("AB_OUT_OFFSET must be a multiple of the item size below 64, got", off_out_env);
   const char* off_b_env = getenv("AB_OUT_OFFSET_B");
-  const size_t off_b = off_b_env ? (size_t)strtoull(off_b_env, NULL, 10) : off;
+  const size_t off_b = off_b_env ? (size_t)strtoull(off_b_env, NULL, 10) : off_out;
   if (off_b % item != 0 || off_b >= 64) die("AB_OUT_OFFSET_B must be a multiple of the item size below 64, got", off_b_env);
-  char* out[2] = {array(bytes + 64) + off, array(bytes + 64) + off_b};
+  char* out[2] = {array(bytes + 64) + off_out, array(bytes + 64) + off_b};
   /* The fused backward's second outputs (the residual's gradient), one per library. */
   char* dres[2] = {NULL, NULL};
   if (strcmp(op, "fbwd") == 0)
-    for (int k = 0; k < 2; ++k) dres[k] = array(bytes + 64) + (k ? off_b : off);
+    for (int k = 0; k < 2; ++k) dres[k] = array(bytes + 64) + (k ? off_b : off_out);
   srand(1);
   for (int64_t i = 0; i < n; ++i) {
     const float v = (float)rand() / RAND_MAX * 2 - 1, g = (float)rand() / RAND_MAX - 0.5f;
