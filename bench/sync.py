@@ -8,7 +8,7 @@ into the time inside its two collectives (the forward allgather, the backward al
 waiting for the other ranks included) and the rest (the local kernels: statistics, forward
 with the merged statistics, backward_reduce, backward_elemt, and the Python around them),
 next to a plain BatchNorm step on the same shard; and the bare collectives at this P:
-allgather of P x (2C+4) float64 values vs allreduce of 2C+2. Medians over --reps steps, each
+allgather of P x (2C+4) float64 values vs allreduce of 2C+3. Medians over --reps steps, each
 started by a barrier; a step counts as long as its slowest rank."""
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def _measure(args, rank, size, barrier, gather_objects, bare, layers) -> list:
         shape = tuple(int(s) for s in spec.split("x"))
         C = shape[1]
         plain, sync, engine = layers(shape)
-        row_g, row_r = np.zeros(2 * C + 4), np.zeros(2 * C + 2)
+        row_g, row_r = np.zeros(2 * C + 4), np.zeros(2 * C + 3)
 
         def timed(fn):
             """This rank's seconds for fn, started together by a barrier."""
@@ -203,7 +203,7 @@ def driver(args: argparse.Namespace) -> int:
         f"({os.cpu_count()} CPUs): ranks > CPUs are oversubscribed. Medians of {args.reps} steps (us), slowest rank.",
         f"Load average before the run: {load}.",
         "| ranks | shard (N,C,H,W) | plain step | sync step | local (kernels + Python) | in collectives "
-        "| bare allgather P(2C+4) | bare allreduce 2C+2 | sync / plain |",
+        "| bare allgather P(2C+4) | bare allreduce 2C+3 | sync / plain |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
