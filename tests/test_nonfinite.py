@@ -196,3 +196,64 @@ def test_bfloat16_nan_lanes_stay_quiet_nans_with_their_payload(layout):
     poisoned[chans] = True
     assert np.isnan(np.moveaxis(y, 1, 0)[poisoned]).all()
     np.testing.assert_array_equal(np.moveaxis(y, 1, 0)[~poisoned], np.moveaxis(y_ref, 1, 0)[~poisoned])
+
+
+# ---- huge finite values: statistics that fit the dtype stay finite ------------------------------
+
+# Powers of two (exact scalings): float32 and bfloat16 values about 2^62 = 5e18 with variances
+# about 1e37, near float32's largest (3.4e38); float64 ones about 1e151 with variances about 1e302
+# (the moments keep the sum of squared deviations, count x variance, which must fit a double).
+HUGE = {"float32": 2.0**60, "bfloat16": 2.0**60, "float64": 2.0**500}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"] + (["bfloat16"] if HAVE_TORCH else []))
+@pytest.mark.parametrize("name", list(td.CASES))
+def test_huge_finite_values_give_finite_statistics(name, dtype, restore_threads):
+    """Finite values whose variance the dtype holds give that variance, never Inf (invstd 0, y 0)
+    or NaN: the kernels add blocks in the accumulation type, whose sums overflow first, and such
+    channels are taken again in double (plan.h, rescued_moments). x is a case's values times a
+    power of two (its statistics the same multiples), one channel also shifted to about 1e37 (a
+    float32 sum's overflow) where the dtype allows, on every CPU path, 1 and 2 threads."""
+    x64, _, axis = td.case_input(name, "float64")
+    x64 = np.array(x64) - 10  # centred: the spread, not the offset, makes the variance huge
+    scale = HUGE[dtype]
+    x = on(x64 * scale, dtype, "cpu")
+    held = host(x) / scale  # the values the dtype holds, unscaled
+    shift = np.zeros(x64.shape[axis])
+    if dtype != "float64":
+        shift[0] = 2.0**123  # 1.06e37: channel 0's sum overflows float32
+        bshape = [1] * x64.ndim
+        bshape[axis] = -1
+        x = on(held * scale + shift.reshape(bshape), dtype, "cpu")
+        held = host(x) / scale
+    red = tuple(d for d in range(x64.ndim) if d != axis % x64.ndim)
+    want_mean, want_var = held.mean(axis=red) * scale, held.var(axis=red) * scale**2
+    for threads in (1, 2):
+        bn.set_num_threads(threads)
+        mean, var, _ = bn.statistics(x, axis=axis, dtype="float64")
+        # The mean to float32's rounding of values of the channel's spread (float64: its own).
+        close = 1e-6 if dtype != "float64" else 1e-12
+        err = np.abs(host(mean) - want_mean) / (np.abs(want_mean) + np.sqrt(want_var))
+        assert err.max() <= close, f"mean, {threads} threads: relative error {err.max()}"
+        np.testing.assert_allclose(host(var), want_var, rtol=1e-5 if dtype != "float64" else 1e-9,
+                                   err_msg=f"var, {threads} threads")
+        y, _, invstd = bn.forward_training(x, axis=axis)
+        assert np.isfinite(host(invstd)).all() and (host(invstd) > 0).all()
+        bshape = [1] * x64.ndim
+        bshape[axis % x64.ndim] = -1
+        want_y = (held - (want_mean / scale).reshape(bshape)) * scale / np.sqrt(want_var + 1e-5).reshape(bshape)
+        tol = {"float32": 1e-5, "float64": 1e-12, "bfloat16": 2e-2}[dtype]
+        np.testing.assert_allclose(host(y), want_y, rtol=tol, atol=tol, err_msg=f"y, {threads} threads")
+
+
+def test_constant_channel_at_float32_s_largest_values():
+    """The review's case: every value 1e38 (their float32 sum overflows): mean 1e38, variance 0,
+    y the bias, not NaN."""
+    x = np.full((4, 2), 1e38, np.float32)
+    mean, var, _ = bn.statistics(x)
+    np.testing.assert_array_equal(mean, np.float32(1e38))
+    np.testing.assert_array_equal(var, 0)
+    rm, rv = np.zeros(2, np.float32), np.ones(2, np.float32)
+    y, _, _ = bn.forward_training(x, bias=np.full(2, 0.5, np.float32), running_mean=rm, running_var=rv)
+    np.testing.assert_array_equal(y, 0.5)
+    np.testing.assert_allclose(rm, 1e37, rtol=1e-6)

@@ -4,6 +4,7 @@
 // in cache) or groups of one channel (few channels, many threads).
 #pragma once
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <new>
 #include <type_traits>
@@ -402,11 +403,58 @@ struct ChanMerge {
 };
 static_assert(has_group_merge<ChanMerge, Moments<double>>::value, "merge_group takes ChanMerge's group");
 
+// Calls f(value as double) for every value of one channel (xc: its first), rows of the walk
+// in order: the scalar walk of the fallback below.
+template <class T, class F>
+void each_value(const T* xc, const Layout& L, F&& f) {
+  const int64_t inner = L.inner(), stride = L.inner_stride(0);
+  for (int64_t o = 0; o < L.count / inner; ++o) {
+    const T* row = xc + L.outer_offset(0, o);
+    for (int64_t i = 0; i < inner; ++i) f(static_cast<double>(load(row[i * stride])));
+  }
+}
+
+// A channel's moments again, in double and scaled by a power of two, when the kernels' are
+// not finite though its values are. The kernels sum blocks in the accumulation type, whose
+// sums of finite values overflow where double's do not: float32 or bfloat16 values past
+// about 1e37 (their sum), deviations past about 1e18 (their squares; a variance past 1e36
+// came back Inf, and invstd 0, y 0). A channel holding a NaN or an Inf keeps the kernels'
+// moments (NaN propagates as ever); others never get here, so their bits are the kernels'.
+// Two scalar passes over the channel, single-threaded: a cost only where the result was wrong.
+template <class T>
+Moments<double> rescued_moments(const T* xc, const Layout& L, const Moments<double>& m) {
+  double largest = 0.0;
+  bool finite = true;
+  each_value(xc, L, [&](double v) {
+    finite = finite && std::isfinite(v);
+    largest = std::max(largest, std::fabs(v));
+  });
+  if (!finite || largest == 0.0) return m;
+  // Values over 2^e in [1, 2): sums of squares stay far from double's range (float64 inputs).
+  const int e = std::ilogb(largest);
+  const double n = static_cast<double>(L.count);
+  double sum = 0.0;
+  each_value(xc, L, [&](double v) { sum += std::ldexp(v, -e); });
+  const double mean = sum / n;
+  double m2 = 0.0;
+  each_value(xc, L, [&](double v) {
+    const double d = std::ldexp(v, -e) - mean;
+    m2 += d * d;
+  });
+  return Moments<double>{n, std::ldexp(mean, e), std::ldexp(m2, 2 * e)};
+}
+
 // Per-channel moments of x (the reduce executor with the Chan merge); per_channel(c, m),
-// finalize and per_block as in reduce_all.
+// finalize and per_block as in reduce_all. Moments that overflowed are recomputed
+// (rescued_moments).
 template <class T, class F, class Fin, class B>
-bool all_moments(const Kernels<T>& k, const T* x, const Layout& L, const Plan& plan, F&& per_channel,
+bool all_moments(const Kernels<T>& k, const T* x, const Layout& L, const Plan& plan, F&& per_channel_fast,
                  Fin&& finalize, B&& per_block) {
+  auto per_channel = [&](int64_t c, const Moments<double>& m) {
+    if (std::isfinite(m.mean) && std::isfinite(m.m2)) [[likely]]
+      return per_channel_fast(c, m);
+    per_channel_fast(c, rescued_moments(x + c * L.channel_stride[0], L, m));
+  };
   const int64_t C = L.channels;
   const int64_t run = channels_last_run(plan.walk(L).channels, sizeof(T));  // of the whole row
   return reduce_all<Moments<double>>(
