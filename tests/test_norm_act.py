@@ -71,6 +71,71 @@ def test_other_activation_and_no_act():
     assert isinstance(m.act, torch.nn.Identity)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("act", ["silu", "relu-with-drop", "no-act-then-inplace"])
+def test_in_place_ops_after_the_norm_backpropagate(act, training):
+    """timm's default inplace=True activations (SiLU, ...), a drop layer before a ReLU, and an
+    in-place add on an un-activated output modify the norm's output in place: the backward must
+    not have kept it (only the fused ReLU reads it), as torch's BatchNorm2d does not."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 3, 5, 5, generator=g)
+    shortcut = torch.randn(4, 3, 5, 5, generator=g)
+    if act == "silu":
+        m = BatchNormAct2d(3, act_layer=torch.nn.SiLU)
+        after = torch.nn.SiLU(inplace=True)
+    elif act == "relu-with-drop":
+        m = BatchNormAct2d(3, drop_layer=lambda: torch.nn.Dropout(0.0, inplace=True))
+        after = torch.nn.ReLU(inplace=True)
+    else:
+        m = BatchNormAct2d(3, apply_act=False)
+        after = None
+    ref = _reference(m)
+    m.train(training)
+    ref.train(training)
+    outs = []
+    for layer in (m, ref):
+        xr = x.clone().requires_grad_()
+        out = layer(xr)
+        if layer is ref and after is not None:
+            out = after(out)
+        if after is None:
+            out += shortcut  # in place on the norm's output
+            out = torch.relu(out)
+        out.square().sum().backward()
+        outs.append((out, xr.grad, layer.weight.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_swapped_act_and_hooks_take_effect():
+    """.act and .drop are read at every call (timm's forward calls them): swapping the ReLU for
+    nn.Identity removes it, and a hook on .act fires (the fused op would skip both)."""
+    x = torch.randn(4, 3, 5, 5)
+    m = BatchNormAct2d(3)
+    ref = _reference(m)
+    assert (m(x) >= 0).all()
+    m.act = torch.nn.Identity()
+    torch.testing.assert_close(m(x), ref(x), rtol=1e-5, atol=1e-6)
+    m.act = torch.nn.ReLU()
+    seen = []
+    m.act.register_forward_hook(lambda mod, inp, out: seen.append(out))
+    y = m(x)
+    assert len(seen) == 1 and seen[0] is y
+    torch.testing.assert_close(y, torch.relu(ref(x)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,module", [("silu", torch.nn.SiLU), ("gelu", torch.nn.GELU), ("hard_swish", torch.nn.Hardswish),
+                                         ("relu6", torch.nn.ReLU6), ("identity", torch.nn.Identity)])
+def test_activation_names_as_timm_takes_them(name, module):
+    m = BatchNormAct2d(3, act_layer=name)
+    assert type(m.act) is module
+    x = torch.randn(4, 3, 5, 5)
+    ref = _reference(m)
+    torch.testing.assert_close(m(x), module()(ref(x)), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="act_layer must be .* one of .*'silu'.* got 'sigmoidal'"):
+        BatchNormAct2d(3, act_layer="sigmoidal")
+
+
 def test_opcheck():
     x = torch.randn(4, 3, 5, 5)
     r = torch.randn(4, 3, 5, 5)

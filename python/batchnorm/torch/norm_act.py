@@ -97,12 +97,19 @@ for _name in ("forward_training_act", "forward_inference_act", "backward_act"):
     _func.rule(_name)
 
 
+def _mask_source(y: Tensor, relu: bool) -> Optional[Tensor]:
+    """What the backward keeps of the output: y for the ReLU's mask, nothing without one, so
+    that an in-place op on the output (an activation after BN, out += shortcut) does not
+    invalidate a saved tensor the backward never reads."""
+    return y if relu else None
+
+
 def _training_setup(ctx, inputs, output):
     x, residual, weight, bias = inputs[:4]
     ctx.relu, ctx.eps = inputs[8], inputs[7]
     ctx.residual = residual is not None
     y, mean, invstd, new_mean, new_var = output
-    ctx.save_for_backward(x, y, weight, mean, invstd)
+    ctx.save_for_backward(x, _mask_source(y, ctx.relu), weight, mean, invstd)
     _dtypes(ctx, weight, bias)
     ctx.mark_non_differentiable(mean, invstd, new_mean, new_var)
 
@@ -118,8 +125,8 @@ def _training_grads(ctx, dy, backward):
         dx, dweight, dbias = _twice.training(dres, x, mean, invstd, weight, ctx.eps)
     else:
         dx, dweight, dbias, dres = _ops.unrecorded(  # nothing differentiates it (see _ops._inference_grads)
-            backward, dy, x, y, mean, invstd, weight, ctx.relu, ctx.residual and needs_r
-        )
+            backward, dy, x, y if ctx.relu else x, mean, invstd, weight, ctx.relu, ctx.residual and needs_r
+        )  # (without the ReLU y is not read, nor kept: x stands in for the op's Tensor argument)
     return (dx if needs_x else None, dres if ctx.residual and needs_r else None,
             *_ops.param_grads(ctx, dweight, dbias, needs_w, needs_b))
 
@@ -136,7 +143,7 @@ torch.library.register_autograd(
 def _inference_setup(ctx, inputs, output):
     x, residual, mean, var, weight, bias, eps, relu = inputs
     ctx.eps, ctx.relu, ctx.residual = eps, relu, residual is not None
-    ctx.save_for_backward(x, output, mean, var, weight)
+    ctx.save_for_backward(x, _mask_source(output, relu), mean, var, weight)
     _dtypes(ctx, weight, bias)
 
 
@@ -166,7 +173,7 @@ class _TrainingAct(torch.autograd.Function):
         y, mean, invstd = _train(x, weight, bias, *running, momentum, eps, residual, _code(relu))
         _ops.bump_versions(x, running)
         ctx.relu, ctx.residual, ctx.eps = relu, residual is not None, eps
-        ctx.save_for_backward(x, y, weight, mean, invstd)
+        ctx.save_for_backward(x, _mask_source(y, relu), weight, mean, invstd)
         _dtypes(ctx, weight, bias)
         return y
 
@@ -220,16 +227,22 @@ def batch_norm_act(
         raise _ops.named_running(e) from None
 
 
-def _is_relu(act_layer: Any, act_kwargs: Optional[dict]) -> bool:
-    """Whether the activation is a plain ReLU (fused); anything else runs after the norm."""
-    return act_layer in (nn.ReLU, F.relu, torch.relu, "relu") and not (act_kwargs or {})
+# Activation names as timm's get_act_layer takes them (its common ones, as torch.nn's modules).
+_ACT_NAMES = {
+    "relu": nn.ReLU, "relu6": nn.ReLU6, "leaky_relu": nn.LeakyReLU, "elu": nn.ELU, "celu": nn.CELU,
+    "selu": nn.SELU, "gelu": nn.GELU, "silu": nn.SiLU, "swish": nn.SiLU, "mish": nn.Mish, "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh, "hard_sigmoid": nn.Hardsigmoid, "hardsigmoid": nn.Hardsigmoid, "hard_swish": nn.Hardswish,
+    "hardswish": nn.Hardswish, "prelu": nn.PReLU, "identity": nn.Identity,
+}
 
 
 def _make_act(act_layer: Any, act_kwargs: Optional[dict], inplace: bool) -> nn.Module:
+    """The activation module, built as timm builds it (inplace where the class takes it)."""
     if isinstance(act_layer, str):
-        if act_layer != "relu":
-            raise ValueError(f"act_layer must be an nn.Module class, a callable or 'relu', got {act_layer!r}")
-        act_layer = nn.ReLU
+        if act_layer not in _ACT_NAMES:
+            raise ValueError(f"act_layer must be an nn.Module class, a callable or one of {sorted(_ACT_NAMES)}, "
+                             f"got {act_layer!r}")
+        act_layer = _ACT_NAMES[act_layer]
     if isinstance(act_layer, type) and issubclass(act_layer, nn.Module):
         kwargs = dict(act_kwargs or {})
         try:
@@ -238,7 +251,21 @@ def _make_act(act_layer: Any, act_kwargs: Optional[dict], inplace: bool) -> nn.M
             return act_layer(**kwargs)
     if callable(act_layer):
         return _Callable(act_layer)
-    raise TypeError(f"act_layer must be an nn.Module class, a callable or 'relu', got {type(act_layer).__name__}")
+    raise TypeError(f"act_layer must be an nn.Module class, a callable or an activation name, got "
+                    f"{type(act_layer).__name__}")
+
+
+_RELU_FUNCTIONS = (F.relu, torch.relu)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling the module runs hooks (its own or every module's), which the fused path
+    would skip."""
+    own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+    g = torch.nn.modules.module
+    everyone = (g._global_forward_hooks, g._global_forward_pre_hooks, g._global_backward_hooks,
+                g._global_backward_pre_hooks)
+    return any(own) or any(everyone)
 
 
 class _Callable(nn.Module):
@@ -276,9 +303,22 @@ class BatchNormAct2d(nn.BatchNorm2d):
                          track_running_stats=track_running_stats, device=device, dtype=dtype)
         self.drop = drop_layer() if drop_layer is not None else nn.Identity()
         self.act = _make_act(act_layer, act_kwargs, inplace) if apply_act else nn.Identity()
-        # The fused path: a plain ReLU (or none) with nothing in between.
-        self._fused_relu = apply_act and _is_relu(act_layer, act_kwargs)
-        self._fusable = drop_layer is None and (self._fused_relu or not apply_act)
+
+    def _fused_relu(self) -> Optional[bool]:
+        """Whether the fused op applies its ReLU (a plain ReLU, or no activation, with no drop
+        layer in between), or None for the unfused path. Read from .drop and .act at every
+        call, not at construction: a loop that swaps .act (for nn.Identity, another
+        activation) or a hook on either module takes effect, as in timm's forward."""
+        if type(self.drop) is not nn.Identity or _hooked(self.drop):
+            return None
+        act = self.act
+        if _hooked(act):
+            return None
+        if type(act) is nn.Identity:
+            return False
+        if type(act) is nn.ReLU or (type(act) is _Callable and act.fn in _RELU_FUNCTIONS):
+            return True
+        return None
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:  # type: ignore[override]
         self._check_input_dim(x)
@@ -290,9 +330,10 @@ class BatchNormAct2d(nn.BatchNorm2d):
         tracked = not self.training or self.track_running_stats
         rm = self.running_mean if tracked else None
         rv = self.running_var if tracked else None
-        if self._fusable:
+        relu = self._fused_relu()
+        if relu is not None:
             return batch_norm_act(x, rm, rv, self.weight, self.bias, bn_training, factor, self.eps,
-                                  residual=residual, relu=self._fused_relu)
+                                  residual=residual, relu=relu)
         y = batch_norm_act(x, rm, rv, self.weight, self.bias, bn_training, factor, self.eps, residual=None, relu=False)
         y = self.drop(y)
         if residual is not None:
