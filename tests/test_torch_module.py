@@ -252,6 +252,41 @@ def test_convert_errors():
         bt.convert(3)
 
 
+def test_convert_sync_refuses_what_it_cannot_synchronize_before_changing_anything():
+    """sync=True would drop a variant layer's options or BatchNormAct2d's activation: a
+    ValueError naming the layer, the model untouched; a user's subclass of torch's layer is
+    left as it is, with a warning (it may have its own forward)."""
+    class Mine(nn.BatchNorm2d):
+        pass
+
+    for layer, match in ((bt.BatchNorm2d(4, skip_nonfinite=True, running_var_unbiased=False),
+                          r"1.0 \(BatchNorm2d\) has skip_nonfinite=True, running_var_unbiased=False"),
+                         (bt.BatchNorm2d(4, renorm=(3, 5)), r"renorm=\(3.0, 5.0\)"),
+                         (bt.BatchNormAct2d(4), r"1.0 is a BatchNormAct2d, which has no synchronized form")):
+        model = nn.Sequential(nn.BatchNorm2d(4), nn.Sequential(layer))
+        with pytest.raises(ValueError, match=match):
+            bt.convert(model, sync=True)
+        assert type(model[0]) is nn.BatchNorm2d and model[1][0] is layer  # nothing replaced
+    model = nn.Sequential(nn.BatchNorm2d(4), Mine(4))
+    with pytest.warns(UserWarning, match=r"leaves 1 \(Mine, a subclass .*\) unsynchronized"):
+        bt.convert(model, sync=True)
+    assert type(model[0]) is bt.SyncBatchNorm and type(model[1]) is Mine
+    assert type(bt.convert(nn.Sequential(bt.BatchNormAct2d(4)))[0]) is bt.BatchNormAct2d  # sync=False: as it is
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_convert_keeps_a_shared_layer_one_layer(sync):
+    """A layer registered under two names (here and in a nested module) is replaced by one
+    layer everywhere, as one object it was."""
+    shared = nn.BatchNorm2d(3)
+    inner = nn.Sequential(shared)
+    model = nn.Module()
+    model.a, model.b, model.inner = shared, shared, inner
+    bt.convert(model, sync=sync)
+    assert type(model.a) is (bt.SyncBatchNorm if sync else bt.BatchNorm2d)
+    assert model.a is model.b is model.inner[0]
+
+
 # ---- the ops: opcheck, gradcheck, compile -----------------------------------------------------
 
 

@@ -3,11 +3,14 @@ the very Parameter and buffer objects (optimizers, devices, dtypes and requires_
 over untouched)."""
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from typing import Any, Dict, Optional
 
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _Base
+from .norm_act import BatchNormAct2d
 from .sync import SyncBatchNorm
 
 # Exact types: a user's subclass of torch's layers may have its own forward.
@@ -55,7 +58,11 @@ def convert(module: torch.nn.Module, *, sync: bool = False, process_group: Any =
     sync=False: each layer becomes its counterpart (torch's SyncBatchNorm ours, keeping its
     process group). sync=True: every batch norm layer, torch's or ours, becomes
     batchnorm.torch.SyncBatchNorm on `process_group` (None: the default group, or a
-    SyncBatchNorm's own group), as torch.nn.SyncBatchNorm.convert_sync_batchnorm does."""
+    SyncBatchNorm's own group), as torch.nn.SyncBatchNorm.convert_sync_batchnorm does; a
+    layer with training variants on, or a BatchNormAct2d, is a ValueError (synchronized, it
+    would compute something else), raised before anything is replaced, and a user's subclass
+    of torch's layers is left as it is with a warning. A layer registered under several names
+    stays one layer."""
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     if not isinstance(sync, bool):
@@ -67,12 +74,61 @@ def convert(module: torch.nn.Module, *, sync: bool = False, process_group: Any =
 
 
 def _convert(module: torch.nn.Module, sync: bool, process_group: Any) -> torch.nn.Module:
-    if sync and type(module) in _SYNCED:
-        return _replacement(module, SyncBatchNorm, process_group)
-    if not sync and type(module) in _OURS:
-        return _replacement(module, _OURS[type(module)], None)
+    """Plans every replacement first (a refused layer raises before anything changed), one
+    per module object (a layer registered under two names stays one layer), then applies them."""
+    plan: Dict[int, torch.nn.Module] = {}
+    _plan(module, "", sync, process_group, plan)
+    return _apply(module, plan, set())
+
+
+def _plan(module: torch.nn.Module, path: str, sync: bool, process_group: Any, plan: Dict[int, torch.nn.Module]) -> None:
+    if id(module) in plan:
+        return
+    new = _replacing(module, path or "the model", sync, process_group)
+    if new is not None:
+        plan[id(module)] = new
+        return
     for name, child in module.named_children():
-        new = _convert(child, sync, process_group)
+        _plan(child, f"{path}.{name}" if path else name, sync, process_group, plan)
+
+
+def _replacing(module: torch.nn.Module, where: str, sync: bool, process_group: Any) -> Optional[torch.nn.Module]:
+    """The module's replacement, None to look inside it, or the ValueError of a layer
+    sync=True cannot synchronize without changing what it computes."""
+    if not sync:
+        return _replacement(module, _OURS[type(module)], None) if type(module) in _OURS else None
+    if type(module) in _SYNCED:
+        variants = module._variant_options() if isinstance(module, _Base) else []
+        if variants:
+            raise ValueError(
+                f"convert(sync=True): {where} ({type(module).__name__}) has {', '.join(variants)}, which SyncBatchNorm "
+                "does not offer (batch renorm and ghost batch norm are per-process ideas); convert it with sync=False "
+                "or drop those options, got such a layer"
+            )
+        return _replacement(module, SyncBatchNorm, process_group)
+    if isinstance(module, BatchNormAct2d):
+        raise ValueError(
+            f"convert(sync=True): {where} is a BatchNormAct2d, which has no synchronized form (SyncBatchNorm would "
+            "drop its activation); keep it per process with sync=False, got one"
+        )
+    if isinstance(module, _BatchNorm):
+        warnings.warn(
+            f"convert(sync=True) leaves {where} ({type(module).__name__}, a subclass of torch's batch norm that may "
+            "have its own forward) unsynchronized", stacklevel=3
+        )
+    return None
+
+
+def _apply(module: torch.nn.Module, plan: Dict[int, torch.nn.Module], seen: set) -> torch.nn.Module:
+    if id(module) in plan:
+        return plan[id(module)]
+    if id(module) in seen:
+        return module
+    seen.add(id(module))
+    for name, child in list(module._modules.items()):  # every name (named_children skips repeats)
+        if child is None:
+            continue
+        new = _apply(child, plan, seen)
         if new is not child:
             setattr(module, name, new)
     return module

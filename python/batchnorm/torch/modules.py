@@ -88,9 +88,10 @@ class _Base(_BatchNorm):
             or not self.running_var_unbiased
         )
 
-    def extra_repr(self) -> str:
-        extra = "".join(
-            f", {k}={v!r}"
+    def _variant_options(self) -> list:
+        """The variants this layer has on, as "name=value" (its repr's, convert's message)."""
+        return [
+            f"{k}={v!r}"
             for k, v, default in (
                 ("renorm", self.renorm, None),
                 ("ghost_batch", self.ghost_batch, None),
@@ -98,8 +99,10 @@ class _Base(_BatchNorm):
                 ("running_var_unbiased", self.running_var_unbiased, True),
             )
             if v != default
-        )
-        return super().extra_repr() + extra
+        ]
+
+    def extra_repr(self) -> str:
+        return ", ".join([super().extra_repr(), *self._variant_options()])
 
     def forward(self, input: Tensor) -> Tensor:
         # torch's _BatchNorm.forward, line for line, with batch_norm for F.batch_norm.
