@@ -83,6 +83,17 @@ def test_running_statistics_are_the_population_s(ours):
     assert not model[1].training and model[4].training and model[4].momentum is None and model[1].momentum == 0.1
 
 
+def test_a_layer_tracking_the_biased_variance_gets_the_biased_one():
+    """bt.BatchNorm2d(running_var_unbiased=False) keeps the biased variance in its steps: so
+    does its recomputed statistic (it got the unbiased one)."""
+    layer = bt.BatchNorm2d(3, running_var_unbiased=False)
+    batches = [torch.randn(n, 3, 4, 4) * 2 + 1 for n in (2, 5)]
+    bt.recompute_statistics(layer, batches)
+    x = torch.cat(batches).double().numpy()
+    np.testing.assert_allclose(layer.running_var.double().numpy(), x.var(axis=(0, 2, 3)), rtol=1e-5)
+    np.testing.assert_allclose(layer.running_mean.double().numpy(), x.mean(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+
+
 def test_forward_callable_and_errors():
     model, batches = model_and_batches(False)
     counts = bt.recompute_statistics(model, [{"image": b} for b in batches], forward=lambda m, b: m(b["image"]))

@@ -93,7 +93,10 @@ def recompute_statistics(
             m.num_batches_tracked.copy_(saved[name][1])
     if sync:
         _merge_across(acc, layers, process_group)
-    one = [name for name in layers if acc[name].count == 1]
+    # The variance each layer tracks: unbiased (torch's), biased where a layer of ours keeps
+    # the biased one (running_var_unbiased=False), as its own steps would.
+    biased = {name: getattr(m, "running_var_unbiased", True) is False for name, m in layers.items()}
+    one = [name for name in layers if acc[name].count == 1 and not biased[name]]
     if one:
         raise ValueError(
             f"every batch norm layer must see at least 2 values per channel (the unbiased variance needs two), "
@@ -104,7 +107,7 @@ def recompute_statistics(
             a = acc[name]
             if a.count == 0:
                 continue
-            var = unbiased_variance(a.var, a.count)
+            var = a.var if biased[name] else unbiased_variance(a.var, a.count)
             m.running_mean.copy_(a.mean.to(m.running_mean.device))
             m.running_var.copy_(var.to(m.running_var.device))
     return {name: acc[name].count for name in layers}
