@@ -7,6 +7,7 @@ gradients under grad (the same bits as eager autograd); vmap through the ops' ba
 (no per-sample fallback). The variants' are in test_torch_double_backward.py."""
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -248,6 +249,19 @@ def test_running_statistics_captured_under_grad_refused_like_torch():
         p = dict(m.named_parameters())
         with pytest.raises(RuntimeError, match="mutate a captured Tensor"):
             func.grad(lambda p: func.functional_call(m, p, (x,)).sum())(p)
+
+
+@pytest.mark.parametrize("layer", ["module", "act", "variant"])
+def test_vmap_of_a_batched_input_into_unbatched_running_statistics_says_so_like_torch(layer):
+    """torch's own message (the running statistics do not fit the batched input), not vmap's
+    about in-place arithmetic; the buffers untouched."""
+    xs = torch.randn(5, 4, 3, 5, 5)
+    m = {"module": bt.BatchNorm2d(3), "act": bt.BatchNormAct2d(3), "variant": bt.BatchNorm2d(3, skip_nonfinite=True)}[layer]
+    with pytest.raises(RuntimeError) as theirs:
+        func.vmap(torch.nn.BatchNorm2d(3))(xs)
+    with pytest.raises(RuntimeError, match=re.escape(str(theirs.value).splitlines()[0])):
+        func.vmap(m)(xs)
+    assert torch.equal(m.running_mean, torch.zeros(3)) and torch.equal(m.running_var, torch.ones(3))
 
 
 def test_variants_with_parameters_that_require_grad():

@@ -5,6 +5,7 @@ torch.compile(fullgraph=True), and the ImportError without torch."""
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import sys
 
@@ -507,6 +508,38 @@ def test_running_statistics_that_require_grad_are_refused(call, training):
             f()
         if training:
             assert not torch.equal(rm, torch.zeros(3)) and not torch.equal(rv, torch.ones(3))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+@pytest.mark.parametrize("call", ["batch_norm", "batch_norm_act", "variant", "module"])
+def test_eps_rules_are_torch_s(call, training):
+    """torch.nn.functional.batch_norm's: eps > 0 in training, >= 0 otherwise, its ValueErrors
+    (eps 0 gave NaN on a constant channel), nothing written."""
+    if call == "variant" and not training:
+        pytest.skip("the variants are training-only")
+    x = torch.randn(4, 3, 2, 2)
+    x[:, 1] = 5.0
+    for eps in ([0.0, -1e-5] if training else [-1e-5]):
+        rm, rv = torch.zeros(3), torch.ones(3)
+
+        def f(layer):
+            if call == "batch_norm":
+                return layer(x, rm, rv, training=training, eps=eps)
+            if call == "batch_norm_act":
+                return bt.batch_norm_act(x, rm, rv, training=training, eps=eps)
+            if call == "variant":
+                return bt.variants.batch_norm_variant(x, rm, rv, eps=eps, ghost_batch=2)
+            m = (bt.BatchNorm2d if layer is bt.batch_norm else nn.BatchNorm2d)(3, eps=eps).train(training)
+            return m(x)
+
+        with pytest.raises(ValueError) as theirs:
+            f(nn.functional.batch_norm)
+        with pytest.raises(ValueError, match=re.escape(str(theirs.value))):
+            f(bt.batch_norm)
+        assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+    if not training:  # eps 0 is fine in eval (the running variances are 1)
+        eps = 0.0
+        assert torch.isfinite(f(bt.batch_norm)).all()
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["eager", "autograd"])

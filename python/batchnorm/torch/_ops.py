@@ -330,6 +330,36 @@ def check_running(running_mean: Optional[Tensor], running_var: Optional[Tensor])
                 )
 
 
+def write_running(running_mean: Optional[Tensor], new_mean: Tensor, running_var: Optional[Tensor],
+                  new_var: Tensor) -> None:
+    """The updated running statistics (the registered ops return them) into the caller's
+    buffers. Under vmap, a batched input's statistics do not fit unbatched buffers: torch's own
+    message then, not vmap's about in-place arithmetic."""
+    try:
+        if running_mean is not None:
+            running_mean.copy_(new_mean)
+        if running_var is not None:
+            running_var.copy_(new_var)
+    except RuntimeError as e:
+        if "vmap" not in str(e):
+            raise
+        raise RuntimeError(
+            "Batch norm got a batched tensor as input while the running_mean or running_var, which will be updated "
+            "in place, were not batched. (batchnorm.torch, as torch.nn's batch norm: give each vmapped model its own "
+            "running statistics, e.g. with torch.func.stack_module_state, or use track_running_stats=False.)"
+        ) from None
+
+
+def check_eps(eps: Any, training: bool) -> None:
+    """torch.nn.functional.batch_norm's eps rules, with its messages: positive in training (a
+    constant channel's variance is 0), non-negative otherwise. (Its type is the core's check.)"""
+    if isinstance(eps, (int, float)) and not isinstance(eps, bool):
+        if training and eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+        if eps < 0.0:
+            raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
 # The inference ops name their statistics `mean` and `var`; batch_norm and batch_norm_act take
 # them as the caller's running_mean and running_var. Those messages use the two words only as
 # the arguments' names.

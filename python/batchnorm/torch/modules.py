@@ -30,6 +30,7 @@ def batch_norm(
     statistics normalize `input` and, when given, the running statistics are updated in
     place; otherwise the running statistics normalize it."""
     _ops.check_running(running_mean, running_var)
+    _ops.check_eps(eps, training)
     if training:
         F._verify_batch_size(input.size())  # torch's own check and message
         if _ops.eager(input, weight, bias, running_mean, running_var):
@@ -37,10 +38,7 @@ def batch_norm(
         y, _, _, new_mean, new_var = _func.call(
             "forward_training", input, weight, bias, running_mean, running_var, momentum, eps
         )
-        if running_mean is not None:
-            running_mean.copy_(new_mean)
-        if running_var is not None:
-            running_var.copy_(new_var)
+        _ops.write_running(running_mean, new_mean, running_var, new_var)
         return y
     if running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var must be given when training=False, got None")

@@ -200,6 +200,7 @@ def batch_norm_act(
     """relu(batch_norm(input, ...) + residual) (relu=False: without the ReLU; residual None:
     without the add) as one op, with torch.nn.functional.batch_norm's arguments."""
     _ops.check_running(running_mean, running_var)
+    _ops.check_eps(eps, training)
     if training:
         F._verify_batch_size(input.size())
         if _ops.eager(input, residual, weight, bias, running_mean, running_var):
@@ -210,10 +211,7 @@ def batch_norm_act(
         y, _, _, new_mean, new_var = _func.call(
             "forward_training_act", input, residual, weight, bias, running_mean, running_var, momentum, eps, relu
         )
-        if running_mean is not None:
-            running_mean.copy_(new_mean)
-        if running_var is not None:
-            running_var.copy_(new_var)
+        _ops.write_running(running_mean, new_mean, running_var, new_var)
         return y
     if running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var must be given when training=False, got None")

@@ -140,13 +140,11 @@ def batch_norm_variant(
     """Training-mode batch norm with the variants of batchnorm.forward_training (the running
     statistics, when given, updated in place). Evaluation is plain batch norm (batch_norm)."""
     _ops.check_running(running_mean, running_var)
+    _ops.check_eps(eps, True)
     renorm_list = None if renorm is None else [float(v) for v in renorm]
     y, _, _, _, _, new_mean, new_var = _func.call(
         "forward_training_variant", input, weight, bias, running_mean, running_var, momentum, eps,
         running_var_unbiased, skip_nonfinite, renorm_list, 0 if ghost_batch is None else int(ghost_batch),
     )  # fmt: skip
-    if running_mean is not None:
-        running_mean.copy_(new_mean)
-    if running_var is not None:
-        running_var.copy_(new_var)
+    _ops.write_running(running_mean, new_mean, running_var, new_var)
     return y
