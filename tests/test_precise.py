@@ -47,6 +47,16 @@ def test_float32_and_torch_batches():
     np.testing.assert_allclose(var.numpy(), whole.var(axis=(0, 2, 3)), rtol=1e-7)
 
 
+def test_empty_batches_are_skipped_whatever_their_channels():
+    """As the docstring says: an empty batch first (or with another channel count) adds
+    nothing and fixes nothing (it made the next batch's channels an error)."""
+    a = np.random.default_rng(2).standard_normal((5, 4))
+    mean, var, count = bn.precise_statistics([np.zeros((0, 3)), a, np.zeros((0, 7))])
+    assert count == 5
+    np.testing.assert_allclose(mean, a.mean(axis=0), rtol=1e-14)
+    np.testing.assert_allclose(var, a.var(axis=0), rtol=1e-12)
+
+
 def test_errors():
     with pytest.raises(ValueError, match="at least one value per channel, got none"):
         bn.precise_statistics([])

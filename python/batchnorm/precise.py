@@ -45,15 +45,15 @@ def precise_statistics(batches: Iterable[Any], *, axis: int = 1) -> Tuple[Any, A
     for i, x in enumerate(batches):
         where = f"batches[{i}]"
         c, n = _count_of(x, axis, where)
-        if channels is None and c > 0:
+        if n == 0:
+            continue  # skipped, its channel count unchecked: it adds nothing
+        if channels is None:
             channels = (c, i)
-        elif channels is not None and c != channels[0]:
+        elif c != channels[0]:
             raise ValueError(
                 f"{where} must have {channels[0]} channels along axis {axis} (as batches[{channels[1]}]), "
                 f"got shape {tuple(x.shape)}"
             )
-        if n == 0:
-            continue
         m, v, n = F.statistics(x, axis=axis, dtype="float64")
         if mean is None:
             mean, var, count = m, v, n
