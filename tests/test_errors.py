@@ -674,3 +674,21 @@ def test_jax_arrays_are_never_written():
     with pytest.raises(ValueError, match="^out must be a writable array, got an immutable JAX array"):
         bn.forward_inference(jnp.asarray(x), np.zeros(4), np.ones(4), out=jnp.zeros((8, 4)))
     assert (np.asarray(rm) == 0).all() and (np.asarray(rv) == 1).all()
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda x, m, v: bn.merge_statistics([m], [v], [2**63]), r"counts\[0\] must fit in 64 bits"),
+    (lambda x, m, v: bn.forward_training(x, batch_statistics=(m, v, 2**63)), "batch_statistics count must fit in 64"),
+    (lambda x, m, v: bn.backward_elemt(x, x, m, v, m, v, -(2**64)), r"count must fit in 64 bits .* got -1844"),
+    (lambda x, m, v: bn.forward_training(x, ghost_batch=2**64), "ghost_batch must fit in 64 bits"),
+    (lambda x, m, v: bn.forward_training(x, momentum=10**400), "momentum must be within float64's range .* 401 digits"),
+    (lambda x, m, v: bn.forward_inference(x, m, v, eps=-(10**400)), "eps must be within float64's range"),
+    (lambda x, m, v: bn.BatchNorm(2**70), "num_features must fit in 64 bits"),
+], ids=["merge-count", "batch-count", "elemt-count", "ghost", "momentum", "eps", "num_features"])
+def test_numbers_past_the_native_types_are_value_errors(call, message):
+    """Python ints past int64 and reals past float64 name their argument (pybind11 said
+    "incompatible function arguments" or "Unable to cast", float() an OverflowError)."""
+    x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    m, v, _ = bn.statistics(x)
+    with pytest.raises(ValueError, match=message):
+        call(x, m, v)

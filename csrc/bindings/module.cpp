@@ -255,7 +255,10 @@ py::tuple py_merge_statistics(py::handle means, py::handle vars, py::handle coun
     py::object c = cs[i];
     const bool integral = PyIndex_Check(c.ptr()) && !PyBool_Check(c.ptr());
     BN_EXPECTS(integral, type_error, "counts[", i, "] must be an int, got ", type_name(c));
-    p.counts.push_back(py::int_(c).cast<int64_t>());
+    int overflow = 0;  // (pybind11's cast of an int past int64 said "Unable to cast")
+    const long long n = PyLong_AsLongLongAndOverflow(py::int_(c).ptr(), &overflow);
+    BN_EXPECTS(overflow == 0, value_error, "counts[", i, "] must fit in 64 bits (< 2**63), got a larger int");
+    p.counts.push_back(static_cast<int64_t>(n));
   }
   p.exec.stream = call.exec_stream();
   const MergeStatisticsSpecs s = merge_statistics_specs(p);

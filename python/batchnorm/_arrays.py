@@ -215,15 +215,22 @@ def check_out(out: Any) -> None:
     check_written(out, "out")
 
 
+_INT64 = 1 << 63
+
+
 def check_int(value: Any, name: str) -> int:
-    if type(value) is int:
-        return value
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    """An int the native layer takes as int64: out of its range is a ValueError naming the
+    argument (pybind11's conversion said only "incompatible function arguments")."""
+    if type(value) is not int:
+        if isinstance(value, bool):
+            raise TypeError(f"{name} must be an int, got bool")
+        try:
+            value = operator.index(value)
+        except TypeError:
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if not -_INT64 <= value < _INT64:
+        raise ValueError(f"{name} must fit in 64 bits (|{name}| < 2**63), got {value}")
+    return value
 
 
 def check_axis(value: Any, x: Any) -> int:
@@ -247,3 +254,7 @@ def check_real(value: Any, name: str) -> float:
         return float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
+    except OverflowError:  # an int past float64's range
+        digits = len(str(abs(int(value)))) if isinstance(value, int) else None
+        got = f"an int of {digits} digits" if digits else type(value).__name__
+        raise ValueError(f"{name} must be within float64's range (about 1.8e308), got {got}") from None
