@@ -218,16 +218,21 @@ def check_out(out: Any) -> None:
 _INT64 = 1 << 63
 
 
+def _as_int(value: Any, name: str) -> int:
+    if type(value) is int:
+        return value
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+
+
 def check_int(value: Any, name: str) -> int:
     """An int the native layer takes as int64: out of its range is a ValueError naming the
     argument (pybind11's conversion said only "incompatible function arguments")."""
-    if type(value) is not int:
-        if isinstance(value, bool):
-            raise TypeError(f"{name} must be an int, got bool")
-        try:
-            value = operator.index(value)
-        except TypeError:
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    value = _as_int(value, name)
     if not -_INT64 <= value < _INT64:
         raise ValueError(f"{name} must fit in 64 bits (|{name}| < 2**63), got {value}")
     return value
@@ -236,7 +241,7 @@ def check_int(value: Any, name: str) -> int:
 def check_axis(value: Any, x: Any) -> int:
     """An int axis; values the native layer cannot even represent (beyond a C int) are
     reported like any other out-of-range axis instead of failing the argument conversion."""
-    axis = check_int(value, "axis")
+    axis = _as_int(value, "axis")
     if not -(2**31) <= axis < 2**31:
         ndim = getattr(x, "ndim", None)
         if isinstance(ndim, int) and not isinstance(ndim, bool):
