@@ -692,3 +692,22 @@ def test_numbers_past_the_native_types_are_value_errors(call, message):
     m, v, _ = bn.statistics(x)
     with pytest.raises(ValueError, match=message):
         call(x, m, v)
+
+
+@pytest.mark.parametrize("case", ["x-meta", "weight-meta", "weight-meta-numpy-x", "weight-sparse", "x-sparse"])
+def test_torch_tensors_without_memory_are_type_errors_naming_the_argument(case):
+    """meta and sparse tensors: a TypeError naming the argument (torch's own ValueError,
+    BufferError or RuntimeError came through, naming nothing)."""
+    torch = pytest.importorskip("torch")
+    x = torch.randn(4, 3)
+    meta, sparse = torch.ones(3, device="meta"), torch.ones(3).to_sparse()
+    calls = {
+        "x-meta": (lambda: bn.statistics(torch.ones(4, 3, device="meta")), "x must be on the CPU or a CUDA device"),
+        "weight-meta": (lambda: bn.forward_training(x, meta), "weight must be on the CPU or a CUDA device"),
+        "weight-meta-numpy-x": (lambda: bn.forward_training(x.numpy(), meta), "weight must be on the CPU or a CUDA"),
+        "weight-sparse": (lambda: bn.forward_training(x, sparse), "weight could not be exported through DLPack"),
+        "x-sparse": (lambda: bn.statistics(x.to_sparse()), "x could not be exported through DLPack"),
+    }
+    call, message = calls[case]
+    with pytest.raises(TypeError, match=message):
+        call()

@@ -71,6 +71,17 @@ std::string exception_message(const py::error_already_set& e) {
   return py::str(e.value()).cast<std::string>();
 }
 
+// obj.__dlpack_device__(), or a TypeError naming the argument where the producer cannot say
+// (torch raises a ValueError for its meta device).
+py::tuple dlpack_device(py::handle obj, const char* arg) {
+  try {
+    return obj.attr("__dlpack_device__")();
+  } catch (py::error_already_set& e) {
+    throw type_error(detail::concat(arg, " must be on the CPU or a CUDA device, got an array whose DLPack device ",
+                                    "is unknown: ", exception_message(e)));
+  }
+}
+
 void import_dlpack(Imported& imp, py::handle obj, const char* arg, int64_t stream) {
   // torch refuses to export a tensor that requires grad; say why and what to use instead.
   if (py::hasattr(obj, "requires_grad") && py::bool_(obj.attr("requires_grad"))) {
@@ -78,7 +89,7 @@ void import_dlpack(Imported& imp, py::handle obj, const char* arg, int64_t strea
                                     "graph; train with batchnorm.torch (BatchNorm2d, convert), or pass ", arg,
                                     ".detach()"));
   }
-  const py::tuple dev = obj.attr("__dlpack_device__")();
+  const py::tuple dev = dlpack_device(obj, arg);
   const int32_t dev_type = dev[0].cast<int32_t>();
   const int32_t dev_id = dev[1].cast<int32_t>();
   device_of_dlpack(dev_type, dev_id, arg);  // reject unsupported devices before any export
@@ -387,7 +398,7 @@ Imported::~Imported() {
 bool array_device(py::handle obj, Device& device, const char* arg) {
   if (obj.is_none()) return false;
   if (!py::isinstance<py::array>(obj) && py::hasattr(obj, "__dlpack_device__")) {
-    const py::tuple dev = obj.attr("__dlpack_device__")();
+    const py::tuple dev = dlpack_device(obj, arg);
     device = device_of_dlpack(dev[0].cast<int32_t>(), dev[1].cast<int32_t>(), arg);
   } else {
     device = Device{DeviceKind::cpu, 0};

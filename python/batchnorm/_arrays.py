@@ -147,7 +147,10 @@ class Kind:
             # isinstance against torch.Tensor goes through its metaclass (0.3 us); the exact
             # type test first.
             if a is not None and (type(a) is tensor or isinstance(a, tensor)) and not a.requires_grad:
-                a = capsule(a)
+                try:
+                    a = capsule(a)
+                except Exception:  # noqa: BLE001 (meta, sparse: the binding's import names the argument)
+                    pass
             converted.append(a)
         return converted
 
