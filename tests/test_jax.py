@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import warnings
 import sys
 
 import numpy as np
@@ -652,3 +653,27 @@ def test_recompute_batch_stats_is_the_population_s():
         bj.recompute_batch_stats(model, {"params": p}, batches)
     with pytest.raises(TypeError, match="model must be a flax.linen.Module, got int"):
         bj.recompute_batch_stats(3, variables, batches)
+
+
+def test_float64_results_without_jax_x64_warn():
+    """JAX without 64-bit types turns the float64 results of statistics(dtype="float64") and
+    backward_reduce into float32: a warning says so at the caller's line (it was silent); with
+    them, float64 and no warning."""
+    import batchnorm as bn
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((50, 3)), jnp.float32)
+    before = jax.config.jax_enable_x64
+    try:
+        jax.config.update("jax_enable_x64", False)
+        with pytest.warns(UserWarning, match="float64 result .* becomes float32 in JAX") as caught:
+            mean, _, _ = bn.statistics(x, dtype="float64")
+        assert mean.dtype == jnp.float32 and caught[0].filename == __file__
+        with pytest.warns(UserWarning, match="float64 result"):
+            bn.backward_reduce(x, x, jnp.zeros(3), jnp.ones(3))
+        jax.config.update("jax_enable_x64", True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            mean, _, _ = bn.statistics(x, dtype="float64")
+        assert mean.dtype == jnp.float64
+    finally:
+        jax.config.update("jax_enable_x64", before)

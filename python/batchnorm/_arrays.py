@@ -3,7 +3,9 @@ and how to hand results back (NumPy arrays as they are, anything else through DL
 from __future__ import annotations
 
 import operator
+import os
 import sys
+import warnings
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -31,6 +33,17 @@ def _device_of(lead: Any, library: str, name: str) -> Any:
     return _C.device_of(lead, name)
 
 
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def warn_caller(message: str) -> None:
+    """A UserWarning attributed to the first frame outside this package (the user's call)."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
+
+
 def _from_dlpack_of(library: str) -> Callable[[Any], Any]:
     if library == "torch":
         import torch
@@ -41,9 +54,20 @@ def _from_dlpack_of(library: str) -> Callable[[Any], Any]:
 
         return cupy.from_dlpack
     if library in ("jax", "jaxlib"):
+        import jax
         import jax.numpy as jnp
 
-        return jnp.from_dlpack
+        def to_jax(result: Any) -> Any:
+            # JAX without 64-bit types (its default) turns a float64 result into float32 without
+            # a word; say so, as JAX does when a float64 array is asked of it.
+            if getattr(result, "dtype", None) == "float64" and not jax.config.jax_enable_x64:
+                warn_caller(
+                    "a float64 result (statistics(dtype='float64'), backward_reduce's sums, precise_statistics) "
+                    "becomes float32 in JAX without 64-bit types; enable them with "
+                    "jax.config.update('jax_enable_x64', True), or pass NumPy arrays")
+            return jnp.from_dlpack(result)
+
+        return to_jax
     module = sys.modules.get(library)
     convert = getattr(module, "from_dlpack", None) if module is not None else None
     return convert if callable(convert) else np.from_dlpack
