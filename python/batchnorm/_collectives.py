@@ -3,6 +3,7 @@ vectors), over each distributed engine it runs on: one small adapter per engine,
 Adapters import their engine lazily: `import batchnorm` never imports mpi4py or torch."""
 from __future__ import annotations
 
+import copy
 from typing import Any, Optional
 
 import numpy as np
@@ -98,6 +99,18 @@ class TorchEngine(Engine):
         t = self._tensor(buf, device).clone()  # summed in place; never the caller's memory
         self.dist.all_reduce(t, op=self.dist.ReduceOp.SUM, group=self.group)
         return t.cpu().numpy()
+
+
+def copy_sharing_group(layer: Any, group: Any, memo: dict) -> Any:
+    """deepcopy of a synchronized layer (either library's SyncBatchNorm): its group is a handle
+    to the process's communicator, not data, so the copy shares it (neither a ProcessGroup nor
+    an mpi4py communicator can be copied); the layer's __getstate__ leaves its engine out."""
+    if group is not None:
+        memo[id(group)] = group
+    new = layer.__class__.__new__(layer.__class__)
+    memo[id(layer)] = new
+    new.__setstate__(copy.deepcopy(layer.__getstate__(), memo))
+    return new
 
 
 def check_group(group: Optional[Any]) -> str:

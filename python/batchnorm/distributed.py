@@ -10,14 +10,13 @@ outcome travels in the collective's buffer, so bad input on one rank raises on e
 instead of leaving the others waiting."""
 from __future__ import annotations
 
-import copy
 from typing import Any, Optional, Tuple
 
 import numpy as np
 
 from . import functional as F
 from ._arrays import DTYPES, _from_dlpack_of, _library, check_int
-from ._collectives import Engine, check_group, engine_for
+from ._collectives import Engine, check_group, copy_sharing_group, engine_for
 from .layer import _DEFAULT, BatchNorm, _as_state, _device_of, _to_device_like, _to_numpy
 
 __all__ = ["SyncBatchNorm", "sync_backward", "sync_statistics"]
@@ -46,11 +45,13 @@ def _raise_everywhere(status: np.ndarray, own: Optional[Exception], what: str, s
     if own is not None:
         raise own
     rank = int(failed[0])
-    kind = _ERRORS.get(int(status[rank]), ValueError)
-    raise kind(
-        f"{what} on rank {rank} of {size} was rejected (its error says why); every rank raises so that "
-        "none is left waiting in a collective"
-    )
+    raise _ERRORS.get(int(status[rank]), ValueError)(_rejected(what, f"rank {rank}", size, "was", "its error says"))
+
+
+def _rejected(what: str, where: str, size: int, are: str, says: str) -> str:
+    """The message of the ranks whose own input was fine after another rank's was rejected."""
+    return f"{what} on {where} of {size} {are} rejected ({says} why); every rank raises so that none is left waiting " \
+        "in a collective"
 
 
 # The status an allreduce carries (it only sums): one count of failing ranks per error type,
@@ -76,11 +77,9 @@ def _raise_from_sums(failed: np.ndarray, own: Optional[Exception], what: str, si
     if own is not None:
         raise own
     kind = TypeError if failed[1] and not failed[0] else ValueError
-    where, whose = (f"rank {int(failed[2]) - 1}", "its error") if count == 1 else (f"{count} ranks", "their errors")
-    raise kind(
-        f"{what} on {where} of {size} {are} rejected ({whose} say{'s' if count == 1 else ''} why); every rank raises "
-        "so that none is left waiting in a collective"
-    )
+    if count == 1:
+        raise kind(_rejected(what, f"rank {int(failed[2]) - 1}", size, are, "its error says"))
+    raise kind(_rejected(what, f"{count} ranks", size, are, "their errors say"))
 
 
 def _validate(x: Any, axis: int, channels: Optional[int]) -> Tuple[int, int, int, int]:
@@ -397,13 +396,7 @@ class SyncBatchNorm(BatchNorm):
         self.__dict__.update(state)
 
     def __deepcopy__(self, memo: dict) -> "SyncBatchNorm":
-        # The group is a handle to the process's communicator, not data: the copy shares it
-        # (neither a ProcessGroup nor an mpi4py communicator can be copied).
-        memo[id(self.group)] = self.group
-        new = self.__class__.__new__(self.__class__)
-        memo[id(self)] = new
-        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
-        return new
+        return copy_sharing_group(self, self.group, memo)
 
     def _group_engine(self) -> Engine:
         # Resolved at the first training step (torch's default group may be created after the

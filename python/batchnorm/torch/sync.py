@@ -4,7 +4,6 @@ training statistics and input gradients span every rank of the process group, ra
 different batch sizes (including none), and bad input on one rank raises on every rank."""
 from __future__ import annotations
 
-import copy
 from typing import Any, Optional, Tuple
 
 import torch
@@ -12,7 +11,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import _C
-from .._collectives import Engine, TorchEngine
+from .._collectives import Engine, TorchEngine, copy_sharing_group
 from ..distributed import _check_exchange, _exchange, _sync_backward
 from . import _func, _ops, _twice
 from .modules import _Base
@@ -117,14 +116,8 @@ class SyncBatchNorm(_Base):
         return {**state, "_engine": None}
 
     def __deepcopy__(self, memo: dict) -> "SyncBatchNorm":
-        # A process group is a handle to the process's communicator, not data: the copy shares
-        # it (a ProcessGroup cannot be copied, which makes torch's own layer fail here).
-        if self.process_group is not None:
-            memo[id(self.process_group)] = self.process_group
-        new = self.__class__.__new__(self.__class__)
-        memo[id(self)] = new
-        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
-        return new
+        # (A ProcessGroup cannot be copied, which makes torch's own layer fail here.)
+        return copy_sharing_group(self, self.process_group, memo)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ("" if self.exchange == "allgather" else f", exchange={self.exchange!r}")
