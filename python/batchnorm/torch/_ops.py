@@ -9,6 +9,8 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor
+from torch.fx import Proxy
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.dlpack import to_dlpack
 
@@ -286,6 +288,24 @@ torch.library.register_autograd(
 # layer. torch.compile, export, tracing, functorch transforms and dispatch modes (fake tensors)
 # get the registered ops, which they understand (functorch transforms and forward-mode AD through
 # the Functions of _func.py). The same kernels either way: the same bits.
+
+
+def traced(module: torch.nn.Module, *args: Any) -> Proxy:
+    """A layer called on torch.fx.symbolic_trace's proxies, as one call_module node of the
+    graph, as torch's own layers are (FX keeps only torch.nn's modules whole and would trace
+    into the forward, whose checks branch on the input's shape); the GraphModule then runs
+    the layer's forward on real tensors. Called by each layer when `input` is a Proxy."""
+    tracer = next(a for a in args if isinstance(a, Proxy)).tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
+
+
+def dispatched(function: Any, tensors: tuple, *args: Any, **kwargs: Any) -> Any:
+    """A functional called with tensors that override __torch_function__ (fx proxies,
+    tensor subclasses) or under a TorchFunctionMode: handed to them as torch.nn.functional's
+    functions are (FX records one call_function node). `tensors` are the optional tensor
+    arguments; the caller tests has_torch_function_variadic(*tensors) first (its C check is
+    the only cost on the plain path)."""
+    return handle_torch_function(function, tensors, *args, **kwargs)
 
 
 def eager(x: Tensor, *tensors: Optional[Tensor]) -> bool:

@@ -29,6 +29,9 @@ def batch_norm(
     """torch.nn.functional.batch_norm on batchnorm's kernels: in training the batch
     statistics normalize `input` and, when given, the running statistics are updated in
     place; otherwise the running statistics normalize it."""
+    if _ops.has_torch_function_variadic(input, running_mean, running_var, weight, bias):
+        return _ops.dispatched(batch_norm, (input, running_mean, running_var, weight, bias), input, running_mean,
+                               running_var, weight, bias, training, momentum, eps)
     _ops.check_running(running_mean, running_var)
     _ops.check_eps(eps, training)
     if training:
@@ -103,6 +106,8 @@ class _Base(_BatchNorm):
         return ", ".join([super().extra_repr(), *self._variant_options()])
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, _ops.Proxy):  # torch.fx.symbolic_trace: one node, as torch's layers
+            return _ops.traced(self, input)
         # torch's _BatchNorm.forward, line for line, with batch_norm for F.batch_norm.
         self._check_input_dim(input)
         if self.momentum is None:

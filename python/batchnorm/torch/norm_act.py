@@ -199,6 +199,10 @@ def batch_norm_act(
 ) -> Tensor:
     """relu(batch_norm(input, ...) + residual) (relu=False: without the ReLU; residual None:
     without the add) as one op, with torch.nn.functional.batch_norm's arguments."""
+    if _ops.has_torch_function_variadic(input, running_mean, running_var, weight, bias, residual):
+        return _ops.dispatched(batch_norm_act, (input, running_mean, running_var, weight, bias, residual), input,
+                               running_mean, running_var, weight, bias, training, momentum, eps, residual=residual,
+                               relu=relu)
     _ops.check_running(running_mean, running_var)
     _ops.check_eps(eps, training)
     if training:
@@ -319,6 +323,8 @@ class BatchNormAct2d(nn.BatchNorm2d):
         return None
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:  # type: ignore[override]
+        if isinstance(x, _ops.Proxy) or isinstance(residual, _ops.Proxy):  # torch.fx.symbolic_trace
+            return _ops.traced(self, x) if residual is None else _ops.traced(self, x, residual)
         self._check_input_dim(x)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:

@@ -133,6 +133,8 @@ class SyncBatchNorm(_Base):
         return self._engine[1]
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, _ops.Proxy):  # torch.fx.symbolic_trace: one node, as torch's layers
+            return _ops.traced(self, input)
         syncing = self.training and dist.is_available() and dist.is_initialized()
         if not syncing:
             return super().forward(input)
