@@ -44,23 +44,24 @@ def test_ghost_saved_statistics_given_are_written_in_place():
 @pytest.mark.parametrize(
     "ghost, given, expected",
     [
-        (2, np.zeros(3, np.float32), r"\(4, 3\) float32"),  # (C,) where the groups' rows are due
-        (2, np.zeros((4, 3), np.float64), r"\(4, 3\) float32"),  # the accumulation dtype
-        (2, np.zeros((4, 6), np.float32)[:, ::2], r"\(4, 3\) float32"),  # not contiguous
-        (0, np.zeros((1, 3), np.float32), r"\(3,\) float32"),  # rows without ghost_batch
+        (2, np.zeros(3, np.float32), r"\(4, 3\) float32 array on cpu, got a \(3,\) float32"),  # (C,) for rows
+        (2, np.zeros((4, 3), np.float64), r"\(4, 3\) float32 array on cpu, got a \(4, 3\) float64"),  # the dtype
+        (2, np.zeros((4, 6), np.float32)[:, ::2], r"\(4, 3\) float32 array on cpu, got a non-contiguous \(4, 3\) float32"),
+        (0, np.zeros((1, 3), np.float32), r"\(3,\) float32 array on cpu, got a \(1, 3\) float32"),  # rows, no ghost
     ],
     ids=["vector-for-rows", "dtype", "strided", "rows-for-vector"],
 )
 def test_given_saved_statistics_checked_against_the_spec(ghost, given, expected):
     x = np.ones((8, 3, 5), np.float32)
-    with pytest.raises(ValueError, match=rf"internal output saved_mean must be a writable contiguous {expected} array"):
+    with pytest.raises(ValueError, match=rf"saved_mean must be a writable contiguous {expected} array"):
         train(x, ghost_batch=ghost, saved_mean_out=given)
 
 
 def test_read_only_saved_statistics_refused():
     given = np.zeros((4, 3), np.float32)
     given.flags.writeable = False
-    with pytest.raises(ValueError, match=r"internal output saved_mean must be a writable contiguous \(4, 3\)"):
+    words = r"saved_mean must be a writable contiguous \(4, 3\) float32 array on cpu, got a read-only \(4, 3\)"
+    with pytest.raises(ValueError, match=words):
         train(np.ones((8, 3, 5), np.float32), ghost_batch=2, saved_mean_out=given)
 
 

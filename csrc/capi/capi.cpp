@@ -89,7 +89,10 @@ using batchnorm::capi::required;
 
 extern "C" {
 
-BN_API int bn_version(void) { return BN_VERSION; }
+BN_API int bn_version(void) {
+  capi::last_error().clear();  // a success, as every bn_ call's (bn_last_error)
+  return BN_VERSION;
+}
 
 BN_API const char* bn_last_error(void) { return batchnorm::capi::last_error().c_str(); }
 
@@ -256,6 +259,9 @@ BN_API bn_status bn_set_num_threads(int n) {
   return guarded([&] { set_num_threads(n); });
 }
 
-BN_API int bn_get_num_threads(void) { return get_num_threads(); }
+BN_API int bn_get_num_threads(void) {
+  capi::last_error().clear();
+  return get_num_threads();
+}
 
 }  // extern "C"

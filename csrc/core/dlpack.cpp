@@ -73,6 +73,15 @@ TensorView view_of_dltensor(const DLTensor& t, const char* arg) {
   for (int i = 0; i < v.ndim; ++i) v.shape[i] = t.shape[i];
   for (int i = 0; i < v.ndim; ++i)
     BN_EXPECTS(v.shape[i] >= 0, value_error, arg, " must have non-negative dimensions, got shape ", shape_string(v));
+  // Its element count (and every offset the kernels take within it) must fit an int64.
+  bool empty = false, beyond = false;
+  int64_t count = 1;
+  for (int i = 0; i < v.ndim; ++i) {
+    empty = empty || v.shape[i] == 0;
+    beyond = beyond || __builtin_mul_overflow(count, v.shape[i], &count);
+  }
+  BN_EXPECTS(empty || !beyond, value_error, arg, " must have at most 2**63 - 1 elements, got shape ",
+             shape_string(v));
   if (t.strides) {
     if (strides_beyond_memory(t)) {
       std::string strides;

@@ -129,8 +129,27 @@ void check_against(const TensorView& t, const char* arg, const OutputSpec& spec,
   TensorView shape;
   shape.ndim = spec.ndim;
   for (int d = 0; d < spec.ndim; ++d) shape.shape[d] = spec.shape[d];
-  throw value_error(concat("internal output ", arg, " must be a writable contiguous ", shape_string(shape), " ",
-                           dtype_name(spec.dtype), " array on ", device_name(spec.device)));
+  bool contiguous = true;
+  step = 1;
+  for (int d = t.ndim - 1; d >= 0; --d) {
+    contiguous = contiguous && (t.strides[d] == step || t.shape[d] <= 1);
+    step *= t.shape[d];
+  }
+  throw value_error(concat(arg, " must be a writable contiguous ", shape_string(shape), " ", dtype_name(spec.dtype),
+                           " array on ", device_name(spec.device), ", got a ", t.read_only ? "read-only " : "",
+                           contiguous ? "" : "non-contiguous ", shape_string(t), " ", dtype_name(t.dtype),
+                           " array on ", device_name(t.device)));
+}
+
+// The per-channel outputs (statistics, parameter gradients, fold's bias) are written while
+// the op's other arguments are read or written: each shares no memory with any of `others`
+// nor with another of `vectors` (an exact alias is no exception: unlike y, they are not
+// computed element by element from the same element of an input).
+void check_apart(const Named* vectors, int nvectors, const Named* others, int nothers) {
+  for (int i = 0; i < nvectors; ++i) {
+    check_disjoint(vectors[i].view, vectors[i].name, others, nothers);
+    check_disjoint(vectors[i].view, vectors[i].name, vectors + i + 1, nvectors - i - 1);
+  }
 }
 
 // ghost_batch: a group size dividing the batch (axis 0, not the channel axis). Returns the
@@ -192,6 +211,8 @@ StatisticsSpecs statistics_specs(const StatisticsParams& p) {
 int64_t statistics(const StatisticsParams& p, const StatisticsSpecs& s) {
   check_against(p.mean, "mean", s.mean);
   check_against(p.var, "var", s.var);
+  const Named vectors[] = {{p.mean, "mean"}, {p.var, "var"}}, others[] = {{p.x, "x"}};
+  check_apart(vectors, 2, others, 1);
   const TensorView* arrays[] = {&p.x};
   const Layout layout = make_layout(s.axis, arrays, 1);
   route(&Backend::statistics, p, p.x, layout);
@@ -288,6 +309,14 @@ void forward_training(const ForwardTrainingParams& p, const ForwardTrainingSpecs
   }
   check_against(p.saved_mean, "saved_mean", s.saved_mean);
   check_against(p.saved_invstd, "saved_invstd", s.saved_invstd);
+  const Named vectors[] = {{p.saved_mean, "saved_mean"}, {p.saved_invstd, "saved_invstd"},
+                           {p.renorm_r, "renorm_r"},     {p.renorm_d, "renorm_d"},
+                           {p.moments_mean, "moments_mean"}, {p.moments_var, "moments_var"}};
+  const Named others[] = {{p.x, "x"},           {p.weight, "weight"},         {p.bias, "bias"},
+                          {p.running_mean, "running_mean"}, {p.running_var, "running_var"},
+                          {p.batch_mean, "batch_mean"},     {p.batch_var, "batch_var"},
+                          {p.residual, "residual"},         {p.y, "out"}};
+  check_apart(vectors, 6, others, 9);
   if (s.saved_mean.ndim == 2) {  // ghost batch norm: one row of statistics per group
     ghost_forward_training(p, s.axis);
     return;
@@ -449,6 +478,12 @@ void backward(const BackwardParams& p, const BackwardSpecs& s) {
   }
   check_against(p.dweight, "dweight", s.dweight);
   check_against(p.dbias, "dbias", s.dbias);
+  const Named vectors[] = {{p.dweight, "dweight"}, {p.dbias, "dbias"}};
+  const Named others[] = {{p.dy, "dy"},         {p.x, "x"},           {p.saved_mean, "saved_mean"},
+                          {p.saved_invstd, "saved_invstd"}, {p.weight, "weight"}, {p.y, "y"},
+                          {p.renorm_r, "renorm r"}, {p.renorm_d, "renorm d"}, {p.dx, "out"},
+                          {p.dresidual, "dresidual_out"}};
+  check_apart(vectors, 2, others, 10);
   if (!masked) {
     if (p.ghost_batch > 0) {
       ghost_backward(p, axis);
@@ -507,6 +542,10 @@ void backward_reduce(const BackwardReduceParams& p, const BackwardReduceSpecs& s
   check_against(p.sum_dy_xmu, "sum_dy_xmu", s.sum_dy_xmu);
   check_against(p.dweight, "dweight", s.dweight);
   check_against(p.dbias, "dbias", s.dbias);
+  const Named vectors[] = {{p.sum_dy, "sum_dy"}, {p.sum_dy_xmu, "sum_dy_xmu"}, {p.dweight, "dweight"},
+                           {p.dbias, "dbias"}};
+  const Named others[] = {{p.dy, "dy"}, {p.x, "x"}, {p.mean, "mean"}, {p.invstd, "invstd"}};
+  check_apart(vectors, 4, others, 4);
   // An empty shard contributes zeros (the backends write them).
   const TensorView* arrays[] = {&p.dy, &p.x};
   route(&Backend::backward_reduce, p, p.x, make_layout(s.axis, arrays, 2));
@@ -576,6 +615,13 @@ MergeStatisticsSpecs merge_statistics_specs(const MergeStatisticsParams& p) {
 int64_t merge_statistics(const MergeStatisticsParams& p, const MergeStatisticsSpecs& s) {
   check_against(p.mean, "mean", s.mean);
   check_against(p.var, "var", s.var);
+  const Named vectors[] = {{p.mean, "mean"}, {p.var, "var"}};
+  check_apart(vectors, 2, nullptr, 0);
+  for (size_t i = 0; i < p.means.size(); ++i) {
+    const std::string mi = concat("means[", i, "]"), vi = concat("vars[", i, "]");
+    const Named shard[] = {{p.means[i], mi.c_str()}, {p.vars[i], vi.c_str()}};
+    check_apart(vectors, 2, shard, 2);
+  }
   backend_for(p.means[0].device).merge_statistics(p);
   return s.total;
 }
@@ -604,6 +650,10 @@ void fold(const FoldParams& p, const FoldSpecs& s) {
                           {p.var, "var"},       {p.weight, "weight"},       {p.bias, "bias"}};
   check_against(p.kernel_out, "kernel_out", s.kernel_out, inputs, 6);
   check_against(p.bias_out, "bias_out", s.bias_out);
+  const Named vectors[] = {{p.bias_out, "bias_out"}};
+  const Named others[] = {{p.kernel, "kernel"}, {p.conv_bias, "conv_bias"}, {p.mean, "mean"}, {p.var, "var"},
+                          {p.weight, "weight"}, {p.bias, "bias"},           {p.kernel_out, "kernel_out"}};
+  check_apart(vectors, 1, others, 7);
   const TensorView* arrays[] = {&p.kernel, &p.kernel_out};
   route(&Backend::fold, p, p.kernel, make_layout(s.axis, arrays, 2));
 }

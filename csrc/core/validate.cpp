@@ -175,7 +175,7 @@ void check_disjoint(const TensorView& written, const char* arg, const Named* oth
     const TensorView& o = others[i].view;
     if (!o.defined()) continue;
     BN_EXPECTS(!share_memory(written, o), value_error, arg, " must not share memory with ", others[i].name,
-               ": it is written in place while ", others[i].name, " is still in use; pass separate arrays");
+               ": it is written while ", others[i].name, " is still in use; pass separate arrays");
   }
 }
 

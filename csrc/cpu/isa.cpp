@@ -40,9 +40,9 @@ int isa_cap() {
   return kTopLevel;
 }
 
-// Throws for an unknown BATCHNORM_ISA (isa_cap). The first call of active_kernels() is an
-// op's, on the calling thread before any parallel region, and a static initializer that threw
-// is run again by the next call.
+// Throws for an unknown BATCHNORM_ISA (isa_cap), from the first op's call of active_kernels()
+// (inside a parallel region for ghost groups: parallel_for carries the exception out), and a
+// static initializer that threw is run again by the next call.
 const KernelTable* choose() {
   const int cap = isa_cap();
 #if defined(BN_HAVE_X86_LEVELS)

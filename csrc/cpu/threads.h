@@ -4,6 +4,7 @@
 // so any number of threads computes the same bits.
 #pragma once
 #include <cstdint>
+#include <exception>
 
 #if defined(BN_WITH_OPENMP)
 #include <omp.h>
@@ -31,8 +32,20 @@ void parallel_for(int64_t n, int64_t work, F&& f) {
   // Inside another parallel_for (tasks run side by side, cpu::for_each) it stays on its thread.
   if (threads > 1 && n > 1 && work >= kMinParallelWork && !omp_in_parallel()) {
     const int use = note_team(static_cast<int>(n < threads ? n : threads));
+    // An exception must not leave the region (std::terminate): the first one is kept and
+    // thrown on the calling thread once every task has run (a task that throws, as a ghost
+    // group's op reading a bad BATCHNORM_ISA does, fails before writing anything).
+    std::exception_ptr error;
 #pragma omp parallel for schedule(static) num_threads(use)
-    for (int64_t i = 0; i < n; ++i) f(i);
+    for (int64_t i = 0; i < n; ++i) {
+      try {
+        f(i);
+      } catch (...) {
+#pragma omp critical(batchnorm_parallel_for_error)
+        if (!error) error = std::current_exception();
+      }
+    }
+    if (error) std::rethrow_exception(error);
     return;
   }
 #endif

@@ -111,12 +111,14 @@ BN_API const char* bn_last_error(void);
 /* Arrays: float16, bfloat16, float32 or float64, lanes 1, on the CPU (kDLCPU, kDLCUDAHost) or a
  * CUDA device (kDLCUDA, kDLCUDAManaged), any strides. `axis` is the channel axis (negative counts
  * from the end). Per-channel outputs (mean, var, saved_mean, saved_invstd, dweight, dbias) are
- * contiguous (C,) arrays of the accumulation dtype: float64 for float64 input, else float32.
+ * contiguous (C,) arrays of the accumulation dtype: float64 for float64 input, else float32,
+ * sharing no memory with any other argument of the call (each is refused with BN_ERROR_VALUE).
  * `stream` is the cudaStream_t the work is enqueued on for CUDA arrays (NULL: the default
  * stream); NULL on the CPU, where every call returns when the work is done. */
 
 /* Per-channel mean and biased variance of x; *count (when count is not NULL) receives the
- * number of values per channel. */
+ * number of values per channel. mean and var may also both be float64 for any x: the
+ * statistics are then accumulated and returned in float64 (the Python API's dtype="float64"). */
 BN_API bn_status bn_statistics(const DLTensor* x, int axis, DLTensor* mean, DLTensor* var, int64_t* count,
                                void* stream);
 

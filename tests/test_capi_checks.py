@@ -1,0 +1,133 @@
+"""The C ABI's checks that tests/test_capi.py's file-based harness cannot reach, called through
+ctypes (tests/capi_ctypes.py): a per-channel output sharing memory with another argument (the
+Python API allocates them, a C host passes its own), a shape whose element count passes int64,
+a bad environment setting met inside ghost batch norm's parallel groups (an error status, not
+std::terminate), and bn_last_error after the calls that cannot fail. Every refused call leaves
+every buffer as it was."""
+from __future__ import annotations
+
+import ctypes as ct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import batchnorm as bn
+from capi_ctypes import ghost_training, load, tensor, error
+
+C = 3
+
+
+@pytest.fixture(scope="module")
+def lib():
+    # The library the CMake package points at, <pkg>/lib (as test_capi.py finds it).
+    return load(str(Path(bn.__file__).parent / "lib" / "libbatchnorm.so.1"))
+
+
+def _arrays(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((4, C, 5)).astype(np.float32)
+    return {"x": x, "dy": rng.standard_normal(x.shape).astype(np.float32), "y": np.full_like(x, 7.0),
+            "w": rng.random(C).astype(np.float32) + 0.5, "b": rng.standard_normal(C).astype(np.float32),
+            "rm": rng.standard_normal(C).astype(np.float32), "rv": rng.random(C).astype(np.float32) + 0.5,
+            "m": np.full(C, -7.0, np.float32), "v": np.full(C, -7.0, np.float32)}
+
+
+def _head(a):
+    """A contiguous (C,) float32 view of a's first C values."""
+    return a.reshape(-1)[:C]
+
+
+# Each case: the call, on arrays `a`, with one per-channel output placed over another argument.
+CASES = {
+    "statistics mean=var": (lambda L, a: L.bn_statistics(tensor(a["x"]), 1, tensor(a["m"]), tensor(a["m"]), None,
+                                                         None), "mean must not share memory with var"),
+    "statistics mean over x": (lambda L, a: L.bn_statistics(tensor(a["x"]), 1, tensor(_head(a["x"])),
+                                                            tensor(a["v"]), None, None),
+                               "mean must not share memory with x"),
+    "training saved_mean=running_mean": (
+        lambda L, a: L.bn_forward_training(tensor(a["x"]), tensor(a["w"]), tensor(a["b"]), tensor(a["rm"]),
+                                           tensor(a["rv"]), 0.1, 1e-5, 1, tensor(a["y"]), tensor(a["rm"]),
+                                           tensor(a["v"]), None),
+        "saved_mean must not share memory with running_mean"),
+    "training saved_invstd over out": (
+        lambda L, a: L.bn_forward_training(tensor(a["x"]), None, None, None, None, 0.1, 1e-5, 1, tensor(a["y"]),
+                                           tensor(a["m"]), tensor(_head(a["y"])), None),
+        "saved_invstd must not share memory with out"),
+    "backward dweight=weight": (
+        lambda L, a: L.bn_backward(tensor(a["dy"]), tensor(a["x"]), tensor(a["rm"]), tensor(a["rv"]),
+                                   tensor(a["w"]), 1, tensor(a["y"]), tensor(a["w"]), tensor(a["v"]), None),
+        "dweight must not share memory with weight"),
+    "backward dbias over dy": (
+        lambda L, a: L.bn_backward(tensor(a["dy"]), tensor(a["x"]), tensor(a["rm"]), tensor(a["rv"]), None, 1,
+                                   tensor(a["y"]), tensor(a["m"]), tensor(_head(a["dy"])), None),
+        "dbias must not share memory with dy"),
+    "merge mean=means[1]": (
+        lambda L, a: L.bn_merge_statistics(2, (ct.POINTER(type(tensor(a["rm"]).contents)) * 2)(
+            tensor(a["rm"]), tensor(a["b"])), (ct.POINTER(type(tensor(a["rv"]).contents)) * 2)(
+            tensor(a["rv"]), tensor(a["w"])), (ct.c_int64 * 2)(3, 4), tensor(a["b"]), tensor(a["v"]), None, None),
+        "mean must not share memory with means[1]"),
+    "fold bias_out=mean": (
+        lambda L, a: L.bn_fold(tensor(a["x"].reshape(4, C * 5)[:, :C].copy().T.copy()), None, tensor(a["rm"]),
+                               tensor(a["rv"]), None, None, 1e-5, 0, tensor(a["y"].reshape(4, C * 5)[:, :C].T),
+                               tensor(a["rm"]), None),
+        "bias_out must not share memory with mean"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_per_channel_output_over_another_argument_is_refused(lib, case):
+    call, message = CASES[case]
+    a = _arrays()
+    before = {k: v.copy() for k, v in a.items()}
+    status = call(lib, a)
+    assert (status, error(lib)) == (1, f"{message}: it is written while {message.split()[-1]} is still in use; "
+                                       "pass separate arrays")
+    for k, v in a.items():
+        assert v.tobytes() == before[k].tobytes(), f"a refused call wrote into {k}"
+
+
+def test_separate_outputs_still_run(lib):
+    a = _arrays()
+    assert lib.bn_statistics(tensor(a["x"]), 1, tensor(a["m"]), tensor(a["v"]), None, None) == 0
+    np.testing.assert_allclose(a["m"], a["x"].mean(axis=(0, 2)), rtol=1e-6)
+
+
+def test_element_count_past_int64_is_refused(lib):
+    # A broadcast (stride 0) view of 2 values claiming 2**65 elements: its count wrapped to 0
+    # and the call returned BN_OK having done nothing.
+    x, y = np.ones(2, np.float32), np.full(2, -7.0, np.float32)
+    big = (2**32, 2**32, 2)
+    status = lib.bn_forward_inference(tensor(x, big, (0, 0, 1)), tensor(np.zeros(2, np.float32)),
+                                      tensor(np.ones(2, np.float32)), None, None, 1e-5, -1,
+                                      tensor(y, big, (0, 0, 1)), None)
+    assert (status, error(lib)) == (1, "x must have at most 2**63 - 1 elements, got shape (4294967296, 4294967296, 2)")
+    assert list(y) == [-7.0, -7.0]
+    m, v = np.zeros(2, np.float32), np.zeros(2, np.float32)
+    assert lib.bn_statistics(tensor(x, big, (0, 0, 1)), -1, tensor(m), tensor(v), None, None) == 1
+
+
+@pytest.mark.parametrize("setting", ["BATCHNORM_ISA=avx3", "BATCHNORM_STREAM_BYTES=lots"])
+def test_bad_setting_inside_ghost_groups_is_an_error_not_an_abort(lib, setting, tmp_path):
+    # Ghost groups run as tasks of a parallel region, where the first op reads the settings: the
+    # exception used to leave the region (std::terminate, the host process killed).
+    name, value = setting.split("=")
+    env = {"PATH": "/usr/bin:/bin", name: value, "OMP_NUM_THREADS": "2"}
+    here = Path(__file__).parent
+    run = subprocess.run([sys.executable, str(here / "capi_ctypes.py"), lib._name, "2"], capture_output=True,
+                         text=True, env=env, cwd=str(here))
+    assert run.returncode == 0, run.stderr
+    status, _, message = run.stdout.strip().partition(" ")
+    assert status == "1" and message.startswith(name), run.stdout
+    assert ghost_training(lib) == (0, "")  # this process's settings are fine
+
+
+def test_last_error_is_cleared_by_every_call(lib):
+    assert lib.bn_set_num_threads(0) == 1 and error(lib) == "n must be an int >= 1, got 0"
+    lib.bn_version()
+    assert error(lib) == ""
+    lib.bn_set_num_threads(0)
+    lib.bn_get_num_threads()
+    assert error(lib) == ""
