@@ -133,7 +133,7 @@ def _torch_capsules() -> Optional[Tuple[type, Callable[[Any], Any], Callable[[An
 class Kind:
     """How one call treats its arrays: built from the array whose kind results follow."""
 
-    __slots__ = ("library", "device", "stream", "call", "_convert", "_capsules")
+    __slots__ = ("library", "device", "stream", "call", "_convert", "_torch", "_capsules")
 
     def __init__(self, lead: Any, stream: Optional[Any] = None, name: str = "x") -> None:
         self.library = _library(lead)
@@ -152,31 +152,49 @@ class Kind:
         self.stream = number
         self.call = _C.Call(number, as_numpy, owner)
         self._convert: Optional[Callable[[Any], Any]] = None if as_numpy else _from_dlpack_of(self.library)
-        # torch tensors on the stream the call runs on (no stream= given) travel as capsules.
-        self._capsules = _torch_capsules() if self.library == "torch" and stream is None else None
+        # torch's Tensor type and capsule functions for a torch call; its tensors on the stream
+        # the call runs on (no stream= given) travel as capsules.
+        self._torch = _torch_capsules() if self.library == "torch" else None
+        self._capsules = self._torch if stream is None else None
 
     def args(self, *arrays: Any) -> Sequence[Any]:
         """The array arguments as handed to the native core: NumPy arrays and DLPack arrays
         off torch's stream as given; torch tensors on this call's stream as torch's DLPack
         capsules (same data, same checks after). Tensors that require grad keep the
-        __dlpack__ route, which refuses them. One call for a call's arrays, the loop inline:
-        a call of a per-array method cost 0.06 us a NumPy array, and map() over one 0.5 us
-        more on six tensors than a loop in this frame (Python 3.11 inlines its calls)."""
-        caps = self._capsules
-        if caps is None:
+        __dlpack__ route, which refuses them. A tensor with torch's negative bit (a lazily
+        negated view: its memory holds the values negated, which DLPack hands over as they
+        are) is resolved first, a copy; written ones are refused by check_written. One call
+        for a call's arrays, the loop inline: a call of a per-array method cost 0.06 us a
+        NumPy array, and map() over one 0.5 us more on six tensors than a loop in this frame
+        (Python 3.11 inlines its calls)."""
+        if self._torch is None:
             return arrays
-        tensor, capsule = caps[0], caps[1]
+        tensor, caps = self._torch[0], self._capsules
         converted = []
         for a in arrays:
             # isinstance against torch.Tensor goes through its metaclass (0.3 us); the exact
             # type test first.
-            if a is not None and (type(a) is tensor or isinstance(a, tensor)) and not a.requires_grad:
-                try:
-                    a = capsule(a)
-                except Exception:  # noqa: BLE001 (meta, sparse: the binding's import names the argument)
-                    pass
+            if a is not None and (type(a) is tensor or isinstance(a, tensor)):
+                if a.is_neg():
+                    a = a.resolve_neg()
+                if caps is not None and not a.requires_grad:
+                    try:
+                        a = caps[1](a)
+                    except Exception:  # noqa: BLE001 (meta, sparse: the binding's import names the argument)
+                        pass
             converted.append(a)
         return converted
+
+    def written(self, *arrays: Any) -> None:
+        """After a call that wrote these arguments in place (out=, running statistics; None
+        for absent ones): torch tensors get their version bumped, as torch's in-place ops do,
+        so autograd refuses a backward that saved their old values instead of using the new."""
+        if self._torch is None:
+            return
+        tensor = self._torch[0]
+        bumped = [a for a in arrays if a is not None and isinstance(a, tensor)]
+        if bumped:
+            torch_increment_version(bumped)
 
     def wrap(self, result: Any) -> Any:
         """A result as the caller's kind of array (`out=` objects come back untouched)."""
@@ -215,20 +233,35 @@ def kind_of(lead: Any, stream: Optional[Any] = None, name: str = "x") -> Kind:
     return kind
 
 
-# Whether an array type is JAX's (immutable), by type: the module lookup cost 0.2 us an array.
-_IMMUTABLE: Dict[type, bool] = {}
+def torch_increment_version(tensors: list) -> None:
+    """torch's version bump of tensors written in place (looked up when first needed: torch is
+    imported only by callers that pass its tensors)."""
+    import torch
+
+    torch._C._increment_version(tensors)
+
+
+# The library of a written array's type: the module lookup cost 0.2 us an array.
+_WRITTEN_LIBRARY: Dict[type, str] = {}
 
 
 def check_written(array: Any, name: str) -> None:
     """An argument the call writes in place (out=, running statistics). JAX arrays are
     immutable and may be shared or cached by XLA: DLPack would hand over their memory all the
-    same, so they are refused here rather than silently changed."""
+    same, so they are refused here rather than silently changed. A torch tensor with the
+    negative bit holds its values negated: written through DLPack it would get them unnegated."""
     if array is None or type(array) is np.ndarray:
         return
-    immutable = _IMMUTABLE.get(type(array))
-    if immutable is None:
-        immutable = _IMMUTABLE[type(array)] = _library(array) in ("jax", "jaxlib")
-    if immutable:
+    library = _WRITTEN_LIBRARY.get(type(array))
+    if library is None:
+        library = _WRITTEN_LIBRARY[type(array)] = _library(array)
+    if library == "torch" and array.is_neg():
+        raise TypeError(
+            f"{name} must be a tensor without torch's negative bit, got a lazily negated view (of "
+            "torch._neg_view, or the .imag of a conjugate), whose memory holds the values negated; "
+            "write into a tensor without it and copy from there"
+        )
+    if library in ("jax", "jaxlib"):
         advice = (
             "pass a NumPy array (or another mutable array) for the running statistics, or use "
             "batchnorm.jax.batch_norm, which returns the updated statistics"

@@ -126,6 +126,7 @@ def forward_training(
         xa, wa, ba, rma, rva, momentum, eps, axis, outa, bma, bva, batch_count, kind.call, None, None, resa, code,
         running_var_unbiased, skip_nonfinite, renorm is not None, rmax, dmax, ghost,
     )  # fmt: skip
+    kind.written(out, running_mean, running_var)
     return kind.results(results, out)
 
 
@@ -181,7 +182,10 @@ def forward_inference(
     kind = kind_of(x, stream)
     xa, ma, va, wa, ba, outa, resa = kind.args(x, mean, var, weight, bias, out, residual)
     y = _C.forward_inference(xa, ma, va, wa, ba, eps, axis, outa, kind.call, resa, code)  # by position
-    return out if out is not None else kind.wrap(y)
+    if out is not None:
+        kind.written(out)
+        return out
+    return kind.wrap(y)
 
 
 def backward(
@@ -225,6 +229,7 @@ def backward(
     results = _C.backward(
         dya, xa, ma, sa, wa, axis, outa, kind.call, None, None, ya, code, residual, None, ra, da, ghost
     )  # by position, as in forward_training
+    kind.written(out)
     return kind.results(results, out)
 
 
@@ -280,7 +285,10 @@ def backward_elemt(
     kind = kind_of(x, stream)
     dya, xa, ma, sa, sdya, sdxa, wa, outa = kind.args(dy, x, mean, invstd, sum_dy, sum_dy_xmu, weight, out)
     dx = _C.backward_elemt(dya, xa, ma, sa, sdya, sdxa, count, wa, axis, outa, kind.call)
-    return out if out is not None else kind.wrap(dx)
+    if out is not None:
+        kind.written(out)
+        return out
+    return kind.wrap(dx)
 
 
 def fold(

@@ -317,10 +317,12 @@ def eager(x: Tensor, *tensors: Optional[Tensor]) -> bool:
         return False
     if _get_current_dispatch_mode() is not None or torch._C._is_torch_function_mode_enabled():
         return False
-    if type(x) not in _PLAIN:
+    # A tensor with the negative bit (a lazily negated view) holds its values negated, which
+    # DLPack hands over as they are: the dispatcher's fallback resolves it for the ops.
+    if type(x) not in _PLAIN or x.is_neg():
         return False
     for t in tensors:  # (a loop, not all() over a generator: 1 us less a call)
-        if t is not None and type(t) not in _PLAIN:
+        if t is not None and (type(t) not in _PLAIN or t.is_neg()):
             return False
     return True
 

@@ -141,6 +141,8 @@ class SyncBatchNorm(_Base):
         group, world = self._group()
         if world <= 1:
             return super().forward(input)
+        if input.is_neg():  # a lazily negated view holds -input, which DLPack hands over as is
+            input = input.resolve_neg()
         # Checks that fail on one rank only must not leave the others waiting: they travel
         # through the exchange, which raises on every rank.
         own: Optional[Exception] = None
