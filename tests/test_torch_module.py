@@ -612,3 +612,24 @@ def test_import_without_torch_is_a_clear_import_error():
 def test_import_batchnorm_does_not_import_torch():
     code = "import sys, batchnorm; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("make, bad", [
+    (lambda: bt.BatchNorm2d(3, momentum=None), lambda: torch.randn(1, 3, 1, 1)),  # one value per channel
+    (lambda: bt.BatchNorm2d(3, momentum=None, ghost_batch=2), lambda: torch.randn(3, 3, 2, 2)),  # 2 does not divide 3
+    (lambda: bt.BatchNormAct2d(3, momentum=None), lambda: torch.randn(1, 3, 1, 1)),
+], ids=["plain", "ghost", "norm_act"])
+def test_a_rejected_batch_leaves_the_layer_as_it_was(make, bad):
+    """num_batches_tracked counts a batch once it has run (torch's layer counts it first, so its
+    cumulative average, momentum=None, is off by one batch after a rejected one)."""
+    layer, twin = make(), make()
+    with pytest.raises(ValueError):
+        layer(bad())
+    assert int(layer.num_batches_tracked) == 0
+    x = torch.randn(4, 3, 2, 2)
+    layer(x), twin(x)
+    for name, value in twin.state_dict().items():
+        torch.testing.assert_close(layer.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    theirs = nn.BatchNorm2d(3, momentum=None)
+    theirs(x)
+    torch.testing.assert_close(layer.running_mean, theirs.running_mean, rtol=1e-6, atol=1e-7)

@@ -108,20 +108,19 @@ class _Base(_BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, _ops.Proxy):  # torch.fx.symbolic_trace: one node, as torch's layers
             return _ops.traced(self, input)
-        # torch's _BatchNorm.forward, line for line, with batch_norm for F.batch_norm.
+        # torch's _BatchNorm.forward with batch_norm for F.batch_norm, but num_batches_tracked
+        # counts the batch once it has run: a call that raises leaves the layer as it was (torch
+        # counts it first; momentum=None's average then went wrong after a rejected batch).
         self._check_input_dim(input)
         if self.momentum is None:
             exponential_average_factor = 0.0
         else:
             exponential_average_factor = self.momentum
+        tracked_batches = None
         if self.training and self.track_running_stats:
             tracked_batches = self.num_batches_tracked  # (one module attribute lookup: 0.5 us each)
-            if tracked_batches is not None:
-                tracked_batches.add_(1)
-                if self.momentum is None:  # cumulative moving average
-                    exponential_average_factor = 1.0 / float(tracked_batches)
-                else:
-                    exponential_average_factor = self.momentum
+            if tracked_batches is not None and self.momentum is None:  # cumulative moving average
+                exponential_average_factor = 1.0 / (float(tracked_batches) + 1.0)
         # Batch statistics in training, and in eval when there are no running statistics.
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         # The running statistics are updated only when tracked and training.
@@ -129,7 +128,7 @@ class _Base(_BatchNorm):
         if bn_training and self._variants():
             F._verify_batch_size(input.size())
             update = self.training and self.track_running_stats
-            return batch_norm_variant(
+            y = batch_norm_variant(
                 input,
                 self.running_mean if tracked else None,
                 self.running_var if tracked else None,
@@ -142,16 +141,20 @@ class _Base(_BatchNorm):
                 renorm=self.renorm if update else None,
                 ghost_batch=self.ghost_batch,
             )
-        return batch_norm(
-            input,
-            self.running_mean if tracked else None,
-            self.running_var if tracked else None,
-            self.weight,
-            self.bias,
-            bn_training,
-            exponential_average_factor,
-            self.eps,
-        )
+        else:
+            y = batch_norm(
+                input,
+                self.running_mean if tracked else None,
+                self.running_var if tracked else None,
+                self.weight,
+                self.bias,
+                bn_training,
+                exponential_average_factor,
+                self.eps,
+            )
+        if tracked_batches is not None:
+            tracked_batches.add_(1)
+        return y
 
 
 class BatchNorm1d(_Base):

@@ -327,18 +327,21 @@ class BatchNormAct2d(nn.BatchNorm2d):
             return _ops.traced(self, x) if residual is None else _ops.traced(self, x, residual)
         self._check_input_dim(x)
         factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        counted = self.num_batches_tracked if self.training and self.track_running_stats else None
+        if counted is not None and self.momentum is None:  # counted once the batch has run (modules.py)
+            factor = 1.0 / (float(counted) + 1.0)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         tracked = not self.training or self.track_running_stats
         rm = self.running_mean if tracked else None
         rv = self.running_var if tracked else None
         relu = self._fused_relu()
-        if relu is not None:
-            return batch_norm_act(x, rm, rv, self.weight, self.bias, bn_training, factor, self.eps,
-                                  residual=residual, relu=relu)
-        y = batch_norm_act(x, rm, rv, self.weight, self.bias, bn_training, factor, self.eps, residual=None, relu=False)
+        fused = relu is not None
+        y = batch_norm_act(x, rm, rv, self.weight, self.bias, bn_training, factor, self.eps,
+                           residual=residual if fused else None, relu=bool(relu))
+        if counted is not None:
+            counted.add_(1)
+        if fused:
+            return y
         y = self.drop(y)
         if residual is not None:
             y = y + residual
