@@ -125,6 +125,20 @@ def test_renorm_identity_is_plain_batch_norm():
     np.testing.assert_allclose(f64(y), f64(y_plain), rtol=1e-5, atol=1e-5)
 
 
+def test_renorm_returns_r_and_d_in_inference_too():
+    """Inference applies no correction: r = 1, d = 0 in training's dtype, and the same arity,
+    so one unpacking serves train and eval steps (it raised "not enough values to unpack")."""
+    x = data((8, 3, 5))
+    w, b = params(3)
+    rm, rv = jnp.asarray(RUNNING[0][:3], jnp.float32), jnp.asarray(RUNNING[1][:3], jnp.float32)
+    _, _, _, r_train, _ = bj.batch_norm(x, w, b, rm, rv, training=True, renorm=(RMAX, DMAX))
+    y, m, v, r, d = jax.jit(lambda *a: bj.batch_norm(*a, training=False, renorm=(RMAX, DMAX)))(x, w, b, rm, rv)
+    assert bits(y) == bits(bj.batch_norm(x, w, b, rm, rv, training=False)[0])
+    assert bits(m) == bits(rm) and bits(v) == bits(rv)
+    assert r.dtype == d.dtype == r_train.dtype and r.shape == d.shape == (3,)
+    assert np.all(np.asarray(r) == 1) and np.all(np.asarray(d) == 0)
+
+
 # ---- ghost batch norm ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -67,7 +67,8 @@ def batch_norm(x, weight, bias, running_mean, running_var, *, training, momentum
     Training variants (API.md): renorm=(rmax, dmax), batch renormalization (Ioffe 2017),
     y = (x_hat * r + d) * weight + bias with r and d from the running statistics (required) as
     they were before this call, constants to the gradient; then (y, new_running_mean,
-    new_running_var, r, d) is returned. ghost_batch=G: statistics per group of G consecutive
+    new_running_var, r, d) is returned (in inference too, with r = 1 and d = 0, what inference
+    applies, so train and eval steps unpack alike). ghost_batch=G: statistics per group of G consecutive
     samples along axis 0, the running statistics updated with the whole batch's.
     skip_nonfinite=True: a channel whose batch statistics are not finite keeps its running
     statistics. renorm and ghost_batch are not offered with axis_name."""
@@ -84,7 +85,11 @@ def batch_norm(x, weight, bias, running_mean, running_var, *, training, momentum
             raise TypeError(f"{name} must be an array when training=False, got None")
     y = inference(x, weight, bias, running_mean, running_var, eps=eps, axis=axis,
                   names=("running_mean", "running_var"), residual=residual, activation=activation)
-    return y, running_mean, running_var
+    if v.renorm is None:
+        return y, running_mean, running_var
+    acc = jnp.float64 if x.dtype == jnp.float64 else jnp.float32  # training's r and d dtype
+    channels = x.shape[axis]
+    return y, running_mean, running_var, jnp.ones(channels, acc), jnp.zeros(channels, acc)
 
 
 def _batch_norm_training(x, weight, bias, running_mean, running_var, momentum, eps, axis, axis_name, residual,
