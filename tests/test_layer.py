@@ -192,6 +192,31 @@ def test_load_state_dict_accepts_lists_and_other_dtypes():
     np.testing.assert_array_equal(layer.bias, [0.5, -0.5])
 
 
+def test_load_state_dict_of_a_bfloat16_torch_module():
+    torch = pytest.importorskip("torch")
+    theirs = torch.nn.BatchNorm2d(3, dtype=torch.bfloat16)
+    theirs.running_mean.copy_(torch.tensor([0.5, -1.25, 3.0]))
+    layer = bn.BatchNorm(3)
+    layer.load_state_dict(theirs.state_dict())  # NumPy has no bfloat16: taken as float32, exact
+    np.testing.assert_array_equal(layer.running_mean, [0.5, -1.25, 3.0])
+    assert layer.running_mean.dtype == np.float32
+
+
+@pytest.mark.parametrize("spelling", ["float32", np.float32, np.dtype("float32"), "torch", "jax"])
+def test_dtype_takes_any_spelling_of_float32(spelling):
+    if spelling == "torch":
+        spelling = pytest.importorskip("torch").float32
+    elif spelling == "jax":
+        spelling = pytest.importorskip("jax.numpy").float32
+    assert bn.BatchNorm(2, dtype=spelling).running_mean.dtype == np.float32
+
+
+@pytest.mark.parametrize("dtype", ["float16", np.int32, None])
+def test_dtype_other_than_float32_or_float64_is_refused(dtype):
+    with pytest.raises(TypeError, match="dtype must be 'float32' or 'float64'"):
+        bn.BatchNorm(2, dtype=dtype)
+
+
 def test_repr_names_the_options():
     text = repr(bn.BatchNorm(8, momentum=None, axis=-1, dtype="float64"))
     assert text.startswith("BatchNorm(8,") and "momentum=None" in text and "axis=-1" in text and "float64" in text

@@ -417,3 +417,8 @@ def test_layer_argument_errors():
         bn.BatchNorm(3, convention="keras", momentum=None)
     with pytest.raises(ValueError, match="renorm and ghost_batch together"):
         bn.BatchNorm(3, renorm=(2, 1), ghost_batch=2)
+    # The limits are checked when the layer is built (as the torch layers' are), not at the
+    # first training step (eval steps ran with them).
+    for limits in ((0.5, 1.0), (2.0, -1.0), (float("nan"), 1.0)):
+        with pytest.raises(ValueError, match=r"renorm must be \(rmax >= 1, dmax >= 0\)"):
+            bn.BatchNorm(3, renorm=limits)

@@ -158,6 +158,17 @@ def _renorm_limits(renorm: Any) -> Tuple[float, float]:
     return check_real(renorm[0], "renorm rmax"), check_real(renorm[1], "renorm dmax")
 
 
+def _layer_renorm(renorm: Any) -> Optional[Tuple[float, float]]:
+    """A layer's renorm option, checked when the layer is built (the functions leave the
+    values to the core): None, or (rmax >= 1, dmax >= 0)."""
+    if renorm is None:
+        return None
+    rmax, dmax = _renorm_limits(renorm)
+    if not (rmax >= 1.0 and dmax >= 0.0):
+        raise ValueError(f"renorm must be (rmax >= 1, dmax >= 0), got {tuple(renorm)}")
+    return rmax, dmax
+
+
 def forward_inference(
     x: Array,
     mean: Array,

@@ -25,15 +25,33 @@ _DEFAULT: Any = object()  # momentum not given: the convention's default
 
 
 def _to_numpy(a: Any, name: str) -> np.ndarray:
-    """A host copy of any array (NumPy, torch, CuPy, JAX, DLPack, lists)."""
-    if hasattr(a, "detach"):  # torch
-        a = a.detach().cpu().numpy()
-    elif _library(a) == "cupy":
-        a = a.get()
+    """A host copy of any array (NumPy, torch, CuPy, JAX, DLPack, lists). torch's bfloat16,
+    which NumPy lacks, comes as float32 (exact; the layer casts to its own dtype anyway)."""
     try:
+        if hasattr(a, "detach"):  # torch
+            a = a.detach().cpu()
+            a = (a.float() if a.dtype == _torch_bfloat16() else a).numpy()
+        elif _library(a) == "cupy":
+            a = a.get()
         return np.array(a, copy=True)
     except Exception as err:
-        raise TypeError(f"{name} must be an array, got {type(a).__name__}") from err
+        raise TypeError(f"{name} must be an array, got {type(a).__name__}: {err}") from err
+
+
+def _torch_bfloat16() -> Any:
+    import torch  # only reached with a torch tensor in hand
+
+    return torch.bfloat16
+
+
+def _dtype_name(dtype: Any) -> str:
+    """A dtype's name from 'float32', np.float32, np.dtype(...), jnp.float32 or torch.float32."""
+    if dtype is None:  # (np.dtype(None) is float64)
+        return "None"
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return str(dtype).replace("torch.", "")
 
 
 def _device_of(x: Any, name: str = "x") -> Optional[tuple]:
@@ -128,7 +146,8 @@ class BatchNorm:
                 raise ValueError(f"momentum must be a finite number in [0, 1] or None, got {momentum}")
         elif convention == "keras":
             raise ValueError("momentum=None (a cumulative average) is PyTorch's; with convention='keras' give a decay in [0, 1]")
-        if str(dtype) not in ("float32", "float64"):
+        dtype_name = _dtype_name(dtype)
+        if dtype_name not in ("float32", "float64"):
             raise TypeError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
         self.num_features = num_features
         self.eps = eps
@@ -137,11 +156,10 @@ class BatchNorm:
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         self.axis = check_int(defaults["axis"] if axis is None else axis, "axis")
-        self.dtype = np.dtype(str(dtype))
-        # The training variants, checked as the functions check them.
-        F._renorm_limits(renorm)
+        self.dtype = np.dtype(dtype_name)
+        # The training variants, checked as the torch layers check them.
+        renorm = F._layer_renorm(renorm)
         if renorm is not None:
-            renorm = (float(renorm[0]), float(renorm[1]))
             if not self.track_running_stats:
                 raise ValueError("renorm needs running statistics, got track_running_stats=False")
         if renorm is not None and ghost_batch is not None:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..functional import _check_bool, _ghost, _renorm_limits
+from ..functional import _check_bool, _ghost, _layer_renorm
 from . import _func, _ops
 from .variants import batch_norm_variant
 
@@ -68,15 +68,13 @@ class _Base(_BatchNorm):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        rmax, dmax = _renorm_limits(renorm)  # the functions' checks and messages
+        limits = _layer_renorm(renorm)
         if renorm is not None:
-            if not (rmax >= 1.0 and dmax >= 0.0):
-                raise ValueError(f"renorm must be (rmax >= 1, dmax >= 0), got {tuple(renorm)}")
             if not self.track_running_stats:
                 raise ValueError("renorm needs running statistics, got track_running_stats=False")
             if ghost_batch is not None:
                 raise ValueError("renorm and ghost_batch together are not supported, got both")
-        self.renorm = None if renorm is None else (rmax, dmax)
+        self.renorm = limits
         self.ghost_batch = None if ghost_batch is None else _ghost(ghost_batch)
         self.skip_nonfinite = _check_bool(skip_nonfinite, "skip_nonfinite")
         self.running_var_unbiased = _check_bool(running_var_unbiased, "running_var_unbiased")
