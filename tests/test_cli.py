@@ -98,6 +98,18 @@ def test_cli_bench_writes_into_batchnorm_bench_and_says_where(tmp_path):
     assert not (tmp_path / "bench").exists()
 
 
+@pytest.mark.parametrize("args, words", [(["--out", "/proc/no-such-dir"], "error: --out '/proc/no-such-dir' is not "
+                                           "a writable directory"),
+                                          (["--reps", "0"], "--reps must be >= 1, got 0")], ids=["out", "reps"])
+def test_cli_bench_refuses_bad_arguments_before_measuring(args, words, tmp_path):
+    # --out was created only after the whole run (minutes lost, then a traceback); --reps 0
+    # ran the default 15 rounds.
+    done = subprocess.run([sys.executable, "-m", "batchnorm", "bench", "--shapes", "64x8", "--ops", "inf",
+                           "--dtypes", "float32", "--threads", "1", "--no-torch", "--no-numpy", "--no-sweep",
+                           "--no-memory", *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert (done.returncode, done.stdout) == (2, "") and words in done.stderr, done.stderr
+
+
 def test_bench_chart_title_without_torch():
     from batchnorm._bench.cli import chart_title
 

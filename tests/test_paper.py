@@ -118,6 +118,13 @@ def test_count_mismatch(tmp_path):
         D.load_idx_dir(tmp_path)
 
 
+def test_one_training_image_is_a_data_error(tmp_path):
+    # A mini-batch of one has no batch variance: the kernels' ValueError came as a traceback.
+    write_mnist(tmp_path, compress=False, n_train=1)
+    with pytest.raises(D.DataError, match="training needs at least 2 images"):
+        D.load_idx_dir(tmp_path)
+
+
 # ---- the command line on bad data --------------------------------------------------------------
 @pytest.mark.parametrize("damage", ["missing", "magic", "truncated"])
 def test_cli_bad_data_exits_2_with_one_line(tmp_path, damage):

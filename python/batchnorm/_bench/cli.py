@@ -11,6 +11,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, List, Optional, Sequence
 
@@ -207,9 +208,16 @@ def main(argv: Optional[Sequence[str]] = None, default_out: str = DEFAULT_OUT) -
             print("torch is not importable: PyTorch columns and bfloat16 skipped", file=sys.stderr)
     dtypes = [d for d in args.dtypes if d != "bfloat16" or torch is not None]
     threads = args.threads or sorted({1, _all_threads()})
-    reps = args.reps or (QUICK_REPS if args.quick else DEFAULT_REPS)
+    reps = args.reps if args.reps is not None else (QUICK_REPS if args.quick else DEFAULT_REPS)
     if reps < 1:
-        print("--reps must be >= 1", file=sys.stderr)
+        print(f"--reps must be >= 1, got {reps}", file=sys.stderr)
+        return 2
+    try:  # before minutes of measuring, not after
+        os.makedirs(args.out, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=args.out)
+        probe.close()
+    except OSError as err:
+        print(f"error: --out {args.out!r} is not a writable directory ({err.strerror or err})", file=sys.stderr)
         return 2
     numpy_reps = max(2, reps // 3)
     if args.shapes:
@@ -313,7 +321,6 @@ def main(argv: Optional[Sequence[str]] = None, default_out: str = DEFAULT_OUT) -
         f"wall time {wall:.0f} s; load average {machine['loadavg_start'][0]:.2f} at start, "
         f"{machine['loadavg_end'][0]:.2f} at end")
 
-    os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(os.path.abspath(args.out), name)
     doc = {
         "schema": "batchnorm-cpu-bench/1",

@@ -123,6 +123,9 @@ def load_idx_dir(directory: os.PathLike) -> Dataset:
     if not directory.is_dir():
         raise DataError(f"--data {directory}: not a directory")
     train_x, train_y = _images_and_labels(directory, MNIST_FILES["train_images"], MNIST_FILES["train_labels"])
+    if len(train_y) < 2:  # a mini-batch of one has no batch variance: training would raise
+        raise DataError(f"{directory / MNIST_FILES['train_images']}: training needs at least 2 images (a batch "
+                        f"variance), got {len(train_y)}")
     test_x, test_y = _images_and_labels(directory, MNIST_FILES["test_images"], MNIST_FILES["test_labels"])
     if train_x.shape[1] != test_x.shape[1]:
         raise DataError(f"{directory}: train images have {train_x.shape[1]} pixels, test images {test_x.shape[1]}")
