@@ -177,6 +177,21 @@ def test_empty_batch_under_create_graph(route):
         assert gg is None or not gg.any()
 
 
+@pytest.mark.parametrize("module", [torch.nn.BatchNorm1d, bt.BatchNorm1d, bt.BatchNormAct2d], ids=["torch", "ours", "norm_act"])
+def test_eval_gradient_of_x_alone_keeps_a_graph(module):
+    # Eval mode without parameters: dx is constant in x, yet under create_graph torch's dx
+    # requires grad, so a penalty on it runs (to no gradient); ours had no graph and raised
+    # "element 0 of tensors does not require grad".
+    layer = (module(3, affine=False) if module is not bt.BatchNormAct2d else module(3, affine=False, apply_act=False))
+    layer.double().eval()
+    x = torch.randn(4, 3, 1, 1, dtype=torch.float64, requires_grad=True)
+    x_in = x.view(4, 3) if module in (torch.nn.BatchNorm1d, bt.BatchNorm1d) else x
+    (g,) = torch.autograd.grad((layer(x_in) * torch.randn(x_in.shape, dtype=x.dtype)).sum(), x, create_graph=True)
+    assert g.requires_grad
+    (g.norm() - 1).square().backward()
+    assert x.grad is None or not x.grad.any()
+
+
 @pytest.mark.parametrize("route", ["eager", "op"])
 def test_residual_only_second_derivative_is_zero(route):
     # x constant, only the residual requires grad, a constant incoming gradient: the residual's

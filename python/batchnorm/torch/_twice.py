@@ -93,7 +93,25 @@ def inference(
     s = torch.rsqrt(var.to(acc) + eps).view(shape)
     xhat = (x.to(acc) - mean.to(acc).view(shape)) * s
     scale = s if weight is None else s * weight.to(acc).view(shape)
-    return (g * scale).to(x.dtype), (g * xhat).sum(dims), g.sum(dims)
+    dx = (g * scale).to(x.dtype)
+    if x.requires_grad and not dx.requires_grad and torch.is_grad_enabled():
+        dx = _ConstantIn.apply(dx, x)
+    return dx, (g * xhat).sum(dims), g.sum(dims)
+
+
+class _ConstantIn(torch.autograd.Function):
+    """value, recorded as a function of x with no gradient to it: inference's dx is constant in
+    x (an affine map), but under create_graph torch's own dx still requires grad when x does
+    (its double-backward node takes x), so a penalty on it differentiates (to no gradient)
+    instead of raising "does not require grad"."""
+
+    @staticmethod
+    def forward(ctx, value: Tensor, x: Tensor) -> Tensor:
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tuple[Optional[Tensor], None]:
+        return grad, None
 
 
 def refuse(what: str, grads: tuple, *tensors: Optional[Tensor]) -> tuple:
