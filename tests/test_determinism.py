@@ -128,6 +128,22 @@ def test_thread_count_does_not_change_bits(name, dtype, restore_threads):
         assert not differ, f"{n} threads differ from 1 thread in {differ}"
 
 
+def test_a_huge_thread_count_runs_on_a_capped_team():
+    """set_num_threads(65536) with 70000 channels: libgomp could not create the team and ended
+    the process ("Thread creation failed", exit 1) on a 2-CPU machine; teams are now capped at
+    max(256, 8 x usable CPUs), with the same bits (in a subprocess: a failure ends it)."""
+    script = ("import numpy as np, batchnorm as bn\n"
+              "x = np.random.default_rng(0).random((2, 70000, 4), np.float32)\n"
+              "ref = bn.statistics(x)\n"
+              "bn.set_num_threads(65536)\n"
+              "assert bn.get_num_threads() == 65536\n"
+              "got = bn.statistics(x)\n"
+              "assert all(a.tobytes() == b.tobytes() for a, b in zip(ref[:2], got[:2]))\n"
+              "print('same bits')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert (done.returncode, done.stdout) == (0, "same bits\n"), done.stderr
+
+
 # Every case in every dtype (bfloat16 where torch can make it), clean and with a NaN and an
 # Inf in two channels (test_nonfinite checks what those must give; here, the same bits).
 ISA_SCRIPT = r"""

@@ -317,8 +317,8 @@ def test_running_statistics_aliasing_other_arguments(arrays, written, other):
 def test_out_with_repeated_memory(arrays):
     a = arrays
     out = np.lib.stride_tricks.as_strided(a["out"], SHAPE, (0, 4, 12), writeable=True)
-    fails(ValueError, "out must not have overlapping elements (a zero or broadcast stride)", training(a, out=out),
-          a["rm"], a["rv"], a["out"])
+    fails(ValueError, "out must not have overlapping elements: its strides, ordered by size, must each step past",
+          training(a, out=out), a["rm"], a["rv"], a["out"])
 
 
 # ---- axis ------------------------------------------------------------------------------------------------

@@ -158,7 +158,8 @@ void check_output(const TensorView& out, const char* arg, const TensorView& like
   check_writable(out, arg);
   if (out.numel() == 0) return;
   BN_EXPECTS(!self_overlapping(out), value_error, arg,
-             " must not have overlapping elements (a zero or broadcast stride), got strides that repeat memory");
+             " must not have overlapping elements: its strides, ordered by size, must each step past the extent of "
+             "the smaller ones (a zero or broadcast stride repeats memory), got strides that do not");
   for (int i = 0; i < ninputs; ++i) {
     const TensorView& in = inputs[i].view;
     if (!in.defined()) continue;

@@ -44,7 +44,18 @@ void set_stream_threshold_bytes(int64_t bytes) { cpu::set_stream_threshold(bytes
 int64_t stream_threshold_bytes() { return cpu::stream_threshold_bytes(); }
 
 namespace cpu {
-int thread_count() { return get_num_threads(); }
+namespace {
+int64_t usable_cpus();
+}  // namespace
+
+int thread_count() {
+  // The team a parallel region asks for: the setting, at most max(256, 8 x the CPUs this
+  // process may use). OpenMP ends the process when it cannot create a thread (libgomp:
+  // "Thread creation failed"), as set_num_threads(65536) did on 2 CPUs; no result depends on
+  // the team's size (threads.h).
+  static const int cap = static_cast<int>(std::min<int64_t>(1 << 16, std::max<int64_t>(256, 8 * usable_cpus())));
+  return std::min(get_num_threads(), cap);
+}
 
 namespace {
 std::atomic<int>& team_record() {

@@ -11,7 +11,7 @@ unless autograd may differentiate its result again (a Parameter that requires gr
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -94,7 +94,7 @@ def inference(
     xhat = (x.to(acc) - mean.to(acc).view(shape)) * s
     scale = s if weight is None else s * weight.to(acc).view(shape)
     dx = (g * scale).to(x.dtype)
-    if x.requires_grad and not dx.requires_grad and torch.is_grad_enabled():
+    if x.requires_grad and not dx.requires_grad and torch.is_grad_enabled() and not _functorch(dy, x, weight):
         dx = _ConstantIn.apply(dx, x)
     return dx, (g * xhat).sum(dims), g.sum(dims)
 
@@ -106,12 +106,20 @@ class _ConstantIn(torch.autograd.Function):
     instead of raising "does not require grad"."""
 
     @staticmethod
-    def forward(ctx, value: Tensor, x: Tensor) -> Tensor:
+    def forward(value: Tensor, x: Tensor) -> Tensor:
         return value.view_as(value)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tuple[Optional[Tensor], None]:
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], None]:
         return grad, None
+
+    @staticmethod
+    def jvp(ctx: Any, tvalue: Optional[Tensor], tx: Optional[Tensor]) -> Optional[Tensor]:
+        return tvalue
 
 
 def refuse(what: str, grads: tuple, *tensors: Optional[Tensor]) -> tuple:
