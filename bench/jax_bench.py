@@ -4,7 +4,8 @@
    (jax.grad in x, weight, bias) of batchnorm.jax.batch_norm against the same computation
    written in jnp (flax.linen.BatchNorm's formulas, two-pass variance), which XLA fuses.
 2. A training step (forward, backward, SGD update) of a small CNN (conv-BN-ReLU x2, dense)
-   with batchnorm.jax.BatchNorm against flax.linen.BatchNorm(use_fast_variance=False).
+   with batchnorm.jax.BatchNorm against flax.linen.BatchNorm(use_fast_variance=False), and
+   the same step in Flax NNX with batchnorm.jax.nnx.BatchNorm against flax.nnx.BatchNorm.
 
 Ours and XLA's alternate within every round; the table shows medians of the rounds and the
 ratio (XLA time / ours: > 1 means ours is faster). Usage: python bench/jax_bench.py [--reps N]
@@ -130,6 +131,50 @@ def train_step_race(batch, reps):
     return statistics.median(t_ours), statistics.median(t_xla)
 
 
+def train_step_race_nnx(batch, reps):
+    """The same CNN step in Flax NNX: batchnorm.jax.nnx.BatchNorm against flax.nnx.BatchNorm."""
+    import optax
+    from flax import nnx
+
+    from batchnorm.jax.nnx import BatchNorm
+
+    class Net(nnx.Module):
+        def __init__(self, norm, rngs):
+            self.convs = nnx.List([nnx.Conv(i, o, (3, 3), rngs=rngs) for i, o in ((3, 32), (32, 64))])
+            self.norms = nnx.List([norm(o, use_fast_variance=False, rngs=rngs) for o in (32, 64)])
+            self.head = nnx.Linear(8 * 8 * 64, 10, rngs=rngs)
+
+        def __call__(self, x):
+            for conv, norm in zip(self.convs, self.norms):
+                x = nnx.max_pool(jax.nn.relu(norm(conv(x))), (2, 2), (2, 2))
+            return self.head(x.reshape(x.shape[0], -1))
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, 32, 32, 3)), jnp.float32)
+    labels = jnp.arange(batch) % 10
+    times = []
+    runs = []
+    for norm in (BatchNorm, nnx.BatchNorm):
+        model = Net(norm, nnx.Rngs(0))
+        optimizer = nnx.Optimizer(model, optax.sgd(0.01), wrt=nnx.Param)
+
+        @nnx.jit
+        def step(model, optimizer, x, labels):
+            def loss(model):
+                return optax.softmax_cross_entropy_with_integer_labels(model(x), labels).mean()
+
+            value, grads = nnx.value_and_grad(loss)(model)
+            optimizer.update(model, grads)
+            return value
+
+        jax.block_until_ready(step(model, optimizer, x, labels))
+        runs.append((step, (model, optimizer, x, labels)))
+        times.append([])
+    for _ in range(reps):
+        for (step, args), t in zip(runs, times):
+            t += timed(step, args, 3)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def cpu_model():
     try:
         for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
@@ -166,6 +211,13 @@ def main():
               f"{t_xla / t_ours:5.2f}x", flush=True)
     except ImportError as e:  # pragma: no cover
         print(f"CNN train step skipped: {e}")
+    try:
+        t_ours, t_xla = train_step_race_nnx(64, args.reps)
+        rows.append(("NNX CNN train step (batch 64, 32x32x3, NHWC)", t_ours, t_xla))
+        print(f"{rows[-1][0]:<48} ours {t_ours * 1e3:8.2f} ms   XLA {t_xla * 1e3:8.2f} ms   "
+              f"{t_xla / t_ours:5.2f}x", flush=True)
+    except ImportError as e:  # pragma: no cover
+        print(f"NNX CNN train step skipped: {e}")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines = [f"batchnorm.jax vs XLA, jax {jax.__version__}, {cpu_model()}, {os.cpu_count()} CPUs, "
              f"{batchnorm.get_num_threads()} batchnorm threads, median of {args.reps * 3} calls, "

@@ -1,7 +1,8 @@
 """batchnorm.jax: this library's kernels inside XLA programs (jit, grad, vmap, shard_map).
 
 `batch_norm` is a pure function (API.md, "JAX: batchnorm.jax"); `BatchNorm` is a drop-in for
-flax.linen.BatchNorm and `recompute_batch_stats` is PreciseBN for Flax models (both need flax). The kernels run as XLA FFI targets, zero-copy, on the CPU
+flax.linen.BatchNorm, `batchnorm.jax.nnx.BatchNorm` one for flax.nnx.BatchNorm, and
+`recompute_batch_stats` is PreciseBN for Flax models (all three need flax). The kernels run as XLA FFI targets, zero-copy, on the CPU
 and, in a CUDA build, on the GPU."""
 try:
     import jax as _jax_module  # noqa: F401

@@ -7,11 +7,10 @@ from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
-from jax import lax
 from flax.linen import initializers
 from flax.linen.dtypes import canonicalize_dtype
 
-from .functional import check_variants, inference, skip_mask, training
+from ._flax import check_call, normalize, running_averages
 
 __all__ = ["BatchNorm"]
 
@@ -63,16 +62,7 @@ class BatchNorm(nn.Module):
     def __call__(self, x, use_running_average: Optional[bool] = None, *, mask=None, residual=None):
         use_running_average = nn.merge_param("use_running_average", self.use_running_average,
                                              use_running_average)
-        if mask is not None:
-            raise ValueError("mask is not supported by batchnorm.jax.BatchNorm, got a mask; use "
-                             "flax.linen.BatchNorm for masked statistics")
-        if self.axis_index_groups is not None:
-            raise ValueError("axis_index_groups is not supported by batchnorm.jax.BatchNorm, got "
-                             f"{self.axis_index_groups!r}")
-        if not isinstance(self.axis, int) or isinstance(self.axis, bool):
-            raise TypeError(f"axis must be an int (one feature axis), got {self.axis!r}")
-        v = check_variants(running_var_unbiased=False, renorm=self.renorm, ghost_batch=self.ghost_batch,
-                           skip_nonfinite=self.skip_nonfinite, axis_name=self.axis_name)
+        v = check_call(self, mask)
         x = jnp.asarray(x)
         ndim = x.ndim
         channels = x.shape[self.axis] if -ndim <= self.axis < ndim and ndim >= 1 else 0
@@ -91,67 +81,18 @@ class BatchNorm(nn.Module):
         out_dtype = canonicalize_dtype(*[a for a in (x, scale, bias) if a is not None], dtype=self.dtype)
         xc = x.astype(jnp.promote_types(x.dtype, out_dtype))
         r = None if residual is None else jnp.asarray(residual).astype(xc.dtype)
-        if use_running_average:
-            y = inference(xc, scale, bias, ra_mean.value, ra_var.value, eps=self.epsilon, axis=self.axis,
-                          residual=r, activation=self.activation)
-        else:
-            # Flax leaves the mapped axis out while initializing (there may be none).
-            axis_name = None if self.is_initializing() else self.axis_name
-            valid = ndim >= 1 and -ndim <= self.axis < ndim
-            values = x.size // max(channels, 1) * (lax.axis_size(axis_name) if axis_name is not None else 1)
-            if valid and (values == 1 or (self.is_initializing() and values < 2)) and v.renorm is None and not v.ghost:
-                # One value per channel, which the kernels' training refuses (no variance to
-                # take): Flax's batch norm of it, y = act(bias + residual) since x - mean = 0,
-                # the statistics (x, 0); a model's init with a dummy batch of one, or a batch of
-                # one in training. (Fewer while initializing: nothing is updated then.)
-                mean, var = _one_value_statistics(xc, self.axis % ndim)
-                y = _one_value_output(xc, mean, scale, bias, self.epsilon, self.axis % ndim, r, self.activation)
-            else:
-                # Batch renorm compares the batch with the running statistics as they are now.
-                running = (ra_mean.value, ra_var.value) if v.renorm is not None else (None, None)
-                y, mean, var, _, _ = training(xc, scale, bias, eps=self.epsilon, axis=self.axis, axis_name=axis_name,
-                                              running_mean=running[0], running_var=running[1],
-                                              residual=r, activation=self.activation,
-                                              variants=v)
-            if not self.is_initializing():
-                # The statistics in Flax's dtype for them (dtype, else x's, at least float32 under
-                # force_float32_reductions), so batch_stats keep the dtypes Flax gives them (a
-                # scan carrying them needs that); the kernels' are in the accumulation dtype.
-                stats = jnp.dtype(self.dtype) if self.dtype is not None else jnp.result_type(x)
-                if self.force_float32_reductions:
-                    stats = jnp.promote_types(stats, jnp.float32)
-                mean, var = mean.astype(stats), var.astype(stats)
-                keep = skip_mask(mean, var, v)
-                new_mean = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-                new_var = self.momentum * ra_var.value + (1 - self.momentum) * var
-                if keep is not None:
-                    new_mean, new_var = jnp.where(keep, ra_mean.value, new_mean), jnp.where(keep, ra_var.value, new_var)
-                ra_mean.value, ra_var.value = new_mean, new_var
+        # Flax leaves the mapped axis out while initializing (there may be none).
+        y, mean, var = normalize(xc, scale, bias, ra_mean.value, ra_var.value,
+                                 use_running_average=bool(use_running_average), eps=self.epsilon, axis=self.axis,
+                                 axis_name=None if self.is_initializing() else self.axis_name, residual=r,
+                                 activation=self.activation, v=v, initializing=self.is_initializing())
+        if not use_running_average and not self.is_initializing():
+            # The statistics in Flax's dtype for them (dtype, else x's, at least float32 under
+            # force_float32_reductions), so batch_stats keep the dtypes Flax gives them (a
+            # scan carrying them needs that); the kernels' are in the accumulation dtype.
+            stats = jnp.dtype(self.dtype) if self.dtype is not None else jnp.result_type(x)
+            if self.force_float32_reductions:
+                stats = jnp.promote_types(stats, jnp.float32)
+            ra_mean.value, ra_var.value = running_averages(ra_mean.value, ra_var.value, mean.astype(stats),
+                                                           var.astype(stats), self.momentum, v)
         return y.astype(out_dtype)
-
-
-def _one_value_statistics(x, axis):
-    """(mean, biased variance) of at most one value per channel, as Flax takes them: the value
-    and 0 (NaN for none; NaN where it is not finite, as x - mean is)."""
-    mean = jnp.mean(x, axis=tuple(d for d in range(x.ndim) if d != axis))
-    return mean, jnp.zeros_like(mean) * (mean - mean)
-
-
-def _one_value_output(x, mean, scale, bias, eps, axis, residual, activation):
-    """Flax's normalization of at most one value per channel, written in jnp: x - mean is 0,
-    so y = act(bias + residual), NaN where x is not finite, the gradient of x 0 and of the
-    scale 0 (xhat is 0), as Flax's (and the kernels' formula in the limit)."""
-    shape = [1] * x.ndim
-    shape[axis] = -1
-    y = (x - mean.reshape(shape)) * lax.rsqrt(jnp.asarray(eps, x.dtype))
-    if scale is not None:
-        y = y * scale.reshape(shape).astype(x.dtype)
-    if bias is not None:
-        y = y + bias.reshape(shape).astype(x.dtype)
-    if residual is not None:
-        y = y + residual
-    if activation != "relu":
-        return y
-    # The kernels' ReLU (core/recipes.h): relu(NaN) = NaN, relu(-0) = -0, and no gradient
-    # where y <= 0.
-    return jnp.where(y <= 0, lax.stop_gradient(jnp.where(y < 0, jnp.zeros_like(y), y)), y)
