@@ -475,6 +475,36 @@ def test_flax_training_on_one_value_per_channel_is_flax_s(shape, axis):
     assert jnp.isnan(y).sum() == 1 and jnp.isnan(new["batch_stats"]["var"]).sum() == 1
 
 
+# ---- threads: XLA's pool, not an OpenMP team ---------------------------------------------
+
+THREADS_SCRIPT = r"""
+import os, numpy as np, jax, jax.numpy as jnp
+import batchnorm.jax as bj
+threads = lambda: len(os.listdir("/proc/self/task"))
+x = jnp.asarray(np.random.default_rng(0).standard_normal((64, 64, 32, 32)), jnp.float32)
+xla = jax.jit(lambda x: (x * 2 + 1).sum(0))
+ours = jax.jit(lambda x: bj.batch_norm(x, None, None, None, None, training=True)[0]).lower(x).compile()
+for _ in range(3):
+    jax.block_until_ready(xla(x))  # XLA's pool started
+before = threads()
+for _ in range(3):
+    jax.block_until_ready(ours(x))
+print(before, threads())
+"""
+
+
+def test_kernels_run_on_xla_threads():
+    """Under jit the kernels' parallel loops run on XLA's intra-op pool (cpu/threads.h,
+    TaskPool): no OpenMP team of their own, which beside XLA's spinning workers oversubscribed
+    the cores (a channels-last inference took 5-12 ms instead of 2 on 2 CPUs). A fresh process
+    with OpenMP allowed 2 threads: calling the kernels starts no thread."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    done = subprocess.run([sys.executable, "-c", THREADS_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    before, after = map(int, done.stdout.split())
+    assert after == before, f"the kernels started {after - before} thread(s) of their own"
+
+
 # ---- shard_map (4 host devices, own process) ------------------------------------------------
 
 @pytest.mark.slow

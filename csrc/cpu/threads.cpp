@@ -7,6 +7,8 @@
 #include <cerrno>
 #include <cstdlib>
 #include <fstream>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <unistd.h>
@@ -49,12 +51,72 @@ int64_t usable_cpus();
 }  // namespace
 
 int thread_count() {
+  // A host's pool has its own size (its host's setting, not set_num_threads).
+  if (const TaskPool* pool = current_pool()) return std::max(1, pool->threads);
   // The team a parallel region asks for: the setting, at most max(256, 8 x the CPUs this
   // process may use). OpenMP ends the process when it cannot create a thread (libgomp:
   // "Thread creation failed"), as set_num_threads(65536) did on 2 CPUs; no result depends on
   // the team's size (threads.h).
   static const int cap = static_cast<int>(std::min<int64_t>(1 << 16, std::max<int64_t>(256, 8 * usable_cpus())));
   return std::min(get_num_threads(), cap);
+}
+
+namespace {
+thread_local const TaskPool* this_threads_pool = nullptr;
+thread_local int pool_task_depth = 0;
+
+// What a parallel_for on a pool shares with its tasks: owned jointly (a task may start after
+// the call returned, and must then find every chunk taken without touching the caller's
+// frame, which `arg` points into).
+struct PoolRun {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t chunks = 0;
+  void (*chunk)(void*, int64_t) = nullptr;
+  void* arg = nullptr;
+  std::mutex error_lock;
+  std::exception_ptr error;
+
+  void work() {
+    ++pool_task_depth;
+    for (;;) {
+      const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
+      if (c >= chunks) break;
+      try {
+        chunk(arg, c);
+      } catch (...) {
+        std::lock_guard<std::mutex> hold(error_lock);
+        if (!error) error = std::current_exception();
+      }
+      done.fetch_add(1, std::memory_order_release);
+    }
+    --pool_task_depth;
+  }
+};
+}  // namespace
+
+const TaskPool* current_pool() { return this_threads_pool; }
+PoolScope::PoolScope(const TaskPool* pool) : saved_(this_threads_pool) { this_threads_pool = pool; }
+PoolScope::~PoolScope() { this_threads_pool = saved_; }
+bool in_pool_task() { return pool_task_depth > 0; }
+
+void run_on_pool(const TaskPool& pool, int64_t chunks, void (*chunk)(void*, int64_t), void* arg) {
+  auto run = std::make_shared<PoolRun>();
+  run->chunks = chunks;
+  run->chunk = chunk;
+  run->arg = arg;
+  for (int64_t t = 1; t < chunks; ++t) {
+    auto held = std::make_unique<std::shared_ptr<PoolRun>>(run);
+    pool.schedule(pool.ctx, [](void* p) {
+      const std::unique_ptr<std::shared_ptr<PoolRun>> mine(static_cast<std::shared_ptr<PoolRun>*>(p));
+      (*mine)->work();
+    }, held.get());
+    held.release();  // the task owns it now
+  }
+  run->work();
+  // The chunks still running are on threads that are running them: wait for those alone.
+  while (run->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+  if (run->error) std::rethrow_exception(run->error);
 }
 
 namespace {

@@ -1,5 +1,6 @@
 // CPU threading: the process-wide thread count and parallel_for, a static OpenMP split of
-// independent tasks. Reductions are cut into groups by the shape alone, never by the thread
+// independent tasks, or a split over a host's thread pool (TaskPool) while one is set for the
+// calling thread. Reductions are cut into groups by the shape alone, never by the thread
 // count, and any other cut (blocks of channels) leaves each channel's operations as they are,
 // so any number of threads computes the same bits.
 #pragma once
@@ -11,6 +12,40 @@
 #endif
 
 namespace batchnorm::cpu {
+
+// A host's thread pool, which parallel_for uses instead of OpenMP while it is set for the
+// calling thread (PoolScope): an XLA FFI call runs the kernels on XLA's intra-op threads.
+// OpenMP teams beside XLA's pool oversubscribed the cores (both spin while they wait: a
+// channels-last inference under jit took 5-12 ms instead of 2), and every XLA thread that
+// calls a kernel would start a team of its own. schedule(ctx, task, arg) runs task(arg) on
+// one of the pool's `threads` threads or inline, in any order, maybe not concurrently.
+struct TaskPool {
+  void* ctx = nullptr;
+  int threads = 1;
+  void (*schedule)(void* ctx, void (*task)(void* arg), void* arg) = nullptr;
+};
+
+// The calling thread's pool (nullptr: OpenMP's team).
+const TaskPool* current_pool();
+// Sets the calling thread's pool for its lifetime (the previous one after).
+class PoolScope {
+ public:
+  explicit PoolScope(const TaskPool* pool);
+  ~PoolScope();
+  PoolScope(const PoolScope&) = delete;
+  PoolScope& operator=(const PoolScope&) = delete;
+
+ private:
+  const TaskPool* saved_;
+};
+
+// Whether this thread runs a pool task of parallel_for (where a nested one stays serial).
+bool in_pool_task();
+// Runs chunk(arg, c) for every c in [0, chunks) on the pool's threads and the calling one,
+// each chunk once, and returns when all have run, rethrowing the first exception. Chunks are
+// claimed, not assigned: a pool task that starts late (or never runs concurrently) finds them
+// taken, so the call never waits for a thread that is busy elsewhere.
+void run_on_pool(const TaskPool& pool, int64_t chunks, void (*chunk)(void* arg, int64_t c), void* arg);
 
 int thread_count();
 
@@ -27,6 +62,23 @@ constexpr int64_t kMinParallelWork = 1 << 15;
 // (elements touched) makes it worth it.
 template <class F>
 void parallel_for(int64_t n, int64_t work, F&& f) {
+  if (in_pool_task()) {  // nested in a pool's chunk (whose thread has no pool of its own set)
+    for (int64_t i = 0; i < n; ++i) f(i);
+    return;
+  }
+  if (const TaskPool* pool = current_pool()) {
+    const int64_t use = n < pool->threads ? n : pool->threads;
+    if (use > 1 && work >= kMinParallelWork) {
+      // The static split of the OpenMP path: chunk c runs [n c / use, n (c + 1) / use).
+      auto chunk = [&](int64_t c) {
+        for (int64_t i = n * c / use, end = n * (c + 1) / use; i < end; ++i) f(i);
+      };
+      run_on_pool(*pool, use, [](void* body, int64_t c) { (*static_cast<decltype(chunk)*>(body))(c); }, &chunk);
+      return;
+    }
+    for (int64_t i = 0; i < n; ++i) f(i);
+    return;
+  }
 #if defined(BN_WITH_OPENMP)
   const int threads = thread_count();
   // Inside another parallel_for (tasks run side by side, cpu::for_each) it stays on its thread.

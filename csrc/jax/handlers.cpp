@@ -10,6 +10,7 @@
 // into the statistics.
 #include "jax/handlers.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <exception>
@@ -18,6 +19,7 @@
 
 #include "core/errors.h"
 #include "core/ops.h"
+#include "cpu/threads.h"
 #include "xla/ffi/api/ffi.h"
 
 #if defined(BN_WITH_CUDA)
@@ -313,7 +315,18 @@ struct Platforms;
 
 template <class... A, ffi::Error (*Impl)(const Target&, A...)>
 struct Platforms<Impl> {
-  static ffi::Error cpu(A... args) { return Impl(Target{}, std::move(args)...); }
+  // The kernels' parallel loops run on XLA's intra-op pool, the threads XLA computes on, not
+  // on an OpenMP team of their own (cpu/threads.h, TaskPool).
+  static ffi::Error cpu(ffi::ThreadPool pool, A... args) {
+    cpu::TaskPool tasks;
+    tasks.ctx = &pool;
+    tasks.threads = static_cast<int>(std::clamp<int64_t>(pool.num_threads(), 1, 1 << 16));
+    tasks.schedule = [](void* ctx, void (*task)(void*), void* arg) {
+      static_cast<ffi::ThreadPool*>(ctx)->Schedule([task, arg] { task(arg); });
+    };
+    const cpu::PoolScope on_xla(&tasks);
+    return Impl(Target{}, std::move(args)...);
+  }
 #if defined(BN_WITH_CUDA)
   // Scratch comes from XLA's allocator (freed by XLA after the call, in stream order). XLA
   // refuses alignments above 16 (ffi_api.cc's kMaxAlignment: every request failed on an H200
@@ -369,7 +382,8 @@ using batchnorm::jax::Platforms;
       .Ret<ffi::AnyBuffer>().OptionalRet<ffi::AnyBuffer>()
 
 #define BN_DEFINE_HANDLERS_CPU(name, impl, ARGS) \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(bn_jax_##name##_cpu, Platforms<batchnorm::jax::impl>::cpu, ARGS(ffi::Ffi::Bind()));
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(bn_jax_##name##_cpu, Platforms<batchnorm::jax::impl>::cpu,      \
+                                ARGS(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
 
 BN_DEFINE_HANDLERS_CPU(statistics, statistics_impl, BN_STATISTICS_ARGS)
 BN_DEFINE_HANDLERS_CPU(merge, merge_impl, BN_MERGE_ARGS)
