@@ -64,17 +64,24 @@ CASES = {
         lambda L, a: L.bn_backward(tensor(a["dy"]), tensor(a["x"]), tensor(a["rm"]), tensor(a["rv"]), None, 1,
                                    tensor(a["y"]), tensor(a["m"]), tensor(_head(a["dy"])), None),
         "dbias must not share memory with dy"),
-    "merge mean=means[1]": (
-        lambda L, a: L.bn_merge_statistics(2, (ct.POINTER(type(tensor(a["rm"]).contents)) * 2)(
-            tensor(a["rm"]), tensor(a["b"])), (ct.POINTER(type(tensor(a["rv"]).contents)) * 2)(
-            tensor(a["rv"]), tensor(a["w"])), (ct.c_int64 * 2)(3, 4), tensor(a["b"]), tensor(a["v"]), None, None),
-        "mean must not share memory with means[1]"),
-    "fold bias_out=mean": (
-        lambda L, a: L.bn_fold(tensor(a["x"].reshape(4, C * 5)[:, :C].copy().T.copy()), None, tensor(a["rm"]),
-                               tensor(a["rv"]), None, None, 1e-5, 0, tensor(a["y"].reshape(4, C * 5)[:, :C].T),
-                               tensor(a["rm"]), None),
-        "bias_out must not share memory with mean"),
+    "merge mean=var": (
+        lambda L, a: L.bn_merge_statistics(2, _pointers(a["rm"], a["b"]), _pointers(a["rv"], a["w"]),
+                                           (ct.c_int64 * 2)(3, 4), tensor(a["m"]), tensor(a["m"]), None, None),
+        "mean must not share memory with var"),
+    "fold bias_out=var": (
+        lambda L, a: L.bn_fold(tensor(_kernel(a)), None, tensor(a["rm"]), tensor(a["rv"]), None, None, 1e-5, 0,
+                               tensor(np.empty_like(_kernel(a))), tensor(a["rv"]), None),
+        "bias_out must not share memory with var"),
 }
+
+
+def _pointers(*arrays):
+    return (type(tensor(arrays[0])) * len(arrays))(*map(tensor, arrays))
+
+
+def _kernel(a):
+    """A (C, 5) float32 kernel made from x's values."""
+    return np.ascontiguousarray(a["x"][0].reshape(C, 5))
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -87,6 +94,31 @@ def test_per_channel_output_over_another_argument_is_refused(lib, case):
                                        "pass separate arrays")
     for k, v in a.items():
         assert v.tobytes() == before[k].tobytes(), f"a refused call wrote into {k}"
+
+
+def test_partial_overlap_with_a_shard_is_refused(lib):
+    a = _arrays()
+    shards = np.arange(2 * C + 1, dtype=np.float32) / 7 + 1  # means[1] one element past means[0]
+    status = lib.bn_merge_statistics(2, _pointers(shards[:C], shards[1:C + 1]), _pointers(a["rv"], a["w"]),
+                                     (ct.c_int64 * 2)(3, 4), tensor(shards[1:C + 1]), tensor(a["v"]), None, None)
+    assert (status, error(lib)) == (1, "mean must be either means[0] itself (same memory and strides) or share no "
+                                       "memory with it, got memory that partially overlaps means[0]")
+
+
+def test_merge_and_fold_in_place_still_run(lib):
+    """Exactly a shard's arrays (merging in place) and exactly conv_bias, mean or bias (folding
+    in place) are read channel by channel before the channel is written: allowed, as before."""
+    a = _arrays()
+    means, vars_ = [a["rm"].copy(), a["b"].copy()], [a["rv"].copy(), a["w"].copy()]
+    want_mean, want_var = bn.merge_statistics(means, vars_, [3, 4])[:2]
+    assert lib.bn_merge_statistics(2, _pointers(*means), _pointers(*vars_), (ct.c_int64 * 2)(3, 4),
+                                   tensor(means[0]), tensor(vars_[1]), None, None) == 0, error(lib)
+    assert means[0].tobytes() == want_mean.tobytes() and vars_[1].tobytes() == want_var.tobytes()
+    kernel, conv_bias = _kernel(a), a["b"].copy()
+    want_kernel, want_bias = bn.fold(kernel, conv_bias, a["rm"], a["rv"], a["w"], a["b"])
+    assert lib.bn_fold(tensor(kernel), tensor(conv_bias), tensor(a["rm"]), tensor(a["rv"]), tensor(a["w"]),
+                       tensor(a["b"]), 1e-5, 0, tensor(kernel), tensor(conv_bias), None) == 0, error(lib)
+    assert kernel.tobytes() == want_kernel.tobytes() and conv_bias.tobytes() == want_bias.tobytes()
 
 
 def test_separate_outputs_still_run(lib):

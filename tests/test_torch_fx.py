@@ -78,6 +78,11 @@ def test_norm_act_and_functionals_trace():
     torch.testing.assert_close(traced.mean, model.mean, rtol=0, atol=0)  # updated in place by both
 
 
+def test_a_layer_as_the_traced_root_is_a_clear_error():
+    with pytest.raises(torch.fx.proxy.TraceError, match="BatchNorm2d cannot be the root of torch.fx.symbolic_trace"):
+        torch.fx.symbolic_trace(bt.BatchNorm2d(3))
+
+
 def test_sync_batchnorm_traces_as_one_node():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), bt.SyncBatchNorm(4))
     traced = torch.fx.symbolic_trace(model)

@@ -83,6 +83,27 @@ def test_torch_layers_read_negative_bit_tensors_as_their_values():
     assert torch.equal(res, bt.batch_norm_act(x, None, None, training=True, residual=dy))
 
 
+@pytest.mark.parametrize("make, relu", [(lambda: bt.BatchNorm2d(3), False),
+                                        (lambda: bt.BatchNormAct2d(3, apply_act=False), False),
+                                        (lambda: bt.BatchNormAct2d(3), True)], ids=["plain", "norm_act", "norm_act_relu"])
+def test_a_negative_bit_incoming_gradient_is_read_as_its_values(make, relu):
+    # A layer's output fed to a complex op: the backward of the conjugate's imaginary part hands
+    # the layer a gradient with the negative bit; the eager backward read it negated.
+    g = torch.Generator().manual_seed(4)
+    x0 = torch.randn(8, 3, 4, 4, dtype=torch.float64, generator=g)
+    a = torch.randn(x0.shape, dtype=torch.float64, generator=g)
+    w = torch.randn(x0.shape, dtype=torch.complex128, generator=g)
+    theirs = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.ReLU()) if relu else torch.nn.BatchNorm2d(3)
+    grads = []
+    for layer in (make().double(), theirs.double()):
+        x = x0.clone().requires_grad_()
+        (torch.complex(a, layer(x)).conj() * w).real.sum().backward()
+        bn_layer = layer[0] if isinstance(layer, torch.nn.Sequential) else layer
+        grads.append((x.grad, bn_layer.weight.grad, bn_layer.bias.grad))
+    for ours, want in zip(*grads):
+        torch.testing.assert_close(ours, want, rtol=1e-10, atol=1e-12)
+
+
 def test_array_api_writes_bump_versions():
     x, _, _, _ = _inputs()
     w = torch.randn(4, 3, 5, requires_grad=True)

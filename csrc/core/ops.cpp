@@ -615,12 +615,15 @@ MergeStatisticsSpecs merge_statistics_specs(const MergeStatisticsParams& p) {
 int64_t merge_statistics(const MergeStatisticsParams& p, const MergeStatisticsSpecs& s) {
   check_against(p.mean, "mean", s.mean);
   check_against(p.var, "var", s.var);
+  // Each channel's shards are all read before its mean and var are written (CPU and CUDA): the
+  // results may be exactly a shard's arrays (merging in place), never partly over one.
   const Named vectors[] = {{p.mean, "mean"}, {p.var, "var"}};
   check_apart(vectors, 2, nullptr, 0);
   for (size_t i = 0; i < p.means.size(); ++i) {
     const std::string mi = concat("means[", i, "]"), vi = concat("vars[", i, "]");
     const Named shard[] = {{p.means[i], mi.c_str()}, {p.vars[i], vi.c_str()}};
-    check_apart(vectors, 2, shard, 2);
+    check_in_place_or_disjoint(p.mean, "mean", shard, 2);
+    check_in_place_or_disjoint(p.var, "var", shard, 2);
   }
   backend_for(p.means[0].device).merge_statistics(p);
   return s.total;
@@ -650,10 +653,15 @@ void fold(const FoldParams& p, const FoldSpecs& s) {
                           {p.var, "var"},       {p.weight, "weight"},       {p.bias, "bias"}};
   check_against(p.kernel_out, "kernel_out", s.kernel_out, inputs, 6);
   check_against(p.bias_out, "bias_out", s.bias_out);
+  // bias_out[c] is written after conv_bias[c], mean[c] and bias[c] are read, by the same
+  // thread: it may be exactly one of those (folding in place); var and weight are read for
+  // every element of the kernel, by other threads.
   const Named vectors[] = {{p.bias_out, "bias_out"}};
-  const Named others[] = {{p.kernel, "kernel"}, {p.conv_bias, "conv_bias"}, {p.mean, "mean"}, {p.var, "var"},
-                          {p.weight, "weight"}, {p.bias, "bias"},           {p.kernel_out, "kernel_out"}};
-  check_apart(vectors, 1, others, 7);
+  const Named read_by_all[] = {{p.kernel, "kernel"}, {p.var, "var"}, {p.weight, "weight"},
+                               {p.kernel_out, "kernel_out"}};
+  const Named read_by_one[] = {{p.conv_bias, "conv_bias"}, {p.mean, "mean"}, {p.bias, "bias"}};
+  check_apart(vectors, 1, read_by_all, 4);
+  check_in_place_or_disjoint(p.bias_out, "bias_out", read_by_one, 3);
   const TensorView* arrays[] = {&p.kernel, &p.kernel_out};
   route(&Backend::fold, p, p.kernel, make_layout(s.axis, arrays, 2));
 }

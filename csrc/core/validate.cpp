@@ -160,13 +160,18 @@ void check_output(const TensorView& out, const char* arg, const TensorView& like
   BN_EXPECTS(!self_overlapping(out), value_error, arg,
              " must not have overlapping elements: its strides, ordered by size, must each step past the extent of "
              "the smaller ones (a zero or broadcast stride repeats memory), got strides that do not");
-  for (int i = 0; i < ninputs; ++i) {
-    const TensorView& in = inputs[i].view;
+  check_in_place_or_disjoint(out, arg, inputs, ninputs);
+}
+
+void check_in_place_or_disjoint(const TensorView& written, const char* arg, const Named* others, int nothers) {
+  if (!written.defined()) return;
+  for (int i = 0; i < nothers; ++i) {
+    const TensorView& in = others[i].view;
     if (!in.defined()) continue;
-    const bool in_place = in.data == out.data && same_strides(in, out);
-    BN_EXPECTS(in_place || !share_memory(out, in), value_error, arg, " must be either ", inputs[i].name,
+    const bool in_place = in.data == written.data && same_strides(in, written);
+    BN_EXPECTS(in_place || !share_memory(written, in), value_error, arg, " must be either ", others[i].name,
                " itself (same memory and strides) or share no memory with it, got memory that partially overlaps ",
-               inputs[i].name);
+               others[i].name);
   }
 }
 

@@ -37,6 +37,9 @@ struct Named {
 // any of `inputs` unless it is exactly that input (same data and strides: in place).
 void check_output(const TensorView& out, const char* arg, const TensorView& like, const char* like_arg,
                   const Named* inputs, int ninputs);
+// A written argument that is exactly one of `others` (same data and strides: element by element
+// in place) or shares no element with it.
+void check_in_place_or_disjoint(const TensorView& written, const char* arg, const Named* others, int nothers);
 // A written argument (running statistics) that shares no element with any of `others`: it is
 // written while they are read (or written), so even an exact alias would corrupt a result.
 void check_disjoint(const TensorView& written, const char* arg, const Named* others, int nothers);

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.dlpack import to_dlpack
 
 from .. import _C
-from .._arrays import _current_stream, _stream_number
+from .._arrays import _current_stream, _stream_number, torch_increment_version
 
 # define/impl rather than torch.library.custom_op: both reach these Python kernels through
 # the dispatcher, but custom_op's wrapper costs more per call (bench/torch_op_overhead.py),
@@ -207,9 +207,18 @@ def _training_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, invstd, new_mean, new_var)
 
 
+def resolved(t: Tensor) -> Tensor:
+    """t itself, or, with torch's negative bit (a lazily negated view: its memory holds -t, which
+    DLPack hands over as it is), a copy holding its values. For the incoming gradient of the
+    eager Functions, which autograd hands over as it is (the backward of a complex op's .imag
+    gives one); eager() sends such inputs to the registered ops, whose dispatcher resolves them."""
+    return t.resolve_neg() if t.is_neg() else t
+
+
 def _training_grads(ctx, dy, backward):
     """(dx, dweight, dbias), each None unless needed, from `backward` (the op, or its kernel),
     or differentiable again when a second derivative may follow (_twice)."""
+    dy = resolved(dy)
     x, weight, mean, invstd = ctx.saved_tensors
     needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
     if differentiated_again(dy, x, weight):
@@ -296,7 +305,13 @@ def traced(module: torch.nn.Module, *args: Any) -> Proxy:
     into the forward, whose checks branch on the input's shape); the GraphModule then runs
     the layer's forward on real tensors. Called by each layer when `input` is a Proxy."""
     tracer = next(a for a in args if isinstance(a, Proxy)).tracer
-    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
+    path = tracer.path_of_module(module)
+    if not path:  # the traced root itself: a call_module node would name no submodule
+        raise torch.fx.proxy.TraceError(
+            f"{type(module).__name__} cannot be the root of torch.fx.symbolic_trace (its forward checks the "
+            "input's shape); trace a module that contains it"
+        )
+    return tracer.create_proxy("call_module", path, args, {})
 
 
 def dispatched(function: Any, tensors: tuple, *args: Any, **kwargs: Any) -> Any:
@@ -336,7 +351,7 @@ def bump_versions(x: Tensor, running) -> None:
     if x.numel() > 0:
         bumped = [t for t in running if t is not None]
         if bumped:
-            torch._C._increment_version(bumped)  # (torch.autograd.graph.increment_version's own call)
+            torch_increment_version(bumped)
 
 
 def check_running(running_mean: Optional[Tensor], running_var: Optional[Tensor]) -> None:

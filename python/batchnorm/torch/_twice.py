@@ -107,7 +107,7 @@ class _ConstantIn(torch.autograd.Function):
 
     @staticmethod
     def forward(value: Tensor, x: Tensor) -> Tensor:
-        return value.view_as(value)
+        return value.detach()  # (not a view: in-place ops on the gradient stay allowed)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:

@@ -117,6 +117,7 @@ def _training_setup(ctx, inputs, output):
 def _training_grads(ctx, dy, backward):
     """(dx, dresidual, dweight, dbias), each None unless needed, from `backward` (the op, or
     its kernel), or differentiable again when a second derivative may follow (_twice)."""
+    dy = _ops.resolved(dy)
     x, y, weight, mean, invstd = ctx.saved_tensors
     needs_x, needs_r, needs_w, needs_b = ctx.needs_input_grad[:4]
     # y carries the residual and bias into the ReLU's gradient.
