@@ -105,13 +105,16 @@ void run_on_pool(const TaskPool& pool, int64_t chunks, void (*chunk)(void*, int6
   run->chunks = chunks;
   run->chunk = chunk;
   run->arg = arg;
-  for (int64_t t = 1; t < chunks; ++t) {
-    auto held = std::make_unique<std::shared_ptr<PoolRun>>(run);
-    pool.schedule(pool.ctx, [](void* p) {
-      const std::unique_ptr<std::shared_ptr<PoolRun>> mine(static_cast<std::shared_ptr<PoolRun>*>(p));
-      (*mine)->work();
-    }, held.get());
-    held.release();  // the task owns it now
+  try {
+    for (int64_t t = 1; t < chunks; ++t) {
+      auto held = std::make_unique<std::shared_ptr<PoolRun>>(run);
+      pool.schedule(pool.ctx, [](void* p) {
+        const std::unique_ptr<std::shared_ptr<PoolRun>> mine(static_cast<std::shared_ptr<PoolRun>*>(p));
+        (*mine)->work();
+      }, held.get());
+      held.release();  // the task owns it now
+    }
+  } catch (...) {  // (out of memory while scheduling: the chunks left are this thread's)
   }
   run->work();
   // The chunks still running are on threads that are running them: wait for those alone.
