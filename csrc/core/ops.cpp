@@ -141,16 +141,6 @@ void check_against(const TensorView& t, const char* arg, const OutputSpec& spec,
                            " array on ", device_name(t.device)));
 }
 
-// The per-channel outputs (statistics, parameter gradients, fold's bias) are written while
-// the op's other arguments are read or written: each shares no memory with any of `others`
-// nor with another of `vectors` (an exact alias is no exception: unlike y, they are not
-// computed element by element from the same element of an input).
-void check_apart(const Named* vectors, int nvectors, const Named* others, int nothers) {
-  for (int i = 0; i < nvectors; ++i) {
-    check_disjoint(vectors[i].view, vectors[i].name, others, nothers);
-    check_disjoint(vectors[i].view, vectors[i].name, vectors + i + 1, nvectors - i - 1);
-  }
-}
 
 // ghost_batch: a group size dividing the batch (axis 0, not the channel axis). Returns the
 // number of groups, 0 without ghost batch norm.

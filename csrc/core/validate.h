@@ -37,6 +37,11 @@ struct Named {
 // any of `inputs` unless it is exactly that input (same data and strides: in place).
 void check_output(const TensorView& out, const char* arg, const TensorView& like, const char* like_arg,
                   const Named* inputs, int ninputs);
+// The per-channel outputs (statistics, parameter gradients, fold's bias) are written while
+// the op's other arguments are read or written: each shares no memory with any of `others`
+// nor with another of `vectors` (an exact alias is no exception: unlike y, they are not
+// computed element by element from the same element of an input).
+void check_apart(const Named* vectors, int nvectors, const Named* others, int nothers);
 // A written argument that is exactly one of `others` (same data and strides: element by element
 // in place) or shares no element with it.
 void check_in_place_or_disjoint(const TensorView& written, const char* arg, const Named* others, int nothers);

@@ -52,7 +52,8 @@ int64_t usable_cpus();
 
 int thread_count() {
   // A host's pool has its own size (its host's setting, not set_num_threads).
-  if (const TaskPool* pool = current_pool()) return std::max(1, pool->threads);
+  if (open_pool_scopes.load(std::memory_order_relaxed) != 0)
+    if (const TaskPool* pool = current_pool()) return std::max(1, pool->threads);
   // The team a parallel region asks for: the setting, at most max(256, 8 x the CPUs this
   // process may use). OpenMP ends the process when it cannot create a thread (libgomp:
   // "Thread creation failed"), as set_num_threads(65536) did on 2 CPUs; no result depends on
@@ -95,9 +96,17 @@ struct PoolRun {
 };
 }  // namespace
 
+std::atomic<int> open_pool_scopes{0};
+
 const TaskPool* current_pool() { return this_threads_pool; }
-PoolScope::PoolScope(const TaskPool* pool) : saved_(this_threads_pool) { this_threads_pool = pool; }
-PoolScope::~PoolScope() { this_threads_pool = saved_; }
+PoolScope::PoolScope(const TaskPool* pool) : saved_(this_threads_pool) {
+  open_pool_scopes.fetch_add(1, std::memory_order_relaxed);
+  this_threads_pool = pool;
+}
+PoolScope::~PoolScope() {
+  this_threads_pool = saved_;
+  open_pool_scopes.fetch_sub(1, std::memory_order_relaxed);
+}
 bool in_pool_task() { return pool_task_depth > 0; }
 
 void run_on_pool(const TaskPool& pool, int64_t chunks, void (*chunk)(void*, int64_t), void* arg) {
