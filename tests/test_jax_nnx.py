@@ -13,7 +13,7 @@ nnx = pytest.importorskip("flax.nnx", reason="flax is not installed (pip install
 import jax.numpy as jnp  # noqa: E402
 
 # (A build without the JAX extension, as the sanitizer run's: skipped, not an import error.)
-bj = pytest.importorskip("batchnorm.jax", reason="this build of batchnorm has no JAX extension")
+bj = pytest.importorskip("batchnorm.jax", reason="this build of batchnorm has no JAX extension", exc_type=ImportError)
 from batchnorm.jax.nnx import BatchNorm  # noqa: E402
 
 DTYPES = ("float32", "bfloat16", "float16")
