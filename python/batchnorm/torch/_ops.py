@@ -314,15 +314,6 @@ def traced(module: torch.nn.Module, *args: Any) -> Proxy:
     return tracer.create_proxy("call_module", path, args, {})
 
 
-def dispatched(function: Any, tensors: tuple, *args: Any, **kwargs: Any) -> Any:
-    """A functional called with tensors that override __torch_function__ (fx proxies,
-    tensor subclasses) or under a TorchFunctionMode: handed to them as torch.nn.functional's
-    functions are (FX records one call_function node). `tensors` are the optional tensor
-    arguments; the caller tests has_torch_function_variadic(*tensors) first (its C check is
-    the only cost on the plain path)."""
-    return handle_torch_function(function, tensors, *args, **kwargs)
-
-
 def eager(x: Tensor, *tensors: Optional[Tensor]) -> bool:
     """Whether a call on x and these tensors (None for absent ones) may skip the registered ops
     (which also serve other devices: meta through the fake kernels)."""

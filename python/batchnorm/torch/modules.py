@@ -30,8 +30,8 @@ def batch_norm(
     statistics normalize `input` and, when given, the running statistics are updated in
     place; otherwise the running statistics normalize it."""
     if _ops.has_torch_function_variadic(input, running_mean, running_var, weight, bias):
-        return _ops.dispatched(batch_norm, (input, running_mean, running_var, weight, bias), input, running_mean,
-                               running_var, weight, bias, training, momentum, eps)
+        tensors = (input, running_mean, running_var, weight, bias)  # as torch.nn.functional's: FX, modes
+        return _ops.handle_torch_function(batch_norm, tensors, *tensors, training, momentum, eps)
     _ops.check_running(running_mean, running_var)
     _ops.check_eps(eps, training)
     if training:

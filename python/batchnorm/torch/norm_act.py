@@ -201,9 +201,9 @@ def batch_norm_act(
     """relu(batch_norm(input, ...) + residual) (relu=False: without the ReLU; residual None:
     without the add) as one op, with torch.nn.functional.batch_norm's arguments."""
     if _ops.has_torch_function_variadic(input, running_mean, running_var, weight, bias, residual):
-        return _ops.dispatched(batch_norm_act, (input, running_mean, running_var, weight, bias, residual), input,
-                               running_mean, running_var, weight, bias, training, momentum, eps, residual=residual,
-                               relu=relu)
+        tensors = (input, running_mean, running_var, weight, bias)  # as torch.nn.functional's: FX, modes
+        return _ops.handle_torch_function(batch_norm_act, tensors + (residual,), *tensors, training, momentum, eps,
+                                          residual=residual, relu=relu)
     _ops.check_running(running_mean, running_var)
     _ops.check_eps(eps, training)
     if training:
