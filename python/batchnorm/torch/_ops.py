@@ -5,6 +5,7 @@ shapes and strides; autograd is registered for input, weight and bias."""
 from __future__ import annotations
 
 import re
+import sys
 from typing import Any, Optional
 
 import torch
@@ -334,6 +335,17 @@ def eager(x: Tensor, *tensors: Optional[Tensor]) -> bool:
 
 
 _PLAIN = frozenset((Tensor, torch.nn.Parameter))  # subclasses (and their __torch_function__) take the ops
+
+
+def exporting_onnx() -> bool:
+    """Whether torch.onnx.export is capturing the model. ONNX has batch norm of its own
+    (BatchNormalization, which runtimes fold into the convolution before it) and no
+    translation of our ops, so there the layers and functions emit torch's own operations,
+    which compute the same function: the exported graph is the one torch's layers give.
+    Checked only off the eager path (export runs under tracing or a dispatch mode)."""
+    if "torch.onnx" not in sys.modules:  # an export imports it; spares the import (20 ms) otherwise
+        return False
+    return torch.onnx.is_in_onnx_export()
 
 
 def bump_versions(x: Tensor, running) -> None:

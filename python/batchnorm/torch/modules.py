@@ -38,6 +38,8 @@ def batch_norm(
         F._verify_batch_size(input.size())  # torch's own check and message
         if _ops.eager(input, weight, bias, running_mean, running_var):
             return _ops.train_eager(input, weight, bias, running_mean, running_var, momentum, eps)
+        if _ops.exporting_onnx():
+            return F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
         y, _, _, new_mean, new_var = _func.call(
             "forward_training", input, weight, bias, running_mean, running_var, momentum, eps
         )
@@ -48,9 +50,36 @@ def batch_norm(
     try:
         if not _ops.wants_grad(input, weight, bias) and _ops.eager(input, weight, bias, running_mean, running_var):
             return _ops._forward_inference(input, running_mean, running_var, weight, bias, eps)  # no autograd to record
+        if _ops.exporting_onnx():
+            return F.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
         return _func.call("forward_inference", input, running_mean, running_var, weight, bias, eps)
     except (ValueError, TypeError) as e:
         raise _ops.named_running(e) from None
+
+
+def scripted_batch_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    num_batches_tracked: Optional[Tensor],
+    training: bool,
+    track_running_stats: bool,
+    momentum: Optional[float],
+    eps: float,
+) -> Tensor:
+    """A layer's forward in TorchScript (the layers' _scripted): torch's _BatchNorm.forward,
+    counting the batch and updating the running statistics as torch's layers do."""
+    factor = 0.0 if momentum is None else momentum
+    if training and track_running_stats and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:  # cumulative moving average
+            factor = 1.0 / float(num_batches_tracked)
+    bn_training = training or (running_mean is None and running_var is None)
+    tracked = not training or track_running_stats
+    return F.batch_norm(input, running_mean if tracked else None, running_var if tracked else None, weight, bias,
+                        bn_training, factor, eps)
 
 
 class _Base(_BatchNorm):
@@ -104,6 +133,31 @@ class _Base(_BatchNorm):
         return ", ".join([super().extra_repr(), *self._variant_options()])
 
     def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._scripted(input)
+        return self._forward(input)
+
+    # torch.jit.script compiles forward and the methods it calls. A scripted model is for
+    # runtimes without Python (libtorch in C++, Triton), which cannot call our ops: there the
+    # layer is torch's own batch norm (_scripted), the same function on torch's kernels.
+    def _synchronized(self) -> bool:  # SyncBatchNorm: True (a scripted model cannot synchronize)
+        return False
+
+    def _scripted(self, input: Tensor) -> Tensor:
+        """torch's _BatchNorm.forward in TorchScript; the training variants (and SyncBatchNorm's
+        synchronization) have no TorchScript form and are refused in training mode."""
+        self._check_input_dim(input)
+        if self.training and (self._synchronized() or self._variants()):
+            raise RuntimeError(
+                "a scripted model (torch.jit.script) runs this layer as torch's batch norm, which has no training "
+                "variants or synchronization across processes: call it in eval mode, or without torch.jit.script"
+            )
+        return scripted_batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
+                                   self.num_batches_tracked, self.training, self.track_running_stats,
+                                   self.momentum, self.eps)
+
+    @torch.jit.unused
+    def _forward(self, input: Tensor) -> Tensor:
         if isinstance(input, _ops.Proxy):  # torch.fx.symbolic_trace: one node, as torch's layers
             return _ops.traced(self, input)
         # torch's _BatchNorm.forward with batch_norm for F.batch_norm, but num_batches_tracked

@@ -16,6 +16,7 @@ from .. import _C
 from . import _func, _ops, _twice
 from ._ops import _AXIS, _call, _cap, _dtypes, _inference_grads, _new_running, _train, _vector
 from ._ops import per_channel, per_channel_results
+from .modules import scripted_batch_norm
 
 _lib = torch.library.Library("batchnorm", "FRAGMENT")
 _lib.define(
@@ -213,6 +214,8 @@ def batch_norm_act(
             return _training_act_apply(
                 u(input), u(residual), u(weight), u(bias), (running_mean, running_var), momentum, eps, relu
             )
+        if _ops.exporting_onnx():
+            return _unfused(input, running_mean, running_var, weight, bias, True, momentum, eps, residual, relu)
         y, _, _, new_mean, new_var = _func.call(
             "forward_training_act", input, residual, weight, bias, running_mean, running_var, momentum, eps, relu
         )
@@ -224,10 +227,21 @@ def batch_norm_act(
         if not _ops.wants_grad(input, residual, weight, bias) and \
                 _ops.eager(input, residual, weight, bias, running_mean, running_var):
             return _forward_inference_act(input, residual, running_mean, running_var, weight, bias, eps, relu)
+        if _ops.exporting_onnx():
+            return _unfused(input, running_mean, running_var, weight, bias, False, momentum, eps, residual, relu)
         return _func.call("forward_inference_act", input, residual, running_mean, running_var, weight, bias, eps,
                           relu)
     except (ValueError, TypeError) as e:
         raise _ops.named_running(e) from None
+
+
+def _unfused(x, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu) -> Tensor:
+    """batch_norm_act in torch's own operations, for torch.onnx.export (_ops.exporting_onnx):
+    BatchNormalization, Add and Relu, which ONNX runtimes fuse themselves."""
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    if residual is not None:
+        y = y + residual
+    return F.relu(y) if relu else y
 
 
 # Activation names as timm's get_act_layer takes them (its common ones, as torch.nn's modules).
@@ -324,6 +338,23 @@ class BatchNormAct2d(nn.BatchNorm2d):
         return None
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:  # type: ignore[override]
+        if torch.jit.is_scripting():
+            return self._scripted(x, residual)
+        return self._forward(x, residual)
+
+    def _scripted(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
+        """timm's forward in TorchScript, on torch's batch norm (see modules._Base._scripted)."""
+        self._check_input_dim(x)
+        y = scripted_batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                self.num_batches_tracked, self.training, self.track_running_stats, self.momentum,
+                                self.eps)
+        y = self.drop(y)
+        if residual is not None:
+            y = y + residual
+        return self.act(y)
+
+    @torch.jit.unused
+    def _forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         if isinstance(x, _ops.Proxy) or isinstance(residual, _ops.Proxy):  # torch.fx.symbolic_trace
             return _ops.traced(self, x) if residual is None else _ops.traced(self, x, residual)
         self._check_input_dim(x)

@@ -107,7 +107,7 @@ class SyncBatchNorm(_Base):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.process_group = process_group
         self.exchange = _check_exchange(exchange)
-        self._engine: Optional[Tuple[Any, Engine]] = None
+        self._engine = None  # (group, Engine) once built; not annotated here: TorchScript warns on that
 
     def __getstate__(self) -> dict:
         # The engine holds torch.distributed handles, which neither copy nor pickle: deepcopy
@@ -133,14 +133,23 @@ class SyncBatchNorm(_Base):
         return self._engine[1]
 
     def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # torch's batch norm, in eval mode only (modules._Base._scripted)
+            return self._scripted(input)
+        return self._forward(input)
+
+    def _synchronized(self) -> bool:
+        return True
+
+    @torch.jit.unused
+    def _forward(self, input: Tensor) -> Tensor:
         if isinstance(input, _ops.Proxy):  # torch.fx.symbolic_trace: one node, as torch's layers
             return _ops.traced(self, input)
         syncing = self.training and dist.is_available() and dist.is_initialized()
         if not syncing:
-            return super().forward(input)
+            return super()._forward(input)
         group, world = self._group()
         if world <= 1:
-            return super().forward(input)
+            return super()._forward(input)
         if input.is_neg():  # a lazily negated view holds -input, which DLPack hands over as is
             input = input.resolve_neg()
         # Checks that fail on one rank only must not leave the others waiting: they travel

@@ -141,6 +141,12 @@ def batch_norm_variant(
     statistics, when given, updated in place). Evaluation is plain batch norm (batch_norm)."""
     _ops.check_running(running_mean, running_var)
     _ops.check_eps(eps, True)
+    if not _ops.eager(input) and _ops.exporting_onnx():  # (export traces: eager() is False, and cheap)
+        raise RuntimeError(
+            "torch.onnx.export of batch norm with training variants in training mode is not supported (ONNX has "
+            "no renorm, ghost batches, skip_nonfinite or biased running variance); export the model in eval "
+            "mode (model.eval()), where these layers are plain batch norm"
+        )
     renorm_list = None if renorm is None else [float(v) for v in renorm]
     y, _, _, _, _, new_mean, new_var = _func.call(
         "forward_training_variant", input, weight, bias, running_mean, running_var, momentum, eps,
