@@ -2,8 +2,9 @@
 
 `batch_norm` is a pure function (API.md, "JAX: batchnorm.jax"); `BatchNorm` is a drop-in for
 flax.linen.BatchNorm, `batchnorm.jax.nnx.BatchNorm` one for flax.nnx.BatchNorm, and
-`recompute_batch_stats` is PreciseBN for Flax models (all three need flax). The kernels run as XLA FFI targets, zero-copy, on the CPU
-and, in a CUDA build, on the GPU."""
+`recompute_batch_stats` is PreciseBN for Flax models (all three need flax). The kernels run as
+XLA FFI targets, zero-copy, on the CPU and, in a CUDA build, on the GPU; `disabled_checks()`
+lets jax.export serialize programs that call them."""
 try:
     import jax as _jax_module  # noqa: F401
 except ImportError as e:  # pragma: no cover - exercised without jax installed
@@ -12,9 +13,10 @@ except ImportError as e:  # pragma: no cover - exercised without jax installed
         "'batchnorm[flax]' adds flax for batchnorm.jax.BatchNorm)"
     ) from e
 
+from ._ffi import disabled_checks
 from .functional import batch_norm
 
-__all__ = ["BatchNorm", "batch_norm", "recompute_batch_stats"]
+__all__ = ["BatchNorm", "batch_norm", "disabled_checks", "recompute_batch_stats"]
 
 
 def __getattr__(name):

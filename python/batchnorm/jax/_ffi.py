@@ -4,6 +4,8 @@ call uses vmap_method="broadcast_all": under vmap the handler sees leading batch
 normalizes each batch element on its own (see csrc/jax/handlers.cpp)."""
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,9 +23,49 @@ for _name, _platforms in _jax.registrations().items():
         jax.ffi.register_ffi_target(_name, _capsule, platform=_platform, api_version=1)
 
 
+def disabled_checks() -> list:
+    """The jax.export safety checks to disable for a program that calls batchnorm's kernels:
+    jax.export refuses custom calls it does not know to be stable. Pass this as
+    `jax.export.export(fn, disabled_checks=batchnorm.jax.disabled_checks())`; the process that
+    deserializes and runs the program must import batchnorm.jax (which registers the targets)
+    and have a batchnorm of the same major version (the targets' names and attributes)."""
+    return [jax.export.DisabledSafetyCheck.custom_call(name) for name in _jax.registrations()]
+
+
 def spec(a):
-    """(shape, dtype name) of an array or tracer, None for None: what the checks take."""
-    return None if a is None else (tuple(a.shape), jnp.dtype(a.dtype).name)
+    """(shape, dtype name) of an array or tracer, None for None: what the checks take. A
+    symbolic dimension (jax.export's shape polymorphism: a batch of any size) stands in as a
+    size of its own, one per distinct expression (small enough that five of them multiply
+    within int64), so the checks judge the rest; the kernels see the real sizes at run time
+    and messages name the symbols (named_symbols)."""
+    if a is None:
+        return None
+    return tuple(d if isinstance(d, int) else _placeholder(str(d)) for d in a.shape), jnp.dtype(a.dtype).name
+
+
+_SYMBOLS: dict = {}  # symbolic expression -> its stand-in size; _NAMES the other way
+_NAMES: dict = {}
+
+
+def _placeholder(expression: str) -> int:
+    size = _SYMBOLS.get(expression)
+    if size is None:
+        size = _SYMBOLS[expression] = 4099 + 2 * len(_SYMBOLS)
+        _NAMES[str(size)] = expression
+    return size
+
+
+def named_symbols(err: Exception) -> Exception:
+    """A check's error with the stand-in sizes of symbolic dimensions written as the symbols."""
+    if not _NAMES:
+        return err
+    text = re.sub(r"\b\d+\b", lambda m: _NAMES.get(m.group(0), m.group(0)), str(err))
+    return err if text == str(err) else type(err)(text)
+
+
+def symbolic(a) -> bool:
+    """Whether `a`'s shape has a symbolic dimension (jax.export's shape polymorphism)."""
+    return not all(isinstance(d, int) for d in a.shape)
 
 
 check_forward_training = _jax.check_forward_training

@@ -148,6 +148,9 @@ def training(x, weight, bias, *, eps, axis, axis_name=None, running_mean=None, r
         shape[first_reduced] *= shards
         return (tuple(shape), spec[1])
 
+    if variants.ghost and _ffi.symbolic(x):  # (the checks and the groups' shape would see a stand-in size)
+        raise ValueError(f"ghost_batch needs x's shape known when traced, got the symbolic shape {tuple(x.shape)} "
+                         "(jax.export shape polymorphism); export with a concrete batch size")
     rmax, dmax = variants.renorm or (1.0, 0.0)
     momentum, eps, axis = _static_real(momentum, "momentum"), _static_real(eps, "eps"), check_axis(axis, x)
     try:
@@ -158,7 +161,7 @@ def training(x, weight, bias, *, eps, axis, axis_name=None, running_mean=None, r
             renorm=variants.renorm is not None, rmax=rmax, dmax=dmax, ghost_batch=variants.ghost)
     except (ValueError, TypeError) as err:
         if shards == 1:
-            raise
+            raise _ffi.named_symbols(err) from None
         # The message quotes the logical batch's shape: say what each shard holds.
         logical, shard = checked(x)[0], tuple(int(n) for n in x.shape)
         text = str(err).replace(
@@ -328,9 +331,12 @@ def inference(x, weight, bias, mean, var, *, eps, axis, names=("mean", "var"), r
     names in error messages."""
     code = _activation_code(activation)
     eps, axis = _static_real(eps, "eps"), check_axis(axis, x)
-    ax, channels, acc = _ffi.check_forward_inference(
-        _ffi.spec(x), _ffi.spec(mean), _ffi.spec(var), _ffi.spec(weight), _ffi.spec(bias), eps, axis,
-        names[0], names[1], residual=_ffi.spec(residual), activation=code)
+    try:
+        ax, channels, acc = _ffi.check_forward_inference(
+            _ffi.spec(x), _ffi.spec(mean), _ffi.spec(var), _ffi.spec(weight), _ffi.spec(bias), eps, axis,
+            names[0], names[1], residual=_ffi.spec(residual), activation=code)
+    except (ValueError, TypeError) as err:
+        raise _ffi.named_symbols(err) from None
     acc = jnp.dtype(acc)
     w = jnp.ones((channels,), acc) if weight is None else weight
     b = jnp.zeros((channels,), acc) if bias is None else bias
