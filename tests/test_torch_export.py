@@ -109,18 +109,23 @@ def _op_cases(x, w, b, rm, rv):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_each_decomposition_returns_what_its_op_returns(dtype, channels_last):
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "permuted", "empty"])
+@pytest.mark.parametrize("half_params", [False, True], ids=["acc_params", "x_dtype_params"])
+def test_each_decomposition_returns_what_its_op_returns(dtype, layout, half_params):
     torch.manual_seed(1)
-    x = torch.randn(4, 6, 5, 3).to(dtype)
-    if channels_last:
+    x = torch.randn(0 if layout == "empty" else 4, 6, 5, 3).to(dtype)
+    if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    pdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    elif layout == "permuted":  # dense, but neither contiguous nor channels_last: the op keeps its strides
+        x = x.permute(2, 1, 0, 3).contiguous().permute(2, 1, 0, 3)
+    pdtype = dtype if half_params or dtype == torch.float64 else torch.float32
     w, b, rm = (torch.randn(6, dtype=pdtype) for _ in range(3))
     rv = torch.rand(6, dtype=pdtype) + 0.5
     table = bt.decompositions()
     tol = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 5e-2, torch.float16: 5e-3}[dtype]
     for op, args in _op_cases(x, w, b, rm, rv):
+        if layout == "empty" and op in (ops.backward.default, ops.backward_act.default):
+            args = (torch.empty_like(x), x, *args[2:])  # the op gives an empty batch NaN statistics
         got, want = table[op](*args), op(*args)
         got = (got,) if isinstance(got, torch.Tensor) else got
         want = (want,) if isinstance(want, torch.Tensor) else want
@@ -130,7 +135,7 @@ def test_each_decomposition_returns_what_its_op_returns(dtype, channels_last):
             assert (g.shape, g.dtype, g.device) == (e.shape, e.dtype, e.device), where
             if e.numel() > 1 and e.dim() == x.dim():
                 assert g.stride() == e.stride(), where
-            torch.testing.assert_close(g, e, rtol=tol, atol=tol, msg=where)
+            torch.testing.assert_close(g, e, rtol=tol, atol=tol, equal_nan=True, msg=where)
 
 
 def test_decompositions_cover_the_ops_with_an_aten_counterpart():
@@ -200,14 +205,44 @@ def test_onnx_export_refuses_training_variants_and_takes_them_in_eval():
     with pytest.raises(RuntimeError, match="export the model in eval mode"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model.train(), (x,), io.BytesIO(), dynamo=False, training=torch.onnx.TrainingMode.TRAINING)
-    # The torch.export-based exporter retries under Dynamo, which cannot see that it exports: its
-    # error names the variant op it cannot translate.
-    with pytest.raises(Exception, match="forward_training_variant"):
+    with pytest.raises(Exception):  # (the torch.export-based exporter wraps the error in its own)
         _onnx(model.train(), x, dynamo=True)
+    # Eval without running statistics normalizes with the batch's too: refused the same way.
+    no_stats = nn.Sequential(nn.Conv2d(3, 4, 1), bt.BatchNorm2d(4, ghost_batch=2, track_running_stats=False)).eval()
+    with pytest.raises(RuntimeError, match="export the model in eval mode"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(no_stats, (x,), io.BytesIO(), dynamo=False)
     theirs = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
     theirs.load_state_dict(model.state_dict())
     for dynamo in (True, False):  # (the torch.export-based exporter folds BN into the Conv)
         assert _op_types(_onnx(model.eval(), x, dynamo)) == _op_types(_onnx(theirs.eval(), x, dynamo))
+
+
+class _NumpyInForward(nn.Module):
+    """A model torch.export's non-strict capture cannot trace (NumPy on a tensor), so
+    torch.onnx.export retries under Dynamo, which folds torch.onnx.is_in_onnx_export() to False."""
+
+    def __init__(self, bn: nn.Module) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), bn
+
+    def forward(self, x):
+        return torch.tanh(self.bn(self.conv(x))) * float(np.float32(2.0))
+
+
+def test_onnx_export_through_the_dynamo_retry_gives_torchs_graph():
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(10)
+    theirs = _trained(_NumpyInForward(nn.BatchNorm2d(4)), torch.randn(4, 3, 6, 6)).eval()
+    ours = bt.convert(copy.deepcopy(theirs)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    ours_bytes = _onnx(ours, x, dynamo=True)
+    assert _op_types(ours_bytes) == _op_types(_onnx(theirs, x, dynamo=True))
+    session = ort.InferenceSession(ours_bytes)
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, ours(x).numpy(), rtol=1e-4, atol=1e-4)
 
 
 # ---- torch.jit.trace --------------------------------------------------------------------------
@@ -297,6 +332,10 @@ def test_scripted_variants_and_sync_layers_run_in_eval_only():
         assert int(scripted.num_batches_tracked) == 0  # refused before anything is counted
         scripted.eval()
         torch.testing.assert_close(scripted(x), F_batch_norm(layer.eval(), x))
+    # Eval without running statistics normalizes with the batch's (ghost batches' here): refused.
+    scripted = torch.jit.script(bt.BatchNorm2d(3, ghost_batch=2, track_running_stats=False).eval())
+    with pytest.raises(Exception, match="call it in eval mode with running statistics"):
+        scripted(x)
 
 
 def test_saved_script_loads_without_batchnorm(tmp_path):

@@ -23,8 +23,21 @@ def _act(y: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
     return torch.relu(y) if relu else y
 
 
+def _like_x(t: Tensor, x: Tensor) -> Tensor:
+    """`t` with the strides the op gives its outputs (torch.empty_like(x): x's own, where ATen
+    returns a contiguous tensor for a transposed or permuted x). Where they agree, the copy is
+    never made (the unused empty tensor is dead code in the graph)."""
+    out = torch.empty_like(x)
+    return t if out.stride() == t.stride() else out.copy_(t)
+
+
 def _training(x, weight, bias, running_mean, running_var, momentum, eps, residual=None, relu=False):
     acc = _acc(x.dtype)
+    C = x.shape[_AXIS]
+    if x.numel() == 0:  # the op's empty batch: empty y, NaN statistics, running statistics unchanged
+        nan = _vector(x, C).fill_(float("nan"))
+        copies = [_vector(x, 0) if r is None else r.clone() for r in (running_mean, running_var)]
+        return torch.empty_like(x), nan, nan.clone(), *copies
     if running_mean is None and running_var is None:  # (the op takes both or neither)
         y, mean, invstd = aten._native_batch_norm_legit.no_stats(x, weight, bias, True, momentum, eps)
         new_mean, new_var = _vector(x, 0), _vector(x, 0)  # the op's empty (0,) copies
@@ -32,20 +45,28 @@ def _training(x, weight, bias, running_mean, running_var, momentum, eps, residua
         y, mean, invstd, new_mean, new_var = aten._native_batch_norm_legit_functional.default(
             x, weight, bias, running_mean, running_var, True, momentum, eps
         )
-    return _act(y, residual, relu), mean.to(acc), invstd.to(acc), new_mean, new_var
+    return _like_x(_act(y, residual, relu), x), mean.to(acc), invstd.to(acc), new_mean, new_var
 
 
 def _inference(x, mean, var, weight, bias, eps, residual=None, relu=False):
+    if x.numel() == 0:
+        return torch.empty_like(x)
     y = aten._native_batch_norm_legit_no_training.default(x, weight, bias, mean, var, 0.0, eps)[0]
-    return _act(y, residual, relu)
+    return _like_x(_act(y, residual, relu), x)
 
 
 def _backward(dy, x, saved_mean, saved_invstd, weight, input_grad=True):
     acc = _acc(x.dtype)
+    C = x.shape[_AXIS]
+    if x.numel() == 0:  # the gradient of an empty batch's outputs (ATen's divides by the count)
+        return torch.empty_like(x) if input_grad else _vector(x, 0), _vector(x, C).zero_(), _vector(x, C).zero_()
+    # A half weight would make ATen's CPU kernel want half statistics: the weight in the
+    # accumulation dtype, as the op computes (dx still comes back in x's dtype).
+    weight = None if weight is None else weight.to(acc)
     dx, dweight, dbias = aten.native_batch_norm_backward.default(
         dy, x, weight, None, None, saved_mean, saved_invstd, True, 0.0, [input_grad, True, True]
     )
-    return dx if input_grad else _vector(x, 0), dweight.to(acc), dbias.to(acc)
+    return _like_x(dx, x) if input_grad else _vector(x, 0), dweight.to(acc), dbias.to(acc)
 
 
 def _forward_training(x, weight, bias, running_mean, running_var, momentum, eps):
@@ -63,7 +84,7 @@ def _forward_inference_act(x, residual, mean, var, weight, bias, eps, relu):
 def _backward_act(dy, x, y, saved_mean, saved_invstd, weight, relu, residual):
     g = aten.threshold_backward.default(dy, y, 0) if relu else dy  # the ReLU's mask from y
     dx, dweight, dbias = _backward(g, x, saved_mean, saved_invstd, weight)
-    return dx, dweight, dbias, g.clone() if residual else _vector(x, 0)
+    return dx, dweight, dbias, torch.empty_like(x).copy_(g) if residual else _vector(x, 0)  # (never dy itself)
 
 
 def decompositions() -> Dict[torch._ops.OpOverload, Callable]:

@@ -147,10 +147,13 @@ class _Base(_BatchNorm):
         """torch's _BatchNorm.forward in TorchScript; the training variants (and SyncBatchNorm's
         synchronization) have no TorchScript form and are refused in training mode."""
         self._check_input_dim(input)
-        if self.training and (self._synchronized() or self._variants()):
+        # Batch statistics: in training, and in eval without running statistics (as _forward).
+        batch_statistics = self.training or (self.running_mean is None and self.running_var is None)
+        if batch_statistics and self._variants() or self.training and self._synchronized():
             raise RuntimeError(
                 "a scripted model (torch.jit.script) runs this layer as torch's batch norm, which has no training "
-                "variants or synchronization across processes: call it in eval mode, or without torch.jit.script"
+                "variants or synchronization across processes: call it in eval mode with running statistics, or "
+                "without torch.jit.script"
             )
         return scripted_batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
                                    self.num_batches_tracked, self.training, self.track_running_stats,

@@ -88,6 +88,9 @@ class SyncBatchNorm(_Base):
     group) it is BatchNorm."""
 
     _check_input_dim = torch.nn.SyncBatchNorm._check_input_dim
+    # Not TorchScript's to keep: a scripted layer never synchronizes (modules._Base._scripted),
+    # and a ProcessGroup attribute made torch.jit.save fail.
+    __jit_ignored_attributes__ = ["process_group", "_engine"]
     _check_non_zero_input_channels = torch.nn.SyncBatchNorm._check_non_zero_input_channels
 
     def __init__(

@@ -143,9 +143,9 @@ def batch_norm_variant(
     _ops.check_eps(eps, True)
     if not _ops.eager(input) and _ops.exporting_onnx():  # (export traces: eager() is False, and cheap)
         raise RuntimeError(
-            "torch.onnx.export of batch norm with training variants in training mode is not supported (ONNX has "
-            "no renorm, ghost batches, skip_nonfinite or biased running variance); export the model in eval "
-            "mode (model.eval()), where these layers are plain batch norm"
+            "torch.onnx.export of batch norm with training variants on batch statistics is not supported (ONNX "
+            "has no renorm, ghost batches, skip_nonfinite or biased running variance); export the model in eval "
+            "mode (model.eval()) with running statistics, where these layers are plain batch norm"
         )
     renorm_list = None if renorm is None else [float(v) for v in renorm]
     y, _, _, _, _, new_mean, new_var = _func.call(
