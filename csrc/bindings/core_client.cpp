@@ -33,8 +33,8 @@ void check_library_build(const char* module_tag) {
              " (another installation of libbatchnorm.so.", BN_VERSION_MAJOR, " was loaded first)");
 }
 
-// The module runs each op in its two steps (it allocates in between); the one-step overloads
-// of core/ops.h are not defined here.
+// _C runs each op in its two steps (it allocates in between); _jax, whose outputs XLA
+// allocated, the one-step forms (inline in core/ops.h, calling these).
 template <class P, class S>
 S specs_of(bn_status (*bridge)(const P*, S*), const P& p) {
   S specs;
@@ -84,6 +84,12 @@ int64_t merge_statistics(const MergeStatisticsParams& p, const MergeStatisticsSp
   return counted(bn_detail_merge_statistics, p, s);
 }
 void fold(const FoldParams& p, const FoldSpecs& s) { check(bn_detail_fold(&p, &s)); }
+
+// _jax's handlers open their scopes of XLA's pool in the library, where the loops read it.
+namespace cpu {
+PoolScope::PoolScope(const TaskPool* pool) : saved_(bn_detail_enter_pool(pool)) {}
+PoolScope::~PoolScope() { bn_detail_leave_pool(saved_); }
+}  // namespace cpu
 
 void set_num_threads(int n) { check(bn_set_num_threads(n)); }
 void check_environment() { check(bn_detail_check_environment()); }

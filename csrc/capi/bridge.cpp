@@ -90,5 +90,7 @@ BN_API bn_status bn_detail_release_cached_memory(size_t* bytes) {
 BN_API bn_status bn_detail_stream_wait(const Device* device, void* producer, void* consumer) {
   return guarded([&] { stream_wait(*device, producer, consumer); });
 }
+BN_API const cpu::TaskPool* bn_detail_enter_pool(const cpu::TaskPool* pool) { return cpu::enter_pool(pool); }
+BN_API void bn_detail_leave_pool(const cpu::TaskPool* previous) { cpu::leave_pool(previous); }
 
 }  // extern "C"

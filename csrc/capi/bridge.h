@@ -10,6 +10,7 @@
 #include "batchnorm/batchnorm.h"
 #include "core/memory.h"
 #include "core/ops.h"
+#include "cpu/threads.h"
 
 extern "C" {
 BN_API const char* bn_detail_build_tag(void);
@@ -52,4 +53,8 @@ BN_API bn_status bn_detail_allocate(const batchnorm::Device* device, size_t byte
 BN_API bn_status bn_detail_deallocate(const batchnorm::Device* device, void* ptr, void* stream);
 BN_API bn_status bn_detail_release_cached_memory(size_t* bytes);
 BN_API bn_status bn_detail_stream_wait(const batchnorm::Device* device, void* producer, void* consumer);
+// cpu::enter_pool / leave_pool: the calling thread's parallel loops on a host's pool (XLA's, for
+// batchnorm._jax) until it leaves; the thread-local pool lives in the library with the loops.
+BN_API const batchnorm::cpu::TaskPool* bn_detail_enter_pool(const batchnorm::cpu::TaskPool* pool);
+BN_API void bn_detail_leave_pool(const batchnorm::cpu::TaskPool* previous);
 }

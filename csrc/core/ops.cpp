@@ -656,16 +656,6 @@ void fold(const FoldParams& p, const FoldSpecs& s) {
   route(&Backend::fold, p, p.kernel, make_layout(s.axis, arrays, 2));
 }
 
-// Both steps, for callers that bring every output (the C ABI, the framework handlers).
-int64_t statistics(const StatisticsParams& p) { return statistics(p, statistics_specs(p)); }
-void forward_training(const ForwardTrainingParams& p) { forward_training(p, forward_training_specs(p)); }
-void forward_inference(const ForwardInferenceParams& p) { forward_inference(p, forward_inference_specs(p)); }
-void backward(const BackwardParams& p) { backward(p, backward_specs(p)); }
-void backward_reduce(const BackwardReduceParams& p) { backward_reduce(p, backward_reduce_specs(p)); }
-void backward_elemt(const BackwardElemtParams& p) { backward_elemt(p, backward_elemt_specs(p)); }
-int64_t merge_statistics(const MergeStatisticsParams& p) { return merge_statistics(p, merge_statistics_specs(p)); }
-void fold(const FoldParams& p) { fold(p, fold_specs(p)); }
-
 CudaInfo cuda_info() {
   const Backend* cuda = cuda_backend();
   return cuda ? cuda->info() : cpu_backend().info();

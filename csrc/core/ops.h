@@ -213,22 +213,26 @@ FoldSpecs fold_specs(const FoldParams& p);
 // Each returns after the work is done on the CPU, or enqueued on exec.stream on a GPU.
 // statistics returns the count per channel, merge_statistics the total count. The overloads
 // with specs take those `<op>_specs(p)` returned for these very params.
-int64_t statistics(const StatisticsParams& p);
 int64_t statistics(const StatisticsParams& p, const StatisticsSpecs& specs);
-void forward_training(const ForwardTrainingParams& p);
 void forward_training(const ForwardTrainingParams& p, const ForwardTrainingSpecs& specs);
-void forward_inference(const ForwardInferenceParams& p);
 void forward_inference(const ForwardInferenceParams& p, const ForwardInferenceSpecs& specs);
-void backward(const BackwardParams& p);
 void backward(const BackwardParams& p, const BackwardSpecs& specs);
-void backward_reduce(const BackwardReduceParams& p);
 void backward_reduce(const BackwardReduceParams& p, const BackwardReduceSpecs& specs);
-void backward_elemt(const BackwardElemtParams& p);
 void backward_elemt(const BackwardElemtParams& p, const BackwardElemtSpecs& specs);
-int64_t merge_statistics(const MergeStatisticsParams& p);
 int64_t merge_statistics(const MergeStatisticsParams& p, const MergeStatisticsSpecs& specs);
-void fold(const FoldParams& p);
 void fold(const FoldParams& p, const FoldSpecs& specs);
+// The one-step forms: validate, then run (inline, so a module calling the core through the
+// bridge, bindings/core_client.cpp, gets them too).
+inline int64_t statistics(const StatisticsParams& p) { return statistics(p, statistics_specs(p)); }
+inline void forward_training(const ForwardTrainingParams& p) { forward_training(p, forward_training_specs(p)); }
+inline void forward_inference(const ForwardInferenceParams& p) { forward_inference(p, forward_inference_specs(p)); }
+inline void backward(const BackwardParams& p) { backward(p, backward_specs(p)); }
+inline void backward_reduce(const BackwardReduceParams& p) { backward_reduce(p, backward_reduce_specs(p)); }
+inline void backward_elemt(const BackwardElemtParams& p) { backward_elemt(p, backward_elemt_specs(p)); }
+inline int64_t merge_statistics(const MergeStatisticsParams& p) {
+  return merge_statistics(p, merge_statistics_specs(p));
+}
+inline void fold(const FoldParams& p) { fold(p, fold_specs(p)); }
 
 // Process-wide CPU thread count (>= 1; ValueError otherwise).
 void set_num_threads(int n);

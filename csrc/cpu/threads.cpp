@@ -99,14 +99,18 @@ struct PoolRun {
 std::atomic<int> open_pool_scopes{0};
 
 const TaskPool* current_pool() { return this_threads_pool; }
-PoolScope::PoolScope(const TaskPool* pool) : saved_(this_threads_pool) {
+const TaskPool* enter_pool(const TaskPool* pool) {
   open_pool_scopes.fetch_add(1, std::memory_order_relaxed);
+  const TaskPool* previous = this_threads_pool;
   this_threads_pool = pool;
+  return previous;
 }
-PoolScope::~PoolScope() {
-  this_threads_pool = saved_;
+void leave_pool(const TaskPool* previous) {
+  this_threads_pool = previous;
   open_pool_scopes.fetch_sub(1, std::memory_order_relaxed);
 }
+PoolScope::PoolScope(const TaskPool* pool) : saved_(enter_pool(pool)) {}
+PoolScope::~PoolScope() { leave_pool(saved_); }
 bool in_pool_task() { return pool_task_depth > 0; }
 
 void run_on_pool(const TaskPool& pool, int64_t chunks, void (*chunk)(void*, int64_t), void* arg) {

@@ -32,6 +32,11 @@ struct TaskPool {
 extern std::atomic<int> open_pool_scopes;
 // The calling thread's pool (nullptr: OpenMP's team).
 const TaskPool* current_pool();
+// Sets the calling thread's pool (nullptr: OpenMP's team) and returns the one it had; what
+// PoolScope does, as two calls the private bridge exports (capi/bridge.h: batchnorm._jax,
+// linked to libbatchnorm, opens its scopes there).
+const TaskPool* enter_pool(const TaskPool* pool);
+void leave_pool(const TaskPool* previous);
 // Sets the calling thread's pool for its lifetime (the previous one after).
 class PoolScope {
  public:

@@ -13,6 +13,7 @@
 #include "core/errors.h"
 #include "core/ops.h"
 #include "core/validate.h"
+#include "bindings/core_client.h"
 #include "jax/handlers.h"
 
 namespace py = pybind11;
@@ -152,6 +153,7 @@ py::dict registrations() {
 
 PYBIND11_MODULE(_jax, m) {
   m.doc() = "batchnorm's XLA FFI handlers and trace-time checks (use batchnorm.jax, not this module)";
+  check_library_build(BN_BUILD_TAG);  // the core's structs cross into libbatchnorm (as _C's)
   py::register_exception_translator([](std::exception_ptr e) {
     try {
       if (e) std::rethrow_exception(e);
