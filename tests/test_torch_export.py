@@ -160,6 +160,15 @@ def _onnx(model: nn.Module, x: torch.Tensor, dynamo: bool) -> bytes:
         return f.getvalue()
 
 
+def _runs_in_onnx_runtime_as(model_bytes: bytes, model: nn.Module, x: torch.Tensor) -> None:
+    """ONNX Runtime's output of the exported graph matches the model's, to 1e-4."""
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(model_bytes)
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-4, atol=1e-4)
+
+
 def _op_types(model_bytes: bytes) -> list:
     onnx = pytest.importorskip("onnx")
     return [n.op_type for n in onnx.load_from_string(model_bytes).graph.node]
@@ -168,7 +177,6 @@ def _op_types(model_bytes: bytes) -> list:
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
 def test_onnx_export_gives_torchs_graph_and_values(dynamo):
     pytest.importorskip("onnxscript" if dynamo else "onnx")
-    ort = pytest.importorskip("onnxruntime")
     torch.manual_seed(2)
     theirs = _trained(resnet18(10), torch.randn(4, 3, 32, 32)).eval()
     ours = bt.convert(copy.deepcopy(theirs)).eval()
@@ -176,15 +184,11 @@ def test_onnx_export_gives_torchs_graph_and_values(dynamo):
     # Our layers emit torch's operations under export: the same ONNX graph as torch's layers.
     ours_bytes = _onnx(ours, x, dynamo)
     assert _op_types(ours_bytes) == _op_types(_onnx(theirs, x, dynamo))
-    session = ort.InferenceSession(ours_bytes)
-    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-    with torch.no_grad():
-        np.testing.assert_allclose(got, ours(x).numpy(), rtol=1e-4, atol=1e-4)
+    _runs_in_onnx_runtime_as(ours_bytes, ours, x)
 
 
 def test_onnx_export_of_the_fused_layer_is_bn_add_relu():
     pytest.importorskip("onnxscript")
-    ort = pytest.importorskip("onnxruntime")
     torch.manual_seed(3)
     model = _trained(_Block(), torch.randn(6, 3, 8, 8)).eval()
     x = torch.randn(3, 3, 8, 8)
@@ -192,10 +196,7 @@ def test_onnx_export_of_the_fused_layer_is_bn_add_relu():
     types = _op_types(model_bytes)
     assert "Relu" in types and "Add" in types
     assert not [t for t in types if "batchnorm" in t.lower() and t != "BatchNormalization"]
-    session = ort.InferenceSession(model_bytes)
-    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-    with torch.no_grad():
-        np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-4, atol=1e-4)
+    _runs_in_onnx_runtime_as(model_bytes, model, x)
 
 
 def test_onnx_export_refuses_training_variants_and_takes_them_in_eval():
@@ -232,17 +233,13 @@ class _NumpyInForward(nn.Module):
 
 def test_onnx_export_through_the_dynamo_retry_gives_torchs_graph():
     pytest.importorskip("onnxscript")
-    ort = pytest.importorskip("onnxruntime")
     torch.manual_seed(10)
     theirs = _trained(_NumpyInForward(nn.BatchNorm2d(4)), torch.randn(4, 3, 6, 6)).eval()
     ours = bt.convert(copy.deepcopy(theirs)).eval()
     x = torch.randn(2, 3, 6, 6)
     ours_bytes = _onnx(ours, x, dynamo=True)
     assert _op_types(ours_bytes) == _op_types(_onnx(theirs, x, dynamo=True))
-    session = ort.InferenceSession(ours_bytes)
-    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-    with torch.no_grad():
-        np.testing.assert_allclose(got, ours(x).numpy(), rtol=1e-4, atol=1e-4)
+    _runs_in_onnx_runtime_as(ours_bytes, ours, x)
 
 
 # ---- torch.jit.trace --------------------------------------------------------------------------
