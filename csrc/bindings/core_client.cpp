@@ -26,9 +26,9 @@ void check(bn_status status) {
 
 // The module passes the core's structs by pointer: a libbatchnorm from another build (one
 // already loaded in the process under the same SONAME) could lay them out differently.
-void check_library_build(const char* module_tag) {
+void check_library_build(const char* module_tag, const char* module) {
   const std::string library_tag = bn_detail_build_tag();
-  BN_EXPECTS(library_tag == module_tag, runtime_error, "batchnorm._C was built for libbatchnorm ", module_tag,
+  BN_EXPECTS(library_tag == module_tag, runtime_error, module, " was built for libbatchnorm ", module_tag,
              " but the process loaded libbatchnorm ", library_tag,
              " (another installation of libbatchnorm.so.", BN_VERSION_MAJOR, " was loaded first)");
 }

@@ -314,7 +314,7 @@ py::object py_device_of(py::handle obj, const std::string& name) {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "batchnorm's native core (use the batchnorm package, not this module)";
-  check_library_build(BN_BUILD_TAG);
+  check_library_build(BN_BUILD_TAG, "batchnorm._C");
   // A misspelt BATCHNORM_ISA or BATCHNORM_STREAM_BYTES fails the import with its message,
   // rather than silently running another configuration than the one asked for.
   check_environment();

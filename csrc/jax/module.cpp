@@ -153,7 +153,7 @@ py::dict registrations() {
 
 PYBIND11_MODULE(_jax, m) {
   m.doc() = "batchnorm's XLA FFI handlers and trace-time checks (use batchnorm.jax, not this module)";
-  check_library_build(BN_BUILD_TAG);  // the core's structs cross into libbatchnorm (as _C's)
+  check_library_build(BN_BUILD_TAG, "batchnorm._jax");  // the core's structs cross into libbatchnorm
   py::register_exception_translator([](std::exception_ptr e) {
     try {
       if (e) std::rethrow_exception(e);

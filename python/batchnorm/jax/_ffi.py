@@ -4,6 +4,7 @@ call uses vmap_method="broadcast_all": under vmap the handler sees leading batch
 normalizes each batch element on its own (see csrc/jax/handlers.cpp)."""
 from __future__ import annotations
 
+import importlib.util
 import re
 
 import jax
@@ -12,8 +13,10 @@ import numpy as np
 
 try:
     from .. import _jax
-except ImportError as e:  # pragma: no cover - a build with BATCHNORM_JAX=OFF
-    raise ImportError(
+except ImportError as e:
+    if importlib.util.find_spec("batchnorm._jax") is not None:
+        raise  # there but not loadable (a libbatchnorm from another build): that error, as it is
+    raise ModuleNotFoundError(  # pragma: no cover - a build with BATCHNORM_JAX=OFF
         "this build of batchnorm has no JAX extension (batchnorm._jax); reinstall it without "
         "BATCHNORM_JAX=OFF"
     ) from e
@@ -43,24 +46,25 @@ def spec(a):
     return tuple(d if isinstance(d, int) else _placeholder(str(d)) for d in a.shape), jnp.dtype(a.dtype).name
 
 
-_SYMBOLS: dict = {}  # symbolic expression -> its stand-in size; _NAMES the other way
-_NAMES: dict = {}
+_SYMBOLS: dict = {}  # symbolic expression -> its stand-in size
 
 
 def _placeholder(expression: str) -> int:
     size = _SYMBOLS.get(expression)
     if size is None:
-        size = _SYMBOLS[expression] = 4099 + 2 * len(_SYMBOLS)
-        _NAMES[str(size)] = expression
+        size = _SYMBOLS.setdefault(expression, 4099 + 2 * len(_SYMBOLS))
     return size
 
 
-def named_symbols(err: Exception) -> Exception:
-    """A check's error with the stand-in sizes of symbolic dimensions written as the symbols."""
-    if not _NAMES:
+def named_symbols(err: Exception, *arrays) -> Exception:
+    """A check's error with the stand-in sizes of these arrays' symbolic dimensions written as
+    the symbols (an error about concrete arrays is returned as it is)."""
+    names = {str(_SYMBOLS[str(d)]): str(d) for a in arrays if a is not None for d in a.shape
+             if not isinstance(d, int) and str(d) in _SYMBOLS}
+    if not names:
         return err
-    text = re.sub(r"\b\d+\b", lambda m: _NAMES.get(m.group(0), m.group(0)), str(err))
-    return err if text == str(err) else type(err)(text)
+    text = re.sub(r"\b\d+\b", lambda m: names.get(m.group(0), m.group(0)), str(err))
+    return type(err)(text)
 
 
 def symbolic(a) -> bool:

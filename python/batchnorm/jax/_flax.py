@@ -44,7 +44,11 @@ def normalize(x, scale, bias, running_mean, running_var, *, use_running_average:
     valid = ndim >= 1 and -ndim <= axis < ndim
     channels = x.shape[axis] if valid else 0
     values = x.size // max(channels, 1) * (lax.axis_size(axis_name) if axis_name is not None else 1)
-    if valid and (values == 1 or (initializing and values < 2)) and v.renorm is None and not v.ghost:
+    if isinstance(values, int):
+        few = values == 1 or (initializing and values < 2)
+    else:  # a symbolic batch (jax.export): init, whose output only sizes the variables, takes
+        few = initializing  # Flax's formula; training the kernels (which refuse one value at run time)
+    if valid and few and v.renorm is None and not v.ghost:
         # One value per channel, which the kernels' training refuses (no variance to take):
         # Flax's batch norm of it, y = act(bias + residual) since x - mean = 0, the statistics
         # (x, 0); a model's init with a dummy batch of one, or a batch of one in training.

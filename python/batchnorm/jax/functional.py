@@ -148,9 +148,7 @@ def training(x, weight, bias, *, eps, axis, axis_name=None, running_mean=None, r
         shape[first_reduced] *= shards
         return (tuple(shape), spec[1])
 
-    if variants.ghost and _ffi.symbolic(x):  # (the checks and the groups' shape would see a stand-in size)
-        raise ValueError(f"ghost_batch needs x's shape known when traced, got the symbolic shape {tuple(x.shape)} "
-                         "(jax.export shape polymorphism); export with a concrete batch size")
+    _static_shape_for(x, axis, "ghost_batch" if variants.ghost else None, axis_name)
     rmax, dmax = variants.renorm or (1.0, 0.0)
     momentum, eps, axis = _static_real(momentum, "momentum"), _static_real(eps, "eps"), check_axis(axis, x)
     try:
@@ -161,7 +159,7 @@ def training(x, weight, bias, *, eps, axis, axis_name=None, running_mean=None, r
             renorm=variants.renorm is not None, rmax=rmax, dmax=dmax, ghost_batch=variants.ghost)
     except (ValueError, TypeError) as err:
         if shards == 1:
-            raise _ffi.named_symbols(err) from None
+            raise _ffi.named_symbols(err, x, weight, bias, running_mean, running_var, residual) from None
         # The message quotes the logical batch's shape: say what each shard holds.
         logical, shard = checked(x)[0], tuple(int(n) for n in x.shape)
         text = str(err).replace(
@@ -184,6 +182,22 @@ def training(x, weight, bias, *, eps, axis, axis_name=None, running_mean=None, r
     y, mean, var, rd = _train_call(x, w, b, residual, *running, ax, eps, axis_name, shards, channels, acc, code,
                                    variants)
     return y, mean, var, (x.size // channels) * shards, rd
+
+
+def _static_shape_for(x, axis, option, axis_name):
+    """Refuses the symbolic dimensions (jax.export shape polymorphism) the call cannot take:
+    a symbolic channel axis (the per-channel arrays' size), and any with ghost_batch (the
+    groups' shape) or axis_name (the shards' counts are attributes of the merge)."""
+    if not _ffi.symbolic(x):
+        return
+    shape = tuple(x.shape)
+    if isinstance(axis, int) and -x.ndim <= axis < x.ndim and not isinstance(shape[axis], int):
+        raise ValueError(f"x's channel axis must have a size known when traced, got the symbolic shape {shape} "
+                         f"(axis {axis}; jax.export shape polymorphism takes symbolic batch and spatial sizes)")
+    for name, given in (("ghost_batch", option), ("axis_name", axis_name)):
+        if given is not None:
+            raise ValueError(f"{name} needs x's shape known when traced, got the symbolic shape {shape} "
+                             "(jax.export shape polymorphism); export with concrete sizes")
 
 
 def _static_real(value, name):
@@ -331,12 +345,13 @@ def inference(x, weight, bias, mean, var, *, eps, axis, names=("mean", "var"), r
     names in error messages."""
     code = _activation_code(activation)
     eps, axis = _static_real(eps, "eps"), check_axis(axis, x)
+    _static_shape_for(x, axis, None, None)
     try:
         ax, channels, acc = _ffi.check_forward_inference(
             _ffi.spec(x), _ffi.spec(mean), _ffi.spec(var), _ffi.spec(weight), _ffi.spec(bias), eps, axis,
             names[0], names[1], residual=_ffi.spec(residual), activation=code)
     except (ValueError, TypeError) as err:
-        raise _ffi.named_symbols(err) from None
+        raise _ffi.named_symbols(err, x, mean, var, weight, bias, residual) from None
     acc = jnp.dtype(acc)
     w = jnp.ones((channels,), acc) if weight is None else weight
     b = jnp.zeros((channels,), acc) if bias is None else bias
