@@ -9,6 +9,7 @@ import io
 import sys
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -333,6 +334,42 @@ def test_scripted_variants_and_sync_layers_run_in_eval_only():
     scripted = torch.jit.script(bt.BatchNorm2d(3, ghost_batch=2, track_running_stats=False).eval())
     with pytest.raises(Exception, match="call it in eval mode with running statistics"):
         scripted(x)
+
+
+class _Functional(nn.Module):
+    """A module calling the functions: bt.batch_norm, then bt.batch_norm_act with a residual."""
+
+    def __init__(self, functions) -> None:
+        super().__init__()
+        self.bn, self.bn_act = functions
+        self.weight, self.bias = nn.Parameter(torch.rand(4) + 0.5), nn.Parameter(torch.randn(4))
+        self.register_buffer("mean", torch.zeros(4))
+        self.register_buffer("var", torch.ones(4))
+
+    def forward(self, x, r: Optional[torch.Tensor] = None):
+        y = self.bn(x, self.mean, self.var, self.weight, self.bias, self.training, 0.1, 1e-5)
+        return self.bn_act(y, self.mean, self.var, self.weight, self.bias, self.training, 0.1, 1e-5, residual=r,
+                           relu=True)
+
+
+def _torch_batch_norm_act(x, mean, var, weight, bias, training: bool, momentum: float, eps: float,
+                          residual: Optional[torch.Tensor] = None, relu: bool = True):
+    y = torch.nn.functional.batch_norm(x, mean, var, weight, bias, training, momentum, eps)
+    y = y if residual is None else y + residual
+    return torch.relu(y) if relu else y
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_the_functions_script_as_torchs(training):
+    torch.manual_seed(11)
+    ours = _Functional((bt.batch_norm, bt.batch_norm_act)).train(training)
+    theirs = _Functional((torch.nn.functional.batch_norm, _torch_batch_norm_act)).train(training)
+    theirs.load_state_dict(ours.state_dict())
+    scripted, reference = torch.jit.script(ours), torch.jit.script(theirs)
+    x, r = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    assert torch.equal(scripted(x, r), reference(x, r))
+    assert torch.equal(scripted.mean, reference.mean) and torch.equal(scripted.var, reference.var)
+    torch.testing.assert_close(scripted(x), ours(x))  # eager: our kernels
 
 
 def test_saved_script_loads_without_batchnorm(tmp_path):

@@ -28,7 +28,24 @@ def batch_norm(
 ) -> Tensor:
     """torch.nn.functional.batch_norm on batchnorm's kernels: in training the batch
     statistics normalize `input` and, when given, the running statistics are updated in
-    place; otherwise the running statistics normalize it."""
+    place; otherwise the running statistics normalize it. Under torch.jit.script it is
+    torch.nn.functional.batch_norm (as the layers are: modules._Base._scripted)."""
+    if torch.jit.is_scripting():
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+@torch.jit.unused
+def _batch_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> Tensor:
     if _ops.has_torch_function_variadic(input, running_mean, running_var, weight, bias):
         tensors = (input, running_mean, running_var, weight, bias)  # as torch.nn.functional's: FX, modes
         return _ops.handle_torch_function(batch_norm, tensors, *tensors, training, momentum, eps)
@@ -197,7 +214,7 @@ class _Base(_BatchNorm):
                 ghost_batch=self.ghost_batch,
             )
         else:
-            y = batch_norm(
+            y = _batch_norm(
                 input,
                 self.running_mean if tracked else None,
                 self.running_var if tracked else None,

@@ -200,7 +200,26 @@ def batch_norm_act(
     relu: bool = True,
 ) -> Tensor:
     """relu(batch_norm(input, ...) + residual) (relu=False: without the ReLU; residual None:
-    without the add) as one op, with torch.nn.functional.batch_norm's arguments."""
+    without the add) as one op, with torch.nn.functional.batch_norm's arguments. Under
+    torch.jit.script: torch's batch norm, add and ReLU."""
+    if torch.jit.is_scripting():
+        return _unfused(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu)
+    return _batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu)
+
+
+@torch.jit.unused
+def _batch_norm_act(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    momentum: float,
+    eps: float,
+    residual: Optional[Tensor],
+    relu: bool,
+) -> Tensor:
     if _ops.has_torch_function_variadic(input, running_mean, running_var, weight, bias, residual):
         tensors = (input, running_mean, running_var, weight, bias)  # as torch.nn.functional's: FX, modes
         return _ops.handle_torch_function(batch_norm_act, tensors + (residual,), *tensors, training, momentum, eps,
@@ -235,9 +254,20 @@ def batch_norm_act(
         raise _ops.named_running(e) from None
 
 
-def _unfused(x, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu) -> Tensor:
-    """batch_norm_act in torch's own operations, for torch.onnx.export (_ops.exporting_onnx):
-    BatchNormalization, Add and Relu, which ONNX runtimes fuse themselves."""
+def _unfused(
+    x: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    momentum: float,
+    eps: float,
+    residual: Optional[Tensor],
+    relu: bool,
+) -> Tensor:
+    """batch_norm_act in torch's own operations, for torch.onnx.export (_ops.exporting_onnx;
+    BatchNormalization, Add and Relu, which ONNX runtimes fuse themselves) and TorchScript."""
     y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     if residual is not None:
         y = y + residual
@@ -368,8 +398,8 @@ class BatchNormAct2d(nn.BatchNorm2d):
         rv = self.running_var if tracked else None
         relu = self._fused_relu()
         fused = relu is not None
-        y = batch_norm_act(x, rm, rv, self.weight, self.bias, bn_training, factor, self.eps,
-                           residual=residual if fused else None, relu=bool(relu))
+        y = _batch_norm_act(x, rm, rv, self.weight, self.bias, bn_training, factor, self.eps,
+                            residual if fused else None, bool(relu))
         if counted is not None:
             counted.add_(1)
         if fused:
