@@ -22,15 +22,15 @@ _lib = torch.library.Library("batchnorm", "FRAGMENT")
 _lib.define(
     "forward_training_act(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, Tensor? running_mean, "
     "Tensor? running_var, float momentum, float eps, bool relu) -> (Tensor y, Tensor saved_mean, "
-    "Tensor saved_invstd, Tensor new_running_mean, Tensor new_running_var)"
+    "Tensor saved_invstd, Tensor new_running_mean, Tensor new_running_var)", tags=_ops.TAGS
 )
 _lib.define(
     "forward_inference_act(Tensor x, Tensor? residual, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, "
-    "float eps, bool relu) -> Tensor"
+    "float eps, bool relu) -> Tensor", tags=_ops.TAGS
 )
 _lib.define(
     "backward_act(Tensor dy, Tensor x, Tensor y, Tensor saved_mean, Tensor saved_invstd, Tensor? weight, "
-    "bool relu, bool residual) -> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dresidual)"
+    "bool relu, bool residual) -> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dresidual)", tags=_ops.TAGS
 )
 
 
@@ -233,7 +233,7 @@ def _batch_norm_act(
             return _training_act_apply(
                 u(input), u(residual), u(weight), u(bias), (running_mean, running_var), momentum, eps, relu
             )
-        if _ops.exporting_onnx():
+        if _same(input, residual) and _ops.as_torchs(input, running_mean, running_var, weight, bias):
             return _unfused(input, running_mean, running_var, weight, bias, True, momentum, eps, residual, relu)
         y, _, _, new_mean, new_var = _func.call(
             "forward_training_act", input, residual, weight, bias, running_mean, running_var, momentum, eps, relu
@@ -246,12 +246,18 @@ def _batch_norm_act(
         if not _ops.wants_grad(input, residual, weight, bias) and \
                 _ops.eager(input, residual, weight, bias, running_mean, running_var):
             return _forward_inference_act(input, residual, running_mean, running_var, weight, bias, eps, relu)
-        if _ops.exporting_onnx():
+        if _same(input, residual) and _ops.as_torchs(input, running_mean, running_var, weight, bias):
             return _unfused(input, running_mean, running_var, weight, bias, False, momentum, eps, residual, relu)
         return _func.call("forward_inference_act", input, residual, running_mean, running_var, weight, bias, eps,
                           relu)
     except (ValueError, TypeError) as e:
         raise _ops.named_running(e) from None
+
+
+def _same(x: Tensor, residual: Optional[Tensor]) -> bool:
+    """Whether the residual (if any) has x's shape and dtype. One that has not takes our op, whose
+    checks refuse it as the eager call does (torch's add would broadcast or promote it)."""
+    return residual is None or (residual.shape == x.shape and residual.dtype == x.dtype)
 
 
 def _unfused(
@@ -266,8 +272,9 @@ def _unfused(
     residual: Optional[Tensor],
     relu: bool,
 ) -> Tensor:
-    """batch_norm_act in torch's own operations, for torch.onnx.export (_ops.exporting_onnx;
-    BatchNormalization, Add and Relu, which ONNX runtimes fuse themselves) and TorchScript."""
+    """batch_norm_act in torch's own operations, for torch.onnx.export (BatchNormalization, Add
+    and Relu, which ONNX runtimes fuse themselves), torch.compile (which Inductor fuses; see
+    _ops.as_torchs) and TorchScript."""
     y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     if residual is not None:
         y = y + residual

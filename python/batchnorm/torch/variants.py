@@ -19,11 +19,11 @@ _lib.define(
     "forward_training_variant(Tensor x, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
     "float momentum, float eps, bool running_var_unbiased, bool skip_nonfinite, float[]? renorm, int ghost_batch) "
     "-> (Tensor y, Tensor saved_mean, Tensor saved_invstd, Tensor r, Tensor d, Tensor new_running_mean, "
-    "Tensor new_running_var)"
+    "Tensor new_running_var)", tags=_ops.TAGS
 )
 _lib.define(
     "backward_variant(Tensor dy, Tensor x, Tensor saved_mean, Tensor saved_invstd, Tensor? weight, Tensor? r, "
-    "Tensor? d, int ghost_batch) -> (Tensor dx, Tensor dweight, Tensor dbias)"
+    "Tensor? d, int ghost_batch) -> (Tensor dx, Tensor dweight, Tensor dbias)", tags=_ops.TAGS
 )
 
 

@@ -1,0 +1,210 @@
+"""What torch.compile traces of batchnorm.torch: torch's own batch norm, which Inductor fuses
+into its neighbours (and freezing folds into the convolution in inference), but for the
+training variants and parameters torch refuses, which keep our ops (tagged flexible_layout:
+Inductor's channels_last convolution outputs go in as they are). torch.export keeps our ops.
+Values, gradients and running statistics against eager."""
+from __future__ import annotations
+
+import copy
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="batchnorm.torch needs PyTorch")
+
+import batchnorm.torch as bt  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from resnet import resnet18  # noqa: E402
+
+# Inductor's own use of torch.jit warns in torch 2.13 (not ours; warnings are errors here).
+pytestmark = [pytest.mark.torch,
+              pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")]
+nn = torch.nn
+F = torch.nn.functional
+
+
+def _traced(fn, *args):
+    """fn compiled with fullgraph=True by a backend that records the call targets of the graph
+    Dynamo hands it, then runs that graph: (output, targets)."""
+    targets = []
+
+    def backend(gm, inputs):
+        targets.extend(n.target for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    return torch.compile(fn, backend=backend, fullgraph=True)(*args), targets
+
+
+def _ours(targets) -> list:
+    return [t for t in targets if str(t).startswith("batchnorm.")]
+
+
+def _with_stats(m: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in m.modules():
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                layer.running_mean.normal_(generator=g)
+                layer.running_var.uniform_(0.5, 2, generator=g)
+                if layer.affine:
+                    layer.weight.uniform_(0.5, 2, generator=g)
+                    layer.bias.normal_(generator=g)
+    return m
+
+
+_EVAL_LAYERS = {
+    "BatchNorm2d": lambda: bt.BatchNorm2d(6),
+    "BatchNorm1d": lambda: bt.BatchNorm1d(6),
+    "variants": lambda: bt.BatchNorm2d(6, renorm=(3.0, 5.0), skip_nonfinite=True, running_var_unbiased=False),
+    "SyncBatchNorm": lambda: bt.SyncBatchNorm(6),
+    "no affine": lambda: bt.BatchNorm2d(6, affine=False),
+}
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("name", sorted(_EVAL_LAYERS))
+def test_inference_traces_torchs_batch_norm(name, grad):
+    m = _with_stats(_EVAL_LAYERS[name]()).eval()
+    x = torch.randn(4, 6, 5, 3) if name != "BatchNorm1d" else torch.randn(4, 6)
+    x.requires_grad_(grad)
+    expected = copy.deepcopy(m)(x)
+    with torch.set_grad_enabled(grad):
+        y, targets = _traced(m, x)
+    assert F.batch_norm in targets and not _ours(targets), targets
+    torch.testing.assert_close(y, expected)
+    if grad:
+        xe = x.detach().clone().requires_grad_()
+        copy.deepcopy(m)(xe).square().sum().backward()
+        y.square().sum().backward()
+        torch.testing.assert_close(x.grad, xe.grad)
+
+
+@pytest.mark.parametrize("name", ["BatchNorm2d", "SyncBatchNorm", "no affine"])
+def test_training_traces_torchs_batch_norm(name):
+    m = _with_stats(_EVAL_LAYERS[name]()).train()
+    expected = copy.deepcopy(m)
+    x = torch.randn(4, 6, 5, 3, requires_grad=True)
+    xe = x.detach().clone().requires_grad_()
+    y, targets = _traced(m, x)
+    assert F.batch_norm in targets and not _ours(targets), targets
+    ye = expected(xe)
+    torch.testing.assert_close(y, ye)
+    y.square().sum().backward()
+    ye.square().sum().backward()
+    torch.testing.assert_close(x.grad, xe.grad)
+    for (name, a), b in zip(m.named_buffers(), expected.buffers()):  # running statistics, batch count
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_training_variants_keep_our_op():
+    m = _with_stats(bt.BatchNorm2d(6, skip_nonfinite=True)).train()
+    expected = copy.deepcopy(m)
+    x = torch.randn(4, 6, 5, 3)
+    y, targets = _traced(m, x)
+    assert F.batch_norm not in targets and _ours(targets), targets
+    torch.testing.assert_close(y, expected(x))
+    torch.testing.assert_close(m.running_var, expected.running_var)
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+def test_fused_layer_traces_batch_norm_add_relu(residual, training):
+    m = _with_stats(bt.BatchNormAct2d(6)).train(training)
+    x = torch.randn(4, 6, 5, 3)
+    r = torch.randn(4, 6, 5, 3) if residual else None
+    expected = copy.deepcopy(m)
+    y, targets = _traced(m, x, r)
+    assert F.batch_norm in targets and not _ours(targets), targets
+    torch.testing.assert_close(y, expected(x, r))
+    torch.testing.assert_close(m.running_mean, expected.running_mean)
+
+
+def test_fused_layer_refuses_a_broadcast_residual_when_compiled_as_eagerly():
+    m = _with_stats(bt.BatchNormAct2d(6)).eval()
+    x, r = torch.randn(4, 6, 5, 3), torch.randn(1, 6, 1, 1)
+    with pytest.raises(ValueError, match="residual"):
+        m(x, r)
+    with pytest.raises(Exception, match="residual"):  # Dynamo wraps the op's error
+        _traced(m, x, r)
+
+
+def test_functions_trace_torchs_ops():
+    x, rm, rv = torch.randn(4, 6, 5), torch.randn(6), torch.rand(6) + 0.5
+    w, b, r = torch.randn(6), torch.randn(6), torch.randn(4, 6, 5)
+    y, targets = _traced(lambda *a: bt.batch_norm(*a, training=False), x, rm, rv, w, b)
+    assert F.batch_norm in targets and not _ours(targets)
+    torch.testing.assert_close(y, bt.batch_norm(x, rm, rv, w, b))
+    y, targets = _traced(lambda *a: bt.batch_norm_act(*a, training=False, residual=r), x, rm, rv, w, b)
+    assert F.batch_norm in targets and not _ours(targets)
+    torch.testing.assert_close(y, bt.batch_norm_act(x, rm, rv, w, b, training=False, residual=r))
+    rm2, rv2 = rm.clone(), rv.clone()
+    y, targets = _traced(lambda *a: bt.batch_norm(*a, training=True), x, rm, rv, w, b)
+    assert F.batch_norm in targets and not _ours(targets)
+    torch.testing.assert_close(y, bt.batch_norm(x, rm2, rv2, w, b, training=True))
+    torch.testing.assert_close((rm, rv), (rm2, rv2))
+
+
+@pytest.mark.parametrize("params", [torch.float64, torch.bfloat16])
+def test_parameters_torch_refuses_keep_our_op(params):
+    # torch's batch norm takes parameters of x's dtype (or float32 with a half x); ours any.
+    x = torch.randn(4, 6, 5)
+    rm, rv = torch.randn(6, dtype=params), torch.rand(6, dtype=params) + 0.5
+    y, targets = _traced(lambda *a: bt.batch_norm(*a, training=False), x, rm, rv)
+    assert F.batch_norm not in targets and _ours(targets), targets
+    torch.testing.assert_close(y, bt.batch_norm(x, rm, rv))
+
+
+def test_half_input_with_float32_parameters_traces_torchs():
+    x = torch.randn(4, 6, 5, dtype=torch.bfloat16)
+    rm, rv = torch.randn(6), torch.rand(6) + 0.5
+    y, targets = _traced(lambda *a: bt.batch_norm(*a, training=False), x, rm, rv)
+    assert F.batch_norm in targets and not _ours(targets), targets
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, bt.batch_norm(x, rm, rv))
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_export_keeps_our_ops_in_inference(strict):
+    m = _with_stats(bt.BatchNorm2d(6)).eval()
+    ep = torch.export.export(m, (torch.randn(4, 6, 5, 3),), strict=strict)
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert any(t.startswith("batchnorm.forward_inference") for t in targets), targets
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("freezing", [False, True])
+def test_inductor_inference_of_a_resnet_matches_eager(freezing):
+    torch.manual_seed(0)
+    model = _with_stats(bt.convert(resnet18(10))).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    with torch.no_grad(), torch._inductor.config.patch(freezing=freezing):
+        y = torch.compile(model)(x)
+        expected = model(x)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_inductor_hands_our_ops_the_convolutions_layout():
+    # The ops are tagged flexible_layout: Inductor, which runs the convolutions channels_last,
+    # passes their output as it is, where it copied it to the traced (NCHW) strides first.
+    # (A training variant: plain batch norm is torch's under torch.compile.)
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    layer = bt.BatchNorm2d(8, skip_nonfinite=True)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), layer, nn.ReLU(), nn.Conv2d(8, 8, 3)).train()
+    x = torch.randn(2, 4, 8, 8)
+    torch._dynamo.reset()
+    # (Not from a cache: Inductor's cache keys do not cover an op's tags.)
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        y, codes = run_and_get_code(torch.compile(model), x)
+    forward = next(c for c in codes if "batchnorm.forward_training_variant" in c)
+    call = re.search(r"torch\.ops\.batchnorm\.forward_training_variant\.default\((\w+),", forward)
+    assert call, forward
+    assert re.search(rf"\b{call.group(1)} = extern_kernels\.convolution\(", forward), forward
+    assert torch.allclose(y, copy.deepcopy(model)(x), rtol=1e-4, atol=1e-5)
