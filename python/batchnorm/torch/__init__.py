@@ -18,6 +18,7 @@ if tuple(int(p) for p in _torch.__version__.split("+")[0].split(".")[:2]) < (2, 
 
 from .convert import convert
 from .decompositions import decompositions
+from .fusion import fuser_method_mapping
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm
 from .norm_act import BatchNormAct2d, batch_norm_act
 from .precise import recompute_statistics
@@ -25,5 +26,5 @@ from .sync import SyncBatchNorm
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct2d", "SyncBatchNorm", "batch_norm", "batch_norm_act",
-    "convert", "decompositions", "recompute_statistics",
+    "convert", "decompositions", "fuser_method_mapping", "recompute_statistics",
 ]
