@@ -148,14 +148,56 @@ def test_functions_trace_torchs_ops():
     torch.testing.assert_close((rm, rv), (rm2, rv2))
 
 
-@pytest.mark.parametrize("params", [torch.float64, torch.bfloat16])
-def test_parameters_torch_refuses_keep_our_op(params):
-    # torch's batch norm takes parameters of x's dtype (or float32 with a half x); ours any.
-    x = torch.randn(4, 6, 5)
-    rm, rv = torch.randn(6, dtype=params), torch.rand(6, dtype=params) + 0.5
-    y, targets = _traced(lambda *a: bt.batch_norm(*a, training=False), x, rm, rv)
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("x_dtype, stats, params", [
+    (torch.float32, torch.float64, torch.float64),
+    (torch.float32, torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32, torch.bfloat16),  # one dtype for all, torch's CPU kernels say
+])
+def test_parameters_torch_refuses_keep_our_op(x_dtype, stats, params, training):
+    # torch's batch norm takes parameters of one dtype, x's or float32 with a half x; ours any.
+    x = torch.randn(4, 6, 5, dtype=x_dtype)
+    rm, rv = torch.randn(6, dtype=stats), torch.rand(6, dtype=stats) + 0.5
+    w, b = torch.rand(6, dtype=params) + 0.5, torch.randn(6, dtype=params)
+    want = bt.batch_norm(x, rm.clone(), rv.clone(), w, b, training=training)
+    y, targets = _traced(lambda *a: bt.batch_norm(*a, training=training), x, rm, rv, w, b)
     assert F.batch_norm not in targets and _ours(targets), targets
-    torch.testing.assert_close(y, bt.batch_norm(x, rm, rv))
+    torch.testing.assert_close(y, want)
+
+
+def _bad(name):
+    x, rm, rv, w, b = torch.randn(4, 6, 5), torch.zeros(6), torch.ones(6), torch.ones(6), torch.zeros(6)
+    return {
+        "momentum 1.5": ((x, rm, rv, w, b), dict(training=True, momentum=1.5), "momentum"),
+        "momentum nan": ((x, rm, rv, w, b), dict(training=True, momentum=float("nan")), "momentum"),
+        "eps inf": ((x, rm, rv, w, b), dict(training=False, eps=float("inf")), "eps"),
+        "weight (2, 3)": ((x, rm, rv, w.reshape(2, 3), b), dict(training=True), "weight"),
+        "bias (5,)": ((x, rm, rv, w, b[:5]), dict(training=False), "bias"),
+        "running_mean alone": ((x, rm, None, w, b), dict(training=True), "running"),
+    }[name]
+
+
+@pytest.mark.parametrize("name", ["momentum 1.5", "momentum nan", "eps inf", "weight (2, 3)", "bias (5,)",
+                                  "running_mean alone"])
+def test_arguments_eager_refuses_are_refused_when_compiled(name):
+    # torch's batch norm would run on most of these (a NaN momentum, NaN running statistics):
+    # they keep our op, whose checks raise the eager call's error when the graph runs.
+    args, kwargs, word = _bad(name)
+    with pytest.raises(ValueError, match=word):
+        bt.batch_norm(*args, **kwargs)
+    with pytest.raises(ValueError, match=word):
+        _traced(lambda *a: bt.batch_norm(*a, **kwargs), *args)
+    assert torch.equal(args[1], torch.zeros(6))  # nothing written
+
+
+def test_layer_with_a_bad_momentum_is_refused_when_compiled():
+    m = bt.BatchNorm2d(6, momentum=1.5).train()
+    x = torch.randn(4, 6, 5, 3)
+    with pytest.raises(ValueError, match="momentum"):
+        m(x)
+    with pytest.raises(ValueError, match="momentum"):
+        _traced(m, x)
+    assert torch.equal(m.running_mean, torch.zeros(6)) and int(m.num_batches_tracked) == 0
 
 
 def test_half_input_with_float32_parameters_traces_torchs():

@@ -25,7 +25,8 @@ _lib = torch.library.Library("batchnorm", "DEF")
 # Every op takes its tensors in any strides (channels_last natively; outputs keep x's). Without
 # this tag Inductor gives a custom op its inputs in the stride order they had when traced: in
 # a compiled model whose convolutions it runs channels_last, a transposing copy of each layer's
-# input (a NCHW ResNet-18's forward: 20 copies, 65 kernels; now 45; README "Under torch.compile").
+# input (a NCHW ResNet-18's training step on our ops: 20 such copies of 64 kernel calls in the
+# forward; 30 calls with the tag; README "Under torch.compile").
 TAGS = (torch.Tag.flexible_layout,)
 _lib.define(
     "forward_training(Tensor x, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
@@ -361,28 +362,58 @@ def exporting_onnx() -> bool:
     return torch.jit.is_tracing() and torch.onnx.is_in_onnx_export()
 
 
-def as_torchs(x: Tensor, *params: Optional[Tensor]) -> bool:
-    """Whether a call is handed to the tracer as torch's own batch norm rather than our ops:
-    under torch.onnx.export (exporting_onnx), and while torch.compile's Dynamo traces it (not
-    torch.export, whose programs keep our ops; bt.decompositions() maps them). Inductor fuses
-    torch's batch norm with the neighbouring operations (the ReLU, the residual add, the
-    statistics' reduction with the convolution's output) and, in inference with freezing,
-    folds it into the convolution's weights; our op is an opaque call that writes its output
-    to memory and leaves the ReLU a pass of its own, in the forward and in the backward.
-    ResNet-18 compiled, 2 threads (AMD EPYC Zen 4, bench/torch_compile.py), against the model
-    with torch's layers: inference 1.23-1.27x the time with our op (with or without freezing),
-    a training step 1.08-1.10x (in-process alternation); README, "Under torch.compile".
-    Parameters of another dtype than x's (but float32 with a half x), which torch's kernels
-    refuse, keep our ops. (The training variants have no torch counterpart and keep theirs.)"""
+def as_torchs(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    momentum: Optional[float],
+    eps: float,
+) -> bool:
+    """Whether a call is handed to the tracer as torch's own batch norm rather than our ops
+    (momentum None: an inference call): under torch.onnx.export (exporting_onnx), and while
+    torch.compile's Dynamo traces it (not torch.export, whose programs keep our ops;
+    bt.decompositions() maps them). Inductor fuses torch's batch norm with the neighbouring
+    operations (the ReLU, the residual add, the statistics' reduction with the convolution's
+    output) and, in inference with freezing, folds it into the convolution's weights; our op
+    is an opaque call that writes its output to memory and leaves the ReLU a pass of its own,
+    in the forward and in the backward. ResNet-18 compiled, 2 threads (AMD EPYC Zen 4,
+    bench/torch_compile.py), against the model with torch's layers: inference 1.23-1.27x the
+    time with our op (with or without freezing), a training step 1.08-1.10x (in-process
+    alternation); README, "Under torch.compile". Under torch.compile only arguments that
+    torch's batch norm takes as our op does (_torch_takes); the others keep our op, whose
+    checks raise the eager call's errors when the compiled graph runs."""
     if exporting_onnx():
         return True
     if not torch.compiler.is_dynamo_compiling() or torch.compiler.is_exporting():
         return False
-    half = x.dtype in (torch.float16, torch.bfloat16)
+    return _torch_takes(x, (weight, bias, running_mean, running_var), momentum, eps)
+
+
+def _torch_takes(x: Tensor, params: tuple, momentum: Optional[float], eps: float) -> bool:
+    """Whether torch's batch norm computes what our op computes for these arguments, and our
+    op would raise nothing: x with a channel axis; parameters and running statistics of shape
+    (C,), on x's device, of one dtype that is x's or float32 for a half x (torch's CPU
+    kernels refuse other mixes; ours take any); both running statistics or neither, two
+    tensors; eps finite and >= 0, and a training call's momentum in [0, 1] (our op refuses
+    others; torch's would run, a NaN momentum turning the running statistics to NaN)."""
+    if x.dim() < 2 or not isinstance(eps, (int, float)) or not (0.0 <= eps < float("inf")):
+        return False
+    if momentum is not None and not (isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0):
+        return False
+    running_mean, running_var = params[2], params[3]
+    if (running_mean is None) != (running_var is None) or (running_mean is not None and running_mean is running_var):
+        return False
+    dtype = None
     for p in params:
-        if p is not None and p.dtype != x.dtype and not (half and p.dtype == torch.float32):
+        if p is None:
+            continue
+        if p.dim() != 1 or p.shape[0] != x.shape[_AXIS] or p.device != x.device or dtype not in (None, p.dtype):
             return False
-    return True
+        dtype = p.dtype
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    return dtype is None or dtype == x.dtype or (half and dtype == torch.float32)
 
 
 try:  # (torch's private module; without it, the public check alone, which Dynamo cannot see)

@@ -55,7 +55,7 @@ def _batch_norm(
         F._verify_batch_size(input.size())  # torch's own check and message
         if _ops.eager(input, weight, bias, running_mean, running_var):
             return _ops.train_eager(input, weight, bias, running_mean, running_var, momentum, eps)
-        if _ops.as_torchs(input, running_mean, running_var, weight, bias):
+        if _ops.as_torchs(input, weight, bias, running_mean, running_var, momentum, eps):
             return F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
         y, _, _, new_mean, new_var = _func.call(
             "forward_training", input, weight, bias, running_mean, running_var, momentum, eps
@@ -67,7 +67,7 @@ def _batch_norm(
     try:
         if not _ops.wants_grad(input, weight, bias) and _ops.eager(input, weight, bias, running_mean, running_var):
             return _ops._forward_inference(input, running_mean, running_var, weight, bias, eps)  # no autograd to record
-        if _ops.as_torchs(input, running_mean, running_var, weight, bias):
+        if _ops.as_torchs(input, weight, bias, running_mean, running_var, None, eps):
             return F.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
         return _func.call("forward_inference", input, running_mean, running_var, weight, bias, eps)
     except (ValueError, TypeError) as e:

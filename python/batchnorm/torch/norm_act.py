@@ -233,7 +233,7 @@ def _batch_norm_act(
             return _training_act_apply(
                 u(input), u(residual), u(weight), u(bias), (running_mean, running_var), momentum, eps, relu
             )
-        if _same(input, residual) and _ops.as_torchs(input, running_mean, running_var, weight, bias):
+        if _same(input, residual) and _ops.as_torchs(input, weight, bias, running_mean, running_var, momentum, eps):
             return _unfused(input, running_mean, running_var, weight, bias, True, momentum, eps, residual, relu)
         y, _, _, new_mean, new_var = _func.call(
             "forward_training_act", input, residual, weight, bias, running_mean, running_var, momentum, eps, relu
@@ -246,7 +246,7 @@ def _batch_norm_act(
         if not _ops.wants_grad(input, residual, weight, bias) and \
                 _ops.eager(input, residual, weight, bias, running_mean, running_var):
             return _forward_inference_act(input, residual, running_mean, running_var, weight, bias, eps, relu)
-        if _same(input, residual) and _ops.as_torchs(input, running_mean, running_var, weight, bias):
+        if _same(input, residual) and _ops.as_torchs(input, weight, bias, running_mean, running_var, None, eps):
             return _unfused(input, running_mean, running_var, weight, bias, False, momentum, eps, residual, relu)
         return _func.call("forward_inference_act", input, residual, running_mean, running_var, weight, bias, eps,
                           relu)
