@@ -96,7 +96,8 @@ def alternate(layout: str, threads: int, steps: int) -> str:
             if i >= 2:  # the first two compile and warm up
                 times[which].append(time.perf_counter() - t)
     t, o = statistics.median(times["torch"]), statistics.median(times["ours"])
-    return f"train {layout}, one process, {steps} steps each alternating: torch {t * 1e3:.1f} ms, ours {o * 1e3:.1f} ms, {o / t:.3f}"
+    return (f"train {layout}, one process, {steps} steps each alternating: torch {t * 1e3:.1f} ms, "
+            f"ours {o * 1e3:.1f} ms, {o / t:.3f}")
 
 
 def run(which: str, case: tuple, threads: int, steps: int) -> dict:

@@ -49,7 +49,8 @@ def test_eval_fusion_folds_our_layer(name, relu):
     m = _model(name, relu).eval()
     x = torch.randn(*CASES[name][2])
     fused = quantization.fuse_modules(
-        copy.deepcopy(m), _names(m), fuse_custom_config_dict={"additional_fuser_method_mapping": bt.fuser_method_mapping()}
+        copy.deepcopy(m), _names(m),
+        fuse_custom_config_dict={"additional_fuser_method_mapping": bt.fuser_method_mapping()},
     )
     assert not any(isinstance(layer, nn.modules.batchnorm._BatchNorm) for layer in fused.modules())
     with torch.no_grad():
