@@ -5,19 +5,17 @@
 // block. Each block carries its malloc'd start and its size before the payload, so a block may
 // be freed on another thread than the one that allocated it. Separate from the outputs' host
 // cache (core/memory.cpp): outputs leave the library and come back from any thread, in exact
-// sizes, under a lock; temporaries live within one call, so each thread keeps its own, behind
-// a lock of its own that only scratch_release takes from another thread (uncontended
-// otherwise). Every thread's cache is in a registry, so batchnorm.empty_cache() reaches the
-// threads of any pool: OpenMP's, and those of a host that runs the kernels on its own threads
-// (XLA's intra-op pool under jax.jit), which no parallel region of the caller's reaches.
+// sizes, under a lock; temporaries live within one call, so each thread keeps its own, without
+// one.
 #include "cpu/scratch.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
-#include <mutex>
 #include <new>
-#include <vector>
+
+#include "cpu/threads.h"
 
 namespace batchnorm::cpu {
 namespace {
@@ -45,40 +43,12 @@ constexpr int kSlots = 32;
 void*& block_of(void* p) { return static_cast<void**>(p)[-2]; }
 std::size_t& size_of(void* p) { return static_cast<std::size_t*>(p)[-1]; }
 
-struct Cache;
-
-// Every live thread's cache. Never destroyed: a thread may end (and leave the registry) while
-// the process's static objects are being destroyed.
-struct Registry {
-  std::mutex mutex;
-  std::vector<Cache*> caches;
-  static Registry& get() {
-    static Registry* r = new Registry;
-    return *r;
-  }
-};
-
-// Cached payloads (see block_of) and their sizes; `mutex` taken by the owning thread around
-// its own use, and by scratch_release from any thread.
+// Cached payloads (see block_of) and their sizes.
 struct Cache {
-  std::mutex mutex;
   void* blocks[kSlots] = {};
   std::size_t sizes[kSlots] = {};
   int count = 0;
   std::size_t held = 0;
-  Cache() {
-    Registry& r = Registry::get();
-    const std::lock_guard<std::mutex> lock(r.mutex);
-    r.caches.push_back(this);
-  }
-  ~Cache() {
-    {
-      Registry& r = Registry::get();
-      const std::lock_guard<std::mutex> lock(r.mutex);
-      r.caches.erase(std::find(r.caches.begin(), r.caches.end(), this));
-    }
-    release();
-  }
   std::size_t release() {
     const std::size_t released = held;
     for (int i = 0; i < count; ++i) std::free(block_of(blocks[i]));
@@ -86,6 +56,7 @@ struct Cache {
     held = 0;
     return released;
   }
+  ~Cache() { release(); }
 };
 
 thread_local Cache cache;
@@ -95,7 +66,6 @@ thread_local Cache cache;
 void* scratch_allocate(std::size_t bytes) {
   if (bytes > SIZE_MAX - 2 * (kHeader + kAlign)) throw std::bad_alloc();
   if (bytes >= kLarge) {
-    const std::lock_guard<std::mutex> lock(cache.mutex);
     int best = -1;
     for (int i = 0; i < cache.count; ++i)
       if (cache.sizes[i] >= bytes && cache.sizes[i] / 2 <= bytes && (best < 0 || cache.sizes[i] < cache.sizes[best]))
@@ -123,7 +93,6 @@ void scratch_free(void* p) noexcept {
   if (p == nullptr) return;
   const std::size_t payload = size_of(p);
   if (payload >= kLarge && payload <= kLimit) {
-    const std::lock_guard<std::mutex> lock(cache.mutex);
     // Room made by giving back the smallest cached blocks, as long as they are smaller than
     // this one: a cache full of another shape's blocks would otherwise send every block of
     // this one to malloc, and a large block given back for a small one would be faulted in
@@ -152,14 +121,16 @@ void scratch_free(void* p) noexcept {
 }
 
 std::size_t scratch_release() {
-  Registry& r = Registry::get();
-  const std::lock_guard<std::mutex> lock(r.mutex);
-  std::size_t released = 0;
-  for (Cache* c : r.caches) {
-    const std::lock_guard<std::mutex> cache_lock(c->mutex);
-    released += c->release();
+  std::atomic<std::size_t> released{cache.release()};
+#if defined(BN_WITH_OPENMP)
+  if (!omp_in_parallel()) {
+    // Every thread of the pool this thread's regions have used (libgomp keeps one pool per
+    // calling thread: other threads' pools are theirs to release).
+#pragma omp parallel num_threads(std::max(largest_team(), thread_count()))
+    released += cache.release();
   }
-  return released;
+#endif
+  return released.load();
 }
 
 }  // namespace batchnorm::cpu

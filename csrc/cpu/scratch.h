@@ -15,8 +15,8 @@ void* scratch_allocate(std::size_t bytes);
 // Gives a block back: into this thread's cache (blocks of 4 KB and more; when the cache is
 // full, in place of its smallest block if that is smaller), else to malloc.
 void scratch_free(void* p) noexcept;
-// Frees the blocks cached by every thread (batchnorm.empty_cache()); returns the bytes
-// released.
+// Frees the blocks cached by the calling thread and by the threads of its parallel regions
+// (batchnorm.empty_cache()); returns the bytes released.
 std::size_t scratch_release();
 
 template <class T>

@@ -135,6 +135,21 @@ void run_on_pool(const TaskPool& pool, int64_t chunks, void (*chunk)(void*, int6
   if (run->error) std::rethrow_exception(run->error);
 }
 
+namespace {
+std::atomic<int>& team_record() {
+  static std::atomic<int> n{1};
+  return n;
+}
+}  // namespace
+
+int note_team(int n) {
+  int seen = team_record().load(std::memory_order_relaxed);
+  while (n > seen && !team_record().compare_exchange_weak(seen, n, std::memory_order_relaxed)) {
+  }
+  return n;
+}
+int largest_team() { return team_record().load(std::memory_order_relaxed); }
+
 void for_each(int64_t n, int64_t work, void (*fn)(void* ctx, int64_t i), void* ctx) {
   // Tasks side by side only when they keep every thread busy to the end; otherwise one after
   // the other, each with all the threads (a nested parallel region runs on one thread).

@@ -59,6 +59,11 @@ void run_on_pool(const TaskPool& pool, int64_t chunks, void (*chunk)(void* arg, 
 
 int thread_count();
 
+// Notes a team of n threads about to start (returns n): the largest so far is how many
+// threads of the pool may hold cached temporaries (scratch_release reaches them all).
+int note_team(int n);
+int largest_team();
+
 // Below this many elements of work a call stays on the calling thread: a parallel region
 // costs more than it saves.
 constexpr int64_t kMinParallelWork = 1 << 15;
@@ -89,7 +94,7 @@ void parallel_for(int64_t n, int64_t work, F&& f) {
   const int threads = thread_count();
   // Inside another parallel_for (tasks run side by side, cpu::for_each) it stays on its thread.
   if (threads > 1 && n > 1 && work >= kMinParallelWork && !omp_in_parallel()) {
-    const int use = static_cast<int>(n < threads ? n : threads);
+    const int use = note_team(static_cast<int>(n < threads ? n : threads));
     // An exception must not leave the region (std::terminate): the first one is kept and
     // thrown on the calling thread once every task has run (a task that throws, as a ghost
     // group's op reading a bad BATCHNORM_ISA does, fails before writing anything).
