@@ -403,6 +403,14 @@ def test_torch_compile_fullgraph_matches_eager():
         assert rel_err(compiled(x), eager(x)) < 1e-5
 
 
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("shape", [(6,), (0,)])
+def test_x_without_a_channel_axis_is_a_value_error(shape, training):
+    # (Training raised an IndexError from the layer's own shape lookup before the core's check.)
+    with pytest.raises(ValueError, match="x must have at least 2 dimensions"):
+        bt.batch_norm(torch.randn(*shape), torch.zeros(6), torch.ones(6), training=training)
+
+
 # ---- eager calls skip the registered ops ----------------------------------------------------
 
 

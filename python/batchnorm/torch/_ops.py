@@ -107,9 +107,9 @@ def _train(x, weight, bias, running_mean, running_var, momentum, eps, residual=N
     """(y, saved_mean, saved_invstd) of training batch norm (fused with an add of `residual`
     and activation code `activation` when given), the running statistics (when given) updated
     in place by the core."""
-    C = x.shape[_AXIS]
+    C = x.shape[_AXIS] if x.dim() > _AXIS else 0  # (x without a channel axis: the core refuses it by name)
     y = torch.empty_like(x)
-    if x.numel() == 0:  # an empty batch (torch's rule): empty y, running statistics unchanged
+    if x.numel() == 0 and x.dim() > _AXIS:  # an empty batch (torch's rule): empty y, running statistics unchanged
         return y, _vector(x, C).fill_(float("nan")), _vector(x, C).fill_(float("nan"))
     stats = per_channel(x, C)
     results = _C.forward_training(
