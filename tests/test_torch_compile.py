@@ -15,6 +15,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="batchnorm.torch needs PyTorch")
 
 import batchnorm.torch as bt  # noqa: E402
+from batchnorm.torch.variants import batch_norm_variant  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from resnet import resnet18  # noqa: E402
@@ -188,6 +189,23 @@ def test_arguments_eager_refuses_are_refused_when_compiled(name):
     with pytest.raises(ValueError, match=word):
         _traced(lambda *a: bt.batch_norm(*a, **kwargs), *args)
     assert torch.equal(args[1], torch.zeros(6))  # nothing written
+
+
+@pytest.mark.parametrize("variant", [False, True])
+def test_one_tensor_as_both_running_statistics_is_refused(variant):
+    # The ops return updated copies, written back one after the other: with one tensor for
+    # both, the second write silently won (compiled, and the variants eagerly).
+    x, r = torch.randn(4, 6, 5), torch.ones(6)
+    kwargs = dict(skip_nonfinite=True) if variant else {}
+    call = (lambda *a: batch_norm_variant(*a, **kwargs)) if variant else (lambda *a: bt.batch_norm(*a, training=True))
+    with pytest.raises(ValueError, match="must not share memory"):
+        call(x, r, r)
+    with pytest.raises(Exception, match="must not share memory"):  # fullgraph: Dynamo's Unsupported says it
+        _traced(call, x, r, r)
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match="must not share memory"):  # else a graph break, the eager call's error
+        torch.compile(call)(x, r, r)
+    assert torch.equal(r, torch.ones(6))
 
 
 def test_layer_with_a_bad_momentum_is_refused_when_compiled():

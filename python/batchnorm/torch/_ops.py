@@ -446,6 +446,18 @@ def check_running(running_mean: Optional[Tensor], running_var: Optional[Tensor])
                 )
 
 
+def check_separate_running(running_mean: Optional[Tensor], running_var: Optional[Tensor]) -> None:
+    """A training call through the registered ops (which return updated copies, written back
+    by write_running) with one tensor as both running statistics: the core's refusal of the
+    eager call (it writes one while reading the other), which the copies would hide (the
+    second write-back silently won, under torch.compile and for the training variants)."""
+    if running_mean is not None and running_mean is running_var:
+        raise ValueError(
+            "running_mean must not share memory with running_var: it is written while running_var is still in "
+            "use; pass separate arrays"
+        )
+
+
 def write_running(running_mean: Optional[Tensor], new_mean: Tensor, running_var: Optional[Tensor],
                   new_var: Tensor) -> None:
     """The updated running statistics (the registered ops return them) into the caller's

@@ -55,6 +55,7 @@ def _batch_norm(
         F._verify_batch_size(input.size())  # torch's own check and message
         if _ops.eager(input, weight, bias, running_mean, running_var):
             return _ops.train_eager(input, weight, bias, running_mean, running_var, momentum, eps)
+        _ops.check_separate_running(running_mean, running_var)
         if _ops.as_torchs(input, weight, bias, running_mean, running_var, momentum, eps):
             return F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
         y, _, _, new_mean, new_var = _func.call(

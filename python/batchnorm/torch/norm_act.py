@@ -233,6 +233,7 @@ def _batch_norm_act(
             return _training_act_apply(
                 u(input), u(residual), u(weight), u(bias), (running_mean, running_var), momentum, eps, relu
             )
+        _ops.check_separate_running(running_mean, running_var)
         if _same(input, residual) and _ops.as_torchs(input, weight, bias, running_mean, running_var, momentum, eps):
             return _unfused(input, running_mean, running_var, weight, bias, True, momentum, eps, residual, relu)
         y, _, _, new_mean, new_var = _func.call(

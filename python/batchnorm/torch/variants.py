@@ -140,6 +140,7 @@ def batch_norm_variant(
     """Training-mode batch norm with the variants of batchnorm.forward_training (the running
     statistics, when given, updated in place). Evaluation is plain batch norm (batch_norm)."""
     _ops.check_running(running_mean, running_var)
+    _ops.check_separate_running(running_mean, running_var)
     _ops.check_eps(eps, True)
     if not _ops.eager(input) and _ops.exporting_onnx():  # (export traces: eager() is False, and cheap)
         raise RuntimeError(
