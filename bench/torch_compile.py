@@ -27,8 +27,9 @@ CASES = [  # (mode, layout, freezing)
 ]
 
 
-def child(which: str, mode: str, layout: str, freezing: bool, threads: int, steps: int) -> None:
-    """One configuration: compile, warm up, time `steps` steps; prints a JSON line."""
+def _setup(which: str, mode: str, layout: str, threads: int):
+    """ResNet-18 (torch's layers, or ours by convert) in `mode` and its input, in `layout`;
+    seeded, so both sides get the same weights and input."""
     import torch
 
     sys.path.insert(0, os.path.join(HERE, os.pardir, "tests"))  # the models live beside the tests
@@ -37,16 +38,22 @@ def child(which: str, mode: str, layout: str, freezing: bool, threads: int, step
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    torch._inductor.config.freezing = freezing
     model = resnet18()
     if which == "ours":
         model = bt.convert(model)
-    shape = (8, 3, 160, 160) if mode == "eval" else (8, 3, 128, 128)
-    x = torch.randn(*shape)
+    x = torch.randn(*((8, 3, 160, 160) if mode == "eval" else (8, 3, 128, 128)))
     if layout == "channels_last":
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    model.train(mode == "train")
+    return model.train(mode == "train"), x
+
+
+def child(which: str, mode: str, layout: str, freezing: bool, threads: int, steps: int) -> None:
+    """One configuration: compile, warm up, time `steps` steps; prints a JSON line."""
+    import torch
+
+    torch._inductor.config.freezing = freezing
+    model, x = _setup(which, mode, layout, threads)
     compiled = torch.compile(model)
 
     def step() -> None:
@@ -71,22 +78,10 @@ def child(which: str, mode: str, layout: str, freezing: bool, threads: int, step
 def alternate(layout: str, threads: int, steps: int) -> str:
     """The training step of both models compiled in this process, alternating step by step
     (the host's drift cancels): the median step of each and their ratio."""
-    import copy
-
     import torch
 
-    sys.path.insert(0, os.path.join(HERE, os.pardir, "tests"))
-    import batchnorm.torch as bt
-    from resnet import resnet18
-
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    theirs = resnet18().train()
-    ours = bt.convert(copy.deepcopy(theirs))
-    x = torch.randn(8, 3, 128, 128)
-    if layout == "channels_last":
-        theirs, ours = (m.to(memory_format=torch.channels_last) for m in (theirs, ours))
-        x = x.contiguous(memory_format=torch.channels_last)
+    theirs, x = _setup("torch", "train", layout, threads)
+    ours, _ = _setup("ours", "train", layout, threads)
     compiled = {"torch": torch.compile(theirs), "ours": torch.compile(ours)}
     times = {"torch": [], "ours": []}
     for i in range(steps + 2):
