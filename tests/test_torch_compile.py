@@ -191,6 +191,36 @@ def test_arguments_eager_refuses_are_refused_when_compiled(name):
     assert torch.equal(args[1], torch.zeros(6))  # nothing written
 
 
+_OPS = torch.ops.batchnorm
+_R = torch.zeros(5), torch.ones(5)
+_NO_CHANNEL_AXIS = {  # each op and function, with arguments that keep our op under compile
+    "batch_norm": lambda x: bt.batch_norm(x, *_R, training=True, momentum=1.5),
+    "batch_norm_act": lambda x: bt.batch_norm_act(x, *_R, training=True, momentum=1.5),
+    "forward_training": lambda x: _OPS.forward_training(x, None, None, None, None, 0.1, 1e-5),
+    "forward_inference": lambda x: _OPS.forward_inference(x, *_R, None, None, 1e-5),
+    "backward": lambda x: _OPS.backward(x, x, *_R, None),
+    "forward_training_act": lambda x: _OPS.forward_training_act(x, x, None, None, None, None, 0.1, 1e-5, True),
+    "forward_inference_act": lambda x: _OPS.forward_inference_act(x, x, *_R, None, None, 1e-5, True),
+    "backward_act": lambda x: _OPS.backward_act(x, x, x, *_R, None, True, True),
+    "forward_training_variant": lambda x: _OPS.forward_training_variant(x, None, None, None, None, 0.1, 1e-5,
+                                                                        False, False, None, 2),
+    "backward_variant": lambda x: _OPS.backward_variant(x, x, *_R, None, None, None, 2),
+}
+
+
+@pytest.mark.parametrize("shape", [(5,), (0,), ()])
+@pytest.mark.parametrize("name", sorted(_NO_CHANNEL_AXIS))
+def test_x_without_a_channel_axis_is_refused_by_name_when_compiled(name, shape):
+    # The fake kernels, traced first, took x.shape[1] (an IndexError at trace time); torch's
+    # size check took x.shape[0] of a 0-d x; an empty 1-D x passed as an empty batch.
+    call, x = _NO_CHANNEL_AXIS[name], torch.randn(shape)
+    with pytest.raises(ValueError, match="x must have at least 2 dimensions"):
+        call(x)
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match="x must have at least 2 dimensions"):
+        torch.compile(call, backend="aot_eager", dynamic=False)(x)
+
+
 @pytest.mark.parametrize("variant", [False, True])
 def test_one_tensor_as_both_running_statistics_is_refused(variant):
     # The ops return updated copies, written back one after the other: with one tensor for

@@ -51,6 +51,19 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def channels(x: Tensor) -> int:
+    """C, the length of x's channel axis; 0 for an x without one, which the core refuses by
+    name when the op runs (the fake kernels, traced before, must not fail with an IndexError
+    of their own)."""
+    return x.shape[_AXIS] if x.dim() > _AXIS else 0
+
+
+def batchless(x: Tensor) -> bool:
+    """An empty batch (torch's rule: empty outputs, running statistics unchanged) of an x with
+    a channel axis (one without goes on to the core's error)."""
+    return x.numel() == 0 and x.dim() > _AXIS
+
+
 def _vector(x: Tensor, n: int) -> Tensor:
     return torch.empty(n, dtype=_acc(x.dtype), device=x.device)
 
@@ -107,9 +120,9 @@ def _train(x, weight, bias, running_mean, running_var, momentum, eps, residual=N
     """(y, saved_mean, saved_invstd) of training batch norm (fused with an add of `residual`
     and activation code `activation` when given), the running statistics (when given) updated
     in place by the core."""
-    C = x.shape[_AXIS] if x.dim() > _AXIS else 0  # (x without a channel axis: the core refuses it by name)
+    C = channels(x)
     y = torch.empty_like(x)
-    if x.numel() == 0 and x.dim() > _AXIS:  # an empty batch (torch's rule): empty y, running statistics unchanged
+    if batchless(x):
         return y, _vector(x, C).fill_(float("nan")), _vector(x, C).fill_(float("nan"))
     stats = per_channel(x, C)
     results = _C.forward_training(
@@ -131,7 +144,7 @@ def _forward_training(x, weight, bias, running_mean, running_var, momentum, eps)
 
 @torch.library.register_fake("batchnorm::forward_training", lib=_lib)
 def _forward_training_fake(x, weight, bias, running_mean, running_var, momentum, eps):
-    C = x.shape[_AXIS]
+    C = channels(x)
     new_mean, new_var = _new_running(x, running_mean, True), _new_running(x, running_var, True)
     return torch.empty_like(x), _vector(x, C), _vector(x, C), new_mean, new_var
 
@@ -163,9 +176,9 @@ def _backward(dy, x, saved_mean, saved_invstd, weight, input_grad=True):
     """(dx, dweight, dbias); without input_grad dx is an empty (0,) tensor and only the
     parameter gradients' reduction runs: one read of dy and x instead of the dx pass's five
     (a frozen input, or the parameter gradients of inference)."""
-    C = x.shape[_AXIS]
+    C = channels(x)
     dx = torch.empty_like(x) if input_grad else _vector(x, 0)
-    if x.numel() == 0:  # the gradient of an empty batch's outputs
+    if batchless(x):  # the gradient of an empty batch's outputs
         return dx, _vector(x, C).zero_(), _vector(x, C).zero_()
     if not input_grad:
         dweight, dbias = _vector(x, C), _vector(x, C)
@@ -185,7 +198,7 @@ def _backward(dy, x, saved_mean, saved_invstd, weight, input_grad=True):
 
 @torch.library.register_fake("batchnorm::backward", lib=_lib)
 def _backward_fake(dy, x, saved_mean, saved_invstd, weight, input_grad=True):
-    C = x.shape[_AXIS]
+    C = channels(x)
     return torch.empty_like(x) if input_grad else _vector(x, 0), _vector(x, C), _vector(x, C)
 
 

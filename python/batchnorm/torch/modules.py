@@ -52,7 +52,8 @@ def _batch_norm(
     _ops.check_running(running_mean, running_var)
     _ops.check_eps(eps, training)
     if training:
-        F._verify_batch_size(input.size())  # torch's own check and message
+        if input.dim() > 1:  # (without a channel axis the core's ValueError names x)
+            F._verify_batch_size(input.size())  # torch's own check and message
         if _ops.eager(input, weight, bias, running_mean, running_var):
             return _ops.train_eager(input, weight, bias, running_mean, running_var, momentum, eps)
         _ops.check_separate_running(running_mean, running_var)

@@ -49,7 +49,7 @@ def _forward_training_act(x, residual, weight, bias, running_mean, running_var, 
 
 @torch.library.register_fake("batchnorm::forward_training_act", lib=_lib)
 def _forward_training_act_fake(x, residual, weight, bias, running_mean, running_var, momentum, eps, relu):
-    C = x.shape[_AXIS]
+    C = _ops.channels(x)
     new_mean, new_var = _new_running(x, running_mean, True), _new_running(x, running_var, True)
     return torch.empty_like(x), _vector(x, C), _vector(x, C), new_mean, new_var
 
@@ -73,9 +73,9 @@ def _forward_inference_act_fake(x, residual, mean, var, weight, bias, eps, relu)
 @torch.library.impl(_lib, "backward_act", "CPU")
 @torch.library.impl(_lib, "backward_act", "CUDA")
 def _backward_act(dy, x, y, saved_mean, saved_invstd, weight, relu, residual):
-    C = x.shape[_AXIS]
+    C = _ops.channels(x)
     dx = torch.empty_like(x)
-    if x.numel() == 0:
+    if _ops.batchless(x):
         return dx, _vector(x, C).zero_(), _vector(x, C).zero_(), torch.empty_like(x) if residual else _vector(x, 0)
     dres = torch.empty_like(x) if residual else _vector(x, 0)
     grads = per_channel(x, C)
@@ -89,7 +89,7 @@ def _backward_act(dy, x, y, saved_mean, saved_invstd, weight, relu, residual):
 
 @torch.library.register_fake("batchnorm::backward_act", lib=_lib)
 def _backward_act_fake(dy, x, y, saved_mean, saved_invstd, weight, relu, residual):
-    C = x.shape[_AXIS]
+    C = _ops.channels(x)
     return torch.empty_like(x), _vector(x, C), _vector(x, C), torch.empty_like(x) if residual else _vector(x, 0)
 
 
@@ -227,7 +227,8 @@ def _batch_norm_act(
     _ops.check_running(running_mean, running_var)
     _ops.check_eps(eps, training)
     if training:
-        F._verify_batch_size(input.size())
+        if input.dim() > 1:  # (as batch_norm's)
+            F._verify_batch_size(input.size())
         if _ops.eager(input, residual, weight, bias, running_mean, running_var):
             u = _ops.unwrap_dead
             return _training_act_apply(

@@ -29,8 +29,8 @@ _lib.define(
 
 def _saved_shape(x: Tensor, ghost_batch: int) -> Sequence[int]:
     """(C,), or one row per group with ghost batch norm (the core checks that G divides N)."""
-    C = x.shape[_AXIS]
-    if ghost_batch > 0 and x.shape[0] % ghost_batch == 0:
+    C = _ops.channels(x)
+    if ghost_batch > 0 and x.dim() > _AXIS and x.shape[0] % ghost_batch == 0:
         return (x.shape[0] // ghost_batch, C)
     return (C,)
 
@@ -39,7 +39,7 @@ def _outputs(x, running_mean, running_var, renorm, ghost_batch, fake):
     shape = _saved_shape(x, ghost_batch)
     mean = torch.empty(shape, dtype=_acc(x.dtype), device=x.device)
     invstd = torch.empty(shape, dtype=_acc(x.dtype), device=x.device)
-    C = x.shape[_AXIS] if renorm is not None else 0
+    C = _ops.channels(x) if renorm is not None else 0
     r, d = _vector(x, C), _vector(x, C)
     new_mean, new_var = _new_running(x, running_mean, fake), _new_running(x, running_var, fake)
     return torch.empty_like(x), mean, invstd, r, d, new_mean, new_var
@@ -49,7 +49,7 @@ def _outputs(x, running_mean, running_var, renorm, ghost_batch, fake):
 @torch.library.impl(_lib, "forward_training_variant", "CUDA")
 def _forward(x, weight, bias, running_mean, running_var, momentum, eps, unbiased, skip, renorm, ghost_batch):
     y, mean, invstd, r, d, new_mean, new_var = _outputs(x, running_mean, running_var, renorm, ghost_batch, False)
-    if x.numel() == 0:  # an empty batch (torch's rule): empty y, running statistics unchanged
+    if _ops.batchless(x):  # an empty batch (torch's rule): empty y, running statistics unchanged
         nan = float("nan")
         return y, mean.fill_(nan), invstd.fill_(nan), r.fill_(nan), d.fill_(nan), new_mean, new_var
     rmax, dmax = renorm if renorm is not None else (1.0, 0.0)
@@ -72,9 +72,9 @@ def _forward_fake(x, weight, bias, running_mean, running_var, momentum, eps, unb
 @torch.library.impl(_lib, "backward_variant", "CPU")
 @torch.library.impl(_lib, "backward_variant", "CUDA")
 def _backward(dy, x, saved_mean, saved_invstd, weight, r, d, ghost_batch):
-    C = x.shape[_AXIS]
+    C = _ops.channels(x)
     dx, dweight, dbias = torch.empty_like(x), _vector(x, C), _vector(x, C)
-    if x.numel() == 0:
+    if _ops.batchless(x):
         return dx, dweight.zero_(), dbias.zero_()
     _C.backward(
         _cap(dy), _cap(x), _cap(saved_mean), _cap(saved_invstd), _cap(weight), _AXIS, _cap(dx), _call(x),
@@ -85,7 +85,7 @@ def _backward(dy, x, saved_mean, saved_invstd, weight, r, d, ghost_batch):
 
 @torch.library.register_fake("batchnorm::backward_variant", lib=_lib)
 def _backward_fake(dy, x, saved_mean, saved_invstd, weight, r, d, ghost_batch):
-    C = x.shape[_AXIS]
+    C = _ops.channels(x)
     return torch.empty_like(x), _vector(x, C), _vector(x, C)
 
 
