@@ -490,3 +490,27 @@ def test_errors_under_vmap_name_one_slice():
         if arg is xs:  # per-sample gradients: the forward's rule raises first, the same words
             with pytest.raises(error, match=message):
                 func.vmap(func.grad(lambda x, f=f: f(x).sum()))(arg)
+
+
+@pytest.mark.parametrize("layer", [bt.BatchNorm2d, bt.BatchNormAct2d])
+def test_batched_gradients_of_an_eager_training_step(layer):
+    # autograd.grad(is_grads_batched=True), the vectorized jacobian and hessian and gradcheck's
+    # batched check run the backward of the eager Function under torch's legacy vmap: the
+    # kernel was handed a batched dy without memory ("Cannot access data pointer").
+    torch.manual_seed(0)
+    m, ref = layer(3).double(), torch.nn.BatchNorm2d(3).double()
+    x = torch.randn(4, 3, 2, 2, dtype=D, requires_grad=True)
+
+    def ref_fn(t):
+        return F.relu(ref(t)) if layer is bt.BatchNormAct2d else ref(t)
+
+    v = torch.randn(5, *x.shape, dtype=D)
+    (batched,) = torch.autograd.grad(m(x), x, v, is_grads_batched=True)
+    looped = torch.stack([torch.autograd.grad(m(x), x, vi)[0] for vi in v])
+    _close(batched, looped)
+    _close(torch.autograd.functional.jacobian(m, x, vectorize=True),
+           torch.autograd.functional.jacobian(ref_fn, x, vectorize=True))
+    _close(torch.autograd.functional.hessian(lambda t: (m(t) ** 3).sum(), x, vectorize=True),
+           torch.autograd.functional.hessian(lambda t: (ref_fn(t) ** 3).sum(), x, vectorize=True),
+           rtol=1e-7, atol=1e-9)
+    assert torch.autograd.gradcheck(m, (x,), check_batched_grad=True)

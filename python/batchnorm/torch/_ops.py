@@ -569,6 +569,20 @@ def direct_apply(fn: type) -> Any:
 _unwrap_if_dead = getattr(torch._C._functorch, "unwrap_if_dead", lambda t: t)
 
 
+def kernel_takes(dy: Tensor) -> bool:
+    """Whether an eager Function's backward may hand the incoming gradient to the op's kernel
+    (a DLPack capsule of its memory), or must call the registered op: autograd.grad's
+    is_grads_batched and the vectorized jacobian and hessian run the backward under torch's
+    legacy vmap, and their dy is a batched tensor without memory of its own, which the
+    dispatcher's batching rules take apart (torch.func's vmap, likewise, through the op's rule)."""
+    if torch._C._are_functorch_transforms_active() or type(dy) not in _PLAIN:
+        return False
+    return not _is_legacy_batched(dy)
+
+
+_is_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
+
+
 def unwrap_dead(t: Optional[Tensor]) -> Optional[Tensor]:
     """A tensor left wrapped by a functorch transform that has exited, as its plain tensor (what
     torch's Function.apply does to its arguments)."""
@@ -591,7 +605,7 @@ class _Training(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        return _training_grads(ctx, dy, _backward) + (None,) * 3
+        return _training_grads(ctx, dy, _backward if kernel_takes(dy) else torch.ops.batchnorm.backward) + (None,) * 3
 
 
 _training_apply = direct_apply(_Training)

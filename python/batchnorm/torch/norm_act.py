@@ -181,7 +181,8 @@ class _TrainingAct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        return _training_grads(ctx, dy, _backward_act) + (None,) * 4
+        backward = _backward_act if _ops.kernel_takes(dy) else torch.ops.batchnorm.backward_act
+        return _training_grads(ctx, dy, backward) + (None,) * 4
 
 
 _training_act_apply = _ops.direct_apply(_TrainingAct)
