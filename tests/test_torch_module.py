@@ -645,3 +645,49 @@ def test_a_rejected_batch_leaves_the_layer_as_it_was(make, bad):
     theirs = nn.BatchNorm2d(3, momentum=None)
     theirs(x)
     torch.testing.assert_close(layer.running_mean, theirs.running_mean, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("make", [lambda: bt.BatchNorm2d(3, momentum=None), lambda: bt.BatchNormAct2d(3, momentum=None)],
+                         ids=["plain", "norm_act"])
+def test_activation_checkpointing_counts_each_update_like_torch(make):
+    """torch.utils.checkpoint (use_reentrant=False) stops the recomputed forward with an
+    exception once autograd has saved the layer's tensors: after the running statistics were
+    updated, before the count after the call. torch's layer, counting first, counts both.
+    (The training variants, through the registered op, write their statistics back after
+    autograd's save: there the stopped recomputation neither updates nor counts.)"""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    theirs = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3, momentum=None))
+    ours = copy.deepcopy(theirs)
+    ours[1] = make()
+    for step in range(3):
+        x = torch.randn(4, 3, 5, 5) * (step + 1) + step
+        for m in (theirs, ours):
+            checkpoint(m, x.clone().requires_grad_(), use_reentrant=False).square().sum().backward()
+    assert int(theirs[1].num_batches_tracked) == int(ours[1].num_batches_tracked) == 6
+    torch.testing.assert_close(ours[1].running_mean, theirs[1].running_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours[1].running_var, theirs[1].running_var, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("layer", [bt.BatchNorm2d, bt.BatchNormAct2d])
+@pytest.mark.parametrize("made_under", ["x", "layer"])
+def test_inference_tensors_outside_inference_mode_leave_the_layer_as_it_was(layer, made_under):
+    """A batch made under torch.inference_mode cannot be saved for the backward, and a layer
+    made there cannot update its buffers outside it: torch's errors, raised before the kernel
+    (the running statistics were written, then the error raised)."""
+    x = torch.randn(4, 3, 2, 2) + 5
+    if made_under == "x":
+        m = layer(3)
+        with torch.inference_mode():
+            x = x.clone()
+    else:
+        with torch.inference_mode():
+            m = layer(3)
+    with pytest.raises(RuntimeError, match="inference tensor"):
+        with torch.no_grad() if made_under == "layer" else torch.enable_grad():
+            m(x)
+    assert torch.equal(m.running_mean, torch.zeros(3)) and torch.equal(m.running_var, torch.ones(3))
+    with torch.inference_mode():  # inside inference mode both run (no backward, in-place updates allowed)
+        m(x)
+    assert m.running_mean.gt(0.4).all()

@@ -471,6 +471,27 @@ def check_separate_running(running_mean: Optional[Tensor], running_var: Optional
         )
 
 
+def version(running_mean: Optional[Tensor], counted: Optional[Tensor]) -> Optional[int]:
+    """running_mean's version before a layer's call, where the call counts its batch (None for
+    an inference tensor, which has none: the call refuses it, check_inference_tensors)."""
+    if counted is None or running_mean is None:
+        return None
+    try:
+        return running_mean._version
+    except RuntimeError:
+        return None
+
+
+def count_interrupted(counted: Optional[Tensor], running_mean: Optional[Tensor], before: Optional[int]) -> None:
+    """Counts the batch of a layer's call that raised after updating the running statistics
+    (their version moved): torch.utils.checkpoint's recomputation (use_reentrant=False) stops
+    the forward with an exception once autograd has saved its last tensor, after the update.
+    torch's layers count that batch (they count before the call), and so must ours, or
+    momentum=None's average and num_batches_tracked part from torch's."""
+    if before is not None and running_mean._version != before:
+        counted.add_(1)
+
+
 def write_running(running_mean: Optional[Tensor], new_mean: Tensor, running_var: Optional[Tensor],
                   new_var: Tensor) -> None:
     """The updated running statistics (the registered ops return them) into the caller's
@@ -611,9 +632,34 @@ class _Training(torch.autograd.Function):
 _training_apply = direct_apply(_Training)
 
 
+def check_inference_tensors(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running: tuple) -> None:
+    """torch's refusals of tensors made under torch.inference_mode and used outside it, in an
+    eager training call before its kernel writes the running statistics in place: torch
+    refuses their in-place update, and autograd refuses to save an x or weight for a backward.
+    Raised after the kernel (by the version bump, or by autograd saving the Function's
+    tensors), they left a call that failed with its running statistics updated."""
+    if torch.is_inference_mode_enabled():
+        return
+    for name, t in zip(("running_mean", "running_var"), running):
+        if t is not None and t.is_inference():
+            raise RuntimeError(
+                f"{name} is an inference tensor (made under torch.inference_mode), which cannot be updated in place "
+                "outside inference mode: make the layer outside torch.inference_mode, or clone its buffers"
+            )
+    if not x.is_inference() and (weight is None or not weight.is_inference()):
+        return
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        name = "x" if x.is_inference() else "weight"
+        raise RuntimeError(
+            f"{name} is an inference tensor (made under torch.inference_mode), which autograd cannot save for "
+            f"the backward: clone it outside inference mode, or run the call under torch.no_grad()"
+        )
+
+
 def train_eager(x, weight, bias, running_mean, running_var, momentum, eps) -> Tensor:
     """y of training batch norm with autograd, the running statistics updated in place (a call
     for which eager() holds)."""
+    check_inference_tensors(x, weight, bias, (running_mean, running_var))
     return _training_apply(
         unwrap_dead(x), unwrap_dead(weight), unwrap_dead(bias), (running_mean, running_var), momentum, eps
     )

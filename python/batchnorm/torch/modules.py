@@ -183,8 +183,10 @@ class _Base(_BatchNorm):
         if isinstance(input, _ops.Proxy):  # torch.fx.symbolic_trace: one node, as torch's layers
             return _ops.traced(self, input)
         # torch's _BatchNorm.forward with batch_norm for F.batch_norm, but num_batches_tracked
-        # counts the batch once it has run: a call that raises leaves the layer as it was (torch
-        # counts it first; momentum=None's average then went wrong after a rejected batch).
+        # counts the batch once it has updated the running statistics: a call that raises
+        # before leaves the layer as it was (torch counts it first; momentum=None's average
+        # then went wrong after a rejected batch), and one interrupted after counts
+        # (_ops.count_interrupted).
         self._check_input_dim(input)
         if self.momentum is None:
             exponential_average_factor = 0.0
@@ -199,33 +201,39 @@ class _Base(_BatchNorm):
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         # The running statistics are updated only when tracked and training.
         tracked = not self.training or self.track_running_stats
-        if bn_training and self._variants():
-            F._verify_batch_size(input.size())
-            update = self.training and self.track_running_stats
-            y = batch_norm_variant(
-                input,
-                self.running_mean if tracked else None,
-                self.running_var if tracked else None,
-                self.weight,
-                self.bias,
-                exponential_average_factor,
-                self.eps,
-                running_var_unbiased=self.running_var_unbiased,
-                skip_nonfinite=self.skip_nonfinite,
-                renorm=self.renorm if update else None,
-                ghost_batch=self.ghost_batch,
-            )
-        else:
-            y = _batch_norm(
-                input,
-                self.running_mean if tracked else None,
-                self.running_var if tracked else None,
-                self.weight,
-                self.bias,
-                bn_training,
-                exponential_average_factor,
-                self.eps,
-            )
+        running_mean = self.running_mean if tracked else None
+        version = _ops.version(running_mean, tracked_batches)
+        try:
+            if bn_training and self._variants():
+                F._verify_batch_size(input.size())
+                update = self.training and self.track_running_stats
+                y = batch_norm_variant(
+                    input,
+                    running_mean,
+                    self.running_var if tracked else None,
+                    self.weight,
+                    self.bias,
+                    exponential_average_factor,
+                    self.eps,
+                    running_var_unbiased=self.running_var_unbiased,
+                    skip_nonfinite=self.skip_nonfinite,
+                    renorm=self.renorm if update else None,
+                    ghost_batch=self.ghost_batch,
+                )
+            else:
+                y = _batch_norm(
+                    input,
+                    running_mean,
+                    self.running_var if tracked else None,
+                    self.weight,
+                    self.bias,
+                    bn_training,
+                    exponential_average_factor,
+                    self.eps,
+                )
+        except BaseException:
+            _ops.count_interrupted(tracked_batches, running_mean, version)
+            raise
         if tracked_batches is not None:
             tracked_batches.add_(1)
         return y

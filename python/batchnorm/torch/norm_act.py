@@ -231,6 +231,7 @@ def _batch_norm_act(
         if input.dim() > 1:  # (as batch_norm's)
             F._verify_batch_size(input.size())
         if _ops.eager(input, residual, weight, bias, running_mean, running_var):
+            _ops.check_inference_tensors(input, weight, bias, (running_mean, running_var))
             u = _ops.unwrap_dead
             return _training_act_apply(
                 u(input), u(residual), u(weight), u(bias), (running_mean, running_var), momentum, eps, relu
@@ -408,8 +409,13 @@ class BatchNormAct2d(nn.BatchNorm2d):
         rv = self.running_var if tracked else None
         relu = self._fused_relu()
         fused = relu is not None
-        y = _batch_norm_act(x, rm, rv, self.weight, self.bias, bn_training, factor, self.eps,
-                            residual if fused else None, bool(relu))
+        version = _ops.version(rm, counted)
+        try:
+            y = _batch_norm_act(x, rm, rv, self.weight, self.bias, bn_training, factor, self.eps,
+                                residual if fused else None, bool(relu))
+        except BaseException:
+            _ops.count_interrupted(counted, rm, version)
+            raise
         if counted is not None:
             counted.add_(1)
         if fused:
