@@ -5,6 +5,7 @@ with ours vs flax.linen.BatchNorm. float32, bfloat16 and float16; channels-last 
 from __future__ import annotations
 
 import os
+from functools import partial
 import subprocess
 import warnings
 import sys
@@ -505,6 +506,68 @@ def test_kernels_run_on_xla_threads():
     assert after == before, f"the kernels started {after - before} thread(s) of their own"
 
 
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_inference_is_differentiable_in_the_statistics(activation):
+    """y = act((x - mean) / sqrt(var + eps) * w + b): the statistics' gradients, as jnp's
+    (Flax's batch norm differentiates them in inference; ours gave a silent zero)."""
+    x = data((6, 5, 4), "float32", seed=2)
+    w, b, rm, rv = params(5)
+    g = data(x.shape, "float32", seed=3)
+
+    def jnp_inference(x, w, b, m, v):
+        c = lambda a: a.reshape(1, -1, 1)  # noqa: E731
+        y = (x - c(m)) * jax.lax.rsqrt(c(v) + 1e-5) * c(w) + c(b)
+        return jnp.maximum(y, 0) if activation else y
+
+    def ours(x, w, b, m, v):
+        return bj.batch_norm(x, w, b, m, v, training=False, activation=activation)[0]
+
+    args = (x, w, b, rm, rv)
+    for argnums in ((3, 4), (0, 1, 2, 3, 4), (4,)):
+        got = jax.jit(jax.grad(lambda *a: jnp.sum(ours(*a) * g), argnums=argnums))(*args)
+        want = jax.grad(lambda *a: jnp.sum(jnp_inference(*a) * g), argnums=argnums)(*args)
+        for a, b_ in zip(got, want):
+            close(a, b_, 1e-5)
+    # half running statistics get their gradients in their dtype; an empty batch's are zero
+    half = jax.grad(lambda m: jnp.sum(ours(x, w, b, m, rv) * g))(rm.astype(jnp.bfloat16))
+    assert half.dtype == jnp.bfloat16
+    empty = jax.grad(lambda m: jnp.sum(ours(x[:0], w, b, m, rv)))(rm)
+    assert not np.asarray(empty).any()
+
+
+@needs_flax
+@pytest.mark.parametrize("frozen", [True, False])
+def test_flax_module_takes_one_example_s_features(frozen):
+    """x of shape (C,): Flax's per-example model, vmapped with axis_name for the batch's
+    statistics (the kernels want (N, C, ...): one row)."""
+    x = data((8, 3), "float32", seed=5)
+    variables = flax_linen.BatchNorm().init(jax.random.PRNGKey(0), x, use_running_average=False)
+    variables = dict(variables, batch_stats=jax.tree.map(lambda a: a + 0.25, variables["batch_stats"]))
+
+    def step(module):
+        def one(v, xi):
+            return module.apply(v, xi, use_running_average=frozen, mutable=["batch_stats"])
+        return jax.vmap(one, in_axes=(None, 0), out_axes=(0, None), axis_name="batch")
+
+    (y, new), (y0, new0) = (step(m(axis_name="batch"))(variables, x)
+                            for m in (bj.BatchNorm, partial(flax_linen.BatchNorm, use_fast_variance=False)))
+    close(y, y0, 1e-5)
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(new0)):
+        close(a, b, 1e-6)
+    y1 = bj.BatchNorm(use_running_average=True).apply(variables, x[0])  # one example, no vmap
+    close(y1, flax_linen.BatchNorm(use_running_average=True).apply(variables, x[0]), 1e-6)
+
+
+@needs_flax
+def test_flax_module_takes_numpy_integers_and_flags():
+    x = data((8, 3), "float32", seed=6)
+    for module in (bj.BatchNorm(axis=np.int64(-1)), bj.BatchNorm(axis=np.int32(1), skip_nonfinite=np.True_)):
+        v = module.init(jax.random.PRNGKey(0), x, use_running_average=False)
+        close(module.apply(v, x, use_running_average=False, mutable=["batch_stats"])[0],
+              flax_linen.BatchNorm(use_fast_variance=False).apply(v, x, use_running_average=False,
+                                                                  mutable=["batch_stats"])[0], 1e-5)
+
+
 # ---- shard_map (4 host devices, own process) ------------------------------------------------
 
 @pytest.mark.slow
@@ -632,6 +695,23 @@ def _sharded_checks():
     close(y, y0, 1e-5)
     for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(stats0)):
         close(a, b, 1e-6)
+
+    # Replicated parameters' (and running statistics') gradients with x split, check_vma on: a
+    # frozen batch norm, and per-device batch statistics (no axis_name), as Flax's. The
+    # custom_vjps' per-shard gradients of unvarying inputs were a type error of JAX's.
+    variables = flax_linen.BatchNorm().init(jax.random.PRNGKey(1), x, use_running_average=False)
+    variables = dict(variables, batch_stats=jax.tree.map(lambda a: a + 0.5, variables["batch_stats"]))
+    for frozen, axis_name in ((True, None), (True, "batch"), (False, None), (False, "batch")):
+        def loss(variables, x, module):
+            def shard(v, xd):
+                y = module.apply(v, xd, use_running_average=frozen, mutable=["batch_stats"])[0]
+                return jax.lax.psum(jnp.sum(jnp.sin(y)), "batch")
+            return jax.shard_map(shard, mesh=auto, in_specs=(P(), P("batch")), out_specs=P())(variables, x)
+
+        ours, theirs = (jax.jit(jax.grad(loss), static_argnums=2)(variables, x, module(axis_name=axis_name))
+                        for module in (bj.BatchNorm, partial(flax_linen.BatchNorm, use_fast_variance=False)))
+        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+            close(a, b, 2e-5)
     print("sharded checks passed")
 
 

@@ -5,6 +5,7 @@ value per channel included) and the running averages' update in Flax's conventio
 is the decay, the biased variance). The dtypes and the variables are each module's own."""
 from __future__ import annotations
 
+import numbers
 from typing import Any, Optional, Tuple
 
 import jax.numpy as jnp
@@ -23,7 +24,7 @@ def check_call(module: Any, mask: Any) -> Variants:
     if module.axis_index_groups is not None:
         raise ValueError(f"axis_index_groups is not supported by batchnorm.jax's {name}, got "
                          f"{module.axis_index_groups!r}")
-    if not isinstance(module.axis, int) or isinstance(module.axis, bool):
+    if not isinstance(module.axis, numbers.Integral) or isinstance(module.axis, bool):  # (NumPy's ints too)
         raise TypeError(f"axis must be an int (one feature axis), got {module.axis!r}")
     return check_variants(running_var_unbiased=False, renorm=module.renorm, ghost_batch=module.ghost_batch,
                           skip_nonfinite=module.skip_nonfinite, axis_name=module.axis_name)
@@ -36,6 +37,14 @@ def normalize(x, scale, bias, running_mean, running_var, *, use_running_average:
     kernels' accumulation dtype; with use_running_average, (y, None, None) from the running
     statistics. `initializing` (linen's init) lets fewer than two values per channel through,
     as Flax does then."""
+    if x.ndim == 1 and axis in (0, -1):
+        # One example's features, Flax's way of writing a model for one example and vmapping
+        # it (with axis_name for the batch's statistics): a batch of one row, as the kernels
+        # take it.
+        y, mean, var = normalize(x[None], scale, bias, running_mean, running_var, use_running_average=use_running_average,
+                                 eps=eps, axis=1, axis_name=axis_name, residual=None if residual is None else residual[None],
+                                 activation=activation, v=v, initializing=initializing)
+        return y[0], mean, var
     if use_running_average:
         y = inference(x, scale, bias, running_mean, running_var, eps=eps, axis=axis, residual=residual,
                       activation=activation)

@@ -60,9 +60,10 @@ def batch_norm(x, weight, bias, running_mean, running_var, *, training, momentum
     come back updated with PyTorch's convention: (1 - momentum) * running + momentum * batch,
     with the unbiased batch variance (running_var_unbiased=False: the biased one, as Flax and
     Keras); in inference (running statistics required) they come back unchanged. weight and
-    bias may be None. The running statistics are state: y does not depend on them (a zero
-    gradient through y); the updated ones are the jnp update of them (a factor 1 - momentum)
-    and of the batch mean and variance, differentiable like y.
+    bias may be None. In training the running statistics are state: y does not depend on them
+    (a zero gradient through y); the updated ones are the jnp update of them (a factor
+    1 - momentum) and of the batch mean and variance, differentiable like y. In inference y is
+    differentiable in them too (as Flax's batch norm).
 
     Training variants (API.md): renorm=(rmax, dmax), batch renormalization (Ioffe 2017),
     y = (x_hat * r + d) * weight + bias with r and d from the running statistics (required) as
@@ -172,12 +173,7 @@ def training(x, weight, bias, *, eps, axis, axis_name=None, running_mean=None, r
     acc = jnp.dtype(acc)
     w = jnp.ones((channels,), acc) if weight is None else weight
     b = jnp.zeros((channels,), acc) if bias is None else bias
-    if axis_name is not None:
-        # Inside shard_map the parameters are replicated and x is not: make them vary along
-        # x's axes here, so their gradients come back from the custom_vjp per shard and JAX
-        # sums them where the replicated value was broadcast (exactly as for jnp code).
-        w, b = (_vary_like(a, x) for a in (w, b))
-        residual = None if residual is None else _vary_like(residual, x)
+    w, b, residual = _vary_like_x(x, w, b, residual)
     running = (running_mean, running_var) if variants.renorm is not None else (None, None)
     y, mean, var, rd = _train_call(x, w, b, residual, *running, ax, eps, axis_name, shards, channels, acc, code,
                                    variants)
@@ -208,8 +204,16 @@ def _static_real(value, name):
     return check_real(value, name)
 
 
-def _vary_like(a, x):
-    return _ffi.vary(a, _ffi.varying_axes(x))
+def _vary_like_x(x, *arrays):
+    """The arrays (None for absent ones) typed as varying along x's mapped axes. Inside
+    shard_map the parameters are often replicated where x is split: made to vary here, their
+    gradients come back from the custom_vjps per shard (as the backward kernels compute them)
+    and JAX sums them where the replicated value was broadcast, as for jnp code. With or
+    without axis_name: the batch's statistics may be the device's own (a frozen or per-device
+    batch norm in a data-parallel step), and a per-shard gradient of an unvarying input is a
+    type error under check_vma."""
+    axes = _ffi.varying_axes(x)
+    return tuple(None if a is None else _ffi.vary(a, axes) for a in arrays)
 
 
 # r: the fused op's residual or None; rm, rv: the running statistics for batch renorm, else
@@ -279,7 +283,7 @@ def _train_bwd(axis, eps, axis_name, shards, channels, acc, act, v, residuals, c
     count = x.size // channels
     if axis_name is not None:
         # dx needs the sums over every shard; dweight / dbias stay this shard's share (JAX sums
-        # the shares where the parameters were replicated, see _vary_like).
+        # the shares where the parameters were replicated, see _vary_like_x).
         count *= shards
         dx = _dx_from_sums(g, x, mean, invstd, w, lax.psum(db, axis_name), lax.psum(dw, axis_name), count, axis)
     if not (isinstance(g_mean, SymbolicZero) and isinstance(g_var, SymbolicZero)):
@@ -340,9 +344,10 @@ def _statistics_vjp(x, mean, g_mean, g_var, count, axis, acc, unbiased=True):
 # ---- inference: given statistics -----------------------------------------------------------
 
 def inference(x, weight, bias, mean, var, *, eps, axis, names=("mean", "var"), residual=None, activation=None):
-    """y with the given statistics (treated as constants), differentiable in x, weight, bias
-    (and the residual); fused, y = act(bn(x) + residual). `names` are the statistics' argument
-    names in error messages."""
+    """y with the given statistics, differentiable in x, weight, bias, the residual and the
+    statistics (as Flax's batch norm, which differentiates the running statistics in inference;
+    before, their gradient was a silent zero); fused, y = act(bn(x) + residual). `names` are
+    the statistics' argument names in error messages."""
     code = _activation_code(activation)
     eps, axis = _static_real(eps, "eps"), check_axis(axis, x)
     _static_shape_for(x, axis, None, None)
@@ -355,8 +360,8 @@ def inference(x, weight, bias, mean, var, *, eps, axis, names=("mean", "var"), r
     acc = jnp.dtype(acc)
     w = jnp.ones((channels,), acc) if weight is None else weight
     b = jnp.zeros((channels,), acc) if bias is None else bias
-    return _infer_call(x, w, b, residual, lax.stop_gradient(mean), lax.stop_gradient(var), ax, eps, channels, acc,
-                       code)
+    w, b, residual, mean, var = _vary_like_x(x, w, b, residual, mean, var)
+    return _infer_call(x, w, b, residual, mean, var, ax, eps, channels, acc, code)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
@@ -367,14 +372,16 @@ def _infer(x, w, b, r, mean, var, axis, eps, channels, acc, act):
 def _infer_fwd(x, w, b, r, mean, var, axis, eps, channels, acc, act):
     y = _ffi.forward_inference(x.value, mean.value, var.value, w.value, b.value, axis, eps,
                                None if r is None else r.value, act)
-    # The parameter sums cost a pass over x: kept (b saved) only when w or b are differentiated.
-    saved_b = b.value if (w.perturbed or b.perturbed) else None
+    # The parameter sums cost a pass over x: kept (b saved) only when w, b or the statistics
+    # are differentiated (the statistics' gradients are the same sums, scaled).
+    stats = mean.perturbed or var.perturbed
+    saved_b = b.value if (w.perturbed or b.perturbed or stats) else None
     fused = (y if act else None, None if r is None else jnp.zeros((), r.value.dtype))
-    return y, (x.value, w.value, saved_b, mean.value, var.value, fused)
+    return y, (x.value, w.value, saved_b, mean.value, var.value, fused, jnp.zeros((), acc) if stats else None)
 
 
 def _infer_bwd(axis, eps, channels, acc, act, residuals, g_y):
-    x, w, b, mean, var, (y, r_like) = residuals
+    x, w, b, mean, var, (y, r_like), stats = residuals
     dy = jnp.zeros(x.shape, x.dtype) if isinstance(g_y, SymbolicZero) else g_y
     # g: dy through the ReLU (the core's relu_grad: zero where y <= 0, as torch's
     # threshold_backward; an elementwise select XLA fuses), the residual's gradient.
@@ -383,15 +390,20 @@ def _infer_bwd(axis, eps, channels, acc, act, residuals, g_y):
     # with mean 0, bias 0.
     zeros = jnp.zeros((channels,), acc)
     dx = _ffi.forward_inference(g, zeros, var, w, zeros, axis, eps)
-    dw = db = None  # zero cotangents
+    dw = db = dmean = dvar = None  # zero cotangents
     if b is not None and x.size == 0:  # an empty batch: no values, zero sums (the core wants one)
         dw, db = jnp.zeros_like(w), jnp.zeros_like(b)
+        dmean, dvar = (None, None) if stats is None else (jnp.zeros_like(mean), jnp.zeros_like(var))
     elif b is not None:
         invstd = lax.rsqrt(var.astype(acc) + jnp.asarray(eps, acc))
-        _, dw, db = _ffi.backward(g, x, mean, invstd, w, axis, channels, acc)
-        dw, db = dw.astype(w.dtype), db.astype(b.dtype)
+        # sum g * x_hat and sum g, x_hat = (x - mean) * invstd
+        _, sum_gx, sum_g = _ffi.backward(g, x, mean, invstd, w, axis, channels, acc)
+        if stats is not None:  # y = x_hat * w + b: dy/dmean = -w invstd, dy/dvar = -(x - mean) w invstd^3 / 2
+            scale = w.astype(acc) * invstd
+            dmean, dvar = (-sum_g * scale).astype(mean.dtype), (-0.5 * sum_gx * scale * invstd).astype(var.dtype)
+        dw, db = sum_gx.astype(w.dtype), sum_g.astype(b.dtype)
     dr = None if r_like is None else g.astype(r_like.dtype)
-    return dx, dw, db, dr, None, None
+    return dx, dw, db, dr, dmean, dvar
 
 
 _infer.defvjp(_infer_fwd, _infer_bwd, symbolic_zeros=True)
