@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="batchnorm.torch needs PyTorch")
@@ -691,3 +692,37 @@ def test_inference_tensors_outside_inference_mode_leave_the_layer_as_it_was(laye
     with torch.inference_mode():  # inside inference mode both run (no backward, in-place updates allowed)
         m(x)
     assert m.running_mean.gt(0.4).all()
+
+
+_BAD_SCALARS = [("momentum", None, True), ("momentum", "0.1", True), ("eps", None, True), ("eps", "1e-5", False),
+                ("training", None, None), ("training", "yes", None)]
+
+
+@pytest.mark.parametrize("call, name, value, training", [
+    (call, *case) for call in ("batch_norm", "batch_norm_act", "variant") for case in _BAD_SCALARS
+    if call != "variant" or case[0] != "training"  # (the variants train; no such argument)
+])
+def test_scalar_arguments_of_the_wrong_type_are_named(call, name, value, training):
+    """A TypeError naming the argument and the type given (the native call's conversion printed
+    its whole signature; a training of None ran as inference)."""
+    from batchnorm.torch.variants import batch_norm_variant
+
+    x, rm, rv = torch.randn(4, 3, 2), torch.zeros(3), torch.ones(3)
+    kwargs = {"training": training, "momentum": 0.1, "eps": 1e-5, name: value}
+    if call == "variant":
+        kwargs.pop("training")
+        fn = lambda: batch_norm_variant(x, rm, rv, skip_nonfinite=True, **kwargs)  # noqa: E731
+    else:
+        fn = lambda: getattr(bt, call)(x, rm, rv, **kwargs)  # noqa: E731
+    with pytest.raises(TypeError, match=f"^{name} must be a (float|bool), got {type(value).__name__}$"):
+        fn()
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+
+
+def test_numpy_scalars_are_numbers():
+    x = torch.randn(4, 3, 2)
+    want = bt.batch_norm(x, None, None, training=True, momentum=0.25, eps=1e-3)
+    got = bt.batch_norm(x, None, None, training=True, momentum=np.float32(0.25), eps=np.float32(1e-3))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="eps must be positive"):
+        bt.batch_norm(x, None, None, training=True, eps=np.float32(-1.0))

@@ -377,6 +377,17 @@ def test_errors_leave_running_statistics_untouched(kwargs, error, words):
     assert (rm.tobytes(), rv.tobytes()) == before
 
 
+def test_numpy_bools_are_flags():
+    # np.True_ is NumPy's bool; the message said "must be a bool, got bool" for it.
+    x = np.random.default_rng(0).standard_normal((8, 3, 2)).astype(np.float32)
+    want = bn.forward_training(x, running_mean=np.zeros(3), running_var=np.ones(3), skip_nonfinite=True,
+                               running_var_unbiased=False)
+    got = bn.forward_training(x, running_mean=np.zeros(3), running_var=np.ones(3), skip_nonfinite=np.True_,
+                              running_var_unbiased=np.False_)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_renorm_needs_running_statistics():
     with pytest.raises(ValueError, match="renorm needs running_mean and running_var"):
         bn.forward_training(np.ones((4, 2)), renorm=(2.0, 1.0))

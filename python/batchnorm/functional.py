@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Tuple
 
+import numpy as np
+
 from . import _C
 from ._arrays import check_axis, check_int, check_out, check_real, check_written, kind_of
 
@@ -131,9 +133,12 @@ def forward_training(
 
 
 def _check_bool(value: Any, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
+    """A flag: a bool, or NumPy's (np.True_; a bool itself, its type is also named "bool")."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
 def _ghost(ghost_batch: Any) -> int:

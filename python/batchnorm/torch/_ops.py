@@ -4,6 +4,7 @@ kernel only allocates its outputs with torch and hands every tensor to the nativ
 shapes and strides; autograd is registered for input, weight and bias."""
 from __future__ import annotations
 
+import numbers
 import re
 from typing import Any, Optional
 
@@ -512,14 +513,27 @@ def write_running(running_mean: Optional[Tensor], new_mean: Tensor, running_var:
         ) from None
 
 
-def check_eps(eps: Any, training: bool) -> None:
-    """torch.nn.functional.batch_norm's eps rules, with its messages: positive in training (a
-    constant channel's variance is 0), non-negative otherwise. (Its type is the core's check.)"""
-    if isinstance(eps, (int, float)) and not isinstance(eps, bool):
-        if training and eps <= 0.0:
-            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-        if eps < 0.0:
-            raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+def check_scalars(training: Any, momentum: Any, eps: Any) -> None:
+    """The functions' scalar arguments: training a bool, momentum (in training, where it is
+    used) and eps real numbers, a TypeError naming the argument (the native call's conversion
+    printed its whole signature instead); then torch.nn.functional.batch_norm's eps rules, with
+    its messages: positive in training (a constant channel's variance is 0), non-negative
+    otherwise. (momentum's range is the core's check.)"""
+    if type(training) is not bool:
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    if training and not _real(momentum):
+        raise TypeError(f"momentum must be a float, got {type(momentum).__name__}")
+    if not _real(eps):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
+def _real(value: Any) -> bool:
+    """A real number (a Python float or int, a NumPy scalar; not a bool)."""
+    return type(value) is float or (isinstance(value, numbers.Real) and not isinstance(value, bool))
 
 
 # The inference ops name their statistics `mean` and `var`; batch_norm and batch_norm_act take

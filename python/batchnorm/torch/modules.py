@@ -50,7 +50,7 @@ def _batch_norm(
         tensors = (input, running_mean, running_var, weight, bias)  # as torch.nn.functional's: FX, modes
         return _ops.handle_torch_function(batch_norm, tensors, *tensors, training, momentum, eps)
     _ops.check_running(running_mean, running_var)
-    _ops.check_eps(eps, training)
+    _ops.check_scalars(training, momentum, eps)
     if training:
         if input.dim() > 1:  # (without a channel axis the core's ValueError names x)
             F._verify_batch_size(input.size())  # torch's own check and message

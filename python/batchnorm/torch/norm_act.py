@@ -226,7 +226,7 @@ def _batch_norm_act(
         return _ops.handle_torch_function(batch_norm_act, tensors + (residual,), *tensors, training, momentum, eps,
                                           residual=residual, relu=relu)
     _ops.check_running(running_mean, running_var)
-    _ops.check_eps(eps, training)
+    _ops.check_scalars(training, momentum, eps)
     if training:
         if input.dim() > 1:  # (as batch_norm's)
             F._verify_batch_size(input.size())

@@ -141,7 +141,7 @@ def batch_norm_variant(
     statistics, when given, updated in place). Evaluation is plain batch norm (batch_norm)."""
     _ops.check_running(running_mean, running_var)
     _ops.check_separate_running(running_mean, running_var)
-    _ops.check_eps(eps, True)
+    _ops.check_scalars(True, momentum, eps)
     if not _ops.eager(input) and _ops.exporting_onnx():  # (export traces: eager() is False, and cheap)
         raise RuntimeError(
             "torch.onnx.export of batch norm with training variants on batch statistics is not supported (ONNX "
