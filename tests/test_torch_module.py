@@ -726,3 +726,54 @@ def test_numpy_scalars_are_numbers():
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="eps must be positive"):
         bt.batch_norm(x, None, None, training=True, eps=np.float32(-1.0))
+
+
+@pytest.mark.parametrize("call, training", [("batch_norm", True), ("batch_norm", False), ("batch_norm_act", True),
+                                            ("batch_norm_act", False), ("variant", True)])
+@pytest.mark.parametrize("bad, words", [
+    ("numpy input", "x must be a Tensor, got numpy.ndarray"),
+    ("list weight", "weight must be a Tensor, got list"),
+    ("meta weight", r"weight must be on the same device as x \(meta and cpu\)"),
+    ("meta running_mean", r"running_mean must be on the same device as x \(meta and cpu\)"),
+    ("sparse input", "x must be a dense \\(strided\\) tensor, got layout torch.sparse_coo"),
+])
+def test_arguments_that_are_not_dense_tensors_on_x_s_device_are_named(call, training, bad, words):
+    """An AttributeError, the dispatcher's schema error or DLPack's BufferError ("Cannot pack
+    tensors on meta") / RuntimeError ("Cannot access data pointer") before."""
+    from batchnorm.torch.variants import batch_norm_variant
+
+    args = {"input": torch.randn(4, 3, 2), "running_mean": torch.zeros(3), "running_var": torch.ones(3),
+            "weight": torch.ones(3)}
+    what, name = bad.split(" ")
+    args[name] = {"numpy": lambda: np.zeros((4, 3, 2), np.float32), "list": lambda: [1.0, 1.0, 1.0],
+                  "meta": lambda: torch.zeros(3, device="meta"),
+                  "sparse": lambda: torch.randn(4, 3, 2).to_sparse()}[what]()
+    if call == "variant":
+        fn = lambda: batch_norm_variant(**args, skip_nonfinite=True)  # noqa: E731
+    else:
+        fn = lambda: getattr(bt, call)(**args, training=training)  # noqa: E731
+    with pytest.raises(TypeError, match=words):
+        fn()
+
+
+def test_ops_with_one_meta_argument_are_refused():
+    """The dispatcher runs an op with a meta argument among CPU ones as its Meta kernel (the
+    fake kernel): y and the running statistics came back as uninitialized memory."""
+    x, rm, rv, meta = torch.randn(4, 3, 2), torch.zeros(3), torch.ones(3), torch.ones(3, device="meta")
+    calls = {
+        "forward_training": lambda: ops.forward_training(x, meta, None, rm, rv, 0.1, 1e-5),
+        "forward_inference": lambda: ops.forward_inference(x, rm, rv, meta, None, 1e-5),
+        "backward": lambda: ops.backward(x, x, rm, meta, None),
+        "forward_training_act": lambda: ops.forward_training_act(x, None, meta, None, rm, rv, 0.1, 1e-5, True),
+        "forward_inference_act": lambda: ops.forward_inference_act(x, None, rm, meta, None, None, 1e-5, True),
+        "backward_act": lambda: ops.backward_act(x, x, x, meta, rv, None, True, False),
+        "forward_training_variant": lambda: ops.forward_training_variant(x, meta, None, rm, rv, 0.1, 1e-5, True,
+                                                                         True, None, 0),
+        "backward_variant": lambda: ops.backward_variant(x, x, rm, rv, meta, None, None, 0),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=r"must be on the same device as x \(meta and cpu\)"):
+            call()
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+    on_meta = ops.forward_training(x.to("meta"), meta, None, rm.to("meta"), rv.to("meta"), 0.1, 1e-5)  # all meta: shapes
+    assert on_meta[0].device.type == "meta" and on_meta[0].shape == x.shape

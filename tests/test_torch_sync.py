@@ -105,3 +105,11 @@ def test_compiles_without_a_process_group():
     compiled = torch.compile(model, fullgraph=True)  # no process group: the plain ops, no graph break
     x = torch.randn(2, 3, 8, 8)
     assert rel_err(compiled(x), eager(x)) < 1e-5
+
+
+def test_local_validation_quotes_the_caller_s_shape():
+    # Checked on an empty slice of x before any exchange: the message quoted (0, 5, 2, 2).
+    from batchnorm.torch import sync
+
+    with pytest.raises(ValueError, match=r"weight must have shape \(5,\), got \(3,\) \(x has shape \(4, 5, 2, 2\)"):
+        sync._validate_locally(torch.randn(4, 5, 2, 2), torch.ones(3), None, None, None, 0.1, 1e-5)

@@ -65,6 +65,16 @@ def batchless(x: Tensor) -> bool:
     return x.numel() == 0 and x.dim() > _AXIS
 
 
+def on_x_device(x: Tensor, **named: Optional[Tensor]) -> None:
+    """The fake kernels' device check. They are the ops' Meta kernels too, which the dispatcher
+    picks when any argument is a meta tensor: with x and the running statistics on the CPU and
+    a meta weight, the op ran as its fake kernel and returned uninitialized memory as y and as
+    the running statistics, silently. The real kernels have the core's check."""
+    for name, t in named.items():
+        if t is not None and t.device != x.device:
+            raise TypeError(f"{name} must be on the same device as x ({t.device} and {x.device})")
+
+
 def _vector(x: Tensor, n: int) -> Tensor:
     return torch.empty(n, dtype=_acc(x.dtype), device=x.device)
 
@@ -145,6 +155,7 @@ def _forward_training(x, weight, bias, running_mean, running_var, momentum, eps)
 
 @torch.library.register_fake("batchnorm::forward_training", lib=_lib)
 def _forward_training_fake(x, weight, bias, running_mean, running_var, momentum, eps):
+    on_x_device(x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     C = channels(x)
     new_mean, new_var = _new_running(x, running_mean, True), _new_running(x, running_var, True)
     return torch.empty_like(x), _vector(x, C), _vector(x, C), new_mean, new_var
@@ -165,6 +176,7 @@ def _forward_inference(x, mean, var, weight, bias, eps):
 
 @torch.library.register_fake("batchnorm::forward_inference", lib=_lib)
 def _forward_inference_fake(x, mean, var, weight, bias, eps):
+    on_x_device(x, mean=mean, var=var, weight=weight, bias=bias)
     return torch.empty_like(x)
 
 
@@ -199,6 +211,7 @@ def _backward(dy, x, saved_mean, saved_invstd, weight, input_grad=True):
 
 @torch.library.register_fake("batchnorm::backward", lib=_lib)
 def _backward_fake(dy, x, saved_mean, saved_invstd, weight, input_grad=True):
+    on_x_device(x, dy=dy, saved_mean=saved_mean, saved_invstd=saved_invstd, weight=weight)
     C = channels(x)
     return torch.empty_like(x) if input_grad else _vector(x, 0), _vector(x, C), _vector(x, C)
 
@@ -644,6 +657,26 @@ class _Training(torch.autograd.Function):
 
 
 _training_apply = direct_apply(_Training)
+
+
+def check_tensors(input: Any, **named: Any) -> None:
+    """After a function's call failed with an AttributeError, RuntimeError or BufferError: a
+    TypeError naming the argument at fault, if one is (not a tensor, not a dense one, or on
+    another device than input's (x), which DLPack refused with a message of its own: "Cannot
+    pack tensors on meta", "Cannot access data pointer of Tensor that doesn't have
+    storage"); else the error goes on as it was. Nothing is checked before the call: these
+    checks would cost every call, and the core checks what a dense tensor carries."""
+    for name, t in (("x", input), *named.items()):  # (x: the core's name for input in its messages)
+        if t is None and name != "x":
+            continue
+        if not isinstance(t, Tensor):
+            kind = type(t).__qualname__ if type(t).__module__ == "builtins" else f"{type(t).__module__}.{type(t).__qualname__}"
+            raise TypeError(f"{name} must be a Tensor, got {kind}")
+        if t.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+    for name, t in named.items():
+        if t is not None and t.device != input.device:
+            raise TypeError(f"{name} must be on the same device as x ({t.device} and {input.device})")
 
 
 def check_inference_tensors(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running: tuple) -> None:

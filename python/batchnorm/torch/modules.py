@@ -49,31 +49,35 @@ def _batch_norm(
     if _ops.has_torch_function_variadic(input, running_mean, running_var, weight, bias):
         tensors = (input, running_mean, running_var, weight, bias)  # as torch.nn.functional's: FX, modes
         return _ops.handle_torch_function(batch_norm, tensors, *tensors, training, momentum, eps)
-    _ops.check_running(running_mean, running_var)
-    _ops.check_scalars(training, momentum, eps)
-    if training:
-        if input.dim() > 1:  # (without a channel axis the core's ValueError names x)
-            F._verify_batch_size(input.size())  # torch's own check and message
-        if _ops.eager(input, weight, bias, running_mean, running_var):
-            return _ops.train_eager(input, weight, bias, running_mean, running_var, momentum, eps)
-        _ops.check_separate_running(running_mean, running_var)
-        if _ops.as_torchs(input, weight, bias, running_mean, running_var, momentum, eps):
-            return F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
-        y, _, _, new_mean, new_var = _func.call(
-            "forward_training", input, weight, bias, running_mean, running_var, momentum, eps
-        )
-        _ops.write_running(running_mean, new_mean, running_var, new_var)
-        return y
-    if running_mean is None or running_var is None:
-        raise ValueError("running_mean and running_var must be given when training=False, got None")
     try:
-        if not _ops.wants_grad(input, weight, bias) and _ops.eager(input, weight, bias, running_mean, running_var):
-            return _ops._forward_inference(input, running_mean, running_var, weight, bias, eps)  # no autograd to record
-        if _ops.as_torchs(input, weight, bias, running_mean, running_var, None, eps):
-            return F.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
-        return _func.call("forward_inference", input, running_mean, running_var, weight, bias, eps)
-    except (ValueError, TypeError) as e:
-        raise _ops.named_running(e) from None
+        _ops.check_running(running_mean, running_var)
+        _ops.check_scalars(training, momentum, eps)
+        if training:
+            if input.dim() > 1:  # (without a channel axis the core's ValueError names x)
+                F._verify_batch_size(input.size())  # torch's own check and message
+            if _ops.eager(input, weight, bias, running_mean, running_var):
+                return _ops.train_eager(input, weight, bias, running_mean, running_var, momentum, eps)
+            _ops.check_separate_running(running_mean, running_var)
+            if _ops.as_torchs(input, weight, bias, running_mean, running_var, momentum, eps):
+                return F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
+            y, _, _, new_mean, new_var = _func.call(
+                "forward_training", input, weight, bias, running_mean, running_var, momentum, eps
+            )
+            _ops.write_running(running_mean, new_mean, running_var, new_var)
+            return y
+        if running_mean is None or running_var is None:
+            raise ValueError("running_mean and running_var must be given when training=False, got None")
+        try:
+            if not _ops.wants_grad(input, weight, bias) and _ops.eager(input, weight, bias, running_mean, running_var):
+                return _ops._forward_inference(input, running_mean, running_var, weight, bias, eps)  # no autograd to record
+            if _ops.as_torchs(input, weight, bias, running_mean, running_var, None, eps):
+                return F.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
+            return _func.call("forward_inference", input, running_mean, running_var, weight, bias, eps)
+        except (ValueError, TypeError) as e:
+            raise _ops.named_running(e) from None
+    except (AttributeError, RuntimeError, BufferError):
+        _ops.check_tensors(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+        raise
 
 
 def scripted_batch_norm(

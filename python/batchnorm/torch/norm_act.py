@@ -49,6 +49,8 @@ def _forward_training_act(x, residual, weight, bias, running_mean, running_var, 
 
 @torch.library.register_fake("batchnorm::forward_training_act", lib=_lib)
 def _forward_training_act_fake(x, residual, weight, bias, running_mean, running_var, momentum, eps, relu):
+    _ops.on_x_device(x, residual=residual, weight=weight, bias=bias, running_mean=running_mean,
+                     running_var=running_var)
     C = _ops.channels(x)
     new_mean, new_var = _new_running(x, running_mean, True), _new_running(x, running_var, True)
     return torch.empty_like(x), _vector(x, C), _vector(x, C), new_mean, new_var
@@ -67,6 +69,7 @@ def _forward_inference_act(x, residual, mean, var, weight, bias, eps, relu):
 
 @torch.library.register_fake("batchnorm::forward_inference_act", lib=_lib)
 def _forward_inference_act_fake(x, residual, mean, var, weight, bias, eps, relu):
+    _ops.on_x_device(x, residual=residual, mean=mean, var=var, weight=weight, bias=bias)
     return torch.empty_like(x)
 
 
@@ -89,6 +92,7 @@ def _backward_act(dy, x, y, saved_mean, saved_invstd, weight, relu, residual):
 
 @torch.library.register_fake("batchnorm::backward_act", lib=_lib)
 def _backward_act_fake(dy, x, y, saved_mean, saved_invstd, weight, relu, residual):
+    _ops.on_x_device(x, dy=dy, y=y, saved_mean=saved_mean, saved_invstd=saved_invstd, weight=weight)
     C = _ops.channels(x)
     return torch.empty_like(x), _vector(x, C), _vector(x, C), torch.empty_like(x) if residual else _vector(x, 0)
 
@@ -225,37 +229,42 @@ def _batch_norm_act(
         tensors = (input, running_mean, running_var, weight, bias)  # as torch.nn.functional's: FX, modes
         return _ops.handle_torch_function(batch_norm_act, tensors + (residual,), *tensors, training, momentum, eps,
                                           residual=residual, relu=relu)
-    _ops.check_running(running_mean, running_var)
-    _ops.check_scalars(training, momentum, eps)
-    if training:
-        if input.dim() > 1:  # (as batch_norm's)
-            F._verify_batch_size(input.size())
-        if _ops.eager(input, residual, weight, bias, running_mean, running_var):
-            _ops.check_inference_tensors(input, weight, bias, (running_mean, running_var))
-            u = _ops.unwrap_dead
-            return _training_act_apply(
-                u(input), u(residual), u(weight), u(bias), (running_mean, running_var), momentum, eps, relu
-            )
-        _ops.check_separate_running(running_mean, running_var)
-        if _same(input, residual) and _ops.as_torchs(input, weight, bias, running_mean, running_var, momentum, eps):
-            return _unfused(input, running_mean, running_var, weight, bias, True, momentum, eps, residual, relu)
-        y, _, _, new_mean, new_var = _func.call(
-            "forward_training_act", input, residual, weight, bias, running_mean, running_var, momentum, eps, relu
-        )
-        _ops.write_running(running_mean, new_mean, running_var, new_var)
-        return y
-    if running_mean is None or running_var is None:
-        raise ValueError("running_mean and running_var must be given when training=False, got None")
     try:
-        if not _ops.wants_grad(input, residual, weight, bias) and \
-                _ops.eager(input, residual, weight, bias, running_mean, running_var):
-            return _forward_inference_act(input, residual, running_mean, running_var, weight, bias, eps, relu)
-        if _same(input, residual) and _ops.as_torchs(input, weight, bias, running_mean, running_var, None, eps):
-            return _unfused(input, running_mean, running_var, weight, bias, False, momentum, eps, residual, relu)
-        return _func.call("forward_inference_act", input, residual, running_mean, running_var, weight, bias, eps,
-                          relu)
-    except (ValueError, TypeError) as e:
-        raise _ops.named_running(e) from None
+        _ops.check_running(running_mean, running_var)
+        _ops.check_scalars(training, momentum, eps)
+        if training:
+            if input.dim() > 1:  # (as batch_norm's)
+                F._verify_batch_size(input.size())
+            if _ops.eager(input, residual, weight, bias, running_mean, running_var):
+                _ops.check_inference_tensors(input, weight, bias, (running_mean, running_var))
+                u = _ops.unwrap_dead
+                return _training_act_apply(
+                    u(input), u(residual), u(weight), u(bias), (running_mean, running_var), momentum, eps, relu
+                )
+            _ops.check_separate_running(running_mean, running_var)
+            if _same(input, residual) and _ops.as_torchs(input, weight, bias, running_mean, running_var, momentum, eps):
+                return _unfused(input, running_mean, running_var, weight, bias, True, momentum, eps, residual, relu)
+            y, _, _, new_mean, new_var = _func.call(
+                "forward_training_act", input, residual, weight, bias, running_mean, running_var, momentum, eps, relu
+            )
+            _ops.write_running(running_mean, new_mean, running_var, new_var)
+            return y
+        if running_mean is None or running_var is None:
+            raise ValueError("running_mean and running_var must be given when training=False, got None")
+        try:
+            if not _ops.wants_grad(input, residual, weight, bias) and \
+                    _ops.eager(input, residual, weight, bias, running_mean, running_var):
+                return _forward_inference_act(input, residual, running_mean, running_var, weight, bias, eps, relu)
+            if _same(input, residual) and _ops.as_torchs(input, weight, bias, running_mean, running_var, None, eps):
+                return _unfused(input, running_mean, running_var, weight, bias, False, momentum, eps, residual, relu)
+            return _func.call("forward_inference_act", input, residual, running_mean, running_var, weight, bias, eps,
+                              relu)
+        except (ValueError, TypeError) as e:
+            raise _ops.named_running(e) from None
+    except (AttributeError, RuntimeError, BufferError):
+        _ops.check_tensors(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias,
+                           residual=residual)
+        raise
 
 
 def _same(x: Tensor, residual: Optional[Tensor]) -> bool:

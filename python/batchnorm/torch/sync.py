@@ -28,10 +28,15 @@ def _validate_locally(x: Tensor, weight, bias, running_mean, running_var, moment
     c = x.shape[_AXIS]
     stand_in = [None if r is None else torch.empty_like(r) for r in (running_mean, running_var)]
     stats = torch.zeros(c, dtype=torch.float64, device=x.device)
-    _C.forward_training(
-        _ops._cap(x.narrow(0, 0, 0)), _ops._cap(weight), _ops._cap(bias), _ops._cap(stand_in[0]),
-        _ops._cap(stand_in[1]), momentum, eps, _AXIS, None, _ops._cap(stats), _ops._cap(stats), 2, _ops._call(x),
-    )  # fmt: skip
+    empty = x.narrow(0, 0, 0)
+    try:
+        _C.forward_training(
+            _ops._cap(empty), _ops._cap(weight), _ops._cap(bias), _ops._cap(stand_in[0]),
+            _ops._cap(stand_in[1]), momentum, eps, _AXIS, None, _ops._cap(stats), _ops._cap(stats), 2, _ops._call(x),
+        )  # fmt: skip
+    except (ValueError, TypeError) as e:  # the messages quote x's shape: the caller's, not the empty slice's
+        text = str(e).replace(f"x has shape {tuple(empty.shape)}", f"x has shape {tuple(x.shape)}")
+        raise type(e)(text) from None
 
 
 class _SyncFunction(torch.autograd.Function):

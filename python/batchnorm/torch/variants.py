@@ -66,6 +66,7 @@ def _forward(x, weight, bias, running_mean, running_var, momentum, eps, unbiased
 
 @torch.library.register_fake("batchnorm::forward_training_variant", lib=_lib)
 def _forward_fake(x, weight, bias, running_mean, running_var, momentum, eps, unbiased, skip, renorm, ghost_batch):
+    _ops.on_x_device(x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     return _outputs(x, running_mean, running_var, renorm, ghost_batch, True)
 
 
@@ -85,6 +86,7 @@ def _backward(dy, x, saved_mean, saved_invstd, weight, r, d, ghost_batch):
 
 @torch.library.register_fake("batchnorm::backward_variant", lib=_lib)
 def _backward_fake(dy, x, saved_mean, saved_invstd, weight, r, d, ghost_batch):
+    _ops.on_x_device(x, dy=dy, saved_mean=saved_mean, saved_invstd=saved_invstd, weight=weight, r=r, d=d)
     C = _ops.channels(x)
     return torch.empty_like(x), _vector(x, C), _vector(x, C)
 
@@ -139,19 +141,23 @@ def batch_norm_variant(
 ) -> Tensor:
     """Training-mode batch norm with the variants of batchnorm.forward_training (the running
     statistics, when given, updated in place). Evaluation is plain batch norm (batch_norm)."""
-    _ops.check_running(running_mean, running_var)
-    _ops.check_separate_running(running_mean, running_var)
-    _ops.check_scalars(True, momentum, eps)
-    if not _ops.eager(input) and _ops.exporting_onnx():  # (export traces: eager() is False, and cheap)
-        raise RuntimeError(
-            "torch.onnx.export of batch norm with training variants on batch statistics is not supported (ONNX "
-            "has no renorm, ghost batches, skip_nonfinite or biased running variance); export the model in eval "
-            "mode (model.eval()) with running statistics, where these layers are plain batch norm"
-        )
-    renorm_list = None if renorm is None else [float(v) for v in renorm]
-    y, _, _, _, _, new_mean, new_var = _func.call(
-        "forward_training_variant", input, weight, bias, running_mean, running_var, momentum, eps,
-        running_var_unbiased, skip_nonfinite, renorm_list, 0 if ghost_batch is None else int(ghost_batch),
-    )  # fmt: skip
-    _ops.write_running(running_mean, new_mean, running_var, new_var)
-    return y
+    try:
+        _ops.check_running(running_mean, running_var)
+        _ops.check_separate_running(running_mean, running_var)
+        _ops.check_scalars(True, momentum, eps)
+        if not _ops.eager(input) and _ops.exporting_onnx():  # (export traces: eager() is False, and cheap)
+            raise RuntimeError(
+                "torch.onnx.export of batch norm with training variants on batch statistics is not supported (ONNX "
+                "has no renorm, ghost batches, skip_nonfinite or biased running variance); export the model in eval "
+                "mode (model.eval()) with running statistics, where these layers are plain batch norm"
+            )
+        renorm_list = None if renorm is None else [float(v) for v in renorm]
+        y, _, _, _, _, new_mean, new_var = _func.call(
+            "forward_training_variant", input, weight, bias, running_mean, running_var, momentum, eps,
+            running_var_unbiased, skip_nonfinite, renorm_list, 0 if ghost_batch is None else int(ghost_batch),
+        )  # fmt: skip
+        _ops.write_running(running_mean, new_mean, running_var, new_var)
+        return y
+    except (AttributeError, RuntimeError, BufferError):
+        _ops.check_tensors(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+        raise
