@@ -190,6 +190,13 @@ def check_failures(group) -> None:
     n = float(count) if rank == bad_rank else count
     expect_error(TypeError, r"count must be an int, got float" if rank == bad_rank else others,
                  lambda: sync_backward(good, good, m, s, n, group))
+    # An axis of the wrong type on one rank: a TypeError on every rank (it was raised before the
+    # collective, and the others waited in it).
+    axis = 1.0 if rank == bad_rank else 1
+    expect_error(TypeError, r"axis must be an int, got float" if rank == bad_rank else elsewhere,
+                 lambda: sync_statistics(good, group, axis=axis))
+    expect_error(TypeError, r"axis must be an int, got float" if rank == bad_rank else others,
+                 lambda: sync_backward(good, good, m, s, count, group, axis=axis))
     # An error that is neither a ValueError nor a TypeError (a broken array object) is reported
     # through the exchange too, instead of leaving the others waiting in it.
     x = _Broken() if rank == bad_rank else good
@@ -221,6 +228,9 @@ def check_recompute(group, sizes) -> None:
     bad = size - 1
     batches = [np.ones((2, C + 1, 4))] if rank == bad else everyone[rank]
     expect_error(ValueError, r"must have 3 channels" if rank == bad else rf"batches on rank {bad} of {size} was rejected",
+                 lambda: layer.recompute_statistics(batches))
+    batches = [np.ones((2, C, 4), np.int32)] if rank == bad else everyone[rank]  # a TypeError stays one everywhere
+    expect_error(TypeError, r"x must have dtype" if rank == bad else rf"batches on rank {bad} of {size} was rejected",
                  lambda: layer.recompute_statistics(batches))
 
 
@@ -347,8 +357,11 @@ def check_torch_failures(group) -> None:
     ]
     for x, kind, own in cases:
         expect_error(kind, own if rank == bad else elsewhere, lambda: layer(x if rank == bad else good))
-    # A sparse tensor fails with torch's own error (not a ValueError or TypeError): reported too.
-    expect_error(Exception if rank == bad else ValueError, r"" if rank == bad else elsewhere,
+    # Not a tensor at all on one rank (it failed before the exchange, and the others waited in it).
+    expect_error(TypeError, r"x must be a Tensor, got numpy.ndarray" if rank == bad else elsewhere,
+                 lambda: layer(good.numpy() if rank == bad else good))
+    # A sparse tensor: refused by name, and reported too.
+    expect_error(TypeError, r"x must be a dense \(strided\) tensor" if rank == bad else elsewhere,
                  lambda: layer(good.to_sparse() if rank == bad else good))
     # Running statistics that require grad on one rank: refused on every rank.
     graded = bt.SyncBatchNorm(C, process_group=group)
@@ -425,6 +438,36 @@ def check_ddp_resnet(group, sizes) -> None:
             assert torch.equal(mine[name], t), name
 
 
+def check_torch_checkpointing(group) -> None:
+    """Activation checkpointing (use_reentrant=False) stops the recomputed forward after the
+    running statistics' update: that update is counted, as torch's layers count it, so that
+    momentum=None's average matches a plain layer's on the same recomputation. And a rank
+    outside a group (new_group's marker) converts like torch's converter: local batch norm."""
+    import torch
+    import torch.distributed as dist
+    from torch.utils.checkpoint import checkpoint
+
+    import batchnorm.torch as bt
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    gen = torch.Generator().manual_seed(11)
+    xs = [torch.randn(4 * world, C, 3, 3, generator=gen) * (i + 1) + i for i in range(3)]
+    synced = bt.SyncBatchNorm(C, momentum=None, process_group=group)
+    whole = bt.BatchNorm2d(C, momentum=None)  # the whole batch in one process, recomputed the same way
+    for x in xs:
+        for layer, batch in ((synced, x[4 * rank : 4 * rank + 4]), (whole, x)):
+            checkpoint(layer, batch.clone().requires_grad_(), use_reentrant=False).square().sum().backward()
+    assert int(synced.num_batches_tracked) == int(whole.num_batches_tracked) == 6
+    _torch_close(synced.running_mean, whole.running_mean, "float32", f"rank {rank}: checkpointed running mean")
+    _torch_close(synced.running_var, whole.running_var, "float32", f"rank {rank}: checkpointed running var")
+    alone = dist.new_group([0])  # every rank calls new_group; the last is no member
+    converted = bt.convert(torch.nn.Sequential(torch.nn.BatchNorm2d(C)), sync=True, process_group=alone)
+    assert type(converted[0]) is bt.SyncBatchNorm
+    if rank != 0:  # outside the group: batch norm of its own batch, as torch's layer does
+        y = converted(xs[0][:4])
+        _torch_close(y, bt.BatchNorm2d(C)(xs[0][:4]), "float32", "non-member's local batch norm")
+
+
 def check_torch_recompute(group, sizes) -> None:
     """recompute_statistics(sync=True): every rank passes its own number of batches; the
     running statistics become those of every rank's batches together, bitwise equal across
@@ -494,6 +537,7 @@ def torch_main(rank: int, world: int, init_file: str, sizes, default_group: bool
         for i, (dtype, channels_last) in enumerate([("float32", True), ("float64", False)]):
             check_torch_module(group, sizes, dtype, channels_last, momentum=None if i else 0.3)
         check_torch_failures(group)
+        check_torch_checkpointing(group)
         check_torch_recompute(group, sizes)
         check_ddp_resnet(group, sizes)
         if default_group:

@@ -96,6 +96,7 @@ def _validate(x: Any, axis: int, channels: Optional[int]) -> Tuple[int, int, int
     ndim = len(shape)
     if ndim < 2:
         raise ValueError(f"x must have at least 2 dimensions (N, C, ...), got {ndim} with shape {shape}")
+    axis = check_int(axis, "axis")  # (here, inside the exchange: a bad axis on one rank raises on every rank)
     if not -ndim <= axis < ndim:
         raise ValueError(f"axis must be in [{-ndim}, {ndim - 1}] for an array of rank {ndim}, got {axis}")
     axis = axis % ndim
@@ -191,13 +192,14 @@ def _merge_everywhere(engine: Engine, mean: Any, var: Any, count: int, channels:
     """Moments held by every rank (float64 host vectors; count 0 for none) merged in rank order
     after one allgather of P x (2C + 1) values: bitwise the same (mean, biased var, count) on
     every rank, (None, None, 0) when no rank has a value. A rank's error (`own`) travels as a
-    count of -1 and raises on every rank."""
+    negative count, minus its status (_status: a TypeError stays one on the other ranks), and
+    raises on every rank."""
     row = np.zeros(2 * channels + 1)
-    row[0] = -1 if own is not None else count
+    row[0] = -_status(own) if own is not None else count
     if own is None and count > 0:
         row[1 : 1 + channels], row[1 + channels :] = mean, var
     rows = engine.allgather(row, None)
-    _raise_everywhere((rows[:, 0] < 0).astype(np.int64), own, what, engine.size)
+    _raise_everywhere(np.where(rows[:, 0] < 0, -rows[:, 0], 0).astype(np.int64), own, what, engine.size)
     counts = [int(n) for n in rows[:, 0]]
     if sum(counts) == 0:
         return None, None, 0
@@ -269,7 +271,6 @@ def sync_statistics(
     allgather, cheaper beyond a few dozen ranks (see the README's cost model), identical on
     every rank as far as the engine's allreduce is. Fewer than 2 values per channel over all
     ranks, or bad input on any rank, raises on every rank."""
-    axis = check_int(axis, "axis")
     exchange = _check_exchange(exchange)
     engine = engine_for(group)
     if channels is None:
@@ -319,7 +320,9 @@ def sync_backward(
     synchronized statistics, `count` their total count. Returns (dx, dweight, dbias), the
     parameter gradients this rank's share (sum them, or average them with the other
     parameters' gradients, across ranks). A bad dy on any rank raises on every rank."""
-    return _sync_backward(engine_for(group), dy, x, mean, invstd, count, weight, check_int(axis, "axis"))
+    # axis is checked by the backward's functions, inside the exchange (a bad one on one rank
+    # raises on every rank).
+    return _sync_backward(engine_for(group), dy, x, mean, invstd, count, weight, axis)
 
 
 def _sync_backward(engine: Engine, dy: Any, x: Any, mean: Any, invstd: Any, count: int, weight: Any,

@@ -46,7 +46,12 @@ def _check_process_group(process_group: Any) -> None:
         return
     import torch.distributed as dist
 
-    if not isinstance(process_group, dist.ProcessGroup):
+    # new_group() gives the ranks outside it a marker (GroupMember.NON_GROUP_MEMBER, an int):
+    # torch's converter and layer take it (those ranks run batch norm alone), and so do ours.
+    non_member = getattr(getattr(dist, "GroupMember", None), "NON_GROUP_MEMBER", None)
+    if not isinstance(process_group, dist.ProcessGroup) and not (
+        non_member is not None and type(process_group) is type(non_member) and process_group == non_member
+    ):
         raise TypeError(
             f"process_group must be a torch.distributed ProcessGroup or None, got {type(process_group).__name__}"
         )

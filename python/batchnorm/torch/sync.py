@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import _C
+from .._arrays import torch_increment_version
 from .._collectives import Engine, TorchEngine, copy_sharing_group
 from ..distributed import _check_exchange, _exchange, _sync_backward
 from . import _func, _ops, _twice
@@ -57,6 +58,11 @@ class _SyncFunction(torch.autograd.Function):
             _ops._cap(torch.from_numpy(mean).to(x.device)), _ops._cap(torch.from_numpy(var).to(x.device)), count,
             _ops._call(x), _ops._cap(saved_mean), _ops._cap(saved_invstd),
         )  # fmt: skip
+        # Updated in place (from the global statistics, an empty local batch too): their versions
+        # bumped as an in-place op's, which the layer's count reads (_ops.count_interrupted).
+        updated = [t for t in (running_mean, running_var) if t is not None]
+        if updated:
+            torch_increment_version(updated)
         ctx.save_for_backward(x, weight, saved_mean, saved_invstd)
         ctx.count, ctx.engine = count, engine
         ctx.weight_dtype = None if weight is None else weight.dtype
@@ -158,14 +164,18 @@ class SyncBatchNorm(_Base):
         group, world = self._group()
         if world <= 1:
             return super()._forward(input)
-        if input.is_neg():  # a lazily negated view holds -input, which DLPack hands over as is
-            input = input.resolve_neg()
         # Checks that fail on one rank only must not leave the others waiting: they travel
         # through the exchange, which raises on every rank.
         own: Optional[Exception] = None
         momentum = 0.0
         running = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
+        # The exchange's device: x's, or for an input that is no tensor the layer's own.
+        device = next((t.device for t in (self.weight, self.running_mean) if t is not None), torch.device("cpu"))
         try:
+            _ops.check_tensors(input)  # (not a tensor: a TypeError, exchanged as the others are)
+            device = input.device
+            if input.is_neg():  # a lazily negated view holds -input, which DLPack hands over as is
+                input = input.resolve_neg()
             if _func.active():  # its autograd.Function predates functorch's rules, like torch's
                 raise ValueError(
                     "SyncBatchNorm cannot run under torch.func transforms or forward-mode AD (nor can "
@@ -182,11 +192,17 @@ class SyncBatchNorm(_Base):
             own = err
         if own is not None:  # the exchange raises it here and the others' error on every other rank
             with torch._C._DisableFuncTorch():  # its host tensors are no transform's
-                _exchange(self._engine_of(group), None, _AXIS, self.num_features, input.device, own, self.exchange)
-        y = _sync_batch_norm(input, self.weight, self.bias, *running, momentum, self.eps, self._engine_of(group), own,
-                             self.num_features, self.exchange)  # fmt: skip
-        if self.track_running_stats:
-            self.num_batches_tracked.add_(1)
+                _exchange(self._engine_of(group), None, _AXIS, self.num_features, device, own, self.exchange)
+        counted = self.num_batches_tracked if self.track_running_stats else None
+        version = _ops.version(running[0], counted)
+        try:
+            y = _sync_batch_norm(input, self.weight, self.bias, *running, momentum, self.eps, self._engine_of(group),
+                                 own, self.num_features, self.exchange)  # fmt: skip
+        except BaseException:
+            _ops.count_interrupted(counted, running[0], version)
+            raise
+        if counted is not None:
+            counted.add_(1)
         return y
 
     @classmethod
