@@ -164,3 +164,28 @@ def test_last_error_is_cleared_by_every_call(lib):
     lib.bn_set_num_threads(0)
     lib.bn_get_num_threads()
     assert error(lib) == ""
+
+
+def test_null_data_with_elements_is_refused(lib):
+    # A DLTensor with data NULL and a shape of 60 elements was read: a segmentation fault.
+    a = _arrays()
+    x = tensor(a["x"])
+    x.contents.data = None
+    assert lib.bn_statistics(x, 1, tensor(a["m"]), tensor(a["v"]), None, None) == 1
+    assert error(lib) == "x must have data, got a NULL data pointer with shape (4, 3, 5)"
+    assert list(a["m"]) == [-7.0] * C
+    empty = tensor(a["x"][:0])
+    empty.contents.data = None  # an empty array may come without memory
+    status = lib.bn_forward_inference(empty, tensor(a["rm"]), tensor(a["rv"]), None, None, 1e-5, 1,
+                                      tensor(a["y"][:0]), None)
+    assert status == 0, error(lib)
+
+
+def test_running_statistics_that_repeat_an_element_are_refused(lib):
+    # A (C,) view of one float (stride 0): every channel's update went to one place, racing.
+    a = _arrays()
+    one = np.zeros(1, np.float32)
+    status = lib.bn_forward_training(tensor(a["x"]), None, None, tensor(one, (C,), (0,)), tensor(a["rv"]), 0.1, 1e-5,
+                                     1, tensor(a["y"]), tensor(a["m"]), tensor(a["v"]), None)
+    assert status == 1 and error(lib).startswith("running_mean must not have overlapping elements"), error(lib)
+    assert one[0] == 0.0 and (a["y"] == 7.0).all()

@@ -294,3 +294,37 @@ def test_a_channel_does_not_depend_on_its_neighbours(rng, dtype, shape):
         for name, a, s in zip(("mean", "var", "y", "saved_mean", "saved_invstd", "y_inference", "dx", "dweight",
                                "dbias"), whole, alone):
             assert helpers.bits(a) == helpers.bits(s), f"channels [{c0}, {c1}): {name} differs from the slice's"
+
+
+_FORK_CHILD = """
+import multiprocessing as mp, os, sys
+import numpy as np
+import batchnorm as bn
+bn.set_num_threads(2)
+x = np.random.default_rng(0).standard_normal((64, 32, 16, 16)).astype(np.float32)
+want = bn.forward_training(x)[0]  # an OpenMP team of 2 in the parent
+
+def child(conn):
+    conn.send((bn.get_num_threads(), bool(np.array_equal(bn.forward_training(x)[0], want))))
+
+if __name__ == "__main__":
+    parent, end = mp.Pipe()
+    p = mp.get_context("fork").Process(target=child, args=(end,))
+    p.start()
+    if not parent.poll(60):
+        p.kill()
+        sys.exit("the fork child hung in its first call")
+    print(*parent.recv())
+    p.join()
+"""
+
+
+def test_a_fork_child_runs_the_kernels_on_one_thread(tmp_path):
+    """libgomp cannot start a team in the child of a process that ran one: the child's first
+    parallel region hung (a torch DataLoader worker after a training step)."""
+    script = tmp_path / "fork_child.py"
+    script.write_text(_FORK_CHILD)
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["1", "True"]

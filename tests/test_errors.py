@@ -321,6 +321,18 @@ def test_out_with_repeated_memory(arrays):
           training(a, out=out), a["rm"], a["rv"], a["out"])
 
 
+@pytest.mark.parametrize("name", ["running_mean", "running_var"])
+def test_running_statistics_with_repeated_memory(arrays, name):
+    # A broadcast view as a running statistic: every channel's update went to one element, the
+    # threads racing (a different value from run to run).
+    a = arrays
+    one = np.zeros(1, np.float32)
+    args = {"running_mean": a["rm"], "running_var": a["rv"], name: np.lib.stride_tricks.as_strided(
+        one, (C,), (0,), writeable=True)}
+    fails(ValueError, f"{name} must not have overlapping elements", lambda: bn.forward_training(a["x"], **args),
+          one, a["rm"], a["rv"])
+
+
 # ---- axis ------------------------------------------------------------------------------------------------
 
 

@@ -119,3 +119,40 @@ def test_array_api_writes_bump_versions():
         o = torch.zeros(4, 3, 5)
         v = o._version
         assert write(o) is o and o._version > v
+
+
+@pytest.mark.parametrize("lead", ["numpy", "torch"])
+def test_mixed_libraries_resolve_negative_bits_and_bump_versions(lead):
+    """A NumPy x with torch tensors beside it: a negative-bit mean was read negated, and torch
+    running statistics and outputs were written without a version bump (only a torch x's call
+    did either). fold and merge_statistics read negated tensors as they were, whatever the lead."""
+    x, w, b, _ = _inputs(2)
+    xs = x.numpy() if lead == "numpy" else x
+    mean = torch.full((3,), -2.0)
+    want = bn.forward_inference(x.numpy(), mean.numpy(), w.numpy(), w.numpy(), b.numpy())
+    got = bn.forward_inference(xs, negated(mean), w, negated(w), b)
+    assert torch.equal(torch.as_tensor(got), torch.from_numpy(want))
+    rm, rv, out = torch.zeros(3), torch.ones(3), torch.zeros(x.shape)
+    versions = (rm._version, rv._version, out._version)
+    bn.forward_training(xs, w, b, running_mean=rm, running_var=rv, out=out.numpy() if lead == "numpy" else out)
+    assert rm._version > versions[0] and rv._version > versions[1]
+    bn.forward_inference(xs, rm, rv, out=out)
+    assert out._version > versions[2]
+    kernel = torch.full((3, 2), -1.0)
+    folded = bn.fold(negated(kernel), negated(torch.full((3,), -3.0)), negated(mean), w, w, b)
+    plain = bn.fold(kernel, torch.full((3,), -3.0), mean, w, w, b)
+    assert all(torch.equal(torch.as_tensor(f), torch.as_tensor(p)) for f, p in zip(folded, plain))
+    merged = bn.merge_statistics([negated(mean), mean], [w, negated(w)], [2, 3])
+    assert torch.equal(torch.as_tensor(merged[0]), mean) and torch.allclose(torch.as_tensor(merged[1]), w)
+
+
+def test_array_api_refuses_to_write_inference_tensors_outside_inference_mode():
+    x = _inputs()[0]
+    with torch.inference_mode():
+        rm, rv = torch.zeros(3), torch.ones(3)
+    with pytest.raises(ValueError, match="running_mean is a torch inference tensor"):
+        bn.forward_training(x, running_mean=rm, running_var=rv)
+    assert torch.equal(rm, torch.zeros(3))
+    with torch.inference_mode():
+        bn.forward_training(x, running_mean=rm, running_var=rv)
+    assert not torch.equal(rm, torch.zeros(3))

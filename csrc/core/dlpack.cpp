@@ -82,6 +82,9 @@ TensorView view_of_dltensor(const DLTensor& t, const char* arg) {
   }
   BN_EXPECTS(empty || !beyond, value_error, arg, " must have at most 2**63 - 1 elements, got shape ",
              shape_string(v));
+  // (An empty array may have none: torch's and NumPy's empty arrays can come without memory.)
+  BN_EXPECTS(empty || t.data != nullptr, value_error, arg, " must have data, got a NULL data pointer with shape ",
+             shape_string(v));
   if (t.strides) {
     if (strides_beyond_memory(t)) {
       std::string strides;

@@ -53,8 +53,17 @@ void check_channel_vector(const TensorView& t, const char* arg, const ChannelSou
   throw value_error(concat(arg, " must have shape (", channels, ",), got ", shape_string(t), context));
 }
 
+namespace {
+bool self_overlapping(const TensorView& t);  // (below, with the other memory tests)
+}  // namespace
+
 void check_writable(const TensorView& t, const char* arg) {
   BN_EXPECTS(!t.read_only, value_error, arg, " must be writable, got a read-only array");
+  // Two positions on one element: the writes race between threads, and the last one wins (a
+  // running statistic given as a broadcast view took one value, a different one each run).
+  BN_EXPECTS(t.numel() == 0 || !self_overlapping(t), value_error, arg,
+             " must not have overlapping elements: its strides, ordered by size, must each step past the extent of "
+             "the smaller ones (a zero or broadcast stride repeats memory), got strides that do not");
 }
 
 void check_same_shape(const TensorView& a, const char* a_arg, const TensorView& b, const char* b_arg) {
@@ -157,9 +166,6 @@ void check_output(const TensorView& out, const char* arg, const TensorView& like
              dtype_name(like.dtype), ", got ", dtype_name(out.dtype));
   check_writable(out, arg);
   if (out.numel() == 0) return;
-  BN_EXPECTS(!self_overlapping(out), value_error, arg,
-             " must not have overlapping elements: its strides, ordered by size, must each step past the extent of "
-             "the smaller ones (a zero or broadcast stride repeats memory), got strides that do not");
   check_in_place_or_disjoint(out, arg, inputs, ninputs);
 }
 

@@ -9,6 +9,7 @@
 #include <fstream>
 #include <memory>
 #include <mutex>
+#include <pthread.h>
 #include <string>
 #include <thread>
 #include <unistd.h>
@@ -149,6 +150,22 @@ int note_team(int n) {
   return n;
 }
 int largest_team() { return team_record().load(std::memory_order_relaxed); }
+
+namespace {
+// fork(): libgomp cannot start a team in the child of a process whose OpenMP ran one. The
+// child has the forking thread alone, and the pool it inherits waits for threads that are not
+// there: its first parallel region hung (a torch DataLoader worker, a multiprocessing child
+// started by fork, after the parent trained on 2 threads). As torch's DataLoader does for
+// torch's threads, such a child runs the kernels on one thread (set_num_threads there brings
+// the hang back: start children with spawn or forkserver for threads of their own).
+void one_thread_after_fork() {
+  if (team_record().load(std::memory_order_relaxed) > 1) {
+    team_record().store(1, std::memory_order_relaxed);
+    threads_setting().store(1);
+  }
+}
+[[maybe_unused]] const int fork_handler = pthread_atfork(nullptr, nullptr, one_thread_after_fork);
+}  // namespace
 
 void for_each(int64_t n, int64_t work, void (*fn)(void* ctx, int64_t i), void* ctx) {
   // Tasks side by side only when they keep every thread busy to the end; otherwise one after

@@ -130,6 +130,19 @@ def _torch_capsules() -> Optional[Tuple[type, Callable[[Any], Any], Callable[[An
     return _TORCH_CAPSULES
 
 
+def foreign_args(arrays: Sequence[Any]) -> Sequence[Any]:
+    """Arrays of a call whose lead is no torch tensor (NumPy's, JAX's), or of a call that takes
+    them apart from Kind.args (fold, merge_statistics): torch tensors among them with torch's
+    negative bit resolved (a copy), as Kind.args resolves a torch call's; DLPack hands over the
+    memory of a lazily negated view as it is, the values negated (a mean read as -mean)."""
+    torch = sys.modules.get("torch")  # (no torch imported: no tensor among them)
+    if torch is None:
+        return arrays
+    tensor = torch.Tensor
+    return [a.resolve_neg() if a is not None and type(a) is not np.ndarray and isinstance(a, tensor) and a.is_neg()
+            else a for a in arrays]
+
+
 class Kind:
     """How one call treats its arrays: built from the array whose kind results follow."""
 
@@ -168,6 +181,9 @@ class Kind:
         NumPy array, and map() over one 0.5 us more on six tensors than a loop in this frame
         (Python 3.11 inlines its calls)."""
         if self._torch is None:
+            for a in arrays:  # another library's array among NumPy's (or a JAX call's): see foreign_args
+                if a is not None and type(a) is not np.ndarray:
+                    return foreign_args(arrays)
             return arrays
         tensor, caps = self._torch[0], self._capsules
         converted = []
@@ -188,11 +204,17 @@ class Kind:
     def written(self, *arrays: Any) -> None:
         """After a call that wrote these arguments in place (out=, running statistics; None
         for absent ones): torch tensors get their version bumped, as torch's in-place ops do,
-        so autograd refuses a backward that saved their old values instead of using the new."""
-        if self._torch is None:
-            return
-        tensor = self._torch[0]
-        bumped = [a for a in arrays if a is not None and isinstance(a, tensor)]
+        so autograd refuses a backward that saved their old values instead of using the new
+        (a call on NumPy or JAX arrays too: a torch running statistic of a NumPy x was written
+        without a bump, and autograd went on with the values it had saved overwritten)."""
+        if self._torch is not None:
+            tensor = self._torch[0]
+        else:
+            torch = sys.modules.get("torch")  # (no torch imported: no tensor among them)
+            if torch is None:
+                return
+            tensor = torch.Tensor
+        bumped = [a for a in arrays if a is not None and type(a) is not np.ndarray and isinstance(a, tensor)]
         if bumped:
             torch_increment_version(bumped)
 
@@ -266,6 +288,11 @@ def check_written(array: Any, name: str) -> None:
     library = _WRITTEN_LIBRARY.get(type(array))
     if library is None:
         library = _WRITTEN_LIBRARY[type(array)] = _library(array)
+    if library == "torch" and array.is_inference() and not sys.modules["torch"].is_inference_mode_enabled():
+        raise ValueError(
+            f"{name} is a torch inference tensor (made under torch.inference_mode), which torch refuses to "
+            "update in place outside inference mode; clone it, or call under torch.inference_mode()"
+        )
     if library == "torch" and array.is_neg():
         raise TypeError(
             f"{name} must be a tensor without torch's negative bit, got a lazily negated view (of "

@@ -8,7 +8,7 @@ from typing import Any, Optional, Sequence, Tuple
 import numpy as np
 
 from . import _C
-from ._arrays import check_axis, check_int, check_out, check_real, check_written, kind_of
+from ._arrays import check_axis, check_int, check_out, check_real, check_written, foreign_args, kind_of
 
 Array = Any
 
@@ -49,6 +49,8 @@ def merge_statistics(
     computed over the concatenated shards (Chan's formula). Shards with count 0 are ignored."""
     lead = means[0] if isinstance(means, (list, tuple)) and len(means) > 0 else None
     kind = kind_of(lead, stream, "means[0]")
+    if isinstance(means, (list, tuple)) and isinstance(vars, (list, tuple)):  # (else the core names them)
+        means, vars = foreign_args(means), foreign_args(vars)
     mean, var, count = _C.merge_statistics(means, vars, counts, kind.call)
     return kind.wrap(mean), kind.wrap(var), count
 
@@ -325,6 +327,7 @@ def fold(
     eps = check_real(eps, "eps")
     axis = check_axis(axis, kernel)
     kind = kind_of(kernel, stream, "kernel")
+    kernel, conv_bias, mean, var, weight, bias = foreign_args((kernel, conv_bias, mean, var, weight, bias))
     k, b = _C.fold(kernel, conv_bias, mean, var, weight, bias, eps, axis, kind.call)
     return kind.wrap(k), kind.wrap(b)
 
