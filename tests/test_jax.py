@@ -765,6 +765,34 @@ def test_recompute_batch_stats_is_the_population_s():
         bj.recompute_batch_stats(3, variables, batches)
 
 
+@needs_flax
+def test_recompute_batch_stats_takes_keyword_inputs_and_refuses_masks():
+    """x given by keyword was skipped (its module kept its statistics); a mask was ignored
+    (statistics over every value); a FrozenDict of variables was refused as no dict."""
+    nn = flax_linen
+
+    class Net(nn.Module):
+        masked: bool = False
+
+        @nn.compact
+        def __call__(self, x, use_running_average):
+            mask = (x > 0) if self.masked else None
+            return nn.BatchNorm(use_running_average=use_running_average, name="bn")(x=x, mask=mask)
+
+    rng = np.random.default_rng(5)
+    batches = [jnp.asarray(rng.standard_normal((n, 3)) * 2 + 1, jnp.float32) for n in (4, 7)]
+    variables = Net().init(jax.random.PRNGKey(0), batches[0], use_running_average=False)
+    from flax.core import freeze
+
+    frozen = freeze(variables)
+    new, counts = bj.recompute_batch_stats(Net(), frozen, batches)
+    whole = np.concatenate([np.asarray(b, np.float64) for b in batches])
+    assert counts == {"bn": 11}
+    np.testing.assert_allclose(new["batch_stats"]["bn"]["mean"], whole.mean(0), rtol=1e-6)
+    with pytest.raises(ValueError, match="recompute_batch_stats does not support batch norm with a mask"):
+        bj.recompute_batch_stats(Net(masked=True), variables, batches)
+
+
 def test_float64_results_without_jax_x64_warn():
     """JAX without 64-bit types turns the float64 results of statistics(dtype="float64") and
     backward_reduce into float32: a warning says so at the caller's line (it was silent); with

@@ -110,3 +110,33 @@ def test_forward_callable_and_errors():
         bt.recompute_statistics([], batches)
     with pytest.raises(ValueError, match="process_group applies only with sync=True"):
         bt.recompute_statistics(model, batches, process_group=object())
+
+
+def test_a_failed_pass_with_an_infinite_value_leaves_the_statistics_as_they_were():
+    # Momentum 0 keeps a statistic as it was, but 0 * Inf is NaN: the batch with an Inf turned
+    # the running statistics to NaN before the next batch's error.
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), bt.BatchNorm2d(3))
+    before = copy.deepcopy(model.state_dict())
+    bad = torch.randn(4, 3, 5, 5)
+    bad[0, 1, 0, 0] = float("inf")
+    with pytest.raises(RuntimeError):  # the conv's error on 2 channels
+        bt.recompute_statistics(model, [bad, torch.randn(4, 2, 5, 5)])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_layers_called_with_their_input_by_keyword():
+    class Keyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.act = nn.BatchNorm1d(3), bt.BatchNormAct2d(3)
+
+        def forward(self, x):
+            return self.act(x=self.bn(input=x.flatten(2)).unflatten(2, x.shape[2:]))
+
+    model = Keyword()
+    x = torch.randn(6, 3, 2, 2) * 3 + 1
+    counts = bt.recompute_statistics(model, [x])
+    assert counts == {"bn": 24, "act": 24}
+    want = x.double().transpose(0, 1).reshape(3, -1)
+    torch.testing.assert_close(model.bn.running_mean, want.mean(1).float())
+    torch.testing.assert_close(model.bn.running_var, want.var(1).float())

@@ -433,3 +433,16 @@ def test_layer_argument_errors():
     for limits in ((0.5, 1.0), (2.0, -1.0), (float("nan"), 1.0)):
         with pytest.raises(ValueError, match=r"renorm must be \(rmax >= 1, dmax >= 0\)"):
             bn.BatchNorm(3, renorm=limits)
+
+
+@pytest.mark.parametrize("xp", lib_params())
+def test_skip_nonfinite_judges_the_statistics_as_the_accumulation_type_holds_them(xp):
+    # Finite float32 values about 3e38: their variance (9e76 in double) is Inf in float32, the
+    # batch statistics' type; the channel was updated all the same, its running variance Inf.
+    x64 = np.random.default_rng(2).standard_normal((4, 2, 5))
+    x64[:, 0] = np.where(x64[:, 0] > 0, 3e38, -3e38)
+    x = cast(x64, "float32", xp)
+    rm, rv = cast(np.zeros(2), "float32", xp), cast(np.ones(2), "float32", xp)
+    bn.forward_training(x, running_mean=rm, running_var=rv, skip_nonfinite=True)
+    assert to_f64(rm)[0] == 0.0 and to_f64(rv)[0] == 1.0
+    assert np.isfinite(to_f64(rv)[1]) and to_f64(rv)[1] != 1.0

@@ -139,13 +139,19 @@ struct RunningOptions {
 // One channel's running statistics after a training step over `n` values per channel: the
 // mean as saved (rounded to A), the variance unbiased (PyTorch's convention) or biased, in
 // double. With skip_nonfinite, a NaN or Inf batch mean or variance (a step a loss scaler will
-// skip) leaves both untouched, bit for bit.
+// skip) leaves both untouched, bit for bit: finite as the accumulation type A holds them (the
+// batch statistics the caller sees, JAX's test), not only in double, where the variance of
+// finite float32 values about 3e38 (9e76) passed and came back Inf as the running variance.
 template <class A>
 BN_HD void update_running(double& running_mean, double& running_var, A saved_mean, double batch_var, double n,
                           double momentum, RunningOptions o = {}) {
-  if (o.skip_nonfinite && !(std::isfinite(static_cast<double>(saved_mean)) && std::isfinite(batch_var))) return;
+  const double used_var = o.unbiased ? batch_var * n / (n - 1.0) : batch_var;
+  if (o.skip_nonfinite && !(std::isfinite(static_cast<double>(saved_mean)) &&
+                            std::isfinite(static_cast<double>(static_cast<A>(batch_var))) &&
+                            std::isfinite(static_cast<double>(static_cast<A>(used_var)))))
+    return;
   running_mean = running_update<double>(running_mean, static_cast<double>(saved_mean), momentum);
-  running_var = running_update<double>(running_var, o.unbiased ? batch_var * n / (n - 1.0) : batch_var, momentum);
+  running_var = running_update<double>(running_var, used_var, momentum);
 }
 
 // ---- batch renormalization (Ioffe 2017): per-channel finalize ------------------------------

@@ -3,6 +3,7 @@ module (flax.linen.BatchNorm or batchnorm.jax.BatchNorm) set to the exact statis
 inputs over a pass of data, in Flax's convention (the biased variance)."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import flax.linen as nn
@@ -53,7 +54,7 @@ def recompute_batch_stats(
     saw no value keep their statistics. `variables` itself is not modified."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a flax.linen.Module, got {type(model).__name__}")
-    if not isinstance(variables, dict) or "batch_stats" not in variables:
+    if not isinstance(variables, Mapping) or "batch_stats" not in variables:  # (a FrozenDict too)
         raise ValueError("variables must be a dict with a 'batch_stats' collection (the model's variables)")
     if apply is None:
         def apply(v, batch):
@@ -62,8 +63,11 @@ def recompute_batch_stats(
 
     def catch(next_fun, args, kwargs, context):
         module = context.module
-        if context.method_name == "__call__" and _is_batch_norm(module) and args:
-            x = np.asarray(args[0])  # concrete: recompute_batch_stats runs eagerly
+        if context.method_name == "__call__" and _is_batch_norm(module) and (args or "x" in kwargs):
+            if kwargs.get("mask") is not None:  # (its statistics over the unmasked values: not one count a batch)
+                raise ValueError(f"recompute_batch_stats does not support batch norm with a mask, got one for "
+                                 f"{'/'.join(module.path)}; recompute that module's statistics yourself")
+            x = np.asarray(args[0] if args else kwargs["x"])  # concrete: recompute_batch_stats runs eagerly
             if x.size:
                 m, v, n = F.statistics(x, axis=_feature_axis(module), dtype="float64")
                 path = tuple(module.path)

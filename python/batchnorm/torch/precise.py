@@ -3,6 +3,7 @@ averages with the exact statistics of its inputs over a pass of data, optionally
 across the ranks of a process group."""
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Dict, Iterable, Optional
 
 import torch
@@ -16,15 +17,21 @@ from ..precise import unbiased_variance
 
 class _Accumulator:
     """One layer's population statistics so far: float64 (mean, biased var, count), merged
-    batch by batch with Chan's formula."""
+    batch by batch with Chan's formula. A forward pre-hook with the call's keywords: a layer
+    called as layer(input=x) has its x there (args[0] was an IndexError)."""
 
-    def __init__(self) -> None:
+    def __init__(self, layer: torch.nn.Module) -> None:
         self.mean: Any = None
         self.var: Any = None
         self.count = 0
+        params = iter(inspect.signature(layer.forward).parameters)
+        self.x_name = next(params, "input")  # forward's first parameter: input (torch's), x (BatchNormAct2d)
 
-    def __call__(self, module: torch.nn.Module, args: tuple) -> None:
-        x = args[0].detach()
+    def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs.get(self.x_name)
+        if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[1] != module.num_features:
+            return  # not an input the layer takes: its own forward raises its error
+        x = x.detach()
         if x.numel() == 0:
             return
         m, v, n = F.statistics(x, axis=1, dtype="float64")
@@ -72,14 +79,17 @@ def recompute_statistics(
     layers = {
         name: m for name, m in model.named_modules() if isinstance(m, _BatchNorm) and m.track_running_stats
     }
-    acc = {name: _Accumulator() for name in layers}
+    acc = {name: _Accumulator(m) for name, m in layers.items()}
     modes = {m: m.training for m in model.modules()}
-    saved = {name: (m.momentum, m.num_batches_tracked.clone()) for name, m in layers.items()}
-    hooks = [m.register_forward_pre_hook(acc[name]) for name, m in layers.items()]
+    # Momentum 0 leaves a running statistic as it was, but 0 * Inf is NaN: a batch with an Inf
+    # value turned them to NaN, which a failed call then left behind. Restored from copies.
+    saved = {name: (m.momentum, m.num_batches_tracked.clone(), m.running_mean.clone(), m.running_var.clone())
+             for name, m in layers.items()}
+    hooks = [m.register_forward_pre_hook(acc[name], with_kwargs=True) for name, m in layers.items()]
     try:
         model.train()
         for m in layers.values():
-            m.momentum = 0.0  # running = 1 * running + 0 * batch: left exactly as it was
+            m.momentum = 0.0  # running = 1 * running + 0 * batch: as it was (but for Inf batch values)
         with torch.no_grad():
             for batch in batches:
                 model(batch) if forward is None else forward(model, batch)
@@ -88,9 +98,12 @@ def recompute_statistics(
             h.remove()
         for m, mode in modes.items():
             m.training = mode
-        for name, m in layers.items():
-            m.momentum = saved[name][0]
-            m.num_batches_tracked.copy_(saved[name][1])
+        with torch.no_grad():
+            for name, m in layers.items():
+                m.momentum = saved[name][0]
+                m.num_batches_tracked.copy_(saved[name][1])
+                m.running_mean.copy_(saved[name][2])
+                m.running_var.copy_(saved[name][3])
     if sync:
         _merge_across(acc, layers, process_group)
     # The variance each layer tracks: unbiased (torch's), biased where a layer of ours keeps
