@@ -41,9 +41,10 @@ def normalize(x, scale, bias, running_mean, running_var, *, use_running_average:
         # One example's features, Flax's way of writing a model for one example and vmapping
         # it (with axis_name for the batch's statistics): a batch of one row, as the kernels
         # take it.
-        y, mean, var = normalize(x[None], scale, bias, running_mean, running_var, use_running_average=use_running_average,
-                                 eps=eps, axis=1, axis_name=axis_name, residual=None if residual is None else residual[None],
-                                 activation=activation, v=v, initializing=initializing)
+        r = None if residual is None else residual[None]
+        y, mean, var = normalize(x[None], scale, bias, running_mean, running_var,
+                                 use_running_average=use_running_average, eps=eps, axis=1, axis_name=axis_name,
+                                 residual=r, activation=activation, v=v, initializing=initializing)
         return y[0], mean, var
     if use_running_average:
         y = inference(x, scale, bias, running_mean, running_var, eps=eps, axis=axis, residual=residual,

@@ -670,7 +670,9 @@ def check_tensors(input: Any, **named: Any) -> None:
         if t is None and name != "x":
             continue
         if not isinstance(t, Tensor):
-            kind = type(t).__qualname__ if type(t).__module__ == "builtins" else f"{type(t).__module__}.{type(t).__qualname__}"
+            kind = type(t).__qualname__
+            if type(t).__module__ != "builtins":
+                kind = f"{type(t).__module__}.{kind}"
             raise TypeError(f"{name} must be a Tensor, got {kind}")
         if t.layout != torch.strided:
             raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")

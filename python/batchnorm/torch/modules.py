@@ -69,7 +69,8 @@ def _batch_norm(
             raise ValueError("running_mean and running_var must be given when training=False, got None")
         try:
             if not _ops.wants_grad(input, weight, bias) and _ops.eager(input, weight, bias, running_mean, running_var):
-                return _ops._forward_inference(input, running_mean, running_var, weight, bias, eps)  # no autograd to record
+                # (no autograd to record)
+                return _ops._forward_inference(input, running_mean, running_var, weight, bias, eps)
             if _ops.as_torchs(input, weight, bias, running_mean, running_var, None, eps):
                 return F.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
             return _func.call("forward_inference", input, running_mean, running_var, weight, bias, eps)
