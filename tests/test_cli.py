@@ -100,7 +100,11 @@ def test_cli_bench_writes_into_batchnorm_bench_and_says_where(tmp_path):
 
 @pytest.mark.parametrize("args, words", [(["--out", "/proc/no-such-dir"], "error: --out '/proc/no-such-dir' is not "
                                            "a writable directory"),
-                                          (["--reps", "0"], "--reps must be >= 1, got 0")], ids=["out", "reps"])
+                                          (["--reps", "0"], "--reps must be >= 1, got 0"),
+                                          (["--shapes", "1x4"], "at least 2 values per channel (training), got '1x4'"),
+                                          (["--shapes", "8xa"], "a shape must look like 32x64x56x56"),
+                                          (["--name", "sub/x"], "a file stem without folders, got 'sub/x'")],
+                         ids=["out", "reps", "one-value", "not-a-shape", "name-with-folder"])
 def test_cli_bench_refuses_bad_arguments_before_measuring(args, words, tmp_path):
     # --out was created only after the whole run (minutes lost, then a traceback); --reps 0
     # ran the default 15 rounds.
@@ -184,3 +188,12 @@ def test_bench_ceiling_targets_count_the_unavoidable_passes():
     f32["rows"] = [dict(row, threads=2) for row in f32["rows"]]
     got = report.check_targets([f32], [1, 2], None, None, 1 << 20, 1 << 20)
     assert next(t for t in got if t["target"].startswith("every row"))["status"] == "N/A"
+
+
+@pytest.mark.parametrize("args", [["--quick", "bench"], ["--out", "x", "info"], ["--seed", "3", "selfcheck"]])
+def test_cli_paper_options_before_another_command_are_refused(args, tmp_path):
+    # `--quick bench` ran the full benchmark, `--out x bench` wrote elsewhere: silently.
+    done = subprocess.run([sys.executable, "-m", "batchnorm", *args], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode == 2 and "are the paper reproduction's" in done.stderr, done.stderr
+    assert not list(tmp_path.iterdir())

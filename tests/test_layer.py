@@ -3,6 +3,10 @@ with momentum or the cumulative average, track_running_stats=False, backward in 
 (eval-mode checked by finite differences), gradient accumulation and state_dict round trips."""
 from __future__ import annotations
 
+import copy
+import pickle
+import re
+
 import numpy as np
 import pytest
 
@@ -220,3 +224,33 @@ def test_dtype_other_than_float32_or_float64_is_refused(dtype):
 def test_repr_names_the_options():
     text = repr(bn.BatchNorm(8, momentum=None, axis=-1, dtype="float64"))
     assert text.startswith("BatchNorm(8,") and "momentum=None" in text and "axis=-1" in text and "float64" in text
+
+
+@pytest.mark.parametrize("value, error, words", [
+    (-1, ValueError, "num_batches_tracked must be in [0, 2**63), got -1"),
+    (2.7, TypeError, "num_batches_tracked must be an integer, got dtype float64"),
+    ("a", TypeError, "num_batches_tracked must be an integer"),
+    (2**70, TypeError, "num_batches_tracked must be an integer"),
+])
+def test_load_state_dict_checks_num_batches_tracked(value, error, words):
+    # -1 divided by zero at the next momentum=None step, 2.7 was truncated, 2**70 broke state_dict().
+    layer = bn.BatchNorm(3, momentum=None)
+    state = {**layer.state_dict(), "num_batches_tracked": value}
+    with pytest.raises(error, match=re.escape(words)):
+        layer.load_state_dict(state)
+    assert layer.num_batches_tracked == 0
+
+
+def test_train_takes_a_bool_and_copies_leave_the_last_batch_behind():
+    layer = bn.BatchNorm(4)
+    with pytest.raises(ValueError, match="training mode is expected to be boolean, got str"):
+        layer.train("False")  # truthy: it was training mode
+    assert layer.train(np.False_).training is False and layer.train().training is True
+    with pytest.raises(ValueError, match="convention must be 'torch' or 'keras', got \\[\\]"):
+        bn.BatchNorm(3, convention=[])
+    layer(np.ones((256, 4, 64), np.float32) + np.arange(64, dtype=np.float32))
+    assert len(pickle.dumps(layer)) < 20_000  # the 256 KB batch stayed behind
+    copied = copy.deepcopy(layer)
+    with pytest.raises(RuntimeError, match="needs a forward call first"):
+        copied.backward(np.ones((256, 4, 64), np.float32))
+    layer.backward(np.ones((256, 4, 64), np.float32))  # the original keeps it

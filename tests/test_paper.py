@@ -363,3 +363,23 @@ def test_results_do_not_depend_on_the_blas_kernel_or_the_isa(tmp_path):
         table = [line for line in done.stdout.splitlines() if "%" in line]
         outputs.append((table, results_without_timing(out)))
     assert outputs[0][0] and outputs[1] == outputs[0]
+
+
+@pytest.mark.parametrize("args, words", [(["--seed", "-1"], "--seed must be in [0, 2**63), got -1"),
+                                         (["--out", "/proc/self"], "--out /proc/self: ")],
+                         ids=["seed", "unwritable-out"])
+def test_cli_bad_options_exit_2_before_training(tmp_path, args, words):
+    # A negative seed ended in a worker's traceback; a folder that exists but takes no file
+    # (read-only; /proc/self even for root), in a traceback at the first figure, after training.
+    done = subprocess.run([sys.executable, "-m", "batchnorm", "--steps", "2", "--workers", "0", *args],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2 and words in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_the_95_percent_target_rounds_down_to_the_tenth_it_is():
+    from batchnorm.paper.experiments import targets
+
+    class Run:
+        test_accuracy = [0.5, 0.94]
+
+    assert targets({"Baseline": Run()}) == (0.893, 0.94)  # floor(0.94 * 0.95 * 1000) made 0.892

@@ -98,14 +98,24 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # everything after `bench` belongs to the benchmark's own parser
         return _bench(argv[1:])
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.cmake_dir:
         return _cmake_dir()
+    if args.command in ("info", "selfcheck", "bench"):
+        # Options before the command are the paper's: `--quick bench` ran the full benchmark
+        # and `--out x bench` wrote elsewhere, silently.
+        defaults = parser.parse_args([])
+        given = [f"--{name}" for name in ("steps", "seed", "out", "quick", "data", "workers")
+                 if getattr(args, name) != getattr(defaults, name)]
+        if given:
+            parser.error(f"the options before `{args.command}` ({', '.join(given)}) are the paper reproduction's"
+                         + ("; the benchmark's go after `bench`" if args.command == "bench" else ""))
     if args.command == "info":
         return _info()
     if args.command == "selfcheck":
         return _selfcheck()
-    if args.command == "bench":  # reached only with options before `bench`, which are the paper's
+    if args.command == "bench":  # reached only with options before `bench`, refused above
         return _bench([])
     from batchnorm.paper.experiments import main as paper
 

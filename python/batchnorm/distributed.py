@@ -393,10 +393,7 @@ class SyncBatchNorm(BatchNorm):
         # The engine holds the engine's handles (torch.distributed's module, a communicator),
         # which neither copy nor pickle: a copy (an EMA model, a checkpoint of the layer)
         # builds its own at its next synchronized step.
-        return {**self.__dict__, "_engine": None}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
+        return {**super().__getstate__(), "_engine": None}
 
     def __deepcopy__(self, memo: dict) -> "SyncBatchNorm":
         return copy_sharing_group(self, self.group, memo)

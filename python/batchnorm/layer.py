@@ -132,7 +132,7 @@ class BatchNorm:
         num_features = check_int(num_features, "num_features")
         if num_features < 1:
             raise ValueError(f"num_features must be >= 1, got {num_features}")
-        if convention not in _CONVENTIONS:
+        if not isinstance(convention, str) or convention not in _CONVENTIONS:
             raise ValueError(f"convention must be 'torch' or 'keras', got {convention!r}")
         defaults = _CONVENTIONS[convention]
         eps = check_real(defaults["eps"] if eps is None else eps, "eps")
@@ -197,8 +197,20 @@ class BatchNorm:
             skip_nonfinite=self.skip_nonfinite,
         )
 
+    # ---- copies ----------------------------------------------------------------------------
+    def __getstate__(self) -> Dict[str, Any]:
+        # Without the last forward's saved input (kept for backward): a layer pickled or copied
+        # after a step carried its whole last batch along (16 MB for a 16 MB batch). A copy's
+        # backward needs a forward of its own.
+        return {**self.__dict__, "_saved": None}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
     # ---- mode ------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "BatchNorm":
+        if not isinstance(mode, (bool, np.bool_)):  # (torch's message; "False" was truthy)
+            raise ValueError(f"training mode is expected to be boolean, got {type(mode).__name__}")
         self.training = bool(mode)
         return self
 
@@ -344,7 +356,12 @@ class BatchNorm:
             if key == "num_batches_tracked":
                 if value.size != 1:
                     raise ValueError(f"num_batches_tracked must be a scalar, got shape {value.shape}")
-                staged[key] = int(value.reshape(()))
+                if value.dtype.kind not in "iu":  # (2.7 was truncated; "a" met int()'s message)
+                    raise TypeError(f"num_batches_tracked must be an integer, got dtype {value.dtype}")
+                count = int(value.reshape(()))
+                if not 0 <= count < 2**63:  # (-1 divided by zero in momentum=None's 1 / (count + 1))
+                    raise ValueError(f"num_batches_tracked must be in [0, 2**63), got {count}")
+                staged[key] = count
                 continue
             if value.shape != (self.num_features,):
                 raise ValueError(f"{key} must have shape ({self.num_features},), got {value.shape}")

@@ -51,6 +51,29 @@ def _parse_threads(text: str) -> List[int]:
     return sorted(set(out))
 
 
+def _parse_shapes(text: str) -> List[tuple]:
+    """--shapes: argparse shows only an ArgumentTypeError's words (a ValueError's became
+    "invalid <lambda> value"); a training case needs 2 values per channel."""
+    shapes = []
+    for part in (t for t in text.split(",") if t.strip()):
+        try:
+            shape = C.parse_shape(part)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        if shape[0] * (shape[2] * shape[3] if len(shape) == 4 else 1) < 2:
+            raise argparse.ArgumentTypeError(f"a shape must hold at least 2 values per channel (training), got {part!r}")
+        shapes.append(shape)
+    return shapes
+
+
+def _parse_name(text: str) -> str:
+    """--name: a file stem in --out, not a path (a folder in it met open()'s error after all
+    the measuring)."""
+    if not text or os.sep in text or (os.altsep and os.altsep in text) or text in (".", ".."):
+        raise argparse.ArgumentTypeError(f"a file stem without folders, got {text!r} (--out chooses the folder)")
+    return text
+
+
 def _parse_ops(text: str) -> List[str]:
     ops = []
     for part in text.split(","):
@@ -84,7 +107,7 @@ def build_parser(default_out: str) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_parse_threads, default=None,
                    help="comma list of thread counts, 'all' = every CPU (default: 1,all)")
     p.add_argument("--ops", type=_parse_ops, default=list(C.OPS), help="comma list of ops (default: all three)")
-    p.add_argument("--shapes", type=lambda s: [C.parse_shape(t) for t in s.split(",") if t.strip()], default=None,
+    p.add_argument("--shapes", type=_parse_shapes, default=None,
                    help="comma list like 32x64x56x56,4096x1024 (default: the issue's seven); every --dtypes "
                         "then runs on each")
     p.add_argument("--dtypes", type=_parse_list(C.DTYPES), default=list(C.DTYPES),
@@ -96,7 +119,8 @@ def build_parser(default_out: str) -> argparse.ArgumentParser:
     p.add_argument("--out", default=default_out,
                    help=f"directory for the .json, .txt and .png results, created if missing (default {default_out}, "
                         "relative to the current directory)")
-    p.add_argument("--name", default=None, help="file stem of the results (default: full, quick or custom)")
+    p.add_argument("--name", type=_parse_name, default=None,
+                   help="file stem of the results (default: full, quick or custom)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch columns (and bfloat16)")
     p.add_argument("--no-numpy", action="store_true", help="skip the NumPy implementation")
     p.add_argument("--no-sweep", action="store_true", help="skip the time-vs-size sweep")
