@@ -6,6 +6,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
 
+import batchnorm.torch as bt  # noqa: E402
 from batchnorm.torch import BatchNormAct2d, batch_norm_act  # noqa: E402
 
 
@@ -125,7 +126,8 @@ def test_swapped_act_and_hooks_take_effect():
 
 
 @pytest.mark.parametrize("name,module", [("silu", torch.nn.SiLU), ("gelu", torch.nn.GELU), ("hard_swish", torch.nn.Hardswish),
-                                         ("relu6", torch.nn.ReLU6), ("identity", torch.nn.Identity)])
+                                         ("relu6", torch.nn.ReLU6), ("identity", torch.nn.Identity),
+                                         (None, torch.nn.Identity), ("", torch.nn.Identity)])  # (timm's: no activation)
 def test_activation_names_as_timm_takes_them(name, module):
     m = BatchNormAct2d(3, act_layer=name)
     assert type(m.act) is module
@@ -217,3 +219,35 @@ def test_eager_calls_give_the_bits_of_the_registered_ops(monkeypatch, dtype, res
     slow = step(m_ops)
     for i, (a, b) in enumerate(zip(fast, slow, strict=True)):
         assert _bits(a) == _bits(b), i
+
+
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")  # (torch 2.13 deprecates them)
+def test_quantized_input_is_refused_by_name():
+    # Eager-mode quantization keeps our layers (it maps torch's types only): DLPack's BufferError.
+    q = torch.quantize_per_tensor(torch.randn(2, 3, 4, 4), 0.1, 0, torch.quint8)
+    for m in (bt.BatchNorm2d(3).eval(), BatchNormAct2d(3).eval(), bt.BatchNorm2d(3)):
+        with pytest.raises(TypeError, match="x must be a floating-point tensor, got a quantized one"):
+            m(q)
+
+
+def test_export_refuses_a_residual_the_op_refuses():
+    # The fake kernels checked devices alone: a broadcast residual was exported, and refused
+    # when the program ran (ONNX: no translation of our op for it).
+    m = BatchNormAct2d(4).eval()
+    x, r = torch.randn(2, 4, 3, 3), torch.randn(1, 4, 1, 1)
+    with pytest.raises(ValueError, match=r"residual must have the shape of x, \(2, 4, 3, 3\), got \(1, 4, 1, 1\)"):
+        torch.export.export(m, (x, r))
+    with pytest.raises(TypeError, match="residual must have the dtype of x, float32, got float64"):
+        torch.export.export(m.train(), (x, r.expand(2, 4, 3, 3).double()))
+
+
+def test_jit_trace_of_the_fused_layer_warns_nothing():
+    # _same() compared shapes before as_torchs() said no (four TracerWarnings a trace).
+    import warnings
+
+    m = BatchNormAct2d(4).eval()  # (in training torch's own batch-size check warns, for its layers too)
+    x, r = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.jit.trace(m, (x, r), check_trace=False)
+    assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]

@@ -139,6 +139,40 @@ def test_each_decomposition_returns_what_its_op_returns(dtype, layout, half_para
             torch.testing.assert_close(g, e, rtol=tol, atol=tol, equal_nan=True, msg=where)
 
 
+@pytest.mark.parametrize("case", ["residual", "transposed"])
+def test_decompositions_of_a_joint_forward_backward_graph(case):
+    """ExecuTorch's on-device training lowers torch.export's joint forward and backward graph:
+    the decompositions wrote into fresh tensors in place (copy_), which it refuses (a fused
+    layer's residual gradient; a transposed x's outputs in x's strides)."""
+    from torch.export.experimental import _export_forward_backward
+
+    class Net(torch.nn.Module):
+        def __init__(self, ours):
+            super().__init__()
+            self.c1 = torch.nn.Conv2d(3, 4, 1)
+            self.c2 = torch.nn.Conv2d(3, 4, 1) if case == "residual" else None  # (every parameter needs a gradient)
+            self.ours = ours
+            self.bn = (bt.BatchNormAct2d(4) if case == "residual" else bt.BatchNorm2d(4)) if ours else \
+                torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            if case == "transposed":
+                return self.bn(self.c1(x).transpose(2, 3)).square().mean()
+            if self.ours:
+                return self.bn(self.c1(x), self.c2(x)).square().mean()
+            return torch.relu(self.bn(self.c1(x)) + self.c2(x)).square().mean()
+
+    x = torch.randn(4, 3, 5, 6)
+    theirs, ours = Net(False), Net(True)
+    table = torch.export.default_decompositions()
+    table.update(bt.decompositions())
+    for model in (theirs, ours):
+        joint = _export_forward_backward(torch.export.export(model.train(), (x,)))
+        decomposed = joint.run_decompositions(table)
+        assert not [n for n in decomposed.graph.nodes if "batchnorm" in str(n.target)]
+        assert not [n for n in decomposed.graph.nodes if str(n.target).endswith("copy_.default")]
+
+
 def test_decompositions_cover_the_ops_with_an_aten_counterpart():
     table = bt.decompositions()
     assert set(table) == {

@@ -676,6 +676,12 @@ def check_tensors(input: Any, **named: Any) -> None:
             raise TypeError(f"{name} must be a Tensor, got {kind}")
         if t.layout != torch.strided:
             raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+        if t.is_quantized:  # (eager-mode quantization keeps our layers, which it does not know, as floats)
+            raise TypeError(
+                f"{name} must be a floating-point tensor, got a quantized one ({t.dtype}); batchnorm.torch's layers "
+                "take float tensors: fold them into the convolutions first (torch.ao.quantization.fuse_modules "
+                "with bt.fuser_method_mapping()), or quantize a model with torch's own batch norm there"
+            )
     for name, t in named.items():
         if t is not None and t.device != input.device:
             raise TypeError(f"{name} must be on the same device as x ({t.device} and {input.device})")

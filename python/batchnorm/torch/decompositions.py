@@ -28,7 +28,9 @@ def _like_x(t: Tensor, x: Tensor) -> Tensor:
     returns a contiguous tensor for a transposed or permuted x). Where they agree, the copy is
     never made (the unused empty tensor is dead code in the graph)."""
     out = torch.empty_like(x)
-    return t if out.stride() == t.stride() else out.copy_(t)
+    # aten.copy, not copy_: an in-place write into a fresh tensor is refused in a joint forward
+    # and backward graph (torch.export's _export_forward_backward, ExecuTorch training).
+    return t if out.stride() == t.stride() else aten.copy.default(out, t)
 
 
 def _training(x, weight, bias, running_mean, running_var, momentum, eps, residual=None, relu=False):
@@ -84,7 +86,8 @@ def _forward_inference_act(x, residual, mean, var, weight, bias, eps, relu):
 def _backward_act(dy, x, y, saved_mean, saved_invstd, weight, relu, residual):
     g = aten.threshold_backward.default(dy, y, 0) if relu else dy  # the ReLU's mask from y
     dx, dweight, dbias = _backward(g, x, saved_mean, saved_invstd, weight)
-    return dx, dweight, dbias, torch.empty_like(x).copy_(g) if residual else _vector(x, 0)  # (never dy itself)
+    dres = aten.copy.default(torch.empty_like(x), g) if residual else _vector(x, 0)  # (never dy itself; see _like_x)
+    return dx, dweight, dbias, dres
 
 
 def decompositions() -> Dict[torch._ops.OpOverload, Callable]:

@@ -47,10 +47,22 @@ def _forward_training_act(x, residual, weight, bias, running_mean, running_var, 
     return y, mean, invstd, new_mean, new_var
 
 
+def _residual_like_x(x: Tensor, residual: Optional[Tensor]) -> None:
+    """The fused forward's residual check in its fake kernels (the core's words): traced by
+    torch.export, a broadcast residual was exported, and refused only when the program ran."""
+    if residual is None:
+        return
+    if residual.shape != x.shape:
+        raise ValueError(f"residual must have the shape of x, {tuple(x.shape)}, got {tuple(residual.shape)}")
+    if residual.dtype != x.dtype:
+        raise TypeError(f"residual must have the dtype of x, {str(x.dtype)[6:]}, got {str(residual.dtype)[6:]}")
+
+
 @torch.library.register_fake("batchnorm::forward_training_act", lib=_lib)
 def _forward_training_act_fake(x, residual, weight, bias, running_mean, running_var, momentum, eps, relu):
     _ops.on_x_device(x, residual=residual, weight=weight, bias=bias, running_mean=running_mean,
                      running_var=running_var)
+    _residual_like_x(x, residual)
     C = _ops.channels(x)
     new_mean, new_var = _new_running(x, running_mean, True), _new_running(x, running_var, True)
     return torch.empty_like(x), _vector(x, C), _vector(x, C), new_mean, new_var
@@ -70,6 +82,7 @@ def _forward_inference_act(x, residual, mean, var, weight, bias, eps, relu):
 @torch.library.register_fake("batchnorm::forward_inference_act", lib=_lib)
 def _forward_inference_act_fake(x, residual, mean, var, weight, bias, eps, relu):
     _ops.on_x_device(x, residual=residual, mean=mean, var=var, weight=weight, bias=bias)
+    _residual_like_x(x, residual)
     return torch.empty_like(x)
 
 
@@ -242,7 +255,7 @@ def _batch_norm_act(
                     u(input), u(residual), u(weight), u(bias), (running_mean, running_var), momentum, eps, relu
                 )
             _ops.check_separate_running(running_mean, running_var)
-            if _same(input, residual) and _ops.as_torchs(input, weight, bias, running_mean, running_var, momentum, eps):
+            if _ops.as_torchs(input, weight, bias, running_mean, running_var, momentum, eps) and _same(input, residual):
                 return _unfused(input, running_mean, running_var, weight, bias, True, momentum, eps, residual, relu)
             y, _, _, new_mean, new_var = _func.call(
                 "forward_training_act", input, residual, weight, bias, running_mean, running_var, momentum, eps, relu
@@ -255,7 +268,7 @@ def _batch_norm_act(
             if not _ops.wants_grad(input, residual, weight, bias) and \
                     _ops.eager(input, residual, weight, bias, running_mean, running_var):
                 return _forward_inference_act(input, residual, running_mean, running_var, weight, bias, eps, relu)
-            if _same(input, residual) and _ops.as_torchs(input, weight, bias, running_mean, running_var, None, eps):
+            if _ops.as_torchs(input, weight, bias, running_mean, running_var, None, eps) and _same(input, residual):
                 return _unfused(input, running_mean, running_var, weight, bias, False, momentum, eps, residual, relu)
             return _func.call("forward_inference_act", input, residual, running_mean, running_var, weight, bias, eps,
                               relu)
@@ -304,7 +317,10 @@ _ACT_NAMES = {
 
 
 def _make_act(act_layer: Any, act_kwargs: Optional[dict], inplace: bool) -> nn.Module:
-    """The activation module, built as timm builds it (inplace where the class takes it)."""
+    """The activation module, built as timm builds it (inplace where the class takes it); None
+    or "" is no activation, as timm's get_act_layer makes them."""
+    if act_layer is None or (isinstance(act_layer, str) and not act_layer):
+        return nn.Identity()
     if isinstance(act_layer, str):
         if act_layer not in _ACT_NAMES:
             raise ValueError(f"act_layer must be an nn.Module class, a callable or one of {sorted(_ACT_NAMES)}, "
