@@ -532,15 +532,17 @@ def check_scalars(training: Any, momentum: Any, eps: Any) -> None:
     printed its whole signature instead); then torch.nn.functional.batch_norm's eps rules, with
     its messages: positive in training (a constant channel's variance is 0), non-negative
     otherwise. (momentum's range is the core's check.)"""
+    # (Exact type tests first: the usual floats pass in 0.1 us, _real's isinstance costs more.)
     if type(training) is not bool:
         raise TypeError(f"training must be a bool, got {type(training).__name__}")
-    if training and not _real(momentum):
-        raise TypeError(f"momentum must be a float, got {type(momentum).__name__}")
-    if not _real(eps):
+    if type(eps) is not float and not _real(eps):
         raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-    if training and eps <= 0.0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    if eps < 0.0:
+    if training:
+        if type(momentum) is not float and not _real(momentum):
+            raise TypeError(f"momentum must be a float, got {type(momentum).__name__}")
+        if eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
@@ -623,9 +625,9 @@ def kernel_takes(dy: Tensor) -> bool:
     is_grads_batched and the vectorized jacobian and hessian run the backward under torch's
     legacy vmap, and their dy is a batched tensor without memory of its own, which the
     dispatcher's batching rules take apart (torch.func's vmap, likewise, through the op's rule)."""
-    if torch._C._are_functorch_transforms_active() or type(dy) not in _PLAIN:
+    if type(dy) not in _PLAIN or _is_legacy_batched(dy):
         return False
-    return not _is_legacy_batched(dy)
+    return not torch._C._are_functorch_transforms_active()
 
 
 _is_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
@@ -692,7 +694,12 @@ def check_inference_tensors(x: Tensor, weight: Optional[Tensor], bias: Optional[
     eager training call before its kernel writes the running statistics in place: torch
     refuses their in-place update, and autograd refuses to save an x or weight for a backward.
     Raised after the kernel (by the version bump, or by autograd saving the Function's
-    tensors), they left a call that failed with its running statistics updated."""
+    tensors), they left a call that failed with its running statistics updated. Gated on x and
+    running_mean (0.2 us a call; the whole check cost 0.66 us): a layer's buffers and
+    parameters are made in one mode together."""
+    rm = running[0]
+    if not (x.is_inference() or (rm is not None and rm.is_inference())):
+        return
     if torch.is_inference_mode_enabled():
         return
     for name, t in zip(("running_mean", "running_var"), running):
