@@ -719,7 +719,20 @@ def test_scalar_arguments_of_the_wrong_type_are_named(call, name, value, trainin
     assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
 
 
-def test_numpy_scalars_are_numbers():
+def test_numpy_scalars_traced_scalars_and_0d_tensors_are_numbers():
+    # As torch's batch_norm takes them (the first type checks refused 0-d tensors and SymFloats).
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x = torch.randn(4, 3, 2)
+    want = bt.batch_norm(x, None, None, training=True, momentum=0.25, eps=1e-3)
+    got = bt.batch_norm(x, None, None, training=True, momentum=torch.tensor(0.25), eps=torch.tensor(1e-3))
+    torch.testing.assert_close(got, want)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    traced = make_fx(lambda x, rm, rv: bt.batch_norm(x, rm, rv, training=True, momentum=1.0 / x.shape[0]),
+                     tracing_mode="symbolic")(x, rm, rv)  # momentum: a SymFloat
+    assert traced(x, rm, rv).shape == x.shape
+    with pytest.raises(TypeError, match="training must be a bool, got numpy.bool"):
+        bt.batch_norm(x, None, None, training=np.True_)  # (refused as torch refuses it; "got bool" said nothing)
     x = torch.randn(4, 3, 2)
     want = bt.batch_norm(x, None, None, training=True, momentum=0.25, eps=1e-3)
     got = bt.batch_norm(x, None, None, training=True, momentum=np.float32(0.25), eps=np.float32(1e-3))

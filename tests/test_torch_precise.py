@@ -140,3 +140,15 @@ def test_layers_called_with_their_input_by_keyword():
     want = x.double().transpose(0, 1).reshape(3, -1)
     torch.testing.assert_close(model.bn.running_mean, want.mean(1).float())
     torch.testing.assert_close(model.bn.running_var, want.var(1).float())
+
+
+def test_a_lazy_layer_not_made_yet():
+    # Its running statistics are made by its first batch: the copies kept to restore them after
+    # a failed pass were taken of uninitialized buffers ("Attempted to use an uninitialized
+    # parameter").
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.LazyBatchNorm2d())
+    x = torch.randn(8, 3, 4, 4)
+    counts = bt.recompute_statistics(model, [x])
+    assert counts == {"1": 8 * 16}
+    h = model[0](x).detach().double()
+    torch.testing.assert_close(model[1].running_mean, h.mean((0, 2, 3)).float(), rtol=1e-5, atol=1e-6)

@@ -534,21 +534,34 @@ def check_scalars(training: Any, momentum: Any, eps: Any) -> None:
     otherwise. (momentum's range is the core's check.)"""
     # (Exact type tests first: the usual floats pass in 0.1 us, _real's isinstance costs more.)
     if type(training) is not bool:
-        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+        raise TypeError(f"training must be a bool, got {_type_name(training)}")
     if type(eps) is not float and not _real(eps):
-        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-    if training:
-        if type(momentum) is not float and not _real(momentum):
-            raise TypeError(f"momentum must be a float, got {type(momentum).__name__}")
-        if eps <= 0.0:
-            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    elif eps < 0.0:
+        raise TypeError(f"eps must be a float, got {_type_name(eps)}")
+    if training and type(momentum) is not float and not _real(momentum):
+        raise TypeError(f"momentum must be a float, got {_type_name(momentum)}")
+    if type(eps) is not float and not isinstance(eps, numbers.Real):
+        return  # a traced or 0-d tensor value: the op's own check when it runs
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
 def _real(value: Any) -> bool:
-    """A real number (a Python float or int, a NumPy scalar; not a bool)."""
-    return type(value) is float or (isinstance(value, numbers.Real) and not isinstance(value, bool))
+    """A real number as torch's batch_norm takes one: a Python float or int, a NumPy scalar, a
+    traced one (SymFloat, SymInt: make_fx, non-strict export) or a 0-d real tensor; not a bool."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        return True
+    return isinstance(value, Tensor) and value.dim() == 0 and not value.is_complex() and value.dtype != torch.bool
+
+
+def _type_name(value: Any) -> str:
+    """A type's name for a message, with its module when it is not a builtin (NumPy's bool is
+    also named "bool")."""
+    kind = type(value)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
 
 
 # The inference ops name their statistics `mean` and `var`; batch_norm and batch_norm_act take
@@ -672,10 +685,7 @@ def check_tensors(input: Any, **named: Any) -> None:
         if t is None and name != "x":
             continue
         if not isinstance(t, Tensor):
-            kind = type(t).__qualname__
-            if type(t).__module__ != "builtins":
-                kind = f"{type(t).__module__}.{kind}"
-            raise TypeError(f"{name} must be a Tensor, got {kind}")
+            raise TypeError(f"{name} must be a Tensor, got {_type_name(t)}")
         if t.layout != torch.strided:
             raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
         if t.is_quantized:  # (eager-mode quantization keeps our layers, which it does not know, as floats)

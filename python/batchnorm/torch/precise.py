@@ -41,6 +41,14 @@ class _Accumulator:
             self.mean, self.var, self.count = F.merge_statistics([self.mean, m], [self.var, v], [self.count, n])
 
 
+def _copy(buffer: Any) -> Any:
+    """A running statistic's copy to restore after a failed pass; None for a lazy layer's that
+    is not made yet (its first batch makes it, at its initial value: nothing to restore)."""
+    if isinstance(buffer, torch.nn.parameter.UninitializedBuffer):
+        return None
+    return buffer.clone()
+
+
 def _merge_across(acc: Dict[str, _Accumulator], layers: Dict[str, _BatchNorm], process_group: Any) -> None:
     """Every rank's accumulators merged in rank order, a layer at a time: bitwise the same
     statistics on every rank."""
@@ -83,7 +91,7 @@ def recompute_statistics(
     modes = {m: m.training for m in model.modules()}
     # Momentum 0 leaves a running statistic as it was, but 0 * Inf is NaN: a batch with an Inf
     # value turned them to NaN, which a failed call then left behind. Restored from copies.
-    saved = {name: (m.momentum, m.num_batches_tracked.clone(), m.running_mean.clone(), m.running_var.clone())
+    saved = {name: (m.momentum, m.num_batches_tracked.clone(), _copy(m.running_mean), _copy(m.running_var))
              for name, m in layers.items()}
     hooks = [m.register_forward_pre_hook(acc[name], with_kwargs=True) for name, m in layers.items()]
     try:
@@ -102,8 +110,9 @@ def recompute_statistics(
             for name, m in layers.items():
                 m.momentum = saved[name][0]
                 m.num_batches_tracked.copy_(saved[name][1])
-                m.running_mean.copy_(saved[name][2])
-                m.running_var.copy_(saved[name][3])
+                for buffer, copied in ((m.running_mean, saved[name][2]), (m.running_var, saved[name][3])):
+                    if copied is not None:
+                        buffer.copy_(copied)
     if sync:
         _merge_across(acc, layers, process_group)
     # The variance each layer tracks: unbiased (torch's), biased where a layer of ours keeps
