@@ -169,8 +169,7 @@ class SyncBatchNorm(_Base):
         own: Optional[Exception] = None
         momentum = 0.0
         running = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
-        # The exchange's device: x's, or for an input that is no tensor the layer's own.
-        device = next((t.device for t in (self.weight, self.running_mean) if t is not None), torch.device("cpu"))
+        device = None  # the exchange's: x's once it is known to be a tensor
         try:
             _ops.check_tensors(input)  # (not a tensor: a TypeError, exchanged as the others are)
             device = input.device
@@ -192,6 +191,9 @@ class SyncBatchNorm(_Base):
             own = err
         if own is not None:  # the exchange raises it here and the others' error on every other rank
             with torch._C._DisableFuncTorch():  # its host tensors are no transform's
+                if device is None:  # an input that is no tensor: the layer's own device (only read on this path)
+                    device = next((t.device for t in (self.weight, self.running_mean) if t is not None),
+                                  torch.device("cpu"))
                 _exchange(self._engine_of(group), None, _AXIS, self.num_features, device, own, self.exchange)
         counted = self.num_batches_tracked if self.track_running_stats else None
         version = _ops.version(running[0], counted)
