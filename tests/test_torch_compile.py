@@ -111,6 +111,45 @@ def test_training_variants_keep_our_op():
     torch.testing.assert_close(m.running_var, expected.running_var)
 
 
+_CUMULATIVE = {
+    "BatchNorm2d": lambda: bt.BatchNorm2d(6, momentum=None),
+    "BatchNormAct2d": lambda: bt.BatchNormAct2d(6, momentum=None),
+    "SyncBatchNorm": lambda: bt.SyncBatchNorm(6, momentum=None),
+    "skip_nonfinite": lambda: bt.BatchNorm2d(6, momentum=None, skip_nonfinite=True),
+    "renorm": lambda: bt.BatchNorm2d(6, momentum=None, renorm=(3.0, 5.0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_CUMULATIVE))
+def test_cumulative_average_compiles_once(name):
+    # momentum=None read num_batches_tracked as a float: Dynamo broke the graph there and
+    # recompiled for each count until its limit (8). Now one graph, fullgraph for the plain
+    # layers; the variants run as a graph break each step, never recompiled.
+    m = _with_stats(_CUMULATIVE[name]()).train()
+    expected = copy.deepcopy(m)
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    variant = name in ("skip_nonfinite", "renorm")
+    compiled = torch.compile(m, backend=backend, fullgraph=not variant)
+    g = torch.Generator().manual_seed(2)
+    for step in range(6):
+        x = torch.randn(4, 6, 5, 3, generator=g)
+        if step == 3 and variant:
+            x[:, 1] = float("inf")  # a batch skip_nonfinite skips
+        torch.testing.assert_close(compiled(x), expected(x), equal_nan=True)
+        if step == 1:
+            compiled_after_two = len(graphs)
+    assert len(graphs) == compiled_after_two <= 2, [str(gm.graph) for gm in graphs]
+    for (buffer, a), b in zip(m.named_buffers(), expected.buffers()):  # running statistics, batch count
+        torch.testing.assert_close(a, b, msg=buffer, equal_nan=True)
+    assert int(m.num_batches_tracked) == 6
+
+
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("residual", [False, True])
 def test_fused_layer_traces_batch_norm_add_relu(residual, training):

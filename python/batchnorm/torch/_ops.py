@@ -506,6 +506,26 @@ def count_interrupted(counted: Optional[Tensor], running_mean: Optional[Tensor],
         counted.add_(1)
 
 
+def compiled_cumulative(call: Any, running_mean: Tensor, running_var: Tensor, counted: Tensor) -> Tensor:
+    """A training layer's momentum=None (the cumulative average: 1 / batches seen) under
+    torch.compile, in the graph. Eagerly a layer reads num_batches_tracked as a Python float, as
+    torch's do; Dynamo breaks the graph there and specializes the code after it on each value
+    seen, so every step recompiled until the limit (8 graphs) left the layer eager with a warning
+    (torch's own layers leave the whole model eager). Here call(mean, var, momentum) runs the
+    layer at momentum 1 into fresh buffers, which then hold the batch's statistics, and the
+    running statistics take them with the weight 1 / (batches + 1) as a tensor, in the update
+    formula of torch's batch norm (which Dynamo traces for our layers: README "Under
+    torch.compile")."""
+    batch_mean, batch_var = torch.zeros_like(running_mean), torch.zeros_like(running_var)
+    y = call(batch_mean, batch_var, 1.0)
+    weight = (counted + 1).to(torch.float64).reciprocal()
+    for running, batch in ((running_mean, batch_mean), (running_var, batch_var)):
+        w = weight.to(running.dtype)
+        running.copy_(w * batch + (1 - w) * running)
+    counted.add_(1)
+    return y
+
+
 def write_running(running_mean: Optional[Tensor], new_mean: Tensor, running_var: Optional[Tensor],
                   new_var: Tensor) -> None:
     """The updated running statistics (the registered ops return them) into the caller's

@@ -201,6 +201,8 @@ class _Base(_BatchNorm):
         if self.training and self.track_running_stats:
             tracked_batches = self.num_batches_tracked  # (one module attribute lookup: 0.5 us each)
             if tracked_batches is not None and self.momentum is None:  # cumulative moving average
+                if torch.compiler.is_compiling() and self.running_mean is not None and self.running_var is not None:
+                    return self._compiled_cumulative(input, tracked_batches)
                 exponential_average_factor = 1.0 / (float(tracked_batches) + 1.0)
         # Batch statistics in training, and in eval when there are no running statistics.
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
@@ -242,6 +244,24 @@ class _Base(_BatchNorm):
         if tracked_batches is not None:
             tracked_batches.add_(1)
         return y
+
+
+    @torch.jit.unused
+    def _compiled_cumulative(self, input: Tensor, counted: Tensor) -> Tensor:
+        """momentum=None in training under torch.compile (_ops.compiled_cumulative). The training
+        variants update the running statistics from them (renorm's correction, skip_nonfinite's
+        skip), which fresh buffers would lose: they run the layer as a graph break instead."""
+        if self._variants():
+            return self._uncompiled(input)
+        return _ops.compiled_cumulative(
+            lambda mean, var, momentum: _batch_norm(input, mean, var, self.weight, self.bias, True, momentum, self.eps),
+            self.running_mean, self.running_var, counted,
+        )
+
+    @torch.jit.unused
+    @torch.compiler.disable
+    def _uncompiled(self, input: Tensor) -> Tensor:
+        return self._forward(input)
 
 
 class BatchNorm1d(_Base):

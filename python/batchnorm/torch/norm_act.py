@@ -426,23 +426,31 @@ class BatchNormAct2d(nn.BatchNorm2d):
         self._check_input_dim(x)
         factor = 0.0 if self.momentum is None else self.momentum
         counted = self.num_batches_tracked if self.training and self.track_running_stats else None
-        if counted is not None and self.momentum is None:  # counted once the batch has run (modules.py)
-            factor = 1.0 / (float(counted) + 1.0)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         tracked = not self.training or self.track_running_stats
         rm = self.running_mean if tracked else None
         rv = self.running_var if tracked else None
         relu = self._fused_relu()
         fused = relu is not None
-        version = _ops.version(rm, counted)
-        try:
-            y = _batch_norm_act(x, rm, rv, self.weight, self.bias, bn_training, factor, self.eps,
-                                residual if fused else None, bool(relu))
-        except BaseException:
-            _ops.count_interrupted(counted, rm, version)
-            raise
-        if counted is not None:
-            counted.add_(1)
+        if counted is not None and self.momentum is None and rm is not None and rv is not None \
+                and torch.compiler.is_compiling():  # (the cumulative average in the graph: modules.py)
+            y = _ops.compiled_cumulative(
+                lambda mean, var, momentum: _batch_norm_act(x, mean, var, self.weight, self.bias, True, momentum,
+                                                            self.eps, residual if fused else None, bool(relu)),
+                rm, rv, counted,
+            )
+        else:
+            if counted is not None and self.momentum is None:  # counted once the batch has run (modules.py)
+                factor = 1.0 / (float(counted) + 1.0)
+            version = _ops.version(rm, counted)
+            try:
+                y = _batch_norm_act(x, rm, rv, self.weight, self.bias, bn_training, factor, self.eps,
+                                    residual if fused else None, bool(relu))
+            except BaseException:
+                _ops.count_interrupted(counted, rm, version)
+                raise
+            if counted is not None:
+                counted.add_(1)
         if fused:
             return y
         y = self.drop(y)
