@@ -127,13 +127,20 @@ def test_swapped_act_and_hooks_take_effect():
 
 @pytest.mark.parametrize("name,module", [("silu", torch.nn.SiLU), ("gelu", torch.nn.GELU), ("hard_swish", torch.nn.Hardswish),
                                          ("relu6", torch.nn.ReLU6), ("identity", torch.nn.Identity),
+                                         ("gelu_tanh", lambda: torch.nn.GELU(approximate="tanh")),
+                                         ("quick_gelu", lambda: lambda x: x * torch.sigmoid(1.702 * x)),
+                                         ("hard_mish", lambda: lambda x: x * torch.clamp(x + 2, 0, 2) / 2),
                                          (None, torch.nn.Identity), ("", torch.nn.Identity)])  # (timm's: no activation)
 def test_activation_names_as_timm_takes_them(name, module):
     m = BatchNormAct2d(3, act_layer=name)
-    assert type(m.act) is module
-    x = torch.randn(4, 3, 5, 5)
+    if isinstance(module, type):
+        assert type(m.act) is module
+    x = torch.randn(4, 3, 5, 5) * 3
     ref = _reference(m)
     torch.testing.assert_close(m(x), module()(ref(x)), rtol=1e-5, atol=1e-6)
+    if name == "hard_mish":  # its pieces: 0 below -2, x (x + 2) / 2 between, x above 0
+        t = torch.tensor([-3.0, -2.0, -1.0, 0.0, 1.5])
+        torch.testing.assert_close(m.act(t), torch.tensor([0.0, 0.0, -0.5, 0.0, 1.5]))
     with pytest.raises(ValueError, match="act_layer must be .* one of .*'silu'.* got 'sigmoidal'"):
         BatchNormAct2d(3, act_layer="sigmoidal")
 

@@ -307,12 +307,41 @@ def _unfused(
     return F.relu(y) if relu else y
 
 
-# Activation names as timm's get_act_layer takes them (its common ones, as torch.nn's modules).
+class GELUTanh(nn.GELU):
+    """GELU's tanh approximation (timm's "gelu_tanh")."""
+
+    def __init__(self, inplace: bool = False) -> None:
+        super().__init__(approximate="tanh")
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x), CLIP's GELU approximation (timm's "quick_gelu")."""
+
+    def __init__(self, inplace: bool = False) -> None:
+        super().__init__()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class HardMish(nn.Module):
+    """0.5 x clamp(x + 2, 0, 2), the piecewise-quadratic Mish (timm's "hard_mish")."""
+
+    def __init__(self, inplace: bool = False) -> None:
+        super().__init__()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return 0.5 * x * (x + 2).clamp(min=0, max=2)
+
+
+# Activation names as timm's get_act_layer takes them: every name of its factory, as torch.nn's
+# modules where torch has the function (timm's own classes compute the same).
 _ACT_NAMES = {
     "relu": nn.ReLU, "relu6": nn.ReLU6, "leaky_relu": nn.LeakyReLU, "elu": nn.ELU, "celu": nn.CELU,
-    "selu": nn.SELU, "gelu": nn.GELU, "silu": nn.SiLU, "swish": nn.SiLU, "mish": nn.Mish, "sigmoid": nn.Sigmoid,
-    "tanh": nn.Tanh, "hard_sigmoid": nn.Hardsigmoid, "hardsigmoid": nn.Hardsigmoid, "hard_swish": nn.Hardswish,
-    "hardswish": nn.Hardswish, "prelu": nn.PReLU, "identity": nn.Identity,
+    "selu": nn.SELU, "gelu": nn.GELU, "gelu_tanh": GELUTanh, "quick_gelu": QuickGELU, "silu": nn.SiLU,
+    "swish": nn.SiLU, "mish": nn.Mish, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "hard_sigmoid": nn.Hardsigmoid,
+    "hardsigmoid": nn.Hardsigmoid, "hard_swish": nn.Hardswish, "hardswish": nn.Hardswish, "hard_mish": HardMish,
+    "prelu": nn.PReLU, "identity": nn.Identity,
 }
 
 
