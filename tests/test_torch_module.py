@@ -277,6 +277,33 @@ def test_convert_sync_refuses_what_it_cannot_synchronize_before_changing_anythin
 
 
 @pytest.mark.parametrize("sync", [False, True])
+def test_convert_keeps_hooks_attributes_and_attached_modules(sync):
+    """A layer's hooks fire on its replacement with the replacement as their module, and the
+    handles taken on the old layer remove them (torch's convert_sync_batchnorm drops hooks);
+    attributes set on it and modules attached to it stay."""
+    layer = nn.BatchNorm2d(3)
+    seen = []
+    layer.register_forward_pre_hook(lambda m, args: seen.append(("pre", m)))
+    handle = layer.register_forward_hook(lambda m, args, out: seen.append(("post", m)))
+    layer.register_forward_hook(lambda m, args, kwargs, out: seen.append(("kwargs", m)), with_kwargs=True)
+    layer.register_full_backward_hook(lambda m, gin, gout: seen.append(("backward", m)))
+    layer.register_state_dict_post_hook(lambda m, sd, prefix, local: sd.__setitem__(prefix + "tag", m.tag))
+    layer.tag = "mine"
+    layer.observer = nn.Identity()
+    model = bt.convert(nn.Sequential(layer), sync=sync)
+    new = model[0]
+    assert type(new) is (bt.SyncBatchNorm if sync else bt.BatchNorm2d)
+    x = torch.randn(4, 3, 2, 2, requires_grad=True)
+    model(x).sum().backward()
+    assert seen == [("pre", new), ("post", new), ("kwargs", new), ("backward", new)]
+    assert model.state_dict()["0.tag"] == "mine" and new.observer is layer.observer
+    handle.remove()
+    seen.clear()
+    model(x)
+    assert [kind for kind, _ in seen] == ["pre", "kwargs"]
+
+
+@pytest.mark.parametrize("sync", [False, True])
 def test_convert_keeps_a_shared_layer_one_layer(sync):
     """A layer registered under two names (here and in a nested module) is replaced by one
     layer everywhere, as one object it was."""

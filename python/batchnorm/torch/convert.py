@@ -36,9 +36,27 @@ def _replacement(module: torch.nn.Module, cls: type, process_group: Any) -> torc
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         setattr(new, name, getattr(module, name))
     new.train(module.training)
-    if hasattr(module, "qconfig"):
-        new.qconfig = module.qconfig
+    _carry_over(module, new)
     return new
+
+
+# nn.Module's hook registries (forward, backward, state_dict...): those a fresh module has.
+_HOOKS = tuple(name for name in vars(torch.nn.Module()) if "hook" in name)
+
+
+def _carry_over(module: torch.nn.Module, new: torch.nn.Module) -> None:
+    """What else the model gave the layer: its hooks (the very registries, so the handles
+    registered on the old layer still remove them, and each hook gets the new layer), the
+    attributes set on it (qconfig, a user's tags) and modules attached to it (observers).
+    torch's convert_sync_batchnorm carries only qconfig: a feature-extraction hook went silent."""
+    for name in _HOOKS:
+        if name in vars(module):
+            setattr(new, name, getattr(module, name))
+    for name, value in vars(module).items():
+        if name not in vars(new):
+            new.__dict__[name] = value
+    for name, child in module._modules.items():
+        new._modules[name] = child
 
 
 def _check_process_group(process_group: Any) -> None:
