@@ -206,6 +206,23 @@ def test_skip_nonfinite(bad, ghost):
     assert np.isfinite(np.asarray(y)[:, [0, 2]]).all()
 
 
+@pytest.mark.parametrize("renorm", [None, (3.0, 5.0)])
+def test_skip_nonfinite_keeps_a_channel_its_running_dtype_would_store_as_inf(renorm):
+    """float16 running statistics: channel 0's batch variance (about 3.6e9) is finite in
+    float32 but its update is Inf in float16; kept as the core keeps it (eager's bits)."""
+    x = np.random.default_rng(3).standard_normal((6, 2, 5))
+    x[:, 0] = np.where(x[:, 0] > 0, 6e4, -6e4)
+    x = x.astype(np.float32)
+    for skip in (True, False):
+        rm, rv = np.zeros(2, np.float16), np.ones(2, np.float16)
+        out = jax.jit(lambda x, a, b: bj.batch_norm(x, None, None, a, b, training=True, momentum=0.5,
+                                                    renorm=renorm, skip_nonfinite=skip))(x, rm, rv)
+        batchnorm.forward_training(x, running_mean=rm, running_var=rv, momentum=0.5, renorm=renorm,
+                                   skip_nonfinite=skip)
+        assert bits(out[1]) == bits(rm) and bits(out[2]) == bits(rv), (out[1:3], rm, rv)
+        assert np.isinf(rv[0]) != skip and rv[1] != 1.0
+
+
 @pytest.mark.parametrize("skip", [False, True])
 def test_renorm_with_non_finite_running_statistics_matches_eager(skip):
     """Batch renorm reads the running statistics, which may already hold an Inf or a NaN: the

@@ -446,3 +446,27 @@ def test_skip_nonfinite_judges_the_statistics_as_the_accumulation_type_holds_the
     bn.forward_training(x, running_mean=rm, running_var=rv, skip_nonfinite=True)
     assert to_f64(rm)[0] == 0.0 and to_f64(rv)[0] == 1.0
     assert np.isfinite(to_f64(rv)[1]) and to_f64(rv)[1] != 1.0
+
+
+@pytest.mark.parametrize("xp", lib_params())
+@pytest.mark.parametrize("x_dtype", ["float16", "float32"])
+def test_skip_nonfinite_keeps_a_channel_its_running_dtype_would_store_as_inf(xp, x_dtype):
+    # float16 running statistics: channel 0's batch variance (about 3.6e9) is finite in the
+    # accumulation type but its update stores as Inf in float16, so the channel is kept; channel
+    # 1 is updated. Without skip_nonfinite the Inf is stored, as PyTorch's layers store it.
+    x64 = np.random.default_rng(3).standard_normal((6, 2, 5))
+    x64[:, 0] = np.where(x64[:, 0] > 0, 6e4, -6e4)
+    for skip in (True, False):
+        x = cast(x64, x_dtype, xp)
+        rm, rv = cast(np.zeros(2), "float16", xp), cast(np.ones(2), "float16", xp)
+        bn.forward_training(x, running_mean=rm, running_var=rv, skip_nonfinite=skip, momentum=0.5)
+        if skip:
+            assert to_f64(rm)[0] == 0.0 and to_f64(rv)[0] == 1.0
+        else:
+            assert np.isinf(to_f64(rv)[0])
+        assert np.isfinite(to_f64(rv)[1]) and to_f64(rv)[1] != 1.0
+    # At the edge: an update that rounds to float16's largest value (65504) is stored.
+    x = cast(np.array([[-1.0], [1.0]]) * np.sqrt(65510.0), "float32", xp)  # unbiased variance 131020
+    rm, rv = cast(np.zeros(1), "float16", xp), cast(np.zeros(1), "float16", xp)
+    bn.forward_training(x, running_mean=rm, running_var=rv, skip_nonfinite=True, momentum=0.5)
+    assert to_f64(rv)[0] == 65504.0

@@ -18,18 +18,21 @@ enum class DType : int { float16 = 0, bfloat16 = 1, float32 = 2, float64 = 3 };
 // it (core/dlpack.cpp, bindings/dlpack.cpp, jax/handlers.cpp). The DLPack codes are
 // DLDataTypeCode's kDLFloat (2) and kDLBfloat (4), checked against the header in dlpack.cpp
 // (kernels include this file without the public header).
+// `overflow` is the magnitude from which a value rounds to Inf in the dtype (round to nearest:
+// the largest finite value plus half its spacing), infinite for float64.
 struct DTypeInfo {
   DType dtype;
   const char* name;
   std::size_t size;
   std::uint8_t dlpack_code;
   std::uint8_t dlpack_bits;
+  double overflow;
 };
 inline constexpr DTypeInfo kDTypes[] = {
-    {DType::float16, "float16", 2, 2, 16},
-    {DType::bfloat16, "bfloat16", 2, 4, 16},
-    {DType::float32, "float32", 4, 2, 32},
-    {DType::float64, "float64", 8, 2, 64},
+    {DType::float16, "float16", 2, 2, 16, 0x1.ffep15},      // 65504 + 16
+    {DType::bfloat16, "bfloat16", 2, 4, 16, 0x1.ffp127},    // (2 - 2^-7) 2^127 + 2^119
+    {DType::float32, "float32", 4, 2, 32, 0x1.ffffffp127},  // FLT_MAX + 2^103
+    {DType::float64, "float64", 8, 2, 64, __builtin_huge_val()},
 };
 inline constexpr int kNumDTypes = static_cast<int>(sizeof(kDTypes) / sizeof(kDTypes[0]));
 // A DType's code is its row: the lookups below index the table with it.
@@ -43,6 +46,11 @@ constexpr bool is_dtype_code(int code) { return code >= 0 && code < kNumDTypes; 
 constexpr const DTypeInfo& dtype_info(DType t) { return kDTypes[static_cast<int>(t)]; }
 
 inline const char* dtype_name(DType t) { return is_dtype_code(static_cast<int>(t)) ? dtype_info(t).name : "unknown"; }
+
+// See DTypeInfo::overflow (infinite for a code outside the table).
+inline double dtype_overflow(DType t) {
+  return is_dtype_code(static_cast<int>(t)) ? dtype_info(t).overflow : __builtin_huge_val();
+}
 
 // 0 for a code outside the table (callers check the dtype before they use its size).
 inline std::size_t dtype_size(DType t) { return is_dtype_code(static_cast<int>(t)) ? dtype_info(t).size : 0; }

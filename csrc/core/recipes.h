@@ -134,14 +134,25 @@ BN_HD A running_update(A running, A batch, A momentum) {
 struct RunningOptions {
   bool unbiased = true;         // running_var takes the unbiased batch variance (PyTorch), else the biased (Keras, Flax)
   bool skip_nonfinite = false;  // a channel whose batch statistics are not finite keeps its running statistics
+  // dtype_overflow of the running statistics' dtypes: skip_nonfinite also keeps a channel whose
+  // update would be stored as an Inf (a float16 running variance past 65504).
+  double mean_overflow = HUGE_VAL;
+  double var_overflow = HUGE_VAL;
 };
+
+// Whether v stays finite once stored in a dtype of that overflow (DTypeInfo::overflow). The
+// stores round through float (double -> float -> float16), so the test does too.
+BN_HD bool stored_finite(double v, double overflow) {
+  return overflow == HUGE_VAL ? std::isfinite(v) : std::fabs(static_cast<double>(static_cast<float>(v))) < overflow;
+}
 
 // One channel's running statistics after a training step over `n` values per channel: the
 // mean as saved (rounded to A), the variance unbiased (PyTorch's convention) or biased, in
 // double. With skip_nonfinite, a NaN or Inf batch mean or variance (a step a loss scaler will
 // skip) leaves both untouched, bit for bit: finite as the accumulation type A holds them (the
 // batch statistics the caller sees, JAX's test), not only in double, where the variance of
-// finite float32 values about 3e38 (9e76) passed and came back Inf as the running variance.
+// finite float32 values about 3e38 (9e76) passed and came back Inf as the running variance;
+// and the updated values finite as the running statistics' dtypes store them.
 template <class A>
 BN_HD void update_running(double& running_mean, double& running_var, A saved_mean, double batch_var, double n,
                           double momentum, RunningOptions o = {}) {
@@ -150,8 +161,11 @@ BN_HD void update_running(double& running_mean, double& running_var, A saved_mea
                             std::isfinite(static_cast<double>(static_cast<A>(batch_var))) &&
                             std::isfinite(static_cast<double>(static_cast<A>(used_var)))))
     return;
-  running_mean = running_update<double>(running_mean, static_cast<double>(saved_mean), momentum);
-  running_var = running_update<double>(running_var, used_var, momentum);
+  const double mean = running_update<double>(running_mean, static_cast<double>(saved_mean), momentum);
+  const double var = running_update<double>(running_var, used_var, momentum);
+  if (o.skip_nonfinite && !(stored_finite(mean, o.mean_overflow) && stored_finite(var, o.var_overflow))) return;
+  running_mean = mean;
+  running_var = var;
 }
 
 // ---- batch renormalization (Ioffe 2017): per-channel finalize ------------------------------

@@ -102,7 +102,8 @@ void forward_training(const ForwardTrainingParams& p, const Layout& L) {
     if (!fused && L.count > 0) map_all(k, pass, L, plan);
     if (p.running_mean.defined()) {
       const double n = static_cast<double>(given ? p.batch_count : L.count);
-      const RunningOptions o{p.running_var_unbiased, p.skip_nonfinite};
+      const RunningOptions o{p.running_var_unbiased, p.skip_nonfinite, dtype_overflow(p.running_mean.dtype),
+                             dtype_overflow(p.running_var.dtype)};
       for_channels(C, 4, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) update_running<A>(rm[c], rv[c], mean[c], batch_var[c], n, p.momentum, o);
         store_range(p.running_mean, c0, c1 - c0, rm.data() + c0);

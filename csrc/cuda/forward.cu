@@ -74,7 +74,8 @@ void forward_training(const ForwardTrainingParams& p, const Layout& layout) {
     out.running_var = param_ref(p.running_var);
     out.eps = p.eps;
     out.momentum = p.momentum;
-    out.running = RunningOptions{p.running_var_unbiased, p.skip_nonfinite};
+    out.running = RunningOptions{p.running_var_unbiased, p.skip_nonfinite, dtype_overflow(p.running_mean.dtype),
+                                 dtype_overflow(p.running_var.dtype)};
     if (p.renorm) {
       out.rmax = p.renorm_rmax;
       out.dmax = p.renorm_dmax;

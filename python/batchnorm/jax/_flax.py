@@ -11,7 +11,7 @@ from typing import Any, Optional, Tuple
 import jax.numpy as jnp
 from jax import lax
 
-from .functional import Variants, check_variants, inference, skip_mask, training
+from .functional import Variants, check_variants, inference, skip_mask, skipped, training
 
 
 def check_call(module: Any, mask: Any) -> Variants:
@@ -74,12 +74,9 @@ def normalize(x, scale, bias, running_mean, running_var, *, use_running_average:
 def running_averages(running_mean, running_var, mean, var, momentum: float, v: Variants) -> Tuple[Any, Any]:
     """Flax's update, momentum * running + (1 - momentum) * batch; with skip_nonfinite a channel
     whose batch statistics are not finite keeps its running ones."""
-    keep = skip_mask(mean, var, v)
     new_mean = momentum * running_mean + (1 - momentum) * mean
     new_var = momentum * running_var + (1 - momentum) * var
-    if keep is not None:
-        new_mean, new_var = jnp.where(keep, running_mean, new_mean), jnp.where(keep, running_var, new_var)
-    return new_mean, new_var
+    return skipped(skip_mask(mean, var, v), running_mean, running_var, new_mean, new_var)
 
 
 def _one_value_statistics(x, axis):

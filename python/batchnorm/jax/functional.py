@@ -100,9 +100,9 @@ def _batch_norm_training(x, weight, bias, running_mean, running_var, momentum, e
                                    residual=residual, activation=activation, variants=v)
     if running_mean is None:
         return y, None, None
-    keep = skip_mask(mean, var, v)
-    new_mean = _running_update(running_mean, mean, momentum, keep)
-    new_var = _running_update(running_var, var, momentum, keep)
+    new_mean, new_var = skipped(skip_mask(mean, var, v), running_mean, running_var,
+                                _running_update(running_mean, mean, momentum),
+                                _running_update(running_var, var, momentum))
     return (y, new_mean, new_var) + (rd if rd is not None else ())
 
 
@@ -114,16 +114,24 @@ def skip_mask(mean, var, v):
     return ~(jnp.isfinite(mean) & jnp.isfinite(var))
 
 
-def _running_update(running, batch, momentum, keep=None):
+def skipped(keep, running_mean, running_var, new_mean, new_var):
+    """The running statistics after an update to (new_mean, new_var): with skip_nonfinite (keep
+    not None) the old ones, bit for bit, in the channels `keep` marks and in those whose update
+    is not finite as their dtype stores it (a float16 running variance past 65504), as the core
+    keeps them (core/recipes.h, update_running)."""
+    if keep is None:
+        return new_mean, new_var
+    keep = keep | ~(jnp.isfinite(new_mean) & jnp.isfinite(new_var))
+    return jnp.where(keep, running_mean, new_mean), jnp.where(keep, running_var, new_var)
+
+
+def _running_update(running, batch, momentum):
     """(1 - momentum) * running + momentum * batch, computed in the statistics' accumulation
-    dtype and stored in the running statistic's own dtype; `running` itself, bit for bit, where
-    `keep` (skip_nonfinite's mask) is set."""
+    dtype and stored in the running statistic's own dtype."""
     acc = jnp.promote_types(batch.dtype, running.dtype)
     if momentum == 1:  # the batch's, whatever the running value held (core/recipes.h, running_update)
-        new = batch.astype(running.dtype)
-    else:
-        new = ((1 - momentum) * running.astype(acc) + momentum * batch.astype(acc)).astype(running.dtype)
-    return new if keep is None else jnp.where(keep, running, new)
+        return batch.astype(running.dtype)
+    return ((1 - momentum) * running.astype(acc) + momentum * batch.astype(acc)).astype(running.dtype)
 
 
 # ---- training: batch statistics, optionally across a mapped axis ---------------------------
