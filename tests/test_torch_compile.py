@@ -247,6 +247,22 @@ _NO_CHANNEL_AXIS = {  # each op and function, with arguments that keep our op un
 }
 
 
+@pytest.mark.parametrize("name", ["BatchNorm2d", "BatchNormAct2d", "renorm", "ghost_batch", "eval"])
+def test_x_of_other_channels_than_the_layer_is_refused_when_compiled_with_gradients(name):
+    # Parameters of 3 channels, x of 4: the fake backward sized the parameter gradients by x,
+    # and AOT autograd failed at compile time ("returned an invalid gradient at index 1").
+    m = {"BatchNorm2d": lambda: bt.BatchNorm2d(3), "BatchNormAct2d": lambda: bt.BatchNormAct2d(3),
+         "renorm": lambda: bt.BatchNorm2d(3, renorm=(2.0, 1.0)), "ghost_batch": lambda: bt.BatchNorm2d(3, ghost_batch=2),
+         "eval": lambda: bt.BatchNorm2d(3).eval()}[name]()
+    x = torch.randn(2, 4, 2, 2, requires_grad=True)
+    with pytest.raises(ValueError, match=r"must have shape \(4,\), got \(3,\)"):
+        m(x)
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match=r"must have shape \(4,\), got \(3,\)"):
+        torch.compile(m, backend="aot_eager")(x)
+    assert int(m.num_batches_tracked) == 0
+
+
 @pytest.mark.parametrize("shape", [(5,), (0,), ()])
 @pytest.mark.parametrize("name", sorted(_NO_CHANNEL_AXIS))
 def test_x_without_a_channel_axis_is_refused_by_name_when_compiled(name, shape):

@@ -75,6 +75,19 @@ def on_x_device(x: Tensor, **named: Optional[Tensor]) -> None:
             raise TypeError(f"{name} must be on the same device as x ({t.device} and {x.device})")
 
 
+def fake_channels(x: Tensor, *per_channel: Optional[Tensor]) -> int:
+    """The length of a fake kernel's per-channel outputs (statistics, parameter gradients): the
+    first given 1-D argument's (the weight, the bias, the saved mean), else x's channels. The
+    same in every call the op takes; in one it refuses (a weight of another length than x's
+    channels) the real kernel raises the eager call's error when the compiled graph runs, and
+    sized by x the traced parameter gradients failed autograd's shape check first, at compile
+    time ("returned an invalid gradient at index 1")."""
+    for t in per_channel:
+        if t is not None and t.dim() >= 1:
+            return t.shape[-1]
+    return channels(x)
+
+
 def _vector(x: Tensor, n: int) -> Tensor:
     return torch.empty(n, dtype=_acc(x.dtype), device=x.device)
 
@@ -156,7 +169,7 @@ def _forward_training(x, weight, bias, running_mean, running_var, momentum, eps)
 @torch.library.register_fake("batchnorm::forward_training", lib=_lib)
 def _forward_training_fake(x, weight, bias, running_mean, running_var, momentum, eps):
     on_x_device(x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
-    C = channels(x)
+    C = fake_channels(x, weight, bias)
     new_mean, new_var = _new_running(x, running_mean, True), _new_running(x, running_var, True)
     return torch.empty_like(x), _vector(x, C), _vector(x, C), new_mean, new_var
 
@@ -212,7 +225,7 @@ def _backward(dy, x, saved_mean, saved_invstd, weight, input_grad=True):
 @torch.library.register_fake("batchnorm::backward", lib=_lib)
 def _backward_fake(dy, x, saved_mean, saved_invstd, weight, input_grad=True):
     on_x_device(x, dy=dy, saved_mean=saved_mean, saved_invstd=saved_invstd, weight=weight)
-    C = channels(x)
+    C = fake_channels(x, weight, saved_mean)
     return torch.empty_like(x) if input_grad else _vector(x, 0), _vector(x, C), _vector(x, C)
 
 

@@ -63,7 +63,7 @@ def _forward_training_act_fake(x, residual, weight, bias, running_mean, running_
     _ops.on_x_device(x, residual=residual, weight=weight, bias=bias, running_mean=running_mean,
                      running_var=running_var)
     _residual_like_x(x, residual)
-    C = _ops.channels(x)
+    C = _ops.fake_channels(x, weight, bias)
     new_mean, new_var = _new_running(x, running_mean, True), _new_running(x, running_var, True)
     return torch.empty_like(x), _vector(x, C), _vector(x, C), new_mean, new_var
 
@@ -106,7 +106,7 @@ def _backward_act(dy, x, y, saved_mean, saved_invstd, weight, relu, residual):
 @torch.library.register_fake("batchnorm::backward_act", lib=_lib)
 def _backward_act_fake(dy, x, y, saved_mean, saved_invstd, weight, relu, residual):
     _ops.on_x_device(x, dy=dy, y=y, saved_mean=saved_mean, saved_invstd=saved_invstd, weight=weight)
-    C = _ops.channels(x)
+    C = _ops.fake_channels(x, weight, saved_mean)
     return torch.empty_like(x), _vector(x, C), _vector(x, C), torch.empty_like(x) if residual else _vector(x, 0)
 
 

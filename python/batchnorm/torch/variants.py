@@ -87,7 +87,7 @@ def _backward(dy, x, saved_mean, saved_invstd, weight, r, d, ghost_batch):
 @torch.library.register_fake("batchnorm::backward_variant", lib=_lib)
 def _backward_fake(dy, x, saved_mean, saved_invstd, weight, r, d, ghost_batch):
     _ops.on_x_device(x, dy=dy, saved_mean=saved_mean, saved_invstd=saved_invstd, weight=weight, r=r, d=d)
-    C = _ops.channels(x)
+    C = _ops.fake_channels(x, weight, saved_mean)
     return torch.empty_like(x), _vector(x, C), _vector(x, C)
 
 
