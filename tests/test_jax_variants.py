@@ -223,6 +223,15 @@ def test_skip_nonfinite_keeps_a_channel_its_running_dtype_would_store_as_inf(ren
         assert np.isinf(rv[0]) != skip and rv[1] != 1.0
 
 
+def test_skip_nonfinite_updates_a_channel_whose_running_statistic_is_already_non_finite():
+    x = (np.random.default_rng(4).standard_normal((8, 3)) + 1).astype(np.float32)
+    rm, rv = np.array([np.nan, 0, 0], np.float32), np.array([1, np.inf, 1], np.float32)
+    outs = [bj.batch_norm(jnp.asarray(x), None, None, jnp.asarray(rm), jnp.asarray(rv), training=True,
+                          momentum=0.1, skip_nonfinite=skip)[1:] for skip in (False, True)]
+    assert bits(outs[0][0]) == bits(outs[1][0]) and bits(outs[0][1]) == bits(outs[1][1])
+    assert np.asarray(outs[1][1])[0] != 1.0 and np.asarray(outs[1][0])[1] != 0.0
+
+
 @pytest.mark.parametrize("skip", [False, True])
 def test_renorm_with_non_finite_running_statistics_matches_eager(skip):
     """Batch renorm reads the running statistics, which may already hold an Inf or a NaN: the

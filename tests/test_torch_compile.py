@@ -150,6 +150,32 @@ def test_cumulative_average_compiles_once(name):
     assert int(m.num_batches_tracked) == 6
 
 
+def test_cumulative_average_takes_the_first_batch_over_non_finite_buffers():
+    # The first batch weighs 1: eagerly it replaces whatever the buffers held (torch.empty's
+    # NaN, to_empty()); compiled, 0 * Inf made NaN.
+    m = bt.BatchNorm2d(3, momentum=None)
+    with torch.no_grad():
+        m.running_mean.fill_(float("nan"))
+        m.running_var.fill_(float("inf"))
+    expected = copy.deepcopy(m)
+    x = torch.randn(4, 3, 2, 2)
+    torch._dynamo.reset()
+    torch.compile(m, backend="aot_eager", fullgraph=True)(x)
+    expected(x)
+    torch.testing.assert_close(m.running_mean, expected.running_mean)
+    torch.testing.assert_close(m.running_var, expected.running_var)
+    assert torch.isfinite(m.running_var).all()
+
+
+def test_export_of_a_training_variant_with_the_cumulative_average_fails_clearly():
+    # Non-strict export compiles without Dynamo: the variants' disabled call recursed.
+    m = bt.BatchNorm2d(3, momentum=None, skip_nonfinite=True)
+    with pytest.raises(Exception) as info:
+        torch.export.export(m, (torch.randn(4, 3, 2, 2),), strict=False)
+    assert not isinstance(info.value, RecursionError) and "data-dependent" in str(info.value)
+    assert int(m.num_batches_tracked) == 0
+
+
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("residual", [False, True])
 def test_fused_layer_traces_batch_norm_add_relu(residual, training):

@@ -303,6 +303,42 @@ def test_convert_keeps_hooks_attributes_and_attached_modules(sync):
     assert [kind for kind, _ in seen] == ["pre", "kwargs"]
 
 
+_PRE_HOOK_SEEN: list = []
+
+
+def _record_pre_hook(module, *args):  # (a module-level function: the model is pickled)
+    _PRE_HOOK_SEEN.append(type(module))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # (Dynamo's import)
+def test_convert_rebinds_hooks_kept_with_their_module_and_leaves_the_old_layers_code():
+    # register_load_state_dict_pre_hook keeps a weak reference to its module: after the old
+    # layer was collected, load_state_dict, deepcopy and pickle raised "dead Module". An
+    # instance forward (a wrapper's) or Module.compile()'s call belong to the old layer: carried
+    # over, the new layer ran torch's forward.
+    import gc
+    import pickle
+
+    seen = _PRE_HOOK_SEEN
+    seen.clear()
+    model = nn.Sequential(nn.BatchNorm2d(3))
+    model[0].register_load_state_dict_pre_hook(_record_pre_hook)
+    old_forward = model[0].forward
+    model[0].forward = lambda x: old_forward(x)  # a wrapper around the old layer's forward
+    model[0].compile()
+    bt.convert(model)
+    gc.collect()
+    model.load_state_dict(model.state_dict())
+    assert seen == [bt.BatchNorm2d]
+    copy.deepcopy(model).load_state_dict(model.state_dict())
+    pickle.loads(pickle.dumps(model)).load_state_dict(model.state_dict())
+    assert seen == [bt.BatchNorm2d] * 3
+    assert "forward" not in vars(model[0]) and model[0]._compiled_call_impl is None
+    model[0].skip_nonfinite = True  # ours runs: the Inf batch leaves the running statistics
+    model(torch.full((2, 3, 2, 2), float("inf")))
+    assert torch.equal(model[0].running_mean, torch.zeros(3))
+
+
 @pytest.mark.parametrize("sync", [False, True])
 def test_convert_keeps_a_shared_layer_one_layer(sync):
     """A layer registered under two names (here and in a nested module) is replaced by one

@@ -470,3 +470,19 @@ def test_skip_nonfinite_keeps_a_channel_its_running_dtype_would_store_as_inf(xp,
     rm, rv = cast(np.zeros(1), "float16", xp), cast(np.zeros(1), "float16", xp)
     bn.forward_training(x, running_mean=rm, running_var=rv, skip_nonfinite=True, momentum=0.5)
     assert to_f64(rv)[0] == 65504.0
+
+
+@pytest.mark.parametrize("xp", lib_params())
+def test_skip_nonfinite_updates_a_channel_whose_running_statistic_is_already_non_finite(xp):
+    # A running mean already NaN (or variance already Inf) from before: the finite batch still
+    # updates the channel's other statistic, as without skip_nonfinite (not a reason to keep it).
+    x = cast(np.random.default_rng(4).standard_normal((8, 3)) + 1, "float32", xp)
+    for skip in (False, True):
+        rm, rv = cast(np.array([np.nan, 0, 0]), "float32", xp), cast(np.array([1, np.inf, 1]), "float32", xp)
+        bn.forward_training(x, running_mean=rm, running_var=rv, momentum=0.1, skip_nonfinite=skip)
+        m, v = to_f64(rm), to_f64(rv)
+        assert np.isnan(m[0]) and v[0] != 1.0 and np.isinf(v[1]) and m[1] != 0.0
+        if skip:
+            np.testing.assert_array_equal(m, plain_m)
+            np.testing.assert_array_equal(v, plain_v)
+        plain_m, plain_v = m, v

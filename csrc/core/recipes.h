@@ -135,7 +135,8 @@ struct RunningOptions {
   bool unbiased = true;         // running_var takes the unbiased batch variance (PyTorch), else the biased (Keras, Flax)
   bool skip_nonfinite = false;  // a channel whose batch statistics are not finite keeps its running statistics
   // dtype_overflow of the running statistics' dtypes: skip_nonfinite also keeps a channel whose
-  // update would be stored as an Inf (a float16 running variance past 65504).
+  // update would store a non-finite value where a finite one was (a float16 running variance
+  // past 65504). One already NaN or Inf is no reason: its channel updates as without the option.
   double mean_overflow = HUGE_VAL;
   double var_overflow = HUGE_VAL;
 };
@@ -163,7 +164,9 @@ BN_HD void update_running(double& running_mean, double& running_var, A saved_mea
     return;
   const double mean = running_update<double>(running_mean, static_cast<double>(saved_mean), momentum);
   const double var = running_update<double>(running_var, used_var, momentum);
-  if (o.skip_nonfinite && !(stored_finite(mean, o.mean_overflow) && stored_finite(var, o.var_overflow))) return;
+  if (o.skip_nonfinite && ((!stored_finite(mean, o.mean_overflow) && std::isfinite(running_mean)) ||
+                           (!stored_finite(var, o.var_overflow) && std::isfinite(running_var))))
+    return;
   running_mean = mean;
   running_var = var;
 }

@@ -117,11 +117,14 @@ def skip_mask(mean, var, v):
 def skipped(keep, running_mean, running_var, new_mean, new_var):
     """The running statistics after an update to (new_mean, new_var): with skip_nonfinite (keep
     not None) the old ones, bit for bit, in the channels `keep` marks and in those whose update
-    is not finite as their dtype stores it (a float16 running variance past 65504), as the core
-    keeps them (core/recipes.h, update_running)."""
+    stores a non-finite value where a finite one was (a float16 running variance past 65504),
+    as the core keeps them (core/recipes.h, update_running)."""
     if keep is None:
         return new_mean, new_var
-    keep = keep | ~(jnp.isfinite(new_mean) & jnp.isfinite(new_var))
+    def spoiled(old, new):
+        return jnp.isfinite(old) & ~jnp.isfinite(new)
+
+    keep = keep | spoiled(running_mean, new_mean) | spoiled(running_var, new_var)
     return jnp.where(keep, running_mean, new_mean), jnp.where(keep, running_var, new_var)
 
 

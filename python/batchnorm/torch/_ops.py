@@ -531,10 +531,13 @@ def compiled_cumulative(call: Any, running_mean: Tensor, running_var: Tensor, co
     torch.compile")."""
     batch_mean, batch_var = torch.zeros_like(running_mean), torch.zeros_like(running_var)
     y = call(batch_mean, batch_var, 1.0)
-    weight = (counted + 1).to(torch.float64).reciprocal()
+    # In double, rounded once to the running statistics' dtype, as the kernels update them
+    # (a float16 running statistic updated in float16 was an ulp off); the first batch's
+    # weight 1 takes the batch whatever the running value held (0 * Inf: core/recipes.h).
+    w = (counted + 1).to(torch.float64).reciprocal()
     for running, batch in ((running_mean, batch_mean), (running_var, batch_var)):
-        w = weight.to(running.dtype)
-        running.copy_(w * batch + (1 - w) * running)
+        b = batch.to(torch.float64)
+        running.copy_(torch.where(w == 1, b, w * b + (1 - w) * running.to(torch.float64)))
     counted.add_(1)
     return y
 

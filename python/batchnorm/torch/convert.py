@@ -4,6 +4,7 @@ over untouched)."""
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any, Dict, Optional
 
 import torch
@@ -42,21 +43,39 @@ def _replacement(module: torch.nn.Module, cls: type, process_group: Any) -> torc
 
 # nn.Module's hook registries (forward, backward, state_dict...): those a fresh module has.
 _HOOKS = tuple(name for name in vars(torch.nn.Module()) if "hook" in name)
+# Instance attributes that are the old layer's code, not something given to it: an instance
+# forward (accelerate's hooks and other wrappers set one, bound to the old layer) would keep
+# running torch's forward on the shared buffers; Module.compile()'s compiled call is the old
+# layer's forward compiled.
+_CODE = ("forward", "_compiled_call_impl")
 
 
 def _carry_over(module: torch.nn.Module, new: torch.nn.Module) -> None:
     """What else the model gave the layer: its hooks (the very registries, so the handles
     registered on the old layer still remove them, and each hook gets the new layer), the
-    attributes set on it (qconfig, a user's tags) and modules attached to it (observers).
-    torch's convert_sync_batchnorm carries only qconfig: a feature-extraction hook went silent."""
+    attributes set on it (qconfig, a user's tags; not its code, _CODE) and modules attached to
+    it (observers). torch's convert_sync_batchnorm carries only qconfig: a feature-extraction
+    hook went silent."""
     for name in _HOOKS:
         if name in vars(module):
-            setattr(new, name, getattr(module, name))
+            registry = getattr(module, name)
+            setattr(new, name, registry)
+            for hook in registry.values() if isinstance(registry, dict) else ():
+                _rebind(hook, module, new)
     for name, value in vars(module).items():
-        if name not in vars(new):
+        if name not in vars(new) and name not in _CODE and getattr(value, "__self__", None) is not module:
             new.__dict__[name] = value
     for name, child in module._modules.items():
         new._modules[name] = child
+
+
+def _rebind(hook: Any, module: torch.nn.Module, new: torch.nn.Module) -> None:
+    """torch keeps some hooks (register_load_state_dict_pre_hook's) with a weak reference to
+    their module, which they are called with: the old layer's became a dead reference once it
+    was collected ("the hook of a dead Module", in load_state_dict, deepcopy and pickle)."""
+    ref = getattr(hook, "module", None)
+    if getattr(hook, "with_module", False) and isinstance(ref, weakref.ref) and ref() is module:
+        hook.module = weakref.ref(new)
 
 
 def _check_process_group(process_group: Any) -> None:

@@ -201,7 +201,10 @@ class _Base(_BatchNorm):
         if self.training and self.track_running_stats:
             tracked_batches = self.num_batches_tracked  # (one module attribute lookup: 0.5 us each)
             if tracked_batches is not None and self.momentum is None:  # cumulative moving average
-                if torch.compiler.is_compiling() and self.running_mean is not None and self.running_var is not None:
+                if torch.compiler.is_compiling() and self.running_mean is not None and self.running_var is not None \
+                        and (torch.compiler.is_dynamo_compiling() or not self._variants()):
+                    # (torch.export without Dynamo would run the variants' disabled call traced,
+                    # recursing: they take the path below, which fails on the count there.)
                     return self._compiled_cumulative(input, tracked_batches)
                 exponential_average_factor = 1.0 / (float(tracked_batches) + 1.0)
         # Batch statistics in training, and in eval when there are no running statistics.
