@@ -150,6 +150,21 @@ def test_cumulative_average_compiles_once(name):
     assert int(m.num_batches_tracked) == 6
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_a_batch_of_one_value_per_channel_is_refused_uncounted_when_compiled(momentum):
+    # Dynamo traced the layer's test for an interrupted call (the running statistics' version)
+    # in the refused call's error path as a data-dependent count, and counted the batch.
+    m = bt.BatchNorm2d(4, momentum=momentum)
+    compiled = torch.compile(m, backend="aot_eager")
+    torch._dynamo.reset()
+    compiled(torch.randn(4, 4, 3, 3))
+    before = copy.deepcopy(m.state_dict())
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        compiled(torch.randn(1, 4, 1, 1))
+    for name, value in m.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
 def test_cumulative_average_takes_the_first_batch_over_non_finite_buffers():
     # The first batch weighs 1: eagerly it replaces whatever the buffers held (torch.empty's
     # NaN, to_empty()); compiled, 0 * Inf made NaN.

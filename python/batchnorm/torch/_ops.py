@@ -514,8 +514,11 @@ def count_interrupted(counted: Optional[Tensor], running_mean: Optional[Tensor],
     (their version moved): torch.utils.checkpoint's recomputation (use_reentrant=False) stops
     the forward with an exception once autograd has saved its last tensor, after the update.
     torch's layers count that batch (they count before the call), and so must ours, or
-    momentum=None's average and num_batches_tracked part from torch's."""
-    if before is not None and running_mean._version != before:
+    momentum=None's average and num_batches_tracked part from torch's. Not under torch.compile,
+    whose checkpointing does not rerun the layer's Python, and where Dynamo traced this test
+    of a refused call (a batch of one value per channel) as a data-dependent count, and
+    counted the batch."""
+    if before is not None and not torch.compiler.is_compiling() and running_mean._version != before:
         counted.add_(1)
 
 
