@@ -165,6 +165,48 @@ def test_a_batch_of_one_value_per_channel_is_refused_uncounted_when_compiled(mom
         assert torch.equal(value, before[name]), name
 
 
+@pytest.mark.parametrize("layer", [bt.BatchNorm2d, bt.BatchNormAct2d])
+def test_cumulative_average_counts_an_empty_batch_and_keeps_the_running_statistics(layer):
+    # The fresh buffers an empty batch leaves at 0 were averaged in (running_mean halved; a
+    # first empty batch set running_var to 0); compiled with dynamic shapes and exported with a
+    # batch that may be 0.
+    from torch.export import Dim
+
+    batches = [torch.randn(0, 3, 5, 5), torch.randn(4, 3, 5, 5) + 3, torch.randn(0, 3, 5, 5), torch.randn(6, 3, 5, 5)]
+    m = layer(3, momentum=None)
+    eager, exported = copy.deepcopy(m), copy.deepcopy(m)
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend="aot_eager", dynamic=True)
+    program = torch.export.export(exported, (batches[1],), dynamic_shapes=({0: Dim("b", min=0, max=64)},)).module()
+    for x in batches:
+        compiled(x), eager(x), program(x)
+    for name, value in eager.state_dict().items():
+        torch.testing.assert_close(m.state_dict()[name], value, msg=name)
+        torch.testing.assert_close(program.state_dict()[name], value, msg=name)
+    assert int(m.num_batches_tracked) == 4
+
+
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")  # (Dynamo's own, at a graph break)
+@pytest.mark.parametrize("kind", ["0-d tensor", "numpy.float32"])
+def test_momentum_and_eps_of_other_real_types_compile(kind):
+    # Eagerly taken as torch's batch_norm takes them; compiled, our ops' float arguments
+    # refused them (a FakeTensor), where torch's batch_norm compiles.
+    import numpy as np
+
+    make = torch.tensor if kind == "0-d tensor" else np.float32
+    x = torch.randn(4, 3, 5, 3)
+    for layer in (bt.BatchNorm2d(3, momentum=make(0.3), eps=make(1e-3)),
+                  bt.BatchNorm2d(3, momentum=make(0.3), eps=make(1e-3), skip_nonfinite=True),
+                  bt.BatchNormAct2d(3, momentum=make(0.3), eps=make(1e-3))):
+        expected = copy.deepcopy(layer)
+        torch._dynamo.reset()
+        compiled = torch.compile(layer, backend="aot_eager")
+        for training in (True, False):
+            layer.train(training), expected.train(training)
+            torch.testing.assert_close(compiled(x), expected(x))
+        torch.testing.assert_close(layer.running_var, expected.running_var)
+
+
 def test_cumulative_average_takes_the_first_batch_over_non_finite_buffers():
     # The first batch weighs 1: eagerly it replaces whatever the buffers held (torch.empty's
     # NaN, to_empty()); compiled, 0 * Inf made NaN.

@@ -156,6 +156,25 @@ def test_each_decomposition_returns_what_its_op_returns(dtype, layout, half_para
             torch.testing.assert_close(g, e, rtol=tol, atol=tol, equal_nan=True, msg=where)
 
 
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("x_dtype, params", [(torch.float32, torch.float64), (torch.float32, torch.float16),
+                                             (torch.bfloat16, torch.float16), (torch.float64, torch.float32)])
+def test_decompositions_take_parameters_of_another_dtype_than_x(x_dtype, params, training):
+    # Our ops take any mix (float64 running statistics for a float32 x); ATen's batch norm
+    # refused it ("mixed dtype"): the decompositions hand it the accumulation dtype.
+    torch.manual_seed(0)
+    model = _trained(nn.Sequential(bt.BatchNormAct2d(4, dtype=params), bt.BatchNorm2d(4, dtype=params)),
+                     torch.randn(6, 4, 5, 5, dtype=x_dtype)).train(training)
+    x = torch.randn(6, 4, 5, 5, dtype=x_dtype)
+    program = torch.export.export(copy.deepcopy(model), (x,)).module()
+    decomposed = torch.export.export(copy.deepcopy(model), (x,)).run_decompositions(bt.decompositions()).module()
+    tol = dict(rtol=2e-2, atol=2e-2) if x_dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(decomposed(x), program(x), **tol)
+    for name, value in program.state_dict().items():
+        assert decomposed.state_dict()[name].dtype == value.dtype, name
+        torch.testing.assert_close(decomposed.state_dict()[name], value, **tol, msg=name)
+
+
 @pytest.mark.parametrize("case", ["residual", "transposed"])
 def test_decompositions_of_a_joint_forward_backward_graph(case):
     """ExecuTorch's on-device training lowers torch.export's joint forward and backward graph:

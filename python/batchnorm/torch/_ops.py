@@ -522,7 +522,7 @@ def count_interrupted(counted: Optional[Tensor], running_mean: Optional[Tensor],
         counted.add_(1)
 
 
-def compiled_cumulative(call: Any, running_mean: Tensor, running_var: Tensor, counted: Tensor) -> Tensor:
+def compiled_cumulative(call: Any, x: Tensor, running_mean: Tensor, running_var: Tensor, counted: Tensor) -> Tensor:
     """A training layer's momentum=None (the cumulative average: 1 / batches seen) under
     torch.compile, in the graph. Eagerly a layer reads num_batches_tracked as a Python float, as
     torch's do; Dynamo breaks the graph there and specializes the code after it on each value
@@ -536,8 +536,11 @@ def compiled_cumulative(call: Any, running_mean: Tensor, running_var: Tensor, co
     y = call(batch_mean, batch_var, 1.0)
     # In double, rounded once to the running statistics' dtype, as the kernels update them
     # (a float16 running statistic updated in float16 was an ulp off); the first batch's
-    # weight 1 takes the batch whatever the running value held (0 * Inf: core/recipes.h).
+    # weight 1 takes the batch whatever the running value held (0 * Inf: core/recipes.h). An
+    # empty batch weighs 0 (it counts, the running statistics unchanged; the fresh ones stay
+    # 0): a tensor test, as x's size may be symbolic (torch.export's dynamic batch).
     w = (counted + 1).to(torch.float64).reciprocal()
+    w = torch.where(torch.scalar_tensor(x.numel(), dtype=torch.float64, device=w.device) > 0, w, 0.0)
     for running, batch in ((running_mean, batch_mean), (running_var, batch_var)):
         b = batch.to(torch.float64)
         running.copy_(torch.where(w == 1, b, w * b + (1 - w) * running.to(torch.float64)))
@@ -584,6 +587,20 @@ def check_scalars(training: Any, momentum: Any, eps: Any) -> None:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
+def plain_scalars(momentum: Any, eps: Any) -> tuple:
+    """momentum and eps as the ops' float arguments take them, for the calls that go through
+    the registered ops (not the eager kernels, whose binding converts them): a 0-d tensor or a
+    NumPy number, which check_scalars takes as torch's batch_norm does, as a float (the op's
+    schema refused a FakeTensor under torch.compile); a traced SymFloat or an int as it is."""
+    return _plain(momentum), _plain(eps)
+
+
+def _plain(value: Any) -> Any:
+    if type(value) is float or value is None or isinstance(value, (int, torch.SymFloat, torch.SymInt)):
+        return value
+    return float(value)
 
 
 def _real(value: Any) -> bool:

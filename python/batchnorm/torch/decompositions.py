@@ -33,6 +33,14 @@ def _like_x(t: Tensor, x: Tensor) -> Tensor:
     return t if out.stride() == t.stride() else aten.copy.default(out, t)
 
 
+def _in(acc, *tensors: Optional[Tensor]) -> list:
+    """The parameters and statistics in the accumulation dtype, which ATen's batch norm takes
+    for any x (all of x's dtype, or float32 for a half x); the op takes any mix (float64 running
+    statistics for a float32 x), which ATen refused ("mixed dtype"). A tensor already in it is
+    itself (no node in the graph)."""
+    return [None if t is None else t.to(acc) for t in tensors]
+
+
 def _training(x, weight, bias, running_mean, running_var, momentum, eps, residual=None, relu=False):
     acc = _acc(x.dtype)
     C = x.shape[_AXIS]
@@ -40,20 +48,22 @@ def _training(x, weight, bias, running_mean, running_var, momentum, eps, residua
         nan = _vector(x, C).fill_(float("nan"))
         copies = [_vector(x, 0) if r is None else r.clone() for r in (running_mean, running_var)]
         return torch.empty_like(x), nan, nan.clone(), *copies
+    weight, bias = _in(acc, weight, bias)
     if running_mean is None and running_var is None:  # (the op takes both or neither)
         y, mean, invstd = aten._native_batch_norm_legit.no_stats(x, weight, bias, True, momentum, eps)
         new_mean, new_var = _vector(x, 0), _vector(x, 0)  # the op's empty (0,) copies
     else:  # torch's functional batch norm: the running statistics' updated copies, as the op's
         y, mean, invstd, new_mean, new_var = aten._native_batch_norm_legit_functional.default(
-            x, weight, bias, running_mean, running_var, True, momentum, eps
+            x, weight, bias, *_in(acc, running_mean, running_var), True, momentum, eps
         )
+        new_mean, new_var = new_mean.to(running_mean.dtype), new_var.to(running_var.dtype)
     return _like_x(_act(y, residual, relu), x), mean.to(acc), invstd.to(acc), new_mean, new_var
 
 
 def _inference(x, mean, var, weight, bias, eps, residual=None, relu=False):
     if x.numel() == 0:
         return torch.empty_like(x)
-    y = aten._native_batch_norm_legit_no_training.default(x, weight, bias, mean, var, 0.0, eps)[0]
+    y = aten._native_batch_norm_legit_no_training.default(x, *_in(_acc(x.dtype), weight, bias, mean, var), 0.0, eps)[0]
     return _like_x(_act(y, residual, relu), x)
 
 

@@ -58,6 +58,7 @@ def _batch_norm(
             if _ops.eager(input, weight, bias, running_mean, running_var):
                 return _ops.train_eager(input, weight, bias, running_mean, running_var, momentum, eps)
             _ops.check_separate_running(running_mean, running_var)
+            momentum, eps = _ops.plain_scalars(momentum, eps)
             if _ops.as_torchs(input, weight, bias, running_mean, running_var, momentum, eps):
                 return F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
             y, _, _, new_mean, new_var = _func.call(
@@ -71,6 +72,7 @@ def _batch_norm(
             if not _ops.wants_grad(input, weight, bias) and _ops.eager(input, weight, bias, running_mean, running_var):
                 # (no autograd to record)
                 return _ops._forward_inference(input, running_mean, running_var, weight, bias, eps)
+            eps = _ops.plain_scalars(None, eps)[1]
             if _ops.as_torchs(input, weight, bias, running_mean, running_var, None, eps):
                 return F.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
             return _func.call("forward_inference", input, running_mean, running_var, weight, bias, eps)
@@ -258,7 +260,7 @@ class _Base(_BatchNorm):
             return self._uncompiled(input)
         return _ops.compiled_cumulative(
             lambda mean, var, momentum: _batch_norm(input, mean, var, self.weight, self.bias, True, momentum, self.eps),
-            self.running_mean, self.running_var, counted,
+            input, self.running_mean, self.running_var, counted,
         )
 
     @torch.jit.unused

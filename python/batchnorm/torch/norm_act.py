@@ -255,6 +255,7 @@ def _batch_norm_act(
                     u(input), u(residual), u(weight), u(bias), (running_mean, running_var), momentum, eps, relu
                 )
             _ops.check_separate_running(running_mean, running_var)
+            momentum, eps = _ops.plain_scalars(momentum, eps)
             if _ops.as_torchs(input, weight, bias, running_mean, running_var, momentum, eps) and _same(input, residual):
                 return _unfused(input, running_mean, running_var, weight, bias, True, momentum, eps, residual, relu)
             y, _, _, new_mean, new_var = _func.call(
@@ -268,6 +269,7 @@ def _batch_norm_act(
             if not _ops.wants_grad(input, residual, weight, bias) and \
                     _ops.eager(input, residual, weight, bias, running_mean, running_var):
                 return _forward_inference_act(input, residual, running_mean, running_var, weight, bias, eps, relu)
+            eps = _ops.plain_scalars(None, eps)[1]
             if _ops.as_torchs(input, weight, bias, running_mean, running_var, None, eps) and _same(input, residual):
                 return _unfused(input, running_mean, running_var, weight, bias, False, momentum, eps, residual, relu)
             return _func.call("forward_inference_act", input, residual, running_mean, running_var, weight, bias, eps,
@@ -466,7 +468,7 @@ class BatchNormAct2d(nn.BatchNorm2d):
             y = _ops.compiled_cumulative(
                 lambda mean, var, momentum: _batch_norm_act(x, mean, var, self.weight, self.bias, True, momentum,
                                                             self.eps, residual if fused else None, bool(relu)),
-                rm, rv, counted,
+                x, rm, rv, counted,
             )
         else:
             if counted is not None and self.momentum is None:  # counted once the batch has run (modules.py)

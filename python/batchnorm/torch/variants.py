@@ -151,6 +151,7 @@ def batch_norm_variant(
                 "has no renorm, ghost batches, skip_nonfinite or biased running variance); export the model in eval "
                 "mode (model.eval()) with running statistics, where these layers are plain batch norm"
             )
+        momentum, eps = _ops.plain_scalars(momentum, eps)
         renorm_list = None if renorm is None else [float(v) for v in renorm]
         y, _, _, _, _, new_mean, new_var = _func.call(
             "forward_training_variant", input, weight, bias, running_mean, running_var, momentum, eps,
