@@ -73,7 +73,8 @@ def normalize(x, scale, bias, running_mean, running_var, *, use_running_average:
 
 def running_averages(running_mean, running_var, mean, var, momentum: float, v: Variants) -> Tuple[Any, Any]:
     """Flax's update, momentum * running + (1 - momentum) * batch; with skip_nonfinite a channel
-    whose batch statistics are not finite keeps its running ones."""
+    whose batch statistics are not finite, or whose update would spoil a finite running
+    statistic, keeps its running ones (functional.skipped)."""
     new_mean = momentum * running_mean + (1 - momentum) * mean
     new_var = momentum * running_var + (1 - momentum) * var
     return skipped(skip_mask(mean, var, v), running_mean, running_var, new_mean, new_var)

@@ -594,10 +594,11 @@ def plain_scalars(momentum: Any, eps: Any) -> tuple:
     the registered ops (not the eager kernels, whose binding converts them): a 0-d tensor or a
     NumPy number, which check_scalars takes as torch's batch_norm does, as a float (the op's
     schema refused a FakeTensor under torch.compile); a traced SymFloat or an int as it is."""
-    return _plain(momentum), _plain(eps)
+    return plain_scalar(momentum), plain_scalar(eps)
 
 
-def _plain(value: Any) -> Any:
+def plain_scalar(value: Any) -> Any:
+    """One of plain_scalars' values (an inference call's eps)."""
     if type(value) is float or value is None or isinstance(value, (int, torch.SymFloat, torch.SymInt)):
         return value
     return float(value)

@@ -72,7 +72,7 @@ def _batch_norm(
             if not _ops.wants_grad(input, weight, bias) and _ops.eager(input, weight, bias, running_mean, running_var):
                 # (no autograd to record)
                 return _ops._forward_inference(input, running_mean, running_var, weight, bias, eps)
-            eps = _ops.plain_scalars(None, eps)[1]
+            eps = _ops.plain_scalar(eps)
             if _ops.as_torchs(input, weight, bias, running_mean, running_var, None, eps):
                 return F.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
             return _func.call("forward_inference", input, running_mean, running_var, weight, bias, eps)

@@ -269,7 +269,7 @@ def _batch_norm_act(
             if not _ops.wants_grad(input, residual, weight, bias) and \
                     _ops.eager(input, residual, weight, bias, running_mean, running_var):
                 return _forward_inference_act(input, residual, running_mean, running_var, weight, bias, eps, relu)
-            eps = _ops.plain_scalars(None, eps)[1]
+            eps = _ops.plain_scalar(eps)
             if _ops.as_torchs(input, weight, bias, running_mean, running_var, None, eps) and _same(input, residual):
                 return _unfused(input, running_mean, running_var, weight, bias, False, momentum, eps, residual, relu)
             return _func.call("forward_inference_act", input, residual, running_mean, running_var, weight, bias, eps,
