@@ -104,8 +104,21 @@ void forward_training(const ForwardTrainingParams& p, const Layout& L) {
       const double n = static_cast<double>(given ? p.batch_count : L.count);
       const RunningOptions o{p.running_var_unbiased, p.skip_nonfinite, dtype_overflow(p.running_mean.dtype),
                              dtype_overflow(p.running_var.dtype)};
-      for_channels(C, 4, [&](int64_t c0, int64_t c1) {
-        for (int64_t c = c0; c < c1; ++c) update_running<A>(rm[c], rv[c], mean[c], batch_var[c], n, p.momentum, o);
+      // The loop's invariants by value and the plain update (no skip) a loop of its own: read
+      // through references, GCC reloaded the options and the momentum at every channel (the
+      // stores to rm and rv might alias them) and tested skip_nonfinite there.
+      const double momentum = p.momentum;
+      double* const run_mean = rm.data();
+      double* const run_var = rv.data();
+      const double* const var = batch_var.data();
+      for_channels(C, 4, [&, n, o, momentum, run_mean, run_var, var, mean](int64_t c0, int64_t c1) {
+        if (o.skip_nonfinite) {
+          for (int64_t c = c0; c < c1; ++c) update_running<A>(run_mean[c], run_var[c], mean[c], var[c], n, momentum, o);
+        } else {
+          const RunningOptions plain{o.unbiased};
+          for (int64_t c = c0; c < c1; ++c)
+            update_running<A>(run_mean[c], run_var[c], mean[c], var[c], n, momentum, plain);
+        }
         store_range(p.running_mean, c0, c1 - c0, rm.data() + c0);
         store_range(p.running_var, c0, c1 - c0, rv.data() + c0);
       });
