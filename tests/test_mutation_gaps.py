@@ -98,6 +98,38 @@ def test_bfloat16_store_rounds_edge_values(channels_last, plane):
     np.testing.assert_array_equal(got[~nan], want[~nan])
 
 
+@pytest.mark.skipif(not HAVE_TORCH, reason="bfloat16 arrays are torch tensors")
+@pytest.mark.parametrize("streamed", [False, True])
+@pytest.mark.parametrize("shape,axis", [((8, 24, 7, 7), 1), ((4, 24, 10, 10), 1), ((8, 24, 2, 44), 1),
+                                        ((5, 6, 6, 72), -1), ((200, 40), 1), ((96, 64), 1)])
+def test_bfloat16_subnormal_outputs_in_pairs_of_vectors(shape, axis, streamed):
+    """bfloat16 outputs below float32's smallest normal in some channels only (weights 2^-131
+    in every third channel, 1 elsewhere): the avx512_bf16 level stores two vectors by one
+    conversion, which flushes subnormals, and takes a pair with a subnormal lane vector by
+    vector; the pairs here have it in both, one or neither of their vectors. Every value is
+    the float32 result rounded once, with regular and with streaming stores."""
+    from batchnorm import _C
+    rng = np.random.default_rng(17)
+    C = shape[axis]
+    x = half_input(rng.standard_normal(shape), "bfloat16")
+    w = np.where(np.arange(C) % 3 == 0, np.float32(2.0 ** -131), np.float32(1)).astype(np.float32)
+    b = np.zeros(C, np.float32)
+    mean = rng.standard_normal(C).astype(np.float32) * 0.1
+    var = rng.uniform(0.5, 2, C)
+    bshape = [1] * len(shape)
+    bshape[axis] = C
+    if streamed:
+        _C._set_stream_threshold(0)
+    try:
+        y = bn.forward_inference(x, mean, var, w, b, axis=axis)
+    finally:
+        _C._set_stream_threshold(-1)
+    scale = ((1.0 / np.sqrt(var + 1e-5)).astype(np.float32) * w).reshape(bshape)
+    y32 = (x.float().numpy() - mean.reshape(bshape)) * scale + b.reshape(bshape)
+    assert np.any((y32 != 0) & (np.abs(y32) < np.finfo(np.float32).tiny)), "no subnormal outputs"
+    np.testing.assert_array_equal(words(y), round_once(y32, "bfloat16"))
+
+
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
 @pytest.mark.parametrize("kernel_shape,axis", [((5, 3, 3, 3), 0), ((3, 5, 2, 2), 1), ((7, 4), 0)])
 def test_fold_with_conv_bias(dtype, kernel_shape, axis):

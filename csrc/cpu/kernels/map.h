@@ -112,10 +112,16 @@ static inline __attribute__((always_inline)) void map_contiguous(const acc_t<T>*
       V r[line_vectors<T>];
       #pragma GCC unroll 2
       for (int q = 0; q < line_vectors<T>; ++q) r[q] = vec_at(i + q * VL);
-      #pragma GCC unroll 2
-      for (int q = 0; q < line_vectors<T>; ++q) storev<T, true>(o + i + q * VL, r[q]);
+      if constexpr (paired_stores<T>()) {
+        storev2<T, true>(o + i, r[0], r[1]);
+      } else {
+        #pragma GCC unroll 2
+        for (int q = 0; q < line_vectors<T>; ++q) storev<T, true>(o + i + q * VL, r[q]);
+      }
     }
   }
+  if constexpr (paired_stores<T>())
+    for (; i + 2 * VL <= n; i += 2 * VL) storev2<T>(o + i, vec_at(i), vec_at(i + VL));
   for (; i + VL <= n; i += VL) storev<T>(o + i, vec_at(i));
   // A long tail goes through one partial vector; a short one is cheaper element by element,
   // but where the partial load and store are masked instructions (masked_partials). AMD EPYC
@@ -159,9 +165,17 @@ static inline __attribute__((always_inline)) void map_short_row(const T* const* 
   // Computed whether or not it is stored (len >= VL: it lies inside the row): a vector
   // chosen between two values has to exist whole, on the stack under AVX2.
   const V last = vec_at(len - VL);
+  if constexpr (paired_stores<T>()) {
 #pragma GCC unroll 8
-  for (int q = 0; q < NV; ++q)
-    if (q < full) storev<T>(o + q * VL, vec_at(q * VL));
+    for (int q = 0; q < NV; q += 2) {
+      if (q + 1 < full) storev2<T>(o + q * VL, vec_at(q * VL), vec_at((q + 1) * VL));
+      else if (q < full) storev<T>(o + q * VL, vec_at(q * VL));
+    }
+  } else {
+#pragma GCC unroll 8
+    for (int q = 0; q < NV; ++q)
+      if (q < full) storev<T>(o + q * VL, vec_at(q * VL));
+  }
   if (tail != 0) storev<T>(o + len - VL, last);
 }
 
@@ -264,8 +278,14 @@ static inline __attribute__((always_inline)) void map_run(const T* const* p, T* 
     const int64_t head = std::min<int64_t>(n, (line - reinterpret_cast<uintptr_t>(o) / sizeof(T) % line) % line);
     const int64_t lines_end = head + (n - head) / line * line;
     for (; i < head; ++i) one(i);
-    for (; i < lines_end; i += VL) storev<T, true>(o + i, vec_at(i));
+    if constexpr (paired_stores<T>()) {  // a line is two vectors (line_vectors)
+      for (; i < lines_end; i += 2 * VL) storev2<T, true>(o + i, vec_at(i), vec_at(i + VL));
+    } else {
+      for (; i < lines_end; i += VL) storev<T, true>(o + i, vec_at(i));
+    }
   }
+  if constexpr (paired_stores<T>())
+    for (; i + 2 * VL <= n; i += 2 * VL) storev2<T>(o + i, vec_at(i), vec_at(i + VL));
   for (; i + VL <= n; i += VL) storev<T>(o + i, vec_at(i));
   for (; i < n; ++i) one(i);
 }
@@ -584,17 +604,28 @@ bool map_flat(const T* const* in, T* out, const Layout& L, int64_t p0, int64_t p
       const int64_t to_page = elements_to_boundary(out + i, kPageBytes);
       stop = std::min(i1, i + (to_page >= VL ? to_page : to_page + kPageBytes / static_cast<int64_t>(sizeof(T))));
     }
-    for (; i + VL <= stop; i += VL) {
+    // The vector at i, its coefficients from channel phase m, which then steps on a vector.
+    auto vec_next = [&](int64_t at) {
       V kv[coef_slots<R>], v[N];
       #pragma GCC unroll 4
       for (int j = 0; j < R::kCoef; ++j) std::memcpy(&kv[j], e + j * P + m, sizeof(V));
       #pragma GCC unroll 4
-      for (int j = 0; j < N; ++j) v[j] = loadv(in[j] + i);
-      const V r = apply_vector_map<T>(R{}, kv, v);
-      if (stream) storev<T, true>(out + i, r);
-      else storev<T>(out + i, r);
+      for (int j = 0; j < N; ++j) v[j] = loadv(in[j] + at);
       m += VL;
       if (m >= P) m -= P;
+      return apply_vector_map<T>(R{}, kv, v);
+    };
+    if constexpr (paired_stores<T>())
+      for (; i + 2 * VL <= stop; i += 2 * VL) {
+        const V r0 = vec_next(i);
+        const V r1 = vec_next(i + VL);
+        if (stream) storev2<T, true>(out + i, r0, r1);
+        else storev2<T>(out + i, r0, r1);
+      }
+    for (; i + VL <= stop; i += VL) {
+      const V r = vec_next(i);
+      if (stream) storev<T, true>(out + i, r);
+      else storev<T>(out + i, r);
     }
   }
   for (; i < i1; ++i) one(i);
@@ -688,7 +719,7 @@ void map_positions(const T* const* in, T* out, const Layout& L, int64_t p0, int6
     for (int j = 0; j < N; ++j) p[j] = in[j] + pos.off[j];
     T* o = out + pos.off[N];
     for (int64_t c = 0; c < head; ++c) one(p, o, c);
-    for (int64_t c = head; c < Cv; c += VL) {
+    auto vec_at = [&](int64_t c) {
       V kv[coef_slots<R>], v[N];
       #pragma GCC unroll 4
       for (int j = 0; j < R::kCoef; ++j) std::memcpy(&kv[j], kp[j] + c, sizeof(V));
@@ -698,7 +729,18 @@ void map_positions(const T* const* in, T* out, const Layout& L, int64_t p0, int6
         #pragma GCC unroll 4
         for (int j = 0; j < N; ++j) prefetch_at(p[j] + c, ahead);
       }
-      const V r = apply_vector_map<T>(R{}, kv, v);
+      return apply_vector_map<T>(R{}, kv, v);
+    };
+    int64_t c = head;
+    if constexpr (paired_stores<T>())
+      for (; c + 2 * VL <= Cv; c += 2 * VL) {
+        const V r0 = vec_at(c);
+        const V r1 = vec_at(c + VL);
+        if (stream) storev2<T, true>(o + c, r0, r1);
+        else storev2<T>(o + c, r0, r1);
+      }
+    for (; c < Cv; c += VL) {
+      const V r = vec_at(c);
       if (stream) storev<T, true>(o + c, r);
       else storev<T>(o + c, r);
     }
