@@ -230,7 +230,7 @@ def check_recompute(group, sizes) -> None:
     expect_error(ValueError, r"must have 3 channels" if rank == bad else rf"batches on rank {bad} of {size} was rejected",
                  lambda: layer.recompute_statistics(batches))
     batches = [np.ones((2, C, 4), np.int32)] if rank == bad else everyone[rank]  # a TypeError stays one everywhere
-    expect_error(TypeError, r"x must have dtype" if rank == bad else rf"batches on rank {bad} of {size} was rejected",
+    expect_error(TypeError, r"batches\[0\] must have dtype" if rank == bad else rf"batches on rank {bad} of {size} was rejected",
                  lambda: layer.recompute_statistics(batches))
 
 

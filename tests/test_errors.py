@@ -617,6 +617,44 @@ def test_non_native_byte_order_is_refused(arrays, name):
     fails(TypeError, msg, lambda: BYTE_ORDER_CALLS[name](a, s), *a.values(), *s.values())
 
 
+@pytest.mark.parametrize("name", list(BYTE_ORDER_CALLS))
+def test_masked_arrays_are_refused(arrays, name):
+    """numpy.ma arrays are ndarrays whose data the kernels read whole: the statistics of
+    [[1, 2], [3, 4], masked [nan, 1e6]] came back as a NaN channel and a 333335 mean."""
+    a = dict(arrays, k=np.ones((C, 2), np.float32))
+    m = {k: np.ma.masked_array(v, mask=np.arange(v.size).reshape(v.shape) == 0) for k, v in a.items()}
+    msg = f"{name} must be a plain NumPy array, got a masked array (numpy.ma.MaskedArray), whose mask would be ignored"
+    fails(TypeError, msg, lambda: BYTE_ORDER_CALLS[name](a, m), *a.values())
+
+
+def test_a_consumed_dlpack_capsule_is_named_so(arrays):
+    """A capsule can be imported once, also by a call that then failed; the message had said it
+    was no DLPack capsule ("x.__dlpack__() must return a DLPack capsule, got a PyCapsule")."""
+    x = arrays["x"]
+    cap = x.__dlpack__()
+    bn.statistics(cap)
+    msg = "x is a DLPack capsule that was already consumed (a capsule can be imported only once"
+    fails(TypeError, msg, lambda: bn.statistics(cap))
+    cap = x.__dlpack__()
+    fails(ValueError, "mean must have shape", lambda: bn.forward_inference(cap, np.zeros(2, np.float32), np.ones(2)))
+    fails(TypeError, msg, lambda: bn.forward_inference(cap, arrays["rm"], arrays["rv"]))
+
+
+def test_merge_statistics_negative_variance_is_nan():
+    """A negative variance is no variance: its channel's merged variance is NaN (as
+    forward_inference's output is for one), where it had been merged into a plausible value
+    (or a negative one); the other channels and every mean are merged as ever."""
+    means = [np.array([1.0, 2.0]), np.array([3.0, -1.0])]
+    good = [np.array([2.0, 0.5]), np.array([1.0, 4.0])]
+    want_mean, want_var, n = bn.merge_statistics(means, good, [3, 5])
+    for bad in (-1e3, -0.5, -np.inf):
+        mean, var, _ = bn.merge_statistics(means, [np.array([bad, 0.5]), good[1]], [3, 5])
+        np.testing.assert_array_equal(mean, want_mean)
+        assert np.isnan(var[0]) and var[1] == want_var[1]
+    _, var, _ = bn.merge_statistics(means, [np.array([-0.0, 0.5]), good[1]], [3, 5])  # -0 is 0
+    assert np.isfinite(var).all()
+
+
 def test_merge_statistics_count_overflow():
     m, v = np.zeros(2), np.ones(2)
     fails(ValueError, "counts must add up to at most 2**63 - 1 values, got a total beyond it at counts[1]",

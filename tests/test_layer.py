@@ -241,6 +241,48 @@ def test_load_state_dict_checks_num_batches_tracked(value, error, words):
     assert layer.num_batches_tracked == 0
 
 
+@pytest.mark.parametrize("key, value, dtype", [
+    ("weight", np.array([1 + 5j, 2, 3]), "complex128"),
+    ("bias", np.array(["1", "2", "3"]), "<U1"),
+    ("weight", np.array([True, False, True]), "bool"),
+    ("running_var", np.array([1, None, 2], dtype=object), "object"),
+])
+def test_load_state_dict_refuses_values_that_are_no_real_numbers(key, value, dtype):
+    # Complex parts were dropped, strings parsed, booleans and None (as NaN) taken in silence.
+    layer = bn.BatchNorm(3)
+    before = layer.state_dict()
+    with pytest.raises(TypeError, match=re.escape(f"{key} must have a real floating-point or integer dtype, got {dtype}")):
+        layer.load_state_dict({**before, key: value})
+    for k, v in layer.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+def test_num_batches_tracked_stops_at_int64s_largest():
+    # One step past 2**63 - 1 left a count that state_dict() could not store, nor load back.
+    layer = bn.BatchNorm(3, momentum=None)
+    layer.load_state_dict({**layer.state_dict(), "num_batches_tracked": 2**63 - 1})
+    layer(np.ones((4, 3), np.float32))
+    assert layer.num_batches_tracked == 2**63 - 1
+    state = layer.state_dict()
+    assert state["num_batches_tracked"] == 2**63 - 1
+    bn.BatchNorm(3, momentum=None).load_state_dict(state)
+
+
+@pytest.mark.parametrize("n", [10**12, 2**62])
+def test_num_features_too_large_to_allocate_names_it(n):
+    # NumPy's MemoryError ("Unable to allocate 3.64 TiB") or "array is too big" before.
+    with pytest.raises(ValueError, match=f"num_features={n} is too large"):
+        bn.BatchNorm(n)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_wrong_channel_count_of_a_list_is_reported_as_x(training):
+    # A list (converted by the core as NumPy does) had the layer's own weight or mean blamed.
+    layer = bn.BatchNorm(3).train(training)
+    with pytest.raises(ValueError, match=re.escape("x must have num_features=3 channels on axis 1, got 4")):
+        layer([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 5.0]])
+
+
 def test_train_takes_a_bool_and_copies_leave_the_last_batch_behind():
     layer = bn.BatchNorm(4)
     with pytest.raises(ValueError, match="training mode is expected to be boolean, got str"):

@@ -3,6 +3,8 @@ population of batches against float64 NumPy on their concatenation, over uneven 
 batches, layouts and libraries, and the errors."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -68,6 +70,20 @@ def test_errors():
         bn.precise_statistics([np.ones((2, 3)), [1.0, 2.0]])
     with pytest.raises(ValueError, match="axis must be in"):
         bn.precise_statistics([np.ones((2, 3))], axis=2)
+
+
+@pytest.mark.parametrize("batch, error, words", [
+    (np.ones((4, 3), np.int64), TypeError, "batches[1] must have dtype float16, bfloat16, float32 or float64, got int64"),
+    (np.float32(1), ValueError, "batches[1] must have at least 2 dimensions (N, C, ...), got 0 dimensions with shape ()"),
+    (np.ones(3, np.float32), ValueError, "batches[1] must have at least 2 dimensions (N, C, ...), got 1 dimension"),
+])
+def test_errors_name_the_batch(batch, error, words):
+    # Named the statistics' `x` (which the caller never passed), or gave a 0-d batch the axis
+    # range "[0, -1]".
+    with pytest.raises(error, match=re.escape(words)):
+        bn.precise_statistics([np.ones((2, 3), np.float32), batch])
+    with pytest.raises(error, match=re.escape(words.replace("batches[1]", "batches[0]"))):
+        bn.BatchNorm(3).recompute_statistics([batch])
 
 
 def test_recompute_statistics():

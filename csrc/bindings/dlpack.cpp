@@ -161,6 +161,17 @@ void import_capsule(Imported& imp, py::object cap, const char* arg, py::handle p
     imp.legacy = m;
     t = &m->dl_tensor;
   } else {
+    // A capsule already imported (by this library or any other consumer) is renamed "used_...":
+    // say so, rather than that it is no DLPack capsule.
+    const char* name = PyCapsule_CheckExact(c) ? PyCapsule_GetName(c) : nullptr;
+    const std::string named = name ? name : "";
+    if (named == "used_dltensor" || named == "used_dltensor_versioned")
+      throw type_error(detail::concat(arg, " is a DLPack capsule that was already consumed (a capsule can be imported "
+                                      "only once, also by a call that then failed): pass the array itself, or a new "
+                                      "capsule from its __dlpack__()"));
+    if (!producer && name)
+      throw type_error(detail::concat(arg, " must be a DLPack capsule named 'dltensor' or 'dltensor_versioned', got "
+                                      "a capsule named '", named, "'"));
     throw type_error(detail::concat(arg, ".__dlpack__() must return a DLPack capsule, got a ", type_name(cap)));
   }
   imp.keep = cap;
@@ -388,6 +399,21 @@ Output numpy_output(const std::vector<int64_t>& shape, DType dtype) {
   return out;
 }
 
+// NumPy's masked arrays are ndarrays whose data the kernels would read whole, masked values
+// included (statistics over invalid readings, a NaN channel): refused rather than silently
+// misread. Only subclasses are tested (an exact ndarray costs one type comparison); numpy.ma is
+// imported, once, when one comes.
+void refuse_masked(py::handle obj, const char* arg) {
+  if (Py_TYPE(obj.ptr()) == py::detail::npy_api::get().PyArray_Type_) return;
+  static py::handle masked = py::object(py::module_::import("numpy.ma").attr("MaskedArray")).release();
+  const int is_masked = PyObject_IsInstance(obj.ptr(), masked.ptr());
+  if (is_masked < 0) throw py::error_already_set();
+  if (is_masked)
+    throw type_error(detail::concat(arg, " must be a plain NumPy array, got a masked array (numpy.ma.MaskedArray), "
+                                    "whose mask would be ignored: pass ", arg, ".filled(value), or ", arg,
+                                    ".data to use every value"));
+}
+
 }  // namespace
 
 Imported::~Imported() {
@@ -412,6 +438,7 @@ ImportedPtr import_array(py::handle obj, const char* arg, int64_t stream, bool a
   // Capsules before the attribute tests: a failed hasattr raises and formats an AttributeError
   // (0.5 us), paid by every torch tensor the Python layer hands over as a capsule.
   if (py::isinstance<py::array>(obj)) {
+    refuse_masked(obj, arg);
     import_numpy(*imp, py::reinterpret_borrow<py::array>(obj), arg);
   } else if (PyCapsule_CheckExact(obj.ptr())) {
     import_capsule(*imp, py::reinterpret_borrow<py::object>(obj), arg);

@@ -7,6 +7,7 @@
 // (builds use -ffp-contract=off): change a formula here and every backend changes with it.
 #pragma once
 #include <cmath>
+#include <limits>
 
 // BN_HD: host+device under nvcc. The per-ISA kernel units predefine it as `static inline`
 // so that no copy compiled for one ISA level is shared with code built for another.
@@ -83,14 +84,17 @@ BN_HD Moments<M> block_moments(M n, M center, M sum_dev, M sum_sq_dev) {
 }
 
 // The biased variance of merged moments, and the moments of a shard given as (mean, biased
-// variance, count) (merge_statistics).
+// variance, count) (merge_statistics). A negative variance is no variance: its sum of squares
+// is NaN, so the channel's merged variance comes back NaN, as forward_inference's output does
+// for one (merged as it was, it had pulled the channel's variance down to a plausible value or
+// below zero).
 template <class M>
 BN_HD M biased_variance(const Moments<M>& m) {
   return m.m2 / m.n;
 }
 template <class M>
 BN_HD Moments<M> shard_moments(M n, M mean, M var) {
-  return Moments<M>{n, mean, var * n};
+  return Moments<M>{n, mean, var < M(0) ? std::numeric_limits<M>::quiet_NaN() : var * n};
 }
 
 // ---- forward: per-channel finalize ---------------------------------------------------------

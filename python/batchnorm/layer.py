@@ -13,6 +13,9 @@ from ._arrays import _library, check_int, check_real
 from .precise import precise_statistics, unbiased_variance
 
 _KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+# num_batches_tracked's largest value (int64's, as state_dict stores it): the count stops there
+# rather than leave a layer whose state_dict() cannot hold it.
+_COUNT_MAX = 2**63 - 1
 
 # Each convention's defaults: PyTorch's (momentum is the new batch's weight, unbiased running
 # variance) and tf.keras.layers.BatchNormalization's (momentum is the running average's decay,
@@ -168,10 +171,16 @@ class BatchNorm:
         self.ghost_batch = None if ghost_batch is None else F._ghost(ghost_batch)
         self.skip_nonfinite = F._check_bool(skip_nonfinite, "skip_nonfinite")
         self.training = True
-        self.weight = np.ones(num_features, self.dtype) if self.affine else None
-        self.bias = np.zeros(num_features, self.dtype) if self.affine else None
-        self.running_mean = np.zeros(num_features, self.dtype) if self.track_running_stats else None
-        self.running_var = np.ones(num_features, self.dtype) if self.track_running_stats else None
+        try:
+            self.weight = np.ones(num_features, self.dtype) if self.affine else None
+            self.bias = np.zeros(num_features, self.dtype) if self.affine else None
+            self.running_mean = np.zeros(num_features, self.dtype) if self.track_running_stats else None
+            self.running_var = np.ones(num_features, self.dtype) if self.track_running_stats else None
+        except (MemoryError, ValueError) as err:  # (NumPy's "Unable to allocate" / "array is too big")
+            raise ValueError(
+                f"num_features={num_features} is too large: its {self.dtype.name} parameters and running statistics "
+                f"could not be allocated ({err})"
+            ) from None
         self.num_batches_tracked = 0
         self.grad_weight: Any = None
         self.grad_bias: Any = None
@@ -233,6 +242,11 @@ class BatchNorm:
         """The input's channel count against num_features, in the user's terms: the layer's
         own parameters would otherwise be reported as the wrongly shaped arrays."""
         shape = getattr(x, "shape", None)
+        if shape is None and (isinstance(x, (list, tuple)) or hasattr(x, "__array__")):
+            try:  # (lists and __array__ objects, which the core converts as NumPy does)
+                shape = np.shape(x)
+            except Exception:
+                return
         if not isinstance(shape, tuple) or len(shape) < 2:
             return  # rank and type errors come from the core, with the same words as the functions
         axis = self.axis + len(shape) if self.axis < 0 else self.axis
@@ -255,7 +269,7 @@ class BatchNorm:
                 options["ghost_batch"] = self.ghost_batch
             y, mean, invstd, *rd = F.forward_training(x, self.weight, self.bias, **options)
             if update:
-                self.num_batches_tracked += 1
+                self.num_batches_tracked = min(self.num_batches_tracked + 1, _COUNT_MAX)
             self._saved = ("batch", x, mean, invstd, tuple(rd) or None)
         else:
             y = F.forward_inference(
@@ -359,10 +373,14 @@ class BatchNorm:
                 if value.dtype.kind not in "iu":  # (2.7 was truncated; "a" met int()'s message)
                     raise TypeError(f"num_batches_tracked must be an integer, got dtype {value.dtype}")
                 count = int(value.reshape(()))
-                if not 0 <= count < 2**63:  # (-1 divided by zero in momentum=None's 1 / (count + 1))
+                if not 0 <= count <= _COUNT_MAX:  # (-1 divided by zero in momentum=None's 1 / (count + 1))
                     raise ValueError(f"num_batches_tracked must be in [0, 2**63), got {count}")
                 staged[key] = count
                 continue
+            # Real numbers only, as the functions take them (complex parts, strings, booleans and
+            # objects such as None had been cast without a word).
+            if value.dtype.kind not in "fiu" and value.dtype.name != "bfloat16":
+                raise TypeError(f"{key} must have a real floating-point or integer dtype, got {value.dtype}")
             if value.shape != (self.num_features,):
                 raise ValueError(f"{key} must have shape ({self.num_features},), got {value.shape}")
             staged[key] = value.astype(self.dtype)

@@ -16,12 +16,24 @@ def unbiased_variance(var: Any, count: int) -> Any:
     return var * (count / (count - 1))
 
 
+def _named(err: Exception, where: str) -> Exception:
+    """statistics' error about its argument `x` as one about the caller's `where`
+    (batches[i]); any other error as it is."""
+    message = str(err)
+    if message.startswith(("x ", "x.")):
+        return type(err)(where + message[1:])
+    return err
+
+
 def _count_of(x: Any, axis: int, where: str) -> Tuple[int, int]:
     """(channels, values per channel) of a batch from its shape alone."""
     shape = getattr(x, "shape", None)
     if shape is None:
         raise TypeError(f"{where} must be an array, got {type(x).__name__}")
     shape = tuple(int(s) for s in shape)
+    if len(shape) < 2:  # (the core's words; an axis range for a 0-d batch read "[0, -1]")
+        dims = f"{len(shape)} dimension{'' if len(shape) == 1 else 's'}"
+        raise ValueError(f"{where} must have at least 2 dimensions (N, C, ...), got {dims} with shape {shape}")
     if not -len(shape) <= axis < len(shape):
         raise ValueError(f"axis must be in [{-len(shape)}, {len(shape) - 1}] for {where} of shape {shape}, got {axis}")
     c = shape[axis]
@@ -54,7 +66,10 @@ def precise_statistics(batches: Iterable[Any], *, axis: int = 1) -> Tuple[Any, A
                 f"{where} must have {channels[0]} channels along axis {axis} (as batches[{channels[1]}]), "
                 f"got shape {tuple(x.shape)}"
             )
-        m, v, n = F.statistics(x, axis=axis, dtype="float64")
+        try:
+            m, v, n = F.statistics(x, axis=axis, dtype="float64")
+        except (TypeError, ValueError) as err:
+            raise _named(err, where) from None
         if mean is None:
             mean, var, count = m, v, n
         else:
