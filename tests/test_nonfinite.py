@@ -211,7 +211,7 @@ HUGE = {"float32": 2.0**60, "bfloat16": 2.0**60, "float64": 2.0**500}
 def test_huge_finite_values_give_finite_statistics(name, dtype, restore_threads):
     """Finite values whose variance the dtype holds give that variance, never Inf (invstd 0, y 0)
     or NaN: the kernels add blocks in the accumulation type, whose sums overflow first, and such
-    channels are taken again in double (plan.h, rescued_moments). x is a case's values times a
+    channels are taken again in double (plan.h, rescued_statistics). x is a case's values times a
     power of two (its statistics the same multiples), one channel also shifted to about 1e37 (a
     float32 sum's overflow) where the dtype allows, on every CPU path, 1 and 2 threads."""
     x64, _, axis = td.case_input(name, "float64")
@@ -244,6 +244,31 @@ def test_huge_finite_values_give_finite_statistics(name, dtype, restore_threads)
         want_y = (held - (want_mean / scale).reshape(bshape)) * scale / np.sqrt(want_var + 1e-5).reshape(bshape)
         tol = {"float32": 1e-5, "float64": 1e-12, "bfloat16": 2e-2}[dtype]
         np.testing.assert_allclose(host(y), want_y, rtol=tol, atol=tol, err_msg=f"y, {threads} threads")
+
+
+@pytest.mark.parametrize("shape, axis", [((4096, 3), 1), ((64, 3, 8, 8), 1), ((64, 8, 8, 3), -1), ((2, 3, 45, 47), 1)])
+def test_float64_variance_whose_count_times_variance_overflows(shape, axis, restore_threads):
+    """float64 values about +-2^510 (1e153): the variance (about 2^1020, 1.1e307) fits a double,
+    the sum of squared deviations (count x variance, 2^1032 and more) does not. It came back Inf
+    (invstd 0, y 0); the rescue takes the variance at its scale (rescued_statistics)."""
+    rng = np.random.default_rng(7)
+    values = np.where(rng.random(shape) < 0.5, -1.0, 1.0) * rng.uniform(0.5, 1.0, shape)
+    x = np.ldexp(values, 510)
+    red = tuple(d for d in range(len(shape)) if d != axis % len(shape))
+    want_mean = np.ldexp(values.mean(axis=red), 510)
+    want_var = np.ldexp(values.var(axis=red), 1020)
+    count = values.size // shape[axis]
+    assert np.isfinite(want_var).all() and (np.log2(want_var) + np.log2(count) > 1024).all()
+    for threads in (1, 2):
+        bn.set_num_threads(threads)
+        mean, var, _ = bn.statistics(x, axis=axis)
+        np.testing.assert_allclose(mean, want_mean, rtol=0, atol=1e-12 * np.sqrt(want_var).max())
+        np.testing.assert_allclose(var, want_var, rtol=1e-12, err_msg=f"{threads} threads")
+        y, _, invstd = bn.forward_training(x, axis=axis)
+        bshape = [1] * len(shape)
+        bshape[axis] = -1
+        want_y = (values - np.ldexp(want_mean, -510).reshape(bshape)) / np.sqrt(np.ldexp(want_var, -1020)).reshape(bshape)
+        np.testing.assert_allclose(y, want_y, rtol=1e-12, atol=1e-12, err_msg=f"y, {threads} threads")
 
 
 def test_constant_channel_at_float32_s_largest_values():

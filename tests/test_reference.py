@@ -510,6 +510,66 @@ def test_merge_statistics_far_apart_means():
     np.testing.assert_allclose(var, [0.5, 1e-12], rtol=1e-9)
 
 
+def exact_merge(means, vars, counts):
+    """The merged (mean, biased variance) of float64 shards in exact rational arithmetic."""
+    from fractions import Fraction
+
+    total = sum(counts)
+    out_mean, out_var = [], []
+    for c in range(len(means[0])):
+        s1 = sum(Fraction(float(m[c])) * n for m, n in zip(means, counts))
+        s2 = sum((Fraction(float(v[c])) + Fraction(float(m[c])) ** 2) * n for m, v, n in zip(means, vars, counts))
+        mean = s1 / total
+        var = s2 / total - mean**2
+        out_mean.append(float(mean))
+        out_var.append(float(var) if var < Fraction(np.finfo(np.float64).max) else np.inf)
+    return np.array(out_mean), np.array(out_var)
+
+
+def assert_merged(mean, var, e_mean, e_var, what):
+    """Merged statistics against exact ones: the mean to 1e-15 of its magnitude (or absolutely
+    where it is 0), the variance to 1e-13 where finite and Inf where the exact one is past
+    double's range."""
+    assert_close(mean, e_mean, 1e-15, scale=np.where(e_mean == 0, 1.0, 0.0), what=f"mean of {what}")
+    var, big = to_f64(var), np.isinf(e_var)
+    assert (var[big] == np.inf).all(), f"var of {what}: {var} for {e_var}"
+    assert_close(var[~big], e_var[~big], 1e-13, scale=0.0, what=f"var of {what}")
+
+
+@arrays
+def test_merge_statistics_at_double_s_limits(xp):
+    """Finite shards whose plain Chan merge overflows though the result does not: means of
+    opposite sign near 1.8e308 (their delta), a count x variance past it, delta^2 x weight
+    past it. They gave a mean of -Inf (statistics of the concatenation: 0) and an Inf
+    variance; the merge scales such shards by a power of two (merge_shard, core/recipes.h).
+    Channels: [+-1e308: mean 0, variance 1e616 (Inf)], [+-1.7e308 over 3 and 5 values],
+    [variance 1e305 over 10^4 and 3 x 10^4 values], [means +-1e154 over 10^6 values each: the
+    variance 1e308 fits], [1.5 and 2.5 with variances 1 and 3: an ordinary channel beside them]."""
+    means = [np.array([1e308, 1.7e308, 1e150, 1e154, 1.5]), np.array([-1e308, -1.7e308, -2e150, -1e154, 2.5])]
+    vars = [np.array([0.0, 1e300, 1e305, 0.0, 1.0]), np.array([0.0, 2e290, 2e305, 0.0, 3.0])]
+    counts = [[1, 3, 10**4, 10**6, 2], [1, 5, 3 * 10**4, 10**6, 2]]
+    for c in range(5):  # one channel at a time: each has its own counts
+        n = [counts[0][c], counts[1][c]]
+        shard_means, shard_vars = [a[c : c + 1] for a in means], [a[c : c + 1] for a in vars]
+        mean, var, count = bn.merge_statistics([cast(a, "float64", xp) for a in shard_means],
+                                               [cast(a, "float64", xp) for a in shard_vars], n)
+        assert count == sum(n)
+        assert_merged(mean, var, *exact_merge(shard_means, shard_vars, n), f"channel {c}")
+    # statistics of the concatenation agrees on the first channel's shards.
+    whole_mean, whole_var, _ = bn.statistics(np.array([[1e308], [-1e308]]))
+    assert whole_mean[0] == 0.0 and whole_var[0] == np.inf
+    # Many shards (more than one CUDA launch's worth) of which one is huge: the scale rises part
+    # way and the ordinary shards before it are rescaled exactly.
+    rng = np.random.default_rng(3)
+    ms = [rng.standard_normal(4) for _ in range(40)]
+    vs = [rng.uniform(0, 2, 4) for _ in range(40)]
+    ms[33] = np.array([1.6e308, -1.6e308, 1e150, 0.0])  # variances: Inf, Inf, finite, finite
+    vs[33] = np.array([0.0, 1e307, 0.0, 1e300])
+    ns = [int(k) for k in rng.integers(1, 50, 40)]
+    mean, var, _ = bn.merge_statistics([cast(a, "float64", xp) for a in ms], [cast(a, "float64", xp) for a in vs], ns)
+    assert_merged(mean, var, *exact_merge(ms, vs, ns), "40 shards")
+
+
 def test_merge_statistics_single_shard_and_mixed_inputs(rng):
     m, v = rng.standard_normal(3).astype(np.float32), rng.uniform(0, 1, 3).astype(np.float32)
     mean, var, count = bn.merge_statistics([m], [v], [5])

@@ -6,6 +6,7 @@
 // vector body); the finalizes take and return scalars. The operation order defines the bits
 // (builds use -ffp-contract=off): change a formula here and every backend changes with it.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -95,6 +96,48 @@ BN_HD M biased_variance(const Moments<M>& m) {
 template <class M>
 BN_HD Moments<M> shard_moments(M n, M mean, M var) {
   return Moments<M>{n, mean, var < M(0) ? std::numeric_limits<M>::quiet_NaN() : var * n};
+}
+
+// merge_statistics' accumulator: shards given as (count, mean, biased variance) merged in
+// shard order (Chan), overflow-safe. Finite shards can overflow a plain merge where the result
+// is finite: means of opposite sign near double's limit (their delta), a count x variance past
+// it (the sum of squares), a delta^2 x weight. So the accumulator holds the moments of the
+// values scaled by 2^-scale, the scale a power of two raised only when a shard's magnitude
+// passes 2^kMergeHeadroom (about 7e134), where every product of the merge stays below 2^961
+// (counts up to 2^63). Below that the scale is 0 and the operations and bits are merge_moments'
+// (scaling by a power of two changes no rounding but subnormals, so above it they agree with
+// the plain merge wherever that stays finite, up to variances 2^-1000 below the means).
+constexpr int kMergeHeadroom = 448;
+struct ScaledMoments {
+  Moments<double> m;  // of the values times 2^-scale
+  int scale = 0;
+};
+// The scale one shard asks for: the binary exponent of max(|mean|, sqrt(var)) past the
+// headroom. A NaN or Inf asks for none: it propagates through the merge as it is.
+BN_HD int shard_scale(double mean, double var) {
+  int e = 0;
+  if (std::isfinite(mean) && mean != 0.0) e = std::ilogb(mean);
+  if (std::isfinite(var) && var > 0.0) e = std::max(e, std::ilogb(var) / 2 + 1);
+  return std::max(0, e - kMergeHeadroom);
+}
+BN_HD ScaledMoments merge_shard(ScaledMoments acc, double n, double mean, double var) {
+  if (n == 0.0) return acc;
+  const int scale = std::max(acc.scale, shard_scale(mean, var));
+  if (scale != acc.scale) {
+    acc.m.mean = std::ldexp(acc.m.mean, acc.scale - scale);
+    acc.m.m2 = std::ldexp(acc.m.m2, 2 * (acc.scale - scale));
+    acc.scale = scale;
+  }
+  acc.m = merge_moments(acc.m, shard_moments(n, std::ldexp(mean, -scale), std::ldexp(var, -2 * scale)));
+  return acc;
+}
+// The merged (mean, biased variance), back at the values' scale: a variance past double's
+// range is Inf (shards at +-1e308: about 1e616), the mean always finite for finite shards.
+BN_HD double merged_mean(const ScaledMoments& a) {
+  return std::ldexp(a.m.mean, a.scale);
+}
+BN_HD double merged_variance(const ScaledMoments& a) {
+  return std::ldexp(biased_variance(a.m), 2 * a.scale);
 }
 
 // ---- forward: per-channel finalize ---------------------------------------------------------

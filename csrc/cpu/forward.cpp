@@ -93,9 +93,9 @@ void forward_training(const ForwardTrainingParams& p, const Layout& L) {
     } else {
       fused = all_moments(
           k, pass.in[0], L, plan,
-          [&](int64_t c, const Moments<double>& m) {
-            batch_mean[c] = m.mean;
-            batch_var[c] = biased_variance(m);
+          [&](int64_t c, double mean, double var) {
+            batch_mean[c] = mean;
+            batch_var[c] = var;
           },
           finalize, [&](int64_t c0, int64_t c1) { map_channels(k, pass, L, plan, c0, c1); });
     }

@@ -8,17 +8,17 @@ namespace batchnorm::cpu {
 
 void merge_statistics(const MergeStatisticsParams& p) {
   const int64_t C = p.mean.shape[0];
-  buffer<Moments<double>> acc(static_cast<size_t>(C));
+  buffer<ScaledMoments> acc(static_cast<size_t>(C));
   for (size_t s = 0; s < p.means.size(); ++s) {
     if (p.counts[s] == 0) continue;
     const double n = static_cast<double>(p.counts[s]);
     const scratch_array<double> m = load_vector<double>(p.means[s], C, 0.0);
     const scratch_array<double> v = load_vector<double>(p.vars[s], C, 0.0);
-    for (int64_t c = 0; c < C; ++c) acc[c] = merge_moments(acc[c], shard_moments(n, m[c], v[c]));
+    for (int64_t c = 0; c < C; ++c) acc[c] = merge_shard(acc[c], n, m[c], v[c]);
   }
   for (int64_t c = 0; c < C; ++c) {
-    store_any(p.mean.data, p.mean.dtype, c, acc[c].mean);
-    store_any(p.var.data, p.var.dtype, c, biased_variance(acc[c]));
+    store_any(p.mean.data, p.mean.dtype, c, merged_mean(acc[c]));
+    store_any(p.var.data, p.var.dtype, c, merged_variance(acc[c]));
   }
 }
 

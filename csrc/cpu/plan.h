@@ -414,22 +414,29 @@ void each_value(const T* xc, const Layout& L, F&& f) {
   }
 }
 
-// A channel's moments again, in double and scaled by a power of two, when the kernels' are
-// not finite though its values are. The kernels sum blocks in the accumulation type, whose
-// sums of finite values overflow where double's do not: float32 or bfloat16 values past
-// about 1e37 (their sum), deviations past about 1e18 (their squares; a variance past 1e36
-// came back Inf, and invstd 0, y 0). A channel holding a NaN or an Inf keeps the kernels'
-// moments (NaN propagates as ever); others never get here, so their bits are the kernels'.
-// Two scalar passes over the channel, single-threaded: a cost only where the result was wrong.
+// A channel's (mean, biased variance) again, in double and scaled by a power of two, when the
+// kernels' are not finite though its values are. The kernels sum blocks in the accumulation
+// type, whose sums of finite values overflow where double's do not: float32 or bfloat16 values
+// past about 1e37 (their sum), deviations past about 1e18 (their squares; a variance past 1e36
+// came back Inf, and invstd 0, y 0). The variance is taken at the scale (m2 / n there) and
+// scaled back, so a count x variance past double's range (float64 values near 1e154 and more)
+// does not overflow it either. A channel holding a NaN or an Inf keeps the kernels' moments
+// (NaN propagates as ever); others never get here, so their bits are the kernels'. Two scalar
+// passes over the channel, single-threaded: a cost only where the result was wrong.
+struct MeanVar {
+  double mean;
+  double var;  // biased
+};
 template <class T>
-Moments<double> rescued_moments(const T* xc, const Layout& L, const Moments<double>& m) {
+MeanVar rescued_statistics(const T* xc, const Layout& L, const Moments<double>& m) {
+  const MeanVar kernels{m.mean, biased_variance(m)};
   double largest = 0.0;
   bool finite = true;
   each_value(xc, L, [&](double v) {
     finite = finite && std::isfinite(v);
     largest = std::max(largest, std::fabs(v));
   });
-  if (!finite || largest == 0.0) return m;
+  if (!finite || largest == 0.0) return kernels;
   // Values over 2^e in [1, 2): sums of squares stay far from double's range (float64 inputs).
   const int e = std::ilogb(largest);
   const double n = static_cast<double>(L.count);
@@ -441,19 +448,20 @@ Moments<double> rescued_moments(const T* xc, const Layout& L, const Moments<doub
     const double d = std::ldexp(v, -e) - mean;
     m2 += d * d;
   });
-  return Moments<double>{n, std::ldexp(mean, e), std::ldexp(m2, 2 * e)};
+  return MeanVar{std::ldexp(mean, e), std::ldexp(m2 / n, 2 * e)};
 }
 
-// Per-channel moments of x (the reduce executor with the Chan merge); per_channel(c, m),
-// finalize and per_block as in reduce_all. Moments that overflowed are recomputed
-// (rescued_moments).
+// Per-channel (mean, biased variance) of x (the reduce executor with the Chan merge):
+// per_channel(c, mean, var), finalize and per_block as in reduce_all. Statistics that
+// overflowed are recomputed (rescued_statistics).
 template <class T, class F, class Fin, class B>
 bool all_moments(const Kernels<T>& k, const T* x, const Layout& L, const Plan& plan, F&& per_channel_fast,
                  Fin&& finalize, B&& per_block) {
   auto per_channel = [&](int64_t c, const Moments<double>& m) {
     if (std::isfinite(m.mean) && std::isfinite(m.m2)) [[likely]]
-      return per_channel_fast(c, m);
-    per_channel_fast(c, rescued_moments(x + c * L.channel_stride[0], L, m));
+      return per_channel_fast(c, m.mean, biased_variance(m));
+    const MeanVar r = rescued_statistics(x + c * L.channel_stride[0], L, m);
+    per_channel_fast(c, r.mean, r.var);
   };
   const int64_t C = L.channels;
   const int64_t run = channels_last_run(plan.walk(L).channels, sizeof(T));  // of the whole row

@@ -12,13 +12,13 @@ void statistics(const StatisticsParams& p, const Layout& L) {
     const Plan plan = make_plan<T>(L, sizeof(T));
     // Outputs in A, or in double: the moments unrounded (see StatisticsParams).
     const bool wide = p.mean.dtype == DType::float64;
-    all_moments(kernels_for<T>(), p.x.ptr<const T>(), L, plan, [&](int64_t c, const Moments<double>& m) {
+    all_moments(kernels_for<T>(), p.x.ptr<const T>(), L, plan, [&](int64_t c, double mean, double var) {
       if (wide) {
-        p.mean.ptr<double>()[c] = m.mean;
-        p.var.ptr<double>()[c] = biased_variance(m);
+        p.mean.ptr<double>()[c] = mean;
+        p.var.ptr<double>()[c] = var;
       } else {
-        p.mean.ptr<A>()[c] = static_cast<A>(m.mean);
-        p.var.ptr<A>()[c] = static_cast<A>(biased_variance(m));
+        p.mean.ptr<A>()[c] = static_cast<A>(mean);
+        p.var.ptr<A>()[c] = static_cast<A>(var);
       }
     }, [](int64_t, int64_t) {}, [](int64_t, int64_t) {});
   });

@@ -1,7 +1,7 @@
-// CUDA merge_statistics: per channel, Chan's merge of the shards' (count, mean, var * count)
-// in shard order, in double, one thread per channel. Shard descriptors travel as kernel
-// arguments, kShards per launch (no host-to-device copy); between launches the running
-// moments wait in a double workspace.
+// CUDA merge_statistics: per channel, the core's overflow-safe Chan merge of the shards'
+// (count, mean, var) in shard order (merge_shard), in double, one thread per channel. Shard
+// descriptors travel as kernel arguments, kShards per launch (no host-to-device copy); between
+// launches the scaled moments wait in a double workspace.
 #include "core/backend.h"
 #include "core/recipes.h"
 #include "cuda/common.cuh"
@@ -22,17 +22,16 @@ struct ShardBatch {
 
 // acc_in == nullptr: start from nothing; out_mean == nullptr: leave the moments in acc_out.
 __global__ void __launch_bounds__(kBlock)
-    merge_kernel(int64_t channels, const __grid_constant__ ShardBatch batch, const Moments<double>* acc_in,
-                 Moments<double>* acc_out, ParamRef out_mean, ParamRef out_var) {
+    merge_kernel(int64_t channels, const __grid_constant__ ShardBatch batch, const ScaledMoments* acc_in,
+                 ScaledMoments* acc_out, ParamRef out_mean, ParamRef out_var) {
   for (int64_t c = int64_t(blockIdx.x) * kBlock + threadIdx.x; c < channels; c += int64_t(gridDim.x) * kBlock) {
-    Moments<double> m = acc_in ? acc_in[c] : Moments<double>{};
+    ScaledMoments m = acc_in ? acc_in[c] : ScaledMoments{};
     for (int s = 0; s < batch.size; ++s) {
-      const double n = batch.count[s];
-      m = merge_moments(m, shard_moments(n, load_param(batch.mean[s], c, 0.0), load_param(batch.var[s], c, 0.0)));
+      m = merge_shard(m, batch.count[s], load_param(batch.mean[s], c, 0.0), load_param(batch.var[s], c, 0.0));
     }
     if (out_mean.data) {
-      store_param(out_mean, c, m.mean);
-      store_param(out_var, c, biased_variance(m));
+      store_param(out_mean, c, merged_mean(m));
+      store_param(out_var, c, merged_variance(m));
     } else {
       acc_out[c] = m;
     }
@@ -50,7 +49,7 @@ void merge_statistics(const MergeStatisticsParams& p) {
   for (size_t s = 0; s < p.means.size(); ++s)
     if (p.counts[s] > 0) shards.push_back(s);
   Workspace ws(device.index, stream, p.exec.scratch);
-  Moments<double>* acc = shards.size() > kShards ? ws.alloc<Moments<double>>(C) : nullptr;
+  ScaledMoments* acc = shards.size() > kShards ? ws.alloc<ScaledMoments>(C) : nullptr;
   for (size_t first = 0; first < shards.size(); first += kShards) {
     ShardBatch batch;
     for (size_t k = first; k < shards.size() && batch.size < kShards; ++k, ++batch.size) {
