@@ -113,6 +113,19 @@ def check_sync_statistics(group, sizes, exchange="allgather") -> None:
     # One collective instead of two when the channel count is agreed beforehand: same bits.
     mean2, var2, count2 = sync_statistics(x[lo:hi], group, axis=1, channels=4, exchange=exchange)
     assert count2 == count and (mean2 == mean).all() and (var2 == var).all()
+    # float64 values about +-2^510 (variance about 1e307, rank 0's shard scaled twice the
+    # others'): the sums of count x variance overflow (Inf) where the variance fits. The
+    # allreduce exchange then takes the allgather's merge on every rank, whose merge scales.
+    def spread(r):
+        return np.ldexp((x[sum(sizes[:r]) : sum(sizes[: r + 1])] - 1e4) * 100, 510 if r == 0 else 509)
+
+    mean3, var3, count3 = sync_statistics(spread(rank), group, axis=1, exchange=exchange)
+    scaled = np.ldexp(np.concatenate([spread(r) for r in range(len(sizes))]), -510)
+    assert count3 == count and np.isfinite(var3).all(), f"rank {rank}: {var3}"
+    np.testing.assert_allclose(np.ldexp(mean3, -510), scaled.mean(axis=(0, 2)), rtol=0, atol=1e-14)
+    np.testing.assert_allclose(np.ldexp(var3, -1020), scaled.var(axis=(0, 2)), rtol=1e-12)
+    every = engine.allgather(np.concatenate([mean3, var3]))
+    assert (every == every[0]).all()
 
 
 def expect_error(kind, pattern, fn) -> None:

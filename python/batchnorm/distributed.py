@@ -165,23 +165,42 @@ def _by_allgather(engine, own, ndim, code, count, mean, var, device):
     return mean, var, total
 
 
+# Past this magnitude (a shard's |mean| or standard deviation) the allreduce's sums of
+# count x mean and count x M2 may overflow double where the statistics fit (the core's merge
+# scales such shards from the same point, kMergeHeadroom in core/recipes.h): below it every
+# term stays under 2^961 for counts up to 2^63.
+_HEADROOM = 2.0**448
+
+
+def _huge(mean: np.ndarray, var: np.ndarray) -> bool:
+    """Whether a shard's finite statistics pass _HEADROOM (NaN and Inf propagate as they are)."""
+    with np.errstate(invalid="ignore"):
+        return bool((np.abs(mean[np.isfinite(mean)]) >= _HEADROOM).any()
+                    or (var[np.isfinite(var)] >= _HEADROOM * _HEADROOM).any())
+
+
 def _by_allreduce(engine, own, ndim, code, count, mean, var, device):
-    """Two allreduces of C + 8 and C values, whatever the number of ranks: sum(n mean) gives
+    """Two allreduces of C + 9 and C values, whatever the number of ranks: sum(n mean) gives
     the global mean, then sum(M2 + n (mean - global mean)^2) the global M2 (Chan's formula
     summed over every shard at once: each term >= 0, so as stable as the pairwise merge).
     Every rank gets the same bits as far as the engine's allreduce gives every rank the same
     sum (NCCL, gloo and Open MPI do). The header travels as sums: the status (_flags), the
-    count, and sum(v), sum(v^2) of ndim and dtype, which agree everywhere iff P sum(v^2) ==
-    sum(v)^2."""
+    count, sum(v), sum(v^2) of ndim and dtype, which agree everywhere iff P sum(v^2) ==
+    sum(v)^2, and the number of ranks whose statistics pass _HEADROOM: with any, every rank
+    takes the allgather's merge instead (overflow-safe), one more collective only then."""
     size = engine.size
-    head = [*_flags(own, engine.rank), count, ndim, ndim * ndim, code, code * code]
-    first = engine.allreduce(np.concatenate([head, count * mean]), device)
+    huge = 1.0 if own is None and _huge(mean, var) else 0.0
+    head = [*_flags(own, engine.rank), count, ndim, ndim * ndim, code, code * code, huge]
+    with np.errstate(over="ignore"):  # huge shards' sums may overflow: they are not used then
+        first = engine.allreduce(np.concatenate([head, count * mean]), device)
     _raise_from_sums(first[:_FLAGS], own, "x", size)
-    n, n2, k, k2 = first[_FLAGS + 1 : _FLAGS + 5]
+    n, n2, k, k2, any_huge = first[_FLAGS + 1 : _FLAGS + 6]
     if size * n2 != n**2 or size * k2 != k**2:
         raise ValueError("x must have the same rank and dtype on every rank of the group, got different ones")
     total = int(first[_FLAGS])
     _check_total(total, "over all ranks")
+    if any_huge:
+        return _by_allgather(engine, None, ndim, code, count, mean, var, device)
     global_mean = first[len(head) :] / total
     m2 = count * var + count * (mean - global_mean) ** 2
     return global_mean, engine.allreduce(m2, device) / total, total
@@ -267,7 +286,7 @@ def sync_statistics(
     (the exchanged moments unrounded), as x's kind of array; every rank gets bitwise the
     same. One allgather of P x (2C + 4) float64 values when every rank passes the same
     `channels` (a layer's num_features); without it a first 2-value allgather agrees on the
-    channel count. exchange="allreduce": two allreduces of C + 8 and C values instead of the
+    channel count. exchange="allreduce": two allreduces of C + 9 and C values instead of the
     allgather, cheaper beyond a few dozen ranks (see the README's cost model), identical on
     every rank as far as the engine's allreduce is. Fewer than 2 values per channel over all
     ranks, or bad input on any rank, raises on every rank."""
@@ -352,7 +371,7 @@ class SyncBatchNorm(BatchNorm):
     """BatchNorm whose training statistics and input gradients span every rank of `group`
     (an mpi4py communicator, or a torch.distributed process group; None: torch's default
     group). Per training step: one allgather of size x (2C + 4) float64 values forward (or,
-    with exchange="allreduce", two allreduces of C + 8 and C), one allreduce of 2C + 3
+    with exchange="allreduce", two allreduces of C + 9 and C), one allreduce of 2C + 3
     backward. Running statistics come from the global unbiased variance
     and are bitwise identical on every rank; parameter gradients stay per rank (average
     them like any parameter's). Evaluation never communicates."""
