@@ -271,6 +271,93 @@ def test_float64_variance_whose_count_times_variance_overflows(shape, axis, rest
         np.testing.assert_allclose(y, want_y, rtol=1e-12, atol=1e-12, err_msg=f"y, {threads} threads")
 
 
+@pytest.mark.parametrize("value", [1e200, 1.7e308, -1e308])
+def test_constant_huge_float64_channel_has_variance_zero(value):
+    """A constant float64 channel of huge values (its kernels' moments overflow, so it is
+    rescued): mean the value, variance 0 (the rescue's scaled mean, rounded, made it Inf), as in
+    a sync layer's merge."""
+    for n in (3, 771):
+        x = np.full((n, 2), value)
+        x[:, 1] = np.linspace(-1, 1, n)
+        mean, var, _ = bn.statistics(x)
+        assert mean[0] == value and var[0] == 0.0, (n, mean, var)
+        rm, rv = np.zeros(2), np.ones(2)
+        y, _, invstd = bn.forward_training(x, running_mean=rm, running_var=rv, momentum=1.0)
+        assert rv[0] == 0.0 and rm[0] == value and (y[:, 0] == 0).all()
+
+
+def test_unbiased_running_variance_near_double_s_largest():
+    """A biased batch variance about 1.2e308 (finite) gave an Inf unbiased running variance:
+    var * n overflowed before the division by n - 1 (update_running, core/recipes.h)."""
+    x = np.random.default_rng(2).standard_normal((8, 2, 4)) * 1e154
+    _, var, n = bn.statistics(x)
+    assert np.isfinite(var).all() and (var * (n / (n - 1)) < np.finfo(np.float64).max).all()
+    for momentum in (1.0, 0.5):
+        rm, rv = np.zeros(2), np.ones(2)
+        bn.forward_training(x, running_mean=rm, running_var=rv, momentum=momentum)
+        np.testing.assert_allclose(rv, (1 - momentum) + momentum * var * (n / (n - 1)), rtol=1e-15)
+
+
+def _backward_reference(dy, x, mean, invstd, axis):
+    """float64 sums, parameter gradients and dx of the backward at the given statistics."""
+    dy, x = host(dy), host(x)
+    bshape = [1] * x.ndim
+    bshape[axis % x.ndim] = -1
+    red = tuple(d for d in range(x.ndim) if d != axis % x.ndim)
+    m, s = host(mean).reshape(bshape), host(invstd).reshape(bshape)
+    n = x.size / x.shape[axis]
+    sdy, sdx = dy.sum(axis=red), (dy * (x - m)).sum(axis=red)
+    dx = (dy - sdy.reshape(bshape) / n - (x - m) * (sdx.reshape(bshape) / n) * s * s) * s
+    return sdy, sdx, sdx * host(invstd), dx
+
+
+@pytest.mark.parametrize("dtype", ["float32"] + (["bfloat16"] if HAVE_TORCH else []))
+@pytest.mark.parametrize("name", list(td.CASES))
+def test_huge_finite_gradients_give_finite_backward(name, dtype, restore_threads):
+    """dy about 5e18 and x - mean about 3e18 (float32, bfloat16): their products (1e37) and the
+    sums of them overflow the kernels' float32 accumulators, and float32's range took the
+    coefficients (sum(dy * (x - mean)) about 1e40 and more): dweight and dx came back NaN where
+    every true result fits. Such channels' sums are taken again in double (backward.cpp,
+    rescued_grad_sums) and their coefficients formed in double (widen_backward_coefficients), on
+    every CPU path, 1 and 2 threads."""
+    x64, dy64, axis = td.case_input(name, "float64")
+    x = on((np.array(x64) - 10) * 2.0**60, dtype, "cpu")
+    dy = on(np.array(dy64) * 2.0**62, dtype, "cpu")
+    for threads in (1, 2):
+        bn.set_num_threads(threads)
+        _, mean, invstd = bn.forward_training(x, axis=axis)
+        dx, dweight, dbias = bn.backward(dy, x, mean, invstd, axis=axis)
+        sdy, sdx, want_dweight, want_dx = _backward_reference(dy, x, mean, invstd, axis)
+        what = f"{threads} threads"
+        tol = 1e-4 if dtype == "float32" else 2e-2
+        np.testing.assert_allclose(host(dbias), sdy, rtol=tol, atol=tol * np.abs(sdy).max(), err_msg=f"dbias, {what}")
+        np.testing.assert_allclose(host(dweight), want_dweight, rtol=tol, atol=tol * np.abs(want_dweight).max(),
+                                   err_msg=f"dweight, {what}")
+        np.testing.assert_allclose(host(dx), want_dx, rtol=tol, atol=tol * np.abs(want_dx).max(), err_msg=f"dx, {what}")
+        # The split halves (SyncBatchNorm's): the same sums in double, the same dx.
+        s1, s2, dw2, db2 = bn.backward_reduce(dy, x, mean, invstd, axis=axis)
+        np.testing.assert_allclose(host(s1), sdy, rtol=1e-6, atol=1e-6 * np.abs(sdy).max(), err_msg=f"sum_dy, {what}")
+        np.testing.assert_allclose(host(s2), sdx, rtol=1e-6, atol=1e-6 * np.abs(sdx).max(), err_msg=f"sum_dy_xmu, {what}")
+        count = host(x).size // host(x).shape[axis]
+        dx2 = bn.backward_elemt(dy, x, mean, invstd, s1, s2, count, axis=axis)
+        np.testing.assert_allclose(host(dx2), want_dx, rtol=tol, atol=tol * np.abs(want_dx).max(), err_msg=f"dx, {what}")
+
+
+def test_huge_finite_gradients_through_the_fused_backward():
+    """The fused backward (ReLU mask from y, the residual's gradient) rescues the masked dy's sums."""
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((64, 3, 8, 8)) * 2.0**60).astype(np.float32)
+    dy = (rng.standard_normal((64, 3, 8, 8)) * 2.0**62).astype(np.float32)
+    y, mean, invstd = bn.forward_training(x, residual=np.zeros_like(x), activation="relu")
+    dx, dweight, dbias, dres = bn.backward(dy, x, mean, invstd, y=y, activation="relu", residual=True)
+    g = np.where(y > 0, dy, 0).astype(np.float32)
+    np.testing.assert_array_equal(dres, g)
+    sdy, _, want_dweight, want_dx = _backward_reference(g, x, mean, invstd, 1)
+    np.testing.assert_allclose(dbias, sdy, rtol=1e-4, atol=1e-4 * np.abs(sdy).max())
+    np.testing.assert_allclose(dweight, want_dweight, rtol=1e-4, atol=1e-4 * np.abs(want_dweight).max())
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-4 * np.abs(want_dx).max())
+
+
 def test_constant_channel_at_float32_s_largest_values():
     """The review's case: every value 1e38 (their float32 sum overflows): mean 1e38, variance 0,
     y the bias, not NaN."""

@@ -555,6 +555,29 @@ def test_merge_statistics_at_double_s_limits(xp):
                                                [cast(a, "float64", xp) for a in shard_vars], n)
         assert count == sum(n)
         assert_merged(mean, var, *exact_merge(shard_means, shard_vars, n), f"channel {c}")
+    # Review cases. A negative variance gives NaN also where the merge scales (scaled to -0 it
+    # had passed for none: -0 or Inf), in either shard order.
+    for shards in ([(2, 1e300, -1.0)], [(4, 1e305, 1e200), (5, 1.0, 1.0), (3, 1.0, -1.0)]):
+        for order in (shards, shards[::-1]):
+            _, var, _ = bn.merge_statistics([cast(np.array([m]), "float64", xp) for _, m, _ in order],
+                                            [cast(np.array([v]), "float64", xp) for _, _, v in order],
+                                            [n for n, _, _ in order])
+            assert np.isnan(to_f64(var)).all(), f"{order}: {to_f64(var)}"
+    # A tiny variance beside a huge mean keeps its bits where the plain merge is finite (the
+    # scaled merge flushed it to 0).
+    for mean_value, var_value in ((1e300, 1.0), (1.4e229, 4.6e-140)):
+        m = [cast(np.array([mean_value]), "float64", xp)] * 2
+        v = [cast(np.array([var_value]), "float64", xp)] * 2
+        mean, var, _ = bn.merge_statistics(m[:1], v[:1], [2])
+        assert to_f64(mean)[0] == mean_value and to_f64(var)[0] == var_value
+        mean, var, _ = bn.merge_statistics(m, v, [2, 3])
+        assert to_f64(mean)[0] == mean_value and to_f64(var)[0] == var_value
+    # The mean of finite shards stays finite when the weight rounds to 1 at double's edge.
+    big = np.finfo(np.float64).max
+    for means, counts in (([np.nextafter(big, 0), -big], [1, 2**53]), ([-np.nextafter(big, 0), big], [3, 2**62])):
+        mean, _, _ = bn.merge_statistics([cast(np.array([a]), "float64", xp) for a in means],
+                                         [cast(np.array([0.0]), "float64", xp)] * 2, counts)
+        assert np.isfinite(to_f64(mean)).all() and abs(to_f64(mean)[0]) >= np.nextafter(big, 0), to_f64(mean)
     # statistics of the concatenation agrees on the first channel's shards.
     whole_mean, whole_var, _ = bn.statistics(np.array([[1e308], [-1e308]]))
     assert whole_mean[0] == 0.0 and whole_var[0] == np.inf

@@ -112,12 +112,17 @@ void forward_training(const ForwardTrainingParams& p, const Layout& L) {
       double* const run_var = rv.data();
       const double* const var = batch_var.data();
       for_channels(C, 4, [&, n, o, momentum, run_mean, run_var, var, mean](int64_t c0, int64_t c1) {
-        if (o.skip_nonfinite) {
-          for (int64_t c = c0; c < c1; ++c) update_running<A>(run_mean[c], run_var[c], mean[c], var[c], n, momentum, o);
+        // Locals, not the closure's members, which the stores to run_mean and run_var may
+        // alias: GCC reloaded the momentum from the closure at every channel.
+        const double count = n, rate = momentum;
+        const RunningOptions opts = o;
+        double* const rmean = run_mean;
+        double* const rvar = run_var;
+        if (opts.skip_nonfinite) {
+          for (int64_t c = c0; c < c1; ++c) update_running<A>(rmean[c], rvar[c], mean[c], var[c], count, rate, opts);
         } else {
-          const RunningOptions plain{o.unbiased};
-          for (int64_t c = c0; c < c1; ++c)
-            update_running<A>(run_mean[c], run_var[c], mean[c], var[c], n, momentum, plain);
+          const RunningOptions plain{opts.unbiased};
+          for (int64_t c = c0; c < c1; ++c) update_running<A>(rmean[c], rvar[c], mean[c], var[c], count, rate, plain);
         }
         store_range(p.running_mean, c0, c1 - c0, rm.data() + c0);
         store_range(p.running_var, c0, c1 - c0, rv.data() + c0);

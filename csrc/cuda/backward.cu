@@ -116,10 +116,12 @@ template <class A>
 __device__ __forceinline__ BackwardCoefficients<A> grad_coefficients(int64_t c, const GradPartial& sums,
                                                                      int64_t count, ParamRef saved_mean,
                                                                      ParamRef saved_invstd, ParamRef weight) {
-  return backward_coefficients<A>(sums.dy, sums.dy_xmu, static_cast<double>(count),
-                                  static_cast<A>(load_param(saved_mean, c, 0.0)),
-                                  static_cast<A>(load_param(saved_invstd, c, 1.0)),
-                                  static_cast<A>(load_param(weight, c, 1.0)));
+  const A invstd = static_cast<A>(load_param(saved_invstd, c, 1.0));
+  BackwardCoefficients<A> k = backward_coefficients<A>(sums.dy, sums.dy_xmu, static_cast<double>(count),
+                                                       static_cast<A>(load_param(saved_mean, c, 0.0)), invstd,
+                                                       static_cast<A>(load_param(weight, c, 1.0)));
+  widen_backward_coefficients<A>(k, sums.dy, sums.dy_xmu, static_cast<double>(count), invstd);
+  return k;
 }
 
 // One warp per channel: the sums, dweight, dbias and the coefficients of backward_dx; with
@@ -143,9 +145,11 @@ __global__ void __launch_bounds__(kBlock)
     const ParamGrads<A> g = renorm_param_grads<A>(param_grads<A>(sums.dy, sums.dy_xmu, invstd), rd);
     dweight[c] = g.dweight;
     dbias[c] = g.dbias;
-    coef[c] = backward_coefficients<A>(sums.dy, sums.dy_xmu, static_cast<double>(count),
-                                       static_cast<A>(load_param(saved_mean, c, 0.0)), invstd,
-                                       static_cast<A>(load_param(weight, c, 1.0)) * rd.r);
+    BackwardCoefficients<A> k = backward_coefficients<A>(sums.dy, sums.dy_xmu, static_cast<double>(count),
+                                                         static_cast<A>(load_param(saved_mean, c, 0.0)), invstd,
+                                                         static_cast<A>(load_param(weight, c, 1.0)) * rd.r);
+    widen_backward_coefficients<A>(k, sums.dy, sums.dy_xmu, static_cast<double>(count), invstd);
+    coef[c] = k;
   }
 }
 

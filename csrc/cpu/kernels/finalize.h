@@ -49,6 +49,16 @@ void backward_finalize(int64_t n, const double* __restrict sum_dy, const double*
     k_mean_dy[i] = k.mean_dy;
     k_proj[i] = k.proj;
   }
+  // Coefficients that overflowed A (widen_backward_coefficients), found by a loop of their own:
+  // its test inside the loop above kept GCC from vectorizing it.
+  if (all_finite(k_mean_dy, k_proj, n)) [[likely]]
+    return;
+  for (int64_t i = 0; i < n; ++i) {
+    BackwardCoefficients<A> k{k_mean[i], k_scale[i], k_mean_dy[i], k_proj[i]};
+    widen_backward_coefficients<A>(k, sum_dy[i], sum_dy_xmu[i], count, invstd[i]);
+    k_mean_dy[i] = k.mean_dy;
+    k_proj[i] = k.proj;
+  }
 }
 
 }  // namespace batchnorm::cpu::BN_ISA

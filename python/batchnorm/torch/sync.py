@@ -94,7 +94,7 @@ class SyncBatchNorm(_Base):
     every rank's batch (one allgather of P x (2C + 4) float64 values forward, one allreduce
     of 2C + 3 backward) and the running statistics, from the global unbiased variance, are
     bitwise identical on every rank. Unlike torch's, CPU tensors work (gloo), and ranks may
-    hold empty batches. exchange="allreduce": two allreduces of C + 8 and C values instead of
+    hold empty batches. exchange="allreduce": two allreduces of C + 9 and C values instead of
     the allgather, for many ranks (README, cost model). Otherwise (eval, one rank, no process
     group) it is BatchNorm."""
 
