@@ -343,6 +343,34 @@ def test_huge_finite_gradients_give_finite_backward(name, dtype, restore_threads
         np.testing.assert_allclose(host(dx2), want_dx, rtol=tol, atol=tol * np.abs(want_dx).max(), err_msg=f"dx, {what}")
 
 
+def test_backward_rescue_of_float64_deviations_past_double_s_range():
+    """float64 x at +-1.7e308 with mean 8.5e307: x - mean overflows double though x, dy and mean
+    are finite. The rescue scaled by the deviations' exponent, ilogb(Inf) (a signed overflow,
+    undefined), and gave sum_dy_xmu -Inf; now x and mean share one scale."""
+    x = np.array([[1.7e308], [1.7e308], [1.7e308], [-1.7e308]])
+    dy = np.array([[4.0], [4.0], [-4.0], [1.0]])
+    mean, invstd = np.array([0.85e308]), np.array([1e-308])
+    _, s2, _, _ = bn.backward_reduce(dy, x, mean, invstd)
+    want = 0.85e308  # 4 (x - mean) twice, minus once, plus 1 x (-2.55e308)
+    np.testing.assert_allclose(s2, [want], rtol=1e-15)
+    _, dweight, _ = bn.backward(dy, x, mean, invstd)
+    np.testing.assert_allclose(dweight, [want * 1e-308], rtol=1e-15)
+
+
+def test_renorm_backward_with_d_zero_and_an_overflowed_dbias():
+    """Batch renorm's warm-up (d = 0) and sum(dy) past float32's range: dbias is Inf (the true
+    overflow) and dweight = r * dweight + d * dbias was 0 x Inf = NaN; d = 0 adds nothing."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((64, 2)).astype(np.float32)
+    dy = (np.float32(2.0**123) * (1 + 0.1 * rng.standard_normal((64, 2)))).astype(np.float32)
+    mean, invstd = x.mean(0).astype(np.float32), (1 / x.std(0)).astype(np.float32)
+    r, d = np.full(2, 1.5, np.float32), np.zeros(2, np.float32)
+    dx, dweight, dbias = bn.backward(dy, x, mean, invstd, renorm=(r, d))
+    assert (dbias == np.inf).all()
+    want = 1.5 * (dy.astype(np.float64) * (x - mean)).sum(0) * invstd
+    np.testing.assert_allclose(dweight, want, rtol=1e-4)
+
+
 def test_huge_finite_gradients_through_the_fused_backward():
     """The fused backward (ReLU mask from y, the residual's gradient) rescues the masked dy's sums."""
     rng = np.random.default_rng(5)

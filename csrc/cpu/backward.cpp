@@ -20,33 +20,33 @@ struct GradSums {
   double dy_xmu = 0;
 };
 
-// A channel's backward sums again, in double with dy and x - mean scaled by powers of two,
+// A channel's backward sums again, in double with dy and x, mean scaled by powers of two,
 // when the kernels' are not finite though its dy, x and mean are: the kernels add dy * (x -
 // mean) in the accumulation type, whose products and sums overflow first (float32 or bfloat16
 // dy and deviations about 1e19 gave NaN parameter gradients and dx where every true result
-// fits). As rescued_statistics: a channel holding a NaN or Inf keeps the kernels' sums, others
-// never get here. The sums come back at their scale: past double's range (float64 values past
-// about 1e154) they are Inf.
+// fits). As rescued_statistics: a channel holding a NaN or an Inf keeps the kernels' sums,
+// found at its first non-finite row (channel_finite). x and mean share one scale, so that x -
+// mean cannot overflow (float64 values near 1.8e308). The sums come back at their scale:
+// past double's range (float64 dy and deviations past about 1e154) they are Inf, though
+// dweight and dx may fit (a limit: the finalize takes the sums unscaled).
 template <class T>
 [[gnu::noinline, gnu::cold]] GradSums rescued_grad_sums(const T* dyc, const T* xc, const Layout& L, double mean,
                                                          const GradSums& s) {
-  if (!std::isfinite(mean)) return s;
-  double dy_max = 0.0, dev_max = 0.0;
-  bool finite = true;
+  if (!std::isfinite(mean) || !channel_finite(dyc, L, 0) || !channel_finite(xc, L, 1)) return s;
+  double dy_max = 0.0, x_max = std::fabs(mean);
   each_pair(dyc, xc, L, [&](double dy, double x) {
-    finite = finite && std::isfinite(dy) && std::isfinite(x);
     dy_max = std::max(dy_max, std::fabs(dy));
-    dev_max = std::max(dev_max, std::fabs(x - mean));
+    x_max = std::max(x_max, std::fabs(x));
   });
-  if (!finite) return s;
-  const int e_dy = dy_max > 0.0 ? std::ilogb(dy_max) : 0, e_dev = dev_max > 0.0 ? std::ilogb(dev_max) : 0;
+  const int e_dy = dy_max > 0.0 ? std::ilogb(dy_max) : 0, e_x = x_max > 0.0 ? std::ilogb(x_max) : 0;
+  const double mean_scaled = std::ldexp(mean, -e_x);
   double s1 = 0.0, s2 = 0.0;
   each_pair(dyc, xc, L, [&](double dy, double x) {
     const double d = std::ldexp(dy, -e_dy);
     s1 += d;
-    s2 += d * std::ldexp(x - mean, -e_dev);
+    s2 += d * (std::ldexp(x, -e_x) - mean_scaled);
   });
-  return GradSums{std::ldexp(s1, e_dy), std::ldexp(s2, e_dy + e_dev)};
+  return GradSums{std::ldexp(s1, e_dy), std::ldexp(s2, e_dy + e_x)};
 }
 
 // Per-channel backward sums of every channel into sum_dy[c] and sum_dy_xmu[c], then

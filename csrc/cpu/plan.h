@@ -427,6 +427,34 @@ void each_pair(const T* ac, const T* bc, const Layout& L, F&& f) {
   }
 }
 
+// Whether every value of one channel of array t of the layout (xc: its first) is finite,
+// stopping at the first NaN or Inf: the rescues below ask it first, so a channel that is
+// non-finite because of its values (a loss scaler's overflow step: Infs in every channel)
+// costs a scan up to its first bad value, not a scalar scan of the whole channel (which had
+// made such a backward 18-23x slower). Contiguous rows are tested 64 values at a time in 8
+// lanes (v * 0 is NaN for an Inf or a NaN), which GCC vectorizes; strided ones value by value.
+template <class T>
+bool channel_finite(const T* xc, const Layout& L, int t) {
+  using A = acc_t<T>;
+  const int64_t inner = L.inner(), stride = L.inner_stride(t);
+  for (int64_t o = 0; o < L.count / inner; ++o) {
+    const T* row = xc + L.outer_offset(t, o);
+    int64_t i = 0;
+    if (stride == 1)
+      for (; i + 64 <= inner; i += 64) {
+        A lanes[8] = {};
+        for (int k = 0; k < 64; k += 8)
+          for (int j = 0; j < 8; ++j) lanes[j] += load(row[i + k + j]) * A(0);
+        A total = 0;
+        for (int j = 0; j < 8; ++j) total += lanes[j];
+        if (!(total == A(0))) return false;
+      }
+    for (; i < inner; ++i)
+      if (!(load(row[i * stride]) * A(0) == A(0))) return false;
+  }
+  return true;
+}
+
 // A channel's (mean, biased variance) again, in double and scaled by a power of two, when the
 // kernels' are not finite though its values are. The kernels sum blocks in the accumulation
 // type, whose sums of finite values overflow where double's do not: float32 or bfloat16 values
@@ -444,15 +472,14 @@ struct MeanVar {
 template <class T>
 [[gnu::noinline, gnu::cold]] MeanVar rescued_statistics(const T* xc, const Layout& L, const Moments<double>& m) {
   const MeanVar kernels{m.mean, biased_variance(m)};
+  if (!channel_finite(xc, L, 0)) return kernels;
   double largest = 0.0, lo = std::numeric_limits<double>::infinity(), hi = -lo;
-  bool finite = true;
   each_value(xc, L, [&](double v) {
-    finite = finite && std::isfinite(v);
     largest = std::max(largest, std::fabs(v));
     lo = std::min(lo, v);
     hi = std::max(hi, v);
   });
-  if (!finite || largest == 0.0) return kernels;
+  if (largest == 0.0) return kernels;
   // A constant channel is its value with variance 0: the scaled mean's rounding (an ulp of
   // values about 1e200, squared and scaled back) would make its variance Inf.
   if (lo == hi) return MeanVar{lo, 0.0};
