@@ -435,9 +435,9 @@ BN_HD ParamGrads<A> param_grads(double sum_dy, double sum_dy_xmu, A invstd) {
 // Batch renorm's parameter gradients with r and d constant: y = weight * (x_hat * r + d) +
 // bias gives dweight = r * sum(dy * x_hat) + d * sum(dy); dbias is unchanged. (dx is the plain
 // backward's with weight * r in place of weight.)
-template <class A>
 // (d = 0, batch renorm's warm-up, adds nothing: written out, 0 x an overflowed dbias made a
 // finite dweight NaN. Elsewhere r * dweight + 0 is r * dweight, the sign of a zero aside.)
+template <class A>
 BN_HD ParamGrads<A> renorm_param_grads(ParamGrads<A> g, Renorm<A> rd) {
   g.dweight = rd.d == A(0) ? rd.r * g.dweight : rd.r * g.dweight + rd.d * g.dbias;
   return g;

@@ -95,7 +95,7 @@ bool all_grad_sums(const Kernels<T>& k, const T* dy, const T* x, const Layout& L
         sum_dy_xmu[c] = s.dy_xmu;
       },
       [&](int64_t c0, int64_t c1) {
-        if (!all_finite(sum_dy + c0, sum_dy_xmu + c0, c1 - c0)) [[unlikely]]
+        if (!(all_finite(sum_dy + c0, c1 - c0) && all_finite(sum_dy_xmu + c0, c1 - c0))) [[unlikely]]
           for (int64_t c = c0; c < c1; ++c) {
             if (std::isfinite(sum_dy[c]) && std::isfinite(sum_dy_xmu[c])) continue;
             const GradSums r = rescued_grad_sums(dy + c * cs_dy, x + c * cs_x, L, static_cast<double>(mean[c]),

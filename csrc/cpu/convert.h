@@ -90,21 +90,22 @@ BN_CPU_INLINE void store_any(void* p, DType t, int64_t i, double v) {
   }
 }
 
-// Whether a[0, n) and b[0, n) (float or double) are all finite: v * 0 is 0 for finite v and
-// NaN for an Inf or a NaN, added up in 8 independent lanes, which GCC vectorizes at every ISA
-// level (SSE2 included, where a test of the exponent bits of doubles, or a loop of
-// std::isfinite, stayed scalar). The overflow checks of per-channel results (the backward's
-// sums and coefficients) run it over arrays of channels.
-template <class V>
-BN_CPU_INLINE bool all_finite(const V* a, const V* b, int64_t n) {
-  V lanes[8] = {};
+// Whether a[0, n) (any dtype) is all finite: v * 0 is 0 for a finite v and NaN for an Inf or
+// a NaN, added up in 8 independent lanes, which GCC vectorizes at every ISA level (SSE2
+// included, where a test of the exponent bits of doubles, or a loop of std::isfinite, stayed
+// scalar). The overflow checks of per-channel results (the backward's sums and coefficients)
+// and the rescues' scans of a channel's rows (cpu/plan.h, channel_finite) run it.
+template <class T>
+BN_CPU_INLINE bool all_finite(const T* a, int64_t n) {
+  using A = acc_t<T>;
+  A lanes[8] = {};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) lanes[j] += a[i + j] * V(0) + b[i + j] * V(0);
-  for (; i < n; ++i) lanes[0] += a[i] * V(0) + b[i] * V(0);
-  V total = 0;
+    for (int j = 0; j < 8; ++j) lanes[j] += load(a[i + j]) * A(0);
+  for (; i < n; ++i) lanes[0] += load(a[i]) * A(0);
+  A total = 0;
   for (int j = 0; j < 8; ++j) total += lanes[j];
-  return total == V(0);
+  return total == A(0);
 }
 
 }  // namespace batchnorm::cpu

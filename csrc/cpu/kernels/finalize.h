@@ -51,7 +51,7 @@ void backward_finalize(int64_t n, const double* __restrict sum_dy, const double*
   }
   // Coefficients that overflowed A (widen_backward_coefficients), found by a loop of their own:
   // its test inside the loop above kept GCC from vectorizing it.
-  if (all_finite(k_mean_dy, k_proj, n)) [[likely]]
+  if (all_finite(k_mean_dy, n) && all_finite(k_proj, n)) [[likely]]
     return;
   for (int64_t i = 0; i < n; ++i) {
     BackwardCoefficients<A> k{k_mean[i], k_scale[i], k_mean_dy[i], k_proj[i]};
