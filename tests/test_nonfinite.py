@@ -357,6 +357,59 @@ def test_backward_rescue_of_float64_deviations_past_double_s_range():
     np.testing.assert_allclose(dweight, [want * 1e-308], rtol=1e-15)
 
 
+@pytest.mark.parametrize("name", list(td.CASES))
+def test_float64_backward_sums_past_double_s_range(name, restore_threads):
+    """float64 dy about 2^660 (1e198) with deviations about 2^400 (1e120): sum(dy * (x - mean))
+    passes 1.8e308, while dweight = sum * invstd (about 2^660) and dx (about 2^260) fit. The
+    rescue's sums came back Inf and so did dweight and dx; the finalize now takes them at their
+    scale (scaled_param_grads, scaled_backward_coefficients), on every CPU path, 1 and 2
+    threads, the plain, batch-renorm and fused backward and backward_reduce's dweight (its sum
+    outputs are Inf: they do not fit)."""
+    x64, dy64, axis = td.case_input(name, "float64")
+    xs, dys = np.array(x64, dtype=np.float64), np.array(dy64, dtype=np.float64)
+    x, dy = np.ldexp(xs, 400), np.ldexp(dys, 660)
+    ax = axis % xs.ndim
+    red = tuple(d for d in range(xs.ndim) if d != ax)
+    bshape = [1] * xs.ndim
+    bshape[ax] = -1
+    n = xs.size // xs.shape[ax]
+    r, d = np.full(xs.shape[ax], 1.5), np.full(xs.shape[ax], 0.25)
+    for threads in (1, 2):
+        bn.set_num_threads(threads)
+        y, mean, invstd = bn.forward_training(x, axis=axis)
+        # The reference at the values' scale: mean and invstd 2^400 times smaller and larger.
+        ms, ss = np.ldexp(mean, -400).reshape(bshape), np.ldexp(invstd, 400).reshape(bshape)
+        sdy, sdx = dys.sum(axis=red), (dys * (xs - ms)).sum(axis=red)
+        assert (np.log2(np.abs(sdx)) + 1060 > 1024).any(), "the case must pass double's range"
+        want_dbias = np.ldexp(sdy, 660)
+        want_dweight = np.ldexp(sdx * ss.ravel(), 660)
+        inner = dys - sdy.reshape(bshape) / n - (xs - ms) * (sdx.reshape(bshape) / n) * ss * ss
+        want_dx = np.ldexp(inner * ss, 260)
+        what = f"{name}, {threads} threads"
+
+        def close(got, want, label):
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9 * np.abs(want).max(), err_msg=f"{label}, {what}")
+
+        dx, dweight, dbias = bn.backward(dy, x, mean, invstd, axis=axis)
+        close(dbias, want_dbias, "dbias")
+        close(dweight, want_dweight, "dweight")
+        close(dx, want_dx, "dx")
+        _, dweight_r, dbias_r = bn.backward(dy, x, mean, invstd, axis=axis, renorm=(r, d))
+        close(dweight_r, 1.5 * want_dweight + 0.25 * want_dbias, "renorm dweight")
+        close(dbias_r, want_dbias, "renorm dbias")
+        _, s2, dweight2, _ = bn.backward_reduce(dy, x, mean, invstd, axis=axis)
+        assert np.isinf(s2).any()
+        close(dweight2, want_dweight, "backward_reduce dweight")
+        # The fused backward: the ReLU mask from y (no residual), its masked dy rescued.
+        gs = np.where(y > 0, dys, 0.0)
+        sdy_g, sdx_g = gs.sum(axis=red), (gs * (xs - ms)).sum(axis=red)
+        dxf, dweightf, dbiasf = bn.backward(dy, x, mean, invstd, axis=axis, y=y, activation="relu")
+        close(dbiasf, np.ldexp(sdy_g, 660), "fused dbias")
+        close(dweightf, np.ldexp(sdx_g * ss.ravel(), 660), "fused dweight")
+        inner_g = gs - sdy_g.reshape(bshape) / n - (xs - ms) * (sdx_g.reshape(bshape) / n) * ss * ss
+        close(dxf, np.ldexp(inner_g * ss, 260), "fused dx")
+
+
 def test_renorm_backward_with_d_zero_and_an_overflowed_dbias():
     """Batch renorm's warm-up (d = 0) and sum(dy) past float32's range: dbias is Inf (the true
     overflow) and dweight = r * dweight + d * dbias was 0 x Inf = NaN; d = 0 adds nothing."""

@@ -485,6 +485,45 @@ BN_HD void widen_backward_coefficients(BackwardCoefficients<A>& k, double sum_dy
   k.proj = static_cast<A>(sum_dy_xmu / n * s * s);
 }
 
+// A sum held as s * 2^e: backward sums past double's range whose results fit (float64 dy
+// about 1e200 with deviations about 1e120: sum(dy * (x - mean)) passes 1.8e308, while dweight
+// = sum * invstd and proj = sum * invstd^2 / n fit). The CPU backward's rescue gives its sums
+// so (cpu/backward.cpp).
+struct ScaledSum {
+  double s;
+  int e;
+};
+BN_HD double scaled_value(ScaledSum a) { return std::ldexp(a.s, a.e); }
+
+// invstd as m * 2^e with 0.5 <= |m| < 1; 0, Inf and NaN as they are with e = 0.
+struct SplitDouble {
+  double m;
+  int e;
+};
+BN_HD SplitDouble split_double(double v) {
+  SplitDouble r{v, 0};
+  if (std::isfinite(v) && v != 0.0) r.m = std::frexp(v, &r.e);
+  return r;
+}
+
+// param_grads from scaled sums: invstd's exponent joins the sum's before the one rounding, so
+// the product cannot overflow on the way.
+template <class A>
+BN_HD ParamGrads<A> scaled_param_grads(ScaledSum sum_dy, ScaledSum sum_dy_xmu, A invstd) {
+  const SplitDouble s = split_double(static_cast<double>(invstd));
+  return ParamGrads<A>{static_cast<A>(std::ldexp(sum_dy_xmu.s * s.m, sum_dy_xmu.e + s.e)),
+                       static_cast<A>(scaled_value(sum_dy))};
+}
+
+// backward_coefficients' mean_dy and proj from scaled sums, as scaled_param_grads.
+template <class A>
+BN_HD void scaled_backward_coefficients(BackwardCoefficients<A>& k, ScaledSum sum_dy, ScaledSum sum_dy_xmu, double n,
+                                        A invstd) {
+  const SplitDouble s = split_double(static_cast<double>(invstd));
+  k.mean_dy = static_cast<A>(std::ldexp(sum_dy.s / n, sum_dy.e));
+  k.proj = static_cast<A>(std::ldexp(sum_dy_xmu.s / n * s.m * s.m, sum_dy_xmu.e + 2 * s.e));
+}
+
 template <class X>
 BN_HD X backward_dx(X dy, X x, const BackwardCoefficients<X>& k) {
   return (dy - k.mean_dy - (x - k.mean) * k.proj) * k.scale;

@@ -24,15 +24,19 @@ struct GradSums {
 // when the kernels' are not finite though its dy, x and mean are: the kernels add dy * (x -
 // mean) in the accumulation type, whose products and sums overflow first (float32 or bfloat16
 // dy and deviations about 1e19 gave NaN parameter gradients and dx where every true result
-// fits). As rescued_statistics: a channel holding a NaN or an Inf keeps the kernels' sums,
-// found at its first non-finite row (channel_finite). x and mean share one scale, so that x -
-// mean cannot overflow (float64 values near 1.8e308). The sums come back at their scale:
-// past double's range (float64 dy and deviations past about 1e154) they are Inf, though
-// dweight and dx may fit (a limit: the finalize takes the sums unscaled).
+// fits). As rescued_statistics: a channel holding a NaN or an Inf keeps the kernels' sums
+// (false), found at its first non-finite row (channel_finite). x and mean share one scale, so
+// that x - mean cannot overflow (float64 values near 1.8e308). The sums come back at their
+// scale (`out`): past double's range (float64 dy and deviations past about 1e154) their value
+// is Inf, while the parameter gradients and coefficients made from them may fit
+// (scaled_param_grads, scaled_backward_coefficients).
+struct ScaledGradSums {
+  ScaledSum dy, dy_xmu;
+};
 template <class T>
-[[gnu::noinline, gnu::cold]] GradSums rescued_grad_sums(const T* dyc, const T* xc, const Layout& L, double mean,
-                                                         const GradSums& s) {
-  if (!std::isfinite(mean) || !channel_finite(dyc, L, 0) || !channel_finite(xc, L, 1)) return s;
+[[gnu::noinline, gnu::cold]] bool rescued_grad_sums(const T* dyc, const T* xc, const Layout& L, double mean,
+                                                    ScaledGradSums& out) {
+  if (!std::isfinite(mean) || !channel_finite(dyc, L, 0) || !channel_finite(xc, L, 1)) return false;
   double dy_max = 0.0, x_max = std::fabs(mean);
   each_pair(dyc, xc, L, [&](double dy, double x) {
     dy_max = std::max(dy_max, std::fabs(dy));
@@ -46,7 +50,8 @@ template <class T>
     s1 += d;
     s2 += d * (std::ldexp(x, -e_x) - mean_scaled);
   });
-  return GradSums{std::ldexp(s1, e_dy), std::ldexp(s2, e_dy + e_x)};
+  out = ScaledGradSums{ScaledSum{s1, e_dy}, ScaledSum{s2, e_dy + e_x}};
+  return true;
 }
 
 // Per-channel backward sums of every channel into sum_dy[c] and sum_dy_xmu[c], then
@@ -55,10 +60,12 @@ template <class T>
 // reduction reads it from cache. Sums that overflowed are recomputed before their block's
 // finalize (rescued_grad_sums; with `pre`, from the masked dy it wrote), found by a vectorized
 // test over the block (a test per channel in per_channel had made (16, 2048) backward 1.3x).
-template <class T, class Fin, class B>
+// Rescued sums whose value passes double's range are taken once more after the finalize and
+// handed to `past_range(c, sums)` at their scale, to mend what the finalize made of them.
+template <class T, class Fin, class Past, class B>
 bool all_grad_sums(const Kernels<T>& k, const T* dy, const T* x, const Layout& L, const Plan& plan,
                    const acc_t<T>* mean, const MapPass<T>* pre, double* sum_dy, double* sum_dy_xmu, Fin&& finalize,
-                   B&& per_block) {
+                   Past&& past_range, B&& per_block) {
   const int64_t C = L.channels;
   const int64_t cs_dy = L.channel_stride[0], cs_x = L.channel_stride[1];
   buffer<acc_t<T>> plane_mean;  // tiny planes: the mean of each plane value's channel
@@ -95,15 +102,24 @@ bool all_grad_sums(const Kernels<T>& k, const T* dy, const T* x, const Layout& L
         sum_dy_xmu[c] = s.dy_xmu;
       },
       [&](int64_t c0, int64_t c1) {
+        auto rescue = [&](int64_t c, ScaledGradSums& r) {
+          return rescued_grad_sums(dy + c * cs_dy, x + c * cs_x, L, static_cast<double>(mean[c]), r);
+        };
+        bool past = false;
         if (!(all_finite(sum_dy + c0, c1 - c0) && all_finite(sum_dy_xmu + c0, c1 - c0))) [[unlikely]]
           for (int64_t c = c0; c < c1; ++c) {
-            if (std::isfinite(sum_dy[c]) && std::isfinite(sum_dy_xmu[c])) continue;
-            const GradSums r = rescued_grad_sums(dy + c * cs_dy, x + c * cs_x, L, static_cast<double>(mean[c]),
-                                                 GradSums{sum_dy[c], sum_dy_xmu[c]});
-            sum_dy[c] = r.dy;
-            sum_dy_xmu[c] = r.dy_xmu;
+            ScaledGradSums r;
+            if ((std::isfinite(sum_dy[c]) && std::isfinite(sum_dy_xmu[c])) || !rescue(c, r)) continue;
+            sum_dy[c] = scaled_value(r.dy);
+            sum_dy_xmu[c] = scaled_value(r.dy_xmu);
+            past = past || !(std::isfinite(sum_dy[c]) && std::isfinite(sum_dy_xmu[c]));
           }
         finalize(c0, c1);
+        if (past) [[unlikely]]
+          for (int64_t c = c0; c < c1; ++c) {
+            ScaledGradSums r;
+            if (!(std::isfinite(sum_dy[c]) && std::isfinite(sum_dy_xmu[c])) && rescue(c, r)) past_range(c, r);
+          }
       },
       per_block);
 }
@@ -191,6 +207,16 @@ void backward(const BackwardParams& p, const Layout& L) {
             dbias[c] = g.dbias;
           }
         },
+        [&](int64_t c, const ScaledGradSums& s) {
+          ParamGrads<A> g = scaled_param_grads<A>(s.dy, s.dy_xmu, invstd[c]);
+          if (renorm) g = renorm_param_grads<A>(g, Renorm<A>{r[c], rd[c]});
+          dweight[c] = g.dweight;
+          dbias[c] = g.dbias;
+          BackwardCoefficients<A> kc{};
+          scaled_backward_coefficients<A>(kc, s.dy, s.dy_xmu, static_cast<double>(L.count), invstd[c]);
+          coef.mean_dy[c] = kc.mean_dy;
+          coef.proj[c] = kc.proj;
+        },
         [&](int64_t c0, int64_t c1) { map_channels(k, pass, L, plan, c0, c1); });
     if (!fused) map_all(k, pass, L, plan);
   });
@@ -222,6 +248,9 @@ void backward_reduce(const BackwardReduceParams& p, const Layout& L) {
     const scratch_array<A> mean = load_vector<A>(p.mean, C, A(0));
     all_grad_sums(kernels_for<T>(), p.dy.ptr<const T>(), p.x.ptr<const T>(), L, make_plan<T>(L, 3 * sizeof(T)),
                   mean.data(), static_cast<const MapPass<T>*>(nullptr), sum_dy, sum_dy_xmu, param_grads_of,
+                  [&](int64_t c, const ScaledGradSums& s) {  // the sums' outputs stay Inf
+                    dweight[c] = scaled_param_grads<A>(s.dy, s.dy_xmu, invstd[c]).dweight;
+                  },
                   [](int64_t, int64_t) {});
   });
 }
