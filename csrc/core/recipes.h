@@ -486,7 +486,7 @@ BN_HD void widen_backward_coefficients(BackwardCoefficients<A>& k, double sum_dy
 }
 
 // A sum held as s * 2^e: backward sums past double's range whose results fit (float64 dy
-// about 1e200 with deviations about 1e120: sum(dy * (x - mean)) passes 1.8e308, while dweight
+// about 1e198 with deviations about 1e120: sum(dy * (x - mean)) passes 1.8e308, while dweight
 // = sum * invstd and proj = sum * invstd^2 / n fit). The CPU backward's rescue gives its sums
 // so (cpu/backward.cpp).
 struct ScaledSum {
@@ -495,7 +495,8 @@ struct ScaledSum {
 };
 BN_HD double scaled_value(ScaledSum a) { return std::ldexp(a.s, a.e); }
 
-// invstd as m * 2^e with 0.5 <= |m| < 1; 0, Inf and NaN as they are with e = 0.
+// v as m * 2^e with 0.5 <= |m| < 1 (frexp; subnormals normalized); 0, Inf and NaN as they are
+// with e = 0.
 struct SplitDouble {
   double m;
   int e;

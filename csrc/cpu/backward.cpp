@@ -61,7 +61,8 @@ template <class T>
 // finalize (rescued_grad_sums; with `pre`, from the masked dy it wrote), found by a vectorized
 // test over the block (a test per channel in per_channel had made (16, 2048) backward 1.3x).
 // Rescued sums whose value passes double's range are taken once more after the finalize and
-// handed to `past_range(c, sums)` at their scale, to mend what the finalize made of them.
+// handed to `past_range(c, sums)` at their scale, to mend what the finalize made of them. (That
+// second look reads dy before the block's dx pass: reduce_all runs per_block after finalize.)
 template <class T, class Fin, class Past, class B>
 bool all_grad_sums(const Kernels<T>& k, const T* dy, const T* x, const Layout& L, const Plan& plan,
                    const acc_t<T>* mean, const MapPass<T>* pre, double* sum_dy, double* sum_dy_xmu, Fin&& finalize,
@@ -248,7 +249,7 @@ void backward_reduce(const BackwardReduceParams& p, const Layout& L) {
     const scratch_array<A> mean = load_vector<A>(p.mean, C, A(0));
     all_grad_sums(kernels_for<T>(), p.dy.ptr<const T>(), p.x.ptr<const T>(), L, make_plan<T>(L, 3 * sizeof(T)),
                   mean.data(), static_cast<const MapPass<T>*>(nullptr), sum_dy, sum_dy_xmu, param_grads_of,
-                  [&](int64_t c, const ScaledGradSums& s) {  // the sums' outputs stay Inf
+                  [&](int64_t c, const ScaledGradSums& s) {  // the sum_dy_xmu output stays Inf
                     dweight[c] = scaled_param_grads<A>(s.dy, s.dy_xmu, invstd[c]).dweight;
                   },
                   [](int64_t, int64_t) {});
