@@ -94,6 +94,13 @@ static inline __attribute__((always_inline)) void map_contiguous(const acc_t<T>*
     for (int j = 0; j < R::kIn; ++j) v[j] = loadv(p[j] + at);
     return apply_vector_map<T>(R{}, kl, v);
   };
+  // The same in whatever lane order storev_unordered puts back (the coefficients are splat).
+  auto vec_unordered = [&](int64_t at) {
+    V v[R::kIn];
+    #pragma GCC unroll 4
+    for (int j = 0; j < R::kIn; ++j) v[j] = loadv_unordered(p[j] + at);
+    return apply_vector_map<T>(R{}, kl, v);
+  };
   if (nt) {
     // Streaming stores write whole cache lines only, line_vectors<T> vectors at a time; the values
     // before the output's first line boundary (one by one up to the vector alignment, then a
@@ -107,22 +114,23 @@ static inline __attribute__((always_inline)) void map_contiguous(const acc_t<T>*
     // half types) was noise: 0.95-1.03x.
     const uintptr_t align = VL * sizeof(T);
     for (; i < n && (reinterpret_cast<uintptr_t>(o + i) & (align - 1)) != 0; ++i) map_one<R, true, T>(k, p, o, i);
-    for (; i + VL <= n && (reinterpret_cast<uintptr_t>(o + i) & 63) != 0; i += VL) storev<T>(o + i, vec_at(i));
+    for (; i + VL <= n && (reinterpret_cast<uintptr_t>(o + i) & 63) != 0; i += VL)
+      storev_unordered<T>(o + i, vec_unordered(i));
     for (; i + line_vectors<T> * VL <= n; i += line_vectors<T> * VL) {
-      V r[line_vectors<T>];
-      #pragma GCC unroll 2
-      for (int q = 0; q < line_vectors<T>; ++q) r[q] = vec_at(i + q * VL);
       if constexpr (paired_stores<T>()) {
-        storev2<T, true>(o + i, r[0], r[1]);
+        storev2<T, true>(o + i, vec_at(i), vec_at(i + VL));
       } else {
+        V r[line_vectors<T>];
         #pragma GCC unroll 2
-        for (int q = 0; q < line_vectors<T>; ++q) storev<T, true>(o + i + q * VL, r[q]);
+        for (int q = 0; q < line_vectors<T>; ++q) r[q] = vec_unordered(i + q * VL);
+        #pragma GCC unroll 2
+        for (int q = 0; q < line_vectors<T>; ++q) storev_unordered<T, true>(o + i + q * VL, r[q]);
       }
     }
   }
   if constexpr (paired_stores<T>())
     for (; i + 2 * VL <= n; i += 2 * VL) storev2<T>(o + i, vec_at(i), vec_at(i + VL));
-  for (; i + VL <= n; i += VL) storev<T>(o + i, vec_at(i));
+  for (; i + VL <= n; i += VL) storev_unordered<T>(o + i, vec_unordered(i));
   // A long tail goes through one partial vector; a short one is cheaper element by element,
   // but where the partial load and store are masked instructions (masked_partials). AMD EPYC
   // Zen 4, in cache, 1 thread, in-process, both orders, float32 NCHW: inference 16x128x14x14
@@ -156,11 +164,17 @@ static inline __attribute__((always_inline)) void map_short_row(const T* const* 
     return;
   }
   const int64_t full = len / VL, tail = len - full * VL;
+  // Vectors in the lane order storev_unordered puts back (the coefficients are splat), but
+  // where storev2 stores them.
   auto vec_at = [&](int64_t at) {
     V v[N];
     #pragma GCC unroll 4
-    for (int j = 0; j < N; ++j) v[j] = loadv(p[j] + at);
+    for (int j = 0; j < N; ++j) v[j] = paired_stores<T>() ? loadv(p[j] + at) : loadv_unordered(p[j] + at);
     return apply_vector_map<T>(R{}, kl, v);
+  };
+  auto store = [&](T* to, V v) {
+    if constexpr (paired_stores<T>()) storev<T>(to, v);
+    else storev_unordered<T>(to, v);
   };
   // Computed whether or not it is stored (len >= VL: it lies inside the row): a vector
   // chosen between two values has to exist whole, on the stack under AVX2.
@@ -169,14 +183,14 @@ static inline __attribute__((always_inline)) void map_short_row(const T* const* 
 #pragma GCC unroll 8
     for (int q = 0; q < NV; q += 2) {
       if (q + 1 < full) storev2<T>(o + q * VL, vec_at(q * VL), vec_at((q + 1) * VL));
-      else if (q < full) storev<T>(o + q * VL, vec_at(q * VL));
+      else if (q < full) store(o + q * VL, vec_at(q * VL));
     }
   } else {
 #pragma GCC unroll 8
     for (int q = 0; q < NV; ++q)
-      if (q < full) storev<T>(o + q * VL, vec_at(q * VL));
+      if (q < full) store(o + q * VL, vec_at(q * VL));
   }
-  if (tail != 0) storev<T>(o + len - VL, last);
+  if (tail != 0) store(o + len - VL, last);
 }
 
 template <class R, class T, int NV>

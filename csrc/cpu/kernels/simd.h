@@ -357,6 +357,35 @@ static inline __attribute__((always_inline)) void stream_vector(A* p, vec_t<A> v
 #endif
 }
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// bfloat16 words of two registers of float lanes, rounded to nearest even (add 0x7fff plus the
+// kept part's lowest bit, keep the high half; a NaN stays a NaN, made quiet: the bits of every
+// level), packed by one vpackusdw: lo's lanes 0-3, hi's 0-3, lo's 4-7, hi's 4-7 (the order of
+// each 128-bit half). NaN lanes are found by one compare of the two registers (unordered where
+// either lane is NaN) and, only then, made quiet by a blend per register: a compare and a blend
+// per register on every vector had cost AMD EPYC Zen 3 12% of an in-cache bfloat16 inference
+// (in-process, hot, 1 thread, 8x2048x7x7: NHWC 0.88x the time, NCHW 0.89x; training 0.95x,
+// backward 0.92x; 32x64x56x56 NCHW from memory, 2 threads, 0.92x).
+static inline __attribute__((always_inline)) __m256i bf16_pack_avx2(__m256 lo, __m256 hi) {
+  auto round = [](__m256 f) {
+    const __m256i w = _mm256_castps_si256(f);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(w, 16), _mm256_set1_epi32(1));
+    return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(w, _mm256_set1_epi32(0x7fff)), odd), 16);
+  };
+  auto quiet_nans = [](__m256 f, __m256i r) {
+    const __m256i w = _mm256_castps_si256(f);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q));
+    return _mm256_blendv_epi8(r, _mm256_srli_epi32(_mm256_or_si256(w, _mm256_set1_epi32(0x400000)), 16), nan);
+  };
+  __m256i a = round(lo), b = round(hi);
+  if (__builtin_expect(_mm256_movemask_ps(_mm256_cmp_ps(lo, hi, _CMP_UNORD_Q)) != 0, 0)) {
+    a = quiet_nans(lo, a);
+    b = quiet_nans(hi, b);
+  }
+  return _mm256_packus_epi32(a, b);
+}
+#endif
+
 // The 16-bit words of v's lanes in half type T (bfloat16 or float16), rounded to nearest even:
 // storev's conversion, and store_partial's.
 typedef uint16_t half_words __attribute__((vector_size(32)));
@@ -367,31 +396,12 @@ static inline __attribute__((always_inline)) half_words to_half_words(vec_t<acc_
     // Round to nearest even (add 0x7fff plus the kept part's lowest bit, keep the high
     // half); a NaN stays a NaN, made quiet. Every ISA level computes these same bits.
 #if defined(__AVX2__) && !defined(__AVX512F__)
-    // Per 32-byte half, as in loadv, then both halves' high words packed at once (vpackusdw,
-    // vpermq): GCC 12's generic per-half narrowing and join took twice the instructions.
-    // NaN lanes are found by one compare of the two halves (unordered where either lane is
-    // NaN) and, only then, made quiet by a blend per half: a compare and a blend per half on
-    // every vector had cost AMD EPYC Zen 3 12% of an in-cache bfloat16 inference (in-process,
-    // hot, 1 thread, 8x2048x7x7: NHWC 0.88x the time, NCHW 0.89x; training 0.95x, backward
-    // 0.92x; 32x64x56x56 NCHW from memory, 2 threads, 0.92x).
-    auto round = [](__m256 f) {
-      const __m256i w = _mm256_castps_si256(f);
-      const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(w, 16), _mm256_set1_epi32(1));
-      return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(w, _mm256_set1_epi32(0x7fff)), odd), 16);
-    };
-    auto quiet_nans = [](__m256 f, __m256i r) {
-      const __m256i w = _mm256_castps_si256(f);
-      const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q));
-      return _mm256_blendv_epi8(r, _mm256_srli_epi32(_mm256_or_si256(w, _mm256_set1_epi32(0x400000)), 16), nan);
-    };
+    // Per 32-byte half, as in loadv, then both halves' high words packed at once and put in
+    // order (bf16_pack_avx2, vpermq): GCC 12's generic per-half narrowing and join took twice
+    // the instructions.
     const __m256 lo = (__m256)__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
     const __m256 hi = (__m256)__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    __m256i a = round(lo), b = round(hi);
-    if (__builtin_expect(_mm256_movemask_ps(_mm256_cmp_ps(lo, hi, _CMP_UNORD_Q)) != 0, 0)) {
-      a = quiet_nans(lo, a);
-      b = quiet_nans(hi, b);
-    }
-    const __m256i n = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8);
+    const __m256i n = _mm256_permute4x64_epi64(bf16_pack_avx2(lo, hi), 0xD8);
     std::memcpy(&h, &n, sizeof(h));
 #else
     typedef uint32_t u32 __attribute__((vector_size(64)));
@@ -517,6 +527,43 @@ static inline __attribute__((always_inline)) void storev2(T* p, vec_t<acc_t<T>> 
 #endif
   storev<T, stream>(p, v0);
   storev<T, stream>(p + vlen<acc_t<T>>, v1);
+}
+
+// loadv and storev for maps whose every lane takes the same coefficients (a channel's, splat):
+// the lanes may hold the values in another order, which storev_unordered undoes, so each
+// value's bits are storev's. bfloat16 under AVX2: the words widened in place by vpunpcklwd /
+// vpunpckhwd with zeros (values 0-3 and 8-11, then 4-7 and 12-15), whose order is the one the
+// rounding's vpackusdw gives back: against loadv's two vpmovzxwd and two shifts and the store's
+// vpermq, three shuffle-port operations fewer per 16 values. Elsewhere loadv and storev.
+template <class T>
+static inline __attribute__((always_inline)) vec_t<acc_t<T>> loadv_unordered(const T* p) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, bfloat16>) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    union {
+      vec_t<float> whole;
+      __m256i half[2];
+    } u;
+    u.half[0] = _mm256_unpacklo_epi16(_mm256_setzero_si256(), h);
+    u.half[1] = _mm256_unpackhi_epi16(_mm256_setzero_si256(), h);
+    return u.whole;
+  }
+#endif
+  return loadv(p);
+}
+template <class T, bool stream = false>
+static inline __attribute__((always_inline)) void storev_unordered(T* p, vec_t<acc_t<T>> v) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, bfloat16>) {
+    const __m256 lo = (__m256)__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 hi = (__m256)__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m256i n = bf16_pack_avx2(lo, hi);
+    if constexpr (stream) _mm256_stream_si256(reinterpret_cast<__m256i*>(p), n);
+    else _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), n);
+    return;
+  }
+#endif
+  storev<T, stream>(p, v);
 }
 
 // n (<= vlen) values p[0], p[s], p[2s] ... in the low lanes, zeros above.
