@@ -88,14 +88,9 @@ static inline __attribute__((always_inline)) void map_contiguous(const acc_t<T>*
   V kl[coef_slots<R>];
   #pragma GCC unroll 4
   for (int j = 0; j < R::kCoef; ++j) kl[j] = kv[j];
+  // In the lane order storev_unordered puts back (the coefficients are splat; storev2's
+  // levels keep loadv's order).
   auto vec_at = [&](int64_t at) {
-    V v[R::kIn];
-    #pragma GCC unroll 4
-    for (int j = 0; j < R::kIn; ++j) v[j] = loadv(p[j] + at);
-    return apply_vector_map<T>(R{}, kl, v);
-  };
-  // The same in whatever lane order storev_unordered puts back (the coefficients are splat).
-  auto vec_unordered = [&](int64_t at) {
     V v[R::kIn];
     #pragma GCC unroll 4
     for (int j = 0; j < R::kIn; ++j) v[j] = loadv_unordered(p[j] + at);
@@ -115,14 +110,14 @@ static inline __attribute__((always_inline)) void map_contiguous(const acc_t<T>*
     const uintptr_t align = VL * sizeof(T);
     for (; i < n && (reinterpret_cast<uintptr_t>(o + i) & (align - 1)) != 0; ++i) map_one<R, true, T>(k, p, o, i);
     for (; i + VL <= n && (reinterpret_cast<uintptr_t>(o + i) & 63) != 0; i += VL)
-      storev_unordered<T>(o + i, vec_unordered(i));
+      storev_unordered<T>(o + i, vec_at(i));
     for (; i + line_vectors<T> * VL <= n; i += line_vectors<T> * VL) {
       if constexpr (paired_stores<T>()) {
         storev2<T, true>(o + i, vec_at(i), vec_at(i + VL));
       } else {
         V r[line_vectors<T>];
         #pragma GCC unroll 2
-        for (int q = 0; q < line_vectors<T>; ++q) r[q] = vec_unordered(i + q * VL);
+        for (int q = 0; q < line_vectors<T>; ++q) r[q] = vec_at(i + q * VL);
         #pragma GCC unroll 2
         for (int q = 0; q < line_vectors<T>; ++q) storev_unordered<T, true>(o + i + q * VL, r[q]);
       }
@@ -130,7 +125,7 @@ static inline __attribute__((always_inline)) void map_contiguous(const acc_t<T>*
   }
   if constexpr (paired_stores<T>())
     for (; i + 2 * VL <= n; i += 2 * VL) storev2<T>(o + i, vec_at(i), vec_at(i + VL));
-  for (; i + VL <= n; i += VL) storev_unordered<T>(o + i, vec_unordered(i));
+  for (; i + VL <= n; i += VL) storev_unordered<T>(o + i, vec_at(i));
   // A long tail goes through one partial vector; a short one is cheaper element by element,
   // but where the partial load and store are masked instructions (masked_partials). AMD EPYC
   // Zen 4, in cache, 1 thread, in-process, both orders, float32 NCHW: inference 16x128x14x14
@@ -164,18 +159,15 @@ static inline __attribute__((always_inline)) void map_short_row(const T* const* 
     return;
   }
   const int64_t full = len / VL, tail = len - full * VL;
-  // Vectors in the lane order storev_unordered puts back (the coefficients are splat), but
-  // where storev2 stores them.
+  // In the lane order storev_unordered puts back (the coefficients are splat; storev2's
+  // levels keep loadv's order).
   auto vec_at = [&](int64_t at) {
     V v[N];
     #pragma GCC unroll 4
-    for (int j = 0; j < N; ++j) v[j] = paired_stores<T>() ? loadv(p[j] + at) : loadv_unordered(p[j] + at);
+    for (int j = 0; j < N; ++j) v[j] = loadv_unordered(p[j] + at);
     return apply_vector_map<T>(R{}, kl, v);
   };
-  auto store = [&](T* to, V v) {
-    if constexpr (paired_stores<T>()) storev<T>(to, v);
-    else storev_unordered<T>(to, v);
-  };
+  auto store = [&](T* to, V v) { storev_unordered<T>(to, v); };
   // Computed whether or not it is stored (len >= VL: it lies inside the row): a vector
   // chosen between two values has to exist whole, on the stack under AVX2.
   const V last = vec_at(len - VL);

@@ -384,6 +384,11 @@ static inline __attribute__((always_inline)) __m256i bf16_pack_avx2(__m256 lo, _
   }
   return _mm256_packus_epi32(a, b);
 }
+// The same of a vector of 16 float lanes (its two registers).
+static inline __attribute__((always_inline)) __m256i bf16_pack_avx2(const vec_t<float>& v) {
+  return bf16_pack_avx2((__m256)__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7),
+                        (__m256)__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+}
 #endif
 
 // The 16-bit words of v's lanes in half type T (bfloat16 or float16), rounded to nearest even:
@@ -399,9 +404,7 @@ static inline __attribute__((always_inline)) half_words to_half_words(vec_t<acc_
     // Per 32-byte half, as in loadv, then both halves' high words packed at once and put in
     // order (bf16_pack_avx2, vpermq): GCC 12's generic per-half narrowing and join took twice
     // the instructions.
-    const __m256 lo = (__m256)__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256 hi = (__m256)__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m256i n = _mm256_permute4x64_epi64(bf16_pack_avx2(lo, hi), 0xD8);
+    const __m256i n = _mm256_permute4x64_epi64(bf16_pack_avx2(v), 0xD8);
     std::memcpy(&h, &n, sizeof(h));
 #else
     typedef uint32_t u32 __attribute__((vector_size(64)));
@@ -533,12 +536,15 @@ static inline __attribute__((always_inline)) void storev2(T* p, vec_t<acc_t<T>> 
 // the lanes may hold the values in another order, which storev_unordered undoes, so each
 // value's bits are storev's. bfloat16 under AVX2: the words widened in place by vpunpcklwd /
 // vpunpckhwd with zeros (values 0-3 and 8-11, then 4-7 and 12-15), whose order is the one the
-// rounding's vpackusdw gives back: against loadv's two vpmovzxwd and two shifts and the store's
-// vpermq, three shuffle-port operations fewer per 16 values. Elsewhere loadv and storev.
+// rounding's vpackusdw gives back: loadv's two vpmovzxwd become the two unpacks, and its two
+// shifts and the store's vpermq go, three operations fewer per 16 values. Elsewhere loadv and
+// storev: in particular where storev2 pairs vectors (paired_stores), which takes them in
+// loadv's order.
 template <class T>
 static inline __attribute__((always_inline)) vec_t<acc_t<T>> loadv_unordered(const T* p) {
 #if defined(__AVX2__) && !defined(__AVX512F__)
   if constexpr (std::is_same_v<T, bfloat16>) {
+    static_assert(!paired_stores<T>(), "storev2 takes vectors in loadv's order");
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     union {
       vec_t<float> whole;
@@ -555,9 +561,7 @@ template <class T, bool stream = false>
 static inline __attribute__((always_inline)) void storev_unordered(T* p, vec_t<acc_t<T>> v) {
 #if defined(__AVX2__) && !defined(__AVX512F__)
   if constexpr (std::is_same_v<T, bfloat16>) {
-    const __m256 lo = (__m256)__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256 hi = (__m256)__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m256i n = bf16_pack_avx2(lo, hi);
+    const __m256i n = bf16_pack_avx2(v);
     if constexpr (stream) _mm256_stream_si256(reinterpret_cast<__m256i*>(p), n);
     else _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), n);
     return;
