@@ -12,14 +12,23 @@
 
 namespace batchnorm::cpu {
 
-extern const KernelTable kernel_table_baseline;
+// Each level's kernels, one object per dtype (cpu/kernels.cpp, compiled once per pair).
+#define BN_DECLARE_LEVEL(isa)                      \
+  extern const Kernels<_Float16> kernels_f16_##isa; \
+  extern const Kernels<bfloat16> kernels_bf16_##isa; \
+  extern const Kernels<float> kernels_f32_##isa;    \
+  extern const Kernels<double> kernels_f64_##isa;
+BN_DECLARE_LEVEL(baseline)
 #if defined(BN_HAVE_X86_LEVELS)
-extern const KernelTable kernel_table_avx2;
-extern const KernelTable kernel_table_avx512;
+BN_DECLARE_LEVEL(avx2)
+BN_DECLARE_LEVEL(avx512)
 #endif
 #if defined(BN_HAVE_AVX512_BF16)
-extern const Kernels<bfloat16> bfloat16_kernels_avx512_bf16;
+// The level that changes bfloat16's kernels alone.
+extern const Kernels<bfloat16> kernels_bf16_avx512_bf16;
 #endif
+#undef BN_DECLARE_LEVEL
+#define BN_LEVEL_TABLE(isa) KernelTable{#isa, kernels_f16_##isa, kernels_bf16_##isa, kernels_f32_##isa, kernels_f64_##isa}
 
 namespace {
 // The levels BATCHNORM_ISA names, lowest first: a setting caps the choice at its level.
@@ -54,19 +63,22 @@ const KernelTable* choose() {
 #if defined(BN_HAVE_AVX512_BF16)
   // The avx512 table with bfloat16's kernels of the avx512_bf16 level, the only ones it changes.
   if (cap >= 3 && has_avx512 && __builtin_cpu_supports("avx512bf16")) {
-    static const KernelTable table = [] {
-      KernelTable t = kernel_table_avx512;
-      t.name = kLevels[3];
-      t.bf16 = bfloat16_kernels_avx512_bf16;
-      return t;
-    }();
+    static const KernelTable table{kLevels[3], kernels_f16_avx512, kernels_bf16_avx512_bf16, kernels_f32_avx512,
+                                   kernels_f64_avx512};
     return &table;
   }
 #endif
-  if (cap >= 2 && has_avx512) return &kernel_table_avx512;
-  if (cap >= 1 && has_avx2) return &kernel_table_avx2;
+  if (cap >= 2 && has_avx512) {
+    static const KernelTable table = BN_LEVEL_TABLE(avx512);
+    return &table;
+  }
+  if (cap >= 1 && has_avx2) {
+    static const KernelTable table = BN_LEVEL_TABLE(avx2);
+    return &table;
+  }
 #endif
-  return &kernel_table_baseline;
+  static const KernelTable table = BN_LEVEL_TABLE(baseline);
+  return &table;
 }
 }  // namespace
 

@@ -1,6 +1,8 @@
-// One ISA level's kernel table: this file is compiled once per level (CMake defines BN_ISA
-// and the level's -m flags), putting each copy of the primitives in its own namespace; a level
-// that changes one dtype's kernels alone (avx512_bf16: BN_KERNELS_BFLOAT16_ONLY) compiles those.
+// One ISA level's kernels for one dtype: this file is compiled once per (level, dtype) pair
+// (CMake defines BN_ISA, the level's -m flags and BN_KERNEL_DTYPE), putting each copy of the
+// primitives in the level's namespace; cpu/isa.cpp assembles a level's table from its dtypes.
+// One dtype per translation unit so that a build runs them side by side: the whole level in one
+// unit took 7-11 minutes of one core, the longest job of every build.
 // Internal linkage for every inline helper, so the linker never folds this level's copy
 // into code that runs on a CPU without the level's instructions.
 #define BN_HD static inline __attribute__((always_inline))
@@ -50,22 +52,19 @@ constexpr Kernels<T> make() {
 }  // namespace
 }  // namespace BN_ISA
 
-#define BN_STR2(x) #x
-#define BN_STR(x) BN_STR2(x)
-#define BN_TABLE2(isa) kernel_table_##isa
-#define BN_TABLE(isa) BN_TABLE2(isa)
+// kernels_<dtype>_<level> (the names cpu/isa.cpp declares), constant-initialized: make() is
+// constexpr, so the table may be read before any dynamic initializer has run.
+#define BN_KERNEL_TYPE_f16 _Float16
+#define BN_KERNEL_TYPE_bf16 bfloat16
+#define BN_KERNEL_TYPE_f32 float
+#define BN_KERNEL_TYPE_f64 double
+#define BN_KERNEL_TYPE2(dtype) BN_KERNEL_TYPE_##dtype
+#define BN_KERNEL_TYPE(dtype) BN_KERNEL_TYPE2(dtype)
+#define BN_KERNELS_NAME2(dtype, isa) kernels_##dtype##_##isa
+#define BN_KERNELS_NAME(dtype, isa) BN_KERNELS_NAME2(dtype, isa)
 
-#if defined(BN_KERNELS_BFLOAT16_ONLY)
-// A level that changes one dtype's kernels (avx512_bf16): those alone; cpu/isa.cpp completes the
-// table from the level below.
-#define BN_BF16_KERNELS2(isa) bfloat16_kernels_##isa
-#define BN_BF16_KERNELS(isa) BN_BF16_KERNELS2(isa)
-extern const Kernels<bfloat16> BN_BF16_KERNELS(BN_ISA);
-const Kernels<bfloat16> BN_BF16_KERNELS(BN_ISA) = BN_ISA::make<bfloat16>();
-#else
-extern const KernelTable BN_TABLE(BN_ISA);
-const KernelTable BN_TABLE(BN_ISA) = {BN_STR(BN_ISA), BN_ISA::make<_Float16>(), BN_ISA::make<bfloat16>(),
-                                      BN_ISA::make<float>(), BN_ISA::make<double>()};
-#endif
+extern const Kernels<BN_KERNEL_TYPE(BN_KERNEL_DTYPE)> BN_KERNELS_NAME(BN_KERNEL_DTYPE, BN_ISA);
+const Kernels<BN_KERNEL_TYPE(BN_KERNEL_DTYPE)> BN_KERNELS_NAME(BN_KERNEL_DTYPE, BN_ISA) =
+    BN_ISA::make<BN_KERNEL_TYPE(BN_KERNEL_DTYPE)>();
 
 }  // namespace batchnorm::cpu
