@@ -167,7 +167,6 @@ static inline __attribute__((always_inline)) void map_short_row(const T* const* 
     for (int j = 0; j < N; ++j) v[j] = loadv_unordered(p[j] + at);
     return apply_vector_map<T>(R{}, kl, v);
   };
-  auto store = [&](T* to, V v) { storev_unordered<T>(to, v); };
   // Computed whether or not it is stored (len >= VL: it lies inside the row): a vector
   // chosen between two values has to exist whole, on the stack under AVX2.
   const V last = vec_at(len - VL);
@@ -175,14 +174,14 @@ static inline __attribute__((always_inline)) void map_short_row(const T* const* 
 #pragma GCC unroll 8
     for (int q = 0; q < NV; q += 2) {
       if (q + 1 < full) storev2<T>(o + q * VL, vec_at(q * VL), vec_at((q + 1) * VL));
-      else if (q < full) store(o + q * VL, vec_at(q * VL));
+      else if (q < full) storev_unordered<T>(o + q * VL, vec_at(q * VL));
     }
   } else {
 #pragma GCC unroll 8
     for (int q = 0; q < NV; ++q)
-      if (q < full) store(o + q * VL, vec_at(q * VL));
+      if (q < full) storev_unordered<T>(o + q * VL, vec_at(q * VL));
   }
-  if (tail != 0) store(o + len - VL, last);
+  if (tail != 0) storev_unordered<T>(o + len - VL, last);
 }
 
 template <class R, class T, int NV>
@@ -529,7 +528,7 @@ void map_channels(const T* const* in, T* out, const Layout& L, int64_t nc, int64
     const T* p[N];
     #pragma GCC unroll 4
     for (int j = 0; j < N; ++j) p[j] = in[j] + i * L.channel_stride[j];
-    A kc[coef_slots<R>];
+    A kc[coef_slots<R>] = {};  // zeroed: a recipe without coefficients leaves it unset (-Wmaybe-uninitialized)
     #pragma GCC unroll 4
     for (int j = 0; j < R::kCoef; ++j) kc[j] = k[j][i];
     map_block<R, T>(p, out + i * L.channel_stride[N], L, begin, end, kc, nt, ahead);
