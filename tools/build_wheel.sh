@@ -8,6 +8,10 @@
 #   tools/build_wheel.sh [OUT_DIR]        (default: dist)
 #   BATCHNORM_CUDA=OFF|ON|AUTO            as for `pip install .` (AUTO: CUDA when nvcc is found)
 #   PYTHON=python3.12                     the interpreter the wheel is for (default: python3)
+#   BATCHNORM_WHEEL_BUILD_DIR=DIR         the build folder (default: build/wheel-{wheel_tag}, its
+#                                         own, so a wheel build does not disturb the development
+#                                         build); build/{wheel_tag}, the one `pip install .` uses,
+#                                         reuses that build's objects (CI: a build less)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-dist}"
@@ -17,8 +21,7 @@ PATH="$("$python" -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$
 raw="$(mktemp -d)"
 trap 'rm -rf "$raw"' EXIT
 
-# Its own build folder, so a wheel build does not disturb the development build.
-"$python" -m pip wheel . --no-deps --wheel-dir "$raw" -C build-dir="build/wheel-{wheel_tag}"
+"$python" -m pip wheel . --no-deps --wheel-dir "$raw" -C build-dir="${BATCHNORM_WHEEL_BUILD_DIR:-build/wheel-{wheel_tag}}"
 "$python" -m auditwheel repair --wheel-dir "$out" "$raw"/batchnorm-*.whl 2>&1 | tee "$raw/repair.log"
 wheel="$(sed -n 's/.*Fixed-up wheel written to //p' "$raw/repair.log")"
 [ -f "$wheel" ] || { echo "error: auditwheel wrote no wheel" >&2; exit 1; }
