@@ -21,7 +21,9 @@ PATH="$("$python" -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$
 raw="$(mktemp -d)"
 trap 'rm -rf "$raw"' EXIT
 
-"$python" -m pip wheel . --no-deps --wheel-dir "$raw" -C build-dir="${BATCHNORM_WHEEL_BUILD_DIR:-build/wheel-{wheel_tag}}"
+# (The default in a variable of its own: inside "${X:-...}" the first } would end the expansion.)
+default_build_dir='build/wheel-{wheel_tag}'
+"$python" -m pip wheel . --no-deps --wheel-dir "$raw" -C build-dir="${BATCHNORM_WHEEL_BUILD_DIR:-$default_build_dir}"
 "$python" -m auditwheel repair --wheel-dir "$out" "$raw"/batchnorm-*.whl 2>&1 | tee "$raw/repair.log"
 wheel="$(sed -n 's/.*Fixed-up wheel written to //p' "$raw/repair.log")"
 [ -f "$wheel" ] || { echo "error: auditwheel wrote no wheel" >&2; exit 1; }
