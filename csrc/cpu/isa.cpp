@@ -53,7 +53,7 @@ int isa_cap() {
 // (inside a parallel region for ghost groups: parallel_for carries the exception out), and a
 // static initializer that threw is run again by the next call.
 const KernelTable* choose() {
-  const int cap = isa_cap();
+  [[maybe_unused]] const int cap = isa_cap();  // (unread where there are no x86 levels)
 #if defined(BN_HAVE_X86_LEVELS)
   __builtin_cpu_init();
   const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
@@ -80,6 +80,7 @@ const KernelTable* choose() {
   static const KernelTable table = BN_LEVEL_TABLE(baseline);
   return &table;
 }
+#undef BN_LEVEL_TABLE
 }  // namespace
 
 const KernelTable& active_kernels() {

@@ -52,8 +52,9 @@ constexpr Kernels<T> make() {
 }  // namespace
 }  // namespace BN_ISA
 
-// kernels_<dtype>_<level> (the names cpu/isa.cpp declares), constant-initialized: make() is
-// constexpr, so the table may be read before any dynamic initializer has run.
+// kernels_<dtype>_<level> (the names cpu/isa.cpp declares): constexpr, so constant-initialized
+// (a compile error otherwise), readable before any dynamic initializer has run; the extern
+// declaration before it keeps its linkage external.
 #define BN_KERNEL_TYPE_f16 _Float16
 #define BN_KERNEL_TYPE_bf16 bfloat16
 #define BN_KERNEL_TYPE_f32 float
@@ -64,7 +65,7 @@ constexpr Kernels<T> make() {
 #define BN_KERNELS_NAME(dtype, isa) BN_KERNELS_NAME2(dtype, isa)
 
 extern const Kernels<BN_KERNEL_TYPE(BN_KERNEL_DTYPE)> BN_KERNELS_NAME(BN_KERNEL_DTYPE, BN_ISA);
-const Kernels<BN_KERNEL_TYPE(BN_KERNEL_DTYPE)> BN_KERNELS_NAME(BN_KERNEL_DTYPE, BN_ISA) =
+constexpr Kernels<BN_KERNEL_TYPE(BN_KERNEL_DTYPE)> BN_KERNELS_NAME(BN_KERNEL_DTYPE, BN_ISA) =
     BN_ISA::make<BN_KERNEL_TYPE(BN_KERNEL_DTYPE)>();
 
 }  // namespace batchnorm::cpu

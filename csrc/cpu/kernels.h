@@ -1,5 +1,5 @@
 // The CPU kernel table: the SIMD primitives every CPU op is built from, compiled once per ISA
-// level (cpu/kernels.cpp) and chosen at run time (cpu/isa.cpp). Primitives work on one fixed
+// level and dtype (cpu/kernels.cpp) and chosen at run time (cpu/isa.cpp). Primitives work on one fixed
 // block of a reduction so that the blocking, and hence every rounding, is independent of
 // the thread count and of the ISA level: results are bitwise identical everywhere.
 #pragma once

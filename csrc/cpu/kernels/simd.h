@@ -333,10 +333,20 @@ static inline __attribute__((always_inline)) void stream32(void* p, const void* 
 // copied each half on the stack, a store-forwarding round trip per vector (256x2048x7x7
 // float32 inference ran 10% slower streamed than with regular stores; 1x256x14x14 inference
 // 16.8 -> 15.1 us with regular stores by halves, AMD).
+template <class A>
+struct HalfReg;  // the register of half a vector (a specialization: std::conditional_t would
+                 // drop the vector types' attributes, -Wignored-attributes)
+template <>
+struct HalfReg<float> {
+  using type = __m256;
+};
+template <>
+struct HalfReg<double> {
+  using type = __m256d;
+};
 template <class A, class Put>
 static inline __attribute__((always_inline)) void put_halves(const vec_t<A>& v, Put&& put) {
-  using H = std::conditional_t<sizeof(A) == 4, __m256, __m256d>;
-  H h[2];
+  typename HalfReg<A>::type h[2];
   split_regs(v, h, std::make_index_sequence<2>{});  // core/recipes.h
   put(0, h[0]);
   put(vlen<A> / 2, h[1]);
@@ -730,7 +740,6 @@ constexpr bool masked_partials() {
 // value by value.
 template <class T>
 static inline __attribute__((always_inline)) void store_partial(T* p, vec_t<acc_t<T>> v, int64_t n) {
-  using A = acc_t<T>;
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, float>) {
     __m512 f;
@@ -747,6 +756,7 @@ static inline __attribute__((always_inline)) void store_partial(T* p, vec_t<acc_
     _mm256_mask_storeu_epi16(p, lanes_below_mask(n), w);
   }
 #else
+  using A = acc_t<T>;
   A tmp[vlen<A>];
   std::memcpy(tmp, &v, sizeof(v));
   for (int64_t j = 0; j < n; ++j) store_at(p + j, tmp[j]);
