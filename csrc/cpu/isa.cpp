@@ -13,11 +13,11 @@
 namespace batchnorm::cpu {
 
 // Each level's kernels, one object per dtype (cpu/kernels.cpp, compiled once per pair).
-#define BN_DECLARE_LEVEL(isa)                      \
-  extern const Kernels<_Float16> kernels_f16_##isa; \
-  extern const Kernels<bfloat16> kernels_bf16_##isa; \
-  extern const Kernels<float> kernels_f32_##isa;    \
-  extern const Kernels<double> kernels_f64_##isa;
+#define BN_DECLARE_LEVEL(isa)                          \
+  extern const Kernels<_Float16> kernels_float16_##isa;  \
+  extern const Kernels<bfloat16> kernels_bfloat16_##isa; \
+  extern const Kernels<float> kernels_float32_##isa;     \
+  extern const Kernels<double> kernels_float64_##isa;
 BN_DECLARE_LEVEL(baseline)
 #if defined(BN_HAVE_X86_LEVELS)
 BN_DECLARE_LEVEL(avx2)
@@ -25,10 +25,14 @@ BN_DECLARE_LEVEL(avx512)
 #endif
 #if defined(BN_HAVE_AVX512_BF16)
 // The level that changes bfloat16's kernels alone.
-extern const Kernels<bfloat16> kernels_bf16_avx512_bf16;
+extern const Kernels<bfloat16> kernels_bfloat16_avx512_bf16;
 #endif
 #undef BN_DECLARE_LEVEL
-#define BN_LEVEL_TABLE(isa) KernelTable{#isa, kernels_f16_##isa, kernels_bf16_##isa, kernels_f32_##isa, kernels_f64_##isa}
+// A level's table, its bfloat16 kernels from level bf16 (avx512_bf16 changes those alone).
+#define BN_LEVEL_TABLE(name, isa, bf16)                                                                     \
+  KernelTable {                                                                                             \
+    name, kernels_float16_##isa, kernels_bfloat16_##bf16, kernels_float32_##isa, kernels_float64_##isa \
+  }
 
 namespace {
 // The levels BATCHNORM_ISA names, lowest first: a setting caps the choice at its level.
@@ -63,21 +67,20 @@ const KernelTable* choose() {
 #if defined(BN_HAVE_AVX512_BF16)
   // The avx512 table with bfloat16's kernels of the avx512_bf16 level, the only ones it changes.
   if (cap >= 3 && has_avx512 && __builtin_cpu_supports("avx512bf16")) {
-    static const KernelTable table{kLevels[3], kernels_f16_avx512, kernels_bf16_avx512_bf16, kernels_f32_avx512,
-                                   kernels_f64_avx512};
+    static const KernelTable table = BN_LEVEL_TABLE(kLevels[3], avx512, avx512_bf16);
     return &table;
   }
 #endif
   if (cap >= 2 && has_avx512) {
-    static const KernelTable table = BN_LEVEL_TABLE(avx512);
+    static const KernelTable table = BN_LEVEL_TABLE(kLevels[2], avx512, avx512);
     return &table;
   }
   if (cap >= 1 && has_avx2) {
-    static const KernelTable table = BN_LEVEL_TABLE(avx2);
+    static const KernelTable table = BN_LEVEL_TABLE(kLevels[1], avx2, avx2);
     return &table;
   }
 #endif
-  static const KernelTable table = BN_LEVEL_TABLE(baseline);
+  static const KernelTable table = BN_LEVEL_TABLE(kLevels[0], baseline, baseline);
   return &table;
 }
 #undef BN_LEVEL_TABLE

@@ -52,20 +52,14 @@ constexpr Kernels<T> make() {
 }  // namespace
 }  // namespace BN_ISA
 
-// kernels_<dtype>_<level> (the names cpu/isa.cpp declares): constexpr, so constant-initialized
-// (a compile error otherwise), readable before any dynamic initializer has run; the extern
-// declaration before it keeps its linkage external.
-#define BN_KERNEL_TYPE_f16 _Float16
-#define BN_KERNEL_TYPE_bf16 bfloat16
-#define BN_KERNEL_TYPE_f32 float
-#define BN_KERNEL_TYPE_f64 double
-#define BN_KERNEL_TYPE2(dtype) BN_KERNEL_TYPE_##dtype
-#define BN_KERNEL_TYPE(dtype) BN_KERNEL_TYPE2(dtype)
+// kernels_<dtype>_<level> (the names cpu/isa.cpp declares; BN_KERNEL_DTYPE is a DType
+// enumerator): constexpr, so constant-initialized (a compile error otherwise), readable before
+// any dynamic initializer has run; the extern declaration before it keeps its linkage external.
 #define BN_KERNELS_NAME2(dtype, isa) kernels_##dtype##_##isa
 #define BN_KERNELS_NAME(dtype, isa) BN_KERNELS_NAME2(dtype, isa)
+using KernelType = storage_t<DType::BN_KERNEL_DTYPE>;
 
-extern const Kernels<BN_KERNEL_TYPE(BN_KERNEL_DTYPE)> BN_KERNELS_NAME(BN_KERNEL_DTYPE, BN_ISA);
-constexpr Kernels<BN_KERNEL_TYPE(BN_KERNEL_DTYPE)> BN_KERNELS_NAME(BN_KERNEL_DTYPE, BN_ISA) =
-    BN_ISA::make<BN_KERNEL_TYPE(BN_KERNEL_DTYPE)>();
+extern const Kernels<KernelType> BN_KERNELS_NAME(BN_KERNEL_DTYPE, BN_ISA);
+constexpr Kernels<KernelType> BN_KERNELS_NAME(BN_KERNEL_DTYPE, BN_ISA) = BN_ISA::make<KernelType>();
 
 }  // namespace batchnorm::cpu

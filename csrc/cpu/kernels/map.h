@@ -528,7 +528,7 @@ void map_channels(const T* const* in, T* out, const Layout& L, int64_t nc, int64
     const T* p[N];
     #pragma GCC unroll 4
     for (int j = 0; j < N; ++j) p[j] = in[j] + i * L.channel_stride[j];
-    A kc[coef_slots<R>] = {};  // zeroed: a recipe without coefficients leaves it unset (-Wmaybe-uninitialized)
+    A kc[coef_slots<R>];
     #pragma GCC unroll 4
     for (int j = 0; j < R::kCoef; ++j) kc[j] = k[j][i];
     map_block<R, T>(p, out + i * L.channel_stride[N], L, begin, end, kc, nt, ahead);
