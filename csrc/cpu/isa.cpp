@@ -1,29 +1,38 @@
-// Runtime ISA dispatch: picks the best kernel table the CPU (and OS) supports, once.
+// Runtime ISA dispatch: picks the best kernel table the CPU (and OS) supports, once, among the
+// levels the build compiled (all that the compiler can, unless BATCHNORM_MAX_ISA says fewer).
 // BATCHNORM_ISA=baseline|avx2|avx512|avx512_bf16 caps the choice, to compare levels or reproduce
 // a lower machine; results are bitwise identical across levels by construction.
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <string>
 
 #include "core/ops.h"
 #include "core/errors.h"
+#include "cpu/cpu_level.h"
 #include "cpu/kernels.h"
 #include "cpu/plan.h"
 
 namespace batchnorm::cpu {
 
-// Each level's kernels, one object per dtype (cpu/kernels.cpp, compiled once per pair).
+// Each level's kernels, one object per dtype (cpu/kernels.cpp, compiled once per pair), for the
+// levels the build compiled: baseline up to BN_TOP_LEVEL (csrc/CMakeLists.txt, BATCHNORM_MAX_ISA).
+#if !defined(BN_TOP_LEVEL)
+#error "BN_TOP_LEVEL (the highest ISA level built, 0-3) is defined by csrc/CMakeLists.txt"
+#endif
 #define BN_DECLARE_LEVEL(isa)                          \
   extern const Kernels<_Float16> kernels_float16_##isa;  \
   extern const Kernels<bfloat16> kernels_bfloat16_##isa; \
   extern const Kernels<float> kernels_float32_##isa;     \
   extern const Kernels<double> kernels_float64_##isa;
 BN_DECLARE_LEVEL(baseline)
-#if defined(BN_HAVE_X86_LEVELS)
+#if BN_TOP_LEVEL >= 1
 BN_DECLARE_LEVEL(avx2)
+#endif
+#if BN_TOP_LEVEL >= 2
 BN_DECLARE_LEVEL(avx512)
 #endif
-#if defined(BN_HAVE_AVX512_BF16)
+#if BN_TOP_LEVEL >= 3
 // The level that changes bfloat16's kernels alone.
 extern const Kernels<bfloat16> kernels_bfloat16_avx512_bf16;
 #endif
@@ -35,9 +44,7 @@ extern const Kernels<bfloat16> kernels_bfloat16_avx512_bf16;
   }
 
 namespace {
-// The levels BATCHNORM_ISA names, lowest first: a setting caps the choice at its level.
-constexpr const char* kLevels[] = {"baseline", "avx2", "avx512", "avx512_bf16"};
-constexpr int kTopLevel = 3;
+constexpr int kTopLevel = kLevelCount - 1;
 
 // The highest level BATCHNORM_ISA allows (kTopLevel when unset). Anything else is refused with
 // a ValueError, not guessed at: by the Python module at import (check_environment), and for a C
@@ -46,41 +53,41 @@ int isa_cap() {
   const char* cap = std::getenv("BATCHNORM_ISA");
   if (cap == nullptr || *cap == '\0') return kTopLevel;
   for (int i = 0; i <= kTopLevel; ++i)
-    if (std::strcmp(cap, kLevels[i]) == 0) return i;
+    if (std::strcmp(cap, kLevelNames[i]) == 0) return i;
   std::string names;
-  for (int i = 0; i <= kTopLevel; ++i) names += std::string(i ? ", " : "") + kLevels[i];
+  for (int i = 0; i <= kTopLevel; ++i) names += std::string(i ? ", " : "") + kLevelNames[i];
   BN_EXPECTS(false, value_error, "BATCHNORM_ISA must be one of ", names, " (or unset), got '", cap, "'");
   return kTopLevel;
 }
 
-// Throws for an unknown BATCHNORM_ISA (isa_cap), from the first op's call of active_kernels()
-// (inside a parallel region for ghost groups: parallel_for carries the exception out), and a
-// static initializer that threw is run again by the next call.
+// The highest level that BATCHNORM_ISA allows, the CPU runs and the build compiled. Throws for
+// an unknown BATCHNORM_ISA (isa_cap), from the first op's call of active_kernels() (inside a
+// parallel region for ghost groups: parallel_for carries the exception out), and a static
+// initializer that threw is run again by the next call.
 const KernelTable* choose() {
-  [[maybe_unused]] const int cap = isa_cap();  // (unread where there are no x86 levels)
-#if defined(BN_HAVE_X86_LEVELS)
-  __builtin_cpu_init();
-  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                        __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2");
-  const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-#if defined(BN_HAVE_AVX512_BF16)
+  const int cap = isa_cap();
+  const int cpu = cpu_level();
+  [[maybe_unused]] const int level = std::min({cap, cpu, BN_TOP_LEVEL});  // (unread in a baseline-only build)
+#if BN_TOP_LEVEL >= 3
   // The avx512 table with bfloat16's kernels of the avx512_bf16 level, the only ones it changes.
-  if (cap >= 3 && has_avx512 && __builtin_cpu_supports("avx512bf16")) {
-    static const KernelTable table = BN_LEVEL_TABLE(kLevels[3], avx512, avx512_bf16);
+  if (level >= 3) {
+    static const KernelTable table = BN_LEVEL_TABLE(kLevelNames[3], avx512, avx512_bf16);
     return &table;
   }
 #endif
-  if (cap >= 2 && has_avx512) {
-    static const KernelTable table = BN_LEVEL_TABLE(kLevels[2], avx512, avx512);
-    return &table;
-  }
-  if (cap >= 1 && has_avx2) {
-    static const KernelTable table = BN_LEVEL_TABLE(kLevels[1], avx2, avx2);
+#if BN_TOP_LEVEL >= 2
+  if (level >= 2) {
+    static const KernelTable table = BN_LEVEL_TABLE(kLevelNames[2], avx512, avx512);
     return &table;
   }
 #endif
-  static const KernelTable table = BN_LEVEL_TABLE(kLevels[0], baseline, baseline);
+#if BN_TOP_LEVEL >= 1
+  if (level >= 1) {
+    static const KernelTable table = BN_LEVEL_TABLE(kLevelNames[1], avx2, avx2);
+    return &table;
+  }
+#endif
+  static const KernelTable table = BN_LEVEL_TABLE(kLevelNames[0], baseline, baseline);
   return &table;
 }
 #undef BN_LEVEL_TABLE
