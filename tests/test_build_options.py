@@ -4,6 +4,7 @@ configures only (about 2 s each, no compiling of the kernels); the library built
 CI's sanitizer stage, which builds native and runs the suite, every BATCHNORM_ISA cap included."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -21,20 +22,26 @@ needs_cmake = pytest.mark.skipif(CMAKE is None, reason="cmake is not on PATH")
 X86 = os.uname().machine in ("x86_64", "AMD64", "amd64")
 
 
-def _configure(build: Path, max_isa: str) -> subprocess.CompletedProcess:
+def _configure(build: Path, max_isa: str, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [CMAKE, "-S", str(ROOT), "-B", str(build), "-DBATCHNORM_CUDA=OFF", "-DBATCHNORM_PYTHON=OFF",
-         "-DBATCHNORM_JAX=OFF", f"-DBATCHNORM_MAX_ISA={max_isa}"],
+         "-DBATCHNORM_JAX=OFF", "-DCMAKE_EXPORT_COMPILE_COMMANDS=ON", f"-DBATCHNORM_MAX_ISA={max_isa}", *extra],
         capture_output=True, text=True)
 
 
 def _planned_levels(build: Path) -> set:
-    """The levels whose kernel objects the generated build compiles (one target per level and dtype)."""
-    found = set()
-    for target in (build / "csrc" / "CMakeFiles").glob("batchnorm_kernels_*.dir"):
-        m = re.fullmatch(r"batchnorm_kernels_(?:float16|bfloat16|float32|float64)_(\w+)\.dir", target.name)
-        assert m, target.name
-        found.add(m.group(1))
+    """The levels whose kernel objects the generated build compiles (BN_ISA of each compile of
+    cpu/kernels.cpp, one per level and dtype), checked against the top level the dispatcher
+    (cpu/isa.cpp) is compiled for: the two must agree, or the library links a table it lacks."""
+    commands = json.loads((build / "compile_commands.json").read_text())
+    found, top = set(), None
+    for entry in commands:
+        defines = dict(re.findall(r"-D(BN_\w+)=(\w+)", entry["command"]))
+        if entry["file"].endswith("cpu/kernels.cpp"):
+            found.add(defines["BN_ISA"])
+        elif entry["file"].endswith("cpu/isa.cpp"):
+            top = int(defines["BN_TOP_LEVEL"])
+    assert top is not None and found == set(ISA_LEVELS[: top + 1]), (top, found)
     return found
 
 
@@ -70,11 +77,7 @@ def test_max_isa_plans_the_levels_up_to_the_one_named(tmp_path):
     if X86:
         assert every[:3] == ["baseline", "avx2", "avx512"]  # avx512_bf16 where the compiler has it
     assert _planned_levels(build) == set(every)
-    for top in every:
-        # (a reconfigure of the same folder: the stale targets' folders are cleared so the
-        # planned set is this configure's alone)
-        for stale in (build / "csrc" / "CMakeFiles").glob("batchnorm_kernels_*.dir"):
-            shutil.rmtree(stale)
+    for top in every:  # the same folder reconfigured: each value replaces the last one's plan
         r = _configure(build, top)
         assert r.returncode == 0, r.stderr
         expected = every[: every.index(top) + 1]
@@ -111,3 +114,20 @@ def test_max_isa_refuses_a_level_the_compiler_cannot_build(tmp_path):  # pragma:
     r = _configure(tmp_path / "build", "avx2")
     assert r.returncode != 0
     assert "but this compiler and target build only baseline" in " ".join(r.stderr.split())
+
+
+@needs_cmake
+@pytest.mark.skipif(not X86, reason="the avx512_bf16 check exists on x86-64 only")
+def test_max_isa_without_the_compilers_avx512_bf16(tmp_path):
+    # The build's check preset to failed, as with a compiler that lacks the intrinsic: the level
+    # cannot be asked for, and neither all nor native plans it.
+    no_bf16 = "-DBN_HAVE_AVX512BF16=OFF"
+    r = _configure(tmp_path / "asked", "avx512_bf16", no_bf16)
+    assert r.returncode != 0
+    assert ("BATCHNORM_MAX_ISA=avx512_bf16, but this compiler and target build only baseline, avx2, "
+            "avx512") in " ".join(r.stderr.split()), r.stderr
+    for value in ("all", "native"):
+        r = _configure(tmp_path / value, value, no_bf16)
+        assert r.returncode == 0, r.stderr
+        assert "avx512_bf16" not in _reported_levels(r)
+        assert "avx512_bf16" not in _planned_levels(tmp_path / value)

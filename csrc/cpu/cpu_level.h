@@ -13,7 +13,9 @@ constexpr int kLevelCount = 4;
 // __builtin_cpu_supports checks XCR0) runs: 0 baseline, 1 avx2, 2 avx512, 3 avx512_bf16.
 // avx512_bf16 is asked about only where the compiler knows the feature's name
 // (BN_HAVE_AVX512_BF16, defined by the build's check); elsewhere such a CPU reports avx512.
-inline int cpu_level() {
+// Internal linkage (static), and never included by the kernel objects: a copy compiled with a
+// level's -m flags must not be the one the linker keeps for the dispatcher, which runs anywhere.
+static inline int cpu_level() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
