@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -38,8 +39,22 @@ def _run(cmd, **kw) -> subprocess.CompletedProcess:
     return r
 
 
+# Another architecture's build of the C library (tools/cross_check.sh: AArch64 under QEMU): the
+# prefix it was installed into (`cmake --install`), the CMake toolchain file that builds the
+# programs for it, and the emulator that runs them. Its results are then compared with this
+# machine's Python API bit for bit, as the native library's are.
+CROSS_PREFIX = os.environ.get("BATCHNORM_CAPI_PREFIX", "")
+CROSS_TOOLCHAIN = os.environ.get("BATCHNORM_CAPI_TOOLCHAIN", "")
+LAUNCHER = shlex.split(os.environ.get("BATCHNORM_CAPI_LAUNCHER", ""))
+native_only = pytest.mark.skipif(bool(CROSS_PREFIX), reason="loads the library into this Python process, "
+                                 "which cannot load another architecture's build")
+
+
 def _cmake_dir() -> Path:
-    """The installed package's CMake config folder, <pkg>/lib/cmake/batchnorm."""
+    """The installed package's CMake config folder, <pkg>/lib/cmake/batchnorm (or the cross
+    build's, <prefix>/lib/cmake/batchnorm)."""
+    if CROSS_PREFIX:
+        return Path(CROSS_PREFIX) / "lib" / "cmake" / "batchnorm"
     return Path(_run([sys.executable, "-m", "batchnorm", "--cmake-dir"]).stdout.strip())
 
 
@@ -48,13 +63,20 @@ def _installed_library() -> Path:
     return _cmake_dir().parent.parent / "libbatchnorm.so.1"
 
 
+def _launch(cmd, **kw) -> subprocess.CompletedProcess:
+    """_run of a test program (through the emulator of a cross build)."""
+    return _run([*LAUNCHER, *cmd], **kw)
+
+
 @pytest.fixture(scope="module")
 def programs(tmp_path_factory) -> Dict[str, Path]:
     cmake = shutil.which("cmake")
     assert cmake, "building the C ABI tests needs cmake on PATH (pip install cmake)"
     cmake_dir = _cmake_dir()
     build = tmp_path_factory.mktemp("capi-build")
-    _run([cmake, "-S", SOURCES, "-B", build, f"-DCMAKE_PREFIX_PATH={cmake_dir}", "-DCMAKE_BUILD_TYPE=Release"])
+    toolchain = [f"-DCMAKE_TOOLCHAIN_FILE={CROSS_TOOLCHAIN}"] if CROSS_TOOLCHAIN else []
+    _run([cmake, "-S", SOURCES, "-B", build, f"-DCMAKE_PREFIX_PATH={cmake_dir}", "-DCMAKE_BUILD_TYPE=Release",
+          *toolchain])
     _run([cmake, "--build", build])
     return {name: build / name for name in PROGRAMS}
 
@@ -106,7 +128,7 @@ def run_c(program: Path, tmp: Path, op: str, tensors: Dict[str, Tensor], counts=
                      + " ".join(map(str, view.shape)) + f" {strides}")
     case = tmp / "case.txt"
     case.write_text("\n".join(lines) + "\n")
-    out = dict(line.split(" ", 1) for line in _run([program, case]).stdout.splitlines())
+    out = dict(line.split(" ", 1) for line in _launch([program, case]).stdout.splitlines())
     after = {name: np.fromfile(tmp / f"{name}.bin.out", base.dtype).reshape(base.shape)
              for name, (base, _) in tensors.items()}
     return int(out["status"]), int(out["count"]), out["error"], after
@@ -369,12 +391,12 @@ def test_cuda_tensor_without_a_gpu(program, tmp_path, rng):
 # ---- versions and per-thread errors ---------------------------------------------------------
 
 def test_version(program):
-    out = dict(line.split() for line in _run([program, "--version"]).stdout.splitlines())
+    out = dict(line.split() for line in _launch([program, "--version"]).stdout.splitlines())
     assert out["header"] == out["library"] and int(out["library"]) >= 10200  # 1.2: the training variants
 
 
 def test_last_error_is_per_thread(programs):
-    out = _run([programs["capi_cxx"], "--threads"]).stdout.splitlines()
+    out = _launch([programs["capi_cxx"], "--threads"]).stdout.splitlines()
     assert out == ["first 1 n must be an int >= 1, got 0", "second 0 "]
 
 
@@ -404,30 +426,33 @@ def test_ab_lib_times_two_copies_of_the_library(programs, tmp_path):
              ("inf", "16x64x7x7", "cf", "bf16", 0, 0), ("inf", "32768x128", "cf", "f16", 0, 0),
              ("bwd", "8192x512", "cf", "f32", 1, 16)]
     for op, shape, lay, dtype, thp, offset in cases:
-        out = _run([ab, libs[0], "-", libs[1], "baseline,BATCHNORM_STREAM_BYTES=0", op, shape, lay, dtype, 2, 3, 0],
+        out = _launch([ab, libs[0], "-", libs[1], "baseline,BATCHNORM_STREAM_BYTES=0", op, shape, lay, dtype, 2, 3, 0],
                    env={**os.environ, "AB_BITS": "1", "AB_THP": str(thp), "AB_OFFSET": str(offset)}).stdout.strip()
         m = line.match(out)
         assert m and m.group(1, 2, 3, 4, 5) == (op, shape, lay, dtype, "2"), out
         assert float(m.group(8)) > 0
         assert m.group(9) == "  bits same", out
-    # tools/ab_both.sh: each case in both orders, a line of the two new/old ratios and the bits.
-    both = SOURCES.parent.parent / "tools" / "ab_both.sh"
-    cases = ["inf:64x32:cf:f32:1:0", "bwd:4x3x5x6:cl:bf16:2:0:-:baseline,BATCHNORM_STREAM_BYTES=0"]
-    out = _run(["bash", both, ab, libs[0], libs[1], 3] + cases, env={**os.environ, "AB_BITS": "1"}).stdout
-    pair = re.compile(r"^(\S+)  new/old ([\d.]+) \(new as B\), ([\d.]+) \(new as A\) bits same$")
-    got = [pair.match(text) for text in out.strip().splitlines()]
-    assert [m and m.group(1) for m in got] == cases, out
-    assert all(float(m.group(2)) > 0 and float(m.group(3)) > 0 for m in got), out
+    # tools/ab_both.sh: each case in both orders, a line of the two new/old ratios and the bits
+    # (the script runs ab_lib itself: natively only).
+    if not LAUNCHER:
+        both = SOURCES.parent.parent / "tools" / "ab_both.sh"
+        cases = ["inf:64x32:cf:f32:1:0", "bwd:4x3x5x6:cl:bf16:2:0:-:baseline,BATCHNORM_STREAM_BYTES=0"]
+        out = _run(["bash", both, ab, libs[0], libs[1], 3] + cases, env={**os.environ, "AB_BITS": "1"}).stdout
+        pair = re.compile(r"^(\S+)  new/old ([\d.]+) \(new as B\), ([\d.]+) \(new as A\) bits same$")
+        got = [pair.match(text) for text in out.strip().splitlines()]
+        assert [m and m.group(1) for m in got] == cases, out
+        assert all(float(m.group(2)) > 0 and float(m.group(3)) > 0 for m in got), out
     # A C host runs no import-time check: a bad setting is the first CPU op's ValueError.
     for setting, words in [("BATCHNORM_STREAM_BYTES=lots", "BATCHNORM_STREAM_BYTES must be a byte count (an "
                             "integer >= 0), got 'lots'"),
                            ("sse4", "BATCHNORM_ISA must be one of baseline, avx2, avx512, avx512_bf16 (or unset), "
                             "got 'sse4'")]:
-        bad = subprocess.run([str(c) for c in (ab, libs[0], "-", libs[1], setting, "inf", "8x4", "cf", "f32", 1, 3,
+        bad = subprocess.run([*LAUNCHER] + [str(c) for c in (ab, libs[0], "-", libs[1], setting, "inf", "8x4", "cf", "f32", 1, 3,
                                                0)], capture_output=True, text=True)
         assert (bad.returncode, bad.stdout, bad.stderr) == (1, "", f"ab_lib: library B: {words}\n")
 
 
+@native_only
 def test_python_module_runs_on_the_same_library(restore_threads):
     """One copy of the kernels: the module's thread setting is libbatchnorm's (the library the
     CMake package points at, loaded once by the module)."""

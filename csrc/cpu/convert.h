@@ -1,6 +1,6 @@
 // CPU storage types of the four dtypes and their exact conversions to and from the
-// accumulation type: float16 is the compiler's _Float16 (F16C instructions where the ISA
-// level has them), bfloat16 a bit pattern converted with round-to-nearest-even.
+// accumulation type: float16 is the compiler's IEEE binary16 type (F16C instructions where the
+// ISA level has them), bfloat16 a bit pattern converted with round-to-nearest-even.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -18,9 +18,18 @@ namespace batchnorm::cpu {
 struct bfloat16 {
   uint16_t bits;
 };
+// IEEE binary16 as the compiler names it: _Float16, but AArch64's __fp16 where GCC's C++ has
+// no _Float16 (GCC 12 there: "'_Float16' does not name a type"; C++ has it from GCC 13). The
+// same format and the same round-to-nearest-even conversions; __fp16's arithmetic is done in
+// float, which the kernels convert to first anyway.
+#if defined(__aarch64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
+using float16 = __fp16;
+#else
+using float16 = _Float16;
+#endif
 
 template <DType D> struct storage;
-template <> struct storage<DType::float16> { using type = _Float16; };
+template <> struct storage<DType::float16> { using type = float16; };
 template <> struct storage<DType::bfloat16> { using type = bfloat16; };
 template <> struct storage<DType::float32> { using type = float; };
 template <> struct storage<DType::float64> { using type = double; };
@@ -32,7 +41,7 @@ template <class T> using acc_t = typename accumulate<T>::type;
 
 BN_CPU_INLINE float load(float v) { return v; }
 BN_CPU_INLINE double load(double v) { return v; }
-BN_CPU_INLINE float load(_Float16 v) { return static_cast<float>(v); }
+BN_CPU_INLINE float load(float16 v) { return static_cast<float>(v); }
 BN_CPU_INLINE float load(bfloat16 v) {
   uint32_t u = static_cast<uint32_t>(v.bits) << 16;
   float f;
@@ -74,7 +83,7 @@ BN_CPU_INLINE void store_at(T* p, V v) {
 // Values of any dtype read into double / written from double (parameters, running stats).
 BN_CPU_INLINE double load_any(const void* p, DType t, int64_t i) {
   switch (t) {
-    case DType::float16: return load_at(static_cast<const _Float16*>(p) + i);
+    case DType::float16: return load_at(static_cast<const float16*>(p) + i);
     case DType::bfloat16: return load_at(static_cast<const bfloat16*>(p) + i);
     case DType::float32: return load_at(static_cast<const float*>(p) + i);
     case DType::float64: return load_at(static_cast<const double*>(p) + i);
@@ -83,7 +92,7 @@ BN_CPU_INLINE double load_any(const void* p, DType t, int64_t i) {
 }
 BN_CPU_INLINE void store_any(void* p, DType t, int64_t i, double v) {
   switch (t) {
-    case DType::float16: store_at(static_cast<_Float16*>(p) + i, static_cast<float>(v)); break;
+    case DType::float16: store_at(static_cast<float16*>(p) + i, static_cast<float>(v)); break;
     case DType::bfloat16: store_at(static_cast<bfloat16*>(p) + i, static_cast<float>(v)); break;
     case DType::float32: store_at(static_cast<float*>(p) + i, static_cast<float>(v)); break;
     case DType::float64: store_at(static_cast<double*>(p) + i, v); break;

@@ -21,7 +21,7 @@ namespace batchnorm::cpu {
 #error "BN_TOP_LEVEL (the highest ISA level built, 0-3) is defined by csrc/CMakeLists.txt"
 #endif
 #define BN_DECLARE_LEVEL(isa)                          \
-  extern const Kernels<_Float16> kernels_float16_##isa;  \
+  extern const Kernels<float16> kernels_float16_##isa;  \
   extern const Kernels<bfloat16> kernels_bfloat16_##isa; \
   extern const Kernels<float> kernels_float32_##isa;     \
   extern const Kernels<double> kernels_float64_##isa;

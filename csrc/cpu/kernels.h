@@ -134,7 +134,7 @@ struct Kernels {
 
 struct KernelTable {
   const char* name;
-  Kernels<_Float16> f16;
+  Kernels<float16> f16;
   Kernels<bfloat16> bf16;
   Kernels<float> f32;
   Kernels<double> f64;
@@ -145,7 +145,7 @@ struct KernelTable {
 const KernelTable& active_kernels();
 
 template <class T> const Kernels<T>& kernels_for();
-template <> inline const Kernels<_Float16>& kernels_for<_Float16>() { return active_kernels().f16; }
+template <> inline const Kernels<float16>& kernels_for<float16>() { return active_kernels().f16; }
 template <> inline const Kernels<bfloat16>& kernels_for<bfloat16>() { return active_kernels().bf16; }
 template <> inline const Kernels<float>& kernels_for<float>() { return active_kernels().f32; }
 template <> inline const Kernels<double>& kernels_for<double>() { return active_kernels().f64; }

@@ -190,7 +190,7 @@ struct Acc {
 template <class T>
 constexpr bool joined_halves() {
 #if defined(__F16C__) && defined(__AVX__) && !defined(__AVX512F__)
-  return std::is_same_v<T, _Float16>;
+  return std::is_same_v<T, float16>;
 #else
   return false;
 #endif
@@ -292,7 +292,7 @@ static inline __attribute__((always_inline)) vec_t<acc_t<T>> loadv(const T* p) {
     const f8 hi = (f8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p) + 1));
     v = __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 #else
-    typedef _Float16 f16 __attribute__((vector_size(32)));
+    typedef float16 f16 __attribute__((vector_size(32)));
     f16 h;
     std::memcpy(&h, p, sizeof(h));
     v = __builtin_convertvector(h, vec_t<A>);
@@ -472,7 +472,7 @@ static inline __attribute__((always_inline)) half_words to_half_words(vec_t<acc_
     const i2 rh = (i2)_mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     h = (half_words)__builtin_shufflevector(rl, rh, 0, 1, 2, 3);
 #else
-    typedef _Float16 f16 __attribute__((vector_size(32)));
+    typedef float16 f16 __attribute__((vector_size(32)));
     const f16 f = __builtin_convertvector(v, f16);
     std::memcpy(&h, &f, sizeof(h));
 #endif
