@@ -39,15 +39,15 @@ def _run(cmd, **kw) -> subprocess.CompletedProcess:
     return r
 
 
-# Another architecture's build of the C library (tools/cross_check.sh: AArch64 under QEMU): the
+# Another build of the C library (tools/capi_check.sh: AArch64 under QEMU, or clang's): the
 # prefix it was installed into (`cmake --install`), the CMake toolchain file that builds the
-# programs for it, and the emulator that runs them. Its results are then compared with this
-# machine's Python API bit for bit, as the native library's are.
+# programs for it, and the emulator that runs them. Its results are then compared with the
+# installed Python package's bit for bit, as that package's own library's are.
 CROSS_PREFIX = os.environ.get("BATCHNORM_CAPI_PREFIX", "")
 CROSS_TOOLCHAIN = os.environ.get("BATCHNORM_CAPI_TOOLCHAIN", "")
 LAUNCHER = shlex.split(os.environ.get("BATCHNORM_CAPI_LAUNCHER", ""))
-native_only = pytest.mark.skipif(bool(CROSS_PREFIX), reason="loads the library into this Python process, "
-                                 "which cannot load another architecture's build")
+native_only = pytest.mark.skipif(bool(CROSS_PREFIX), reason="checks that the Python module runs on the "
+                                 "installed package's library, not another build's")
 
 
 def _cmake_dir() -> Path:

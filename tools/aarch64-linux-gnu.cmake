@@ -1,5 +1,5 @@
 # CMake toolchain for AArch64 Linux with Debian's cross GCC (apt: g++-aarch64-linux-gnu), used by
-# tools/cross_check.sh for the library and for the C ABI test programs built against it.
+# tools/capi_check.sh aarch64 for the library and for the C ABI test programs built against it.
 set(CMAKE_SYSTEM_NAME Linux)
 set(CMAKE_SYSTEM_PROCESSOR aarch64)
 set(CMAKE_C_COMPILER aarch64-linux-gnu-gcc)

@@ -302,7 +302,7 @@ int main(int argc, char** argv) {
     for (int k = 0; k < 2; ++k) dres[k] = array(bytes + 64) + (k ? off_b : off_out);
   srand(1);
   for (int64_t i = 0; i < n; ++i) {
-    const float v = (float)rand() / RAND_MAX * 2 - 1, g = (float)rand() / RAND_MAX - 0.5f;
+    const float v = (float)rand() / (float)RAND_MAX * 2 - 1, g = (float)rand() / (float)RAND_MAX - 0.5f;
     if (item == 4) {
       ((float*)x)[i] = v;
       ((float*)dy)[i] = g;
