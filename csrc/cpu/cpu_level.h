@@ -16,8 +16,8 @@ constexpr int kLevelCount = 4;
 // The highest level this CPU and its OS run: 0 baseline, 1 avx2 (AVX2, FMA, F16C, BMI2),
 // 2 avx512 (and AVX-512 F, BW, VL, DQ), 3 avx512_bf16 (and AVX512_BF16). Read from cpuid, with
 // XCR0 for the registers the OS saves (AVX's, AVX-512's), rather than __builtin_cpu_supports,
-// whose feature names vary by compiler: clang 16 refuses "f16c" and "bmi2", and older clangs
-// "avx512bf16", so the library did not compile with them. Internal linkage (static), and never
+// whose feature names vary by compiler: clang 16 refuses "f16c", and older clangs "avx512bf16",
+// so the library did not compile with them. Internal linkage (static), and never
 // included by the kernel objects: a copy compiled with a level's -m flags must not be the one
 // the linker keeps for the dispatcher, which runs anywhere.
 static inline int cpu_level() {
