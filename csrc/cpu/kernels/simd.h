@@ -434,7 +434,7 @@ static inline __attribute__((always_inline)) half_words to_half_words(vec_t<acc_
     // differ. There, in-process, both orders, against the avx512 level's rounding, bfloat16, 1
     // thread: in cache inference 8x2048x7x7 0.84-0.90x the time, 32x64x28x28 NHWC 0.76x,
     // fused training 0.88-0.93x; from memory training 32x64x56x56 NCHW 0.85-0.88x; rows bound
-    // by memory bandwidth level (256x2048x7x7 inference 0.97-1.03x). README: the session-36 bullet.
+    // by memory bandwidth level (256x2048x7x7 inference 0.97-1.03x). bench/NOTES.md: the session-36 bullet.
     if (__builtin_expect(_mm512_fpclass_ps_mask((__m512)w, 0x20) == 0, 1)) {
       const __m256i c = (__m256i)_mm512_cvtneps_pbh((__m512)w);
       std::memcpy(&h, &c, sizeof(h));
