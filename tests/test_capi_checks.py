@@ -142,6 +142,19 @@ def test_element_count_past_int64_is_refused(lib):
     assert lib.bn_statistics(tensor(x, big, (0, 0, 1)), -1, tensor(m), tensor(v), None, None) == 1
 
 
+def test_byte_count_past_int64_is_refused(lib):
+    # 2**62 float32 elements fit the element count but not a byte count: an output shaped like
+    # x (the Python API allocates one) was sized 2**64 bytes, wrapped to 0, and written past.
+    x, y = np.ones(2, np.float32), np.full(2, -7.0, np.float32)
+    big = (2**61, 2)
+    status = lib.bn_forward_inference(tensor(x, big, (0, 1)), tensor(np.zeros(2, np.float32)),
+                                      tensor(np.ones(2, np.float32)), None, None, 1e-5, -1,
+                                      tensor(y, big, (0, 1)), None)
+    assert (status, error(lib)) == (1, "x must have at most 2**63 - 1 bytes of elements, got shape "
+                                       "(2305843009213693952, 2) of float32 (4 bytes each)")
+    assert list(y) == [-7.0, -7.0]
+
+
 @pytest.mark.parametrize("setting", ["BATCHNORM_ISA=avx3", "BATCHNORM_STREAM_BYTES=lots"])
 def test_bad_setting_inside_ghost_groups_is_an_error_not_an_abort(lib, setting, tmp_path):
     # Ghost groups run as tasks of a parallel region, where the first op reads the settings: the

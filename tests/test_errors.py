@@ -153,6 +153,27 @@ def test_unsupported_dtype_of_x(arrays, dtype):
     fails(TypeError, msg.replace("x must", "kernel must"), lambda: bn.fold(x, None, a["rm"], a["rv"]))
 
 
+def test_unsupported_dlpack_dtypes_are_named():
+    # DLPack 1.1's narrow float codes (7-17) were "unknown8"; other codes name code and bits.
+    torch = pytest.importorskip("torch")
+    for dtype, name in [(torch.float8_e4m3fn, "float8_e4m3fn"), (torch.float8_e5m2, "float8_e5m2"),
+                        (torch.complex64, "complex64"), (torch.int16, "int16")]:
+        fails(TypeError, f"x must have dtype float16, bfloat16, float32 or float64, got {name}",
+              lambda: bn.statistics(torch.ones(4, 3).to(dtype)))
+
+
+def test_expanded_input_past_int64_bytes_is_refused():
+    # torch's expand makes 2**62 float32 elements of 8 bytes: forward_inference and fold
+    # allocated a wrapped 0-byte output for them and wrote past it (a segfault).
+    torch = pytest.importorskip("torch")
+    m, v = np.zeros(2, np.float32), np.ones(2, np.float32)
+    for rows, dtype in [(2**61, torch.float32), (2**61 + 4, torch.float64)]:
+        x = torch.ones(1, 2, dtype=dtype).expand(rows, 2)
+        msg = f"must have at most 2**63 - 1 bytes of elements, got shape ({rows}, 2) of {str(dtype)[6:]}"
+        fails(ValueError, "x " + msg, lambda: bn.forward_inference(x, m, v))
+        fails(ValueError, "kernel " + msg, lambda: bn.fold(x, None, m, v))
+
+
 @pytest.mark.parametrize("name", ["weight", "bias", "running_mean", "running_var"])
 def test_unsupported_dtype_of_parameters(arrays, name):
     a = arrays

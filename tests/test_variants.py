@@ -6,6 +6,8 @@ tf.keras.layers.BatchNormalization's documented formulas; over dtypes, layouts, 
 array libraries (CUDA ones collected and skipped without a device)."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -402,6 +404,23 @@ def test_ghost_with_batch_statistics_refused():
     x = np.ones((4, 2))
     with pytest.raises(ValueError, match="ghost_batch and batch_statistics together"):
         bn.forward_training(x, batch_statistics=(np.zeros(2), np.ones(2), 8), ghost_batch=2)
+
+
+def test_ghost_batch_of_an_empty_batch():
+    # N = 0 has no groups: the checks took that count for "no ghost batch", so the backward
+    # asked for (C,) saved statistics, and batch_statistics with ghost_batch went through.
+    x = np.zeros((0, 3, 5), np.float32)
+    empty = "at least {} value{} per channel {}, got 0 (shape (0, 3, 5), 3 channels)"
+    with pytest.raises(ValueError, match=re.escape(empty.format(1, "", "for the backward pass"))):
+        bn.backward(x, x, np.zeros((0, 3), np.float32), np.ones((0, 3), np.float32), ghost_batch=2)
+    with pytest.raises(ValueError, match=r"saved_mean must have shape \(0, 3\) with ghost_batch"):
+        bn.backward(x, x, np.zeros(3, np.float32), np.ones(3, np.float32), ghost_batch=2)
+    with pytest.raises(ValueError, match=re.escape(empty.format(2, "s", "in training (the batch variance needs two)"))):
+        bn.forward_training(x, ghost_batch=2)
+    with pytest.raises(ValueError, match="ghost_batch and batch_statistics together"):
+        bn.forward_training(x, batch_statistics=(np.zeros(3), np.ones(3), 8), ghost_batch=2)
+    with pytest.raises(ValueError, match="renorm and ghost_batch together"):
+        bn.forward_training(x, running_mean=np.zeros(3), running_var=np.ones(3), renorm=(2.0, 1.0), ghost_batch=2)
 
 
 def test_backward_variant_errors():

@@ -346,12 +346,19 @@ py::dtype numpy_dtype(DType d) {
 // allocate below; 0 on a GPU).
 Output make_output(std::vector<int64_t> shape, std::vector<int64_t> strides, DType dtype, const Device& device,
                    bool as_numpy, int64_t stream, py::handle stream_owner, std::size_t offset = 0) {
+  // (Every input's bytes fit an int64, view_of_dltensor; checked again here, where a wrapped
+  // size would be a buffer the kernels write past.)
   int64_t n = 1;
-  for (int64_t s : shape) n *= s;
+  bool wraps = false;
+  for (int64_t s : shape) wraps |= __builtin_mul_overflow(n, s, &n);
+  std::size_t bytes = 0;
+  wraps |= __builtin_mul_overflow(static_cast<std::size_t>(n), dtype_size(dtype), &bytes) ||
+           __builtin_add_overflow(bytes, offset, &bytes);
+  if (wraps) throw std::runtime_error("batchnorm internal error: an output's size does not fit 64 bits");
   auto mem = std::make_shared<Memory>();
   mem->device = device;
   mem->stream = stream;
-  mem->ptr = allocate(device, static_cast<size_t>(n) * dtype_size(dtype) + offset, reinterpret_cast<void*>(stream));
+  mem->ptr = allocate(device, bytes, reinterpret_cast<void*>(stream));
   mem->offset = offset;
   if (device.kind == DeviceKind::cuda && stream_owner && !stream_owner.is_none())
     mem->stream_owner = stream_owner.inc_ref().ptr();

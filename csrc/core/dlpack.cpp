@@ -8,17 +8,22 @@
 namespace batchnorm {
 
 namespace {
-const char* dl_code_name(uint8_t code) {
-  switch (code) {
-    case kDLInt: return "int";
-    case kDLUInt: return "uint";
-    case kDLFloat: return "float";
-    case kDLOpaqueHandle: return "opaque handle";
-    case kDLBfloat: return "bfloat";
-    case kDLComplex: return "complex";
-    case kDLBool: return "bool";
-    default: return "unknown";
-  }
+// A refused dtype's name for the message: a base code with its bits ("int64", "complex64"), or
+// one of DLPack 1.1's narrow float codes (7-17), whose names carry their width; then the lanes.
+std::string dl_dtype_name(DLDataType dt) {
+  static const char* const kBase[] = {"int", "uint", "float", "opaque handle", "bfloat", "complex", "bool"};
+  static const char* const kNarrow[] = {"float8_e3m4",   "float8_e4m3",       "float8_e4m3b11fnuz", "float8_e4m3fn",
+                                        "float8_e4m3fnuz", "float8_e5m2",     "float8_e5m2fnuz",    "float8_e8m0fnu",
+                                        "float6_e2m3fn", "float6_e3m2fn",     "float4_e2m1fn"};
+  std::string name;
+  if (dt.code < 7)
+    name = kBase[dt.code] + std::to_string(dt.bits);
+  else if (dt.code < 7 + sizeof(kNarrow) / sizeof(kNarrow[0]))
+    name = kNarrow[dt.code - 7];
+  else
+    name = "unknown DLPack type code " + std::to_string(dt.code) + " of " + std::to_string(dt.bits) + " bits";
+  if (dt.lanes != 1) name += "x" + std::to_string(dt.lanes);
+  return name;
 }
 }  // namespace
 
@@ -61,9 +66,7 @@ TensorView view_of_dltensor(const DLTensor& t, const char* arg) {
   const DLDataType dt = t.dtype;
   const DTypeInfo* row = dt.lanes == 1 ? find_dtype(dt.code, dt.bits) : nullptr;
   // The name only for the message: formatting it on every import cost 1 us an array.
-  if (!row)
-    unsupported_dtype(arg, detail::concat(dl_code_name(dt.code), int(dt.bits), dt.lanes != 1 ? "x" : "",
-                                          dt.lanes != 1 ? std::to_string(dt.lanes) : std::string()));
+  if (!row) unsupported_dtype(arg, dl_dtype_name(dt));
   v.dtype = row->dtype;
   BN_EXPECTS(t.ndim >= 0 && t.ndim <= kMaxDims, value_error, arg, " must have at most ", kMaxDims,
              " dimensions, got ", t.ndim);
@@ -82,6 +85,12 @@ TensorView view_of_dltensor(const DLTensor& t, const char* arg) {
   }
   BN_EXPECTS(empty || !beyond, value_error, arg, " must have at most 2**63 - 1 elements, got shape ",
              shape_string(v));
+  // And its bytes, which an output shaped like it takes: a stride-0 view (torch's expand) holds
+  // 2**62 float32 elements in 8 bytes, and their 2**64 bytes wrapped to a 0-byte output.
+  int64_t bytes = 0;
+  BN_EXPECTS(empty || !__builtin_mul_overflow(count, static_cast<int64_t>(row->size), &bytes), value_error,
+             arg, " must have at most 2**63 - 1 bytes of elements, got shape ", shape_string(v), " of ",
+             row->name, " (", row->size, " bytes each)");
   // (An empty array may have none: torch's and NumPy's empty arrays can come without memory.)
   BN_EXPECTS(empty || t.data != nullptr, value_error, arg, " must have data, got a NULL data pointer with shape ",
              shape_string(v));

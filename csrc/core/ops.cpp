@@ -143,7 +143,8 @@ void check_against(const TensorView& t, const char* arg, const OutputSpec& spec,
 
 
 // ghost_batch: a group size dividing the batch (axis 0, not the channel axis). Returns the
-// number of groups, 0 without ghost batch norm.
+// number of groups, 0 without ghost batch norm, and 0 too for an empty batch with it: callers
+// ask ghost_batch, not the count, whether the groups apply.
 int64_t check_ghost(int64_t ghost_batch, const TensorView& x, int axis) {
   if (ghost_batch == 0) return 0;
   BN_EXPECTS(ghost_batch > 0, value_error, "ghost_batch must be a positive int (samples per group), got ",
@@ -167,7 +168,7 @@ void check_group_rows(const TensorView& t, const char* arg, int64_t rows, const 
 }
 
 // The training variants' options of a forward_training call (their outputs apart).
-void check_variants(const ForwardTrainingParams& p, int64_t groups) {
+void check_variants(const ForwardTrainingParams& p) {
   if (p.renorm) {
     BN_EXPECTS(p.renorm_rmax >= 1.0, value_error, "renorm rmax must be >= 1 (r is clipped to [1/rmax, rmax]), got ",
                p.renorm_rmax);
@@ -175,9 +176,9 @@ void check_variants(const ForwardTrainingParams& p, int64_t groups) {
                p.renorm_dmax);
     BN_EXPECTS(p.running_mean.defined(), value_error,
                "renorm needs running_mean and running_var (r and d compare the batch with them), got None");
-    BN_EXPECTS(groups == 0, value_error, "renorm and ghost_batch together are not supported, got both");
+    BN_EXPECTS(p.ghost_batch == 0, value_error, "renorm and ghost_batch together are not supported, got both");
   }
-  if (groups > 0)
+  if (p.ghost_batch != 0)
     BN_EXPECTS(!p.batch_mean.defined(), value_error,
                "ghost_batch and batch_statistics together are not supported (ghost statistics are per group)");
 }
@@ -248,10 +249,11 @@ ForwardTrainingSpecs forward_training_specs(const ForwardTrainingParams& p) {
     check_disjoint(p.running_var, "running_var", beside_residual, 1);
   }
   const int64_t groups = check_ghost(p.ghost_batch, p.x, axis);
-  check_variants(p, groups);
+  check_variants(p);
   check_channels(C, p.x, "x");
   const int64_t count = values_per_channel(p.x, axis);
-  if (groups > 0) {
+  if (p.ghost_batch != 0) {
+    if (groups == 0) check_count(count, C, p.x, "x", 2, "in training (the batch variance needs two)");  // empty
     const int64_t per_group = count / groups;
     BN_EXPECTS(per_group >= 2, value_error, "each ghost batch must have at least 2 values per channel in training "
                "(the batch variance needs two), got ", per_group, " (ghost_batch=", p.ghost_batch, ", x of shape ",
@@ -355,7 +357,8 @@ int check_backward_inputs(const TensorView& dy, const TensorView& x, int axis_ar
   check_same_shape(x, "x", dy, "dy");
   BN_EXPECTS(dy.dtype == x.dtype, type_error, "dy must have the dtype of x, ", dtype_name(x.dtype), ", got ",
              dtype_name(dy.dtype));
-  if (const int64_t groups = check_ghost(ghost_batch, x, axis)) {
+  if (ghost_batch != 0) {  // (an empty batch has 0 groups, and the backward's count check refuses it)
+    const int64_t groups = check_ghost(ghost_batch, x, axis);
     check_group_rows(mean, mean_arg, groups, x, axis);
     check_group_rows(invstd, invstd_arg, groups, x, axis);
     return axis;
