@@ -179,6 +179,12 @@ def test_functional_errors():
         batch_norm_act(x, None, None, training=False)
     with pytest.raises(TypeError, match="residual must have the dtype of x"):
         batch_norm_act(x, None, None, training=True, residual=torch.randn(4, 3, 5, 5, dtype=torch.float64))
+    # relu is a flag: "no" was a ReLU on three routes and the dispatcher's error on the fourth
+    for training in (True, False):
+        for wants_grad in (False, True):
+            with pytest.raises(TypeError, match="relu must be a bool, got str"):
+                batch_norm_act(x.clone().requires_grad_(wants_grad), torch.zeros(3), torch.ones(3),
+                               training=training, relu="no")
 
 
 def _bits(t):

@@ -193,6 +193,33 @@ def test_eval_gradient_of_x_alone_keeps_a_graph(module):
     g.mul_(2)  # in place on the gradient, as torch's allows
 
 
+@pytest.mark.parametrize("wants", ["x", "w", "b", "xb", "wb", "xwb"])
+def test_eval_parameter_gradients_keep_torch_s_graph(wants):
+    # Eval mode, dy constant: torch's dweight and dbias require grad whenever x or the weight
+    # does (constant as they are), so a penalty on them runs; ours had no graph where dy and x
+    # carried none (only the weight wanting grad) and raised "does not require grad".
+    x0 = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    results = []
+    for module in (torch.nn.BatchNorm2d, bt.BatchNorm2d):
+        layer = module(3).double().eval()
+        with torch.no_grad():
+            layer.weight.copy_(torch.tensor([0.5, -2.0, 3.0]))
+            layer.running_var.fill_(2.0)
+        layer.weight.requires_grad_("w" in wants)
+        layer.bias.requires_grad_("b" in wants)
+        x = x0.clone().requires_grad_("x" in wants)
+        inputs = [t for t, key in ((x, "x"), (layer.weight, "w"), (layer.bias, "b")) if key in wants]
+        grads = torch.autograd.grad(layer(x).sum(), inputs, create_graph=True)
+        flags = [g.requires_grad for g in grads]
+        if any(flags):
+            sum(g.square().sum() for g in grads if g.requires_grad).backward()
+        results.append((flags, [t.grad for t in inputs]))
+    (want_flags, want_grads), (flags, grads) = results
+    assert flags == want_flags == [("x" in wants or "w" in wants)] * len(wants)
+    for g, want in zip(grads, want_grads):
+        assert (g is None) == (want is None) and (g is None or torch.allclose(g, want, rtol=1e-12, atol=0))
+
+
 @pytest.mark.parametrize("route", ["eager", "op"])
 def test_residual_only_second_derivative_is_zero(route):
     # x constant, only the residual requires grad, a constant incoming gradient: the residual's

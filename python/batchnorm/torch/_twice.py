@@ -93,16 +93,20 @@ def inference(
     s = torch.rsqrt(var.to(acc) + eps).view(shape)
     xhat = (x.to(acc) - mean.to(acc).view(shape)) * s
     scale = s if weight is None else s * weight.to(acc).view(shape)
-    dx = (g * scale).to(x.dtype)
-    if x.requires_grad and not dx.requires_grad and torch.is_grad_enabled() and not _functorch(dy, x, weight):
-        dx = _ConstantIn.apply(dx, x)
-    return dx, (g * xhat).sum(dims), g.sum(dims)
+    grads = [(g * scale).to(x.dtype), (g * xhat).sum(dims), g.sum(dims)]
+    # torch's gradients require grad whenever x or the weight does (its double-backward node
+    # takes both), constant as some are in them: so must ours, or a penalty on them raises.
+    anchor = next((t for t in (x, weight) if t is not None and t.requires_grad), None)
+    if anchor is not None and torch.is_grad_enabled() and not _functorch(dy, x, weight):
+        grads = [v if v.requires_grad else _ConstantIn.apply(v, anchor) for v in grads]
+    return grads[0], grads[1], grads[2]
 
 
 class _ConstantIn(torch.autograd.Function):
-    """value, recorded as a function of x with no gradient to it: inference's dx is constant in
-    x (an affine map), but under create_graph torch's own dx still requires grad when x does
-    (its double-backward node takes x), so a penalty on it differentiates (to no gradient)
+    """value, recorded as a function of x (or the weight) with no gradient to it: inference's
+    gradients are constant in x (an affine map) and its dweight and dbias in the weight, but
+    under create_graph torch's own still require grad when x or the weight does (its
+    double-backward node takes them), so a penalty on them differentiates (to no gradient)
     instead of raising "does not require grad"."""
 
     @staticmethod

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.utils.dlpack import to_dlpack
 
 from .. import _C
+from ..functional import _check_bool
 from . import _func, _ops, _twice
 from ._ops import _AXIS, _call, _cap, _dtypes, _inference_grads, _new_running, _train, _vector
 from ._ops import per_channel, per_channel_results
@@ -245,6 +246,7 @@ def _batch_norm_act(
     try:
         _ops.check_running(running_mean, running_var)
         _ops.check_scalars(training, momentum, eps)
+        relu = _check_bool(relu, "relu")  # ("no" was a ReLU on three routes, the dispatcher's error on one)
         if training:
             if input.dim() > 1:  # (as batch_norm's)
                 F._verify_batch_size(input.size())
