@@ -35,36 +35,41 @@ def disabled_checks() -> list:
     return [jax.export.DisabledSafetyCheck.custom_call(name) for name in _jax.registrations()]
 
 
-def spec(a):
-    """(shape, dtype name) of an array or tracer, None for None: what the checks take. A
-    symbolic dimension (jax.export's shape polymorphism: a batch of any size) stands in as a
-    size of its own, one per distinct expression (small enough that five of them multiply
-    within int64), so the checks judge the rest; the kernels see the real sizes at run time
-    and messages name the symbols (named_symbols)."""
-    if a is None:
-        return None
-    return tuple(d if isinstance(d, int) else _placeholder(str(d)) for d in a.shape), jnp.dtype(a.dtype).name
+class Symbols:
+    """Stand-in sizes for one call's symbolic dimensions (jax.export's shape polymorphism: a
+    batch of any size), so that the core's trace-time checks judge the rest: one size per
+    distinct expression, odd, from 4099 up (small enough that five of them multiply within
+    int64), none equal to a concrete dimension of the call's arrays or to one of its integer
+    options (`taken`). A process-wide table had given a real 4099 the stand-in of the first
+    symbol seen: a weight of the wrong length then passed, and messages named the symbol for
+    the real size. The kernels see the real sizes at run time."""
 
+    def __init__(self, *arrays, taken=()):
+        shapes = [a.shape for a in arrays if a is not None]
+        used = {d for shape in shapes for d in shape if isinstance(d, int)} | {int(n) for n in taken}
+        self.sizes: dict = {}  # expression -> stand-in
+        size = 4099
+        for d in (d for shape in shapes for d in shape if not isinstance(d, int)):
+            if str(d) not in self.sizes:
+                while size in used:
+                    size += 2
+                self.sizes[str(d)] = size
+                size += 2
 
-_SYMBOLS: dict = {}  # symbolic expression -> its stand-in size
+    def spec(self, a):
+        """(shape, dtype name) of an array or tracer, None for None: what the checks take, its
+        symbolic dimensions as their stand-ins."""
+        if a is None:
+            return None
+        return tuple(d if isinstance(d, int) else self.sizes[str(d)] for d in a.shape), jnp.dtype(a.dtype).name
 
-
-def _placeholder(expression: str) -> int:
-    size = _SYMBOLS.get(expression)
-    if size is None:
-        size = _SYMBOLS.setdefault(expression, 4099 + 2 * len(_SYMBOLS))
-    return size
-
-
-def named_symbols(err: Exception, *arrays) -> Exception:
-    """A check's error with the stand-in sizes of these arrays' symbolic dimensions written as
-    the symbols (an error about concrete arrays is returned as it is)."""
-    names = {str(_SYMBOLS[str(d)]): str(d) for a in arrays if a is not None for d in a.shape
-             if not isinstance(d, int) and str(d) in _SYMBOLS}
-    if not names:
-        return err
-    text = re.sub(r"\b\d+\b", lambda m: names.get(m.group(0), m.group(0)), str(err))
-    return type(err)(text)
+    def named(self, err: Exception) -> Exception:
+        """A check's error with the stand-ins written as their symbols (unchanged without any)."""
+        if not self.sizes:
+            return err
+        names = {str(size): expression for expression, size in self.sizes.items()}
+        text = re.sub(r"\b\d+\b", lambda m: names.get(m.group(0), m.group(0)), str(err))
+        return type(err)(text)
 
 
 def symbolic(a) -> bool:
@@ -128,7 +133,7 @@ def forward_training(x, weight, bias, axis, eps, channels, acc, residual=None, a
     renorm=(rmax, dmax) with running=(running_mean, running_var), which r and d (else None)
     compare the batch with; ghost_batch=G > 0, saved_mean / saved_invstd then (N // G, C) and
     the batch statistics the whole batch's."""
-    saved = jax.ShapeDtypeStruct(_jax.saved_shape(spec(x), axis, ghost_batch), acc)
+    saved = jax.ShapeDtypeStruct(_jax.saved_shape(Symbols(x).spec(x), axis, ghost_batch), acc)
     out = (jax.ShapeDtypeStruct(x.shape, x.dtype), saved, saved) + (_vector(channels, acc),) * (4 if renorm else 2)
     # The handler reads the running statistics for renorm only (as copies in `acc`).
     rm, rv = (a.astype(acc) for a in running) if renorm else (jnp.zeros((channels,), acc),) * 2

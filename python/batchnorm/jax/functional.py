@@ -150,9 +150,11 @@ def training(x, weight, bias, *, eps, axis, axis_name=None, running_mean=None, r
     code = _activation_code(activation)
     shards = 1 if axis_name is None else lax.axis_size(axis_name)
 
+    symbols = _ffi.Symbols(x, weight, bias, running_mean, running_var, residual, taken=(variants.ghost,))
+
     # With a mapped axis the core judges the logical batch (the shards' values together).
     def checked(a):
-        spec = _ffi.spec(a)
+        spec = symbols.spec(a)
         if spec is None or shards == 1 or a.ndim < 2 or a.ndim != x.ndim:
             return spec
         shape = list(spec[0])
@@ -165,13 +167,13 @@ def training(x, weight, bias, *, eps, axis, axis_name=None, running_mean=None, r
     momentum, eps, axis = _static_real(momentum, "momentum"), _static_real(eps, "eps"), check_axis(axis, x)
     try:
         ax, channels, acc = _ffi.check_forward_training(
-            checked(x), _ffi.spec(weight), _ffi.spec(bias), _ffi.spec(running_mean), _ffi.spec(running_var),
+            checked(x), symbols.spec(weight), symbols.spec(bias), symbols.spec(running_mean), symbols.spec(running_var),
             momentum, eps, axis, residual=checked(residual), activation=code,
             running_var_unbiased=variants.unbiased, skip_nonfinite=variants.skip_nonfinite,
             renorm=variants.renorm is not None, rmax=rmax, dmax=dmax, ghost_batch=variants.ghost)
     except (ValueError, TypeError) as err:
         if shards == 1:
-            raise _ffi.named_symbols(err, x, weight, bias, running_mean, running_var, residual) from None
+            raise symbols.named(err) from None
         # The message quotes the logical batch's shape: say what each shard holds.
         logical, shard = checked(x)[0], tuple(int(n) for n in x.shape)
         text = str(err).replace(
@@ -362,12 +364,13 @@ def inference(x, weight, bias, mean, var, *, eps, axis, names=("mean", "var"), r
     code = _activation_code(activation)
     eps, axis = _static_real(eps, "eps"), check_axis(axis, x)
     _static_shape_for(x, axis, None, None)
+    symbols = _ffi.Symbols(x, mean, var, weight, bias, residual)
     try:
         ax, channels, acc = _ffi.check_forward_inference(
-            _ffi.spec(x), _ffi.spec(mean), _ffi.spec(var), _ffi.spec(weight), _ffi.spec(bias), eps, axis,
-            names[0], names[1], residual=_ffi.spec(residual), activation=code)
+            symbols.spec(x), symbols.spec(mean), symbols.spec(var), symbols.spec(weight), symbols.spec(bias), eps,
+            axis, names[0], names[1], residual=symbols.spec(residual), activation=code)
     except (ValueError, TypeError) as err:
-        raise _ffi.named_symbols(err, x, mean, var, weight, bias, residual) from None
+        raise symbols.named(err) from None
     acc = jnp.dtype(acc)
     w = jnp.ones((channels,), acc) if weight is None else weight
     b = jnp.zeros((channels,), acc) if bias is None else bias
