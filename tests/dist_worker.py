@@ -210,6 +210,13 @@ def check_failures(group) -> None:
                  lambda: sync_statistics(good, group, axis=axis))
     expect_error(TypeError, r"axis must be an int, got float" if rank == bad_rank else others,
                  lambda: sync_backward(good, good, m, s, count, group, axis=axis))
+    # An axis in range but not the channels', and an x of other channels, on one rank: the
+    # allreduce was sized by x there (gloo aborted the process, MPI truncated the message).
+    expect_error(ValueError, r"mean must have shape \(5,\), got \(3,\)" if rank == bad_rank else others,
+                 lambda: sync_backward(good, good, m, s, count, group, axis=2 if rank == bad_rank else 1))
+    wide = np.concatenate([good, good[:, :1]], axis=1) if rank == bad_rank else good
+    expect_error(ValueError, r"mean must have shape \(4,\), got \(3,\)" if rank == bad_rank else others,
+                 lambda: sync_backward(wide, wide, m, s, count, group))
     # An error that is neither a ValueError nor a TypeError (a broken array object) is reported
     # through the exchange too, instead of leaving the others waiting in it.
     x = _Broken() if rank == bad_rank else good

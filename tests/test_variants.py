@@ -423,6 +423,23 @@ def test_ghost_batch_of_an_empty_batch():
         bn.forward_training(x, running_mean=np.zeros(3), running_var=np.ones(3), renorm=(2.0, 1.0), ghost_batch=2)
 
 
+def test_ghost_backward_out_never_aliases_the_saved_statistics():
+    # ghost_batch=1 on a 2-D x: the saved statistics are (N, C), x's own shape and strides, so
+    # out=saved_mean passed as "in place"; the fused route wrote out before the groups read
+    # them, and returned wrong dx and dweight.
+    x = np.arange(1.0, 7.0, dtype=np.float32).reshape(2, 3)
+    dy = np.array([[0.5, -1, 2], [1, 1, -3]], np.float32)
+    mean = np.array([[0.5, 1, 2], [3, 4, 5]], np.float32)
+    invstd = np.array([[1, 2, 3], [1, 2, 3]], np.float32)
+    y = np.ones_like(x)
+    for name in ("saved_mean", "saved_invstd"):
+        m, s = mean.copy(), invstd.copy()
+        out = m if name == "saved_mean" else s
+        with pytest.raises(ValueError, match=f"out must not share memory with {name}"):
+            bn.backward(dy, x, m, s, ghost_batch=1, y=y, activation="relu", out=out)
+        assert m.tobytes() == mean.tobytes() and s.tobytes() == invstd.tobytes()
+
+
 def test_backward_variant_errors():
     x = np.random.default_rng(1).standard_normal((8, 3))
     _, m, s = bn.forward_training(x, ghost_batch=4)

@@ -303,9 +303,12 @@ def sync_statistics(
 
 
 def _channels_of(x: Any, mean: Any, axis: int) -> int:
-    """The channel count that sizes the backward's allreduce: x's along axis, else (x is no
-    array: the error is reported through the allreduce) the length of mean."""
-    for a, dim in ((x, axis), (mean, -1)):
+    """The channel count that sizes the backward's allreduce: the length of mean, which
+    sync_statistics gave every rank alike, else (mean is no array: the error is reported
+    through the allreduce) x's along axis. Sized by x first, one rank's wrong axis or x of
+    other channels made its allreduce another size than the others' (gloo aborted the
+    process, MPI truncated) instead of raising on every rank."""
+    for a, dim in ((mean, -1), (x, axis)):
         try:
             return int(a.shape[dim])
         except Exception:  # noqa: BLE001

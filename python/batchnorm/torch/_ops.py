@@ -569,17 +569,18 @@ def write_running(running_mean: Optional[Tensor], new_mean: Tensor, running_var:
 
 
 def check_scalars(training: Any, momentum: Any, eps: Any) -> None:
-    """The functions' scalar arguments: training a bool, momentum (in training, where it is
-    used) and eps real numbers, a TypeError naming the argument (the native call's conversion
-    printed its whole signature instead); then torch.nn.functional.batch_norm's eps rules, with
-    its messages: positive in training (a constant channel's variance is 0), non-negative
-    otherwise. (momentum's range is the core's check.)"""
+    """The functions' scalar arguments: training a bool, momentum and eps real numbers (momentum
+    in eval too, where it is unused, as torch's batch_norm: None or a string was taken there), a
+    TypeError naming the argument (the native call's conversion printed its whole signature
+    instead); then torch.nn.functional.batch_norm's eps rules, with its messages: positive in
+    training (a constant channel's variance is 0), non-negative otherwise. (momentum's range
+    is the core's check, in training.)"""
     # (Exact type tests first: the usual floats pass in 0.1 us, _real's isinstance costs more.)
     if type(training) is not bool:
         raise TypeError(f"training must be a bool, got {_type_name(training)}")
     if type(eps) is not float and not _real(eps):
         raise TypeError(f"eps must be a float, got {_type_name(eps)}")
-    if training and type(momentum) is not float and not _real(momentum):
+    if type(momentum) is not float and not _real(momentum):
         raise TypeError(f"momentum must be a float, got {_type_name(momentum)}")
     if type(eps) is not float and not isinstance(eps, numbers.Real):
         return  # a traced or 0-d tensor value: the op's own check when it runs
