@@ -401,6 +401,25 @@ def test_version(program):
     assert out["header"] == out["library"] and int(out["library"]) >= 10200  # 1.2: the training variants
 
 
+def test_readme_example_builds_and_runs(tmp_path):
+    """The README's "Use from C/C++" example as a user copies it: its CMakeLists.txt, app.c
+    and build command, verbatim (app.c had no main, and the command failed to link)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Use from C/C++"):readme.index("## Wheels")]
+    blocks = re.findall(r"```(\w+)\n(.*?)```", section, re.S)
+    (tmp_path / "CMakeLists.txt").write_text(blocks[0][1])
+    (tmp_path / "app.c").write_text(blocks[1][1])
+    command = blocks[2][1]
+    assert [blocks[0][0], blocks[1][0], blocks[2][0]] == ["cmake", "c", "bash"] and "./build/app" in command
+    if CROSS_PREFIX:  # another build: its prefix and toolchain, the program through the emulator
+        toolchain = f" -DCMAKE_TOOLCHAIN_FILE={CROSS_TOOLCHAIN}" if CROSS_TOOLCHAIN else ""
+        command = command.replace('$(python -m batchnorm --cmake-dir)', f"{_cmake_dir()}{toolchain}")
+        command = command.replace("./build/app", shlex.join([*LAUNCHER, "./build/app"]))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    out = _run(["bash", "-ec", command], cwd=tmp_path, env=env).stdout
+    assert re.search(r"channel 0: mean -?[0-9.e+-]+, invstd [0-9.e+-]+", out), out
+
+
 def test_last_error_is_per_thread(programs):
     out = _launch([programs["capi_cxx"], "--threads"]).stdout.splitlines()
     assert out == ["first 1 n must be an int >= 1, got 0", "second 0 "]
