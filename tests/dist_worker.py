@@ -180,8 +180,13 @@ def check_failures(group) -> None:
     x = good.astype(np.float64) if rank == bad_rank else good
     expect_error(ValueError, r"x must have the same rank and dtype on every rank", lambda: by_sums(x))
     assert by_sums.num_batches_tracked == 0
-    # A channel count below one, given on every rank: refused before any collective.
+    # A channel count below one, given on every rank, and on one rank only (which raised before
+    # the collective, leaving the others waiting in it): every rank raises.
     expect_error(ValueError, r"channels must be a positive int .* got 0", lambda: sync_statistics(good, group, channels=0))
+    bad = r"channels must be a positive int .* got 0" if rank == bad_rank else elsewhere
+    expect_error(ValueError, bad, lambda: sync_statistics(good, group, channels=0 if rank == bad_rank else C))
+    expect_error(ValueError, bad, lambda: sync_statistics(good, group, channels=0 if rank == bad_rank else C,
+                                                          exchange="allreduce"))
     # sync_statistics with different channel counts.
     x = good[:, :2] if rank == bad_rank else good
     expect_error(ValueError, r"the same number of channels on every rank", lambda: sync_statistics(x, group))

@@ -292,13 +292,19 @@ def sync_statistics(
     ranks, or bad input on any rank, raises on every rank."""
     exchange = _check_exchange(exchange)
     engine = engine_for(group)
+    own: Optional[Exception] = None
     if channels is None:
         channels = _agreed_channels(engine, x, axis)
     else:
-        channels = check_int(channels, "channels")
-        if channels < 1:
-            raise ValueError(f"channels must be a positive int (x's channel count on every rank), got {channels}")
-    mean, var, count = _exchange(engine, x, axis, channels, _torch_device(x), how=exchange)
+        try:
+            channels = check_int(channels, "channels")
+            if channels < 1:
+                raise ValueError(f"channels must be a positive int (x's channel count on every rank), got {channels}")
+        except (TypeError, ValueError) as err:
+            # Reported through the exchange, sized by x's channels (the others' count when x is
+            # right): raised here, it left the other ranks waiting in their allgather.
+            own, channels = err, _channels_of(x, None, axis) or 1
+    mean, var, count = _exchange(engine, x, axis, channels, _torch_device(x), own=own, how=exchange)
     return _like(mean, x), _like(var, x), count
 
 
