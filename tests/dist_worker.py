@@ -232,6 +232,10 @@ def check_failures(group) -> None:
     # Still in step: a good forward and backward on every rank.
     layer(good)
     layer.backward(good)
+    # The count stops at int64's largest, as the plain layer's (it ran past what state_dict stores).
+    layer.load_state_dict({**layer.state_dict(), "num_batches_tracked": 2**63 - 1})
+    layer(good)
+    assert layer.num_batches_tracked == 2**63 - 1 and layer.state_dict()["num_batches_tracked"] == 2**63 - 1
 
 
 def check_recompute(group, sizes) -> None:

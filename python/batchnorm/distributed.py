@@ -452,7 +452,7 @@ class SyncBatchNorm(BatchNorm):
             **self._training_options(update),
         )
         if update:
-            self.num_batches_tracked += 1
+            self._count_batch()  # (capped as the plain layer's: it ran past 2**63 - 1 here)
         self._saved = ("sync", x, saved_mean, saved_invstd, count)
         return y
 

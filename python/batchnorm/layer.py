@@ -193,6 +193,11 @@ class BatchNorm:
             return 1.0 / (self.num_batches_tracked + 1)
         return 1.0 - self.momentum if self.convention == "keras" else self.momentum
 
+    def _count_batch(self) -> None:
+        """A training step that updated the running statistics counts its batch, up to
+        _COUNT_MAX (what state_dict can store and load back)."""
+        self.num_batches_tracked = min(self.num_batches_tracked + 1, _COUNT_MAX)
+
     def _training_options(self, update: bool) -> Dict[str, Any]:
         """forward_training's keyword arguments for a training step of this layer (running
         statistics updated when `update`)."""
@@ -269,7 +274,7 @@ class BatchNorm:
                 options["ghost_batch"] = self.ghost_batch
             y, mean, invstd, *rd = F.forward_training(x, self.weight, self.bias, **options)
             if update:
-                self.num_batches_tracked = min(self.num_batches_tracked + 1, _COUNT_MAX)
+                self._count_batch()
             self._saved = ("batch", x, mean, invstd, tuple(rd) or None)
         else:
             y = F.forward_inference(
