@@ -495,6 +495,11 @@ def check_torch_checkpointing(group) -> None:
     if rank != 0:  # outside the group: batch norm of its own batch, as torch's layer does
         y = converted(xs[0][:4])
         _torch_close(y, bt.BatchNorm2d(C)(xs[0][:4]), "float32", "non-member's local batch norm")
+        # The NumPy layer and sync_statistics have no local form: refused naming the marker
+        # (it was "group must be ... got int").
+        marker = r"group must be a process group that holds this rank, got GroupMember.NON_GROUP_MEMBER"
+        expect_error(ValueError, marker, lambda: sync_statistics(xs[0][:4].numpy(), alone))
+        expect_error(ValueError, marker, lambda: SyncBatchNorm(C, group=alone)(xs[0][:4].numpy()))
 
 
 def check_torch_recompute(group, sizes) -> None:
@@ -582,6 +587,13 @@ def mpi_main() -> None:
     comm = MPI.COMM_WORLD
     for spec in sys.argv[1:]:  # NumPy arrays only: torch is the other engine's test
         run_all(comm, tuple(int(s) for s in spec.split(",")), libraries=("numpy",))
+    # A rank that Split left out holds MPI.COMM_NULL: refused by name (it was MPI_ERR_COMM).
+    part = comm.Split(0 if comm.Get_rank() == 0 else MPI.UNDEFINED, 0)
+    if comm.Get_rank() != 0:
+        null = r"group must be a communicator that holds this rank, got MPI.COMM_NULL"
+        expect_error(ValueError, null, lambda: SyncBatchNorm(C, group=part)(np.ones((4, C, 2), np.float32)))
+    else:
+        part.Free()
     comm.Barrier()
     print(f"rank {comm.Get_rank()} of {comm.Get_size()}: ok", flush=True)
 

@@ -4,6 +4,7 @@ Adapters import their engine lazily: `import batchnorm` never imports mpi4py or 
 from __future__ import annotations
 
 import copy
+import sys
 from typing import Any, Optional
 
 import numpy as np
@@ -35,6 +36,11 @@ class MpiEngine(Engine):
     """An mpi4py communicator; buffers travel from host memory (MPI_Allgather, MPI_Allreduce)."""
 
     def __init__(self, comm: Any) -> None:
+        from mpi4py import MPI
+
+        if comm == MPI.COMM_NULL:  # (mpi4py's MPI_ERR_COMM said nothing of why)
+            raise ValueError("group must be a communicator that holds this rank, got MPI.COMM_NULL (what Split "
+                             "gives the ranks it leaves out): call the synchronized layer on its members only")
         self.comm = comm
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
@@ -116,6 +122,11 @@ def copy_sharing_group(layer: Any, group: Any, memo: dict) -> Any:
 def check_group(group: Optional[Any]) -> str:
     """The engine of `group` ("mpi" or "torch") from its type alone, importing nothing."""
     module = type(group).__module__ if group is not None else "torch"
+    dist = sys.modules.get("torch.distributed")
+    if type(group) is int and dist is not None and group == getattr(dist.GroupMember, "NON_GROUP_MEMBER", None):
+        raise ValueError("group must be a process group that holds this rank, got GroupMember.NON_GROUP_MEMBER "
+                         "(what torch.distributed.new_group gives the ranks it leaves out): call the synchronized "
+                         "layer on its members only (batchnorm.torch.SyncBatchNorm runs plain batch norm there)")
     if module.startswith("mpi4py") and hasattr(group, "Allgather"):
         return "mpi"
     if module.startswith("torch"):
