@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import batchnorm as bn
-from capi_ctypes import ghost_training, load, tensor, error
+from capi_ctypes import TrainingOptions, error, ghost_training, load, tensor
 
 C = 3
 
@@ -140,6 +140,19 @@ def test_element_count_past_int64_is_refused(lib):
     assert list(y) == [-7.0, -7.0]
     m, v = np.zeros(2, np.float32), np.zeros(2, np.float32)
     assert lib.bn_statistics(tensor(x, big, (0, 0, 1)), -1, tensor(m), tensor(v), None, None) == 1
+
+
+def test_arrays_an_option_requires_are_missing_as_null(lib):
+    # The core's message is Python's ("got None"); through the C ABI it reads NULL, as a
+    # required array's does ("x must be an array, got NULL").
+    x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    y, m, s, r, d = np.empty_like(x), *(np.empty(3, np.float32) for _ in range(4))
+    options = TrainingOptions(struct_size=ct.sizeof(TrainingOptions), renorm_rmax=3.0, renorm_dmax=5.0,
+                              renorm_r_out=tensor(r), renorm_d_out=tensor(d))
+    status = lib.bn_forward_training_ex(tensor(x), None, None, None, None, 0.1, 1e-5, 1, ct.byref(options),
+                                        tensor(y), tensor(m), tensor(s), None)
+    assert (status, error(lib)) == (1, "renorm needs running_mean and running_var (r and d compare the batch with "
+                                       "them), got NULL")
 
 
 def test_byte_count_past_int64_is_refused(lib):

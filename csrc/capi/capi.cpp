@@ -77,12 +77,26 @@ bool flag(int32_t v, const char* member) {
 static_assert(sizeof(bn_training_options) == offsetof(bn_training_options, renorm_d_out) + sizeof(DLTensor*));
 static_assert(sizeof(bn_backward_options) == offsetof(bn_backward_options, ghost_batch) + sizeof(int64_t));
 
+// The public functions' guarded(): the core's word for an argument not given, Python's "got
+// None" (arrays required only with an option: y with the ReLU, the running statistics with
+// renorm), in C's, "got NULL", as required() says it. (Same length: no allocation.)
+template <class F>
+bn_status c_guarded(F&& work) noexcept {
+  const bn_status status = guarded(static_cast<F&&>(work));
+  if (status != BN_OK) {
+    std::string& message = last_error();
+    for (size_t at = message.find("got None"); at != std::string::npos; at = message.find("got None", at))
+      message.replace(at + 4, 4, "NULL");
+  }
+  return status;
+}
+
 }  // namespace
 }  // namespace batchnorm::capi
 
 using namespace batchnorm;
 using batchnorm::capi::flag;
-using batchnorm::capi::guarded;
+using batchnorm::capi::c_guarded;
 using batchnorm::capi::optional;
 using batchnorm::capi::read_options;
 using batchnorm::capi::required;
@@ -98,7 +112,7 @@ BN_API const char* bn_last_error(void) { return batchnorm::capi::last_error().c_
 
 BN_API bn_status bn_statistics(const DLTensor* x, int axis, DLTensor* mean, DLTensor* var, int64_t* count,
                                void* stream) {
-  return guarded([&] {
+  return c_guarded([&] {
     StatisticsParams p;
     p.x = required(x, "x");
     p.axis = axis;
@@ -113,7 +127,7 @@ BN_API bn_status bn_statistics(const DLTensor* x, int axis, DLTensor* mean, DLTe
 BN_API bn_status bn_merge_statistics(int64_t num_shards, const DLTensor* const* means, const DLTensor* const* vars,
                                      const int64_t* counts, DLTensor* mean, DLTensor* var, int64_t* count,
                                      void* stream) {
-  return guarded([&] {
+  return c_guarded([&] {
     BN_EXPECTS(num_shards >= 0, value_error, "num_shards must be >= 0, got ", num_shards);
     BN_EXPECTS(num_shards == 0 || (means && vars && counts), type_error,
                "means, vars and counts must be arrays of num_shards entries, got NULL for ",
@@ -145,7 +159,7 @@ BN_API bn_status bn_forward_training_ex(const DLTensor* x, const DLTensor* weigh
                                         DLTensor* running_mean, DLTensor* running_var, double momentum,
                                         double eps, int axis, const bn_training_options* options, DLTensor* out,
                                         DLTensor* saved_mean, DLTensor* saved_invstd, void* stream) {
-  return guarded([&] {
+  return c_guarded([&] {
     const bn_training_options o = read_options(options, "bn_training_options", "BN_TRAINING_OPTIONS_INIT");
     ForwardTrainingParams p;
     p.x = required(x, "x");
@@ -184,7 +198,7 @@ BN_API bn_status bn_forward_inference(const DLTensor* x, const DLTensor* mean, c
 BN_API bn_status bn_forward_inference_ex(const DLTensor* x, const DLTensor* mean, const DLTensor* var,
                                          const DLTensor* weight, const DLTensor* bias, double eps, int axis,
                                          const bn_inference_options* options, DLTensor* out, void* stream) {
-  return guarded([&] {
+  return c_guarded([&] {
     const bn_inference_options o = read_options(options, "bn_inference_options", "BN_INFERENCE_OPTIONS_INIT");
     ForwardInferenceParams p;
     p.x = required(x, "x");
@@ -212,7 +226,7 @@ BN_API bn_status bn_backward_ex(const DLTensor* dy, const DLTensor* x, const DLT
                                 const DLTensor* saved_invstd, const DLTensor* weight, int axis,
                                 const bn_backward_options* options, DLTensor* out, DLTensor* dweight,
                                 DLTensor* dbias, void* stream) {
-  return guarded([&] {
+  return c_guarded([&] {
     const bn_backward_options o = read_options(options, "bn_backward_options", "BN_BACKWARD_OPTIONS_INIT");
     BackwardParams p;
     p.dy = required(dy, "dy");
@@ -238,7 +252,7 @@ BN_API bn_status bn_backward_ex(const DLTensor* dy, const DLTensor* x, const DLT
 BN_API bn_status bn_fold(const DLTensor* kernel, const DLTensor* conv_bias, const DLTensor* mean,
                          const DLTensor* var, const DLTensor* weight, const DLTensor* bias, double eps, int axis,
                          DLTensor* kernel_out, DLTensor* bias_out, void* stream) {
-  return guarded([&] {
+  return c_guarded([&] {
     FoldParams p;
     p.kernel = required(kernel, "kernel");
     p.conv_bias = optional(conv_bias, "conv_bias");
@@ -256,7 +270,7 @@ BN_API bn_status bn_fold(const DLTensor* kernel, const DLTensor* conv_bias, cons
 }
 
 BN_API bn_status bn_set_num_threads(int n) {
-  return guarded([&] { set_num_threads(n); });
+  return c_guarded([&] { set_num_threads(n); });
 }
 
 BN_API int bn_get_num_threads(void) {
