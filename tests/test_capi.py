@@ -417,8 +417,10 @@ def test_readme_example_builds_and_runs(tmp_path):
     command = blocks[2][1]
     assert [blocks[0][0], blocks[1][0], blocks[2][0]] == ["cmake", "c", "bash"] and "./build/app" in command
     if CROSS_PREFIX:  # another build: its prefix and toolchain, the program through the emulator
-        toolchain = f" -DCMAKE_TOOLCHAIN_FILE={CROSS_TOOLCHAIN}" if CROSS_TOOLCHAIN else ""
-        command = command.replace('$(python -m batchnorm --cmake-dir)', f"{_cmake_dir()}{toolchain}")
+        toolchain = f" -DCMAKE_TOOLCHAIN_FILE={shlex.quote(CROSS_TOOLCHAIN)}" if CROSS_TOOLCHAIN else ""
+        command = command.replace('-DCMAKE_PREFIX_PATH="$(python -m batchnorm --cmake-dir)"',
+                                  f"-DCMAKE_PREFIX_PATH={shlex.quote(str(_cmake_dir()))}{toolchain}")
+        assert "--cmake-dir" not in command
         command = command.replace("./build/app", shlex.join([*LAUNCHER, "./build/app"]))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     out = _run(["bash", "-ec", command], cwd=tmp_path, env=env).stdout

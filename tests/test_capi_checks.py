@@ -122,6 +122,22 @@ def test_merge_and_fold_in_place_still_run(lib):
     assert kernel.tobytes() == want_kernel.tobytes() and conv_bias.tobytes() == want_bias.tobytes()
 
 
+@pytest.mark.parametrize("name", ["conv_bias", "mean", "var", "weight", "bias"])
+def test_fold_kernel_out_is_never_a_per_channel_vector(lib, name):
+    # A 1-D kernel (C,) has the vectors' shape and strides, so kernel_out=var passed as "in
+    # place"; the CUDA kernel reads var[c] in other threads while writing kernel_out[c].
+    a = _arrays()
+    vectors = {"conv_bias": a["b"].copy(), "mean": a["rm"].copy(), "var": a["rv"].copy(), "weight": a["w"].copy(),
+               "bias": a["b"].copy()}
+    before = {k: v.copy() for k, v in vectors.items()}
+    kernel, bias_out = np.ones(C, np.float32), np.zeros(C, np.float32)
+    status = lib.bn_fold(tensor(kernel), *(tensor(vectors[k]) for k in ("conv_bias", "mean", "var", "weight", "bias")),
+                         1e-5, 0, tensor(vectors[name]), tensor(bias_out), None)
+    assert (status, error(lib)) == (1, f"kernel_out must not share memory with {name}: it is written while {name} "
+                                       "is still in use; pass separate arrays")
+    assert all(vectors[k].tobytes() == before[k].tobytes() for k in vectors)
+
+
 def test_separate_outputs_still_run(lib):
     a = _arrays()
     assert lib.bn_statistics(tensor(a["x"]), 1, tensor(a["m"]), tensor(a["v"]), None, None) == 0

@@ -272,7 +272,8 @@ ForwardTrainingSpecs forward_training_specs(const ForwardTrainingParams& p) {
   // y may be x (or the residual) itself; ghost batch norm saves one row of statistics per group.
   const DType acc = accumulation_dtype(p.x.dtype);
   s.y = like_spec(p.x, "x");
-  s.saved_mean = s.saved_invstd = groups > 0 ? rows_spec(groups, C, acc, p.x.device) : vector_spec(C, acc, p.x.device);
+  s.saved_mean = s.saved_invstd =
+      p.ghost_batch != 0 ? rows_spec(groups, C, acc, p.x.device) : vector_spec(C, acc, p.x.device);
   if (p.renorm) s.renorm_r = s.renorm_d = vector_spec(C, acc, p.x.device);
   s.moments_mean = s.moments_var = vector_spec(C, DType::float64, p.x.device);
   return s;
@@ -646,9 +647,14 @@ FoldSpecs fold_specs(const FoldParams& p) {
 }
 
 void fold(const FoldParams& p, const FoldSpecs& s) {
-  const Named inputs[] = {{p.kernel, "kernel"}, {p.conv_bias, "conv_bias"}, {p.mean, "mean"},
-                          {p.var, "var"},       {p.weight, "weight"},       {p.bias, "bias"}};
-  check_against(p.kernel_out, "kernel_out", s.kernel_out, inputs, 6);
+  const Named own[] = {{p.kernel, "kernel"}};
+  check_against(p.kernel_out, "kernel_out", s.kernel_out, own, 1);
+  // Never a per-channel vector, not even exactly (a 1-D kernel has their shape and strides):
+  // on CUDA other threads read var[c] and weight[c] for every element, and mean[c] and bias[c]
+  // for bias_out, while kernel_out[c] is written.
+  const Named per_channel[] = {{p.conv_bias, "conv_bias"}, {p.mean, "mean"}, {p.var, "var"},
+                               {p.weight, "weight"},       {p.bias, "bias"}};
+  check_disjoint(p.kernel_out, "kernel_out", per_channel, 5);
   check_against(p.bias_out, "bias_out", s.bias_out);
   // bias_out[c] is written after conv_bias[c], mean[c] and bias[c] are read, by the same
   // thread: it may be exactly one of those (folding in place); var and weight are read for
