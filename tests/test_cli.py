@@ -103,8 +103,18 @@ def test_cli_bench_writes_into_batchnorm_bench_and_says_where(tmp_path):
                                           (["--reps", "0"], "--reps must be >= 1, got 0"),
                                           (["--shapes", "1x4"], "at least 2 values per channel (training), got '1x4'"),
                                           (["--shapes", "8xa"], "a shape must look like 32x64x56x56"),
-                                          (["--name", "sub/x"], "a file stem without folders, got 'sub/x'")],
-                         ids=["out", "reps", "one-value", "not-a-shape", "name-with-folder"])
+                                          (["--name", "sub/x"], "a file stem without folders, got 'sub/x'"),
+                                          # (a negative pause raised in time.sleep after the measuring)
+                                          (["--retry-pause", "-1"], "expected a finite float >= 0, got '-1'"),
+                                          (["--retry-above", "nan"], "expected a finite float >= 0, got 'nan'"),
+                                          (["--retries", "-2"], "expected a finite int >= 0, got '-2'"),
+                                          # (nothing selected ran nothing, exited 0, overwrote the results)
+                                          (["--dtypes", ","], "expected at least one of float32"),
+                                          (["--threads", ","], "expected at least one thread count"),
+                                          (["--dtypes", "bfloat16"], "error: --shapes, --dtypes and --layouts "
+                                           "select no case (bfloat16 needs torch")],
+                         ids=["out", "reps", "one-value", "not-a-shape", "name-with-folder", "pause", "above",
+                              "retries", "no-dtype", "no-thread", "bfloat16-without-torch"])
 def test_cli_bench_refuses_bad_arguments_before_measuring(args, words, tmp_path):
     # --out was created only after the whole run (minutes lost, then a traceback); --reps 0
     # ran the default 15 rounds.

@@ -222,6 +222,25 @@ def test_dtype_other_than_float32_or_float64_is_refused(dtype):
         bn.BatchNorm(2, dtype=dtype)
 
 
+def test_eval_backward_of_an_empty_batch_is_zero_gradients():
+    # Its forward ran; the backward refused "at least 1 value per channel" (torch: zeros).
+    layer = bn.BatchNorm(4)
+    layer.eval()
+    x = np.zeros((0, 4, 3), np.float32)
+    assert layer(x).shape == x.shape
+    dx = layer.backward(x)
+    assert dx.shape == x.shape and layer.grad_weight.tolist() == [0] * 4 and layer.grad_bias.tolist() == [0] * 4
+    with pytest.raises(ValueError, match=re.escape("dy must have the shape of x, (0, 4, 3), got (0, 4, 2)")):
+        layer.backward(np.zeros((0, 4, 2), np.float32))
+
+
+@pytest.mark.parametrize("name", ["affine", "track_running_stats"])
+def test_flags_must_be_bools(name):
+    # ("no" had been True, through bool())
+    with pytest.raises(TypeError, match=f"{name} must be a bool, got str"):
+        bn.BatchNorm(3, **{name: "no"})
+
+
 def test_repr_names_the_options():
     text = repr(bn.BatchNorm(8, momentum=None, axis=-1, dtype="float64"))
     assert text.startswith("BatchNorm(8,") and "momentum=None" in text and "axis=-1" in text and "float64" in text
@@ -231,7 +250,9 @@ def test_repr_names_the_options():
     (-1, ValueError, "num_batches_tracked must be in [0, 2**63), got -1"),
     (2.7, TypeError, "num_batches_tracked must be an integer, got dtype float64"),
     ("a", TypeError, "num_batches_tracked must be an integer"),
-    (2**70, TypeError, "num_batches_tracked must be an integer"),
+    (2**70, ValueError, "num_batches_tracked must be in [0, 2**63), got 1180591620717411303424"),
+    (np.array([3]), ValueError, "num_batches_tracked must be a scalar, got shape (1,)"),
+    (np.array([[3]]), ValueError, "num_batches_tracked must be a scalar, got shape (1, 1)"),
 ])
 def test_load_state_dict_checks_num_batches_tracked(value, error, words):
     # -1 divided by zero at the next momentum=None step, 2.7 was truncated, 2**70 broke state_dict().

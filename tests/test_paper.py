@@ -97,6 +97,16 @@ def test_truncated(tmp_path, cut):
         D.read_idx(path, D.IMAGES_MAGIC)
 
 
+def test_header_whose_size_passes_int64(tmp_path):
+    # (2**31, 2**31, 4) bytes: the int64 product wrapped to 0, passed both size checks, and the
+    # reshape raised a traceback instead of the one-line error.
+    path = tmp_path / "images"
+    path.write_bytes(D.IMAGES_MAGIC.to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in (2**31, 2**31, 4)))
+    with pytest.raises(D.DataError, match=r"truncated: its header declares \(2147483648, 2147483648, 4\) = "
+                                          r"18446744073709551616 bytes of data, found 0"):
+        D.read_idx(path, D.IMAGES_MAGIC)
+
+
 def test_trailing_bytes(tmp_path):
     path = tmp_path / "labels"
     path.write_bytes(idx_bytes(np.arange(5)) + b"\0\0")
@@ -366,11 +376,15 @@ def test_results_do_not_depend_on_the_blas_kernel_or_the_isa(tmp_path):
 
 
 @pytest.mark.parametrize("args, words", [(["--seed", "-1"], "--seed must be 0 or more, got -1"),
-                                         (["--out", "/proc/self"], "--out /proc/self: ")],
-                         ids=["seed", "unwritable-out"])
+                                         (["--out", "/proc/self"], "--out /proc/self: "),
+                                         (["--out", "o"], "--out o: o/figure1_mnist.png is a folder, where the run "
+                                                          "writes a file")],
+                         ids=["seed", "unwritable-out", "output-name-is-a-folder"])
 def test_cli_bad_options_exit_2_before_training(tmp_path, args, words):
     # A negative seed ended in a worker's traceback; a folder that exists but takes no file
-    # (read-only; /proc/self even for root), in a traceback at the first figure, after training.
+    # (read-only; /proc/self even for root), in a traceback at the first figure, after training,
+    # and so did a folder where an output file goes.
+    (tmp_path / "o" / "figure1_mnist.png").mkdir(parents=True)
     done = subprocess.run([sys.executable, "-m", "batchnorm", "--steps", "2", "--workers", "0", *args],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 2 and words in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -86,6 +86,17 @@ def test_errors_name_the_batch(batch, error, words):
         bn.BatchNorm(3).recompute_statistics([batch])
 
 
+def test_keras_convention_recomputes_from_one_value_per_channel():
+    # Its running variance is the biased one, 0 for one value; the unbiased variance's "needs
+    # two" was asked of it too. The torch convention still needs two.
+    layer = bn.BatchNorm(3, convention="keras").recompute_statistics([np.array([[1.0, 2.0, 3.0]], np.float32)])
+    assert layer.running_mean.tolist() == [1.0, 2.0, 3.0] and layer.running_var.tolist() == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="at least 2 values per channel"):
+        bn.BatchNorm(3).recompute_statistics([np.ones((1, 3), np.float32)])
+    with pytest.raises(ValueError, match="at least 1 value per channel, got 0"):
+        bn.BatchNorm(3, convention="keras").recompute_statistics([np.ones((0, 3), np.float32)])
+
+
 def test_recompute_statistics():
     rng = np.random.default_rng(2)
     batches = uneven_batches(rng, 20, c=4, offset=3.0)

@@ -156,8 +156,8 @@ class BatchNorm:
         self.eps = eps
         self.momentum = momentum
         self.convention = convention
-        self.affine = bool(affine)
-        self.track_running_stats = bool(track_running_stats)
+        self.affine = F._check_bool(affine, "affine")  # ("no" had been True, by bool())
+        self.track_running_stats = F._check_bool(track_running_stats, "track_running_stats")
         self.axis = check_int(defaults["axis"] if axis is None else axis, "axis")
         self.dtype = np.dtype(dtype_name)
         # The training variants, checked as the torch layers check them.
@@ -296,8 +296,13 @@ class BatchNorm:
             # gradients are backward's reductions taken with the running statistics. The
             # arithmetic runs in the state's own library, on its device.
             invstd = (_in_library(self.running_var, "float64") + self.eps) ** -0.5
-            _, dweight, dbias = F.backward(dy, x, self.running_mean, invstd, self.weight, axis=self.axis)
             zeros = _in_library(self.running_mean, "zeros")
+            if any(n == 0 for n in x.shape):
+                # An empty batch (its forward ran): zero gradients, from the reduce step that
+                # takes an empty shard (backward refuses a channel without a value).
+                _, _, dweight, dbias = F.backward_reduce(dy, x, self.running_mean, invstd, axis=self.axis)
+            else:
+                _, dweight, dbias = F.backward(dy, x, self.running_mean, invstd, self.weight, axis=self.axis)
             dx = F.forward_inference(dy, zeros, self.running_var, self.weight, None, eps=self.eps, axis=self.axis)
         if self.affine:
             dweight = _as_state(dweight, self.dtype, x)
@@ -339,7 +344,9 @@ class BatchNorm:
         return _to_numpy(mean, "mean"), _to_numpy(var, "var"), count
 
     def _set_running(self, mean: Optional[np.ndarray], var: Optional[np.ndarray], count: int) -> None:
-        if count < 2:
+        if self.convention == "keras" and count < 1:  # (the biased variance of one value is 0)
+            raise ValueError(f"batches must hold at least 1 value per channel, got {count}")
+        if self.convention != "keras" and count < 2:
             raise ValueError(f"batches must hold at least 2 values per channel (the unbiased variance needs two), got {count}")
         self.running_mean = _to_device_like(mean.astype(self.dtype), self.running_mean)
         if self.convention == "keras":
@@ -371,9 +378,13 @@ class BatchNorm:
             )
         staged: Dict[str, Any] = {}
         for key in expected:
-            value = _to_numpy(state[key], key)
+            given = state[key]
+            if key == "num_batches_tracked" and type(given) is int and not 0 <= given <= _COUNT_MAX:
+                # (a Python int past int64 became an object array: "must be an integer, got dtype object")
+                raise ValueError(f"num_batches_tracked must be in [0, 2**63), got {given}")
+            value = _to_numpy(given, key)
             if key == "num_batches_tracked":
-                if value.size != 1:
+                if value.shape != ():  # (size 1 took (1, 1); torch's own is 0-d and refuses others)
                     raise ValueError(f"num_batches_tracked must be a scalar, got shape {value.shape}")
                 if value.dtype.kind not in "iu":  # (2.7 was truncated; "a" met int()'s message)
                     raise TypeError(f"num_batches_tracked must be an integer, got dtype {value.dtype}")

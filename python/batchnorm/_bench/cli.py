@@ -44,10 +44,15 @@ def _parse_threads(text: str) -> List[int]:
         part = part.strip().lower()
         if not part:
             continue
-        n = _all_threads() if part in ("all", "max") else int(part)
+        try:
+            n = _all_threads() if part in ("all", "max") else int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"thread counts are ints or 'all', got {part!r}") from None
         if n < 1:
             raise argparse.ArgumentTypeError(f"thread counts must be >= 1, got {part}")
         out.append(n)
+    if not out:  # ("," fell back to the default thread counts without a word)
+        raise argparse.ArgumentTypeError(f"expected at least one thread count, got {text!r}")
     return sorted(set(out))
 
 
@@ -91,7 +96,23 @@ def _parse_list(choices: Sequence[str]):
         bad = [t for t in items if t not in choices]
         if bad:
             raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {', '.join(choices)}")
+        if not items:  # ("," ran no case, and still wrote and overwrote its results)
+            raise argparse.ArgumentTypeError(f"expected at least one of {', '.join(choices)}, got {text!r}")
         return items
+    return parse
+
+
+def _non_negative(kind: type):
+    """--retries, --retry-above, --retry-pause: a finite number >= 0, refused before any timing
+    (a negative pause raised in time.sleep after the measuring, and no results were written)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__} >= 0, got {text!r}") from None
+        if not (0 <= value < float("inf")):
+            raise argparse.ArgumentTypeError(f"expected a finite {kind.__name__} >= 0, got {text!r}")
+        return value
     return parse
 
 
@@ -125,11 +146,11 @@ def build_parser(default_out: str) -> argparse.ArgumentParser:
     p.add_argument("--no-numpy", action="store_true", help="skip the NumPy implementation")
     p.add_argument("--no-sweep", action="store_true", help="skip the time-vs-size sweep")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    p.add_argument("--retries", type=int, default=1,
+    p.add_argument("--retries", type=_non_negative(int), default=1,
                    help="re-runs of a case whose threads waited for a CPU more than --retry-above (default 1)")
-    p.add_argument("--retry-above", type=float, default=0.05,
+    p.add_argument("--retry-above", type=_non_negative(float), default=0.05,
                    help="fraction of wall time spent waiting for a CPU that counts as contended (default 0.05)")
-    p.add_argument("--retry-pause", type=float, default=5.0, help="seconds to wait before a re-run (default 5)")
+    p.add_argument("--retry-pause", type=_non_negative(float), default=5.0, help="seconds to wait before a re-run (default 5)")
     return p
 
 
@@ -251,6 +272,11 @@ def main(argv: Optional[Sequence[str]] = None, default_out: str = DEFAULT_OUT) -
     else:
         shapes, half_shapes = C.SHAPES, C.HALF_SHAPES
     cases = C.make_cases(shapes, half_shapes, dtypes, args.layouts)
+    if not cases:  # (it ran nothing, exited 0, and overwrote the results of that name)
+        dropped = " (bfloat16 needs torch, left out by --no-torch or not importable)" if "bfloat16" in args.dtypes \
+            and "bfloat16" not in dtypes else ""
+        print(f"error: --shapes, --dtypes and --layouts select no case{dropped}", file=sys.stderr)
+        return 2
     name = args.name or ("quick" if args.quick else "full" if argv_is_default(args) else "custom")
 
     def set_threads(n: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import math
 import os
 import zlib
 from dataclasses import dataclass
@@ -84,7 +85,7 @@ def read_idx(path: os.PathLike, magic: int) -> np.ndarray:
             f"(an IDX file of unsigned bytes with {rank} dimension{'s' if rank > 1 else ''})"
         )
     shape = tuple(int.from_bytes(blob[4 + 4 * i : 8 + 4 * i], "big") for i in range(rank))
-    expected = int(np.prod(shape, dtype=np.int64))
+    expected = math.prod(shape)  # (Python ints: an int64 product of (2**31, 2**31, 4) wrapped to 0)
     payload = len(blob) - header_size
     if payload < expected:
         raise DataError(f"{path} is truncated: its header declares {shape} = {expected} bytes of data, found {payload}")

@@ -28,6 +28,7 @@ CARELESS_INIT = 10.0  # the careless initialization: 10x the weight scale
 DEFAULT_STEPS = 6000
 QUICK_STEPS = 300
 DEFAULT_OUT = "batchnorm-paper"
+OUTPUTS = ("results.json", "figure1_mnist.png", "figure2_lr_init.png")  # what a run writes into --out
 
 
 def configs(steps: int, seed: int) -> List[RunConfig]:
@@ -182,6 +183,11 @@ def main(args: argparse.Namespace) -> int:
     except OSError as err:
         print(f"{prog}: error: --out {out}: {err.strerror or err}", file=sys.stderr)
         return 2
+    # And the files it writes there: a folder of one of their names failed after the training.
+    for name in OUTPUTS:
+        if (out / name).is_dir():
+            print(f"{prog}: error: --out {out}: {out / name} is a folder, where the run writes a file", file=sys.stderr)
+            return 2
 
     runs = configs(steps, args.seed)
     print("Batch normalization, Ioffe & Szegedy (2015), section 4.1 / Figure 1 at laptop scale")
@@ -208,13 +214,13 @@ def main(args: argparse.Namespace) -> int:
     print()
     print(table(results))
     print()
-    save_results(results, out / "results.json", {"data": data.describe(), "steps": steps, "seed": args.seed,
+    save_results(results, out / OUTPUTS[0], {"data": data.describe(), "steps": steps, "seed": args.seed,
                                                   "base_lr": BASE_LR, "init_std": INIT_STD, "kernels": pinned})
-    written = [out / "results.json"]
+    written = [out / OUTPUTS[0]]
     if figures is not None:
         by_name = {r.config.name: r for r in results}
-        written.append(figures.figure1(by_name, out / "figure1_mnist.png", data.name))
-        written.append(figures.figure2(by_name, out / "figure2_lr_init.png", data.name))
+        written.append(figures.figure1(by_name, out / OUTPUTS[1], data.name))
+        written.append(figures.figure2(by_name, out / OUTPUTS[2], data.name))
     print(f"training: {elapsed:.1f} s")
     for path in written:
         print(f"wrote {path}")
