@@ -136,22 +136,23 @@ def _check_total(total: int, per_rank: str) -> None:
 
 def _exchange(
     engine: Engine, x: Any, axis: int, channels: int, device: Any, own: Optional[Exception] = None,
-    how: str = "allgather",
+    how: str = "allgather", what: str = "x",
 ) -> Tuple[np.ndarray, np.ndarray, int]:
-    """The global (mean, biased var) in float64 on the host and the total count."""
+    """The global (mean, biased var) in float64 on the host and the total count. `what`: the
+    rejected input as the other ranks' errors name it."""
     own, (ndim, code, count), mean, var = _local_moments(x, axis, channels, own)
     if how == "allreduce":
-        return _by_allreduce(engine, own, ndim, code, count, mean, var, device)
-    return _by_allgather(engine, own, ndim, code, count, mean, var, device)
+        return _by_allreduce(engine, own, ndim, code, count, mean, var, device, what)
+    return _by_allgather(engine, own, ndim, code, count, mean, var, device, what)
 
 
-def _by_allgather(engine, own, ndim, code, count, mean, var, device):
+def _by_allgather(engine, own, ndim, code, count, mean, var, device, what="x"):
     """One allgather of size x (4 + 2C) values, merged in rank order on every rank
     (merge_statistics): bitwise the same result everywhere, by construction."""
     c = mean.size
     row = np.concatenate([[_status(own) if own else 0, ndim, code, count], mean, var])
     rows = engine.allgather(row, device)
-    _raise_everywhere(rows[:, 0], own, "x", engine.size)
+    _raise_everywhere(rows[:, 0], own, what, engine.size)
     ndims, codes = rows[:, 1].astype(np.int64), rows[:, 2].astype(np.int64)
     if (ndims != ndims[0]).any() or (codes != codes[0]).any():
         got = ", ".join(f"rank {r}: {int(n)}-d {DTYPES[int(k)]}" for r, (n, k) in enumerate(zip(ndims, codes)))
@@ -179,7 +180,7 @@ def _huge(mean: np.ndarray, var: np.ndarray) -> bool:
                     or (var[np.isfinite(var)] >= _HEADROOM * _HEADROOM).any())
 
 
-def _by_allreduce(engine, own, ndim, code, count, mean, var, device):
+def _by_allreduce(engine, own, ndim, code, count, mean, var, device, what="x"):
     """Two allreduces of C + 9 and C values, whatever the number of ranks: sum(n mean) gives
     the global mean, then sum(M2 + n (mean - global mean)^2) the global M2 (Chan's formula
     summed over every shard at once: each term >= 0, so as stable as the pairwise merge).
@@ -193,7 +194,7 @@ def _by_allreduce(engine, own, ndim, code, count, mean, var, device):
     head = [*_flags(own, engine.rank), count, ndim, ndim * ndim, code, code * code, huge]
     with np.errstate(over="ignore"):  # huge shards' sums may overflow: they are not used then
         first = engine.allreduce(np.concatenate([head, count * mean]), device)
-    _raise_from_sums(first[:_FLAGS], own, "x", size)
+    _raise_from_sums(first[:_FLAGS], own, what, size)
     n, n2, k, k2, any_huge = first[_FLAGS + 1 : _FLAGS + 6]
     if size * n2 != n**2 or size * k2 != k**2:
         raise ValueError("x must have the same rank and dtype on every rank of the group, got different ones")
@@ -293,6 +294,7 @@ def sync_statistics(
     exchange = _check_exchange(exchange)
     engine = engine_for(group)
     own: Optional[Exception] = None
+    given = channels
     if channels is None:
         channels = _agreed_channels(engine, x, axis)
     else:
@@ -304,7 +306,8 @@ def sync_statistics(
             # Reported through the exchange, sized by x's channels (the others' count when x is
             # right): raised here, it left the other ranks waiting in their allgather.
             own, channels = err, _channels_of(x, None, axis) or 1
-    mean, var, count = _exchange(engine, x, axis, channels, _torch_device(x), own=own, how=exchange)
+    what = "x" if given is None else "x or channels"
+    mean, var, count = _exchange(engine, x, axis, channels, _torch_device(x), own=own, how=exchange, what=what)
     return _like(mean, x), _like(var, x), count
 
 
@@ -347,7 +350,9 @@ def sync_backward(
     `mean` / `invstd` are this rank's saved_mean / saved_invstd of forward_training with the
     synchronized statistics, `count` their total count. Returns (dx, dweight, dbias), the
     parameter gradients this rank's share (sum them, or average them with the other
-    parameters' gradients, across ranks). A bad dy on any rank raises on every rank."""
+    parameters' gradients, across ranks). A bad dy, x or axis on any rank raises on every
+    rank; `mean` must have the same length on every rank (it sizes the allreduce: another one
+    makes the engines' sizes differ, which gloo answers by aborting)."""
     # axis is checked by the backward's functions, inside the exchange (a bad one on one rank
     # raises on every rank).
     return _sync_backward(engine_for(group), dy, x, mean, invstd, count, weight, axis)
