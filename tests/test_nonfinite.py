@@ -450,3 +450,46 @@ def test_constant_channel_at_float32_s_largest_values():
     y, _, _ = bn.forward_training(x, bias=np.full(2, 0.5, np.float32), running_mean=rm, running_var=rv)
     np.testing.assert_array_equal(y, 0.5)
     np.testing.assert_allclose(rm, 1e37, rtol=1e-6)
+
+
+def test_variance_plus_eps_past_double_s_largest():
+    """A float64 variance of 1e308 with eps 1e308: var + eps overflowed, invstd 1 / sqrt(Inf) = 0
+    and y 0, where invstd = 1 / sqrt(2e308) = 7.07e-155 fits (and y +-1/sqrt(2)). The same in
+    inference, in fold and in batch renorm's sigmas."""
+    x = np.array([[1e154], [-1e154]] * 4)
+    y, _, invstd = bn.forward_training(x, eps=1e308)
+    np.testing.assert_allclose(invstd, 2**-0.5 * 1e-154, rtol=1e-15)
+    np.testing.assert_allclose(y[:, 0], [2**-0.5, -(2**-0.5)] * 4, rtol=1e-15)
+    y = bn.forward_inference(x, np.zeros(1), np.array([1e308]), eps=1e308)
+    np.testing.assert_allclose(y[:, 0], [2**-0.5, -(2**-0.5)] * 4, rtol=1e-15)
+    kernel, bias = bn.fold(np.ones((1, 3)), np.ones(1), np.zeros(1), np.array([1e308]), eps=1e308)
+    np.testing.assert_allclose(kernel, 2**-0.5 * 1e-154, rtol=1e-15)
+    np.testing.assert_allclose(bias, 2**-0.5 * 1e-154, rtol=1e-15)
+    _, _, _, r, d = bn.forward_training(x, running_mean=np.zeros(1), running_var=np.array([1e308]), eps=1e308,
+                                        renorm=(3.0, 5.0))
+    np.testing.assert_allclose(r, 1.0, rtol=1e-15)
+    np.testing.assert_array_equal(d, 0.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, "bfloat16"])
+def test_double_values_round_once_to_half_types(dtype):
+    """fold's outputs are formed in double and rounded to the kernel's dtype once: through a
+    float first, a double a hair above a half-type tie (1 + 2**-11 + 2**-40 for float16) landed
+    on the tie and went to even, 1 ulp low (about 1 value in 8000). With var 1 and eps 0 the
+    folded kernel of ones is the weight itself, rounded once."""
+    if dtype == "bfloat16":
+        ml_dtypes = pytest.importorskip("ml_dtypes")
+        dtype, bits = ml_dtypes.bfloat16, 8
+    else:
+        bits = 11
+    rng = np.random.default_rng(5)
+    ties = 1 + (rng.integers(0, 2**bits, 2000) * 2 + 1) * 2.0 ** -(bits + 1)  # halfway between two values
+    weights = np.concatenate([ties + 2.0**-40, ties - 2.0**-40, ties, rng.uniform(0.5, 2, 2000)])
+    kernel, _ = bn.fold(np.ones((weights.size, 1), dtype), None, np.zeros(weights.size), np.ones(weights.size),
+                        weights, eps=0.0)
+
+    def once(v: float) -> float:  # v rounded to `bits` significant bits, ties to even (exact in double)
+        e = np.frexp(v)[1]
+        return round(v * 2.0 ** (bits - e)) * 2.0 ** (e - bits)
+
+    np.testing.assert_array_equal(kernel[:, 0].astype(np.float64), [once(float(w)) for w in weights])

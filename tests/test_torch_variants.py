@@ -3,6 +3,7 @@ skip_nonfinite=, running_var_unbiased=) against float64 torch implementations of
 (autograd through torch ops, r and d detached as the paper says), over steps, memory formats
 and devices; torch.library.opcheck of the variant ops and torch.compile(fullgraph=True)."""
 import math
+import re
 
 import pytest
 
@@ -136,6 +137,20 @@ def test_module_errors():
     m = BatchNorm2d(4, ghost_batch=3)
     with pytest.raises(ValueError, match="ghost_batch must divide the batch size"):
         m(torch.randn(4, 4, 2, 2))
+
+
+def test_op_and_function_name_a_renorm_of_the_wrong_length():
+    # The raw op and batch_norm_variant unpacked it: "too many values to unpack (expected 2)".
+    from batchnorm.torch.variants import batch_norm_variant
+
+    x, rm, rv = torch.randn(8, 4), torch.zeros(4), torch.ones(4)
+    for renorm in ([2.0, 1.0, 3.0], [2.0], []):
+        words = f"renorm must be None or an (rmax, dmax) pair of numbers, got a sequence of length {len(renorm)}"
+        with pytest.raises(TypeError, match=re.escape(words)):
+            torch.ops.batchnorm.forward_training_variant(x, None, None, rm, rv, 0.1, 1e-5, True, False, renorm, 0)
+        with pytest.raises(TypeError, match=re.escape(words)):
+            batch_norm_variant(x, rm, rv, renorm=renorm)
+    assert rm.eq(0).all() and rv.eq(1).all()
 
 
 def test_opcheck():

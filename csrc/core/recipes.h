@@ -181,6 +181,32 @@ BN_HD ForwardCoefficients<A> forward_coefficients(double mean, double var, doubl
   return k;
 }
 
+// sqrt(a + b) where the sum passes double's largest though both terms are finite (a variance
+// or an eps near 1e308): 2 sqrt(a / 4 + b / 4), instead of sqrt(Inf).
+BN_HD double sqrt_of_sum(double a, double b) {
+  const double s = a + b;
+  if (s <= std::numeric_limits<double>::max() || !(std::isfinite(a) && std::isfinite(b))) return std::sqrt(s);
+  return 2.0 * std::sqrt(0.25 * a + 0.25 * b);
+}
+
+// Whether forward_coefficients overflowed: an invstd of 0, from var + eps past double's
+// largest (both near 1e308), where 1 / sqrt(var + eps) fits (widen_forward_coefficients).
+// (An invstd past A's range, a constant float channel with eps 1e-300, stays Inf, as its
+// scale: x == mean then gives 0 x Inf = NaN, as PyTorch's; no finite scale gives every other
+// value its own y, so none is made up.)
+template <class A>
+BN_HD bool forward_coefficients_overflowed(const ForwardCoefficients<A>& k) {
+  return k.invstd == A(0);
+}
+
+// forward_coefficients' invstd and scale where forward_coefficients_overflowed (CPU: a loop
+// of its own after the vectorized one; CUDA: in line); other channels' bits are unchanged.
+template <class A>
+BN_HD void widen_forward_coefficients(ForwardCoefficients<A>& k, double var, double eps, A weight) {
+  k.invstd = static_cast<A>(1.0 / sqrt_of_sum(var, eps));
+  k.scale = k.invstd * weight;
+}
+
 // PyTorch's convention: running = (1 - momentum) * running + momentum * batch. Momentum 1
 // takes the batch's whatever the running value held: 0 * Inf would make a NaN of a statistic
 // the update forgets (the JAX handlers seed a momentum-1 update with batch renorm's running
@@ -260,7 +286,7 @@ struct Renorm {
 template <class A>
 BN_HD Renorm<A> renorm_correction(double batch_mean, double batch_var, double running_mean, double running_var,
                                   double eps, double rmax, double dmax) {
-  const double sigma_batch = std::sqrt(batch_var + eps), sigma_run = std::sqrt(running_var + eps);
+  const double sigma_batch = sqrt_of_sum(batch_var, eps), sigma_run = sqrt_of_sum(running_var, eps);
   return Renorm<A>{static_cast<A>(clip(sigma_batch / sigma_run, 1.0 / rmax, rmax)),
                    static_cast<A>(clip((batch_mean - running_mean) / sigma_run, -dmax, dmax))};
 }
@@ -584,7 +610,7 @@ BN_HD X apply_map(AddMap, const X*, const X* in) {
 
 // kernel' = kernel * s and bias' = (conv_bias - mean) * s + bias, i.e. normalize(conv_bias)
 // with s = weight / sqrt(var + eps) (weight divided last: the fold's own rounding).
-BN_HD double fold_scale(double weight, double var, double eps) { return weight / std::sqrt(var + eps); }
+BN_HD double fold_scale(double weight, double var, double eps) { return weight / sqrt_of_sum(var, eps); }
 BN_HD double fold_kernel(double v, double s) { return v * s; }
 BN_HD double fold_bias(double conv_bias, double mean, double s, double bias) {
   return normalize<double>(conv_bias, mean, s, bias);

@@ -68,13 +68,7 @@ void store_range(const TensorView& t, int64_t c0, int64_t n, const A* values) {
   dispatch_dtype(t.dtype, "vector", [&](auto d) {
     using S = storage_t<decltype(d)::value>;
     S* p = static_cast<S*>(t.data) + c0 * s;
-    auto store = [](S* to, A value) {
-      const double v = static_cast<double>(value);
-      if constexpr (std::is_same_v<S, double>)
-        store_at(to, v);
-      else
-        store_at(to, static_cast<float>(v));
-    };
+    auto store = [](S* to, A value) { store_at(to, value); };  // (double to a half type: rounded once, store)
     const A* from = values;  // locals, as in load_range (a scalar loop: 12% of (2, 65536) training)
     const int64_t m = n;
     if (s == 1)  // the usual case, a loop the compiler vectorizes

@@ -20,9 +20,11 @@ __global__ void __launch_bounds__(kBlock)
     inference_coefficients_kernel(int64_t channels, ParamRef mean_in, ParamRef var_in, ParamRef weight, ParamRef bias,
                                   double eps, A* __restrict__ mean, A* __restrict__ scale, A* __restrict__ shift) {
   for (int64_t c = int64_t(blockIdx.x) * kBlock + threadIdx.x; c < channels; c += int64_t(gridDim.x) * kBlock) {
-    const ForwardCoefficients<A> k =
-        forward_coefficients<A>(load_param(mean_in, c, 0.0), load_param(var_in, c, 1.0), eps,
-                                static_cast<A>(load_param(weight, c, 1.0)), static_cast<A>(load_param(bias, c, 0.0)));
+    const double var = load_param(var_in, c, 1.0);
+    const A w = static_cast<A>(load_param(weight, c, 1.0));
+    ForwardCoefficients<A> k =
+        forward_coefficients<A>(load_param(mean_in, c, 0.0), var, eps, w, static_cast<A>(load_param(bias, c, 0.0)));
+    if (forward_coefficients_overflowed(k)) widen_forward_coefficients(k, var, eps, w);
     mean[c] = k.mean;
     scale[c] = k.scale;
     shift[c] = k.shift;

@@ -120,6 +120,7 @@ __device__ __forceinline__ void finish_channel(int64_t c, double batch_mean, dou
   if (out.invstd) {
     const A weight = static_cast<A>(load_param(out.weight, c, 1.0)), bias = static_cast<A>(load_param(out.bias, c, 0.0));
     ForwardCoefficients<A> k = forward_coefficients<A>(batch_mean, var, out.eps, weight, bias);
+    if (forward_coefficients_overflowed(k)) widen_forward_coefficients(k, var, out.eps, weight);
     if (out.renorm_r) {
       const Renorm<A> rd = renorm_correction<A>(batch_mean, var, rm, rv, out.eps, out.rmax, out.dmax);
       renormalize(k, rd, weight, bias);

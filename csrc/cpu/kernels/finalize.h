@@ -20,12 +20,24 @@ void forward_finalize(int64_t n, const double* __restrict mean, const double* __
                       const acc_t<T>* __restrict weight, const acc_t<T>* __restrict bias, acc_t<T>* __restrict mean_out,
                       acc_t<T>* __restrict invstd, acc_t<T>* __restrict scale, acc_t<T>* __restrict shift) {
   using A = acc_t<T>;
+  int64_t overflowed = 0;  // (a count, which the vectorized loop keeps in lanes)
   for (int64_t i = 0; i < n; ++i) {
     const ForwardCoefficients<A> k = forward_coefficients<A>(mean[i], var[i], eps, weight[i], bias[i]);
     mean_out[i] = k.mean;
     invstd[i] = k.invstd;
     scale[i] = k.scale;
     shift[i] = k.shift;
+    overflowed += forward_coefficients_overflowed(k);
+  }
+  // Coefficients that overflowed are mended by a loop of their own (widen_forward_coefficients).
+  if (overflowed == 0) [[likely]]
+    return;
+  for (int64_t i = 0; i < n; ++i) {
+    ForwardCoefficients<A> k{mean_out[i], invstd[i], scale[i], shift[i]};
+    if (!forward_coefficients_overflowed(k)) continue;
+    widen_forward_coefficients<A>(k, var[i], eps, weight[i]);
+    invstd[i] = k.invstd;
+    scale[i] = k.scale;
   }
 }
 

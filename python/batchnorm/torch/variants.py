@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import _C
+from ..functional import _renorm_limits
 from . import _func, _ops, _twice  # noqa: F401  (_ops: the plain ops, and the helpers below)
 from ._ops import _AXIS, _acc, _call, _cap, _new_running, _vector
 
@@ -36,6 +37,8 @@ def _saved_shape(x: Tensor, ghost_batch: int) -> Sequence[int]:
 
 
 def _outputs(x, running_mean, running_var, renorm, ghost_batch, fake):
+    if renorm is not None:  # (the op's own callers too: a list of 3 met "too many values to unpack")
+        _renorm_limits(renorm)
     shape = _saved_shape(x, ghost_batch)
     mean = torch.empty(shape, dtype=_acc(x.dtype), device=x.device)
     invstd = torch.empty(shape, dtype=_acc(x.dtype), device=x.device)
@@ -152,7 +155,7 @@ def batch_norm_variant(
                 "mode (model.eval()) with running statistics, where these layers are plain batch norm"
             )
         momentum, eps = _ops.plain_scalars(momentum, eps)
-        renorm_list = None if renorm is None else [float(v) for v in renorm]
+        renorm_list = None if renorm is None else list(_renorm_limits(renorm))
         y, _, _, _, _, new_mean, new_var = _func.call(
             "forward_training_variant", input, weight, bias, running_mean, running_var, momentum, eps,
             running_var_unbiased, skip_nonfinite, renorm_list, 0 if ghost_batch is None else int(ghost_batch),
