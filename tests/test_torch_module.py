@@ -216,6 +216,34 @@ def test_functional_batch_norm_is_torch_s():
     assert rel_err(y, torch.nn.functional.batch_norm(x, *their_stats, w, b)) < 1e-12
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shapes", [((1, 3), (3, 1)), ((3, 1, 1), (1, 3, 1))], ids=["2d", "3d"])
+def test_functional_batch_norm_takes_weight_and_bias_of_any_shape_with_c_elements(shapes, training):
+    """As torch's forward: weight and bias need C elements, not the shape (C,). Their gradients
+    come back in their own shapes (torch's backward raises there: "TensorAccessor expected 1
+    dims", so its reference gets (C,) views of them). Other sizes are refused naming the shape
+    given."""
+    x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    ours = [torch.rand(s, dtype=torch.float64, requires_grad=True) for s in shapes]
+    theirs = [t.detach().clone().requires_grad_() for t in ours]
+    x2 = x.detach().clone().requires_grad_()
+    stats, their_stats = ([torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)] for _ in "ab")
+    y = bt.batch_norm(x, *stats, *ours, training=training)
+    with torch.no_grad():  # torch's own forward takes them as they are
+        assert rel_err(y, torch.nn.functional.batch_norm(x, *[s.clone() for s in their_stats], *theirs,
+                                                         training=training)) < 1e-12
+    want = torch.nn.functional.batch_norm(x2, *their_stats, *[t.reshape(-1) for t in theirs], training=training)
+    assert rel_err(y, want) < 1e-12
+    assert all(rel_err(a, b) < 1e-12 for a, b in zip(stats, their_stats))
+    g = torch.randn_like(want)
+    y.backward(g)
+    want.backward(g)
+    for got, ref in zip([x, *ours], [x2, *theirs]):
+        assert got.grad.shape == ref.grad.shape and rel_err(got.grad, ref.grad) < 1e-12
+    with pytest.raises(ValueError, match=r"weight must have shape \(3,\), got \(2, 3\)"):
+        bt.batch_norm(x.detach(), *stats, torch.ones(2, 3, dtype=torch.float64), training=training)
+
+
 # ---- convert --------------------------------------------------------------------------------
 
 

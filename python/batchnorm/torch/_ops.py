@@ -59,6 +59,19 @@ def channels(x: Tensor) -> int:
     return x.shape[_AXIS] if x.dim() > _AXIS else 0
 
 
+def flat_affine(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> tuple:
+    """weight and bias as the (C,) vectors the ops take. torch's batch_norm takes them of any
+    shape with C elements (a (1, C) weight, say); a reshape is a view that autograd sends the
+    gradient back through in the caller's shape. Any other size is left as given, for the
+    core's message naming it."""
+    C = channels(x)
+
+    def flat(t: Optional[Tensor]) -> Optional[Tensor]:
+        return t.reshape(-1) if isinstance(t, Tensor) and t.dim() != 1 and C > 0 and t.numel() == C else t
+
+    return flat(weight), flat(bias)
+
+
 def batchless(x: Tensor) -> bool:
     """An empty batch (torch's rule: empty outputs, running statistics unchanged) of an x with
     a channel axis (one without goes on to the core's error)."""

@@ -52,6 +52,7 @@ def _batch_norm(
     try:
         _ops.check_running(running_mean, running_var)
         _ops.check_scalars(training, momentum, eps)
+        weight, bias = _ops.flat_affine(input, weight, bias)
         if training:
             if input.dim() > 1:  # (without a channel axis the core's ValueError names x)
                 F._verify_batch_size(input.size())  # torch's own check and message
