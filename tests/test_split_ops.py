@@ -100,6 +100,9 @@ def test_empty_shard():
     sum_dy, sum_dy_xmu, dw, db = bn.backward_reduce(e, e, np.zeros(3), np.ones(3))
     for a, dt in [(sum_dy, np.float64), (sum_dy_xmu, np.float64), (dw, np.float32), (db, np.float32)]:
         assert a.dtype == dt and a.shape == (3,) and not a.any()
+    # Zeros (+0) whatever invstd holds: 0 x Inf was NaN, and 0 x a negative invstd -0.
+    _, _, dw, db = bn.backward_reduce(e, e, np.zeros(3), np.array([np.inf, np.nan, -2.0]))
+    assert bits(dw) == bits(np.zeros(3, np.float32)) and bits(db) == bits(np.zeros(3, np.float32))
     assert bn.backward_elemt(e, e, np.zeros(3), np.ones(3), sum_dy, sum_dy, 7).shape == e.shape
     rm, rv = np.zeros(3), np.ones(3)
     y, m, s = bn.forward_training(e, running_mean=rm, running_var=rv, batch_statistics=(np.ones(3), np.full(3, 3.0), 4))

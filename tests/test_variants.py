@@ -509,6 +509,19 @@ def test_skip_nonfinite_keeps_a_channel_its_running_dtype_would_store_as_inf(xp,
 
 
 @pytest.mark.parametrize("xp", lib_params())
+@pytest.mark.parametrize("target", [65520 - 2**-10, 65520 - 2**-30])
+def test_skip_nonfinite_judges_a_float16_update_as_its_one_rounding_stores_it(xp, target):
+    # An update just under 65520 rounds once to 65504, and is stored; through a float (as the
+    # check had rounded it) it was 65520, which rounds to Inf: the channel was kept.
+    a = np.sqrt(target / 2)  # x = (-a, a): unbiased variance 2 a^2, momentum 1 takes it
+    assert abs(2 * a * a - target) < 2**-32
+    x = cast(np.array([[-a], [a]]), "float64", xp)
+    rm, rv = cast(np.zeros(1), "float16", xp), cast(np.ones(1), "float16", xp)
+    bn.forward_training(x, running_mean=rm, running_var=rv, skip_nonfinite=True, momentum=1.0)
+    assert to_f64(rv)[0] == 65504.0
+
+
+@pytest.mark.parametrize("xp", lib_params())
 def test_skip_nonfinite_updates_a_channel_whose_running_statistic_is_already_non_finite(xp):
     # A running mean already NaN (or variance already Inf) from before: the finite batch still
     # updates the channel's other statistic, as without skip_nonfinite (not a reason to keep it).

@@ -240,10 +240,12 @@ void backward_reduce(const BackwardReduceParams& p, const Layout& L) {
         dbias[c] = g.dbias;
       }
     };
-    if (L.count == 0) {  // an empty shard contributes nothing
+    if (L.count == 0) {  // an empty shard contributes zeros, whatever invstd holds (0 x Inf
+                         // is no gradient of nothing; CUDA writes the same zeros)
       std::fill(sum_dy, sum_dy + C, 0.0);
       std::fill(sum_dy_xmu, sum_dy_xmu + C, 0.0);
-      param_grads_of(0, C);
+      std::fill(dweight, dweight + C, A(0));
+      std::fill(dbias, dbias + C, A(0));
       return;
     }
     const scratch_array<A> mean = load_vector<A>(p.mean, C, A(0));

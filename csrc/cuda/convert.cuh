@@ -73,7 +73,8 @@ inline ParamRef param_ref(const TensorView& t) {
 }
 
 // Element i of an array of runtime dtype `t` as double (exact for every dtype), and v written
-// back rounded as the CPU does it (half types through float). These two switches are the
+// back rounded once to nearest, as the CPU does it (cpu/convert.h: through a float rounded to
+// odd; here the conversion from double itself). These two switches are the
 // device twins of cpu::load_any / store_any: host code picks storage types with
 // dispatch_dtype, but a parameter vector's dtype is only known per vector, in the kernel.
 __device__ __forceinline__ double load_any(const void* p, DType t, int64_t i) {
@@ -88,8 +89,8 @@ __device__ __forceinline__ double load_any(const void* p, DType t, int64_t i) {
 
 __device__ __forceinline__ void store_any(void* p, DType t, int64_t i, double v) {
   switch (t) {
-    case DType::float16: static_cast<__half*>(p)[i] = store<__half>(static_cast<float>(v)); break;
-    case DType::bfloat16: static_cast<__nv_bfloat16*>(p)[i] = store<__nv_bfloat16>(static_cast<float>(v)); break;
+    case DType::float16: static_cast<__half*>(p)[i] = __double2half(v); break;
+    case DType::bfloat16: static_cast<__nv_bfloat16*>(p)[i] = __double2bfloat16(v); break;
     case DType::float32: static_cast<float*>(p)[i] = static_cast<float>(v); break;
     case DType::float64: static_cast<double*>(p)[i] = v; break;
   }

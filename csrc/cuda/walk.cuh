@@ -30,7 +30,8 @@ inline CfPlan cf_plan(const Layout& L, int width) {
   CfPlan p;
   const int64_t most = std::max<int64_t>(1, ceil_div(L.count, min_per_item));
   p.splits = std::clamp<int64_t>(ceil_div(target_items(), L.channels), 1, most);
-  p.chunk = ceil_div(ceil_div(L.count, p.splits), width) * width;
+  // (at least one pack: no division by zero below for a count of 0, which the ops never plan)
+  p.chunk = std::max<int64_t>(width, ceil_div(ceil_div(L.count, p.splits), width) * width);
   p.splits = ceil_div(L.count, p.chunk);  // no empty ranges
   p.items = L.channels * p.splits;
   return p;
