@@ -113,7 +113,7 @@ BN_CPU_INLINE void store_any(void* p, DType t, int64_t i, double v) {
   switch (t) {
     case DType::float16: store_at(static_cast<float16*>(p) + i, v); break;
     case DType::bfloat16: store_at(static_cast<bfloat16*>(p) + i, v); break;
-    case DType::float32: store_at(static_cast<float*>(p) + i, static_cast<float>(v)); break;
+    case DType::float32: store_at(static_cast<float*>(p) + i, v); break;
     case DType::float64: store_at(static_cast<double*>(p) + i, v); break;
   }
 }

@@ -68,13 +68,13 @@ void store_range(const TensorView& t, int64_t c0, int64_t n, const A* values) {
   dispatch_dtype(t.dtype, "vector", [&](auto d) {
     using S = storage_t<decltype(d)::value>;
     S* p = static_cast<S*>(t.data) + c0 * s;
-    auto store = [](S* to, A value) { store_at(to, value); };  // (double to a half type: rounded once, store)
     const A* from = values;  // locals, as in load_range (a scalar loop: 12% of (2, 65536) training)
     const int64_t m = n;
+    // (store_at rounds a double to a half type once: cpu/convert.h, store)
     if (s == 1)  // the usual case, a loop the compiler vectorizes
-      for (int64_t i = 0; i < m; ++i) store(p + i, from[i]);
+      for (int64_t i = 0; i < m; ++i) store_at(p + i, from[i]);
     else
-      for (int64_t i = 0; i < m; ++i) store(p + i * s, from[i]);
+      for (int64_t i = 0; i < m; ++i) store_at(p + i * s, from[i]);
   });
 }
 
