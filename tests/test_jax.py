@@ -640,10 +640,13 @@ def _sharded_checks():
     want = jax.grad(stats_loss)(xs.reshape(12, 5, 2), None, 4).reshape(xs.shape)
     close(jax.pmap(jax.grad(lambda x: stats_loss(x, "i")), axis_name="i")(xs), want, 1e-5)
     # A mesh of automatic axes (make_mesh's are explicit: arrays would carry their sharding).
+    # The gradients are jitted: eagerly, XLA compiles each primitive of the 4-device program on
+    # its own (about 700 compilations, 50 s of this test's 78); the eager path is checked below.
     auto = jax.sharding.Mesh(np.array(jax.devices()), ("batch",))
     for check_vma in (True, False):
-        got = jax.grad(lambda x: jax.shard_map(lambda xd: stats_loss(xd, "batch"), mesh=auto, in_specs=P("batch"),
-                                               out_specs=P(), check_vma=check_vma)(x))(xs.reshape(12, 5, 2))
+        got = jax.jit(jax.grad(lambda x: jax.shard_map(lambda xd: stats_loss(xd, "batch"), mesh=auto,
+                                                       in_specs=P("batch"), out_specs=P(),
+                                                       check_vma=check_vma)(x)))(xs.reshape(12, 5, 2))
         close(got.reshape(xs.shape), want / 4, 1e-5)
 
     # x replicated over the axis (every shard the same batch): the same rule, as jnp with psum.
@@ -655,8 +658,8 @@ def _sharded_checks():
         return jnp.sum(m**2) + jnp.sum(v**2)
 
     for check_vma in (True, False):
-        ours, theirs = (jax.grad(lambda x, f=f: jax.shard_map(f, mesh=auto, in_specs=P(), out_specs=P(),
-                                                              check_vma=check_vma)(x))(xs[0])
+        ours, theirs = (jax.jit(jax.grad(lambda x, f=f: jax.shard_map(f, mesh=auto, in_specs=P(), out_specs=P(),
+                                                                      check_vma=check_vma)(x)))(xs[0])
                         for f in (lambda xd: stats_loss(xd, "batch"), stats_loss_jnp))
         close(ours, theirs, 1e-5)
 
