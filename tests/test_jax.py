@@ -640,13 +640,13 @@ def _sharded_checks():
     want = jax.grad(stats_loss)(xs.reshape(12, 5, 2), None, 4).reshape(xs.shape)
     close(jax.pmap(jax.grad(lambda x: stats_loss(x, "i")), axis_name="i")(xs), want, 1e-5)
     # A mesh of automatic axes (make_mesh's are explicit: arrays would carry their sharding).
-    # The gradients are jitted: eagerly, XLA compiles each primitive of the 4-device program on
-    # its own (about 700 compilations, 50 s of this test's 78); the eager path is checked below.
+    # Jitted, and once eagerly: eagerly, XLA compiles each primitive of the 4-device program on
+    # its own (all of them eager: about 700 compilations, 50 s of this test's 78).
     auto = jax.sharding.Mesh(np.array(jax.devices()), ("batch",))
-    for check_vma in (True, False):
-        got = jax.jit(jax.grad(lambda x: jax.shard_map(lambda xd: stats_loss(xd, "batch"), mesh=auto,
-                                                       in_specs=P("batch"), out_specs=P(),
-                                                       check_vma=check_vma)(x)))(xs.reshape(12, 5, 2))
+    for check_vma, jit in ((True, True), (False, True), (False, False)):
+        grad = jax.grad(lambda x: jax.shard_map(lambda xd: stats_loss(xd, "batch"), mesh=auto, in_specs=P("batch"),
+                                                out_specs=P(), check_vma=check_vma)(x))
+        got = (jax.jit(grad) if jit else grad)(xs.reshape(12, 5, 2))
         close(got.reshape(xs.shape), want / 4, 1e-5)
 
     # x replicated over the axis (every shard the same batch): the same rule, as jnp with psum.

@@ -187,6 +187,28 @@ def test_functional_errors():
                                training=training, relu="no")
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_weight_and_bias_of_any_shape_with_c_elements(training):
+    """As batch_norm (torch's F.batch_norm): a (1, C) weight and a (C, 1) bias are its (C,)
+    vectors, with their gradients in their own shapes; other sizes are refused by name."""
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    r = torch.randn_like(x)
+    shaped = [torch.rand(1, 3, dtype=torch.float64, requires_grad=True),
+              torch.rand(3, 1, dtype=torch.float64, requires_grad=True)]
+    flat = [t.detach().reshape(-1).clone().requires_grad_() for t in shaped]
+    ys = [batch_norm_act(x, torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), *p,
+                         training=training, residual=r) for p in (shaped, flat)]
+    assert torch.equal(ys[0], ys[1])
+    g = torch.randn_like(x)
+    for y in ys:
+        y.backward(g)
+    for a, b in zip(shaped, flat):
+        assert a.grad.shape == a.shape and torch.equal(a.grad.reshape(-1), b.grad)
+    with pytest.raises(ValueError, match=r"weight must have shape \(3,\), got \(1, 2\)"):
+        batch_norm_act(x, torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64),
+                       torch.ones(1, 2, dtype=torch.float64), training=training)
+
+
 def _bits(t):
     return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 

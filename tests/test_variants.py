@@ -509,16 +509,23 @@ def test_skip_nonfinite_keeps_a_channel_its_running_dtype_would_store_as_inf(xp,
 
 
 @pytest.mark.parametrize("xp", lib_params())
-@pytest.mark.parametrize("target", [65520 - 2**-10, 65520 - 2**-30])
-def test_skip_nonfinite_judges_a_float16_update_as_its_one_rounding_stores_it(xp, target):
-    # An update just under 65520 rounds once to 65504, and is stored; through a float (as the
-    # check had rounded it) it was 65520, which rounds to Inf: the channel was kept.
+@pytest.mark.parametrize("dtype,target,stored", [
+    ("float16", 65520 - 2**-10, 65504.0),
+    ("float16", 65520 - 2**-30, 65504.0),
+    ("bfloat16", float.fromhex("0x1.ffp127") * (1 - 2**-30), float.fromhex("0x1.fep127")),
+])
+def test_skip_nonfinite_judges_a_half_update_as_its_one_rounding_stores_it(xp, dtype, target, stored):
+    # An update just under the dtype's overflow threshold (65520 for float16) rounds once to its
+    # largest value, and is stored; through a float (as the check had rounded it) it was the
+    # threshold itself, which rounds to Inf: the channel was kept.
+    if dtype == "bfloat16":
+        pytest.importorskip("torch", reason="bfloat16 arrays are torch tensors")
     a = np.sqrt(target / 2)  # x = (-a, a): unbiased variance 2 a^2, momentum 1 takes it
-    assert abs(2 * a * a - target) < 2**-32
+    assert abs(2 * a * a - target) < target * 2**-50 and np.float32(2 * a * a) == np.float32(target)
     x = cast(np.array([[-a], [a]]), "float64", xp)
-    rm, rv = cast(np.zeros(1), "float16", xp), cast(np.ones(1), "float16", xp)
+    rm, rv = cast(np.zeros(1), dtype, xp), cast(np.ones(1), dtype, xp)
     bn.forward_training(x, running_mean=rm, running_var=rv, skip_nonfinite=True, momentum=1.0)
-    assert to_f64(rv)[0] == 65504.0
+    assert to_f64(rv)[0] == stored
 
 
 @pytest.mark.parametrize("xp", lib_params())

@@ -247,6 +247,7 @@ def _batch_norm_act(
         _ops.check_running(running_mean, running_var)
         _ops.check_scalars(training, momentum, eps)
         relu = _check_bool(relu, "relu")  # ("no" was a ReLU on three routes, the dispatcher's error on one)
+        weight, bias = _ops.flat_affine(input, weight, bias)
         if training:
             if input.dim() > 1:  # (as batch_norm's)
                 F._verify_batch_size(input.size())
