@@ -240,8 +240,9 @@ void backward_reduce(const BackwardReduceParams& p, const Layout& L) {
         dbias[c] = g.dbias;
       }
     };
-    if (L.count == 0) {  // an empty shard contributes zeros, whatever invstd holds (0 x Inf
-                         // is no gradient of nothing; CUDA writes the same zeros)
+    // An empty shard contributes zero sums and zero parameter gradients, whatever invstd
+    // holds (the formula's 0 x an Inf invstd was NaN); CUDA memsets the same zeros.
+    if (L.count == 0) {
       std::fill(sum_dy, sum_dy + C, 0.0);
       std::fill(sum_dy_xmu, sum_dy_xmu + C, 0.0);
       std::fill(dweight, dweight + C, A(0));
