@@ -10,11 +10,20 @@ against past the whole of it ("whole"), in the two settings that disagree.
   ever right after the other (the second would find the first's inputs in cache).
 - hot: blocks of --reps calls of the same op back to back (one output, reused), the policies'
   blocks alternating; x and the output stay in cache when they fit.
+- chain: a producer writing x (torch.mul into it), the op, a consumer reading its output
+  (torch.clamp_min into another array), timed together, the policies alternating: what a
+  network's layer around the op sees.
 The policy is switched in process with the testing hook (batchnorm._C._set_stream_threshold):
 training and backward, which read their inputs again after a reduction, stream past half the
 threshold by default, so "whole" sets twice it; inference streams past the whole threshold
 by default, so "half" sets half of it. ratio = half's median time / whole's (< 1: streaming
 past half the cache is faster). Shapes of 16-40 MB of arrays, where the two policies differ.
+
+    python bench/stream_policy.py --against 67108864 [--sizes mid]
+
+compares the default threshold (on a machine whose store probe streams past the L2s, those;
+cpu/plan.h, store_probe_ratio) with the given one in bytes instead, for every op; ratio =
+default's time / the given threshold's. --sizes mid adds shapes of 3-13 MB of arrays.
 Needs torch (the ops run on torch tensors through DLPack)."""
 from __future__ import annotations
 
@@ -41,6 +50,22 @@ CASES = [
     ((36000, 64), "nc", "float32", "inference"),
     ((65536, 64), "nc", "float32", "inference"),
     ((32, 64, 56, 56), "cf", "bfloat16", "inference"),
+]
+# Below the cache-capped threshold, where a store probe's L2 threshold streams and the cap did not.
+MID_CASES = [
+    ((16, 64, 28, 28), "cf", "float32", "inference"),
+    ((16, 64, 28, 28), "cf", "float32", "train"),
+    ((16, 64, 28, 28), "cl", "float32", "backward"),
+    ((2048, 1024), "nc", "float32", "inference"),
+    ((2048, 1024), "nc", "float32", "train"),
+    ((2048, 1024), "nc", "float32", "backward"),
+    ((32, 256, 14, 14), "cf", "float32", "inference"),
+    ((32, 256, 14, 14), "cl", "float32", "train"),
+    ((64, 512, 7, 7), "cf", "float32", "backward"),
+    ((64, 512, 7, 7), "cf", "bfloat16", "inference"),
+    ((8, 32, 112, 112), "cf", "float32", "inference"),
+    ((8, 32, 112, 112), "cl", "float32", "inference"),
+    ((4096, 1024), "nc", "float32", "inference"),
 ]
 
 
@@ -71,7 +96,14 @@ def case_calls(shape, layout, dtype, op):
                                                                  [True, True, True])
             return torch.nn.functional.batch_norm(x, rm, rv, w, b, training=op == "train")
 
-    return ours, theirs, lambda: copied.copy_(x)
+    src, after = x.clone(), torch.empty_like(x)
+
+    def chained():
+        torch.mul(src, 1.0, out=x)  # the producer writes x
+        ours()
+        torch.clamp_min(out, 0.0, out=after)  # the consumer reads it
+
+    return ours, theirs, lambda: copied.copy_(x), chained
 
 
 def thresholds(op):
@@ -99,6 +131,20 @@ def between(ours, theirs, copy, th, reps):
     return [statistics.median(t) for t in times]
 
 
+def chain(chained, th, reps):
+    times = ([], [])
+    for f in range(2):
+        _C._set_stream_threshold(th[f])
+        chained()
+    for r in range(reps):
+        for k in ((0, 1) if r % 2 == 0 else (1, 0)):
+            _C._set_stream_threshold(th[k])
+            t = time.perf_counter()
+            chained()
+            times[k].append(time.perf_counter() - t)
+    return [statistics.median(t) for t in times]
+
+
 def hot(ours, th, reps, blocks):
     times = ([], [])
     for blk in range(2 * blocks):
@@ -117,23 +163,31 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=60, help="timed calls per policy (between); calls per block (hot)")
     ap.add_argument("--blocks", type=int, default=6, help="hot blocks per policy")
+    ap.add_argument("--against", type=int, default=None,
+                    help="compare the default threshold with this one (bytes) instead of half / whole")
+    ap.add_argument("--sizes", choices=["large", "mid"], default="large",
+                    help="mid: shapes of 3-13 MB of arrays too")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     bn.set_num_threads(args.threads)
     default = _C._stream_threshold()
-    print(f"threads {args.threads}, streaming threshold {default / 2**20:.0f} MiB; medians in ms; "
-          "ratio = half / whole")
-    print(f"{'case':32s} {'op':9s} | {'whole':>7s} {'half':>7s} {'ratio':>6s} {'torch':>7s} {'copy':>7s} | "
-          f"{'hot whole':>9s} {'half':>7s} {'ratio':>6s}")
+    # (label of the first policy, of the second): the ratio is the second's time over the first's.
+    names = ("whole", "half") if args.against is None else ("given", "default")
+    print(f"threads {args.threads}, streaming threshold {default / 2**20:g} MiB (store probe "
+          f"{_C._store_probe():.2f}); medians in ms; ratio = {names[1]} / {names[0]}")
+    print(f"{'case':32s} {'op':9s} | {names[0]:>7s} {names[1]:>7s} {'ratio':>6s} {'torch':>7s} {'copy':>7s} | "
+          f"{'hot ' + names[0]:>9s} {names[1]:>7s} {'ratio':>6s} | {'chain ' + names[0]:>11s} {names[1]:>7s} {'ratio':>6s}")
     try:
-        for shape, layout, dtype, op in CASES:
-            ours, theirs, copy = case_calls(shape, layout, dtype, op)
-            th = thresholds(op)
+        for shape, layout, dtype, op in CASES + (MID_CASES if args.sizes == "mid" else []):
+            ours, theirs, copy, chained = case_calls(shape, layout, dtype, op)
+            th = thresholds(op) if args.against is None else (args.against, default)
             w, h, t, c = between(ours, theirs, copy, th, args.reps)
             hw, hh = hot(ours, th, args.reps, args.blocks)
+            cw, ch = chain(chained, th, args.reps)
             name = f"{'x'.join(map(str, shape))} {layout} {dtype}"
             print(f"{name:32s} {op:9s} | {w * 1e3:7.3f} {h * 1e3:7.3f} {h / w:6.2f} {t * 1e3:7.3f} {c * 1e3:7.3f} | "
-                  f"{hw * 1e3:9.3f} {hh * 1e3:7.3f} {hh / hw:6.2f}", flush=True)
+                  f"{hw * 1e3:9.3f} {hh * 1e3:7.3f} {hh / hw:6.2f} | {cw * 1e3:11.3f} {ch * 1e3:7.3f} {ch / cw:6.2f}",
+                  flush=True)
     finally:
         _C._set_stream_threshold(-1)
 

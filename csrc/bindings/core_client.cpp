@@ -97,6 +97,7 @@ void set_stream_threshold_bytes(int64_t bytes) { check(bn_detail_set_stream_thre
 int get_num_threads() { return bn_get_num_threads(); }
 std::string simd_level() { return bn_detail_simd_level(); }
 int64_t stream_threshold_bytes() { return bn_detail_stream_threshold_bytes(); }
+double store_probe_ratio() { return bn_detail_store_probe_ratio(); }
 CudaInfo cuda_info() {
   CudaInfo info;
   check(bn_detail_cuda_info(&info));

@@ -385,4 +385,5 @@ PYBIND11_MODULE(_C, m) {
   // so tests reach the streaming paths on small arrays; a negative value restores the default.
   m.def("_set_stream_threshold", &set_stream_threshold_bytes, py::arg("bytes"));
   m.def("_stream_threshold", &stream_threshold_bytes);
+  m.def("_store_probe", &store_probe_ratio);
 }

@@ -71,6 +71,7 @@ BN_API bn_status bn_detail_set_stream_threshold_bytes(int64_t bytes) {
   return guarded([&] { set_stream_threshold_bytes(bytes); });
 }
 BN_API int64_t bn_detail_stream_threshold_bytes(void) { return stream_threshold_bytes(); }
+BN_API double bn_detail_store_probe_ratio(void) { return store_probe_ratio(); }
 BN_API const char* bn_detail_simd_level(void) {
   static const std::string level = simd_level();  // fixed for the process (cpuid, BATCHNORM_ISA)
   return level.c_str();

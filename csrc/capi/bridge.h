@@ -47,6 +47,7 @@ BN_API bn_status bn_detail_fold(const batchnorm::FoldParams* p, const batchnorm:
 BN_API bn_status bn_detail_check_environment(void);
 BN_API bn_status bn_detail_set_stream_threshold_bytes(int64_t bytes);
 BN_API int64_t bn_detail_stream_threshold_bytes(void);
+BN_API double bn_detail_store_probe_ratio(void);
 BN_API const char* bn_detail_simd_level(void);
 BN_API bn_status bn_detail_cuda_info(batchnorm::CudaInfo* info);
 BN_API bn_status bn_detail_allocate(const batchnorm::Device* device, size_t bytes, void* stream, void** ptr);

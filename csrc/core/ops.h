@@ -246,8 +246,12 @@ void check_environment();
 // value restores the default (stream_threshold_bytes below).
 void set_stream_threshold_bytes(int64_t bytes);
 // The threshold in force: the hook's, else BATCHNORM_STREAM_BYTES, else the last-level cache
-// capped at 32 MiB per CPU this process may run on (cpu/plan.h says why).
+// capped at 32 MiB per CPU this process may run on, and at those CPUs' L2s where the store
+// probe says regular stores do not pay (cpu/plan.h says why).
 int64_t stream_threshold_bytes();
+// The store probe's time ratio, streamed over regular stores (measured on the first call; 0
+// where not measured).
+double store_probe_ratio();
 
 struct CudaInfo {
   bool compiled = false;

@@ -26,7 +26,8 @@ int64_t last_level_cache_bytes();
 int64_t l2_cache_bytes();
 
 // Bytes above which outputs are written with non-temporal stores: the last-level cache size,
-// at most kStreamBytesPerCpu per CPU this process may run on, unless BATCHNORM_STREAM_BYTES or
+// at most kStreamBytesPerCpu per CPU this process may run on, and at most the L2s of those CPUs
+// where the store probe says regular stores do not pay (below), unless BATCHNORM_STREAM_BYTES or
 // set_stream_threshold_bytes (tests) says otherwise. The cap matters where a VM reports its
 // host's cache (2 vCPUs of an Intel Xeon reporting 300-480 MB, whose reads slow down past
 // 64-128 MB): there ops of 64-205 MB ran as fast or 1.1-1.8x faster streamed, in a hot loop of
@@ -36,13 +37,32 @@ int64_t l2_cache_bytes();
 // a hot loop of the same call 1.3-2.2x at 16-25 MB, where the cache is there. Where the
 // reported cache is at most 32 MiB per CPU (the 2-vCPU AMD EPYC VM: 32 MB) nothing changes.
 constexpr int64_t kStreamBytesPerCpu = int64_t(32) << 20;
+// The store probe (cpu/store_probe.cpp): the time of a pass writing 2 L2s of output with
+// non-temporal stores over the same pass with regular ones, both arrays warm, measured once
+// per process on first need; 0 off x86-64 (not measured). Below kStreamingBeatsCache the
+// last-level cache does not pay regular stores back, whatever size it reports, and outputs
+// past the L2s stream. A 2-vCPU Intel Xeon VM (model 207, 260 MiB L3 reported; 2 MiB L2) read
+// 0.45-0.54 there, and every op beyond its L2s ran faster streamed, 2 threads, float32:
+//   - between PyTorch's same op and a copy (bench/stream_policy.py's setting), inference
+//     0.50-0.64x the time (4096x1024 1.34 -> 0.75 ms, 32x64x56x56 NCHW 2.10 -> 1.05 ms,
+//     16x64x28x28 NCHW 0.26 -> 0.16 ms), training 0.66-1.02x, backward 0.67-1.01x;
+//   - in a hot loop of the same call, inference 0.65-0.94x, training and backward 0.83-1.02x;
+//   - a producer writing x, the op, a consumer reading y, timed together: 0.86-1.00x.
+// The one row slower streamed: 64x512x7x7 NCHW bfloat16 inference (6.4 MB, computed bfloat16
+// rounding) in a hot loop, 1.17x (1.01x between other calls). On the AMD EPYC VMs, whose 32 MB
+// L3 holds both arrays, regular stores win it.
+double store_probe_ratio();
+constexpr double kStreamingBeatsCache = 0.8;
 int64_t stream_threshold_bytes();
+// stream_threshold_bytes() < bytes, asking the store probe only where its answer decides it (an
+// op of a few bytes never pays for the probe's passes, some 2-9 ms once).
+bool stream_threshold_below(int64_t bytes);
 int64_t stream_threshold_from_env();  // -1 when unset; ValueError when malformed
 void set_stream_threshold(int64_t bytes);  // < 0: back to the default
 
 // Whether an op touching `bytes` of memory should write its output with non-temporal
 // stores: when its data cannot stay in the last-level cache anyway.
-inline bool stream_output(int64_t bytes) { return bytes > stream_threshold_bytes(); }
+inline bool stream_output(int64_t bytes) { return stream_threshold_below(bytes); }
 
 // stream_output for an op that reads its inputs again after a reduction over them (training's
 // x, the backward's dy and x): it streams past half the threshold. Arrays that fill the whole
@@ -587,7 +607,8 @@ bool walks_memory_order(const MapPass<T>& m, const Layout& L) {
   if (L.inner() >= kMemoryOrderRow) return true;
   if (m.nt) return L.inner() * static_cast<int64_t>(sizeof(T)) >= kMemoryOrderStreamedRowBytes;
   const int64_t bytes = (map_inputs(m.kind) + 1) * L.count * L.channels * static_cast<int64_t>(sizeof(T));
-  return bytes * 4 >= stream_threshold_bytes() * (short_rows<T>(L) ? 3 : 2);
+  // bytes * 4 >= threshold * k, in integers: threshold <= floor(bytes * 4 / k).
+  return stream_threshold_below(bytes * 4 / (short_rows<T>(L) ? 3 : 2) + 1);
 }
 
 // A channels-last pass (coefficients `coef`) moved to channel c0 of every array: a task's

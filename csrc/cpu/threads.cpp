@@ -45,6 +45,7 @@ int get_num_threads() { return threads_setting().load(); }
 
 void set_stream_threshold_bytes(int64_t bytes) { cpu::set_stream_threshold(bytes); }
 int64_t stream_threshold_bytes() { return cpu::stream_threshold_bytes(); }
+double store_probe_ratio() { return cpu::store_probe_ratio(); }
 
 namespace cpu {
 namespace {
@@ -250,13 +251,41 @@ int64_t usable_cpus() {
 }
 }  // namespace
 
-int64_t stream_threshold_bytes() {
+namespace {
+// The default threshold lies between these two: the cache's cap, or the CPUs' L2s (when
+// smaller) where the store probe says regular stores do not pay.
+int64_t capped_by_cache() {
+  static const int64_t cap = std::min(last_level_cache_bytes(), kStreamBytesPerCpu * usable_cpus());
+  return cap;
+}
+int64_t capped_by_l2s() {
+  static const int64_t l2s = std::min(capped_by_cache(), l2_cache_bytes() * usable_cpus());
+  return l2s;
+}
+// The hook's setting, else BATCHNORM_STREAM_BYTES, else -1.
+int64_t stream_threshold_set() {
   const int64_t forced = stream_threshold_override().load(std::memory_order_relaxed);
-  if (forced >= 0) return forced;
-  const int64_t env = stream_threshold_from_env();
-  if (env >= 0) return env;
-  static const int64_t by_cache = std::min(last_level_cache_bytes(), kStreamBytesPerCpu * usable_cpus());
+  return forced >= 0 ? forced : stream_threshold_from_env();
+}
+}  // namespace
+
+int64_t stream_threshold_bytes() {
+  const int64_t set = stream_threshold_set();
+  if (set >= 0) return set;
+  static const int64_t by_cache = [] {
+    const double probe = store_probe_ratio();
+    return probe > 0 && probe < kStreamingBeatsCache ? capped_by_l2s() : capped_by_cache();
+  }();
   return by_cache;
+}
+
+bool stream_threshold_below(int64_t bytes) {
+  const int64_t set = stream_threshold_set();
+  if (set >= 0) return set < bytes;
+  // Outside the two candidates' range the answer is the same either way: no probe.
+  if (bytes <= capped_by_l2s()) return false;
+  if (bytes > capped_by_cache()) return true;
+  return stream_threshold_bytes() < bytes;
 }
 
 void set_stream_threshold(int64_t bytes) { stream_threshold_override().store(bytes < 0 ? -1 : bytes); }
