@@ -410,7 +410,7 @@ def test_default_stream_threshold_is_the_cache_capped_per_cpu():
     """With no override, outputs stream above the last-level cache, at most 32 MiB per CPU the
     process may use (a VM may report its host's whole cache; training's and backward's outputs
     above half of it: cpu/plan.h, stream_rereads), and at most those CPUs' L2s where the store
-    probe found non-temporal stores under 0.8x the time of regular ones on arrays past one L2;
+    probe found non-temporal stores under 0.9x the time of regular ones on arrays past one L2;
     BATCHNORM_STREAM_BYTES replaces it."""
     if not hasattr(os, "sched_getaffinity") or not os.path.isdir("/sys/devices/system/cpu/cpu0/cache"):
         pytest.skip("needs Linux's sysfs cache description and CPU affinity")
@@ -423,7 +423,7 @@ def test_default_stream_threshold_is_the_cache_capped_per_cpu():
     want = min(_reported_last_level_cache(), (32 << 20) * cpus)
     if platform.machine().lower() in ("x86_64", "amd64"):
         assert 0 < float(probe) < 100, probe  # measured: a time ratio
-        if float(probe) < 0.8:
+        if float(probe) < 0.9:
             want = min(want, _reported_l2() * cpus)
     else:
         assert float(probe) == 0  # not measured

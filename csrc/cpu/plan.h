@@ -37,25 +37,32 @@ int64_t l2_cache_bytes();
 // a hot loop of the same call 1.3-2.2x at 16-25 MB, where the cache is there. Where the
 // reported cache is at most 32 MiB per CPU (the 2-vCPU AMD EPYC VM: 32 MB) nothing changes.
 constexpr int64_t kStreamBytesPerCpu = int64_t(32) << 20;
-// The store probe (cpu/store_probe.cpp): the time of a pass writing 2 L2s of output with
-// non-temporal stores over the same pass with regular ones, both arrays warm, measured once
-// per process on first need; 0 off x86-64 (not measured). Below kStreamingBeatsCache the
-// last-level cache does not pay regular stores back, whatever size it reports, and outputs
-// past the L2s stream. A 2-vCPU Intel Xeon VM (model 207, 260 MiB L3 reported; 2 MiB L2) read
-// 0.45-0.54 there, and every op beyond its L2s ran faster streamed, 2 threads, float32:
-//   - between PyTorch's same op and a copy (bench/stream_policy.py's setting), inference
-//     0.50-0.64x the time (4096x1024 1.34 -> 0.75 ms, 32x64x56x56 NCHW 2.10 -> 1.05 ms,
-//     16x64x28x28 NCHW 0.26 -> 0.16 ms), training 0.66-1.02x, backward 0.67-1.01x;
-//   - in a hot loop of the same call, inference 0.65-0.94x, training and backward 0.83-1.02x;
-//   - a producer writing x, the op, a consumer reading y, timed together: 0.86-1.00x.
-// The one row slower streamed: 64x512x7x7 NCHW bfloat16 inference (6.4 MB, computed bfloat16
-// rounding) in a hot loop, 1.17x (1.01x between other calls). On the AMD EPYC VMs, whose 32 MB
-// L3 holds both arrays, regular stores win it.
+// The store probe (cpu/store_probe.cpp): the time of a pass writing 4 L2s of output with
+// non-temporal stores over the same pass with regular stores into an array of their own, left
+// wherever its last pass left it (in the cache, where the cache holds it), measured once per
+// process on first need; 0 off x86-64 with GCC or clang (not measured). Below
+// kStreamingBeatsCache the last-level cache does not pay regular stores back, whatever size it
+// reports, and outputs past the CPUs' L2s stream. A 2-vCPU Intel Xeon VM (model 207, 260 MiB L3
+// reported, 2 MiB L2) read 0.55-0.70 (0.63-0.76 before the probe's arrays went on huge pages),
+and against its 64 MiB
+// cap the L2s' threshold took, 2 threads, 25 cases of 3-40 MB (bench/results/
+// stream-policy-intel-probe.txt; ratio = time with the L2s' threshold / time with the cap):
+//   - between PyTorch's same op and a copy: inference 0.56-0.99x (4096x1024 1.35 -> 0.76 ms),
+//     training 0.66-0.88x, backward 0.75-0.84x;
+//   - hot loops of the same call: inference 0.72-1.14x, training 0.83-1.07x, backward
+//     0.89-1.04x (seven cases over 1.0x: 1.02-1.14x);
+//   - a producer writing x, the op and a consumer reading its output, timed together:
+//     0.87-1.02x, but for 64x512x7x7 NCHW bfloat16 inference, 1.12x (0.99x between calls; its
+//     98-byte planes streamed, its rounding computed without AVX512_BF16).
+// The cutoff lies between that VM's readings and 1 (streaming no faster at all), unmeasured
+// between: the AMD EPYC VMs, whose 32 MB L3 holds both 2-4 MiB arrays, should read well above 1
+// (not yet run there).
 double store_probe_ratio();
-constexpr double kStreamingBeatsCache = 0.8;
+constexpr double kStreamingBeatsCache = 0.9;
 int64_t stream_threshold_bytes();
 // stream_threshold_bytes() < bytes, asking the store probe only where its answer decides it (an
-// op of a few bytes never pays for the probe's passes, some 2-9 ms once).
+// op of a few bytes never pays for the probe's passes: 10-14 ms once on the Intel Xeon VM, up to
+// 50 ms when the kernel compacts memory for the huge pages).
 bool stream_threshold_below(int64_t bytes);
 int64_t stream_threshold_from_env();  // -1 when unset; ValueError when malformed
 void set_stream_threshold(int64_t bytes);  // < 0: back to the default
