@@ -41,12 +41,13 @@ constexpr int64_t kStreamBytesPerCpu = int64_t(32) << 20;
 // non-temporal stores over the same pass with regular stores into an array of their own, left
 // wherever its last pass left it (in the cache, where the cache holds it), measured once per
 // process on first need; 0 off x86-64 with GCC or clang (not measured). Below
-// kStreamingBeatsCache the last-level cache does not pay regular stores back, whatever size it
-// reports, and outputs past the CPUs' L2s stream. A 2-vCPU Intel Xeon VM (model 207, 260 MiB L3
-// reported, 2 MiB L2) read 0.55-0.70 (0.63-0.76 before the probe's arrays went on huge pages),
-and against its 64 MiB
-// cap the L2s' threshold took, 2 threads, 25 cases of 3-40 MB (bench/results/
-// stream-policy-intel-probe.txt; ratio = time with the L2s' threshold / time with the cap):
+// kStreamingBeatsCache non-temporal stores win even the regular ones' best case, an output the
+// cache kept, and win more where it did not (an output last written a layer ago): the cache
+// does not pay regular stores back, whatever size it reports, and outputs past the CPUs' L2s
+// stream. A 2-vCPU Intel Xeon VM (model 207, 260 MiB L3 reported, 2 MiB L2) reads 0.65-0.88,
+// and against its 64 MiB cap the L2s' threshold took, 2 threads, 25 cases of 3-40 MB
+// (bench/results/stream-policy-intel-probe.txt; ratio = time with the L2s' threshold / time
+// with the cap):
 //   - between PyTorch's same op and a copy: inference 0.56-0.99x (4096x1024 1.35 -> 0.76 ms),
 //     training 0.66-0.88x, backward 0.75-0.84x;
 //   - hot loops of the same call: inference 0.72-1.14x, training 0.83-1.07x, backward
@@ -54,15 +55,13 @@ and against its 64 MiB
 //   - a producer writing x, the op and a consumer reading its output, timed together:
 //     0.87-1.02x, but for 64x512x7x7 NCHW bfloat16 inference, 1.12x (0.99x between calls; its
 //     98-byte planes streamed, its rounding computed without AVX512_BF16).
-// The cutoff lies between that VM's readings and 1 (streaming no faster at all), unmeasured
-// between: the AMD EPYC VMs, whose 32 MB L3 holds both 2-4 MiB arrays, should read well above 1
-// (not yet run there).
+// The AMD EPYC VMs, whose 32 MB L3 holds both 2-4 MiB arrays (hot inference loops there ran
+// 1.5x slower streamed), should read well above 1 (not yet run there).
 double store_probe_ratio();
-constexpr double kStreamingBeatsCache = 0.9;
+constexpr double kStreamingBeatsCache = 1.0;
 int64_t stream_threshold_bytes();
 // stream_threshold_bytes() < bytes, asking the store probe only where its answer decides it (an
-// op of a few bytes never pays for the probe's passes: 10-14 ms once on the Intel Xeon VM, up to
-// 50 ms when the kernel compacts memory for the huge pages).
+// op of a few bytes never pays for the probe's passes: 12-30 ms once on the Intel Xeon VM).
 bool stream_threshold_below(int64_t bytes);
 int64_t stream_threshold_from_env();  // -1 when unset; ValueError when malformed
 void set_stream_threshold(int64_t bytes);  // < 0: back to the default
