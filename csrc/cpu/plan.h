@@ -44,7 +44,8 @@ constexpr int64_t kStreamBytesPerCpu = int64_t(32) << 20;
 // kStreamingBeatsCache non-temporal stores win even the regular ones' best case, an output the
 // cache kept, and win more where it did not (an output last written a layer ago): the cache
 // does not pay regular stores back, whatever size it reports, and outputs past the CPUs' L2s
-// stream. A 2-vCPU Intel Xeon VM (model 207, 260 MiB L3 reported, 2 MiB L2) reads 0.65-0.88,
+// stream (each L2 counted once, however many of the CPUs share it: sysfs's shared_cpu_list).
+// A 2-vCPU Intel Xeon VM (model 207, 260 MiB L3 reported, 2 MiB L2 each) reads 0.65-0.88,
 // and against its 64 MiB cap the L2s' threshold took, 2 threads, 25 cases of 3-40 MB
 // (bench/results/stream-policy-intel-probe.txt; ratio = time with the L2s' threshold / time
 // with the cap):

@@ -10,6 +10,7 @@
 #include <memory>
 #include <mutex>
 #include <pthread.h>
+#include <set>
 #include <string>
 #include <thread>
 #include <unistd.h>
@@ -249,6 +250,34 @@ int64_t usable_cpus() {
 #endif
   return std::max(1u, std::thread::hardware_concurrency());
 }
+
+// L2 caches among the CPUs this process may run on: the distinct sets of CPUs sharing one, as
+// sysfs lists them (two hyperthreads of a core share theirs), else one per CPU.
+int64_t usable_l2s() {
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) != 0) return usable_cpus();
+  std::set<std::string> shared;
+  for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+    if (!CPU_ISSET(cpu, &set)) continue;
+    std::string list;
+    for (int i = 0; i < 8 && list.empty(); ++i) {
+      const std::string dir =
+          "/sys/devices/system/cpu/cpu" + std::to_string(cpu) + "/cache/index" + std::to_string(i) + "/";
+      std::ifstream lv(dir + "level"), ty(dir + "type"), sh(dir + "shared_cpu_list");
+      int l = 0;
+      std::string type;
+      if (!(lv >> l) || !(ty >> type)) break;
+      if (l == 2 && type != "Instruction" && !(sh >> list)) list.clear();
+    }
+    if (list.empty()) return usable_cpus();  // sysfs does not say: one per CPU
+    shared.insert(list);
+  }
+  return std::max<int64_t>(1, static_cast<int64_t>(shared.size()));
+#else
+  return usable_cpus();
+#endif
+}
 }  // namespace
 
 namespace {
@@ -259,7 +288,7 @@ int64_t capped_by_cache() {
   return cap;
 }
 int64_t capped_by_l2s() {
-  static const int64_t l2s = std::min(capped_by_cache(), l2_cache_bytes() * usable_cpus());
+  static const int64_t l2s = std::min(capped_by_cache(), l2_cache_bytes() * usable_l2s());
   return l2s;
 }
 // The hook's setting, else BATCHNORM_STREAM_BYTES, else -1.
