@@ -1,6 +1,6 @@
 // The streaming threshold's probe: whether, on this machine, regular stores into an array held
-// beyond one core's L2 cost clearly more than non-temporal ones (cpu/plan.h says how the
-// threshold uses it). Measured once per process, on first need.
+// beyond one core's L2 take longer than non-temporal ones even where the cache keeps that array
+// (cpu/plan.h says how the threshold uses it). Measured once per process, on first need.
 #include <algorithm>
 #include <chrono>
 #include <cstring>
