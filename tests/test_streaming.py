@@ -375,23 +375,36 @@ def test_bad_stream_threshold_is_refused_at_import(value):
     assert f"BATCHNORM_STREAM_BYTES must be a byte count (an integer >= 0), got '{value}'" in done.stderr
 
 
-def _reported_cache_sizes() -> dict:
-    """The library's reading of sysfs: CPU 0's data or unified cache size by level."""
-    base = "/sys/devices/system/cpu/cpu0/cache"
-    sizes = {}
+def _cache_field(cpu: int, level: int, field: str):
+    """The library's reading of sysfs: the first word of the file `field` of CPU `cpu`'s data
+    or unified cache of `level`, else None."""
     for i in range(8):
-        d = os.path.join(base, f"index{i}")
+        d = f"/sys/devices/system/cpu/cpu{cpu}/cache/index{i}"
         try:
             with open(os.path.join(d, "level")) as f:
-                level = int(f.read())
+                lv = int(f.read())
             with open(os.path.join(d, "type")) as f:
                 kind = f.read().strip()
-            with open(os.path.join(d, "size")) as f:
-                size = f.read().strip()
         except OSError:
-            break
-        if kind != "Instruction" and size:
-            sizes.setdefault(level, int(size.rstrip("KM")) * {"K": 1024, "M": 1 << 20}.get(size[-1], 1))
+            return None
+        if lv != level or kind == "Instruction":
+            continue
+        try:
+            with open(os.path.join(d, field)) as f:
+                words = f.read().split()
+        except OSError:
+            return None
+        return words[0] if words else None
+    return None
+
+
+def _reported_cache_sizes() -> dict:
+    """The library's reading of sysfs: CPU 0's data or unified cache size by level."""
+    sizes = {}
+    for level in (2, 3):
+        size = _cache_field(0, level, "size")
+        if size:
+            sizes[level] = int(size.rstrip("KM")) * {"K": 1024, "M": 1 << 20}.get(size[-1], 1)
     return sizes
 
 
@@ -409,30 +422,8 @@ def _reported_l2() -> int:
 def _usable_l2s() -> int:
     """The library's count of L2 caches among the CPUs this process may use: the distinct
     shared_cpu_list of their level-2 caches in sysfs, else one per CPU."""
-    shared = set()
-    for cpu in os.sched_getaffinity(0):
-        found = None
-        for i in range(8):
-            d = f"/sys/devices/system/cpu/cpu{cpu}/cache/index{i}"
-            try:
-                with open(os.path.join(d, "level")) as f:
-                    level = int(f.read())
-                with open(os.path.join(d, "type")) as f:
-                    kind = f.read().strip()
-            except OSError:
-                break
-            if level == 2 and kind != "Instruction":
-                try:
-                    with open(os.path.join(d, "shared_cpu_list")) as f:
-                        found = f.read().split()[0]
-                except (OSError, IndexError):
-                    pass
-                if found:
-                    break
-        if not found:
-            return len(os.sched_getaffinity(0))
-        shared.add(found)
-    return max(1, len(shared))
+    shared = [_cache_field(cpu, 2, "shared_cpu_list") for cpu in os.sched_getaffinity(0)]
+    return len(shared) if None in shared else max(1, len(set(shared)))
 
 
 def test_default_stream_threshold_is_the_cache_capped_per_cpu():

@@ -181,23 +181,36 @@ void for_each(int64_t n, int64_t work, void (*fn)(void* ctx, int64_t i), void* c
 }
 
 namespace {
-// Bytes of the unified or data cache of `level` seen by CPU 0, from sysfs (the kernel's view of
-// this machine, or of this VM), else from sysconf; -1 when neither says. sysfs comes first:
-// glibc's sysconf reported a 384 MiB L3 on a 2-core EPYC VM whose L3 is 32 MiB.
-int64_t cache_bytes(int level) {
+// The file `field` of CPU `cpu`'s unified or data cache of `level` in sysfs (the kernel's view
+// of this machine, or of this VM), as one word; "" when sysfs does not say.
+std::string cache_field(int cpu, int level, const char* field) {
   for (int i = 0; i < 8; ++i) {
-    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
-    std::ifstream lv(dir + "level"), ty(dir + "type"), sz(dir + "size");
+    const std::string dir =
+        "/sys/devices/system/cpu/cpu" + std::to_string(cpu) + "/cache/index" + std::to_string(i) + "/";
+    std::ifstream lv(dir + "level"), ty(dir + "type");
     int l = 0;
-    std::string type, size;
-    if (!(lv >> l) || !(ty >> type) || !(sz >> size)) break;
-    if (l != level || type == "Instruction" || size.empty()) continue;
+    std::string type;
+    if (!(lv >> l) || !(ty >> type)) break;
+    if (l != level || type == "Instruction") continue;
+    std::ifstream f(dir + field);
+    std::string word;
+    return f >> word ? word : std::string();
+  }
+  return std::string();
+}
+
+// Bytes of the unified or data cache of `level` seen by CPU 0, from sysfs, else from sysconf;
+// -1 when neither says. sysfs comes first: glibc's sysconf reported a 384 MiB L3 on a 2-core
+// EPYC VM whose L3 is 32 MiB.
+int64_t cache_bytes(int level) {
+  const std::string size = cache_field(0, level, "size");
+  if (!size.empty()) {
     int64_t v = 0;
     size_t used = 0;
     try {
       v = std::stoll(size, &used);
     } catch (...) {
-      continue;
+      v = 0;
     }
     const char unit = used < size.size() ? size[used] : '\0';
     v *= unit == 'K' ? 1024 : unit == 'M' ? (1 << 20) : 1;
@@ -260,16 +273,7 @@ int64_t usable_l2s() {
   std::set<std::string> shared;
   for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
     if (!CPU_ISSET(cpu, &set)) continue;
-    std::string list;
-    for (int i = 0; i < 8 && list.empty(); ++i) {
-      const std::string dir =
-          "/sys/devices/system/cpu/cpu" + std::to_string(cpu) + "/cache/index" + std::to_string(i) + "/";
-      std::ifstream lv(dir + "level"), ty(dir + "type"), sh(dir + "shared_cpu_list");
-      int l = 0;
-      std::string type;
-      if (!(lv >> l) || !(ty >> type)) break;
-      if (l == 2 && type != "Instruction" && !(sh >> list)) list.clear();
-    }
+    const std::string list = cache_field(cpu, 2, "shared_cpu_list");
     if (list.empty()) return usable_cpus();  // sysfs does not say: one per CPU
     shared.insert(list);
   }
