@@ -17,6 +17,36 @@ constexpr int64_t kPiece = 8192;
 // Channels per call of the block primitives (moments_channels, grad_sums_channels): their
 // accumulators, 3 x 4 vectors per channel, stay in L1.
 constexpr int64_t kBlockChannels = 16;
+// Bytes of a run of short planes back to back (one outer index of a block of channels) that
+// a streamed pass of its own (map_run_streams) takes at least. kBlockChannels 7x7 planes are
+// 3136 bytes in float32 but 1568 in a half type, and runs that short, C planes apart, are too
+// short for the prefetchers to follow. Intel Xeon (model 207), 256x2048x7x7 NCHW inference
+// from memory, in-process A/B against runs of kBlockChannels: bfloat16 0.79x the time at 1
+// thread, 0.81x at 2; float16 0.79x, 0.78x (float32, whose runs were already 3136 bytes,
+// unchanged). Longer runs gained nothing (6272 bytes: 0.93-1.03x of these), and runs that
+// leave a line's end to the next run lost (4116-byte float32 runs 1.12-1.13x, 6174-byte
+// bfloat16 ones 1.07x): stream_run_channels keeps runs whole lines where it can.
+constexpr int64_t kStreamRunBytes = 3072;
+// The channels of such a run of planes of plane_bytes bytes: kBlockChannels, or the fewest that
+// make kStreamRunBytes in a whole number of cache lines (a multiple of run_line_channels) where
+// those are at most twice that, else the fewest that make it. Either way a run is at most
+// 2 * kStreamRunBytes, or kBlockChannels planes.
+BN_CPU_INLINE int64_t run_line_channels(int64_t plane_bytes) {
+  int64_t g = 64, b = plane_bytes;  // 64 / gcd(plane_bytes, 64)
+  while (b != 0) {
+    const int64_t r = g % b;
+    g = b;
+    b = r;
+  }
+  return 64 / g;
+}
+BN_CPU_INLINE int64_t stream_run_channels(int64_t plane_bytes) {
+  const int64_t unit = run_line_channels(plane_bytes);
+  const int64_t want = (kStreamRunBytes + plane_bytes - 1) / plane_bytes;
+  const int64_t lines = (want + unit - 1) / unit * unit;
+  const int64_t c = lines * plane_bytes <= 2 * kStreamRunBytes ? lines : want;
+  return c > kBlockChannels ? c : kBlockChannels;
+}
 // Planes of at most this many values (a 7x7 one, 49) are small: the kernels walk their rows
 // across a block of channels, and the plan sizes blocks for that (plan.h).
 constexpr int64_t kSmallPlane = 64;

@@ -170,6 +170,7 @@ struct Plan {
   // Channels per task: channels-first channel-parallel plans; channels-last plans (a multiple
   // of kMergeChannels, or the whole row), whose tasks are (group, block of channels).
   int64_t channel_block = 1;
+  int64_t threads = 1;  // channels-first: the thread count the blocks were sized for
 
   int64_t channel_blocks(int64_t C) const { return (C + channel_block - 1) / channel_block; }
   // The layout the executors walk: the op's, or its tiny-plane view.
@@ -247,6 +248,7 @@ Plan make_plan(const Layout& op_layout, int64_t bytes_per_value, bool rereads = 
     p.pieces = std::max<int64_t>(1, (L.count + kPiece - 1) / kPiece);
     p.groups = std::min(p.pieces, kMaxGroups);
     const int64_t T = thread_count();
+    p.threads = T;
     const int64_t C = L.channels;
     p.channel_parallel = T == 1 || C >= 4 * T || (C >= T && C % T == 0) || p.groups == 1;
     if (p.channel_parallel) {
@@ -671,6 +673,21 @@ void map_channels(const Kernels<T>& k, const MapPass<T>& m, const Layout& L, con
   for_block_pieces(plan, c0, c1, [&](int64_t c, int64_t b, int64_t e) { map_channel_range(k, m, L, c, c + 1, b, e); });
 }
 
+// Channels per task of a channels-first, channel-parallel map pass: the plan's blocks, or for a
+// streamed pass of its own over short planes back to back (map_run_streams) enough for a run
+// of kStreamRunBytes (stream_run_channels, whose multiple of run_line_channels keeps runs whole
+// cache lines), in a multiple of the thread count of tasks where the channels allow.
+template <class T>
+int64_t map_channel_block(const MapPass<T>& m, const Layout& L, const Plan& plan) {
+  if (!(m.cold && m.nt && L.nred == 2 && short_rows<T>(L))) return plan.channel_block;
+  const int64_t C = L.channels, threads = std::max<int64_t>(1, plan.threads);
+  const int64_t plane_bytes = L.inner() * static_cast<int64_t>(sizeof(T));
+  const int64_t want = stream_run_channels(plane_bytes), unit = run_line_channels(plane_bytes);
+  const int64_t tasks = std::max<int64_t>(threads, C / want / threads * threads);
+  const int64_t even = (C + tasks - 1) / tasks;
+  return std::max({plan.channel_block, even / unit * unit, int64_t(1)});
+}
+
 // The whole array, whichever the layout, split as the plan says.
 template <class T>
 void map_all(const Kernels<T>& k, const MapPass<T>& pass, const Layout& L, const Plan& plan) {
@@ -706,9 +723,10 @@ void map_all(const Kernels<T>& k, const MapPass<T>& pass, const Layout& L, const
       map_channel_range(k, m, L, 0, C, o * L.inner(), (o + 1) * L.inner());
     });
   } else if (plan.channel_parallel) {
-    parallel_for(plan.channel_blocks(C), work, [&](int64_t blk) {
-      const int64_t c0 = blk * plan.channel_block;
-      map_channels(k, m, L, plan, c0, std::min(C, c0 + plan.channel_block));
+    const int64_t cb = map_channel_block(m, L, plan);
+    parallel_for((C + cb - 1) / cb, work, [&](int64_t blk) {
+      const int64_t c0 = blk * cb;
+      map_channels(k, m, L, plan, c0, std::min(C, c0 + cb));
     });
   } else {
     parallel_for(C * plan.groups, work, [&](int64_t i) {

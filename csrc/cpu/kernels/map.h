@@ -316,11 +316,18 @@ constexpr int64_t kTouchBytes = int64_t(8) << 20;
 // Bytes of each run that map_run_streams takes in turn.
 constexpr int64_t kRunPieceBytes = 512;
 
+// Room for the values of a streamed run's coefficients (stream_run_channels' planes of at most
+// NV vectors).
+template <class T, int NV>
+constexpr int64_t stream_run_values = std::max<int64_t>(kBlockChannels * NV * vlen<acc_t<T>>,
+                                                        2 * kStreamRunBytes / static_cast<int64_t>(sizeof(T)));
+
 // The coefficients of a block of m channels repeated over each channel's plane, ext[j][i] for
-// value i of a run of whole planes (map_run_block), e[j] pointing at ext[j].
-template <class R, class A, int NV>
+// value i of a run of whole planes (map_run_block, map_run_streams), e[j] pointing at ext[j];
+// room for Values values (m * plane at most).
+template <class R, class A, int64_t Values>
 struct RunCoefficients {
-  A ext[coef_slots<R>][kBlockChannels * NV * vlen<A>];
+  A ext[coef_slots<R>][Values];
   const A* e[coef_slots<R>];
   RunCoefficients(const A* const* k, int64_t m, int64_t plane) {
     // As 0 + k, the value splat gives the rows' vectors (a -0 mean or shift is +0 there).
@@ -346,7 +353,7 @@ __attribute__((noinline)) void map_run_block(const T* const* in, T* out, const L
                                              int64_t end, const acc_t<T>* const* k, bool nt) {
   constexpr int N = R::kIn;
   const int64_t plane = L.inner();
-  const RunCoefficients<R, acc_t<T>, NV> rc(k, m, plane);
+  const RunCoefficients<R, acc_t<T>, kBlockChannels * NV * vlen<acc_t<T>>> rc(k, m, plane);
   for_each_segment<N + 1>(L, begin, end, [&](const int64_t* off, int64_t len) __attribute__((always_inline)) {
     const T* p[N];
     #pragma GCC unroll 4
@@ -373,7 +380,7 @@ __attribute__((noinline)) void map_run_streams(const T* const* in, T* out, const
                                                int64_t end, const acc_t<T>* const* k) {
   using A = acc_t<T>;
   constexpr int N = R::kIn;
-  const RunCoefficients<R, A, NV> rc(k, m, L.inner());
+  const RunCoefficients<R, A, stream_run_values<T, NV>> rc(k, m, L.inner());
   constexpr int64_t piece = kRunPieceBytes / static_cast<int64_t>(sizeof(T));
   for_row_tiles<N + 1>(L, begin, end, [&](const int64_t (*offs)[N + 1], const int64_t* lens, int rows) {
     const int64_t n = m * lens[0];  // whole planes: runs start and end on planes
@@ -494,8 +501,13 @@ void map_channels(const T* const* in, T* out, const Layout& L, int64_t nc, int64
   if (unit && with_short_rows<A>(L, 0, [&](auto nv) {
         constexpr int NV = decltype(nv)::value;
         bool streamed = false;
-        for (int64_t i0 = 0; i0 < nc; i0 += kBlockChannels) {
-          const int64_t m = std::min<int64_t>(kBlockChannels, nc - i0);
+        const bool streams = runs && piece_streams && cold && nt;
+        // Streamed runs take stream_run_channels' channels; rows (map_row_block), kBlockChannels.
+        const int64_t plane_bytes = plane * static_cast<int64_t>(sizeof(T));
+        const int64_t wide = streams ? stream_run_channels(plane_bytes) : kBlockChannels;
+        for (int64_t i0 = 0, m = 0; i0 < nc; i0 += m) {
+          m = std::min<int64_t>(wide, nc - i0);
+          if (!(runs && m * plane_bytes >= kMinRunBytes)) m = std::min<int64_t>(kBlockChannels, m);
           const T* ib[N];
           #pragma GCC unroll 4
           for (int j = 0; j < N; ++j) ib[j] = in[j] + i0 * L.channel_stride[j];
@@ -503,8 +515,8 @@ void map_channels(const T* const* in, T* out, const Layout& L, int64_t nc, int64
           const A* kb[coef_slots<R>] = {};
           #pragma GCC unroll 4
           for (int j = 0; j < R::kCoef; ++j) kb[j] = k[j] + i0;
-          if (runs && m * plane * static_cast<int64_t>(sizeof(T)) >= kMinRunBytes) {
-            if (piece_streams && cold && nt) map_run_streams<R, T, NV>(ib, ob, L, m, begin, end, kb);
+          if (runs && m * plane_bytes >= kMinRunBytes) {
+            if (streams) map_run_streams<R, T, NV>(ib, ob, L, m, begin, end, kb);
             else map_run_block<R, T, NV>(ib, ob, L, m, begin, end, kb, nt);
             streamed = nt;
           } else {
