@@ -152,6 +152,28 @@ void spread_over_planes(const A* const* v, int n, int64_t C, int64_t plane, buff
     for (int64_t c = 0; c < C; ++c, o += plane) std::fill(o, o + plane, v[j][c]);
 }
 
+// Channels per block of a channel-parallel plan over small planes whose evenly sized blocks
+// (`block` channels) hold more than kBlockChannels: the kernels take a block's channels
+// kBlockChannels at a time, and a rest of a few channels is as many short runs or rows. So
+// whole kBlockChannels units where that keeps the threads' shares even: the most units, at most
+// `fit` channels' worth, whose blocks give no thread more units than an even split would; and
+// `block` as it was where units alone would give a thread more than an eighth over its share
+// (few channels). A block of 20 or 40 channels (Intel's 2 MiB L2, half types, 256x2048x7x7)
+// or 147 (32x2048x7x7 in cache: 2048 channels in 14 blocks) left a rest of 4, 8 or 3 channels.
+// Intel Xeon (model 207), in-process A/B against blocks as they were, both orders, NCHW:
+// from memory 256x2048x7x7 statistics bfloat16 (40 channels -> 32) 0.89-0.93x the time (2
+// threads), float32 (20 -> 16) 0.88-0.90x; training bfloat16 (20 -> 16) 0.84-0.87x, float16
+// 0.82-0.85x (1 thread), float32 and backward level; in cache 32x2048x7x7 (147 -> 128, 2
+// threads) training bfloat16 0.90-0.94x, float32 0.92-0.93x, backward bfloat16 0.89-0.93x;
+// 64x512x7x7, 8x512x7x7, 16x1024x7x7, 4x2048x7x7, 128x256x5x5 level (0.98-1.02x).
+inline int64_t small_plane_block(int64_t C, int64_t fit, int64_t T, int64_t block) {
+  const int64_t units = (C + kBlockChannels - 1) / kBlockChannels, share = (units + T - 1) / T;
+  if (share * kBlockChannels * T * 8 > C * 9) return block;
+  for (int64_t u = std::min(std::max<int64_t>(1, fit / kBlockChannels), share); u > 1; --u)
+    if (((units + u - 1) / u + T - 1) / T * u == share) return u * kBlockChannels;
+  return kBlockChannels;
+}
+
 struct Plan {
   int64_t plane = 0;   // > 0: tiny planes of this many values, walked as `view` (channels-last)
   Layout view;
@@ -264,20 +286,17 @@ Plan make_plan(const Layout& op_layout, int64_t bytes_per_value, bool rereads = 
       // second pass then comes from the last-level cache rather than L2: 256x2048x7x7 float32
       // on 2 threads of an AMD EPYC (AVX2), blocks of 2 -> 16 channels: training 34 -> 24 ms,
       // backward 49 -> 32 ms (fastest of 11).
-      // And in whole blocks of kBlockChannels where more fit: the kernels take a block's channels
-      // kBlockChannels at a time, and a rest of a few channels is as many short runs or rows.
-      // Intel Xeon (model 207, 2 MiB L2), 256x2048x7x7 NCHW from memory, in-process A/B, 2
-      // threads: statistics bfloat16 (40 channels: 16 + 16 + 8) 0.78x the time, float32 (20)
-      // 0.88-0.90x; training bfloat16 (20) 0.85x, float16 0.84x; blocks of 32 ran as those of 16.
-      if (L.nred == 2 && L.strides[0][1] == 1 && L.inner() <= kSmallPlane) {
-        fit = std::max(fit, std::min(kBlockChannels, last_level_cache_bytes() / 2 / T / channel_bytes));
-        if (fit > kBlockChannels) fit = fit / kBlockChannels * kBlockChannels;
-      }
+      const bool small = L.nred == 2 && L.strides[0][1] == 1 && L.inner() <= kSmallPlane;
+      if (small) fit = std::max(fit, std::min(kBlockChannels, last_level_cache_bytes() / 2 / T / channel_bytes));
       // As few blocks as fit, a multiple of the thread count, evenly sized: blocks of at most
       // `fit` channels alone left 8x512x7x7 backward (3 blocks of 222, 222 and 68 channels) one
       // thread's worth of channels on one thread and a seventh on the other.
       const int64_t blocks = ((C + fit - 1) / fit + T - 1) / T * T;
       p.channel_block = std::max<int64_t>(1, (C + blocks - 1) / blocks);
+      // Small planes in whole kBlockChannels where a block has more: the kernels take a block's
+      // channels kBlockChannels at a time, and a rest of a few channels is as many short runs
+      // or rows (small_plane_block).
+      if (small && p.channel_block > kBlockChannels) p.channel_block = small_plane_block(C, fit, T, p.channel_block);
     }
   }
   return p;
