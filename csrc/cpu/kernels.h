@@ -4,6 +4,7 @@
 // the thread count and of the ISA level: results are bitwise identical everywhere.
 #pragma once
 #include <cstdint>
+#include <numeric>
 
 #include "core/layout.h"
 #include "core/recipes.h"
@@ -31,15 +32,7 @@ constexpr int64_t kStreamRunBytes = 3072;
 // make kStreamRunBytes in a whole number of cache lines (a multiple of run_line_channels) where
 // those are at most twice that, else the fewest that make it. Either way a run is at most
 // 2 * kStreamRunBytes, or kBlockChannels planes.
-BN_CPU_INLINE int64_t run_line_channels(int64_t plane_bytes) {
-  int64_t g = 64, b = plane_bytes;  // 64 / gcd(plane_bytes, 64)
-  while (b != 0) {
-    const int64_t r = g % b;
-    g = b;
-    b = r;
-  }
-  return 64 / g;
-}
+BN_CPU_INLINE int64_t run_line_channels(int64_t plane_bytes) { return 64 / std::gcd(plane_bytes, int64_t(64)); }
 BN_CPU_INLINE int64_t stream_run_channels(int64_t plane_bytes) {
   const int64_t unit = run_line_channels(plane_bytes);
   const int64_t want = (kStreamRunBytes + plane_bytes - 1) / plane_bytes;

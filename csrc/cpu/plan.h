@@ -714,14 +714,13 @@ int64_t map_channel_block(const MapPass<T>& m, const Layout& L, const Plan& plan
   const int64_t want = stream_run_channels(plane_bytes), unit = run_line_channels(plane_bytes);
   const int64_t tasks = std::max<int64_t>(threads, C / want / threads * threads);
   const int64_t even = (C + tasks - 1) / tasks;
-  const int64_t cb = std::max({plan.channel_block, even / unit * unit, int64_t(1)});
   // Whole lines may leave a number of tasks that splits unevenly over the threads (66 7x7
   // bfloat16 channels on 2 threads: tasks of 32, 32 and 2), kept so for now: even tasks would be
   // runs of 17 planes (1666 bytes), the short runs this replaces, and on a VM where one thread
   // all but fills the memory's bandwidth (np.copyto 1.2x faster on 2 threads than on 1) the
   // split matters less than the runs. Not measured cleanly: the A/B of the two ran beside a CI
   // job and moved 0.4-1.7x from run to run.
-  return cb;
+  return std::max({plan.channel_block, even / unit * unit, int64_t(1)});
 }
 
 // The whole array, whichever the layout, split as the plan says.
