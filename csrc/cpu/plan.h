@@ -26,8 +26,9 @@ int64_t last_level_cache_bytes();
 int64_t l2_cache_bytes();
 
 // Bytes above which outputs are written with non-temporal stores: the last-level cache size,
-// at most kStreamBytesPerCpu per CPU this process may run on, and at most the L2s of those CPUs
-// where the store probe says regular stores do not pay (below), unless BATCHNORM_STREAM_BYTES or
+// at most kStreamBytesPerCpu per CPU this process may run on, and, where the reported cache
+// passes that cap, at most the L2s of those CPUs where the store probe says regular stores do
+// not pay (below), unless BATCHNORM_STREAM_BYTES or
 // set_stream_threshold_bytes (tests) says otherwise. The cap matters where a VM reports its
 // host's cache (2 vCPUs of an Intel Xeon reporting 300-480 MB, whose reads slow down past
 // 64-128 MB): there ops of 64-205 MB ran as fast or 1.1-1.8x faster streamed, in a hot loop of
@@ -56,8 +57,17 @@ constexpr int64_t kStreamBytesPerCpu = int64_t(32) << 20;
 //   - a producer writing x, the op and a consumer reading its output, timed together:
 //     0.87-1.02x, but for 64x512x7x7 NCHW bfloat16 inference, 1.12x (0.99x between calls; its
 //     98-byte planes streamed, its rounding computed without AVX512_BF16).
-// The AMD EPYC VMs, whose 32 MB L3 holds both 2-4 MiB arrays (hot inference loops there ran
-// 1.5x slower streamed), should read well above 1 (not yet run there).
+// Only a cache reported past the cap is in doubt; one within it is taken at its word, with no
+// probe: the 2-vCPU AMD EPYC Zen 3 VM (32 MiB L3, 512 KiB L2 each) reads 0.63-0.86 too, yet
+// there the L2s' threshold (1 MiB) lost to the cap (32 MiB) where it counts, 2 threads, the
+// same 25 cases (bench/results/stream-policy-amd-zen3-probe.txt; ratio = time with the L2s'
+// threshold / time with the cap): in the producer-op-consumer chain 0.98-1.42x (16x64x28x28
+// inference 1.42x, training 1.28x, NHWC backward 1.22x), in hot loops 0.85-2.08x (2048x1024
+// inference 2.08x), against 0.71-1.06x between PyTorch's op and a copy. A model of the chain
+// in plain passes there (bench/store_chain.c, 2 MiB arrays: a producer's pass writing x, the
+// op's pass, a consumer's pass) took 1.19-1.29x the time with the op's pass streamed (six
+// runs): its L3 pays regular stores back to the next reader, which the probe's passes alone
+// do not see.
 double store_probe_ratio();
 constexpr double kStreamingBeatsCache = 1.0;
 int64_t stream_threshold_bytes();

@@ -286,13 +286,16 @@ int64_t usable_l2s() {
 
 namespace {
 // The default threshold lies between these two: the cache's cap, or the CPUs' L2s (when
-// smaller) where the store probe says regular stores do not pay.
+// smaller) where the cache is in doubt and the store probe says regular stores do not pay.
 int64_t capped_by_cache() {
   static const int64_t cap = std::min(last_level_cache_bytes(), kStreamBytesPerCpu * usable_cpus());
   return cap;
 }
 int64_t capped_by_l2s() {
-  static const int64_t l2s = std::min(capped_by_cache(), l2_cache_bytes() * usable_l2s());
+  // A reported cache within the cap is taken at its word: no probe (cpu/plan.h says why).
+  static const int64_t l2s = last_level_cache_bytes() > capped_by_cache()
+                                 ? std::min(capped_by_cache(), l2_cache_bytes() * usable_l2s())
+                                 : capped_by_cache();
   return l2s;
 }
 // The hook's setting, else BATCHNORM_STREAM_BYTES, else -1.
@@ -306,6 +309,7 @@ int64_t stream_threshold_bytes() {
   const int64_t set = stream_threshold_set();
   if (set >= 0) return set;
   static const int64_t by_cache = [] {
+    if (capped_by_l2s() == capped_by_cache()) return capped_by_cache();  // nothing to decide
     const double probe = store_probe_ratio();
     return probe > 0 && probe < kStreamingBeatsCache ? capped_by_l2s() : capped_by_cache();
   }();
