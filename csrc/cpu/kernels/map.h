@@ -464,8 +464,8 @@ void map_channels(const T* const* in, T* out, const Layout& L, int64_t nc, int64
   #pragma GCC unroll 4
   for (int t = 0; t <= N; ++t) unit = unit && L.inner_stride(t) == 1;
   // Whole planes back to back go as runs (map_run_block) when streamed. In cache only under
-  // AVX-512 and not for float16: elsewhere the runs' coefficient loads cost more than the rows'
-  // tail vectors. Xeon, 2 threads, 8x512x7x7 inference as runs: AVX-512 float16 17.6 -> 19.3
+  // AVX-512 and not for float16, and for bfloat16 under AVX2 (below): elsewhere the runs'
+  // coefficient loads cost more than the rows' tail vectors. Xeon, 2 threads, 8x512x7x7 inference as runs: AVX-512 float16 17.6 -> 19.3
   // us, float32 22.0 -> 21.5, bfloat16 30 -> 26 (64x2048x7x7 bfloat16 865-891 -> 676-716 us,
   // float32 1020-1090 -> 949-993); AVX2 float32 26 -> 28-32 us. And in cache only for calls of
   // more than one row: a block's coefficients are spread over its planes once per call (three
@@ -478,9 +478,15 @@ void map_channels(const T* const* in, T* out, const Layout& L, int64_t nc, int64
   // 8x128x8x8 inference 0.75-0.78x the time, training 0.91x, backward 0.88x (2 threads 0.94x),
   // 8x256x6x8 inference 0.77-0.81x, backward 0.94x, 8x256x4x8 (two vectors) 0.96x / level;
   // bfloat16 8x128x8x8 inference 0.89x, backward 0.95x. A plane of one vector (4x4 float32)
-  // stays a run: rows of one vector took 1.16-1.26x the time.
+  // stays a run: rows of one vector took 1.16-1.26x the time. Under AVX2 bfloat16 takes them
+  // too: its computed rounding per vector outweighs the coefficient loads. AMD EPYC Zen 3, in
+  // cache, in-process, both orders, runs against rows: 16x2048x7x7 inference 0.88-0.91x the
+  // time (1 thread), 0.99x (2), training 0.96-0.97x (1), 0.98x (2), backward level;
+  // 32x512x6x6 inference 0.87-0.93x, training 0.95x; 5x5, 4x4 and from memory level.
 #if defined(__AVX512F__)
   constexpr bool cached_runs = !std::is_same_v<T, float16>;
+#elif defined(__AVX2__)
+  constexpr bool cached_runs = std::is_same_v<T, bfloat16>;
 #else
   constexpr bool cached_runs = false;
 #endif
