@@ -1,7 +1,8 @@
 /* A standalone model of the streaming-threshold question in plain passes (cpu/plan.h,
- * store_probe_ratio): an op's pass y = x + 1 with regular or non-temporal stores, alone (as
- * the store probe times it) and inside a chain of a producer's pass writing x and a
- * consumer's pass reading y into z, each array BYTES (default 2 MiB, the probe's 4 L2s of the
+ * store_probe_ratio): an op's pass y = x + 1 with regular or non-temporal stores, timed alone
+ * just after a producer's pass writing x (the store probe's passes have no producer between
+ * them) and inside a chain of the producer's pass, the op's and a consumer's pass reading y
+ * into z, each array BYTES (default 2 MiB, the probe's 4 L2s of the
  * AMD EPYC Zen 3 VM), on huge pages where the kernel gives them; one thread, blocks of one
  * kind of store, the first chain of a block untimed, the fastest of the rest.
  *
@@ -65,7 +66,6 @@ int main(int argc, char** argv) {
       pass(y, x, n, nt);
       pass(z, y, n, 0);
       const double t3 = now();
-      (void)t2;
       if (rep > 0) {
         if (t1 - t0 < op[nt]) op[nt] = t1 - t0;
         if (t3 - t2 < chain[nt]) chain[nt] = t3 - t2;

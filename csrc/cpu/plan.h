@@ -43,9 +43,10 @@ constexpr int64_t kStreamBytesPerCpu = int64_t(32) << 20;
 // wherever its last pass left it (in the cache, where the cache holds it), measured once per
 // process on first need; 0 off x86-64 with GCC or clang (not measured). Below
 // kStreamingBeatsCache non-temporal stores win even the regular ones' best case, an output the
-// cache kept, and win more where it did not (an output last written a layer ago): the cache
-// does not pay regular stores back, whatever size it reports, and outputs past the CPUs' L2s
-// stream (each L2 counted once, however many of the CPUs share it: sysfs's shared_cpu_list).
+// cache kept, and win more where it did not (an output last written a layer ago): where the
+// reported cache passes the cap, that cache does not pay regular stores back, whatever size it
+// reports, and outputs past the CPUs' L2s stream (each L2 counted once, however many of the
+// CPUs share it: sysfs's shared_cpu_list).
 // A 2-vCPU Intel Xeon VM (model 207, 260 MiB L3 reported, 2 MiB L2 each) reads 0.65-0.88,
 // and against its 64 MiB cap the L2s' threshold took, 2 threads, 25 cases of 3-40 MB
 // (bench/results/stream-policy-intel-probe.txt; ratio = time with the L2s' threshold / time
@@ -58,7 +59,7 @@ constexpr int64_t kStreamBytesPerCpu = int64_t(32) << 20;
 //     0.87-1.02x, but for 64x512x7x7 NCHW bfloat16 inference, 1.12x (0.99x between calls; its
 //     98-byte planes streamed, its rounding computed without AVX512_BF16).
 // Only a cache reported past the cap is in doubt; one within it is taken at its word, with no
-// probe: the 2-vCPU AMD EPYC Zen 3 VM (32 MiB L3, 512 KiB L2 each) reads 0.63-0.86 too, yet
+// probe (as is one the OS does not report, counted as 32 MiB): the 2-vCPU AMD EPYC Zen 3 VM (32 MiB L3, 512 KiB L2 each) reads 0.63-0.86 too, yet
 // there the L2s' threshold (1 MiB) lost to the cap (32 MiB) where it counts, 2 threads, the
 // same 25 cases (bench/results/stream-policy-amd-zen3-probe.txt; ratio = time with the L2s'
 // threshold / time with the cap): in the producer-op-consumer chain 0.98-1.42x (16x64x28x28

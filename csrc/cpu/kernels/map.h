@@ -483,7 +483,8 @@ void map_channels(const T* const* in, T* out, const Layout& L, int64_t nc, int64
   // too: its computed rounding per vector outweighs the coefficient loads. AMD EPYC Zen 3, in
   // cache, in-process, both orders, runs against rows: 16x2048x7x7 inference 0.88-0.91x the
   // time (1 thread), 0.99x (2), training 0.96-0.97x (1), 0.98x (2), backward level;
-  // 32x512x6x6 inference 0.87-0.93x, training 0.95x; 5x5, 4x4 and from memory level.
+  // 32x512x6x6 inference 0.87-0.93x, training 0.95x; from memory level. (A block of 16 5x5 or
+  // 4x4 bfloat16 planes is under kMinRunBytes: rows, as before.)
 #if defined(__AVX512F__)
   constexpr bool cached_runs = !std::is_same_v<T, float16>;
 #elif defined(__AVX2__)
