@@ -59,8 +59,9 @@ constexpr int64_t kStreamBytesPerCpu = int64_t(32) << 20;
 //     0.87-1.02x, but for 64x512x7x7 NCHW bfloat16 inference, 1.12x (0.99x between calls; its
 //     98-byte planes streamed, its rounding computed without AVX512_BF16).
 // Only a cache reported past the cap is in doubt; one within it is taken at its word, with no
-// probe (as is one the OS does not report, counted as 32 MiB): the 2-vCPU AMD EPYC Zen 3 VM (32 MiB L3, 512 KiB L2 each) reads 0.63-0.86 too, yet
-// there the L2s' threshold (1 MiB) lost to the cap (32 MiB) where it counts, 2 threads, the
+// probe (as is one the OS does not report, counted as 32 MiB): the 2-vCPU AMD EPYC Zen 3 VM
+// (32 MiB L3, 512 KiB L2 each) reads 0.63-0.86 too, yet there the L2s' threshold (1 MiB)
+// lost to the cap (32 MiB) where it counts, 2 threads, the
 // same 25 cases (bench/results/stream-policy-amd-zen3-probe.txt; ratio = time with the L2s'
 // threshold / time with the cap): in the producer-op-consumer chain 0.98-1.42x (16x64x28x28
 // inference 1.42x, training 1.28x, NHWC backward 1.22x), in hot loops 0.85-2.08x (2048x1024

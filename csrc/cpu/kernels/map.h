@@ -466,8 +466,8 @@ void map_channels(const T* const* in, T* out, const Layout& L, int64_t nc, int64
   // Whole planes back to back go as runs (map_run_block) when streamed. In cache only under
   // AVX-512 and not for float16, and for bfloat16 under AVX2 (below): elsewhere the runs'
   // coefficient loads cost more than the rows' tail vectors. Xeon, 2 threads, 8x512x7x7
-  // inference as runs: AVX-512 float16 17.6 -> 19.3
-  // us, float32 22.0 -> 21.5, bfloat16 30 -> 26 (64x2048x7x7 bfloat16 865-891 -> 676-716 us,
+  // inference as runs: AVX-512 float16 17.6 -> 19.3 us, float32 22.0 -> 21.5, bfloat16 30 ->
+  // 26 (64x2048x7x7 bfloat16 865-891 -> 676-716 us,
   // float32 1020-1090 -> 949-993); AVX2 float32 26 -> 28-32 us. And in cache only for calls of
   // more than one row: a block's coefficients are spread over its planes once per call (three
   // 16 x 49 arrays for 7x7 float32), which one row of the memory-order walk (walks_memory_order,
