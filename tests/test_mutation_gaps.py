@@ -74,22 +74,35 @@ BF16_EDGES = [0x3F808000, 0x3F818000, 0x3F807FFF, 0x3F808001, 0x00008000, 0x0001
 
 
 @pytest.mark.skipif(not HAVE_TORCH, reason="bfloat16 arrays are torch tensors")
-@pytest.mark.parametrize("plane", [(5, 8), (10, 10)])
+@pytest.mark.parametrize("plane,streamed,offset", [((5, 8), False, 0), ((10, 10), False, 0), ((7, 7), False, 0),
+                                                   ((7, 7), True, 0), ((7, 7), True, 5), ((7, 7), True, 11)])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_bfloat16_store_rounds_edge_values(channels_last, plane):
+def test_bfloat16_store_rounds_edge_values(channels_last, plane, streamed, offset):
     """y = shift exactly (x = mean = 0), one channel per edge value and its negative: every SIMD
     store lane gives torch's round-to-nearest-even of the float32, NaN as its own quiet NaN
     (the high half with the quiet bit set, at every ISA level)."""
+    from batchnorm import _C
     # (not -0.0: 0 * scale + -0.0 is +0.0)
     edge_bits = np.array(BF16_EDGES + [v | 0x80000000 for v in BF16_EDGES if v], np.uint32)
     edges = edge_bits.view(np.float32)
     C = edges.size
-    # Planes of 40 (short rows: full vectors and an overlapping tail) and of 100 (a 4-value
-    # tail: one masked vector under AVX-512, value by value elsewhere).
+    # Planes of 40 (short rows: full vectors and an overlapping tail), of 100 (a 4-value tail:
+    # one masked vector under AVX-512, value by value elsewhere) and of 49 (NCHW: runs of a
+    # block's planes, map_run; streamed into an out= `offset` values past a line, its vectors
+    # start on other values of the run).
     x = torch.zeros((3, C) + plane, dtype=torch.bfloat16)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    y = bn.forward_inference(x, np.zeros(C, np.float32), np.ones(C, np.float32), None, edges)
+    buf = torch.zeros(x.numel() + 64, dtype=torch.bfloat16)
+    start = (-buf.data_ptr()) % 64 // 2 + offset
+    out = buf[start:start + x.numel()].view(x.permute(0, 2, 3, 1).shape if channels_last else x.shape)
+    if channels_last:
+        out = out.permute(0, 3, 1, 2)
+    _C._set_stream_threshold(0 if streamed else -1)
+    try:
+        y = bn.forward_inference(x, np.zeros(C, np.float32), np.ones(C, np.float32), None, edges, out=out)
+    finally:
+        _C._set_stream_threshold(-1)
     got = y.contiguous().view(torch.int16).numpy().astype(np.uint16)
     want = np.broadcast_to(round_once(edges, "bfloat16").astype(np.uint16)[None, :, None, None], got.shape)
     nan = np.isnan(edges)[None, :, None, None] & np.ones(got.shape, bool)

@@ -368,31 +368,47 @@ static inline __attribute__((always_inline)) void stream_vector(A* p, vec_t<A> v
 }
 
 #if defined(__AVX2__) && !defined(__AVX512F__)
-// bfloat16 words of two registers of float lanes, rounded to nearest even (add 0x7fff plus the
-// kept part's lowest bit, keep the high half; a NaN stays a NaN, made quiet: the bits of every
-// level), packed by one vpackusdw: lo's lanes 0-3, hi's 0-3, lo's 4-7, hi's 4-7 (the order of
-// each 128-bit half). NaN lanes are found by one compare of the two registers (unordered where
-// either lane is NaN) and, only then, made quiet by a blend per register: a compare and a blend
-// per register on every vector had cost AMD EPYC Zen 3 12% of an in-cache bfloat16 inference
-// (in-process, hot, 1 thread, 8x2048x7x7: NHWC 0.88x the time, NCHW 0.89x; training 0.95x,
-// backward 0.92x; 32x64x56x56 NCHW from memory, 2 threads, 0.92x).
-static inline __attribute__((always_inline)) __m256i bf16_pack_avx2(__m256 lo, __m256 hi) {
+// bfloat16 of two registers of float lanes, rounded to nearest even (add 0x7fff plus the kept
+// part's lowest bit, keep the high half; a NaN stays a NaN, made quiet: the bits of every
+// level), as the high half of each 32-bit lane of a and b (the low halves are left over).
+// NaN lanes are found by one compare of the two registers (unordered where either lane is
+// NaN) and, only then, made quiet by a blend per register: a compare and a blend per register
+// on every vector had cost AMD EPYC Zen 3 12% of an in-cache bfloat16 inference (in-process,
+// hot, 1 thread, 8x2048x7x7: NHWC 0.88x the time, NCHW 0.89x; training 0.95x, backward 0.92x;
+// 32x64x56x56 NCHW from memory, 2 threads, 0.92x).
+static inline __attribute__((always_inline)) void bf16_round_high(__m256 lo, __m256 hi, __m256i& a, __m256i& b) {
   auto round = [](__m256 f) {
     const __m256i w = _mm256_castps_si256(f);
     const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(w, 16), _mm256_set1_epi32(1));
-    return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(w, _mm256_set1_epi32(0x7fff)), odd), 16);
+    return _mm256_add_epi32(_mm256_add_epi32(w, _mm256_set1_epi32(0x7fff)), odd);
   };
   auto quiet_nans = [](__m256 f, __m256i r) {
     const __m256i w = _mm256_castps_si256(f);
     const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q));
-    return _mm256_blendv_epi8(r, _mm256_srli_epi32(_mm256_or_si256(w, _mm256_set1_epi32(0x400000)), 16), nan);
+    return _mm256_blendv_epi8(r, _mm256_or_si256(w, _mm256_set1_epi32(0x400000)), nan);
   };
-  __m256i a = round(lo), b = round(hi);
+  a = round(lo);
+  b = round(hi);
   if (__builtin_expect(_mm256_movemask_ps(_mm256_cmp_ps(lo, hi, _CMP_UNORD_Q)) != 0, 0)) {
     a = quiet_nans(lo, a);
     b = quiet_nans(hi, b);
   }
-  return _mm256_packus_epi32(a, b);
+}
+// The bfloat16 words of lo and hi packed by one vpackusdw: lo's lanes 0-3, hi's 0-3, lo's 4-7,
+// hi's 4-7 (the order of each 128-bit half).
+static inline __attribute__((always_inline)) __m256i bf16_pack_avx2(__m256 lo, __m256 hi) {
+  __m256i a, b;
+  bf16_round_high(lo, hi, a, b);
+  return _mm256_packus_epi32(_mm256_srli_epi32(a, 16), _mm256_srli_epi32(b, 16));
+}
+// The bfloat16 words of even and odd interleaved, even's lane l at word 2l and odd's at
+// 2l + 1: odd's words stay in the high halves where the rounding leaves them, even's are
+// shifted down and the two blended, one shift and one blend where the pack takes two shifts
+// and a pack (the shift and shuffle units, of which Zen 3 has two, bound these maps).
+static inline __attribute__((always_inline)) __m256i bf16_interleave_avx2(__m256 even, __m256 odd) {
+  __m256i a, b;
+  bf16_round_high(even, odd, a, b);
+  return _mm256_blend_epi16(_mm256_srli_epi32(a, 16), b, 0xAA);
 }
 // The same of a vector of 16 float lanes (its two registers).
 static inline __attribute__((always_inline)) __m256i bf16_pack_avx2(const vec_t<float>& v) {
@@ -542,27 +558,94 @@ static inline __attribute__((always_inline)) void storev2(T* p, vec_t<acc_t<T>> 
   storev<T, stream>(p + vlen<acc_t<T>>, v1);
 }
 
+// Whether maps whose coefficients vary by lane (map_run) compute a vector as its two registers
+// of 8 float lanes, each from its own loads and the recipe applied per register, joined only by
+// the rounding's pack: bfloat16 under AVX2. The 64-byte vector that loadv joins from halves
+// (through a union: see loadv) was spilled there, two dead stores to the stack per vector, and
+// joining it by a shuffle instead built it lane by lane in other kernels (statistics 3-4x the
+// time, NHWC inference 5-7x). The registers hold values 0-7 and 8-15 (load_half_lanes,
+// store_half_lanes), or the even and the odd values (load_even_odd, store_even_odd) where the
+// coefficients are laid out so (map_run, EvenOddCoefficients). The same operations lane for
+// lane: the same bits. AMD EPYC Zen 3, in-process, both orders, against loadv's vectors: in
+// cache, 1 thread, 16x2048x7x7 NCHW inference 0.91-0.92x the time (values 0-7 and 8-15),
+// training 0.90x; 32x512x6x6 inference 0.87-0.91x; the even and odd values on top of that
+// (EvenOddCoefficients in map.h has the whole).
+template <class T>
+constexpr bool half_lane_maps() {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  return std::is_same_v<T, bfloat16>;
+#else
+  return false;
+#endif
+}
+#if defined(__AVX2__) && !defined(__AVX512F__)
+typedef float f32x8 __attribute__((vector_size(32)));
+// 8 bfloat16 values from p as float lanes (exact: each word into its lane's high half).
+static inline __attribute__((always_inline)) f32x8 load_half_lanes(const bfloat16* p) {
+  return (f32x8)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+}
+// 8 float lanes from p (a coefficient array).
+static inline __attribute__((always_inline)) f32x8 load_half_lanes(const float* p) {
+  f32x8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+// The 16 values lo (0-7) and hi (8-15) to p as bfloat16, storev's rounding and order.
+template <bool stream>
+static inline __attribute__((always_inline)) void store_half_lanes(bfloat16* p, f32x8 lo, f32x8 hi) {
+  const __m256i n = _mm256_permute4x64_epi64(bf16_pack_avx2((__m256)lo, (__m256)hi), 0xD8);
+  if constexpr (stream) _mm256_stream_si256(reinterpret_cast<__m256i*>(p), n);
+  else _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), n);
+}
+// 16 bfloat16 values from p as the even ones (0, 2, ..., 14) and the odd ones, exactly: each
+// 32-bit lane of the 32 bytes holds an even value's word in its low half and the next odd
+// one's in its high half, so a shift up gives the even values and a mask the odd ones.
+static inline __attribute__((always_inline)) void load_even_odd(const bfloat16* p, f32x8& even, f32x8& odd) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  even = (f32x8)_mm256_slli_epi32(h, 16);
+  odd = (f32x8)_mm256_and_si256(h, _mm256_set1_epi32(static_cast<int>(0xffff0000u)));
+}
+// 16 floats of src to dst in load_even_odd's order: the 8 even ones, then the 8 odd ones.
+static inline __attribute__((always_inline)) void even_odd_order(const float* src, float* dst) {
+  const __m256 a = _mm256_loadu_ps(src), b = _mm256_loadu_ps(src + 8);
+  // Per 128-bit lane a0 a2 b0 b2 | a4 a6 b4 b6, then the 64-bit pairs put in order.
+  const __m256 even = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
+  const __m256 odd = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
+  _mm256_storeu_ps(dst, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(even), _MM_SHUFFLE(3, 1, 2, 0))));
+  _mm256_storeu_ps(dst + 8, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(odd), _MM_SHUFFLE(3, 1, 2, 0))));
+}
+// The even and odd values back to p as bfloat16 (storev's rounding; bf16_interleave_avx2).
+template <bool stream>
+static inline __attribute__((always_inline)) void store_even_odd(bfloat16* p, f32x8 even, f32x8 odd) {
+  const __m256i n = bf16_interleave_avx2((__m256)even, (__m256)odd);
+  if constexpr (stream) _mm256_stream_si256(reinterpret_cast<__m256i*>(p), n);
+  else _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), n);
+}
+#endif
+
 // loadv and storev for maps whose every lane takes the same coefficients (a channel's, splat):
 // the lanes may hold the values in another order, which storev_unordered undoes, so each
-// value's bits are storev's. bfloat16 under AVX2: the words widened in place by vpunpcklwd /
-// vpunpckhwd with zeros (values 0-3 and 8-11, then 4-7 and 12-15), whose order is the one the
-// rounding's vpackusdw gives back: loadv's two vpmovzxwd become the two unpacks, and its two
-// shifts and the store's vpermq go, three operations fewer per 16 values. Elsewhere loadv and
-// storev: in particular where storev2 pairs vectors (paired_stores), which takes them in
-// loadv's order.
+// value's bits are storev's. bfloat16 under AVX2: the even values (0, 2, ..., 14) then the odd
+// ones, each 32-bit lane of the 32 bytes loaded holding an even value's word in its low half
+// and the next odd one's in its high half: a shift up and a mask give the two registers of
+// float lanes, and the store's bf16_interleave_avx2 puts the words back. Per 16 values that is
+// one shift, one mask and one blend where loadv and storev take two widenings, two shifts, a
+// pack and a permute (the unpacks with zeros before took two shuffles, two shifts and a pack):
+// these maps are bound by the shift and shuffle units, of which AMD Zen 3 has two. AMD EPYC
+// Zen 3, in-process, both orders, against the unpacks through a union: 8x64x56x56 NCHW in
+// cache, 1 thread, inference 0.94x the time, training 0.95-0.97x; from memory level (memory
+// bound). Elsewhere loadv and storev: in particular where storev2 pairs vectors
+// (paired_stores), which takes them in loadv's order.
 template <class T>
 static inline __attribute__((always_inline)) vec_t<acc_t<T>> loadv_unordered(const T* p) {
 #if defined(__AVX2__) && !defined(__AVX512F__)
   if constexpr (std::is_same_v<T, bfloat16>) {
     static_assert(!paired_stores<T>(), "storev2 takes vectors in loadv's order");
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    union {
-      vec_t<float> whole;
-      __m256i half[2];
-    } u;
-    u.half[0] = _mm256_unpacklo_epi16(_mm256_setzero_si256(), h);
-    u.half[1] = _mm256_unpackhi_epi16(_mm256_setzero_si256(), h);
-    return u.whole;
+    // Joined by a shuffle, which GCC 12 keeps in registers here (a union spilled both halves
+    // to the stack, dead stores, in every map that took it).
+    f32x8 even, odd;
+    load_even_odd(p, even, odd);
+    return __builtin_shufflevector(even, odd, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   }
 #endif
   return loadv(p);
@@ -571,9 +654,8 @@ template <class T, bool stream = false>
 static inline __attribute__((always_inline)) void storev_unordered(T* p, vec_t<acc_t<T>> v) {
 #if defined(__AVX2__) && !defined(__AVX512F__)
   if constexpr (std::is_same_v<T, bfloat16>) {
-    const __m256i n = bf16_pack_avx2(v);
-    if constexpr (stream) _mm256_stream_si256(reinterpret_cast<__m256i*>(p), n);
-    else _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), n);
+    store_even_odd<stream>(p, __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7),
+                           __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
     return;
   }
 #endif
