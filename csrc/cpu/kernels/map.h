@@ -31,12 +31,16 @@ constexpr bool kForwardMap<ForwardMap<Residual, Act>> = true;
 // from halves, joined_halves) splits them by shuffles (relu_grad_joined, core/recipes.h): the
 // memcpy split that every other type takes for free spilled them, 2.5-4x the time of
 // float16's fused backward with the shuffle split (AMD EPYC Zen 4, AVX2 level, 32x64x28x28 in
-// cache, 1 thread), whereas shuffles made bfloat16's 1.08-1.15x slower. The same
-// operations: the same bits.
+// cache, 1 thread). So does bfloat16's under AVX2 (half_lane_maps), whose maps with splat
+// coefficients load joined halves too (loadv_unordered): 3-3.7x the time of the fused
+// backward before, 8x64x56x56 NCHW in cache on AMD EPYC Zen 3, when ec5ee03 joined them
+// without this. The same operations: the same bits.
 template <class T, class R, class V>
 static inline __attribute__((always_inline)) V apply_vector_map(R, const V* k, const V* in) {
-  if constexpr (std::is_same_v<R, ReluGradMap> && joined_halves<T>()) return relu_grad_joined(in[0], in[1]);
-  else return apply_map(R{}, k, in);
+  if constexpr (std::is_same_v<R, ReluGradMap> && (joined_halves<T>() || half_lane_maps<T>()))
+    return relu_grad_joined(in[0], in[1]);
+  else
+    return apply_map(R{}, k, in);
 }
 
 // One output value, from inputs p[j][i * s[j]] to o[i * so] (the scalar path); Unit: every
