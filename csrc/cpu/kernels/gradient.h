@@ -184,9 +184,49 @@ void cl_grad_sums(const T* dy, const T* x, const Layout& L, int64_t p0, int64_t 
   const int64_t* od = offs[0];
   const int64_t* ox = offs[1];
   for (int64_t c = 0; c < C; ++c) sum_dy[c] = sum_dy_xmu[c] = 0.0;
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  // half_lane_maps (bfloat16 under AVX2): each 16 channels' sums in load_even_odd's order, the
+  // 8 even channels then the 8 odd ones, in two registers of 8 lanes, the means laid out so
+  // (mean_eo); parked so in s1, s2 and put back in order as they are added up below. Each
+  // channel's sum is the same additions in the same order: the same bits.
+  scratch_array<A> mean_eo(half_lane_maps<T>() ? static_cast<size_t>(Cv) : 0);
+  if constexpr (half_lane_maps<T>()) even_odd_copy(mean, mean_eo.data(), Cv);
+#endif
   for (int64_t r0 = p0; r0 < p1; r0 += kChannelsLastRun) {
     const int64_t n = std::min(p1, r0 + kChannelsLastRun) - r0;
     position_offsets(L, r0, n, offs);
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    if constexpr (half_lane_maps<T>()) {
+      for_run_tiles<T, VL>(L, Cv, n, [&](int64_t c0, auto nv, int64_t i0, int64_t i1, bool resume) {
+        constexpr int NV = decltype(nv)::value;
+        f32x8 a[NV][2] = {}, b[NV][2] = {}, m[NV][2];
+        for (int k = 0; k < NV; ++k)
+          for (int h = 0; h < 2; ++h) {
+            const int64_t at = c0 + k * VL + 8 * h;
+            if (resume) {
+              a[k][h] = load_half_lanes(s1 + at);
+              b[k][h] = load_half_lanes(s2 + at);
+            }
+            m[k][h] = load_half_lanes(mean_eo.data() + at);
+          }
+        for (int64_t i = i0; i < i1; ++i)
+          for (int k = 0; k < NV; ++k) {
+            f32x8 g[2], v[2];
+            load_even_odd(dy + od[i] + c0 + k * VL, g[0], g[1]);
+            load_even_odd(x + ox[i] + c0 + k * VL, v[0], v[1]);
+            for (int h = 0; h < 2; ++h) {
+              a[k][h] += g[h];
+              b[k][h] += grad_term(g[h], v[h], m[k][h]);
+            }
+          }
+        for (int k = 0; k < NV; ++k)
+          for (int h = 0; h < 2; ++h) {
+            std::memcpy(s1 + c0 + k * VL + 8 * h, &a[k][h], sizeof(f32x8));
+            std::memcpy(s2 + c0 + k * VL + 8 * h, &b[k][h], sizeof(f32x8));
+          }
+      });
+    } else
+#endif
     // Register tiles of channels across the run's positions (see for_run_tiles), each
     // channel's sums in order, parked in s1, s2.
     for_run_tiles<T, VL>(L, Cv, n, [&](int64_t c0, auto nv, int64_t i0, int64_t i1, bool resume) {
@@ -235,7 +275,16 @@ void cl_grad_sums(const T* dy, const T* x, const Layout& L, int64_t p0, int64_t 
       s1[c] = a;
       s2[c] = b;
     }
-    for (int64_t c = 0; c < C; ++c) {
+    int64_t c = 0;
+    if constexpr (half_lane_maps<T>())  // the whole vectors' channels in even-odd order
+      for (; c < Cv; c += 16)
+        for (int l = 0; l < 8; ++l) {
+          sum_dy[c + 2 * l] += static_cast<double>(s1[c + l]);
+          sum_dy[c + 2 * l + 1] += static_cast<double>(s1[c + 8 + l]);
+          sum_dy_xmu[c + 2 * l] += static_cast<double>(s2[c + l]);
+          sum_dy_xmu[c + 2 * l + 1] += static_cast<double>(s2[c + 8 + l]);
+        }
+    for (; c < C; ++c) {
       sum_dy[c] += static_cast<double>(s1[c]);
       sum_dy_xmu[c] += static_cast<double>(s2[c]);
     }

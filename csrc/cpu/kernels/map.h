@@ -284,12 +284,6 @@ static inline __attribute__((always_inline)) void put_even_odd(bfloat16* o, cons
   for (int j = 0; j < R::kIn; ++j) load_even_odd(p[j], v[0][j], v[1][j]);
   store_even_odd<S>(o, apply_map(R{}, kv[0], v[0]), apply_map(R{}, kv[1], v[1]));
 }
-// n floats of src to dst, each 16 from the first in even_odd_order (the rest as they are).
-static inline void even_odd_copy(const float* src, float* dst, int64_t n) {
-  int64_t g = 0;
-  for (; g + 16 <= n; g += 16) even_odd_order(src + g, dst + g);
-  for (; g < n; ++g) dst[g] = src[g];
-}
 #endif
 
 // A contiguous run of n values of every array whose value i takes coefficient j from e[j][i].

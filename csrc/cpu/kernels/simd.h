@@ -614,6 +614,12 @@ static inline __attribute__((always_inline)) void even_odd_order(const float* sr
   _mm256_storeu_ps(dst, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(even), _MM_SHUFFLE(3, 1, 2, 0))));
   _mm256_storeu_ps(dst + 8, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(odd), _MM_SHUFFLE(3, 1, 2, 0))));
 }
+// n floats of src to dst, each 16 from the first in even_odd_order (the rest as they are).
+static inline void even_odd_copy(const float* src, float* dst, int64_t n) {
+  int64_t g = 0;
+  for (; g + 16 <= n; g += 16) even_odd_order(src + g, dst + g);
+  for (; g < n; ++g) dst[g] = src[g];
+}
 // The even and odd values back to p as bfloat16 (storev's rounding; bf16_interleave_avx2).
 template <bool stream>
 static inline __attribute__((always_inline)) void store_even_odd(bfloat16* p, f32x8 even, f32x8 odd) {
