@@ -199,14 +199,12 @@ void cl_grad_sums(const T* dy, const T* x, const Layout& L, int64_t p0, int64_t 
     if constexpr (half_lane_maps<T>()) {
       for_run_tiles<T, VL>(L, Cv, n, [&](int64_t c0, auto nv, int64_t i0, int64_t i1, bool resume) {
         constexpr int NV = decltype(nv)::value;
-        f32x8 a[NV][2] = {}, b[NV][2] = {}, m[NV][2];
+        f32x8 a[NV][2], b[NV][2], m[NV][2];  // (assigned: `= {}` can become a rep stos per tile)
         for (int k = 0; k < NV; ++k)
           for (int h = 0; h < 2; ++h) {
             const int64_t at = c0 + k * VL + 8 * h;
-            if (resume) {
-              a[k][h] = load_half_lanes(s1 + at);
-              b[k][h] = load_half_lanes(s2 + at);
-            }
+            a[k][h] = resume ? load_half_lanes(s1 + at) : f32x8{};
+            b[k][h] = resume ? load_half_lanes(s2 + at) : f32x8{};
             m[k][h] = load_half_lanes(mean_eo.data() + at);
           }
         for (int64_t i = i0; i < i1; ++i)

@@ -472,6 +472,32 @@ __attribute__((noinline)) void run_deviations(const T* x, const int64_t* offs, i
   using A = acc_t<T>;
   using V = vec_t<A>;
   constexpr int VL = vlen<A>;
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  if constexpr (half_lane_maps<T>()) {  // m, dev and sq in even-odd order (cl_moments)
+    f32x8 mh[NV][2], eh[NV][2], qh[NV][2];
+    for (int k = 0; k < NV; ++k)
+      for (int h = 0; h < 2; ++h) {
+        mh[k][h] = load_half_lanes(m + k * VL + 8 * h);
+        eh[k][h] = qh[k][h] = f32x8{};
+      }
+    for (int64_t i = 0; i < n; ++i)
+      for (int k = 0; k < NV; ++k) {
+        f32x8 v[2];
+        load_even_odd(x + offs[i] + k * VL, v[0], v[1]);
+        for (int h = 0; h < 2; ++h) {
+          const f32x8 d = v[h] - mh[k][h];
+          eh[k][h] += d;
+          qh[k][h] += d * d;
+        }
+      }
+    for (int k = 0; k < NV; ++k)
+      for (int h = 0; h < 2; ++h) {
+        std::memcpy(dev + k * VL + 8 * h, &eh[k][h], sizeof(f32x8));
+        std::memcpy(sq + k * VL + 8 * h, &qh[k][h], sizeof(f32x8));
+      }
+    return;
+  }
+#endif
   V mv[NV];
   for (int k = 0; k < NV; ++k) std::memcpy(&mv[k], m + k * VL, sizeof(V));
   AccFor<T> e[NV], q[NV];
@@ -545,6 +571,53 @@ void cl_moments(const T* x, const Layout& L, int64_t p0, int64_t p1, int64_t run
     // a run holds at most 256 KB (or 8 rows), in L2 between the two passes. (Page-wide rows
     // blocked at 030caf0, 4096x1024 and 2048x2048 statistics had been 12-20% slower on the
     // Xeon, L3-resident, 1 thread, and 256x7x7x2048 training no faster: unmeasured there since.)
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    // half_lane_maps (bfloat16 under AVX2): each 16 channels in load_even_odd's order, the 8
+    // even channels then the 8 odd ones, in two registers of 8 lanes (the loads' shifts and
+    // shuffles bound these passes); the sums, means and deviations in center, dev and sq so,
+    // and the merged moments too (merge_run goes channel by channel), put back in order at
+    // the end (put back run by run, they had cost wide rows, whose runs are 8 positions, as
+    // much as the passes). Each channel's the same operations in the same order: the same
+    // bits.
+    if constexpr (half_lane_maps<T>()) {
+      // Channels [c0, c0 + NV * VL) of positions [i0, i1) added to s.
+      auto add_run = [&](auto& s, int64_t c0, int64_t i0, int64_t i1) __attribute__((always_inline)) {
+        constexpr int NV = std::extent_v<std::remove_reference_t<decltype(s)>>;
+        for (int64_t i = i0; i < i1; ++i)
+          for (int k = 0; k < NV; ++k) {
+            f32x8 v[2];
+            load_even_odd(x + offs[0][i] + c0 + k * VL, v[0], v[1]);
+            s[k][0] += v[0];
+            s[k][1] += v[1];
+          }
+      };
+      if (first_pass)
+        for_run_tiles<T, VL>(L, Cv, n, [&](int64_t c0, auto nv, int64_t i0, int64_t i1, bool resume) {
+          constexpr int NV = decltype(nv)::value;
+          f32x8 s[NV][2];  // (assigned, not initialized: `= {}` became a rep stos per tile)
+          for (int k = 0; k < NV; ++k)
+            for (int h = 0; h < 2; ++h) s[k][h] = resume ? load_half_lanes(center + c0 + k * VL + 8 * h) : f32x8{};
+          add_run(s, c0, i0, i1);
+          for (int k = 0; k < NV; ++k)  // register by register: a whole-array copy kept s in memory
+            for (int h = 0; h < 2; ++h) std::memcpy(center + c0 + k * VL + 8 * h, &s[k][h], sizeof(f32x8));
+        });
+      for_channel_tiles<VL>(Cv, [&](int64_t c0, auto nv) {
+        constexpr int NV = decltype(nv)::value;
+        f32x8 s[NV][2];
+        for (int k = 0; k < NV; ++k)
+          for (int h = 0; h < 2; ++h) s[k][h] = first_pass ? load_half_lanes(center + c0 + k * VL + 8 * h) : f32x8{};
+        if (!first_pass) add_run(s, c0, 0, n);
+        div.dispatch([&](auto exact) {
+          for (int k = 0; k < NV; ++k)
+            for (int h = 0; h < 2; ++h) s[k][h] = div(s[k][h], exact);
+        });
+        for (int k = 0; k < NV; ++k)
+          for (int h = 0; h < 2; ++h) std::memcpy(center + c0 + k * VL + 8 * h, &s[k][h], sizeof(f32x8));
+        run_deviations<T, NV>(x + c0, offs[0], n, center + c0, dev + c0, sq + c0, ahead, n_ahead);
+      });
+    } else
+#endif
+    {
     if (first_pass)
       for_run_tiles<T, VL>(L, Cv, n, [&](int64_t c0, auto nv, int64_t i0, int64_t i1, bool resume) {
         constexpr int NV = decltype(nv)::value;
@@ -570,6 +643,7 @@ void cl_moments(const T* x, const Layout& L, int64_t p0, int64_t p1, int64_t run
       for (int k = 0; k < NV; ++k) std::memcpy(center + c0 + k * VL, &m[k], sizeof(V));
       run_deviations<T, NV>(x + c0, offs[0], n, center + c0, dev + c0, sq + c0, ahead, n_ahead);
     });
+    }
     // The channels past the last whole vector: one partial vector per position where loads
     // are masked (the same operations lane by lane as the channel-by-channel loop below, so
     // the same bits), else channel by channel, two strided scalar passes each. AMD EPYC Zen 4,
@@ -611,8 +685,12 @@ void cl_moments(const T* x, const Layout& L, int64_t p0, int64_t p1, int64_t run
     }
     merge_run(C, n, center, dev, sq, total_n, total_mean.data(), total_m2.data());
   }
-  for (int64_t c = 0; c < C; ++c)
-    out[c] = total_n == 0 ? Moments<double>{} : Moments<double>{total_n, total_mean[c], total_m2[c]};
+  for (int64_t c = 0; c < C; ++c) {
+    int64_t at = c;  // where channel c's merged moments are
+    if constexpr (half_lane_maps<T>())  // even-odd order: channel 2l at l, 2l + 1 at 8 + l
+      if (c < Cv) at = c - c % 16 + (c % 2 ? 8 : 0) + c % 16 / 2;
+    out[c] = total_n == 0 ? Moments<double>{} : Moments<double>{total_n, total_mean[at], total_m2[at]};
+  }
 }
 
 }  // namespace batchnorm::cpu::BN_ISA
