@@ -189,8 +189,11 @@ void cl_grad_sums(const T* dy, const T* x, const Layout& L, int64_t p0, int64_t 
   // 8 even channels then the 8 odd ones, in two registers of 8 lanes, the means laid out so
   // (mean_eo); parked so in s1, s2 and put back in order as they are added up below. Each
   // channel's sum is the same additions in the same order: the same bits.
-  scratch_array<A> mean_eo(half_lane_maps<T>() ? static_cast<size_t>(Cv) : 0);
-  if constexpr (half_lane_maps<T>()) even_odd_copy(mean, mean_eo.data(), Cv);
+  scratch_array<A> mean_eo;  // (none for other types: an empty one still costs an allocation)
+  if constexpr (half_lane_maps<T>()) {
+    mean_eo = scratch_array<A>(static_cast<size_t>(Cv));
+    even_odd_copy(mean, mean_eo.data(), Cv);
+  }
 #endif
   for (int64_t r0 = p0; r0 < p1; r0 += kChannelsLastRun) {
     const int64_t n = std::min(p1, r0 + kChannelsLastRun) - r0;

@@ -882,13 +882,15 @@ void map_positions(const T* const* in, T* out, const Layout& L, int64_t p0, int6
   // memory (64 MB scrub) 0.82-0.85x (1 thread), 0.86-0.88x (2), training 0.91-0.95x, backward
   // 0.87-0.94x. Flat runs (map_flat, 64 channels) 0.95-0.97x in cache, level from memory;
   // tiny ops at 2 threads (1024x64, 8 us) 1.03x.
-  buffer<A> eo_ext(half_lane_maps<T>() ? static_cast<size_t>(coef_slots<R> * C) : 0);
+  scratch_array<A> eo_ext;  // (written where read; none for other types)
   const A* eo[coef_slots<R>] = {};
-  if constexpr (half_lane_maps<T>())
+  if constexpr (half_lane_maps<T>()) {
+    eo_ext = scratch_array<A>(static_cast<size_t>(coef_slots<R> * C));
     for (int j = 0; j < R::kCoef; ++j) {
       even_odd_copy(k[j] + head, eo_ext.data() + j * C + head, Cv - head);
       eo[j] = eo_ext.data() + j * C;
     }
+  }
 #endif
   auto one = [&](const T* const* p, T* o, int64_t c) { map_one_at<R, T>(kp, c, p, o, c); };
   // Half types' inputs from memory are read kMapPrefetchBytes ahead as each vector is: a

@@ -558,9 +558,11 @@ static inline __attribute__((always_inline)) void storev2(T* p, vec_t<acc_t<T>> 
   storev<T, stream>(p + vlen<acc_t<T>>, v1);
 }
 
-// Whether maps whose coefficients vary by lane (map_run) compute a vector as its two registers
-// of 8 float lanes, each from its own loads and the recipe applied per register, joined only by
-// the rounding's pack: bfloat16 under AVX2. The 64-byte vector that loadv joins from halves
+// Whether maps whose coefficients vary by lane (map_run, map_flat, map_positions) compute a
+// vector as its two registers of 8 float lanes, each from its own loads and the recipe applied
+// per register, joined only by the store (the rounding's pack, or bf16_interleave_avx2), and
+// the channels-last reductions (cl_moments, cl_grad_sums) accumulate in such registers:
+// bfloat16 under AVX2. The 64-byte vector that loadv joins from halves
 // (through a union: see loadv) was spilled there, two dead stores to the stack per vector, and
 // joining it by a shuffle instead built it lane by lane in other kernels (statistics 3-4x the
 // time, NHWC inference 5-7x). The registers hold values 0-7 and 8-15 (load_half_lanes,
@@ -634,10 +636,11 @@ static inline __attribute__((always_inline)) void store_even_odd(bfloat16* p, f3
 // value's bits are storev's. bfloat16 under AVX2: the even values (0, 2, ..., 14) then the odd
 // ones, each 32-bit lane of the 32 bytes loaded holding an even value's word in its low half
 // and the next odd one's in its high half: a shift up and a mask give the two registers of
-// float lanes, and the store's bf16_interleave_avx2 puts the words back. Per 16 values that is
-// one shift, one mask and one blend where loadv and storev take two widenings, two shifts, a
-// pack and a permute (the unpacks with zeros before took two shuffles, two shifts and a pack):
-// these maps are bound by the shift and shuffle units, of which AMD Zen 3 has two. AMD EPYC
+// float lanes, and the store's bf16_interleave_avx2 puts the words back. Per 16 values the
+// load and the store (besides the rounding) take two shifts, a mask and a blend, where loadv
+// and storev take two widenings, four shifts, a pack and a permute (the unpacks with zeros
+// before took two shuffles, two shifts and a pack): these maps are bound by the shift and
+// shuffle units, of which AMD Zen 3 has two. AMD EPYC
 // Zen 3, in-process, both orders, against the unpacks through a union: 8x64x56x56 NCHW in
 // cache, 1 thread, inference 0.94x the time, training 0.95-0.97x; from memory level (memory
 // bound). Elsewhere loadv and storev: in particular where storev2 pairs vectors
