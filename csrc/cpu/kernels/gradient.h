@@ -276,18 +276,10 @@ void cl_grad_sums(const T* dy, const T* x, const Layout& L, int64_t p0, int64_t 
       s1[c] = a;
       s2[c] = b;
     }
-    int64_t c = 0;
-    if constexpr (half_lane_maps<T>())  // the whole vectors' channels in even-odd order
-      for (; c < Cv; c += 16)
-        for (int l = 0; l < 8; ++l) {
-          sum_dy[c + 2 * l] += static_cast<double>(s1[c + l]);
-          sum_dy[c + 2 * l + 1] += static_cast<double>(s1[c + 8 + l]);
-          sum_dy_xmu[c + 2 * l] += static_cast<double>(s2[c + l]);
-          sum_dy_xmu[c + 2 * l + 1] += static_cast<double>(s2[c + 8 + l]);
-        }
-    for (; c < C; ++c) {
-      sum_dy[c] += static_cast<double>(s1[c]);
-      sum_dy_xmu[c] += static_cast<double>(s2[c]);
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t at = half_lane_maps<T>() && c < Cv ? even_odd_at(c) : c;  // the whole vectors' in even-odd order
+      sum_dy[c] += static_cast<double>(s1[at]);
+      sum_dy_xmu[c] += static_cast<double>(s2[at]);
     }
   }
 }

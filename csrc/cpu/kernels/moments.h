@@ -686,9 +686,7 @@ void cl_moments(const T* x, const Layout& L, int64_t p0, int64_t p1, int64_t run
     merge_run(C, n, center, dev, sq, total_n, total_mean.data(), total_m2.data());
   }
   for (int64_t c = 0; c < C; ++c) {
-    int64_t at = c;  // where channel c's merged moments are
-    if constexpr (half_lane_maps<T>())  // even-odd order: channel 2l at l, 2l + 1 at 8 + l
-      if (c < Cv) at = c - c % 16 + (c % 2 ? 8 : 0) + c % 16 / 2;
+    const int64_t at = half_lane_maps<T>() && c < Cv ? even_odd_at(c) : c;  // channel c's merged moments
     out[c] = total_n == 0 ? Moments<double>{} : Moments<double>{total_n, total_mean[at], total_m2[at]};
   }
 }

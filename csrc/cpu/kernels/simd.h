@@ -580,6 +580,9 @@ constexpr bool half_lane_maps() {
   return false;
 #endif
 }
+// Where value c of an array laid out in even-odd order (16 at a time from its start: the 8
+// even values, then the 8 odd ones; even_odd_order) sits.
+constexpr int64_t even_odd_at(int64_t c) { return c - c % 16 + (c % 2 ? 8 : 0) + c % 16 / 2; }
 #if defined(__AVX2__) && !defined(__AVX512F__)
 typedef float f32x8 __attribute__((vector_size(32)));
 // 8 bfloat16 values from p as float lanes (exact: each word into its lane's high half).
